@@ -1,0 +1,430 @@
+//! The 64-byte command descriptor.
+//!
+//! Every descriptor starts with an 8-byte header (opcode, flags, tag, aux);
+//! the 56-byte body is read through the view that the opcode selects, as
+//! NVMe reads its command dwords. A command that needs more than one slot
+//! (a connection with a NAT translation) sets [`DescFlags::CHAIN`] and
+//! continues in the next ring slot with an [`Opcode::Ext`] descriptor; the
+//! pair completes once, under the first descriptor's tag.
+
+use bitflags::bitflags;
+use core::fmt;
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use crate::assert_layout;
+use crate::conn::{ConnKey, ConnState, KeyError, Nat, NatKind, StateError};
+
+/// Size of one command descriptor (one ring slot).
+pub const DESC_SIZE: usize = 64;
+
+/// Command opcodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Opcode {
+    /// Does nothing; completes with SUCCESS.
+    Nop = 0x00,
+    /// Adds a connection; EXISTS if the key is present, TABLE_FULL if there
+    /// is no room.
+    Insert = 0x01,
+    /// Replaces a connection's state; NOT_FOUND if absent, STALE if the
+    /// stored generation is newer.
+    Update = 0x02,
+    /// Removes a connection; NOT_FOUND if absent.
+    Delete = 0x03,
+    /// Writes the connection's [`crate::conn::ConnRecord`] to `resp_addr`.
+    Lookup = 0x04,
+    /// Writes records from bucket `cursor` on into a host buffer.
+    Snapshot = 0x05,
+    /// Removes every connection.
+    Flush = 0x06,
+    /// Inserts or replaces (generation rules as Update).
+    Upsert = 0x07,
+    /// Continuation of the previous descriptor (never valid on its own).
+    Ext = 0x7F,
+}
+
+impl Opcode {
+    /// Decodes an opcode byte.
+    pub fn from_wire(b: u8) -> Option<Self> {
+        Some(match b {
+            0x00 => Opcode::Nop,
+            0x01 => Opcode::Insert,
+            0x02 => Opcode::Update,
+            0x03 => Opcode::Delete,
+            0x04 => Opcode::Lookup,
+            0x05 => Opcode::Snapshot,
+            0x06 => Opcode::Flush,
+            0x07 => Opcode::Upsert,
+            0x7F => Opcode::Ext,
+            _ => return None,
+        })
+    }
+
+    /// Upper-case name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Opcode::Nop => "NOP",
+            Opcode::Insert => "INSERT",
+            Opcode::Update => "UPDATE",
+            Opcode::Delete => "DELETE",
+            Opcode::Lookup => "LOOKUP",
+            Opcode::Snapshot => "SNAPSHOT",
+            Opcode::Flush => "FLUSH",
+            Opcode::Upsert => "UPSERT",
+            Opcode::Ext => "EXT",
+        }
+    }
+
+    /// Every opcode.
+    pub const ALL: [Opcode; 9] = [
+        Opcode::Nop,
+        Opcode::Insert,
+        Opcode::Update,
+        Opcode::Delete,
+        Opcode::Lookup,
+        Opcode::Snapshot,
+        Opcode::Flush,
+        Opcode::Upsert,
+        Opcode::Ext,
+    ];
+}
+
+bitflags! {
+    /// Descriptor flags.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+    pub struct DescFlags: u8 {
+        /// The command continues in the next slot (an EXT descriptor).
+        const CHAIN = 1 << 0;
+        /// The device assigns the generation: stored + 1, or 1 if new.
+        const AUTO_GENERATION = 1 << 1;
+        /// Raise an interrupt for this completion regardless of coalescing.
+        const IRQ_NOW = 1 << 2;
+    }
+}
+
+/// The raw 64-byte descriptor.
+#[derive(Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct CommandDescriptor {
+    /// [`Opcode`] byte.
+    pub opcode: u8,
+    /// [`DescFlags`] bits.
+    pub flags: u8,
+    /// Host-chosen tag, echoed in the completion.
+    pub tag: U16,
+    /// Reserved for the opcode, zero today.
+    pub aux: U32,
+    /// Opcode-specific body.
+    pub body: [u8; 56],
+}
+assert_layout!(CommandDescriptor, size = DESC_SIZE, opcode = 0, flags = 1, tag = 2, aux = 4, body = 8);
+
+impl fmt::Debug for CommandDescriptor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CommandDescriptor")
+            .field("opcode", &self.opcode)
+            .field("flags", &self.flags)
+            .field("tag", &self.tag.get())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Body of INSERT, UPDATE, UPSERT and DELETE (state ignored by DELETE).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct ConnBody {
+    /// Connection key.
+    pub key: ConnKey,
+    /// New state.
+    pub state: ConnState,
+}
+assert_layout!(ConnBody, size = 56, key = 0, state = 40);
+
+/// Body of LOOKUP.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct LookupBody {
+    /// Connection key.
+    pub key: ConnKey,
+    /// IOVA of an 80-byte buffer for the [`crate::conn::ConnRecord`].
+    pub resp_addr: U64,
+    /// Reserved, zero.
+    pub reserved: [u8; 8],
+}
+assert_layout!(LookupBody, size = 56, key = 0, resp_addr = 40, reserved = 48);
+
+/// Body of SNAPSHOT.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct SnapshotBody {
+    /// IOVA of the buffer that receives records.
+    pub buf_addr: U64,
+    /// Buffer length in bytes (a multiple of 80 is used).
+    pub buf_len: U32,
+    /// Bucket to start from (0 for the first chunk).
+    pub cursor: U32,
+    /// Reserved, zero.
+    pub reserved: [u8; 40],
+}
+assert_layout!(SnapshotBody, size = 56, buf_addr = 0, buf_len = 8, cursor = 12, reserved = 16);
+
+/// Body of EXT (continuation).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct ExtBody {
+    /// NAT translation of the connection.
+    pub nat: Nat,
+    /// Reserved, zero.
+    pub reserved: [u8; 32],
+}
+assert_layout!(ExtBody, size = 56, nat = 0, reserved = 24);
+
+/// SNAPSHOT completion `result`: records written in bits 31:0, next cursor
+/// in bits 63:32; [`SNAPSHOT_DONE`] as the next cursor ends the walk.
+pub const SNAPSHOT_DONE: u32 = u32::MAX;
+
+/// A decoded, validated command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// NOP.
+    Nop,
+    /// INSERT.
+    Insert(ConnOp),
+    /// UPDATE.
+    Update(ConnOp),
+    /// UPSERT.
+    Upsert(ConnOp),
+    /// DELETE.
+    Delete {
+        /// Key to remove.
+        key: ConnKey,
+    },
+    /// LOOKUP.
+    Lookup {
+        /// Key to find.
+        key: ConnKey,
+        /// Where the record goes.
+        resp_addr: u64,
+    },
+    /// SNAPSHOT.
+    Snapshot {
+        /// Where the records go.
+        buf_addr: u64,
+        /// Buffer length.
+        buf_len: u32,
+        /// First bucket.
+        cursor: u32,
+    },
+    /// FLUSH.
+    Flush,
+}
+
+/// The payload of INSERT/UPDATE/UPSERT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnOp {
+    /// Connection key.
+    pub key: ConnKey,
+    /// State to store.
+    pub state: ConnState,
+    /// NAT translation (kind None when the command was not chained).
+    pub nat: Nat,
+    /// Let the device assign the generation.
+    pub auto_generation: bool,
+}
+
+/// Why a descriptor was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Opcode byte not defined (or EXT on its own).
+    UnknownOpcode(u8),
+    /// Undefined flag bits, or a flag that this opcode does not take.
+    BadFlags(u8),
+    /// A reserved field is not zero.
+    ReservedNonZero,
+    /// CHAIN set but no EXT descriptor follows within the posted slots.
+    MissingExt,
+    /// Malformed key.
+    Key(KeyError),
+    /// Malformed state or NAT.
+    State(StateError),
+    /// SNAPSHOT buffer smaller than one record.
+    BufferTooSmall,
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::UnknownOpcode(b) => write!(f, "unknown opcode {b:#04x}"),
+            DecodeError::BadFlags(b) => write!(f, "invalid descriptor flags {b:#04x}"),
+            DecodeError::ReservedNonZero => f.write_str("reserved field is not zero"),
+            DecodeError::MissingExt => f.write_str("CHAIN set but no EXT descriptor follows"),
+            DecodeError::Key(e) => write!(f, "key: {e}"),
+            DecodeError::State(e) => write!(f, "state: {e}"),
+            DecodeError::BufferTooSmall => f.write_str("buffer smaller than one record"),
+        }
+    }
+}
+
+impl CommandDescriptor {
+    /// An all-zero descriptor (a NOP with tag 0).
+    pub fn zeroed() -> Self {
+        FromZeros::new_zeroed()
+    }
+
+    /// A connection command (INSERT/UPDATE/UPSERT/DELETE).
+    pub fn conn(op: Opcode, flags: DescFlags, tag: u16, key: &ConnKey, state: &ConnState) -> Self {
+        let mut d = Self::header(op, flags, tag);
+        d.body = zerocopy::transmute!(ConnBody { key: *key, state: *state });
+        d
+    }
+
+    /// A LOOKUP.
+    pub fn lookup(tag: u16, key: &ConnKey, resp_addr: u64) -> Self {
+        let mut d = Self::header(Opcode::Lookup, DescFlags::empty(), tag);
+        d.body = zerocopy::transmute!(LookupBody { key: *key, resp_addr: resp_addr.into(), reserved: [0; 8] });
+        d
+    }
+
+    /// A SNAPSHOT.
+    pub fn snapshot(tag: u16, buf_addr: u64, buf_len: u32, cursor: u32) -> Self {
+        let mut d = Self::header(Opcode::Snapshot, DescFlags::empty(), tag);
+        d.body = zerocopy::transmute!(SnapshotBody {
+            buf_addr: buf_addr.into(),
+            buf_len: buf_len.into(),
+            cursor: cursor.into(),
+            reserved: [0; 40],
+        });
+        d
+    }
+
+    /// An EXT continuation carrying a NAT translation.
+    pub fn ext(tag: u16, nat: &Nat) -> Self {
+        let mut d = Self::header(Opcode::Ext, DescFlags::empty(), tag);
+        d.body = zerocopy::transmute!(ExtBody { nat: *nat, reserved: [0; 32] });
+        d
+    }
+
+    /// A descriptor with only the header set.
+    pub fn header(op: Opcode, flags: DescFlags, tag: u16) -> Self {
+        CommandDescriptor { opcode: op as u8, flags: flags.bits(), tag: tag.into(), aux: 0.into(), body: [0; 56] }
+    }
+
+    /// The flags, if all defined.
+    pub fn desc_flags(&self) -> Option<DescFlags> {
+        DescFlags::from_bits(self.flags)
+    }
+
+    /// Whether the command continues in the next slot.
+    pub fn is_chained(&self) -> bool {
+        self.flags & DescFlags::CHAIN.bits() != 0
+    }
+
+    /// Decodes and validates this descriptor. `ext` is the next slot's
+    /// descriptor when this one is chained and the slot was posted.
+    pub fn decode(&self, ext: Option<&CommandDescriptor>) -> Result<Command, DecodeError> {
+        let op = Opcode::from_wire(self.opcode).ok_or(DecodeError::UnknownOpcode(self.opcode))?;
+        let flags = self.desc_flags().ok_or(DecodeError::BadFlags(self.flags))?;
+        if self.aux.get() != 0 {
+            return Err(DecodeError::ReservedNonZero);
+        }
+        let conn_op = matches!(op, Opcode::Insert | Opcode::Update | Opcode::Upsert);
+        let allowed = if conn_op { DescFlags::all() } else { DescFlags::IRQ_NOW };
+        if !allowed.contains(flags) {
+            return Err(DecodeError::BadFlags(self.flags));
+        }
+        let empty_body = || self.body.iter().all(|b| *b == 0);
+        match op {
+            Opcode::Nop | Opcode::Flush => {
+                if !empty_body() {
+                    return Err(DecodeError::ReservedNonZero);
+                }
+                Ok(if op == Opcode::Nop { Command::Nop } else { Command::Flush })
+            }
+            Opcode::Ext => Err(DecodeError::UnknownOpcode(self.opcode)),
+            Opcode::Insert | Opcode::Update | Opcode::Upsert => {
+                let body: ConnBody = zerocopy::transmute!(self.body);
+                body.key.validate().map_err(DecodeError::Key)?;
+                body.state.validate().map_err(DecodeError::State)?;
+                let nat = if flags.contains(DescFlags::CHAIN) {
+                    let ext = ext.ok_or(DecodeError::MissingExt)?;
+                    decode_ext(ext, body.key.family)?
+                } else {
+                    Nat::default()
+                };
+                let o = ConnOp {
+                    key: body.key,
+                    state: body.state,
+                    nat,
+                    auto_generation: flags.contains(DescFlags::AUTO_GENERATION),
+                };
+                Ok(match op {
+                    Opcode::Insert => Command::Insert(o),
+                    Opcode::Update => Command::Update(o),
+                    _ => Command::Upsert(o),
+                })
+            }
+            Opcode::Delete => {
+                let body: ConnBody = zerocopy::transmute!(self.body);
+                body.key.validate().map_err(DecodeError::Key)?;
+                Ok(Command::Delete { key: body.key })
+            }
+            Opcode::Lookup => {
+                let body: LookupBody = zerocopy::transmute!(self.body);
+                body.key.validate().map_err(DecodeError::Key)?;
+                if body.reserved != [0; 8] {
+                    return Err(DecodeError::ReservedNonZero);
+                }
+                Ok(Command::Lookup { key: body.key, resp_addr: body.resp_addr.get() })
+            }
+            Opcode::Snapshot => {
+                let body: SnapshotBody = zerocopy::transmute!(self.body);
+                if body.reserved != [0; 40] {
+                    return Err(DecodeError::ReservedNonZero);
+                }
+                if (body.buf_len.get() as usize) < crate::conn::ConnRecord::SIZE {
+                    return Err(DecodeError::BufferTooSmall);
+                }
+                Ok(Command::Snapshot {
+                    buf_addr: body.buf_addr.get(),
+                    buf_len: body.buf_len.get(),
+                    cursor: body.cursor.get(),
+                })
+            }
+        }
+    }
+}
+
+fn decode_ext(ext: &CommandDescriptor, key_family: u8) -> Result<Nat, DecodeError> {
+    if ext.opcode != Opcode::Ext as u8 || ext.flags != 0 || ext.aux.get() != 0 {
+        return Err(DecodeError::MissingExt);
+    }
+    let body: ExtBody = zerocopy::transmute!(ext.body);
+    if body.reserved != [0; 32] || body.nat.reserved != [0; 4] {
+        return Err(DecodeError::ReservedNonZero);
+    }
+    body.nat.validate(key_family).map_err(DecodeError::State)?;
+    Ok(body.nat)
+}
+
+impl ConnOp {
+    /// Descriptors for this operation under `op`: one, or two when a NAT
+    /// translation is present.
+    pub fn encode(&self, op: Opcode, tag: u16) -> (CommandDescriptor, Option<CommandDescriptor>) {
+        let has_nat = self.nat.nat_kind().is_some_and(|k| k != NatKind::None);
+        let mut flags = DescFlags::empty();
+        if has_nat {
+            flags |= DescFlags::CHAIN;
+        }
+        if self.auto_generation {
+            flags |= DescFlags::AUTO_GENERATION;
+        }
+        let d = CommandDescriptor::conn(op, flags, tag, &self.key, &self.state);
+        (d, has_nat.then(|| CommandDescriptor::ext(tag, &self.nat)))
+    }
+}
+
+impl crate::conn::ConnRecord {
+    /// Size of a record in bytes.
+    pub const SIZE: usize = core::mem::size_of::<crate::conn::ConnRecord>();
+}

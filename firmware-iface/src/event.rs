@@ -1,0 +1,106 @@
+//! The 64-byte event entry (device to host, unsolicited).
+
+use core::fmt;
+use zerocopy::little_endian::U32;
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use crate::assert_layout;
+use crate::conn::{ConnKey, ConnState};
+use crate::cpl::PHASE_BIT;
+
+/// Size of an event entry.
+pub const EVT_SIZE: usize = 64;
+
+/// Event kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum EventKind {
+    /// Aging removed an expired connection (key and last state attached).
+    Aged = 1,
+    /// Events were dropped because the ring was full; `seq` jumps by the
+    /// count lost, and the host should resynchronise by SNAPSHOT.
+    Overflow = 2,
+}
+
+impl EventKind {
+    /// Decodes a kind byte.
+    pub fn from_wire(b: u8) -> Option<Self> {
+        match b {
+            1 => Some(EventKind::Aged),
+            2 => Some(EventKind::Overflow),
+            _ => None,
+        }
+    }
+}
+
+/// An event as the device writes it; `phase` is written last.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct EventEntry {
+    /// [`EventKind`] byte.
+    pub kind: u8,
+    /// Reserved, zero.
+    pub reserved: [u8; 2],
+    /// Phase bit in bit 0.
+    pub phase: u8,
+    /// Event sequence number (every event, dropped ones included, takes one).
+    pub seq: U32,
+    /// Connection concerned (zero for Overflow).
+    pub key: ConnKey,
+    /// Its state when the event happened.
+    pub state: ConnState,
+}
+assert_layout!(EventEntry, size = EVT_SIZE, kind = 0, reserved = 1, phase = 3, seq = 4, key = 8, state = 48);
+
+/// A checked event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// Kind.
+    pub kind: EventKind,
+    /// Sequence number.
+    pub seq: u32,
+    /// Connection key.
+    pub key: ConnKey,
+    /// Connection state.
+    pub state: ConnState,
+}
+
+/// Why an event entry cannot be trusted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventError {
+    /// Unknown kind byte.
+    BadKind(u8),
+    /// Reserved bits set.
+    Reserved,
+    /// Aged event with a malformed key.
+    BadKey,
+}
+
+impl fmt::Display for EventError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EventError::BadKind(b) => write!(f, "unknown event kind {b}"),
+            EventError::Reserved => f.write_str("reserved event bits set"),
+            EventError::BadKey => f.write_str("event carries a malformed key"),
+        }
+    }
+}
+
+impl EventEntry {
+    /// The phase bit.
+    pub fn phase_bit(&self) -> bool {
+        self.phase & PHASE_BIT != 0
+    }
+
+    /// Checks the entry.
+    pub fn decode(&self) -> Result<Event, EventError> {
+        if self.reserved != [0; 2] || self.phase & !PHASE_BIT != 0 {
+            return Err(EventError::Reserved);
+        }
+        let kind = EventKind::from_wire(self.kind).ok_or(EventError::BadKind(self.kind))?;
+        if kind == EventKind::Aged && self.key.validate().is_err() {
+            return Err(EventError::BadKey);
+        }
+        Ok(Event { kind, seq: self.seq.get(), key: self.key, state: self.state })
+    }
+}

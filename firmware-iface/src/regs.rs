@@ -1,0 +1,322 @@
+//! BAR0 register map.
+//!
+//! BAR0 is 4 KiB of 32-bit registers. It opens with a read-only header
+//! (device id, ABI version, capabilities) that the host checks before it
+//! touches anything else, then the control block, the three ring blocks, the
+//! interrupt moderation block and, from [`COUNTER_BASE`], 64-bit counters
+//! exposed as low/high register pairs.
+//!
+//! Rings are in host memory; the device reaches them by DMA through the
+//! IOMMU. The host owns the command-ring tail ([`CMD_DOORBELL`]) and the
+//! consumer heads of the completion and event rings ([`CPL_HEAD`],
+//! [`EVT_HEAD`]); the device owns [`CMD_HEAD`].
+
+use bitflags::bitflags;
+
+/// Size of BAR0 in bytes.
+pub const BAR0_SIZE: usize = 0x1000;
+
+/// Value of [`DEVICE_ID`]: ASCII "NSYC".
+pub const DEVICE_ID_VALUE: u32 = 0x4359_534E;
+
+/// Read-only: device identifier, [`DEVICE_ID_VALUE`].
+pub const DEVICE_ID: u32 = 0x000;
+/// Read-only: ABI version, major in bits 31:16, minor in bits 15:0.
+pub const ABI_VERSION: u32 = 0x004;
+/// Read-only: [`Capabilities`].
+pub const CAPABILITIES: u32 = 0x008;
+/// Read-only: hardware revision of the design (informational).
+pub const HW_REVISION: u32 = 0x00C;
+/// Read/write: [`Control`].
+pub const CONTROL: u32 = 0x010;
+/// Read-only: [`Status`].
+pub const STATUS: u32 = 0x014;
+/// Write-1-to-clear: [`IrqCause`] bits raised since last cleared.
+pub const IRQ_STATUS: u32 = 0x018;
+/// Read/write: [`IrqCause`] bits that may raise an interrupt.
+pub const IRQ_MASK: u32 = 0x01C;
+
+/// Read/write: command ring IOVA, low 32 bits (64-byte aligned).
+pub const CMD_BASE_LO: u32 = 0x020;
+/// Read/write: command ring IOVA, high 32 bits.
+pub const CMD_BASE_HI: u32 = 0x024;
+/// Read/write: log2 of the command ring's slot count.
+pub const CMD_LOG2_SIZE: u32 = 0x028;
+/// Write: command ring tail (the doorbell): slots before it are posted.
+pub const CMD_DOORBELL: u32 = 0x02C;
+/// Read-only: command ring head: the next slot the device will fetch.
+pub const CMD_HEAD: u32 = 0x030;
+
+/// Read/write: completion ring IOVA, low 32 bits (64-byte aligned).
+pub const CPL_BASE_LO: u32 = 0x040;
+/// Read/write: completion ring IOVA, high 32 bits.
+pub const CPL_BASE_HI: u32 = 0x044;
+/// Read/write: log2 of the completion ring's entry count.
+pub const CPL_LOG2_SIZE: u32 = 0x048;
+/// Write: completion ring head: entries before it have been consumed.
+pub const CPL_HEAD: u32 = 0x04C;
+
+/// Read/write: event ring IOVA, low 32 bits (64-byte aligned).
+pub const EVT_BASE_LO: u32 = 0x050;
+/// Read/write: event ring IOVA, high 32 bits.
+pub const EVT_BASE_HI: u32 = 0x054;
+/// Read/write: log2 of the event ring's entry count.
+pub const EVT_LOG2_SIZE: u32 = 0x058;
+/// Write: event ring head: entries before it have been consumed.
+pub const EVT_HEAD: u32 = 0x05C;
+
+/// Read/write before enable: requested table capacity in entries; reads
+/// back the capacity the device actually provides.
+pub const TABLE_CAPACITY: u32 = 0x060;
+/// Read-only: the largest table capacity this device supports.
+pub const TABLE_MAX_CAPACITY: u32 = 0x064;
+/// Read-only: the design's core clock in MHz (used by the cost model).
+pub const CLOCK_MHZ: u32 = 0x068;
+/// Read-only: device time in milliseconds since reset (wraps).
+pub const DEVICE_TIME_MS: u32 = 0x06C;
+/// Read/write: raise a completion interrupt after this many completions.
+pub const IRQ_COALESCE_COUNT: u32 = 0x070;
+/// Read/write: ... or this many microseconds after the first pending one.
+pub const IRQ_COALESCE_USEC: u32 = 0x074;
+/// Read/write: aging scan period in milliseconds (0 disables aging).
+pub const AGING_PERIOD_MS: u32 = 0x078;
+/// Read-only: number of entries resident in the table.
+pub const TABLE_COUNT: u32 = 0x07C;
+
+/// First counter register. Counter `i` ([`Counter`]) is at
+/// `COUNTER_BASE + 8 * i` (low 32 bits) and `+ 4` (high 32 bits). Read high,
+/// low, high and retry if high changed.
+pub const COUNTER_BASE: u32 = 0x100;
+
+/// Device counters, in register order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u32)]
+pub enum Counter {
+    /// Commands fetched from the command ring.
+    CommandsFetched = 0,
+    /// Completions written.
+    CompletionsWritten = 1,
+    /// Commands that completed with a non-success status.
+    CommandErrors = 2,
+    /// Commands rejected as malformed or with an unknown opcode.
+    CommandsMalformed = 3,
+    /// DMA accesses that fell outside every IOMMU window.
+    DmaErrors = 4,
+    /// Inserts refused because the table was full.
+    TableFull = 5,
+    /// Entries removed by aging.
+    EntriesAged = 6,
+    /// Events written to the event ring.
+    EventsWritten = 7,
+    /// Events dropped because the event ring was full.
+    EventsDropped = 8,
+    /// Interrupts raised.
+    Interrupts = 9,
+    /// Modelled core clock cycles spent on commands (cost model).
+    ModelCycles = 10,
+    /// Cuckoo displacements performed by inserts.
+    CuckooKicks = 11,
+    /// Doorbell writes received.
+    Doorbells = 12,
+    /// Doorbell writes with a tail outside the ring, ignored.
+    BadDoorbells = 13,
+}
+
+impl Counter {
+    /// Every counter, in register order.
+    pub const ALL: [Counter; 14] = [
+        Counter::CommandsFetched,
+        Counter::CompletionsWritten,
+        Counter::CommandErrors,
+        Counter::CommandsMalformed,
+        Counter::DmaErrors,
+        Counter::TableFull,
+        Counter::EntriesAged,
+        Counter::EventsWritten,
+        Counter::EventsDropped,
+        Counter::Interrupts,
+        Counter::ModelCycles,
+        Counter::CuckooKicks,
+        Counter::Doorbells,
+        Counter::BadDoorbells,
+    ];
+
+    /// Register offset of this counter's low half.
+    pub const fn offset(self) -> u32 {
+        COUNTER_BASE + 8 * self as u32
+    }
+
+    /// Stable snake_case name, used in reports and JSON.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::CommandsFetched => "commands_fetched",
+            Counter::CompletionsWritten => "completions_written",
+            Counter::CommandErrors => "command_errors",
+            Counter::CommandsMalformed => "commands_malformed",
+            Counter::DmaErrors => "dma_errors",
+            Counter::TableFull => "table_full",
+            Counter::EntriesAged => "entries_aged",
+            Counter::EventsWritten => "events_written",
+            Counter::EventsDropped => "events_dropped",
+            Counter::Interrupts => "interrupts",
+            Counter::ModelCycles => "model_cycles",
+            Counter::CuckooKicks => "cuckoo_kicks",
+            Counter::Doorbells => "doorbells",
+            Counter::BadDoorbells => "bad_doorbells",
+        }
+    }
+}
+
+bitflags! {
+    /// [`CAPABILITIES`] bits.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct Capabilities: u32 {
+        /// Connection table commands (INSERT, UPDATE, DELETE, LOOKUP).
+        const CONN_TABLE = 1 << 0;
+        /// IPv6 keys.
+        const IPV6 = 1 << 1;
+        /// NAT translations (chained EXT descriptors).
+        const NAT = 1 << 2;
+        /// Aging with AGED events.
+        const AGING = 1 << 3;
+        /// SNAPSHOT command.
+        const SNAPSHOT = 1 << 4;
+        /// Event ring.
+        const EVENTS = 1 << 5;
+        /// MSI-X interrupts with moderation.
+        const MSIX = 1 << 6;
+        /// Cost-model cycle counter ([`Counter::ModelCycles`]).
+        const COST_MODEL = 1 << 7;
+    }
+}
+
+bitflags! {
+    /// [`CONTROL`] bits.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct Control: u32 {
+        /// Start fetching commands (rings must be programmed first).
+        const ENABLE = 1 << 0;
+        /// Reset the device: rings, table and counters. Self-clearing.
+        const RESET = 1 << 1;
+        /// Allow interrupts to be raised.
+        const IRQ_ENABLE = 1 << 2;
+    }
+}
+
+bitflags! {
+    /// [`STATUS`] bits.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct Status: u32 {
+        /// Out of reset and ready to be configured.
+        const READY = 1 << 0;
+        /// Enabled and fetching commands.
+        const ENABLED = 1 << 1;
+        /// A fatal error stopped the device (bad ring configuration); reset
+        /// to recover.
+        const FATAL = 1 << 2;
+        /// At least one event was dropped because the event ring was full.
+        const EVENT_OVERFLOW = 1 << 3;
+    }
+}
+
+bitflags! {
+    /// [`IRQ_STATUS`] / [`IRQ_MASK`] causes.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct IrqCause: u32 {
+        /// Completions were written.
+        const COMPLETION = 1 << 0;
+        /// Events were written.
+        const EVENT = 1 << 1;
+        /// The device became FATAL.
+        const ERROR = 1 << 2;
+    }
+}
+
+/// Interrupt vector used for completions.
+pub const VECTOR_COMPLETION: u16 = 0;
+/// Interrupt vector used for events and errors.
+pub const VECTOR_EVENT: u16 = 1;
+/// Number of interrupt vectors.
+pub const VECTOR_COUNT: u16 = 2;
+
+/// Smallest supported log2 ring size.
+pub const MIN_LOG2_RING: u32 = 2;
+/// Largest supported log2 ring size (indices travel as `u16` in completions).
+pub const MAX_LOG2_RING: u32 = 15;
+
+/// Splits an ABI version register value into (major, minor).
+pub const fn split_version(v: u32) -> (u16, u16) {
+    ((v >> 16) as u16, (v & 0xFFFF) as u16)
+}
+
+/// Packs (major, minor) into an ABI version register value.
+pub const fn pack_version(major: u16, minor: u16) -> u32 {
+    ((major as u32) << 16) | minor as u32
+}
+
+/// A register, for documentation and tooling.
+#[derive(Clone, Copy, Debug)]
+pub struct RegisterInfo {
+    /// Name of the constant.
+    pub name: &'static str,
+    /// Byte offset in BAR0.
+    pub offset: u32,
+    /// "RO", "RW", "WO" or "W1C".
+    pub access: &'static str,
+    /// One line on its meaning.
+    pub summary: &'static str,
+}
+
+macro_rules! reg {
+    ($name:ident, $acc:literal, $sum:literal) => {
+        RegisterInfo { name: stringify!($name), offset: $name, access: $acc, summary: $sum }
+    };
+}
+
+/// Every fixed register, in offset order.
+pub const REGISTERS: &[RegisterInfo] = &[
+    reg!(DEVICE_ID, "RO", "device identifier 0x4359534E (\"NSYC\")"),
+    reg!(ABI_VERSION, "RO", "ABI major (31:16) and minor (15:0)"),
+    reg!(CAPABILITIES, "RO", "capability bits"),
+    reg!(HW_REVISION, "RO", "hardware revision"),
+    reg!(CONTROL, "RW", "ENABLE, RESET, IRQ_ENABLE"),
+    reg!(STATUS, "RO", "READY, ENABLED, FATAL, EVENT_OVERFLOW"),
+    reg!(IRQ_STATUS, "W1C", "interrupt causes raised"),
+    reg!(IRQ_MASK, "RW", "interrupt causes enabled"),
+    reg!(CMD_BASE_LO, "RW", "command ring IOVA, low"),
+    reg!(CMD_BASE_HI, "RW", "command ring IOVA, high"),
+    reg!(CMD_LOG2_SIZE, "RW", "command ring log2 slot count"),
+    reg!(CMD_DOORBELL, "WO", "command ring tail (doorbell)"),
+    reg!(CMD_HEAD, "RO", "command ring head"),
+    reg!(CPL_BASE_LO, "RW", "completion ring IOVA, low"),
+    reg!(CPL_BASE_HI, "RW", "completion ring IOVA, high"),
+    reg!(CPL_LOG2_SIZE, "RW", "completion ring log2 entry count"),
+    reg!(CPL_HEAD, "WO", "completion ring consumer head"),
+    reg!(EVT_BASE_LO, "RW", "event ring IOVA, low"),
+    reg!(EVT_BASE_HI, "RW", "event ring IOVA, high"),
+    reg!(EVT_LOG2_SIZE, "RW", "event ring log2 entry count"),
+    reg!(EVT_HEAD, "WO", "event ring consumer head"),
+    reg!(TABLE_CAPACITY, "RW", "requested / provided table capacity"),
+    reg!(TABLE_MAX_CAPACITY, "RO", "largest supported capacity"),
+    reg!(CLOCK_MHZ, "RO", "core clock in MHz"),
+    reg!(DEVICE_TIME_MS, "RO", "device time in ms since reset"),
+    reg!(IRQ_COALESCE_COUNT, "RW", "completions per interrupt"),
+    reg!(IRQ_COALESCE_USEC, "RW", "interrupt holdoff in µs"),
+    reg!(AGING_PERIOD_MS, "RW", "aging scan period in ms, 0 = off"),
+    reg!(TABLE_COUNT, "RO", "entries resident"),
+];
+
+const _: () = {
+    assert!(COUNTER_BASE as usize + 8 * Counter::ALL.len() <= BAR0_SIZE);
+    let mut i = 1;
+    while i < REGISTERS.len() {
+        assert!(REGISTERS[i - 1].offset < REGISTERS[i].offset);
+        assert!(REGISTERS[i].offset < COUNTER_BASE);
+        i += 1;
+    }
+    let mut c = 0;
+    while c < Counter::ALL.len() {
+        assert!(Counter::ALL[c] as usize == c);
+        c += 1;
+    }
+};

@@ -1,0 +1,306 @@
+//! DMA-able host memory and eventfds: the one module of this crate that
+//! uses `unsafe`.
+//!
+//! # Access discipline
+//! Memory shared with a device is never reached through Rust references
+//! (`&[u8]`, `&mut T`): the device may change it at any time, which would
+//! break the aliasing rules a reference promises. Every access goes through
+//! a raw pointer into the mapping:
+//!
+//! * bulk data (descriptors, records) is copied with volatile loads/stores,
+//!   8 bytes at a time when aligned, so the compiler neither elides nor
+//!   merges them;
+//! * the one word of each ring entry that carries ownership (the completion
+//!   or event word holding the phase bit) is accessed as an `AtomicU64`
+//!   with acquire/release ordering. A device written in Rust (the emulated
+//!   one, on another thread) then synchronises with the host exactly as the
+//!   memory model requires, and against real hardware the same instruction
+//!   is a plain aligned 8-byte access.
+//!
+//! We do not use `volatile-register`/`VolatileCell`: it forms `&VolatileCell`
+//! references into device memory, which permits spurious reads (an open
+//! soundness issue). Raw-pointer volatile access has no such hole.
+
+use std::fmt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use memmap2::{MmapMut, MmapOptions};
+
+use crate::DeviceError;
+
+/// Page-aligned, zero-initialised host memory that a device may DMA into.
+///
+/// The mapping lives as long as the value; it is handed to devices as an
+/// `Arc<DmaMemory>` so that an IOMMU mapping can keep it alive.
+pub struct DmaMemory {
+    map: MmapMut,
+    ptr: NonNull<u8>,
+    len: usize,
+    hugepages: bool,
+}
+
+// SAFETY: DmaMemory owns its mapping; every access goes through raw-pointer
+// volatile or atomic operations with bounds checks, never through shared
+// Rust references, so concurrent use from several threads (and by a device)
+// cannot create aliasing `&mut`. The mapping is unmapped only on drop.
+unsafe impl Send for DmaMemory {}
+// SAFETY: see `Send` above: all methods take `&self` and perform only
+// volatile/atomic accesses, which are defined under concurrency.
+unsafe impl Sync for DmaMemory {}
+
+impl fmt::Debug for DmaMemory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DmaMemory").field("len", &self.len).field("hugepages", &self.hugepages).finish()
+    }
+}
+
+impl DmaMemory {
+    /// Allocates `len` bytes (rounded up to a page) of anonymous memory.
+    /// With `hugepages`, tries 2 MiB huge pages first and falls back to
+    /// normal pages (reported by [`DmaMemory::is_hugepage`]).
+    pub fn allocate(len: usize, hugepages: bool) -> Result<Self, DeviceError> {
+        if len == 0 {
+            return Err(DeviceError::DmaAlloc { len, reason: "zero-length buffer".into() });
+        }
+        let page = if hugepages { 2 << 20 } else { 4096 };
+        let rounded = len.div_ceil(page) * page;
+        let mut used_huge = false;
+        let mut map = None;
+        if hugepages {
+            if let Ok(m) = MmapOptions::new().len(rounded).huge(Some(21)).map_anon() {
+                used_huge = true;
+                map = Some(m);
+            }
+        }
+        let mut map = match map {
+            Some(m) => m,
+            None => MmapOptions::new()
+                .len(rounded)
+                .map_anon()
+                .map_err(|e| DeviceError::DmaAlloc { len, reason: e.to_string() })?,
+        };
+        let ptr = NonNull::new(map.as_mut_ptr())
+            .ok_or_else(|| DeviceError::DmaAlloc { len, reason: "mmap returned null".into() })?;
+        Ok(DmaMemory { map, ptr, len: rounded, hugepages: used_huge })
+    }
+
+    /// Length in bytes (page-rounded).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: buffers are at least one page.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether huge pages back this buffer.
+    pub fn is_hugepage(&self) -> bool {
+        self.hugepages
+    }
+
+    /// Host virtual address of the first byte, for IOMMU mapping calls.
+    pub fn host_addr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Locks the pages in memory so that the IOMMU mapping stays valid.
+    pub fn lock(&self) -> Result<(), DeviceError> {
+        self.map.lock().map_err(|e| DeviceError::DmaAlloc { len: self.len, reason: format!("mlock: {e}") })
+    }
+
+    fn check(&self, off: usize, len: usize) -> Result<(), DeviceError> {
+        match off.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(DeviceError::OutOfBounds { offset: off, len, size: self.len }),
+        }
+    }
+
+    /// Volatile copy from the buffer at `off` into `out`.
+    pub fn read(&self, off: usize, out: &mut [u8]) -> Result<(), DeviceError> {
+        self.check(off, out.len())?;
+        let base = self.ptr.as_ptr();
+        if off % 8 == 0 && out.len() % 8 == 0 {
+            for (i, chunk) in out.chunks_exact_mut(8).enumerate() {
+                // SAFETY: `check` proved off + out.len() <= len, so every
+                // 8-byte word read here lies inside the live mapping; the
+                // mapping is page-aligned and `off + 8 * i` is a multiple of
+                // 8, so the u64 pointer is aligned.
+                let v = unsafe { std::ptr::read_volatile(base.add(off + 8 * i).cast::<u64>()) };
+                chunk.copy_from_slice(&v.to_ne_bytes());
+            }
+        } else {
+            for (i, b) in out.iter_mut().enumerate() {
+                // SAFETY: `check` proved off + i < len: the byte is inside
+                // the live mapping; u8 has no alignment requirement.
+                *b = unsafe { std::ptr::read_volatile(base.add(off + i)) };
+            }
+        }
+        Ok(())
+    }
+
+    /// Volatile copy of `data` into the buffer at `off`.
+    pub fn write(&self, off: usize, data: &[u8]) -> Result<(), DeviceError> {
+        self.check(off, data.len())?;
+        let base = self.ptr.as_ptr();
+        if off % 8 == 0 && data.len() % 8 == 0 {
+            for (i, chunk) in data.chunks_exact(8).enumerate() {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(chunk);
+                // SAFETY: `check` proved the word lies inside the live
+                // mapping, and off + 8 * i is 8-aligned in a page-aligned
+                // mapping. No Rust reference to this memory exists.
+                unsafe { std::ptr::write_volatile(base.add(off + 8 * i).cast::<u64>(), u64::from_ne_bytes(w)) };
+            }
+        } else {
+            for (i, b) in data.iter().enumerate() {
+                // SAFETY: `check` proved off + i < len; bytes need no alignment.
+                unsafe { std::ptr::write_volatile(base.add(off + i), *b) };
+            }
+        }
+        Ok(())
+    }
+
+    fn atomic_at(&self, off: usize) -> Result<&AtomicU64, DeviceError> {
+        self.check(off, 8)?;
+        if off % 8 != 0 {
+            return Err(DeviceError::Misaligned { offset: off });
+        }
+        // SAFETY: the word is inside the mapping (checked), 8-aligned
+        // (checked; the mapping is page-aligned), lives as long as `self`
+        // (the returned reference borrows `self`), and is only ever accessed
+        // atomically or by volatile copies that the ring protocol orders
+        // after an acquire of this same word, as AtomicU64::from_ptr
+        // requires. An &AtomicU64 is an interior-mutable reference, so it
+        // does not assert the bytes are unchanging.
+        Ok(unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(off).cast::<u64>()) })
+    }
+
+    /// Atomic load of the little-endian-on-wire u64 at `off` (8-aligned).
+    pub fn load_u64(&self, off: usize, order: Ordering) -> Result<u64, DeviceError> {
+        Ok(u64::from_le(self.atomic_at(off)?.load(order)))
+    }
+
+    /// Atomic store of `v` as little-endian at `off` (8-aligned).
+    pub fn store_u64(&self, off: usize, v: u64, order: Ordering) -> Result<(), DeviceError> {
+        self.atomic_at(off)?.store(v.to_le(), order);
+        Ok(())
+    }
+
+    /// Zeroes the whole buffer (volatile).
+    pub fn clear(&self) {
+        let zero = [0u8; 64];
+        let mut off = 0;
+        while off < self.len {
+            let n = (self.len - off).min(64);
+            // Bounds hold by construction of the loop.
+            let _ = self.write(off, &zero[..n]);
+            off += n;
+        }
+    }
+}
+
+/// A Linux eventfd (non-blocking, close-on-exec): the interrupt line of an
+/// emulated device, or the MSI-X target of a real one.
+#[derive(Debug)]
+pub struct EventFd {
+    fd: OwnedFd,
+}
+
+impl EventFd {
+    /// Creates an eventfd.
+    pub fn new() -> Result<Self, DeviceError> {
+        // SAFETY: eventfd takes no pointers; it returns a new descriptor or -1.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(DeviceError::Io { what: "eventfd", source: std::io::Error::last_os_error() });
+        }
+        // SAFETY: `raw` is a freshly created descriptor that nothing else owns.
+        Ok(EventFd { fd: unsafe { OwnedFd::from_raw_fd(raw) } })
+    }
+
+    /// Adds 1 to the counter (raises the interrupt).
+    pub fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live local u64 to a descriptor we
+        // own. A full counter (EAGAIN) means the interrupt is already
+        // pending, so the result can be ignored.
+        let _ = unsafe { libc::write(self.fd.as_raw_fd(), std::ptr::addr_of!(one).cast(), 8) };
+    }
+
+    /// Reads and resets the counter; 0 if nothing was pending.
+    pub fn take(&self) -> u64 {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live local u64 from a descriptor we own.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), std::ptr::addr_of_mut!(v).cast(), 8) };
+        if n == 8 {
+            v
+        } else {
+            0
+        }
+    }
+}
+
+impl AsFd for EventFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_to_page_and_starts_zeroed() -> Result<(), DeviceError> {
+        let m = DmaMemory::allocate(100, false)?;
+        assert_eq!(m.len(), 4096);
+        let mut b = [0xFFu8; 64];
+        m.read(4032, &mut b)?;
+        assert_eq!(b, [0u8; 64]);
+        Ok(())
+    }
+
+    #[test]
+    fn bounds_are_checked() -> Result<(), DeviceError> {
+        let m = DmaMemory::allocate(4096, false)?;
+        let mut b = [0u8; 16];
+        assert!(m.read(4090, &mut b).is_err());
+        assert!(m.write(usize::MAX, &b).is_err());
+        assert!(m.load_u64(4092, Ordering::Relaxed).is_err());
+        assert!(matches!(m.load_u64(4, Ordering::Relaxed), Err(DeviceError::Misaligned { offset: 4 })));
+        Ok(())
+    }
+
+    #[test]
+    fn aligned_and_unaligned_copies_agree() -> Result<(), DeviceError> {
+        let m = DmaMemory::allocate(4096, false)?;
+        let data: Vec<u8> = (0..64u8).collect();
+        m.write(64, &data)?;
+        m.write(129, &data[..13])?;
+        let mut a = [0u8; 64];
+        m.read(64, &mut a)?;
+        assert_eq!(&a[..], &data[..]);
+        let mut u = [0u8; 13];
+        m.read(129, &mut u)?;
+        assert_eq!(&u[..], &data[..13]);
+        m.store_u64(8, 0x0102_0304_0506_0708, Ordering::Release)?;
+        let mut w = [0u8; 8];
+        m.read(8, &mut w)?;
+        assert_eq!(w, 0x0102_0304_0506_0708u64.to_le_bytes());
+        Ok(())
+    }
+
+    #[test]
+    fn eventfd_counts() -> Result<(), DeviceError> {
+        let e = EventFd::new()?;
+        assert_eq!(e.take(), 0);
+        e.signal();
+        e.signal();
+        assert_eq!(e.take(), 2);
+        assert_eq!(e.take(), 0);
+        Ok(())
+    }
+}

@@ -1,0 +1,221 @@
+//! Device access for nicsync.
+//!
+//! The driver in `nicsync` needs very little from a device: 32-bit register
+//! reads and writes in BAR0, a doorbell write, DMA-able memory mapped at an
+//! IOVA the device can reach, interrupt eventfds and a reset. That is the
+//! [`NicDevice`] trait, owned by this project (the `pci-driver` crate's own
+//! traits are sealed). Three implementations:
+//!
+//! * [`EmulatedDevice`]: the in-process software model of the FPGA design
+//!   (`nicsync-model`), the embedded default;
+//! * [`VfioDevice`]: a real device bound to `vfio-pci`, through `pci-driver`;
+//! * [`MockDevice`]: a scriptable register file for driver unit tests.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+#[allow(unsafe_code)]
+pub mod dma;
+pub mod emulated;
+pub mod mock;
+pub mod real;
+
+use std::fmt;
+use std::os::fd::BorrowedFd;
+use std::sync::Arc;
+
+pub use dma::{DmaMemory, EventFd};
+pub use emulated::EmulatedDevice;
+pub use mock::MockDevice;
+pub use real::VfioDevice;
+
+/// Errors from device access.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// DMA memory could not be allocated or locked.
+    #[error("cannot allocate {len} bytes of DMA memory: {reason}")]
+    DmaAlloc {
+        /// Bytes asked for.
+        len: usize,
+        /// Why.
+        reason: String,
+    },
+    /// The IOMMU refused a mapping.
+    #[error("cannot map {len} bytes at IOVA {iova:#x} for DMA: {reason}")]
+    DmaMap {
+        /// IOVA asked for.
+        iova: u64,
+        /// Length.
+        len: usize,
+        /// Why.
+        reason: String,
+    },
+    /// An access fell outside a DMA buffer.
+    #[error("access of {len} bytes at offset {offset} is outside a {size}-byte DMA buffer")]
+    OutOfBounds {
+        /// Offset.
+        offset: usize,
+        /// Length.
+        len: usize,
+        /// Buffer size.
+        size: usize,
+    },
+    /// An atomic access was not 8-byte aligned.
+    #[error("atomic access at offset {offset} is not 8-byte aligned")]
+    Misaligned {
+        /// Offset.
+        offset: usize,
+    },
+    /// VFIO is not available on this host.
+    #[error("VFIO is not available: {0}")]
+    VfioUnavailable(String),
+    /// The PCI device is not usable through VFIO.
+    #[error("PCI device {bdf}: {reason}")]
+    NotBound {
+        /// The device address.
+        bdf: String,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+    /// An operating-system call failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was attempted.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The device did not come out of reset.
+    #[error("device reset failed: {0}")]
+    Reset(String),
+    /// A feature this backend does not have.
+    #[error("not supported by the {backend} backend: {what}")]
+    Unsupported {
+        /// Backend name.
+        backend: &'static str,
+        /// What was asked for.
+        what: &'static str,
+    },
+}
+
+/// What the nicsync driver needs from a device.
+///
+/// Register offsets are BAR0 byte offsets from `nicsync_fwif::regs`.
+/// Implementations must be cheap to call from the data path: `write32` of
+/// the doorbell is on every batch.
+pub trait NicDevice: Send + Sync {
+    /// Reads a 32-bit register.
+    fn read32(&self, offset: u32) -> u32;
+    /// Writes a 32-bit register.
+    fn write32(&self, offset: u32, value: u32);
+    /// Allocates DMA-able memory of at least `len` bytes and maps it into
+    /// the device's IOMMU domain.
+    fn alloc_dma(&self, len: usize) -> Result<DmaBuffer, DeviceError>;
+    /// The eventfd signalled by interrupt `vector`, if interrupts are wired.
+    fn irq_fd(&self, vector: u16) -> Option<BorrowedFd<'_>>;
+    /// Resets the device at the bus level (function-level reset); the
+    /// driver's CONTROL.RESET is tried first.
+    fn reset(&self) -> Result<(), DeviceError>;
+    /// A one-line description ("emulated", "vfio 0000:01:00.0").
+    fn describe(&self) -> String;
+}
+
+impl<T: NicDevice + ?Sized> NicDevice for Arc<T> {
+    fn read32(&self, offset: u32) -> u32 {
+        (**self).read32(offset)
+    }
+    fn write32(&self, offset: u32, value: u32) {
+        (**self).write32(offset, value)
+    }
+    fn alloc_dma(&self, len: usize) -> Result<DmaBuffer, DeviceError> {
+        (**self).alloc_dma(len)
+    }
+    fn irq_fd(&self, vector: u16) -> Option<BorrowedFd<'_>> {
+        (**self).irq_fd(vector)
+    }
+    fn reset(&self) -> Result<(), DeviceError> {
+        (**self).reset()
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}
+
+/// Undoes an IOMMU mapping when the buffer is dropped.
+pub trait DmaUnmap: Send + Sync {
+    /// Removes the mapping of `len` bytes at `iova`.
+    fn unmap(&self, iova: u64, len: usize);
+}
+
+/// DMA memory mapped for a device: host memory plus the IOVA at which the
+/// device sees it. Dropping it unmaps it.
+pub struct DmaBuffer {
+    mem: Arc<DmaMemory>,
+    iova: u64,
+    unmap: Option<Arc<dyn DmaUnmap>>,
+}
+
+impl fmt::Debug for DmaBuffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DmaBuffer").field("iova", &format_args!("{:#x}", self.iova)).field("len", &self.mem.len()).finish()
+    }
+}
+
+impl DmaBuffer {
+    /// Wraps memory already mapped at `iova`; `unmap` runs on drop.
+    pub fn new(mem: Arc<DmaMemory>, iova: u64, unmap: Option<Arc<dyn DmaUnmap>>) -> Self {
+        DmaBuffer { mem, iova, unmap }
+    }
+
+    /// The device-visible address of byte 0.
+    pub fn iova(&self) -> u64 {
+        self.iova
+    }
+
+    /// The memory.
+    pub fn mem(&self) -> &DmaMemory {
+        &self.mem
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.mem.len()
+    }
+
+    /// Never true.
+    pub fn is_empty(&self) -> bool {
+        self.mem.is_empty()
+    }
+}
+
+impl Drop for DmaBuffer {
+    fn drop(&mut self) {
+        if let Some(u) = self.unmap.take() {
+            u.unmap(self.iova, self.mem.len());
+        }
+    }
+}
+
+/// Which device to open, as chosen on the command line or in a config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// The in-process emulated device (the default).
+    Emulated,
+    /// A PCI device bound to vfio-pci, by address (e.g. `0000:01:00.0`).
+    Vfio(String),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "emulated" || s.is_empty() {
+            return Ok(DeviceSpec::Emulated);
+        }
+        let bdf = s.strip_prefix("vfio:").unwrap_or(s);
+        if real::parse_bdf(bdf).is_some() {
+            Ok(DeviceSpec::Vfio(bdf.to_string()))
+        } else {
+            Err(format!("'{s}' is neither 'emulated' nor a PCI address like 0000:01:00.0"))
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! Placeholder, being written.
+/// Placeholder.
+#[derive(Debug)]
+pub struct MockDevice;
