@@ -13,7 +13,7 @@ use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::assert_layout;
-use crate::conn::{ConnKey, ConnState, KeyError, Nat, NatKind, StateError};
+use crate::conn::{ConnKey, ConnState, KeyError, Nat, StateError};
 
 /// Size of one command descriptor (one ring slot).
 pub const DESC_SIZE: usize = 64;
@@ -227,8 +227,9 @@ pub struct ConnOp {
     pub key: ConnKey,
     /// State to store.
     pub state: ConnState,
-    /// NAT translation (kind None when the command was not chained).
-    pub nat: Nat,
+    /// NAT translation from a chained EXT descriptor. INSERT without one
+    /// stores no translation; UPDATE/UPSERT without one keep the stored one.
+    pub nat: Option<Nat>,
     /// Let the device assign the generation.
     pub auto_generation: bool,
 }
@@ -348,9 +349,9 @@ impl CommandDescriptor {
                 body.state.validate().map_err(DecodeError::State)?;
                 let nat = if flags.contains(DescFlags::CHAIN) {
                     let ext = ext.ok_or(DecodeError::MissingExt)?;
-                    decode_ext(ext, body.key.family)?
+                    Some(decode_ext(ext, body.key.family)?)
                 } else {
-                    Nat::default()
+                    None
                 };
                 let o = ConnOp {
                     key: body.key,
@@ -411,16 +412,15 @@ impl ConnOp {
     /// Descriptors for this operation under `op`: one, or two when a NAT
     /// translation is present.
     pub fn encode(&self, op: Opcode, tag: u16) -> (CommandDescriptor, Option<CommandDescriptor>) {
-        let has_nat = self.nat.nat_kind().is_some_and(|k| k != NatKind::None);
         let mut flags = DescFlags::empty();
-        if has_nat {
+        if self.nat.is_some() {
             flags |= DescFlags::CHAIN;
         }
         if self.auto_generation {
             flags |= DescFlags::AUTO_GENERATION;
         }
         let d = CommandDescriptor::conn(op, flags, tag, &self.key, &self.state);
-        (d, has_nat.then(|| CommandDescriptor::ext(tag, &self.nat)))
+        (d, self.nat.as_ref().map(|n| CommandDescriptor::ext(tag, n)))
     }
 }
 

@@ -1,1 +1,200 @@
+//! Software model of the nicsync FPGA design.
+//!
+//! The model behaves as the hardware would, seen from the host: a BAR0
+//! register file with doorbells; command descriptors fetched by DMA through
+//! an IOMMU (an address outside every mapped window is a DMA error, never a
+//! host crash); completion and event rings with phase bits and interrupt
+//! moderation; the connection table in fixed-capacity card memory as a
+//! bucketized cuckoo hash; aging that removes expired entries and reports
+//! them as events; counters readable through registers; and a cost model
+//! that counts the clock cycles the design would spend.
+//!
+//! Three ways to run it ([`ExecMode`]):
+//! * [`ExecMode::Thread`]: its own polling thread, as the real device runs
+//!   concurrently with the host (benchmarks, the daemon);
+//! * [`ExecMode::Inline`]: every MMIO write runs the design to quiescence
+//!   in the caller's thread (deterministic, used by tests);
+//! * [`ExecMode::Manual`]: nothing runs until the caller calls
+//!   [`Nic::step`] (simulation; one thread can serve several devices with
+//!   [`Poller`]).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
+pub mod cost;
+pub mod device;
+pub mod dma;
+pub mod table;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+pub use cost::CostParams;
+pub use device::{Clock, Core, InterruptSink, ModelConfig, Shared};
+pub use dma::{HostMemory, Iommu};
+
+/// How the model's design logic is run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExecMode {
+    /// Runs inside each MMIO write (deterministic).
+    Inline,
+    /// Runs only when [`Nic::step`] is called.
+    Manual,
+    /// Runs on a polling thread started with [`Nic::spawn_poller`] or a
+    /// shared [`Poller`].
+    Thread,
+}
+
+/// One modelled device.
+pub struct Nic {
+    shared: Arc<Shared>,
+    core: Mutex<Core>,
+    mode: ExecMode,
+}
+
+impl std::fmt::Debug for Nic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nic").field("mode", &self.mode).finish_non_exhaustive()
+    }
+}
+
+impl Nic {
+    /// A device out of power-on reset.
+    pub fn new(cfg: ModelConfig, mode: ExecMode) -> Arc<Self> {
+        let shared = Arc::new(Shared::new(cfg));
+        let core = Mutex::new(Core::new(shared.clone()));
+        Arc::new(Nic { shared, core, mode })
+    }
+
+    /// The execution mode.
+    pub fn mode(&self) -> ExecMode {
+        self.mode
+    }
+
+    /// The host-visible side (registers, counters).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The IOMMU the host maps DMA memory into.
+    pub fn iommu(&self) -> &Arc<Iommu> {
+        &self.shared.iommu
+    }
+
+    /// Reads a BAR0 register.
+    #[inline]
+    pub fn mmio_read(&self, off: u32) -> u32 {
+        self.shared.mmio_read(off)
+    }
+
+    /// Writes a BAR0 register; in [`ExecMode::Inline`] the design then runs
+    /// until it has nothing left to do.
+    #[inline]
+    pub fn mmio_write(&self, off: u32, v: u32) {
+        self.shared.mmio_write(off, v);
+        if self.mode == ExecMode::Inline {
+            self.run_until_idle();
+        }
+    }
+
+    /// Installs where interrupts go (None: interrupts are not wired).
+    pub fn set_interrupt_sink(&self, sink: Option<Arc<dyn InterruptSink>>) {
+        self.shared.set_interrupt_sink(sink);
+    }
+
+    /// Locks the design state (tests inspect the table through it).
+    pub fn core(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs one poll plus housekeeping; returns whether anything was done.
+    pub fn step(&self) -> bool {
+        let mut c = self.core();
+        let a = c.poll();
+        let b = c.housekeeping();
+        a || b
+    }
+
+    /// Steps until a step does nothing (bounded, in case the host keeps
+    /// ringing from another thread).
+    pub fn run_until_idle(&self) {
+        let mut c = self.core();
+        for _ in 0..1_000_000 {
+            let a = c.poll();
+            let b = c.housekeeping();
+            if !(a || b) {
+                break;
+            }
+        }
+    }
+
+    /// Advances a virtual clock (no effect on a real one). In
+    /// [`ExecMode::Inline`] the design then runs its timers and aging.
+    pub fn advance_time(&self, d: Duration) {
+        if let Clock::Virtual(ns) = &self.shared.clock {
+            ns.fetch_add(d.as_nanos() as u64, Ordering::AcqRel);
+        }
+        if self.mode == ExecMode::Inline {
+            self.run_until_idle();
+        }
+    }
+
+    /// Starts a polling thread that runs this device until the handle is
+    /// dropped. `on_start` runs first in the new thread (pin it there).
+    pub fn spawn_poller(self: &Arc<Self>, on_start: impl FnOnce() + Send + 'static) -> std::io::Result<Poller> {
+        Poller::spawn(vec![self.clone()], on_start)
+    }
+}
+
+/// A polling thread serving one or more devices in turn. Stops and joins
+/// when dropped.
+#[derive(Debug)]
+pub struct Poller {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    devices: usize,
+}
+
+/// Polls between checks of the stop flag and runs of housekeeping.
+const POLL_BATCH: u32 = 256;
+
+impl Poller {
+    /// Starts one thread for `nics`, busy-polling each in turn.
+    pub fn spawn(nics: Vec<Arc<Nic>>, on_start: impl FnOnce() + Send + 'static) -> std::io::Result<Poller> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let devices = nics.len();
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new().name("nicsync-device".into()).spawn(move || {
+            on_start();
+            while !flag.load(Ordering::Relaxed) {
+                for nic in &nics {
+                    // The lock is held for a burst of polls and released
+                    // between bursts, so tests can inspect the core.
+                    let mut g = nic.core();
+                    for _ in 0..POLL_BATCH {
+                        if !g.poll() {
+                            std::hint::spin_loop();
+                        }
+                    }
+                    g.housekeeping();
+                }
+            }
+        })?;
+        Ok(Poller { stop, thread: Some(thread), devices })
+    }
+
+    /// Devices this thread serves.
+    pub fn devices(&self) -> usize {
+        self.devices
+    }
+}
+
+impl Drop for Poller {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

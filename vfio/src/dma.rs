@@ -304,3 +304,123 @@ mod tests {
         Ok(())
     }
 }
+
+// ===========================================================================
+// VFIO IOMMU mappings (appended for `real.rs`, the VFIO backend).
+//
+// `PciIommu::map` is `unsafe`: the IOMMU lets the device write to the host
+// pages for as long as the mapping exists, so the pages must outlive it. The
+// guard below owns that invariant, so that `real.rs` stays free of `unsafe`.
+// ===========================================================================
+
+/// IOMMU mappings of [`DmaMemory`] in a VFIO container (used by the VFIO
+/// backend).
+pub(crate) mod iommu_map {
+    use std::io;
+    use std::sync::{Arc, Mutex, PoisonError};
+
+    use pci_driver::backends::vfio::VfioContainer;
+    use pci_driver::regions::Permissions;
+
+    use super::DmaMemory;
+
+    /// A live IOMMU mapping of a whole [`DmaMemory`] at an IOVA.
+    ///
+    /// The guard keeps the memory alive while the device can reach it: the
+    /// pages are released only after a successful unmap. If the unmap fails
+    /// they are leaked on purpose, since the device could otherwise DMA into
+    /// memory that the allocator has reused. Dropping the guard unmaps.
+    pub(crate) struct IommuMapping {
+        container: Arc<VfioContainer>,
+        /// `Some` while mapped.
+        mem: Mutex<Option<Arc<DmaMemory>>>,
+        iova: u64,
+        len: usize,
+    }
+
+    impl std::fmt::Debug for IommuMapping {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("IommuMapping")
+                .field("iova", &format_args!("{:#x}", self.iova))
+                .field("len", &self.len)
+                .finish()
+        }
+    }
+
+    impl IommuMapping {
+        /// Maps all of `mem` (read/write for the device) at `iova`.
+        ///
+        /// The caller checks alignment and IOVA validity; the kernel
+        /// re-checks both and fails the call rather than mapping wrongly.
+        pub(crate) fn map(container: Arc<VfioContainer>, mem: Arc<DmaMemory>, iova: u64) -> io::Result<Self> {
+            let len = mem.len();
+            // SAFETY: [host_addr, host_addr + len) is exactly the live
+            // anonymous mapping owned by `mem`. The returned guard holds an
+            // `Arc` to `mem` and gives it up only after the IOMMU mapping is
+            // removed (or never, if removal fails), so the device can never
+            // reach pages that were unmapped or reused. Host code accesses
+            // the memory only through raw-pointer volatile/atomic operations
+            // (see the module docs), so device writes cannot invalidate any
+            // Rust reference. If the ioctl fails nothing was mapped.
+            unsafe { container.iommu().map(iova, len, mem.host_addr(), Permissions::ReadWrite) }?;
+            Ok(IommuMapping { container, mem: Mutex::new(Some(mem)), iova, len })
+        }
+
+        /// The mapped IOVA.
+        pub(crate) fn iova(&self) -> u64 {
+            self.iova
+        }
+
+        /// The mapped length in bytes.
+        pub(crate) fn len(&self) -> usize {
+            self.len
+        }
+
+        /// Removes the mapping; a second call does nothing. On failure the
+        /// memory is leaked (see the type docs) and the error returned.
+        pub(crate) fn unmap(&self) -> io::Result<()> {
+            let mut slot = self.mem.lock().unwrap_or_else(PoisonError::into_inner);
+            if slot.is_none() {
+                return Ok(());
+            }
+            match self.container.iommu().unmap(self.iova, self.len) {
+                Ok(()) => {
+                    *slot = None;
+                    Ok(())
+                }
+                Err(e) => {
+                    if let Some(mem) = slot.take() {
+                        std::mem::forget(mem);
+                    }
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    impl Drop for IommuMapping {
+        fn drop(&mut self) {
+            if let Err(e) = self.unmap() {
+                tracing::warn!(iova = self.iova, len = self.len, "IOMMU unmap failed, leaking the DMA buffer: {e}");
+            }
+        }
+    }
+}
+
+/// Pins the calling thread to one CPU.
+pub fn pin_current_thread(cpu: usize) -> Result<(), DeviceError> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(DeviceError::Io { what: "pin thread", source: std::io::Error::from_raw_os_error(libc::EINVAL) });
+    }
+    // SAFETY: cpu_set_t is a plain bit array for which all-zero is valid.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` < CPU_SETSIZE (checked above), so the bit is inside `set`.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: passes a pointer to a live, initialised cpu_set_t and its
+    // exact size; pid 0 names the calling thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        return Err(DeviceError::Io { what: "sched_setaffinity", source: std::io::Error::last_os_error() });
+    }
+    Ok(())
+}

@@ -1,4 +1,172 @@
-//! Placeholder, being written.
-/// Placeholder.
-#[derive(Debug)]
-pub struct EmulatedDevice;
+//! The emulated device: the FPGA design's software model, in process.
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use nicsync_fwif::regs;
+use nicsync_model::{ExecMode, HostMemory, InterruptSink, ModelConfig, Nic, Poller};
+
+use crate::dma::{pin_current_thread, DmaMemory, EventFd};
+use crate::{DeviceError, DmaBuffer, DmaUnmap, NicDevice};
+
+/// First IOVA handed out; buffers are separated by an unmapped guard page
+/// so that a DMA overrunning one buffer faults instead of hitting the next.
+const IOVA_BASE: u64 = 0x1_0000_0000;
+const GUARD: u64 = 4096;
+
+impl HostMemory for DmaMemory {
+    fn len(&self) -> usize {
+        DmaMemory::len(self)
+    }
+    fn read(&self, off: usize, out: &mut [u8]) -> bool {
+        DmaMemory::read(self, off, out).is_ok()
+    }
+    fn write(&self, off: usize, data: &[u8]) -> bool {
+        DmaMemory::write(self, off, data).is_ok()
+    }
+    fn store_u64_release(&self, off: usize, v: u64) -> bool {
+        self.store_u64(off, v, Ordering::Release).is_ok()
+    }
+}
+
+struct IrqLines {
+    fds: Vec<EventFd>,
+}
+
+impl InterruptSink for IrqLines {
+    fn raise(&self, vector: u16) {
+        if let Some(fd) = self.fds.get(vector as usize) {
+            fd.signal();
+        }
+    }
+}
+
+struct EmulatedUnmap {
+    nic: Arc<Nic>,
+}
+
+impl DmaUnmap for EmulatedUnmap {
+    fn unmap(&self, iova: u64, _len: usize) {
+        if !self.nic.iommu().unmap(iova) {
+            tracing::warn!(iova, "unmap of an IOVA that was not mapped");
+        }
+    }
+}
+
+/// The in-process emulated nicsync device.
+pub struct EmulatedDevice {
+    nic: Arc<Nic>,
+    irq: Arc<IrqLines>,
+    next_iova: AtomicU64,
+    unmap: Arc<EmulatedUnmap>,
+    poller: Mutex<Option<Poller>>,
+    hugepages: bool,
+}
+
+impl std::fmt::Debug for EmulatedDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmulatedDevice").field("mode", &self.nic.mode()).finish_non_exhaustive()
+    }
+}
+
+impl EmulatedDevice {
+    /// A device with the given model configuration and execution mode. In
+    /// [`ExecMode::Thread`], call [`EmulatedDevice::start_poller`] (or serve
+    /// [`EmulatedDevice::nic`] from a shared [`Poller`]).
+    pub fn new(cfg: ModelConfig, mode: ExecMode) -> Result<Self, DeviceError> {
+        let nic = Nic::new(cfg, mode);
+        let fds = (0..regs::VECTOR_COUNT).map(|_| EventFd::new()).collect::<Result<Vec<_>, _>>()?;
+        let irq = Arc::new(IrqLines { fds });
+        nic.set_interrupt_sink(Some(irq.clone()));
+        Ok(EmulatedDevice {
+            unmap: Arc::new(EmulatedUnmap { nic: nic.clone() }),
+            nic,
+            irq,
+            next_iova: AtomicU64::new(IOVA_BASE),
+            poller: Mutex::new(None),
+            hugepages: false,
+        })
+    }
+
+    /// The default embedded device: default model, deterministic inline
+    /// execution.
+    pub fn inline() -> Result<Self, DeviceError> {
+        Self::new(ModelConfig { virtual_clock: true, ..Default::default() }, ExecMode::Inline)
+    }
+
+    /// Back DMA buffers with huge pages where the system has them.
+    pub fn with_hugepages(mut self, on: bool) -> Self {
+        self.hugepages = on;
+        self
+    }
+
+    /// The model.
+    pub fn nic(&self) -> &Arc<Nic> {
+        &self.nic
+    }
+
+    /// Starts the device's own polling thread, pinned to `cpu` if given.
+    pub fn start_poller(&self, cpu: Option<usize>) -> Result<(), DeviceError> {
+        let p = self
+            .nic
+            .spawn_poller(move || {
+                if let Some(c) = cpu {
+                    if let Err(e) = pin_current_thread(c) {
+                        tracing::warn!("cannot pin the device thread to CPU {c}: {e}");
+                    }
+                }
+            })
+            .map_err(|e| DeviceError::Io { what: "spawn device thread", source: e })?;
+        *self.poller.lock().unwrap_or_else(PoisonError::into_inner) = Some(p);
+        Ok(())
+    }
+
+    /// Stops the polling thread, if any.
+    pub fn stop_poller(&self) {
+        self.poller.lock().unwrap_or_else(PoisonError::into_inner).take();
+    }
+}
+
+impl NicDevice for EmulatedDevice {
+    #[inline]
+    fn read32(&self, offset: u32) -> u32 {
+        self.nic.mmio_read(offset)
+    }
+
+    #[inline]
+    fn write32(&self, offset: u32, value: u32) {
+        self.nic.mmio_write(offset, value)
+    }
+
+    fn alloc_dma(&self, len: usize) -> Result<DmaBuffer, DeviceError> {
+        let mem = Arc::new(DmaMemory::allocate(len, self.hugepages)?);
+        let span = mem.len() as u64 + GUARD;
+        let iova = self.next_iova.fetch_add(span, Ordering::Relaxed);
+        self.nic
+            .iommu()
+            .map(iova, mem.clone())
+            .map_err(|e| DeviceError::DmaMap { iova, len, reason: e.to_string() })?;
+        Ok(DmaBuffer::new(mem, iova, Some(self.unmap.clone())))
+    }
+
+    fn irq_fd(&self, vector: u16) -> Option<BorrowedFd<'_>> {
+        self.irq.fds.get(vector as usize).map(|f| f.as_fd())
+    }
+
+    fn reset(&self) -> Result<(), DeviceError> {
+        // A function-level reset of the model is its CONTROL.RESET.
+        self.nic.mmio_write(regs::CONTROL, regs::Control::RESET.bits());
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("emulated ({:?} execution)", self.nic.mode())
+    }
+}
+
+impl Drop for EmulatedDevice {
+    fn drop(&mut self) {
+        self.stop_poller();
+    }
+}

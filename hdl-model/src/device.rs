@@ -1,0 +1,940 @@
+//! The device core: register side effects, command fetch and execution,
+//! completion and event rings, interrupt moderation and aging.
+//!
+//! [`Shared`] is what the host reaches (BAR0 registers and the IOMMU);
+//! [`Core`] is the design's internal state, run by whoever steps it (the
+//! caller, an inline MMIO hook, or a polling thread). Host writes reach the
+//! core only through registers, never by direct calls, exactly as on the
+//! hardware.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use nicsync_fwif::cmd::{Command, CommandDescriptor, ConnOp, DecodeError, Opcode, DESC_SIZE, SNAPSHOT_DONE};
+use nicsync_fwif::conn::{ConnRecord, ConnState, Nat};
+use nicsync_fwif::cpl::{CplStatus, CPL_SIZE, PHASE_BIT};
+use nicsync_fwif::event::{EventKind, EVT_SIZE};
+use nicsync_fwif::regs::{self, Capabilities, Control, Counter, IrqCause, Status};
+use zerocopy::IntoBytes;
+
+use crate::cost::CostParams;
+use crate::dma::{DmaRegion, Iommu, Tlb};
+use crate::table::{CuckooTable, InsertError, Location, Slot, Traffic};
+
+/// Receives the device's interrupts (an eventfd, an MSI-X vector).
+pub trait InterruptSink: Send + Sync {
+    /// Raises interrupt `vector`.
+    fn raise(&self, vector: u16);
+}
+
+/// Where the device's notion of time comes from.
+#[derive(Debug)]
+pub enum Clock {
+    /// Wall-clock time since reset (the polling-thread mode).
+    Real(Instant),
+    /// Time advanced only by the caller (deterministic tests/simulation).
+    Virtual(AtomicU64),
+}
+
+impl Clock {
+    /// Nanoseconds since the clock started.
+    pub fn now_ns(&self) -> u64 {
+        match self {
+            Clock::Real(t) => t.elapsed().as_nanos() as u64,
+            Clock::Virtual(ns) => ns.load(Ordering::Acquire),
+        }
+    }
+}
+
+/// Static configuration of a modelled device (what the bitstream fixes).
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    /// Largest table capacity (TABLE_MAX_CAPACITY).
+    pub max_capacity: u32,
+    /// Capacity after reset until the host writes TABLE_CAPACITY.
+    pub default_capacity: u32,
+    /// Cost-model parameters (and the clock reported in CLOCK_MHZ).
+    pub cost: CostParams,
+    /// DEVICE_ID (tests change it to exercise probe failures).
+    pub device_id: u32,
+    /// ABI_VERSION register value.
+    pub abi_version: u32,
+    /// CAPABILITIES register value.
+    pub capabilities: Capabilities,
+    /// HW_REVISION.
+    pub hw_revision: u32,
+    /// Use a virtual clock advanced by the caller instead of wall time.
+    pub virtual_clock: bool,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            max_capacity: 1 << 24,
+            default_capacity: 1 << 16,
+            cost: CostParams::default(),
+            device_id: regs::DEVICE_ID_VALUE,
+            abi_version: regs::pack_version(nicsync_fwif::ABI_MAJOR, nicsync_fwif::ABI_MINOR),
+            capabilities: Capabilities::all(),
+            hw_revision: 1,
+            virtual_clock: false,
+        }
+    }
+}
+
+/// A 32-bit register alone on its cache line, so that the emulated
+/// doorbells do not false-share with registers the other side writes.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct PaddedU32(pub AtomicU32);
+
+const NREGS: usize = regs::BAR0_SIZE / 4;
+const NCOUNTERS: usize = Counter::ALL.len();
+
+/// The host-visible side of the device.
+pub struct Shared {
+    pub(crate) cfg: ModelConfig,
+    regs: Box<[AtomicU32]>,
+    pub(crate) doorbell: PaddedU32,
+    cpl_head: PaddedU32,
+    evt_head: PaddedU32,
+    cmd_head: PaddedU32,
+    table_count: AtomicU32,
+    counters: [AtomicU64; NCOUNTERS],
+    pub(crate) iommu: Arc<Iommu>,
+    irq: Mutex<Option<Arc<dyn InterruptSink>>>,
+    pub(crate) clock: Clock,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("status", &self.reg(regs::STATUS)).finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(cfg: ModelConfig) -> Self {
+        let clock = if cfg.virtual_clock { Clock::Virtual(AtomicU64::new(0)) } else { Clock::Real(Instant::now()) };
+        let s = Shared {
+            regs: (0..NREGS).map(|_| AtomicU32::new(0)).collect(),
+            doorbell: PaddedU32::default(),
+            cpl_head: PaddedU32::default(),
+            evt_head: PaddedU32::default(),
+            cmd_head: PaddedU32::default(),
+            table_count: AtomicU32::new(0),
+            counters: std::array::from_fn(|_| AtomicU64::new(0)),
+            iommu: Arc::new(Iommu::default()),
+            irq: Mutex::new(None),
+            clock,
+            cfg,
+        };
+        s.power_on_registers();
+        s
+    }
+
+    fn power_on_registers(&self) {
+        let c = &self.cfg;
+        for r in self.regs.iter() {
+            r.store(0, Ordering::Relaxed);
+        }
+        self.set(regs::DEVICE_ID, c.device_id);
+        self.set(regs::ABI_VERSION, c.abi_version);
+        self.set(regs::CAPABILITIES, c.capabilities.bits());
+        self.set(regs::HW_REVISION, c.hw_revision);
+        self.set(regs::TABLE_CAPACITY, c.default_capacity.min(c.max_capacity));
+        self.set(regs::TABLE_MAX_CAPACITY, c.max_capacity);
+        self.set(regs::CLOCK_MHZ, c.cost.clock_mhz);
+        self.set(regs::IRQ_COALESCE_COUNT, 1);
+        for p in [&self.doorbell, &self.cpl_head, &self.evt_head, &self.cmd_head] {
+            p.0.store(0, Ordering::Relaxed);
+        }
+        self.table_count.store(0, Ordering::Relaxed);
+        for c in &self.counters {
+            c.store(0, Ordering::Relaxed);
+        }
+        self.set(regs::STATUS, Status::READY.bits());
+    }
+
+    fn slot(&self, off: u32) -> Option<&AtomicU32> {
+        if off % 4 != 0 {
+            return None;
+        }
+        self.regs.get(off as usize / 4)
+    }
+
+    pub(crate) fn reg(&self, off: u32) -> u32 {
+        self.slot(off).map_or(0, |r| r.load(Ordering::Acquire))
+    }
+
+    fn set(&self, off: u32, v: u32) {
+        if let Some(r) = self.slot(off) {
+            r.store(v, Ordering::Release);
+        }
+    }
+
+    fn set_status(&self, set: Status, clear: Status) {
+        if let Some(r) = self.slot(regs::STATUS) {
+            let mut cur = r.load(Ordering::Acquire);
+            loop {
+                let new = (cur & !clear.bits()) | set.bits();
+                match r.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => break,
+                    Err(x) => cur = x,
+                }
+            }
+        }
+    }
+
+    /// A BAR0 read. Unaligned or out-of-range offsets read as all ones, as
+    /// a PCIe completer abort would.
+    pub fn mmio_read(&self, off: u32) -> u32 {
+        if off % 4 != 0 || off as usize >= regs::BAR0_SIZE {
+            return u32::MAX;
+        }
+        match off {
+            regs::CMD_DOORBELL | regs::CPL_HEAD | regs::EVT_HEAD => 0,
+            regs::CMD_HEAD => self.cmd_head.0.load(Ordering::Acquire),
+            regs::TABLE_COUNT => self.table_count.load(Ordering::Acquire),
+            regs::DEVICE_TIME_MS => (self.clock.now_ns() / 1_000_000) as u32,
+            o if o >= regs::COUNTER_BASE => {
+                let i = ((o - regs::COUNTER_BASE) / 8) as usize;
+                match self.counters.get(i) {
+                    Some(c) => {
+                        let v = c.load(Ordering::Acquire);
+                        if (o - regs::COUNTER_BASE) % 8 == 0 {
+                            v as u32
+                        } else {
+                            (v >> 32) as u32
+                        }
+                    }
+                    None => 0,
+                }
+            }
+            o => self.reg(o),
+        }
+    }
+
+    /// A BAR0 write. Writes to read-only or undefined registers are ignored.
+    pub fn mmio_write(&self, off: u32, v: u32) {
+        match off {
+            regs::CMD_DOORBELL => self.doorbell.0.store(v, Ordering::Release),
+            regs::CPL_HEAD => self.cpl_head.0.store(v, Ordering::Release),
+            regs::EVT_HEAD => self.evt_head.0.store(v, Ordering::Release),
+            regs::IRQ_STATUS => {
+                if let Some(r) = self.slot(off) {
+                    r.fetch_and(!v, Ordering::AcqRel);
+                }
+            }
+            regs::CONTROL
+            | regs::IRQ_MASK
+            | regs::CMD_BASE_LO
+            | regs::CMD_BASE_HI
+            | regs::CMD_LOG2_SIZE
+            | regs::CPL_BASE_LO
+            | regs::CPL_BASE_HI
+            | regs::CPL_LOG2_SIZE
+            | regs::EVT_BASE_LO
+            | regs::EVT_BASE_HI
+            | regs::EVT_LOG2_SIZE
+            | regs::TABLE_CAPACITY
+            | regs::IRQ_COALESCE_COUNT
+            | regs::IRQ_COALESCE_USEC
+            | regs::AGING_PERIOD_MS => self.set(off, v),
+            _ => {}
+        }
+    }
+
+    /// Installs the interrupt sink.
+    pub fn set_interrupt_sink(&self, sink: Option<Arc<dyn InterruptSink>>) {
+        *self.irq.lock().unwrap_or_else(PoisonError::into_inner) = sink;
+    }
+
+    fn interrupt_sink(&self) -> Option<Arc<dyn InterruptSink>> {
+        self.irq.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Current counter values.
+    pub fn counter(&self, c: Counter) -> u64 {
+        self.counters[c as usize].load(Ordering::Acquire)
+    }
+}
+
+/// A ring the device writes (completions, events).
+#[derive(Debug)]
+struct ProducerRing {
+    region: DmaRegion,
+    size: u32,
+    tail: u32,
+    phase: bool,
+    /// Last consumer head read from the register.
+    head_cache: u32,
+}
+
+impl ProducerRing {
+    fn has_space(&mut self, head_reg: &PaddedU32) -> bool {
+        if (self.tail + 1) % self.size != self.head_cache {
+            return true;
+        }
+        let h = head_reg.0.load(Ordering::Acquire);
+        if h < self.size {
+            self.head_cache = h;
+        }
+        (self.tail + 1) % self.size != self.head_cache
+    }
+
+    fn space(&mut self, head_reg: &PaddedU32) -> u32 {
+        let h = head_reg.0.load(Ordering::Acquire);
+        if h < self.size {
+            self.head_cache = h;
+        }
+        (self.head_cache + self.size - self.tail - 1) % self.size
+    }
+
+    /// Writes `body` (everything after the first 8 bytes) then the first
+    /// word with the phase bit, with release ordering.
+    fn push(&mut self, entry_size: usize, word0: u64, body: &[u8]) -> Result<(), crate::dma::DmaFault> {
+        let off = self.tail as usize * entry_size;
+        self.region.write(off + 8, body)?;
+        let phase = if self.phase { PHASE_BIT as u64 } else { 0 };
+        self.region.store_u64_release(off, word0 | (phase << 56))?;
+        self.tail += 1;
+        if self.tail == self.size {
+            self.tail = 0;
+            self.phase = !self.phase;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct CmdRing {
+    region: DmaRegion,
+    size: u32,
+    head: u32,
+    last_tail: u32,
+}
+
+/// How many descriptors are decoded and prefetched ahead of execution.
+const FETCH_BURST: usize = 16;
+
+/// Internal state of the design.
+pub struct Core {
+    shared: Arc<Shared>,
+    table: CuckooTable,
+    tlb: Tlb,
+    enabled: bool,
+    fatal: bool,
+    last_control: u32,
+    cmd: Option<CmdRing>,
+    cpl: Option<ProducerRing>,
+    evt: Option<ProducerRing>,
+    evt_seq: u32,
+    evt_lost: u32,
+    irq_sink: Option<Arc<dyn InterruptSink>>,
+    pending_cpl: u32,
+    first_pending_ns: u64,
+    aging_cursor: usize,
+    last_aging_ns: u64,
+    counters: [u64; NCOUNTERS],
+    counters_dirty: bool,
+    descs: [CommandDescriptor; FETCH_BURST + 1],
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("enabled", &self.enabled)
+            .field("fatal", &self.fatal)
+            .field("entries", &self.table.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one command did: status, result word, traffic.
+struct Outcome {
+    status: CplStatus,
+    result: u64,
+}
+
+impl Outcome {
+    fn ok(result: u64) -> Self {
+        Outcome { status: CplStatus::Success, result }
+    }
+    fn err(status: CplStatus) -> Self {
+        Outcome { status, result: 0 }
+    }
+}
+
+impl Core {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        let cap = shared.reg(regs::TABLE_CAPACITY) as usize;
+        let tlb = shared.iommu.tlb();
+        Core {
+            table: CuckooTable::new(cap),
+            tlb,
+            enabled: false,
+            fatal: false,
+            last_control: 0,
+            cmd: None,
+            cpl: None,
+            evt: None,
+            evt_seq: 0,
+            evt_lost: 0,
+            irq_sink: None,
+            pending_cpl: 0,
+            first_pending_ns: 0,
+            aging_cursor: 0,
+            last_aging_ns: 0,
+            counters: [0; NCOUNTERS],
+            counters_dirty: false,
+            descs: [CommandDescriptor::zeroed(); FETCH_BURST + 1],
+            shared,
+        }
+    }
+
+    /// The table (for tests and reports).
+    pub fn table(&self) -> &CuckooTable {
+        &self.table
+    }
+
+    fn count(&mut self, c: Counter, n: u64) {
+        self.counters[c as usize] += n;
+        self.counters_dirty = true;
+    }
+
+    fn publish(&mut self) {
+        if self.counters_dirty {
+            for (a, v) in self.shared.counters.iter().zip(self.counters.iter()) {
+                a.store(*v, Ordering::Release);
+            }
+            self.shared.table_count.store(self.table.len() as u32, Ordering::Release);
+            self.counters_dirty = false;
+        }
+    }
+
+    /// Runs the design for one poll: control changes, then every posted
+    /// command. Returns whether anything was done. Cheap when idle: two
+    /// register loads.
+    #[inline]
+    pub fn poll(&mut self) -> bool {
+        let ctl = self.shared.reg(regs::CONTROL);
+        if ctl != self.last_control {
+            self.apply_control(ctl);
+            return true;
+        }
+        if !self.enabled {
+            return false;
+        }
+        let tail = self.shared.doorbell.0.load(Ordering::Acquire);
+        match &self.cmd {
+            Some(c) if tail != c.head => {}
+            _ => return false,
+        }
+        self.process_commands(tail);
+        self.publish();
+        true
+    }
+
+    /// Time-driven work: interrupt holdoff expiry and aging. Called by the
+    /// runners less often than [`Core::poll`].
+    pub fn housekeeping(&mut self) -> bool {
+        if !self.enabled {
+            return false;
+        }
+        let now = self.shared.clock.now_ns();
+        let mut did = false;
+        let usec = self.shared.reg(regs::IRQ_COALESCE_USEC) as u64;
+        if self.pending_cpl > 0 && usec > 0 && now.saturating_sub(self.first_pending_ns) >= usec * 1000 {
+            self.raise(IrqCause::COMPLETION, regs::VECTOR_COMPLETION);
+            did = true;
+        }
+        if self.evt_lost > 0 {
+            did |= self.flush_overflow_event();
+        }
+        did |= self.age(now);
+        if did {
+            self.publish();
+        }
+        did
+    }
+
+    fn apply_control(&mut self, ctl: u32) {
+        let c = Control::from_bits_truncate(ctl);
+        if c.contains(Control::RESET) {
+            self.reset();
+            return;
+        }
+        let was = Control::from_bits_truncate(self.last_control);
+        self.last_control = ctl;
+        if c.contains(Control::ENABLE) && !was.contains(Control::ENABLE) {
+            match self.enable() {
+                Ok(()) => {
+                    self.enabled = true;
+                    self.shared.set_status(Status::ENABLED, Status::empty());
+                }
+                Err(why) => self.go_fatal(why),
+            }
+        } else if !c.contains(Control::ENABLE) && was.contains(Control::ENABLE) {
+            self.enabled = false;
+            self.shared.set_status(Status::empty(), Status::ENABLED);
+        }
+        self.irq_sink = if c.contains(Control::IRQ_ENABLE) { self.shared.interrupt_sink() } else { None };
+    }
+
+    fn reset(&mut self) {
+        tracing::debug!("device reset");
+        self.shared.power_on_registers();
+        let cap = self.shared.reg(regs::TABLE_CAPACITY) as usize;
+        self.table = CuckooTable::new(cap);
+        self.enabled = false;
+        self.fatal = false;
+        self.last_control = 0;
+        self.cmd = None;
+        self.cpl = None;
+        self.evt = None;
+        self.evt_seq = 0;
+        self.evt_lost = 0;
+        self.irq_sink = None;
+        self.pending_cpl = 0;
+        self.aging_cursor = 0;
+        self.last_aging_ns = self.shared.clock.now_ns();
+        self.counters = [0; NCOUNTERS];
+        self.counters_dirty = true;
+        self.publish();
+        // RESET self-clears: the host waits for CONTROL to read 0 again.
+        self.shared.set(regs::CONTROL, 0);
+    }
+
+    fn go_fatal(&mut self, why: String) {
+        tracing::warn!("device fatal: {why}");
+        self.fatal = true;
+        self.enabled = false;
+        self.shared.set_status(Status::FATAL, Status::ENABLED);
+        self.raise(IrqCause::ERROR, regs::VECTOR_EVENT);
+    }
+
+    fn ring_region(&mut self, lo: u32, hi: u32, log2: u32, entry: usize, name: &str) -> Result<(DmaRegion, u32), String> {
+        let base = (self.shared.reg(hi) as u64) << 32 | self.shared.reg(lo) as u64;
+        let log2 = self.shared.reg(log2);
+        if !(regs::MIN_LOG2_RING..=regs::MAX_LOG2_RING).contains(&log2) {
+            return Err(format!("{name} ring log2 size {log2} outside {}..={}", regs::MIN_LOG2_RING, regs::MAX_LOG2_RING));
+        }
+        if base % 64 != 0 {
+            return Err(format!("{name} ring base {base:#x} is not 64-byte aligned"));
+        }
+        let size = 1u32 << log2;
+        let region = self
+            .tlb
+            .translate(base, size as usize * entry)
+            .map_err(|e| format!("{name} ring: {e}"))?;
+        Ok((region, size))
+    }
+
+    fn enable(&mut self) -> Result<(), String> {
+        let cap_req = self.shared.reg(regs::TABLE_CAPACITY);
+        let cap = cap_req.clamp(1, self.shared.cfg.max_capacity);
+        self.shared.set(regs::TABLE_CAPACITY, cap);
+        if cap as usize != self.table.capacity() {
+            self.table = CuckooTable::new(cap as usize);
+        }
+        let (cr, cs) = self.ring_region(regs::CMD_BASE_LO, regs::CMD_BASE_HI, regs::CMD_LOG2_SIZE, DESC_SIZE, "command")?;
+        let (pr, ps) = self.ring_region(regs::CPL_BASE_LO, regs::CPL_BASE_HI, regs::CPL_LOG2_SIZE, CPL_SIZE, "completion")?;
+        let evt = if self.shared.reg(regs::EVT_LOG2_SIZE) != 0 {
+            let (er, es) = self.ring_region(regs::EVT_BASE_LO, regs::EVT_BASE_HI, regs::EVT_LOG2_SIZE, EVT_SIZE, "event")?;
+            Some(ProducerRing { region: er, size: es, tail: 0, phase: true, head_cache: 0 })
+        } else {
+            None
+        };
+        let head = self.shared.cmd_head.0.load(Ordering::Acquire) % cs;
+        self.cmd = Some(CmdRing { region: cr, size: cs, head, last_tail: head });
+        self.cpl = Some(ProducerRing { region: pr, size: ps, tail: 0, phase: true, head_cache: 0 });
+        self.evt = evt;
+        self.last_aging_ns = self.shared.clock.now_ns();
+        Ok(())
+    }
+
+    /// Re-translates the rings if the host changed IOMMU mappings; a ring
+    /// that is no longer mapped makes the device FATAL.
+    fn revalidate_rings(&mut self) -> bool {
+        if !self.tlb.is_stale() {
+            return true;
+        }
+        self.tlb.refresh();
+        let check = |r: &DmaRegion, tlb: &mut Tlb| tlb.translate(r.iova(), r.len()).is_ok();
+        let ok = self.cmd.as_ref().is_some_and(|c| check(&c.region, &mut self.tlb))
+            && self.cpl.as_ref().is_some_and(|c| check(&c.region, &mut self.tlb))
+            && self.evt.as_ref().is_none_or(|c| check(&c.region, &mut self.tlb));
+        if !ok {
+            self.go_fatal("a ring was unmapped from the IOMMU while enabled".into());
+        }
+        ok
+    }
+
+    fn process_commands(&mut self, tail: u32) {
+        if !self.revalidate_rings() {
+            return;
+        }
+        let (size, mut head) = match &mut self.cmd {
+            Some(c) => {
+                if tail >= c.size {
+                    if tail != c.last_tail {
+                        c.last_tail = tail;
+                        self.count(Counter::BadDoorbells, 1);
+                    }
+                    return;
+                }
+                if tail != c.last_tail {
+                    c.last_tail = tail;
+                    self.counters[Counter::Doorbells as usize] += 1;
+                }
+                (c.size, c.head)
+            }
+            None => return,
+        };
+        let now_ms = self.shared.clock.now_ns() / 1_000_000;
+        let mut completed = 0u32;
+        let mut irq_now = false;
+        let mut cycles = 0u64;
+        while head != tail {
+            let posted = (tail + size - head) % size;
+            let space = match (&mut self.cpl, &self.shared.cpl_head) {
+                (Some(p), h) => {
+                    if p.has_space(h) {
+                        p.space(h).max(1)
+                    } else {
+                        0
+                    }
+                }
+                (None, _) => 0,
+            };
+            if space == 0 {
+                break; // back-pressure: the host has not consumed completions
+            }
+            // Fetch a burst (one more slot than we execute, for a chained tail).
+            let want = (posted as usize).min(FETCH_BURST).min(space as usize);
+            let fetch = (posted as usize).min(want + 1);
+            if let Err(e) = self.fetch(head, fetch) {
+                self.go_fatal(format!("command ring fetch: {e}"));
+                return;
+            }
+            cycles += self.shared.cfg.cost.fetch_cycles(fetch as u32);
+            self.prefetch(fetch);
+            let mut i = 0;
+            while i < want {
+                let d = self.descs[i];
+                let chained = d.is_chained();
+                let ext = (chained && i + 1 < fetch && self.descs[i + 1].opcode == Opcode::Ext as u8)
+                    .then(|| self.descs[i + 1]);
+                let slots = if ext.is_some() { 2 } else { 1 };
+                self.counters[Counter::CommandsFetched as usize] += slots as u64;
+                let (outcome, traffic) = match d.decode(ext.as_ref()) {
+                    Ok(cmd) => self.execute(cmd, now_ms),
+                    Err(e) => {
+                        self.counters[Counter::CommandsMalformed as usize] += 1;
+                        let st = match e {
+                            DecodeError::UnknownOpcode(_) => CplStatus::InvalidOpcode,
+                            _ => CplStatus::Malformed,
+                        };
+                        (Outcome::err(st), Traffic::default())
+                    }
+                };
+                cycles += self.shared.cfg.cost.command_cycles(traffic.bucket_reads, traffic.slot_writes);
+                self.counters[Counter::CuckooKicks as usize] += traffic.kicks as u64;
+                if outcome.status != CplStatus::Success {
+                    self.counters[Counter::CommandErrors as usize] += 1;
+                }
+                head = (head + slots) % size;
+                i += slots as usize;
+                let word0 = d.tag.get() as u64
+                    | (outcome.status as u64) << 16
+                    | (d.opcode as u64) << 24
+                    | (head as u64) << 32;
+                irq_now |= d.flags & nicsync_fwif::cmd::DescFlags::IRQ_NOW.bits() != 0;
+                let pushed = match &mut self.cpl {
+                    Some(p) => p.push(CPL_SIZE, word0, &outcome.result.to_le_bytes()),
+                    None => Ok(()),
+                };
+                if let Err(e) = pushed {
+                    self.go_fatal(format!("completion ring write: {e}"));
+                    return;
+                }
+                completed += 1;
+            }
+        }
+        if let Some(c) = &mut self.cmd {
+            c.head = head;
+        }
+        self.shared.cmd_head.0.store(head, Ordering::Release);
+        self.counters[Counter::CompletionsWritten as usize] += completed as u64;
+        self.counters[Counter::ModelCycles as usize] += cycles;
+        self.counters_dirty = true;
+        if completed > 0 {
+            if self.pending_cpl == 0 {
+                self.first_pending_ns = self.shared.clock.now_ns();
+            }
+            self.pending_cpl += completed;
+            let threshold = self.shared.reg(regs::IRQ_COALESCE_COUNT).max(1);
+            if irq_now || self.pending_cpl >= threshold {
+                self.raise(IrqCause::COMPLETION, regs::VECTOR_COMPLETION);
+            }
+        }
+    }
+
+    fn fetch(&mut self, head: u32, n: usize) -> Result<(), crate::dma::DmaFault> {
+        let Some(c) = &self.cmd else { return Ok(()) };
+        for i in 0..n {
+            let slot = (head as usize + i) % c.size as usize;
+            c.region.read(slot * DESC_SIZE, self.descs[i].as_mut_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Issues the table reads of a fetched burst before executing it, as a
+    /// pipelined design overlaps its memory accesses.
+    fn prefetch(&self, n: usize) {
+        if n < 2 {
+            return;
+        }
+        for d in &self.descs[..n] {
+            if (1..=4).contains(&d.opcode) || d.opcode == 7 {
+                let body: nicsync_fwif::cmd::ConnBody = zerocopy::transmute!(d.body);
+                self.table.prefetch(&body.key);
+            }
+        }
+    }
+
+    fn expiry(now_ms: u64, st: &ConnState) -> u64 {
+        match st.timeout_s.get() {
+            0 => 0,
+            t => now_ms + t as u64 * 1000,
+        }
+    }
+
+    fn execute(&mut self, cmd: Command, now_ms: u64) -> (Outcome, Traffic) {
+        let mut t = Traffic::default();
+        let out = match cmd {
+            Command::Nop => Outcome::ok(0),
+            Command::Insert(op) => self.insert(&op, now_ms, &mut t),
+            Command::Update(op) => self.update(&op, now_ms, false, &mut t),
+            Command::Upsert(op) => self.update(&op, now_ms, true, &mut t),
+            Command::Delete { key } => match self.table.find(&key, &mut t) {
+                Some(loc) => {
+                    self.table.remove(loc, &mut t);
+                    Outcome::ok(0)
+                }
+                None => Outcome::err(CplStatus::NotFound),
+            },
+            Command::Lookup { key, resp_addr } => match self.table.find(&key, &mut t) {
+                Some(loc) => match self.table.get(loc).copied() {
+                    Some(s) => self.write_records(resp_addr, &[record(&s, now_ms)]),
+                    None => Outcome::err(CplStatus::Internal),
+                },
+                None => Outcome::err(CplStatus::NotFound),
+            },
+            Command::Snapshot { buf_addr, buf_len, cursor } => self.snapshot(buf_addr, buf_len, cursor, now_ms, &mut t),
+            Command::Flush => {
+                let n = self.table.len();
+                self.table.clear();
+                Outcome::ok(n as u64)
+            }
+        };
+        (out, t)
+    }
+
+    fn insert(&mut self, op: &ConnOp, now_ms: u64, t: &mut Traffic) -> Outcome {
+        let mut state = op.state;
+        if op.auto_generation {
+            state.generation = 1.into();
+        }
+        let slot = Slot { key: op.key, state, nat: op.nat.unwrap_or_default(), expires_ms: Self::expiry(now_ms, &state) };
+        match self.table.insert(slot, t) {
+            Ok(_) => Outcome::ok(state.generation.get() as u64),
+            Err(InsertError::Exists(_)) => Outcome::err(CplStatus::Exists),
+            Err(InsertError::Full) => {
+                self.counters[Counter::TableFull as usize] += 1;
+                Outcome::err(CplStatus::TableFull)
+            }
+        }
+    }
+
+    fn update(&mut self, op: &ConnOp, now_ms: u64, upsert: bool, t: &mut Traffic) -> Outcome {
+        let Some(loc) = self.table.find(&op.key, t) else {
+            return if upsert { self.insert(op, now_ms, t) } else { Outcome::err(CplStatus::NotFound) };
+        };
+        let Some(s) = self.table.get_mut(loc) else { return Outcome::err(CplStatus::Internal) };
+        let stored = s.state.generation.get();
+        let mut state = op.state;
+        if op.auto_generation {
+            state.generation = stored.wrapping_add(1).into();
+        } else if state.generation.get() < stored {
+            return Outcome { status: CplStatus::Stale, result: stored as u64 };
+        }
+        s.state = state;
+        if let Some(n) = op.nat {
+            s.nat = n;
+        }
+        s.expires_ms = Self::expiry(now_ms, &state);
+        t.slot_writes += 1;
+        Outcome::ok(state.generation.get() as u64)
+    }
+
+    fn write_records(&mut self, addr: u64, recs: &[ConnRecord]) -> Outcome {
+        let len = recs.len() * ConnRecord::SIZE;
+        match self.tlb.translate(addr, len) {
+            Ok(r) => match r.write(0, recs.as_bytes()) {
+                Ok(()) => Outcome::ok(recs.len() as u64),
+                Err(_) => self.dma_error(),
+            },
+            Err(_) => self.dma_error(),
+        }
+    }
+
+    fn dma_error(&mut self) -> Outcome {
+        self.counters[Counter::DmaErrors as usize] += 1;
+        Outcome::err(CplStatus::DmaError)
+    }
+
+    fn snapshot(&mut self, addr: u64, len: u32, cursor: u32, now_ms: u64, t: &mut Traffic) -> Outcome {
+        let region = match self.tlb.translate(addr, len as usize) {
+            Ok(r) => r,
+            Err(_) => return self.dma_error(),
+        };
+        let max = len as usize / ConnRecord::SIZE;
+        let end = self.table.cursor_end();
+        let mut pos = cursor as usize;
+        let mut n = 0usize;
+        let mut buf = [ConnRecord::default(); 8];
+        let mut fill = 0;
+        while pos < end && n < max {
+            if pos % crate::table::WAYS == 0 {
+                t.bucket_reads += 1;
+            }
+            if let Some(s) = self.table.at_cursor(pos) {
+                buf[fill] = record(s, now_ms);
+                fill += 1;
+                n += 1;
+                if fill == buf.len() {
+                    if region.write((n - fill) * ConnRecord::SIZE, buf[..fill].as_bytes()).is_err() {
+                        return self.dma_error();
+                    }
+                    fill = 0;
+                }
+            }
+            pos += 1;
+        }
+        if fill > 0 && region.write((n - fill) * ConnRecord::SIZE, buf[..fill].as_bytes()).is_err() {
+            return self.dma_error();
+        }
+        let next = if pos >= end { SNAPSHOT_DONE } else { pos as u32 };
+        Outcome::ok(n as u64 | (next as u64) << 32)
+    }
+
+    fn raise(&mut self, cause: IrqCause, vector: u16) {
+        if let Some(r) = self.shared.slot(regs::IRQ_STATUS) {
+            r.fetch_or(cause.bits(), Ordering::AcqRel);
+        }
+        if cause.contains(IrqCause::COMPLETION) {
+            self.pending_cpl = 0;
+        }
+        let mask = IrqCause::from_bits_truncate(self.shared.reg(regs::IRQ_MASK));
+        if let Some(sink) = &self.irq_sink {
+            if mask.intersects(cause) {
+                sink.raise(vector);
+                self.count(Counter::Interrupts, 1);
+            }
+        }
+    }
+
+    fn post_event(&mut self, kind: EventKind, key: &nicsync_fwif::conn::ConnKey, state: &ConnState) {
+        self.evt_seq = self.evt_seq.wrapping_add(1);
+        let Some(ring) = &mut self.evt else {
+            self.count(Counter::EventsDropped, 1);
+            return;
+        };
+        if self.evt_lost > 0 || !ring.has_space(&self.shared.evt_head) {
+            self.evt_lost += 1;
+            self.count(Counter::EventsDropped, 1);
+            self.shared.set_status(Status::EVENT_OVERFLOW, Status::empty());
+            return;
+        }
+        let mut body = [0u8; EVT_SIZE - 8];
+        body[..40].copy_from_slice(key.as_bytes());
+        body[40..].copy_from_slice(state.as_bytes());
+        let word0 = kind as u64 | (self.evt_seq as u64) << 32;
+        if let Err(e) = ring.push(EVT_SIZE, word0, &body) {
+            self.go_fatal(format!("event ring write: {e}"));
+            return;
+        }
+        self.count(Counter::EventsWritten, 1);
+        self.raise(IrqCause::EVENT, regs::VECTOR_EVENT);
+    }
+
+    /// After drops, one OVERFLOW event (once there is room) tells the host
+    /// how many were lost; its `seq` is the last sequence number used.
+    fn flush_overflow_event(&mut self) -> bool {
+        let Some(ring) = &mut self.evt else { return false };
+        if !ring.has_space(&self.shared.evt_head) {
+            return false;
+        }
+        let mut body = [0u8; EVT_SIZE - 8];
+        body[40 + 12..40 + 16].copy_from_slice(&self.evt_lost.to_le_bytes());
+        let word0 = EventKind::Overflow as u64 | (self.evt_seq as u64) << 32;
+        if let Err(e) = ring.push(EVT_SIZE, word0, &body) {
+            self.go_fatal(format!("event ring write: {e}"));
+            return true;
+        }
+        self.evt_lost = 0;
+        self.count(Counter::EventsWritten, 1);
+        self.raise(IrqCause::EVENT, regs::VECTOR_EVENT);
+        true
+    }
+
+    /// The aging scanner sweeps the whole table once per AGING_PERIOD_MS,
+    /// a share of buckets proportional to the time elapsed.
+    fn age(&mut self, now_ns: u64) -> bool {
+        let period_ms = self.shared.reg(regs::AGING_PERIOD_MS) as u64;
+        if period_ms == 0 {
+            self.last_aging_ns = now_ns;
+            return false;
+        }
+        let elapsed = now_ns.saturating_sub(self.last_aging_ns);
+        let buckets = self.table.buckets();
+        let share = (buckets as u128 * elapsed as u128 / (period_ms as u128 * 1_000_000)) as usize;
+        if share == 0 {
+            return false;
+        }
+        self.last_aging_ns = now_ns;
+        let mut remaining = share.min(buckets);
+        let now_ms = now_ns / 1_000_000;
+        let mut aged = Vec::new();
+        while remaining > 0 {
+            let from = self.aging_cursor;
+            let to = (from + remaining).min(buckets);
+            self.table.expire_range(from, to, now_ms, |s| aged.push((s.key, s.state)));
+            remaining -= to - from;
+            self.aging_cursor = if to >= buckets { 0 } else { to };
+        }
+        self.count(Counter::EntriesAged, aged.len() as u64);
+        for (k, s) in &aged {
+            self.post_event(EventKind::Aged, k, s);
+        }
+        !aged.is_empty()
+    }
+}
+
+fn record(s: &Slot, now_ms: u64) -> ConnRecord {
+    let mut state = s.state;
+    state.timeout_s = if s.expires_ms == 0 {
+        0.into()
+    } else {
+        (s.expires_ms.saturating_sub(now_ms).div_ceil(1000).max(1) as u32).into()
+    };
+    ConnRecord { key: s.key, state, nat: if s.nat.kind == 0 { Nat::default() } else { s.nat } }
+}
+
+/// Look up helper used by tests: whether the table holds `key`.
+pub fn table_contains(core: &Core, key: &nicsync_fwif::conn::ConnKey) -> bool {
+    let mut t = Traffic::default();
+    core.table.find(key, &mut t).is_some_and(|l| matches!(l, Location::Slot(_) | Location::Stash(_)))
+}

@@ -1,0 +1,498 @@
+//! The NIC-resident connection table: a bucketized cuckoo hash.
+//!
+//! Card memory holds `buckets × 8` fixed-size slots. Every key has two
+//! candidate buckets (two hash functions); a lookup reads both buckets (one
+//! wide burst each) and compares an 8-bit fingerprint before the full key,
+//! as a hardware pipeline would. An insert into two full buckets moves
+//! residents to their alternate bucket along the shortest path found by a
+//! bounded breadth-first search (the kick-out FSM); if none exists the entry
+//! goes to a small fully associative stash (a CAM), and when that is full
+//! the insert answers TABLE_FULL. Capacity is fixed at reset; the bucket
+//! count is sized for a load factor of at most [`TARGET_LOAD`].
+
+use nicsync_fwif::conn::{ConnKey, ConnState, Nat};
+use zerocopy::IntoBytes;
+
+/// Slots per bucket.
+pub const WAYS: usize = 8;
+/// Largest fraction of slots used when the table holds `capacity` entries.
+pub const TARGET_LOAD: f64 = 0.95;
+/// Entries in the overflow stash.
+pub const STASH_SIZE: usize = 16;
+/// Bucket reads the kick-out search may spend per insert.
+pub const MAX_SEARCH_BUCKETS: usize = 128;
+
+/// One stored connection (88 bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct Slot {
+    /// Key.
+    pub key: ConnKey,
+    /// State (timeout_s as last written).
+    pub state: ConnState,
+    /// NAT translation.
+    pub nat: Nat,
+    /// Absolute expiry in device milliseconds; 0 never expires.
+    pub expires_ms: u64,
+}
+
+const EMPTY_SLOT: Slot = Slot { key: ZERO_KEY, state: ZERO_STATE, nat: ZERO_NAT, expires_ms: 0 };
+const ZERO_KEY: ConnKey = zero_key();
+const ZERO_STATE: ConnState = zero_state();
+const ZERO_NAT: Nat = zero_nat();
+
+const fn zero_key() -> ConnKey {
+    ConnKey {
+        src_addr: [0; 16],
+        dst_addr: [0; 16],
+        src_port: zerocopy::little_endian::U16::ZERO,
+        dst_port: zerocopy::little_endian::U16::ZERO,
+        proto: 0,
+        family: 0,
+        zone: zerocopy::little_endian::U16::ZERO,
+    }
+}
+const fn zero_state() -> ConnState {
+    ConnState {
+        tcp_state: 0,
+        direction: 0,
+        flags: zerocopy::little_endian::U16::ZERO,
+        timeout_s: zerocopy::little_endian::U32::ZERO,
+        mark: zerocopy::little_endian::U32::ZERO,
+        generation: zerocopy::little_endian::U32::ZERO,
+    }
+}
+const fn zero_nat() -> Nat {
+    Nat { addr: [0; 16], port: zerocopy::little_endian::U16::ZERO, kind: 0, family: 0, reserved: [0; 4] }
+}
+
+/// Where an entry lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Location {
+    /// Slot index in the bucket array (`bucket * WAYS + way`).
+    Slot(usize),
+    /// Stash index.
+    Stash(usize),
+}
+
+/// Outcome of an insert.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InsertError {
+    /// The key is present.
+    Exists(Location),
+    /// No room: capacity reached, or no kick-out path and the stash is full.
+    Full,
+}
+
+/// Memory traffic of one operation, for the cost model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Bucket reads.
+    pub bucket_reads: u32,
+    /// Slot writes.
+    pub slot_writes: u32,
+    /// Cuckoo displacements.
+    pub kicks: u32,
+}
+
+/// The table.
+#[derive(Debug)]
+pub struct CuckooTable {
+    slots: Vec<Slot>,
+    /// Per slot: 0 = empty, else the key's fingerprint (never 0).
+    fps: Vec<u8>,
+    stash: Vec<(u8, Slot)>,
+    buckets: usize,
+    capacity: usize,
+    len: usize,
+    /// Scratch for the kick-out search: (bucket, parent node, way taken).
+    bfs: Vec<(usize, usize, usize)>,
+}
+
+/// The key hash: two multiply-xorshift lanes over the 40 key bytes. A
+/// hardware design would use two CRC32 units; this is equivalent in
+/// distribution and fast in software.
+#[inline]
+pub fn hash_key(key: &ConnKey) -> u64 {
+    let b = key.as_bytes();
+    let mut h: u64 = 0x9E37_79B9_7F4A_7C15;
+    for chunk in b.chunks_exact(8) {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(chunk);
+        h = (h ^ u64::from_le_bytes(w)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        h ^= h >> 31;
+    }
+    h ^= h >> 29;
+    h = h.wrapping_mul(0x94D0_49BB_1331_11EB);
+    h ^ (h >> 32)
+}
+
+#[inline]
+fn reduce(x: u32, n: usize) -> usize {
+    ((x as u64 * n as u64) >> 32) as usize
+}
+
+/// The two candidate buckets and the fingerprint of a hash.
+#[inline]
+fn placement(h: u64, buckets: usize) -> (usize, usize, u8) {
+    let b1 = reduce(h as u32, buckets);
+    let mut b2 = reduce((h >> 32) as u32 ^ 0x5bd1_e995, buckets);
+    if b2 == b1 {
+        b2 = (b1 + 1) % buckets;
+    }
+    let fp = ((h >> 24) as u8) | 1;
+    (b1, b2, fp)
+}
+
+impl CuckooTable {
+    /// A table for `capacity` entries (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        let slots_needed = (capacity as f64 / TARGET_LOAD).ceil() as usize;
+        let buckets = slots_needed.div_ceil(WAYS).max(2);
+        CuckooTable {
+            slots: vec![EMPTY_SLOT; buckets * WAYS],
+            fps: vec![0; buckets * WAYS],
+            stash: Vec::with_capacity(STASH_SIZE),
+            buckets,
+            capacity,
+            len: 0,
+            bfs: Vec::with_capacity(MAX_SEARCH_BUCKETS * WAYS),
+        }
+    }
+
+    /// Entries the table accepts.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Entries resident.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no entry is resident.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bucket count.
+    pub fn buckets(&self) -> usize {
+        self.buckets
+    }
+
+    /// Slot positions a snapshot cursor walks (bucket slots, then stash).
+    pub fn cursor_end(&self) -> usize {
+        self.slots.len() + STASH_SIZE
+    }
+
+    /// Bytes of card memory the table occupies (slots, fingerprints, stash).
+    pub fn memory_bytes(&self) -> usize {
+        self.slots.len() * (std::mem::size_of::<Slot>() + 1) + STASH_SIZE * (std::mem::size_of::<Slot>() + 1)
+    }
+
+    /// Hints the CPU to load both candidate buckets of `key` (the model's
+    /// stand-in for a pipelined memory read issued ahead of use).
+    #[inline]
+    pub fn prefetch(&self, key: &ConnKey) {
+        let (b1, b2, _) = placement(hash_key(key), self.buckets);
+        // A read of one fingerprint word per bucket pulls the line in; the
+        // values are discarded.
+        std::hint::black_box((self.fps[b1 * WAYS], self.fps[b2 * WAYS]));
+    }
+
+    /// Finds `key`.
+    #[inline]
+    pub fn find(&self, key: &ConnKey, t: &mut Traffic) -> Option<Location> {
+        let (b1, b2, fp) = placement(hash_key(key), self.buckets);
+        self.find_placed(key, b1, b2, fp, t)
+    }
+
+    #[inline]
+    fn find_placed(&self, key: &ConnKey, b1: usize, b2: usize, fp: u8, t: &mut Traffic) -> Option<Location> {
+        for b in [b1, b2] {
+            t.bucket_reads += 1;
+            let base = b * WAYS;
+            for w in 0..WAYS {
+                if self.fps[base + w] == fp && self.slots[base + w].key == *key {
+                    return Some(Location::Slot(base + w));
+                }
+            }
+        }
+        if !self.stash.is_empty() {
+            return self.stash.iter().position(|(f, s)| *f == fp && s.key == *key).map(Location::Stash);
+        }
+        None
+    }
+
+    /// The entry at `loc`.
+    pub fn get(&self, loc: Location) -> Option<&Slot> {
+        match loc {
+            Location::Slot(i) => (self.fps.get(i).copied().unwrap_or(0) != 0).then(|| &self.slots[i]),
+            Location::Stash(i) => self.stash.get(i).map(|(_, s)| s),
+        }
+    }
+
+    /// The entry at `loc`, mutably.
+    pub fn get_mut(&mut self, loc: Location) -> Option<&mut Slot> {
+        match loc {
+            Location::Slot(i) => {
+                if self.fps.get(i).copied().unwrap_or(0) != 0 {
+                    self.slots.get_mut(i)
+                } else {
+                    None
+                }
+            }
+            Location::Stash(i) => self.stash.get_mut(i).map(|(_, s)| s),
+        }
+    }
+
+    /// Inserts a new entry.
+    pub fn insert(&mut self, slot: Slot, t: &mut Traffic) -> Result<Location, InsertError> {
+        let (b1, b2, fp) = placement(hash_key(&slot.key), self.buckets);
+        if let Some(loc) = self.find_placed(&slot.key, b1, b2, fp, t) {
+            return Err(InsertError::Exists(loc));
+        }
+        if self.len >= self.capacity {
+            return Err(InsertError::Full);
+        }
+        for b in [b1, b2] {
+            if let Some(w) = self.free_way(b) {
+                return Ok(self.place(b * WAYS + w, fp, slot, t));
+            }
+        }
+        if let Some(i) = self.kick_out(b1, b2, t) {
+            return Ok(self.place(i, fp, slot, t));
+        }
+        if self.stash.len() < STASH_SIZE {
+            self.stash.push((fp, slot));
+            self.len += 1;
+            t.slot_writes += 1;
+            return Ok(Location::Stash(self.stash.len() - 1));
+        }
+        Err(InsertError::Full)
+    }
+
+    fn place(&mut self, i: usize, fp: u8, slot: Slot, t: &mut Traffic) -> Location {
+        self.slots[i] = slot;
+        self.fps[i] = fp;
+        self.len += 1;
+        t.slot_writes += 1;
+        Location::Slot(i)
+    }
+
+    fn free_way(&self, b: usize) -> Option<usize> {
+        self.fps[b * WAYS..(b + 1) * WAYS].iter().position(|f| *f == 0)
+    }
+
+    /// Breadth-first search for a chain of moves that frees a slot in `b1`
+    /// or `b2`; performs the moves and returns the freed slot index.
+    fn kick_out(&mut self, b1: usize, b2: usize, t: &mut Traffic) -> Option<usize> {
+        const ROOT: usize = usize::MAX;
+        self.bfs.clear();
+        self.bfs.push((b1, ROOT, 0));
+        self.bfs.push((b2, ROOT, 0));
+        let mut head = 0;
+        let mut found = None;
+        'search: while head < self.bfs.len() && head < MAX_SEARCH_BUCKETS {
+            let (b, _, _) = self.bfs[head];
+            t.bucket_reads += 1;
+            for w in 0..WAYS {
+                let i = b * WAYS + w;
+                let (a1, a2, _) = placement(hash_key(&self.slots[i].key), self.buckets);
+                let alt = if a1 == b { a2 } else { a1 };
+                if let Some(fw) = self.free_way(alt) {
+                    found = Some((head, w, alt * WAYS + fw));
+                    break 'search;
+                }
+                if self.bfs.len() < MAX_SEARCH_BUCKETS * WAYS {
+                    self.bfs.push((alt, head, w));
+                }
+            }
+            head += 1;
+        }
+        let (mut node, mut way, mut dest) = found?;
+        // Walk back to the root, moving each resident one step.
+        loop {
+            let (b, parent, parent_way) = self.bfs[node];
+            let src = b * WAYS + way;
+            self.slots[dest] = self.slots[src];
+            self.fps[dest] = self.fps[src];
+            self.fps[src] = 0;
+            t.kicks += 1;
+            t.slot_writes += 1;
+            if parent == ROOT {
+                return Some(src);
+            }
+            dest = src;
+            node = parent;
+            way = parent_way;
+        }
+    }
+
+    /// Removes the entry at `loc`, returning it.
+    pub fn remove(&mut self, loc: Location, t: &mut Traffic) -> Option<Slot> {
+        t.slot_writes += 1;
+        match loc {
+            Location::Slot(i) if self.fps.get(i).copied().unwrap_or(0) != 0 => {
+                self.fps[i] = 0;
+                self.len -= 1;
+                let s = self.slots[i];
+                self.slots[i] = EMPTY_SLOT;
+                self.refill_from_stash(i / WAYS);
+                Some(s)
+            }
+            Location::Stash(i) if i < self.stash.len() => {
+                self.len -= 1;
+                Some(self.stash.swap_remove(i).1)
+            }
+            _ => None,
+        }
+    }
+
+    /// A slot freed in bucket `b` takes back a stashed entry that belongs
+    /// there, so the stash drains as the table empties.
+    fn refill_from_stash(&mut self, b: usize) {
+        let buckets = self.buckets;
+        let pos = self.stash.iter().position(|(_, s)| {
+            let (a1, a2, _) = placement(hash_key(&s.key), buckets);
+            a1 == b || a2 == b
+        });
+        if let (Some(p), Some(w)) = (pos, self.free_way(b)) {
+            let (fp, s) = self.stash.swap_remove(p);
+            self.slots[b * WAYS + w] = s;
+            self.fps[b * WAYS + w] = fp;
+        }
+    }
+
+    /// Removes every entry.
+    pub fn clear(&mut self) {
+        self.fps.iter_mut().for_each(|f| *f = 0);
+        self.slots.iter_mut().for_each(|s| *s = EMPTY_SLOT);
+        self.stash.clear();
+        self.len = 0;
+    }
+
+    /// The entry at snapshot position `pos` (bucket slots first, then the
+    /// stash), if occupied.
+    pub fn at_cursor(&self, pos: usize) -> Option<&Slot> {
+        if pos < self.slots.len() {
+            (self.fps[pos] != 0).then(|| &self.slots[pos])
+        } else {
+            self.stash.get(pos - self.slots.len()).map(|(_, s)| s)
+        }
+    }
+
+    /// Removes entries of buckets `[from, to)` (and, when `to` is the
+    /// bucket count, the stash) that expired at or before `now_ms`; calls
+    /// `on_expired` for each.
+    pub fn expire_range(&mut self, from: usize, to: usize, now_ms: u64, mut on_expired: impl FnMut(&Slot)) -> usize {
+        let mut n = 0;
+        let expired = |s: &Slot| s.expires_ms != 0 && s.expires_ms <= now_ms;
+        for i in from * WAYS..to.min(self.buckets) * WAYS {
+            if self.fps[i] != 0 && expired(&self.slots[i]) {
+                on_expired(&self.slots[i]);
+                self.fps[i] = 0;
+                self.slots[i] = EMPTY_SLOT;
+                self.len -= 1;
+                n += 1;
+                self.refill_from_stash(i / WAYS);
+            }
+        }
+        if to >= self.buckets {
+            let mut i = 0;
+            while i < self.stash.len() {
+                if expired(&self.stash[i].1) {
+                    on_expired(&self.stash[i].1);
+                    self.stash.swap_remove(i);
+                    self.len -= 1;
+                    n += 1;
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// Entries currently in the stash.
+    pub fn stash_len(&self) -> usize {
+        self.stash.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn key(i: u32) -> ConnKey {
+        ConnKey::v4(Ipv4Addr::from(0x0a00_0000 | i), (i % 60000) as u16, Ipv4Addr::new(192, 0, 2, 1), 443, 6, 0)
+    }
+
+    fn slot(i: u32) -> Slot {
+        Slot { key: key(i), state: ConnState::default(), nat: Nat::default(), expires_ms: 0 }
+    }
+
+    #[test]
+    fn fills_to_capacity_then_refuses() {
+        let cap = 20_000;
+        let mut t = CuckooTable::new(cap);
+        let mut tr = Traffic::default();
+        for i in 0..cap as u32 {
+            assert!(t.insert(slot(i), &mut tr).is_ok(), "insert {i} failed at len {}", t.len());
+        }
+        assert_eq!(t.len(), cap);
+        assert_eq!(t.insert(slot(cap as u32 + 1), &mut tr), Err(InsertError::Full));
+        for i in 0..cap as u32 {
+            assert!(t.find(&key(i), &mut tr).is_some(), "lost {i}");
+        }
+        assert!(matches!(t.insert(slot(7), &mut tr), Err(InsertError::Exists(_))));
+    }
+
+    #[test]
+    fn remove_and_reinsert() {
+        let mut t = CuckooTable::new(1000);
+        let mut tr = Traffic::default();
+        for i in 0..1000 {
+            assert!(t.insert(slot(i), &mut tr).is_ok());
+        }
+        for i in (0..1000).step_by(2) {
+            let loc = t.find(&key(i), &mut tr);
+            assert!(loc.is_some_and(|l| t.remove(l, &mut tr).is_some()));
+        }
+        assert_eq!(t.len(), 500);
+        for i in 0..1000 {
+            assert_eq!(t.find(&key(i), &mut tr).is_some(), i % 2 == 1);
+        }
+        for i in (0..1000).step_by(2) {
+            assert!(t.insert(slot(i), &mut tr).is_ok());
+        }
+        assert_eq!(t.len(), 1000);
+    }
+
+    #[test]
+    fn expiry_scans_ranges() {
+        let mut t = CuckooTable::new(100);
+        let mut tr = Traffic::default();
+        for i in 0..100 {
+            let mut s = slot(i);
+            s.expires_ms = if i < 40 { 1000 } else { 0 };
+            assert!(t.insert(s, &mut tr).is_ok());
+        }
+        let mut seen = 0;
+        let b = t.buckets();
+        assert_eq!(t.expire_range(0, b, 999, |_| seen += 1), 0);
+        assert_eq!(t.expire_range(0, b / 2, 1000, |_| seen += 1) + t.expire_range(b / 2, b, 1000, |_| seen += 1), 40);
+        assert_eq!(seen, 40);
+        assert_eq!(t.len(), 60);
+    }
+
+    #[test]
+    fn million_entries_fit_in_128_bytes_each() {
+        let t = CuckooTable::new(1_000_000);
+        let per_entry = t.memory_bytes() as f64 / 1_000_000.0;
+        assert!(per_entry <= 128.0, "{per_entry} bytes per entry");
+        assert_eq!(std::mem::size_of::<Slot>(), 88);
+    }
+}
