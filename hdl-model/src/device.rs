@@ -130,6 +130,7 @@ impl Shared {
             cfg,
         };
         s.power_on_registers();
+        s.set(regs::STATUS, Status::READY.bits());
         s
     }
 
@@ -153,7 +154,6 @@ impl Shared {
         for c in &self.counters {
             c.store(0, Ordering::Relaxed);
         }
-        self.set(regs::STATUS, Status::READY.bits());
     }
 
     fn slot(&self, off: u32) -> Option<&AtomicU32> {
@@ -484,6 +484,10 @@ impl Core {
 
     fn reset(&mut self) {
         tracing::debug!("device reset");
+        // STATUS reads 0 (not READY) until the reset is complete; READY is
+        // the last thing set, so a host that waits for it never has its
+        // configuration writes clobbered by the reset still in progress.
+        self.shared.set(regs::STATUS, 0);
         self.shared.power_on_registers();
         let cap = self.shared.reg(regs::TABLE_CAPACITY) as usize;
         self.table = CuckooTable::new(cap);
@@ -502,8 +506,9 @@ impl Core {
         self.counters = [0; NCOUNTERS];
         self.counters_dirty = true;
         self.publish();
-        // RESET self-clears: the host waits for CONTROL to read 0 again.
+        // RESET self-clears, then READY.
         self.shared.set(regs::CONTROL, 0);
+        self.shared.set(regs::STATUS, Status::READY.bits());
     }
 
     fn go_fatal(&mut self, why: String) {

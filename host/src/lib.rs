@@ -1,1 +1,22 @@
+//! nicsync host stack: the driver for the nicsync device, the
+//! connection-table API, and the pieces of the `nicsync` command.
+//!
+//! * [`driver`]: bring-up (reset, ABI and capability check, rings,
+//!   enable), batched submission with one doorbell per batch, completions
+//!   by phase bit with polling or interrupts, events;
+//! * [`table`]: [`table::ConnTable`], insert/update/delete/lookup, batches
+//!   and snapshot iteration;
+//! * [`bench`], [`demo`]: the `nicsync bench ring` and `nicsync demo` jobs.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
+pub mod bench;
+pub mod demo;
+pub mod device;
+pub mod driver;
+pub mod irq;
+pub mod stats;
+pub mod table;
+
+pub use driver::{CompletionMode, Driver, DriverConfig, DriverError};
+pub use table::{ConnEntry, ConnTable, TableError, TableOp};

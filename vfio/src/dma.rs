@@ -424,3 +424,34 @@ pub fn pin_current_thread(cpu: usize) -> Result<(), DeviceError> {
     }
     Ok(())
 }
+
+/// Waits until `fd` is readable or `timeout` passes; returns whether it
+/// became readable. Used by the driver to sleep on an interrupt eventfd.
+pub fn wait_readable(fd: std::os::fd::BorrowedFd<'_>, timeout: std::time::Duration) -> Result<bool, DeviceError> {
+    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: passes one live, initialised pollfd and a count of 1; the
+    // descriptor is borrowed for the duration of the call.
+    let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(DeviceError::Io { what: "poll", source: e });
+    }
+    Ok(rc > 0 && pfd.revents & libc::POLLIN != 0)
+}
+
+/// Reads and clears an eventfd's counter without owning it; 0 if nothing
+/// was pending.
+pub fn drain_eventfd(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
+    let mut v: u64 = 0;
+    // SAFETY: reads 8 bytes into a live local u64 from a borrowed descriptor.
+    let n = unsafe { libc::read(fd.as_raw_fd(), std::ptr::addr_of_mut!(v).cast(), 8) };
+    if n == 8 {
+        v
+    } else {
+        0
+    }
+}

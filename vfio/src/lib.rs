@@ -23,7 +23,7 @@ use std::fmt;
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
-pub use dma::{DmaMemory, EventFd};
+pub use dma::{drain_eventfd, pin_current_thread, wait_readable, DmaMemory, EventFd};
 pub use emulated::EmulatedDevice;
 pub use mock::MockDevice;
 pub use real::VfioDevice;
@@ -121,6 +121,27 @@ pub trait NicDevice: Send + Sync {
 }
 
 impl<T: NicDevice + ?Sized> NicDevice for Arc<T> {
+    fn read32(&self, offset: u32) -> u32 {
+        (**self).read32(offset)
+    }
+    fn write32(&self, offset: u32, value: u32) {
+        (**self).write32(offset, value)
+    }
+    fn alloc_dma(&self, len: usize) -> Result<DmaBuffer, DeviceError> {
+        (**self).alloc_dma(len)
+    }
+    fn irq_fd(&self, vector: u16) -> Option<BorrowedFd<'_>> {
+        (**self).irq_fd(vector)
+    }
+    fn reset(&self) -> Result<(), DeviceError> {
+        (**self).reset()
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}
+
+impl<T: NicDevice + ?Sized> NicDevice for Box<T> {
     fn read32(&self, offset: u32) -> u32 {
         (**self).read32(offset)
     }

@@ -1,0 +1,483 @@
+//! `nicsync bench ring`: the data path measured against this machine's
+//! own floor, in one run.
+//!
+//! * `baseline_rtt_ns`: a bare ping-pong of one cache line between the two
+//!   threads (and CPUs) that the driver and the device model then use;
+//! * `update_rtt_ns`: one connection UPDATE, posted until its completion is
+//!   seen, with the model on its own polling thread;
+//! * `baseline_spsc_ops_per_s`: a bare single-producer single-consumer ring
+//!   of 64-byte slots between the same two CPUs;
+//! * `batch_updates_per_s`: sustained UPDATEs with batching (one doorbell
+//!   per batch) through the driver and the model;
+//! * `model_cycles_per_update`: the cost model's cycles per update at
+//!   `model_clock_mhz`;
+//! * `table_1m`: one million connections inserted through the rings, with
+//!   the card memory they take.
+//!
+//! Throughputs are the median of several repetitions; latencies are
+//! percentiles over all samples after a warm-up.
+
+use std::hint::spin_loop;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nicsync_fwif::cmd::{CommandDescriptor, DescFlags, Opcode};
+use nicsync_fwif::conn::{proto, ConnFlags, ConnKey, ConnState, Direction, TcpState};
+use nicsync_fwif::regs::Counter;
+use nicsync_model::{ExecMode, ModelConfig};
+use nicsync_vfio::{pin_current_thread, EmulatedDevice};
+use serde::Serialize;
+
+use crate::driver::{Driver, DriverConfig, DriverError};
+use crate::stats::{median, percentiles, Percentiles};
+use crate::table::{ConnEntry, ConnTable, TableOp};
+
+/// Parameters of a run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Updates per latency run and per throughput repetition.
+    pub updates: u64,
+    /// Throughput repetitions (median reported).
+    pub repetitions: usize,
+    /// Connections the throughput run cycles through.
+    pub working_set: u32,
+    /// Also insert one million connections and report bytes per entry.
+    pub million: bool,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions { updates: 200_000, repetitions: 5, working_set: 65_536, million: true }
+    }
+}
+
+/// Where the threads ran.
+#[derive(Clone, Debug, Serialize)]
+pub struct ThreadPlacement {
+    /// CPUs available to the process.
+    pub cpus: usize,
+    /// CPU of the driver (and ping-pong initiator, SPSC producer).
+    pub driver_cpu: Option<usize>,
+    /// CPU of the device model's polling thread (and ping-pong responder,
+    /// SPSC consumer).
+    pub device_cpu: Option<usize>,
+    /// Busy-polling threads during the measurement.
+    pub busy_threads: usize,
+}
+
+/// The table-capacity figure.
+#[derive(Clone, Debug, Serialize)]
+pub struct MillionReport {
+    /// Entries resident after the inserts.
+    pub entries: u64,
+    /// Card memory of the table divided by the entries.
+    pub bytes_per_entry: f64,
+    /// Insert rate through the rings.
+    pub inserts_per_s: f64,
+    /// Cuckoo displacements performed.
+    pub cuckoo_kicks: u64,
+}
+
+/// The JSON report (`nicsync bench ring --json`).
+#[derive(Clone, Debug, Serialize)]
+pub struct RingReport {
+    /// Bare core-to-core ping-pong.
+    pub baseline_rtt_ns: Percentiles,
+    /// One update's round trip.
+    pub update_rtt_ns: Percentiles,
+    /// Batched update throughput (median of repetitions).
+    pub batch_updates_per_s: f64,
+    /// Every repetition's throughput.
+    pub batch_updates_per_s_runs: Vec<f64>,
+    /// Bare SPSC ring throughput (median of repetitions).
+    pub baseline_spsc_ops_per_s: f64,
+    /// Every repetition's SPSC throughput.
+    pub baseline_spsc_ops_per_s_runs: Vec<f64>,
+    /// Modelled cycles per update (cost model).
+    pub model_cycles_per_update: f64,
+    /// Clock the cost model assumes.
+    pub model_clock_mhz: u32,
+    /// Modelled hardware time per update at that clock.
+    pub model_ns_per_update: f64,
+    /// update_rtt p50 / baseline_rtt p50 (target <= 1.25).
+    pub update_rtt_ratio_p50: f64,
+    /// batch / spsc (target >= 0.33).
+    pub batch_to_spsc_ratio: f64,
+    /// One million entries resident.
+    pub table_1m: Option<MillionReport>,
+    /// Thread placement.
+    pub threads: ThreadPlacement,
+    /// Latency samples per latency run.
+    pub samples: u64,
+    /// Batch size (ring slots) used for the throughput run.
+    pub ring_slots: u32,
+}
+
+/// Errors of the benchmark.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// Driver failure.
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+    /// Device failure.
+    #[error(transparent)]
+    Device(#[from] nicsync_vfio::DeviceError),
+    /// A table operation failed where it must not.
+    #[error("benchmark table operation failed: {0}")]
+    Table(String),
+    /// A helper thread could not be started.
+    #[error("cannot start a benchmark thread: {0}")]
+    Thread(std::io::Error),
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn placement() -> ThreadPlacement {
+    let n = cpus();
+    let (d, m) = if n >= 2 { (Some(0), Some(1)) } else { (None, None) };
+    ThreadPlacement { cpus: n, driver_cpu: d, device_cpu: m, busy_threads: 2 }
+}
+
+fn pin(cpu: Option<usize>) {
+    if let Some(c) = cpu {
+        if let Err(e) = pin_current_thread(c) {
+            tracing::warn!("cannot pin to CPU {c}: {e}");
+        }
+    }
+}
+
+/// A cache line of its own.
+#[repr(align(128))]
+#[derive(Default)]
+struct Line(AtomicU64);
+
+/// Bare ping-pong: the initiator writes a sequence number to one line, the
+/// responder echoes it on another.
+pub fn baseline_rtt(samples: u64, warmup: u64, place: &ThreadPlacement) -> Result<Percentiles, BenchError> {
+    let ping = Arc::new(Line::default());
+    let pong = Arc::new(Line::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (p2, q2, s2) = (ping.clone(), pong.clone(), stop.clone());
+    let dev_cpu = place.device_cpu;
+    let responder = std::thread::Builder::new()
+        .name("baseline-responder".into())
+        .spawn(move || {
+            pin(dev_cpu);
+            let mut last = 0;
+            while !s2.load(Ordering::Relaxed) {
+                let v = p2.0.load(Ordering::Acquire);
+                if v != last {
+                    last = v;
+                    q2.0.store(v, Ordering::Release);
+                } else {
+                    spin_loop();
+                }
+            }
+        })
+        .map_err(BenchError::Thread)?;
+    pin(place.driver_cpu);
+    let mut out = Vec::with_capacity(samples as usize);
+    for i in 1..=(samples + warmup) {
+        let t0 = Instant::now();
+        ping.0.store(i, Ordering::Release);
+        while pong.0.load(Ordering::Acquire) != i {
+            spin_loop();
+        }
+        let dt = t0.elapsed().as_nanos() as u64;
+        if i > warmup {
+            out.push(dt);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = responder.join();
+    Ok(percentiles(&mut out))
+}
+
+/// Bare SPSC ring of 64-byte slots with `slots` entries, moving `ops`
+/// items from this thread to the device CPU. Returns items per second.
+pub fn baseline_spsc(ops: u64, slots: usize, place: &ThreadPlacement) -> Result<f64, BenchError> {
+    #[repr(align(64))]
+    struct Slot([AtomicU64; 8]);
+    let ring: Arc<Vec<Slot>> = Arc::new((0..slots).map(|_| Slot(Default::default())).collect());
+    let head = Arc::new(Line::default()); // consumer position
+    let tail = Arc::new(Line::default()); // producer position
+    let (r2, h2, t2) = (ring.clone(), head.clone(), tail.clone());
+    let dev_cpu = place.device_cpu;
+    let n = slots as u64;
+    let consumer = std::thread::Builder::new()
+        .name("baseline-consumer".into())
+        .spawn(move || {
+            pin(dev_cpu);
+            let mut pos = 0u64;
+            let mut sum = 0u64;
+            let mut seen_tail = 0u64;
+            while pos < ops {
+                if pos == seen_tail {
+                    seen_tail = t2.0.load(Ordering::Acquire);
+                    if pos == seen_tail {
+                        spin_loop();
+                        continue;
+                    }
+                }
+                let s = &r2[(pos % n) as usize];
+                for w in &s.0 {
+                    sum = sum.wrapping_add(w.load(Ordering::Relaxed));
+                }
+                pos += 1;
+                if pos % 16 == 0 || pos == seen_tail {
+                    h2.0.store(pos, Ordering::Release);
+                }
+            }
+            h2.0.store(pos, Ordering::Release);
+            std::hint::black_box(sum);
+        })
+        .map_err(BenchError::Thread)?;
+    pin(place.driver_cpu);
+    let start = Instant::now();
+    let mut pos = 0u64;
+    let mut seen_head = 0u64;
+    while pos < ops {
+        if pos - seen_head >= n - 1 {
+            seen_head = head.0.load(Ordering::Acquire);
+            if pos - seen_head >= n - 1 {
+                spin_loop();
+                continue;
+            }
+        }
+        let s = &ring[(pos % n) as usize];
+        for (i, w) in s.0.iter().enumerate() {
+            w.store(pos ^ i as u64, Ordering::Relaxed);
+        }
+        pos += 1;
+        if pos % 16 == 0 || pos == ops {
+            tail.0.store(pos, Ordering::Release);
+        }
+    }
+    while head.0.load(Ordering::Acquire) < ops {
+        spin_loop();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let _ = consumer.join();
+    Ok(ops as f64 / secs)
+}
+
+fn bench_key(i: u32) -> ConnKey {
+    ConnKey::v4(
+        Ipv4Addr::from(0x0a00_0000 | (i & 0x00ff_ffff)),
+        (1024 + i % 60000) as u16,
+        Ipv4Addr::new(192, 0, 2, 10),
+        443,
+        proto::TCP,
+        0,
+    )
+}
+
+fn established(timeout_s: u32) -> ConnState {
+    ConnState::new(
+        TcpState::Established,
+        Direction::Original,
+        ConnFlags::SEEN_REPLY | ConnFlags::ASSURED | ConnFlags::CONFIRMED,
+        timeout_s,
+        0,
+    )
+}
+
+fn emulated(capacity: u32, place: &ThreadPlacement) -> Result<ConnTable<EmulatedDevice>, BenchError> {
+    let dev = EmulatedDevice::new(
+        ModelConfig { max_capacity: capacity.max(1 << 16), ..Default::default() },
+        ExecMode::Thread,
+    )?;
+    dev.start_poller(place.device_cpu)?;
+    let cfg = DriverConfig { table_capacity: capacity, aging_period_ms: 0, ..Default::default() };
+    Ok(ConnTable::open(dev, cfg)?)
+}
+
+/// Round trip of single updates, device on its own polling thread.
+pub fn update_rtt(samples: u64, warmup: u64, place: &ThreadPlacement) -> Result<Percentiles, BenchError> {
+    let mut t = emulated(1 << 16, place)?;
+    pin(place.driver_cpu);
+    let key = bench_key(1);
+    t.insert(&key, &ConnEntry::new(established(3600))).map_err(|e| BenchError::Table(e.to_string()))?;
+    let drv = t.driver();
+    let mut state = established(3600);
+    let mut out = Vec::with_capacity(samples as usize);
+    for i in 0..(samples + warmup) {
+        state.mark = (i as u32).into();
+        let d = CommandDescriptor::conn(Opcode::Update, DescFlags::AUTO_GENERATION, 0, &key, &state);
+        let t0 = Instant::now();
+        let c = drv.execute(&d, None)?;
+        let dt = t0.elapsed().as_nanos() as u64;
+        if c.status != nicsync_fwif::cpl::CplStatus::Success {
+            return Err(BenchError::Table(format!("update failed: {}", c.status)));
+        }
+        if i >= warmup {
+            out.push(dt);
+        }
+    }
+    Ok(percentiles(&mut out))
+}
+
+/// Keeps the ring full of UPDATEs over `working_set` connections: post
+/// every free slot, ring once, reap. Returns updates/s per repetition and
+/// modelled cycles per update.
+pub fn batch_throughput(
+    updates: u64,
+    reps: usize,
+    working_set: u32,
+    place: &ThreadPlacement,
+) -> Result<(Vec<f64>, f64, u32, u32), BenchError> {
+    let mut t = emulated(working_set.max(1 << 16), place)?;
+    pin(place.driver_cpu);
+    let ops: Vec<TableOp> =
+        (0..working_set).map(|i| TableOp::Insert(bench_key(i), ConnEntry::new(established(3600)))).collect();
+    for r in t.batch(&ops)? {
+        r.map_err(|e| BenchError::Table(e.to_string()))?;
+    }
+    let drv = t.driver();
+    let descs: Vec<CommandDescriptor> = (0..working_set)
+        .map(|i| CommandDescriptor::conn(Opcode::Update, DescFlags::AUTO_GENERATION, 0, &bench_key(i), &established(3600)))
+        .collect();
+    let clock = drv.info().clock_mhz;
+    let mut runs = Vec::with_capacity(reps);
+    let mut cycles = 0f64;
+    for _ in 0..reps {
+        let c0 = drv.device_counter(Counter::ModelCycles);
+        let f0 = drv.device_counter(Counter::CommandsFetched);
+        let start = Instant::now();
+        let done = pump(drv, &descs, updates)?;
+        let secs = start.elapsed().as_secs_f64();
+        runs.push(done as f64 / secs);
+        let dc = drv.device_counter(Counter::ModelCycles) - c0;
+        let df = drv.device_counter(Counter::CommandsFetched) - f0;
+        cycles = dc as f64 / df.max(1) as f64;
+    }
+    Ok((runs, cycles, clock, drv.ring_size()))
+}
+
+/// Streams `total` descriptors from `descs` (cycling) through the ring.
+fn pump(drv: &mut Driver<EmulatedDevice>, descs: &[CommandDescriptor], total: u64) -> Result<u64, BenchError> {
+    let mut posted = 0u64;
+    let mut completed = 0u64;
+    let mut errors = 0u64;
+    let mut next = 0usize;
+    let mut idle_since: Option<Instant> = None;
+    while completed < total {
+        while posted < total && drv.free_slots() > 0 {
+            drv.post(&descs[next], None)?;
+            next += 1;
+            if next == descs.len() {
+                next = 0;
+            }
+            posted += 1;
+        }
+        drv.ring();
+        let n = drv.poll_completions(|c| {
+            if c.status != nicsync_fwif::cpl::CplStatus::Success {
+                errors += 1;
+            }
+        });
+        completed += n as u64;
+        if n == 0 {
+            let t = *idle_since.get_or_insert_with(Instant::now);
+            if t.elapsed() > Duration::from_secs(5) {
+                return Err(BenchError::Table("device stopped completing".into()));
+            }
+            spin_loop();
+        } else {
+            idle_since = None;
+        }
+    }
+    if errors > 0 {
+        return Err(BenchError::Table(format!("{errors} updates failed")));
+    }
+    Ok(completed)
+}
+
+/// Inserts one million connections through the rings.
+pub fn million(place: &ThreadPlacement) -> Result<MillionReport, BenchError> {
+    const N: u32 = 1_000_000;
+    let mut t = emulated(N, place)?;
+    pin(place.driver_cpu);
+    let ops: Vec<TableOp> = (0..N).map(|i| TableOp::Insert(bench_key(i), ConnEntry::new(established(0)))).collect();
+    let start = Instant::now();
+    let results = t.batch(&ops)?;
+    let secs = start.elapsed().as_secs_f64();
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    if failed > 0 {
+        return Err(BenchError::Table(format!("{failed} of {N} inserts failed")));
+    }
+    let entries = t.len() as u64;
+    let kicks = t.driver().device_counter(Counter::CuckooKicks);
+    let bytes = match t.driver_ref().device().nic().core().table().memory_bytes() {
+        b if entries > 0 => b as f64 / entries as f64,
+        _ => 0.0,
+    };
+    Ok(MillionReport { entries, bytes_per_entry: bytes, inserts_per_s: N as f64 / secs, cuckoo_kicks: kicks })
+}
+
+/// Runs everything.
+pub fn run(opts: &BenchOptions) -> Result<RingReport, BenchError> {
+    let place = placement();
+    let samples = opts.updates.max(1000);
+    let warmup = (samples / 10).max(1000);
+    let baseline = baseline_rtt(samples, warmup, &place)?;
+    let update = update_rtt(samples, warmup, &place)?;
+    let slots = 1usize << DriverConfig::default().cmd_ring_log2;
+    let mut spsc_runs = Vec::with_capacity(opts.repetitions);
+    for _ in 0..opts.repetitions {
+        spsc_runs.push(baseline_spsc(opts.updates.max(100_000) * 5, slots, &place)?);
+    }
+    let (batch_runs, cycles, clock, ring_slots) =
+        batch_throughput(opts.updates.max(100_000) * 5, opts.repetitions, opts.working_set, &place)?;
+    let table_1m = if opts.million { Some(million(&place)?) } else { None };
+    let batch = median(&mut batch_runs.clone());
+    let spsc = median(&mut spsc_runs.clone());
+    Ok(RingReport {
+        update_rtt_ratio_p50: update.p50 / baseline.p50.max(1.0),
+        batch_to_spsc_ratio: batch / spsc.max(1.0),
+        baseline_rtt_ns: baseline,
+        update_rtt_ns: update,
+        batch_updates_per_s: batch,
+        batch_updates_per_s_runs: batch_runs,
+        baseline_spsc_ops_per_s: spsc,
+        baseline_spsc_ops_per_s_runs: spsc_runs,
+        model_cycles_per_update: cycles,
+        model_clock_mhz: clock,
+        model_ns_per_update: cycles * 1000.0 / clock.max(1) as f64,
+        table_1m,
+        threads: place,
+        samples,
+        ring_slots,
+    })
+}
+
+/// Human-readable report.
+pub fn render(r: &RingReport) -> String {
+    let mut s = String::new();
+    let p = |x: &Percentiles| format!("p50 {:>7.0} ns  p99 {:>7.0} ns  p99.9 {:>7.0} ns", x.p50, x.p99, x.p999);
+    s += &format!(
+        "threads: driver on CPU {:?}, device model on CPU {:?} ({} CPUs, {} busy-polling threads)\n",
+        r.threads.driver_cpu, r.threads.device_cpu, r.threads.cpus, r.threads.busy_threads
+    );
+    s += &format!("baseline core-to-core RTT   {}\n", p(&r.baseline_rtt_ns));
+    s += &format!("update RTT (rings + model)  {}\n", p(&r.update_rtt_ns));
+    s += &format!("  ratio p50 {:.2} (target <= 1.25)\n", r.update_rtt_ratio_p50);
+    s += &format!("baseline SPSC 64-byte slots {:>12.0} ops/s\n", r.baseline_spsc_ops_per_s);
+    s += &format!("batched updates             {:>12.0} updates/s ({} slots per ring)\n", r.batch_updates_per_s, r.ring_slots);
+    s += &format!("  ratio to SPSC {:.2} (target >= 0.33; >= 10 M/s)\n", r.batch_to_spsc_ratio);
+    s += &format!(
+        "cost model: {:.1} cycles per update at {} MHz = {:.0} ns modelled hardware time\n",
+        r.model_cycles_per_update, r.model_clock_mhz, r.model_ns_per_update
+    );
+    if let Some(m) = &r.table_1m {
+        s += &format!(
+            "1M table: {} entries resident, {:.1} bytes/entry (target <= 128), {:.0} inserts/s, {} cuckoo kicks\n",
+            m.entries, m.bytes_per_entry, m.inserts_per_s, m.cuckoo_kicks
+        );
+    }
+    s
+}
