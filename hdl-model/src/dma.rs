@@ -226,6 +226,17 @@ impl DmaRegion {
         }
     }
 
+    /// Reads and discards 8 bytes at `off`: pulls the line toward the
+    /// device ahead of use (a prefetch). Out-of-range offsets are ignored.
+    #[inline]
+    pub fn touch(&self, off: usize) {
+        let mut b = [0u8; 8];
+        if self.inside(off, 8) {
+            let _ = self.mem.read(self.base + off, &mut b);
+        }
+        std::hint::black_box(b);
+    }
+
     /// Release-stores the u64 at `off` (the ownership word of a ring entry).
     pub fn store_u64_release(&self, off: usize, v: u64) -> Result<(), DmaFault> {
         if self.inside(off, 8) && self.mem.store_u64_release(self.base + off, v) {

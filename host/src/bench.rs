@@ -386,7 +386,11 @@ fn pump(drv: &mut Driver<EmulatedDevice>, descs: &[CommandDescriptor], total: u6
             if t.elapsed() > Duration::from_secs(5) {
                 return Err(BenchError::Table("device stopped completing".into()));
             }
-            spin_loop();
+            // Back off a little: re-reading the completion line while the
+            // device is writing it would bounce the line between the cores.
+            for _ in 0..8 {
+                spin_loop();
+            }
         } else {
             idle_since = None;
         }

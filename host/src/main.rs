@@ -66,6 +66,9 @@ enum BenchCommand {
         /// Skip the one-million-entry table run.
         #[arg(long)]
         no_million: bool,
+        /// Connections the throughput run cycles through.
+        #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        working_set: u32,
     },
 }
 
@@ -90,8 +93,8 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Demo(a) => run_demo(a),
-        Command::Bench { which: BenchCommand::Ring { json, updates, repetitions, no_million } } => {
-            let opts = BenchOptions { updates, repetitions: repetitions as usize, million: !no_million, ..Default::default() };
+        Command::Bench { which: BenchCommand::Ring { json, updates, repetitions, no_million, working_set } } => {
+            let opts = BenchOptions { updates, repetitions: repetitions as usize, million: !no_million, working_set };
             let r = bench::run(&opts)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
