@@ -729,9 +729,12 @@ impl Core {
 
     fn fetch(&mut self, head: u32, n: usize) -> Result<(), crate::dma::DmaFault> {
         let Some(c) = &self.cmd else { return Ok(()) };
-        for i in 0..n {
-            let slot = (head as usize + i) % c.size as usize;
-            c.region.read(slot * DESC_SIZE, self.descs[i].as_mut_bytes())?;
+        // At most two contiguous DMA reads: up to the ring's end, then from
+        // its start.
+        let first = n.min((c.size - head) as usize);
+        c.region.read(head as usize * DESC_SIZE, self.descs[..first].as_mut_bytes())?;
+        if first < n {
+            c.region.read(0, self.descs[first..n].as_mut_bytes())?;
         }
         Ok(())
     }
@@ -742,11 +745,17 @@ impl Core {
         if n < 2 {
             return;
         }
+        let mut placed = [(0usize, 0usize, 0u8); FETCH_BURST + 1];
+        let mut m = 0;
         for d in &self.descs[..n] {
-            if (1..=4).contains(&d.opcode) || d.opcode == 7 {
+            if (1..=4).contains(&d.opcode) || d.opcode == Opcode::Upsert as u8 {
                 let body: nicsync_fwif::cmd::ConnBody = zerocopy::transmute!(d.body);
-                self.table.prefetch(&body.key);
+                placed[m] = self.table.prefetch_buckets(&body.key);
+                m += 1;
             }
+        }
+        for p in &placed[..m] {
+            self.table.prefetch_slots(*p);
         }
     }
 

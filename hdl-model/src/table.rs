@@ -191,14 +191,28 @@ impl CuckooTable {
         self.slots.len() * (std::mem::size_of::<Slot>() + 1) + STASH_SIZE * (std::mem::size_of::<Slot>() + 1)
     }
 
-    /// Hints the CPU to load both candidate buckets of `key` (the model's
-    /// stand-in for a pipelined memory read issued ahead of use).
+    /// Stage 1 of a pipelined lookup: loads both candidate buckets'
+    /// fingerprints (the model's stand-in for a memory read issued ahead of
+    /// use) and returns the placement for stage 2.
     #[inline]
-    pub fn prefetch(&self, key: &ConnKey) {
-        let (b1, b2, _) = placement(hash_key(key), self.buckets);
-        // A read of one fingerprint word per bucket pulls the line in; the
-        // values are discarded.
-        std::hint::black_box((self.fps[b1 * WAYS], self.fps[b2 * WAYS]));
+    pub fn prefetch_buckets(&self, key: &ConnKey) -> (usize, usize, u8) {
+        let p = placement(hash_key(key), self.buckets);
+        std::hint::black_box((self.fps[p.0 * WAYS], self.fps[p.1 * WAYS]));
+        p
+    }
+
+    /// Stage 2: loads the slots whose fingerprint matches, so the key
+    /// compare at execution hits.
+    #[inline]
+    pub fn prefetch_slots(&self, (b1, b2, fp): (usize, usize, u8)) {
+        for b in [b1, b2] {
+            for w in 0..WAYS {
+                if self.fps[b * WAYS + w] == fp {
+                    std::hint::black_box(self.slots[b * WAYS + w].key.proto);
+                    return;
+                }
+            }
+        }
     }
 
     /// Finds `key`.
