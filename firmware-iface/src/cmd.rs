@@ -34,7 +34,7 @@ pub enum Opcode {
     Delete = 0x03,
     /// Writes the connection's [`crate::conn::ConnRecord`] to `resp_addr`.
     Lookup = 0x04,
-    /// Writes records from bucket `cursor` on into a host buffer.
+    /// Writes records from slot position `cursor` on into a host buffer.
     Snapshot = 0x05,
     /// Removes every connection.
     Flush = 0x06,
@@ -162,7 +162,8 @@ pub struct SnapshotBody {
     pub buf_addr: U64,
     /// Buffer length in bytes (a multiple of 80 is used).
     pub buf_len: U32,
-    /// Bucket to start from (0 for the first chunk).
+    /// Slot position to start from (0 for the first chunk; then the
+    /// completion's next cursor).
     pub cursor: U32,
     /// Reserved, zero.
     pub reserved: [u8; 40],
@@ -213,7 +214,7 @@ pub enum Command {
         buf_addr: u64,
         /// Buffer length.
         buf_len: u32,
-        /// First bucket.
+        /// First slot position.
         cursor: u32,
     },
     /// FLUSH.

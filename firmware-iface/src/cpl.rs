@@ -10,7 +10,6 @@ use zerocopy::little_endian::{U16, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::assert_layout;
-use crate::cmd::Opcode;
 
 /// Size of a completion entry.
 pub const CPL_SIZE: usize = 16;
@@ -123,8 +122,9 @@ pub struct Completion {
     pub tag: u16,
     /// Status.
     pub status: CplStatus,
-    /// Opcode.
-    pub opcode: Opcode,
+    /// Opcode byte of the completed command, as posted (an undefined one
+    /// completes with INVALID_OPCODE and is echoed unchanged).
+    pub opcode: u8,
     /// Command ring head reported by the device.
     pub cmd_head: u16,
     /// Result word.
@@ -136,8 +136,6 @@ pub struct Completion {
 pub enum CplError {
     /// Unknown status byte.
     BadStatus(u8),
-    /// Unknown opcode byte.
-    BadOpcode(u8),
     /// Reserved bits set.
     Reserved,
 }
@@ -146,7 +144,6 @@ impl fmt::Display for CplError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CplError::BadStatus(b) => write!(f, "unknown completion status {b}"),
-            CplError::BadOpcode(b) => write!(f, "unknown opcode {b:#04x} in completion"),
             CplError::Reserved => f.write_str("reserved completion bits set"),
         }
     }
@@ -167,7 +164,7 @@ impl CompletionEntry {
         Ok(Completion {
             tag: self.tag.get(),
             status: CplStatus::from_wire(self.status).ok_or(CplError::BadStatus(self.status))?,
-            opcode: Opcode::from_wire(self.opcode).ok_or(CplError::BadOpcode(self.opcode))?,
+            opcode: self.opcode,
             cmd_head: self.cmd_head.get(),
             result: self.result.get(),
         })

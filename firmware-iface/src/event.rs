@@ -17,8 +17,9 @@ pub const EVT_SIZE: usize = 64;
 pub enum EventKind {
     /// Aging removed an expired connection (key and last state attached).
     Aged = 1,
-    /// Events were dropped because the ring was full; `seq` jumps by the
-    /// count lost, and the host should resynchronise by SNAPSHOT.
+    /// Events were dropped because the ring was full; `seq` is the last
+    /// sequence number used, `state.generation` holds how many were lost,
+    /// and the host should resynchronise by SNAPSHOT.
     Overflow = 2,
 }
 
@@ -37,20 +38,20 @@ impl EventKind {
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct EventEntry {
+    /// Event sequence number (every event, dropped ones included, takes one).
+    pub seq: U32,
     /// [`EventKind`] byte.
     pub kind: u8,
     /// Reserved, zero.
     pub reserved: [u8; 2],
-    /// Phase bit in bit 0.
+    /// Phase bit in bit 0 (byte 7, as in completions). Written last.
     pub phase: u8,
-    /// Event sequence number (every event, dropped ones included, takes one).
-    pub seq: U32,
     /// Connection concerned (zero for Overflow).
     pub key: ConnKey,
     /// Its state when the event happened.
     pub state: ConnState,
 }
-assert_layout!(EventEntry, size = EVT_SIZE, kind = 0, reserved = 1, phase = 3, seq = 4, key = 8, state = 48);
+assert_layout!(EventEntry, size = EVT_SIZE, seq = 0, kind = 4, reserved = 5, phase = 7, key = 8, state = 48);
 
 /// A checked event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -867,10 +867,10 @@ fn layouts() -> Vec<(&'static str, Layout)> {
         (
             "layout-event",
             layout!(EventEntry {
+                seq: "sequence number; every event, dropped ones included, takes the next one (first is 1)",
                 kind: "EventKind",
                 reserved: "0",
                 phase: "bit 0: phase; bits 7:1 zero",
-                seq: "sequence number; every event, dropped ones included, takes the next one (first is 1)",
                 key: "AGED: the connection's key; OVERFLOW: zero",
                 state: "AGED: its state as last written; OVERFLOW: zero except `generation` = events lost",
             }),

@@ -920,7 +920,7 @@ impl Core {
         let mut body = [0u8; EVT_SIZE - 8];
         body[..40].copy_from_slice(key.as_bytes());
         body[40..].copy_from_slice(state.as_bytes());
-        let word0 = kind as u64 | (self.evt_seq as u64) << 32;
+        let word0 = self.evt_seq as u64 | (kind as u64) << 32;
         if let Err(e) = ring.push(EVT_SIZE, word0, &body) {
             self.go_fatal(format!("event ring write: {e}"));
             return;
@@ -938,7 +938,7 @@ impl Core {
         }
         let mut body = [0u8; EVT_SIZE - 8];
         body[40 + 12..40 + 16].copy_from_slice(&self.evt_lost.to_le_bytes());
-        let word0 = EventKind::Overflow as u64 | (self.evt_seq as u64) << 32;
+        let word0 = self.evt_seq as u64 | (EventKind::Overflow as u64) << 32;
         if let Err(e) = ring.push(EVT_SIZE, word0, &body) {
             self.go_fatal(format!("event ring write: {e}"));
             return true;

@@ -536,8 +536,8 @@ impl<D: NicDevice> Driver<D> {
         let c = e.decode().map_err(|e: CplError| e.to_string())?;
         let slot = self.in_flight.get_mut(c.tag as usize).ok_or_else(|| format!("tag {} out of range", c.tag))?;
         let f = slot.ok_or_else(|| format!("tag {} is not in flight", c.tag))?;
-        if f.opcode != c.opcode as u8 {
-            return Err(format!("tag {} completed as {} but was posted as opcode {:#04x}", c.tag, c.opcode.name(), f.opcode));
+        if f.opcode != c.opcode {
+            return Err(format!("tag {} completed as opcode {:#04x} but was posted as {:#04x}", c.tag, c.opcode, f.opcode));
         }
         *slot = None;
         self.slots_in_flight -= f.slots as u32;
@@ -680,8 +680,14 @@ fn wait_until<T>(
 
 impl<D: NicDevice> Drop for Driver<D> {
     fn drop(&mut self) {
-        // Stop the device before its rings are unmapped.
+        // Stop the device, and wait until it says so, before the rings are
+        // unmapped (they are dropped after this).
         self.dev.write32(regs::CONTROL, 0);
+        let cfg = DriverConfig { bringup_timeout: self.cfg.bringup_timeout.min(Duration::from_millis(100)), ..self.cfg.clone() };
+        let _ = wait_until(&cfg, "stop", || {
+            let s = Status::from_bits_truncate(self.dev.read32(regs::STATUS));
+            (!s.contains(Status::ENABLED)).then_some(())
+        }, || self.dev.read32(regs::STATUS));
     }
 }
 
