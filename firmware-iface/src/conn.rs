@@ -49,7 +49,17 @@ pub struct ConnKey {
     /// Conntrack zone.
     pub zone: U16,
 }
-assert_layout!(ConnKey, size = 40, src_addr = 0, dst_addr = 16, src_port = 32, dst_port = 34, proto = 36, family = 37, zone = 38);
+assert_layout!(
+    ConnKey,
+    size = 40,
+    src_addr = 0,
+    dst_addr = 16,
+    src_port = 32,
+    dst_port = 34,
+    proto = 36,
+    family = 37,
+    zone = 38
+);
 
 /// Why a [`ConnKey`] is not well-formed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,7 +82,14 @@ impl fmt::Display for KeyError {
 impl ConnKey {
     /// An IPv4 key.
     pub fn v4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8, zone: u16) -> Self {
-        let mut k = ConnKey { proto, family: FAMILY_IPV4, zone: zone.into(), src_port: sport.into(), dst_port: dport.into(), ..Default::default() };
+        let mut k = ConnKey {
+            proto,
+            family: FAMILY_IPV4,
+            zone: zone.into(),
+            src_port: sport.into(),
+            dst_port: dport.into(),
+            ..Default::default()
+        };
         k.src_addr[..4].copy_from_slice(&src.octets());
         k.dst_addr[..4].copy_from_slice(&dst.octets());
         k

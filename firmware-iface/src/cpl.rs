@@ -37,7 +37,17 @@ pub struct CompletionEntry {
     /// INSERT/UPDATE/UPSERT: stored generation).
     pub result: U64,
 }
-assert_layout!(CompletionEntry, size = CPL_SIZE, tag = 0, status = 2, opcode = 3, cmd_head = 4, reserved = 6, phase = 7, result = 8);
+assert_layout!(
+    CompletionEntry,
+    size = CPL_SIZE,
+    tag = 0,
+    status = 2,
+    opcode = 3,
+    cmd_head = 4,
+    reserved = 6,
+    phase = 7,
+    result = 8
+);
 
 /// Completion status codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -24,12 +24,11 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use nicsync_fwif::cmd::{
-    CommandDescriptor, ConnBody, DecodeError, DescFlags, ExtBody, LookupBody, Opcode, SnapshotBody,
-    DESC_SIZE, SNAPSHOT_DONE,
+    CommandDescriptor, ConnBody, DecodeError, DescFlags, ExtBody, LookupBody, Opcode, SnapshotBody, DESC_SIZE,
+    SNAPSHOT_DONE,
 };
 use nicsync_fwif::conn::{
-    ConnFlags, ConnKey, ConnRecord, ConnState, Direction, Nat, NatKind, TcpState, FAMILY_IPV4,
-    FAMILY_IPV6,
+    ConnFlags, ConnKey, ConnRecord, ConnState, Direction, Nat, NatKind, TcpState, FAMILY_IPV4, FAMILY_IPV6,
 };
 use nicsync_fwif::cpl::{CompletionEntry, CplStatus, CPL_SIZE, PHASE_BIT};
 use nicsync_fwif::event::{EventEntry, EventKind, EVT_SIZE};
@@ -51,11 +50,7 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let _ = writeln!(out, "| {} |", header.join(" | "));
     let _ = writeln!(out, "|{}", "---|".repeat(header.len()));
     for r in rows {
-        assert_eq!(
-            r.len(),
-            header.len(),
-            "row {r:?} does not fit header {header:?}"
-        );
+        assert_eq!(r.len(), header.len(), "row {r:?} does not fit header {header:?}");
         let cells: Vec<String> = r.iter().map(|c| cell(c)).collect();
         let _ = writeln!(out, "| {} |", cells.join(" | "));
     }
@@ -72,92 +67,28 @@ fn hex3(v: u32) -> String {
 
 fn render_constants() -> String {
     let rows: Vec<Vec<String>> = [
-        (
-            "BAR0_SIZE",
-            format!("0x{:X}", regs::BAR0_SIZE),
-            "bytes of BAR0 (32-bit registers)",
-        ),
+        ("BAR0_SIZE", format!("0x{:X}", regs::BAR0_SIZE), "bytes of BAR0 (32-bit registers)"),
         (
             "DEVICE_ID_VALUE",
             format!("0x{:08X}", regs::DEVICE_ID_VALUE),
             "DEVICE_ID contents, ASCII \"NSYC\" little-endian",
         ),
-        (
-            "ABI_MAJOR",
-            nicsync_fwif::ABI_MAJOR.to_string(),
-            "ABI major version of this document",
-        ),
-        (
-            "ABI_MINOR",
-            nicsync_fwif::ABI_MINOR.to_string(),
-            "ABI minor version of this document",
-        ),
-        (
-            "COUNTER_BASE",
-            hex3(regs::COUNTER_BASE),
-            "offset of counter 0 (low half)",
-        ),
-        (
-            "DESC_SIZE",
-            DESC_SIZE.to_string(),
-            "bytes per command descriptor (command ring slot)",
-        ),
-        (
-            "CPL_SIZE",
-            CPL_SIZE.to_string(),
-            "bytes per completion entry",
-        ),
+        ("ABI_MAJOR", nicsync_fwif::ABI_MAJOR.to_string(), "ABI major version of this document"),
+        ("ABI_MINOR", nicsync_fwif::ABI_MINOR.to_string(), "ABI minor version of this document"),
+        ("COUNTER_BASE", hex3(regs::COUNTER_BASE), "offset of counter 0 (low half)"),
+        ("DESC_SIZE", DESC_SIZE.to_string(), "bytes per command descriptor (command ring slot)"),
+        ("CPL_SIZE", CPL_SIZE.to_string(), "bytes per completion entry"),
         ("EVT_SIZE", EVT_SIZE.to_string(), "bytes per event entry"),
-        (
-            "ConnRecord::SIZE",
-            ConnRecord::SIZE.to_string(),
-            "bytes per connection record (LOOKUP, SNAPSHOT)",
-        ),
-        (
-            "PHASE_BIT",
-            format!("0x{PHASE_BIT:02X}"),
-            "mask of the phase bit in a completion's or event's `phase` byte",
-        ),
-        (
-            "SNAPSHOT_DONE",
-            format!("0x{SNAPSHOT_DONE:08X}"),
-            "SNAPSHOT next cursor meaning \"walk finished\"",
-        ),
-        (
-            "MIN_LOG2_RING",
-            regs::MIN_LOG2_RING.to_string(),
-            "smallest accepted `*_LOG2_SIZE`",
-        ),
-        (
-            "MAX_LOG2_RING",
-            regs::MAX_LOG2_RING.to_string(),
-            "largest accepted `*_LOG2_SIZE`",
-        ),
-        (
-            "VECTOR_COMPLETION",
-            regs::VECTOR_COMPLETION.to_string(),
-            "MSI-X vector for COMPLETION",
-        ),
-        (
-            "VECTOR_EVENT",
-            regs::VECTOR_EVENT.to_string(),
-            "MSI-X vector for EVENT and ERROR",
-        ),
-        (
-            "VECTOR_COUNT",
-            regs::VECTOR_COUNT.to_string(),
-            "MSI-X vectors used",
-        ),
-        (
-            "FAMILY_IPV4",
-            FAMILY_IPV4.to_string(),
-            "`family` byte of an IPv4 key or NAT address",
-        ),
-        (
-            "FAMILY_IPV6",
-            FAMILY_IPV6.to_string(),
-            "`family` byte of an IPv6 key or NAT address",
-        ),
+        ("ConnRecord::SIZE", ConnRecord::SIZE.to_string(), "bytes per connection record (LOOKUP, SNAPSHOT)"),
+        ("PHASE_BIT", format!("0x{PHASE_BIT:02X}"), "mask of the phase bit in a completion's or event's `phase` byte"),
+        ("SNAPSHOT_DONE", format!("0x{SNAPSHOT_DONE:08X}"), "SNAPSHOT next cursor meaning \"walk finished\""),
+        ("MIN_LOG2_RING", regs::MIN_LOG2_RING.to_string(), "smallest accepted `*_LOG2_SIZE`"),
+        ("MAX_LOG2_RING", regs::MAX_LOG2_RING.to_string(), "largest accepted `*_LOG2_SIZE`"),
+        ("VECTOR_COMPLETION", regs::VECTOR_COMPLETION.to_string(), "MSI-X vector for COMPLETION"),
+        ("VECTOR_EVENT", regs::VECTOR_EVENT.to_string(), "MSI-X vector for EVENT and ERROR"),
+        ("VECTOR_COUNT", regs::VECTOR_COUNT.to_string(), "MSI-X vectors used"),
+        ("FAMILY_IPV4", FAMILY_IPV4.to_string(), "`family` byte of an IPv4 key or NAT address"),
+        ("FAMILY_IPV6", FAMILY_IPV6.to_string(), "`family` byte of an IPv6 key or NAT address"),
     ]
     .into_iter()
     .map(|(n, v, m)| vec![format!("`{n}`"), v, m.to_string()])
@@ -172,14 +103,7 @@ fn render_constants() -> String {
 fn render_registers() -> String {
     let rows: Vec<Vec<String>> = regs::REGISTERS
         .iter()
-        .map(|r| {
-            vec![
-                hex3(r.offset),
-                format!("`{}`", r.name),
-                r.access.to_string(),
-                r.summary.to_string(),
-            ]
-        })
+        .map(|r| vec![hex3(r.offset), format!("`{}`", r.name), r.access.to_string(), r.summary.to_string()])
         .collect();
     let mut rows = rows;
     let last = Counter::ALL[Counter::ALL.len() - 1].offset() + 4;
@@ -234,18 +158,10 @@ fn render_counters() -> String {
 
 /// Renders the flags of one bitflags type; every flag must have a meaning
 /// in `meanings` and every meaning must name a flag.
-fn flags_table(
-    type_name: &str,
-    flags: Vec<(&'static str, u32)>,
-    meanings: &[(&str, &str)],
-) -> String {
+fn flags_table(type_name: &str, flags: Vec<(&'static str, u32)>, meanings: &[(&str, &str)]) -> String {
     let mut rows = Vec::new();
     for (name, bits) in &flags {
-        assert_eq!(
-            bits.count_ones(),
-            1,
-            "{type_name}::{name} is not a single bit"
-        );
+        assert_eq!(bits.count_ones(), 1, "{type_name}::{name} is not a single bit");
         let meaning = meanings
             .iter()
             .find(|(n, _)| n == name)
@@ -259,17 +175,11 @@ fn flags_table(
         ]);
     }
     for (n, _) in meanings {
-        assert!(
-            flags.iter().any(|(f, _)| f == n),
-            "tests/abi_doc.rs describes {type_name}::{n}, which does not exist"
-        );
+        assert!(flags.iter().any(|(f, _)| f == n), "tests/abi_doc.rs describes {type_name}::{n}, which does not exist");
     }
     let defined: u32 = flags.iter().map(|(_, b)| b).fold(0, |a, b| a | b);
     let mut out = table(&["Bit", "Mask", "Name", "Meaning"], &rows);
-    let _ = writeln!(
-        out,
-        "\nDefined bits: `0x{defined:02X}`; all other bits are reserved."
-    );
+    let _ = writeln!(out, "\nDefined bits: `0x{defined:02X}`; all other bits are reserved.");
     out
 }
 
@@ -278,17 +188,11 @@ fn names32<F: bitflags::Flags<Bits = u32>>() -> Vec<(&'static str, u32)> {
 }
 
 fn names16<F: bitflags::Flags<Bits = u16>>() -> Vec<(&'static str, u32)> {
-    F::all()
-        .iter_names()
-        .map(|(n, f)| (n, u32::from(f.bits())))
-        .collect()
+    F::all().iter_names().map(|(n, f)| (n, u32::from(f.bits()))).collect()
 }
 
 fn names8<F: bitflags::Flags<Bits = u8>>() -> Vec<(&'static str, u32)> {
-    F::all()
-        .iter_names()
-        .map(|(n, f)| (n, u32::from(f.bits())))
-        .collect()
+    F::all().iter_names().map(|(n, f)| (n, u32::from(f.bits()))).collect()
 }
 
 fn render_capabilities() -> String {
@@ -296,10 +200,7 @@ fn render_capabilities() -> String {
         "Capabilities",
         names32::<Capabilities>(),
         &[
-            (
-                "CONN_TABLE",
-                "INSERT, UPDATE, UPSERT, DELETE, LOOKUP, FLUSH",
-            ),
+            ("CONN_TABLE", "INSERT, UPDATE, UPSERT, DELETE, LOOKUP, FLUSH"),
             ("IPV6", "keys with family 6"),
             ("NAT", "NAT translations in chained EXT descriptors"),
             ("AGING", "aging scanner (AGING_PERIOD_MS) and AGED events"),
@@ -330,14 +231,8 @@ fn render_status() -> String {
         &[
             ("READY", "out of reset, registers may be programmed"),
             ("ENABLED", "ENABLE accepted, fetching commands"),
-            (
-                "FATAL",
-                "stopped by a ring configuration or ring DMA error; only RESET clears it",
-            ),
-            (
-                "EVENT_OVERFLOW",
-                "an event was dropped since reset (sticky until RESET)",
-            ),
+            ("FATAL", "stopped by a ring configuration or ring DMA error; only RESET clears it"),
+            ("EVENT_OVERFLOW", "an event was dropped since reset (sticky until RESET)"),
         ],
     )
 }
@@ -408,20 +303,12 @@ fn enum_table<T: Copy>(
     for b in 0..=u8::MAX {
         if let Some(v) = from_wire(b) {
             values.push(b);
-            rows.push(vec![
-                b.to_string(),
-                format!("`{}`", name(v)),
-                meaning(v).to_string(),
-            ]);
+            rows.push(vec![b.to_string(), format!("`{}`", name(v)), meaning(v).to_string()]);
         }
     }
     let mut out = table(&["Value", "Name", "Meaning"], &rows);
     let list: Vec<String> = values.iter().map(u8::to_string).collect();
-    let _ = writeln!(
-        out,
-        "\nValid values: {}; every other value is rejected.",
-        list.join(", ")
-    );
+    let _ = writeln!(out, "\nValid values: {}; every other value is rejected.", list.join(", "));
     out
 }
 
@@ -491,11 +378,7 @@ struct OpDoc {
 fn opcode_doc(op: Opcode) -> OpDoc {
     use CplStatus::*;
     match op {
-        Opcode::Nop => OpDoc {
-            body: "zero",
-            result: "0",
-            statuses: &[Success, Malformed],
-        },
+        Opcode::Nop => OpDoc { body: "zero", result: "0", statuses: &[Success, Malformed] },
         Opcode::Insert => OpDoc {
             body: "`ConnBody` (+ EXT)",
             result: "generation stored",
@@ -506,11 +389,9 @@ fn opcode_doc(op: Opcode) -> OpDoc {
             result: "generation stored (STALE: the stored, newer generation)",
             statuses: &[Success, NotFound, Stale, Malformed],
         },
-        Opcode::Delete => OpDoc {
-            body: "`ConnBody` (state ignored)",
-            result: "0",
-            statuses: &[Success, NotFound, Malformed],
-        },
+        Opcode::Delete => {
+            OpDoc { body: "`ConnBody` (state ignored)", result: "0", statuses: &[Success, NotFound, Malformed] }
+        }
         Opcode::Lookup => OpDoc {
             body: "`LookupBody`",
             result: "1 (records written)",
@@ -521,21 +402,15 @@ fn opcode_doc(op: Opcode) -> OpDoc {
             result: "records written | next cursor << 32",
             statuses: &[Success, DmaError, Malformed],
         },
-        Opcode::Flush => OpDoc {
-            body: "zero",
-            result: "entries removed",
-            statuses: &[Success, Malformed],
-        },
+        Opcode::Flush => OpDoc { body: "zero", result: "entries removed", statuses: &[Success, Malformed] },
         Opcode::Upsert => OpDoc {
             body: "`ConnBody` (+ EXT)",
             result: "generation stored (STALE: the stored, newer generation)",
             statuses: &[Success, Stale, TableFull, Malformed],
         },
-        Opcode::Ext => OpDoc {
-            body: "`ExtBody`",
-            result: "— (never succeeds alone)",
-            statuses: &[InvalidOpcode, Malformed],
-        },
+        Opcode::Ext => {
+            OpDoc { body: "`ExtBody`", result: "— (never succeeds alone)", statuses: &[InvalidOpcode, Malformed] }
+        }
     }
 }
 
@@ -563,16 +438,10 @@ fn accepted_flags(op: Opcode) -> Vec<&'static str> {
     let ext = CommandDescriptor::ext(7, &Nat::default());
     let base = valid_descriptor(op);
     if op == Opcode::Ext {
-        assert_eq!(
-            base.decode(None),
-            Err(DecodeError::UnknownOpcode(Opcode::Ext as u8))
-        );
+        assert_eq!(base.decode(None), Err(DecodeError::UnknownOpcode(Opcode::Ext as u8)));
         return Vec::new();
     }
-    assert!(
-        base.decode(None).is_ok(),
-        "{op:?}: minimal descriptor does not decode"
-    );
+    assert!(base.decode(None).is_ok(), "{op:?}: minimal descriptor does not decode");
     let mut out = Vec::new();
     for (name, f) in DescFlags::all().iter_names() {
         let mut d = base;
@@ -587,11 +456,7 @@ fn accepted_flags(op: Opcode) -> Vec<&'static str> {
         if DescFlags::from_bits(1 << bit).is_none() {
             let mut d = base;
             d.flags = 1 << bit;
-            assert_eq!(
-                d.decode(Some(&ext)),
-                Err(DecodeError::BadFlags(1 << bit)),
-                "{op:?} accepts undefined flag"
-            );
+            assert_eq!(d.decode(Some(&ext)), Err(DecodeError::BadFlags(1 << bit)), "{op:?} accepts undefined flag");
         }
     }
     out
@@ -603,11 +468,7 @@ fn render_opcodes() -> String {
         .map(|op| {
             let d = opcode_doc(*op);
             let flags = accepted_flags(*op);
-            let flags = if flags.is_empty() {
-                "—".to_string()
-            } else {
-                flags.join(", ")
-            };
+            let flags = if flags.is_empty() { "—".to_string() } else { flags.join(", ") };
             let st: Vec<&str> = d.statuses.iter().map(|s| s.name()).collect();
             vec![
                 format!("0x{:02X}", *op as u8),
@@ -619,17 +480,7 @@ fn render_opcodes() -> String {
             ]
         })
         .collect();
-    table(
-        &[
-            "Value",
-            "Name",
-            "Body",
-            "Flags accepted",
-            "Result on SUCCESS",
-            "Statuses",
-        ],
-        &rows,
-    )
+    table(&["Value", "Name", "Body", "Flags accepted", "Result on SUCCESS", "Statuses"], &rows)
 }
 
 fn status_meaning(s: CplStatus) -> &'static str {
@@ -637,20 +488,12 @@ fn status_meaning(s: CplStatus) -> &'static str {
         CplStatus::Success => "the command was carried out",
         CplStatus::NotFound => "no connection with this key",
         CplStatus::Exists => "INSERT of a key that is present; the table is unchanged",
-        CplStatus::TableFull => {
-            "no room: capacity reached, or no cuckoo path and the stash is full"
-        }
+        CplStatus::TableFull => "no room: capacity reached, or no cuckoo path and the stash is full",
         CplStatus::InvalidOpcode => "opcode byte undefined, or an EXT not consumed by a chain",
         CplStatus::Malformed => "flags, aux, reserved bytes, key, state or EXT chain invalid",
-        CplStatus::DmaError => {
-            "a response buffer lies outside every IOMMU window; nothing was written"
-        }
-        CplStatus::Stale => {
-            "the body's generation is older than the stored one; the table is unchanged"
-        }
-        CplStatus::Internal => {
-            "device-internal fault (a design bug); the host should reset the device"
-        }
+        CplStatus::DmaError => "a response buffer lies outside every IOMMU window; nothing was written",
+        CplStatus::Stale => "the body's generation is older than the stored one; the table is unchanged",
+        CplStatus::Internal => "device-internal fault (a design bug); the host should reset the device",
     }
 }
 
@@ -658,25 +501,13 @@ fn render_statuses() -> String {
     let rows: Vec<Vec<String>> = CplStatus::ALL
         .iter()
         .map(|s| {
-            let by: Vec<&str> = Opcode::ALL
-                .iter()
-                .filter(|op| opcode_doc(**op).statuses.contains(s))
-                .map(|op| op.name())
-                .collect();
-            let mut by = if by.is_empty() {
-                "any (not expected)".to_string()
-            } else {
-                by.join(", ")
-            };
+            let by: Vec<&str> =
+                Opcode::ALL.iter().filter(|op| opcode_doc(**op).statuses.contains(s)).map(|op| op.name()).collect();
+            let mut by = if by.is_empty() { "any (not expected)".to_string() } else { by.join(", ") };
             if *s == CplStatus::InvalidOpcode {
                 by.push_str(", undefined opcode bytes");
             }
-            vec![
-                (*s as u8).to_string(),
-                format!("`{}`", s.name()),
-                status_meaning(*s).to_string(),
-                by,
-            ]
+            vec![(*s as u8).to_string(), format!("`{}`", s.name()), status_meaning(*s).to_string(), by]
         })
         .collect();
     table(&["Value", "Name", "Meaning", "Returned by"], &rows)
@@ -705,9 +536,7 @@ struct Layout {
 /// "nicsync_fwif::conn::ConnKey" → "ConnKey", "[u8; 16]" → "u8[16]".
 fn short_type(full: &str) -> String {
     if let Some(inner) = full.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
-        let (elem, n) = inner
-            .split_once("; ")
-            .unwrap_or_else(|| panic!("array type {full}"));
+        let (elem, n) = inner.split_once("; ").unwrap_or_else(|| panic!("array type {full}"));
         return format!("{}[{n}]", short_type(elem));
     }
     let (path, generic) = match full.split_once('<') {
@@ -717,10 +546,7 @@ fn short_type(full: &str) -> String {
     let last = path.rsplit("::").next().unwrap_or(path);
     match (last, generic) {
         ("U16" | "U32" | "U64", Some(g)) => {
-            assert!(
-                g.contains("LittleEndian") || g.ends_with("LE>"),
-                "{full}: wire integers are little-endian"
-            );
+            assert!(g.contains("LittleEndian") || g.ends_with("LE>"), "{full}: wire integers are little-endian");
             format!("{} LE", last.to_ascii_lowercase())
         }
         (_, Some(_)) => panic!("unexpected generic wire type {full}"),
@@ -754,11 +580,7 @@ fn render_layout(l: &Layout) -> String {
     assert_eq!(l.align, 1, "{}: wire structs have alignment 1", l.name);
     let mut at = 0;
     for f in &l.fields {
-        assert_eq!(
-            f.offset, at,
-            "{}.{}: fields must be listed in order, with no gap",
-            l.name, f.name
-        );
+        assert_eq!(f.offset, at, "{}.{}: fields must be listed in order, with no gap", l.name, f.name);
         at += f.size;
     }
     assert_eq!(at, l.size, "{}: fields do not cover the struct", l.name);
@@ -766,20 +588,11 @@ fn render_layout(l: &Layout) -> String {
         .fields
         .iter()
         .map(|f| {
-            vec![
-                f.offset.to_string(),
-                f.size.to_string(),
-                format!("`{}`", f.name),
-                f.ty.clone(),
-                f.meaning.into(),
-            ]
+            vec![f.offset.to_string(), f.size.to_string(), format!("`{}`", f.name), f.ty.clone(), f.meaning.into()]
         })
         .collect();
     let mut out = format!("`{}`: {} bytes, alignment 1.\n\n", l.name, l.size);
-    out.push_str(&table(
-        &["Offset", "Size", "Field", "Type", "Meaning"],
-        &rows,
-    ));
+    out.push_str(&table(&["Offset", "Size", "Field", "Type", "Meaning"], &rows));
     out
 }
 
@@ -789,12 +602,7 @@ fn render_word0(l: &Layout) -> String {
     let mut rows = Vec::new();
     let mut phase_bit = None;
     for f in l.fields.iter().filter(|f| f.offset < 8) {
-        assert!(
-            f.offset + f.size <= 8,
-            "{}.{} straddles the ownership word",
-            l.name,
-            f.name
-        );
+        assert!(f.offset + f.size <= 8, "{}.{} straddles the ownership word", l.name, f.name);
         let (lo, hi) = (f.offset * 8, (f.offset + f.size) * 8 - 1);
         if f.name == "phase" {
             phase_bit = Some(lo + PHASE_BIT.trailing_zeros() as usize);
@@ -804,11 +612,7 @@ fn render_word0(l: &Layout) -> String {
     rows.reverse();
     let phase_bit = phase_bit.unwrap_or_else(|| panic!("{} has no phase byte in word 0", l.name));
     let mut out = table(&["Bits of word 0", "Field"], &rows);
-    let _ = writeln!(
-        out,
-        "\nThe phase bit is bit {phase_bit} of word 0 (`{}` bytes 0..8).",
-        l.name
-    );
+    let _ = writeln!(out, "\nThe phase bit is bit {phase_bit} of word 0 (`{}` bytes 0..8).", l.name);
     out
 }
 
@@ -848,10 +652,7 @@ fn layouts() -> Vec<(&'static str, Layout)> {
                 reserved: "must be 0",
             }),
         ),
-        (
-            "layout-ext-body",
-            layout!(ExtBody { nat: "NAT translation of the chained command", reserved: "must be 0" }),
-        ),
+        ("layout-ext-body", layout!(ExtBody { nat: "NAT translation of the chained command", reserved: "must be 0" })),
         (
             "layout-completion",
             layout!(CompletionEntry {
@@ -893,7 +694,8 @@ fn layouts() -> Vec<(&'static str, Layout)> {
                 tcp_state: "TcpState",
                 direction: "Direction",
                 flags: "ConnFlags",
-                timeout_s: "commands: seconds from now until expiry; records: seconds remaining (rounded up); 0 = never ages",
+                timeout_s:
+                    "commands: seconds from now until expiry; records: seconds remaining (rounded up); 0 = never ages",
                 mark: "firewall mark (opaque to the device)",
                 generation: "per-connection generation (STALE rule)",
             }),
@@ -953,10 +755,7 @@ fn sections() -> Vec<(&'static str, String)> {
 }
 
 fn doc_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("docs")
-        .join("abi.md")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("docs").join("abi.md")
 }
 
 fn begin(name: &str) -> String {
@@ -1008,16 +807,12 @@ fn first_difference(doc: &str, code: &str) -> String {
 #[test]
 fn abi_doc_matches_code() {
     let path = doc_path();
-    let mut doc = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let mut doc = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     let sections = sections();
 
     // No stale sections in the document.
     for line in doc.lines() {
-        if let Some(name) = line
-            .strip_prefix("<!-- BEGIN GENERATED: ")
-            .and_then(|s| s.strip_suffix(" -->"))
-        {
+        if let Some(name) = line.strip_prefix("<!-- BEGIN GENERATED: ").and_then(|s| s.strip_suffix(" -->")) {
             assert!(
                 sections.iter().any(|(n, _)| *n == name),
                 "docs/abi.md has a generated section `{name}` that tests/abi_doc.rs does not render"
@@ -1032,8 +827,7 @@ fn abi_doc_matches_code() {
             doc.replace_range(r, text);
         }
         if doc != before {
-            std::fs::write(&path, &doc)
-                .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+            std::fs::write(&path, &doc).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
             eprintln!("rewrote the generated sections of {}", path.display());
         }
         return;
@@ -1046,10 +840,7 @@ fn abi_doc_matches_code() {
             Ok(r) => {
                 let current = &doc[r];
                 if current != text {
-                    problems.push(format!(
-                        "section `{name}` is out of date: {}",
-                        first_difference(current, text)
-                    ));
+                    problems.push(format!("section `{name}` is out of date: {}", first_difference(current, text)));
                 }
             }
         }
@@ -1062,10 +853,7 @@ fn abi_doc_matches_code() {
         problems.join("\n  ")
     );
     for (name, text) in &sections {
-        assert!(
-            doc.contains(text.as_str()),
-            "section `{name}` is not in docs/abi.md verbatim"
-        );
+        assert!(doc.contains(text.as_str()), "section `{name}` is not in docs/abi.md verbatim");
     }
 }
 
@@ -1076,51 +864,30 @@ fn abi_doc_matches_code() {
 #[test]
 fn lists_are_complete() {
     let probed: Vec<Opcode> = (0..=u8::MAX).filter_map(Opcode::from_wire).collect();
-    assert_eq!(
-        probed,
-        Opcode::ALL.to_vec(),
-        "Opcode::ALL differs from Opcode::from_wire"
-    );
+    assert_eq!(probed, Opcode::ALL.to_vec(), "Opcode::ALL differs from Opcode::from_wire");
     for op in Opcode::ALL {
         assert_eq!(Opcode::from_wire(op as u8), Some(op));
     }
     let probed: Vec<CplStatus> = (0..=u8::MAX).filter_map(CplStatus::from_wire).collect();
-    assert_eq!(
-        probed,
-        CplStatus::ALL.to_vec(),
-        "CplStatus::ALL differs from CplStatus::from_wire"
-    );
+    assert_eq!(probed, CplStatus::ALL.to_vec(), "CplStatus::ALL differs from CplStatus::from_wire");
     let probed: Vec<TcpState> = (0..=u8::MAX).filter_map(TcpState::from_wire).collect();
     assert_eq!(probed, TcpState::ALL.to_vec());
 
     let mut names: Vec<&str> = Counter::ALL.iter().map(|c| c.name()).collect();
     names.sort_unstable();
     names.dedup();
-    assert_eq!(
-        names.len(),
-        Counter::ALL.len(),
-        "counter names are not unique"
-    );
+    assert_eq!(names.len(), Counter::ALL.len(), "counter names are not unique");
     for (i, c) in Counter::ALL.iter().enumerate() {
         assert_eq!(c.offset(), regs::COUNTER_BASE + 8 * i as u32);
     }
 
     // Registers: 4-byte aligned, unique, below the counters.
     for w in regs::REGISTERS.windows(2) {
-        assert!(
-            w[0].offset < w[1].offset,
-            "REGISTERS not in offset order at {}",
-            w[1].name
-        );
+        assert!(w[0].offset < w[1].offset, "REGISTERS not in offset order at {}", w[1].name);
     }
     for r in regs::REGISTERS {
         assert_eq!(r.offset % 4, 0, "{} is not 4-byte aligned", r.name);
-        assert!(
-            ["RO", "RW", "WO", "W1C"].contains(&r.access),
-            "{}: access {}",
-            r.name,
-            r.access
-        );
+        assert!(["RO", "RW", "WO", "W1C"].contains(&r.access), "{}: access {}", r.name, r.access);
     }
 }
 

@@ -551,20 +551,28 @@ impl Core {
         self.raise(IrqCause::ERROR, regs::VECTOR_EVENT);
     }
 
-    fn ring_region(&mut self, lo: u32, hi: u32, log2: u32, entry: usize, name: &str) -> Result<(DmaRegion, u32), String> {
+    fn ring_region(
+        &mut self,
+        lo: u32,
+        hi: u32,
+        log2: u32,
+        entry: usize,
+        name: &str,
+    ) -> Result<(DmaRegion, u32), String> {
         let base = (self.shared.reg(hi) as u64) << 32 | self.shared.reg(lo) as u64;
         let log2 = self.shared.reg(log2);
         if !(regs::MIN_LOG2_RING..=regs::MAX_LOG2_RING).contains(&log2) {
-            return Err(format!("{name} ring log2 size {log2} outside {}..={}", regs::MIN_LOG2_RING, regs::MAX_LOG2_RING));
+            return Err(format!(
+                "{name} ring log2 size {log2} outside {}..={}",
+                regs::MIN_LOG2_RING,
+                regs::MAX_LOG2_RING
+            ));
         }
         if base % 64 != 0 {
             return Err(format!("{name} ring base {base:#x} is not 64-byte aligned"));
         }
         let size = 1u32 << log2;
-        let region = self
-            .tlb
-            .translate(base, size as usize * entry)
-            .map_err(|e| format!("{name} ring: {e}"))?;
+        let region = self.tlb.translate(base, size as usize * entry).map_err(|e| format!("{name} ring: {e}"))?;
         Ok((region, size))
     }
 
@@ -575,10 +583,13 @@ impl Core {
         if cap as usize != self.table.capacity() {
             self.table = CuckooTable::new(cap as usize);
         }
-        let (cr, cs) = self.ring_region(regs::CMD_BASE_LO, regs::CMD_BASE_HI, regs::CMD_LOG2_SIZE, DESC_SIZE, "command")?;
-        let (pr, ps) = self.ring_region(regs::CPL_BASE_LO, regs::CPL_BASE_HI, regs::CPL_LOG2_SIZE, CPL_SIZE, "completion")?;
+        let (cr, cs) =
+            self.ring_region(regs::CMD_BASE_LO, regs::CMD_BASE_HI, regs::CMD_LOG2_SIZE, DESC_SIZE, "command")?;
+        let (pr, ps) =
+            self.ring_region(regs::CPL_BASE_LO, regs::CPL_BASE_HI, regs::CPL_LOG2_SIZE, CPL_SIZE, "completion")?;
         let evt = if self.shared.reg(regs::EVT_LOG2_SIZE) != 0 {
-            let (er, es) = self.ring_region(regs::EVT_BASE_LO, regs::EVT_BASE_HI, regs::EVT_LOG2_SIZE, EVT_SIZE, "event")?;
+            let (er, es) =
+                self.ring_region(regs::EVT_BASE_LO, regs::EVT_BASE_HI, regs::EVT_LOG2_SIZE, EVT_SIZE, "event")?;
             Some(ProducerRing { region: er, size: es, tail: 0, phase: true, head_cache: 0 })
         } else {
             None
@@ -686,10 +697,8 @@ impl Core {
                 }
                 head = (head + slots) % size;
                 i += slots as usize;
-                let word0 = d.tag.get() as u64
-                    | (outcome.status as u64) << 16
-                    | (d.opcode as u64) << 24
-                    | (head as u64) << 32;
+                let word0 =
+                    d.tag.get() as u64 | (outcome.status as u64) << 16 | (d.opcode as u64) << 24 | (head as u64) << 32;
                 irq_now |= d.flags & nicsync_fwif::cmd::DescFlags::IRQ_NOW.bits() != 0;
                 cpls[ncpl] = (word0, outcome.result);
                 ncpl += 1;
@@ -802,7 +811,8 @@ impl Core {
         if op.auto_generation {
             state.generation = 1.into();
         }
-        let slot = Slot { key: op.key, state, nat: op.nat.unwrap_or_default(), expires_ms: Self::expiry(now_ms, &state) };
+        let slot =
+            Slot { key: op.key, state, nat: op.nat.unwrap_or_default(), expires_ms: Self::expiry(now_ms, &state) };
         match self.table.insert(slot, t) {
             Ok(_) => Outcome::ok(state.generation.get() as u64),
             Err(InsertError::Exists(_)) => Outcome::err(CplStatus::Exists),

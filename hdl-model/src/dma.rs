@@ -304,7 +304,10 @@ mod tests {
         let iommu = Arc::new(Iommu::default());
         let mem = Arc::new(VecMemory::new(4096));
         assert!(iommu.map(0x10_000, mem.clone()).is_ok());
-        assert_eq!(iommu.map(0x10_800, Arc::new(VecMemory::new(4096))), Err(MapError::Overlap { iova: 0x10_800, len: 4096 }));
+        assert_eq!(
+            iommu.map(0x10_800, Arc::new(VecMemory::new(4096))),
+            Err(MapError::Overlap { iova: 0x10_800, len: 4096 })
+        );
         let mut tlb = iommu.tlb();
         assert!(tlb.translate(0x10_000, 4096).is_ok());
         assert!(tlb.translate(0x10_ff0, 32).is_err());

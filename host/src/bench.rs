@@ -339,7 +339,9 @@ pub fn batch_throughput(
     }
     let drv = t.driver();
     let descs: Vec<CommandDescriptor> = (0..working_set)
-        .map(|i| CommandDescriptor::conn(Opcode::Update, DescFlags::AUTO_GENERATION, 0, &bench_key(i), &established(3600)))
+        .map(|i| {
+            CommandDescriptor::conn(Opcode::Update, DescFlags::AUTO_GENERATION, 0, &bench_key(i), &established(3600))
+        })
         .collect();
     let clock = drv.info().clock_mhz;
     let mut runs = Vec::with_capacity(reps);
@@ -471,7 +473,10 @@ pub fn render(r: &RingReport) -> String {
     s += &format!("update RTT (rings + model)  {}\n", p(&r.update_rtt_ns));
     s += &format!("  ratio p50 {:.2} (target <= 1.25)\n", r.update_rtt_ratio_p50);
     s += &format!("baseline SPSC 64-byte slots {:>12.0} ops/s\n", r.baseline_spsc_ops_per_s);
-    s += &format!("batched updates             {:>12.0} updates/s ({} slots per ring)\n", r.batch_updates_per_s, r.ring_slots);
+    s += &format!(
+        "batched updates             {:>12.0} updates/s ({} slots per ring)\n",
+        r.batch_updates_per_s, r.ring_slots
+    );
     s += &format!("  ratio to SPSC {:.2} (target >= 0.33; >= 10 M/s)\n", r.batch_to_spsc_ratio);
     s += &format!(
         "cost model: {:.1} cycles per update at {} MHz = {:.0} ns modelled hardware time\n",

@@ -114,7 +114,9 @@ fn new_conn(rng: &mut Rng, serial: u32) -> (ConnKey, bool) {
 fn state_for(stage: TcpState, proto_num: u8) -> ConnState {
     let (flags, timeout) = match stage {
         TcpState::SynSent => (ConnFlags::SYNC, 120),
-        TcpState::Established => (ConnFlags::SEEN_REPLY | ConnFlags::ASSURED | ConnFlags::CONFIRMED | ConnFlags::SYNC, 432_000),
+        TcpState::Established => {
+            (ConnFlags::SEEN_REPLY | ConnFlags::ASSURED | ConnFlags::CONFIRMED | ConnFlags::SYNC, 432_000)
+        }
         TcpState::FinWait => (ConnFlags::SEEN_REPLY | ConnFlags::ASSURED | ConnFlags::CONFIRMED | ConnFlags::SYNC, 120),
         _ => (ConnFlags::SEEN_REPLY | ConnFlags::CONFIRMED | ConnFlags::SYNC, 120),
     };
@@ -165,7 +167,8 @@ pub fn run<D: NicDevice>(
             let t = t0.elapsed();
             let ok = rec.is_some_and(|r| {
                 let tcp_ok = l.key.proto != proto::TCP || r.state.tcp() == Some(l.stage);
-                tcp_ok && r.nat.nat_kind() == Some(l.nat.map_or(NatKind::None, |n| n.nat_kind().unwrap_or(NatKind::None)))
+                tcp_ok
+                    && r.nat.nat_kind() == Some(l.nat.map_or(NatKind::None, |n| n.nat_kind().unwrap_or(NatKind::None)))
             });
             rep.mismatches += (!ok) as u64;
             ("lookup", t)
@@ -222,8 +225,18 @@ pub fn run<D: NicDevice>(
     // Short UDP flows left to the card's aging (1 s timeout).
     let mut aging = Vec::new();
     for i in 0..opts.aging_flows {
-        let key = ConnKey::v4(Ipv4Addr::new(172, 16, (i >> 8) as u8, i as u8), 5353, Ipv4Addr::new(224, 0, 0, 251), 5353, proto::UDP, 0);
-        aging.push(TableOp::Insert(key, ConnEntry::new(ConnState::new(TcpState::None, Direction::Original, ConnFlags::empty(), 1, 0))));
+        let key = ConnKey::v4(
+            Ipv4Addr::new(172, 16, (i >> 8) as u8, i as u8),
+            5353,
+            Ipv4Addr::new(224, 0, 0, 251),
+            5353,
+            proto::UDP,
+            0,
+        );
+        aging.push(TableOp::Insert(
+            key,
+            ConnEntry::new(ConnState::new(TcpState::None, Direction::Original, ConnFlags::empty(), 1, 0)),
+        ));
     }
     for r in table.batch(&aging).map_err(TableError::from)? {
         r?;
@@ -269,8 +282,18 @@ pub fn render<D: NicDevice>(rep: &DemoReport, table: &ConnTable<D>) -> String {
         }
     }
     let a = &rep.all_latency_ns;
-    s += &format!("{:<12} {:>8} {:>11.0} {:>10.0} {:>10.0}\n", "all", rep.ops.values().sum::<u64>(), a.p50, a.p99, a.p999);
-    s += &format!("batched refresh of {} established connections: {:.0} updates/s\n", rep.batch_ops, rep.batch_ops_per_s);
+    s += &format!(
+        "{:<12} {:>8} {:>11.0} {:>10.0} {:>10.0}\n",
+        "all",
+        rep.ops.values().sum::<u64>(),
+        a.p50,
+        a.p99,
+        a.p999
+    );
+    s += &format!(
+        "batched refresh of {} established connections: {:.0} updates/s\n",
+        rep.batch_ops, rep.batch_ops_per_s
+    );
     s += &format!("aging removed {} short-lived UDP flows and reported each as an event\n", rep.aged_events);
     s += &format!(
         "card holds {} connections, host expects {}; lookups disagreeing with the host: {}\n",
@@ -278,7 +301,13 @@ pub fn render<D: NicDevice>(rep: &DemoReport, table: &ConnTable<D>) -> String {
     );
     let d = table.driver_ref();
     s += "device counters:";
-    for c in [Counter::CommandsFetched, Counter::Doorbells, Counter::CuckooKicks, Counter::EntriesAged, Counter::EventsWritten] {
+    for c in [
+        Counter::CommandsFetched,
+        Counter::Doorbells,
+        Counter::CuckooKicks,
+        Counter::EntriesAged,
+        Counter::EventsWritten,
+    ] {
         s += &format!(" {}={}", c.name(), d.device_counter(c));
     }
     s.push('\n');

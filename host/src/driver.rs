@@ -307,18 +307,25 @@ impl<D: NicDevice> Driver<D> {
         let mut ctl = Control::ENABLE;
         if cfg.completion_mode == CompletionMode::Interrupt {
             if dev.irq_fd(regs::VECTOR_COMPLETION).is_none() {
-                return Err(DriverError::Config("interrupt completion mode, but the device has no interrupt eventfd".into()));
+                return Err(DriverError::Config(
+                    "interrupt completion mode, but the device has no interrupt eventfd".into(),
+                ));
             }
             ctl |= Control::IRQ_ENABLE;
         }
         dev.write32(regs::CONTROL, ctl.bits());
-        wait_until(&cfg, "enable", || {
-            let s = Status::from_bits_truncate(dev.read32(regs::STATUS));
-            if s.contains(Status::FATAL) {
-                return Some(Err(DriverError::Fatal(s.bits())));
-            }
-            s.contains(Status::ENABLED).then_some(Ok(()))
-        }, || dev.read32(regs::STATUS))??;
+        wait_until(
+            &cfg,
+            "enable",
+            || {
+                let s = Status::from_bits_truncate(dev.read32(regs::STATUS));
+                if s.contains(Status::FATAL) {
+                    return Some(Err(DriverError::Fatal(s.bits())));
+                }
+                s.contains(Status::ENABLED).then_some(Ok(()))
+            },
+            || dev.read32(regs::STATUS),
+        )??;
         let capacity = dev.read32(regs::TABLE_CAPACITY);
         let info = DeviceInfo { capacity, ..info };
         tracing::info!(device = %dev.describe(), abi = %format!("{}.{}", info.abi_major, info.abi_minor), capacity, "device enabled");
@@ -378,11 +385,16 @@ impl<D: NicDevice> Driver<D> {
 
     fn reset_device(dev: &D, cfg: &DriverConfig) -> Result<(), DriverError> {
         dev.write32(regs::CONTROL, Control::RESET.bits());
-        wait_until(cfg, "leave reset", || {
-            let c = dev.read32(regs::CONTROL);
-            let s = Status::from_bits_truncate(dev.read32(regs::STATUS));
-            (c & Control::RESET.bits() == 0 && s.contains(Status::READY)).then_some(())
-        }, || dev.read32(regs::STATUS))
+        wait_until(
+            cfg,
+            "leave reset",
+            || {
+                let c = dev.read32(regs::CONTROL);
+                let s = Status::from_bits_truncate(dev.read32(regs::STATUS));
+                (c & Control::RESET.bits() == 0 && s.contains(Status::READY)).then_some(())
+            },
+            || dev.read32(regs::STATUS),
+        )
     }
 
     /// What the device reported at probe.
@@ -537,7 +549,10 @@ impl<D: NicDevice> Driver<D> {
         let slot = self.in_flight.get_mut(c.tag as usize).ok_or_else(|| format!("tag {} out of range", c.tag))?;
         let f = slot.ok_or_else(|| format!("tag {} is not in flight", c.tag))?;
         if f.opcode != c.opcode {
-            return Err(format!("tag {} completed as opcode {:#04x} but was posted as {:#04x}", c.tag, c.opcode, f.opcode));
+            return Err(format!(
+                "tag {} completed as opcode {:#04x} but was posted as {:#04x}",
+                c.tag, c.opcode, f.opcode
+            ));
         }
         *slot = None;
         self.slots_in_flight -= f.slots as u32;
@@ -563,7 +578,8 @@ impl<D: NicDevice> Driver<D> {
     /// Waits for the completion of `tag` (polling or interrupts, per the
     /// configuration), up to the completion timeout.
     pub fn wait(&mut self, tag: u16) -> Result<Completion, DriverError> {
-        if self.in_flight.get(tag as usize).is_none_or(Option::is_none) && self.done.get(tag as usize).is_none_or(Option::is_none)
+        if self.in_flight.get(tag as usize).is_none_or(Option::is_none)
+            && self.done.get(tag as usize).is_none_or(Option::is_none)
         {
             return Err(DriverError::UnknownTag(tag));
         }
@@ -611,7 +627,11 @@ impl<D: NicDevice> Driver<D> {
 
     /// Posts one command, rings, and waits for its completion.
     #[inline]
-    pub fn execute(&mut self, desc: &CommandDescriptor, ext: Option<&CommandDescriptor>) -> Result<Completion, DriverError> {
+    pub fn execute(
+        &mut self,
+        desc: &CommandDescriptor,
+        ext: Option<&CommandDescriptor>,
+    ) -> Result<Completion, DriverError> {
         let tag = self.post(desc, ext)?;
         self.ring();
         self.wait(tag)
@@ -683,11 +703,19 @@ impl<D: NicDevice> Drop for Driver<D> {
         // Stop the device, and wait until it says so, before the rings are
         // unmapped (they are dropped after this).
         self.dev.write32(regs::CONTROL, 0);
-        let cfg = DriverConfig { bringup_timeout: self.cfg.bringup_timeout.min(Duration::from_millis(100)), ..self.cfg.clone() };
-        let _ = wait_until(&cfg, "stop", || {
-            let s = Status::from_bits_truncate(self.dev.read32(regs::STATUS));
-            (!s.contains(Status::ENABLED)).then_some(())
-        }, || self.dev.read32(regs::STATUS));
+        let cfg = DriverConfig {
+            bringup_timeout: self.cfg.bringup_timeout.min(Duration::from_millis(100)),
+            ..self.cfg.clone()
+        };
+        let _ = wait_until(
+            &cfg,
+            "stop",
+            || {
+                let s = Status::from_bits_truncate(self.dev.read32(regs::STATUS));
+                (!s.contains(Status::ENABLED)).then_some(())
+            },
+            || self.dev.read32(regs::STATUS),
+        );
     }
 }
 

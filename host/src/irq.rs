@@ -62,7 +62,9 @@ impl AsyncCompletions {
                     drv.device().write32(regs::IRQ_STATUS, IrqCause::COMPLETION.bits());
                     guard.clear_ready();
                 }
-                Ok(Err(e)) => return Err(nicsync_vfio::DeviceError::Io { what: "wait for interrupt", source: e }.into()),
+                Ok(Err(e)) => {
+                    return Err(nicsync_vfio::DeviceError::Io { what: "wait for interrupt", source: e }.into())
+                }
                 Err(_) => {}
             }
         }

@@ -113,7 +113,11 @@ fn run_demo(a: DemoArgs) -> anyhow::Result<()> {
     if !a.json {
         println!("nicsync demo on {}", nicsync_vfio::NicDevice::describe(&dev));
     }
-    let cfg = DriverConfig { table_capacity: (a.max_live as u32 * 2).max(1 << 16), aging_period_ms: 200, ..Default::default() };
+    let cfg = DriverConfig {
+        table_capacity: (a.max_live as u32 * 2).max(1 << 16),
+        aging_period_ms: 200,
+        ..Default::default()
+    };
     let mut table = ConnTable::open(dev, cfg)?;
     let opts = DemoOptions { operations: a.operations, max_live: a.max_live, seed: a.seed, ..Default::default() };
     let rep = demo::run(&mut table, &opts, || {})?;

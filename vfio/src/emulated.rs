@@ -143,10 +143,11 @@ impl NicDevice for EmulatedDevice {
         let mem = Arc::new(DmaMemory::allocate(len, self.hugepages)?);
         let span = mem.len() as u64 + GUARD;
         let iova = self.next_iova.fetch_add(span, Ordering::Relaxed);
-        self.nic
-            .iommu()
-            .map(iova, mem.clone())
-            .map_err(|e| DeviceError::DmaMap { iova, len, reason: e.to_string() })?;
+        self.nic.iommu().map(iova, mem.clone()).map_err(|e| DeviceError::DmaMap {
+            iova,
+            len,
+            reason: e.to_string(),
+        })?;
         Ok(DmaBuffer::new(mem, iova, Some(self.unmap.clone())))
     }
 

@@ -178,7 +178,10 @@ pub struct DmaBuffer {
 
 impl fmt::Debug for DmaBuffer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DmaBuffer").field("iova", &format_args!("{:#x}", self.iova)).field("len", &self.mem.len()).finish()
+        f.debug_struct("DmaBuffer")
+            .field("iova", &format_args!("{:#x}", self.iova))
+            .field("len", &self.mem.len())
+            .finish()
     }
 }
 

@@ -127,10 +127,7 @@ fn canonical_bdf(s: &str) -> Option<String> {
 }
 
 fn not_bound(bdf: &str, reason: impl Into<String>) -> DeviceError {
-    DeviceError::NotBound {
-        bdf: bdf.to_string(),
-        reason: reason.into(),
-    }
+    DeviceError::NotBound { bdf: bdf.to_string(), reason: reason.into() }
 }
 
 /// The last component of a symlink's target (`.../drivers/nvme` → `nvme`),
@@ -144,14 +141,8 @@ fn link_name(link: &Path) -> Option<String> {
 fn bind_commands(sysfs: &Path, bdf: &str, bound: bool) -> String {
     let dev = sysfs.join("bus/pci/devices").join(bdf);
     let probe = sysfs.join("bus/pci/drivers_probe");
-    let unbind = if bound {
-        format!(
-            "echo {bdf} | sudo tee {}; ",
-            dev.join("driver/unbind").display()
-        )
-    } else {
-        String::new()
-    };
+    let unbind =
+        if bound { format!("echo {bdf} | sudo tee {}; ", dev.join("driver/unbind").display()) } else { String::new() };
     format!(
         "sudo modprobe vfio-pci; {unbind}echo {VFIO_DRIVER} | sudo tee {}; echo {bdf} | sudo tee {}",
         dev.join("driver_override").display(),
@@ -201,10 +192,7 @@ pub fn precheck(sysfs: &Path, dev: &Path, bdf: &str) -> Result<PathBuf, DeviceEr
     if !dir.is_dir() {
         return Err(not_bound(
             bdf,
-            format!(
-                "no such PCI device ({} does not exist); `lspci -D` lists the devices",
-                dir.display()
-            ),
+            format!("no such PCI device ({} does not exist); `lspci -D` lists the devices", dir.display()),
         ));
     }
 
@@ -220,10 +208,7 @@ pub fn precheck(sysfs: &Path, dev: &Path, bdf: &str) -> Result<PathBuf, DeviceEr
         ));
     };
     let Ok(group) = group_name.parse::<u32>() else {
-        return Err(not_bound(
-            bdf,
-            format!("unexpected IOMMU group name '{group_name}' in sysfs"),
-        ));
+        return Err(not_bound(bdf, format!("unexpected IOMMU group name '{group_name}' in sysfs")));
     };
 
     match link_name(&dir.join("driver")) {
@@ -264,9 +249,7 @@ pub fn precheck(sysfs: &Path, dev: &Path, bdf: &str) -> Result<PathBuf, DeviceEr
                  {group} is not usable. Every device in the group must be bound to {VFIO_DRIVER} \
                  or to no driver (see {})",
                 node.display(),
-                sysfs
-                    .join(format!("kernel/iommu_groups/{group}/devices"))
-                    .display()
+                sysfs.join(format!("kernel/iommu_groups/{group}/devices")).display()
             )
         };
         return Err(not_bound(bdf, reason));
@@ -320,11 +303,7 @@ fn align_up(v: u64, align: u64) -> Option<u64> {
 /// IOMMU reported no constraint.
 fn place_iova(cursor: u64, len: u64, align: u64, ranges: &[Range<u64>]) -> Option<u64> {
     let everything = 0..u64::MAX;
-    let ranges = if ranges.is_empty() {
-        std::slice::from_ref(&everything)
-    } else {
-        ranges
-    };
+    let ranges = if ranges.is_empty() { std::slice::from_ref(&everything) } else { ranges };
     ranges.iter().find_map(|r| {
         let start = align_up(cursor.max(r.start), align)?;
         let end = start.checked_add(len)?;
@@ -436,10 +415,7 @@ impl VfioDevice {
         let pci = VfioPciDevice::open(&dir).map_err(|e| open_error(&bdf, &e))?;
 
         let bar0 = Self::setup_bar0(&bdf, &pci)?;
-        enable_bus_master(&pci).map_err(|source| DeviceError::Io {
-            what: "enable PCI bus mastering",
-            source,
-        })?;
+        enable_bus_master(&pci).map_err(|source| DeviceError::Io { what: "enable PCI bus mastering", source })?;
 
         let container = Arc::clone(pci.container());
         let iommu = container.iommu();
@@ -490,25 +466,16 @@ impl VfioDevice {
             ));
         }
         if PciRegion::permissions(&bar0) != Permissions::ReadWrite {
-            return Err(not_bound(
-                bdf,
-                "VFIO does not allow both reading and writing BAR0",
-            ));
+            return Err(not_bound(bdf, "VFIO does not allow both reading and writing BAR0"));
         }
         if !bar0.is_mappable() {
-            tracing::warn!(
-                bdf,
-                "BAR0 cannot be memory-mapped; register access falls back to system calls"
-            );
+            tracing::warn!(bdf, "BAR0 cannot be memory-mapped; register access falls back to system calls");
             return Ok(Bar0::Unmapped(bar0));
         }
         match bar0.map(..regs::BAR0_SIZE as u64, Permissions::ReadWrite) {
             Ok(m) => Ok(Bar0::Mapped(m)),
             Err(e) => {
-                tracing::warn!(
-                    bdf,
-                    "cannot mmap BAR0 ({e}); register access falls back to system calls"
-                );
+                tracing::warn!(bdf, "cannot mmap BAR0 ({e}); register access falls back to system calls");
                 Ok(Bar0::Unmapped(bar0))
             }
         }
@@ -521,31 +488,20 @@ impl VfioDevice {
         let msix = interrupts.msi_x();
         let max = msix.max();
         if max == 0 {
-            tracing::info!(
-                bdf,
-                "device has no MSI-X; interrupts are not wired, the driver polls"
-            );
+            tracing::info!(bdf, "device has no MSI-X; interrupts are not wired, the driver polls");
             return Ok(Vec::new());
         }
         let want = usize::from(regs::VECTOR_COUNT);
         let n = want.min(max);
         if n < want {
-            tracing::warn!(
-                bdf,
-                "device offers {max} MSI-X vectors, nicsync uses {want}; wiring {n}"
-            );
+            tracing::warn!(bdf, "device offers {max} MSI-X vectors, nicsync uses {want}; wiring {n}");
         }
-        let fds = (0..n)
-            .map(|_| EventFd::new())
-            .collect::<Result<Vec<_>, _>>()?;
+        let fds = (0..n).map(|_| EventFd::new()).collect::<Result<Vec<_>, _>>()?;
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_fd().as_raw_fd()).collect();
         match msix.enable(&raw) {
             Ok(()) => Ok(fds),
             Err(e) => {
-                tracing::warn!(
-                    bdf,
-                    "cannot enable MSI-X ({e}); interrupts are not wired, the driver polls"
-                );
+                tracing::warn!(bdf, "cannot enable MSI-X ({e}); interrupts are not wired, the driver polls");
                 Ok(Vec::new())
             }
         }
@@ -600,29 +556,19 @@ impl NicDevice for VfioDevice {
             other => other,
         })?;
         let size = mem.len();
-        let page = if mem.is_hugepage() {
-            HUGE_PAGE
-        } else {
-            SMALL_PAGE
-        };
+        let page = if mem.is_hugepage() { HUGE_PAGE } else { SMALL_PAGE };
         if (mem.host_addr() as usize as u64) % self.iova.align != 0 {
             return Err(DeviceError::DmaMap {
                 iova: 0,
                 len: size,
-                reason: format!(
-                    "host buffer is not aligned to the IOMMU page size ({:#x})",
-                    self.iova.align
-                ),
+                reason: format!("host buffer is not aligned to the IOMMU page size ({:#x})", self.iova.align),
             });
         }
         let Some(iova) = self.iova.reserve(size as u64, page) else {
             return Err(DeviceError::DmaMap {
                 iova: 0,
                 len: size,
-                reason: format!(
-                    "no room left in the IOMMU's valid IOVA ranges {:x?}",
-                    self.iova.ranges
-                ),
+                reason: format!("no room left in the IOMMU's valid IOVA ranges {:x?}", self.iova.ranges),
             });
         };
         let mapping = IommuMapping::map(Arc::clone(&self.container), Arc::clone(&mem), iova).map_err(|e| {
@@ -637,10 +583,7 @@ impl NicDevice for VfioDevice {
             }
         })?;
         tracing::debug!(bdf = %self.bdf, iova, len = size, hugepage = mem.is_hugepage(), "mapped DMA buffer");
-        let unmap: Arc<dyn DmaUnmap> = Arc::new(VfioUnmap {
-            mapping,
-            bdf: self.bdf.clone(),
-        });
+        let unmap: Arc<dyn DmaUnmap> = Arc::new(VfioUnmap { mapping, bdf: self.bdf.clone() });
         Ok(DmaBuffer::new(mem, iova, Some(unmap)))
     }
 
@@ -653,23 +596,15 @@ impl NicDevice for VfioDevice {
             Ok(()) => {
                 // The kernel restores the saved config space after a reset;
                 // make sure the device can still DMA anyway.
-                enable_bus_master(&self.pci).map_err(|source| DeviceError::Io {
-                    what: "re-enable PCI bus mastering after reset",
-                    source,
-                })
+                enable_bus_master(&self.pci)
+                    .map_err(|source| DeviceError::Io { what: "re-enable PCI bus mastering after reset", source })
             }
             // VFIO_DEVICE_RESET fails with EINVAL when the device has no
             // reset method the kernel can use (no FLR, PM or bus reset).
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOTTY)) => {
-                Err(DeviceError::Unsupported {
-                    backend: "vfio",
-                    what: "function-level reset (the device offers none)",
-                })
+                Err(DeviceError::Unsupported { backend: "vfio", what: "function-level reset (the device offers none)" })
             }
-            Err(e) => Err(DeviceError::Reset(format!(
-                "VFIO reset of {}: {e}",
-                self.bdf
-            ))),
+            Err(e) => Err(DeviceError::Reset(format!("VFIO reset of {}: {e}", self.bdf))),
         }
     }
 
@@ -741,10 +676,7 @@ mod tests {
     #[test]
     fn canonical_form_is_lowercase_with_domain() {
         assert_eq!(canonical_bdf("3B:00.1").as_deref(), Some("0000:3b:00.1"));
-        assert_eq!(
-            canonical_bdf("ABCD:EF:1F.7").as_deref(),
-            Some("abcd:ef:1f.7")
-        );
+        assert_eq!(canonical_bdf("ABCD:EF:1F.7").as_deref(), Some("abcd:ef:1f.7"));
     }
 
     /// A fake `/sys` + `/dev` under the temp dir, removed on drop.
@@ -756,8 +688,7 @@ mod tests {
         fn new(tag: &str) -> io::Result<Fake> {
             static NEXT: AtomicUsize = AtomicUsize::new(0);
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let root =
-                std::env::temp_dir().join(format!("nicsync-vfio-{}-{tag}-{n}", std::process::id()));
+            let root = std::env::temp_dir().join(format!("nicsync-vfio-{}-{tag}-{n}", std::process::id()));
             let _ = std::fs::remove_dir_all(&root);
             std::fs::create_dir_all(root.join("sys/bus/pci/devices"))?;
             std::fs::create_dir_all(root.join("dev"))?;
@@ -782,17 +713,11 @@ mod tests {
             Ok(self)
         }
         fn with_group(self, bdf: &str, group: &str) -> io::Result<Self> {
-            symlink(
-                format!("../../../kernel/iommu_groups/{group}"),
-                self.device_dir(bdf).join("iommu_group"),
-            )?;
+            symlink(format!("../../../kernel/iommu_groups/{group}"), self.device_dir(bdf).join("iommu_group"))?;
             Ok(self)
         }
         fn with_driver(self, bdf: &str, driver: &str) -> io::Result<Self> {
-            symlink(
-                format!("../../../bus/pci/drivers/{driver}"),
-                self.device_dir(bdf).join("driver"),
-            )?;
+            symlink(format!("../../../bus/pci/drivers/{driver}"), self.device_dir(bdf).join("driver"))?;
             Ok(self)
         }
         fn with_node(self, name: &str) -> io::Result<Self> {
@@ -848,10 +773,7 @@ mod tests {
         let fake = Fake::ready("badaddr", "0000:01:00.0")?;
         let r = fake.check("0000:01:00");
         assert!(matches!(&r, Err(DeviceError::NotBound { bdf, .. }) if bdf == "0000:01:00"));
-        assert_mentions(
-            &reason(r),
-            &["not a PCI address", "0000:01:00.0", "lspci -D"],
-        );
+        assert_mentions(&reason(r), &["not a PCI address", "0000:01:00.0", "lspci -D"]);
         Ok(())
     }
 
@@ -860,16 +782,7 @@ mod tests {
         let fake = Fake::new("novfio")?.with_device("0000:01:00.0")?;
         match fake.check("0000:01:00.0") {
             Err(DeviceError::VfioUnavailable(msg)) => {
-                assert_mentions(
-                    &msg,
-                    &[
-                        "vfio-pci",
-                        "not loaded",
-                        "IOMMU",
-                        "intel_iommu=on",
-                        "amd_iommu=on",
-                    ],
-                );
+                assert_mentions(&msg, &["vfio-pci", "not loaded", "IOMMU", "intel_iommu=on", "amd_iommu=on"]);
                 assert_mentions(&msg, &["modprobe vfio-pci", "/dev/vfio"]);
             }
             other => panic!("expected VfioUnavailable, got {other:?}"),
@@ -882,9 +795,7 @@ mod tests {
         let fake = Fake::new("nocontainer")?.with_device("0000:01:00.0")?;
         std::fs::create_dir_all(fake.dev().join("vfio"))?;
         match fake.check("0000:01:00.0") {
-            Err(DeviceError::VfioUnavailable(msg)) => {
-                assert_mentions(&msg, &["vfio/vfio", "modprobe vfio-pci"])
-            }
+            Err(DeviceError::VfioUnavailable(msg)) => assert_mentions(&msg, &["vfio/vfio", "modprobe vfio-pci"]),
             other => panic!("expected VfioUnavailable, got {other:?}"),
         }
         Ok(())
@@ -901,10 +812,8 @@ mod tests {
 
     #[test]
     fn missing_iommu_group_explains_the_iommu() -> TestResult {
-        let fake = Fake::new("nogroup")?
-            .with_vfio()?
-            .with_device("0000:01:00.0")?
-            .with_driver("0000:01:00.0", "nvme")?;
+        let fake =
+            Fake::new("nogroup")?.with_vfio()?.with_device("0000:01:00.0")?.with_driver("0000:01:00.0", "nvme")?;
         assert_mentions(
             &reason(fake.check("0000:01:00.0")),
             &["no IOMMU group", "intel_iommu=on", "amd_iommu=on", "reboot"],
@@ -914,20 +823,9 @@ mod tests {
 
     #[test]
     fn unbound_device_gets_bind_commands() -> TestResult {
-        let fake = Fake::new("nodriver")?
-            .with_vfio()?
-            .with_device("0000:01:00.0")?
-            .with_group("0000:01:00.0", "7")?;
+        let fake = Fake::new("nodriver")?.with_vfio()?.with_device("0000:01:00.0")?.with_group("0000:01:00.0", "7")?;
         let msg = reason(fake.check("0000:01:00.0"));
-        assert_mentions(
-            &msg,
-            &[
-                "not bound to any driver",
-                "modprobe vfio-pci",
-                "driver_override",
-                "drivers_probe",
-            ],
-        );
+        assert_mentions(&msg, &["not bound to any driver", "modprobe vfio-pci", "driver_override", "drivers_probe"]);
         assert!(!msg.contains("unbind"), "{msg}");
         Ok(())
     }
@@ -940,16 +838,7 @@ mod tests {
             .with_group("0000:01:00.0", "7")?
             .with_driver("0000:01:00.0", "nvme")?;
         let msg = reason(fake.check("0000:01:00.0"));
-        assert_mentions(
-            &msg,
-            &[
-                "'nvme'",
-                "not vfio-pci",
-                "driver/unbind",
-                "driver_override",
-                "drivers_probe",
-            ],
-        );
+        assert_mentions(&msg, &["'nvme'", "not vfio-pci", "driver/unbind", "driver_override", "drivers_probe"]);
         assert_mentions(&msg, &["echo vfio-pci", "echo 0000:01:00.0"]);
         Ok(())
     }
@@ -972,10 +861,7 @@ mod tests {
             .with_device("0000:01:00.0")?
             .with_group("0000:01:00.0", "7")?
             .with_driver("0000:01:00.0", "vfio-pci")?;
-        assert_mentions(
-            &reason(fake.check("0000:01:00.0")),
-            &["vfio/7", "group 7", "iommu_groups/7/devices"],
-        );
+        assert_mentions(&reason(fake.check("0000:01:00.0")), &["vfio/7", "group 7", "iommu_groups/7/devices"]);
         Ok(())
     }
 
@@ -987,10 +873,7 @@ mod tests {
             .with_group("0000:01:00.0", "7")?
             .with_driver("0000:01:00.0", "vfio-pci")?
             .with_node("noiommu-7")?;
-        assert_mentions(
-            &reason(fake.check("0000:01:00.0")),
-            &["no-IOMMU", "noiommu-7"],
-        );
+        assert_mentions(&reason(fake.check("0000:01:00.0")), &["no-IOMMU", "noiommu-7"]);
         Ok(())
     }
 
@@ -999,20 +882,12 @@ mod tests {
         let fake = Fake::ready("perm", "0000:01:00.0")?;
         let node = fake.dev().join("vfio/7");
         std::fs::set_permissions(&node, std::fs::Permissions::from_mode(0o000))?;
-        if OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&node)
-            .is_ok()
-        {
+        if OpenOptions::new().read(true).write(true).open(&node).is_ok() {
             // Running as root (or with CAP_DAC_OVERRIDE): permissions do not
             // apply; the message itself is covered by `group_open_errors`.
             return Ok(());
         }
-        assert_mentions(
-            &reason(fake.check("0000:01:00.0")),
-            &["permission denied", "vfio/7", "chown", "ulimit -l"],
-        );
+        assert_mentions(&reason(fake.check("0000:01:00.0")), &["permission denied", "vfio/7", "chown", "ulimit -l"]);
         Ok(())
     }
 
@@ -1025,10 +900,7 @@ mod tests {
             .with_driver("0000:01:00.0", "vfio-pci")?;
         // A directory exists but cannot be opened for writing (EISDIR).
         std::fs::create_dir_all(fake.dev().join("vfio/7"))?;
-        assert_mentions(
-            &reason(fake.check("0000:01:00.0")),
-            &["cannot open", "vfio/7"],
-        );
+        assert_mentions(&reason(fake.check("0000:01:00.0")), &["cannot open", "vfio/7"]);
         Ok(())
     }
 
@@ -1042,26 +914,15 @@ mod tests {
         let msg = reason(Err(group_open_error("0000:01:00.0", node, 7, &busy)));
         assert_mentions(&msg, &["busy", "group 7", "another process"]);
         let other = io::Error::from_raw_os_error(libc::ENXIO);
-        assert_mentions(
-            &reason(Err(group_open_error("0000:01:00.0", node, 7, &other))),
-            &["cannot open /dev/vfio/7"],
-        );
+        assert_mentions(&reason(Err(group_open_error("0000:01:00.0", node, 7, &other))), &["cannot open /dev/vfio/7"]);
     }
 
     #[test]
     fn open_errors_keep_the_cause() {
-        let e = io::Error::other(
-            "Group is not viable; are all devices in the group bound to vfio or unbound?",
-        );
-        assert_mentions(
-            &reason(Err(open_error("0000:01:00.0", &e))),
-            &["not viable"],
-        );
+        let e = io::Error::other("Group is not viable; are all devices in the group bound to vfio or unbound?");
+        assert_mentions(&reason(Err(open_error("0000:01:00.0", &e))), &["not viable"]);
         let e = io::Error::from_raw_os_error(libc::EBUSY);
-        assert_mentions(
-            &reason(Err(open_error("0000:01:00.0", &e))),
-            &["another process"],
-        );
+        assert_mentions(&reason(Err(open_error("0000:01:00.0", &e))), &["another process"]);
     }
 
     #[test]
@@ -1080,23 +941,11 @@ mod tests {
         let ranges = [0x1000..0xfee0_0000, 0xfef0_0000..(1 << 48)];
         // Starts at the cursor, aligned.
         assert_eq!(place_iova(IOVA_BASE, 4096, 4096, &ranges), Some(IOVA_BASE));
-        assert_eq!(
-            place_iova(IOVA_BASE + 1, 4096, 4096, &ranges),
-            Some(IOVA_BASE + 4096)
-        );
-        assert_eq!(
-            place_iova(IOVA_BASE + 4096, HUGE_PAGE, HUGE_PAGE, &ranges),
-            Some(IOVA_BASE + HUGE_PAGE)
-        );
+        assert_eq!(place_iova(IOVA_BASE + 1, 4096, 4096, &ranges), Some(IOVA_BASE + 4096));
+        assert_eq!(place_iova(IOVA_BASE + 4096, HUGE_PAGE, HUGE_PAGE, &ranges), Some(IOVA_BASE + HUGE_PAGE));
         // Skips a hole: a buffer that would straddle the MSI window moves past it.
-        assert_eq!(
-            place_iova(0xfed0_0000, HUGE_PAGE, HUGE_PAGE, &ranges),
-            Some(0xff00_0000)
-        );
-        assert_eq!(
-            place_iova(0xfed0_0000, 4096, 4096, &ranges),
-            Some(0xfed0_0000)
-        );
+        assert_eq!(place_iova(0xfed0_0000, HUGE_PAGE, HUGE_PAGE, &ranges), Some(0xff00_0000));
+        assert_eq!(place_iova(0xfed0_0000, 4096, 4096, &ranges), Some(0xfed0_0000));
         // A cursor below every range moves to the first.
         assert_eq!(place_iova(0, 4096, 4096, &ranges), Some(0x1000));
         // Exhaustion and overflow.
@@ -1118,29 +967,17 @@ mod tests {
             max_mappings: 65535,
         };
         assert_eq!(space.reserve(4096, SMALL_PAGE), Some(IOVA_BASE));
-        assert_eq!(
-            space.reserve(4096, SMALL_PAGE),
-            Some(IOVA_BASE + (64 << 10))
-        );
-        assert_eq!(
-            space.reserve(HUGE_PAGE, HUGE_PAGE),
-            Some(IOVA_BASE + HUGE_PAGE)
-        );
+        assert_eq!(space.reserve(4096, SMALL_PAGE), Some(IOVA_BASE + (64 << 10)));
+        assert_eq!(space.reserve(HUGE_PAGE, HUGE_PAGE), Some(IOVA_BASE + HUGE_PAGE));
         assert_eq!(space.reserve(1 << 40, SMALL_PAGE), None);
-        assert_eq!(
-            space.reserve(4096, SMALL_PAGE),
-            Some(IOVA_BASE + 2 * HUGE_PAGE)
-        );
+        assert_eq!(space.reserve(4096, SMALL_PAGE), Some(IOVA_BASE + 2 * HUGE_PAGE));
     }
 
     #[test]
     fn error_logging_is_rate_limited() {
         let c = AtomicU64::new(0);
         let logged: Vec<bool> = (0..9).map(|_| should_log(&c)).collect();
-        assert_eq!(
-            logged,
-            [true, true, false, true, false, false, false, true, false]
-        );
+        assert_eq!(logged, [true, true, false, true, false, false, false, true, false]);
     }
 
     /// Prints what the pre-checks say about every PCI device of this host.
