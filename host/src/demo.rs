@@ -324,3 +324,25 @@ pub fn check(rep: &DemoReport) -> Result<(), DriverError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::DriverConfig;
+    use nicsync_vfio::EmulatedDevice;
+
+    #[test]
+    fn demo_agrees_with_the_card_and_ages_flows() -> Result<(), Box<dyn std::error::Error>> {
+        let dev = EmulatedDevice::inline()?;
+        let nic = dev.nic().clone();
+        let mut t = ConnTable::open(dev, DriverConfig { aging_period_ms: 100, ..Default::default() })?;
+        let opts = DemoOptions { operations: 5_000, max_live: 500, seed: 7, aging_flows: 50 };
+        let rep = run(&mut t, &opts, || nic.advance_time(Duration::from_millis(500)))?;
+        check(&rep)?;
+        assert_eq!(rep.aged_events, 50);
+        assert_eq!(rep.ops.values().sum::<u64>(), 5_000);
+        assert!(rep.ipv6_created > 0 && rep.nat_created > 0);
+        assert!(render(&rep, &t).contains("lookups disagreeing with the host: 0"));
+        Ok(())
+    }
+}

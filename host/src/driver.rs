@@ -723,3 +723,67 @@ impl<D: NicDevice> Drop for Driver<D> {
 pub fn opcode_of(d: &CommandDescriptor) -> Option<Opcode> {
     Opcode::from_wire(d.opcode)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nicsync_vfio::MockDevice;
+
+    fn quick() -> DriverConfig {
+        DriverConfig { bringup_timeout: Duration::from_millis(20), ..Default::default() }
+    }
+
+    #[test]
+    fn refuses_a_device_that_is_not_nicsync() {
+        let m = MockDevice::healthy();
+        m.set(regs::DEVICE_ID, 0x8086_1234);
+        let e = Driver::probe(m, quick()).map(|_| ()).err();
+        assert!(matches!(e, Some(DriverError::NotNicsync { found: 0x8086_1234 })), "{e:?}");
+    }
+
+    #[test]
+    fn refuses_other_abi_majors_with_advice() {
+        for (major, side) in [(ABI_MAJOR + 1, "host software"), (ABI_MAJOR - 1, "device firmware")] {
+            let m = MockDevice::healthy();
+            m.set(regs::ABI_VERSION, regs::pack_version(major, 3));
+            let e = Driver::probe(m, quick()).map(|_| ()).err();
+            let msg = e.as_ref().map(|e| e.to_string()).unwrap_or_default();
+            assert!(matches!(e, Some(DriverError::AbiMismatch { .. })), "{msg}");
+            assert!(msg.contains(&format!("{major}.3")) && msg.contains(side), "{msg}");
+        }
+    }
+
+    #[test]
+    fn names_missing_capabilities() {
+        let m = MockDevice::healthy();
+        m.set(regs::CAPABILITIES, (Capabilities::all() - Capabilities::SNAPSHOT).bits());
+        let e = Driver::probe(m, quick()).map(|_| ()).err();
+        assert!(matches!(e, Some(DriverError::MissingCapabilities(c)) if c == Capabilities::SNAPSHOT), "{e:?}");
+    }
+
+    #[test]
+    fn times_out_on_a_device_that_never_enables() {
+        let m = MockDevice::healthy();
+        let e = Driver::probe(m, quick()).map(|_| ()).err();
+        assert!(matches!(e, Some(DriverError::BringUpTimeout { what: "enable", .. })), "{e:?}");
+    }
+
+    #[test]
+    fn programs_rings_before_enabling() {
+        let m = std::sync::Arc::new(MockDevice::healthy());
+        let _ = Driver::probe(m.clone(), quick());
+        let writes = m.writes();
+        let pos = |off| writes.iter().position(|(o, _)| *o == off);
+        let enable = writes.iter().position(|(o, v)| *o == regs::CONTROL && v & Control::ENABLE.bits() != 0);
+        for r in [regs::CMD_BASE_LO, regs::CPL_BASE_LO, regs::EVT_BASE_LO, regs::TABLE_CAPACITY] {
+            assert!(pos(r) < enable && pos(r).is_some(), "register {r:#x} written after ENABLE");
+        }
+        assert_eq!(writes.first(), Some(&(regs::CONTROL, Control::RESET.bits())));
+    }
+
+    #[test]
+    fn rejects_bad_ring_sizes() {
+        let cfg = DriverConfig { cmd_ring_log2: 1, ..quick() };
+        assert!(matches!(Driver::probe(MockDevice::healthy(), cfg), Err(DriverError::Config(_))));
+    }
+}
