@@ -120,47 +120,33 @@ pub trait NicDevice: Send + Sync {
     fn describe(&self) -> String;
 }
 
-impl<T: NicDevice + ?Sized> NicDevice for Arc<T> {
-    fn read32(&self, offset: u32) -> u32 {
-        (**self).read32(offset)
-    }
-    fn write32(&self, offset: u32, value: u32) {
-        (**self).write32(offset, value)
-    }
-    fn alloc_dma(&self, len: usize) -> Result<DmaBuffer, DeviceError> {
-        (**self).alloc_dma(len)
-    }
-    fn irq_fd(&self, vector: u16) -> Option<BorrowedFd<'_>> {
-        (**self).irq_fd(vector)
-    }
-    fn reset(&self) -> Result<(), DeviceError> {
-        (**self).reset()
-    }
-    fn describe(&self) -> String {
-        (**self).describe()
-    }
+/// Forwards [`NicDevice`] through a smart pointer.
+macro_rules! forward_nic_device {
+    ($ptr:ident) => {
+        impl<T: NicDevice + ?Sized> NicDevice for $ptr<T> {
+            fn read32(&self, offset: u32) -> u32 {
+                (**self).read32(offset)
+            }
+            fn write32(&self, offset: u32, value: u32) {
+                (**self).write32(offset, value)
+            }
+            fn alloc_dma(&self, len: usize) -> Result<DmaBuffer, DeviceError> {
+                (**self).alloc_dma(len)
+            }
+            fn irq_fd(&self, vector: u16) -> Option<BorrowedFd<'_>> {
+                (**self).irq_fd(vector)
+            }
+            fn reset(&self) -> Result<(), DeviceError> {
+                (**self).reset()
+            }
+            fn describe(&self) -> String {
+                (**self).describe()
+            }
+        }
+    };
 }
-
-impl<T: NicDevice + ?Sized> NicDevice for Box<T> {
-    fn read32(&self, offset: u32) -> u32 {
-        (**self).read32(offset)
-    }
-    fn write32(&self, offset: u32, value: u32) {
-        (**self).write32(offset, value)
-    }
-    fn alloc_dma(&self, len: usize) -> Result<DmaBuffer, DeviceError> {
-        (**self).alloc_dma(len)
-    }
-    fn irq_fd(&self, vector: u16) -> Option<BorrowedFd<'_>> {
-        (**self).irq_fd(vector)
-    }
-    fn reset(&self) -> Result<(), DeviceError> {
-        (**self).reset()
-    }
-    fn describe(&self) -> String {
-        (**self).describe()
-    }
-}
+forward_nic_device!(Arc);
+forward_nic_device!(Box);
 
 /// Undoes an IOMMU mapping when the buffer is dropped.
 pub trait DmaUnmap: Send + Sync {
