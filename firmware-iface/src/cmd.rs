@@ -331,7 +331,11 @@ impl CommandDescriptor {
             return Err(DecodeError::ReservedNonZero);
         }
         let conn_op = matches!(op, Opcode::Insert | Opcode::Update | Opcode::Upsert);
-        let allowed = if conn_op { DescFlags::all() } else { DescFlags::IRQ_NOW };
+        let allowed = match op {
+            _ if conn_op => DescFlags::all(),
+            Opcode::Ext => DescFlags::empty(),
+            _ => DescFlags::IRQ_NOW,
+        };
         if !allowed.contains(flags) {
             return Err(DecodeError::BadFlags(self.flags));
         }

@@ -118,11 +118,12 @@ impl ConnKey {
     }
 
     /// Checks the family byte and the canonical IPv4 padding.
+    #[inline]
     pub fn validate(&self) -> Result<(), KeyError> {
         match self.family {
             FAMILY_IPV6 => Ok(()),
             FAMILY_IPV4 => {
-                if self.src_addr[4..].iter().chain(&self.dst_addr[4..]).all(|b| *b == 0) {
+                if v4_padding(&self.src_addr) | v4_padding(&self.dst_addr) == 0 {
                     Ok(())
                 } else {
                     Err(KeyError::NonCanonicalV4)
@@ -130,6 +131,12 @@ impl ConnKey {
             }
             other => Err(KeyError::BadFamily(other)),
         }
+    }
+
+    /// The key as five little-endian words (for hashing and comparing).
+    #[inline]
+    pub fn words(&self) -> [u64; 5] {
+        zerocopy::transmute!(*self)
     }
 
     /// Source address, if the family byte is valid.
@@ -141,6 +148,14 @@ impl ConnKey {
     pub fn dst_ip(&self) -> Option<IpAddr> {
         addr(self.family, &self.dst_addr)
     }
+}
+
+/// Bytes 4..16 of an address field, OR-ed together as words (0 when the
+/// IPv4 padding is canonical).
+#[inline]
+fn v4_padding(a: &[u8; 16]) -> u64 {
+    let w: [u32; 4] = zerocopy::transmute!(*a);
+    (w[1] | w[2] | w[3]) as u64
 }
 
 fn to_v6(a: IpAddr) -> Ipv6Addr {

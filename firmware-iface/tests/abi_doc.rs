@@ -132,6 +132,8 @@ fn counter_meaning(c: Counter) -> &'static str {
         Counter::CuckooKicks => "cuckoo displacements performed by inserts",
         Counter::Doorbells => "CMD_DOORBELL writes that changed the tail",
         Counter::BadDoorbells => "CMD_DOORBELL writes with a tail >= ring size (ignored)",
+        Counter::InlineDoorbells => "inline doorbells whose descriptor copy replaced the DMA fetch",
+        Counter::InlineMisses => "inline doorbells whose copy was torn or stale (descriptor fetched by DMA)",
     }
 }
 
@@ -208,6 +210,7 @@ fn render_capabilities() -> String {
             ("EVENTS", "event ring (EVT_* registers)"),
             ("MSIX", "MSI-X interrupts with moderation (IRQ_COALESCE_*)"),
             ("COST_MODEL", "`model_cycles` counter is maintained"),
+            ("INLINE_DOORBELL", "`CMD_INLINE` window: a doorbell carrying the first descriptor"),
         ],
     )
 }

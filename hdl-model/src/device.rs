@@ -89,6 +89,14 @@ impl Default for ModelConfig {
 #[repr(align(128))]
 pub(crate) struct PaddedU32(pub AtomicU32);
 
+/// The inline doorbell window: 64 bytes on their own cache line.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct InlineWindow(pub [AtomicU64; 8]);
+
+/// Bit of word 0 (aux bit 16) that marks a window write in progress.
+const INLINE_BUSY: u64 = 1 << 48;
+
 const NREGS: usize = regs::BAR0_SIZE / 4;
 const NCOUNTERS: usize = Counter::ALL.len();
 
@@ -97,6 +105,7 @@ pub struct Shared {
     pub(crate) cfg: ModelConfig,
     regs: Box<[AtomicU32]>,
     pub(crate) doorbell: PaddedU32,
+    inline: InlineWindow,
     cpl_head: PaddedU32,
     evt_head: PaddedU32,
     cmd_head: PaddedU32,
@@ -119,6 +128,7 @@ impl Shared {
         let s = Shared {
             regs: (0..NREGS).map(|_| AtomicU32::new(0)).collect(),
             doorbell: PaddedU32::default(),
+            inline: InlineWindow::default(),
             cpl_head: PaddedU32::default(),
             evt_head: PaddedU32::default(),
             cmd_head: PaddedU32::default(),
@@ -149,6 +159,9 @@ impl Shared {
         self.set(regs::IRQ_COALESCE_COUNT, 1);
         for p in [&self.doorbell, &self.cpl_head, &self.evt_head, &self.cmd_head] {
             p.0.store(0, Ordering::Relaxed);
+        }
+        for w in &self.inline.0 {
+            w.store(0, Ordering::Relaxed);
         }
         self.table_count.store(0, Ordering::Relaxed);
         for c in &self.counters {
@@ -215,8 +228,62 @@ impl Shared {
         }
     }
 
+    /// A 64-byte write-combined write. The emulated bus delivers it
+    /// atomically, as one PCIe TLP would be: the window's word 0 is first
+    /// marked busy, then the data and finally word 0 land, and the core
+    /// reads the window under that seqlock.
+    pub fn mmio_write_inline(&self, off: u32, words: &[u64; 8]) {
+        if off != regs::CMD_INLINE || words[0] & INLINE_BUSY != 0 {
+            for (i, w) in words.iter().enumerate().skip(1).chain(words.iter().enumerate().take(1)) {
+                self.mmio_write(off + 8 * i as u32, *w as u32);
+                self.mmio_write(off + 8 * i as u32 + 4, (*w >> 32) as u32);
+            }
+            return;
+        }
+        let w = &self.inline.0;
+        w[0].store(w[0].load(Ordering::Relaxed) | INLINE_BUSY, Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::Release);
+        for i in 1..8 {
+            w[i].store(words[i], Ordering::Relaxed);
+        }
+        w[0].store(words[0], Ordering::Release);
+    }
+
+    /// Reads the inline window consistently: word 0 and the descriptor, or
+    /// None while a write is in progress or if one raced the read.
+    fn read_inline(&self) -> Option<[u64; 8]> {
+        let w = &self.inline.0;
+        let w0 = w[0].load(Ordering::Acquire);
+        if w0 & INLINE_BUSY != 0 {
+            return None;
+        }
+        let mut out = [w0, 0, 0, 0, 0, 0, 0, 0];
+        for i in 1..8 {
+            out[i] = w[i].load(Ordering::Relaxed);
+        }
+        std::sync::atomic::fence(Ordering::Acquire);
+        (w[0].load(Ordering::Relaxed) == w0).then_some(out)
+    }
+
+    /// Word 0 of the inline window (sequence in bits 63:48).
+    #[inline]
+    fn inline_word0(&self) -> u64 {
+        self.inline.0[0].load(Ordering::Acquire)
+    }
+
     /// A BAR0 write. Writes to read-only or undefined registers are ignored.
     pub fn mmio_write(&self, off: u32, v: u32) {
+        if (regs::CMD_INLINE..regs::CMD_INLINE + regs::CMD_INLINE_SIZE).contains(&off) && off % 4 == 0 {
+            // 32-bit writes into the window update their half of the word;
+            // the device acts when word 0's sequence changes.
+            let i = ((off - regs::CMD_INLINE) / 8) as usize;
+            let shift = if off % 8 == 0 { 0 } else { 32 };
+            let mask = !(0xFFFF_FFFFu64 << shift);
+            let a = &self.inline.0[i];
+            let new = (a.load(Ordering::Relaxed) & mask) | ((v as u64) << shift);
+            a.store(new, if i == 0 { Ordering::Release } else { Ordering::Relaxed });
+            return;
+        }
         match off {
             regs::CMD_DOORBELL => self.doorbell.0.store(v, Ordering::Release),
             regs::CPL_HEAD => self.cpl_head.0.store(v, Ordering::Release),
@@ -293,20 +360,23 @@ impl ProducerRing {
 
     /// Writes 16-byte entries `(word0, result)`: every result first, then
     /// every first word with its phase bit, with release ordering.
-    fn push_burst(&mut self, entries: &[(u64, u64)]) -> Result<(), crate::dma::DmaFault> {
-        let mut t = self.tail;
-        for (_, result) in entries {
-            self.region.write(t as usize * CPL_SIZE + 8, &result.to_le_bytes())?;
-            t = (t + 1) % self.size;
-        }
-        for (word0, _) in entries {
-            let phase = if self.phase { PHASE_BIT as u64 } else { 0 };
-            self.region.store_u64_release(self.tail as usize * CPL_SIZE, word0 | (phase << 56))?;
-            self.tail += 1;
+    fn push_burst(&mut self, entries: &mut [(u64, u64)]) -> Result<(), crate::dma::DmaFault> {
+        let mut rest = entries;
+        while !rest.is_empty() {
+            // Up to the ring's end, then from its start.
+            let n = rest.len().min((self.size - self.tail) as usize);
+            let phase = if self.phase { (PHASE_BIT as u64) << 56 } else { 0 };
+            let (now, later) = rest.split_at_mut(n);
+            for e in now.iter_mut() {
+                e.0 |= phase;
+            }
+            self.region.publish_pairs(self.tail as usize * CPL_SIZE, now)?;
+            self.tail += n as u32;
             if self.tail == self.size {
                 self.tail = 0;
                 self.phase = !self.phase;
             }
+            rest = later;
         }
         Ok(())
     }
@@ -332,7 +402,14 @@ struct CmdRing {
     region: DmaRegion,
     size: u32,
     head: u32,
-    last_tail: u32,
+    /// Tail from the last valid doorbell (register or inline).
+    tail: u32,
+    /// Last CMD_DOORBELL value seen.
+    last_db: u32,
+    /// Last inline-doorbell sequence seen (word 0 bits 63:48).
+    last_inline_seq: u64,
+    /// The inline copy of the descriptor at the slot its tag names.
+    inline: Option<CommandDescriptor>,
 }
 
 /// How many descriptors are decoded and prefetched ahead of execution.
@@ -363,6 +440,10 @@ pub struct Core {
     /// free-running counter register, not a call).
     now_ns: u64,
     descs: [CommandDescriptor; FETCH_BURST + 1],
+    /// Completions of the burst being executed (word 0, result).
+    cpls: [(u64, u64); FETCH_BURST],
+    /// Table placements of the burst, for the prefetch stages.
+    placed: [(usize, usize, u8); FETCH_BURST + 1],
 }
 
 impl std::fmt::Debug for Core {
@@ -414,6 +495,8 @@ impl Core {
             counters_dirty: false,
             now_ns: 0,
             descs: [CommandDescriptor::zeroed(); FETCH_BURST + 1],
+            cpls: [(0, 0); FETCH_BURST],
+            placed: [(0, 0, 0); FETCH_BURST + 1],
             shared,
         }
     }
@@ -451,17 +534,53 @@ impl Core {
         if !self.enabled {
             return false;
         }
-        let tail = self.shared.doorbell.0.load(Ordering::Acquire);
-        match &self.cmd {
-            Some(c) if tail != c.head => {}
-            Some(c) => {
-                // Idle: keep the next descriptor slot's line warm, so its
-                // fetch overlaps the doorbell's when the host posts.
-                c.region.touch(c.head as usize * DESC_SIZE);
-                return false;
+        let Some(c) = &mut self.cmd else { return false };
+        let mut rung = None;
+        let w0 = self.shared.inline_word0();
+        if w0 >> 48 != c.last_inline_seq && w0 & INLINE_BUSY == 0 {
+            c.last_inline_seq = w0 >> 48;
+            rung = Some(((w0 >> 32) & 0xFFFF) as u32);
+            // The window's copy of the batch's first descriptor, if read
+            // whole and still from this same write.
+            c.inline = match self.shared.read_inline() {
+                Some(words) if words[0] == w0 => {
+                    let mut d: CommandDescriptor = zerocopy::transmute!(words);
+                    d.aux = 0.into();
+                    Some(d)
+                }
+                _ => None,
+            };
+            if c.inline.is_none() {
+                self.counters[Counter::InlineMisses as usize] += 1;
             }
-            None => return false,
         }
+        let db = self.shared.doorbell.0.load(Ordering::Acquire);
+        if db != c.last_db {
+            c.last_db = db;
+            rung = Some(db);
+        }
+        if let Some(tail) = rung {
+            if tail < c.size {
+                c.tail = tail;
+                self.counters[Counter::Doorbells as usize] += 1;
+            } else {
+                c.inline = None;
+                self.counters[Counter::BadDoorbells as usize] += 1;
+            }
+            self.counters_dirty = true;
+        }
+        if c.tail == c.head {
+            if rung.is_some() {
+                self.publish();
+            } else if c.last_inline_seq == 0 {
+                // Idle, with register doorbells: keep the next slot's line
+                // warm so its fetch overlaps the doorbell's when the host
+                // posts. (Inline doorbells carry the descriptor instead.)
+                c.region.touch(c.head as usize * DESC_SIZE);
+            }
+            return rung.is_some();
+        }
+        let tail = c.tail;
         self.process_commands(tail);
         self.publish();
         true
@@ -595,7 +714,15 @@ impl Core {
             None
         };
         let head = self.shared.cmd_head.0.load(Ordering::Acquire) % cs;
-        self.cmd = Some(CmdRing { region: cr, size: cs, head, last_tail: head });
+        self.cmd = Some(CmdRing {
+            region: cr,
+            size: cs,
+            head,
+            tail: head,
+            last_db: self.shared.doorbell.0.load(Ordering::Acquire),
+            last_inline_seq: self.shared.inline_word0() >> 48,
+            inline: None,
+        });
         self.cpl = Some(ProducerRing { region: pr, size: ps, tail: 0, phase: true, head_cache: 0 });
         self.evt = evt;
         self.now_ns = self.shared.clock.now_ns();
@@ -624,28 +751,14 @@ impl Core {
         if !self.revalidate_rings() {
             return;
         }
-        let (size, mut head) = match &mut self.cmd {
-            Some(c) => {
-                if tail >= c.size {
-                    if tail != c.last_tail {
-                        c.last_tail = tail;
-                        self.count(Counter::BadDoorbells, 1);
-                    }
-                    return;
-                }
-                if tail != c.last_tail {
-                    c.last_tail = tail;
-                    self.counters[Counter::Doorbells as usize] += 1;
-                }
-                (c.size, c.head)
-            }
+        let (size, mut head) = match &self.cmd {
+            Some(c) => (c.size, c.head),
             None => return,
         };
         let now_ms = self.now_ns / 1_000_000;
         let mut completed = 0u32;
         let mut irq_now = false;
         let mut cycles = 0u64;
-        let mut cpls = [(0u64, 0u64); FETCH_BURST];
         let mut ncpl = 0usize;
         while head != tail {
             let posted = (tail + size - head) % size;
@@ -665,11 +778,13 @@ impl Core {
             // Fetch a burst (one more slot than we execute, for a chained tail).
             let want = (posted as usize).min(FETCH_BURST).min(space as usize);
             let fetch = (posted as usize).min(want + 1);
-            if let Err(e) = self.fetch(head, fetch) {
-                self.go_fatal(format!("command ring fetch: {e}"));
-                return;
+            match self.fetch(head, fetch) {
+                Ok(c) => cycles += c,
+                Err(e) => {
+                    self.go_fatal(format!("command ring fetch: {e}"));
+                    return;
+                }
             }
-            cycles += self.shared.cfg.cost.fetch_cycles(fetch as u32);
             self.prefetch(fetch);
             let mut i = 0;
             while i < want {
@@ -700,7 +815,7 @@ impl Core {
                 let word0 =
                     d.tag.get() as u64 | (outcome.status as u64) << 16 | (d.opcode as u64) << 24 | (head as u64) << 32;
                 irq_now |= d.flags & nicsync_fwif::cmd::DescFlags::IRQ_NOW.bits() != 0;
-                cpls[ncpl] = (word0, outcome.result);
+                self.cpls[ncpl] = (word0, outcome.result);
                 ncpl += 1;
                 completed += 1;
             }
@@ -708,7 +823,7 @@ impl Core {
             // phase words), as a design would coalesce posted writes; the
             // host sees each entry only once its body is in place.
             let pushed = match &mut self.cpl {
-                Some(p) => p.push_burst(&cpls[..ncpl]),
+                Some(p) => p.push_burst(&mut self.cpls[..ncpl]),
                 None => Ok(()),
             };
             ncpl = 0;
@@ -736,34 +851,51 @@ impl Core {
         }
     }
 
-    fn fetch(&mut self, head: u32, n: usize) -> Result<(), crate::dma::DmaFault> {
-        let Some(c) = &self.cmd else { return Ok(()) };
+    fn fetch(&mut self, head: u32, n: usize) -> Result<u64, crate::dma::DmaFault> {
+        let Some(c) = &mut self.cmd else { return Ok(0) };
+        let mut from = 0;
+        // The inline doorbell's copy stands in for the DMA read of its slot
+        // when the burst starts there; any other copy is stale once the
+        // burst covers its slot.
+        if let Some(d) = c.inline.take() {
+            let slot = d.tag.get() as u32;
+            if slot == head {
+                self.descs[0] = d;
+                from = 1;
+                self.counters[Counter::InlineDoorbells as usize] += 1;
+            } else if (slot + c.size - head) % c.size >= n as u32 {
+                c.inline = Some(d);
+            } else {
+                self.counters[Counter::InlineMisses as usize] += 1;
+            }
+        }
         // At most two contiguous DMA reads: up to the ring's end, then from
         // its start.
-        let first = n.min((c.size - head) as usize);
-        c.region.read(head as usize * DESC_SIZE, self.descs[..first].as_mut_bytes())?;
-        if first < n {
-            c.region.read(0, self.descs[first..n].as_mut_bytes())?;
+        let start = (head + from as u32) % c.size;
+        let rest = n - from;
+        let first = rest.min((c.size - start) as usize);
+        c.region.read(start as usize * DESC_SIZE, self.descs[from..from + first].as_mut_bytes())?;
+        if first < rest {
+            c.region.read(0, self.descs[from + first..n].as_mut_bytes())?;
         }
-        Ok(())
+        Ok(self.shared.cfg.cost.fetch_cycles(rest as u32))
     }
 
     /// Issues the table reads of a fetched burst before executing it, as a
     /// pipelined design overlaps its memory accesses.
-    fn prefetch(&self, n: usize) {
+    fn prefetch(&mut self, n: usize) {
         if n < 2 {
             return;
         }
-        let mut placed = [(0usize, 0usize, 0u8); FETCH_BURST + 1];
         let mut m = 0;
         for d in &self.descs[..n] {
             if (1..=4).contains(&d.opcode) || d.opcode == Opcode::Upsert as u8 {
                 let body: nicsync_fwif::cmd::ConnBody = zerocopy::transmute!(d.body);
-                placed[m] = self.table.prefetch_buckets(&body.key);
+                self.placed[m] = self.table.prefetch_buckets(&body.key);
                 m += 1;
             }
         }
-        for p in &placed[..m] {
+        for p in &self.placed[..m] {
             self.table.prefetch_slots(*p);
         }
     }
@@ -969,7 +1101,9 @@ impl Core {
         }
         let elapsed = now_ns.saturating_sub(self.last_aging_ns);
         let buckets = self.table.buckets();
-        let share = (buckets as u128 * elapsed as u128 / (period_ms as u128 * 1_000_000)) as usize;
+        // Whole milliseconds keep the product within u64 for any table.
+        let share = (buckets as u64).saturating_mul(elapsed / 1_000_000) / period_ms;
+        let share = share as usize;
         if share == 0 {
             return false;
         }

@@ -27,6 +27,18 @@ pub trait HostMemory: Send + Sync {
     /// Stores a little-endian u64 with release ordering: everything the
     /// device wrote before is visible to a host that acquires this word.
     fn store_u64_release(&self, off: usize, v: u64) -> bool;
+
+    /// Publishes 16-byte ring entries `(word0, word1)` at `off`, `off + 16`,
+    /// ...: every `word1` first, then every `word0` with release ordering,
+    /// so a reader that acquires an entry's first word sees its second.
+    fn publish_pairs(&self, off: usize, pairs: &[(u64, u64)]) -> bool {
+        for (i, (_, w1)) in pairs.iter().enumerate() {
+            if !self.write(off + 16 * i + 8, &w1.to_le_bytes()) {
+                return false;
+            }
+        }
+        pairs.iter().enumerate().all(|(i, (w0, _))| self.store_u64_release(off + 16 * i, *w0))
+    }
 }
 
 /// Why a DMA access failed.
@@ -235,6 +247,16 @@ impl DmaRegion {
             let _ = self.mem.read(self.base + off, &mut b);
         }
         std::hint::black_box(b);
+    }
+
+    /// Publishes 16-byte entries at `off` (see [`HostMemory::publish_pairs`]).
+    pub fn publish_pairs(&self, off: usize, pairs: &[(u64, u64)]) -> Result<(), DmaFault> {
+        let len = pairs.len() * 16;
+        if self.inside(off, len) && self.mem.publish_pairs(self.base + off, pairs) {
+            Ok(())
+        } else {
+            Err(self.fault(off, len))
+        }
     }
 
     /// Release-stores the u64 at `off` (the ownership word of a ring entry).

@@ -98,6 +98,16 @@ impl Nic {
         }
     }
 
+    /// A 64-byte write to the inline doorbell window (word 0 last); in
+    /// [`ExecMode::Inline`] the design then runs.
+    #[inline]
+    pub fn mmio_write_inline(&self, off: u32, words: &[u64; 8]) {
+        self.shared.mmio_write_inline(off, words);
+        if self.mode == ExecMode::Inline {
+            self.run_until_idle();
+        }
+    }
+
     /// Installs where interrupts go (None: interrupts are not wired).
     pub fn set_interrupt_sink(&self, sink: Option<Arc<dyn InterruptSink>>) {
         self.shared.set_interrupt_sink(sink);

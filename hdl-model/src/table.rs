@@ -11,7 +11,6 @@
 //! count is sized for a load factor of at most [`TARGET_LOAD`].
 
 use nicsync_fwif::conn::{ConnKey, ConnState, Nat};
-use zerocopy::IntoBytes;
 
 /// Slots per bucket.
 pub const WAYS: usize = 8;
@@ -114,12 +113,9 @@ pub struct CuckooTable {
 /// distribution and fast in software.
 #[inline]
 pub fn hash_key(key: &ConnKey) -> u64 {
-    let b = key.as_bytes();
     let mut h: u64 = 0x9E37_79B9_7F4A_7C15;
-    for chunk in b.chunks_exact(8) {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(chunk);
-        h = (h ^ u64::from_le_bytes(w)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    for w in key.words() {
+        h = (h ^ w).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         h ^= h >> 31;
     }
     h ^= h >> 29;
@@ -130,6 +126,23 @@ pub fn hash_key(key: &ConnKey) -> u64 {
 #[inline]
 fn reduce(x: u32, n: usize) -> usize {
     ((x as u64 * n as u64) >> 32) as usize
+}
+
+/// Word-wise key comparison (the derived array equality calls memcmp).
+#[inline]
+fn same_key(a: &[u64; 5], b: &[u64; 5]) -> bool {
+    ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4])) == 0
+}
+
+/// A mask with the high bit of byte `i` set where `fps[i] == fp`.
+#[inline]
+fn fp_matches(fps: &[u8], fp: u8) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&fps[..8]);
+    let x = u64::from_le_bytes(b) ^ (fp as u64 * 0x0101_0101_0101_0101);
+    // Exact zero-byte detection (no false positives across bytes).
+    let y = (x & 0x7F7F_7F7F_7F7F_7F7F).wrapping_add(0x7F7F_7F7F_7F7F_7F7F);
+    !(y | x | 0x7F7F_7F7F_7F7F_7F7F)
 }
 
 /// The two candidate buckets and the fingerprint of a hash.
@@ -224,13 +237,19 @@ impl CuckooTable {
 
     #[inline]
     fn find_placed(&self, key: &ConnKey, b1: usize, b2: usize, fp: u8, t: &mut Traffic) -> Option<Location> {
+        let want = key.words();
         for b in [b1, b2] {
             t.bucket_reads += 1;
             let base = b * WAYS;
-            for w in 0..WAYS {
-                if self.fps[base + w] == fp && self.slots[base + w].key == *key {
+            // Compare all eight fingerprints at once (SWAR), as the
+            // hardware compares a bucket's ways in parallel.
+            let mut m = fp_matches(&self.fps[base..base + WAYS], fp);
+            while m != 0 {
+                let w = (m.trailing_zeros() / 8) as usize;
+                if same_key(&self.slots[base + w].key.words(), &want) {
                     return Some(Location::Slot(base + w));
                 }
+                m &= m - 1;
             }
         }
         if !self.stash.is_empty() {
@@ -353,7 +372,7 @@ impl CuckooTable {
                 self.len -= 1;
                 let s = self.slots[i];
                 self.slots[i] = EMPTY_SLOT;
-                self.refill_from_stash(i / WAYS);
+                self.refill_from_stash(i / WAYS, None);
                 Some(s)
             }
             Location::Stash(i) if i < self.stash.len() => {
@@ -365,12 +384,15 @@ impl CuckooTable {
     }
 
     /// A slot freed in bucket `b` takes back a stashed entry that belongs
-    /// there, so the stash drains as the table empties.
-    fn refill_from_stash(&mut self, b: usize) {
+    /// there, so the stash drains as the table empties. During an aging
+    /// sweep (`live_at`), only an entry still live then moves: an expired
+    /// one stays in the stash, which the same sweep visits at its end.
+    fn refill_from_stash(&mut self, b: usize, live_at: Option<u64>) {
         let buckets = self.buckets;
         let pos = self.stash.iter().position(|(_, s)| {
             let (a1, a2, _) = placement(hash_key(&s.key), buckets);
-            a1 == b || a2 == b
+            let live = live_at.is_none_or(|now| s.expires_ms == 0 || s.expires_ms > now);
+            (a1 == b || a2 == b) && live
         });
         if let (Some(p), Some(w)) = (pos, self.free_way(b)) {
             let (fp, s) = self.stash.swap_remove(p);
@@ -410,7 +432,7 @@ impl CuckooTable {
                 self.slots[i] = EMPTY_SLOT;
                 self.len -= 1;
                 n += 1;
-                self.refill_from_stash(i / WAYS);
+                self.refill_from_stash(i / WAYS, Some(now_ms));
             }
         }
         if to >= self.buckets {
@@ -500,6 +522,16 @@ mod tests {
         assert_eq!(t.expire_range(0, b / 2, 1000, |_| seen += 1) + t.expire_range(b / 2, b, 1000, |_| seen += 1), 40);
         assert_eq!(seen, 40);
         assert_eq!(t.len(), 60);
+    }
+
+    #[test]
+    fn fingerprint_match_mask_is_exact() {
+        let fps = [3u8, 0, 3, 0x83, 1, 3, 255, 0];
+        let m = fp_matches(&fps, 3);
+        let ways: Vec<u32> = (0..8).filter(|i| m & (0x80 << (8 * i)) != 0).collect();
+        assert_eq!(ways, vec![0, 2, 5]);
+        assert_eq!(fp_matches(&[0; 8], 1), 0);
+        assert_eq!(fp_matches(&[255; 8], 255).count_ones(), 8);
     }
 
     #[test]

@@ -87,6 +87,11 @@ pub struct RingReport {
     pub baseline_rtt_ns: Percentiles,
     /// One update's round trip.
     pub update_rtt_ns: Percentiles,
+    /// The same with the doorbell written to the CMD_DOORBELL register (the
+    /// device then fetches the descriptor by DMA).
+    pub update_rtt_register_doorbell_ns: Percentiles,
+    /// A NOP's round trip: the ring protocol without table work.
+    pub nop_rtt_ns: Percentiles,
     /// Batched update throughput (median of repetitions).
     pub batch_updates_per_s: f64,
     /// Every repetition's throughput.
@@ -287,18 +292,43 @@ fn established(timeout_s: u32) -> ConnState {
 }
 
 fn emulated(capacity: u32, place: &ThreadPlacement) -> Result<ConnTable<EmulatedDevice>, BenchError> {
+    emulated_with(capacity, place, true)
+}
+
+fn emulated_with(
+    capacity: u32,
+    place: &ThreadPlacement,
+    inline: bool,
+) -> Result<ConnTable<EmulatedDevice>, BenchError> {
     let dev = EmulatedDevice::new(
         ModelConfig { max_capacity: capacity.max(1 << 16), ..Default::default() },
         ExecMode::Thread,
     )?;
     dev.start_poller(place.device_cpu)?;
-    let cfg = DriverConfig { table_capacity: capacity, aging_period_ms: 0, ..Default::default() };
+    let cfg =
+        DriverConfig { table_capacity: capacity, aging_period_ms: 0, inline_doorbell: inline, ..Default::default() };
     Ok(ConnTable::open(dev, cfg)?)
 }
 
-/// Round trip of single updates, device on its own polling thread.
-pub fn update_rtt(samples: u64, warmup: u64, place: &ThreadPlacement) -> Result<Percentiles, BenchError> {
-    let mut t = emulated(1 << 16, place)?;
+/// What a round-trip run posts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RttCommand {
+    /// UPDATE of one resident connection.
+    Update,
+    /// NOP: the ring protocol alone, without table work.
+    Nop,
+}
+
+/// Round trip of single commands, device on its own polling thread,
+/// doorbells inline or through the register.
+pub fn command_rtt(
+    samples: u64,
+    warmup: u64,
+    place: &ThreadPlacement,
+    what: RttCommand,
+    inline: bool,
+) -> Result<Percentiles, BenchError> {
+    let mut t = emulated_with(1 << 16, place, inline)?;
     pin(place.driver_cpu);
     let key = bench_key(1);
     t.insert(&key, &ConnEntry::new(established(3600))).map_err(|e| BenchError::Table(e.to_string()))?;
@@ -307,7 +337,11 @@ pub fn update_rtt(samples: u64, warmup: u64, place: &ThreadPlacement) -> Result<
     let mut out = Vec::with_capacity(samples as usize);
     for i in 0..(samples + warmup) {
         state.mark = (i as u32).into();
-        let d = CommandDescriptor::conn(Opcode::Update, DescFlags::AUTO_GENERATION, 0, &key, &state);
+        let d = if what == RttCommand::Nop {
+            CommandDescriptor::header(Opcode::Nop, DescFlags::empty(), 0)
+        } else {
+            CommandDescriptor::conn(Opcode::Update, DescFlags::AUTO_GENERATION, 0, &key, &state)
+        };
         let t0 = Instant::now();
         let c = drv.execute(&d, None)?;
         let dt = t0.elapsed().as_nanos() as u64;
@@ -431,7 +465,9 @@ pub fn run(opts: &BenchOptions) -> Result<RingReport, BenchError> {
     let samples = opts.updates.max(1000);
     let warmup = (samples / 10).max(1000);
     let baseline = baseline_rtt(samples, warmup, &place)?;
-    let update = update_rtt(samples, warmup, &place)?;
+    let update = command_rtt(samples, warmup, &place, RttCommand::Update, true)?;
+    let update_reg = command_rtt(samples, warmup, &place, RttCommand::Update, false)?;
+    let nop = command_rtt(samples, warmup, &place, RttCommand::Nop, true)?;
     let slots = 1usize << DriverConfig::default().cmd_ring_log2;
     let mut spsc_runs = Vec::with_capacity(opts.repetitions);
     for _ in 0..opts.repetitions {
@@ -447,6 +483,8 @@ pub fn run(opts: &BenchOptions) -> Result<RingReport, BenchError> {
         batch_to_spsc_ratio: batch / spsc.max(1.0),
         baseline_rtt_ns: baseline,
         update_rtt_ns: update,
+        update_rtt_register_doorbell_ns: update_reg,
+        nop_rtt_ns: nop,
         batch_updates_per_s: batch,
         batch_updates_per_s_runs: batch_runs,
         baseline_spsc_ops_per_s: spsc,
@@ -472,6 +510,8 @@ pub fn render(r: &RingReport) -> String {
     s += &format!("baseline core-to-core RTT   {}\n", p(&r.baseline_rtt_ns));
     s += &format!("update RTT (rings + model)  {}\n", p(&r.update_rtt_ns));
     s += &format!("  ratio p50 {:.2} (target <= 1.25)\n", r.update_rtt_ratio_p50);
+    s += &format!("update RTT, register doorbell {}\n", p(&r.update_rtt_register_doorbell_ns));
+    s += &format!("NOP RTT (protocol only)     {}\n", p(&r.nop_rtt_ns));
     s += &format!("baseline SPSC 64-byte slots {:>12.0} ops/s\n", r.baseline_spsc_ops_per_s);
     s += &format!(
         "batched updates             {:>12.0} updates/s ({} slots per ring)\n",

@@ -304,6 +304,8 @@ pub fn render<D: NicDevice>(rep: &DemoReport, table: &ConnTable<D>) -> String {
     for c in [
         Counter::CommandsFetched,
         Counter::Doorbells,
+        Counter::InlineDoorbells,
+        Counter::InlineMisses,
         Counter::CuckooKicks,
         Counter::EntriesAged,
         Counter::EventsWritten,

@@ -70,6 +70,13 @@ impl NicDevice for AnyDevice {
             AnyDevice::Vfio(d) => d.write32(offset, value),
         }
     }
+    #[inline]
+    fn write_inline(&self, offset: u32, words: &[u64; 8]) {
+        match self {
+            AnyDevice::Emulated(d) => d.write_inline(offset, words),
+            AnyDevice::Vfio(d) => d.write_inline(offset, words),
+        }
+    }
     fn alloc_dma(&self, len: usize) -> Result<DmaBuffer, DeviceError> {
         match self {
             AnyDevice::Emulated(d) => d.alloc_dma(len),

@@ -51,6 +51,9 @@ pub struct DriverConfig {
     pub bringup_timeout: Duration,
     /// Capabilities the host insists on.
     pub required_caps: Capabilities,
+    /// Ring with the inline doorbell (a copy of the batch's first
+    /// descriptor in BAR0) when the device offers it.
+    pub inline_doorbell: bool,
 }
 
 impl Default for DriverConfig {
@@ -66,6 +69,7 @@ impl Default for DriverConfig {
             completion_timeout: Duration::from_secs(2),
             bringup_timeout: Duration::from_secs(2),
             required_caps: Capabilities::CONN_TABLE | Capabilities::IPV6 | Capabilities::SNAPSHOT,
+            inline_doorbell: true,
         }
     }
 }
@@ -231,6 +235,11 @@ pub struct Driver<D: NicDevice> {
     in_flight: Vec<Option<InFlight>>,
     done: Vec<Option<Completion>>,
     stats: DriverStats,
+    /// Whether doorbells go through the inline window.
+    use_inline: bool,
+    /// The first descriptor posted since the last doorbell.
+    batch_first: Option<CommandDescriptor>,
+    inline_seq: u16,
 }
 
 impl<D: NicDevice> std::fmt::Debug for Driver<D> {
@@ -343,6 +352,9 @@ impl<D: NicDevice> Driver<D> {
             in_flight: vec![None; cmd_size as usize],
             done: vec![None; cmd_size as usize],
             stats: DriverStats::default(),
+            use_inline: cfg.inline_doorbell && info.caps.contains(Capabilities::INLINE_DOORBELL),
+            batch_first: None,
+            inline_seq: 0,
             cfg,
         })
     }
@@ -463,6 +475,9 @@ impl<D: NicDevice> Driver<D> {
             e.tag = tag.into();
             self.write_slot((self.tail + 1) % self.cmd_size, &e)?;
         }
+        if self.tail == self.rung_tail {
+            self.batch_first = Some(d);
+        }
         self.in_flight[tag as usize] = Some(InFlight { opcode: d.opcode, slots: slots as u8 });
         self.done[tag as usize] = None;
         self.tail = (self.tail + slots) % self.cmd_size;
@@ -500,10 +515,26 @@ impl<D: NicDevice> Driver<D> {
     pub fn ring(&mut self) {
         if self.tail != self.rung_tail {
             fence(Ordering::Release);
-            self.dev.write32(regs::CMD_DOORBELL, self.tail);
+            match self.batch_first.take() {
+                // A descriptor whose aux is not zero cannot travel inline
+                // (aux carries the doorbell there): ring the register so the
+                // device fetches, and judges, the slot as posted.
+                Some(mut d) if self.use_inline && d.aux.get() == 0 => {
+                    self.inline_seq = regs::next_inline_seq(self.inline_seq);
+                    d.aux = regs::inline_doorbell(self.tail as u16, self.inline_seq).into();
+                    let words: [u64; 8] = zerocopy::transmute!(d);
+                    self.dev.write_inline(regs::CMD_INLINE, &words);
+                }
+                _ => self.dev.write32(regs::CMD_DOORBELL, self.tail),
+            }
             self.rung_tail = self.tail;
             self.stats.doorbells += 1;
         }
+    }
+
+    /// Whether doorbells carry the first descriptor inline.
+    pub fn uses_inline_doorbell(&self) -> bool {
+        self.use_inline
     }
 
     /// Consumes every completion the device has written; calls `f` for
@@ -548,6 +579,9 @@ impl<D: NicDevice> Driver<D> {
         let c = e.decode().map_err(|e: CplError| e.to_string())?;
         let slot = self.in_flight.get_mut(c.tag as usize).ok_or_else(|| format!("tag {} out of range", c.tag))?;
         let f = slot.ok_or_else(|| format!("tag {} is not in flight", c.tag))?;
+        if c.cmd_head as u32 >= self.cmd_size {
+            return Err(format!("command head {} outside the {}-slot ring", c.cmd_head, self.cmd_size));
+        }
         if f.opcode != c.opcode {
             return Err(format!(
                 "tag {} completed as opcode {:#04x} but was posted as {:#04x}",
@@ -583,11 +617,24 @@ impl<D: NicDevice> Driver<D> {
         {
             return Err(DriverError::UnknownTag(tag));
         }
+        if let Some(c) = self.take_done(tag) {
+            return Ok(c);
+        }
         let mut spins = 0u32;
         let mut start: Option<Instant> = None;
         loop {
-            self.reap();
-            if let Some(c) = self.take_done(tag) {
+            // Take ours straight out of the ring; keep others by tag.
+            let mut mine = None;
+            let mut done = std::mem::take(&mut self.done);
+            self.poll_completions(|c| {
+                if c.tag == tag {
+                    mine = Some(c);
+                } else {
+                    done[c.tag as usize] = Some(c);
+                }
+            });
+            self.done = done;
+            if let Some(c) = mine {
                 return Ok(c);
             }
             spins += 1;

@@ -220,6 +220,12 @@ impl<D: NicDevice> ConnTable<D> {
                         tags.push_back((tag, next));
                         next += 1;
                     }
+                    Err(DriverError::RingFull { .. }) if tags.is_empty() => {
+                        // The ring is full of commands that are not ours:
+                        // reap theirs (kept for their owners) until a slot
+                        // frees, within the completion timeout.
+                        self.wait_for_free_slot()?;
+                    }
                     Err(DriverError::RingFull { .. }) => break,
                     Err(e) => return Err(e),
                 }
@@ -239,6 +245,20 @@ impl<D: NicDevice> ConnTable<D> {
             });
         }
         Ok(results.into_iter().map(|r| r.unwrap_or(Err(TableError::Refused(CplStatus::Internal)))).collect())
+    }
+
+    fn wait_for_free_slot(&mut self) -> Result<(), DriverError> {
+        let start = std::time::Instant::now();
+        loop {
+            self.drv.reap();
+            if self.drv.free_slots() > 0 {
+                return Ok(());
+            }
+            if start.elapsed() >= self.drv.config().completion_timeout {
+                return Err(DriverError::RingFull { in_flight: self.drv.slots_in_flight() });
+            }
+            std::hint::spin_loop();
+        }
     }
 
     /// Walks the whole table chunk by chunk (SNAPSHOT commands into a 1 MiB

@@ -189,6 +189,32 @@ impl DmaMemory {
         Ok(())
     }
 
+    /// Publishes 16-byte ring entries `(word0, word1)` at `off` (8-aligned):
+    /// every `word1` with a volatile store, then every `word0` with a
+    /// release store, so a reader that acquires an entry's first word sees
+    /// its second. One bounds check for the whole burst.
+    pub fn publish_pairs(&self, off: usize, pairs: &[(u64, u64)]) -> Result<(), DeviceError> {
+        self.check(off, pairs.len() * 16)?;
+        if off % 8 != 0 {
+            return Err(DeviceError::Misaligned { offset: off });
+        }
+        let base = self.ptr.as_ptr();
+        for (i, (_, w1)) in pairs.iter().enumerate() {
+            // SAFETY: `check` proved off + 16 * len <= self.len, so the word
+            // at off + 16 i + 8 is inside the live mapping; it is 8-aligned
+            // (off is, and the mapping is page-aligned).
+            unsafe { std::ptr::write_volatile(base.add(off + 16 * i + 8).cast::<u64>(), w1.to_le()) };
+        }
+        for (i, (w0, _)) in pairs.iter().enumerate() {
+            // SAFETY: as above, in bounds and 8-aligned; the word is only
+            // accessed atomically by readers (the ring protocol), as
+            // AtomicU64::from_ptr requires, and lives as long as `self`.
+            let a = unsafe { AtomicU64::from_ptr(base.add(off + 16 * i).cast::<u64>()) };
+            a.store(w0.to_le(), Ordering::Release);
+        }
+        Ok(())
+    }
+
     /// Zeroes the whole buffer (volatile).
     pub fn clear(&self) {
         let zero = [0u8; 64];

@@ -28,6 +28,9 @@ impl HostMemory for DmaMemory {
     fn store_u64_release(&self, off: usize, v: u64) -> bool {
         self.store_u64(off, v, Ordering::Release).is_ok()
     }
+    fn publish_pairs(&self, off: usize, pairs: &[(u64, u64)]) -> bool {
+        DmaMemory::publish_pairs(self, off, pairs).is_ok()
+    }
 }
 
 struct IrqLines {
@@ -137,6 +140,11 @@ impl NicDevice for EmulatedDevice {
     #[inline]
     fn write32(&self, offset: u32, value: u32) {
         self.nic.mmio_write(offset, value)
+    }
+
+    #[inline]
+    fn write_inline(&self, offset: u32, words: &[u64; 8]) {
+        self.nic.mmio_write_inline(offset, words)
     }
 
     fn alloc_dma(&self, len: usize) -> Result<DmaBuffer, DeviceError> {
