@@ -819,9 +819,12 @@ impl Core {
                 ncpl += 1;
                 completed += 1;
             }
-            // Completions of a burst are written together (bodies, then the
-            // phase words), as a design would coalesce posted writes; the
-            // host sees each entry only once its body is in place.
+            // The table's entry count is visible before the completions that
+            // changed it. Completions of a burst are written together
+            // (bodies, then the phase words), as a design would coalesce
+            // posted writes; the host sees each entry only once its body is
+            // in place.
+            self.shared.table_count.store(self.table.len() as u32, Ordering::Release);
             let pushed = match &mut self.cpl {
                 Some(p) => p.push_burst(&mut self.cpls[..ncpl]),
                 None => Ok(()),
@@ -1039,10 +1042,12 @@ impl Core {
             self.pending_cpl = 0;
         }
         let mask = IrqCause::from_bits_truncate(self.shared.reg(regs::IRQ_MASK));
-        if let Some(sink) = &self.irq_sink {
+        if let Some(sink) = self.irq_sink.clone() {
             if mask.intersects(cause) {
-                sink.raise(vector);
+                // Counted (and published) before the host can wake on it.
                 self.count(Counter::Interrupts, 1);
+                self.publish();
+                sink.raise(vector);
             }
         }
     }
