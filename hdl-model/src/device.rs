@@ -20,7 +20,7 @@ use zerocopy::IntoBytes;
 
 use crate::cost::CostParams;
 use crate::dma::{DmaRegion, Iommu, Tlb};
-use crate::table::{CuckooTable, InsertError, Location, Slot, Traffic};
+use crate::table::{CuckooTable, InsertError, Slot, Traffic};
 
 /// Receives the device's interrupts (an eventfd, an MSI-X vector).
 pub trait InterruptSink: Send + Sync {
@@ -1136,10 +1136,4 @@ fn record(s: &Slot, now_ms: u64) -> ConnRecord {
         (s.expires_ms.saturating_sub(now_ms).div_ceil(1000).max(1) as u32).into()
     };
     ConnRecord { key: s.key, state, nat: if s.nat.kind == 0 { Nat::default() } else { s.nat } }
-}
-
-/// Look up helper used by tests: whether the table holds `key`.
-pub fn table_contains(core: &Core, key: &nicsync_fwif::conn::ConnKey) -> bool {
-    let mut t = Traffic::default();
-    core.table.find(key, &mut t).is_some_and(|l| matches!(l, Location::Slot(_) | Location::Stash(_)))
 }

@@ -10,7 +10,7 @@
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
-use nicsync_fwif::cmd::{CommandDescriptor, Opcode, DESC_SIZE};
+use nicsync_fwif::cmd::{CommandDescriptor, DESC_SIZE};
 use nicsync_fwif::conn::ConnRecord;
 use nicsync_fwif::cpl::{Completion, CompletionEntry, CplError, CPL_SIZE, PHASE_BIT};
 use nicsync_fwif::event::{Event, EventEntry, EVT_SIZE};
@@ -766,10 +766,6 @@ impl<D: NicDevice> Drop for Driver<D> {
     }
 }
 
-#[doc(hidden)]
-pub fn opcode_of(d: &CommandDescriptor) -> Option<Opcode> {
-    Opcode::from_wire(d.opcode)
-}
 
 #[cfg(test)]
 mod tests {
