@@ -231,18 +231,22 @@ impl<D: NicDevice> ConnTable<D> {
                 }
             }
             self.drv.ring();
-            // Wait for the oldest; collect whatever else is done.
+            // Wait for the oldest, then take every following one that is
+            // already done (completions come in ring order from a sane
+            // device; any other order is still handled, just later).
             if let Some((tag, i)) = tags.pop_front() {
                 let c = self.drv.wait(tag)?;
                 results[i] = Some(status_result(&c).map(|r| r as u32));
             }
-            tags.retain(|&(tag, i)| match self.drv.take_done(tag) {
-                Some(c) => {
-                    results[i] = Some(status_result(&c).map(|r| r as u32));
-                    false
+            while let Some(&(tag, i)) = tags.front() {
+                match self.drv.take_done(tag) {
+                    Some(c) => {
+                        results[i] = Some(status_result(&c).map(|r| r as u32));
+                        tags.pop_front();
+                    }
+                    None => break,
                 }
-                None => true,
-            });
+            }
         }
         Ok(results.into_iter().map(|r| r.unwrap_or(Err(TableError::Refused(CplStatus::Internal)))).collect())
     }
