@@ -29,11 +29,16 @@ pub mod conn;
 pub mod cpl;
 pub mod event;
 pub mod regs;
+pub mod sync;
 
 /// ABI major version: a host refuses a device whose major version differs.
 pub const ABI_MAJOR: u16 = 1;
-/// ABI minor version: additions that an older host may ignore.
-pub const ABI_MINOR: u16 = 0;
+/// ABI minor version: additions that an older host may ignore (1: the
+/// inline doorbell window and its counters).
+pub const ABI_MINOR: u16 = 1;
+/// Oldest device minor this host drives: features newer than that are
+/// used only when their capability bit says the device has them.
+pub const MIN_DEVICE_ABI_MINOR: u16 = 0;
 
 /// Asserts at compile time that a wire struct has the given size and that
 /// its fields sit at the given byte offsets.

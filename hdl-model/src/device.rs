@@ -89,6 +89,14 @@ impl Default for ModelConfig {
 #[repr(align(128))]
 pub(crate) struct PaddedU32(pub AtomicU32);
 
+/// The doorbell register as the core sees it: the last value written in
+/// bits 31:0 and a count of writes in bits 63:32, so that a write repeating
+/// the previous value is still a doorbell (every MMIO write is an event on
+/// the bus, not a level).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct DoorbellReg(pub AtomicU64);
+
 /// The inline doorbell window: 64 bytes on their own cache line.
 #[derive(Debug, Default)]
 #[repr(align(128))]
@@ -104,7 +112,7 @@ const NCOUNTERS: usize = Counter::ALL.len();
 pub struct Shared {
     pub(crate) cfg: ModelConfig,
     regs: Box<[AtomicU32]>,
-    pub(crate) doorbell: PaddedU32,
+    pub(crate) doorbell: DoorbellReg,
     inline: InlineWindow,
     cpl_head: PaddedU32,
     evt_head: PaddedU32,
@@ -127,7 +135,7 @@ impl Shared {
         let clock = if cfg.virtual_clock { Clock::Virtual(AtomicU64::new(0)) } else { Clock::Real(Instant::now()) };
         let s = Shared {
             regs: (0..NREGS).map(|_| AtomicU32::new(0)).collect(),
-            doorbell: PaddedU32::default(),
+            doorbell: DoorbellReg::default(),
             inline: InlineWindow::default(),
             cpl_head: PaddedU32::default(),
             evt_head: PaddedU32::default(),
@@ -157,7 +165,8 @@ impl Shared {
         self.set(regs::TABLE_MAX_CAPACITY, c.max_capacity);
         self.set(regs::CLOCK_MHZ, c.cost.clock_mhz);
         self.set(regs::IRQ_COALESCE_COUNT, 1);
-        for p in [&self.doorbell, &self.cpl_head, &self.evt_head, &self.cmd_head] {
+        self.doorbell.0.store(0, Ordering::Relaxed);
+        for p in [&self.cpl_head, &self.evt_head, &self.cmd_head] {
             p.0.store(0, Ordering::Relaxed);
         }
         for w in &self.inline.0 {
@@ -285,7 +294,12 @@ impl Shared {
             return;
         }
         match off {
-            regs::CMD_DOORBELL => self.doorbell.0.store(v, Ordering::Release),
+            regs::CMD_DOORBELL => {
+                // One writer per device (the driver holds it exclusively),
+                // so a plain load and store count the writes.
+                let writes = (self.doorbell.0.load(Ordering::Relaxed) >> 32).wrapping_add(1);
+                self.doorbell.0.store(writes << 32 | v as u64, Ordering::Release);
+            }
             regs::CPL_HEAD => self.cpl_head.0.store(v, Ordering::Release),
             regs::EVT_HEAD => self.evt_head.0.store(v, Ordering::Release),
             regs::IRQ_STATUS => {
@@ -404,8 +418,8 @@ struct CmdRing {
     head: u32,
     /// Tail from the last valid doorbell (register or inline).
     tail: u32,
-    /// Last CMD_DOORBELL value seen.
-    last_db: u32,
+    /// Last CMD_DOORBELL register state seen (write count and value).
+    last_db: u64,
     /// Last inline-doorbell sequence seen (word 0 bits 63:48).
     last_inline_seq: u64,
     /// The inline copy of the descriptor at the slot its tag names.
@@ -535,48 +549,64 @@ impl Core {
             return false;
         }
         let Some(c) = &mut self.cmd else { return false };
-        let mut rung = None;
+        let mut rung = false;
+        let mut tails = [None, None];
         let w0 = self.shared.inline_word0();
         if w0 >> 48 != c.last_inline_seq && w0 & INLINE_BUSY == 0 {
             c.last_inline_seq = w0 >> 48;
-            rung = Some(((w0 >> 32) & 0xFFFF) as u32);
-            // The window's copy of the batch's first descriptor, if read
-            // whole and still from this same write.
-            c.inline = match self.shared.read_inline() {
-                Some(words) if words[0] == w0 => {
-                    let mut d: CommandDescriptor = zerocopy::transmute!(words);
-                    d.aux = 0.into();
-                    Some(d)
+            rung = true;
+            let tail = ((w0 >> 32) & 0xFFFF) as u32;
+            if tail < c.size {
+                tails[0] = Some(tail);
+                // The window's copy of the batch's first descriptor: used
+                // only if read whole, from this same write, and naming the
+                // first slot this doorbell posts (the previous tail).
+                c.inline = match self.shared.read_inline() {
+                    Some(words) if words[0] == w0 => {
+                        let mut d: CommandDescriptor = zerocopy::transmute!(words);
+                        d.aux = 0.into();
+                        (d.tag.get() as u32 == c.tail).then_some(d)
+                    }
+                    _ => None,
+                };
+                if c.inline.is_none() {
+                    self.counters[Counter::InlineMisses as usize] += 1;
                 }
-                _ => None,
-            };
-            if c.inline.is_none() {
-                self.counters[Counter::InlineMisses as usize] += 1;
+            } else {
+                self.counters[Counter::BadDoorbells as usize] += 1;
             }
         }
         let db = self.shared.doorbell.0.load(Ordering::Acquire);
         if db != c.last_db {
             c.last_db = db;
-            rung = Some(db);
-        }
-        if let Some(tail) = rung {
+            rung = true;
+            let tail = db as u32;
             if tail < c.size {
-                c.tail = tail;
-                self.counters[Counter::Doorbells as usize] += 1;
+                tails[1] = Some(tail);
             } else {
-                c.inline = None;
                 self.counters[Counter::BadDoorbells as usize] += 1;
             }
+        }
+        // Both kinds may be pending at once: the tail furthest ahead of the
+        // head covers the other.
+        for t in tails.into_iter().flatten() {
+            let ahead = |x: u32| (x + c.size - c.head) % c.size;
+            if ahead(t) >= ahead(c.tail) {
+                c.tail = t;
+            }
+            self.counters[Counter::Doorbells as usize] += 1;
+        }
+        if rung {
             self.counters_dirty = true;
         }
         if c.tail == c.head {
-            if rung.is_none() && c.last_inline_seq == 0 {
+            if !rung && c.last_inline_seq == 0 {
                 // Idle, with register doorbells: keep the next slot's line
                 // warm so its fetch overlaps the doorbell's when the host
                 // posts. (Inline doorbells carry the descriptor instead.)
                 c.region.touch(c.head as usize * DESC_SIZE);
             }
-            return rung.is_some();
+            return rung;
         }
         let tail = c.tail;
         self.process_commands(tail);

@@ -77,6 +77,12 @@ impl NicDevice for AnyDevice {
             AnyDevice::Vfio(d) => d.write_inline(offset, words),
         }
     }
+    fn write_combining(&self) -> bool {
+        match self {
+            AnyDevice::Emulated(d) => d.write_combining(),
+            AnyDevice::Vfio(d) => d.write_combining(),
+        }
+    }
     fn alloc_dma(&self, len: usize) -> Result<DmaBuffer, DeviceError> {
         match self {
             AnyDevice::Emulated(d) => d.alloc_dma(len),

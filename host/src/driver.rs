@@ -15,7 +15,7 @@ use nicsync_fwif::conn::ConnRecord;
 use nicsync_fwif::cpl::{Completion, CompletionEntry, CplError, CPL_SIZE, PHASE_BIT};
 use nicsync_fwif::event::{Event, EventEntry, EVT_SIZE};
 use nicsync_fwif::regs::{self, Capabilities, Control, Counter, IrqCause, Status};
-use nicsync_fwif::{ABI_MAJOR, ABI_MINOR};
+use nicsync_fwif::{ABI_MAJOR, MIN_DEVICE_ABI_MINOR};
 use nicsync_vfio::{DeviceError, DmaBuffer, NicDevice};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -88,7 +88,7 @@ pub enum DriverError {
     },
     /// ABI major versions differ (or the device's minor is older).
     #[error(
-        "ABI version mismatch: device speaks {dev_major}.{dev_minor}, this host needs {ABI_MAJOR}.x with x >= {ABI_MINOR}; \
+        "ABI version mismatch: device speaks {dev_major}.{dev_minor}, this host needs {ABI_MAJOR}.x with x >= {MIN_DEVICE_ABI_MINOR}; \
          update the {side}"
     )]
     AbiMismatch {
@@ -337,6 +337,10 @@ impl<D: NicDevice> Driver<D> {
         )??;
         let capacity = dev.read32(regs::TABLE_CAPACITY);
         let info = DeviceInfo { capacity, ..info };
+        // Inline only where the 64-byte write is one burst: through an
+        // uncached BAR it would be sixteen slow writes instead of one.
+        let use_inline =
+            cfg.inline_doorbell && info.caps.contains(Capabilities::INLINE_DOORBELL) && dev.write_combining();
         tracing::info!(device = %dev.describe(), abi = %format!("{}.{}", info.abi_major, info.abi_minor), capacity, "device enabled");
         Ok(Driver {
             dev,
@@ -352,7 +356,7 @@ impl<D: NicDevice> Driver<D> {
             in_flight: vec![None; cmd_size as usize],
             done: vec![None; cmd_size as usize],
             stats: DriverStats::default(),
-            use_inline: cfg.inline_doorbell && info.caps.contains(Capabilities::INLINE_DOORBELL),
+            use_inline,
             batch_first: None,
             inline_seq: 0,
             cfg,
@@ -365,10 +369,10 @@ impl<D: NicDevice> Driver<D> {
             return Err(DriverError::NotNicsync { found: id });
         }
         let (dev_major, dev_minor) = regs::split_version(dev.read32(regs::ABI_VERSION));
-        // ABI_MINOR is 0 today, which makes the second test trivially
+        // MIN_DEVICE_ABI_MINOR is 0 today, which makes this trivially
         // false; it is kept for when the host needs a newer minor.
         #[allow(clippy::absurd_extreme_comparisons)]
-        let too_old = dev_minor < ABI_MINOR;
+        let too_old = dev_minor < MIN_DEVICE_ABI_MINOR;
         if dev_major != ABI_MAJOR || too_old {
             let side = if dev_major > ABI_MAJOR { "host software" } else { "device firmware" };
             return Err(DriverError::AbiMismatch { dev_major, dev_minor, side });
@@ -765,7 +769,6 @@ impl<D: NicDevice> Drop for Driver<D> {
         );
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -147,6 +147,10 @@ impl NicDevice for EmulatedDevice {
         self.nic.mmio_write_inline(offset, words)
     }
 
+    fn write_combining(&self) -> bool {
+        true
+    }
+
     fn alloc_dma(&self, len: usize) -> Result<DmaBuffer, DeviceError> {
         let mem = Arc::new(DmaMemory::allocate(len, self.hugepages)?);
         let span = mem.len() as u64 + GUARD;

@@ -119,6 +119,12 @@ pub trait NicDevice: Send + Sync {
             self.write32(off + 4, (*w >> 32) as u32);
         }
     }
+    /// Whether [`NicDevice::write_inline`] reaches the device as one
+    /// write-combined burst (true for the emulated bus). The driver uses the
+    /// inline doorbell only then; the VFIO backend maps BAR0 uncached today.
+    fn write_combining(&self) -> bool {
+        false
+    }
     /// Allocates DMA-able memory of at least `len` bytes and maps it into
     /// the device's IOMMU domain.
     fn alloc_dma(&self, len: usize) -> Result<DmaBuffer, DeviceError>;
@@ -143,6 +149,9 @@ macro_rules! forward_nic_device {
             }
             fn write_inline(&self, offset: u32, words: &[u64; 8]) {
                 (**self).write_inline(offset, words)
+            }
+            fn write_combining(&self) -> bool {
+                (**self).write_combining()
             }
             fn alloc_dma(&self, len: usize) -> Result<DmaBuffer, DeviceError> {
                 (**self).alloc_dma(len)
