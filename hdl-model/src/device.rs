@@ -487,10 +487,12 @@ impl Outcome {
 
 impl Core {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        let cap = shared.reg(regs::TABLE_CAPACITY) as usize;
         let tlb = shared.iommu.tlb();
         Core {
-            table: CuckooTable::new(cap),
+            // Card memory is sized (and first touched) by the device itself
+            // at enable, on the thread that runs the design, not here on
+            // whichever thread built the model.
+            table: CuckooTable::new(1),
             tlb,
             enabled: false,
             fatal: false,
@@ -667,8 +669,8 @@ impl Core {
         // configuration writes clobbered by the reset still in progress.
         self.shared.set(regs::STATUS, 0);
         self.shared.power_on_registers();
-        let cap = self.shared.reg(regs::TABLE_CAPACITY) as usize;
-        self.table = CuckooTable::new(cap);
+        // Emptied now; sized to TABLE_CAPACITY at enable.
+        self.table = CuckooTable::new(1);
         self.enabled = false;
         self.fatal = false;
         self.last_control = 0;
