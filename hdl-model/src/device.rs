@@ -97,6 +97,15 @@ pub(crate) struct PaddedU32(pub AtomicU32);
 #[repr(align(128))]
 pub(crate) struct DoorbellReg(pub AtomicU64);
 
+/// What the device publishes for the host to read: the entry count and
+/// the counters, on cache lines of their own.
+#[derive(Debug)]
+#[repr(align(128))]
+struct Published {
+    table_count: AtomicU32,
+    counters: [AtomicU64; NCOUNTERS],
+}
+
 /// The inline doorbell window: 64 bytes on their own cache line.
 #[derive(Debug, Default)]
 #[repr(align(128))]
@@ -117,8 +126,9 @@ pub struct Shared {
     cpl_head: PaddedU32,
     evt_head: PaddedU32,
     cmd_head: PaddedU32,
-    table_count: AtomicU32,
-    counters: [AtomicU64; NCOUNTERS],
+    /// Written by the device on every burst: kept off the lines of the
+    /// fields the host reads on its doorbell path.
+    published: Published,
     pub(crate) iommu: Arc<Iommu>,
     irq: Mutex<Option<Arc<dyn InterruptSink>>>,
     pub(crate) clock: Clock,
@@ -140,8 +150,10 @@ impl Shared {
             cpl_head: PaddedU32::default(),
             evt_head: PaddedU32::default(),
             cmd_head: PaddedU32::default(),
-            table_count: AtomicU32::new(0),
-            counters: std::array::from_fn(|_| AtomicU64::new(0)),
+            published: Published {
+                table_count: AtomicU32::new(0),
+                counters: std::array::from_fn(|_| AtomicU64::new(0)),
+            },
             iommu: Arc::new(Iommu::default()),
             irq: Mutex::new(None),
             clock,
@@ -172,8 +184,8 @@ impl Shared {
         for w in &self.inline.0 {
             w.store(0, Ordering::Relaxed);
         }
-        self.table_count.store(0, Ordering::Relaxed);
-        for c in &self.counters {
+        self.published.table_count.store(0, Ordering::Relaxed);
+        for c in &self.published.counters {
             c.store(0, Ordering::Relaxed);
         }
     }
@@ -217,11 +229,11 @@ impl Shared {
         match off {
             regs::CMD_DOORBELL | regs::CPL_HEAD | regs::EVT_HEAD => 0,
             regs::CMD_HEAD => self.cmd_head.0.load(Ordering::Acquire),
-            regs::TABLE_COUNT => self.table_count.load(Ordering::Acquire),
+            regs::TABLE_COUNT => self.published.table_count.load(Ordering::Acquire),
             regs::DEVICE_TIME_MS => (self.clock.now_ns() / 1_000_000) as u32,
             o if o >= regs::COUNTER_BASE => {
                 let i = ((o - regs::COUNTER_BASE) / 8) as usize;
-                match self.counters.get(i) {
+                match self.published.counters.get(i) {
                     Some(c) => {
                         let v = c.load(Ordering::Acquire);
                         if (o - regs::COUNTER_BASE) % 8 == 0 {
@@ -337,7 +349,7 @@ impl Shared {
 
     /// Current counter values.
     pub fn counter(&self, c: Counter) -> u64 {
-        self.counters[c as usize].load(Ordering::Acquire)
+        self.published.counters[c as usize].load(Ordering::Acquire)
     }
 }
 
@@ -529,10 +541,10 @@ impl Core {
 
     fn publish(&mut self) {
         if self.counters_dirty {
-            for (a, v) in self.shared.counters.iter().zip(self.counters.iter()) {
+            for (a, v) in self.shared.published.counters.iter().zip(self.counters.iter()) {
                 a.store(*v, Ordering::Release);
             }
-            self.shared.table_count.store(self.table.len() as u32, Ordering::Release);
+            self.shared.published.table_count.store(self.table.len() as u32, Ordering::Release);
             self.counters_dirty = false;
         }
     }
@@ -853,7 +865,7 @@ impl Core {
             // (bodies, then the phase words), as a design would coalesce
             // posted writes; the host sees each entry only once its body is
             // in place.
-            self.shared.table_count.store(self.table.len() as u32, Ordering::Release);
+            self.shared.published.table_count.store(self.table.len() as u32, Ordering::Release);
             let pushed = match &mut self.cpl {
                 Some(p) => p.push_burst(&mut self.cpls[..ncpl]),
                 None => Ok(()),

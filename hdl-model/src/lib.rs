@@ -23,6 +23,7 @@
 pub mod cost;
 pub mod device;
 pub mod dma;
+pub mod sync;
 pub mod table;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,9 +50,16 @@ pub enum ExecMode {
 /// One modelled device.
 pub struct Nic {
     shared: Arc<Shared>,
-    core: Mutex<Core>,
+    /// The design's state, in an allocation of its own: the polling thread
+    /// writes it constantly, and it must not share a cache line with the
+    /// fields the host reads on every MMIO write (`shared`, `mode`).
+    core: Box<CoreCell>,
     mode: ExecMode,
 }
+
+/// The core's lock, aligned to cache lines so nothing shares them.
+#[repr(align(128))]
+struct CoreCell(Mutex<Core>);
 
 impl std::fmt::Debug for Nic {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -63,7 +71,7 @@ impl Nic {
     /// A device out of power-on reset.
     pub fn new(cfg: ModelConfig, mode: ExecMode) -> Arc<Self> {
         let shared = Arc::new(Shared::new(cfg));
-        let core = Mutex::new(Core::new(shared.clone()));
+        let core = Box::new(CoreCell(Mutex::new(Core::new(shared.clone()))));
         Arc::new(Nic { shared, core, mode })
     }
 
@@ -115,7 +123,7 @@ impl Nic {
 
     /// Locks the design state (tests inspect the table through it).
     pub fn core(&self) -> MutexGuard<'_, Core> {
-        self.core.lock().unwrap_or_else(PoisonError::into_inner)
+        self.core.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Runs one poll plus housekeeping; returns whether anything was done.
