@@ -74,5 +74,61 @@ fn cuckoo(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, ring, cuckoo);
+/// The CPU cost of each side separately, per command: the device model
+/// stepped by hand over a full ring of updates, and the host's posting and
+/// reaping around it. (The device is brought up by its polling thread,
+/// which is then stopped so this thread can step it.)
+fn split(c: &mut Criterion) {
+    use nicsync_fwif::cmd::{CommandDescriptor, DescFlags, Opcode};
+    use nicsync_model::{ExecMode, ModelConfig};
+    use std::time::{Duration, Instant};
+
+    const N: u32 = 4096;
+    let dev = EmulatedDevice::new(ModelConfig::default(), ExecMode::Thread).expect("emulated device");
+    dev.start_poller(None).expect("poller");
+    let mut t = ConnTable::open(dev, DriverConfig { table_capacity: 1 << 16, ..Default::default() }).expect("probe");
+    let ops: Vec<TableOp> = (0..N).map(|i| TableOp::Insert(key(i), ConnEntry::new(state()))).collect();
+    for r in t.batch(&ops).expect("batch") {
+        r.expect("insert");
+    }
+    t.driver_ref().device().stop_poller();
+    let nic = t.driver_ref().device().nic().clone();
+    let descs: Vec<CommandDescriptor> = (0..N)
+        .map(|i| CommandDescriptor::conn(Opcode::Update, DescFlags::AUTO_GENERATION, 0, &key(i), &state()))
+        .collect();
+    let burst = t.driver().free_slots() as usize;
+    let mut next = 0usize;
+    let mut g = c.benchmark_group("split");
+    g.throughput(Throughput::Elements(burst as u64));
+    let mut phase = |which: u8, iters: u64| {
+        let mut spent = Duration::ZERO;
+        for _ in 0..iters {
+            let drv = t.driver();
+            let t0 = Instant::now();
+            for _ in 0..burst {
+                drv.post(&descs[next], None).expect("post");
+                next = (next + 1) % descs.len();
+            }
+            drv.ring();
+            let t1 = Instant::now();
+            while nic.step() {}
+            let t2 = Instant::now();
+            let n = drv.poll_completions(|_| {});
+            let t3 = Instant::now();
+            assert_eq!(n, burst);
+            spent += match which {
+                0 => t1 - t0,
+                1 => t2 - t1,
+                _ => t3 - t2,
+            };
+        }
+        spent
+    };
+    g.bench_function("host_post_and_ring", |b| b.iter_custom(|n| phase(0, n)));
+    g.bench_function("device_execute", |b| b.iter_custom(|n| phase(1, n)));
+    g.bench_function("host_reap", |b| b.iter_custom(|n| phase(2, n)));
+    g.finish();
+}
+
+criterion_group!(benches, ring, cuckoo, split);
 criterion_main!(benches);

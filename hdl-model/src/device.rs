@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use nicsync_fwif::cmd::{Command, CommandDescriptor, ConnOp, DecodeError, Opcode, DESC_SIZE, SNAPSHOT_DONE};
-use nicsync_fwif::conn::{ConnRecord, ConnState, Nat};
+use nicsync_fwif::conn::{ConnKey, ConnRecord, ConnState, Nat};
 use nicsync_fwif::cpl::{CplStatus, CPL_SIZE, PHASE_BIT};
 use nicsync_fwif::event::{EventKind, EVT_SIZE};
 use nicsync_fwif::regs::{self, Capabilities, Control, Counter, IrqCause, Status};
@@ -20,7 +20,7 @@ use zerocopy::IntoBytes;
 
 use crate::cost::CostParams;
 use crate::dma::{DmaRegion, Iommu, Tlb};
-use crate::table::{CuckooTable, InsertError, Slot, Traffic};
+use crate::table::{CuckooTable, InsertError, Placement, Slot, Traffic};
 
 /// Receives the device's interrupts (an eventfd, an MSI-X vector).
 pub trait InterruptSink: Send + Sync {
@@ -468,8 +468,8 @@ pub struct Core {
     descs: [CommandDescriptor; FETCH_BURST + 1],
     /// Completions of the burst being executed (word 0, result).
     cpls: [(u64, u64); FETCH_BURST],
-    /// Table placements of the burst, for the prefetch stages.
-    placed: [(usize, usize, u8); FETCH_BURST + 1],
+    /// Table placements of the burst's commands, by burst index.
+    placed: [Option<Placement>; FETCH_BURST + 1],
 }
 
 impl std::fmt::Debug for Core {
@@ -524,7 +524,7 @@ impl Core {
             now_ns: 0,
             descs: [CommandDescriptor::zeroed(); FETCH_BURST + 1],
             cpls: [(0, 0); FETCH_BURST],
-            placed: [(0, 0, 0); FETCH_BURST + 1],
+            placed: [None; FETCH_BURST + 1],
             shared,
         }
     }
@@ -836,7 +836,7 @@ impl Core {
                 let slots = if ext.is_some() { 2 } else { 1 };
                 self.counters[Counter::CommandsFetched as usize] += slots as u64;
                 let (outcome, traffic) = match d.decode(ext.as_ref()) {
-                    Ok(cmd) => self.execute(cmd, now_ms),
+                    Ok(cmd) => self.execute(cmd, self.placed[i], now_ms),
                     Err(e) => {
                         self.counters[Counter::CommandsMalformed as usize] += 1;
                         let st = match e {
@@ -925,22 +925,31 @@ impl Core {
         Ok(self.shared.cfg.cost.fetch_cycles(rest as u32))
     }
 
-    /// Issues the table reads of a fetched burst before executing it, as a
-    /// pipelined design overlaps its memory accesses.
+    /// Hashes every table command of a fetched burst once, and for bursts
+    /// issues their table reads before executing any, as a pipelined design
+    /// overlaps its memory accesses.
     fn prefetch(&mut self, n: usize) {
-        if n < 2 {
-            return;
-        }
-        let mut m = 0;
-        for d in &self.descs[..n] {
-            if (1..=4).contains(&d.opcode) || d.opcode == Opcode::Upsert as u8 {
+        for (d, p) in self.descs[..n].iter().zip(self.placed.iter_mut()) {
+            // INSERT, UPDATE, DELETE, LOOKUP and UPSERT bodies start with
+            // the key; the placement is used only if the command decodes.
+            *p = if (1..=4).contains(&d.opcode) || d.opcode == Opcode::Upsert as u8 {
                 let body: nicsync_fwif::cmd::ConnBody = zerocopy::transmute!(d.body);
-                self.placed[m] = self.table.prefetch_buckets(&body.key);
-                m += 1;
+                Some(if n > 1 { self.table.prefetch_buckets(&body.key) } else { self.table.placement_of(&body.key) })
+            } else {
+                None
+            };
+        }
+        if n > 1 {
+            for p in self.placed[..n].iter().flatten() {
+                self.table.prefetch_slots(*p);
             }
         }
-        for p in &self.placed[..m] {
-            self.table.prefetch_slots(*p);
+    }
+
+    fn find(&self, key: &ConnKey, at: Option<Placement>, t: &mut Traffic) -> Option<crate::table::Location> {
+        match at {
+            Some(p) => self.table.find_at(key, p, t),
+            None => self.table.find(key, t),
         }
     }
 
@@ -951,21 +960,21 @@ impl Core {
         }
     }
 
-    fn execute(&mut self, cmd: Command, now_ms: u64) -> (Outcome, Traffic) {
+    fn execute(&mut self, cmd: Command, at: Option<Placement>, now_ms: u64) -> (Outcome, Traffic) {
         let mut t = Traffic::default();
         let out = match cmd {
             Command::Nop => Outcome::ok(0),
-            Command::Insert(op) => self.insert(&op, now_ms, &mut t),
-            Command::Update(op) => self.update(&op, now_ms, false, &mut t),
-            Command::Upsert(op) => self.update(&op, now_ms, true, &mut t),
-            Command::Delete { key } => match self.table.find(&key, &mut t) {
+            Command::Insert(op) => self.insert(&op, at, now_ms, &mut t),
+            Command::Update(op) => self.update(&op, at, now_ms, false, &mut t),
+            Command::Upsert(op) => self.update(&op, at, now_ms, true, &mut t),
+            Command::Delete { key } => match self.find(&key, at, &mut t) {
                 Some(loc) => {
                     self.table.remove(loc, &mut t);
                     Outcome::ok(0)
                 }
                 None => Outcome::err(CplStatus::NotFound),
             },
-            Command::Lookup { key, resp_addr } => match self.table.find(&key, &mut t) {
+            Command::Lookup { key, resp_addr } => match self.find(&key, at, &mut t) {
                 Some(loc) => match self.table.get(loc).copied() {
                     Some(s) => self.write_records(resp_addr, &[record(&s, now_ms)]),
                     None => Outcome::err(CplStatus::Internal),
@@ -982,14 +991,14 @@ impl Core {
         (out, t)
     }
 
-    fn insert(&mut self, op: &ConnOp, now_ms: u64, t: &mut Traffic) -> Outcome {
+    fn insert(&mut self, op: &ConnOp, at: Option<Placement>, now_ms: u64, t: &mut Traffic) -> Outcome {
         let mut state = op.state;
         if op.auto_generation {
             state.generation = 1.into();
         }
         let slot =
             Slot { key: op.key, state, nat: op.nat.unwrap_or_default(), expires_ms: Self::expiry(now_ms, &state) };
-        match self.table.insert(slot, t) {
+        match self.table.insert_at(slot, at, t) {
             Ok(_) => Outcome::ok(state.generation.get() as u64),
             Err(InsertError::Exists(_)) => Outcome::err(CplStatus::Exists),
             Err(InsertError::Full) => {
@@ -999,9 +1008,9 @@ impl Core {
         }
     }
 
-    fn update(&mut self, op: &ConnOp, now_ms: u64, upsert: bool, t: &mut Traffic) -> Outcome {
-        let Some(loc) = self.table.find(&op.key, t) else {
-            return if upsert { self.insert(op, now_ms, t) } else { Outcome::err(CplStatus::NotFound) };
+    fn update(&mut self, op: &ConnOp, at: Option<Placement>, now_ms: u64, upsert: bool, t: &mut Traffic) -> Outcome {
+        let Some(loc) = self.find(&op.key, at, t) else {
+            return if upsert { self.insert(op, at, now_ms, t) } else { Outcome::err(CplStatus::NotFound) };
         };
         let Some(s) = self.table.get_mut(loc) else { return Outcome::err(CplStatus::Internal) };
         let stored = s.state.generation.get();

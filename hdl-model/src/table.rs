@@ -65,6 +65,9 @@ const fn zero_nat() -> Nat {
     Nat { addr: [0; 16], port: zerocopy::little_endian::U16::ZERO, kind: 0, family: 0, reserved: [0; 4] }
 }
 
+/// A key's two candidate buckets and its fingerprint.
+pub type Placement = (usize, usize, u8);
+
 /// Where an entry lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Location {
@@ -108,19 +111,29 @@ pub struct CuckooTable {
     bfs: Vec<(usize, usize, usize)>,
 }
 
-/// The key hash: two multiply-xorshift lanes over the 40 key bytes. A
-/// hardware design would use two CRC32 units; this is equivalent in
-/// distribution and fast in software.
+/// The key hash: the five key words folded pairwise through three
+/// independent 64x64->128-bit multiplies (wyhash's "mum" step), then one
+/// more to mix. The multiplies do not depend on each other, so they overlap
+/// in the pipeline, as a hardware design would run parallel hash lanes; a
+/// serial multiply-xorshift chain costs three times as long.
 #[inline]
 pub fn hash_key(key: &ConnKey) -> u64 {
-    let mut h: u64 = 0x9E37_79B9_7F4A_7C15;
-    for w in key.words() {
-        h = (h ^ w).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        h ^= h >> 31;
+    #[inline(always)]
+    fn mum(a: u64, b: u64) -> u64 {
+        let r = (a as u128).wrapping_mul(b as u128);
+        (r as u64) ^ ((r >> 64) as u64)
     }
-    h ^= h >> 29;
-    h = h.wrapping_mul(0x94D0_49BB_1331_11EB);
-    h ^ (h >> 32)
+    const K: [u64; 6] = [
+        0xa076_1d64_78bd_642f,
+        0xe703_7ed1_a0b4_28db,
+        0x8ebc_6af0_9c88_c6e3,
+        0x5899_65cc_7537_4cc3,
+        0x1d8e_4e27_c47d_124f,
+        0x9E37_79B9_7F4A_7C15,
+    ];
+    let w = key.words();
+    let h = mum(w[0] ^ K[0], w[1] ^ K[1]) ^ mum(w[2] ^ K[2], w[3] ^ K[3]) ^ mum(w[4] ^ K[4], K[5]);
+    mum(h ^ K[0], K[1])
 }
 
 #[inline]
@@ -208,7 +221,7 @@ impl CuckooTable {
     /// fingerprints (the model's stand-in for a memory read issued ahead of
     /// use) and returns the placement for stage 2.
     #[inline]
-    pub fn prefetch_buckets(&self, key: &ConnKey) -> (usize, usize, u8) {
+    pub fn prefetch_buckets(&self, key: &ConnKey) -> Placement {
         let p = placement(hash_key(key), self.buckets);
         std::hint::black_box((self.fps[p.0 * WAYS], self.fps[p.1 * WAYS]));
         p
@@ -217,7 +230,7 @@ impl CuckooTable {
     /// Stage 2: loads the slots whose fingerprint matches, so the key
     /// compare at execution hits.
     #[inline]
-    pub fn prefetch_slots(&self, (b1, b2, fp): (usize, usize, u8)) {
+    pub fn prefetch_slots(&self, (b1, b2, fp): Placement) {
         for b in [b1, b2] {
             for w in 0..WAYS {
                 if self.fps[b * WAYS + w] == fp {
@@ -232,6 +245,20 @@ impl CuckooTable {
     #[inline]
     pub fn find(&self, key: &ConnKey, t: &mut Traffic) -> Option<Location> {
         let (b1, b2, fp) = placement(hash_key(key), self.buckets);
+        self.find_placed(key, b1, b2, fp, t)
+    }
+
+    /// The placement of `key` (no memory access).
+    #[inline]
+    pub fn placement_of(&self, key: &ConnKey) -> Placement {
+        placement(hash_key(key), self.buckets)
+    }
+
+    /// Finds `key` at a placement computed earlier by
+    /// [`CuckooTable::prefetch_buckets`] for this same key (the pipelined
+    /// path: the hash is computed once per command).
+    #[inline]
+    pub fn find_at(&self, key: &ConnKey, (b1, b2, fp): Placement, t: &mut Traffic) -> Option<Location> {
         self.find_placed(key, b1, b2, fp, t)
     }
 
@@ -282,7 +309,13 @@ impl CuckooTable {
 
     /// Inserts a new entry.
     pub fn insert(&mut self, slot: Slot, t: &mut Traffic) -> Result<Location, InsertError> {
-        let (b1, b2, fp) = placement(hash_key(&slot.key), self.buckets);
+        self.insert_at(slot, None, t)
+    }
+
+    /// Inserts a new entry whose placement may have been computed already
+    /// (by [`CuckooTable::prefetch_buckets`] for this same key).
+    pub fn insert_at(&mut self, slot: Slot, at: Option<Placement>, t: &mut Traffic) -> Result<Location, InsertError> {
+        let (b1, b2, fp) = at.unwrap_or_else(|| placement(hash_key(&slot.key), self.buckets));
         if let Some(loc) = self.find_placed(&slot.key, b1, b2, fp, t) {
             return Err(InsertError::Exists(loc));
         }
