@@ -836,7 +836,7 @@ impl Core {
                 let slots = if ext.is_some() { 2 } else { 1 };
                 self.counters[Counter::CommandsFetched as usize] += slots as u64;
                 let (outcome, traffic) = match d.decode(ext.as_ref()) {
-                    Ok(cmd) => self.execute(cmd, self.placed[i], now_ms),
+                    Ok(cmd) => self.execute(&cmd, self.placed[i], now_ms),
                     Err(e) => {
                         self.counters[Counter::CommandsMalformed as usize] += 1;
                         let st = match e {
@@ -960,21 +960,21 @@ impl Core {
         }
     }
 
-    fn execute(&mut self, cmd: Command, at: Option<Placement>, now_ms: u64) -> (Outcome, Traffic) {
+    fn execute(&mut self, cmd: &Command, at: Option<Placement>, now_ms: u64) -> (Outcome, Traffic) {
         let mut t = Traffic::default();
-        let out = match cmd {
+        let out = match *cmd {
             Command::Nop => Outcome::ok(0),
-            Command::Insert(op) => self.insert(&op, at, now_ms, &mut t),
-            Command::Update(op) => self.update(&op, at, now_ms, false, &mut t),
-            Command::Upsert(op) => self.update(&op, at, now_ms, true, &mut t),
-            Command::Delete { key } => match self.find(&key, at, &mut t) {
+            Command::Insert(ref op) => self.insert(op, at, now_ms, &mut t),
+            Command::Update(ref op) => self.update(op, at, now_ms, false, &mut t),
+            Command::Upsert(ref op) => self.update(op, at, now_ms, true, &mut t),
+            Command::Delete { ref key } => match self.find(key, at, &mut t) {
                 Some(loc) => {
                     self.table.remove(loc, &mut t);
                     Outcome::ok(0)
                 }
                 None => Outcome::err(CplStatus::NotFound),
             },
-            Command::Lookup { key, resp_addr } => match self.find(&key, at, &mut t) {
+            Command::Lookup { ref key, resp_addr } => match self.find(key, at, &mut t) {
                 Some(loc) => match self.table.get(loc).copied() {
                     Some(s) => self.write_records(resp_addr, &[record(&s, now_ms)]),
                     None => Outcome::err(CplStatus::Internal),
