@@ -835,11 +835,14 @@ impl Core {
                     .then(|| self.descs[i + 1]);
                 let slots = if ext.is_some() { 2 } else { 1 };
                 self.counters[Counter::CommandsFetched as usize] += slots as u64;
-                let (outcome, traffic) = match d.decode(ext.as_ref()) {
-                    Ok(cmd) => self.execute(&cmd, self.placed[i], now_ms),
+                // Matched by reference: the decoded command is read where
+                // decode wrote it, not copied first.
+                let decoded = d.decode(ext.as_ref());
+                let (outcome, traffic) = match &decoded {
+                    Ok(cmd) => self.execute(cmd, self.placed[i], now_ms),
                     Err(e) => {
                         self.counters[Counter::CommandsMalformed as usize] += 1;
-                        let st = match e {
+                        let st = match *e {
                             DecodeError::UnknownOpcode(_) => CplStatus::InvalidOpcode,
                             _ => CplStatus::Malformed,
                         };
