@@ -439,7 +439,7 @@ struct CmdRing {
 }
 
 /// How many descriptors are decoded and prefetched ahead of execution.
-const FETCH_BURST: usize = 32;
+const FETCH_BURST: usize = 64;
 
 /// Internal state of the design.
 pub struct Core {
@@ -932,17 +932,23 @@ impl Core {
     /// issues their table reads before executing any, as a pipelined design
     /// overlaps its memory accesses.
     fn prefetch(&mut self, n: usize) {
+        // Stage 0: hash every table command (arithmetic only).
         for (d, p) in self.descs[..n].iter().zip(self.placed.iter_mut()) {
             // INSERT, UPDATE, DELETE, LOOKUP and UPSERT bodies start with
             // the key; the placement is used only if the command decodes.
             *p = if (1..=4).contains(&d.opcode) || d.opcode == Opcode::Upsert as u8 {
                 let body: nicsync_fwif::cmd::ConnBody = zerocopy::transmute!(d.body);
-                Some(if n > 1 { self.table.prefetch_buckets(&body.key) } else { self.table.placement_of(&body.key) })
+                Some(self.table.placement_of(&body.key))
             } else {
                 None
             };
         }
         if n > 1 {
+            // Stage 1: every bucket's fingerprints, in one tight loop so the
+            // loads are in flight together; stage 2: the matching slots.
+            for p in self.placed[..n].iter().flatten() {
+                self.table.prefetch_buckets(*p);
+            }
             for p in self.placed[..n].iter().flatten() {
                 self.table.prefetch_slots(*p);
             }

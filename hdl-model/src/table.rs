@@ -219,24 +219,26 @@ impl CuckooTable {
 
     /// Stage 1 of a pipelined lookup: loads both candidate buckets'
     /// fingerprints (the model's stand-in for a memory read issued ahead of
-    /// use) and returns the placement for stage 2.
+    /// use; the values are discarded).
     #[inline]
-    pub fn prefetch_buckets(&self, key: &ConnKey) -> Placement {
-        let p = placement(hash_key(key), self.buckets);
-        std::hint::black_box((self.fps[p.0 * WAYS], self.fps[p.1 * WAYS]));
-        p
+    pub fn prefetch_buckets(&self, (b1, b2, _): Placement) {
+        if let (Some(a), Some(b)) = (self.fps.get(b1 * WAYS), self.fps.get(b2 * WAYS)) {
+            crate::prefetch::prefetch(a);
+            crate::prefetch::prefetch(b);
+        }
     }
 
-    /// Stage 2: loads the slots whose fingerprint matches, so the key
-    /// compare at execution hits.
+    /// Stage 2: loads both cache lines of the slot whose fingerprint
+    /// matches, so the key compare and the state write at execution hit.
     #[inline]
     pub fn prefetch_slots(&self, (b1, b2, fp): Placement) {
         for b in [b1, b2] {
-            for w in 0..WAYS {
-                if self.fps[b * WAYS + w] == fp {
-                    std::hint::black_box(self.slots[b * WAYS + w].key.proto);
-                    return;
-                }
+            let m = fp_matches(&self.fps[b * WAYS..(b + 1) * WAYS], fp);
+            if m != 0 {
+                let s = &self.slots[b * WAYS + (m.trailing_zeros() / 8) as usize];
+                crate::prefetch::prefetch(&s.key);
+                crate::prefetch::prefetch(&s.expires_ms);
+                return;
             }
         }
     }
