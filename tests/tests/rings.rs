@@ -705,7 +705,7 @@ fn snapshot_larger_than_one_chunk() {
 fn colliding_keys(capacity: usize, n: usize) -> Vec<ConnKey> {
     let t = nicsync_model::table::CuckooTable::new(capacity);
     let pair = |k: &ConnKey| {
-        let (b1, b2, _) = t.prefetch_buckets(k);
+        let (b1, b2, _) = t.placement_of(k);
         (b1.min(b2), b1.max(b2))
     };
     let target = pair(&key4(0));
