@@ -27,6 +27,7 @@ pub mod dma;
 mod prefetch;
 pub mod sync;
 pub mod table;
+pub mod wire;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

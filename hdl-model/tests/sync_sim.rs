@@ -45,7 +45,12 @@ struct Rng(u64);
 
 impl Rng {
     fn new(seed: u64) -> Self {
-        Rng((seed ^ 0x9E37_79B9_7F4A_7C15) | 1)
+        // A splitmix64 step first, so that every bit of the seed matters
+        // (seeds s and s ^ 1 must not replay the same run).
+        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        Rng((z ^ (z >> 31)) | 1)
     }
 
     fn next(&mut self) -> u64 {
