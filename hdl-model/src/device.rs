@@ -564,61 +564,66 @@ impl Core {
         }
         let Some(c) = &mut self.cmd else { return false };
         let mut rung = false;
-        let mut tails = [None, None];
-        let w0 = self.shared.inline_word0();
-        if w0 >> 48 != c.last_inline_seq && w0 & INLINE_BUSY == 0 {
-            c.last_inline_seq = w0 >> 48;
-            rung = true;
-            let tail = ((w0 >> 32) & 0xFFFF) as u32;
-            if tail < c.size {
-                tails[0] = Some(tail);
-                // The window's copy of the batch's first descriptor: used
-                // only if read whole, from this same write, and naming the
-                // first slot this doorbell posts (the previous tail).
-                c.inline = match self.shared.read_inline() {
-                    Some(words) if words[0] == w0 => {
-                        let mut d: CommandDescriptor = zerocopy::transmute!(words);
-                        d.aux = 0.into();
-                        (d.tag.get() as u32 == c.tail).then_some(d)
-                    }
-                    _ => None,
-                };
-                if c.inline.is_none() {
-                    self.counters[Counter::InlineMisses as usize] += 1;
-                }
-            } else {
-                self.counters[Counter::BadDoorbells as usize] += 1;
-            }
-        }
+        let ahead = |x: u32, c: &CmdRing| (x + c.size - c.head) % c.size;
+        // The register first, then the window: the host rings in order, so
+        // an inline doorbell written before this register value is visible
+        // to the window load that follows, and is judged in this same poll
+        // (it can never arrive "late" and move the tail back).
         let db = self.shared.doorbell.0.load(Ordering::Acquire);
+        let w0 = self.shared.inline_word0();
         if db != c.last_db {
             c.last_db = db;
             rung = true;
             let tail = db as u32;
-            if tail < c.size {
-                tails[1] = Some(tail);
-            } else {
+            if tail >= c.size {
                 self.counters[Counter::BadDoorbells as usize] += 1;
+            } else {
+                self.counters[Counter::Doorbells as usize] += 1;
+                if ahead(tail, c) >= ahead(c.tail, c) {
+                    c.tail = tail;
+                }
             }
         }
-        // Both kinds may be pending at once: the tail furthest ahead of the
-        // head covers the other.
-        for t in tails.into_iter().flatten() {
-            let ahead = |x: u32| (x + c.size - c.head) % c.size;
-            if ahead(t) >= ahead(c.tail) {
-                c.tail = t;
+        if w0 >> 48 != c.last_inline_seq && w0 & INLINE_BUSY == 0 {
+            c.last_inline_seq = w0 >> 48;
+            rung = true;
+            let tail = ((w0 >> 32) & 0xFFFF) as u32;
+            if tail >= c.size {
+                self.counters[Counter::BadDoorbells as usize] += 1;
+            } else {
+                self.counters[Counter::Doorbells as usize] += 1;
+                // An older doorbell than what the register already said
+                // posts nothing new.
+                if ahead(tail, c) >= ahead(c.tail, c) {
+                    // The window's copy of the batch's first descriptor:
+                    // used only if read whole, from this same write, and
+                    // naming the first slot this doorbell posts (the tail
+                    // so far; if earlier doorbells were overwritten before
+                    // the device saw them, the slot is fetched by DMA).
+                    c.inline = match self.shared.read_inline() {
+                        Some(words) if words[0] == w0 => {
+                            let mut d: CommandDescriptor = zerocopy::transmute!(words);
+                            d.aux = 0.into();
+                            (d.tag.get() as u32 == c.tail).then_some(d)
+                        }
+                        _ => None,
+                    };
+                    if c.inline.is_none() {
+                        self.counters[Counter::InlineMisses as usize] += 1;
+                    }
+                    c.tail = tail;
+                }
             }
-            self.counters[Counter::Doorbells as usize] += 1;
         }
         if rung {
             self.counters_dirty = true;
         }
         if c.tail == c.head {
             if !rung && c.last_inline_seq == 0 {
-                // Idle, with register doorbells: keep the next slot's line
-                // warm so its fetch overlaps the doorbell's when the host
-                // posts. (Inline doorbells carry the descriptor instead.)
-                c.region.touch(c.head as usize * DESC_SIZE);
+                // Idle, with register doorbells: hint the next slot's line
+                // toward the device so its fetch overlaps the doorbell's
+                // (a prefetch: no access the host's writes could race).
+                c.region.prefetch(c.head as usize * DESC_SIZE);
             }
             return rung;
         }

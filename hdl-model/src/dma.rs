@@ -28,6 +28,12 @@ pub trait HostMemory: Send + Sync {
     /// device wrote before is visible to a host that acquires this word.
     fn store_u64_release(&self, off: usize, v: u64) -> bool;
 
+    /// Hints the cache line at `off` toward the reader; no memory access.
+    /// The default does nothing.
+    fn prefetch(&self, off: usize) {
+        let _ = off;
+    }
+
     /// Publishes 16-byte ring entries `(word0, word1)` at `off`, `off + 16`,
     /// ...: every `word1` first, then every `word0` with release ordering,
     /// so a reader that acquires an entry's first word sees its second.
@@ -238,15 +244,13 @@ impl DmaRegion {
         }
     }
 
-    /// Reads and discards 8 bytes at `off`: pulls the line toward the
-    /// device ahead of use (a prefetch). Out-of-range offsets are ignored.
+    /// Hints the line at `off` toward the device ahead of use. Not a read:
+    /// the host may be writing that memory. Out-of-range offsets are ignored.
     #[inline]
-    pub fn touch(&self, off: usize) {
-        let mut b = [0u8; 8];
-        if self.inside(off, 8) {
-            let _ = self.mem.read(self.base + off, &mut b);
+    pub fn prefetch(&self, off: usize) {
+        if self.inside(off, 1) {
+            self.mem.prefetch(self.base + off);
         }
-        std::hint::black_box(b);
     }
 
     /// Publishes 16-byte entries at `off` (see [`HostMemory::publish_pairs`]).

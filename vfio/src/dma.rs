@@ -215,6 +215,25 @@ impl DmaMemory {
         Ok(())
     }
 
+    /// Hints the CPU to bring the line at `off` into its cache. Not a read:
+    /// no memory access happens in the abstract machine, so it cannot race
+    /// a concurrent writer. Out-of-range offsets are ignored.
+    #[inline]
+    pub fn prefetch(&self, off: usize) {
+        if off >= self.len {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: PREFETCHT0 is a hint: it never faults and neither reads
+        // nor writes memory as far as the program can observe; the address
+        // is inside the live mapping (checked above) in any case.
+        unsafe {
+            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                self.ptr.as_ptr().add(off).cast::<i8>(),
+            )
+        };
+    }
+
     /// Zeroes the whole buffer (volatile).
     pub fn clear(&self) {
         let zero = [0u8; 64];

@@ -28,6 +28,9 @@ impl HostMemory for DmaMemory {
     fn store_u64_release(&self, off: usize, v: u64) -> bool {
         self.store_u64(off, v, Ordering::Release).is_ok()
     }
+    fn prefetch(&self, off: usize) {
+        DmaMemory::prefetch(self, off)
+    }
     fn publish_pairs(&self, off: usize, pairs: &[(u64, u64)]) -> bool {
         DmaMemory::publish_pairs(self, off, pairs).is_ok()
     }
