@@ -133,7 +133,7 @@ pub fn run<D: NicDevice>(
 ) -> Result<DemoReport, TableError> {
     let start = Instant::now();
     let mut rng = Rng(opts.seed | 1);
-    let mut live: Vec<Live> = Vec::with_capacity(opts.max_live);
+    let mut live: Vec<Live> = Vec::new();
     let mut index: HashMap<ConnKey, usize> = HashMap::new();
     let mut rep = DemoReport::default();
     let mut lat: HashMap<&'static str, Vec<u64>> = HashMap::new();

@@ -5,7 +5,11 @@
 //! checked (known status and opcode, a tag that is in flight, an opcode
 //! that matches what was posted), and a bad one is counted and skipped, so
 //! a faulty device cannot make the driver index out of bounds, complete the
-//! wrong command or panic.
+//! wrong command or panic. The command whose completion was garbled stays
+//! in flight: its waiter gets `Timeout`, and its slot stays reserved (a new
+//! command is never posted under a tag still in flight) until the device is
+//! reset and brought up again. Resetting and replaying automatically is the
+//! job of the fault-recovery layer, not yet written.
 
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
@@ -315,6 +319,13 @@ impl<D: NicDevice> Driver<D> {
         dev.write32(regs::IRQ_MASK, (IrqCause::COMPLETION | IrqCause::EVENT | IrqCause::ERROR).bits());
         let mut ctl = Control::ENABLE;
         if cfg.completion_mode == CompletionMode::Interrupt {
+            if cfg.irq_coalesce_usec == 0 && cfg.irq_coalesce_count > 1 {
+                return Err(DriverError::Config(
+                    "interrupt mode with irq_coalesce_count > 1 needs irq_coalesce_usec > 0, \
+                     or a lone completion would never raise an interrupt"
+                        .into(),
+                ));
+            }
             if dev.irq_fd(regs::VECTOR_COMPLETION).is_none() {
                 return Err(DriverError::Config(
                     "interrupt completion mode, but the device has no interrupt eventfd".into(),
@@ -471,6 +482,13 @@ impl<D: NicDevice> Driver<D> {
             return Err(DriverError::RingFull { in_flight: self.slots_in_flight });
         }
         let tag = self.tail as u16;
+        if self.in_flight[tag as usize].is_some() {
+            // Its completion never came back valid (counted in
+            // bad_completions): the slot stays reserved until the device is
+            // reset, so a late completion can never be credited to a new
+            // command under the same tag.
+            return Err(DriverError::RingFull { in_flight: self.slots_in_flight });
+        }
         let mut d = *desc;
         d.tag = tag.into();
         self.write_slot(self.tail, &d)?;

@@ -1,7 +1,7 @@
 //! Interrupt-driven completion waiting for async code (tokio `AsyncFd`
 //! on the device's completion eventfd).
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use nicsync_fwif::cpl::Completion;
 use nicsync_fwif::regs::{self, IrqCause};
@@ -10,32 +10,38 @@ use tokio::io::unix::AsyncFd;
 
 use crate::driver::{Driver, DriverError};
 
-/// The completion eventfd's number. It is only registered with the
-/// reactor, never closed through this type: the device owns the fd.
+/// A duplicate of the completion eventfd, owned here, so the reactor never
+/// holds a descriptor number that the device could close and the process
+/// reuse.
 #[derive(Debug)]
-struct IrqFdNumber(RawFd);
+struct IrqFd(OwnedFd);
 
-impl AsRawFd for IrqFdNumber {
+impl AsRawFd for IrqFd {
     fn as_raw_fd(&self) -> RawFd {
-        self.0
+        self.0.as_raw_fd()
     }
 }
 
-/// Waits for completion interrupts in async code. Must be dropped before
-/// the device it was made from.
+/// Waits for completion interrupts in async code.
 #[derive(Debug)]
 pub struct AsyncCompletions {
-    fd: AsyncFd<IrqFdNumber>,
+    fd: AsyncFd<IrqFd>,
 }
 
 impl AsyncCompletions {
     /// Registers the device's completion eventfd with the tokio reactor.
     pub fn new<D: NicDevice>(drv: &Driver<D>) -> Result<Self, DriverError> {
+        if drv.config().completion_mode != crate::driver::CompletionMode::Interrupt {
+            return Err(DriverError::Config("async completions need CompletionMode::Interrupt".into()));
+        }
         let fd = drv
             .device()
             .irq_fd(regs::VECTOR_COMPLETION)
             .ok_or_else(|| DriverError::Config("device has no completion interrupt".into()))?;
-        let fd = AsyncFd::new(IrqFdNumber(fd.as_raw_fd()))
+        let owned = fd
+            .try_clone_to_owned()
+            .map_err(|e| nicsync_vfio::DeviceError::Io { what: "duplicate the interrupt eventfd", source: e })?;
+        let fd = AsyncFd::new(IrqFd(owned))
             .map_err(|e| nicsync_vfio::DeviceError::Io { what: "register eventfd with tokio", source: e })?;
         Ok(AsyncCompletions { fd })
     }

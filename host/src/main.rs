@@ -36,11 +36,11 @@ struct DemoArgs {
     #[arg(long, default_value = "emulated")]
     device: DeviceSpec,
     /// Single table operations to perform.
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     operations: u64,
     /// Most connections alive at once.
-    #[arg(long, default_value_t = 20_000)]
-    max_live: usize,
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=4_000_000))]
+    max_live: u32,
     /// Workload seed.
     #[arg(long, default_value_t = 0x5eed)]
     seed: u64,
@@ -119,7 +119,8 @@ fn run_demo(a: DemoArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let mut table = ConnTable::open(dev, cfg)?;
-    let opts = DemoOptions { operations: a.operations, max_live: a.max_live, seed: a.seed, ..Default::default() };
+    let opts =
+        DemoOptions { operations: a.operations, max_live: a.max_live as usize, seed: a.seed, ..Default::default() };
     let rep = demo::run(&mut table, &opts, || {})?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);

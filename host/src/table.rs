@@ -266,9 +266,14 @@ impl<D: NicDevice> ConnTable<D> {
     }
 
     /// Walks the whole table chunk by chunk (SNAPSHOT commands into a 1 MiB
-    /// host buffer). Entries changed during the walk may or may not appear.
+    /// host buffer). The walk is consistent only while nothing else changes
+    /// the table: an insert, delete or cuckoo move during it can make an
+    /// entry, even an unchanged one, appear twice or not at all (see
+    /// docs/abi.md, SNAPSHOT). A device whose cursor does not advance, or
+    /// that needs more chunks than the table has slots, ends the walk with an
+    /// error.
     pub fn snapshot(&mut self) -> Snapshot<'_, D> {
-        Snapshot { table: self, cursor: 0, chunk: Vec::new(), pos: 0, done: false }
+        Snapshot { table: self, cursor: 0, chunk: Vec::new(), pos: 0, done: false, chunks: 0 }
     }
 
     fn snapshot_chunk(&mut self, cursor: u32, out: &mut Vec<ConnRecord>) -> Result<u32, TableError> {
@@ -311,6 +316,7 @@ pub struct Snapshot<'a, D: NicDevice> {
     chunk: Vec<ConnRecord>,
     pos: usize,
     done: bool,
+    chunks: u64,
 }
 
 impl<D: NicDevice> std::fmt::Debug for Snapshot<'_, D> {
@@ -330,6 +336,16 @@ impl<D: NicDevice> Iterator for Snapshot<'_, D> {
             }
             if self.done {
                 return None;
+            }
+            // A healthy device fills every chunk but the last, so a walk takes
+            // at most capacity / records-per-chunk + 1 chunks; one that needs
+            // far more is not advancing and is faulty.
+            self.chunks += 1;
+            let per_chunk = (SNAPSHOT_CHUNK_BYTES / ConnRecord::SIZE) as u64;
+            let limit = self.table.drv.info().capacity as u64 / per_chunk + 64;
+            if self.chunks > limit {
+                self.done = true;
+                return Some(Err(TableError::BadRecord(format!("snapshot needed more than {limit} chunks"))));
             }
             let mut chunk = std::mem::take(&mut self.chunk);
             match self.table.snapshot_chunk(self.cursor, &mut chunk) {
