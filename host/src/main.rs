@@ -114,7 +114,7 @@ fn run_demo(a: DemoArgs) -> anyhow::Result<()> {
         println!("nicsync demo on {}", nicsync_vfio::NicDevice::describe(&dev));
     }
     let cfg = DriverConfig {
-        table_capacity: (a.max_live as u32 * 2).max(1 << 16),
+        table_capacity: a.max_live.saturating_mul(2).max(1 << 16),
         aging_period_ms: 200,
         ..Default::default()
     };
