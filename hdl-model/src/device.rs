@@ -1170,13 +1170,19 @@ impl Core {
         }
         let elapsed = now_ns.saturating_sub(self.last_aging_ns);
         let buckets = self.table.buckets();
-        // Whole milliseconds keep the product within u64 for any table.
-        let share = (buckets as u64).saturating_mul(elapsed / 1_000_000) / period_ms;
-        let share = share as usize;
+        let period_ns = period_ms as u128 * 1_000_000;
+        let share = (buckets as u128 * elapsed as u128 / period_ns) as usize;
         if share == 0 {
             return false;
         }
-        self.last_aging_ns = now_ns;
+        if share >= buckets {
+            // A whole period or more has passed: one full sweep, no backlog.
+            self.last_aging_ns = now_ns;
+        } else {
+            // Advance by exactly the time those buckets stand for, keeping
+            // the remainder, so a sweep takes one period, not up to two.
+            self.last_aging_ns += (share as u128 * period_ns / buckets as u128) as u64;
+        }
         let mut remaining = share.min(buckets);
         let now_ms = now_ns / 1_000_000;
         let mut aged = Vec::new();
