@@ -510,16 +510,9 @@ impl DeltaSender {
     /// Parses a received datagram and handles it; returns the parse error
     /// (also counted in [`SyncStats::malformed`]).
     pub fn handle_datagram(&mut self, bytes: &[u8], now: Nanos) -> Result<(), FrameError> {
-        match Frame::parse(bytes) {
-            Ok(v) => {
-                self.handle_frame(&v, now);
-                Ok(())
-            }
-            Err(e) => {
-                self.stats.malformed += 1;
-                Err(e)
-            }
-        }
+        let view = parse_counting(bytes, &mut self.stats)?;
+        self.handle_frame(&view, now);
+        Ok(())
     }
 
     /// Handles a parsed frame: NACK and ACK elements addressed to this
@@ -844,16 +837,9 @@ impl DeltaReceiver {
     /// Parses a received datagram and handles it; returns the parse error
     /// (also counted in [`SyncStats::malformed`]).
     pub fn handle_datagram(&mut self, bytes: &[u8], now: Nanos) -> Result<(), FrameError> {
-        match Frame::parse(bytes) {
-            Ok(v) => {
-                self.handle_frame(&v, now);
-                Ok(())
-            }
-            Err(e) => {
-                self.stats.malformed += 1;
-                Err(e)
-            }
-        }
+        let view = parse_counting(bytes, &mut self.stats)?;
+        self.handle_frame(&view, now);
+        Ok(())
     }
 
     /// Handles a parsed frame from the sync network. Frames of other senders
@@ -1168,6 +1154,11 @@ pub fn resolve<'a>(a: &'a DeltaUpdate, b: &'a DeltaUpdate) -> &'a DeltaUpdate {
     } else {
         a
     }
+}
+
+/// Parses a datagram, counting a malformed one in `stats`.
+fn parse_counting<'a>(bytes: &'a [u8], stats: &mut SyncStats) -> Result<FrameView<'a>, FrameError> {
+    Frame::parse(bytes).inspect_err(|_| stats.malformed += 1)
 }
 
 #[cfg(test)]
