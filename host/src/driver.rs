@@ -5,11 +5,12 @@
 //! checked (known status and opcode, a tag that is in flight, an opcode
 //! that matches what was posted), and a bad one is counted and skipped, so
 //! a faulty device cannot make the driver index out of bounds, complete the
-//! wrong command or panic. The command whose completion was garbled stays
-//! in flight: its waiter gets `Timeout`, and its slot stays reserved (a new
-//! command is never posted under a tag still in flight) until the device is
-//! reset and brought up again. Resetting and replaying automatically is the
-//! job of the fault-recovery layer, not yet written.
+//! wrong command or panic. Since the device completes in ring order, the
+//! first valid completion after a garbled one tells the driver (by its
+//! command head) that the device went past the garbled command: its slots
+//! are freed and its waiter gets `CompletionLost`, so the ring never shrinks.
+//! Resetting the device and replaying what it may have lost is the job of
+//! the fault-recovery layer, not yet written.
 
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
@@ -139,6 +140,10 @@ pub enum DriverError {
     /// A tag that is not in flight was waited for.
     #[error("tag {0} is not in flight")]
     UnknownTag(u16),
+    /// The device went past the command but its completion was lost or
+    /// garbled (counted in `bad_completions`): its outcome is unknown.
+    #[error("the completion of tag {0} was lost or garbled by the device; the command's outcome is unknown")]
+    CompletionLost(u16),
 }
 
 /// Counters the driver keeps about itself.
@@ -158,6 +163,9 @@ pub struct DriverStats {
     pub bad_events: u64,
     /// Events the device reported as dropped (overflow).
     pub events_lost: u64,
+    /// Commands the device passed whose completion never arrived valid:
+    /// their waiters got `CompletionLost`.
+    pub lost_completions: u64,
     /// Interrupt wake-ups.
     pub interrupts: u64,
 }
@@ -237,6 +245,13 @@ pub struct Driver<D: NicDevice> {
     evt: Option<ConsumerRing>,
     responses: DmaBuffer,
     in_flight: Vec<Option<InFlight>>,
+    /// Slots of the command posted at each tag (kept after completion, to
+    /// walk the ring by commands).
+    slot_len: Vec<u8>,
+    /// Tags whose completion was lost (see `reconcile`).
+    lost: Vec<bool>,
+    /// The device's head as of the last valid completion.
+    dev_head: u32,
     done: Vec<Option<Completion>>,
     stats: DriverStats,
     /// Whether doorbells go through the inline window.
@@ -365,6 +380,9 @@ impl<D: NicDevice> Driver<D> {
             evt,
             responses,
             in_flight: vec![None; cmd_size as usize],
+            slot_len: vec![1; cmd_size as usize],
+            lost: vec![false; cmd_size as usize],
+            dev_head: 0,
             done: vec![None; cmd_size as usize],
             stats: DriverStats::default(),
             use_inline,
@@ -501,6 +519,8 @@ impl<D: NicDevice> Driver<D> {
             self.batch_first = Some(d);
         }
         self.in_flight[tag as usize] = Some(InFlight { opcode: d.opcode, slots: slots as u8 });
+        self.slot_len[tag as usize] = slots as u8;
+        self.lost[tag as usize] = false;
         self.done[tag as usize] = None;
         self.tail = (self.tail + slots) % self.cmd_size;
         self.slots_in_flight += slots;
@@ -610,10 +630,45 @@ impl<D: NicDevice> Driver<D> {
                 c.tag, c.opcode, f.opcode
             ));
         }
+        // The device's head must lie past this command and not past what
+        // was posted: between the command's first slot (exclusive) and the
+        // tail (inclusive), in ring order from the last head it reported.
+        let ahead = |x: u32| (x + self.cmd_size - self.dev_head) % self.cmd_size;
+        let head = c.cmd_head as u32;
+        let posted = ahead(self.tail);
+        if ahead(head) > posted || ahead(head) <= ahead(c.tag as u32) {
+            return Err(format!(
+                "command head {head} is not past tag {} within the posted slots (device head {}, tail {})",
+                c.tag, self.dev_head, self.tail
+            ));
+        }
         *slot = None;
         self.slots_in_flight -= f.slots as u32;
         self.stats.completions += 1;
+        self.reconcile(head, c.tag);
         Ok(c)
+    }
+
+    /// The device completes in ring order, so a command it has passed
+    /// (behind `head`) that is still in flight had its completion lost or
+    /// garbled: free its slots and fail its waiter, rather than keep the
+    /// slots until a reset.
+    fn reconcile(&mut self, head: u32, completed: u16) {
+        let mut s = self.dev_head;
+        let mut steps = 0;
+        while s != head && steps < self.cmd_size {
+            let len = u32::from(self.slot_len[s as usize].max(1));
+            if s != completed as u32 {
+                if let Some(f) = self.in_flight[s as usize].take() {
+                    self.slots_in_flight -= f.slots as u32;
+                    self.lost[s as usize] = true;
+                    self.stats.lost_completions += 1;
+                }
+            }
+            s = (s + len) % self.cmd_size;
+            steps += 1;
+        }
+        self.dev_head = head;
     }
 
     /// Consumes available completions, remembering them by tag.
@@ -636,11 +691,15 @@ impl<D: NicDevice> Driver<D> {
     pub fn wait(&mut self, tag: u16) -> Result<Completion, DriverError> {
         if self.in_flight.get(tag as usize).is_none_or(Option::is_none)
             && self.done.get(tag as usize).is_none_or(Option::is_none)
+            && !self.lost.get(tag as usize).copied().unwrap_or(false)
         {
             return Err(DriverError::UnknownTag(tag));
         }
         if let Some(c) = self.take_done(tag) {
             return Ok(c);
+        }
+        if self.lost.get(tag as usize).copied().unwrap_or(false) {
+            return Err(DriverError::CompletionLost(tag));
         }
         let mut spins = 0u32;
         let mut start: Option<Instant> = None;
@@ -658,6 +717,9 @@ impl<D: NicDevice> Driver<D> {
             self.done = done;
             if let Some(c) = mine {
                 return Ok(c);
+            }
+            if self.lost[tag as usize] {
+                return Err(DriverError::CompletionLost(tag));
             }
             spins += 1;
             if spins % 1024 == 0 {

@@ -590,7 +590,24 @@ fn garbled_completions_are_counted_and_skipped() {
             still_works(&mut t, 10 + i);
         }
         assert_eq!(t.driver().stats().bad_completions, before.bad_completions + 1, "{what}: nothing else rejected");
+        // The next valid completion showed the device had gone past the
+        // garbled command: its slot came back and its waiter is told.
+        assert_eq!(t.driver().stats().lost_completions, before.lost_completions + 1, "{what}: slot not reclaimed");
+        assert_eq!(t.driver().slots_in_flight(), 0, "{what}: slots leaked");
     }
+}
+
+/// A waiter whose completion was garbled is told so as soon as the device
+/// completes a later command, instead of waiting for the timeout.
+#[test]
+fn waiter_of_a_garbled_completion_gets_completion_lost() {
+    let mut t = open(3);
+    let (tag, got) = post_and_garble(&mut t, |e, _| e[2] = 0x99);
+    assert!(got.is_none());
+    t.insert(&key(77), &ConnEntry::new(st(77))).expect("a later command completes");
+    let r = t.driver().wait(tag);
+    assert!(matches!(r, Err(nicsync::DriverError::CompletionLost(x)) if x == tag), "{r:?} {:?}", t.driver().stats());
+    assert_eq!(t.driver().slots_in_flight(), 0);
 }
 
 /// Per docs/abi.md section 13 the host checks that a completion's
