@@ -63,7 +63,7 @@ fn cuckoo(c: &mut Criterion) {
             |mut t| {
                 let mut tr = Traffic::default();
                 for i in 0..n {
-                    let s = Slot { key: key(i), state: state(), nat: Default::default(), expires_ms: 0 };
+                    let s = Slot { key: key(i), state: state(), nat: Default::default(), expires_ms: 0, owner: 0 };
                     t.insert(s, &mut tr).expect("insert");
                 }
                 t

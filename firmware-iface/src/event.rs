@@ -21,6 +21,13 @@ pub enum EventKind {
     /// sequence number used, `state.generation` holds how many were lost,
     /// and the host should resynchronise by SNAPSHOT.
     Overflow = 2,
+    /// A peer's change was applied to the table (key and new state).
+    SyncUpdated = 3,
+    /// A peer's deletion was applied (key and the last state).
+    SyncRemoved = 4,
+    /// Updates from a peer were lost for good: `state.mark` is the peer's
+    /// member id, `state.generation` how many; the member needs a Full Sync.
+    ResyncNeeded = 5,
 }
 
 impl EventKind {
@@ -29,6 +36,9 @@ impl EventKind {
         match b {
             1 => Some(EventKind::Aged),
             2 => Some(EventKind::Overflow),
+            3 => Some(EventKind::SyncUpdated),
+            4 => Some(EventKind::SyncRemoved),
+            5 => Some(EventKind::ResyncNeeded),
             _ => None,
         }
     }
@@ -99,7 +109,9 @@ impl EventEntry {
             return Err(EventError::Reserved);
         }
         let kind = EventKind::from_wire(self.kind).ok_or(EventError::BadKind(self.kind))?;
-        if kind == EventKind::Aged && self.key.validate().is_err() {
+        if matches!(kind, EventKind::Aged | EventKind::SyncUpdated | EventKind::SyncRemoved)
+            && self.key.validate().is_err()
+        {
             return Err(EventError::BadKey);
         }
         Ok(Event { kind, seq: self.seq.get(), key: self.key, state: self.state })

@@ -364,6 +364,9 @@ fn render_event_kind() -> String {
         |k| match k {
             EventKind::Aged => "aging removed an expired connection; key and last state attached",
             EventKind::Overflow => "events were dropped; `state.generation` holds how many",
+            EventKind::SyncUpdated => "a peer's change was applied (key, new state)",
+            EventKind::SyncRemoved => "a peer's deletion was applied (key, last state)",
+            EventKind::ResyncNeeded => "a peer's updates were lost: `state.mark` = peer, `state.generation` = how many",
         },
     )
 }

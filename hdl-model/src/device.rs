@@ -12,14 +12,17 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use nicsync_fwif::cmd::{Command, CommandDescriptor, ConnOp, DecodeError, Opcode, DESC_SIZE, SNAPSHOT_DONE};
-use nicsync_fwif::conn::{ConnKey, ConnRecord, ConnState, Nat};
+use nicsync_fwif::conn::{ConnFlags, ConnKey, ConnRecord, ConnState, Nat};
 use nicsync_fwif::cpl::{CplStatus, CPL_SIZE, PHASE_BIT};
 use nicsync_fwif::event::{EventKind, EVT_SIZE};
 use nicsync_fwif::regs::{self, Capabilities, Control, Counter, IrqCause, Status};
+use nicsync_fwif::sync::{DeltaOp, DeltaUpdate};
 use zerocopy::IntoBytes;
 
 use crate::cost::CostParams;
 use crate::dma::{DmaRegion, Iommu, Tlb};
+use crate::sync::{precedence, ReceiverEvent};
+use crate::sync_unit::SyncUnit;
 use crate::table::{CuckooTable, InsertError, Placement, Slot, Traffic};
 
 /// Receives the device's interrupts (an eventfd, an MSI-X vector).
@@ -468,6 +471,12 @@ pub struct Core {
     descs: [CommandDescriptor; FETCH_BURST + 1],
     /// Completions of the burst being executed (word 0, result).
     cpls: [(u64, u64); FETCH_BURST],
+    /// This member's id in the cluster (0 without a sync unit).
+    member: u16,
+    /// Delta Sync, when the device is part of a cluster.
+    sync: Option<SyncUnit>,
+    /// Scratch for the sync unit's events.
+    sync_events: Vec<ReceiverEvent>,
     /// Table placements of the burst's commands, by burst index.
     placed: [Option<Placement>; FETCH_BURST + 1],
 }
@@ -525,6 +534,9 @@ impl Core {
             descs: [CommandDescriptor::zeroed(); FETCH_BURST + 1],
             cpls: [(0, 0); FETCH_BURST],
             placed: [None; FETCH_BURST + 1],
+            member: 0,
+            sync: None,
+            sync_events: Vec::new(),
             shared,
         }
     }
@@ -650,6 +662,7 @@ impl Core {
             did |= self.flush_overflow_event();
         }
         did |= self.age(now);
+        did |= self.pump_sync();
         // Counters are published here, off the command path: they lag the
         // rings by at most one housekeeping period (POLL_BATCH polls).
         self.publish();
@@ -983,7 +996,9 @@ impl Core {
             Command::Upsert(ref op) => self.update(op, at, now_ms, true, &mut t),
             Command::Delete { ref key } => match self.find(key, at, &mut t) {
                 Some(loc) => {
-                    self.table.remove(loc, &mut t);
+                    if let Some(gone) = self.table.remove(loc, &mut t) {
+                        self.sync_local(DeltaOp::Delete, &gone);
+                    }
                     Outcome::ok(0)
                 }
                 None => Outcome::err(CplStatus::NotFound),
@@ -1010,10 +1025,18 @@ impl Core {
         if op.auto_generation {
             state.generation = 1.into();
         }
-        let slot =
-            Slot { key: op.key, state, nat: op.nat.unwrap_or_default(), expires_ms: Self::expiry(now_ms, &state) };
+        let slot = Slot {
+            key: op.key,
+            state,
+            nat: op.nat.unwrap_or_default(),
+            expires_ms: Self::expiry(now_ms, &state),
+            owner: self.member,
+        };
         match self.table.insert_at(slot, at, t) {
-            Ok(_) => Outcome::ok(state.generation.get() as u64),
+            Ok(_) => {
+                self.sync_local(DeltaOp::Upsert, &slot);
+                Outcome::ok(state.generation.get() as u64)
+            }
             Err(InsertError::Exists(_)) => Outcome::err(CplStatus::Exists),
             Err(InsertError::Full) => {
                 self.counters[Counter::TableFull as usize] += 1;
@@ -1039,8 +1062,113 @@ impl Core {
             s.nat = n;
         }
         s.expires_ms = Self::expiry(now_ms, &state);
+        s.owner = self.member;
+        let written = *s;
         t.slot_writes += 1;
+        self.sync_local(DeltaOp::Upsert, &written);
         Outcome::ok(state.generation.get() as u64)
+    }
+
+    /// Hands a local change of a connection marked for sync to the sync
+    /// unit (no-op without one).
+    #[inline]
+    fn sync_local(&mut self, op: DeltaOp, s: &Slot) {
+        if let Some(unit) = &mut self.sync {
+            if s.state.conn_flags().contains(ConnFlags::SYNC) {
+                let u = DeltaUpdate { op, owner: self.member, key: s.key, state: s.state, nat: s.nat };
+                unit.submit(&u, self.now_ns);
+            }
+        }
+    }
+
+    /// Applies a peer's change under the conflict rule (generation, then
+    /// owner, then DELETE over UPSERT) and tells the host by an event. A
+    /// change applied here is never sent on again.
+    fn apply_peer(&mut self, u: &DeltaUpdate) {
+        let mut t = Traffic::default();
+        let now_ms = self.now_ns / 1_000_000;
+        let found = self.table.find(&u.key, &mut t);
+        if let Some(loc) = found {
+            let Some(s) = self.table.get(loc).copied() else { return };
+            let stored = DeltaUpdate { op: DeltaOp::Upsert, owner: s.owner, key: s.key, state: s.state, nat: s.nat };
+            if precedence(u, &stored) != std::cmp::Ordering::Greater {
+                if let Some(unit) = &mut self.sync {
+                    unit.stats.superseded += 1;
+                }
+                return;
+            }
+        }
+        let applied = match (u.op, found) {
+            (DeltaOp::Delete, None) => true,
+            (DeltaOp::Delete, Some(loc)) => self.table.remove(loc, &mut t).is_some(),
+            (DeltaOp::Upsert, Some(loc)) => match self.table.get_mut(loc) {
+                Some(s) => {
+                    s.state = u.state;
+                    s.nat = u.nat;
+                    s.owner = u.owner;
+                    s.expires_ms = Self::expiry(now_ms, &u.state);
+                    true
+                }
+                None => false,
+            },
+            (DeltaOp::Upsert, None) => {
+                let slot = Slot {
+                    key: u.key,
+                    state: u.state,
+                    nat: u.nat,
+                    expires_ms: Self::expiry(now_ms, &u.state),
+                    owner: u.owner,
+                };
+                self.table.insert(slot, &mut t).is_ok()
+            }
+        };
+        if let Some(unit) = &mut self.sync {
+            if applied {
+                unit.stats.applied += 1;
+            } else {
+                unit.stats.apply_failed += 1;
+            }
+        }
+        if applied {
+            let kind = if u.op == DeltaOp::Delete { EventKind::SyncRemoved } else { EventKind::SyncUpdated };
+            self.post_event(kind, &u.key, &u.state);
+        }
+    }
+
+    /// Runs the sync unit: timers, received frames, transmissions; applies
+    /// what peers sent and reports lost updates to the host.
+    fn pump_sync(&mut self) -> bool {
+        let Some(unit) = &mut self.sync else { return false };
+        let mut events = std::mem::take(&mut self.sync_events);
+        unit.pump(self.now_ns, |ev| events.push(ev));
+        let did = !events.is_empty();
+        for ev in events.drain(..) {
+            match ev {
+                ReceiverEvent::Deliver { update, .. } => self.apply_peer(&update),
+                ReceiverEvent::ResyncNeeded { peer, lost, .. } => {
+                    let st = ConnState {
+                        generation: (lost.min(u32::MAX as u64) as u32).into(),
+                        mark: (peer as u32).into(),
+                        ..Default::default()
+                    };
+                    self.post_event(EventKind::ResyncNeeded, &ConnKey::default(), &st);
+                }
+                ReceiverEvent::PeerReset { .. } => {}
+            }
+        }
+        self.sync_events = events;
+        did
+    }
+
+    /// Attaches the sync unit (replacing any).
+    pub fn attach_sync(&mut self, unit: SyncUnit) {
+        self.member = unit.member();
+        self.sync = Some(unit);
+    }
+
+    /// The sync unit's counters, if one is attached.
+    pub fn sync_stats(&self) -> Option<crate::sync_unit::UnitStats> {
+        self.sync.as_ref().map(SyncUnit::stats)
     }
 
     fn write_records(&mut self, addr: u64, recs: &[ConnRecord]) -> Outcome {
@@ -1196,6 +1324,10 @@ impl Core {
         self.count(Counter::EntriesAged, aged.len() as u64);
         for (k, s) in &aged {
             self.post_event(EventKind::Aged, k, s);
+            // Peers age the entry on their own clocks too; the delete makes
+            // the removal certain (and is harmless if they were first).
+            let gone = Slot { key: *k, state: *s, nat: Nat::default(), expires_ms: 0, owner: self.member };
+            self.sync_local(DeltaOp::Delete, &gone);
         }
         !aged.is_empty()
     }

@@ -26,6 +26,7 @@ pub mod dma;
 #[allow(unsafe_code)]
 mod prefetch;
 pub mod sync;
+pub mod sync_unit;
 pub mod table;
 pub mod wire;
 
@@ -117,6 +118,17 @@ impl Nic {
         if self.mode == ExecMode::Inline {
             self.run_until_idle();
         }
+    }
+
+    /// Makes the device a cluster member: its sync unit sends the changes
+    /// of connections marked for sync and applies its peers'.
+    pub fn attach_sync(&self, unit: sync_unit::SyncUnit) {
+        self.core().attach_sync(unit);
+    }
+
+    /// The sync unit's counters, if the device is a cluster member.
+    pub fn sync_stats(&self) -> Option<sync_unit::UnitStats> {
+        self.core().sync_stats()
     }
 
     /// Installs where interrupts go (None: interrupts are not wired).

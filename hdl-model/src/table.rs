@@ -21,7 +21,7 @@ pub const STASH_SIZE: usize = 16;
 /// Bucket reads the kick-out search may spend per insert.
 pub const MAX_SEARCH_BUCKETS: usize = 128;
 
-/// One stored connection (88 bytes).
+/// One stored connection (96 bytes with padding).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C)]
 pub struct Slot {
@@ -33,9 +33,11 @@ pub struct Slot {
     pub nat: Nat,
     /// Absolute expiry in device milliseconds; 0 never expires.
     pub expires_ms: u64,
+    /// Cluster member that made the last change (conflict resolution).
+    pub owner: u16,
 }
 
-const EMPTY_SLOT: Slot = Slot { key: ZERO_KEY, state: ZERO_STATE, nat: ZERO_NAT, expires_ms: 0 };
+const EMPTY_SLOT: Slot = Slot { key: ZERO_KEY, state: ZERO_STATE, nat: ZERO_NAT, expires_ms: 0, owner: 0 };
 const ZERO_KEY: ConnKey = zero_key();
 const ZERO_STATE: ConnState = zero_state();
 const ZERO_NAT: Nat = zero_nat();
@@ -502,7 +504,7 @@ mod tests {
     }
 
     fn slot(i: u32) -> Slot {
-        Slot { key: key(i), state: ConnState::default(), nat: Nat::default(), expires_ms: 0 }
+        Slot { key: key(i), state: ConnState::default(), nat: Nat::default(), expires_ms: 0, owner: 0 }
     }
 
     #[test]
@@ -574,6 +576,6 @@ mod tests {
         let t = CuckooTable::new(1_000_000);
         let per_entry = t.memory_bytes() as f64 / 1_000_000.0;
         assert!(per_entry <= 128.0, "{per_entry} bytes per entry");
-        assert_eq!(std::mem::size_of::<Slot>(), 88);
+        assert_eq!(std::mem::size_of::<Slot>(), 96);
     }
 }

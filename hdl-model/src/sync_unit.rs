@@ -1,0 +1,172 @@
+//! The device's sync unit: Delta Sync on the card, as HyperSync does it.
+//!
+//! It owns this member's [`DeltaSender`], one [`DeltaReceiver`] per peer and
+//! the [`SyncPort`] they talk through. The design hands it every table
+//! change marked for sync (host commands and aging); the unit numbers them
+//! and sends them to the peers. What arrives from peers comes back to the
+//! design as [`ReceiverEvent`]s, which it applies to its own table under the
+//! conflict rule and reports to its host as events. The unit runs inside the
+//! design's housekeeping, so it is stepped exactly like the rest of the
+//! model (deterministically in Inline and Manual modes).
+
+use std::fmt;
+
+use nicsync_fwif::sync::{DeltaUpdate, Frame, MAX_FRAME};
+
+use crate::sync::{
+    ConfigError, DeltaReceiver, DeltaSender, Nanos, ReceiverConfig, ReceiverEvent, SenderConfig, SyncStats,
+};
+use crate::wire::SyncPort;
+
+/// Datagrams taken from the port per pump (a bound on work per poll).
+const RX_BUDGET: usize = 256;
+
+/// What the sync unit is configured with.
+#[derive(Clone, Debug)]
+pub struct SyncUnitConfig {
+    /// Sender settings (cluster id, member id, epoch, queue sizes, timers).
+    pub sender: SenderConfig,
+    /// The other members whose changes this member applies.
+    pub peers: Vec<u16>,
+}
+
+/// Counters of the unit beyond the protocol's own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnitStats {
+    /// Protocol counters of the sender and every receiver, merged.
+    pub protocol: SyncStats,
+    /// Peer updates applied to the table.
+    pub applied: u64,
+    /// Peer updates that lost to the stored entry under the conflict rule.
+    pub superseded: u64,
+    /// Peer updates that could not be applied (table full).
+    pub apply_failed: u64,
+    /// Local changes the sender refused (invalid update).
+    pub submit_failed: u64,
+    /// Datagrams that did not parse.
+    pub malformed: u64,
+    /// Port errors (send or receive).
+    pub port_errors: u64,
+}
+
+/// The sync unit of one device.
+pub struct SyncUnit {
+    sender: DeltaSender,
+    receivers: Vec<DeltaReceiver>,
+    port: Box<dyn SyncPort>,
+    buf: Vec<u8>,
+    pub(crate) stats: UnitStats,
+}
+
+impl fmt::Debug for SyncUnit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SyncUnit")
+            .field("member", &self.sender.config().member_id)
+            .field("peers", &self.receivers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SyncUnit {
+    /// A unit sending and receiving through `port`.
+    pub fn new(cfg: SyncUnitConfig, port: Box<dyn SyncPort>, now: Nanos) -> Result<Self, ConfigError> {
+        let s = &cfg.sender;
+        let receivers = cfg
+            .peers
+            .iter()
+            .filter(|p| **p != s.member_id)
+            .map(|p| DeltaReceiver::new(ReceiverConfig::new(s.cluster_id, s.member_id, s.epoch, *p)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(SyncUnit {
+            sender: DeltaSender::new(cfg.sender, now)?,
+            receivers,
+            port,
+            buf: vec![0; MAX_FRAME],
+            stats: UnitStats::default(),
+        })
+    }
+
+    /// This member's id.
+    pub fn member(&self) -> u16 {
+        self.sender.config().member_id
+    }
+
+    /// Counters, with the protocol's merged in.
+    pub fn stats(&self) -> UnitStats {
+        let mut st = self.stats;
+        st.protocol = self.sender.stats();
+        for r in &self.receivers {
+            st.protocol.merge(&r.stats());
+        }
+        st
+    }
+
+    /// Queues a local table change for the peers.
+    pub fn submit(&mut self, update: &DeltaUpdate, now: Nanos) {
+        if self.sender.submit(update, now).is_err() {
+            self.stats.submit_failed += 1;
+        }
+    }
+
+    /// Runs timers, takes what the port has, sends what is due, and hands
+    /// every receiver event to `on_event` in order.
+    pub fn pump(&mut self, now: Nanos, mut on_event: impl FnMut(ReceiverEvent)) {
+        if self.sender.poll_timeout().is_some_and(|t| t <= now) {
+            self.sender.handle_timeout(now);
+        }
+        for r in &mut self.receivers {
+            if r.poll_timeout().is_some_and(|t| t <= now) {
+                r.handle_timeout(now);
+            }
+        }
+        for _ in 0..RX_BUDGET {
+            let n = match self.port.recv(&mut self.buf) {
+                Ok(Some(n)) => n,
+                Ok(None) => break,
+                Err(_) => {
+                    self.stats.port_errors += 1;
+                    break;
+                }
+            };
+            // Parsed once, handed to the sender (NACK/ACK) and to every
+            // receiver (each takes only its own peer's frames).
+            match Frame::parse(&self.buf[..n]) {
+                Ok(view) => {
+                    self.sender.handle_frame(&view, now);
+                    for r in &mut self.receivers {
+                        r.handle_frame(&view, now);
+                    }
+                }
+                Err(_) => self.stats.malformed += 1,
+            }
+        }
+        self.flush_transmits();
+        for r in &mut self.receivers {
+            while let Some(ev) = r.poll_event() {
+                on_event(ev);
+            }
+        }
+    }
+
+    fn flush_transmits(&mut self) {
+        let send = |port: &mut Box<dyn SyncPort>, stats: &mut UnitStats, t| {
+            if port.transmit(&t).is_err() {
+                stats.port_errors += 1;
+            }
+        };
+        while let Some(t) = self.sender.poll_transmit() {
+            send(&mut self.port, &mut self.stats, t);
+        }
+        for r in &mut self.receivers {
+            while let Some(t) = r.poll_transmit() {
+                send(&mut self.port, &mut self.stats, t);
+            }
+        }
+    }
+
+    /// Sends whatever the sender has batched without waiting for its delay.
+    pub fn flush(&mut self) {
+        self.sender.flush();
+        self.flush_transmits();
+    }
+}
