@@ -369,14 +369,14 @@ struct ProducerRing {
 
 impl ProducerRing {
     fn has_space(&mut self, head_reg: &PaddedU32) -> bool {
-        if (self.tail + 1) % self.size != self.head_cache {
+        if (self.tail + 1) & (self.size - 1) != self.head_cache {
             return true;
         }
         let h = head_reg.0.load(Ordering::Acquire);
         if h < self.size {
             self.head_cache = h;
         }
-        (self.tail + 1) % self.size != self.head_cache
+        (self.tail + 1) & (self.size - 1) != self.head_cache
     }
 
     fn space(&mut self, head_reg: &PaddedU32) -> u32 {
@@ -384,7 +384,7 @@ impl ProducerRing {
         if h < self.size {
             self.head_cache = h;
         }
-        (self.head_cache + self.size - self.tail - 1) % self.size
+        self.head_cache.wrapping_sub(self.tail).wrapping_sub(1) & (self.size - 1)
     }
 
     /// Writes 16-byte entries `(word0, result)`: every result first, then
@@ -576,7 +576,8 @@ impl Core {
         }
         let Some(c) = &mut self.cmd else { return false };
         let mut rung = false;
-        let ahead = |x: u32, c: &CmdRing| (x + c.size - c.head) % c.size;
+        // Ring sizes are powers of two (checked at enable): masks, not divisions.
+        let ahead = |x: u32, c: &CmdRing| x.wrapping_sub(c.head) & (c.size - 1);
         // The register first, then the window: the host rings in order, so
         // an inline doorbell written before this register value is visible
         // to the window load that follows, and is judged in this same poll
@@ -820,7 +821,7 @@ impl Core {
         let mut cycles = 0u64;
         let mut ncpl = 0usize;
         while head != tail {
-            let posted = (tail + size - head) % size;
+            let posted = tail.wrapping_sub(head) & (size - 1);
             let space = match (&mut self.cpl, &self.shared.cpl_head) {
                 (Some(p), h) => {
                     if p.has_space(h) {
@@ -872,7 +873,7 @@ impl Core {
                 if outcome.status != CplStatus::Success {
                     self.counters[Counter::CommandErrors as usize] += 1;
                 }
-                head = (head + slots) % size;
+                head = (head + slots) & (size - 1);
                 i += slots as usize;
                 let word0 =
                     d.tag.get() as u64 | (outcome.status as u64) << 16 | (d.opcode as u64) << 24 | (head as u64) << 32;
@@ -928,7 +929,7 @@ impl Core {
                 self.descs[0] = d;
                 from = 1;
                 self.counters[Counter::InlineDoorbells as usize] += 1;
-            } else if (slot + c.size - head) % c.size >= n as u32 {
+            } else if slot.wrapping_sub(head) & (c.size - 1) >= n as u32 {
                 c.inline = Some(d);
             } else {
                 self.counters[Counter::InlineMisses as usize] += 1;
@@ -936,7 +937,7 @@ impl Core {
         }
         // At most two contiguous DMA reads: up to the ring's end, then from
         // its start.
-        let start = (head + from as u32) % c.size;
+        let start = (head + from as u32) & (c.size - 1);
         let rest = n - from;
         let first = rest.min((c.size - start) as usize);
         c.region.read(start as usize * DESC_SIZE, self.descs[from..from + first].as_mut_bytes())?;

@@ -513,7 +513,7 @@ impl<D: NicDevice> Driver<D> {
         if let Some(e) = ext {
             let mut e = *e;
             e.tag = tag.into();
-            self.write_slot((self.tail + 1) % self.cmd_size, &e)?;
+            self.write_slot((self.tail + 1) & (self.cmd_size - 1), &e)?;
         }
         if self.tail == self.rung_tail {
             self.batch_first = Some(d);
@@ -522,7 +522,7 @@ impl<D: NicDevice> Driver<D> {
         self.slot_len[tag as usize] = slots as u8;
         self.lost[tag as usize] = false;
         self.done[tag as usize] = None;
-        self.tail = (self.tail + slots) % self.cmd_size;
+        self.tail = (self.tail + slots) & (self.cmd_size - 1);
         self.slots_in_flight += slots;
         self.stats.commands_posted += 1;
         Ok(tag)
@@ -633,7 +633,10 @@ impl<D: NicDevice> Driver<D> {
         // The device's head must lie past this command and not past what
         // was posted: between the command's first slot (exclusive) and the
         // tail (inclusive), in ring order from the last head it reported.
-        let ahead = |x: u32| (x + self.cmd_size - self.dev_head) % self.cmd_size;
+        // Ring sizes are powers of two: positions wrap with a mask, not a
+        // division (this runs for every completion).
+        let mask = self.cmd_size - 1;
+        let ahead = |x: u32| x.wrapping_sub(self.dev_head) & mask;
         let head = c.cmd_head as u32;
         let posted = ahead(self.tail);
         if ahead(head) > posted || ahead(head) <= ahead(c.tag as u32) {
@@ -645,7 +648,12 @@ impl<D: NicDevice> Driver<D> {
         *slot = None;
         self.slots_in_flight -= f.slots as u32;
         self.stats.completions += 1;
-        self.reconcile(head, c.tag);
+        if self.dev_head == c.tag as u32 && head == (c.tag as u32 + f.slots as u32) & mask {
+            // The usual case: exactly the next command, nothing skipped.
+            self.dev_head = head;
+        } else {
+            self.reconcile(head, c.tag);
+        }
         Ok(c)
     }
 
@@ -665,7 +673,7 @@ impl<D: NicDevice> Driver<D> {
                     self.stats.lost_completions += 1;
                 }
             }
-            s = (s + len) % self.cmd_size;
+            s = (s + len) & (self.cmd_size - 1);
             steps += 1;
         }
         self.dev_head = head;
