@@ -730,7 +730,11 @@ impl<D: NicDevice> Driver<D> {
                 return Err(DriverError::CompletionLost(tag));
             }
             spins += 1;
-            if spins % 1024 == 0 {
+            // Polling mode spins and looks at the clock now and then;
+            // interrupt mode sleeps on the completion interrupt as soon as
+            // the completion is not there.
+            let interrupts = self.cfg.completion_mode == CompletionMode::Interrupt;
+            if interrupts || spins % 1024 == 0 {
                 let t0 = *start.get_or_insert_with(Instant::now);
                 if self.cpl.unreported > 0 {
                     self.report_cpl_head();
@@ -743,8 +747,8 @@ impl<D: NicDevice> Driver<D> {
                 if waited >= self.cfg.completion_timeout {
                     return Err(DriverError::Timeout { tag, waited });
                 }
-                if self.cfg.completion_mode == CompletionMode::Interrupt {
-                    self.sleep_for_interrupt(Duration::from_millis(10))?;
+                if interrupts {
+                    self.sleep_for_interrupt((self.cfg.completion_timeout - waited).min(Duration::from_millis(10)))?;
                 }
             } else {
                 std::hint::spin_loop();
