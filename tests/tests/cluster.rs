@@ -20,6 +20,11 @@ use nicsync_vfio::EmulatedDevice;
 type Member = ConnTable<EmulatedDevice>;
 
 fn cluster(n: u16, impairment: Impairment) -> (InProcessHub, Vec<Member>) {
+    cluster_with(n, impairment, |_| 100)
+}
+
+/// A cluster whose member `id` ages with period `aging_ms(id)` (0: off).
+fn cluster_with(n: u16, impairment: Impairment, aging_ms: impl Fn(u16) -> u32) -> (InProcessHub, Vec<Member>) {
     let hub = InProcessHub::new(HubConfig { queue_capacity: 4096, seed: 7, impairment });
     let members = (1..=n)
         .map(|id| {
@@ -30,7 +35,7 @@ fn cluster(n: u16, impairment: Impairment) -> (InProcessHub, Vec<Member>) {
                 peers: (1..=n).filter(|p| *p != id).collect(),
             };
             dev.nic().attach_sync(SyncUnit::new(cfg, Box::new(port), 0).expect("sync unit"));
-            ConnTable::open(dev, DriverConfig { aging_period_ms: 100, ..Default::default() }).expect("probe")
+            ConnTable::open(dev, DriverConfig { aging_period_ms: aging_ms(id), ..Default::default() }).expect("probe")
         })
         .collect();
     (hub, members)
@@ -151,4 +156,49 @@ fn concurrent_updates_resolve_the_same_way_everywhere() {
     assert_eq!(a.state.mark.get(), 200, "member 1 kept its own change");
     assert_eq!(b.state.mark.get(), 200);
     assert_eq!(a.state, b.state);
+}
+
+#[test]
+fn aging_on_one_member_removes_the_entry_everywhere() {
+    // Only member 1 ages: member 2 learns of the expiry through sync.
+    let (_hub, mut m) = cluster_with(2, Impairment::NONE, |id| if id == 1 { 100 } else { 0 });
+    let short = ConnEntry::new(ConnState::new(TcpState::None, Direction::Original, ConnFlags::SYNC, 1, 0));
+    m[0].insert(&key(5), &short).expect("insert");
+    run(&m, 5);
+    assert!(m[1].lookup(&key(5)).expect("lookup").is_some(), "not replicated");
+    run(&m, 1300);
+    assert!(m[0].lookup(&key(5)).expect("lookup").is_none(), "did not age on member 1");
+    assert!(m[1].lookup(&key(5)).expect("lookup").is_none(), "aging not replicated");
+    let mut kinds = Vec::new();
+    m[1].driver().poll_events(|e| kinds.push(e.kind));
+    assert_eq!(kinds, vec![EventKind::SyncUpdated, EventKind::SyncRemoved]);
+}
+
+#[test]
+fn updates_lost_beyond_the_retransmit_queue_are_reported_to_the_host() {
+    let (hub, mut m) = cluster(2, Impairment::NONE);
+    m[0].insert(&key(1), &synced(TcpState::SynSent, 0)).expect("insert");
+    run(&m, 5);
+    // Member 2 cut off while member 1 makes more changes than its
+    // retransmit queue (512) holds.
+    hub.set_isolated(2, true);
+    for i in 0..800u32 {
+        m[0].upsert(&key(100 + i), &synced(TcpState::Established, i)).expect("upsert");
+    }
+    run(&m, 50);
+    hub.set_isolated(2, false);
+    m[0].upsert(&key(2000), &synced(TcpState::Established, 1)).expect("upsert");
+    run(&m, 500);
+    let st = m[1].driver_ref().device().nic().sync_stats().expect("sync");
+    assert!(st.protocol.lost_updates > 0, "{st:?}");
+    let mut resync = Vec::new();
+    m[1].driver().poll_events(|e| {
+        if e.kind == EventKind::ResyncNeeded {
+            resync.push((e.state.mark.get(), e.state.generation.get()));
+        }
+    });
+    assert!(!resync.is_empty(), "the host was not told");
+    assert!(resync.iter().all(|(peer, lost)| *peer == 1 && *lost > 0), "{resync:?}");
+    // And delivery goes on after the reported gap.
+    assert!(m[1].lookup(&key(2000)).expect("lookup").is_some(), "delivery did not resume after the loss");
 }
