@@ -444,6 +444,56 @@ struct CmdRing {
 /// How many descriptors are decoded and prefetched ahead of execution.
 const FETCH_BURST: usize = 64;
 
+/// Deleted synced keys with the (generation, owner) of their delete, kept
+/// for the last [`TOMBSTONES`] deletes (a hardware design would use a small
+/// CAM): long enough to outlive any retransmission of an older upsert.
+#[derive(Debug, Default)]
+struct Tombstones {
+    by_key: std::collections::HashMap<ConnKey, (u32, u16)>,
+    order: std::collections::VecDeque<ConnKey>,
+}
+
+/// Tombstones kept.
+const TOMBSTONES: usize = 65_536;
+
+impl Tombstones {
+    fn record(&mut self, key: ConnKey, generation: u32, owner: u16) {
+        if self.by_key.insert(key, (generation, owner)).is_none() {
+            self.order.push_back(key);
+            if self.order.len() > TOMBSTONES {
+                if let Some(old) = self.order.pop_front() {
+                    self.by_key.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn forget(&mut self, key: &ConnKey) {
+        if !self.by_key.is_empty() {
+            self.by_key.remove(key);
+        }
+    }
+
+    fn generation(&self, key: &ConnKey) -> Option<u32> {
+        if self.by_key.is_empty() {
+            return None;
+        }
+        self.by_key.get(key).map(|(g, _)| *g)
+    }
+
+    /// Whether the tombstone of `u`'s key wins over `u`.
+    fn beats(&self, u: &DeltaUpdate) -> bool {
+        match self.by_key.get(&u.key) {
+            Some(&(generation, owner)) => {
+                let state = ConnState { generation: generation.into(), ..Default::default() };
+                let tomb = DeltaUpdate { op: DeltaOp::Delete, owner, key: u.key, state, nat: Nat::default() };
+                precedence(u, &tomb) != std::cmp::Ordering::Greater
+            }
+            None => false,
+        }
+    }
+}
+
 /// Internal state of the design.
 pub struct Core {
     shared: Arc<Shared>,
@@ -477,6 +527,8 @@ pub struct Core {
     sync: Option<SyncUnit>,
     /// Scratch for the sync unit's events.
     sync_events: Vec<ReceiverEvent>,
+    /// Recently deleted synced keys (a bounded tombstone table).
+    tombstones: Tombstones,
     /// Table placements of the burst's commands, by burst index.
     placed: [Option<Placement>; FETCH_BURST + 1],
 }
@@ -537,6 +589,7 @@ impl Core {
             member: 0,
             sync: None,
             sync_events: Vec::new(),
+            tombstones: Tombstones::default(),
             shared,
         }
     }
@@ -605,9 +658,9 @@ impl Core {
                 self.counters[Counter::BadDoorbells as usize] += 1;
             } else {
                 self.counters[Counter::Doorbells as usize] += 1;
-                // An older doorbell than what the register already said
-                // posts nothing new.
-                if ahead(tail, c) >= ahead(c.tail, c) {
+                // A doorbell no newer than what the device already has
+                // (say, the register said more) posts nothing.
+                if ahead(tail, c) > ahead(c.tail, c) {
                     // The window's copy of the batch's first descriptor:
                     // used only if read whole, from this same write, and
                     // naming the first slot this doorbell posts (the tail
@@ -702,6 +755,7 @@ impl Core {
         self.shared.power_on_registers();
         // Emptied now; sized to TABLE_CAPACITY at enable.
         self.table = CuckooTable::new(1);
+        self.tombstones = Tombstones::default();
         self.enabled = false;
         self.fatal = false;
         self.last_control = 0;
@@ -998,7 +1052,7 @@ impl Core {
             Command::Delete { ref key } => match self.find(key, at, &mut t) {
                 Some(loc) => {
                     if let Some(gone) = self.table.remove(loc, &mut t) {
-                        self.sync_local(DeltaOp::Delete, &gone);
+                        self.sync_local(DeltaOp::Delete, &gone, false);
                     }
                     Outcome::ok(0)
                 }
@@ -1024,7 +1078,9 @@ impl Core {
     fn insert(&mut self, op: &ConnOp, at: Option<Placement>, now_ms: u64, t: &mut Traffic) -> Outcome {
         let mut state = op.state;
         if op.auto_generation {
-            state.generation = 1.into();
+            // Above a tombstone of the same key, so the re-insert beats the
+            // delete on every peer.
+            state.generation = self.tombstones.generation(&op.key).map_or(1, |g| g.wrapping_add(1)).into();
         }
         let slot = Slot {
             key: op.key,
@@ -1035,7 +1091,8 @@ impl Core {
         };
         match self.table.insert_at(slot, at, t) {
             Ok(_) => {
-                self.sync_local(DeltaOp::Upsert, &slot);
+                self.tombstones.forget(&op.key);
+                self.sync_local(DeltaOp::Upsert, &slot, false);
                 Outcome::ok(state.generation.get() as u64)
             }
             Err(InsertError::Exists(_)) => Outcome::err(CplStatus::Exists),
@@ -1050,12 +1107,20 @@ impl Core {
         let Some(loc) = self.find(&op.key, at, t) else {
             return if upsert { self.insert(op, at, now_ms, t) } else { Outcome::err(CplStatus::NotFound) };
         };
+        let member = self.member;
+        let clustered = self.sync.is_some();
         let Some(s) = self.table.get_mut(loc) else { return Outcome::err(CplStatus::Internal) };
         let stored = s.state.generation.get();
+        let was_synced = s.state.conn_flags().contains(ConnFlags::SYNC);
         let mut state = op.state;
         if op.auto_generation {
             state.generation = stored.wrapping_add(1).into();
-        } else if state.generation.get() < stored {
+        } else if state.generation.get() < stored
+            // In a cluster, an equal generation wins only over a lower
+            // owner id: a write that would lose on the peers is refused
+            // here rather than applied locally alone.
+            || (clustered && state.generation.get() == stored && member < s.owner)
+        {
             return Outcome { status: CplStatus::Stale, result: stored as u64 };
         }
         s.state = state;
@@ -1066,43 +1131,64 @@ impl Core {
         s.owner = self.member;
         let written = *s;
         t.slot_writes += 1;
-        self.sync_local(DeltaOp::Upsert, &written);
+        self.sync_local(DeltaOp::Upsert, &written, was_synced);
         Outcome::ok(state.generation.get() as u64)
     }
 
-    /// Hands a local change of a connection marked for sync to the sync
-    /// unit (no-op without one).
+    /// Hands a local change of a connection marked for sync (before or
+    /// after the change) to the sync unit (no-op without one). A delete is
+    /// sent one generation above the entry it removes, so that it beats
+    /// that entry on every peer whatever their owner ids, and is remembered
+    /// as a tombstone here.
     #[inline]
-    fn sync_local(&mut self, op: DeltaOp, s: &Slot) {
-        if let Some(unit) = &mut self.sync {
-            if s.state.conn_flags().contains(ConnFlags::SYNC) {
-                let u = DeltaUpdate { op, owner: self.member, key: s.key, state: s.state, nat: s.nat };
-                unit.submit(&u, self.now_ns);
-            }
+    fn sync_local(&mut self, op: DeltaOp, s: &Slot, was_synced: bool) {
+        let Some(unit) = &mut self.sync else { return };
+        if !(was_synced || s.state.conn_flags().contains(ConnFlags::SYNC)) {
+            return;
+        }
+        let mut state = s.state;
+        if op == DeltaOp::Delete {
+            state.generation = state.generation.get().wrapping_add(1).into();
+        }
+        let u = DeltaUpdate { op, owner: self.member, key: s.key, state, nat: s.nat };
+        unit.submit(&u, self.now_ns);
+        if op == DeltaOp::Delete {
+            self.tombstones.record(s.key, state.generation.get(), self.member);
         }
     }
 
     /// Applies a peer's change under the conflict rule (generation, then
     /// owner, then DELETE over UPSERT) and tells the host by an event. A
-    /// change applied here is never sent on again.
+    /// change applied here is never sent on again. Deleted keys leave a
+    /// tombstone, so a late, older upsert cannot bring them back.
     fn apply_peer(&mut self, u: &DeltaUpdate) {
         let mut t = Traffic::default();
         let now_ms = self.now_ns / 1_000_000;
         let found = self.table.find(&u.key, &mut t);
-        if let Some(loc) = found {
-            let Some(s) = self.table.get(loc).copied() else { return };
-            let stored = DeltaUpdate { op: DeltaOp::Upsert, owner: s.owner, key: s.key, state: s.state, nat: s.nat };
-            if precedence(u, &stored) != std::cmp::Ordering::Greater {
-                if let Some(unit) = &mut self.sync {
-                    unit.stats.superseded += 1;
-                }
-                return;
+        let beaten = match found.and_then(|loc| self.table.get(loc).copied()) {
+            Some(s) => {
+                let stored =
+                    DeltaUpdate { op: DeltaOp::Upsert, owner: s.owner, key: s.key, state: s.state, nat: s.nat };
+                precedence(u, &stored) != std::cmp::Ordering::Greater
             }
+            None => self.tombstones.beats(u),
+        };
+        if beaten {
+            if let Some(unit) = &mut self.sync {
+                unit.stats.superseded += 1;
+            }
+            return;
         }
-        let applied = match (u.op, found) {
-            (DeltaOp::Delete, None) => true,
-            (DeltaOp::Delete, Some(loc)) => self.table.remove(loc, &mut t).is_some(),
-            (DeltaOp::Upsert, Some(loc)) => match self.table.get_mut(loc) {
+        let outcome = match (u.op, found) {
+            (DeltaOp::Delete, None) => {
+                self.tombstones.record(u.key, u.state.generation.get(), u.owner);
+                None
+            }
+            (DeltaOp::Delete, Some(loc)) => {
+                self.tombstones.record(u.key, u.state.generation.get(), u.owner);
+                Some(self.table.remove(loc, &mut t).is_some())
+            }
+            (DeltaOp::Upsert, Some(loc)) => Some(match self.table.get_mut(loc) {
                 Some(s) => {
                     s.state = u.state;
                     s.nat = u.nat;
@@ -1111,7 +1197,7 @@ impl Core {
                     true
                 }
                 None => false,
-            },
+            }),
             (DeltaOp::Upsert, None) => {
                 let slot = Slot {
                     key: u.key,
@@ -1120,19 +1206,34 @@ impl Core {
                     expires_ms: Self::expiry(now_ms, &u.state),
                     owner: u.owner,
                 };
-                self.table.insert(slot, &mut t).is_ok()
+                let ok = self.table.insert(slot, &mut t).is_ok();
+                if ok {
+                    self.tombstones.forget(&u.key);
+                } else {
+                    self.counters[Counter::TableFull as usize] += 1;
+                }
+                Some(ok)
             }
         };
-        if let Some(unit) = &mut self.sync {
-            if applied {
-                unit.stats.applied += 1;
-            } else {
-                unit.stats.apply_failed += 1;
+        match outcome {
+            // Nothing to remove: the delete only leaves its tombstone.
+            None => {}
+            Some(true) => {
+                if let Some(unit) = &mut self.sync {
+                    unit.stats.applied += 1;
+                }
+                let kind = if u.op == DeltaOp::Delete { EventKind::SyncRemoved } else { EventKind::SyncUpdated };
+                self.post_event(kind, &u.key, &u.state);
             }
-        }
-        if applied {
-            let kind = if u.op == DeltaOp::Delete { EventKind::SyncRemoved } else { EventKind::SyncUpdated };
-            self.post_event(kind, &u.key, &u.state);
+            Some(false) => {
+                // No room: this member's copy is now incomplete, which its
+                // host must repair with a Full Sync.
+                if let Some(unit) = &mut self.sync {
+                    unit.stats.apply_failed += 1;
+                }
+                let st = ConnState { generation: 1.into(), mark: (u.owner as u32).into(), ..Default::default() };
+                self.post_event(EventKind::ResyncNeeded, &ConnKey::default(), &st);
+            }
         }
     }
 
@@ -1328,7 +1429,7 @@ impl Core {
             // Peers age the entry on their own clocks too; the delete makes
             // the removal certain (and is harmless if they were first).
             let gone = Slot { key: *k, state: *s, nat: Nat::default(), expires_ms: 0, owner: self.member };
-            self.sync_local(DeltaOp::Delete, &gone);
+            self.sync_local(DeltaOp::Delete, &gone, false);
         }
         !aged.is_empty()
     }

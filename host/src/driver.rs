@@ -638,23 +638,41 @@ impl<D: NicDevice> Driver<D> {
         let mask = self.cmd_size - 1;
         let ahead = |x: u32| x.wrapping_sub(self.dev_head) & mask;
         let head = c.cmd_head as u32;
-        let posted = ahead(self.tail);
-        if ahead(head) > posted || ahead(head) <= ahead(c.tag as u32) {
+        let rung = ahead(self.rung_tail);
+        if ahead(head) > rung || ahead(head) <= ahead(c.tag as u32) {
             return Err(format!(
-                "command head {head} is not past tag {} within the posted slots (device head {}, tail {})",
-                c.tag, self.dev_head, self.tail
+                "command head {head} is not past tag {} within the slots rung (device head {}, rung tail {})",
+                c.tag, self.dev_head, self.rung_tail
             ));
         }
+        let next_in_order = self.dev_head == c.tag as u32 && head == (c.tag as u32 + f.slots as u32) & mask;
+        if !next_in_order && !self.lands_on_command_boundary(head) {
+            return Err(format!("command head {head} falls inside a command"));
+        }
+        let slot = &mut self.in_flight[c.tag as usize];
         *slot = None;
         self.slots_in_flight -= f.slots as u32;
         self.stats.completions += 1;
-        if self.dev_head == c.tag as u32 && head == (c.tag as u32 + f.slots as u32) & mask {
+        if next_in_order {
             // The usual case: exactly the next command, nothing skipped.
             self.dev_head = head;
         } else {
             self.reconcile(head, c.tag);
         }
         Ok(c)
+    }
+
+    /// Whether walking the posted commands from the last known device head
+    /// reaches `head` exactly (it must end a command, not split one).
+    fn lands_on_command_boundary(&self, head: u32) -> bool {
+        let mut s = self.dev_head;
+        for _ in 0..self.cmd_size {
+            if s == head {
+                return true;
+            }
+            s = (s + u32::from(self.slot_len[s as usize].max(1))) & (self.cmd_size - 1);
+        }
+        false
     }
 
     /// The device completes in ring order, so a command it has passed
@@ -694,6 +712,17 @@ impl<D: NicDevice> Driver<D> {
         self.done.get_mut(tag as usize).and_then(Option::take)
     }
 
+    /// Whether `tag`'s completion was lost (see `reconcile`); reported once.
+    pub fn take_lost(&mut self, tag: u16) -> bool {
+        match self.lost.get_mut(tag as usize) {
+            Some(l) if *l => {
+                *l = false;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Waits for the completion of `tag` (polling or interrupts, per the
     /// configuration), up to the completion timeout.
     pub fn wait(&mut self, tag: u16) -> Result<Completion, DriverError> {
@@ -706,7 +735,7 @@ impl<D: NicDevice> Driver<D> {
         if let Some(c) = self.take_done(tag) {
             return Ok(c);
         }
-        if self.lost.get(tag as usize).copied().unwrap_or(false) {
+        if self.take_lost(tag) {
             return Err(DriverError::CompletionLost(tag));
         }
         let mut spins = 0u32;
@@ -726,7 +755,7 @@ impl<D: NicDevice> Driver<D> {
             if let Some(c) = mine {
                 return Ok(c);
             }
-            if self.lost[tag as usize] {
+            if self.take_lost(tag) {
                 return Err(DriverError::CompletionLost(tag));
             }
             spins += 1;

@@ -56,6 +56,9 @@ impl AsyncCompletions {
             if let Some(c) = drv.take_done(tag) {
                 return Ok(c);
             }
+            if drv.take_lost(tag) {
+                return Err(DriverError::CompletionLost(tag));
+            }
             let waited = start.elapsed();
             if waited >= limit {
                 return Err(DriverError::Timeout { tag, waited });

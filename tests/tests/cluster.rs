@@ -25,17 +25,22 @@ fn cluster(n: u16, impairment: Impairment) -> (InProcessHub, Vec<Member>) {
 
 /// A cluster whose member `id` ages with period `aging_ms(id)` (0: off).
 fn cluster_with(n: u16, impairment: Impairment, aging_ms: impl Fn(u16) -> u32) -> (InProcessHub, Vec<Member>) {
+    cluster_cfg(n, impairment, |id| DriverConfig { aging_period_ms: aging_ms(id), ..Default::default() })
+}
+
+/// A cluster whose member `id` is brought up with `cfg(id)`.
+fn cluster_cfg(n: u16, impairment: Impairment, cfg: impl Fn(u16) -> DriverConfig) -> (InProcessHub, Vec<Member>) {
     let hub = InProcessHub::new(HubConfig { queue_capacity: 4096, seed: 7, impairment });
     let members = (1..=n)
         .map(|id| {
             let dev = EmulatedDevice::inline().expect("device");
             let port = hub.attach(id).expect("attach");
-            let cfg = SyncUnitConfig {
+            let unit = SyncUnitConfig {
                 sender: SenderConfig::new(1, id, 0x1000 + id as u32),
                 peers: (1..=n).filter(|p| *p != id).collect(),
             };
-            dev.nic().attach_sync(SyncUnit::new(cfg, Box::new(port), 0).expect("sync unit"));
-            ConnTable::open(dev, DriverConfig { aging_period_ms: aging_ms(id), ..Default::default() }).expect("probe")
+            dev.nic().attach_sync(SyncUnit::new(unit, Box::new(port), 0).expect("sync unit"));
+            ConnTable::open(dev, cfg(id)).expect("probe")
         })
         .collect();
     (hub, members)
@@ -105,6 +110,7 @@ fn changes_marked_for_sync_reach_the_peer() {
     let stats = m[1].driver_ref().device().nic().sync_stats().expect("sync");
     assert_eq!(stats.applied, 3);
     assert_eq!(stats.protocol.lost_updates, 0);
+    assert_eq!(stats.protocol.updates_sent, 0, "member 2 sent on what it applied (echo)");
 }
 
 #[test]
@@ -115,7 +121,9 @@ fn members_converge_under_loss() {
     for round in 0..5u32 {
         for (idx, member) in m.iter_mut().enumerate() {
             for i in 0..60u32 {
-                let k = key(idx as u32 * 1000 + i);
+                // A third of the keys are shared by every member, so their
+                // changes conflict and the rule must settle them.
+                let k = if i % 3 == 0 { key(50_000 + i) } else { key(idx as u32 * 1000 + i) };
                 let r = match (round + i) % 4 {
                     0 => member.upsert(&k, &synced(TcpState::SynSent, round)).map(|_| ()),
                     1 | 2 => member.upsert(&k, &synced(TcpState::Established, round)).map(|_| ()),
@@ -126,7 +134,9 @@ fn members_converge_under_loss() {
         }
         run(&m, 3);
     }
-    run(&m, 400); // NACKs, retransmissions and ALIVEs settle
+    // NACKs and retransmissions settle; a loss at the very end of a stream
+    // is only noticed from the next ALIVE (every second).
+    run(&m, 2500);
     let a = contents(&mut m[0]);
     assert!(!a.is_empty());
     for (i, member) in m.iter_mut().enumerate().skip(1) {
@@ -201,4 +211,67 @@ fn updates_lost_beyond_the_retransmit_queue_are_reported_to_the_host() {
     assert!(resync.iter().all(|(peer, lost)| *peer == 1 && *lost > 0), "{resync:?}");
     // And delivery goes on after the reported gap.
     assert!(m[1].lookup(&key(2000)).expect("lookup").is_some(), "delivery did not resume after the loss");
+}
+
+#[test]
+fn a_delete_wins_whichever_member_makes_it() {
+    // Member 2 (the higher id) creates, member 1 deletes: gone on both.
+    let (_hub, mut m) = cluster(2, Impairment::NONE);
+    m[1].insert(&key(3), &synced(TcpState::Established, 1)).expect("insert");
+    run(&m, 5);
+    assert!(m[0].lookup(&key(3)).expect("lookup").is_some());
+    m[0].delete(&key(3)).expect("delete");
+    run(&m, 5);
+    assert!(m[0].lookup(&key(3)).expect("lookup").is_none());
+    assert!(m[1].lookup(&key(3)).expect("lookup").is_none(), "the lower member's delete lost");
+}
+
+#[test]
+fn aging_by_a_member_that_did_not_create_the_entry() {
+    let (_hub, mut m) = cluster_with(2, Impairment::NONE, |id| if id == 1 { 100 } else { 0 });
+    let short = ConnEntry::new(ConnState::new(TcpState::None, Direction::Original, ConnFlags::SYNC, 1, 0));
+    m[1].insert(&key(6), &short).expect("insert on member 2");
+    run(&m, 1300);
+    assert!(m[0].lookup(&key(6)).expect("lookup").is_none(), "did not age on member 1");
+    assert!(m[1].lookup(&key(6)).expect("lookup").is_none(), "member 2 kept it");
+}
+
+#[test]
+fn a_delete_racing_an_update_is_not_undone_by_it() {
+    let (_hub, mut m) = cluster(2, Impairment::NONE);
+    m[0].insert(&key(4), &synced(TcpState::Established, 0)).expect("insert");
+    run(&m, 5);
+    // Concurrently: member 1 updates (generation 2) while member 2 deletes
+    // (its delete carries generation 2, one above the entry it removed).
+    // At equal generations the higher owner id wins, so the delete does on
+    // both members, and member 1's update must not resurrect the entry on
+    // member 2 (the tombstone stops it).
+    m[0].update(&key(4), &synced(TcpState::FinWait, 1)).expect("update");
+    m[1].delete(&key(4)).expect("delete");
+    run(&m, 10);
+    assert!(m[0].lookup(&key(4)).expect("lookup").is_none(), "member 1 kept its update");
+    assert!(m[1].lookup(&key(4)).expect("lookup").is_none(), "the update resurrected the entry");
+    // A later re-insert starts above the tombstone and replicates.
+    m[0].insert(&key(4), &synced(TcpState::SynSent, 2)).expect("re-insert");
+    run(&m, 5);
+    let r = m[1].lookup(&key(4)).expect("lookup").expect("re-insert replicated");
+    assert_eq!(r.state.mark.get(), 2);
+}
+
+#[test]
+fn a_peer_change_that_does_not_fit_is_reported() {
+    let (_hub, mut m) = cluster_cfg(2, Impairment::NONE, |id| DriverConfig {
+        table_capacity: if id == 2 { 16 } else { 1 << 16 },
+        ..Default::default()
+    });
+    for i in 0..40u32 {
+        m[0].insert(&key(300 + i), &synced(TcpState::Established, i)).expect("insert");
+    }
+    run(&m, 10);
+    assert_eq!(m[1].len(), 16);
+    let st = m[1].driver_ref().device().nic().sync_stats().expect("sync");
+    assert_eq!((st.applied, st.apply_failed), (16, 24));
+    let mut resync = 0;
+    m[1].driver().poll_events(|e| resync += (e.kind == EventKind::ResyncNeeded) as u32);
+    assert_eq!(resync, 24, "every update that did not fit must be reported");
 }

@@ -474,7 +474,8 @@ pub fn pin_current_thread(cpu: usize) -> Result<(), DeviceError> {
 /// became readable. Used by the driver to sleep on an interrupt eventfd.
 pub fn wait_readable(fd: std::os::fd::BorrowedFd<'_>, timeout: std::time::Duration) -> Result<bool, DeviceError> {
     let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // Rounded up: a sub-millisecond remainder must not become a busy poll(0).
+    let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
     // SAFETY: passes one live, initialised pollfd and a count of 1; the
     // descriptor is borrowed for the duration of the call.
     let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
