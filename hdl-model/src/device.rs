@@ -449,8 +449,11 @@ const FETCH_BURST: usize = 64;
 /// CAM): long enough to outlive any retransmission of an older upsert.
 #[derive(Debug, Default)]
 struct Tombstones {
-    by_key: std::collections::HashMap<ConnKey, (u32, u16)>,
-    order: std::collections::VecDeque<ConnKey>,
+    /// Key -> (generation, owner, when recorded).
+    by_key: std::collections::HashMap<ConnKey, (u32, u16, u64)>,
+    /// Recording order; an entry whose stamp no longer matches is stale.
+    order: std::collections::VecDeque<(ConnKey, u64)>,
+    stamp: u64,
 }
 
 /// Tombstones kept.
@@ -458,12 +461,14 @@ const TOMBSTONES: usize = 65_536;
 
 impl Tombstones {
     fn record(&mut self, key: ConnKey, generation: u32, owner: u16) {
-        if self.by_key.insert(key, (generation, owner)).is_none() {
-            self.order.push_back(key);
-            if self.order.len() > TOMBSTONES {
-                if let Some(old) = self.order.pop_front() {
-                    self.by_key.remove(&old);
-                }
+        self.stamp += 1;
+        self.by_key.insert(key, (generation, owner, self.stamp));
+        self.order.push_back((key, self.stamp));
+        while self.by_key.len() > TOMBSTONES || self.order.len() > 2 * TOMBSTONES {
+            let Some((old, stamp)) = self.order.pop_front() else { break };
+            // Only the recording that is still current goes.
+            if self.by_key.get(&old).is_some_and(|t| t.2 == stamp) {
+                self.by_key.remove(&old);
             }
         }
     }
@@ -478,13 +483,13 @@ impl Tombstones {
         if self.by_key.is_empty() {
             return None;
         }
-        self.by_key.get(key).map(|(g, _)| *g)
+        self.by_key.get(key).map(|t| t.0)
     }
 
     /// Whether the tombstone of `u`'s key wins over `u`.
     fn beats(&self, u: &DeltaUpdate) -> bool {
         match self.by_key.get(&u.key) {
-            Some(&(generation, owner)) => {
+            Some(&(generation, owner, _)) => {
                 let state = ConnState { generation: generation.into(), ..Default::default() };
                 let tomb = DeltaUpdate { op: DeltaOp::Delete, owner, key: u.key, state, nat: Nat::default() };
                 precedence(u, &tomb) != std::cmp::Ordering::Greater
@@ -1443,4 +1448,32 @@ fn record(s: &Slot, now_ms: u64) -> ConnRecord {
         (s.expires_ms.saturating_sub(now_ms).div_ceil(1000).max(1) as u32).into()
     };
     ConnRecord { key: s.key, state, nat: if s.nat.kind == 0 { Nat::default() } else { s.nat } }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn key(i: u32) -> ConnKey {
+        ConnKey::v4(Ipv4Addr::from(i), 1, Ipv4Addr::new(192, 0, 2, 1), 2, 6, 0)
+    }
+
+    #[test]
+    fn tombstones_evict_oldest_current_recording_only() {
+        let mut t = Tombstones::default();
+        t.record(key(0), 1, 1);
+        t.forget(&key(0));
+        t.record(key(0), 5, 2); // a newer recording of the same key
+        for i in 1..TOMBSTONES as u32 {
+            t.record(key(i), 1, 1);
+        }
+        // Full, nothing evicted yet: the stale first recording did not take
+        // the current one with it.
+        assert_eq!(t.generation(&key(0)), Some(5));
+        t.record(key(TOMBSTONES as u32), 1, 1);
+        assert_eq!(t.generation(&key(0)), None, "the oldest current tombstone goes first");
+        assert_eq!(t.generation(&key(1)), Some(1));
+        assert!(t.by_key.len() <= TOMBSTONES);
+    }
 }
