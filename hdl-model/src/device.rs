@@ -881,15 +881,9 @@ impl Core {
         let mut ncpl = 0usize;
         while head != tail {
             let posted = tail.wrapping_sub(head) & (size - 1);
-            let space = match (&mut self.cpl, &self.shared.cpl_head) {
-                (Some(p), h) => {
-                    if p.has_space(h) {
-                        p.space(h).max(1)
-                    } else {
-                        0
-                    }
-                }
-                (None, _) => 0,
+            let space = match &mut self.cpl {
+                Some(p) => p.space(&self.shared.cpl_head),
+                None => 0,
             };
             if space == 0 {
                 break; // back-pressure: the host has not consumed completions

@@ -25,6 +25,7 @@ pub mod device;
 pub mod dma;
 #[allow(unsafe_code)]
 mod prefetch;
+pub mod rng;
 pub mod sync;
 pub mod sync_unit;
 pub mod table;

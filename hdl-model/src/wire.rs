@@ -63,6 +63,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use nicsync_fwif::sync::{MAX_DATAGRAM, MAX_FRAME, SYNC_UDP_PORT};
 
+use crate::rng::SeededRng;
+
 use crate::sync::{Destination, Transmit};
 
 /// Largest frame a sync port carries (one UDP payload in a 1,500-byte MTU).
@@ -323,35 +325,6 @@ impl Default for HubConfig {
     }
 }
 
-/// xorshift64* generator: small, fast and the same on every platform.
-#[derive(Clone, Debug)]
-struct XorShift(u64);
-
-impl XorShift {
-    /// Every seed gives its own sequence: the seed goes through splitmix64
-    /// (a bijection), and only the one seed that maps to 0, the xorshift
-    /// fixed point, is moved.
-    fn new(seed: u64) -> Self {
-        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        XorShift(if z == 0 { 0x9E37_79B9_7F4A_7C15 } else { z })
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// True with probability `ppm` per million; draws nothing when 0.
-    fn chance(&mut self, ppm: u32) -> bool {
-        ppm > 0 && self.next() % 1_000_000 < u64::from(ppm)
-    }
-}
-
 /// One attached port's receive side.
 struct Slot {
     id: u64,
@@ -372,7 +345,7 @@ impl Slot {
 struct HubState {
     capacity: usize,
     impairment: Impairment,
-    rng: XorShift,
+    rng: SeededRng,
     /// Attached ports, by member id.
     slots: Vec<Slot>,
     /// Members cut off from everyone (kept across detach and re-attach: a
@@ -468,7 +441,7 @@ impl InProcessHub {
         let state = HubState {
             capacity: cfg.queue_capacity.max(1),
             impairment: cfg.impairment,
-            rng: XorShift::new(cfg.seed),
+            rng: SeededRng::new(cfg.seed),
             slots: Vec::new(),
             isolated: Vec::new(),
             next_id: 0,

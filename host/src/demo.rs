@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use nicsync_fwif::conn::{proto, ConnFlags, ConnKey, ConnState, Direction, Nat, NatKind, TcpState};
 use nicsync_fwif::event::EventKind;
 use nicsync_fwif::regs::Counter;
+use nicsync_model::rng::SeededRng;
 use nicsync_vfio::NicDevice;
 use serde::Serialize;
 
@@ -71,22 +72,6 @@ pub struct DemoReport {
     pub seconds: f64,
 }
 
-/// Small deterministic generator (xorshift64*), so runs are repeatable.
-#[derive(Debug)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 #[derive(Clone, Copy, Debug)]
 struct Live {
     key: ConnKey,
@@ -94,7 +79,7 @@ struct Live {
     nat: Option<Nat>,
 }
 
-fn new_conn(rng: &mut Rng, serial: u32) -> (ConnKey, bool) {
+fn new_conn(rng: &mut SeededRng, serial: u32) -> (ConnKey, bool) {
     let v6 = rng.below(4) == 0;
     let sport = 1024 + (serial % 64000) as u16;
     let dport = [443u16, 80, 22, 53, 8443][rng.below(5) as usize];
@@ -132,7 +117,7 @@ pub fn run<D: NicDevice>(
     mut on_aging_wait: impl FnMut(),
 ) -> Result<DemoReport, TableError> {
     let start = Instant::now();
-    let mut rng = Rng(opts.seed | 1);
+    let mut rng = SeededRng::new(opts.seed);
     let mut live: Vec<Live> = Vec::new();
     let mut index: HashMap<ConnKey, usize> = HashMap::new();
     let mut rep = DemoReport::default();

@@ -350,7 +350,7 @@ impl<D: NicDevice> Driver<D> {
         }
         dev.write32(regs::CONTROL, ctl.bits());
         wait_until(
-            &cfg,
+            cfg.bringup_timeout,
             "enable",
             || {
                 let s = Status::from_bits_truncate(dev.read32(regs::STATUS));
@@ -431,7 +431,7 @@ impl<D: NicDevice> Driver<D> {
     fn reset_device(dev: &D, cfg: &DriverConfig) -> Result<(), DriverError> {
         dev.write32(regs::CONTROL, Control::RESET.bits());
         wait_until(
-            cfg,
+            cfg.bringup_timeout,
             "leave reset",
             || {
                 let c = dev.read32(regs::CONTROL);
@@ -853,7 +853,7 @@ impl<D: NicDevice> Driver<D> {
 }
 
 fn wait_until<T>(
-    cfg: &DriverConfig,
+    timeout: Duration,
     what: &'static str,
     mut ready: impl FnMut() -> Option<T>,
     status: impl Fn() -> u32,
@@ -863,8 +863,8 @@ fn wait_until<T>(
         if let Some(v) = ready() {
             return Ok(v);
         }
-        if start.elapsed() >= cfg.bringup_timeout {
-            return Err(DriverError::BringUpTimeout { what, timeout: cfg.bringup_timeout, status: status() });
+        if start.elapsed() >= timeout {
+            return Err(DriverError::BringUpTimeout { what, timeout, status: status() });
         }
         std::thread::sleep(Duration::from_micros(50));
     }
@@ -875,12 +875,8 @@ impl<D: NicDevice> Drop for Driver<D> {
         // Stop the device, and wait until it says so, before the rings are
         // unmapped (they are dropped after this).
         self.dev.write32(regs::CONTROL, 0);
-        let cfg = DriverConfig {
-            bringup_timeout: self.cfg.bringup_timeout.min(Duration::from_millis(100)),
-            ..self.cfg.clone()
-        };
-        let _ = wait_until(
-            &cfg,
+        let stopped = wait_until(
+            self.cfg.bringup_timeout.min(Duration::from_millis(100)),
             "stop",
             || {
                 let s = Status::from_bits_truncate(self.dev.read32(regs::STATUS));
@@ -888,6 +884,12 @@ impl<D: NicDevice> Drop for Driver<D> {
             },
             || self.dev.read32(regs::STATUS),
         );
+        if let Err(e) = stopped {
+            // The buffers stay valid until the IOMMU unmaps them, so this is
+            // safe; reset so the device stops touching them at all.
+            tracing::warn!("{e}; resetting before the rings are unmapped");
+            self.dev.write32(regs::CONTROL, Control::RESET.bits());
+        }
     }
 }
 

@@ -277,14 +277,7 @@ impl EventFd {
 
     /// Reads and resets the counter; 0 if nothing was pending.
     pub fn take(&self) -> u64 {
-        let mut v: u64 = 0;
-        // SAFETY: reads 8 bytes into a live local u64 from a descriptor we own.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), std::ptr::addr_of_mut!(v).cast(), 8) };
-        if n == 8 {
-            v
-        } else {
-            0
-        }
+        drain_eventfd(self.fd.as_fd())
     }
 }
 
