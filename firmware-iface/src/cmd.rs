@@ -100,6 +100,18 @@ bitflags! {
         const AUTO_GENERATION = 1 << 1;
         /// Raise an interrupt for this completion regardless of coalescing.
         const IRQ_NOW = 1 << 2;
+        /// UPSERT only (ABI 1.3): write a copy of another member's entry, as
+        /// a Full Sync does. The chained EXT (required) names the owner
+        /// member. The device applies it under the conflict rule, as if the
+        /// owner's sync unit had sent it (STALE if the stored entry or a
+        /// tombstone wins), does not send it to the peers and posts no
+        /// event. Not with AUTO_GENERATION.
+        const REPLICA = 1 << 3;
+        /// SNAPSHOT only (ABI 1.3): write 88-byte sync records
+        /// ([`crate::sync::DeltaRecord`], op UPSERT, with the owner) of the
+        /// entries marked for sync, instead of 80-byte `ConnRecord`s of
+        /// every entry.
+        const SYNC_RECORDS = 1 << 4;
     }
 }
 
@@ -176,10 +188,13 @@ assert_layout!(SnapshotBody, size = 56, buf_addr = 0, buf_len = 8, cursor = 12, 
 pub struct ExtBody {
     /// NAT translation of the connection.
     pub nat: Nat,
+    /// Owner member id of a [`DescFlags::REPLICA`] write (non-zero); zero
+    /// otherwise.
+    pub owner: U16,
     /// Reserved, zero.
-    pub reserved: [u8; 32],
+    pub reserved: [u8; 30],
 }
-assert_layout!(ExtBody, size = 56, nat = 0, reserved = 24);
+assert_layout!(ExtBody, size = 56, nat = 0, owner = 24, reserved = 26);
 
 /// SNAPSHOT completion `result`: records written in bits 31:0, next cursor
 /// in bits 63:32; [`SNAPSHOT_DONE`] as the next cursor ends the walk.
@@ -216,6 +231,8 @@ pub enum Command {
         buf_len: u32,
         /// First slot position.
         cursor: u32,
+        /// Write sync records of synced entries ([`DescFlags::SYNC_RECORDS`]).
+        sync_records: bool,
     },
     /// FLUSH.
     Flush,
@@ -233,6 +250,8 @@ pub struct ConnOp {
     pub nat: Option<Nat>,
     /// Let the device assign the generation.
     pub auto_generation: bool,
+    /// A [`DescFlags::REPLICA`] write of this owner's entry (UPSERT only).
+    pub replica_owner: Option<u16>,
 }
 
 /// Why a descriptor was refused.
@@ -252,6 +271,9 @@ pub enum DecodeError {
     State(StateError),
     /// SNAPSHOT buffer smaller than one record.
     BufferTooSmall,
+    /// REPLICA without an EXT naming a non-zero owner, or an owner without
+    /// REPLICA.
+    BadOwner,
 }
 
 impl fmt::Display for DecodeError {
@@ -264,6 +286,7 @@ impl fmt::Display for DecodeError {
             DecodeError::Key(e) => write!(f, "key: {e}"),
             DecodeError::State(e) => write!(f, "state: {e}"),
             DecodeError::BufferTooSmall => f.write_str("buffer smaller than one record"),
+            DecodeError::BadOwner => f.write_str("REPLICA needs a chained EXT with a non-zero owner (and only REPLICA takes one)"),
         }
     }
 }
@@ -300,10 +323,25 @@ impl CommandDescriptor {
         d
     }
 
+    /// SNAPSHOT with [`DescFlags::SYNC_RECORDS`]: 88-byte sync records of
+    /// the entries marked for sync, with their owners.
+    pub fn snapshot_sync_records(tag: u16, buf_addr: u64, buf_len: u32, cursor: u32) -> Self {
+        let mut d = Self::snapshot(tag, buf_addr, buf_len, cursor);
+        d.flags |= DescFlags::SYNC_RECORDS.bits();
+        d
+    }
+
     /// An EXT continuation carrying a NAT translation.
     pub fn ext(tag: u16, nat: &Nat) -> Self {
         let mut d = Self::header(Opcode::Ext, DescFlags::empty(), tag);
-        d.body = zerocopy::transmute!(ExtBody { nat: *nat, reserved: [0; 32] });
+        d.body = zerocopy::transmute!(ExtBody { nat: *nat, owner: 0.into(), reserved: [0; 30] });
+        d
+    }
+
+    /// An EXT descriptor for a [`DescFlags::REPLICA`] write by `owner`.
+    pub fn ext_replica(tag: u16, nat: &Nat, owner: u16) -> Self {
+        let mut d = Self::header(Opcode::Ext, DescFlags::empty(), tag);
+        d.body = zerocopy::transmute!(ExtBody { nat: *nat, owner: owner.into(), reserved: [0; 30] });
         d
     }
 
@@ -332,11 +370,13 @@ impl CommandDescriptor {
         }
         let conn_op = matches!(op, Opcode::Insert | Opcode::Update | Opcode::Upsert);
         let allowed = match op {
-            _ if conn_op => DescFlags::all(),
+            Opcode::Upsert => DescFlags::CHAIN | DescFlags::AUTO_GENERATION | DescFlags::IRQ_NOW | DescFlags::REPLICA,
+            _ if conn_op => DescFlags::CHAIN | DescFlags::AUTO_GENERATION | DescFlags::IRQ_NOW,
+            Opcode::Snapshot => DescFlags::IRQ_NOW | DescFlags::SYNC_RECORDS,
             Opcode::Ext => DescFlags::empty(),
             _ => DescFlags::IRQ_NOW,
         };
-        if !allowed.contains(flags) {
+        if !allowed.contains(flags) || flags.contains(DescFlags::REPLICA | DescFlags::AUTO_GENERATION) {
             return Err(DecodeError::BadFlags(self.flags));
         }
         let empty_body = || self.body.iter().all(|b| *b == 0);
@@ -352,17 +392,23 @@ impl CommandDescriptor {
                 let body: ConnBody = zerocopy::transmute!(self.body);
                 body.key.validate().map_err(DecodeError::Key)?;
                 body.state.validate().map_err(DecodeError::State)?;
-                let nat = if flags.contains(DescFlags::CHAIN) {
+                let replica = flags.contains(DescFlags::REPLICA);
+                let (nat, owner) = if flags.contains(DescFlags::CHAIN) {
                     let ext = ext.ok_or(DecodeError::MissingExt)?;
-                    Some(decode_ext(ext, body.key.family)?)
+                    let (nat, owner) = decode_ext(ext, body.key.family)?;
+                    (Some(nat), owner)
                 } else {
-                    None
+                    (None, 0)
                 };
+                if replica != (owner != 0) {
+                    return Err(DecodeError::BadOwner);
+                }
                 let o = ConnOp {
                     key: body.key,
                     state: body.state,
                     nat,
                     auto_generation: flags.contains(DescFlags::AUTO_GENERATION),
+                    replica_owner: replica.then_some(owner),
                 };
                 Ok(match op {
                     Opcode::Insert => Command::Insert(o),
@@ -388,29 +434,33 @@ impl CommandDescriptor {
                 if body.reserved != [0; 40] {
                     return Err(DecodeError::ReservedNonZero);
                 }
-                if (body.buf_len.get() as usize) < crate::conn::ConnRecord::SIZE {
+                let sync_records = flags.contains(DescFlags::SYNC_RECORDS);
+                let record = if sync_records { crate::sync::RECORD_SIZE } else { crate::conn::ConnRecord::SIZE };
+                if (body.buf_len.get() as usize) < record {
                     return Err(DecodeError::BufferTooSmall);
                 }
                 Ok(Command::Snapshot {
                     buf_addr: body.buf_addr.get(),
                     buf_len: body.buf_len.get(),
                     cursor: body.cursor.get(),
+                    sync_records,
                 })
             }
         }
     }
 }
 
-fn decode_ext(ext: &CommandDescriptor, key_family: u8) -> Result<Nat, DecodeError> {
+/// The EXT's NAT and owner (0 when none).
+fn decode_ext(ext: &CommandDescriptor, key_family: u8) -> Result<(Nat, u16), DecodeError> {
     if ext.opcode != Opcode::Ext as u8 || ext.flags != 0 || ext.aux.get() != 0 {
         return Err(DecodeError::MissingExt);
     }
     let body: ExtBody = zerocopy::transmute!(ext.body);
-    if body.reserved != [0; 32] || body.nat.reserved != [0; 4] {
+    if body.reserved != [0; 30] || body.nat.reserved != [0; 4] {
         return Err(DecodeError::ReservedNonZero);
     }
     body.nat.validate(key_family).map_err(DecodeError::State)?;
-    Ok(body.nat)
+    Ok((body.nat, body.owner.get()))
 }
 
 impl ConnOp {
@@ -423,6 +473,12 @@ impl ConnOp {
         }
         if self.auto_generation {
             flags |= DescFlags::AUTO_GENERATION;
+        }
+        if let Some(owner) = self.replica_owner {
+            // A replica always carries its full state, NAT included.
+            flags |= DescFlags::REPLICA | DescFlags::CHAIN;
+            let d = CommandDescriptor::conn(op, flags, tag, &self.key, &self.state);
+            return (d, Some(CommandDescriptor::ext_replica(tag, &self.nat.unwrap_or_default(), owner)));
         }
         let d = CommandDescriptor::conn(op, flags, tag, &self.key, &self.state);
         (d, self.nat.as_ref().map(|n| CommandDescriptor::ext(tag, n)))

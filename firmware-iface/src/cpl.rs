@@ -71,6 +71,10 @@ pub enum CplStatus {
     Stale = 7,
     /// Device-internal error.
     Internal = 8,
+    /// SNAPSHOT: the walk is no longer consistent (too many entries moved
+    /// behind it, or the cursor does not continue the device's walk); start
+    /// again at cursor 0.
+    SnapshotTorn = 9,
 }
 
 impl CplStatus {
@@ -86,6 +90,7 @@ impl CplStatus {
             6 => CplStatus::DmaError,
             7 => CplStatus::Stale,
             8 => CplStatus::Internal,
+            9 => CplStatus::SnapshotTorn,
             _ => return None,
         })
     }
@@ -102,11 +107,12 @@ impl CplStatus {
             CplStatus::DmaError => "DMA_ERROR",
             CplStatus::Stale => "STALE",
             CplStatus::Internal => "INTERNAL",
+            CplStatus::SnapshotTorn => "SNAPSHOT_TORN",
         }
     }
 
     /// Every status.
-    pub const ALL: [CplStatus; 9] = [
+    pub const ALL: [CplStatus; 10] = [
         CplStatus::Success,
         CplStatus::NotFound,
         CplStatus::Exists,
@@ -116,6 +122,7 @@ impl CplStatus {
         CplStatus::DmaError,
         CplStatus::Stale,
         CplStatus::Internal,
+        CplStatus::SnapshotTorn,
     ];
 }
 

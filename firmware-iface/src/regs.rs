@@ -111,6 +111,9 @@ pub const fn next_inline_seq(seq: u16) -> u16 {
     }
 }
 
+/// Peer updates the sync unit holds at most while [`Control::SYNC_HOLD`] is set.
+pub const SYNC_HOLD_CAPACITY: u32 = 1 << 20;
+
 /// First counter register. Counter `i` ([`Counter`]) is at
 /// `COUNTER_BASE + 8 * i` (low 32 bits) and `+ 4` (high 32 bits). Read high,
 /// low, high and retry if high changed.
@@ -153,11 +156,37 @@ pub enum Counter {
     /// Inline doorbells whose copy was torn or did not match the ring head
     /// (the descriptor was fetched by DMA instead).
     InlineMisses = 15,
+    /// Delta Sync: local updates sent to the peers for the first time.
+    SyncUpdatesSent = 16,
+    /// Delta Sync: peer updates received in order (each once).
+    SyncUpdatesReceived = 17,
+    /// Delta Sync: peer updates applied to the table.
+    SyncUpdatesApplied = 18,
+    /// Delta Sync: ranges asked for again (NACKs sent).
+    SyncRetransRequestsSent = 19,
+    /// Delta Sync: updates sent again in answer to peers' NACKs.
+    SyncRetransUpdatesSent = 20,
+    /// Delta Sync: peer updates that can no longer be recovered (each
+    /// raised a RESYNC_NEEDED event).
+    SyncLostUpdates = 21,
+    /// Delta Sync (gauge): the sequence number the sync unit will give the
+    /// next local update. A SNAPSHOT walk started after reading it holds
+    /// every change numbered below it.
+    SyncNextSeq = 22,
+    /// Delta Sync (gauge): peer updates held while [`Control::SYNC_HOLD`] is set.
+    SyncHeld = 23,
+    /// Delta Sync: held updates dropped because the hold buffer was full
+    /// (each overflow raised a RESYNC_NEEDED event).
+    SyncHoldDrops = 24,
+    /// Delta Sync: peer updates that did not fit the table.
+    SyncApplyFailed = 25,
+    /// Delta Sync: datagrams refused as malformed.
+    SyncMalformed = 26,
 }
 
 impl Counter {
     /// Every counter, in register order.
-    pub const ALL: [Counter; 16] = [
+    pub const ALL: [Counter; 27] = [
         Counter::CommandsFetched,
         Counter::CompletionsWritten,
         Counter::CommandErrors,
@@ -174,6 +203,17 @@ impl Counter {
         Counter::BadDoorbells,
         Counter::InlineDoorbells,
         Counter::InlineMisses,
+        Counter::SyncUpdatesSent,
+        Counter::SyncUpdatesReceived,
+        Counter::SyncUpdatesApplied,
+        Counter::SyncRetransRequestsSent,
+        Counter::SyncRetransUpdatesSent,
+        Counter::SyncLostUpdates,
+        Counter::SyncNextSeq,
+        Counter::SyncHeld,
+        Counter::SyncHoldDrops,
+        Counter::SyncApplyFailed,
+        Counter::SyncMalformed,
     ];
 
     /// Register offset of this counter's low half.
@@ -200,6 +240,17 @@ impl Counter {
             Counter::BadDoorbells => "bad_doorbells",
             Counter::InlineDoorbells => "inline_doorbells",
             Counter::InlineMisses => "inline_misses",
+            Counter::SyncUpdatesSent => "sync_updates_sent",
+            Counter::SyncUpdatesReceived => "sync_updates_received",
+            Counter::SyncUpdatesApplied => "sync_updates_applied",
+            Counter::SyncRetransRequestsSent => "sync_retrans_requests_sent",
+            Counter::SyncRetransUpdatesSent => "sync_retrans_updates_sent",
+            Counter::SyncLostUpdates => "sync_lost_updates",
+            Counter::SyncNextSeq => "sync_next_seq",
+            Counter::SyncHeld => "sync_held",
+            Counter::SyncHoldDrops => "sync_hold_drops",
+            Counter::SyncApplyFailed => "sync_apply_failed",
+            Counter::SyncMalformed => "sync_malformed",
         }
     }
 }
@@ -226,6 +277,9 @@ bitflags! {
         const COST_MODEL = 1 << 7;
         /// Inline doorbell window ([`CMD_INLINE`]).
         const INLINE_DOORBELL = 1 << 8;
+        /// Delta Sync unit with [`Control::SYNC_HOLD`], the sync counters
+        /// and consistent SNAPSHOT walks (SNAPSHOT_TORN).
+        const SYNC = 1 << 9;
     }
 }
 
@@ -239,6 +293,14 @@ bitflags! {
         const RESET = 1 << 1;
         /// Allow interrupts to be raised.
         const IRQ_ENABLE = 1 << 2;
+        /// Hold peer updates: the sync unit keeps receiving (and asking for
+        /// what is missing) but buffers what arrives, up to
+        /// [`SYNC_HOLD_CAPACITY`] updates, instead of applying it. Clearing
+        /// the bit applies the held updates in arrival order. A host sets it
+        /// for the length of a Full Sync. On overflow the held updates are
+        /// dropped, counted ([`Counter::SyncHoldDrops`]) and a RESYNC_NEEDED
+        /// event is raised.
+        const SYNC_HOLD = 1 << 3;
     }
 }
 

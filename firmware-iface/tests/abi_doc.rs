@@ -134,6 +134,20 @@ fn counter_meaning(c: Counter) -> &'static str {
         Counter::BadDoorbells => "CMD_DOORBELL writes with a tail >= ring size (ignored)",
         Counter::InlineDoorbells => "inline doorbells whose descriptor copy replaced the DMA fetch",
         Counter::InlineMisses => "inline doorbells whose copy was torn or stale (descriptor fetched by DMA)",
+        Counter::SyncUpdatesSent => "Delta Sync: local updates sent to the peers for the first time",
+        Counter::SyncUpdatesReceived => "Delta Sync: peer updates received in order, each once",
+        Counter::SyncUpdatesApplied => "Delta Sync: peer updates applied to the table",
+        Counter::SyncRetransRequestsSent => "Delta Sync: ranges asked for again (NACK ranges sent)",
+        Counter::SyncRetransUpdatesSent => "Delta Sync: updates sent again in answer to peers' NACKs",
+        Counter::SyncLostUpdates => "Delta Sync: peer updates that can no longer be recovered (RESYNC_NEEDED raised)",
+        Counter::SyncNextSeq => {
+            "gauge: sequence number of the next local update; a SNAPSHOT walk started after reading it holds \
+             every change numbered below it"
+        }
+        Counter::SyncHeld => "gauge: peer updates held while CONTROL.SYNC_HOLD is set",
+        Counter::SyncHoldDrops => "held updates dropped when the hold buffer overflowed (RESYNC_NEEDED raised)",
+        Counter::SyncApplyFailed => "peer updates that did not fit the table (RESYNC_NEEDED raised)",
+        Counter::SyncMalformed => "sync datagrams refused as malformed",
     }
 }
 
@@ -211,6 +225,7 @@ fn render_capabilities() -> String {
             ("MSIX", "MSI-X interrupts with moderation (IRQ_COALESCE_*)"),
             ("COST_MODEL", "`model_cycles` counter is maintained"),
             ("INLINE_DOORBELL", "`CMD_INLINE` window: a doorbell carrying the first descriptor"),
+            ("SYNC", "Delta Sync unit: CONTROL.SYNC_HOLD, the sync counters, REPLICA, SYNC_RECORDS, consistent walks"),
         ],
     )
 }
@@ -223,6 +238,11 @@ fn render_control() -> String {
             ("ENABLE", "0→1: validate ring registers and start fetching; 1→0: stop fetching"),
             ("RESET", "reset rings, table, counters and registers; self-clearing (CONTROL reads 0 when done)"),
             ("IRQ_ENABLE", "allow interrupt messages (IRQ_STATUS is updated regardless)"),
+            (
+                "SYNC_HOLD",
+                "buffer received peer updates (up to SYNC_HOLD_CAPACITY) instead of applying them; clearing it \
+                 applies them in arrival order (set by a host for the length of a Full Sync)",
+            ),
         ],
     )
 }
@@ -260,6 +280,16 @@ fn render_desc_flags() -> String {
             ("CHAIN", "the command continues in the next slot, which holds an EXT descriptor"),
             ("AUTO_GENERATION", "the device assigns the generation (stored + 1, or 1 when new); the body's is ignored"),
             ("IRQ_NOW", "raise the completion interrupt at the end of this batch, ignoring coalescing"),
+            (
+                "REPLICA",
+                "UPSERT of another member's entry (Full Sync): needs CHAIN with an EXT naming the owner; applied \
+                 under the conflict rule (STALE if it loses), not sent to the peers, no event; not with AUTO_GENERATION",
+            ),
+            (
+                "SYNC_RECORDS",
+                "SNAPSHOT writes 88-byte sync records (`DeltaRecord`, op UPSERT, with the owner) of the entries \
+                 marked SYNC instead of 80-byte `ConnRecord`s of every entry",
+            ),
         ],
     )
 }
@@ -406,7 +436,7 @@ fn opcode_doc(op: Opcode) -> OpDoc {
         Opcode::Snapshot => OpDoc {
             body: "`SnapshotBody`",
             result: "records written | next cursor << 32",
-            statuses: &[Success, DmaError, Malformed],
+            statuses: &[Success, DmaError, SnapshotTorn, Malformed],
         },
         Opcode::Flush => OpDoc { body: "zero", result: "entries removed", statuses: &[Success, Malformed] },
         Opcode::Upsert => OpDoc {
@@ -434,7 +464,7 @@ fn valid_descriptor(op: Opcode) -> CommandDescriptor {
             CommandDescriptor::conn(op, DescFlags::empty(), 7, &key, &ConnState::default())
         }
         Opcode::Lookup => CommandDescriptor::lookup(7, &key, 0x1000),
-        Opcode::Snapshot => CommandDescriptor::snapshot(7, 0x1000, ConnRecord::SIZE as u32, 0),
+        Opcode::Snapshot => CommandDescriptor::snapshot(7, 0x1000, nicsync_fwif::sync::RECORD_SIZE as u32, 0),
         Opcode::Ext => CommandDescriptor::ext(7, &Nat::default()),
     }
 }
@@ -454,7 +484,8 @@ fn accepted_flags(op: Opcode) -> Vec<&'static str> {
         d.flags = f.bits();
         match d.decode(Some(&ext)) {
             Err(DecodeError::BadFlags(_)) => {}
-            Ok(_) => out.push(name),
+            // REPLICA is accepted but needs an EXT naming the owner.
+            Ok(_) | Err(DecodeError::BadOwner) => out.push(name),
             Err(e) => panic!("{op:?} with {name}: unexpected {e:?}"),
         }
     }
@@ -500,6 +531,10 @@ fn status_meaning(s: CplStatus) -> &'static str {
         CplStatus::DmaError => "a response buffer lies outside every IOMMU window; nothing was written",
         CplStatus::Stale => "the body's generation is older than the stored one; the table is unchanged",
         CplStatus::Internal => "device-internal fault (a design bug); the host should reset the device",
+        CplStatus::SnapshotTorn => {
+            "SNAPSHOT: the walk can no longer be consistent (more entries moved behind it than its carry FIFO \
+             holds, or the cursor does not continue the device's walk); start again at cursor 0"
+        }
     }
 }
 
@@ -658,7 +693,11 @@ fn layouts() -> Vec<(&'static str, Layout)> {
                 reserved: "must be 0",
             }),
         ),
-        ("layout-ext-body", layout!(ExtBody { nat: "NAT translation of the chained command", reserved: "must be 0" })),
+        ("layout-ext-body", layout!(ExtBody {
+                nat: "NAT translation of the chained command",
+                owner: "owner member id of a REPLICA write (non-zero); 0 otherwise",
+                reserved: "must be 0"
+            })),
         (
             "layout-completion",
             layout!(CompletionEntry {

@@ -532,6 +532,10 @@ pub struct Core {
     sync: Option<SyncUnit>,
     /// Scratch for the sync unit's events.
     sync_events: Vec<ReceiverEvent>,
+    /// Peer updates held while `Control::SYNC_HOLD` is set, in arrival order.
+    held: std::collections::VecDeque<DeltaUpdate>,
+    /// `Control::SYNC_HOLD` as last seen.
+    hold: bool,
     /// Recently deleted synced keys (a bounded tombstone table).
     tombstones: Tombstones,
     /// Table placements of the burst's commands, by burst index.
@@ -594,6 +598,8 @@ impl Core {
             member: 0,
             sync: None,
             sync_events: Vec::new(),
+            held: std::collections::VecDeque::new(),
+            hold: false,
             tombstones: Tombstones::default(),
             shared,
         }
@@ -722,6 +728,7 @@ impl Core {
         }
         did |= self.age(now);
         did |= self.pump_sync();
+        self.refresh_sync_counters();
         // Counters are published here, off the command path: they lag the
         // rings by at most one housekeeping period (POLL_BATCH polls).
         self.publish();
@@ -749,6 +756,12 @@ impl Core {
             self.shared.set_status(Status::empty(), Status::ENABLED);
         }
         self.irq_sink = if c.contains(Control::IRQ_ENABLE) { self.shared.interrupt_sink() } else { None };
+        let hold = c.contains(Control::SYNC_HOLD);
+        if self.hold && !hold {
+            self.hold = false;
+            self.release_held();
+        }
+        self.hold = hold;
     }
 
     fn reset(&mut self) {
@@ -761,6 +774,8 @@ impl Core {
         // Emptied now; sized to TABLE_CAPACITY at enable.
         self.table = CuckooTable::new(1);
         self.tombstones = Tombstones::default();
+        self.held = std::collections::VecDeque::new();
+        self.hold = false;
         self.enabled = false;
         self.fatal = false;
         self.last_control = 0;
@@ -1047,7 +1062,10 @@ impl Core {
             Command::Nop => Outcome::ok(0),
             Command::Insert(ref op) => self.insert(op, at, now_ms, &mut t),
             Command::Update(ref op) => self.update(op, at, now_ms, false, &mut t),
-            Command::Upsert(ref op) => self.update(op, at, now_ms, true, &mut t),
+            Command::Upsert(ref op) => match op.replica_owner {
+                Some(owner) => self.replica(op, owner),
+                None => self.update(op, at, now_ms, true, &mut t),
+            },
             Command::Delete { ref key } => match self.find(key, at, &mut t) {
                 Some(loc) => {
                     if let Some(gone) = self.table.remove(loc, &mut t) {
@@ -1064,7 +1082,9 @@ impl Core {
                 },
                 None => Outcome::err(CplStatus::NotFound),
             },
-            Command::Snapshot { buf_addr, buf_len, cursor } => self.snapshot(buf_addr, buf_len, cursor, now_ms, &mut t),
+            Command::Snapshot { buf_addr, buf_len, cursor, sync_records } => {
+                self.snapshot(buf_addr, buf_len, cursor, sync_records, now_ms, &mut t)
+            }
             Command::Flush => {
                 let n = self.table.len();
                 self.table.clear();
@@ -1156,11 +1176,10 @@ impl Core {
         }
     }
 
-    /// Applies a peer's change under the conflict rule (generation, then
-    /// owner, then DELETE over UPSERT) and tells the host by an event. A
-    /// change applied here is never sent on again. Deleted keys leave a
-    /// tombstone, so a late, older upsert cannot bring them back.
-    fn apply_peer(&mut self, u: &DeltaUpdate) {
+    /// Applies a change made by member `u.owner` under the conflict rule
+    /// (generation, then owner, then DELETE over UPSERT). Deleted keys leave
+    /// a tombstone, so a late, older upsert cannot bring them back.
+    fn apply_change(&mut self, u: &DeltaUpdate) -> Applied {
         let mut t = Traffic::default();
         let now_ms = self.now_ns / 1_000_000;
         let found = self.table.find(&u.key, &mut t);
@@ -1173,30 +1192,31 @@ impl Core {
             None => self.tombstones.beats(u),
         };
         if beaten {
-            if let Some(unit) = &mut self.sync {
-                unit.stats.superseded += 1;
-            }
-            return;
+            return Applied::Superseded;
         }
-        let outcome = match (u.op, found) {
+        match (u.op, found) {
             (DeltaOp::Delete, None) => {
                 self.tombstones.record(u.key, u.state.generation.get(), u.owner);
-                None
+                Applied::Nothing
             }
             (DeltaOp::Delete, Some(loc)) => {
                 self.tombstones.record(u.key, u.state.generation.get(), u.owner);
-                Some(self.table.remove(loc, &mut t).is_some())
+                if self.table.remove(loc, &mut t).is_some() {
+                    Applied::Done
+                } else {
+                    Applied::Nothing
+                }
             }
-            (DeltaOp::Upsert, Some(loc)) => Some(match self.table.get_mut(loc) {
+            (DeltaOp::Upsert, Some(loc)) => match self.table.get_mut(loc) {
                 Some(s) => {
                     s.state = u.state;
                     s.nat = u.nat;
                     s.owner = u.owner;
                     s.expires_ms = Self::expiry(now_ms, &u.state);
-                    true
+                    Applied::Done
                 }
-                None => false,
-            }),
+                None => Applied::Nothing,
+            },
             (DeltaOp::Upsert, None) => {
                 let slot = Slot {
                     key: u.key,
@@ -1205,34 +1225,49 @@ impl Core {
                     expires_ms: Self::expiry(now_ms, &u.state),
                     owner: u.owner,
                 };
-                let ok = self.table.insert(slot, &mut t).is_ok();
-                if ok {
+                if self.table.insert(slot, &mut t).is_ok() {
                     self.tombstones.forget(&u.key);
+                    Applied::Done
                 } else {
                     self.counters[Counter::TableFull as usize] += 1;
+                    Applied::Full
                 }
-                Some(ok)
             }
-        };
+        }
+    }
+
+    /// Applies a peer's change and tells the host by an event. A change
+    /// applied here is never sent on again.
+    fn apply_peer(&mut self, u: &DeltaUpdate) {
+        let outcome = self.apply_change(u);
+        let Some(unit) = &mut self.sync else { return };
         match outcome {
-            // Nothing to remove: the delete only leaves its tombstone.
-            None => {}
-            Some(true) => {
-                if let Some(unit) = &mut self.sync {
-                    unit.stats.applied += 1;
-                }
+            Applied::Superseded => unit.stats.superseded += 1,
+            // Nothing to remove: the delete only left its tombstone.
+            Applied::Nothing => {}
+            Applied::Done => {
+                unit.stats.applied += 1;
                 let kind = if u.op == DeltaOp::Delete { EventKind::SyncRemoved } else { EventKind::SyncUpdated };
                 self.post_event(kind, &u.key, &u.state);
             }
-            Some(false) => {
+            Applied::Full => {
                 // No room: this member's copy is now incomplete, which its
                 // host must repair with a Full Sync.
-                if let Some(unit) = &mut self.sync {
-                    unit.stats.apply_failed += 1;
-                }
+                unit.stats.apply_failed += 1;
                 let st = ConnState { generation: 1.into(), mark: (u.owner as u32).into(), ..Default::default() };
                 self.post_event(EventKind::ResyncNeeded, &ConnKey::default(), &st);
             }
+        }
+    }
+
+    /// A REPLICA upsert from the host (a Full Sync entry): the conflict
+    /// rule as for a peer's change, but no event and no sync.
+    fn replica(&mut self, op: &ConnOp, owner: u16) -> Outcome {
+        let u = DeltaUpdate { op: DeltaOp::Upsert, owner, key: op.key, state: op.state, nat: op.nat.unwrap_or_default() };
+        match self.apply_change(&u) {
+            Applied::Done | Applied::Nothing => Outcome::ok(op.state.generation.get() as u64),
+            Applied::Superseded => Outcome { status: CplStatus::Stale, result: 0 },
+            Applied::Full => Outcome::err(CplStatus::TableFull),
         }
     }
 
@@ -1245,6 +1280,7 @@ impl Core {
         let did = !events.is_empty();
         for ev in events.drain(..) {
             match ev {
+                ReceiverEvent::Deliver { update, .. } if self.hold => self.hold_peer(update),
                 ReceiverEvent::Deliver { update, .. } => self.apply_peer(&update),
                 ReceiverEvent::ResyncNeeded { peer, lost, .. } => {
                     let st = ConnState {
@@ -1259,6 +1295,53 @@ impl Core {
         }
         self.sync_events = events;
         did
+    }
+
+    /// Buffers a peer update while the host holds sync (a Full Sync is
+    /// being written); on overflow drops them all and asks for a resync.
+    fn hold_peer(&mut self, u: DeltaUpdate) {
+        if self.held.len() < regs::SYNC_HOLD_CAPACITY as usize {
+            self.held.push_back(u);
+            return;
+        }
+        let dropped = self.held.len() as u64 + 1;
+        self.held = std::collections::VecDeque::new();
+        self.counters[Counter::SyncHoldDrops as usize] += dropped;
+        self.counters_dirty = true;
+        let st = ConnState { generation: (dropped.min(u32::MAX as u64) as u32).into(), ..Default::default() };
+        self.post_event(EventKind::ResyncNeeded, &ConnKey::default(), &st);
+    }
+
+    /// Applies the held updates in arrival order (SYNC_HOLD cleared).
+    fn release_held(&mut self) {
+        while let Some(u) = self.held.pop_front() {
+            self.apply_peer(&u);
+        }
+        self.held = std::collections::VecDeque::new();
+    }
+
+    /// Copies the sync unit's counters into the counter registers.
+    fn refresh_sync_counters(&mut self) {
+        let Some(unit) = &self.sync else { return };
+        let st = unit.stats();
+        let vals = [
+            (Counter::SyncUpdatesSent, st.protocol.updates_sent),
+            (Counter::SyncUpdatesReceived, st.protocol.updates_received),
+            (Counter::SyncUpdatesApplied, st.applied),
+            (Counter::SyncRetransRequestsSent, st.protocol.retrans_requests_sent),
+            (Counter::SyncRetransUpdatesSent, st.protocol.retrans_updates_sent),
+            (Counter::SyncLostUpdates, st.protocol.lost_updates),
+            (Counter::SyncNextSeq, unit.next_seq()),
+            (Counter::SyncHeld, self.held.len() as u64),
+            (Counter::SyncApplyFailed, st.apply_failed),
+            (Counter::SyncMalformed, st.malformed + st.protocol.malformed),
+        ];
+        for (c, v) in vals {
+            if self.counters[c as usize] != v {
+                self.counters[c as usize] = v;
+                self.counters_dirty = true;
+            }
+        }
     }
 
     /// Attaches the sync unit (replacing any).
@@ -1288,38 +1371,80 @@ impl Core {
         Outcome::err(CplStatus::DmaError)
     }
 
-    fn snapshot(&mut self, addr: u64, len: u32, cursor: u32, now_ms: u64, t: &mut Traffic) -> Outcome {
+    fn snapshot(&mut self, addr: u64, len: u32, cursor: u32, sync: bool, now_ms: u64, t: &mut Traffic) -> Outcome {
         let region = match self.tlb.translate(addr, len as usize) {
             Ok(r) => r,
             Err(_) => return self.dma_error(),
         };
-        let max = len as usize / ConnRecord::SIZE;
+        let size = if sync { nicsync_fwif::sync::RECORD_SIZE } else { ConnRecord::SIZE };
+        let max = len as usize / size;
+        // Cursor 0 starts a walk; any other cursor must continue the walk
+        // in progress exactly where its last chunk ended, or the moves made
+        // since were not tracked for it (see `table::SnapshotWalk`).
+        if cursor == 0 {
+            self.table.begin_walk();
+        }
+        let carry = match self.table.walk_mut() {
+            Some(w) if w.walked == cursor as usize && !w.torn && w.carry.len() <= max => std::mem::take(&mut w.carry),
+            _ => {
+                self.table.end_walk();
+                return Outcome::err(CplStatus::SnapshotTorn);
+            }
+        };
         let end = self.table.cursor_end();
         let mut pos = cursor as usize;
         let mut n = 0usize;
-        let mut buf = [ConnRecord::default(); 8];
+        // Staged in 8-record bursts, as the DMA engine would write them.
+        let mut buf = [0u8; 8 * nicsync_fwif::sync::RECORD_SIZE];
         let mut fill = 0;
-        while pos < end && n < max {
-            if pos % crate::table::WAYS == 0 {
-                t.bucket_reads += 1;
-            }
-            if let Some(s) = self.table.at_cursor(pos) {
-                buf[fill] = record(s, now_ms);
-                fill += 1;
-                n += 1;
-                if fill == buf.len() {
-                    if region.write((n - fill) * ConnRecord::SIZE, buf[..fill].as_bytes()).is_err() {
-                        return self.dma_error();
+        let mut carried = carry.iter();
+        let member = self.member;
+        while n < max {
+            let slot = match carried.next() {
+                Some(s) => Some(s),
+                None if pos < end => {
+                    if pos % crate::table::WAYS == 0 {
+                        t.bucket_reads += 1;
                     }
-                    fill = 0;
+                    pos += 1;
+                    self.table.at_cursor(pos - 1)
                 }
+                None => break,
+            };
+            let Some(s) = slot else { continue };
+            let at = fill * size;
+            if sync {
+                if !s.state.conn_flags().contains(ConnFlags::SYNC) {
+                    continue;
+                }
+                let r = record(s, now_ms);
+                let owner = if s.owner == 0 { member } else { s.owner };
+                let u = DeltaUpdate { op: DeltaOp::Upsert, owner, key: r.key, state: r.state, nat: r.nat };
+                buf[at..at + size].copy_from_slice(u.to_record().as_bytes());
+            } else {
+                buf[at..at + size].copy_from_slice(record(s, now_ms).as_bytes());
             }
-            pos += 1;
+            fill += 1;
+            n += 1;
+            if fill == 8 {
+                if region.write((n - fill) * size, &buf[..fill * size]).is_err() {
+                    return self.dma_error();
+                }
+                fill = 0;
+            }
         }
-        if fill > 0 && region.write((n - fill) * ConnRecord::SIZE, buf[..fill].as_bytes()).is_err() {
+        if fill > 0 && region.write((n - fill) * size, &buf[..fill * size]).is_err() {
             return self.dma_error();
         }
-        let next = if pos >= end { SNAPSHOT_DONE } else { pos as u32 };
+        let next = if pos >= end {
+            self.table.end_walk();
+            SNAPSHOT_DONE
+        } else {
+            if let Some(w) = self.table.walk_mut() {
+                w.walked = pos;
+            }
+            pos as u32
+        };
         Outcome::ok(n as u64 | (next as u64) << 32)
     }
 
@@ -1432,6 +1557,19 @@ impl Core {
         }
         !aged.is_empty()
     }
+}
+
+/// What applying a change under the conflict rule did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Applied {
+    /// Written or removed.
+    Done,
+    /// The stored entry or a tombstone won.
+    Superseded,
+    /// A delete of an absent key (its tombstone recorded).
+    Nothing,
+    /// No room for the new entry.
+    Full,
 }
 
 fn record(s: &Slot, now_ms: u64) -> ConnRecord {

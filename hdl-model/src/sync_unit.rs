@@ -91,6 +91,11 @@ impl SyncUnit {
         self.sender.config().member_id
     }
 
+    /// The sequence number the next local update will get.
+    pub fn next_seq(&self) -> u64 {
+        self.sender.next_seq()
+    }
+
     /// Counters, with the protocol's merged in.
     pub fn stats(&self) -> UnitStats {
         let mut st = self.stats;

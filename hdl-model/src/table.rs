@@ -111,6 +111,34 @@ pub struct CuckooTable {
     len: usize,
     /// Scratch for the kick-out search: (bucket, parent node, way taken).
     bfs: Vec<(usize, usize, usize)>,
+    /// The snapshot walk in progress, if any (see [`SnapshotWalk`]).
+    walk: Option<SnapshotWalk>,
+}
+
+/// Entries a snapshot walk can carry (see [`SnapshotWalk`]).
+pub const WALK_CARRY_CAPACITY: usize = 4096;
+
+/// A snapshot walk in progress, which keeps the walk consistent while the
+/// table changes under it.
+///
+/// A walk visits positions in order (bucket slots, then the stash). Inserts,
+/// updates and deletes during the walk are the sync stream's business (they
+/// come after the snapshot's sequence number), but a *move* of an
+/// unchanged entry (a cuckoo kick-out, a stash refill, a stash compaction)
+/// from a position not yet walked to one already walked would hide it from
+/// the walk. Such entries are copied into a small carry FIFO that the next
+/// chunk emits first, as a hardware walker would with a move-log FIFO. A
+/// move the other way at worst shows an entry twice, which a reader that
+/// upserts does not mind. If the FIFO overflows the walk is *torn* and must
+/// start again.
+#[derive(Debug, Default)]
+pub struct SnapshotWalk {
+    /// Positions below this have been walked.
+    pub walked: usize,
+    /// Entries moved behind the walk, to emit next.
+    pub carry: Vec<Slot>,
+    /// The carry overflowed: the walk is no longer consistent.
+    pub torn: bool,
 }
 
 /// The key hash: the five key words folded pairwise through three
@@ -186,7 +214,47 @@ impl CuckooTable {
             capacity,
             len: 0,
             bfs: Vec::with_capacity(MAX_SEARCH_BUCKETS * WAYS),
+            walk: None,
         }
+    }
+
+    /// Starts a snapshot walk (dropping any walk in progress).
+    pub fn begin_walk(&mut self) {
+        self.walk = Some(SnapshotWalk::default());
+    }
+
+    /// The walk in progress.
+    pub fn walk_mut(&mut self) -> Option<&mut SnapshotWalk> {
+        self.walk.as_mut()
+    }
+
+    /// Ends the walk in progress.
+    pub fn end_walk(&mut self) -> Option<SnapshotWalk> {
+        self.walk.take()
+    }
+
+    /// Records that the entry now at position `to` came from `from`.
+    #[inline]
+    fn note_move(&mut self, from: usize, to: usize) {
+        let Some(w) = &mut self.walk else { return };
+        if from >= w.walked && to < w.walked {
+            if w.carry.len() < WALK_CARRY_CAPACITY {
+                let s = if to < self.slots.len() { self.slots[to] } else { self.stash[to - self.slots.len()].1 };
+                w.carry.push(s);
+            } else {
+                w.torn = true;
+            }
+        }
+    }
+
+    /// Removes stash entry `i`, moving the last one into its place.
+    fn stash_take(&mut self, i: usize) -> (u8, Slot) {
+        let last = self.slots.len() + self.stash.len() - 1;
+        let out = self.stash.swap_remove(i);
+        if i < self.stash.len() {
+            self.note_move(last, self.slots.len() + i);
+        }
+        out
     }
 
     /// Entries the table accepts.
@@ -389,6 +457,7 @@ impl CuckooTable {
             self.slots[dest] = self.slots[src];
             self.fps[dest] = self.fps[src];
             self.fps[src] = 0;
+            self.note_move(src, dest);
             t.kicks += 1;
             t.slot_writes += 1;
             if parent == ROOT {
@@ -414,7 +483,7 @@ impl CuckooTable {
             }
             Location::Stash(i) if i < self.stash.len() => {
                 self.len -= 1;
-                Some(self.stash.swap_remove(i).1)
+                Some(self.stash_take(i).1)
             }
             _ => None,
         }
@@ -432,9 +501,11 @@ impl CuckooTable {
             (a1 == b || a2 == b) && live
         });
         if let (Some(p), Some(w)) = (pos, self.free_way(b)) {
-            let (fp, s) = self.stash.swap_remove(p);
+            let from = self.slots.len() + p;
+            let (fp, s) = self.stash_take(p);
             self.slots[b * WAYS + w] = s;
             self.fps[b * WAYS + w] = fp;
+            self.note_move(from, b * WAYS + w);
         }
     }
 
@@ -477,7 +548,7 @@ impl CuckooTable {
             while i < self.stash.len() {
                 if expired(&self.stash[i].1) {
                     on_expired(&self.stash[i].1);
-                    self.stash.swap_remove(i);
+                    self.stash_take(i);
                     self.len -= 1;
                     n += 1;
                 } else {

@@ -850,6 +850,21 @@ impl<D: NicDevice> Driver<D> {
     pub fn table_count(&self) -> u32 {
         self.dev.read32(regs::TABLE_COUNT)
     }
+
+    /// Sets or clears [`Control::SYNC_HOLD`]: while set, the device buffers
+    /// the peer updates it receives instead of applying them; clearing it
+    /// applies them in arrival order (used for the length of a Full Sync).
+    pub fn set_sync_hold(&mut self, on: bool) -> Result<(), DriverError> {
+        if !self.info.caps.contains(Capabilities::SYNC) {
+            return Err(DriverError::MissingCapabilities(Capabilities::SYNC));
+        }
+        let ctl = Control::from_bits_truncate(self.dev.read32(regs::CONTROL));
+        let want = if on { ctl | Control::SYNC_HOLD } else { ctl - Control::SYNC_HOLD };
+        if want != ctl {
+            self.dev.write32(regs::CONTROL, want.bits());
+        }
+        Ok(())
+    }
 }
 
 fn wait_until<T>(

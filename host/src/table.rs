@@ -4,6 +4,7 @@
 use nicsync_fwif::cmd::{CommandDescriptor, ConnOp, DescFlags, Opcode, SNAPSHOT_DONE};
 use nicsync_fwif::conn::{ConnKey, ConnRecord, ConnState, Nat};
 use nicsync_fwif::cpl::{Completion, CplStatus};
+use nicsync_fwif::sync::{DeltaOp, DeltaRecord, DeltaUpdate, RECORD_SIZE};
 use nicsync_vfio::{DmaBuffer, NicDevice};
 use zerocopy::FromBytes;
 
@@ -66,6 +67,9 @@ pub enum TableOp {
     Upsert(ConnKey, ConnEntry),
     /// DELETE.
     Delete(ConnKey),
+    /// REPLICA UPSERT: a copy of member `owner`'s entry (Full Sync),
+    /// applied under the conflict rule, not sent to the peers.
+    Replica(ConnKey, ConnEntry, u16),
 }
 
 /// Maps a completion status to the table result.
@@ -88,6 +92,7 @@ pub struct ConnTable<D: NicDevice> {
     drv: Driver<D>,
     auto_generation: bool,
     snap_buf: Option<DmaBuffer>,
+    snap_bytes: usize,
 }
 
 impl<D: NicDevice> std::fmt::Debug for ConnTable<D> {
@@ -104,7 +109,15 @@ impl<D: NicDevice> ConnTable<D> {
 
     /// Wraps a driver.
     pub fn new(drv: Driver<D>) -> Self {
-        ConnTable { drv, auto_generation: true, snap_buf: None }
+        ConnTable { drv, auto_generation: true, snap_buf: None, snap_bytes: SNAPSHOT_CHUNK_BYTES }
+    }
+
+    /// Sets the size of the host buffer a SNAPSHOT chunk is written into
+    /// (default [`SNAPSHOT_CHUNK_BYTES`]; at least one sync record). Smaller
+    /// chunks make more, shorter commands.
+    pub fn set_snapshot_chunk_bytes(&mut self, bytes: usize) {
+        self.snap_bytes = bytes.max(RECORD_SIZE);
+        self.snap_buf = None;
     }
 
     /// With `false`, INSERT/UPDATE/UPSERT carry the caller's generation and
@@ -135,7 +148,7 @@ impl<D: NicDevice> ConnTable<D> {
     }
 
     fn conn_op(&self, key: &ConnKey, e: &ConnEntry) -> ConnOp {
-        ConnOp { key: *key, state: e.state, nat: e.nat, auto_generation: self.auto_generation }
+        ConnOp { key: *key, state: e.state, nat: e.nat, auto_generation: self.auto_generation, replica_owner: None }
     }
 
     fn encode(&self, op: &TableOp) -> (CommandDescriptor, Option<CommandDescriptor>) {
@@ -146,6 +159,14 @@ impl<D: NicDevice> ConnTable<D> {
             TableOp::Delete(k) => {
                 (CommandDescriptor::conn(Opcode::Delete, DescFlags::empty(), 0, k, &ConnState::default()), None)
             }
+            TableOp::Replica(k, e, owner) => ConnOp {
+                key: *k,
+                state: e.state,
+                nat: e.nat,
+                auto_generation: false,
+                replica_owner: Some(*owner),
+            }
+            .encode(Opcode::Upsert, 0),
         }
     }
 
@@ -278,7 +299,7 @@ impl<D: NicDevice> ConnTable<D> {
 
     fn snapshot_chunk(&mut self, cursor: u32, out: &mut Vec<ConnRecord>) -> Result<u32, TableError> {
         if self.snap_buf.is_none() {
-            self.snap_buf = Some(self.drv.device().alloc_dma(SNAPSHOT_CHUNK_BYTES).map_err(DriverError::from)?);
+            self.snap_buf = Some(self.drv.device().alloc_dma(self.snap_bytes).map_err(DriverError::from)?);
         }
         let (iova, len) = match &self.snap_buf {
             Some(b) => (b.iova(), b.len().min(u32::MAX as usize) as u32),
@@ -304,6 +325,51 @@ impl<D: NicDevice> ConnTable<D> {
             let rec = ConnRecord::read_from_bytes(chunk).unwrap_or_default();
             rec.validate().map_err(|e| TableError::BadRecord(e.to_string()))?;
             out.push(rec);
+        }
+        Ok(next)
+    }
+}
+
+impl<D: NicDevice> ConnTable<D> {
+    /// One chunk of a walk over the entries marked for sync, as sync
+    /// updates with their owners (SNAPSHOT with SYNC_RECORDS), appended to
+    /// `out`. Start with cursor 0 and pass the returned cursor back until it
+    /// is [`SNAPSHOT_DONE`]. The walk is consistent: every entry present
+    /// from its start to its end is returned at least once, whatever
+    /// changes meanwhile; if the device cannot keep that promise the chunk
+    /// fails with `Refused(SNAPSHOT_TORN)` and the walk must start again.
+    /// Only one walk runs at a time on a device.
+    pub fn sync_snapshot_chunk(&mut self, cursor: u32, out: &mut Vec<DeltaUpdate>) -> Result<u32, TableError> {
+        if self.snap_buf.is_none() {
+            self.snap_buf = Some(self.drv.device().alloc_dma(self.snap_bytes).map_err(DriverError::from)?);
+        }
+        let (iova, len) = match &self.snap_buf {
+            Some(b) => (b.iova(), b.len().min(u32::MAX as usize) as u32),
+            None => return Err(TableError::Refused(CplStatus::Internal)),
+        };
+        let d = CommandDescriptor::snapshot_sync_records(0, iova, len, cursor);
+        let c = self.drv.execute(&d, None)?;
+        let r = status_result(&c)?;
+        let count = (r & 0xFFFF_FFFF) as usize;
+        let next = (r >> 32) as u32;
+        if count * RECORD_SIZE > len as usize {
+            return Err(TableError::BadRecord(format!("device claims {count} sync records in a {len}-byte buffer")));
+        }
+        if next != SNAPSHOT_DONE && next <= cursor {
+            return Err(TableError::BadRecord(format!("snapshot cursor went from {cursor} to {next}")));
+        }
+        let mut raw = vec![0u8; count * RECORD_SIZE];
+        if let Some(b) = &self.snap_buf {
+            b.mem().read(0, &mut raw).map_err(DriverError::from)?;
+        }
+        out.reserve(count);
+        for chunk in raw.chunks_exact(RECORD_SIZE) {
+            let rec = DeltaRecord::read_from_bytes(chunk).unwrap_or_default();
+            let u = rec.decode().map_err(|e| TableError::BadRecord(e.to_string()))?;
+            if u.op != DeltaOp::Upsert || u.owner == 0 {
+                return Err(TableError::BadRecord(format!("snapshot sync record {:?} of owner {}", u.op, u.owner)));
+            }
+            out.push(u);
         }
         Ok(next)
     }
@@ -341,7 +407,7 @@ impl<D: NicDevice> Iterator for Snapshot<'_, D> {
             // at most capacity / records-per-chunk + 1 chunks; one that needs
             // far more is not advancing and is faulty.
             self.chunks += 1;
-            let per_chunk = (SNAPSHOT_CHUNK_BYTES / ConnRecord::SIZE) as u64;
+            let per_chunk = (self.table.snap_bytes / ConnRecord::SIZE).max(1) as u64;
             let limit = self.table.drv.info().capacity as u64 / per_chunk + 64;
             if self.chunks > limit {
                 self.done = true;

@@ -275,3 +275,110 @@ fn a_peer_change_that_does_not_fit_is_reported() {
     m[1].driver().poll_events(|e| resync += (e.kind == EventKind::ResyncNeeded) as u32);
     assert_eq!(resync, 24, "every update that did not fit must be reported");
 }
+
+/// Every connection that stays put during a walk is in it, however many
+/// cuckoo moves and stash refills other inserts and deletes cause between
+/// its chunks (the device carries entries moved behind the walk).
+#[test]
+fn a_sync_snapshot_walk_is_consistent_while_the_table_churns() {
+    let (_hub, mut m) =
+        cluster_cfg(2, Impairment::NONE, |_| DriverConfig { table_capacity: 4096, ..Default::default() });
+    let a = &mut m[0];
+    // Near full, so that inserts kick entries around.
+    for i in 0..3900u32 {
+        a.insert(&key(i), &synced(TcpState::Established, i)).expect("insert");
+    }
+    let stable: std::collections::BTreeSet<String> =
+        (0..3900u32).filter(|i| i % 2 == 0).map(|i| key(i).to_string()).collect();
+    a.set_snapshot_chunk_bytes(16 * nicsync_fwif::sync::RECORD_SIZE);
+    let (mut cursor, mut out, mut round) = (0u32, Vec::new(), 0u32);
+    let kicks_before = a.driver_ref().device_counter(nicsync_fwif::regs::Counter::CuckooKicks);
+    loop {
+        cursor = a.sync_snapshot_chunk(cursor, &mut out).expect("chunk");
+        if cursor == nicsync_fwif::cmd::SNAPSHOT_DONE {
+            break;
+        }
+        // Churn the odd keys and add new ones between chunks.
+        round += 1;
+        for j in 0..4 {
+            let _ = a.delete(&key(1 + 2 * ((round * 4 + j) * 7 % 1950)));
+        }
+        for j in 0..4 {
+            let _ = a.upsert(&key(10_000 + round * 4 + j), &synced(TcpState::SynSent, 0));
+        }
+    }
+    run(&m, 5);
+    let a = &mut m[0];
+    let kicks = a.driver_ref().device_counter(nicsync_fwif::regs::Counter::CuckooKicks) - kicks_before;
+    assert!(kicks > 50, "the churn moved too little ({kicks} kicks): the test proves nothing");
+    let seen: std::collections::BTreeSet<String> = out.iter().map(|u| u.key.to_string()).collect();
+    let missing: Vec<_> = stable.difference(&seen).collect();
+    assert!(missing.is_empty(), "{} stable entries missing from the walk, e.g. {:?}", missing.len(), missing.first());
+    assert!(out.iter().all(|u| u.owner == 1));
+}
+
+#[test]
+fn an_abandoned_or_foreign_cursor_is_refused_as_torn() {
+    let (_hub, mut m) = cluster(1, Impairment::NONE);
+    for i in 0..100u32 {
+        m[0].insert(&key(i), &synced(TcpState::Established, i)).expect("insert");
+    }
+    m[0].set_snapshot_chunk_bytes(8 * nicsync_fwif::sync::RECORD_SIZE);
+    let mut out = Vec::new();
+    let next = m[0].sync_snapshot_chunk(0, &mut out).expect("first chunk");
+    assert!(next != nicsync_fwif::cmd::SNAPSHOT_DONE);
+    let r = m[0].sync_snapshot_chunk(next + 1, &mut out);
+    assert!(
+        matches!(r, Err(TableError::Refused(nicsync_fwif::cpl::CplStatus::SnapshotTorn))),
+        "a cursor the device did not hand out: {r:?}"
+    );
+}
+
+#[test]
+fn replica_writes_keep_their_owner_and_are_not_sent_on() {
+    let (_hub, mut m) = cluster(2, Impairment::NONE);
+    let e = synced(TcpState::Established, 7);
+    let mut e5 = e;
+    e5.state.generation = 5.into();
+    let r = m[1].batch(&[nicsync::TableOp::Replica(key(1), e5, 1)]).expect("batch");
+    assert!(matches!(r[0], Ok(5)), "{r:?}");
+    run(&m, 5);
+    assert!(m[0].lookup(&key(1)).expect("lookup").is_none(), "a replica write was sent to the peers");
+    // An older copy loses.
+    let mut e3 = e;
+    e3.state.generation = 3.into();
+    let r = m[1].batch(&[nicsync::TableOp::Replica(key(1), e3, 1)]).expect("batch");
+    assert!(matches!(r[0], Err(TableError::Stale { .. })), "{r:?}");
+    // The owner came through: member 1's later change at generation 6 wins.
+    let mut e6 = synced(TcpState::FinWait, 9);
+    e6.state.generation = 6.into();
+    m[0].set_auto_generation(false);
+    m[0].insert(&key(1), &e6).expect("insert on 1");
+    run(&m, 5);
+    let got = m[1].lookup(&key(1)).expect("lookup").expect("present");
+    assert_eq!((got.state.generation.get(), got.state.mark.get()), (6, 9));
+    let mut out = Vec::new();
+    m[1].sync_snapshot_chunk(0, &mut out).expect("walk");
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].owner, 1);
+}
+
+#[test]
+fn held_peer_updates_are_applied_in_arrival_order_on_release() {
+    let (_hub, mut m) = cluster(2, Impairment::NONE);
+    m[1].driver().set_sync_hold(true).expect("hold");
+    m[0].insert(&key(1), &synced(TcpState::SynSent, 1)).expect("insert");
+    m[0].update(&key(1), &synced(TcpState::Established, 2)).expect("update");
+    m[0].insert(&key(2), &synced(TcpState::SynSent, 3)).expect("insert");
+    m[0].delete(&key(2)).expect("delete");
+    run(&m, 10);
+    assert!(m[1].lookup(&key(1)).expect("lookup").is_none(), "applied while held");
+    assert_eq!(m[1].driver_ref().device_counter(nicsync_fwif::regs::Counter::SyncHeld), 4);
+    m[1].driver().set_sync_hold(false).expect("release");
+    run(&m, 2);
+    let r = m[1].lookup(&key(1)).expect("lookup").expect("applied on release");
+    assert_eq!((r.state.mark.get(), r.state.generation.get()), (2, 2));
+    assert!(m[1].lookup(&key(2)).expect("lookup").is_none());
+    assert_eq!(m[1].driver_ref().device_counter(nicsync_fwif::regs::Counter::SyncUpdatesApplied), 4);
+    assert_eq!(m[0].driver_ref().device_counter(nicsync_fwif::regs::Counter::SyncUpdatesSent), 4);
+}
