@@ -286,7 +286,9 @@ impl fmt::Display for DecodeError {
             DecodeError::Key(e) => write!(f, "key: {e}"),
             DecodeError::State(e) => write!(f, "state: {e}"),
             DecodeError::BufferTooSmall => f.write_str("buffer smaller than one record"),
-            DecodeError::BadOwner => f.write_str("REPLICA needs a chained EXT with a non-zero owner (and only REPLICA takes one)"),
+            DecodeError::BadOwner => {
+                f.write_str("REPLICA needs a chained EXT with a non-zero owner (and only REPLICA takes one)")
+            }
         }
     }
 }

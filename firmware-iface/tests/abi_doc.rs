@@ -693,11 +693,14 @@ fn layouts() -> Vec<(&'static str, Layout)> {
                 reserved: "must be 0",
             }),
         ),
-        ("layout-ext-body", layout!(ExtBody {
+        (
+            "layout-ext-body",
+            layout!(ExtBody {
                 nat: "NAT translation of the chained command",
                 owner: "owner member id of a REPLICA write (non-zero); 0 otherwise",
                 reserved: "must be 0"
-            })),
+            }),
+        ),
         (
             "layout-completion",
             layout!(CompletionEntry {

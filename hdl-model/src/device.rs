@@ -1263,7 +1263,8 @@ impl Core {
     /// A REPLICA upsert from the host (a Full Sync entry): the conflict
     /// rule as for a peer's change, but no event and no sync.
     fn replica(&mut self, op: &ConnOp, owner: u16) -> Outcome {
-        let u = DeltaUpdate { op: DeltaOp::Upsert, owner, key: op.key, state: op.state, nat: op.nat.unwrap_or_default() };
+        let u =
+            DeltaUpdate { op: DeltaOp::Upsert, owner, key: op.key, state: op.state, nat: op.nat.unwrap_or_default() };
         match self.apply_change(&u) {
             Applied::Done | Applied::Nothing => Outcome::ok(op.state.generation.get() as u64),
             Applied::Superseded => Outcome { status: CplStatus::Stale, result: 0 },

@@ -190,28 +190,67 @@ pub struct Poller {
     devices: usize,
 }
 
+/// What a polling thread does when its devices have no work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Idle {
+    /// Keep spinning: lowest latency, one core used up (benchmarks, a
+    /// dedicated core on an appliance).
+    #[default]
+    Spin,
+    /// After `after_sweeps` sweeps over every device found nothing to do,
+    /// sleep `nap` between sweeps until work comes: a wake-up costs up to
+    /// `nap` of latency, and an idle device costs almost no CPU (several
+    /// members on one small machine).
+    Nap {
+        /// Idle sweeps (each `POLL_BATCH` polls per device) before napping.
+        after_sweeps: u32,
+        /// Sleep between sweeps while idle.
+        nap: Duration,
+    },
+}
+
 /// Polls between checks of the stop flag and runs of housekeeping.
 const POLL_BATCH: u32 = 256;
 
 impl Poller {
     /// Starts one thread for `nics`, busy-polling each in turn.
     pub fn spawn(nics: Vec<Arc<Nic>>, on_start: impl FnOnce() + Send + 'static) -> std::io::Result<Poller> {
+        Self::spawn_with(nics, Idle::Spin, on_start)
+    }
+
+    /// Starts one thread for `nics`, polling each in turn, and behaving as
+    /// `idle` says when none has work.
+    pub fn spawn_with(
+        nics: Vec<Arc<Nic>>,
+        idle: Idle,
+        on_start: impl FnOnce() + Send + 'static,
+    ) -> std::io::Result<Poller> {
         let stop = Arc::new(AtomicBool::new(false));
         let devices = nics.len();
         let flag = stop.clone();
         let thread = std::thread::Builder::new().name("nicsync-device".into()).spawn(move || {
             on_start();
+            let mut idle_sweeps = 0u32;
             while !flag.load(Ordering::Relaxed) {
+                let mut busy = false;
                 for nic in &nics {
                     // The lock is held for a burst of polls and released
                     // between bursts, so tests can inspect the core.
                     let mut g = nic.core();
                     for _ in 0..POLL_BATCH {
-                        if !g.poll() {
+                        if g.poll() {
+                            busy = true;
+                        } else {
                             std::hint::spin_loop();
                         }
                     }
-                    g.housekeeping();
+                    busy |= g.housekeeping();
+                }
+                idle_sweeps = if busy { 0 } else { idle_sweeps.saturating_add(1) };
+                if let Idle::Nap { after_sweeps, nap } = idle {
+                    if idle_sweeps >= after_sweeps {
+                        std::thread::sleep(nap);
+                    }
                 }
             }
         })?;

@@ -23,11 +23,13 @@ pub struct EmulatedOptions {
     pub mode: ExecMode,
     /// CPU to pin the polling thread to.
     pub cpu: Option<usize>,
+    /// What the polling thread does when idle.
+    pub idle: nicsync_model::Idle,
 }
 
 impl Default for EmulatedOptions {
     fn default() -> Self {
-        EmulatedOptions { model: ModelConfig::default(), mode: ExecMode::Thread, cpu: None }
+        EmulatedOptions { model: ModelConfig::default(), mode: ExecMode::Thread, cpu: None, idle: Default::default() }
     }
 }
 
@@ -37,7 +39,7 @@ pub fn open(spec: &DeviceSpec, emu: &EmulatedOptions) -> Result<AnyDevice, Devic
         DeviceSpec::Emulated => {
             let d = EmulatedDevice::new(emu.model.clone(), emu.mode)?;
             if emu.mode == ExecMode::Thread {
-                d.start_poller(emu.cpu)?;
+                d.start_poller_with(emu.cpu, emu.idle)?;
             }
             Ok(AnyDevice::Emulated(d))
         }

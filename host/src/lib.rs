@@ -11,10 +11,17 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod config;
+pub mod control;
 pub mod demo;
 pub mod device;
 pub mod driver;
+pub mod fullsync;
 pub mod irq;
+pub mod membership;
+pub mod node;
+pub mod runtime;
+pub mod sim;
 pub mod stats;
 pub mod table;
 

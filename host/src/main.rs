@@ -23,6 +23,9 @@ enum Command {
     /// Drive a realistic churn of connections through the rings and print
     /// what happened and the latency percentiles.
     Demo(DemoArgs),
+    /// Deterministic simulation of a cluster under faults; a failing seed
+    /// replays exactly with --seed.
+    Sim(SimArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -45,6 +48,31 @@ struct DemoArgs {
     #[arg(long, default_value_t = 0x5eed)]
     seed: u64,
     /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct SimArgs {
+    /// Seeds to run (0, 1, …, N-1; --first shifts them).
+    #[arg(long, default_value_t = 20)]
+    seeds: u64,
+    /// First seed.
+    #[arg(long, default_value_t = 0)]
+    first: u64,
+    /// Run this one seed only (and print its report).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Members (at least 3).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(3..=16))]
+    members: u16,
+    /// Load-sharing mode instead of high availability.
+    #[arg(long)]
+    load_sharing: bool,
+    /// Virtual milliseconds of churn and faults per run.
+    #[arg(long, default_value_t = 1000)]
+    churn_ms: u64,
+    /// Print one JSON object.
     #[arg(long)]
     json: bool,
 }
@@ -93,6 +121,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Demo(a) => run_demo(a),
+        Command::Sim(a) => run_sim(a),
         Command::Bench { which: BenchCommand::Ring { json, updates, repetitions, no_million, working_set } } => {
             let opts = BenchOptions { updates, repetitions: repetitions as usize, million: !no_million, working_set };
             let r = bench::run(&opts)?;
@@ -129,4 +158,62 @@ fn run_demo(a: DemoArgs) -> anyhow::Result<()> {
     }
     demo::check(&rep)?;
     Ok(())
+}
+
+fn run_sim(a: SimArgs) -> anyhow::Result<()> {
+    let seeds: Vec<u64> = match a.seed {
+        Some(s) => vec![s],
+        None => (a.first..a.first.saturating_add(a.seeds)).collect(),
+    };
+    let mode = if a.load_sharing {
+        nicsync::membership::Mode::LoadSharing
+    } else {
+        nicsync::membership::Mode::HighAvailability
+    };
+    let mut failed = Vec::new();
+    let mut reports = Vec::new();
+    let started = std::time::Instant::now();
+    for s in &seeds {
+        let mut cfg = nicsync::sim::SimConfig::new(*s);
+        cfg.members = a.members;
+        cfg.mode = mode;
+        cfg.churn_ms = a.churn_ms;
+        let r = nicsync::sim::run(&cfg);
+        if !r.converged {
+            if !a.json {
+                eprintln!("seed {s}: FAILED: {}", r.failure.as_deref().unwrap_or("?"));
+            }
+            failed.push(*s);
+        }
+        reports.push(r);
+    }
+    let converged = seeds.len() - failed.len();
+    if a.json {
+        let mut out = serde_json::json!({"seeds": seeds.len(), "converged": converged, "failed_seeds": failed});
+        if a.seed.is_some() {
+            out["report"] = serde_json::to_value(&reports[0])?;
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        if a.seed.is_some() {
+            println!("{}", serde_json::to_string_pretty(&reports[0])?);
+        }
+        let acked: u64 = reports.iter().map(|r| r.writes_acked).sum();
+        let syncs: u64 = reports.iter().map(|r| r.full_syncs).sum();
+        println!(
+            "{} seeds, {} converged, {} failed {:?}; {} acknowledged writes checked, {} full syncs, {:.1} s",
+            seeds.len(),
+            converged,
+            failed.len(),
+            failed,
+            acked,
+            syncs,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("{} of {} seeds did not converge (replay one with --seed S)", failed.len(), seeds.len())
+    }
 }

@@ -50,6 +50,10 @@ pub enum TableError {
     /// The device wrote a record that does not validate.
     #[error("device returned a malformed record: {0}")]
     BadRecord(String),
+    /// The table is in use by something that must not be disturbed (a
+    /// snapshot walk being served); try again.
+    #[error("busy: {0}")]
+    Busy(String),
     /// Driver or device failure.
     #[error(transparent)]
     Driver(#[from] DriverError),
@@ -159,14 +163,10 @@ impl<D: NicDevice> ConnTable<D> {
             TableOp::Delete(k) => {
                 (CommandDescriptor::conn(Opcode::Delete, DescFlags::empty(), 0, k, &ConnState::default()), None)
             }
-            TableOp::Replica(k, e, owner) => ConnOp {
-                key: *k,
-                state: e.state,
-                nat: e.nat,
-                auto_generation: false,
-                replica_owner: Some(*owner),
+            TableOp::Replica(k, e, owner) => {
+                ConnOp { key: *k, state: e.state, nat: e.nat, auto_generation: false, replica_owner: Some(*owner) }
+                    .encode(Opcode::Upsert, 0)
             }
-            .encode(Opcode::Upsert, 0),
         }
     }
 

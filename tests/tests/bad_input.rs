@@ -244,8 +244,8 @@ fn chain_errors() {
         ((d.next_response_iova() - d.response_iova(0)) / nicsync::driver::RESPONSE_STRIDE as u64) as u32
     };
     let s = start;
-    let (ins, ext) =
-        ConnOp { key: key(4), state: st(4), nat: Some(nat), auto_generation: true, replica_owner: None }.encode(Opcode::Insert, 0);
+    let (ins, ext) = ConnOp { key: key(4), state: st(4), nat: Some(nat), auto_generation: true, replica_owner: None }
+        .encode(Opcode::Insert, 0);
     assert_eq!(exec(&mut t, &ins, ext.as_ref()).status, CplStatus::Success);
     // Two NOPs bring the tail back to s.
     for _ in 0..2 {
@@ -316,8 +316,8 @@ fn chain_errors() {
 
     // A NAT of kind NONE is fine with any family.
     let none = Nat { kind: NatKind::None as u8, ..Nat::default() };
-    let (ins, ext) =
-        ConnOp { key: key6(7), state: st(7), nat: Some(none), auto_generation: true, replica_owner: None }.encode(Opcode::Insert, 0);
+    let (ins, ext) = ConnOp { key: key6(7), state: st(7), nat: Some(none), auto_generation: true, replica_owner: None }
+        .encode(Opcode::Insert, 0);
     assert_eq!(exec(&mut t, &ins, ext.as_ref()).status, CplStatus::Success);
 
     assert_eq!(t.driver().stats().bad_completions, 0);

@@ -400,8 +400,14 @@ fn ring_full_when_posting_past_free_slots() {
     }
     assert_eq!(drv.free_slots(), 1);
     // A two-slot command does not fit in the last slot.
-    let (ins, ext) = nicsync_fwif::cmd::ConnOp { key: k, state: state(1, 0), nat: Some(nat), auto_generation: true, replica_owner: None }
-        .encode(Opcode::Insert, 0);
+    let (ins, ext) = nicsync_fwif::cmd::ConnOp {
+        key: k,
+        state: state(1, 0),
+        nat: Some(nat),
+        auto_generation: true,
+        replica_owner: None,
+    }
+    .encode(Opcode::Insert, 0);
     match drv.post(&ins, ext.as_ref()) {
         Err(DriverError::RingFull { in_flight }) => assert_eq!(in_flight, 6),
         other => panic!("expected RingFull, got {other:?}"),

@@ -114,16 +114,19 @@ impl EmulatedDevice {
 
     /// Starts the device's own polling thread, pinned to `cpu` if given.
     pub fn start_poller(&self, cpu: Option<usize>) -> Result<(), DeviceError> {
-        let p = self
-            .nic
-            .spawn_poller(move || {
-                if let Some(c) = cpu {
-                    if let Err(e) = pin_current_thread(c) {
-                        tracing::warn!("cannot pin the device thread to CPU {c}: {e}");
-                    }
+        self.start_poller_with(cpu, nicsync_model::Idle::Spin)
+    }
+
+    /// Starts the device's own polling thread with an idle policy.
+    pub fn start_poller_with(&self, cpu: Option<usize>, idle: nicsync_model::Idle) -> Result<(), DeviceError> {
+        let p = nicsync_model::Poller::spawn_with(vec![self.nic.clone()], idle, move || {
+            if let Some(c) = cpu {
+                if let Err(e) = pin_current_thread(c) {
+                    tracing::warn!("cannot pin the device thread to CPU {c}: {e}");
                 }
-            })
-            .map_err(|e| DeviceError::Io { what: "spawn device thread", source: e })?;
+            }
+        })
+        .map_err(|e| DeviceError::Io { what: "spawn device thread", source: e })?;
         *self.poller.lock().unwrap_or_else(PoisonError::into_inner) = Some(p);
         Ok(())
     }

@@ -1,0 +1,1354 @@
+//! The configuration file of `nicsync daemon --config FILE`, which runs one
+//! cluster member.
+//!
+//! The file is TOML; [`Config::load`] reads, parses and validates it, and
+//! [`Config::to_toml`] writes a [`Config`] back in the same format. Every key,
+//! its default and its rules are described in `docs/config.md`.
+//!
+//! Every error names the file and, where it can be placed, the 1-based line
+//! of the offending key, then the key, its value and the rule it breaks:
+//!
+//! ```text
+//! member.toml:7: membership.dead_after = 1: must be at least 2
+//! ```
+//!
+//! Parsing happens in two steps: the text is deserialized into private
+//! "raw" structures that keep the byte span of every value
+//! ([`toml::Spanned`]), then each value is checked and converted into the
+//! public types, so that a rule broken by a value can report its line.
+
+use std::fmt::{self, Write as _};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+/// Default UDP port of the device's Delta Sync unit (ClusterXL's port).
+pub const DEFAULT_SYNC_PORT: u16 = 8116;
+/// Default UDP port of the membership health probes.
+pub const DEFAULT_MEMBERSHIP_PORT: u16 = 8117;
+/// Default TCP port of full sync.
+pub const DEFAULT_FULL_SYNC_PORT: u16 = 8118;
+/// Default number of connection-table entries on the device.
+pub const DEFAULT_TABLE_CAPACITY: u32 = 1 << 20;
+/// Smallest accepted `device.table_capacity`.
+pub const MIN_TABLE_CAPACITY: u32 = 16;
+/// Largest accepted `device.table_capacity`.
+pub const MAX_TABLE_CAPACITY: u32 = 1 << 24;
+/// Default aging period in milliseconds.
+pub const DEFAULT_AGING_PERIOD_MS: u32 = 1000;
+/// Default interval between membership probes.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(10);
+/// Largest accepted `membership.probe_interval_ms`.
+pub const MAX_PROBE_INTERVAL_MS: u32 = 10_000;
+/// Default number of missed probes after which a member is declared down.
+pub const DEFAULT_DEAD_AFTER: u32 = 5;
+/// Smallest accepted `membership.dead_after`.
+pub const MIN_DEAD_AFTER: u32 = 2;
+/// Default number of connection records per full-sync chunk.
+pub const DEFAULT_CHUNK_RECORDS: u32 = 1024;
+/// Largest accepted `full_sync.chunk_records`.
+pub const MAX_CHUNK_RECORDS: u32 = 65_536;
+/// Default full-sync per-chunk stall timeout.
+pub const DEFAULT_FULL_SYNC_TIMEOUT: Duration = Duration::from_millis(2000);
+/// Largest accepted `full_sync.timeout_ms` (10 minutes).
+pub const MAX_FULL_SYNC_TIMEOUT_MS: u32 = 600_000;
+/// Default path of the UNIX control socket.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/nicsync/nicsync.sock";
+/// Default permission bits of the control socket.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+/// Longest control socket path, in bytes (`sun_path` is 108 bytes with
+/// its terminating NUL).
+pub const MAX_SOCKET_PATH_LEN: usize = 107;
+
+/// How the cluster shares traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum ClusterMode {
+    /// High availability: one member is Active, the others stand by.
+    #[default]
+    #[serde(rename = "ha")]
+    HighAvailability,
+    /// Load sharing: every member is Active.
+    #[serde(rename = "load-sharing")]
+    LoadSharing,
+}
+
+impl ClusterMode {
+    /// The name used in the configuration file: `"ha"` or `"load-sharing"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClusterMode::HighAvailability => "ha",
+            ClusterMode::LoadSharing => "load-sharing",
+        }
+    }
+}
+
+impl fmt::Display for ClusterMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which device holds the connection table.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum DeviceKind {
+    /// The embedded emulated device (the software model of the design).
+    #[default]
+    Emulated,
+    /// A real PCI function bound to `vfio-pci`.
+    Vfio {
+        /// PCI address, `DDDD:BB:DD.F` (domain, bus, device, function).
+        bdf: String,
+    },
+}
+
+/// `[device]`: the device and its connection table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// Emulated or VFIO device.
+    pub kind: DeviceKind,
+    /// Number of connection-table entries: a power of two in
+    /// [`MIN_TABLE_CAPACITY`]`..=`[`MAX_TABLE_CAPACITY`].
+    pub table_capacity: u32,
+    /// Aging period in milliseconds; 0 disables aging.
+    pub aging_period_ms: u32,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        DeviceConfig {
+            kind: DeviceKind::Emulated,
+            table_capacity: DEFAULT_TABLE_CAPACITY,
+            aging_period_ms: DEFAULT_AGING_PERIOD_MS,
+        }
+    }
+}
+
+/// `[sync]`: the Delta Sync port of the device's sync unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncConfig {
+    /// Local UDP address Delta Sync frames are sent from and received on.
+    pub bind: SocketAddr,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig { bind: any_addr(DEFAULT_SYNC_PORT) }
+    }
+}
+
+/// `[membership]`: health probes between members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MembershipConfig {
+    /// Local UDP address of the probes.
+    pub bind: SocketAddr,
+    /// Interval between probes sent to each peer.
+    pub probe_interval: Duration,
+    /// Consecutive missed probes after which a peer is declared Down.
+    pub dead_after: u32,
+}
+
+impl Default for MembershipConfig {
+    fn default() -> Self {
+        MembershipConfig {
+            bind: any_addr(DEFAULT_MEMBERSHIP_PORT),
+            probe_interval: DEFAULT_PROBE_INTERVAL,
+            dead_after: DEFAULT_DEAD_AFTER,
+        }
+    }
+}
+
+/// `[full_sync]`: bulk transfer of the whole table to a (re)joining member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FullSyncConfig {
+    /// Local TCP address the full-sync server listens on.
+    pub bind: SocketAddr,
+    /// Connection records per chunk (1..=[`MAX_CHUNK_RECORDS`]).
+    pub chunk_records: u32,
+    /// A transfer that makes no progress on a chunk for this long fails.
+    pub timeout: Duration,
+}
+
+impl Default for FullSyncConfig {
+    fn default() -> Self {
+        FullSyncConfig {
+            bind: any_addr(DEFAULT_FULL_SYNC_PORT),
+            chunk_records: DEFAULT_CHUNK_RECORDS,
+            timeout: DEFAULT_FULL_SYNC_TIMEOUT,
+        }
+    }
+}
+
+/// `[control]`: the local UNIX control socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlConfig {
+    /// Path of the socket.
+    pub socket: PathBuf,
+    /// Permission bits of the socket (at most `0o777`).
+    pub socket_mode: u32,
+    /// Uids allowed to connect besides the daemon's own uid.
+    pub allow_uids: Vec<u32>,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
+            socket_mode: DEFAULT_SOCKET_MODE,
+            allow_uids: Vec::new(),
+        }
+    }
+}
+
+/// `[[peer]]`: another member of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// The peer's member id (non-zero, unique, not this member's).
+    pub id: u16,
+    /// The peer's Delta Sync UDP address.
+    pub sync: SocketAddr,
+    /// The peer's membership probe UDP address.
+    pub membership: SocketAddr,
+    /// The peer's full-sync TCP addresses, tried in order (at least one).
+    pub full_sync: Vec<SocketAddr>,
+}
+
+/// The configuration of one cluster member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// This member's id, non-zero.
+    pub member_id: u16,
+    /// The cluster's id, non-zero; frames of other clusters are dropped.
+    pub cluster_id: u16,
+    /// High availability or load sharing.
+    pub mode: ClusterMode,
+    /// `[device]`.
+    pub device: DeviceConfig,
+    /// `[sync]`.
+    pub sync: SyncConfig,
+    /// `[membership]`.
+    pub membership: MembershipConfig,
+    /// `[full_sync]`.
+    pub full_sync: FullSyncConfig,
+    /// `[control]`.
+    pub control: ControlConfig,
+    /// `[[peer]]`, in file order.
+    pub peers: Vec<PeerConfig>,
+}
+
+impl Default for Config {
+    /// Member 1 of cluster 1, every other key at its default, no peers.
+    fn default() -> Self {
+        Config {
+            member_id: 1,
+            cluster_id: 1,
+            mode: ClusterMode::default(),
+            device: DeviceConfig::default(),
+            sync: SyncConfig::default(),
+            membership: MembershipConfig::default(),
+            full_sync: FullSyncConfig::default(),
+            control: ControlConfig::default(),
+            peers: Vec::new(),
+        }
+    }
+}
+
+/// Why a configuration file was rejected. `Display` names the file, the
+/// line where known and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{}: cannot read: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("{}:{line}:{column}: {reason}", path.display())]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column, in characters.
+        column: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The file is TOML but breaks a rule of the schema.
+    #[error("{}{}: {reason}", path.display(), LineSuffix(*line))]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the offending key, where it can be placed.
+        line: Option<usize>,
+        /// The key, its value and the rule it breaks.
+        reason: String,
+    },
+}
+
+/// Formats `:LINE` when the line is known, nothing otherwise.
+struct LineSuffix(Option<usize>);
+
+impl fmt::Display for LineSuffix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(line) => write!(f, ":{line}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates the configuration file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `origin` names the file in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let src = Source { text, path: origin };
+        // Plain TOML first, so that syntax errors are told apart from
+        // errors of the schema.
+        if let Err(e) = text.parse::<toml::Table>() {
+            let span = e.span().unwrap_or(0..0);
+            let (line, column) = src.line_col(span.start);
+            let mut reason = e.message().trim_end().to_owned();
+            // Name what the span covers (the key of "duplicate key").
+            if let Some(what) = text.get(span).filter(|t| !t.trim().is_empty() && !t.contains('\n')) {
+                reason = format!("{reason}: `{}`", what.trim());
+            }
+            return Err(ConfigError::Syntax { path: origin.to_path_buf(), line, column, reason });
+        }
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let message = e.message().trim_end();
+            // serde reports a missing key of the top-level table at offset 0.
+            let span = e.span().filter(|s| !(s.is_empty() && message.starts_with("missing field")));
+            src.invalid(span, message.to_owned())
+        })?;
+        src.convert(raw)
+    }
+
+    /// Writes this configuration as TOML, every key explicit, in the format
+    /// [`Config::parse`] reads. Durations are written in whole
+    /// milliseconds and paths lossily as UTF-8.
+    pub fn to_toml(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = self.write_toml(&mut out);
+        out
+    }
+
+    fn write_toml(&self, out: &mut String) -> fmt::Result {
+        writeln!(out, "member_id = {}", self.member_id)?;
+        writeln!(out, "cluster_id = {}", self.cluster_id)?;
+        writeln!(out, "mode = {}", quote(self.mode.as_str()))?;
+
+        writeln!(out, "\n[device]")?;
+        match &self.device.kind {
+            DeviceKind::Emulated => writeln!(out, "kind = \"emulated\"")?,
+            DeviceKind::Vfio { bdf } => {
+                writeln!(out, "kind = \"vfio\"")?;
+                writeln!(out, "bdf = {}", quote(bdf))?;
+            }
+        }
+        writeln!(out, "table_capacity = {}", self.device.table_capacity)?;
+        writeln!(out, "aging_period_ms = {}", self.device.aging_period_ms)?;
+
+        writeln!(out, "\n[sync]")?;
+        writeln!(out, "bind = {}", quote(&self.sync.bind.to_string()))?;
+
+        writeln!(out, "\n[membership]")?;
+        writeln!(out, "bind = {}", quote(&self.membership.bind.to_string()))?;
+        writeln!(out, "probe_interval_ms = {}", self.membership.probe_interval.as_millis())?;
+        writeln!(out, "dead_after = {}", self.membership.dead_after)?;
+
+        writeln!(out, "\n[full_sync]")?;
+        writeln!(out, "bind = {}", quote(&self.full_sync.bind.to_string()))?;
+        writeln!(out, "chunk_records = {}", self.full_sync.chunk_records)?;
+        writeln!(out, "timeout_ms = {}", self.full_sync.timeout.as_millis())?;
+
+        writeln!(out, "\n[control]")?;
+        writeln!(out, "socket = {}", quote(&self.control.socket.to_string_lossy()))?;
+        writeln!(out, "socket_mode = \"{:04o}\"", self.control.socket_mode)?;
+        let uids: Vec<String> = self.control.allow_uids.iter().map(u32::to_string).collect();
+        writeln!(out, "allow_uids = [{}]", uids.join(", "))?;
+
+        for peer in &self.peers {
+            writeln!(out, "\n[[peer]]")?;
+            writeln!(out, "id = {}", peer.id)?;
+            writeln!(out, "sync = {}", quote(&peer.sync.to_string()))?;
+            writeln!(out, "membership = {}", quote(&peer.membership.to_string()))?;
+            let addrs: Vec<String> = peer.full_sync.iter().map(|a| quote(&a.to_string())).collect();
+            writeln!(out, "full_sync = [{}]", addrs.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// `0.0.0.0:port`.
+fn any_addr(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))
+}
+
+/// `s` as a TOML basic string, escaped.
+fn quote(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+// ---------------------------------------------------------------------------
+// The file as written: every validated value keeps its span.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    member_id: Spanned<i64>,
+    cluster_id: Spanned<i64>,
+    #[serde(default)]
+    mode: ClusterMode,
+    #[serde(default)]
+    device: RawDevice,
+    #[serde(default)]
+    sync: RawSync,
+    #[serde(default)]
+    membership: RawMembership,
+    #[serde(default)]
+    full_sync: RawFullSync,
+    #[serde(default)]
+    control: RawControl,
+    #[serde(default, rename = "peer")]
+    peers: Vec<Spanned<RawPeer>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawKind {
+    Emulated,
+    Vfio,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevice {
+    kind: Option<Spanned<RawKind>>,
+    bdf: Option<Spanned<String>>,
+    table_capacity: Option<Spanned<i64>>,
+    aging_period_ms: Option<Spanned<i64>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSync {
+    bind: Option<Spanned<String>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMembership {
+    bind: Option<Spanned<String>>,
+    probe_interval_ms: Option<Spanned<i64>>,
+    dead_after: Option<Spanned<i64>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFullSync {
+    bind: Option<Spanned<String>>,
+    chunk_records: Option<Spanned<i64>>,
+    timeout_ms: Option<Spanned<i64>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    socket: Option<Spanned<String>>,
+    socket_mode: Option<Spanned<toml::Value>>,
+    allow_uids: Option<Vec<Spanned<i64>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    id: Spanned<i64>,
+    sync: Spanned<String>,
+    membership: Spanned<String>,
+    full_sync: Spanned<AddrList>,
+}
+
+/// One address string, or an array of them (each with its own span).
+enum AddrList {
+    One(String),
+    Many(Vec<Spanned<String>>),
+}
+
+impl<'de> Deserialize<'de> for AddrList {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct AddrListVisitor;
+
+        impl<'de> Visitor<'de> for AddrListVisitor {
+            type Value = AddrList;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an address string or an array of address strings")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<AddrList, E> {
+                Ok(AddrList::One(v.to_owned()))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<AddrList, A::Error> {
+                let mut addrs = Vec::new();
+                while let Some(addr) = seq.next_element::<Spanned<String>>()? {
+                    addrs.push(addr);
+                }
+                Ok(AddrList::Many(addrs))
+            }
+        }
+
+        deserializer.deserialize_any(AddrListVisitor)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Checking and converting.
+
+/// The text being parsed, to turn spans into lines.
+struct Source<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+/// Where a bound address was set, for conflict messages.
+struct Bind {
+    key: &'static str,
+    addr: SocketAddr,
+    span: Option<Range<usize>>,
+}
+
+impl Source<'_> {
+    /// 1-based line and column (in characters) of byte offset `offset`.
+    fn line_col(&self, offset: usize) -> (usize, usize) {
+        let mut line = 1;
+        let mut column = 1;
+        for (i, c) in self.text.char_indices() {
+            if i >= offset {
+                break;
+            }
+            if c == '\n' {
+                line += 1;
+                column = 1;
+            } else {
+                column += 1;
+            }
+        }
+        (line, column)
+    }
+
+    fn invalid(&self, span: Option<Range<usize>>, reason: String) -> ConfigError {
+        ConfigError::Invalid { path: self.path.to_path_buf(), line: span.map(|s| self.line_col(s.start).0), reason }
+    }
+
+    fn line_of(&self, span: &Option<Range<usize>>) -> String {
+        match span {
+            Some(s) => format!(" (line {})", self.line_col(s.start).0),
+            None => " (its default)".to_owned(),
+        }
+    }
+
+    /// An integer in `lo..=hi`, converted to `T`.
+    fn int<T: TryFrom<i64>>(&self, key: &str, v: &Spanned<i64>, lo: i64, hi: i64) -> Result<T, ConfigError> {
+        let value = *v.get_ref();
+        let converted = if (lo..=hi).contains(&value) { T::try_from(value).ok() } else { None };
+        converted.ok_or_else(|| {
+            let rule = if value < lo && hi >= i64::from(u32::MAX) {
+                format!("must be at least {lo}")
+            } else if value > hi && lo <= 0 {
+                format!("must be at most {hi}")
+            } else {
+                format!("must be between {lo} and {hi}")
+            };
+            self.invalid(Some(v.span()), format!("{key} = {value}: {rule}"))
+        })
+    }
+
+    fn opt_int<T: TryFrom<i64>>(
+        &self,
+        key: &str,
+        v: &Option<Spanned<i64>>,
+        lo: i64,
+        hi: i64,
+        default: T,
+    ) -> Result<T, ConfigError> {
+        match v {
+            Some(v) => self.int(key, v, lo, hi),
+            None => Ok(default),
+        }
+    }
+
+    /// An `IP:port` socket address.
+    fn addr(&self, key: &str, v: &Spanned<String>) -> Result<SocketAddr, ConfigError> {
+        v.get_ref().parse::<SocketAddr>().map_err(|_| {
+            self.invalid(
+                Some(v.span()),
+                format!(
+                    "{key} = {}: not an IP address and port (such as \"192.0.2.1:8116\" or \"[2001:db8::1]:8116\")",
+                    quote(v.get_ref())
+                ),
+            )
+        })
+    }
+
+    /// A local bind address; `default` when the key is absent.
+    fn bind(&self, key: &'static str, v: &Option<Spanned<String>>, default: SocketAddr) -> Result<Bind, ConfigError> {
+        match v {
+            Some(v) => Ok(Bind { key, addr: self.addr(key, v)?, span: Some(v.span()) }),
+            None => Ok(Bind { key, addr: default, span: None }),
+        }
+    }
+
+    /// A peer's address: something that can be sent to.
+    fn remote(&self, key: &str, v: &Spanned<String>) -> Result<SocketAddr, ConfigError> {
+        let addr = self.addr(key, v)?;
+        if addr.ip().is_unspecified() || addr.port() == 0 {
+            return Err(self.invalid(
+                Some(v.span()),
+                format!("{key} = {}: a peer address needs a specific IP and a non-zero port", quote(v.get_ref())),
+            ));
+        }
+        Ok(addr)
+    }
+
+    fn convert(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let member_id: u16 = self.int("member_id", &raw.member_id, 1, i64::from(u16::MAX))?;
+        let cluster_id: u16 = self.int("cluster_id", &raw.cluster_id, 1, i64::from(u16::MAX))?;
+        let device = self.device(&raw.device)?;
+
+        let sync_bind = self.bind("sync.bind", &raw.sync.bind, any_addr(DEFAULT_SYNC_PORT))?;
+        let m = &raw.membership;
+        let membership_bind = self.bind("membership.bind", &m.bind, any_addr(DEFAULT_MEMBERSHIP_PORT))?;
+        let probe_ms: u64 = self.opt_int(
+            "membership.probe_interval_ms",
+            &m.probe_interval_ms,
+            1,
+            i64::from(MAX_PROBE_INTERVAL_MS),
+            DEFAULT_PROBE_INTERVAL.as_millis() as u64,
+        )?;
+        let dead_after: u32 = self.opt_int(
+            "membership.dead_after",
+            &m.dead_after,
+            i64::from(MIN_DEAD_AFTER),
+            i64::from(u32::MAX),
+            DEFAULT_DEAD_AFTER,
+        )?;
+        // Both UDP: they must not overlap. full_sync is TCP, a separate
+        // port space.
+        if overlaps(sync_bind.addr, membership_bind.addr) {
+            // Report the key written last; the other is its cause.
+            let (first, second) = match (&sync_bind.span, &membership_bind.span) {
+                (Some(s), Some(m)) if s.start > m.start => (&membership_bind, &sync_bind),
+                (Some(_), None) => (&membership_bind, &sync_bind),
+                _ => (&sync_bind, &membership_bind),
+            };
+            return Err(self.invalid(
+                second.span.clone(),
+                format!(
+                    "{} = \"{}\": conflicts with {} = \"{}\"{}: both are UDP",
+                    second.key,
+                    second.addr,
+                    first.key,
+                    first.addr,
+                    self.line_of(&first.span)
+                ),
+            ));
+        }
+
+        let f = &raw.full_sync;
+        let full_sync_bind = self.bind("full_sync.bind", &f.bind, any_addr(DEFAULT_FULL_SYNC_PORT))?;
+        let chunk_records: u32 = self.opt_int(
+            "full_sync.chunk_records",
+            &f.chunk_records,
+            1,
+            i64::from(MAX_CHUNK_RECORDS),
+            DEFAULT_CHUNK_RECORDS,
+        )?;
+        let timeout_ms: u64 = self.opt_int(
+            "full_sync.timeout_ms",
+            &f.timeout_ms,
+            1,
+            i64::from(MAX_FULL_SYNC_TIMEOUT_MS),
+            DEFAULT_FULL_SYNC_TIMEOUT.as_millis() as u64,
+        )?;
+
+        let control = self.control(&raw.control)?;
+        let locals = [&sync_bind, &membership_bind, &full_sync_bind];
+        let peers = self.peers(&raw.peers, member_id, &locals)?;
+
+        Ok(Config {
+            member_id,
+            cluster_id,
+            mode: raw.mode,
+            device,
+            sync: SyncConfig { bind: sync_bind.addr },
+            membership: MembershipConfig {
+                bind: membership_bind.addr,
+                probe_interval: Duration::from_millis(probe_ms),
+                dead_after,
+            },
+            full_sync: FullSyncConfig {
+                bind: full_sync_bind.addr,
+                chunk_records,
+                timeout: Duration::from_millis(timeout_ms),
+            },
+            control,
+            peers,
+        })
+    }
+
+    fn device(&self, d: &RawDevice) -> Result<DeviceConfig, ConfigError> {
+        let kind = match (&d.kind, &d.bdf) {
+            (Some(k), Some(bdf)) if *k.get_ref() == RawKind::Vfio => {
+                if !valid_bdf(bdf.get_ref()) {
+                    return Err(self.invalid(
+                        Some(bdf.span()),
+                        format!(
+                            "device.bdf = {}: not a PCI address DDDD:BB:DD.F (hex domain, bus, device \
+                             up to 1f, function 0-7, such as \"0000:03:00.0\")",
+                            quote(bdf.get_ref())
+                        ),
+                    ));
+                }
+                DeviceKind::Vfio { bdf: bdf.get_ref().clone() }
+            }
+            (Some(k), None) if *k.get_ref() == RawKind::Vfio => {
+                return Err(self.invalid(
+                    Some(k.span()),
+                    "device.kind = \"vfio\": needs device.bdf, the PCI address of the device".to_owned(),
+                ));
+            }
+            (_, Some(bdf)) => {
+                return Err(self.invalid(
+                    Some(bdf.span()),
+                    format!("device.bdf = {}: only allowed with device.kind = \"vfio\"", quote(bdf.get_ref())),
+                ));
+            }
+            (_, None) => DeviceKind::Emulated,
+        };
+        let table_capacity = match &d.table_capacity {
+            Some(v) => {
+                let value = *v.get_ref();
+                match u32::try_from(value) {
+                    Ok(c) if c.is_power_of_two() && (MIN_TABLE_CAPACITY..=MAX_TABLE_CAPACITY).contains(&c) => c,
+                    _ => {
+                        return Err(self.invalid(
+                            Some(v.span()),
+                            format!(
+                                "device.table_capacity = {value}: must be a power of two between \
+                                 {MIN_TABLE_CAPACITY} and {MAX_TABLE_CAPACITY}"
+                            ),
+                        ))
+                    }
+                }
+            }
+            None => DEFAULT_TABLE_CAPACITY,
+        };
+        let aging_period_ms = self.opt_int(
+            "device.aging_period_ms",
+            &d.aging_period_ms,
+            0,
+            i64::from(u32::MAX),
+            DEFAULT_AGING_PERIOD_MS,
+        )?;
+        Ok(DeviceConfig { kind, table_capacity, aging_period_ms })
+    }
+
+    fn control(&self, c: &RawControl) -> Result<ControlConfig, ConfigError> {
+        let socket = match &c.socket {
+            Some(s) => {
+                let path = s.get_ref();
+                let reason = if path.is_empty() {
+                    Some("must not be empty".to_owned())
+                } else if path.contains('\0') {
+                    Some("must not contain a NUL character".to_owned())
+                } else if path.len() > MAX_SOCKET_PATH_LEN {
+                    Some(format!(
+                        "is {} bytes long; a UNIX socket path holds at most {MAX_SOCKET_PATH_LEN}",
+                        path.len()
+                    ))
+                } else {
+                    None
+                };
+                if let Some(reason) = reason {
+                    return Err(self.invalid(Some(s.span()), format!("control.socket = {}: {reason}", quote(path))));
+                }
+                PathBuf::from(path)
+            }
+            None => PathBuf::from(DEFAULT_CONTROL_SOCKET),
+        };
+        let socket_mode = match &c.socket_mode {
+            Some(v) => {
+                let mode = match v.get_ref() {
+                    toml::Value::String(s) => parse_octal_mode(s).ok_or_else(|| {
+                        format!("control.socket_mode = {}: must be an octal string no greater than \"0777\"", quote(s))
+                    }),
+                    other => Err(format!(
+                        "control.socket_mode = {other}: must be an octal string such as \"0600\", in quotes"
+                    )),
+                };
+                mode.map_err(|reason| self.invalid(Some(v.span()), reason))?
+            }
+            None => DEFAULT_SOCKET_MODE,
+        };
+        let mut allow_uids = Vec::new();
+        for uid in c.allow_uids.iter().flatten() {
+            // u32::MAX is (uid_t)-1, "no uid".
+            allow_uids.push(self.int("control.allow_uids", uid, 0, i64::from(u32::MAX) - 1)?);
+        }
+        Ok(ControlConfig { socket, socket_mode, allow_uids })
+    }
+
+    fn peers(
+        &self,
+        raw: &[Spanned<RawPeer>],
+        member_id: u16,
+        locals: &[&Bind],
+    ) -> Result<Vec<PeerConfig>, ConfigError> {
+        let mut peers: Vec<PeerConfig> = Vec::with_capacity(raw.len());
+        // Span of each accepted peer's id, for duplicate messages.
+        let mut id_spans: Vec<Range<usize>> = Vec::with_capacity(raw.len());
+        for (i, p) in raw.iter().enumerate() {
+            let p = p.get_ref();
+            let key = |field: &str| format!("peer[{i}].{field}");
+            let id: u16 = self.int(&key("id"), &p.id, 1, i64::from(u16::MAX))?;
+            if id == member_id {
+                return Err(self.invalid(Some(p.id.span()), format!("{} = {id}: same as member_id", key("id"))));
+            }
+            if let Some(j) = peers.iter().position(|q| q.id == id) {
+                let line = self.line_col(id_spans[j].start).0;
+                return Err(self.invalid(
+                    Some(p.id.span()),
+                    format!("{} = {id}: duplicate of peer[{j}].id (line {line})", key("id")),
+                ));
+            }
+            let sync = self.remote(&key("sync"), &p.sync)?;
+            let membership = self.remote(&key("membership"), &p.membership)?;
+            let mut full_sync = Vec::new();
+            match p.full_sync.get_ref() {
+                AddrList::One(s) => {
+                    full_sync.push(self.remote(&key("full_sync"), &Spanned::new(p.full_sync.span(), s.clone()))?);
+                }
+                AddrList::Many(list) => {
+                    for s in list {
+                        full_sync.push(self.remote(&key("full_sync"), s)?);
+                    }
+                }
+            }
+            if full_sync.is_empty() {
+                return Err(self.invalid(
+                    Some(p.full_sync.span()),
+                    format!("{} = []: needs at least one address", key("full_sync")),
+                ));
+            }
+            // A peer at one of this member's own addresses is this member.
+            let own = [(locals[0], &p.sync, sync), (locals[1], &p.membership, membership)];
+            for (local, v, addr) in own {
+                if local.addr == addr {
+                    return Err(self.invalid(
+                        Some(v.span()),
+                        format!("{} = \"{addr}\": this member's own {}", key(field_of(local.key)), local.key),
+                    ));
+                }
+            }
+            if full_sync.contains(&locals[2].addr) {
+                return Err(self.invalid(
+                    Some(p.full_sync.span()),
+                    format!(
+                        "{}: contains \"{}\", this member's own {}",
+                        key("full_sync"),
+                        locals[2].addr,
+                        locals[2].key
+                    ),
+                ));
+            }
+            // Two peers at the same address cannot both be right.
+            for (j, q) in peers.iter().enumerate() {
+                let clash = if q.sync == sync {
+                    Some(("sync", &p.sync, sync))
+                } else if q.membership == membership {
+                    Some(("membership", &p.membership, membership))
+                } else {
+                    None
+                };
+                if let Some((field, v, addr)) = clash {
+                    return Err(
+                        self.invalid(Some(v.span()), format!("{} = \"{addr}\": same as peer[{j}].{field}", key(field)))
+                    );
+                }
+            }
+            id_spans.push(p.id.span());
+            peers.push(PeerConfig { id, sync, membership, full_sync });
+        }
+        Ok(peers)
+    }
+}
+
+/// `sync.bind` → `sync`.
+fn field_of(key: &str) -> &str {
+    key.split('.').next().unwrap_or(key)
+}
+
+/// Whether two local UDP binds would collide: same port, and the same IP or
+/// a wildcard covering the other (`[::]` is dual-stack on Linux).
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() != b.port() || a.port() == 0 {
+        return false;
+    }
+    let covers = |x: SocketAddr, y: SocketAddr| x.ip().is_unspecified() && (x.is_ipv6() || y.is_ipv4());
+    a.ip() == b.ip() || covers(a, b) || covers(b, a)
+}
+
+/// `DDDD:BB:DD.F`: hex domain (4 digits), bus (2), device (2, at most
+/// 0x1f), function (one digit, 0-7).
+fn valid_bdf(s: &str) -> bool {
+    let hex = |part: &str, len: usize| part.len() == len && part.chars().all(|c| c.is_ascii_hexdigit());
+    let mut parts = s.split(':');
+    let (Some(domain), Some(bus), Some(devfn), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    let Some((dev, func)) = devfn.split_once('.') else {
+        return false;
+    };
+    hex(domain, 4)
+        && hex(bus, 2)
+        && hex(dev, 2)
+        && u8::from_str_radix(dev, 16).is_ok_and(|d| d <= 0x1f)
+        && func.len() == 1
+        && func.chars().all(|c| ('0'..='7').contains(&c))
+}
+
+/// `"0600"`, `"600"` or `"0o600"`: octal digits only, at most `0o777`.
+fn parse_octal_mode(s: &str) -> Option<u32> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    if digits.is_empty() || digits.len() > 4 || !digits.chars().all(|c| ('0'..='7').contains(&c)) {
+        return None;
+    }
+    u32::from_str_radix(digits, 8).ok().filter(|m| *m <= 0o777)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("member.toml"))
+    }
+
+    /// The error of `text`, displayed.
+    fn error(text: &str) -> String {
+        match parse(text) {
+            Ok(c) => panic!("accepted: {c:?}\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// `text` is rejected at `line`, with a message that names `key`.
+    fn rejects(text: &str, line: usize, key: &str) {
+        let e = error(text);
+        assert!(e.starts_with(&format!("member.toml:{line}: ")), "wrong line (want {line}): {e}");
+        assert!(e.contains(key), "does not name {key}: {e}");
+    }
+
+    const MINIMAL: &str = "member_id = 1\ncluster_id = 1\n";
+
+    const FULL: &str = r#"# member 1 of a two-member cluster
+member_id = 1
+cluster_id = 7
+mode = "load-sharing"
+
+[device]
+kind = "vfio"
+bdf = "0000:03:00.0"
+table_capacity = 65536
+aging_period_ms = 0
+
+[sync]
+bind = "192.0.2.1:8116"
+
+[membership]
+bind = "192.0.2.1:8117"
+probe_interval_ms = 20
+dead_after = 3
+
+[full_sync]
+bind = "[::]:8118"
+chunk_records = 4096
+timeout_ms = 5000
+
+[control]
+socket = "/tmp/nicsync test \"1\".sock"
+socket_mode = "0660"
+allow_uids = [1000, 1001]
+
+[[peer]]
+id = 2
+sync = "192.0.2.2:8116"
+membership = "192.0.2.2:8117"
+full_sync = ["192.0.2.2:8118", "[2001:db8::2]:8118"]
+
+[[peer]]
+id = 3
+sync = "192.0.2.3:8116"
+membership = "192.0.2.3:8117"
+full_sync = "192.0.2.3:8118"
+"#;
+
+    #[test]
+    fn defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.member_id, 1);
+        assert_eq!(c.cluster_id, 1);
+        assert_eq!(c.mode, ClusterMode::HighAvailability);
+        assert_eq!(c.device.kind, DeviceKind::Emulated);
+        assert_eq!(c.device.table_capacity, 1_048_576);
+        assert_eq!(c.device.aging_period_ms, 1000);
+        assert_eq!(c.sync.bind, "0.0.0.0:8116".parse().unwrap());
+        assert_eq!(c.membership.bind, "0.0.0.0:8117".parse().unwrap());
+        assert_eq!(c.membership.probe_interval, Duration::from_millis(10));
+        assert_eq!(c.membership.dead_after, 5);
+        assert_eq!(c.full_sync.bind, "0.0.0.0:8118".parse().unwrap());
+        assert_eq!(c.full_sync.chunk_records, 1024);
+        assert_eq!(c.full_sync.timeout, Duration::from_millis(2000));
+        assert_eq!(c.control.socket, PathBuf::from("/run/nicsync/nicsync.sock"));
+        assert_eq!(c.control.socket_mode, 0o600);
+        assert!(c.control.allow_uids.is_empty());
+        assert!(c.peers.is_empty());
+        // Empty tables are the same as absent ones.
+        let c2 = parse(&format!("{MINIMAL}[device]\n[sync]\n[membership]\n[full_sync]\n[control]\n")).unwrap();
+        assert_eq!(c2, Config::default());
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = parse(FULL).unwrap();
+        assert_eq!(c.member_id, 1);
+        assert_eq!(c.cluster_id, 7);
+        assert_eq!(c.mode, ClusterMode::LoadSharing);
+        assert_eq!(c.device.kind, DeviceKind::Vfio { bdf: "0000:03:00.0".into() });
+        assert_eq!(c.device.table_capacity, 65536);
+        assert_eq!(c.device.aging_period_ms, 0);
+        assert_eq!(c.sync.bind, "192.0.2.1:8116".parse().unwrap());
+        assert_eq!(c.membership.bind, "192.0.2.1:8117".parse().unwrap());
+        assert_eq!(c.membership.probe_interval, Duration::from_millis(20));
+        assert_eq!(c.membership.dead_after, 3);
+        assert_eq!(c.full_sync.bind, "[::]:8118".parse().unwrap());
+        assert_eq!(c.full_sync.chunk_records, 4096);
+        assert_eq!(c.full_sync.timeout, Duration::from_secs(5));
+        assert_eq!(c.control.socket, PathBuf::from("/tmp/nicsync test \"1\".sock"));
+        assert_eq!(c.control.socket_mode, 0o660);
+        assert_eq!(c.control.allow_uids, vec![1000, 1001]);
+        assert_eq!(c.peers.len(), 2);
+        assert_eq!(c.peers[0].id, 2);
+        assert_eq!(c.peers[0].sync, "192.0.2.2:8116".parse().unwrap());
+        assert_eq!(c.peers[0].membership, "192.0.2.2:8117".parse().unwrap());
+        assert_eq!(
+            c.peers[0].full_sync,
+            vec!["192.0.2.2:8118".parse().unwrap(), "[2001:db8::2]:8118".parse().unwrap()]
+        );
+        // A single string is a one-element list.
+        assert_eq!(c.peers[1].full_sync, vec!["192.0.2.3:8118".parse().unwrap()]);
+    }
+
+    #[test]
+    fn example_cluster_files_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cluster");
+        let mut configs = Vec::new();
+        for n in 1..=3u16 {
+            let path = dir.join(format!("member{n}.toml"));
+            let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(c.member_id, n);
+            let base = 18116 + n * 10;
+            assert_eq!(c.sync.bind, SocketAddr::from(([127, 0, 0, 1], base)));
+            assert_eq!(c.membership.bind, SocketAddr::from(([127, 0, 0, 1], base + 1)));
+            assert_eq!(c.full_sync.bind, SocketAddr::from(([127, 0, 0, 1], base + 2)));
+            assert_eq!(c.control.socket, PathBuf::from(format!("/tmp/nicsync-member{n}.sock")));
+            assert_eq!(c.device.table_capacity, 1_048_576);
+            assert_eq!(c.peers.len(), 2);
+            configs.push(c);
+        }
+        // Each member's peers are the other two, at their own addresses.
+        for c in &configs {
+            assert!(configs.iter().all(|o| o.cluster_id == c.cluster_id && o.mode == c.mode));
+            for p in &c.peers {
+                let other = configs.iter().find(|o| o.member_id == p.id).unwrap();
+                assert_ne!(other.member_id, c.member_id);
+                assert_eq!(p.sync, other.sync.bind);
+                assert_eq!(p.membership, other.membership.bind);
+                assert_eq!(p.full_sync, vec![other.full_sync.bind]);
+            }
+        }
+    }
+
+    #[test]
+    fn docs_examples_parse() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/config.md");
+        let doc = std::fs::read_to_string(&path).unwrap();
+        let blocks: Vec<&str> = doc.split("```toml\n").skip(1).map(|b| b.split("```").next().unwrap()).collect();
+        assert_eq!(blocks.len(), 2, "docs/config.md: a complete and a minimal example");
+        let full = parse(blocks[0]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(full.peers.len(), 2);
+        assert_eq!(full.device.kind, DeviceKind::Vfio { bdf: "0000:03:00.0".into() });
+        assert_eq!(parse(blocks[1]).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn load_reports_missing_file() {
+        let e = Config::load(Path::new("/nonexistent/nicsync.toml")).unwrap_err();
+        assert!(matches!(e, ConfigError::Io { .. }));
+        assert!(e.to_string().starts_with("/nonexistent/nicsync.toml: cannot read: "), "{e}");
+    }
+
+    #[test]
+    fn round_trip() {
+        for text in [MINIMAL, FULL] {
+            let c = parse(text).unwrap();
+            let written = c.to_toml();
+            let back = parse(&written).unwrap_or_else(|e| panic!("{e}\n{written}"));
+            assert_eq!(back, c, "{written}");
+            assert_eq!(back.to_toml(), written);
+        }
+        let mut c = Config::default();
+        c.peers.push(PeerConfig {
+            id: 9,
+            sync: "10.0.0.9:8116".parse().unwrap(),
+            membership: "10.0.0.9:8117".parse().unwrap(),
+            full_sync: vec!["10.0.0.9:8118".parse().unwrap()],
+        });
+        assert_eq!(parse(&c.to_toml()).unwrap(), c);
+    }
+
+    #[test]
+    fn unknown_keys_rejected_with_line() {
+        rejects(&format!("{MINIMAL}colour = 1\n"), 3, "colour");
+        rejects(&format!("{MINIMAL}[membership]\nbind = \"0.0.0.0:9000\"\nprobe_interval = 5\n"), 5, "probe_interval");
+        rejects(&format!("{MINIMAL}[gossip]\nport = 1\n"), 3, "gossip");
+        rejects(&format!("{FULL}extra = true\n"), 41, "extra");
+        rejects(&format!("{MINIMAL}[control]\nallow_gids = []\n"), 4, "allow_gids");
+    }
+
+    #[test]
+    fn syntax_error_reports_line_and_column() {
+        let e = parse(&format!("{MINIMAL}[membership\ndead_after = 3\n")).unwrap_err();
+        match &e {
+            ConfigError::Syntax { line, column, .. } => {
+                assert_eq!(*line, 3);
+                assert_eq!(*column, 12);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(e.to_string().starts_with("member.toml:3:12: "), "{e}");
+        let e = error("member_id = 1\ncluster_id = \n");
+        assert!(e.starts_with("member.toml:2:"), "{e}");
+        // A key given twice is a TOML error too.
+        let e = error("member_id = 1\ncluster_id = 1\nmember_id = 2\n");
+        assert!(e.starts_with("member.toml:3:1: "), "{e}");
+        assert!(e.contains("member_id"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_rejected_with_line() {
+        rejects("member_id = \"one\"\ncluster_id = 1\n", 1, "string");
+        rejects(&format!("{MINIMAL}mode = \"active\"\n"), 3, "load-sharing");
+        rejects(&format!("{MINIMAL}[device]\nkind = \"pcie\"\n"), 4, "vfio");
+        rejects(
+            &format!(
+                "{MINIMAL}[[peer]]\nid = 2\nsync = \"127.0.0.1:1\"\nmembership = \"127.0.0.1:2\"\nfull_sync = 3\n"
+            ),
+            7,
+            "address",
+        );
+    }
+
+    #[test]
+    fn required_keys() {
+        let e = error("cluster_id = 1\n");
+        assert_eq!(e, "member.toml: missing field `member_id`");
+        let e = error("member_id = 1\n");
+        assert!(e.contains("cluster_id"), "{e}");
+        let e = error(&format!("{MINIMAL}\n[[peer]]\nid = 2\nsync = \"127.0.0.1:1\"\nmembership = \"127.0.0.1:2\"\n"));
+        assert!(e.contains("full_sync"), "{e}");
+        assert!(e.starts_with("member.toml"), "{e}");
+    }
+
+    #[test]
+    fn ids_must_be_non_zero() {
+        rejects("member_id = 0\ncluster_id = 1\n", 1, "member_id = 0");
+        rejects("member_id = 1\ncluster_id = 0\n", 2, "cluster_id = 0");
+        rejects("member_id = 65536\ncluster_id = 1\n", 1, "member_id = 65536");
+        rejects("member_id = 1\ncluster_id = -3\n", 2, "cluster_id");
+        let ok = parse("member_id = 65535\ncluster_id = 65535\n").unwrap();
+        assert_eq!((ok.member_id, ok.cluster_id), (65535, 65535));
+    }
+
+    fn peer(id: &str, n: u16) -> String {
+        format!(
+            "\n[[peer]]\nid = {id}\nsync = \"10.0.0.{n}:8116\"\nmembership = \"10.0.0.{n}:8117\"\nfull_sync = \"10.0.0.{n}:8118\"\n"
+        )
+    }
+
+    #[test]
+    fn peer_ids() {
+        // Line 5 is the first peer's id, line 11 the second's.
+        rejects(&format!("{MINIMAL}{}", peer("0", 2)), 5, "peer[0].id = 0");
+        rejects(&format!("{MINIMAL}{}", peer("1", 2)), 5, "same as member_id");
+        let e = error(&format!("{MINIMAL}{}{}", peer("2", 2), peer("2", 3)));
+        assert!(e.starts_with("member.toml:11: peer[1].id = 2: duplicate of peer[0].id (line 5)"), "{e}");
+        assert_eq!(parse(&format!("{MINIMAL}{}{}", peer("2", 2), peer("3", 3))).unwrap().peers.len(), 2);
+    }
+
+    #[test]
+    fn addresses_must_parse() {
+        rejects(&format!("{MINIMAL}[sync]\nbind = \"localhost:8116\"\n"), 4, "sync.bind");
+        rejects(&format!("{MINIMAL}[membership]\nbind = \"0.0.0.0\"\n"), 4, "membership.bind");
+        rejects(&format!("{MINIMAL}[full_sync]\nbind = \"0.0.0.0:70000\"\n"), 4, "full_sync.bind");
+        let p = "\n[[peer]]\nid = 2\nsync = \"10.0.0.2:8116\"\nmembership = \"10.0.0.2:8117\"\n";
+        rejects(&format!("{MINIMAL}{p}full_sync = \"10.0.0.2\"\n"), 8, "peer[0].full_sync");
+        rejects(
+            &format!("{MINIMAL}{p}full_sync = [\n  \"10.0.0.2:8118\",\n  \"nope\",\n]\n"),
+            10,
+            "peer[0].full_sync = \"nope\"",
+        );
+        rejects(&format!("{MINIMAL}{p}full_sync = []\n"), 8, "at least one");
+        rejects(&format!("{MINIMAL}{p}full_sync = \"0.0.0.0:8118\"\n"), 8, "specific IP");
+        rejects(&format!("{MINIMAL}{p}full_sync = \"10.0.0.2:0\"\n"), 8, "non-zero port");
+        let bad_sync = "\n[[peer]]\nid = 2\nsync = \"10.0.0.2:x\"\nmembership = \"10.0.0.2:8117\"\nfull_sync = \"10.0.0.2:8118\"\n";
+        rejects(&format!("{MINIMAL}{bad_sync}"), 6, "peer[0].sync");
+        let bad_m = "\n[[peer]]\nid = 2\nsync = \"10.0.0.2:8116\"\nmembership = \"2\"\nfull_sync = \"10.0.0.2:8118\"\n";
+        rejects(&format!("{MINIMAL}{bad_m}"), 7, "peer[0].membership");
+    }
+
+    #[test]
+    fn peer_addresses_distinct() {
+        // Same sync address as the first peer.
+        let p3 = "\n[[peer]]\nid = 3\nsync = \"10.0.0.2:8116\"\nmembership = \"10.0.0.3:8117\"\nfull_sync = \"10.0.0.3:8118\"\n";
+        rejects(&format!("{MINIMAL}{}{p3}", peer("2", 2)), 12, "peer[1].sync");
+        // A peer at this member's own address.
+        let binds = "[sync]\nbind = \"127.0.0.1:9116\"\n";
+        let me = "\n[[peer]]\nid = 2\nsync = \"127.0.0.1:9116\"\nmembership = \"127.0.0.1:9117\"\nfull_sync = \"127.0.0.1:9118\"\n";
+        rejects(&format!("{MINIMAL}{binds}{me}"), 8, "own sync.bind");
+    }
+
+    #[test]
+    fn table_capacity_rules() {
+        for bad in ["0", "8", "1000", "33554432", "-16", "4294967296"] {
+            rejects(&format!("{MINIMAL}[device]\ntable_capacity = {bad}\n"), 4, "device.table_capacity");
+        }
+        for good in [16u32, 1024, 16_777_216] {
+            let c = parse(&format!("{MINIMAL}[device]\ntable_capacity = {good}\n")).unwrap();
+            assert_eq!(c.device.table_capacity, good);
+        }
+    }
+
+    #[test]
+    fn aging_period_rules() {
+        rejects(&format!("{MINIMAL}[device]\naging_period_ms = -1\n"), 4, "device.aging_period_ms");
+        assert_eq!(parse(&format!("{MINIMAL}[device]\naging_period_ms = 0\n")).unwrap().device.aging_period_ms, 0);
+    }
+
+    #[test]
+    fn device_kind_and_bdf() {
+        rejects(&format!("{MINIMAL}[device]\nkind = \"vfio\"\n"), 4, "device.bdf");
+        rejects(&format!("{MINIMAL}[device]\nbdf = \"0000:03:00.0\"\n"), 4, "device.bdf");
+        rejects(&format!("{MINIMAL}[device]\nkind = \"emulated\"\nbdf = \"0000:03:00.0\"\n"), 5, "device.bdf");
+        for bad in
+            ["03:00.0", "0000:03:00", "0000:3:00.0", "0000:03:20.0", "0000:03:00.8", "000g:03:00.0", "0000:03:00.0:1"]
+        {
+            rejects(&format!("{MINIMAL}[device]\nkind = \"vfio\"\nbdf = \"{bad}\"\n"), 5, "device.bdf");
+        }
+        let c = parse(&format!("{MINIMAL}[device]\nkind = \"vfio\"\nbdf = \"abcd:ef:1f.7\"\n")).unwrap();
+        assert_eq!(c.device.kind, DeviceKind::Vfio { bdf: "abcd:ef:1f.7".into() });
+    }
+
+    #[test]
+    fn membership_rules() {
+        let m = |k: &str| format!("{MINIMAL}[membership]\n{k}\n");
+        rejects(&m("probe_interval_ms = 0"), 4, "membership.probe_interval_ms = 0");
+        rejects(&m("probe_interval_ms = 10001"), 4, "membership.probe_interval_ms = 10001");
+        let e = error(&format!("{MINIMAL}\n\n\n[membership]\ndead_after = 1\n"));
+        assert_eq!(e, "member.toml:7: membership.dead_after = 1: must be at least 2");
+        assert_eq!(parse(&m("dead_after = 2")).unwrap().membership.dead_after, 2);
+        assert_eq!(parse(&m("probe_interval_ms = 10000")).unwrap().membership.probe_interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn full_sync_rules() {
+        let f = |k: &str| format!("{MINIMAL}[full_sync]\n{k}\n");
+        rejects(&f("chunk_records = 0"), 4, "full_sync.chunk_records = 0");
+        rejects(&f("chunk_records = 65537"), 4, "full_sync.chunk_records = 65537");
+        rejects(&f("timeout_ms = 0"), 4, "full_sync.timeout_ms = 0");
+        rejects(&f("timeout_ms = 600001"), 4, "full_sync.timeout_ms");
+        assert_eq!(parse(&f("chunk_records = 65536")).unwrap().full_sync.chunk_records, 65536);
+    }
+
+    #[test]
+    fn control_rules() {
+        let c = |k: &str| format!("{MINIMAL}[control]\n{k}\n");
+        for bad in ["\"0800\"", "\"1777\"", "\"\"", "\"rw\"", "\"+600\"", "\"0o1000\""] {
+            rejects(&c(&format!("socket_mode = {bad}")), 4, "control.socket_mode");
+        }
+        rejects(&c("socket_mode = 384"), 4, "control.socket_mode");
+        for (good, mode) in [("\"0600\"", 0o600), ("\"660\"", 0o660), ("\"0o777\"", 0o777), ("\"0\"", 0)] {
+            assert_eq!(parse(&c(&format!("socket_mode = {good}"))).unwrap().control.socket_mode, mode);
+        }
+        rejects(&c("socket = \"\""), 4, "control.socket");
+        rejects(&c(&format!("socket = \"/tmp/{}\"", "x".repeat(110))), 4, "control.socket");
+        rejects(&c("allow_uids = [0, -1]"), 4, "control.allow_uids = -1");
+        rejects(&c("allow_uids = [4294967295]"), 4, "control.allow_uids");
+        assert_eq!(parse(&c("allow_uids = [0, 4294967294]")).unwrap().control.allow_uids, vec![0, u32::MAX - 1]);
+    }
+
+    #[test]
+    fn local_binds_must_not_conflict() {
+        // Both UDP: same address, or a wildcard covering the other.
+        let e =
+            error(&format!("{MINIMAL}[sync]\nbind = \"127.0.0.1:9000\"\n[membership]\nbind = \"127.0.0.1:9000\"\n"));
+        assert!(e.starts_with("member.toml:6: membership.bind = \"127.0.0.1:9000\": conflicts with sync.bind"), "{e}");
+        assert!(e.contains("(line 4)"), "{e}");
+        // Membership written first: the later key is reported.
+        rejects(
+            &format!("{MINIMAL}[membership]\nbind = \"0.0.0.0:9000\"\n[sync]\nbind = \"127.0.0.1:9000\"\n"),
+            6,
+            "sync.bind",
+        );
+        // Against a default.
+        rejects(&format!("{MINIMAL}[membership]\nbind = \"127.0.0.1:8116\"\n"), 4, "membership.bind");
+        rejects(&format!("{MINIMAL}[sync]\nbind = \"[::]:8117\"\n"), 4, "sync.bind");
+        // Different IPs, ephemeral ports, or TCP vs UDP are fine.
+        for ok in [
+            "[sync]\nbind = \"127.0.0.1:9000\"\n[membership]\nbind = \"127.0.0.2:9000\"\n",
+            "[sync]\nbind = \"127.0.0.1:0\"\n[membership]\nbind = \"0.0.0.0:0\"\n",
+            "[sync]\nbind = \"127.0.0.1:9000\"\n[full_sync]\nbind = \"127.0.0.1:9000\"\n",
+            "[sync]\nbind = \"[::1]:9000\"\n[membership]\nbind = \"0.0.0.0:9000\"\n",
+        ] {
+            parse(&format!("{MINIMAL}{ok}")).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    #[test]
+    fn syntax_and_invalid_variants() {
+        assert!(matches!(parse("member_id = ").unwrap_err(), ConfigError::Syntax { .. }));
+        assert!(matches!(
+            parse("member_id = 0\ncluster_id = 1\n").unwrap_err(),
+            ConfigError::Invalid { line: Some(1), .. }
+        ));
+    }
+}

@@ -1,0 +1,265 @@
+//! The daemon's local control socket: requests, replies, and the key syntax
+//! the command line uses.
+//!
+//! One JSON object per line each way over a UNIX stream socket (mode 0600
+//! by default; the daemon also checks the peer's uid). A request names its
+//! command in `"cmd"`; a reply is `{"ok": true, "data": …}` or
+//! `{"ok": false, "error": "…"}`. Requests longer than
+//! [`MAX_REQUEST_BYTES`] are refused without being buffered.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::IpAddr;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use nicsync_fwif::conn::{proto, ConnKey, TcpState};
+use serde::{Deserialize, Serialize};
+
+/// Longest request line the daemon reads.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// A request to the daemon.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Members and states (`nicsync state`).
+    State,
+    /// Sync statistics (`nicsync syncstat`).
+    Syncstat,
+    /// Manual Full Sync of one member, or of every member but the sync
+    /// source when `member` is absent (`nicsync resync`).
+    Resync {
+        /// The member to resync.
+        #[serde(default)]
+        member: Option<u16>,
+    },
+    /// Entries marked for sync (`nicsync conn list`).
+    ConnList {
+        /// At most this many.
+        #[serde(default)]
+        limit: Option<usize>,
+    },
+    /// One entry (`nicsync conn get`).
+    ConnGet {
+        /// The key, in [`parse_key`] syntax.
+        key: String,
+    },
+    /// Insert or update an entry (`nicsync conn add`).
+    ConnAdd {
+        /// The key.
+        key: String,
+        /// TCP state name (`established`, `syn_sent`, …).
+        #[serde(default = "default_tcp_state")]
+        tcp_state: String,
+        /// Seconds until it ages (0: never).
+        #[serde(default)]
+        timeout_s: u32,
+        /// Firewall mark.
+        #[serde(default)]
+        mark: u32,
+        /// Mark for sync (default true).
+        #[serde(default = "default_true")]
+        sync: bool,
+    },
+    /// Delete an entry (`nicsync conn del`).
+    ConnDel {
+        /// The key.
+        key: String,
+    },
+    /// Count and digest of the synced entries (`nicsync conn digest`).
+    ConnDigest,
+}
+
+fn default_tcp_state() -> String {
+    "established".into()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The daemon's answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// The result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Reply {
+    /// A success.
+    pub fn ok(data: serde_json::Value) -> Self {
+        Reply { ok: true, data: Some(data), error: None }
+    }
+
+    /// A failure.
+    pub fn err(why: impl Into<String>) -> Self {
+        Reply { ok: false, data: None, error: Some(why.into()) }
+    }
+}
+
+/// Why talking to the daemon failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No daemon at the path, or no permission.
+    #[error("cannot reach the daemon at {path}: {source} (is `nicsync daemon` running, and is this its --socket?)")]
+    Connect {
+        /// The socket path.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The exchange broke.
+    #[error("control socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// The daemon sent something that is not a reply.
+    #[error("daemon sent a malformed reply: {0}")]
+    BadReply(String),
+    /// The daemon refused.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Sends one request to the daemon at `path` and returns its data.
+pub fn call(path: &Path, req: &Request, timeout: Duration) -> Result<serde_json::Value, ControlError> {
+    let mut s = UnixStream::connect(path)
+        .map_err(|source| ControlError::Connect { path: path.display().to_string(), source })?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let mut line = serde_json::to_vec(req).map_err(|e| ControlError::BadReply(e.to_string()))?;
+    line.push(b'\n');
+    s.write_all(&line)?;
+    let mut reader = BufReader::new(s.take(16 << 20));
+    let mut buf = String::new();
+    reader.read_line(&mut buf)?;
+    let reply: Reply = serde_json::from_str(&buf).map_err(|e| ControlError::BadReply(e.to_string()))?;
+    if reply.ok {
+        Ok(reply.data.unwrap_or(serde_json::Value::Null))
+    } else {
+        Err(ControlError::Refused(reply.error.unwrap_or_else(|| "refused".into())))
+    }
+}
+
+/// Why a key does not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("bad connection key {input:?}: {reason} (expected e.g. \"tcp 10.0.0.1:40000 -> 192.0.2.1:443 [zone N]\")")]
+pub struct KeyParseError {
+    input: String,
+    reason: String,
+}
+
+/// Parses a key as [`ConnKey`]'s `Display` writes it:
+/// `PROTO SRC:PORT -> DST:PORT [zone N]`, where PROTO is `tcp`, `udp`,
+/// `icmp`, `icmpv6`, `sctp` or `protoN`, IPv6 addresses are in brackets, and
+/// the arrow may be left out.
+pub fn parse_key(input: &str) -> Result<ConnKey, KeyParseError> {
+    let bad = |reason: &str| KeyParseError { input: input.chars().take(200).collect(), reason: reason.into() };
+    let words: Vec<&str> = input.split_whitespace().filter(|w| *w != "->").collect();
+    let (p, src, dst, rest) = match words.as_slice() {
+        [p, s, d, rest @ ..] => (*p, *s, *d, rest),
+        _ => return Err(bad("needs a protocol, a source and a destination")),
+    };
+    let l4 = match p.to_ascii_lowercase().as_str() {
+        "tcp" => proto::TCP,
+        "udp" => proto::UDP,
+        "icmp" => proto::ICMP,
+        "icmpv6" => proto::ICMPV6,
+        "sctp" => proto::SCTP,
+        other => match other.strip_prefix("proto").map(str::parse::<u8>) {
+            Some(Ok(n)) => n,
+            _ => return Err(bad("unknown protocol")),
+        },
+    };
+    let zone = match rest {
+        [] => 0,
+        ["zone", z] => z.parse::<u16>().map_err(|_| bad("zone must be 0..=65535"))?,
+        _ => return Err(bad("unexpected words after the destination")),
+    };
+    let endpoint = |w: &str| -> Result<(IpAddr, u16), KeyParseError> {
+        let sa: std::net::SocketAddr = w.parse().map_err(|_| bad("addresses are IP:PORT, IPv6 as [IP]:PORT"))?;
+        Ok((sa.ip(), sa.port()))
+    };
+    let (sip, sport) = endpoint(src)?;
+    let (dip, dport) = endpoint(dst)?;
+    let key = match (sip, dip) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => ConnKey::v4(s, sport, d, dport, l4, zone),
+        (IpAddr::V6(s), IpAddr::V6(d)) => ConnKey::v6(s, sport, d, dport, l4, zone),
+        _ => return Err(bad("source and destination must be of one address family")),
+    };
+    key.validate().map_err(|e| bad(&e.to_string()))?;
+    Ok(key)
+}
+
+/// Parses a TCP state name (`established`, `syn-sent`, `SYN_SENT`, …).
+pub fn parse_tcp_state(name: &str) -> Option<TcpState> {
+    let n = name.to_ascii_lowercase().replace('-', "_");
+    Some(match n.as_str() {
+        "none" => TcpState::None,
+        "syn_sent" => TcpState::SynSent,
+        "syn_recv" => TcpState::SynRecv,
+        "established" => TcpState::Established,
+        "fin_wait" => TcpState::FinWait,
+        "close_wait" => TcpState::CloseWait,
+        "last_ack" => TcpState::LastAck,
+        "time_wait" => TcpState::TimeWait,
+        "close" => TcpState::Close,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_through_display() {
+        let keys = [
+            ConnKey::v4([10, 0, 0, 1].into(), 40000, [192, 0, 2, 1].into(), 443, proto::TCP, 0),
+            ConnKey::v4([10, 0, 0, 1].into(), 53, [192, 0, 2, 1].into(), 53, proto::UDP, 7),
+            ConnKey::v6("2001:db8::1".parse().unwrap(), 1, "2001:db8::2".parse().unwrap(), 2, proto::SCTP, 0),
+            ConnKey::v4([10, 0, 0, 1].into(), 1, [10, 0, 0, 2].into(), 2, 99, 0),
+        ];
+        for k in keys {
+            assert_eq!(parse_key(&k.to_string()).unwrap(), k, "{k}");
+        }
+        let plain = ConnKey::v4([10, 0, 0, 1].into(), 1, [10, 0, 0, 2].into(), 2, proto::TCP, 0);
+        assert_eq!(parse_key("tcp 10.0.0.1:1 10.0.0.2:2").unwrap(), plain);
+    }
+
+    #[test]
+    fn bad_keys_are_refused_with_a_reason() {
+        for bad in [
+            "",
+            "tcp",
+            "tcp 10.0.0.1:1",
+            "bogus 10.0.0.1:1 -> 10.0.0.2:2",
+            "tcp 10.0.0.1 -> 10.0.0.2:2",
+            "tcp 10.0.0.1:1 -> [::1]:2",
+            "tcp 10.0.0.1:1 -> 10.0.0.2:2 zone",
+            "tcp 10.0.0.1:1 -> 10.0.0.2:2 zone 70000",
+            "tcp 10.0.0.1:1 -> 10.0.0.2:2 extra words",
+            "proto300 10.0.0.1:1 -> 10.0.0.2:2",
+        ] {
+            let e = parse_key(bad).expect_err(bad);
+            assert!(e.to_string().contains("bad connection key"), "{e}");
+        }
+    }
+
+    #[test]
+    fn requests_have_stable_json() {
+        let r: Request = serde_json::from_str(r#"{"cmd":"resync","member":2}"#).unwrap();
+        assert_eq!(r, Request::Resync { member: Some(2) });
+        let r: Request = serde_json::from_str(r#"{"cmd":"conn_add","key":"tcp 1.1.1.1:1 -> 2.2.2.2:2"}"#).unwrap();
+        assert!(matches!(r, Request::ConnAdd { sync: true, timeout_s: 0, .. }));
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"state","x":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
+        assert_eq!(serde_json::to_string(&Request::Syncstat).unwrap(), r#"{"cmd":"syncstat"}"#);
+    }
+}

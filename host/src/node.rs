@@ -1,0 +1,849 @@
+//! A cluster member's host side: membership, Full Sync and the device, as
+//! one sans-IO state machine.
+//!
+//! This is what ClusterXL's `fwd`/`cxld` daemons do on a member, above the
+//! NIC that runs Delta Sync on its own (see `hdl-model`'s sync unit):
+//!
+//! * **Membership** ([`crate::membership`]): probes, member states and the
+//!   HA / load-sharing election.
+//! * **Full Sync** ([`crate::fullsync`]): a member that starts, or that lost
+//!   updates, pulls a consistent snapshot of a synced member's table. It sets
+//!   the device's `SYNC_HOLD` first, so that the deltas arriving meanwhile
+//!   are held on the card; it empties its table, writes every snapshot
+//!   record with a REPLICA upsert (owner kept, conflict rule applied), and
+//!   releases the hold, which applies the held deltas in arrival order. Only
+//!   then does it report itself synced (Down → Ready → Standby/Active). A
+//!   failed or interrupted transfer is retried (the next address of the
+//!   peer first, then after a backoff); a half-written table is never
+//!   reported as synced.
+//! * **Serving Full Sync**: a walk of the device table with SYNC_RECORDS
+//!   SNAPSHOT chunks, consistent from its start (the device carries entries
+//!   that cuckoo moves put behind the walk), streamed chunk by chunk. One
+//!   walk runs at a time per device; later requests wait their turn.
+//!
+//! Nothing here touches a socket or a clock. The driver (the daemon's
+//! tokio loop, the in-process cluster, the seeded simulator) hands in
+//! datagrams, stream bytes and connection events with the current time,
+//! and carries out the [`NodeOutput`]s it polls. The device is driven
+//! synchronously through the rings (a few microseconds per call).
+
+use std::collections::VecDeque;
+
+use nicsync_fwif::cmd::SNAPSHOT_DONE;
+use nicsync_fwif::event::EventKind;
+use nicsync_fwif::regs::Counter;
+use nicsync_fwif::sync::DeltaUpdate;
+use nicsync_vfio::NicDevice;
+
+use crate::fullsync::{self, ClientEvent, FullSyncClient, FullSyncParams, FullSyncServer};
+use crate::membership::{self, MemberState, MemberView, Membership, MembershipParams, Mode};
+use crate::table::{ConnEntry, ConnTable, TableError, TableOp};
+
+/// Time in nanoseconds, from an origin the driver chooses.
+pub type Nanos = u64;
+
+/// Identifies one Full Sync stream connection for the driver.
+pub type ConnId = u64;
+
+/// How a member is set up.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Cluster id (frames of other clusters are dropped).
+    pub cluster_id: u16,
+    /// This member's id (non-zero).
+    pub member_id: u16,
+    /// The other members.
+    pub peers: Vec<u16>,
+    /// High availability or load sharing.
+    pub mode: Mode,
+    /// Probe period.
+    pub probe_interval_ns: Nanos,
+    /// Probes missed before a member is taken as dead.
+    pub dead_after: u32,
+    /// Records per Full Sync chunk.
+    pub chunk_records: u32,
+    /// A Full Sync that makes no progress for this long fails.
+    pub full_sync_timeout_ns: Nanos,
+    /// Wait after a failed Full Sync before the next try.
+    pub retry_backoff_ns: Nanos,
+    /// Random non-zero number of this process start.
+    pub incarnation: u32,
+}
+
+impl NodeConfig {
+    /// Defaults for member `member_id` of a cluster of `peers`.
+    pub fn new(cluster_id: u16, member_id: u16, peers: Vec<u16>, incarnation: u32) -> Self {
+        NodeConfig {
+            cluster_id,
+            member_id,
+            peers,
+            mode: Mode::HighAvailability,
+            probe_interval_ns: 10_000_000,
+            dead_after: 5,
+            chunk_records: 1024,
+            full_sync_timeout_ns: 2_000_000_000,
+            retry_backoff_ns: 100_000_000,
+            incarnation: incarnation.max(1),
+        }
+    }
+}
+
+/// Something the driver must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeOutput {
+    /// Send a membership datagram.
+    Ccp {
+        /// To all peers or one.
+        dest: membership::Destination,
+        /// The datagram.
+        bytes: Vec<u8>,
+    },
+    /// Open a Full Sync stream to `peer`; `attempt` counts the tries of
+    /// this sync (a driver with several addresses for the peer uses
+    /// address `attempt % n`). Answer with [`Node::fs_connected`] or
+    /// [`Node::fs_closed`].
+    FsConnect {
+        /// The new stream.
+        conn: ConnId,
+        /// The member to pull from.
+        peer: u16,
+        /// Try number, from 0.
+        attempt: u32,
+    },
+    /// Write bytes on a stream.
+    FsSend {
+        /// The stream.
+        conn: ConnId,
+        /// What to write.
+        bytes: Vec<u8>,
+    },
+    /// Close a stream (after its last bytes).
+    FsClose {
+        /// The stream.
+        conn: ConnId,
+    },
+}
+
+/// Counters of the host side (the device's sync counters are separate).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct NodeStats {
+    /// Full Syncs pulled to the end and applied.
+    pub full_syncs_completed: u64,
+    /// Full Sync attempts that failed (each retried).
+    pub full_syncs_failed: u64,
+    /// Duration of the last completed Full Sync.
+    pub last_full_sync_ms: Option<f64>,
+    /// Records in the last completed Full Sync.
+    pub last_full_sync_records: u64,
+    /// Full Syncs served to peers to the end.
+    pub full_syncs_served: u64,
+    /// Full Syncs served that failed.
+    pub full_syncs_serve_failed: u64,
+    /// SNAPSHOT walks that tore (restarted by the peer's retry).
+    pub snapshot_walks_torn: u64,
+    /// Resyncs started: by an operator, a peer's request or the device.
+    pub resyncs_requested: u64,
+    /// RESYNC_NEEDED events from the device (lost updates, no room, hold overflow).
+    pub device_resync_events: u64,
+    /// SYNC_UPDATED / SYNC_REMOVED events from the device.
+    pub sync_events: u64,
+    /// Membership datagrams refused.
+    pub ccp_rejected: u64,
+    /// The last error, if any.
+    pub last_error: Option<String>,
+}
+
+/// Where this member is in joining the cluster.
+#[derive(Debug)]
+enum Phase {
+    /// Just started: listening for the others before choosing a source.
+    Listening { until: Nanos },
+    /// Pulling a Full Sync.
+    Pulling(Box<Pull>),
+    /// Waiting before the next Full Sync try.
+    Backoff { until: Nanos, attempt: u32 },
+    /// Synced.
+    Synced,
+}
+
+#[derive(Debug)]
+struct Pull {
+    conn: ConnId,
+    peer: u16,
+    attempt: u32,
+    client: Option<FullSyncClient>,
+    started: Nanos,
+    records: u64,
+    /// Set when the transfer is over (either way) and the stream must go.
+    finished: bool,
+}
+
+#[derive(Debug)]
+struct Serve {
+    conn: ConnId,
+    server: FullSyncServer,
+    /// Owns the device's walk.
+    walking: bool,
+    cursor: u32,
+    walk_done: bool,
+    buf: Vec<DeltaUpdate>,
+    pos: usize,
+    closed: bool,
+}
+
+/// One cluster member's host logic over its device table.
+pub struct Node<D: NicDevice> {
+    cfg: NodeConfig,
+    table: ConnTable<D>,
+    ms: Membership,
+    phase: Phase,
+    serving: Vec<Serve>,
+    out: VecDeque<NodeOutput>,
+    next_conn: ConnId,
+    stats: NodeStats,
+    /// Set by an operator or the device: pull a Full Sync again.
+    resync_wanted: bool,
+    scratch: Vec<u8>,
+    ops: Vec<TableOp>,
+    session_seed: u32,
+    /// Peers asked to resync that have not yet been seen going Down:
+    /// (member, next send, sends so far). The request is one datagram, so
+    /// it is repeated until the peer acts on it.
+    resync_asks: Vec<(u16, Nanos, u32)>,
+}
+
+/// Times a resync request is repeated before it is given up.
+const RESYNC_ASK_TRIES: u32 = 100;
+
+impl<D: NicDevice> std::fmt::Debug for Node<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("member", &self.cfg.member_id)
+            .field("state", &self.ms.local_state())
+            .field("phase", &self.phase)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a node could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Membership parameters refused.
+    #[error("membership: {0}")]
+    Membership(String),
+    /// The device refused.
+    #[error("device: {0}")]
+    Table(#[from] TableError),
+}
+
+impl<D: NicDevice> Node<D> {
+    /// A member over `table` (a device brought up with a sync unit whose
+    /// member id is `cfg.member_id`). It starts Down and listens for one
+    /// dead interval before it picks a member to pull a Full Sync from, or
+    /// finds itself alone.
+    pub fn new(mut table: ConnTable<D>, cfg: NodeConfig, now: Nanos) -> Result<Self, NodeError> {
+        let ms = Membership::new(
+            MembershipParams {
+                cluster_id: cfg.cluster_id,
+                member_id: cfg.member_id,
+                peers: cfg.peers.clone(),
+                mode: cfg.mode,
+                probe_interval_ns: cfg.probe_interval_ns,
+                dead_after: cfg.dead_after,
+                incarnation: cfg.incarnation,
+            },
+            now,
+        )
+        .map_err(|e| NodeError::Membership(e.to_string()))?;
+        // The application writes carry their own generations in a cluster.
+        table.set_auto_generation(true);
+        let listen = cfg.probe_interval_ns.saturating_mul(cfg.dead_after as u64 + 1);
+        Ok(Node {
+            session_seed: cfg.incarnation,
+            cfg,
+            table,
+            ms,
+            phase: Phase::Listening { until: now.saturating_add(listen) },
+            serving: Vec::new(),
+            out: VecDeque::new(),
+            next_conn: 1,
+            stats: NodeStats::default(),
+            resync_wanted: false,
+            scratch: Vec::new(),
+            ops: Vec::new(),
+            resync_asks: Vec::new(),
+        })
+    }
+
+    /// This member's id.
+    pub fn member_id(&self) -> u16 {
+        self.cfg.member_id
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
+    /// The device table (for the application's own inserts and lookups).
+    pub fn table(&mut self) -> &mut ConnTable<D> {
+        &mut self.table
+    }
+
+    /// The device table, shared.
+    pub fn table_ref(&self) -> &ConnTable<D> {
+        &self.table
+    }
+
+    /// This member's state.
+    pub fn state(&self) -> MemberState {
+        self.ms.local_state()
+    }
+
+    /// Every member as this one sees it.
+    pub fn members(&self) -> Vec<MemberView> {
+        self.ms.members()
+    }
+
+    /// The membership machine (statistics, views).
+    pub fn membership(&self) -> &Membership {
+        &self.ms
+    }
+
+    /// Host-side counters.
+    pub fn stats(&self) -> &NodeStats {
+        &self.stats
+    }
+
+    /// Whether a Full Sync is being pulled now.
+    pub fn is_pulling(&self) -> bool {
+        matches!(self.phase, Phase::Pulling(_))
+    }
+
+    /// Whether this member holds a synced table.
+    pub fn is_synced(&self) -> bool {
+        matches!(self.phase, Phase::Synced)
+    }
+
+    /// Full Syncs being served now.
+    pub fn serving(&self) -> usize {
+        self.serving.len()
+    }
+
+    /// A membership datagram arrived.
+    pub fn handle_ccp(&mut self, bytes: &[u8], now: Nanos) {
+        if self.ms.handle_datagram(bytes, now).is_err() {
+            self.stats.ccp_rejected += 1;
+        }
+        self.progress(now);
+    }
+
+    /// An operator (or a peer's request) wants this member to pull a fresh
+    /// Full Sync: it goes Down until the sync is done.
+    pub fn request_resync(&mut self, now: Nanos) {
+        self.stats.resyncs_requested += 1;
+        self.resync_wanted = true;
+        self.progress(now);
+    }
+
+    /// Asks member `target` to resync (through the membership channel,
+    /// repeated until the peer is seen Down, i.e. pulling).
+    pub fn request_peer_resync(&mut self, target: u16, now: Nanos) {
+        if target == self.cfg.member_id {
+            self.request_resync(now);
+        } else {
+            if !self.resync_asks.iter().any(|a| a.0 == target) {
+                self.resync_asks.push((target, now, 0));
+            }
+            self.progress(now);
+        }
+    }
+
+    fn drive_resync_asks(&mut self, now: Nanos) {
+        let views = self.ms.members();
+        let every = self.cfg.probe_interval_ns.saturating_mul(3);
+        let mut gave_up = Vec::new();
+        self.resync_asks.retain_mut(|(target, next, tries)| {
+            let down = views.iter().any(|v| v.id == *target && v.alive && v.state == MemberState::Down);
+            if down && *tries > 0 {
+                return false;
+            }
+            if *tries >= RESYNC_ASK_TRIES {
+                gave_up.push(*target);
+                return false;
+            }
+            if *next <= now {
+                self.ms.request_resync(*target, now);
+                *tries += 1;
+                *next = now.saturating_add(every);
+            }
+            true
+        });
+        for t in gave_up {
+            self.note_error(format!("member {t} did not act on the resync request"));
+        }
+    }
+
+    /// Admin: member `target` (or this one) gives up Active.
+    pub fn request_standby(&mut self, target: u16, now: Nanos) {
+        self.ms.request_standby(target, now);
+        self.progress(now);
+    }
+
+    /// A peer opened a Full Sync stream to this member.
+    pub fn fs_accepted(&mut self, conn: ConnId, now: Nanos) {
+        let server = FullSyncServer::new(self.fs_params(), now);
+        self.serving.push(Serve {
+            conn,
+            server,
+            walking: false,
+            cursor: 0,
+            walk_done: false,
+            buf: Vec::new(),
+            pos: 0,
+            closed: false,
+        });
+        self.progress(now);
+    }
+
+    /// The stream this member opened ([`NodeOutput::FsConnect`]) is up.
+    pub fn fs_connected(&mut self, conn: ConnId, now: Nanos) {
+        let params = self.fs_params();
+        self.session_seed = self.session_seed.wrapping_mul(0x9E37_79B9).wrapping_add(conn as u32) | 1;
+        let session = self.session_seed;
+        if let Phase::Pulling(p) = &mut self.phase {
+            if p.conn == conn && p.client.is_none() {
+                p.client = Some(FullSyncClient::new(params, session, now));
+            }
+        }
+        self.progress(now);
+    }
+
+    /// Bytes arrived on a Full Sync stream.
+    pub fn fs_data(&mut self, conn: ConnId, bytes: &[u8], now: Nanos) {
+        if let Phase::Pulling(p) = &mut self.phase {
+            if p.conn == conn {
+                if let Some(c) = &mut p.client {
+                    c.handle_bytes(bytes, now);
+                }
+            }
+        }
+        if let Some(s) = self.serving.iter_mut().find(|s| s.conn == conn) {
+            s.server.handle_bytes(bytes, now);
+        }
+        self.progress(now);
+    }
+
+    /// A Full Sync stream closed, failed to connect, or broke.
+    pub fn fs_closed(&mut self, conn: ConnId, now: Nanos) {
+        if let Phase::Pulling(p) = &mut self.phase {
+            if p.conn == conn && !p.finished {
+                let why = "full sync stream closed before the end".to_string();
+                self.pull_failed(why, now);
+            }
+        }
+        if let Some(s) = self.serving.iter_mut().find(|s| s.conn == conn) {
+            s.closed = true;
+        }
+        self.progress(now);
+    }
+
+    /// When the driver must call [`Node::handle_timeout`] at the latest.
+    pub fn poll_timeout(&self) -> Option<Nanos> {
+        let mut t = self.ms.poll_timeout();
+        let mut min = |x: Option<Nanos>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |t: Nanos| t.min(x)));
+            }
+        };
+        match &self.phase {
+            Phase::Listening { until } | Phase::Backoff { until, .. } => min(Some(*until)),
+            Phase::Pulling(p) => min(p.client.as_ref().and_then(|c| c.poll_timeout())),
+            Phase::Synced => {}
+        }
+        for s in &self.serving {
+            min(s.server.poll_timeout());
+        }
+        t
+    }
+
+    /// Runs timers due at `now`.
+    pub fn handle_timeout(&mut self, now: Nanos) {
+        if self.ms.poll_timeout().is_some_and(|t| t <= now) {
+            self.ms.handle_timeout(now);
+        }
+        if let Phase::Pulling(p) = &mut self.phase {
+            if let Some(c) = &mut p.client {
+                if c.poll_timeout().is_some_and(|t| t <= now) {
+                    c.handle_timeout(now);
+                }
+            }
+        }
+        for s in &mut self.serving {
+            if s.server.poll_timeout().is_some_and(|t| t <= now) {
+                s.server.handle_timeout(now);
+            }
+        }
+        self.progress(now);
+    }
+
+    /// The next thing the driver must do.
+    pub fn poll_output(&mut self) -> Option<NodeOutput> {
+        self.out.pop_front()
+    }
+
+    /// Everything that can move without new input: device events, the
+    /// join/resync logic, the Full Sync streams in both directions, and
+    /// membership transmissions. Called after every input; a driver may
+    /// call it more often.
+    pub fn progress(&mut self, now: Nanos) {
+        self.poll_device_events(now);
+        self.drive_pull(now);
+        self.drive_serving(now);
+        while let Some(ev) = self.ms.poll_event() {
+            tracing::debug!(member = self.cfg.member_id, "membership: {ev:?}");
+            if let membership::MembershipEvent::ResyncRequested { .. } = ev {
+                self.stats.resyncs_requested += 1;
+                self.resync_wanted = true;
+            }
+        }
+        if self.resync_wanted {
+            self.drive_pull(now);
+        }
+        self.drive_resync_asks(now);
+        while let Some(t) = self.ms.poll_transmit() {
+            self.out.push_back(NodeOutput::Ccp { dest: t.dest, bytes: t.bytes });
+        }
+    }
+
+    fn fs_params(&self) -> FullSyncParams {
+        FullSyncParams {
+            cluster_id: self.cfg.cluster_id,
+            member_id: self.cfg.member_id,
+            chunk_records: self.cfg.chunk_records,
+            timeout_ns: self.cfg.full_sync_timeout_ns,
+        }
+    }
+
+    fn note_error(&mut self, why: String) {
+        tracing::warn!(member = self.cfg.member_id, "{why}");
+        self.stats.last_error = Some(why);
+    }
+
+    fn poll_device_events(&mut self, now: Nanos) {
+        let mut resync = 0u64;
+        let mut synced = 0u64;
+        self.table.driver().poll_events(|e| match e.kind {
+            EventKind::ResyncNeeded => resync += 1,
+            EventKind::SyncUpdated | EventKind::SyncRemoved => synced += 1,
+            _ => {}
+        });
+        self.stats.sync_events += synced;
+        if resync > 0 {
+            self.stats.device_resync_events += resync;
+            // A pull in progress already replaces the whole table.
+            if matches!(self.phase, Phase::Synced) {
+                let active = matches!(self.ms.local_state(), MemberState::Active | MemberState::ActiveAttention);
+                if active && self.cfg.mode == Mode::HighAvailability {
+                    // The Active's table is the cluster's: it missed a
+                    // peer's updates (a dead Active's last ones, or a
+                    // Standby's), so the peers may hold what it lacks.
+                    // They pull from it; it never empties itself.
+                    self.note_error(format!(
+                        "device reported {resync} lost or unapplied sync updates: the peers resync from this Active"
+                    ));
+                    let peers: Vec<u16> =
+                        self.ms.members().iter().filter(|m| !m.is_local && m.alive).map(|m| m.id).collect();
+                    for p in peers {
+                        if !self.resync_asks.iter().any(|a| a.0 == p) {
+                            self.resync_asks.push((p, now, 0));
+                        }
+                    }
+                } else {
+                    self.note_error(format!("device reported {resync} lost or unapplied sync updates: resync"));
+                    self.resync_wanted = true;
+                }
+            }
+        }
+    }
+
+    /// Join, resync and the pulling side of Full Sync.
+    fn drive_pull(&mut self, now: Nanos) {
+        match &self.phase {
+            Phase::Listening { until } if *until <= now => self.start_pull(0, now),
+            Phase::Backoff { until, attempt } if *until <= now => {
+                let attempt = *attempt;
+                self.start_pull(attempt, now)
+            }
+            Phase::Synced if self.resync_wanted => {
+                self.ms.set_down(now);
+                self.start_pull(0, now)
+            }
+            _ => {}
+        }
+        self.resync_wanted = false;
+        let Phase::Pulling(p) = &mut self.phase else { return };
+        let Some(client) = &mut p.client else { return };
+        let mut fail = None;
+        let mut done = None;
+        let mut applied = Vec::new();
+        while let Some(ev) = client.poll_event() {
+            match ev {
+                ClientEvent::Begin { .. } => {}
+                ClientEvent::Chunk { index, records } => {
+                    self.ops.clear();
+                    self.ops.extend(records.iter().map(|r| {
+                        TableOp::Replica(r.key, ConnEntry { state: r.state, nat: Some(r.nat) }, r.owner.get())
+                    }));
+                    match self.table.batch(&self.ops) {
+                        Ok(results) => {
+                            if let Some(e) = results.into_iter().find_map(|r| match r {
+                                Ok(_) | Err(TableError::Stale { .. }) => None,
+                                Err(e) => Some(e),
+                            }) {
+                                fail = Some(format!("full sync: writing chunk {index}: {e}"));
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            fail = Some(format!("full sync: writing chunk {index}: {e}"));
+                            break;
+                        }
+                    }
+                    p.records += records.len() as u64;
+                    applied.push(index);
+                }
+                ClientEvent::Done { records, .. } => done = Some(records),
+                ClientEvent::Failed(e) => {
+                    fail = Some(format!("full sync from member {}: {e}", p.peer));
+                    break;
+                }
+            }
+        }
+        if fail.is_none() {
+            for index in applied {
+                client.chunk_applied(index, now);
+            }
+        }
+        self.scratch.clear();
+        while client.poll_transmit(&mut self.scratch) {}
+        if !self.scratch.is_empty() {
+            self.out.push_back(NodeOutput::FsSend { conn: p.conn, bytes: std::mem::take(&mut self.scratch) });
+        }
+        if let Some(why) = fail {
+            self.pull_failed(why, now);
+        } else if let Some(records) = done {
+            self.pull_done(records, now);
+        }
+    }
+
+    fn start_pull(&mut self, attempt: u32, now: Nanos) {
+        let Some(peer) = self.ms.sync_source() else {
+            // Nobody synced is alive: this member's table is the cluster's.
+            tracing::info!(member = self.cfg.member_id, "no synced peer: this member's table is the cluster's");
+            if let Err(e) = self.table.driver().set_sync_hold(false) {
+                self.note_error(format!("releasing sync hold: {e}"));
+            }
+            self.phase = Phase::Synced;
+            self.ms.set_synced(now);
+            self.ms.set_attention(false, now);
+            return;
+        };
+        // Hold the peers' deltas on the card from now on; they are applied
+        // after the snapshot, in arrival order.
+        if let Err(e) = self.table.driver().set_sync_hold(true) {
+            self.note_error(format!("full sync: setting sync hold: {e}"));
+        }
+        if let Err(e) = self.table.flush() {
+            self.note_error(format!("full sync: emptying the table: {e}"));
+        }
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        tracing::info!(member = self.cfg.member_id, "full sync: pulling from member {peer} (try {attempt})");
+        self.out.push_back(NodeOutput::FsConnect { conn, peer, attempt });
+        self.phase = Phase::Pulling(Box::new(Pull {
+            conn,
+            peer,
+            attempt,
+            client: None,
+            started: now,
+            records: 0,
+            finished: false,
+        }));
+        // A connect that never answers fails like a stalled transfer.
+        self.phase_connect_deadline(now);
+    }
+
+    fn phase_connect_deadline(&mut self, _now: Nanos) {}
+
+    fn pull_failed(&mut self, why: String, now: Nanos) {
+        let Phase::Pulling(p) = &mut self.phase else { return };
+        p.finished = true;
+        let (conn, attempt) = (p.conn, p.attempt);
+        self.stats.full_syncs_failed += 1;
+        self.note_error(why);
+        self.out.push_back(NodeOutput::FsClose { conn });
+        // The next address of the same peer at once, then wait.
+        let wait = if attempt % 2 == 0 { 0 } else { self.cfg.retry_backoff_ns };
+        self.phase = Phase::Backoff { until: now.saturating_add(wait), attempt: attempt + 1 };
+    }
+
+    fn pull_done(&mut self, records: u64, now: Nanos) {
+        let Phase::Pulling(p) = &mut self.phase else { return };
+        p.finished = true;
+        let (conn, started) = (p.conn, p.started);
+        self.out.push_back(NodeOutput::FsClose { conn });
+        if let Err(e) = self.table.driver().set_sync_hold(false) {
+            self.note_error(format!("full sync: releasing sync hold: {e}"));
+        }
+        self.stats.full_syncs_completed += 1;
+        tracing::info!(member = self.cfg.member_id, "full sync: done, {records} records");
+        self.stats.last_full_sync_records = records;
+        self.stats.last_full_sync_ms = Some(now.saturating_sub(started) as f64 / 1e6);
+        self.phase = Phase::Synced;
+        self.ms.set_synced(now);
+        self.ms.set_attention(false, now);
+    }
+
+    /// The serving side: one device walk at a time, chunk by chunk.
+    fn drive_serving(&mut self, now: Nanos) {
+        let mut i = 0;
+        while i < self.serving.len() {
+            let walk_free = !self.serving.iter().any(|s| s.walking);
+            let s = &mut self.serving[i];
+            if s.server.wants_begin() && walk_free && !s.closed {
+                let seq = self.table.driver_ref().device_counter(Counter::SyncNextSeq);
+                let estimate = self.table.len() as u64;
+                s.server.begin(seq, self.cfg.incarnation, estimate, now);
+                s.walking = true;
+            }
+            while s.server.wants_chunk() && !s.closed {
+                let want = self.cfg.chunk_records.max(1) as usize;
+                while s.buf.len() - s.pos < want && !s.walk_done {
+                    if s.pos > 0 {
+                        s.buf.drain(..s.pos);
+                        s.pos = 0;
+                    }
+                    match self.table.sync_snapshot_chunk(s.cursor, &mut s.buf) {
+                        Ok(next) if next == SNAPSHOT_DONE => s.walk_done = true,
+                        Ok(next) => s.cursor = next,
+                        Err(e) => {
+                            if matches!(e, TableError::Refused(nicsync_fwif::cpl::CplStatus::SnapshotTorn)) {
+                                self.stats.snapshot_walks_torn += 1;
+                            }
+                            s.server.abort(1, &format!("snapshot walk failed: {e}"));
+                            s.walk_done = true;
+                            s.buf.clear();
+                            s.pos = 0;
+                            break;
+                        }
+                    }
+                }
+                let end = (s.pos + want).min(s.buf.len());
+                let recs: Vec<_> = s.buf[s.pos..end].iter().map(DeltaUpdate::to_record).collect();
+                s.server.push_chunk(&recs, now);
+                s.pos = end;
+                if s.server.outcome().is_some() {
+                    break;
+                }
+            }
+            self.scratch.clear();
+            while s.server.poll_transmit(&mut self.scratch) {}
+            if !self.scratch.is_empty() {
+                self.out.push_back(NodeOutput::FsSend { conn: s.conn, bytes: std::mem::take(&mut self.scratch) });
+            }
+            let finished = match s.server.outcome() {
+                Some(Ok(_)) => {
+                    self.stats.full_syncs_served += 1;
+                    true
+                }
+                Some(Err(e)) => {
+                    self.stats.full_syncs_serve_failed += 1;
+                    self.stats.last_error = Some(format!("serving full sync: {e}"));
+                    true
+                }
+                None if s.closed => {
+                    self.stats.full_syncs_serve_failed += 1;
+                    true
+                }
+                None => false,
+            };
+            if finished {
+                let conn = self.serving[i].conn;
+                if !self.serving[i].closed {
+                    self.out.push_back(NodeOutput::FsClose { conn });
+                }
+                self.serving.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Every entry marked for sync, once each (a walk may return an entry
+    /// that moved during it twice), in key order.
+    pub fn synced_entries(&mut self) -> Result<Vec<DeltaUpdate>, TableError> {
+        if self.serving.iter().any(|s| s.walking) {
+            return Err(TableError::Busy("a full sync is being served; try again".into()));
+        }
+        let mut all = Vec::new();
+        let mut cursor = 0;
+        loop {
+            cursor = self.table.sync_snapshot_chunk(cursor, &mut all)?;
+            if cursor == SNAPSHOT_DONE {
+                break;
+            }
+        }
+        let mut by_key: std::collections::BTreeMap<[u8; 40], DeltaUpdate> = std::collections::BTreeMap::new();
+        for u in all {
+            by_key.insert(zerocopy::transmute!(u.key), u);
+        }
+        Ok(by_key.into_values().collect())
+    }
+
+    /// Count and order-independent digest of the entries marked for sync
+    /// (equal on converged members; see [`fullsync::digest_updates`]).
+    pub fn digest(&mut self) -> Result<(u64, u64), TableError> {
+        // A walk being served owns the device's walker; do not tear it.
+        if self.serving.iter().any(|s| s.walking) {
+            return Err(TableError::Busy("a full sync is being served; try again".into()));
+        }
+        let all = self.synced_entries()?;
+        Ok(fullsync::digest_updates(all.iter()))
+    }
+}
+
+impl<D: NicDevice> Node<D> {
+    /// Up to `limit` entries marked for sync, as JSON objects.
+    pub fn list(&mut self, limit: usize) -> Result<Vec<serde_json::Value>, TableError> {
+        if self.serving.iter().any(|s| s.walking) {
+            return Err(TableError::Busy("a full sync is being served; try again".into()));
+        }
+        let all = self.synced_entries()?;
+        Ok(all
+            .iter()
+            .take(limit)
+            .map(|u| {
+                let mut v = record_json(&nicsync_fwif::conn::ConnRecord { key: u.key, state: u.state, nat: u.nat });
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("owner".into(), u.owner.into());
+                }
+                v
+            })
+            .collect())
+    }
+}
+
+/// A record as the control socket shows it.
+pub fn record_json(r: &nicsync_fwif::conn::ConnRecord) -> serde_json::Value {
+    let nat = (r.nat.kind != 0).then(|| format!("{:?}", r.nat));
+    serde_json::json!({
+        "key": r.key.to_string(),
+        "tcp_state": r.state.tcp().map(|t| format!("{t:?}")),
+        "flags": format!("{:?}", r.state.conn_flags()),
+        "timeout_s": r.state.timeout_s.get(),
+        "mark": r.state.mark.get(),
+        "generation": r.state.generation.get(),
+        "nat": nat,
+    })
+}

@@ -1,0 +1,503 @@
+//! Drives a [`Node`] with tokio: membership over UDP, Full Sync over TCP,
+//! and the control socket. Delta Sync does not pass through here: the
+//! device's sync unit has its own port.
+//!
+//! Everything runs on one thread (a current-thread runtime with a
+//! `LocalSet`): the node is touched only by the loop in [`serve`], and the
+//! socket tasks talk to it through a channel. The device's polling thread
+//! is the only other thread, so a member needs two cores at most.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nicsync_fwif::conn::{ConnFlags, ConnState, Direction};
+use nicsync_fwif::regs::Counter;
+use nicsync_vfio::NicDevice;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream, UdpSocket, UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::control::{self, Reply, Request, MAX_REQUEST_BYTES};
+use crate::membership::{Destination, MemberState};
+use crate::node::{ConnId, Nanos, Node, NodeOutput};
+use crate::table::{ConnEntry, TableError};
+
+/// Where a member listens and how it reaches its peers.
+#[derive(Clone, Debug)]
+pub struct MemberNet {
+    /// Membership (probe) UDP socket.
+    pub ccp_bind: SocketAddr,
+    /// Full Sync TCP listener.
+    pub fs_bind: SocketAddr,
+    /// The peers.
+    pub peers: Vec<PeerNet>,
+}
+
+/// A peer's addresses.
+#[derive(Clone, Debug)]
+pub struct PeerNet {
+    /// Member id.
+    pub id: u16,
+    /// Its membership socket.
+    pub ccp: SocketAddr,
+    /// Its Full Sync listeners, tried in order.
+    pub full_sync: Vec<SocketAddr>,
+}
+
+/// The control socket's settings.
+#[derive(Clone, Debug)]
+pub struct ControlSocket {
+    /// Path.
+    pub path: PathBuf,
+    /// File mode.
+    pub mode: u32,
+    /// Users allowed besides the daemon's own.
+    pub allow_uids: Vec<u32>,
+}
+
+/// Why the member stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// A socket could not be set up.
+    #[error("{what} {addr}: {source}")]
+    Bind {
+        /// Which socket.
+        what: &'static str,
+        /// Its address.
+        addr: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Another daemon owns the control socket.
+    #[error("control socket {0} is in use by a running daemon")]
+    ControlInUse(String),
+}
+
+/// Counters of the runtime's own sockets.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct NetStats {
+    /// Membership datagrams from addresses that are no configured peer.
+    pub ccp_unknown_source: u64,
+    /// Membership datagrams that could not be sent.
+    pub ccp_send_errors: u64,
+    /// Full Sync connections that could not be opened.
+    pub fs_connect_failures: u64,
+    /// Control requests refused (bad JSON, too long, user not allowed).
+    pub control_refused: u64,
+}
+
+enum Ev {
+    Connected { conn: ConnId, tx: mpsc::UnboundedSender<Vec<u8>> },
+    Data { conn: ConnId, bytes: Vec<u8> },
+    Closed { conn: ConnId },
+    Control { req: Request, reply: oneshot::Sender<Reply> },
+    ControlRefused,
+}
+
+/// Runs `node` until `shutdown` completes. Must run inside a
+/// `tokio::task::LocalSet`.
+pub async fn serve<D: NicDevice + 'static>(
+    node: &mut Node<D>,
+    net: &MemberNet,
+    control: Option<&ControlSocket>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<NetStats, RuntimeError> {
+    let start = Instant::now();
+    let now = || start.elapsed().as_nanos() as Nanos;
+    let ccp = UdpSocket::bind(net.ccp_bind).await.map_err(|source| RuntimeError::Bind {
+        what: "membership UDP socket",
+        addr: net.ccp_bind.to_string(),
+        source,
+    })?;
+    let fs = TcpListener::bind(net.fs_bind).await.map_err(|source| RuntimeError::Bind {
+        what: "full sync TCP listener",
+        addr: net.fs_bind.to_string(),
+        source,
+    })?;
+    let ctl = match control {
+        Some(c) => Some(bind_control(c).await?),
+        None => None,
+    };
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Ev>();
+    let mut conns: HashMap<ConnId, mpsc::UnboundedSender<Vec<u8>>> = HashMap::new();
+    let mut next_inbound: ConnId = 1 << 40;
+    let mut stats = NetStats::default();
+    let by_addr: HashMap<SocketAddr, u16> = net.peers.iter().map(|p| (canonical(p.ccp), p.id)).collect();
+    let mut buf = vec![0u8; 65_536];
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    tokio::pin!(shutdown);
+    let own_uid = current_uid();
+    loop {
+        flush_outputs(node, net, &ccp, &mut conns, &ev_tx, &mut stats);
+        let sleep_for =
+            node.poll_timeout().map_or(Duration::from_secs(1), |t| Duration::from_nanos(t.saturating_sub(now())));
+        tokio::select! {
+            _ = &mut shutdown => break,
+            r = ccp.recv_from(&mut buf) => {
+                if let Ok((n, from)) = r {
+                    if by_addr.contains_key(&canonical(from)) {
+                        node.handle_ccp(&buf[..n], now());
+                    } else {
+                        stats.ccp_unknown_source += 1;
+                    }
+                }
+            }
+            r = fs.accept() => {
+                if let Ok((stream, _)) = r {
+                    let conn = next_inbound;
+                    next_inbound += 1;
+                    conns.insert(conn, spawn_stream(conn, stream, ev_tx.clone()));
+                    node.fs_accepted(conn, now());
+                }
+            }
+            r = accept_control(&ctl) => {
+                if let Some(stream) = r {
+                    let allow = control.map(|c| c.allow_uids.clone()).unwrap_or_default();
+                    tokio::task::spawn_local(control_client(stream, own_uid, allow, ev_tx.clone()));
+                }
+            }
+            Some(ev) = ev_rx.recv() => match ev {
+                Ev::Connected { conn, tx } => {
+                    conns.insert(conn, tx);
+                    node.fs_connected(conn, now());
+                }
+                Ev::Data { conn, bytes } => node.fs_data(conn, &bytes, now()),
+                Ev::Closed { conn } => {
+                    conns.remove(&conn);
+                    node.fs_closed(conn, now());
+                }
+                Ev::Control { req, reply } => {
+                    let r = handle_request(node, &req, &stats, now());
+                    let _ = reply.send(r);
+                }
+                Ev::ControlRefused => stats.control_refused += 1,
+            },
+            _ = tokio::time::sleep(sleep_for) => node.handle_timeout(now()),
+            _ = tick.tick() => node.progress(now()),
+        }
+    }
+    if let Some(c) = control {
+        let _ = std::fs::remove_file(&c.path);
+    }
+    Ok(stats)
+}
+
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+fn flush_outputs<D: NicDevice>(
+    node: &mut Node<D>,
+    net: &MemberNet,
+    ccp: &UdpSocket,
+    conns: &mut HashMap<ConnId, mpsc::UnboundedSender<Vec<u8>>>,
+    ev_tx: &mpsc::UnboundedSender<Ev>,
+    stats: &mut NetStats,
+) {
+    while let Some(out) = node.poll_output() {
+        match out {
+            NodeOutput::Ccp { dest, bytes } => {
+                for p in &net.peers {
+                    if matches!(dest, Destination::Member(m) if m != p.id) {
+                        continue;
+                    }
+                    if ccp.try_send_to(&bytes, p.ccp).is_err() {
+                        stats.ccp_send_errors += 1;
+                    }
+                }
+            }
+            NodeOutput::FsConnect { conn, peer, attempt } => {
+                let addrs = net.peers.iter().find(|p| p.id == peer).map(|p| p.full_sync.clone()).unwrap_or_default();
+                let tx = ev_tx.clone();
+                if addrs.is_empty() {
+                    stats.fs_connect_failures += 1;
+                    let _ = tx.send(Ev::Closed { conn });
+                    continue;
+                }
+                let addr = addrs[attempt as usize % addrs.len()];
+                tokio::task::spawn_local(async move {
+                    match tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr)).await {
+                        Ok(Ok(stream)) => {
+                            let w = spawn_stream(conn, stream, tx.clone());
+                            let _ = tx.send(Ev::Connected { conn, tx: w });
+                        }
+                        _ => {
+                            tracing::info!("full sync: cannot connect to {addr}");
+                            let _ = tx.send(Ev::Closed { conn });
+                        }
+                    }
+                });
+            }
+            NodeOutput::FsSend { conn, bytes } => {
+                if let Some(tx) = conns.get(&conn) {
+                    let _ = tx.send(bytes);
+                }
+            }
+            NodeOutput::FsClose { conn } => {
+                // Dropping the sender ends the writer after what it holds.
+                conns.remove(&conn);
+            }
+        }
+    }
+}
+
+/// A reader task that forwards what arrives, and a writer task fed by the
+/// returned sender; the stream is shut down when the sender is dropped.
+fn spawn_stream(conn: ConnId, stream: TcpStream, ev: mpsc::UnboundedSender<Ev>) -> mpsc::UnboundedSender<Vec<u8>> {
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let ev2 = ev.clone();
+    tokio::task::spawn_local(async move {
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if ev.send(Ev::Data { conn, bytes: buf[..n].to_vec() }).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = ev.send(Ev::Closed { conn });
+    });
+    tokio::task::spawn_local(async move {
+        while let Some(bytes) = rx.recv().await {
+            if wr.write_all(&bytes).await.is_err() {
+                let _ = ev2.send(Ev::Closed { conn });
+                return;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    tx
+}
+
+async fn bind_control(c: &ControlSocket) -> Result<UnixListener, RuntimeError> {
+    let shown = c.path.display().to_string();
+    if c.path.exists() {
+        // A socket file left by a daemon that died is removed; one that
+        // answers belongs to a running daemon.
+        if UnixStream::connect(&c.path).await.is_ok() {
+            return Err(RuntimeError::ControlInUse(shown));
+        }
+        let _ = std::fs::remove_file(&c.path);
+    }
+    if let Some(dir) = c.path.parent() {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(|source| RuntimeError::Bind {
+                what: "control socket directory",
+                addr: dir.display().to_string(),
+                source,
+            })?;
+        }
+    }
+    let l = UnixListener::bind(&c.path).map_err(|source| RuntimeError::Bind {
+        what: "control socket",
+        addr: shown.clone(),
+        source,
+    })?;
+    std::fs::set_permissions(&c.path, std::fs::Permissions::from_mode(c.mode))
+        .map_err(|source| RuntimeError::Bind { what: "control socket permissions", addr: shown, source })?;
+    Ok(l)
+}
+
+async fn accept_control(l: &Option<UnixListener>) -> Option<UnixStream> {
+    match l {
+        Some(l) => l.accept().await.ok().map(|(s, _)| s),
+        None => std::future::pending().await,
+    }
+}
+
+fn current_uid() -> u32 {
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap_or(u32::MAX)
+}
+
+async fn control_client(stream: UnixStream, own_uid: u32, allow: Vec<u32>, ev: mpsc::UnboundedSender<Ev>) {
+    let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
+    let (rd, mut wr) = stream.into_split();
+    let reply = if uid != own_uid && !allow.contains(&uid) {
+        let _ = ev.send(Ev::ControlRefused);
+        Reply::err(format!("uid {uid} may not use this daemon (control.allow_uids)"))
+    } else {
+        let mut line = String::new();
+        let mut rd = BufReader::new(rd.take(MAX_REQUEST_BYTES as u64 + 1));
+        match rd.read_line(&mut line).await {
+            Ok(n) if n > MAX_REQUEST_BYTES => {
+                let _ = ev.send(Ev::ControlRefused);
+                Reply::err(format!("request longer than {MAX_REQUEST_BYTES} bytes"))
+            }
+            Ok(_) => match serde_json::from_str::<Request>(&line) {
+                Ok(req) => {
+                    let (tx, rx) = oneshot::channel();
+                    if ev.send(Ev::Control { req, reply: tx }).is_err() {
+                        return;
+                    }
+                    rx.await.unwrap_or_else(|_| Reply::err("daemon is stopping"))
+                }
+                Err(e) => {
+                    let _ = ev.send(Ev::ControlRefused);
+                    Reply::err(format!("bad request: {e}"))
+                }
+            },
+            Err(e) => Reply::err(format!("reading request: {e}")),
+        }
+    };
+    if let Ok(mut out) = serde_json::to_vec(&reply) {
+        out.push(b'\n');
+        let _ = wr.write_all(&out).await;
+    }
+}
+
+/// Answers one control request.
+pub fn handle_request<D: NicDevice>(node: &mut Node<D>, req: &Request, net: &NetStats, now: Nanos) -> Reply {
+    match req {
+        Request::State => Reply::ok(state_json(node, now)),
+        Request::Syncstat => Reply::ok(syncstat_json(node, net)),
+        Request::Resync { member } => {
+            match member {
+                Some(m) => node.request_peer_resync(*m, now),
+                None => {
+                    // Every member but the one the others sync from.
+                    let source = node.membership().sync_source();
+                    let me = node.member_id();
+                    let members: Vec<u16> = node.members().iter().map(|v| v.id).collect();
+                    for m in members {
+                        let is_source = match source {
+                            Some(s) => s == m,
+                            // This member is the source when nobody else is.
+                            None => m == me,
+                        };
+                        if !is_source {
+                            node.request_peer_resync(m, now);
+                        }
+                    }
+                }
+            }
+            Reply::ok(json!({"requested": member.map_or("all".to_string(), |m| m.to_string())}))
+        }
+        Request::ConnList { limit } => match node.list(limit.unwrap_or(usize::MAX)) {
+            Ok(list) => Reply::ok(json!(list)),
+            Err(e) => Reply::err(e.to_string()),
+        },
+        Request::ConnGet { key } => {
+            let key = match control::parse_key(key) {
+                Ok(k) => k,
+                Err(e) => return Reply::err(e.to_string()),
+            };
+            match node.table().lookup(&key) {
+                Ok(Some(r)) => Reply::ok(crate::node::record_json(&r)),
+                Ok(None) => Reply::err(format!("no connection {key}")),
+                Err(e) => Reply::err(e.to_string()),
+            }
+        }
+        Request::ConnAdd { key, tcp_state, timeout_s, mark, sync } => {
+            let key = match control::parse_key(key) {
+                Ok(k) => k,
+                Err(e) => return Reply::err(e.to_string()),
+            };
+            let Some(tcp) = control::parse_tcp_state(tcp_state) else {
+                return Reply::err(format!("unknown TCP state {tcp_state:?}"));
+            };
+            let mut flags = ConnFlags::CONFIRMED;
+            if *sync {
+                flags |= ConnFlags::SYNC;
+            }
+            let e = ConnEntry::new(ConnState::new(tcp, Direction::Original, flags, *timeout_s, *mark));
+            match node.table().upsert(&key, &e) {
+                Ok(generation) => Reply::ok(json!({"key": key.to_string(), "generation": generation})),
+                Err(e) => Reply::err(e.to_string()),
+            }
+        }
+        Request::ConnDel { key } => {
+            let key = match control::parse_key(key) {
+                Ok(k) => k,
+                Err(e) => return Reply::err(e.to_string()),
+            };
+            match node.table().delete(&key) {
+                Ok(()) => Reply::ok(json!({"deleted": key.to_string()})),
+                Err(TableError::NotFound) => Reply::err(format!("no connection {key}")),
+                Err(e) => Reply::err(e.to_string()),
+            }
+        }
+        Request::ConnDigest => match node.digest() {
+            Ok((count, digest)) => Reply::ok(json!({"entries": count, "digest": format!("{digest:016x}")})),
+            Err(e) => Reply::err(e.to_string()),
+        },
+    }
+}
+
+/// `nicsync state --json`.
+pub fn state_json<D: NicDevice>(node: &Node<D>, now: Nanos) -> serde_json::Value {
+    let members: Vec<serde_json::Value> = node
+        .members()
+        .iter()
+        .map(|m| {
+            json!({
+                "id": m.id,
+                "state": m.state,
+                "alive": m.alive,
+                "local": m.is_local,
+                "last_heard_ms_ago": m.last_heard_ns.map(|t| now.saturating_sub(t) as f64 / 1e6),
+            })
+        })
+        .collect();
+    let state = node.state();
+    json!({
+        "member_id": node.member_id(),
+        "cluster_id": node.config().cluster_id,
+        "mode": match node.config().mode { crate::membership::Mode::HighAvailability => "ha", crate::membership::Mode::LoadSharing => "load-sharing" },
+        "state": state,
+        "active": matches!(state, MemberState::Active | MemberState::ActiveAttention),
+        "synced": node.is_synced(),
+        "full_sync_in_progress": node.is_pulling(),
+        "sync_source": node.membership().sync_source(),
+        "members": members,
+    })
+}
+
+/// `nicsync syncstat --json`.
+pub fn syncstat_json<D: NicDevice>(node: &Node<D>, net: &NetStats) -> serde_json::Value {
+    let drv = node.table_ref().driver_ref();
+    let c = |k: Counter| drv.device_counter(k);
+    let s = node.stats();
+    json!({
+        "updates_sent": c(Counter::SyncUpdatesSent),
+        "updates_received": c(Counter::SyncUpdatesReceived),
+        "updates_applied": c(Counter::SyncUpdatesApplied),
+        "retrans_requests_sent": c(Counter::SyncRetransRequestsSent),
+        "retrans_updates_sent": c(Counter::SyncRetransUpdatesSent),
+        "lost_updates": c(Counter::SyncLostUpdates),
+        "next_seq": c(Counter::SyncNextSeq),
+        "held_updates": c(Counter::SyncHeld),
+        "hold_drops": c(Counter::SyncHoldDrops),
+        "apply_failed": c(Counter::SyncApplyFailed),
+        "malformed_frames": c(Counter::SyncMalformed),
+        "full_syncs_completed": s.full_syncs_completed,
+        "full_syncs_failed": s.full_syncs_failed,
+        "last_full_sync_ms": s.last_full_sync_ms,
+        "last_full_sync_records": s.last_full_sync_records,
+        "full_syncs_served": s.full_syncs_served,
+        "full_syncs_serve_failed": s.full_syncs_serve_failed,
+        "snapshot_walks_torn": s.snapshot_walks_torn,
+        "resyncs_requested": s.resyncs_requested,
+        "device_resync_events": s.device_resync_events,
+        "sync_events": s.sync_events,
+        "membership": node.membership().stats(),
+        "ccp_rejected": s.ccp_rejected,
+        "net": net,
+        "last_error": s.last_error,
+    })
+}
+
+/// Removes a stale socket path (used by tests and the daemon's shutdown).
+pub fn remove_socket(path: &Path) {
+    let _ = std::fs::remove_file(path);
+}

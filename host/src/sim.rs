@@ -1,0 +1,670 @@
+//! The deterministic cluster simulator (`nicsync sim`).
+//!
+//! A cluster of emulated devices (inline execution, virtual clocks) and
+//! their [`Node`]s runs on one thread in virtual time. Every random choice
+//! comes from one seeded generator, so a seed replays a run exactly. The
+//! networks are simulated too: Delta Sync over the model's impaired
+//! in-process hub, membership datagrams through a lossy, duplicating,
+//! reordering queue, Full Sync streams as ordered in-memory pipes that a
+//! fault or a crash can break.
+//!
+//! A run drives churn (inserts, updates, deletes) at the cluster's Active
+//! member (HA: the lowest-id Active that is not cut off; load sharing:
+//! every such Active, each on its own keys) and injects, at seeded times:
+//! a member that joins late (during churn), a crash and restart, a
+//! partition of one member, a manual resync, loss up to 20 %, duplication
+//! and reordering. Then the faults stop and the cluster settles. It passes
+//! when every live member is synced, all hold identical digests, HA has one
+//! Active, and no acknowledged write is missing: every key's last write
+//! acknowledged by its member's device is what every member holds, except
+//! writes a member acknowledged shortly before it crashed (asynchronous
+//! replication cannot promise those; see docs/cluster.md).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use nicsync_fwif::cmd::SNAPSHOT_DONE;
+use nicsync_fwif::conn::{proto, ConnFlags, ConnKey, ConnState, Direction, TcpState};
+use nicsync_model::rng::SeededRng;
+use nicsync_model::sync::SenderConfig;
+use nicsync_model::sync_unit::{SyncUnit, SyncUnitConfig};
+use nicsync_model::wire::{HubConfig, Impairment, InProcessHub};
+use nicsync_vfio::EmulatedDevice;
+
+use crate::membership::{Destination, MemberState, Mode};
+use crate::node::{ConnId, Nanos, Node, NodeConfig, NodeOutput};
+use crate::table::{ConnEntry, ConnTable, TableError};
+use crate::DriverConfig;
+
+/// One simulation's settings.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// The seed.
+    pub seed: u64,
+    /// Members (at least 3).
+    pub members: u16,
+    /// HA or load sharing.
+    pub mode: Mode,
+    /// Virtual time with churn and faults.
+    pub churn_ms: u64,
+    /// Virtual time allowed to settle afterwards.
+    pub settle_ms: u64,
+    /// Highest loss rate drawn (per million).
+    pub max_loss_ppm: u32,
+    /// Operations per millisecond at each writer.
+    pub ops_per_ms: u32,
+    /// Inject faults (crash, partition, late join, resync, loss).
+    pub faults: bool,
+}
+
+impl SimConfig {
+    /// The defaults for `seed`.
+    pub fn new(seed: u64) -> Self {
+        SimConfig {
+            seed,
+            members: 3,
+            mode: Mode::HighAvailability,
+            churn_ms: 1000,
+            settle_ms: 6000,
+            max_loss_ppm: 200_000,
+            ops_per_ms: 4,
+            faults: true,
+        }
+    }
+}
+
+/// What a run did and found.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SimReport {
+    /// The seed.
+    pub seed: u64,
+    /// All checks passed.
+    pub converged: bool,
+    /// The first failed check.
+    pub failure: Option<String>,
+    /// Loss rate drawn (per million).
+    pub loss_ppm: u32,
+    /// Writes acknowledged by a device.
+    pub writes_acked: u64,
+    /// Keys whose final value was checked.
+    pub keys_checked: u64,
+    /// Keys not checked (written just before their member crashed).
+    pub keys_uncertain: u64,
+    /// Entries every member holds at the end.
+    pub entries: u64,
+    /// Full Syncs completed, all members.
+    pub full_syncs: u64,
+    /// Full Sync attempts that failed (and were retried).
+    pub full_syncs_failed: u64,
+    /// Faults injected, by kind.
+    pub faults: BTreeMap<String, u32>,
+    /// Virtual milliseconds until the cluster settled.
+    pub settled_after_ms: u64,
+    /// What happened when (virtual milliseconds), for replaying a failure.
+    pub timeline: Vec<String>,
+}
+
+type SimNode = Node<EmulatedDevice>;
+
+struct Slot {
+    node: Option<SimNode>,
+    last_state: Option<MemberState>,
+    isolated: bool,
+    /// Restart at this time (crashed).
+    restart_at: Option<Nanos>,
+    incarnation: u32,
+}
+
+struct Pipe {
+    /// The member and its end of the stream.
+    a: (u16, ConnId),
+    b: (u16, ConnId),
+}
+
+/// What travels in the simulated networks.
+enum Msg {
+    Ccp { to: u16, bytes: Vec<u8> },
+    FsAccept { to: u16, conn: ConnId },
+    FsConnected { to: u16, conn: ConnId },
+    FsData { to: u16, conn: ConnId, bytes: Vec<u8> },
+    FsClosed { to: u16, conn: ConnId },
+}
+
+const STEP_NS: Nanos = 250_000;
+const LATENCY_NS: Nanos = 50_000;
+const KEYS_PER_WRITER: u32 = 1500;
+/// Writes a member acknowledged this long before it crashed may be lost.
+const CRASH_WINDOW_NS: Nanos = 300_000_000;
+
+struct Sim {
+    cfg: SimConfig,
+    rng: SeededRng,
+    hub: InProcessHub,
+    slots: Vec<Slot>,
+    now: Nanos,
+    queue: Vec<(Nanos, u64, Msg)>,
+    seq: u64,
+    pipes: Vec<Pipe>,
+    next_conn: ConnId,
+    impairment: Impairment,
+    /// Key -> (last acknowledged mark or None when deleted, writer, when).
+    reference: HashMap<ConnKey, (Option<u32>, u16, Nanos)>,
+    uncertain: std::collections::HashSet<ConnKey>,
+    report: SimReport,
+    mark: u32,
+}
+
+fn sim_key(writer: u16, i: u32) -> ConnKey {
+    ConnKey::v4(
+        Ipv4Addr::from(0x0a00_0000 | (writer as u32) << 16 | i),
+        10_000 + (i % 50_000) as u16,
+        Ipv4Addr::new(192, 0, 2, 1),
+        443,
+        proto::TCP,
+        0,
+    )
+}
+
+impl Sim {
+    fn new(cfg: SimConfig) -> Self {
+        let mut rng = SeededRng::new(cfg.seed);
+        let loss = if cfg.faults { rng.below(cfg.max_loss_ppm as u64 + 1) as u32 } else { 0 };
+        let impairment = Impairment {
+            loss_ppm: loss,
+            dup_ppm: if cfg.faults { rng.below(20_001) as u32 } else { 0 },
+            reorder_ppm: if cfg.faults { rng.below(50_001) as u32 } else { 0 },
+        };
+        let hub = InProcessHub::new(HubConfig { queue_capacity: 1 << 16, seed: rng.next_u64(), impairment });
+        let slots = (0..cfg.members)
+            .map(|_| Slot { node: None, last_state: None, isolated: false, restart_at: None, incarnation: 0 })
+            .collect();
+        let report = SimReport { seed: cfg.seed, loss_ppm: loss, ..Default::default() };
+        Sim {
+            cfg,
+            rng,
+            hub,
+            slots,
+            now: 0,
+            queue: Vec::new(),
+            seq: 0,
+            pipes: Vec::new(),
+            next_conn: 1 << 48,
+            impairment,
+            reference: HashMap::new(),
+            uncertain: Default::default(),
+            report,
+            mark: 0,
+        }
+    }
+
+    fn fault(&mut self, kind: &str) {
+        *self.report.faults.entry(kind.to_string()).or_default() += 1;
+    }
+
+    fn log(&mut self, what: String) {
+        let line = format!("{:>7.1} ms {what}", self.now as f64 / 1e6);
+        tracing::debug!("sim: {line}");
+        self.report.timeline.push(line);
+    }
+
+    fn start_member(&mut self, id: u16) -> Result<(), String> {
+        let idx = id as usize - 1;
+        let inc = (self.rng.next_u64() as u32) | 1;
+        let peers: Vec<u16> = (1..=self.cfg.members).filter(|p| *p != id).collect();
+        let dev = EmulatedDevice::inline().map_err(|e| e.to_string())?;
+        // The device's clock starts at the simulation's now.
+        dev.nic().advance_time(Duration::from_nanos(self.now));
+        let port = self.hub.attach(id).map_err(|e| e.to_string())?;
+        let mut sender = SenderConfig::new(1, id, inc);
+        sender.queue_capacity = 1 << 17;
+        let unit = SyncUnit::new(SyncUnitConfig { sender, peers: peers.clone() }, Box::new(port), self.now)
+            .map_err(|e| e.to_string())?;
+        dev.nic().attach_sync(unit);
+        let drv = DriverConfig { table_capacity: 1 << 16, aging_period_ms: 0, ..Default::default() };
+        let table = ConnTable::open(dev, drv).map_err(|e| e.to_string())?;
+        let mut nc = NodeConfig::new(1, id, peers, inc);
+        nc.mode = self.cfg.mode;
+        nc.full_sync_timeout_ns = 500_000_000;
+        nc.retry_backoff_ns = 50_000_000;
+        nc.chunk_records = 256;
+        let node = Node::new(table, nc, self.now).map_err(|e| e.to_string())?;
+        self.log(format!("member {id} starts (incarnation {inc:#x})"));
+        let slot = &mut self.slots[idx];
+        slot.node = Some(node);
+        slot.incarnation = inc;
+        slot.restart_at = None;
+        Ok(())
+    }
+
+    fn crash(&mut self, id: u16) {
+        let idx = id as usize - 1;
+        if self.slots[idx].node.take().is_none() {
+            return;
+        }
+        self.fault("crash");
+        self.log(format!("member {id} crashes"));
+        // Its recent writes may not have left it.
+        let now = self.now;
+        for (k, (_, w, at)) in &self.reference {
+            if *w == id && now.saturating_sub(*at) < CRASH_WINDOW_NS {
+                self.uncertain.insert(*k);
+            }
+        }
+        // Its streams break; the peers see them close.
+        let broken: Vec<(u16, ConnId)> = self
+            .pipes
+            .iter()
+            .filter_map(|p| {
+                if p.a.0 == id {
+                    Some(p.b)
+                } else if p.b.0 == id {
+                    Some(p.a)
+                } else {
+                    None
+                }
+            })
+            .collect();
+        self.pipes.retain(|p| p.a.0 != id && p.b.0 != id);
+        for (to, conn) in broken {
+            self.send(LATENCY_NS, Msg::FsClosed { to, conn });
+        }
+        let back = 100 + self.rng.below(300);
+        self.slots[idx].restart_at = Some(self.now + back * 1_000_000);
+    }
+
+    fn send(&mut self, delay: Nanos, m: Msg) {
+        self.seq += 1;
+        self.queue.push((self.now + delay, self.seq, m));
+    }
+
+    fn alive(&self, id: u16) -> bool {
+        self.slots.get(id as usize - 1).is_some_and(|s| s.node.is_some())
+    }
+
+    fn reachable(&self, a: u16, b: u16) -> bool {
+        self.alive(a) && self.alive(b) && !self.slots[a as usize - 1].isolated && !self.slots[b as usize - 1].isolated
+    }
+
+    /// Carries out what a node asked for.
+    fn outputs(&mut self, id: u16) {
+        let idx = id as usize - 1;
+        let mut outs = Vec::new();
+        if let Some(n) = &mut self.slots[idx].node {
+            while let Some(o) = n.poll_output() {
+                outs.push(o);
+            }
+        }
+        for o in outs {
+            match o {
+                NodeOutput::Ccp { dest, bytes } => {
+                    for to in 1..=self.cfg.members {
+                        if to == id || matches!(dest, Destination::Member(m) if m != to) {
+                            continue;
+                        }
+                        if !self.reachable(id, to) || self.rng.chance(self.impairment.loss_ppm) {
+                            continue;
+                        }
+                        let jitter =
+                            if self.rng.chance(self.impairment.reorder_ppm) { self.rng.below(2_000_000) } else { 0 };
+                        self.send(LATENCY_NS + jitter, Msg::Ccp { to, bytes: bytes.clone() });
+                        if self.rng.chance(self.impairment.dup_ppm) {
+                            self.send(LATENCY_NS + 100_000, Msg::Ccp { to, bytes: bytes.clone() });
+                        }
+                    }
+                }
+                NodeOutput::FsConnect { conn, peer, .. } => {
+                    if self.reachable(id, peer) {
+                        let server_conn = self.next_conn;
+                        self.next_conn += 1;
+                        self.pipes.push(Pipe { a: (id, conn), b: (peer, server_conn) });
+                        self.send(LATENCY_NS, Msg::FsAccept { to: peer, conn: server_conn });
+                        self.send(2 * LATENCY_NS, Msg::FsConnected { to: id, conn });
+                    } else {
+                        // Connection refused or timed out.
+                        self.send(1_000_000, Msg::FsClosed { to: id, conn });
+                    }
+                }
+                NodeOutput::FsSend { conn, bytes } => {
+                    if let Some(other) = self.other_end(id, conn) {
+                        // A stream fault: the connection drops mid-transfer.
+                        if self.cfg.faults && self.rng.chance(2_000) {
+                            self.fault("stream_drop");
+                            self.close_pipe(id, conn);
+                        } else {
+                            self.send(LATENCY_NS, Msg::FsData { to: other.0, conn: other.1, bytes });
+                        }
+                    }
+                }
+                NodeOutput::FsClose { conn } => self.close_pipe(id, conn),
+            }
+        }
+    }
+
+    fn other_end(&self, id: u16, conn: ConnId) -> Option<(u16, ConnId)> {
+        self.pipes.iter().find_map(|p| {
+            if p.a == (id, conn) {
+                Some(p.b)
+            } else if p.b == (id, conn) {
+                Some(p.a)
+            } else {
+                None
+            }
+        })
+    }
+
+    fn close_pipe(&mut self, id: u16, conn: ConnId) {
+        if let Some(pos) = self.pipes.iter().position(|p| p.a == (id, conn) || p.b == (id, conn)) {
+            let p = self.pipes.swap_remove(pos);
+            let (mine, other) = if p.a == (id, conn) { (p.a, p.b) } else { (p.b, p.a) };
+            // After the data already in flight.
+            self.send(LATENCY_NS + 1, Msg::FsClosed { to: other.0, conn: other.1 });
+            self.send(LATENCY_NS + 1, Msg::FsClosed { to: mine.0, conn: mine.1 });
+        }
+    }
+
+    fn deliver_due(&mut self) {
+        self.queue.sort_by_key(|(t, s, _)| (*t, *s));
+        let due = self.queue.partition_point(|(t, _, _)| *t <= self.now);
+        let msgs: Vec<(Nanos, u64, Msg)> = self.queue.drain(..due).collect();
+        for (_, _, m) in msgs {
+            let now = self.now;
+            let (to, f): (u16, Box<dyn FnOnce(&mut SimNode)>) = match m {
+                Msg::Ccp { to, bytes } => (to, Box::new(move |n| n.handle_ccp(&bytes, now))),
+                Msg::FsAccept { to, conn } => (to, Box::new(move |n| n.fs_accepted(conn, now))),
+                Msg::FsConnected { to, conn } => (to, Box::new(move |n| n.fs_connected(conn, now))),
+                Msg::FsData { to, conn, bytes } => (to, Box::new(move |n| n.fs_data(conn, &bytes, now))),
+                Msg::FsClosed { to, conn } => (to, Box::new(move |n| n.fs_closed(conn, now))),
+            };
+            if let Some(n) = self.slots.get_mut(to as usize - 1).and_then(|s| s.node.as_mut()) {
+                f(n);
+            }
+            self.outputs(to);
+        }
+    }
+
+    /// The members the workload writes through.
+    fn writers(&self) -> Vec<u16> {
+        let active: Vec<u16> = (1..=self.cfg.members)
+            .filter(|id| {
+                let s = &self.slots[*id as usize - 1];
+                !s.isolated
+                    && s.node.as_ref().is_some_and(|n| {
+                        matches!(n.state(), MemberState::Active | MemberState::ActiveAttention) && n.is_synced()
+                    })
+            })
+            .collect();
+        match self.cfg.mode {
+            Mode::HighAvailability => active.into_iter().take(1).collect(),
+            Mode::LoadSharing => active,
+        }
+    }
+
+    fn churn(&mut self) {
+        for w in self.writers() {
+            for _ in 0..self.cfg.ops_per_ms.div_ceil((1_000_000 / STEP_NS) as u32) {
+                let k = sim_key(w, self.rng.below(KEYS_PER_WRITER as u64) as u32);
+                let present = matches!(self.reference.get(&k), Some((Some(_), _, _)));
+                let delete = present && self.rng.below(10) < 4;
+                self.mark += 1;
+                let mark = self.mark;
+                let Some(n) = self.slots[w as usize - 1].node.as_mut() else { continue };
+                let r = if delete {
+                    n.table().delete(&k).map(|_| None)
+                } else {
+                    let tcp = if present { TcpState::Established } else { TcpState::SynSent };
+                    let st = ConnState::new(tcp, Direction::Original, ConnFlags::SYNC | ConnFlags::CONFIRMED, 0, mark);
+                    n.table().upsert(&k, &ConnEntry::new(st)).map(|_| Some(mark))
+                };
+                match r {
+                    Ok(v) => {
+                        self.report.writes_acked += 1;
+                        self.reference.insert(k, (v, w, self.now));
+                        self.uncertain.remove(&k);
+                    }
+                    // Gone already (a peer's delete won): the key is absent.
+                    Err(TableError::NotFound) => {
+                        self.reference.insert(k, (None, w, self.now));
+                        self.uncertain.remove(&k);
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+
+    fn step(&mut self, faults: bool) {
+        self.now += STEP_NS;
+        for id in 1..=self.cfg.members {
+            if let Some(t) = self.slots[id as usize - 1].restart_at {
+                if t <= self.now && self.start_member(id).is_err() {
+                    self.slots[id as usize - 1].restart_at = Some(self.now + 10 * STEP_NS);
+                }
+            }
+            if let Some(n) = self.slots[id as usize - 1].node.as_mut() {
+                n.table_ref().driver_ref().device().nic().advance_time(Duration::from_nanos(STEP_NS));
+                let now = self.now;
+                if n.poll_timeout().is_some_and(|t| t <= now) {
+                    n.handle_timeout(now);
+                } else {
+                    n.progress(now);
+                }
+            }
+            self.outputs(id);
+            let st = self.slots[id as usize - 1].node.as_ref().map(|n| n.state());
+            if st.is_some() && st != self.slots[id as usize - 1].last_state {
+                self.slots[id as usize - 1].last_state = st;
+                if let Some(st) = st {
+                    self.log(format!("member {id} is {st}"));
+                }
+            }
+        }
+        self.deliver_due();
+        if faults {
+            self.churn();
+        }
+    }
+
+    fn schedule_faults(&mut self) -> Vec<(Nanos, Fault)> {
+        let mut f = Vec::new();
+        if !self.cfg.faults {
+            return f;
+        }
+        let churn = self.cfg.churn_ms * 1_000_000;
+        let at = |rng: &mut SeededRng, lo: u64, hi: u64| churn * lo / 100 + rng.below(churn * (hi - lo) / 100);
+        let n = self.cfg.members as u64;
+        f.push((at(&mut self.rng, 10, 30), Fault::Join((n) as u16)));
+        f.push((at(&mut self.rng, 30, 60), Fault::Crash(1 + self.rng.below(n) as u16)));
+        let p = 1 + self.rng.below(n) as u16;
+        let t = at(&mut self.rng, 40, 80);
+        f.push((t, Fault::Isolate(p, true)));
+        f.push((t + (50 + self.rng.below(250)) * 1_000_000, Fault::Isolate(p, false)));
+        f.push((at(&mut self.rng, 50, 90), Fault::Resync(1 + self.rng.below(n) as u16)));
+        f.sort_by_key(|x| x.0);
+        f
+    }
+
+    fn apply(&mut self, f: Fault) {
+        match f {
+            Fault::Join(_) => {}
+            Fault::Crash(id) => self.crash(id),
+            Fault::Isolate(id, on) => {
+                if on {
+                    self.fault("partition");
+                }
+                self.log(format!("member {id} {}", if on { "cut off" } else { "reconnected" }));
+                self.slots[id as usize - 1].isolated = on;
+                self.hub.set_isolated(id, on);
+                if on {
+                    let ends: Vec<(u16, ConnId)> =
+                        self.pipes.iter().filter(|p| p.a.0 == id || p.b.0 == id).map(|p| p.a).collect();
+                    for (m, c) in ends {
+                        self.close_pipe(m, c);
+                    }
+                }
+            }
+            Fault::Resync(id) => {
+                let now = self.now;
+                let ls = self.cfg.mode == Mode::LoadSharing;
+                let mut done = false;
+                if let Some(n) = self.slots[id as usize - 1].node.as_mut() {
+                    // Traffic has moved off a member an operator resyncs.
+                    if !matches!(n.state(), MemberState::Active | MemberState::ActiveAttention) || ls {
+                        n.request_resync(now);
+                        done = true;
+                    }
+                }
+                if done {
+                    self.fault("manual_resync");
+                    self.log(format!("operator resyncs member {id}"));
+                }
+            }
+        }
+    }
+
+    fn digest_of(n: &mut SimNode) -> Result<(u64, u64, HashMap<ConnKey, u32>), String> {
+        let (count, digest) = n.digest().map_err(|e| e.to_string())?;
+        let mut all = Vec::new();
+        let mut cursor = 0;
+        loop {
+            cursor = n.table().sync_snapshot_chunk(cursor, &mut all).map_err(|e| e.to_string())?;
+            if cursor == SNAPSHOT_DONE {
+                break;
+            }
+        }
+        Ok((count, digest, all.iter().map(|u| (u.key, u.state.mark.get())).collect()))
+    }
+
+    /// The end-of-run checks; `Ok` when they pass.
+    fn check(&mut self) -> Result<(), String> {
+        let mut first: Option<(u16, u64, u64, HashMap<ConnKey, u32>)> = None;
+        let mut actives = 0;
+        for id in 1..=self.cfg.members {
+            let Some(n) = self.slots[id as usize - 1].node.as_mut() else { continue };
+            if !n.is_synced() {
+                return Err(format!("member {id} is not synced ({:?})", n.state()));
+            }
+            if matches!(n.state(), MemberState::Active | MemberState::ActiveAttention) {
+                actives += 1;
+            }
+            let (count, digest, map) = Self::digest_of(n)?;
+            match &first {
+                None => first = Some((id, count, digest, map)),
+                Some((fid, fc, fd, fmap)) => {
+                    if (count, digest) != (*fc, *fd) {
+                        let diff = fmap
+                            .iter()
+                            .find(|(k, v)| map.get(*k) != Some(*v))
+                            .map(|(k, v)| format!("{k}: member {fid} mark {v}, member {id} {:?}", map.get(k)))
+                            .or_else(|| {
+                                map.iter()
+                                    .find(|(k, _)| !fmap.contains_key(*k))
+                                    .map(|(k, v)| format!("{k}: member {fid} none, member {id} mark {v}"))
+                            })
+                            .unwrap_or_else(|| "same keys and marks (a state or owner differs)".into());
+                        let r = self.reference.iter().find(|(k, _)| diff.starts_with(&k.to_string())).map(|(_, v)| *v);
+                        return Err(format!(
+                            "member {id} holds {count} entries digest {digest:016x}, member {fid} {fc} entries digest {fd:016x}; first difference {diff}; reference {r:?}"
+                        ));
+                    }
+                }
+            }
+        }
+        if self.cfg.mode == Mode::HighAvailability && actives != 1 {
+            return Err(format!("{actives} Active members in HA mode"));
+        }
+        let Some((_, count, _, map)) = first else { return Err("no live member".into()) };
+        self.report.entries = count;
+        let (mut checked, mut uncertain) = (0, 0);
+        for (k, (v, w, _)) in &self.reference {
+            if self.uncertain.contains(k) {
+                uncertain += 1;
+                continue;
+            }
+            checked += 1;
+            let held = map.get(k).copied();
+            if held != *v {
+                return Err(format!(
+                    "acknowledged write lost: {k} (writer {w}) should be {v:?}, members hold {held:?}"
+                ));
+            }
+        }
+        self.report.keys_checked = checked;
+        self.report.keys_uncertain = uncertain;
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    Join(u16),
+    Crash(u16),
+    Isolate(u16, bool),
+    Resync(u16),
+}
+
+/// Runs one seeded simulation.
+pub fn run(cfg: &SimConfig) -> SimReport {
+    let mut sim = Sim::new(cfg.clone());
+    let faults = sim.schedule_faults();
+    let late = faults.iter().find_map(|(t, f)| if let Fault::Join(id) = f { Some((*t, *id)) } else { None });
+    for id in 1..=cfg.members {
+        if late.is_some_and(|(_, l)| l == id) {
+            sim.slots[id as usize - 1].restart_at = late.map(|(t, _)| t);
+            sim.fault("late_join");
+            continue;
+        }
+        if let Err(e) = sim.start_member(id) {
+            sim.report.failure = Some(format!("member {id} did not start: {e}"));
+            return sim.report;
+        }
+    }
+    let mut pending: VecDeque<(Nanos, Fault)> = faults.into_iter().collect();
+    let churn_end = cfg.churn_ms * 1_000_000;
+    while sim.now < churn_end {
+        while pending.front().is_some_and(|(t, _)| *t <= sim.now) {
+            if let Some((_, f)) = pending.pop_front() {
+                sim.apply(f);
+            }
+        }
+        sim.step(true);
+    }
+    // Heal: every fault ends, crashed members come back, the wire is clean.
+    for (_, f) in pending {
+        if let Fault::Isolate(id, false) = f {
+            sim.apply(Fault::Isolate(id, false));
+        }
+    }
+    for id in 1..=cfg.members {
+        if sim.slots[id as usize - 1].isolated {
+            sim.apply(Fault::Isolate(id, false));
+        }
+    }
+    sim.impairment = Impairment::NONE;
+    sim.hub.set_impairment(Impairment::NONE);
+    let settle_end = churn_end + cfg.settle_ms * 1_000_000;
+    let mut last_err = String::from("did not settle");
+    while sim.now < settle_end {
+        for _ in 0..(100_000_000 / STEP_NS) {
+            sim.step(false);
+        }
+        match sim.check() {
+            Ok(()) => {
+                sim.report.converged = true;
+                sim.report.settled_after_ms = (sim.now - churn_end) / 1_000_000;
+                break;
+            }
+            Err(e) => last_err = e,
+        }
+    }
+    for s in &sim.slots {
+        if let Some(n) = &s.node {
+            sim.report.full_syncs += n.stats().full_syncs_completed;
+            sim.report.full_syncs_failed += n.stats().full_syncs_failed;
+        }
+    }
+    if !sim.report.converged {
+        sim.report.failure = Some(last_err);
+    }
+    sim.report
+}
