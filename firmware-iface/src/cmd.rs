@@ -100,12 +100,14 @@ bitflags! {
         const AUTO_GENERATION = 1 << 1;
         /// Raise an interrupt for this completion regardless of coalescing.
         const IRQ_NOW = 1 << 2;
-        /// UPSERT only (ABI 1.3): write a copy of another member's entry, as
-        /// a Full Sync does. The chained EXT (required) names the owner
-        /// member. The device applies it under the conflict rule, as if the
-        /// owner's sync unit had sent it (STALE if the stored entry or a
-        /// tombstone wins), does not send it to the peers and posts no
-        /// event. Not with AUTO_GENERATION.
+        /// UPSERT or DELETE (ABI 1.3): apply a copy of another member's
+        /// change, as a Full Sync does (an entry, or a delete's tombstone
+        /// whose generation is in the body's state). The chained EXT
+        /// (required; NAT none for DELETE) names the owner member. The
+        /// device applies it under the conflict rule, as if the owner's
+        /// sync unit had sent it (STALE if the stored entry or a tombstone
+        /// wins), does not send it to the peers and posts no event. Not
+        /// with AUTO_GENERATION.
         const REPLICA = 1 << 3;
         /// SNAPSHOT only (ABI 1.3): write 88-byte sync records
         /// ([`crate::sync::DeltaRecord`], op UPSERT, with the owner) of the
@@ -215,6 +217,9 @@ pub enum Command {
     Delete {
         /// Key to remove.
         key: ConnKey,
+        /// [`DescFlags::REPLICA`]: the (owner, generation) of another
+        /// member's delete (a Full Sync tombstone).
+        replica: Option<(u16, u32)>,
     },
     /// LOOKUP.
     Lookup {
@@ -340,6 +345,14 @@ impl CommandDescriptor {
         d
     }
 
+    /// A REPLICA DELETE: member `owner`'s delete of `key` at `generation`
+    /// (two descriptors: DELETE and its EXT).
+    pub fn replica_delete(tag: u16, key: &ConnKey, generation: u32, owner: u16) -> (Self, Self) {
+        let state = ConnState { generation: generation.into(), ..Default::default() };
+        let d = Self::conn(Opcode::Delete, DescFlags::REPLICA | DescFlags::CHAIN, tag, key, &state);
+        (d, Self::ext_replica(tag, &Nat::default(), owner))
+    }
+
     /// An EXT descriptor for a [`DescFlags::REPLICA`] write by `owner`.
     pub fn ext_replica(tag: u16, nat: &Nat, owner: u16) -> Self {
         let mut d = Self::header(Opcode::Ext, DescFlags::empty(), tag);
@@ -373,12 +386,16 @@ impl CommandDescriptor {
         let conn_op = matches!(op, Opcode::Insert | Opcode::Update | Opcode::Upsert);
         let allowed = match op {
             Opcode::Upsert => DescFlags::CHAIN | DescFlags::AUTO_GENERATION | DescFlags::IRQ_NOW | DescFlags::REPLICA,
+            Opcode::Delete => DescFlags::IRQ_NOW | DescFlags::REPLICA | DescFlags::CHAIN,
             _ if conn_op => DescFlags::CHAIN | DescFlags::AUTO_GENERATION | DescFlags::IRQ_NOW,
             Opcode::Snapshot => DescFlags::IRQ_NOW | DescFlags::SYNC_RECORDS,
             Opcode::Ext => DescFlags::empty(),
             _ => DescFlags::IRQ_NOW,
         };
-        if !allowed.contains(flags) || flags.contains(DescFlags::REPLICA | DescFlags::AUTO_GENERATION) {
+        let chain_without_replica =
+            op == Opcode::Delete && flags.contains(DescFlags::CHAIN) && !flags.contains(DescFlags::REPLICA);
+        if !allowed.contains(flags) || flags.contains(DescFlags::REPLICA | DescFlags::AUTO_GENERATION) || chain_without_replica
+        {
             return Err(DecodeError::BadFlags(self.flags));
         }
         let empty_body = || self.body.iter().all(|b| *b == 0);
@@ -421,7 +438,17 @@ impl CommandDescriptor {
             Opcode::Delete => {
                 let body: ConnBody = zerocopy::transmute!(self.body);
                 body.key.validate().map_err(DecodeError::Key)?;
-                Ok(Command::Delete { key: body.key })
+                let replica = if flags.contains(DescFlags::REPLICA) {
+                    let ext = ext.ok_or(DecodeError::MissingExt)?;
+                    let (nat, owner) = decode_ext(ext, body.key.family)?;
+                    if owner == 0 || nat != Nat::default() {
+                        return Err(DecodeError::BadOwner);
+                    }
+                    Some((owner, body.state.generation.get()))
+                } else {
+                    None
+                };
+                Ok(Command::Delete { key: body.key, replica })
             }
             Opcode::Lookup => {
                 let body: LookupBody = zerocopy::transmute!(self.body);

@@ -532,6 +532,9 @@ pub struct Core {
     sync: Option<SyncUnit>,
     /// Scratch for the sync unit's events.
     sync_events: Vec<ReceiverEvent>,
+    /// Tombstones a SYNC_RECORDS walk emits after the table (copied when
+    /// the walk reaches them).
+    walk_tombs: Option<Vec<(ConnKey, u32, u16)>>,
     /// Peer updates held while `Control::SYNC_HOLD` is set, in arrival order.
     held: std::collections::VecDeque<DeltaUpdate>,
     /// `Control::SYNC_HOLD` as last seen.
@@ -600,6 +603,7 @@ impl Core {
             sync_events: Vec::new(),
             held: std::collections::VecDeque::new(),
             hold: false,
+            walk_tombs: None,
             tombstones: Tombstones::default(),
             shared,
         }
@@ -776,6 +780,7 @@ impl Core {
         self.tombstones = Tombstones::default();
         self.held = std::collections::VecDeque::new();
         self.hold = false;
+        self.walk_tombs = None;
         self.enabled = false;
         self.fatal = false;
         self.last_control = 0;
@@ -1066,7 +1071,16 @@ impl Core {
                 Some(owner) => self.replica(op, owner),
                 None => self.update(op, at, now_ms, true, &mut t),
             },
-            Command::Delete { ref key } => match self.find(key, at, &mut t) {
+            Command::Delete { ref key, replica: Some((owner, generation)) } => {
+                let state = ConnState { generation: generation.into(), ..Default::default() };
+                let u = DeltaUpdate { op: DeltaOp::Delete, owner, key: *key, state, nat: Nat::default() };
+                match self.apply_change(&u) {
+                    Applied::Done | Applied::Nothing => Outcome::ok(0),
+                    Applied::Superseded => Outcome { status: CplStatus::Stale, result: 0 },
+                    Applied::Full => Outcome::err(CplStatus::Internal),
+                }
+            }
+            Command::Delete { ref key, replica: None } => match self.find(key, at, &mut t) {
                 Some(loc) => {
                     if let Some(gone) = self.table.remove(loc, &mut t) {
                         self.sync_local(DeltaOp::Delete, &gone, false);
@@ -1086,8 +1100,11 @@ impl Core {
                 self.snapshot(buf_addr, buf_len, cursor, sync_records, now_ms, &mut t)
             }
             Command::Flush => {
+                // Everything goes, tombstones too: what was deleted before
+                // is forgotten with what was present.
                 let n = self.table.len();
                 self.table.clear();
+                self.tombstones = Tombstones::default();
                 Outcome::ok(n as u64)
             }
         };
@@ -1384,6 +1401,7 @@ impl Core {
         // since were not tracked for it (see `table::SnapshotWalk`).
         if cursor == 0 {
             self.table.begin_walk();
+            self.walk_tombs = None;
         }
         let carry = match self.table.walk_mut() {
             Some(w) if w.walked == cursor as usize && !w.torn && w.carry.len() <= max => std::mem::take(&mut w.carry),
@@ -1392,7 +1410,14 @@ impl Core {
                 return Outcome::err(CplStatus::SnapshotTorn);
             }
         };
-        let end = self.table.cursor_end();
+        let table_end = self.table.cursor_end();
+        // Sync records go on past the table with the tombstones, as DELETE
+        // records, so that the reader's deletes rank as the writer's did.
+        let end = match (&self.walk_tombs, sync) {
+            (_, false) => table_end,
+            (Some(t), true) => table_end + t.len(),
+            (None, true) => table_end + self.tombstones.by_key.len(),
+        };
         let mut pos = cursor as usize;
         let mut n = 0usize;
         // Staged in 8-record bursts, as the DMA engine would write them.
@@ -1401,19 +1426,46 @@ impl Core {
         let mut carried = carry.iter();
         let member = self.member;
         while n < max {
+            let at = fill * size;
             let slot = match carried.next() {
-                Some(s) => Some(s),
-                None if pos < end => {
+                Some(s) => Some(*s),
+                None if pos < table_end => {
                     if pos % crate::table::WAYS == 0 {
                         t.bucket_reads += 1;
                     }
                     pos += 1;
-                    self.table.at_cursor(pos - 1)
+                    self.table.at_cursor(pos - 1).copied()
+                }
+                None if pos < end => {
+                    // The tombstones, as they were when the walk reached them.
+                    let tombs = self.walk_tombs.get_or_insert_with(|| {
+                        let mut v: Vec<(ConnKey, u32, u16)> =
+                            self.tombstones.by_key.iter().map(|(k, (g, o, _))| (*k, *g, *o)).collect();
+                        // In key order, so that a run replays exactly.
+                        v.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+                        v
+                    });
+                    let i = pos - table_end;
+                    pos += 1;
+                    let Some(&(key, generation, owner)) = tombs.get(i) else { continue };
+                    let state = ConnState { generation: generation.into(), ..Default::default() };
+                    let owner = if owner == 0 { member } else { owner };
+                    let u = DeltaUpdate { op: DeltaOp::Delete, owner, key, state, nat: Nat::default() };
+                    buf[at..at + size].copy_from_slice(u.to_record().as_bytes());
+                    fill += 1;
+                    n += 1;
+                    if fill == 8 {
+                        if region.write((n - fill) * size, &buf[..fill * size]).is_err() {
+                            return self.dma_error();
+                        }
+                        fill = 0;
+                    }
+                    continue;
                 }
                 None => break,
             };
             let Some(s) = slot else { continue };
-            let at = fill * size;
+            let s = &s;
             if sync {
                 if !s.state.conn_flags().contains(ConnFlags::SYNC) {
                     continue;

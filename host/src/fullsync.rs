@@ -167,21 +167,20 @@ pub enum SnapshotRecordError {
     /// The record itself is malformed.
     #[error("{0}")]
     Record(RecordFault),
-    /// A snapshot holds entries (UPSERT records), never deletes.
-    #[error("snapshot record with op {0} (only UPSERT)")]
-    NotUpsert(u8),
     /// Every entry has an owner member.
     #[error("snapshot record without an owner")]
     NoOwner,
 }
 
-/// Checks a snapshot record: well-formed, an UPSERT, with an owner.
+/// Checks a snapshot record: well-formed, with an owner. UPSERT records
+/// are entries, DELETE records tombstones (recent deletes, so that the
+/// reader ranks later changes as the writer does).
 pub fn check_record(r: &DeltaRecord) -> Result<(), SnapshotRecordError> {
-    match r.validate().map_err(SnapshotRecordError::Record)? {
-        DeltaOp::Upsert if r.owner.get() != 0 => Ok(()),
-        DeltaOp::Upsert => Err(SnapshotRecordError::NoOwner),
-        DeltaOp::Delete => Err(SnapshotRecordError::NotUpsert(r.op)),
+    r.validate().map_err(SnapshotRecordError::Record)?;
+    if r.owner.get() == 0 {
+        return Err(SnapshotRecordError::NoOwner);
     }
+    Ok(())
 }
 /// Largest `payload_len` a receiver accepts (16 MiB).
 pub const MAX_PAYLOAD: usize = 16 << 20;
@@ -1077,15 +1076,13 @@ pub fn digest_records<'a, I: IntoIterator<Item = &'a DeltaRecord>>(records: I) -
     (d.count(), d.digest())
 }
 
-/// Count and digest of a set of entries given as sync updates (each
-/// taken as its UPSERT record, see [`record_digest`]). The caller removes
+/// Count and digest of the entries (UPSERTs; tombstones are left out)
+/// among some sync updates (see [`record_digest`]). The caller removes
 /// duplicates.
 pub fn digest_updates<'a, I: IntoIterator<Item = &'a nicsync_fwif::sync::DeltaUpdate>>(updates: I) -> (u64, u64) {
     let mut d = TableDigest::new();
-    for u in updates {
-        let mut r = u.to_record();
-        r.op = DeltaOp::Upsert as u8;
-        d.add(&r);
+    for u in updates.into_iter().filter(|u| u.op == DeltaOp::Upsert) {
+        d.add(&u.to_record());
     }
     (d.count(), d.digest())
 }

@@ -68,6 +68,9 @@ pub struct NodeConfig {
     pub retry_backoff_ns: Nanos,
     /// Random non-zero number of this process start.
     pub incarnation: u32,
+    /// A member that hears no peer at all declares its table the
+    /// cluster's after this long (a cluster of one, or every peer down).
+    pub alone_after_ns: Nanos,
 }
 
 impl NodeConfig {
@@ -84,6 +87,7 @@ impl NodeConfig {
             full_sync_timeout_ns: 2_000_000_000,
             retry_backoff_ns: 100_000_000,
             incarnation: incarnation.max(1),
+            alone_after_ns: 500_000_000,
         }
     }
 }
@@ -210,6 +214,11 @@ pub struct Node<D: NicDevice> {
     /// (member, next send, sends so far). The request is one datagram, so
     /// it is repeated until the peer acts on it.
     resync_asks: Vec<(u16, Nanos, u32)>,
+    /// Whether the table is this member's own (not emptied for a pull
+    /// that has not finished): only such a table may become the cluster's.
+    table_own: bool,
+    /// When this member started.
+    started: Nanos,
 }
 
 /// Times a resync request is repeated before it is given up.
@@ -272,6 +281,8 @@ impl<D: NicDevice> Node<D> {
             scratch: Vec::new(),
             ops: Vec::new(),
             resync_asks: Vec::new(),
+            table_own: true,
+            started: now,
         })
     }
 
@@ -593,7 +604,11 @@ impl<D: NicDevice> Node<D> {
                 ClientEvent::Chunk { index, records } => {
                     self.ops.clear();
                     self.ops.extend(records.iter().map(|r| {
-                        TableOp::Replica(r.key, ConnEntry { state: r.state, nat: Some(r.nat) }, r.owner.get())
+                        if r.op == nicsync_fwif::sync::DeltaOp::Delete as u8 {
+                            TableOp::ReplicaDelete(r.key, r.state.generation.get(), r.owner.get())
+                        } else {
+                            TableOp::Replica(r.key, ConnEntry { state: r.state, nat: Some(r.nat) }, r.owner.get())
+                        }
                     }));
                     match self.table.batch(&self.ops) {
                         Ok(results) => {
@@ -639,14 +654,20 @@ impl<D: NicDevice> Node<D> {
 
     fn start_pull(&mut self, attempt: u32, now: Nanos) {
         let Some(peer) = self.ms.sync_source() else {
-            // Nobody synced is alive: this member's table is the cluster's.
-            tracing::info!(member = self.cfg.member_id, "no synced peer: this member's table is the cluster's");
-            if let Err(e) = self.table.driver().set_sync_hold(false) {
-                self.note_error(format!("releasing sync hold: {e}"));
+            if self.may_seed(now) {
+                // Nobody synced is alive: this member's table is the cluster's.
+                tracing::info!(member = self.cfg.member_id, "no synced peer: this member's table is the cluster's");
+                if let Err(e) = self.table.driver().set_sync_hold(false) {
+                    self.note_error(format!("releasing sync hold: {e}"));
+                }
+                self.phase = Phase::Synced;
+                self.ms.set_synced(now);
+                self.ms.set_attention(false, now);
+            } else {
+                // Wait for a synced member to pull from.
+                let wait = self.cfg.probe_interval_ns.max(1);
+                self.phase = Phase::Backoff { until: now.saturating_add(wait), attempt };
             }
-            self.phase = Phase::Synced;
-            self.ms.set_synced(now);
-            self.ms.set_attention(false, now);
             return;
         };
         // Hold the peers' deltas on the card from now on; they are applied
@@ -654,6 +675,7 @@ impl<D: NicDevice> Node<D> {
         if let Err(e) = self.table.driver().set_sync_hold(true) {
             self.note_error(format!("full sync: setting sync hold: {e}"));
         }
+        self.table_own = false;
         if let Err(e) = self.table.flush() {
             self.note_error(format!("full sync: emptying the table: {e}"));
         }
@@ -676,6 +698,28 @@ impl<D: NicDevice> Node<D> {
 
     fn phase_connect_deadline(&mut self, _now: Nanos) {}
 
+    /// Whether this member may declare its own table the cluster's, when
+    /// no synced member is alive:
+    ///
+    /// * peers are alive but none is synced (a cold start): the lowest id
+    ///   among them and this member seeds the cluster, if its table is its
+    ///   own;
+    /// * no peer is heard: after [`NodeConfig::alone_after_ns`] from start
+    ///   (ten times that if its table was emptied for a pull that did not
+    ///   finish), so that a member restarted into a short partition waits
+    ///   for the cluster instead of becoming a rival Active with an empty
+    ///   table.
+    fn may_seed(&self, now: Nanos) -> bool {
+        let views = self.ms.members();
+        let alive: Vec<u16> = views.iter().filter(|v| !v.is_local && v.alive).map(|v| v.id).collect();
+        if alive.is_empty() {
+            let wait = if self.table_own { self.cfg.alone_after_ns } else { self.cfg.alone_after_ns.saturating_mul(10) };
+            now.saturating_sub(self.started) >= wait
+        } else {
+            self.table_own && alive.iter().all(|p| *p > self.cfg.member_id)
+        }
+    }
+
     fn pull_failed(&mut self, why: String, now: Nanos) {
         let Phase::Pulling(p) = &mut self.phase else { return };
         p.finished = true;
@@ -697,6 +741,7 @@ impl<D: NicDevice> Node<D> {
             self.note_error(format!("full sync: releasing sync hold: {e}"));
         }
         self.stats.full_syncs_completed += 1;
+        self.table_own = true;
         tracing::info!(member = self.cfg.member_id, "full sync: done, {records} records");
         self.stats.last_full_sync_records = records;
         self.stats.last_full_sync_ms = Some(now.saturating_sub(started) as f64 / 1e6);
@@ -795,7 +840,7 @@ impl<D: NicDevice> Node<D> {
             }
         }
         let mut by_key: std::collections::BTreeMap<[u8; 40], DeltaUpdate> = std::collections::BTreeMap::new();
-        for u in all {
+        for u in all.into_iter().filter(|u| u.op == nicsync_fwif::sync::DeltaOp::Upsert) {
             by_key.insert(zerocopy::transmute!(u.key), u);
         }
         Ok(by_key.into_values().collect())

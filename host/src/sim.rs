@@ -24,7 +24,6 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use nicsync_fwif::cmd::SNAPSHOT_DONE;
 use nicsync_fwif::conn::{proto, ConnFlags, ConnKey, ConnState, Direction, TcpState};
 use nicsync_model::rng::SeededRng;
 use nicsync_model::sync::SenderConfig;
@@ -523,15 +522,8 @@ impl Sim {
     }
 
     fn digest_of(n: &mut SimNode) -> Result<(u64, u64, HashMap<ConnKey, u32>), String> {
-        let (count, digest) = n.digest().map_err(|e| e.to_string())?;
-        let mut all = Vec::new();
-        let mut cursor = 0;
-        loop {
-            cursor = n.table().sync_snapshot_chunk(cursor, &mut all).map_err(|e| e.to_string())?;
-            if cursor == SNAPSHOT_DONE {
-                break;
-            }
-        }
+        let all = n.synced_entries().map_err(|e| e.to_string())?;
+        let (count, digest) = crate::fullsync::digest_updates(all.iter());
         Ok((count, digest, all.iter().map(|u| (u.key, u.state.mark.get())).collect()))
     }
 

@@ -4,7 +4,7 @@
 use nicsync_fwif::cmd::{CommandDescriptor, ConnOp, DescFlags, Opcode, SNAPSHOT_DONE};
 use nicsync_fwif::conn::{ConnKey, ConnRecord, ConnState, Nat};
 use nicsync_fwif::cpl::{Completion, CplStatus};
-use nicsync_fwif::sync::{DeltaOp, DeltaRecord, DeltaUpdate, RECORD_SIZE};
+use nicsync_fwif::sync::{DeltaRecord, DeltaUpdate, RECORD_SIZE};
 use nicsync_vfio::{DmaBuffer, NicDevice};
 use zerocopy::FromBytes;
 
@@ -74,6 +74,9 @@ pub enum TableOp {
     /// REPLICA UPSERT: a copy of member `owner`'s entry (Full Sync),
     /// applied under the conflict rule, not sent to the peers.
     Replica(ConnKey, ConnEntry, u16),
+    /// REPLICA DELETE: member `owner`'s delete at generation `generation`
+    /// (a Full Sync tombstone): (key, generation, owner).
+    ReplicaDelete(ConnKey, u32, u16),
 }
 
 /// Maps a completion status to the table result.
@@ -166,6 +169,10 @@ impl<D: NicDevice> ConnTable<D> {
             TableOp::Replica(k, e, owner) => {
                 ConnOp { key: *k, state: e.state, nat: e.nat, auto_generation: false, replica_owner: Some(*owner) }
                     .encode(Opcode::Upsert, 0)
+            }
+            TableOp::ReplicaDelete(k, generation, owner) => {
+                let (d, ext) = CommandDescriptor::replica_delete(0, k, *generation, *owner);
+                (d, Some(ext))
             }
         }
     }
@@ -333,7 +340,7 @@ impl<D: NicDevice> ConnTable<D> {
 impl<D: NicDevice> ConnTable<D> {
     /// One chunk of a walk over the entries marked for sync, as sync
     /// updates with their owners (SNAPSHOT with SYNC_RECORDS), appended to
-    /// `out`. Start with cursor 0 and pass the returned cursor back until it
+    /// `out`: UPSERTs for the entries, then DELETEs for the tombstones. Start with cursor 0 and pass the returned cursor back until it
     /// is [`SNAPSHOT_DONE`]. The walk is consistent: every entry present
     /// from its start to its end is returned at least once, whatever
     /// changes meanwhile; if the device cannot keep that promise the chunk
@@ -366,8 +373,8 @@ impl<D: NicDevice> ConnTable<D> {
         for chunk in raw.chunks_exact(RECORD_SIZE) {
             let rec = DeltaRecord::read_from_bytes(chunk).unwrap_or_default();
             let u = rec.decode().map_err(|e| TableError::BadRecord(e.to_string()))?;
-            if u.op != DeltaOp::Upsert || u.owner == 0 {
-                return Err(TableError::BadRecord(format!("snapshot sync record {:?} of owner {}", u.op, u.owner)));
+            if u.owner == 0 {
+                return Err(TableError::BadRecord(format!("snapshot sync record {:?} without an owner", u.op)));
             }
             out.push(u);
         }
