@@ -214,11 +214,10 @@ pub struct Node<D: NicDevice> {
     /// (member, next send, sends so far). The request is one datagram, so
     /// it is repeated until the peer acts on it.
     resync_asks: Vec<(u16, Nanos, u32)>,
-    /// Whether the table is this member's own (not emptied for a pull
-    /// that has not finished): only such a table may become the cluster's.
-    table_own: bool,
     /// When this member started.
     started: Nanos,
+    /// Since when it has been looking for an Active to pull from.
+    looking_since: Option<Nanos>,
 }
 
 /// Times a resync request is repeated before it is given up.
@@ -264,8 +263,9 @@ impl<D: NicDevice> Node<D> {
             now,
         )
         .map_err(|e| NodeError::Membership(e.to_string()))?;
-        // The application writes carry their own generations in a cluster.
-        table.set_auto_generation(true);
+        // A new member holds the peers' updates from its first moment, so
+        // that none is applied before the snapshot it will pull.
+        table.driver().set_sync_hold(true).map_err(|e| NodeError::Table(e.into()))?;
         let listen = cfg.probe_interval_ns.saturating_mul(cfg.dead_after as u64 + 1);
         Ok(Node {
             session_seed: cfg.incarnation,
@@ -281,8 +281,8 @@ impl<D: NicDevice> Node<D> {
             scratch: Vec::new(),
             ops: Vec::new(),
             resync_asks: Vec::new(),
-            table_own: true,
             started: now,
+            looking_since: None,
         })
     }
 
@@ -652,7 +652,28 @@ impl<D: NicDevice> Node<D> {
         }
     }
 
+    /// The member to pull from: an Active; a Standby only when no Active
+    /// has been heard for a dead window since this member began to look
+    /// (so that a member that hears a Standby first does not pull a copy
+    /// that lags the Active's).
+    fn pull_source(&mut self, now: Nanos) -> Option<u16> {
+        let src = self.ms.sync_source()?;
+        let active = self.ms.members().iter().any(|v| v.id == src && v.alive && v.state.is_active());
+        if active {
+            self.looking_since = None;
+            return Some(src);
+        }
+        let since = *self.looking_since.get_or_insert(now);
+        let window = self.cfg.probe_interval_ns.saturating_mul(self.cfg.dead_after as u64 + 1);
+        (now.saturating_sub(since) >= window).then_some(src)
+    }
+
     fn start_pull(&mut self, attempt: u32, now: Nanos) {
+        if self.ms.sync_source().is_some() && self.pull_source(now).is_none() {
+            let wait = self.cfg.probe_interval_ns.max(1);
+            self.phase = Phase::Backoff { until: now.saturating_add(wait), attempt };
+            return;
+        }
         let Some(peer) = self.ms.sync_source() else {
             if self.may_seed(now) {
                 // Nobody synced is alive: this member's table is the cluster's.
@@ -670,12 +691,17 @@ impl<D: NicDevice> Node<D> {
             }
             return;
         };
-        // Hold the peers' deltas on the card from now on; they are applied
-        // after the snapshot, in arrival order.
+        // Hold the peers' deltas on the card from now on (a new member
+        // holds from its start); they are applied after the snapshot, in
+        // arrival order. The table is emptied, tombstones too: it becomes
+        // the source's (entries and recent deletes), then what happened
+        // since. In HA the source is the Active, which has every update it
+        // made itself, so nothing this member applied before the hold can
+        // be missing from the snapshot unless its sender is dead (and then
+        // the Active's word is the cluster's).
         if let Err(e) = self.table.driver().set_sync_hold(true) {
             self.note_error(format!("full sync: setting sync hold: {e}"));
         }
-        self.table_own = false;
         if let Err(e) = self.table.flush() {
             self.note_error(format!("full sync: emptying the table: {e}"));
         }
@@ -702,21 +728,17 @@ impl<D: NicDevice> Node<D> {
     /// no synced member is alive:
     ///
     /// * peers are alive but none is synced (a cold start): the lowest id
-    ///   among them and this member seeds the cluster, if its table is its
-    ///   own;
-    /// * no peer is heard: after [`NodeConfig::alone_after_ns`] from start
-    ///   (ten times that if its table was emptied for a pull that did not
-    ///   finish), so that a member restarted into a short partition waits
-    ///   for the cluster instead of becoming a rival Active with an empty
-    ///   table.
+    ///   among them and this member seeds the cluster;
+    /// * no peer is heard: after [`NodeConfig::alone_after_ns`] from start,
+    ///   so that a member restarted into a short partition waits for the
+    ///   cluster instead of becoming a rival Active with an empty table.
     fn may_seed(&self, now: Nanos) -> bool {
         let views = self.ms.members();
         let alive: Vec<u16> = views.iter().filter(|v| !v.is_local && v.alive).map(|v| v.id).collect();
         if alive.is_empty() {
-            let wait = if self.table_own { self.cfg.alone_after_ns } else { self.cfg.alone_after_ns.saturating_mul(10) };
-            now.saturating_sub(self.started) >= wait
+            now.saturating_sub(self.started) >= self.cfg.alone_after_ns
         } else {
-            self.table_own && alive.iter().all(|p| *p > self.cfg.member_id)
+            alive.iter().all(|p| *p > self.cfg.member_id)
         }
     }
 
@@ -741,7 +763,7 @@ impl<D: NicDevice> Node<D> {
             self.note_error(format!("full sync: releasing sync hold: {e}"));
         }
         self.stats.full_syncs_completed += 1;
-        self.table_own = true;
+        self.looking_since = None;
         tracing::info!(member = self.cfg.member_id, "full sync: done, {records} records");
         self.stats.last_full_sync_records = records;
         self.stats.last_full_sync_ms = Some(now.saturating_sub(started) as f64 / 1e6);

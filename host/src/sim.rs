@@ -152,6 +152,10 @@ struct Sim {
     uncertain: std::collections::HashSet<ConnKey>,
     report: SimReport,
     mark: u32,
+    /// A key whose value on every member is logged as it changes
+    /// (`NICSYNC_SIM_TRACE_KEY`, for replaying a failure).
+    trace_key: Option<ConnKey>,
+    trace_last: HashMap<u16, Option<(u32, u32)>>,
 }
 
 fn sim_key(writer: u16, i: u32) -> ConnKey {
@@ -194,6 +198,8 @@ impl Sim {
             uncertain: Default::default(),
             report,
             mark: 0,
+            trace_key: std::env::var("NICSYNC_SIM_TRACE_KEY").ok().and_then(|k| crate::control::parse_key(&k).ok()),
+            trace_last: HashMap::new(),
         }
     }
 
@@ -462,6 +468,19 @@ impl Sim {
         if faults {
             self.churn();
         }
+        if let Some(k) = self.trace_key {
+            for id in 1..=self.cfg.members {
+                let v = self.slots[id as usize - 1]
+                    .node
+                    .as_mut()
+                    .and_then(|n| n.table().lookup(&k).ok().flatten())
+                    .map(|r| (r.state.mark.get(), r.state.generation.get()));
+                if self.trace_last.get(&id) != Some(&v) {
+                    self.trace_last.insert(id, v);
+                    self.log(format!("trace: member {id} holds {v:?}"));
+                }
+            }
+        }
     }
 
     fn schedule_faults(&mut self) -> Vec<(Nanos, Fault)> {
@@ -523,6 +542,18 @@ impl Sim {
 
     fn digest_of(n: &mut SimNode) -> Result<(u64, u64, HashMap<ConnKey, u32>), String> {
         let all = n.synced_entries().map_err(|e| e.to_string())?;
+        for u in &all {
+            let direct = n.table().lookup(&u.key).map_err(|e| e.to_string())?;
+            if direct.map(|r| r.state.mark.get()) != Some(u.state.mark.get()) {
+                return Err(format!(
+                    "member {}: the walk gave {} mark {}, a lookup {:?}",
+                    n.member_id(),
+                    u.key,
+                    u.state.mark.get(),
+                    direct.map(|r| r.state.mark.get())
+                ));
+            }
+        }
         let (count, digest) = crate::fullsync::digest_updates(all.iter());
         Ok((count, digest, all.iter().map(|u| (u.key, u.state.mark.get())).collect()))
     }
@@ -544,8 +575,11 @@ impl Sim {
                 None => first = Some((id, count, digest, map)),
                 Some((fid, fc, fd, fmap)) => {
                     if (count, digest) != (*fc, *fd) {
-                        let diff = fmap
-                            .iter()
+                        let mut keys: Vec<&ConnKey> = fmap.keys().collect();
+                        keys.sort_by_key(|k| k.to_string());
+                        let diff = keys
+                            .into_iter()
+                            .map(|k| (k, &fmap[k]))
                             .find(|(k, v)| map.get(*k) != Some(*v))
                             .map(|(k, v)| format!("{k}: member {fid} mark {v}, member {id} {:?}", map.get(k)))
                             .or_else(|| {
@@ -657,6 +691,12 @@ pub fn run(cfg: &SimConfig) -> SimReport {
     }
     if !sim.report.converged {
         sim.report.failure = Some(last_err);
+        for id in 1..=cfg.members {
+            if let Some(n) = &sim.slots[id as usize - 1].node {
+                let line = format!("member {id} at the end: {}", crate::runtime::syncstat_json(n, &Default::default()));
+                sim.report.timeline.push(line);
+            }
+        }
     }
     sim.report
 }
