@@ -182,11 +182,17 @@ pub enum Counter {
     SyncApplyFailed = 25,
     /// Delta Sync: datagrams refused as malformed.
     SyncMalformed = 26,
+    /// Delta Sync (gauge): local updates some peer has not acknowledged yet
+    /// (the next number less one, less the lowest acknowledged number of any
+    /// configured peer). A host about to replace its table by a peer's
+    /// snapshot waits for it to drain, so that its own last changes are in
+    /// the snapshot.
+    SyncUnacked = 27,
 }
 
 impl Counter {
     /// Every counter, in register order.
-    pub const ALL: [Counter; 27] = [
+    pub const ALL: [Counter; 28] = [
         Counter::CommandsFetched,
         Counter::CompletionsWritten,
         Counter::CommandErrors,
@@ -214,6 +220,7 @@ impl Counter {
         Counter::SyncHoldDrops,
         Counter::SyncApplyFailed,
         Counter::SyncMalformed,
+        Counter::SyncUnacked,
     ];
 
     /// Register offset of this counter's low half.
@@ -251,6 +258,7 @@ impl Counter {
             Counter::SyncHoldDrops => "sync_hold_drops",
             Counter::SyncApplyFailed => "sync_apply_failed",
             Counter::SyncMalformed => "sync_malformed",
+            Counter::SyncUnacked => "sync_unacked",
         }
     }
 }

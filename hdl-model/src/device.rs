@@ -1353,6 +1353,7 @@ impl Core {
             (Counter::SyncHeld, self.held.len() as u64),
             (Counter::SyncApplyFailed, st.apply_failed),
             (Counter::SyncMalformed, st.malformed + st.protocol.malformed),
+            (Counter::SyncUnacked, unit.unacked()),
         ];
         for (c, v) in vals {
             if self.counters[c as usize] != v {

@@ -96,6 +96,18 @@ impl SyncUnit {
         self.sender.next_seq()
     }
 
+    /// Local updates that some peer has not acknowledged yet.
+    pub fn unacked(&self) -> u64 {
+        let last = self.sender.next_seq().saturating_sub(1);
+        let low = self
+            .receivers
+            .iter()
+            .map(|r| self.sender.acked_through(r.config().peer).unwrap_or(0))
+            .min()
+            .unwrap_or(last);
+        last.saturating_sub(low)
+    }
+
     /// Counters, with the protocol's merged in.
     pub fn stats(&self) -> UnitStats {
         let mut st = self.stats;

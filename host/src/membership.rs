@@ -1067,6 +1067,10 @@ pub struct Membership {
     listen_done: bool,
     /// A `READY` member waits until then before it may become Active.
     ready_hold_until: Option<Nanos>,
+    /// When this member last gained a quorum (None: it has none). It may
+    /// become Active only two probe intervals later, long enough to hear
+    /// an Active the others already have.
+    quorum_since: Option<Nanos>,
     next_probe: Nanos,
     seq: u32,
     /// Sorted by id.
@@ -1095,6 +1099,7 @@ impl Membership {
             listen_until: now.saturating_add(dead_ns),
             listen_done: p.peers.is_empty(),
             ready_hold_until: None,
+            quorum_since: None,
             next_probe: now.saturating_add(p.probe_interval_ns),
             seq: 0,
             peers,
@@ -1563,11 +1568,33 @@ impl Membership {
         }
     }
 
+    /// Whether this member sees a majority of the cluster (itself
+    /// included). Clusters of three or more members need one to have an
+    /// Active, so that a member cut off from the others does not become a
+    /// second Active whose changes the others never see; a pair cannot
+    /// have a majority without both members, so it goes without.
+    pub fn has_quorum(&self) -> bool {
+        let total = self.peers.len() + 1;
+        let seen = self.peers.iter().filter(|p| p.alive).count() + 1;
+        total < 3 || 2 * seen > total
+    }
+
     fn elect_ha(&mut self, now: Nanos) {
         let me = self.p.member_id;
         let active_peer = self.peers.iter().any(|p| p.alive && p.state.is_active());
+        let quorum = self.has_quorum();
+        if !quorum {
+            self.quorum_since = None;
+        } else if self.quorum_since.is_none() {
+            self.quorum_since = Some(now);
+        }
+        let settled = self.quorum_since.is_some_and(|t| now >= t.saturating_add(2 * self.p.probe_interval_ns));
         match self.state {
             MemberState::Down => {}
+            MemberState::Active | MemberState::ActiveAttention if !quorum => {
+                self.stats.step_downs += 1;
+                self.transition(MemberState::Standby);
+            }
             MemberState::Active | MemberState::ActiveAttention => {
                 let dead_ns = self.dead_ns;
                 let conflict = self.peers.iter().filter(|p| p.alive && p.state.is_active()).any(|p| {
@@ -1585,7 +1612,10 @@ impl Membership {
                     self.transition(MemberState::Standby);
                     return;
                 }
-                if self.state == MemberState::Ready && (!self.listen_done || self.ready_hold_until.is_some()) {
+                if !quorum
+                    || (self.peers.len() >= 2 && !settled)
+                    || (self.state == MemberState::Ready && (!self.listen_done || self.ready_hold_until.is_some()))
+                {
                     return;
                 }
                 let mine = (self.yielding, me);

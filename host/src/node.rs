@@ -218,6 +218,9 @@ pub struct Node<D: NicDevice> {
     started: Nanos,
     /// Since when it has been looking for an Active to pull from.
     looking_since: Option<Nanos>,
+    /// Since when it has been waiting for its own updates to be
+    /// acknowledged before a pull.
+    drain_since: Option<Nanos>,
 }
 
 /// Times a resync request is repeated before it is given up.
@@ -283,6 +286,7 @@ impl<D: NicDevice> Node<D> {
             resync_asks: Vec::new(),
             started: now,
             looking_since: None,
+            drain_since: None,
         })
     }
 
@@ -511,11 +515,32 @@ impl<D: NicDevice> Node<D> {
         self.poll_device_events(now);
         self.drive_pull(now);
         self.drive_serving(now);
+        let mut realign = false;
         while let Some(ev) = self.ms.poll_event() {
             tracing::debug!(member = self.cfg.member_id, "membership: {ev:?}");
-            if let membership::MembershipEvent::ResyncRequested { .. } = ev {
-                self.stats.resyncs_requested += 1;
-                self.resync_wanted = true;
+            match ev {
+                membership::MembershipEvent::ResyncRequested { .. } => {
+                    self.stats.resyncs_requested += 1;
+                    self.resync_wanted = true;
+                }
+                // A member died or restarted, or this one took over: the
+                // dead member's last updates may have reached some members
+                // and not others, and nobody can tell (its retransmit queue
+                // died with it). In HA the Active's table is the cluster's,
+                // so the Standbys realign on it.
+                membership::MembershipEvent::BecameActive
+                | membership::MembershipEvent::PeerDied { .. }
+                | membership::MembershipEvent::PeerRestarted { .. } => realign = true,
+                _ => {}
+            }
+        }
+        let active = matches!(self.ms.local_state(), MemberState::Active | MemberState::ActiveAttention);
+        if realign && active && self.cfg.mode == Mode::HighAvailability && self.is_synced() {
+            let peers: Vec<u16> = self.ms.members().iter().filter(|m| !m.is_local && m.alive).map(|m| m.id).collect();
+            for p in peers {
+                if !self.resync_asks.iter().any(|a| a.0 == p) {
+                    self.resync_asks.push((p, now, 0));
+                }
             }
         }
         if self.resync_wanted {
@@ -691,6 +716,16 @@ impl<D: NicDevice> Node<D> {
             }
             return;
         };
+        // This member's own last changes must reach the source first, or
+        // the snapshot would lack them and emptying the table lose them
+        // (bounded: a dead peer never acknowledges).
+        let unacked = self.table.driver_ref().device_counter(Counter::SyncUnacked);
+        let since = *self.drain_since.get_or_insert(now);
+        if unacked > 0 && now.saturating_sub(since) < self.cfg.full_sync_timeout_ns / 4 {
+            self.phase = Phase::Backoff { until: now.saturating_add(self.cfg.probe_interval_ns.max(1)), attempt };
+            return;
+        }
+        self.drain_since = None;
         // Hold the peers' deltas on the card from now on (a new member
         // holds from its start); they are applied after the snapshot, in
         // arrival order. The table is emptied, tombstones too: it becomes
