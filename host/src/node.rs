@@ -147,6 +147,8 @@ pub struct NodeStats {
     pub snapshot_walks_torn: u64,
     /// Resyncs started: by an operator, a peer's request or the device.
     pub resyncs_requested: u64,
+    /// Resync requests of peers ignored because this member is the Active.
+    pub resync_requests_ignored: u64,
     /// RESYNC_NEEDED events from the device (lost updates, no room, hold overflow).
     pub device_resync_events: u64,
     /// SYNC_UPDATED / SYNC_REMOVED events from the device.
@@ -214,6 +216,9 @@ pub struct Node<D: NicDevice> {
     /// (member, next send, sends so far). The request is one datagram, so
     /// it is repeated until the peer acts on it.
     resync_asks: Vec<(u16, Nanos, u32)>,
+    /// Whether the table is this member's own, not emptied for a pull that
+    /// has not finished: only such a table may become the cluster's.
+    table_own: bool,
     /// When this member started.
     started: Nanos,
     /// Since when it has been looking for an Active to pull from.
@@ -284,6 +289,7 @@ impl<D: NicDevice> Node<D> {
             scratch: Vec::new(),
             ops: Vec::new(),
             resync_asks: Vec::new(),
+            table_own: true,
             started: now,
             looking_since: None,
             drain_since: None,
@@ -375,6 +381,13 @@ impl<D: NicDevice> Node<D> {
     }
 
     fn drive_resync_asks(&mut self, now: Nanos) {
+        // Realigning the others is the Active's business; one that lost the
+        // role drops what it had queued.
+        let active = matches!(self.ms.local_state(), MemberState::Active | MemberState::ActiveAttention);
+        if !active && self.cfg.mode == Mode::HighAvailability {
+            self.resync_asks.clear();
+            return;
+        }
         let views = self.ms.members();
         let every = self.cfg.probe_interval_ns.saturating_mul(3);
         let mut gave_up = Vec::new();
@@ -519,17 +532,25 @@ impl<D: NicDevice> Node<D> {
         while let Some(ev) = self.ms.poll_event() {
             tracing::debug!(member = self.cfg.member_id, "membership: {ev:?}");
             match ev {
-                membership::MembershipEvent::ResyncRequested { .. } => {
-                    self.stats.resyncs_requested += 1;
-                    self.resync_wanted = true;
+                membership::MembershipEvent::ResyncRequested { by } => {
+                    // In HA the Active's table is the cluster's: a request
+                    // that reaches it (sent when the asker was Active) is
+                    // stale.
+                    let active = matches!(self.ms.local_state(), MemberState::Active | MemberState::ActiveAttention);
+                    if active && self.cfg.mode == Mode::HighAvailability {
+                        tracing::info!(member = self.cfg.member_id, "ignoring a resync request of member {by}: this member is Active");
+                        self.stats.resync_requests_ignored += 1;
+                    } else {
+                        self.stats.resyncs_requested += 1;
+                        self.resync_wanted = true;
+                    }
                 }
                 // A member died or restarted, or this one took over: the
                 // dead member's last updates may have reached some members
                 // and not others, and nobody can tell (its retransmit queue
                 // died with it). In HA the Active's table is the cluster's,
                 // so the Standbys realign on it.
-                membership::MembershipEvent::BecameActive
-                | membership::MembershipEvent::PeerDied { .. }
+                membership::MembershipEvent::PeerDied { .. }
                 | membership::MembershipEvent::PeerRestarted { .. } => realign = true,
                 _ => {}
             }
@@ -737,6 +758,7 @@ impl<D: NicDevice> Node<D> {
         if let Err(e) = self.table.driver().set_sync_hold(true) {
             self.note_error(format!("full sync: setting sync hold: {e}"));
         }
+        self.table_own = false;
         if let Err(e) = self.table.flush() {
             self.note_error(format!("full sync: emptying the table: {e}"));
         }
@@ -762,6 +784,8 @@ impl<D: NicDevice> Node<D> {
     /// Whether this member may declare its own table the cluster's, when
     /// no synced member is alive:
     ///
+    /// * never after its table was emptied for a pull that has not
+    ///   finished;
     /// * peers are alive but none is synced (a cold start): the lowest id
     ///   among them and this member seeds the cluster;
     /// * no peer is heard: after [`NodeConfig::alone_after_ns`] from start,
@@ -770,6 +794,11 @@ impl<D: NicDevice> Node<D> {
     fn may_seed(&self, now: Nanos) -> bool {
         let views = self.ms.members();
         let alive: Vec<u16> = views.iter().filter(|v| !v.is_local && v.alive).map(|v| v.id).collect();
+        if !self.table_own {
+            // Emptied for a pull: it holds nothing to offer; it waits for a
+            // member that does.
+            return false;
+        }
         if alive.is_empty() {
             now.saturating_sub(self.started) >= self.cfg.alone_after_ns
         } else {
@@ -798,6 +827,7 @@ impl<D: NicDevice> Node<D> {
             self.note_error(format!("full sync: releasing sync hold: {e}"));
         }
         self.stats.full_syncs_completed += 1;
+        self.table_own = true;
         self.looking_since = None;
         tracing::info!(member = self.cfg.member_id, "full sync: done, {records} records");
         self.stats.last_full_sync_records = records;
