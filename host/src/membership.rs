@@ -129,7 +129,7 @@
 //! | kind | entries | meaning | CCP analogue |
 //! |---|---|---|---|
 //! | `PROBE` (1) | 0..=64, strictly ascending ids, not the sender | periodic, to all: my state and my view of every peer | cluster-member probing, health-status report |
-//! | `STATE_CHANGE` (2) | exactly 1: (target, state) | target = sender: "I am now in `state`" (announcement; must equal the header's state); otherwise a command "member target, go to `state`": `STANDBY` (give up Active) or `DOWN` (resync: pull a Full Sync); others are ignored | state-change command |
+//! | `STATE_CHANGE` (2) | exactly 1: (target, state) | target = sender: "I am now in `state`" (announcement; must equal the header's state); otherwise a command "member target, go to `state`": `STANDBY` (give up Active), `DOWN` (resync: pull a Full Sync) or `READY` (merge the sender's table); others are ignored | state-change command |
 //! | `QUERY` (3) | 0 | "who is there?": answered by a PROBE to the asker; sent at start | querying for cluster membership |
 //!
 //! [`Message::parse`] checks, in order: header length, magic, version,
@@ -943,6 +943,14 @@ pub enum MembershipEvent {
         /// The member that asked.
         by: u16,
     },
+    /// A peer (the Active realigning the cluster) asked this member to
+    /// merge the peer's table into its own (a `STATE_CHANGE` command "go
+    /// READY"): its host pulls a Full Sync and applies it under the
+    /// conflict rule without emptying its table first.
+    MergeRequested {
+        /// The member that asked.
+        by: u16,
+    },
 }
 
 /// One member as this member sees it.
@@ -1313,6 +1321,20 @@ impl Membership {
         }
     }
 
+    /// Asks peer `target` to merge this member's table into its own (a
+    /// `STATE_CHANGE` command "go READY").
+    pub fn request_merge(&mut self, target: u16, now: Nanos) {
+        self.expire(now);
+        if target != self.p.member_id && self.peer(target).is_some_and(|p| p.alive) {
+            let entry = Entry { member: target, state: MemberState::Ready };
+            if self.send(Destination::Member(target), MessageKind::StateChange, vec![entry]) {
+                self.stats.commands_sent += 1;
+            }
+        } else {
+            self.stats.commands_ignored += 1;
+        }
+    }
+
     /// Sends a QUERY to every peer (answered by PROBEs).
     pub fn query(&mut self, now: Nanos) {
         self.expire(now);
@@ -1488,6 +1510,9 @@ impl Membership {
                         self.stats.commands_received += 1;
                         if t.state == MemberState::Standby {
                             self.local_standby(now);
+                        } else if t.state == MemberState::Ready {
+                            // "Merge my table into yours" (realignment).
+                            self.push_event(MembershipEvent::MergeRequested { by: h.sender });
                         } else if t.state == MemberState::Down {
                             // "Go DOWN": resync (the host pulls a Full
                             // Sync and goes Down for its length).

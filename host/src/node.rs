@@ -139,6 +139,10 @@ pub struct NodeStats {
     pub last_full_sync_ms: Option<f64>,
     /// Records in the last completed Full Sync.
     pub last_full_sync_records: u64,
+    /// Merge pulls (realignments) completed.
+    pub merges_completed: u64,
+    /// Merge pulls that failed.
+    pub merges_failed: u64,
     /// Full Syncs served to peers to the end.
     pub full_syncs_served: u64,
     /// Full Syncs served that failed.
@@ -223,6 +227,13 @@ pub struct Node<D: NicDevice> {
     started: Nanos,
     /// Since when it has been looking for an Active to pull from.
     looking_since: Option<Nanos>,
+    /// The merge pull in progress (realignment; the member stays in its
+    /// state meanwhile).
+    merge: Option<Box<Pull>>,
+    /// Peers to merge from next.
+    merge_queue: VecDeque<u16>,
+    /// Ask the peers to merge this member's table when the queue is done.
+    ask_merge_after: bool,
     /// Since when it has been waiting for its own updates to be
     /// acknowledged before a pull.
     drain_since: Option<Nanos>,
@@ -293,6 +304,9 @@ impl<D: NicDevice> Node<D> {
             started: now,
             looking_since: None,
             drain_since: None,
+            merge: None,
+            merge_queue: VecDeque::new(),
+            ask_merge_after: false,
         })
     }
 
@@ -444,12 +458,24 @@ impl<D: NicDevice> Node<D> {
                 p.client = Some(FullSyncClient::new(params, session, now));
             }
         }
+        if let Some(p) = &mut self.merge {
+            if p.conn == conn && p.client.is_none() {
+                p.client = Some(FullSyncClient::new(params, session, now));
+            }
+        }
         self.progress(now);
     }
 
     /// Bytes arrived on a Full Sync stream.
     pub fn fs_data(&mut self, conn: ConnId, bytes: &[u8], now: Nanos) {
         if let Phase::Pulling(p) = &mut self.phase {
+            if p.conn == conn {
+                if let Some(c) = &mut p.client {
+                    c.handle_bytes(bytes, now);
+                }
+            }
+        }
+        if let Some(p) = &mut self.merge {
             if p.conn == conn {
                 if let Some(c) = &mut p.client {
                     c.handle_bytes(bytes, now);
@@ -470,6 +496,11 @@ impl<D: NicDevice> Node<D> {
                 self.pull_failed(why, now);
             }
         }
+        if self.merge.as_ref().is_some_and(|p| p.conn == conn && !p.finished) {
+            self.note_error("merge: stream closed before the end".into());
+            self.stats.merges_failed += 1;
+            self.merge = None;
+        }
         if let Some(s) = self.serving.iter_mut().find(|s| s.conn == conn) {
             s.closed = true;
         }
@@ -489,6 +520,9 @@ impl<D: NicDevice> Node<D> {
             Phase::Pulling(p) => min(p.client.as_ref().and_then(|c| c.poll_timeout())),
             Phase::Synced => {}
         }
+        if let Some(p) = &self.merge {
+            min(p.client.as_ref().and_then(|c| c.poll_timeout()));
+        }
         for s in &self.serving {
             min(s.server.poll_timeout());
         }
@@ -505,6 +539,11 @@ impl<D: NicDevice> Node<D> {
                 if c.poll_timeout().is_some_and(|t| t <= now) {
                     c.handle_timeout(now);
                 }
+            }
+        }
+        if let Some(c) = self.merge.as_mut().and_then(|p| p.client.as_mut()) {
+            if c.poll_timeout().is_some_and(|t| t <= now) {
+                c.handle_timeout(now);
             }
         }
         for s in &mut self.serving {
@@ -545,25 +584,21 @@ impl<D: NicDevice> Node<D> {
                         self.resync_wanted = true;
                     }
                 }
-                // A member died or restarted, or this one took over: the
-                // dead member's last updates may have reached some members
-                // and not others, and nobody can tell (its retransmit queue
-                // died with it). In HA the Active's table is the cluster's,
-                // so the Standbys realign on it.
+                membership::MembershipEvent::MergeRequested { by } => {
+                    if self.is_synced() && !self.merge_queue.contains(&by) {
+                        self.merge_queue.push_back(by);
+                    }
+                }
                 membership::MembershipEvent::PeerDied { .. }
                 | membership::MembershipEvent::PeerRestarted { .. } => realign = true,
                 _ => {}
             }
         }
         let active = matches!(self.ms.local_state(), MemberState::Active | MemberState::ActiveAttention);
-        if realign && active && self.cfg.mode == Mode::HighAvailability && self.is_synced() {
-            let peers: Vec<u16> = self.ms.members().iter().filter(|m| !m.is_local && m.alive).map(|m| m.id).collect();
-            for p in peers {
-                if !self.resync_asks.iter().any(|a| a.0 == p) {
-                    self.resync_asks.push((p, now, 0));
-                }
-            }
+        if realign && active && self.is_synced() {
+            self.realign();
         }
+        self.drive_merges(now);
         if self.resync_wanted {
             self.drive_pull(now);
         }
@@ -587,7 +622,7 @@ impl<D: NicDevice> Node<D> {
         self.stats.last_error = Some(why);
     }
 
-    fn poll_device_events(&mut self, now: Nanos) {
+    fn poll_device_events(&mut self, _now: Nanos) {
         let mut resync = 0u64;
         let mut synced = 0u64;
         self.table.driver().poll_events(|e| match e.kind {
@@ -607,15 +642,9 @@ impl<D: NicDevice> Node<D> {
                     // Standby's), so the peers may hold what it lacks.
                     // They pull from it; it never empties itself.
                     self.note_error(format!(
-                        "device reported {resync} lost or unapplied sync updates: the peers resync from this Active"
+                        "device reported {resync} lost or unapplied sync updates: realigning with the peers"
                     ));
-                    let peers: Vec<u16> =
-                        self.ms.members().iter().filter(|m| !m.is_local && m.alive).map(|m| m.id).collect();
-                    for p in peers {
-                        if !self.resync_asks.iter().any(|a| a.0 == p) {
-                            self.resync_asks.push((p, now, 0));
-                        }
-                    }
+                    self.realign();
                 } else {
                     self.note_error(format!("device reported {resync} lost or unapplied sync updates: resync"));
                     self.resync_wanted = true;
@@ -640,62 +669,90 @@ impl<D: NicDevice> Node<D> {
         }
         self.resync_wanted = false;
         let Phase::Pulling(p) = &mut self.phase else { return };
-        let Some(client) = &mut p.client else { return };
-        let mut fail = None;
-        let mut done = None;
-        let mut applied = Vec::new();
-        while let Some(ev) = client.poll_event() {
-            match ev {
-                ClientEvent::Begin { .. } => {}
-                ClientEvent::Chunk { index, records } => {
-                    self.ops.clear();
-                    self.ops.extend(records.iter().map(|r| {
-                        if r.op == nicsync_fwif::sync::DeltaOp::Delete as u8 {
-                            TableOp::ReplicaDelete(r.key, r.state.generation.get(), r.owner.get())
-                        } else {
-                            TableOp::Replica(r.key, ConnEntry { state: r.state, nat: Some(r.nat) }, r.owner.get())
-                        }
-                    }));
-                    match self.table.batch(&self.ops) {
-                        Ok(results) => {
-                            if let Some(e) = results.into_iter().find_map(|r| match r {
-                                Ok(_) | Err(TableError::Stale { .. }) => None,
-                                Err(e) => Some(e),
-                            }) {
-                                fail = Some(format!("full sync: writing chunk {index}: {e}"));
-                                break;
-                            }
-                        }
-                        Err(e) => {
-                            fail = Some(format!("full sync: writing chunk {index}: {e}"));
-                            break;
-                        }
-                    }
-                    p.records += records.len() as u64;
-                    applied.push(index);
+        match pump_pull(&mut self.table, &mut self.ops, &mut self.out, p, now) {
+            Some(Err(why)) => self.pull_failed(why, now),
+            Some(Ok(records)) => self.pull_done(records, now),
+            None => {}
+        }
+    }
+
+    /// The merge pulls of a realignment (see [`Node::realign`]).
+    fn drive_merges(&mut self, now: Nanos) {
+        if let Some(p) = &mut self.merge {
+            match pump_pull(&mut self.table, &mut self.ops, &mut self.out, p, now) {
+                Some(Err(why)) => {
+                    let conn = p.conn;
+                    self.out.push_back(NodeOutput::FsClose { conn });
+                    self.note_error(format!("merge: {why}"));
+                    self.stats.merges_failed += 1;
+                    self.merge = None;
                 }
-                ClientEvent::Done { records, .. } => done = Some(records),
-                ClientEvent::Failed(e) => {
-                    fail = Some(format!("full sync from member {}: {e}", p.peer));
-                    break;
+                Some(Ok(records)) => {
+                    let conn = p.conn;
+                    self.out.push_back(NodeOutput::FsClose { conn });
+                    tracing::info!(member = self.cfg.member_id, "merge: done, {records} records from member {}", p.peer);
+                    self.stats.merges_completed += 1;
+                    self.merge = None;
                 }
+                None => return,
             }
         }
-        if fail.is_none() {
-            for index in applied {
-                client.chunk_applied(index, now);
+        if !self.is_synced() {
+            self.merge_queue.clear();
+            return;
+        }
+        while let Some(peer) = self.merge_queue.pop_front() {
+            let alive = self.ms.members().iter().any(|v| v.id == peer && v.alive);
+            if !alive {
+                continue;
+            }
+            let conn = self.next_conn;
+            self.next_conn += 1;
+            tracing::info!(member = self.cfg.member_id, "merge: pulling from member {peer}");
+            self.out.push_back(NodeOutput::FsConnect { conn, peer, attempt: 0 });
+            self.merge = Some(Box::new(Pull {
+                conn,
+                peer,
+                attempt: 0,
+                client: None,
+                started: now,
+                records: 0,
+                finished: false,
+            }));
+            return;
+        }
+        // Every merge done: the peers now merge this member's table, which
+        // holds the union.
+        if self.ask_merge_after {
+            self.ask_merge_after = false;
+            let peers: Vec<u16> = self.ms.members().iter().filter(|m| !m.is_local && m.alive).map(|m| m.id).collect();
+            for p in peers {
+                self.ms.request_merge(p, now);
             }
         }
-        self.scratch.clear();
-        while client.poll_transmit(&mut self.scratch) {}
-        if !self.scratch.is_empty() {
-            self.out.push_back(NodeOutput::FsSend { conn: p.conn, bytes: std::mem::take(&mut self.scratch) });
+    }
+
+    /// After a member died or restarted, or this Active found updates
+    /// missing, its last updates may have reached some members and not
+    /// others, and no retransmission will settle it (its queue died with
+    /// it). The Active merges every peer's table into its own under the
+    /// conflict rule, one after another, then asks them to merge its table,
+    /// which then holds the union: every member ends with the same table,
+    /// and no change any member holds is lost.
+    fn realign(&mut self) {
+        let peers: Vec<u16> = self
+            .ms
+            .members()
+            .iter()
+            .filter(|m| !m.is_local && m.alive && matches!(m.state, MemberState::Standby | MemberState::Active | MemberState::ActiveAttention))
+            .map(|m| m.id)
+            .collect();
+        for p in peers {
+            if !self.merge_queue.contains(&p) {
+                self.merge_queue.push_back(p);
+            }
         }
-        if let Some(why) = fail {
-            self.pull_failed(why, now);
-        } else if let Some(records) = done {
-            self.pull_done(records, now);
-        }
+        self.ask_merge_after = true;
     }
 
     /// The member to pull from: an Active; a Standby only when no Active
@@ -963,6 +1020,74 @@ impl<D: NicDevice> Node<D> {
                 v
             })
             .collect())
+    }
+}
+
+/// Runs one pull's client: applies the chunks that arrived (REPLICA
+/// writes under the conflict rule), acknowledges them and queues what to
+/// send. `Some` when the transfer is over.
+fn pump_pull<D: NicDevice>(
+    table: &mut ConnTable<D>,
+    ops: &mut Vec<TableOp>,
+    out: &mut VecDeque<NodeOutput>,
+    p: &mut Pull,
+    now: Nanos,
+) -> Option<Result<u64, String>> {
+    let client = p.client.as_mut()?;
+    let mut fail = None;
+    let mut done = None;
+    let mut applied = Vec::new();
+    while let Some(ev) = client.poll_event() {
+        match ev {
+            ClientEvent::Begin { .. } => {}
+            ClientEvent::Chunk { index, records } => {
+                ops.clear();
+                ops.extend(records.iter().map(|r| {
+                    if r.op == nicsync_fwif::sync::DeltaOp::Delete as u8 {
+                        TableOp::ReplicaDelete(r.key, r.state.generation.get(), r.owner.get())
+                    } else {
+                        TableOp::Replica(r.key, ConnEntry { state: r.state, nat: Some(r.nat) }, r.owner.get())
+                    }
+                }));
+                let bad = match table.batch(ops) {
+                    Ok(results) => results.into_iter().find_map(|r| match r {
+                        Ok(_) | Err(TableError::Stale { .. }) => None,
+                        Err(e) => Some(e.to_string()),
+                    }),
+                    Err(e) => Some(e.to_string()),
+                };
+                if let Some(e) = bad {
+                    fail = Some(format!("full sync: writing chunk {index}: {e}"));
+                    break;
+                }
+                p.records += records.len() as u64;
+                applied.push(index);
+            }
+            ClientEvent::Done { records, .. } => done = Some(records),
+            ClientEvent::Failed(e) => {
+                fail = Some(format!("full sync from member {}: {e}", p.peer));
+                break;
+            }
+        }
+    }
+    if fail.is_none() {
+        for index in applied {
+            client.chunk_applied(index, now);
+        }
+    }
+    let mut bytes = Vec::new();
+    while client.poll_transmit(&mut bytes) {}
+    if !bytes.is_empty() {
+        out.push_back(NodeOutput::FsSend { conn: p.conn, bytes });
+    }
+    if let Some(why) = fail {
+        p.finished = true;
+        Some(Err(why))
+    } else {
+        done.map(|r| {
+            p.finished = true;
+            Ok(r)
+        })
     }
 }
 
