@@ -283,6 +283,12 @@ pub struct SenderConfig {
     pub flush_delay_ns: Nanos,
     /// ALIVE period.
     pub alive_interval_ns: Nanos,
+    /// Tail probe: this long after updates were sent and while some peer
+    /// has not acknowledged them all, an early ALIVE tells the receivers
+    /// the last number, so that a loss at the end of a burst is asked for
+    /// now rather than at the next periodic ALIVE (0: off). The probe backs
+    /// off by doubling, up to the ALIVE period.
+    pub tail_probe_ns: Nanos,
     /// Frames waiting in [`DeltaSender::poll_transmit`] at most.
     pub tx_queue_limit: usize,
     /// Peers whose ACKs are remembered at most.
@@ -301,6 +307,7 @@ impl SenderConfig {
             max_records_per_frame: MAX_RECORDS,
             flush_delay_ns: 50_000,
             alive_interval_ns: 1_000_000_000,
+            tail_probe_ns: 20_000_000,
             tx_queue_limit: 1024,
             max_peers: 64,
         }
@@ -385,6 +392,8 @@ pub struct DeltaSender {
     queue: VecDeque<DeltaRecord>,
     queue_base: u64,
     alive_deadline: Nanos,
+    /// Next tail probe and the wait after it.
+    tail_probe: Option<(Nanos, Nanos)>,
     /// Highest ACK per peer, for the current epoch.
     acks: BTreeMap<u16, u64>,
     tx: TxQueue,
@@ -405,6 +414,7 @@ impl DeltaSender {
             queue: VecDeque::with_capacity(cfg.queue_capacity),
             queue_base: cfg.first_seq,
             alive_deadline: now.saturating_add(cfg.alive_interval_ns),
+            tail_probe: None,
             acks: BTreeMap::new(),
             tx: TxQueue::new(cfg.tx_queue_limit),
             stats: SyncStats::default(),
@@ -460,6 +470,9 @@ impl DeltaSender {
         self.queue.push_back(rec);
         self.unflushed += 1;
         self.stats.updates_sent += 1;
+        if self.cfg.tail_probe_ns > 0 && self.tail_probe.is_none() {
+            self.tail_probe = Some((now.saturating_add(self.cfg.tail_probe_ns), self.cfg.tail_probe_ns));
+        }
         if self.unflushed >= self.cfg.max_records_per_frame {
             self.flush();
         } else if self.flush_deadline.is_none() {
@@ -481,16 +494,39 @@ impl DeltaSender {
 
     /// Next time [`DeltaSender::handle_timeout`] has work.
     pub fn poll_timeout(&self) -> Option<Nanos> {
-        Some(match self.flush_deadline {
+        let t = match self.flush_deadline {
             Some(f) => f.min(self.alive_deadline),
             None => self.alive_deadline,
-        })
+        };
+        Some(self.tail_probe.map_or(t, |(p, _)| p.min(t)))
     }
 
-    /// Runs the timers due at `now`: the flush delay and ALIVE.
+    /// Whether some peer that acknowledged anything has not acknowledged
+    /// every update sent (or none has acknowledged yet).
+    fn unacknowledged(&self) -> bool {
+        let last = self.next_seq - 1;
+        last >= self.cfg.first_seq && (self.acks.is_empty() || self.acks.values().any(|a| *a < last))
+    }
+
+    /// Runs the timers due at `now`: the flush delay, the tail probe and
+    /// ALIVE.
     pub fn handle_timeout(&mut self, now: Nanos) {
         if self.flush_deadline.is_some_and(|d| d <= now) {
             self.flush();
+        }
+        if let Some((at, wait)) = self.tail_probe.filter(|(at, _)| *at <= now) {
+            let _ = at;
+            if self.unacknowledged() {
+                self.flush();
+                let (origin, next) = (self.origin, self.next_seq);
+                if self.tx.push(&mut self.stats, Destination::All, |b| Frame::encode_alive(b, &origin, next)) {
+                    self.stats.alive_sent += 1;
+                }
+                let wait = wait.saturating_mul(2).min(self.cfg.alive_interval_ns);
+                self.tail_probe = Some((now.saturating_add(wait), wait));
+            } else {
+                self.tail_probe = None;
+            }
         }
         if self.alive_deadline <= now {
             self.flush();
