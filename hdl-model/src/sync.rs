@@ -287,7 +287,7 @@ pub struct SenderConfig {
     /// has not acknowledged them all, an early ALIVE tells the receivers
     /// the last number, so that a loss at the end of a burst is asked for
     /// now rather than at the next periodic ALIVE (0: off). The probe backs
-    /// off by doubling, up to the ALIVE period.
+    /// off by doubling, up to eight times this (and the ALIVE period).
     pub tail_probe_ns: Nanos,
     /// Frames waiting in [`DeltaSender::poll_transmit`] at most.
     pub tx_queue_limit: usize,
@@ -522,7 +522,7 @@ impl DeltaSender {
                 if self.tx.push(&mut self.stats, Destination::All, |b| Frame::encode_alive(b, &origin, next)) {
                     self.stats.alive_sent += 1;
                 }
-                let wait = wait.saturating_mul(2).min(self.cfg.alive_interval_ns);
+                let wait = wait.saturating_mul(2).min(self.cfg.tail_probe_ns.saturating_mul(8)).min(self.cfg.alive_interval_ns);
                 self.tail_probe = Some((now.saturating_add(wait), wait));
             } else {
                 self.tail_probe = None;

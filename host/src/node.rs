@@ -799,7 +799,7 @@ impl<D: NicDevice> Node<D> {
         // (bounded: a dead peer never acknowledges).
         let unacked = self.table.driver_ref().device_counter(Counter::SyncUnacked);
         let since = *self.drain_since.get_or_insert(now);
-        if unacked > 0 && now.saturating_sub(since) < self.cfg.full_sync_timeout_ns / 4 {
+        if unacked > 0 && now.saturating_sub(since) < self.cfg.full_sync_timeout_ns / 2 {
             self.phase = Phase::Backoff { until: now.saturating_add(self.cfg.probe_interval_ns.max(1)), attempt };
             return;
         }
