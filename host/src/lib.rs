@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod demo;
@@ -18,6 +19,7 @@ pub mod device;
 pub mod driver;
 pub mod fullsync;
 pub mod irq;
+pub mod member;
 pub mod membership;
 pub mod node;
 pub mod runtime;

@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use nicsync::bench::{self, BenchOptions};
 use nicsync::demo::{self, DemoOptions};
 use nicsync::device::{self, EmulatedOptions};
+use nicsync::control::Request;
 use nicsync::{ConnTable, DriverConfig};
 use nicsync_vfio::DeviceSpec;
 
@@ -14,6 +15,10 @@ use nicsync_vfio::DeviceSpec;
 #[derive(Parser, Debug)]
 #[command(name = "nicsync", version, about, long_about = None)]
 struct Cli {
+    /// Control socket of the daemon to talk to (state, syncstat, resync,
+    /// conn).
+    #[arg(long, global = true, default_value = nicsync::config::DEFAULT_CONTROL_SOCKET)]
+    socket: std::path::PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -26,6 +31,38 @@ enum Command {
     /// Deterministic simulation of a cluster under faults; a failing seed
     /// replays exactly with --seed.
     Sim(SimArgs),
+    /// Run one cluster member (see docs/config.md).
+    Daemon {
+        /// The member's TOML configuration.
+        #[arg(long)]
+        config: std::path::PathBuf,
+    },
+    /// Members, their states and this member's role (like `cphaprob state`).
+    State {
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sync statistics (like `cphaprob syncstat`).
+    Syncstat {
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manual Full Sync of one member, or of every member but the one the
+    /// others sync from.
+    Resync {
+        /// The member to resync (default: all).
+        member: Option<u16>,
+    },
+    /// The daemon's connection table.
+    Conn {
+        #[command(subcommand)]
+        which: ConnCommand,
+    },
+    /// N members in this process on emulated devices: churn, a member
+    /// killed and rejoined, and whether the digests converged.
+    Cluster(ClusterArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -48,6 +85,69 @@ struct DemoArgs {
     #[arg(long, default_value_t = 0x5eed)]
     seed: u64,
     /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum ConnCommand {
+    /// Entries marked for sync.
+    List {
+        /// JSON array.
+        #[arg(long)]
+        json: bool,
+        /// At most this many.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// One entry, e.g. `nicsync conn get "tcp 10.0.0.1:40000 -> 192.0.2.1:443"`.
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// Insert or update an entry (marked for sync unless --no-sync).
+    Add {
+        /// The key.
+        key: String,
+        /// TCP state (established, syn_sent, fin_wait, …).
+        #[arg(long, default_value = "established")]
+        state: String,
+        /// Seconds until it ages (0: never).
+        #[arg(long, default_value_t = 0)]
+        timeout: u32,
+        /// Firewall mark.
+        #[arg(long, default_value_t = 0)]
+        mark: u32,
+        /// Keep it local to this member.
+        #[arg(long)]
+        no_sync: bool,
+    },
+    /// Delete an entry.
+    Del {
+        /// The key.
+        key: String,
+    },
+    /// Count and order-independent digest of the synced entries (equal on
+    /// converged members).
+    Digest {
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ClusterArgs {
+    /// Members.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..=8))]
+    members: u16,
+    /// Seconds of churn.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// New connections per second at the Active member.
+    #[arg(long, default_value_t = 20_000)]
+    conn_rate: u32,
+    /// One JSON object.
     #[arg(long)]
     json: bool,
 }
@@ -118,10 +218,142 @@ fn main() -> ExitCode {
     }
 }
 
+fn control(socket: &std::path::Path, req: &Request) -> anyhow::Result<serde_json::Value> {
+    Ok(nicsync::control::call(socket, req, std::time::Duration::from_secs(30))?)
+}
+
+fn render_state(v: &serde_json::Value) -> String {
+    let mut out = format!(
+        "cluster {} ({}), member {}: {}{}\n",
+        v["cluster_id"],
+        v["mode"].as_str().unwrap_or("?"),
+        v["member_id"],
+        v["state"].as_str().unwrap_or("?").to_uppercase().replace('_', " "),
+        if v["full_sync_in_progress"].as_bool() == Some(true) { " (full sync in progress)" } else { "" }
+    );
+    out.push_str("  ID  STATE              ALIVE  LAST HEARD\n");
+    for m in v["members"].as_array().into_iter().flatten() {
+        let heard = match m["last_heard_ms_ago"].as_f64() {
+            Some(ms) => format!("{ms:.1} ms ago"),
+            None if m["local"].as_bool() == Some(true) => "(this member)".into(),
+            None => "never".into(),
+        };
+        out.push_str(&format!(
+            "  {:<3} {:<18} {:<6} {}\n",
+            m["id"],
+            m["state"].as_str().unwrap_or("?").to_uppercase().replace('_', " "),
+            if m["alive"].as_bool() == Some(true) { "yes" } else { "no" },
+            heard
+        ));
+    }
+    out
+}
+
+fn render_flat(v: &serde_json::Value, prefix: &str) -> String {
+    let mut out = String::new();
+    if let Some(o) = v.as_object() {
+        for (k, x) in o {
+            if x.is_object() {
+                out.push_str(&render_flat(x, &format!("{prefix}{k}.")));
+            } else {
+                out.push_str(&format!("{prefix}{k:<28} {x}\n"));
+            }
+        }
+    }
+    out
+}
+
+fn run_conn(socket: &std::path::Path, which: ConnCommand) -> anyhow::Result<()> {
+    match which {
+        ConnCommand::List { json, limit } => {
+            let v = control(socket, &Request::ConnList { limit })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for e in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{}  {}  mark {}  gen {}  owner {}  timeout {}s",
+                        e["key"].as_str().unwrap_or("?"),
+                        e["tcp_state"].as_str().unwrap_or("-"),
+                        e["mark"],
+                        e["generation"],
+                        e["owner"],
+                        e["timeout_s"]
+                    );
+                }
+            }
+        }
+        ConnCommand::Get { key } => println!("{}", serde_json::to_string_pretty(&control(socket, &Request::ConnGet { key })?)?),
+        ConnCommand::Add { key, state, timeout, mark, no_sync } => {
+            let req = Request::ConnAdd { key, tcp_state: state, timeout_s: timeout, mark, sync: !no_sync };
+            let v = control(socket, &req)?;
+            println!("{} (generation {})", v["key"].as_str().unwrap_or("?"), v["generation"]);
+        }
+        ConnCommand::Del { key } => {
+            let v = control(socket, &Request::ConnDel { key })?;
+            println!("deleted {}", v["deleted"].as_str().unwrap_or("?"));
+        }
+        ConnCommand::Digest { json } => {
+            let v = control(socket, &Request::ConnDigest)?;
+            if json {
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!("{} entries, digest {}", v["entries"], v["digest"].as_str().unwrap_or("?"));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Demo(a) => run_demo(a),
         Command::Sim(a) => run_sim(a),
+        Command::Daemon { config } => {
+            let cfg = nicsync::config::Config::load(&config)?;
+            nicsync::member::run_daemon(&cfg)
+        }
+        Command::State { json } => {
+            let v = control(&cli.socket, &Request::State)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", render_state(&v));
+            }
+            Ok(())
+        }
+        Command::Syncstat { json } => {
+            let v = control(&cli.socket, &Request::Syncstat)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", render_flat(&v, ""));
+            }
+            Ok(())
+        }
+        Command::Resync { member } => {
+            let v = control(&cli.socket, &Request::Resync { member })?;
+            println!("resync requested: {}", v["requested"].as_str().unwrap_or("?"));
+            Ok(())
+        }
+        Command::Conn { which } => run_conn(&cli.socket, which),
+        Command::Cluster(a) => {
+            let opts = nicsync::cluster::ClusterOptions {
+                members: a.members,
+                seconds: a.seconds,
+                conn_rate: a.conn_rate,
+            };
+            let r = nicsync::cluster::run(&opts)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", nicsync::cluster::render(&r));
+            }
+            if !r.converged {
+                anyhow::bail!("the members' digests did not converge");
+            }
+            Ok(())
+        }
         Command::Bench { which: BenchCommand::Ring { json, updates, repetitions, no_million, working_set } } => {
             let opts = BenchOptions { updates, repetitions: repetitions as usize, million: !no_million, working_set };
             let r = bench::run(&opts)?;

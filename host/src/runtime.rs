@@ -99,6 +99,37 @@ enum Ev {
     ControlRefused,
 }
 
+/// Sockets a member serves on, bound beforehand (so that an in-process
+/// cluster can use ephemeral ports and tell each member the others').
+#[derive(Debug)]
+pub struct MemberSockets {
+    /// Membership datagrams.
+    pub ccp: std::net::UdpSocket,
+    /// Full Sync listener.
+    pub fs: std::net::TcpListener,
+}
+
+impl MemberSockets {
+    /// Binds both sockets of `net`.
+    pub fn bind(net: &MemberNet) -> Result<Self, RuntimeError> {
+        let ccp = std::net::UdpSocket::bind(net.ccp_bind).map_err(|source| RuntimeError::Bind {
+            what: "membership UDP socket",
+            addr: net.ccp_bind.to_string(),
+            source,
+        })?;
+        let fs = std::net::TcpListener::bind(net.fs_bind).map_err(|source| RuntimeError::Bind {
+            what: "full sync TCP listener",
+            addr: net.fs_bind.to_string(),
+            source,
+        })?;
+        Ok(MemberSockets { ccp, fs })
+    }
+}
+
+/// Called every millisecond with the node (an in-process cluster drives
+/// its workload through it).
+pub type TickHook<'a, D> = Box<dyn FnMut(&mut Node<D>, Nanos) + 'a>;
+
 /// Runs `node` until `shutdown` completes. Must run inside a
 /// `tokio::task::LocalSet`.
 pub async fn serve<D: NicDevice + 'static>(
@@ -107,18 +138,26 @@ pub async fn serve<D: NicDevice + 'static>(
     control: Option<&ControlSocket>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<NetStats, RuntimeError> {
+    let sockets = MemberSockets::bind(net)?;
+    serve_on(node, sockets, net, control, None, shutdown).await
+}
+
+/// [`serve`] on sockets bound beforehand, with an optional tick hook.
+pub async fn serve_on<D: NicDevice + 'static>(
+    node: &mut Node<D>,
+    sockets: MemberSockets,
+    net: &MemberNet,
+    control: Option<&ControlSocket>,
+    mut hook: Option<TickHook<'_, D>>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<NetStats, RuntimeError> {
     let start = Instant::now();
     let now = || start.elapsed().as_nanos() as Nanos;
-    let ccp = UdpSocket::bind(net.ccp_bind).await.map_err(|source| RuntimeError::Bind {
-        what: "membership UDP socket",
-        addr: net.ccp_bind.to_string(),
-        source,
-    })?;
-    let fs = TcpListener::bind(net.fs_bind).await.map_err(|source| RuntimeError::Bind {
-        what: "full sync TCP listener",
-        addr: net.fs_bind.to_string(),
-        source,
-    })?;
+    let setup = |what: &'static str, addr: String| move |source| RuntimeError::Bind { what, addr, source };
+    sockets.ccp.set_nonblocking(true).map_err(setup("membership UDP socket", net.ccp_bind.to_string()))?;
+    sockets.fs.set_nonblocking(true).map_err(setup("full sync TCP listener", net.fs_bind.to_string()))?;
+    let ccp = UdpSocket::from_std(sockets.ccp).map_err(setup("membership UDP socket", net.ccp_bind.to_string()))?;
+    let fs = TcpListener::from_std(sockets.fs).map_err(setup("full sync TCP listener", net.fs_bind.to_string()))?;
     let ctl = match control {
         Some(c) => Some(bind_control(c).await?),
         None => None,
@@ -179,7 +218,12 @@ pub async fn serve<D: NicDevice + 'static>(
                 Ev::ControlRefused => stats.control_refused += 1,
             },
             _ = tokio::time::sleep(sleep_for) => node.handle_timeout(now()),
-            _ = tick.tick() => node.progress(now()),
+            _ = tick.tick() => {
+                if let Some(h) = hook.as_mut() {
+                    h(node, now());
+                }
+                node.progress(now());
+            }
         }
     }
     if let Some(c) = control {

@@ -1,0 +1,188 @@
+//! Putting a member together: device, sync unit, table and [`Node`], from
+//! a daemon configuration or for an in-process cluster; and the daemon
+//! itself (`nicsync daemon`).
+
+use std::time::Duration;
+
+use nicsync_model::sync::{epoch_from_entropy, SenderConfig};
+use nicsync_model::sync_unit::{SyncUnit, SyncUnitConfig};
+use nicsync_model::wire::{SyncPort, UdpConfig, UdpPort};
+use nicsync_model::{ExecMode, Idle, ModelConfig};
+use nicsync_vfio::{EmulatedDevice, NicDevice};
+
+use crate::config::{ClusterMode, Config, DeviceKind};
+use crate::device::AnyDevice;
+use crate::membership::Mode;
+use crate::node::{Node, NodeConfig};
+use crate::runtime::{ControlSocket, MemberNet, PeerNet};
+use crate::table::ConnTable;
+use crate::DriverConfig;
+
+/// Updates each member keeps for retransmission: conntrackd's resend
+/// queue (131,072); ClusterXL's 512 would cover a third of a millisecond at
+/// the 1.5 million updates per second the cluster must sustain.
+pub const RETRANSMIT_QUEUE: usize = 1 << 17;
+
+/// Why a member could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum MemberError {
+    /// The device.
+    #[error("device: {0}")]
+    Device(#[from] nicsync_vfio::DeviceError),
+    /// The sync port.
+    #[error("sync port: {0}")]
+    Wire(#[from] nicsync_model::wire::WireError),
+    /// The sync unit's settings.
+    #[error("sync unit: {0}")]
+    Sync(#[from] nicsync_model::sync::ConfigError),
+    /// Bring-up.
+    #[error("{0}")]
+    Driver(#[from] crate::DriverError),
+    /// The node.
+    #[error("{0}")]
+    Node(#[from] crate::node::NodeError),
+    /// Something this build cannot do.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// A random non-zero number for this process start (epoch, incarnation).
+pub fn entropy() -> u32 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let addr = &t as *const u64 as u64;
+    epoch_from_entropy(t ^ (u64::from(std::process::id()) << 32) ^ addr.rotate_left(17))
+}
+
+/// An emulated device with its sync unit on `port`, brought up and
+/// wrapped in a [`Node`]. The device is in `mode`; in Thread mode it has
+/// its own thread for the bring-up only, and the caller serves it after (a
+/// [`nicsync_model::Poller`] shared by several devices, or
+/// [`EmulatedDevice::start_poller_with`]).
+pub fn emulated_node(
+    node_cfg: NodeConfig,
+    port: Box<dyn SyncPort>,
+    drv: DriverConfig,
+    mode: ExecMode,
+    now: u64,
+) -> Result<Node<EmulatedDevice>, MemberError> {
+    let model = ModelConfig { virtual_clock: mode == ExecMode::Inline, ..Default::default() };
+    let dev = EmulatedDevice::new(model, mode)?;
+    let mut sender = SenderConfig::new(node_cfg.cluster_id, node_cfg.member_id, node_cfg.incarnation);
+    sender.queue_capacity = RETRANSMIT_QUEUE;
+    let unit = SyncUnit::new(SyncUnitConfig { sender, peers: node_cfg.peers.clone() }, port, 0)?;
+    dev.nic().attach_sync(unit);
+    // Bring-up needs the device running; a shared poller takes over after.
+    if mode == ExecMode::Thread {
+        dev.start_poller_with(None, Idle::Nap { after_sweeps: 16, nap: Duration::from_micros(50) })?;
+    }
+    let table = ConnTable::open(dev, drv)?;
+    let node = Node::new(table, node_cfg, now)?;
+    if mode == ExecMode::Thread {
+        node.table_ref().driver_ref().device().stop_poller();
+    }
+    Ok(node)
+}
+
+/// The node, network and control settings a daemon configuration names.
+/// The emulated device gets its own polling thread that naps when idle
+/// (several members may share a small machine).
+pub fn from_config(cfg: &Config) -> Result<(Node<AnyDevice>, MemberNet, ControlSocket), MemberError> {
+    let inc = entropy();
+    let peers: Vec<u16> = cfg.peers.iter().map(|p| p.id).collect();
+    let mut nc = NodeConfig::new(cfg.cluster_id, cfg.member_id, peers.clone(), inc);
+    nc.mode = match cfg.mode {
+        ClusterMode::HighAvailability => Mode::HighAvailability,
+        ClusterMode::LoadSharing => Mode::LoadSharing,
+    };
+    nc.probe_interval_ns = cfg.membership.probe_interval.as_nanos() as u64;
+    nc.dead_after = cfg.membership.dead_after;
+    nc.chunk_records = cfg.full_sync.chunk_records;
+    nc.full_sync_timeout_ns = cfg.full_sync.timeout.as_nanos() as u64;
+    let drv = DriverConfig {
+        table_capacity: cfg.device.table_capacity,
+        aging_period_ms: cfg.device.aging_period_ms,
+        ..Default::default()
+    };
+    let node = match &cfg.device.kind {
+        DeviceKind::Emulated => {
+            let model = ModelConfig { max_capacity: cfg.device.table_capacity.max(1 << 16), ..Default::default() };
+            let dev = EmulatedDevice::new(model, ExecMode::Thread)?;
+            let mut udp = UdpConfig::new(cfg.member_id).bind_to(cfg.sync.bind);
+            for p in &cfg.peers {
+                udp = udp.member_peer(p.id, p.sync);
+            }
+            let port = UdpPort::bind(udp)?;
+            let mut sender = SenderConfig::new(cfg.cluster_id, cfg.member_id, inc);
+            sender.queue_capacity = RETRANSMIT_QUEUE;
+            let unit = SyncUnit::new(SyncUnitConfig { sender, peers }, Box::new(port), 0)?;
+            dev.nic().attach_sync(unit);
+            dev.start_poller_with(None, Idle::Nap { after_sweeps: 64, nap: Duration::from_micros(100) })?;
+            let table = ConnTable::open(AnyDevice::Emulated(dev), drv)?;
+            Node::new(table, nc, 0)?
+        }
+        DeviceKind::Vfio { bdf } => {
+            // The sync port of a real card is configured by its firmware
+            // (no ABI register block for it yet): the host side runs as is.
+            let spec: nicsync_vfio::DeviceSpec =
+                bdf.parse().map_err(MemberError::Unsupported)?;
+            let dev = crate::device::open(&spec, &Default::default())?;
+            tracing::warn!(
+                "VFIO device {}: its sync port is configured by the card's firmware; sync.bind and the peers' sync addresses are not programmed",
+                dev.describe()
+            );
+            let table = ConnTable::open(dev, drv)?;
+            Node::new(table, nc, 0)?
+        }
+    };
+    let net = MemberNet {
+        ccp_bind: cfg.membership.bind,
+        fs_bind: cfg.full_sync.bind,
+        peers: cfg
+            .peers
+            .iter()
+            .map(|p| PeerNet { id: p.id, ccp: p.membership, full_sync: p.full_sync.clone() })
+            .collect(),
+    };
+    let ctl = ControlSocket {
+        path: cfg.control.socket.clone(),
+        mode: cfg.control.socket_mode,
+        allow_uids: cfg.control.allow_uids.clone(),
+    };
+    Ok((node, net, ctl))
+}
+
+/// Runs the member a configuration describes until SIGINT or SIGTERM.
+pub fn run_daemon(cfg: &Config) -> anyhow::Result<()> {
+    let (mut node, net, ctl) = from_config(cfg)?;
+    tracing::info!(
+        member = cfg.member_id,
+        "nicsync daemon: cluster {} mode {}, sync {}, membership {}, full sync {}, control {}",
+        cfg.cluster_id,
+        cfg.mode.as_str(),
+        cfg.sync.bind,
+        cfg.membership.bind,
+        cfg.full_sync.bind,
+        cfg.control.socket.display()
+    );
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let local = tokio::task::LocalSet::new();
+    let stats = local.block_on(&rt, async {
+        let shutdown = async {
+            let term = async {
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term => {}
+            }
+        };
+        crate::runtime::serve(&mut node, &net, Some(&ctl), shutdown).await
+    })?;
+    tracing::info!(member = cfg.member_id, "nicsync daemon stopped: {stats:?}");
+    Ok(())
+}
