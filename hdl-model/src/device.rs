@@ -441,6 +441,9 @@ struct CmdRing {
     inline: Option<CommandDescriptor>,
 }
 
+/// Held peer updates applied per housekeeping pass once SYNC_HOLD clears.
+const HOLD_DRAIN_PER_PASS: usize = 256;
+
 /// How many descriptors are decoded and prefetched ahead of execution.
 const FETCH_BURST: usize = 64;
 
@@ -761,10 +764,7 @@ impl Core {
         }
         self.irq_sink = if c.contains(Control::IRQ_ENABLE) { self.shared.interrupt_sink() } else { None };
         let hold = c.contains(Control::SYNC_HOLD);
-        if self.hold && !hold {
-            self.hold = false;
-            self.release_held();
-        }
+        // Clearing the bit starts the drain (see `drain_held`).
         self.hold = hold;
     }
 
@@ -1305,7 +1305,8 @@ impl Core {
         let did = !events.is_empty();
         for ev in events.drain(..) {
             match ev {
-                ReceiverEvent::Deliver { update, .. } if self.hold => self.hold_peer(update),
+                // Behind the held ones while they drain, to keep the order.
+                ReceiverEvent::Deliver { update, .. } if self.hold || !self.held.is_empty() => self.hold_peer(update),
                 ReceiverEvent::Deliver { update, .. } => self.apply_peer(&update),
                 ReceiverEvent::ResyncNeeded { peer, lost, .. } => {
                     let st = ConnState {
@@ -1319,7 +1320,26 @@ impl Core {
             }
         }
         self.sync_events = events;
-        did
+        did | self.drain_held()
+    }
+
+    /// Applies held updates after SYNC_HOLD was cleared, a bounded number
+    /// per housekeeping pass (as the design drains its hold buffer beside
+    /// the command pipeline rather than stopping it).
+    fn drain_held(&mut self) -> bool {
+        if self.hold || self.held.is_empty() {
+            return false;
+        }
+        for _ in 0..HOLD_DRAIN_PER_PASS {
+            match self.held.pop_front() {
+                Some(u) => self.apply_peer(&u),
+                None => break,
+            }
+        }
+        if self.held.is_empty() {
+            self.held = std::collections::VecDeque::new();
+        }
+        true
     }
 
     /// Buffers a peer update while the host holds sync (a Full Sync is
@@ -1337,13 +1357,6 @@ impl Core {
         self.post_event(EventKind::ResyncNeeded, &ConnKey::default(), &st);
     }
 
-    /// Applies the held updates in arrival order (SYNC_HOLD cleared).
-    fn release_held(&mut self) {
-        while let Some(u) = self.held.pop_front() {
-            self.apply_peer(&u);
-        }
-        self.held = std::collections::VecDeque::new();
-    }
 
     /// Copies the sync unit's counters into the counter registers.
     fn refresh_sync_counters(&mut self) {

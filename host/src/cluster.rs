@@ -100,6 +100,9 @@ struct Shared {
     reports: BTreeMap<u16, MemberReport>,
     want_report: bool,
     ops: Vec<TableOp>,
+    /// When a member last walked its table for a digest: walks are spread
+    /// out so that the shared host thread never stalls for long.
+    last_walk: Option<Instant>,
 }
 
 fn conn_key(i: u64) -> ConnKey {
@@ -147,12 +150,17 @@ fn hook(id: u16, shared: Rc<RefCell<Shared>>, per_tick: u64) -> TickHook<'static
             }
             sh.ops = ops;
         }
-        if sh.want_digest && !sh.digests.contains_key(&id) {
-            let d = node.digest().ok();
-            sh.digests.insert(id, d);
+        let walk_ok = sh.last_walk.is_none_or(|t| t.elapsed() >= Duration::from_millis(20));
+        if sh.want_digest && !sh.digests.contains_key(&id) && walk_ok {
+            sh.last_walk = Some(Instant::now());
+            if let Ok(d) = node.digest() {
+                sh.digests.insert(id, Some(d));
+            }
+            return;
         }
-        if sh.want_report && !sh.reports.contains_key(&id) {
-            let (entries, digest) = node.digest().unwrap_or((0, 0));
+        if sh.want_report && !sh.reports.contains_key(&id) && walk_ok {
+            sh.last_walk = Some(Instant::now());
+            let Ok((entries, digest)) = node.digest() else { return };
             let r = MemberReport {
                 id,
                 state: st,
@@ -171,9 +179,12 @@ struct Running {
     nic: Arc<Nic>,
 }
 
-/// Starts member `id` on the given addresses.
+/// Starts member `id` on the given addresses. The device is brought up on
+/// a thread of its own (allocating and clearing a million-entry table
+/// takes tens of milliseconds, which would stall the other members'
+/// probes on the shared host thread).
 #[allow(clippy::too_many_arguments)]
-fn start(
+async fn start(
     id: u16,
     n: u16,
     hub: &InProcessHub,
@@ -185,8 +196,10 @@ fn start(
     let peers: Vec<u16> = (1..=n).filter(|p| *p != id).collect();
     let node_cfg = NodeConfig::new(1, id, peers.clone(), entropy());
     let port = hub.attach(id)?;
-    let drv = DriverConfig { table_capacity: 1 << 20, aging_period_ms: 0, ..Default::default() };
-    let node = emulated_node(node_cfg, Box::new(port), drv, ExecMode::Thread, 0)?;
+    // Room for a second of connections at the highest rate offered.
+    let drv = DriverConfig { table_capacity: 1 << 18, aging_period_ms: 0, ..Default::default() };
+    let node = tokio::task::spawn_blocking(move || emulated_node(node_cfg, Box::new(port), drv, ExecMode::Thread, 0))
+        .await??;
     let nic = node.table_ref().driver_ref().device().nic().clone();
     let net = MemberNet {
         ccp_bind: addrs[id as usize - 1].0,
@@ -240,7 +253,7 @@ async fn drive(opts: &ClusterOptions) -> anyhow::Result<ClusterReport> {
     let mut running: BTreeMap<u16, Running> = BTreeMap::new();
     for (i, s) in sockets.into_iter().enumerate() {
         let id = i as u16 + 1;
-        running.insert(id, start(id, n, &hub, &addrs, s, shared.clone(), per_tick)?);
+        running.insert(id, start(id, n, &hub, &addrs, s, shared.clone(), per_tick).await?);
     }
     let mut poller = Some(respawn(&running.values().map(|r| r.nic.clone()).collect::<Vec<_>>())?);
     let third = Duration::from_secs_f64(opts.seconds.max(0.3) / 3.0);
@@ -290,7 +303,7 @@ async fn drive(opts: &ClusterOptions) -> anyhow::Result<ClusterReport> {
         fs_bind: addrs[killed as usize - 1].1,
         peers: Vec::new(),
     })?;
-    let r = start(killed, n, &hub, &addrs, s, shared.clone(), per_tick)?;
+    let r = start(killed, n, &hub, &addrs, s, shared.clone(), per_tick).await?;
     nics.push(r.nic.clone());
     running.insert(killed, r);
     drop(poller.take());
@@ -318,7 +331,9 @@ async fn drive(opts: &ClusterOptions) -> anyhow::Result<ClusterReport> {
             sh.digests.clear();
             sh.want_digest = true;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // A digest walks the whole table: not too often on the one host
+        // thread the members share.
+        tokio::time::sleep(Duration::from_millis(200)).await;
         let sh = shared.borrow();
         let all_synced = sh.views.len() == n as usize && sh.views.values().all(|(_, synced)| *synced);
         let ds: Vec<Option<(u64, u64)>> = sh.digests.values().copied().collect();
@@ -332,7 +347,10 @@ async fn drive(opts: &ClusterOptions) -> anyhow::Result<ClusterReport> {
         sh.want_digest = false;
         sh.want_report = true;
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let t_rep = Instant::now();
+    while shared.borrow().reports.len() < n as usize && t_rep.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     for (_, r) in std::mem::take(&mut running) {
         let _ = r.stop.send(());
         let node = r.task.await?;

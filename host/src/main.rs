@@ -144,8 +144,9 @@ struct ClusterArgs {
     /// Seconds of churn.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
-    /// New connections per second at the Active member.
-    #[arg(long, default_value_t = 20_000)]
+    /// New connections per second at the Active member (each lives about
+    /// a second).
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=200_000))]
     conn_rate: u32,
     /// One JSON object.
     #[arg(long)]

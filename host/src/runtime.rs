@@ -172,6 +172,7 @@ pub async fn serve_on<D: NicDevice + 'static>(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     tokio::pin!(shutdown);
     let own_uid = current_uid();
+    let mut last_tick = Instant::now();
     loop {
         flush_outputs(node, net, &ccp, &mut conns, &ev_tx, &mut stats);
         let sleep_for =
@@ -219,6 +220,11 @@ pub async fn serve_on<D: NicDevice + 'static>(
             },
             _ = tokio::time::sleep(sleep_for) => node.handle_timeout(now()),
             _ = tick.tick() => {
+                let gap = last_tick.elapsed();
+                last_tick = Instant::now();
+                if gap > Duration::from_millis(20) {
+                    tracing::debug!(member = node.member_id(), "host loop late by {:.1} ms", gap.as_secs_f64() * 1e3);
+                }
                 if let Some(h) = hook.as_mut() {
                     h(node, now());
                 }
