@@ -1100,7 +1100,6 @@ impl Core {
                 self.snapshot(buf_addr, buf_len, cursor, sync_records, now_ms, &mut t)
             }
             Command::Flush => {
-                if std::env::var("DBGKEY").is_ok() { eprintln!("DBG {:.2} member {} FLUSH", self.now_ns as f64/1e6, self.member); }
                 // Everything goes, tombstones too: what was deleted before
                 // is forgotten with what was present.
                 let n = self.table.len();
@@ -1179,9 +1178,7 @@ impl Core {
     /// as a tombstone here.
     #[inline]
     fn sync_local(&mut self, op: DeltaOp, s: &Slot, was_synced: bool) {
-        if std::env::var("DBGKEY").is_ok_and(|k| k == s.key.to_string()) {
-            eprintln!("DBG {:.2} member {} LOCAL {:?} gen {} mark {}", self.now_ns as f64/1e6, self.member, op, s.state.generation.get(), s.state.mark.get());
-        }
+
         let Some(unit) = &mut self.sync else { return };
         if !(was_synced || s.state.conn_flags().contains(ConnFlags::SYNC)) {
             return;
@@ -1201,9 +1198,6 @@ impl Core {
     /// (generation, then owner, then DELETE over UPSERT). Deleted keys leave
     /// a tombstone, so a late, older upsert cannot bring them back.
     fn apply_change(&mut self, u: &DeltaUpdate) -> Applied {
-        if std::env::var("DBGKEY").is_ok_and(|k| k == u.key.to_string()) {
-            eprintln!("DBG {:.2} member {} apply {:?} gen {} owner {} mark {} hold {}", self.now_ns as f64/1e6, self.member, u.op, u.state.generation.get(), u.owner, u.state.mark.get(), self.hold);
-        }
         let mut t = Traffic::default();
         let now_ms = self.now_ns / 1_000_000;
         let found = self.table.find(&u.key, &mut t);

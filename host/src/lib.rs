@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod bench_sync;
 pub mod cluster;
 pub mod config;
 pub mod control;

@@ -180,6 +180,24 @@ struct SimArgs {
 
 #[derive(Subcommand, Debug)]
 enum BenchCommand {
+    /// Full Sync, Delta Sync latency and throughput, and failover.
+    Sync {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Connections in the Full Sync.
+        #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..=8_000_000))]
+        conns: u64,
+        /// Latency samples per wire.
+        #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(100..=10_000_000))]
+        samples: u64,
+        /// Seconds of sustained churn.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        /// Failovers measured.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100))]
+        failovers: u64,
+    },
     /// Ring round trip and throughput against this machine's floor.
     Ring {
         /// Print one JSON object.
@@ -352,6 +370,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if !r.converged {
                 anyhow::bail!("the members' digests did not converge");
+            }
+            Ok(())
+        }
+        Command::Bench { which: BenchCommand::Sync { json, conns, samples, seconds, failovers } } => {
+            let o = nicsync::bench_sync::SyncBenchOptions {
+                conns,
+                samples: samples as usize,
+                sustain_seconds: seconds,
+                failovers: failovers as usize,
+            };
+            let r = nicsync::bench_sync::run(&o)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", nicsync::bench_sync::render(&r));
             }
             Ok(())
         }

@@ -1,0 +1,580 @@
+//! `nicsync bench sync`: Full Sync, Delta Sync latency and throughput, and
+//! failover, each against its target, measured in one run.
+//!
+//! Every part runs emulated devices served by one device thread (two
+//! devices polled in turn) and one host thread; the UDP floor uses an echo
+//! thread instead of the device thread. So at most two threads are busy
+//! at any time, on a two-core machine.
+
+use std::cell::RefCell;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nicsync_fwif::conn::{proto, ConnFlags, ConnKey, ConnState, Direction, TcpState};
+use nicsync_fwif::event::EventKind;
+use nicsync_fwif::regs::Counter;
+use nicsync_model::sync::SenderConfig;
+use nicsync_model::sync_unit::{SyncUnit, SyncUnitConfig};
+use nicsync_model::wire::{HubConfig, InProcessHub, SyncPort, UdpConfig, UdpPort};
+use nicsync_model::{ExecMode, Idle, ModelConfig, Poller};
+use nicsync_vfio::EmulatedDevice;
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use crate::member::{emulated_node, entropy, RETRANSMIT_QUEUE};
+use crate::membership::MemberState;
+use crate::node::{Node, NodeConfig};
+use crate::runtime::{MemberNet, MemberSockets, PeerNet, TickHook};
+use crate::stats::{median, percentiles, Percentiles};
+use crate::table::{ConnEntry, ConnTable, TableOp};
+use crate::DriverConfig;
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct SyncBenchOptions {
+    /// Connections in the Full Sync.
+    pub conns: u64,
+    /// Latency samples per wire.
+    pub samples: usize,
+    /// Seconds of sustained churn.
+    pub sustain_seconds: f64,
+    /// Failovers measured (the median is reported).
+    pub failovers: usize,
+}
+
+impl Default for SyncBenchOptions {
+    fn default() -> Self {
+        SyncBenchOptions { conns: 1_000_000, samples: 5_000, sustain_seconds: 2.0, failovers: 5 }
+    }
+}
+
+/// The results (`--json` keys).
+#[derive(Clone, Debug, Serialize)]
+pub struct SyncBenchReport {
+    /// Connections moved by the Full Sync.
+    pub full_sync_entries: u64,
+    /// Full Sync duration, connect to the last chunk applied.
+    pub full_sync_ms: f64,
+    /// Full Sync rate.
+    pub full_sync_entries_per_s: f64,
+    /// A's host posts an update until B's device holds it (B's event), in
+    /// process.
+    pub delta_latency_ns: Percentiles,
+    /// The same over UDP on loopback.
+    pub delta_latency_udp_ns: Percentiles,
+    /// A bare UDP ping-pong between two sockets on loopback: the floor.
+    pub baseline_udp_rtt_ns: Percentiles,
+    /// `delta_latency_udp_ns.p50 / baseline_udp_rtt_ns.p50`.
+    pub delta_udp_to_rtt_ratio_p50: f64,
+    /// New connections per second (each new, established, destroyed) one
+    /// member sustained while syncing to a peer.
+    pub sustained_conn_per_s: f64,
+    /// The same in updates per second.
+    pub sustained_updates_per_s: f64,
+    /// Updates the peer could not recover (must be 0).
+    pub lost_updates: u64,
+    /// Whether the peer ended with every update.
+    pub peer_caught_up: bool,
+    /// Median of the failovers: the Active dies until a Standby is Active,
+    /// default probe settings (10 ms, dead after 5).
+    pub failover_ms: f64,
+    /// Every failover measured.
+    pub failover_ms_runs: Vec<f64>,
+    /// Threads and where they ran.
+    pub threads: String,
+    /// Each target and whether it was met.
+    pub targets: Vec<Target>,
+}
+
+/// One target of the issue.
+#[derive(Clone, Debug, Serialize)]
+pub struct Target {
+    /// What.
+    pub name: String,
+    /// Measured.
+    pub value: f64,
+    /// The bound.
+    pub bound: f64,
+    /// Met.
+    pub met: bool,
+}
+
+/// Why the benchmark failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncBenchError {
+    /// Setting up a member.
+    #[error("{0}")]
+    Member(#[from] crate::member::MemberError),
+    /// A table operation.
+    #[error("{0}")]
+    Table(#[from] crate::TableError),
+    /// The driver.
+    #[error("{0}")]
+    Driver(#[from] crate::DriverError),
+    /// Sockets and threads.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The device.
+    #[error("{0}")]
+    Device(#[from] nicsync_vfio::DeviceError),
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+fn key(i: u64) -> ConnKey {
+    ConnKey::v4(
+        Ipv4Addr::from(0x0a00_0000 | (i as u32 & 0x00ff_ffff)),
+        1024 + (i % 60_000) as u16,
+        Ipv4Addr::new(192, 0, 2, 1 + ((i >> 24) as u8 & 0x3f)),
+        443,
+        proto::TCP,
+        0,
+    )
+}
+
+fn entry(tcp: TcpState, mark: u32) -> ConnEntry {
+    ConnEntry::new(ConnState::new(tcp, Direction::Original, ConnFlags::SYNC | ConnFlags::CONFIRMED, 0, mark))
+}
+
+/// Runs every part.
+pub fn run(o: &SyncBenchOptions) -> Result<SyncBenchReport, SyncBenchError> {
+    let baseline = udp_rtt(o.samples.max(2000))?;
+    let delta_in = delta_latency(false, o.samples)?;
+    let delta_udp = delta_latency(true, o.samples)?;
+    let (conn_rate, upd_rate, lost, caught_up) = sustained(o.sustain_seconds)?;
+    let (full_ms, full_entries) = full_sync(o.conns)?;
+    let mut runs = failovers(o.failovers)?;
+    let failover = median(&mut runs.clone());
+    runs.sort_by(|a, b| a.total_cmp(b));
+    let full_rate = if full_ms > 0.0 { full_entries as f64 / (full_ms / 1e3) } else { 0.0 };
+    let ratio = if baseline.p50 > 0.0 { delta_udp.p50 / baseline.p50 } else { 0.0 };
+    let t = |name: &str, value: f64, bound: f64, met: bool| Target { name: name.into(), value, bound, met };
+    let targets = vec![
+        t("full_sync_ms of 1,000,000 < 500", full_ms, 500.0, full_ms < 500.0 && full_entries >= 1_000_000),
+        t("delta_latency_ns.p50 < 2000", delta_in.p50, 2000.0, delta_in.p50 < 2000.0),
+        t("delta_latency_udp_ns.p50 <= baseline_udp_rtt_ns.p50", delta_udp.p50, baseline.p50, delta_udp.p50 <= baseline.p50),
+        t("sustained_conn_per_s >= 500000 with 0 lost", conn_rate, 500_000.0, conn_rate >= 500_000.0 && lost == 0 && caught_up),
+        t("failover_ms <= 100", failover, 100.0, failover <= 100.0),
+    ];
+    Ok(SyncBenchReport {
+        full_sync_entries: full_entries,
+        full_sync_ms: full_ms,
+        full_sync_entries_per_s: full_rate,
+        delta_latency_ns: delta_in,
+        delta_latency_udp_ns: delta_udp,
+        baseline_udp_rtt_ns: baseline,
+        delta_udp_to_rtt_ratio_p50: ratio,
+        sustained_conn_per_s: conn_rate,
+        sustained_updates_per_s: upd_rate,
+        lost_updates: lost,
+        peer_caught_up: caught_up,
+        failover_ms: failover,
+        failover_ms_runs: runs,
+        threads: "latency and throughput: 1 device thread polling both devices in turn + 1 host thread; \
+                  full sync and failover: the same, both members' hosts on one tokio thread; \
+                  UDP floor: 1 echo thread + 1 host thread"
+            .into(),
+        targets,
+    })
+}
+
+/// Bare UDP round trips between two sockets on loopback (echo thread).
+fn udp_rtt(samples: usize) -> Result<Percentiles, SyncBenchError> {
+    let a = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let b = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    a.connect(b.local_addr()?)?;
+    b.connect(a.local_addr()?)?;
+    a.set_nonblocking(true)?;
+    b.set_nonblocking(true)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let echo = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while !flag.load(Ordering::Relaxed) {
+            if let Ok(n) = b.recv(&mut buf) {
+                let _ = b.send(&buf[..n]);
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    });
+    // One delta frame's worth of bytes, as the delta wire sends.
+    let msg = [0x5au8; 120];
+    let mut buf = [0u8; 2048];
+    let mut out = Vec::with_capacity(samples);
+    for i in 0..samples + samples / 10 {
+        let t = Instant::now();
+        a.send(&msg)?;
+        let deadline = t + Duration::from_secs(1);
+        loop {
+            if a.recv(&mut buf).is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        if i >= samples / 10 {
+            out.push(t.elapsed().as_nanos() as u64);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = echo.join();
+    Ok(percentiles(&mut out))
+}
+
+/// A pair of devices with sync units on the given ports, brought up, served
+/// by one polling thread.
+fn pair(
+    ports: (Box<dyn SyncPort>, Box<dyn SyncPort>),
+    capacity: u32,
+    flush_delay_ns: u64,
+) -> Result<(ConnTable<EmulatedDevice>, ConnTable<EmulatedDevice>, Poller), SyncBenchError> {
+    let mut tables = Vec::new();
+    for (id, port) in [(1u16, ports.0), (2u16, ports.1)] {
+        let dev = EmulatedDevice::new(ModelConfig::default(), ExecMode::Thread)?;
+        let mut sender = SenderConfig::new(1, id, entropy());
+        sender.queue_capacity = RETRANSMIT_QUEUE;
+        sender.flush_delay_ns = flush_delay_ns;
+        let peer = 3 - id;
+        let unit = SyncUnit::new(SyncUnitConfig { sender, peers: vec![peer] }, port, 0)
+            .map_err(|e| SyncBenchError::Other(e.to_string()))?;
+        dev.nic().attach_sync(unit);
+        dev.start_poller(None)?;
+        let t = ConnTable::open(dev, DriverConfig { table_capacity: capacity, aging_period_ms: 0, ..Default::default() })?;
+        t.driver_ref().device().stop_poller();
+        tables.push(t);
+    }
+    let b = tables.pop().ok_or_else(|| SyncBenchError::Other("no device".into()))?;
+    let a = tables.pop().ok_or_else(|| SyncBenchError::Other("no device".into()))?;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let nics = vec![a.driver_ref().device().nic().clone(), b.driver_ref().device().nic().clone()];
+    let poller = Poller::spawn_with(nics, Idle::Spin, move || {
+        if cpus >= 2 {
+            let _ = nicsync_vfio::pin_current_thread(1);
+        }
+    })?;
+    Ok((a, b, poller))
+}
+
+fn udp_ports() -> Result<(Box<dyn SyncPort>, Box<dyn SyncPort>), SyncBenchError> {
+    let any = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    let wire = |e: nicsync_model::wire::WireError| SyncBenchError::Other(e.to_string());
+    let mut a = UdpPort::bind(UdpConfig::new(1).bind_to(any)).map_err(wire)?;
+    let mut b = UdpPort::bind(UdpConfig::new(2).bind_to(any)).map_err(wire)?;
+    a.add_peer(nicsync_model::wire::UdpPeer { addr: b.local_addr(), member: Some(2) }).map_err(wire)?;
+    b.add_peer(nicsync_model::wire::UdpPeer { addr: a.local_addr(), member: Some(1) }).map_err(wire)?;
+    Ok((Box::new(a), Box::new(b)))
+}
+
+/// One update at a time: A's host posts it (and waits for its
+/// completion), B's host sees B's SYNC_UPDATED event. Frames leave at once
+/// (no batching delay), as a latency-sensitive configuration would set it.
+fn delta_latency(udp: bool, samples: usize) -> Result<Percentiles, SyncBenchError> {
+    let ports: (Box<dyn SyncPort>, Box<dyn SyncPort>) = if udp {
+        udp_ports()?
+    } else {
+        let hub = InProcessHub::new(HubConfig::new());
+        (Box::new(hub.attach(1).map_err(|e| SyncBenchError::Other(e.to_string()))?),
+         Box::new(hub.attach(2).map_err(|e| SyncBenchError::Other(e.to_string()))?))
+    };
+    let (mut a, mut b, poller) = pair(ports, 1 << 16, 0)?;
+    let warm = samples / 10;
+    let mut out = Vec::with_capacity(samples);
+    for i in 0..(samples + warm) as u64 {
+        let k = key(i % 30_000);
+        let t = Instant::now();
+        a.upsert(&k, &entry(TcpState::Established, i as u32))?;
+        let deadline = t + Duration::from_secs(2);
+        let mut seen = false;
+        while !seen {
+            b.driver().poll_events(|e| {
+                if e.kind == EventKind::SyncUpdated && e.key == k && e.state.mark.get() == i as u32 {
+                    seen = true;
+                }
+            });
+            if Instant::now() > deadline {
+                return Err(SyncBenchError::Other(format!("update {i} did not reach the peer within 2 s")));
+            }
+        }
+        if i >= warm as u64 {
+            out.push(t.elapsed().as_nanos() as u64);
+        }
+    }
+    // The drivers stop their devices while the poller still runs them.
+    drop(a);
+    drop(b);
+    drop(poller);
+    Ok(percentiles(&mut out))
+}
+
+/// New connections at full speed on A (each: SYN_SENT, ESTABLISHED, then
+/// destroyed), synced to B over the in-process wire. Returns (conn/s,
+/// updates/s, lost updates, whether B got every update).
+fn sustained(seconds: f64) -> Result<(f64, f64, u64, bool), SyncBenchError> {
+    let hub = InProcessHub::new(HubConfig { queue_capacity: 1 << 16, seed: 1, ..HubConfig::new() });
+    let ports: (Box<dyn SyncPort>, Box<dyn SyncPort>) = (
+        Box::new(hub.attach(1).map_err(|e| SyncBenchError::Other(e.to_string()))?),
+        Box::new(hub.attach(2).map_err(|e| SyncBenchError::Other(e.to_string()))?),
+    );
+    let (mut a, mut b, poller) = pair(ports, 1 << 20, 50_000)?;
+    const BATCH: u64 = 1024;
+    let mut ops = Vec::with_capacity(3 * BATCH as usize);
+    let start = Instant::now();
+    let mut conns = 0u64;
+    let live = 65_536u64;
+    while start.elapsed().as_secs_f64() < seconds {
+        ops.clear();
+        for j in 0..BATCH {
+            let i = conns + j;
+            ops.push(TableOp::Upsert(key(i % (1 << 22)), entry(TcpState::SynSent, i as u32)));
+            ops.push(TableOp::Upsert(key(i % (1 << 22)), entry(TcpState::Established, i as u32)));
+            if i >= live {
+                ops.push(TableOp::Delete(key((i - live) % (1 << 22))));
+            }
+        }
+        let r = a.batch(&ops)?;
+        if let Some(e) = r.into_iter().find_map(|x| x.err()) {
+            return Err(SyncBenchError::Other(format!("churn: {e}")));
+        }
+        conns += BATCH;
+        // B's host keeps its event ring drained.
+        b.driver().poll_events(|_| {});
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let sent = a.driver_ref().device_counter(Counter::SyncUpdatesSent);
+    // B catches up (bounded).
+    let t = Instant::now();
+    let mut caught_up = false;
+    while t.elapsed() < Duration::from_secs(10) {
+        b.driver().poll_events(|_| {});
+        if b.driver_ref().device_counter(Counter::SyncUpdatesReceived) >= sent {
+            caught_up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let lost = b.driver_ref().device_counter(Counter::SyncLostUpdates)
+        + b.driver_ref().device_counter(Counter::SyncHoldDrops);
+    drop(a);
+    drop(b);
+    drop(poller);
+    Ok((conns as f64 / secs, sent as f64 / secs, lost, caught_up))
+}
+
+/// Two members on loopback sockets (membership UDP, Full Sync TCP), both on
+/// this thread's tokio loop; `hooks` watch them.
+struct Duo {
+    addrs: Vec<(SocketAddr, SocketAddr)>,
+}
+
+impl Duo {
+    fn new() -> Result<Self, SyncBenchError> {
+        let mut addrs = Vec::new();
+        for _ in 0..2 {
+            let any = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+            let s = MemberSockets::bind(&MemberNet { ccp_bind: any, fs_bind: any, peers: Vec::new() })
+                .map_err(|e| SyncBenchError::Other(e.to_string()))?;
+            addrs.push((s.ccp.local_addr()?, s.fs.local_addr()?));
+        }
+        Ok(Duo { addrs })
+    }
+
+    fn net(&self, id: u16) -> MemberNet {
+        let peer = 3 - id;
+        MemberNet {
+            ccp_bind: self.addrs[id as usize - 1].0,
+            fs_bind: self.addrs[id as usize - 1].1,
+            peers: vec![PeerNet {
+                id: peer,
+                ccp: self.addrs[peer as usize - 1].0,
+                full_sync: vec![self.addrs[peer as usize - 1].1],
+            }],
+        }
+    }
+
+    /// Runs `node` as member `id` until `stop` fires; returns it.
+    fn spawn(
+        &self,
+        id: u16,
+        node: Node<EmulatedDevice>,
+        hook: TickHook<'static, EmulatedDevice>,
+    ) -> Result<(oneshot::Sender<()>, tokio::task::JoinHandle<Node<EmulatedDevice>>), SyncBenchError> {
+        let net = self.net(id);
+        let sockets = MemberSockets::bind(&net).map_err(|e| SyncBenchError::Other(e.to_string()))?;
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::task::spawn_local(async move {
+            let mut node = node;
+            let shutdown = async {
+                let _ = rx.await;
+            };
+            let _ = crate::runtime::serve_on(&mut node, sockets, &net, None, Some(hook), shutdown).await;
+            node
+        });
+        Ok((tx, task))
+    }
+}
+
+fn new_member(id: u16, hub: &InProcessHub, capacity: u32) -> Result<Node<EmulatedDevice>, SyncBenchError> {
+    let mut cfg = NodeConfig::new(1, id, vec![3 - id], entropy());
+    if let Ok(c) = std::env::var("NICSYNC_CHUNK") {
+        cfg.chunk_records = c.parse().unwrap_or(1024);
+    }
+    let port = hub.attach(id).map_err(|e| SyncBenchError::Other(e.to_string()))?;
+    let drv = DriverConfig { table_capacity: capacity, aging_period_ms: 0, ..Default::default() };
+    Ok(emulated_node(cfg, Box::new(port), drv, ExecMode::Thread, 0)?)
+}
+
+/// Fills member 1 with `conns` synced connections and lets member 2 join:
+/// the time of its Full Sync over TCP on loopback.
+fn full_sync(conns: u64) -> Result<(f64, u64), SyncBenchError> {
+    let hub = InProcessHub::new(HubConfig { queue_capacity: 1 << 16, ..HubConfig::new() });
+    let capacity = ((conns * 5 / 4).next_power_of_two()).clamp(1 << 16, 1 << 24) as u32;
+    let mut a = new_member(1, &hub, capacity)?;
+    // A fills its table through its own thread for the bring-up; then one
+    // poller serves both devices.
+    a.table_ref().driver_ref().device().start_poller(None)?;
+    let mut ops = Vec::with_capacity(8192);
+    let mut i = 0;
+    while i < conns {
+        ops.clear();
+        for j in i..(i + 8192).min(conns) {
+            ops.push(TableOp::Upsert(key(j), entry(TcpState::Established, j as u32)));
+        }
+        for r in a.table().batch(&ops)? {
+            r?;
+        }
+        i += 8192;
+    }
+    a.table_ref().driver_ref().device().stop_poller();
+    let b = new_member(2, &hub, capacity)?;
+    let nics = vec![a.table_ref().driver_ref().device().nic().clone(), b.table_ref().driver_ref().device().nic().clone()];
+    let poller = Poller::spawn_with(nics, Idle::Spin, || {})?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let local = tokio::task::LocalSet::new();
+    let result: Result<(f64, u64), SyncBenchError> = local.block_on(&rt, async move {
+        let duo = Duo::new()?;
+        let done = Rc::new(RefCell::new(None::<(f64, u64)>));
+        let (sa, ta) = duo.spawn(1, a, Box::new(|_, _| {}))?;
+        let d = done.clone();
+        let hook_b: TickHook<'static, EmulatedDevice> = Box::new(move |n: &mut Node<EmulatedDevice>, _| {
+            let st = n.stats();
+            if st.full_syncs_completed > 0 && d.borrow().is_none() {
+                *d.borrow_mut() = Some((st.last_full_sync_ms.unwrap_or(0.0), st.last_full_sync_records));
+            }
+        });
+        let (sb, tb) = duo.spawn(2, b, hook_b)?;
+        let t = Instant::now();
+        while done.borrow().is_none() && t.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let _ = sa.send(());
+        let _ = sb.send(());
+        let _ = ta.await;
+        let _ = tb.await;
+        let r = *done.borrow();
+        r.ok_or_else(|| SyncBenchError::Other("the Full Sync did not finish within 60 s".into()))
+    });
+    drop(poller);
+    result
+}
+
+/// Kills the Active of a pair, again and again: how long until the other
+/// is Active.
+fn failovers(runs: usize) -> Result<Vec<f64>, SyncBenchError> {
+    let hub = InProcessHub::new(HubConfig::new());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let duo = Duo::new()?;
+        let states: Rc<RefCell<[Option<MemberState>; 2]>> = Rc::new(RefCell::new([None, None]));
+        let watch = |id: u16| -> TickHook<'static, EmulatedDevice> {
+            let s = states.clone();
+            Box::new(move |n: &mut Node<EmulatedDevice>, _| s.borrow_mut()[id as usize - 1] = Some(n.state()))
+        };
+        let mut members: [Option<(oneshot::Sender<()>, tokio::task::JoinHandle<Node<EmulatedDevice>>, Poller)>; 2] =
+            [None, None];
+        let start = |id: u16| -> Result<_, SyncBenchError> {
+            let node = new_member(id, &hub, 1 << 16)?;
+            let nic = node.table_ref().driver_ref().device().nic().clone();
+            let poller = Poller::spawn_with(vec![nic], Idle::Nap { after_sweeps: 64, nap: Duration::from_micros(50) }, || {})?;
+            let (tx, task) = duo.spawn(id, node, watch(id))?;
+            Ok((tx, task, poller))
+        };
+        members[0] = Some(start(1)?);
+        members[1] = Some(start(2)?);
+        let mut out = Vec::new();
+        for _ in 0..runs {
+            // Wait for one Active and one Standby.
+            let t = Instant::now();
+            let active = loop {
+                let s = *states.borrow();
+                match s {
+                    [Some(MemberState::Active), Some(MemberState::Standby)] => break 1u16,
+                    [Some(MemberState::Standby), Some(MemberState::Active)] => break 2u16,
+                    _ => {}
+                }
+                if t.elapsed() > Duration::from_secs(10) {
+                    return Err(SyncBenchError::Other(format!("no Active/Standby pair: {s:?}")));
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            };
+            let other = 3 - active;
+            // Let the pair run a little, then the Active dies.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let (tx, task, poller) = members[active as usize - 1].take().ok_or_else(|| SyncBenchError::Other("gone".into()))?;
+            let killed = Instant::now();
+            let _ = tx.send(());
+            drop(task.await);
+            drop(poller);
+            states.borrow_mut()[active as usize - 1] = None;
+            loop {
+                if matches!(states.borrow()[other as usize - 1], Some(MemberState::Active)) {
+                    break;
+                }
+                if killed.elapsed() > Duration::from_secs(5) {
+                    return Err(SyncBenchError::Other("no failover within 5 s".into()));
+                }
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            out.push(killed.elapsed().as_secs_f64() * 1e3);
+            members[active as usize - 1] = Some(start(active)?);
+        }
+        for m in members.iter_mut() {
+            if let Some((tx, task, poller)) = m.take() {
+                let _ = tx.send(());
+                drop(task.await);
+                drop(poller);
+            }
+        }
+        Ok(out)
+    })
+}
+
+/// The report as text.
+pub fn render(r: &SyncBenchReport) -> String {
+    let p = |x: &Percentiles| format!("p50 {:.0} ns, p99 {:.0} ns, p99.9 {:.0} ns", x.p50, x.p99, x.p999);
+    let mut out = String::from("nicsync bench sync\n");
+    out.push_str(&format!("  threads: {}\n", r.threads));
+    out.push_str(&format!(
+        "  full sync: {} entries in {:.1} ms ({:.0} entries/s) over TCP on loopback\n",
+        r.full_sync_entries, r.full_sync_ms, r.full_sync_entries_per_s
+    ));
+    out.push_str(&format!("  delta latency, in process: {}\n", p(&r.delta_latency_ns)));
+    out.push_str(&format!("  delta latency, UDP:        {}\n", p(&r.delta_latency_udp_ns)));
+    out.push_str(&format!("  bare UDP round trip:       {}\n", p(&r.baseline_udp_rtt_ns)));
+    out.push_str(&format!(
+        "  sustained: {:.0} connections/s ({:.0} updates/s), {} lost, peer caught up: {}\n",
+        r.sustained_conn_per_s, r.sustained_updates_per_s, r.lost_updates, r.peer_caught_up
+    ));
+    out.push_str(&format!("  failover: median {:.1} ms of {:?}\n", r.failover_ms, r.failover_ms_runs));
+    for t in &r.targets {
+        out.push_str(&format!("  [{}] {}: {:.1} (bound {:.1})\n", if t.met { "met" } else { "MISSED" }, t.name, t.value, t.bound));
+    }
+    out
+}
