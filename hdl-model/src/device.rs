@@ -716,6 +716,26 @@ impl Core {
         true
     }
 
+    /// The sync port's fast path: sends what is due, takes what arrived and
+    /// applies it (a polling runner calls it between idle polls). No-op
+    /// without a sync unit or while disabled.
+    pub fn sync_fast(&mut self) -> bool {
+        if !self.enabled || self.sync.is_none() {
+            return false;
+        }
+        self.now_ns = self.shared.clock.now_ns();
+        let did = self.pump_sync();
+        if did {
+            self.publish_sync_counters();
+        }
+        did
+    }
+
+    fn publish_sync_counters(&mut self) {
+        self.refresh_sync_counters();
+        self.publish();
+    }
+
     /// Time-driven work: interrupt holdoff expiry and aging. Called by the
     /// runners less often than [`Core::poll`].
     pub fn housekeeping(&mut self) -> bool {

@@ -209,6 +209,12 @@ pub enum Idle {
     },
 }
 
+/// Polls per turn when one thread serves several devices.
+const MULTI_DEVICE_TURN: u32 = 8;
+
+/// Idle polls between runs of the sync port's fast path.
+const SYNC_POLL_EVERY: u32 = 4;
+
 /// Polls between checks of the stop flag and runs of housekeeping.
 const POLL_BATCH: u32 = 256;
 
@@ -231,20 +237,34 @@ impl Poller {
         let thread = std::thread::Builder::new().name("nicsync-device".into()).spawn(move || {
             on_start();
             let mut idle_sweeps = 0u32;
+            // Several devices take short turns, so that none waits long for
+            // the thread (a device's latency is the others' turn length);
+            // housekeeping still comes every POLL_BATCH polls of a device.
+            let turn = if nics.len() > 1 { MULTI_DEVICE_TURN } else { POLL_BATCH };
+            let mut polled = vec![0u32; nics.len()];
             while !flag.load(Ordering::Relaxed) {
                 let mut busy = false;
-                for nic in &nics {
+                for (i, nic) in nics.iter().enumerate() {
                     // The lock is held for a burst of polls and released
                     // between bursts, so tests can inspect the core.
                     let mut g = nic.core();
-                    for _ in 0..POLL_BATCH {
+                    for k in 0..turn {
                         if g.poll() {
                             busy = true;
+                        } else if k % SYNC_POLL_EVERY == 0 {
+                            // The sync port runs beside the command
+                            // pipeline: frames go out and come in while
+                            // the rings are idle, not only at housekeeping.
+                            busy |= g.sync_fast();
                         } else {
                             std::hint::spin_loop();
                         }
                     }
-                    busy |= g.housekeeping();
+                    polled[i] += turn;
+                    if polled[i] >= POLL_BATCH {
+                        polled[i] = 0;
+                        busy |= g.housekeeping();
+                    }
                 }
                 idle_sweeps = if busy { 0 } else { idle_sweeps.saturating_add(1) };
                 if let Idle::Nap { after_sweeps, nap } = idle {
