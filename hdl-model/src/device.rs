@@ -453,7 +453,7 @@ const FETCH_BURST: usize = 64;
 #[derive(Debug, Default)]
 struct Tombstones {
     /// Key -> (generation, owner, when recorded).
-    by_key: std::collections::HashMap<ConnKey, (u32, u16, u64)>,
+    by_key: std::collections::HashMap<ConnKey, (u32, u16, u64), std::hash::BuildHasherDefault<KeyHasher>>,
     /// Recording order; an entry whose stamp no longer matches is stale.
     order: std::collections::VecDeque<(ConnKey, u64)>,
     stamp: u64,
@@ -461,6 +461,31 @@ struct Tombstones {
 
 /// Tombstones kept.
 const TOMBSTONES: usize = 65_536;
+
+/// A fast hasher for keys the device itself produced (a CAM would match
+/// them in parallel; SipHash's flooding resistance buys nothing here, since
+/// the table bounds the entries whatever their hashes).
+#[derive(Debug, Default, Clone, Copy)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+        for &b in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        // A final mix, so that hashbrown's top bits are well spread.
+        let x = self.0 ^ (self.0 >> 32);
+        x.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (x >> 29)
+    }
+}
 
 impl Tombstones {
     fn record(&mut self, key: ConnKey, generation: u32, owner: u16) {
