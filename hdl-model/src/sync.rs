@@ -473,7 +473,7 @@ impl DeltaSender {
         if self.cfg.tail_probe_ns > 0 && self.tail_probe.is_none() {
             self.tail_probe = Some((now.saturating_add(self.cfg.tail_probe_ns), self.cfg.tail_probe_ns));
         }
-        if self.unflushed >= self.cfg.max_records_per_frame {
+        if self.unflushed >= self.cfg.max_records_per_frame || self.cfg.flush_delay_ns == 0 {
             self.flush();
         } else if self.flush_deadline.is_none() {
             self.flush_deadline = Some(now.saturating_add(self.cfg.flush_delay_ns));

@@ -123,6 +123,9 @@ impl SyncUnit {
         if self.sender.submit(update, now).is_err() {
             self.stats.submit_failed += 1;
         }
+        // A frame completed by this update (or sent at once, with no flush
+        // delay) leaves now, from the command pipeline.
+        self.flush_transmits();
     }
 
     /// Runs timers, takes what the port has, sends what is due, and hands
