@@ -231,7 +231,7 @@ fn udp_rtt(samples: usize) -> Result<Percentiles, SyncBenchError> {
 /// A pair of devices with sync units on the given ports, brought up, served
 /// by one polling thread.
 fn pair(
-    ports: (Box<dyn SyncPort>, Box<dyn SyncPort>),
+    ports: PortPair,
     capacity: u32,
     flush_delay_ns: u64,
 ) -> Result<(ConnTable<EmulatedDevice>, ConnTable<EmulatedDevice>, Poller), SyncBenchError> {
@@ -262,7 +262,13 @@ fn pair(
     Ok((a, b, poller))
 }
 
-fn udp_ports() -> Result<(Box<dyn SyncPort>, Box<dyn SyncPort>), SyncBenchError> {
+/// The two ends of a sync wire.
+type PortPair = (Box<dyn SyncPort>, Box<dyn SyncPort>);
+
+/// A member of the failover pair: its stop switch, task and device thread.
+type Running = (oneshot::Sender<()>, tokio::task::JoinHandle<Node<EmulatedDevice>>, Poller);
+
+fn udp_ports() -> Result<PortPair, SyncBenchError> {
     let any = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
     let wire = |e: nicsync_model::wire::WireError| SyncBenchError::Other(e.to_string());
     let mut a = UdpPort::bind(UdpConfig::new(1).bind_to(any)).map_err(wire)?;
@@ -276,7 +282,7 @@ fn udp_ports() -> Result<(Box<dyn SyncPort>, Box<dyn SyncPort>), SyncBenchError>
 /// completion), B's host sees B's SYNC_UPDATED event. Frames leave at once
 /// (no batching delay), as a latency-sensitive configuration would set it.
 fn delta_latency(udp: bool, samples: usize) -> Result<Percentiles, SyncBenchError> {
-    let ports: (Box<dyn SyncPort>, Box<dyn SyncPort>) = if udp {
+    let ports: PortPair = if udp {
         udp_ports()?
     } else {
         let hub = InProcessHub::new(HubConfig::new());
@@ -318,7 +324,7 @@ fn delta_latency(udp: bool, samples: usize) -> Result<Percentiles, SyncBenchErro
 /// updates/s, lost updates, whether B got every update).
 fn sustained(seconds: f64) -> Result<(f64, f64, u64, bool), SyncBenchError> {
     let hub = InProcessHub::new(HubConfig { queue_capacity: 1 << 16, seed: 1, ..HubConfig::new() });
-    let ports: (Box<dyn SyncPort>, Box<dyn SyncPort>) = (
+    let ports: PortPair = (
         Box::new(hub.attach(1).map_err(|e| SyncBenchError::Other(e.to_string()))?),
         Box::new(hub.attach(2).map_err(|e| SyncBenchError::Other(e.to_string()))?),
     );
@@ -497,8 +503,7 @@ fn failovers(runs: usize) -> Result<Vec<f64>, SyncBenchError> {
             let s = states.clone();
             Box::new(move |n: &mut Node<EmulatedDevice>, _| s.borrow_mut()[id as usize - 1] = Some(n.state()))
         };
-        let mut members: [Option<(oneshot::Sender<()>, tokio::task::JoinHandle<Node<EmulatedDevice>>, Poller)>; 2] =
-            [None, None];
+        let mut members: [Option<Running>; 2] = [None, None];
         let start = |id: u16| -> Result<_, SyncBenchError> {
             let node = new_member(id, &hub, 1 << 16)?;
             let nic = node.table_ref().driver_ref().device().nic().clone();

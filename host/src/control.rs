@@ -258,7 +258,7 @@ mod tests {
         assert_eq!(r, Request::Resync { member: Some(2) });
         let r: Request = serde_json::from_str(r#"{"cmd":"conn_add","key":"tcp 1.1.1.1:1 -> 2.2.2.2:2"}"#).unwrap();
         assert!(matches!(r, Request::ConnAdd { sync: true, timeout_s: 0, .. }));
-        assert!(serde_json::from_str::<Request>(r#"{"cmd":"state","x":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"resync","member":2,"x":1}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
         assert_eq!(serde_json::to_string(&Request::Syncstat).unwrap(), r#"{"cmd":"syncstat"}"#);
     }

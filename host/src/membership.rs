@@ -1865,7 +1865,8 @@ mod tests {
         let mut net = Net::new(3, Mode::HighAvailability);
         net.run_until(MS);
         net.sync_all();
-        net.run_until(30 * MS);
+        // Quorum, then two probe intervals to settle, then the election.
+        net.run_until(60 * MS);
         net
     }
 
@@ -1995,27 +1996,40 @@ mod tests {
     }
 
     #[test]
-    fn split_brain_heals_to_one_active() {
-        // The Active is cut off: 2 takes over; on healing 2 (higher id) yields.
+    fn a_cut_off_member_is_never_a_second_active() {
+        // The Active is cut off: without a quorum it steps down, and 2
+        // (which sees 3) takes over; after healing 1 stays Standby.
         let mut net = ha3();
         net.isolate(1);
-        net.run_until(net.now + BOUND);
-        assert_eq!(net.actives(), vec![1, 2]);
+        net.run_until(net.now + BOUND + 3 * I);
+        assert_eq!(net.actives(), vec![2]);
+        assert_eq!(net.state(1), MemberState::Standby);
+        assert!(!net.nodes[&1].m.has_quorum());
         net.heal();
-        net.run_until(net.now + I + 2 * LAT);
-        assert_eq!(net.actives(), vec![1]);
-        assert_eq!(net.state(2), MemberState::Standby);
-        assert_eq!(net.nodes[&2].m.stats().step_downs, 1);
-        net.run_checked(net.now + 500 * MS, |n| assert_eq!(n.actives(), vec![1]));
+        net.run_until(net.now + BOUND);
+        assert_eq!(net.actives(), vec![2]);
+        net.run_checked(net.now + 500 * MS, |n| assert_eq!(n.actives(), vec![2]));
 
-        // A Standby is cut off: alone, it becomes Active; on healing it yields.
+        // A Standby is cut off: alone, it stays Standby; the Active keeps its role.
         net.isolate(3);
-        net.run_until(net.now + BOUND);
-        assert_eq!(net.actives(), vec![1, 3]);
-        net.heal();
-        net.run_until(net.now + I + 2 * LAT);
-        assert_eq!(net.actives(), vec![1]);
+        net.run_checked(net.now + BOUND + 3 * I, |n| assert!(n.actives().len() <= 1));
+        assert_eq!(net.actives(), vec![2]);
         assert_eq!(net.state(3), MemberState::Standby);
+        net.heal();
+        net.run_until(net.now + BOUND);
+        assert_eq!(net.actives(), vec![2]);
+    }
+
+    #[test]
+    fn a_pair_needs_no_quorum() {
+        let mut net = Net::new(2, Mode::HighAvailability);
+        net.run_until(MS);
+        net.sync_all();
+        net.run_until(60 * MS);
+        assert_eq!(net.actives(), vec![1]);
+        net.kill(1);
+        net.run_until(net.now + BOUND + 3 * I);
+        assert_eq!(net.actives(), vec![2]);
     }
 
     #[test]
@@ -2123,15 +2137,12 @@ mod tests {
         };
         assert_eq!(net.state(3), MemberState::Standby);
         assert_eq!(net.nodes[&3].m.stats().commands_ignored, 1);
-        // With nobody to take over, the Active keeps its role.
-        net.kill(2);
+        // Alone of three, the Active has no quorum left and steps down (a
+        // pair keeps its Active: see a_pair_needs_no_quorum).
         net.kill(3);
-        net.run_until(net.now + BOUND);
-        {
-            let t = net.now;
-            net.m(1).request_standby(1, t)
-        };
-        assert_eq!(net.state(1), MemberState::Active);
+        net.kill(2);
+        net.run_until(net.now + BOUND + I);
+        assert_eq!(net.state(1), MemberState::Standby);
         assert!(net.errors.is_empty(), "{:?}", net.errors);
     }
 

@@ -584,10 +584,10 @@ impl<D: NicDevice> Node<D> {
                         self.resync_wanted = true;
                     }
                 }
-                membership::MembershipEvent::MergeRequested { by } => {
-                    if self.is_synced() && !self.merge_queue.contains(&by) {
-                        self.merge_queue.push_back(by);
-                    }
+                membership::MembershipEvent::MergeRequested { by }
+                    if self.is_synced() && !self.merge_queue.contains(&by) =>
+                {
+                    self.merge_queue.push_back(by);
                 }
                 membership::MembershipEvent::PeerDied { .. }
                 | membership::MembershipEvent::PeerRestarted { .. } => realign = true,

@@ -106,6 +106,9 @@ pub struct SimReport {
 
 type SimNode = Node<EmulatedDevice>;
 
+/// What delivering one message does to its member.
+type Delivery = Box<dyn FnOnce(&mut SimNode)>;
+
 struct Slot {
     node: Option<SimNode>,
     last_state: Option<MemberState>,
@@ -374,7 +377,7 @@ impl Sim {
         let msgs: Vec<(Nanos, u64, Msg)> = self.queue.drain(..due).collect();
         for (_, _, m) in msgs {
             let now = self.now;
-            let (to, f): (u16, Box<dyn FnOnce(&mut SimNode)>) = match m {
+            let (to, f): (u16, Delivery) = match m {
                 Msg::Ccp { to, bytes } => (to, Box::new(move |n| n.handle_ccp(&bytes, now))),
                 Msg::FsAccept { to, conn } => (to, Box::new(move |n| n.fs_accepted(conn, now))),
                 Msg::FsConnected { to, conn } => (to, Box::new(move |n| n.fs_connected(conn, now))),

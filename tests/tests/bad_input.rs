@@ -568,7 +568,7 @@ fn garbled_completions_are_counted_and_skipped() {
         ("tag just past the ring", |e, _| e[..2].copy_from_slice(&8u16.to_le_bytes())),
         ("tag not in flight", |e, tag| e[..2].copy_from_slice(&((tag + 3) % 8).to_le_bytes())),
         ("undefined status", |e, _| e[2] = 0x99),
-        ("status one past the last", |e, _| e[2] = CplStatus::Internal as u8 + 1),
+        ("status one past the last", |e, _| e[2] = CplStatus::SnapshotTorn as u8 + 1),
         ("wrong opcode", |e, _| e[3] = Opcode::Delete as u8),
         ("reserved byte set", |e, _| e[6] = 0x01),
         ("phase byte high bits set", |e, _| e[7] |= 0x80),

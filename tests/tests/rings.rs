@@ -145,6 +145,7 @@ fn wraparound_many_laps_single_ops_and_batches() {
                         Some(_) => assert_eq!(r.expect("delete"), 0),
                         None => assert!(matches!(r, Err(TableError::NotFound)), "delete of absent {k}: {r:?}"),
                     },
+                    TableOp::Replica(..) | TableOp::ReplicaDelete(..) => unreachable!("this test posts no replicas"),
                 }
             };
 
@@ -163,6 +164,7 @@ fn wraparound_many_laps_single_ops_and_batches() {
         let op_slots = |op: &TableOp| match op {
             TableOp::Insert(_, e) | TableOp::Update(_, e) | TableOp::Upsert(_, e) => 1 + e.nat.is_some() as u64,
             TableOp::Delete(_) => 1,
+            TableOp::Replica(..) | TableOp::ReplicaDelete(..) => 2,
         };
 
         while ops < ops_target {
