@@ -188,11 +188,18 @@ pub enum Counter {
     /// snapshot waits for it to drain, so that its own last changes are in
     /// the snapshot.
     SyncUnacked = 27,
+    /// Delta Sync (gauge): order-independent digest of the entries marked
+    /// for sync (wrapping sum of a hash of key, state without its timeout,
+    /// NAT and owner), kept up to date on every change. Members compare it
+    /// to find divergence without walking their tables.
+    SyncDigest = 28,
+    /// Delta Sync (gauge): entries marked for sync.
+    SyncEntries = 29,
 }
 
 impl Counter {
     /// Every counter, in register order.
-    pub const ALL: [Counter; 28] = [
+    pub const ALL: [Counter; 30] = [
         Counter::CommandsFetched,
         Counter::CompletionsWritten,
         Counter::CommandErrors,
@@ -221,6 +228,8 @@ impl Counter {
         Counter::SyncApplyFailed,
         Counter::SyncMalformed,
         Counter::SyncUnacked,
+        Counter::SyncDigest,
+        Counter::SyncEntries,
     ];
 
     /// Register offset of this counter's low half.
@@ -259,6 +268,8 @@ impl Counter {
             Counter::SyncApplyFailed => "sync_apply_failed",
             Counter::SyncMalformed => "sync_malformed",
             Counter::SyncUnacked => "sync_unacked",
+            Counter::SyncDigest => "sync_digest",
+            Counter::SyncEntries => "sync_entries",
         }
     }
 }

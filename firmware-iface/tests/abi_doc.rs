@@ -148,6 +148,8 @@ fn counter_meaning(c: Counter) -> &'static str {
         Counter::SyncHoldDrops => "held updates dropped when the hold buffer overflowed (RESYNC_NEEDED raised)",
         Counter::SyncApplyFailed => "peer updates that did not fit the table (RESYNC_NEEDED raised)",
         Counter::SyncMalformed => "sync datagrams refused as malformed",
+        Counter::SyncDigest => "gauge: order-independent digest of the entries marked for sync (see regs.rs)",
+        Counter::SyncEntries => "gauge: entries marked for sync",
         Counter::SyncUnacked => {
             "gauge: local updates some configured peer has not acknowledged yet (drain before replacing the table)"
         }

@@ -567,6 +567,8 @@ pub struct Core {
     held: std::collections::VecDeque<DeltaUpdate>,
     /// `Control::SYNC_HOLD` as last seen.
     hold: bool,
+    /// Digest of the entries marked for sync.
+    digest: SyncDigest,
     /// Recently deleted synced keys (a bounded tombstone table).
     tombstones: Tombstones,
     /// Table placements of the burst's commands, by burst index.
@@ -631,6 +633,7 @@ impl Core {
             sync_events: Vec::new(),
             held: std::collections::VecDeque::new(),
             hold: false,
+            digest: SyncDigest::default(),
             walk_tombs: None,
             tombstones: Tombstones::default(),
             shared,
@@ -826,6 +829,7 @@ impl Core {
         self.held = std::collections::VecDeque::new();
         self.hold = false;
         self.walk_tombs = None;
+        self.digest = SyncDigest::default();
         self.enabled = false;
         self.fatal = false;
         self.last_control = 0;
@@ -1128,6 +1132,7 @@ impl Core {
             Command::Delete { ref key, replica: None } => match self.find(key, at, &mut t) {
                 Some(loc) => {
                     if let Some(gone) = self.table.remove(loc, &mut t) {
+                        self.digest.sub(&gone);
                         self.sync_local(DeltaOp::Delete, &gone, false);
                     }
                     Outcome::ok(0)
@@ -1150,6 +1155,7 @@ impl Core {
                 let n = self.table.len();
                 self.table.clear();
                 self.tombstones = Tombstones::default();
+                self.digest = SyncDigest::default();
                 Outcome::ok(n as u64)
             }
         };
@@ -1172,6 +1178,7 @@ impl Core {
         };
         match self.table.insert_at(slot, at, t) {
             Ok(_) => {
+                self.digest.add(&slot);
                 self.tombstones.forget(&op.key);
                 self.sync_local(DeltaOp::Upsert, &slot, false);
                 Outcome::ok(state.generation.get() as u64)
@@ -1204,6 +1211,7 @@ impl Core {
         {
             return Outcome { status: CplStatus::Stale, result: stored as u64 };
         }
+        let before = *s;
         s.state = state;
         if let Some(n) = op.nat {
             s.nat = n;
@@ -1211,6 +1219,8 @@ impl Core {
         s.expires_ms = Self::expiry(now_ms, &state);
         s.owner = self.member;
         let written = *s;
+        self.digest.sub(&before);
+        self.digest.add(&written);
         t.slot_writes += 1;
         self.sync_local(DeltaOp::Upsert, &written, was_synced);
         Outcome::ok(state.generation.get() as u64)
@@ -1264,18 +1274,24 @@ impl Core {
             }
             (DeltaOp::Delete, Some(loc)) => {
                 self.tombstones.record(u.key, u.state.generation.get(), u.owner);
-                if self.table.remove(loc, &mut t).is_some() {
-                    Applied::Done
-                } else {
-                    Applied::Nothing
+                match self.table.remove(loc, &mut t) {
+                    Some(gone) => {
+                        self.digest.sub(&gone);
+                        Applied::Done
+                    }
+                    None => Applied::Nothing,
                 }
             }
             (DeltaOp::Upsert, Some(loc)) => match self.table.get_mut(loc) {
                 Some(s) => {
+                    let before = *s;
                     s.state = u.state;
                     s.nat = u.nat;
                     s.owner = u.owner;
                     s.expires_ms = Self::expiry(now_ms, &u.state);
+                    let after = *s;
+                    self.digest.sub(&before);
+                    self.digest.add(&after);
                     Applied::Done
                 }
                 None => Applied::Nothing,
@@ -1289,6 +1305,7 @@ impl Core {
                     owner: u.owner,
                 };
                 if self.table.insert(slot, &mut t).is_ok() {
+                    self.digest.add(&slot);
                     self.tombstones.forget(&u.key);
                     Applied::Done
                 } else {
@@ -1413,6 +1430,8 @@ impl Core {
             (Counter::SyncApplyFailed, st.apply_failed),
             (Counter::SyncMalformed, st.malformed + st.protocol.malformed),
             (Counter::SyncUnacked, unit.unacked()),
+            (Counter::SyncDigest, self.digest.sum),
+            (Counter::SyncEntries, self.digest.count),
         ];
         for (c, v) in vals {
             if self.counters[c as usize] != v {
@@ -1656,19 +1675,69 @@ impl Core {
         while remaining > 0 {
             let from = self.aging_cursor;
             let to = (from + remaining).min(buckets);
-            self.table.expire_range(from, to, now_ms, |s| aged.push((s.key, s.state)));
+            self.table.expire_range(from, to, now_ms, |s| aged.push(*s));
             remaining -= to - from;
             self.aging_cursor = if to >= buckets { 0 } else { to };
         }
         self.count(Counter::EntriesAged, aged.len() as u64);
-        for (k, s) in &aged {
-            self.post_event(EventKind::Aged, k, s);
+        for slot in &aged {
+            self.digest.sub(slot);
+            self.post_event(EventKind::Aged, &slot.key, &slot.state);
             // Peers age the entry on their own clocks too; the delete makes
             // the removal certain (and is harmless if they were first).
-            let gone = Slot { key: *k, state: *s, nat: Nat::default(), expires_ms: 0, owner: self.member };
+            let gone = Slot { nat: Nat::default(), expires_ms: 0, owner: self.member, ..*slot };
             self.sync_local(DeltaOp::Delete, &gone, false);
         }
         !aged.is_empty()
+    }
+}
+
+/// The running digest of the entries marked for sync: their count and the
+/// wrapping sum of a 64-bit hash of each (key, state without its timeout,
+/// NAT, owner). Kept up to date on every change, as a hardware accumulator
+/// beside the table would be, so that members can compare tables without
+/// walking them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct SyncDigest {
+    sum: u64,
+    count: u64,
+}
+
+impl SyncDigest {
+    fn hash(s: &Slot) -> Option<u64> {
+        if !s.state.conn_flags().contains(ConnFlags::SYNC) {
+            return None;
+        }
+        let mix = |h: u64, w: u64| (h ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
+        let mut h = 0x6e73_796e_6364_6967u64;
+        for w in s.key.words() {
+            h = mix(h, w);
+        }
+        let st = &s.state;
+        h = mix(h, u64::from(st.tcp_state) | u64::from(st.direction) << 8 | u64::from(st.flags.get()) << 16);
+        h = mix(h, u64::from(st.mark.get()) | u64::from(st.generation.get()) << 32);
+        h = mix(h, u64::from(st.timeout_s.get() != 0) | u64::from(s.owner) << 8);
+        if s.nat.kind != 0 {
+            let n: [u64; 3] = zerocopy::transmute!(s.nat);
+            for w in n {
+                h = mix(h, w);
+            }
+        }
+        Some(h ^ (h >> 31))
+    }
+
+    fn add(&mut self, s: &Slot) {
+        if let Some(h) = Self::hash(s) {
+            self.sum = self.sum.wrapping_add(h);
+            self.count += 1;
+        }
+    }
+
+    fn sub(&mut self, s: &Slot) {
+        if let Some(h) = Self::hash(s) {
+            self.sum = self.sum.wrapping_sub(h);
+            self.count = self.count.saturating_sub(1);
+        }
     }
 }
 

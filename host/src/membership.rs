@@ -159,7 +159,7 @@ use std::collections::VecDeque;
 
 use nicsync_fwif::sync::crc32c;
 use serde::Serialize;
-use zerocopy::little_endian::{U16, U32};
+use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// Time in nanoseconds, from an origin the caller chooses (monotonic).
@@ -170,7 +170,7 @@ pub const CCP_MAGIC: u32 = u32::from_le_bytes(*b"NCCP");
 /// Version of this message format.
 pub const CCP_VERSION: u8 = 1;
 /// Size of [`CcpHeader`].
-pub const HEADER_SIZE: usize = 28;
+pub const HEADER_SIZE: usize = 36;
 /// Size of [`EntryWire`].
 pub const ENTRY_SIZE: usize = 4;
 /// Entries per message at most.
@@ -180,7 +180,7 @@ pub const MAX_PEERS: usize = MAX_ENTRIES;
 /// Size of the largest message.
 pub const MAX_MESSAGE: usize = HEADER_SIZE + MAX_ENTRIES * ENTRY_SIZE;
 /// Byte offset of the checksum field.
-pub const CHECKSUM_OFFSET: usize = 24;
+pub const CHECKSUM_OFFSET: usize = 32;
 /// Header flag: the sender (in `STANDBY`) yields Active to any other
 /// eligible member (manual failover).
 pub const FLAG_YIELD: u16 = 1 << 0;
@@ -196,7 +196,7 @@ pub const TX_QUEUE_LIMIT: usize = 256;
 pub const EVENT_QUEUE_LIMIT: usize = 1024;
 
 const _: () = {
-    assert!(MAX_MESSAGE == 284);
+    assert!(MAX_MESSAGE == 292);
     assert!(MAX_ENTRIES <= u8::MAX as usize);
     assert!(CHECKSUM_OFFSET + 4 == HEADER_SIZE);
 };
@@ -379,6 +379,9 @@ pub struct CcpHeader {
     pub count: u8,
     /// Zero.
     pub reserved: u8,
+    /// The sender's table digest (its device's `sync_digest`), so that
+    /// members can see that their tables differ without walking them.
+    pub digest: U64,
     /// CRC-32C of the message with this field zero ([`checksum`]).
     pub checksum: U32,
 }
@@ -397,6 +400,7 @@ nicsync_fwif::assert_layout!(
     mode = 21,
     count = 22,
     reserved = 23,
+    digest = 24,
     checksum = CHECKSUM_OFFSET
 );
 
@@ -456,6 +460,8 @@ pub struct Header {
     pub state: MemberState,
     /// Sender's mode.
     pub mode: Mode,
+    /// Sender's table digest.
+    pub digest: u64,
 }
 
 /// A message that passed every check of [`Message::parse`], borrowing the
@@ -503,6 +509,7 @@ impl<'a> MessageView<'a> {
             seq: h.seq,
             state: h.state,
             mode: h.mode,
+            digest: h.digest,
             entries: self.entries().collect(),
         }
     }
@@ -527,6 +534,8 @@ pub struct Message {
     pub state: MemberState,
     /// Sender's mode.
     pub mode: Mode,
+    /// Sender's table digest.
+    pub digest: u64,
     /// Entries (module docs for each kind's rules).
     pub entries: Vec<Entry>,
 }
@@ -738,6 +747,7 @@ impl Message {
                 seq: hdr.seq.get(),
                 state,
                 mode,
+                digest: hdr.digest.get(),
             },
             entries,
         })
@@ -763,6 +773,7 @@ impl Message {
             mode: self.mode.to_wire(),
             count: count as u8,
             reserved: 0,
+            digest: self.digest.into(),
             checksum: 0.into(),
         };
         let mut out = Vec::with_capacity(HEADER_SIZE + count * ENTRY_SIZE);
@@ -1040,6 +1051,8 @@ struct Peer {
     yielding: bool,
     /// Its latest PROBE's view, restricted to members known here.
     reports: Vec<Entry>,
+    /// Its table digest and since when it has had it.
+    digest: (u64, Nanos),
 }
 
 impl Peer {
@@ -1055,6 +1068,7 @@ impl Peer {
             last_seq: None,
             yielding: false,
             reports: Vec::new(),
+            digest: (0, 0),
         }
     }
 
@@ -1075,6 +1089,8 @@ pub struct Membership {
     listen_done: bool,
     /// A `READY` member waits until then before it may become Active.
     ready_hold_until: Option<Nanos>,
+    /// This member's table digest, sent in every message.
+    digest: u64,
     /// When this member last gained a quorum (None: it has none). It may
     /// become Active only two probe intervals later, long enough to hear
     /// an Active the others already have.
@@ -1107,6 +1123,7 @@ impl Membership {
             listen_until: now.saturating_add(dead_ns),
             listen_done: p.peers.is_empty(),
             ready_hold_until: None,
+            digest: 0,
             quorum_since: None,
             next_probe: now.saturating_add(p.probe_interval_ns),
             seq: 0,
@@ -1335,6 +1352,17 @@ impl Membership {
         }
     }
 
+    /// The table digest this member reports from now on.
+    pub fn set_digest(&mut self, digest: u64) {
+        self.digest = digest;
+    }
+
+    /// Peer `id`'s last reported table digest and since when it has
+    /// reported that value (`None` for an unknown or never-heard peer).
+    pub fn peer_digest(&self, id: u16) -> Option<(u64, Nanos)> {
+        self.peers.iter().find(|p| p.id == id && p.last_heard.is_some()).map(|p| p.digest)
+    }
+
     /// Sends a QUERY to every peer (answered by PROBEs).
     pub fn query(&mut self, now: Nanos) {
         self.expire(now);
@@ -1373,6 +1401,7 @@ impl Membership {
             seq: self.seq,
             state: self.state,
             mode: self.p.mode,
+            digest: self.digest,
             entries,
         };
         match msg.encode() {
@@ -1477,6 +1506,9 @@ impl Membership {
             p.incarnation = h.incarnation;
             p.last_seq = Some(h.seq);
             p.last_heard = Some(now);
+            if p.digest.0 != h.digest || restarted {
+                p.digest = (h.digest, now);
+            }
             if !p.alive {
                 p.alive = true;
                 p.alive_since = now;

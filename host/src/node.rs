@@ -139,6 +139,9 @@ pub struct NodeStats {
     pub last_full_sync_ms: Option<f64>,
     /// Records in the last completed Full Sync.
     pub last_full_sync_records: u64,
+    /// Standbys found with a table digest different from the Active's
+    /// (each asked to resync).
+    pub divergences_detected: u64,
     /// Merge pulls (realignments) completed.
     pub merges_completed: u64,
     /// Merge pulls that failed.
@@ -234,6 +237,10 @@ pub struct Node<D: NicDevice> {
     merge_queue: VecDeque<u16>,
     /// Ask the peers to merge this member's table when the queue is done.
     ask_merge_after: bool,
+    /// This member's table digest and since when it has had that value.
+    digest: (u64, Nanos),
+    /// When each peer was last asked to resync over a digest mismatch.
+    divergence_asked: std::collections::BTreeMap<u16, Nanos>,
     /// Since when it has been waiting for its own updates to be
     /// acknowledged before a pull.
     drain_since: Option<Nanos>,
@@ -307,6 +314,8 @@ impl<D: NicDevice> Node<D> {
             merge: None,
             merge_queue: VecDeque::new(),
             ask_merge_after: false,
+            digest: (0, 0),
+            divergence_asked: std::collections::BTreeMap::new(),
         })
     }
 
@@ -391,6 +400,45 @@ impl<D: NicDevice> Node<D> {
                 self.resync_asks.push((target, now, 0));
             }
             self.progress(now);
+        }
+    }
+
+    /// Anti-entropy. Every member reports its device's running table digest
+    /// in its probes. When the Active sees a synced Standby whose digest
+    /// differs from its own, with both unchanged for three probe intervals
+    /// (a quiet table, so not replication lag), their tables have diverged
+    /// in a way no retransmission will mend (a dead member's last updates
+    /// reached some members only, say): the Standby is asked to resync
+    /// from the Active. Never silent divergence.
+    fn check_divergence(&mut self, now: Nanos) {
+        let mine = self.table.driver_ref().device_counter(Counter::SyncDigest);
+        if mine != self.digest.0 {
+            self.digest = (mine, now);
+        }
+        self.ms.set_digest(mine);
+        let active = matches!(self.ms.local_state(), MemberState::Active | MemberState::ActiveAttention);
+        if !active || !self.is_synced() || self.merge.is_some() || !self.merge_queue.is_empty() {
+            return;
+        }
+        let quiet = self.cfg.probe_interval_ns.saturating_mul(3);
+        if now.saturating_sub(self.digest.1) < quiet {
+            return;
+        }
+        let peers: Vec<u16> =
+            self.ms.members().iter().filter(|m| !m.is_local && m.alive && m.state == MemberState::Standby).map(|m| m.id).collect();
+        for p in peers {
+            let Some((theirs, since)) = self.ms.peer_digest(p) else { continue };
+            if theirs == mine || now.saturating_sub(since) < quiet {
+                continue;
+            }
+            let recent = self.divergence_asked.get(&p).is_some_and(|t| now.saturating_sub(*t) < 1_000_000_000);
+            if recent || self.resync_asks.iter().any(|a| a.0 == p) {
+                continue;
+            }
+            self.divergence_asked.insert(p, now);
+            self.stats.divergences_detected += 1;
+            self.note_error(format!("member {p}'s table digest {theirs:016x} differs from this Active's {mine:016x}: it resyncs"));
+            self.resync_asks.push((p, now, 0));
         }
     }
 
@@ -602,6 +650,7 @@ impl<D: NicDevice> Node<D> {
         if self.resync_wanted {
             self.drive_pull(now);
         }
+        self.check_divergence(now);
         self.drive_resync_asks(now);
         while let Some(t) = self.ms.poll_transmit() {
             self.out.push_back(NodeOutput::Ccp { dest: t.dest, bytes: t.bytes });
@@ -843,24 +892,33 @@ impl<D: NicDevice> Node<D> {
     ///
     /// * never after its table was emptied for a pull that has not
     ///   finished;
-    /// * peers are alive but none is synced (a cold start): the lowest id
-    ///   among them and this member seeds the cluster;
+    /// * every member is heard and none is synced (a cold start): the
+    ///   lowest id seeds the cluster;
     /// * no peer is heard: after [`NodeConfig::alone_after_ns`] from start,
     ///   so that a member restarted into a short partition waits for the
-    ///   cluster instead of becoming a rival Active with an empty table.
+    ///   cluster instead of becoming a rival Active with an empty table;
+    /// * some peers are heard, none synced, others missing: the missing
+    ///   may hold the table, so only after ten times that.
     fn may_seed(&self, now: Nanos) -> bool {
-        let views = self.ms.members();
-        let alive: Vec<u16> = views.iter().filter(|v| !v.is_local && v.alive).map(|v| v.id).collect();
         if !self.table_own {
             // Emptied for a pull: it holds nothing to offer; it waits for a
             // member that does.
             return false;
         }
+        let views = self.ms.members();
+        let alive: Vec<u16> = views.iter().filter(|v| !v.is_local && v.alive).map(|v| v.id).collect();
+        let waited = now.saturating_sub(self.started);
         if alive.is_empty() {
-            now.saturating_sub(self.started) >= self.cfg.alone_after_ns
-        } else {
-            alive.iter().all(|p| *p > self.cfg.member_id)
+            return waited >= self.cfg.alone_after_ns;
         }
+        if alive.len() == self.cfg.peers.len() {
+            // A cold start: everybody is here and nobody is synced.
+            return alive.iter().all(|p| *p > self.cfg.member_id);
+        }
+        // Some members are missing and those here hold nothing synced: the
+        // missing ones may hold the cluster's table (cut off, not dead).
+        // Only after a long wait does the lowest id here seed.
+        waited >= self.cfg.alone_after_ns.saturating_mul(10) && alive.iter().all(|p| *p > self.cfg.member_id)
     }
 
     fn pull_failed(&mut self, why: String, now: Nanos) {
