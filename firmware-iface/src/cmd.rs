@@ -394,7 +394,9 @@ impl CommandDescriptor {
         };
         let chain_without_replica =
             op == Opcode::Delete && flags.contains(DescFlags::CHAIN) && !flags.contains(DescFlags::REPLICA);
-        if !allowed.contains(flags) || flags.contains(DescFlags::REPLICA | DescFlags::AUTO_GENERATION) || chain_without_replica
+        if !allowed.contains(flags)
+            || flags.contains(DescFlags::REPLICA | DescFlags::AUTO_GENERATION)
+            || chain_without_replica
         {
             return Err(DecodeError::BadFlags(self.flags));
         }

@@ -1233,7 +1233,6 @@ impl Core {
     /// as a tombstone here.
     #[inline]
     fn sync_local(&mut self, op: DeltaOp, s: &Slot, was_synced: bool) {
-
         let Some(unit) = &mut self.sync else { return };
         if !(was_synced || s.state.conn_flags().contains(ConnFlags::SYNC)) {
             return;
@@ -1412,7 +1411,6 @@ impl Core {
         let st = ConnState { generation: (dropped.min(u32::MAX as u64) as u32).into(), ..Default::default() };
         self.post_event(EventKind::ResyncNeeded, &ConnKey::default(), &st);
     }
-
 
     /// Copies the sync unit's counters into the counter registers.
     fn refresh_sync_counters(&mut self) {

@@ -522,7 +522,10 @@ impl DeltaSender {
                 if self.tx.push(&mut self.stats, Destination::All, |b| Frame::encode_alive(b, &origin, next)) {
                     self.stats.alive_sent += 1;
                 }
-                let wait = wait.saturating_mul(2).min(self.cfg.tail_probe_ns.saturating_mul(8)).min(self.cfg.alive_interval_ns);
+                let wait = wait
+                    .saturating_mul(2)
+                    .min(self.cfg.tail_probe_ns.saturating_mul(8))
+                    .min(self.cfg.alive_interval_ns);
                 self.tail_probe = Some((now.saturating_add(wait), wait));
             } else {
                 self.tail_probe = None;

@@ -156,8 +156,18 @@ pub fn run(o: &SyncBenchOptions) -> Result<SyncBenchReport, SyncBenchError> {
     let targets = vec![
         t("full_sync_ms of 1,000,000 < 500", full_ms, 500.0, full_ms < 500.0 && full_entries >= 1_000_000),
         t("delta_latency_ns.p50 < 2000", delta_in.p50, 2000.0, delta_in.p50 < 2000.0),
-        t("delta_latency_udp_ns.p50 <= baseline_udp_rtt_ns.p50", delta_udp.p50, baseline.p50, delta_udp.p50 <= baseline.p50),
-        t("sustained_conn_per_s >= 500000 with 0 lost", conn_rate, 500_000.0, conn_rate >= 500_000.0 && lost == 0 && caught_up),
+        t(
+            "delta_latency_udp_ns.p50 <= baseline_udp_rtt_ns.p50",
+            delta_udp.p50,
+            baseline.p50,
+            delta_udp.p50 <= baseline.p50,
+        ),
+        t(
+            "sustained_conn_per_s >= 500000 with 0 lost",
+            conn_rate,
+            500_000.0,
+            conn_rate >= 500_000.0 && lost == 0 && caught_up,
+        ),
         t("failover_ms <= 100", failover, 100.0, failover <= 100.0),
     ];
     Ok(SyncBenchReport {
@@ -246,7 +256,8 @@ fn pair(
             .map_err(|e| SyncBenchError::Other(e.to_string()))?;
         dev.nic().attach_sync(unit);
         dev.start_poller(None)?;
-        let t = ConnTable::open(dev, DriverConfig { table_capacity: capacity, aging_period_ms: 0, ..Default::default() })?;
+        let t =
+            ConnTable::open(dev, DriverConfig { table_capacity: capacity, aging_period_ms: 0, ..Default::default() })?;
         t.driver_ref().device().stop_poller();
         tables.push(t);
     }
@@ -286,8 +297,10 @@ fn delta_latency(udp: bool, samples: usize) -> Result<Percentiles, SyncBenchErro
         udp_ports()?
     } else {
         let hub = InProcessHub::new(HubConfig::new());
-        (Box::new(hub.attach(1).map_err(|e| SyncBenchError::Other(e.to_string()))?),
-         Box::new(hub.attach(2).map_err(|e| SyncBenchError::Other(e.to_string()))?))
+        (
+            Box::new(hub.attach(1).map_err(|e| SyncBenchError::Other(e.to_string()))?),
+            Box::new(hub.attach(2).map_err(|e| SyncBenchError::Other(e.to_string()))?),
+        )
     };
     let (mut a, mut b, poller) = pair(ports, 1 << 16, 0)?;
     let warm = samples / 10;
@@ -365,8 +378,8 @@ fn sustained(seconds: f64) -> Result<(f64, f64, u64, bool), SyncBenchError> {
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    let lost = b.driver_ref().device_counter(Counter::SyncLostUpdates)
-        + b.driver_ref().device_counter(Counter::SyncHoldDrops);
+    let lost =
+        b.driver_ref().device_counter(Counter::SyncLostUpdates) + b.driver_ref().device_counter(Counter::SyncHoldDrops);
     drop(a);
     drop(b);
     drop(poller);
@@ -459,7 +472,8 @@ fn full_sync(conns: u64) -> Result<(f64, u64), SyncBenchError> {
     }
     a.table_ref().driver_ref().device().stop_poller();
     let b = new_member(2, &hub, capacity)?;
-    let nics = vec![a.table_ref().driver_ref().device().nic().clone(), b.table_ref().driver_ref().device().nic().clone()];
+    let nics =
+        vec![a.table_ref().driver_ref().device().nic().clone(), b.table_ref().driver_ref().device().nic().clone()];
     let poller = Poller::spawn_with(nics, Idle::Spin, || {})?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
@@ -507,7 +521,8 @@ fn failovers(runs: usize) -> Result<Vec<f64>, SyncBenchError> {
         let start = |id: u16| -> Result<_, SyncBenchError> {
             let node = new_member(id, &hub, 1 << 16)?;
             let nic = node.table_ref().driver_ref().device().nic().clone();
-            let poller = Poller::spawn_with(vec![nic], Idle::Nap { after_sweeps: 64, nap: Duration::from_micros(50) }, || {})?;
+            let poller =
+                Poller::spawn_with(vec![nic], Idle::Nap { after_sweeps: 64, nap: Duration::from_micros(50) }, || {})?;
             let (tx, task) = duo.spawn(id, node, watch(id))?;
             Ok((tx, task, poller))
         };
@@ -532,7 +547,8 @@ fn failovers(runs: usize) -> Result<Vec<f64>, SyncBenchError> {
             let other = 3 - active;
             // Let the pair run a little, then the Active dies.
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let (tx, task, poller) = members[active as usize - 1].take().ok_or_else(|| SyncBenchError::Other("gone".into()))?;
+            let (tx, task, poller) =
+                members[active as usize - 1].take().ok_or_else(|| SyncBenchError::Other("gone".into()))?;
             let killed = Instant::now();
             let _ = tx.send(());
             drop(task.await);
@@ -579,7 +595,13 @@ pub fn render(r: &SyncBenchReport) -> String {
     ));
     out.push_str(&format!("  failover: median {:.1} ms of {:?}\n", r.failover_ms, r.failover_ms_runs));
     for t in &r.targets {
-        out.push_str(&format!("  [{}] {}: {:.1} (bound {:.1})\n", if t.met { "met" } else { "MISSED" }, t.name, t.value, t.bound));
+        out.push_str(&format!(
+            "  [{}] {}: {:.1} (bound {:.1})\n",
+            if t.met { "met" } else { "MISSED" },
+            t.name,
+            t.value,
+            t.bound
+        ));
     }
     out
 }

@@ -269,13 +269,7 @@ async fn drive(opts: &ClusterOptions) -> anyhow::Result<ClusterReport> {
     tokio::time::sleep(third).await;
 
     // Kill the Active: host and device vanish together.
-    let killed = shared
-        .borrow()
-        .views
-        .iter()
-        .find(|(_, (s, _))| s.is_active())
-        .map(|(id, _)| *id)
-        .unwrap_or(1);
+    let killed = shared.borrow().views.iter().find(|(_, (s, _))| s.is_active()).map(|(id, _)| *id).unwrap_or(1);
     let victim = running.remove(&killed).ok_or_else(|| anyhow::anyhow!("member {killed} is not running"))?;
     let _ = victim.stop.send(());
     let node = victim.task.await?;
@@ -289,9 +283,7 @@ async fn drive(opts: &ClusterOptions) -> anyhow::Result<ClusterReport> {
     let mut failover_ms = None;
     let deadline = t_kill + third;
     while Instant::now() < deadline {
-        if failover_ms.is_none()
-            && shared.borrow().views.iter().any(|(id, (s, _))| *id != killed && s.is_active())
-        {
+        if failover_ms.is_none() && shared.borrow().views.iter().any(|(id, (s, _))| *id != killed && s.is_active()) {
             failover_ms = Some(t_kill.elapsed().as_secs_f64() * 1e3);
         }
         tokio::time::sleep(Duration::from_millis(1)).await;

@@ -108,7 +108,7 @@ impl Reply {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// No daemon at the path, or no permission.
-    #[error("cannot reach the daemon at {path}: {source} (is `nicsync daemon` running, and is this its --socket?)")]
+    #[error("cannot reach the daemon at {path} (is `nicsync daemon` running, and is this its --socket?)")]
     Connect {
         /// The socket path.
         path: String,

@@ -4,9 +4,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use nicsync::bench::{self, BenchOptions};
+use nicsync::control::Request;
 use nicsync::demo::{self, DemoOptions};
 use nicsync::device::{self, EmulatedOptions};
-use nicsync::control::Request;
 use nicsync::{ConnTable, DriverConfig};
 use nicsync_vfio::DeviceSpec;
 
@@ -259,7 +259,7 @@ fn render_state(v: &serde_json::Value) -> String {
         };
         out.push_str(&format!(
             "  {:<3} {:<18} {:<6} {}\n",
-            m["id"],
+            m["id"].to_string(),
             m["state"].as_str().unwrap_or("?").to_uppercase().replace('_', " "),
             if m["alive"].as_bool() == Some(true) { "yes" } else { "no" },
             heard
@@ -302,7 +302,9 @@ fn run_conn(socket: &std::path::Path, which: ConnCommand) -> anyhow::Result<()> 
                 }
             }
         }
-        ConnCommand::Get { key } => println!("{}", serde_json::to_string_pretty(&control(socket, &Request::ConnGet { key })?)?),
+        ConnCommand::Get { key } => {
+            println!("{}", serde_json::to_string_pretty(&control(socket, &Request::ConnGet { key })?)?)
+        }
         ConnCommand::Add { key, state, timeout, mark, no_sync } => {
             let req = Request::ConnAdd { key, tcp_state: state, timeout_s: timeout, mark, sync: !no_sync };
             let v = control(socket, &req)?;
@@ -357,11 +359,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Conn { which } => run_conn(&cli.socket, which),
         Command::Cluster(a) => {
-            let opts = nicsync::cluster::ClusterOptions {
-                members: a.members,
-                seconds: a.seconds,
-                conn_rate: a.conn_rate,
-            };
+            let opts =
+                nicsync::cluster::ClusterOptions { members: a.members, seconds: a.seconds, conn_rate: a.conn_rate };
             let r = nicsync::cluster::run(&opts)?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&r)?);

@@ -123,8 +123,7 @@ pub fn from_config(cfg: &Config) -> Result<(Node<AnyDevice>, MemberNet, ControlS
         DeviceKind::Vfio { bdf } => {
             // The sync port of a real card is configured by its firmware
             // (no ABI register block for it yet): the host side runs as is.
-            let spec: nicsync_vfio::DeviceSpec =
-                bdf.parse().map_err(MemberError::Unsupported)?;
+            let spec: nicsync_vfio::DeviceSpec = bdf.parse().map_err(MemberError::Unsupported)?;
             let dev = crate::device::open(&spec, &Default::default())?;
             tracing::warn!(
                 "VFIO device {}: its sync port is configured by the card's firmware; sync.bind and the peers' sync addresses are not programmed",

@@ -424,8 +424,13 @@ impl<D: NicDevice> Node<D> {
         if now.saturating_sub(self.digest.1) < quiet {
             return;
         }
-        let peers: Vec<u16> =
-            self.ms.members().iter().filter(|m| !m.is_local && m.alive && m.state == MemberState::Standby).map(|m| m.id).collect();
+        let peers: Vec<u16> = self
+            .ms
+            .members()
+            .iter()
+            .filter(|m| !m.is_local && m.alive && m.state == MemberState::Standby)
+            .map(|m| m.id)
+            .collect();
         for p in peers {
             let Some((theirs, since)) = self.ms.peer_digest(p) else { continue };
             if theirs == mine || now.saturating_sub(since) < quiet {
@@ -437,7 +442,9 @@ impl<D: NicDevice> Node<D> {
             }
             self.divergence_asked.insert(p, now);
             self.stats.divergences_detected += 1;
-            self.note_error(format!("member {p}'s table digest {theirs:016x} differs from this Active's {mine:016x}: it resyncs"));
+            self.note_error(format!(
+                "member {p}'s table digest {theirs:016x} differs from this Active's {mine:016x}: it resyncs"
+            ));
             self.resync_asks.push((p, now, 0));
         }
     }
@@ -625,7 +632,10 @@ impl<D: NicDevice> Node<D> {
                     // stale.
                     let active = matches!(self.ms.local_state(), MemberState::Active | MemberState::ActiveAttention);
                     if active && self.cfg.mode == Mode::HighAvailability {
-                        tracing::info!(member = self.cfg.member_id, "ignoring a resync request of member {by}: this member is Active");
+                        tracing::info!(
+                            member = self.cfg.member_id,
+                            "ignoring a resync request of member {by}: this member is Active"
+                        );
                         self.stats.resync_requests_ignored += 1;
                     } else {
                         self.stats.resyncs_requested += 1;
@@ -637,8 +647,9 @@ impl<D: NicDevice> Node<D> {
                 {
                     self.merge_queue.push_back(by);
                 }
-                membership::MembershipEvent::PeerDied { .. }
-                | membership::MembershipEvent::PeerRestarted { .. } => realign = true,
+                membership::MembershipEvent::PeerDied { .. } | membership::MembershipEvent::PeerRestarted { .. } => {
+                    realign = true
+                }
                 _ => {}
             }
         }
@@ -739,7 +750,11 @@ impl<D: NicDevice> Node<D> {
                 Some(Ok(records)) => {
                     let conn = p.conn;
                     self.out.push_back(NodeOutput::FsClose { conn });
-                    tracing::info!(member = self.cfg.member_id, "merge: done, {records} records from member {}", p.peer);
+                    tracing::info!(
+                        member = self.cfg.member_id,
+                        "merge: done, {records} records from member {}",
+                        p.peer
+                    );
                     self.stats.merges_completed += 1;
                     self.merge = None;
                 }
@@ -793,7 +808,11 @@ impl<D: NicDevice> Node<D> {
             .ms
             .members()
             .iter()
-            .filter(|m| !m.is_local && m.alive && matches!(m.state, MemberState::Standby | MemberState::Active | MemberState::ActiveAttention))
+            .filter(|m| {
+                !m.is_local
+                    && m.alive
+                    && matches!(m.state, MemberState::Standby | MemberState::Active | MemberState::ActiveAttention)
+            })
             .map(|m| m.id)
             .collect();
         for p in peers {

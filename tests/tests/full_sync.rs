@@ -49,7 +49,16 @@ struct Pair {
 impl Pair {
     fn new() -> Self {
         let hub = InProcessHub::new(HubConfig::new());
-        Pair { m: [member(1, &hub), member(2, &hub)], now: 0, streams: Vec::new(), next: 1 << 40, wire: VecDeque::new(), cut_after: None, carried: 0, cuts: 0 }
+        Pair {
+            m: [member(1, &hub), member(2, &hub)],
+            now: 0,
+            streams: Vec::new(),
+            next: 1 << 40,
+            wire: VecDeque::new(),
+            cut_after: None,
+            carried: 0,
+            cuts: 0,
+        }
     }
 
     fn close(&mut self, i: usize) {
@@ -89,14 +98,21 @@ impl Pair {
                         self.m[id as usize - 1].fs_connected(conn, now);
                     }
                     NodeOutput::FsSend { conn, bytes } => {
-                        if let Some((c, cc, sc)) = self.streams.iter().copied().find(|s| (s.0 == id && s.1 == conn) || (s.0 != id && s.2 == conn)) {
+                        if let Some((c, cc, sc)) = self
+                            .streams
+                            .iter()
+                            .copied()
+                            .find(|s| (s.0 == id && s.1 == conn) || (s.0 != id && s.2 == conn))
+                        {
                             let (to, tconn) = if c == id { (3 - c, sc) } else { (c, cc) };
                             self.wire.push_back((to, tconn, bytes));
                             let _ = cc;
                         }
                     }
                     NodeOutput::FsClose { conn } => {
-                        if let Some(i) = self.streams.iter().position(|s| (s.0 == id && s.1 == conn) || (s.0 != id && s.2 == conn)) {
+                        if let Some(i) =
+                            self.streams.iter().position(|s| (s.0 == id && s.1 == conn) || (s.0 != id && s.2 == conn))
+                        {
                             self.close(i);
                         }
                     }
@@ -110,7 +126,9 @@ impl Pair {
                     // The connection drops in the middle of the transfer.
                     self.cut_after = None;
                     self.cuts += 1;
-                    if let Some(i) = self.streams.iter().position(|s| (s.0 == to && s.1 == conn) || (s.0 != to && s.2 == conn)) {
+                    if let Some(i) =
+                        self.streams.iter().position(|s| (s.0 == to && s.1 == conn) || (s.0 != to && s.2 == conn))
+                    {
                         self.close(i);
                     }
                     continue;
@@ -128,7 +146,13 @@ impl Pair {
 }
 
 fn synced_entry(i: u32) -> ConnEntry {
-    ConnEntry::new(ConnState::new(TcpState::Established, Direction::Original, ConnFlags::SYNC | ConnFlags::CONFIRMED, 0, i))
+    ConnEntry::new(ConnState::new(
+        TcpState::Established,
+        Direction::Original,
+        ConnFlags::SYNC | ConnFlags::CONFIRMED,
+        0,
+        i,
+    ))
 }
 
 #[test]
