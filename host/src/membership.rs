@@ -2240,6 +2240,7 @@ mod tests {
             seq,
             state: MemberState::Standby,
             mode: Mode::HighAvailability,
+            digest: 0x1234_5678_9abc_def0,
             entries,
         }
     }

@@ -142,6 +142,16 @@ fn members_converge_under_loss() {
     for (i, member) in m.iter_mut().enumerate().skip(1) {
         assert_eq!(contents(member), a, "member {} diverged", i + 1);
     }
+    // The devices' running digests agree too, and count every synced entry.
+    let digest = |t: &Member| {
+        let d = t.driver_ref();
+        (
+            d.device_counter(nicsync_fwif::regs::Counter::SyncDigest),
+            d.device_counter(nicsync_fwif::regs::Counter::SyncEntries),
+        )
+    };
+    assert_eq!(digest(&m[0]).1, a.len() as u64);
+    assert!(m.iter().all(|t| digest(t) == digest(&m[0])), "{:?}", m.iter().map(digest).collect::<Vec<_>>());
     let mut nacks = 0;
     for member in &m {
         let st = member.driver_ref().device().nic().sync_stats().expect("sync");
