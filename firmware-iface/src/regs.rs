@@ -195,11 +195,20 @@ pub enum Counter {
     SyncDigest = 28,
     /// Delta Sync (gauge): entries marked for sync.
     SyncEntries = 29,
+    /// Delta Sync (gauge): updates in the retransmit queue.
+    SyncQueueDepth = 30,
+    /// Delta Sync: frames dropped because the transmit queue was full, and
+    /// updates not buffered because a reorder buffer was full (asked for
+    /// again).
+    SyncQueueDrops = 31,
+    /// Delta Sync: updates this member told a peer it can no longer resend
+    /// (LOST answers: ClusterXL's reject notifications).
+    SyncRejectsSent = 32,
 }
 
 impl Counter {
     /// Every counter, in register order.
-    pub const ALL: [Counter; 30] = [
+    pub const ALL: [Counter; 33] = [
         Counter::CommandsFetched,
         Counter::CompletionsWritten,
         Counter::CommandErrors,
@@ -230,6 +239,9 @@ impl Counter {
         Counter::SyncUnacked,
         Counter::SyncDigest,
         Counter::SyncEntries,
+        Counter::SyncQueueDepth,
+        Counter::SyncQueueDrops,
+        Counter::SyncRejectsSent,
     ];
 
     /// Register offset of this counter's low half.
@@ -270,6 +282,9 @@ impl Counter {
             Counter::SyncUnacked => "sync_unacked",
             Counter::SyncDigest => "sync_digest",
             Counter::SyncEntries => "sync_entries",
+            Counter::SyncQueueDepth => "sync_queue_depth",
+            Counter::SyncQueueDrops => "sync_queue_drops",
+            Counter::SyncRejectsSent => "sync_rejects_sent",
         }
     }
 }

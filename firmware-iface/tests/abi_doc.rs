@@ -150,6 +150,9 @@ fn counter_meaning(c: Counter) -> &'static str {
         Counter::SyncMalformed => "sync datagrams refused as malformed",
         Counter::SyncDigest => "gauge: order-independent digest of the entries marked for sync (see regs.rs)",
         Counter::SyncEntries => "gauge: entries marked for sync",
+        Counter::SyncQueueDepth => "gauge: updates in the retransmit queue",
+        Counter::SyncQueueDrops => "frames dropped on a full transmit queue, updates dropped on a full reorder buffer",
+        Counter::SyncRejectsSent => "updates reported to a peer as no longer resendable (LOST answers)",
         Counter::SyncUnacked => {
             "gauge: local updates some configured peer has not acknowledged yet (drain before replacing the table)"
         }

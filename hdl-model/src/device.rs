@@ -1430,6 +1430,9 @@ impl Core {
             (Counter::SyncUnacked, unit.unacked()),
             (Counter::SyncDigest, self.digest.sum),
             (Counter::SyncEntries, self.digest.count),
+            (Counter::SyncQueueDepth, st.protocol.queue_depth),
+            (Counter::SyncQueueDrops, st.protocol.tx_drops + st.protocol.reorder_drops),
+            (Counter::SyncRejectsSent, st.protocol.lost_updates_reported),
         ];
         for (c, v) in vals {
             if self.counters[c as usize] != v {
