@@ -222,7 +222,7 @@ pub struct Node<D: NicDevice> {
     /// Peers asked to resync that have not yet been seen going Down:
     /// (member, next send, sends so far). The request is one datagram, so
     /// it is repeated until the peer acts on it.
-    resync_asks: Vec<(u16, Nanos, u32)>,
+    resync_asks: Vec<(u16, Nanos, u32, bool)>,
     /// Whether the table is this member's own, not emptied for a pull that
     /// has not finished: only such a table may become the cluster's.
     table_own: bool,
@@ -397,9 +397,27 @@ impl<D: NicDevice> Node<D> {
             self.request_resync(now);
         } else {
             if !self.resync_asks.iter().any(|a| a.0 == target) {
-                self.resync_asks.push((target, now, 0));
+                self.resync_asks.push((target, now, 0, true));
             }
             self.progress(now);
+        }
+    }
+
+    /// Whether this member's table is the cluster's reference: the Active
+    /// in HA; in load sharing the lowest-id Active. The reference realigns
+    /// the others and checks their digests; it never empties itself.
+    fn is_reference(&self) -> bool {
+        let me = self.ms.local_state();
+        if !matches!(me, MemberState::Active | MemberState::ActiveAttention) || !self.is_synced() {
+            return false;
+        }
+        match self.cfg.mode {
+            Mode::HighAvailability => true,
+            Mode::LoadSharing => !self
+                .ms
+                .members()
+                .iter()
+                .any(|m| !m.is_local && m.alive && m.state.is_active() && m.id < self.cfg.member_id),
         }
     }
 
@@ -416,10 +434,14 @@ impl<D: NicDevice> Node<D> {
             self.digest = (mine, now);
         }
         self.ms.set_digest(mine);
-        let active = matches!(self.ms.local_state(), MemberState::Active | MemberState::ActiveAttention);
-        if !active || !self.is_synced() || self.merge.is_some() || !self.merge_queue.is_empty() {
+        if !self.is_reference() || self.merge.is_some() || !self.merge_queue.is_empty() {
             return;
         }
+        tracing::trace!(
+            member = self.cfg.member_id,
+            "anti-entropy check at {now}: digest {mine:016x} since {}",
+            self.digest.1
+        );
         let quiet = self.cfg.probe_interval_ns.saturating_mul(3);
         if now.saturating_sub(self.digest.1) < quiet {
             return;
@@ -428,11 +450,12 @@ impl<D: NicDevice> Node<D> {
             .ms
             .members()
             .iter()
-            .filter(|m| !m.is_local && m.alive && m.state == MemberState::Standby)
+            .filter(|m| !m.is_local && m.alive && (m.state == MemberState::Standby || m.state.is_active()))
             .map(|m| m.id)
             .collect();
         for p in peers {
             let Some((theirs, since)) = self.ms.peer_digest(p) else { continue };
+            tracing::trace!(member = self.cfg.member_id, "peer {p} digest {theirs:016x} since {since}");
             if theirs == mine || now.saturating_sub(since) < quiet {
                 continue;
             }
@@ -445,22 +468,20 @@ impl<D: NicDevice> Node<D> {
             self.note_error(format!(
                 "member {p}'s table digest {theirs:016x} differs from this Active's {mine:016x}: it resyncs"
             ));
-            self.resync_asks.push((p, now, 0));
+            self.resync_asks.push((p, now, 0, false));
         }
     }
 
     fn drive_resync_asks(&mut self, now: Nanos) {
-        // Realigning the others is the Active's business; one that lost the
-        // role drops what it had queued.
-        let active = matches!(self.ms.local_state(), MemberState::Active | MemberState::ActiveAttention);
-        if !active && self.cfg.mode == Mode::HighAvailability {
-            self.resync_asks.clear();
-            return;
+        // Realigning the others is the reference's business; one that lost
+        // the role drops what it had queued (an operator's asks stay).
+        if !self.is_reference() {
+            self.resync_asks.retain(|a| a.3);
         }
         let views = self.ms.members();
         let every = self.cfg.probe_interval_ns.saturating_mul(3);
         let mut gave_up = Vec::new();
-        self.resync_asks.retain_mut(|(target, next, tries)| {
+        self.resync_asks.retain_mut(|(target, next, tries, _)| {
             let down = views.iter().any(|v| v.id == *target && v.alive && v.state == MemberState::Down);
             if down && *tries > 0 {
                 return false;
@@ -630,8 +651,7 @@ impl<D: NicDevice> Node<D> {
                     // In HA the Active's table is the cluster's: a request
                     // that reaches it (sent when the asker was Active) is
                     // stale.
-                    let active = matches!(self.ms.local_state(), MemberState::Active | MemberState::ActiveAttention);
-                    if active && self.cfg.mode == Mode::HighAvailability {
+                    if self.is_reference() {
                         tracing::info!(
                             member = self.cfg.member_id,
                             "ignoring a resync request of member {by}: this member is Active"
@@ -653,8 +673,7 @@ impl<D: NicDevice> Node<D> {
                 _ => {}
             }
         }
-        let active = matches!(self.ms.local_state(), MemberState::Active | MemberState::ActiveAttention);
-        if realign && active && self.is_synced() {
+        if realign && self.is_reference() {
             self.realign();
         }
         self.drive_merges(now);
@@ -695,8 +714,7 @@ impl<D: NicDevice> Node<D> {
             self.stats.device_resync_events += resync;
             // A pull in progress already replaces the whole table.
             if matches!(self.phase, Phase::Synced) {
-                let active = matches!(self.ms.local_state(), MemberState::Active | MemberState::ActiveAttention);
-                if active && self.cfg.mode == Mode::HighAvailability {
+                if self.is_reference() {
                     // The Active's table is the cluster's: it missed a
                     // peer's updates (a dead Active's last ones, or a
                     // Standby's), so the peers may hold what it lacks.

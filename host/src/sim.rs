@@ -698,6 +698,8 @@ pub fn run(cfg: &SimConfig) -> SimReport {
             if let Some(n) = &sim.slots[id as usize - 1].node {
                 let line = format!("member {id} at the end: {}", crate::runtime::syncstat_json(n, &Default::default()));
                 sim.report.timeline.push(line);
+                let line = format!("member {id} sees: {}", crate::runtime::state_json(n, sim.now));
+                sim.report.timeline.push(line);
             }
         }
     }
