@@ -1358,7 +1358,20 @@ impl Core {
         let mut events = std::mem::take(&mut self.sync_events);
         unit.pump(self.now_ns, |ev| events.push(ev));
         let did = !events.is_empty();
-        for ev in events.drain(..) {
+        // Software-pipelined like the command path: the buckets of the
+        // update PEER_PREFETCH ahead are fetched while this one is applied.
+        const PEER_PREFETCH: usize = 8;
+        let prefetch = |table: &CuckooTable, ev: Option<&ReceiverEvent>| {
+            if let Some(ReceiverEvent::Deliver { update, .. }) = ev {
+                table.prefetch_buckets(table.placement_of(&update.key));
+            }
+        };
+        for i in 0..events.len().min(PEER_PREFETCH) {
+            prefetch(&self.table, events.get(i));
+        }
+        for i in 0..events.len() {
+            prefetch(&self.table, events.get(i + PEER_PREFETCH));
+            let Some(ev) = events.get(i).cloned() else { break };
             match ev {
                 // Behind the held ones while they drain, to keep the order.
                 ReceiverEvent::Deliver { update, .. } if self.hold || !self.held.is_empty() => self.hold_peer(update),
@@ -1374,6 +1387,7 @@ impl Core {
                 ReceiverEvent::PeerReset { .. } => {}
             }
         }
+        events.clear();
         self.sync_events = events;
         did | self.drain_held()
     }
