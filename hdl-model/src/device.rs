@@ -447,79 +447,105 @@ const HOLD_DRAIN_PER_PASS: usize = 256;
 /// How many descriptors are decoded and prefetched ahead of execution.
 const FETCH_BURST: usize = 64;
 
-/// Deleted synced keys with the (generation, owner) of their delete, kept
-/// for the last [`TOMBSTONES`] deletes (a hardware design would use a small
-/// CAM): long enough to outlive any retransmission of an older upsert.
-#[derive(Debug, Default)]
+/// Deleted synced keys with the (generation, owner) of their delete: a
+/// set-associative table of [`TOMBSTONES`] entries in [`TOMBSTONE_WAYS`]-way
+/// sets, as a hardware design would build it beside the connection table.
+/// A new tombstone takes a free way of its key's set or evicts the set's
+/// oldest one, so a tombstone lives for about the last [`TOMBSTONES`]
+/// deletes: long enough to outlive any retransmission of an older upsert.
+#[derive(Debug)]
 struct Tombstones {
-    /// Key -> (generation, owner, when recorded).
-    by_key: std::collections::HashMap<ConnKey, (u32, u16, u64), std::hash::BuildHasherDefault<KeyHasher>>,
-    /// Recording order; an entry whose stamp no longer matches is stale.
-    order: std::collections::VecDeque<(ConnKey, u64)>,
+    /// `TOMBSTONES` slots, set by set.
+    slots: Vec<Tombstone>,
+    /// Live tombstones.
+    len: usize,
+    /// Recording counter (0 marks a free slot).
+    stamp: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Tombstone {
+    key: ConnKey,
+    generation: u32,
+    owner: u16,
+    /// When recorded; 0: free.
     stamp: u64,
 }
 
 /// Tombstones kept.
 const TOMBSTONES: usize = 65_536;
+/// Ways per tombstone set.
+const TOMBSTONE_WAYS: usize = 8;
 
-/// A fast hasher for keys the device itself produced (a CAM would match
-/// them in parallel; SipHash's flooding resistance buys nothing here, since
-/// the table bounds the entries whatever their hashes).
-#[derive(Debug, Default, Clone, Copy)]
-struct KeyHasher(u64);
-
-impl std::hash::Hasher for KeyHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-            self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-        }
-        for &b in chunks.remainder() {
-            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        // A final mix, so that hashbrown's top bits are well spread.
-        let x = self.0 ^ (self.0 >> 32);
-        x.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (x >> 29)
+impl Default for Tombstones {
+    fn default() -> Self {
+        Tombstones { slots: Vec::new(), len: 0, stamp: 0 }
     }
 }
 
 impl Tombstones {
-    fn record(&mut self, key: ConnKey, generation: u32, owner: u16) {
-        self.stamp += 1;
-        self.by_key.insert(key, (generation, owner, self.stamp));
-        self.order.push_back((key, self.stamp));
-        while self.by_key.len() > TOMBSTONES || self.order.len() > 2 * TOMBSTONES {
-            let Some((old, stamp)) = self.order.pop_front() else { break };
-            // Only the recording that is still current goes.
-            if self.by_key.get(&old).is_some_and(|t| t.2 == stamp) {
-                self.by_key.remove(&old);
-            }
+    /// The slots of `key`'s set (allocated on first use).
+    fn set_of(&self, key: &ConnKey) -> std::ops::Range<usize> {
+        let sets = TOMBSTONES / TOMBSTONE_WAYS;
+        let set = (crate::table::hash_key(key) >> 17) as usize % sets;
+        set * TOMBSTONE_WAYS..(set + 1) * TOMBSTONE_WAYS
+    }
+
+    fn find(&self, key: &ConnKey) -> Option<usize> {
+        if self.len == 0 {
+            return None;
         }
+        self.set_of(key).find(|&i| self.slots[i].stamp != 0 && self.slots[i].key == *key)
+    }
+
+    fn record(&mut self, key: ConnKey, generation: u32, owner: u16) {
+        if self.slots.is_empty() {
+            self.slots = vec![Tombstone::default(); TOMBSTONES];
+        }
+        self.stamp += 1;
+        let range = self.set_of(&key);
+        let at = match self.find(&key) {
+            Some(i) => i,
+            None => {
+                // A free way, or the set's oldest tombstone.
+                let i = range.clone().min_by_key(|&i| self.slots[i].stamp).unwrap_or(range.start);
+                if self.slots[i].stamp == 0 {
+                    self.len += 1;
+                }
+                i
+            }
+        };
+        self.slots[at] = Tombstone { key, generation, owner, stamp: self.stamp };
     }
 
     fn forget(&mut self, key: &ConnKey) {
-        if !self.by_key.is_empty() {
-            self.by_key.remove(key);
+        if let Some(i) = self.find(key) {
+            self.slots[i].stamp = 0;
+            self.len -= 1;
         }
     }
 
     fn generation(&self, key: &ConnKey) -> Option<u32> {
-        if self.by_key.is_empty() {
-            return None;
-        }
-        self.by_key.get(key).map(|t| t.0)
+        self.find(key).map(|i| self.slots[i].generation)
+    }
+
+    /// Live tombstones.
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Every live tombstone: (key, generation, owner).
+    fn entries(&self) -> Vec<(ConnKey, u32, u16)> {
+        self.slots.iter().filter(|t| t.stamp != 0).map(|t| (t.key, t.generation, t.owner)).collect()
     }
 
     /// Whether the tombstone of `u`'s key wins over `u`.
     fn beats(&self, u: &DeltaUpdate) -> bool {
-        match self.by_key.get(&u.key) {
-            Some(&(generation, owner, _)) => {
-                let state = ConnState { generation: generation.into(), ..Default::default() };
-                let tomb = DeltaUpdate { op: DeltaOp::Delete, owner, key: u.key, state, nat: Nat::default() };
+        match self.find(&u.key) {
+            Some(i) => {
+                let t = self.slots[i];
+                let state = ConnState { generation: t.generation.into(), ..Default::default() };
+                let tomb = DeltaUpdate { op: DeltaOp::Delete, owner: t.owner, key: u.key, state, nat: Nat::default() };
                 precedence(u, &tomb) != std::cmp::Ordering::Greater
             }
             None => false,
@@ -1510,7 +1536,7 @@ impl Core {
         let end = match (&self.walk_tombs, sync) {
             (_, false) => table_end,
             (Some(t), true) => table_end + t.len(),
-            (None, true) => table_end + self.tombstones.by_key.len(),
+            (None, true) => table_end + self.tombstones.len(),
         };
         let mut pos = cursor as usize;
         let mut n = 0usize;
@@ -1533,8 +1559,7 @@ impl Core {
                 None if pos < end => {
                     // The tombstones, as they were when the walk reached them.
                     let tombs = self.walk_tombs.get_or_insert_with(|| {
-                        let mut v: Vec<(ConnKey, u32, u16)> =
-                            self.tombstones.by_key.iter().map(|(k, (g, o, _))| (*k, *g, *o)).collect();
+                        let mut v = self.tombstones.entries();
                         // In key order, so that a run replays exactly.
                         v.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
                         v
@@ -1789,20 +1814,32 @@ mod tests {
     }
 
     #[test]
-    fn tombstones_evict_oldest_current_recording_only() {
+    fn tombstones_evict_the_oldest_of_a_set_only() {
         let mut t = Tombstones::default();
         t.record(key(0), 1, 1);
         t.forget(&key(0));
+        assert_eq!(t.generation(&key(0)), None);
         t.record(key(0), 5, 2); // a newer recording of the same key
-        for i in 1..TOMBSTONES as u32 {
-            t.record(key(i), 1, 1);
+        assert_eq!(t.len(), 1);
+        // Keys of the same set as key 0: the set holds TOMBSTONE_WAYS.
+        let set = t.set_of(&key(0));
+        let same: Vec<u32> = (1..2_000_000u32).filter(|i| t.set_of(&key(*i)) == set).take(TOMBSTONE_WAYS).collect();
+        assert_eq!(same.len(), TOMBSTONE_WAYS);
+        for i in &same[..TOMBSTONE_WAYS - 1] {
+            t.record(key(*i), 1, 1);
         }
-        // Full, nothing evicted yet: the stale first recording did not take
-        // the current one with it.
-        assert_eq!(t.generation(&key(0)), Some(5));
-        t.record(key(TOMBSTONES as u32), 1, 1);
-        assert_eq!(t.generation(&key(0)), None, "the oldest current tombstone goes first");
-        assert_eq!(t.generation(&key(1)), Some(1));
-        assert!(t.by_key.len() <= TOMBSTONES);
+        assert_eq!(t.generation(&key(0)), Some(5), "full set, nothing evicted yet");
+        // Re-recording a key refreshes it, without taking a way.
+        t.record(key(0), 6, 2);
+        t.record(key(same[TOMBSTONE_WAYS - 1]), 1, 1);
+        assert_eq!(t.generation(&key(same[0])), None, "the set's oldest goes first");
+        assert_eq!(t.generation(&key(0)), Some(6));
+        assert_eq!(t.len(), TOMBSTONE_WAYS);
+        // Other sets are untouched, and the table never grows.
+        for i in 0..3 * TOMBSTONES as u32 {
+            t.record(key(1_000_000 + i), 1, 1);
+        }
+        assert!(t.len() <= TOMBSTONES);
+        assert_eq!(t.entries().len(), t.len());
     }
 }
