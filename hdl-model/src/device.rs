@@ -453,7 +453,7 @@ const FETCH_BURST: usize = 64;
 /// A new tombstone takes a free way of its key's set or evicts the set's
 /// oldest one, so a tombstone lives for about the last [`TOMBSTONES`]
 /// deletes: long enough to outlive any retransmission of an older upsert.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Tombstones {
     /// `TOMBSTONES` slots, set by set.
     slots: Vec<Tombstone>,
@@ -476,12 +476,6 @@ struct Tombstone {
 const TOMBSTONES: usize = 65_536;
 /// Ways per tombstone set.
 const TOMBSTONE_WAYS: usize = 8;
-
-impl Default for Tombstones {
-    fn default() -> Self {
-        Tombstones { slots: Vec::new(), len: 0, stamp: 0 }
-    }
-}
 
 impl Tombstones {
     /// The slots of `key`'s set (allocated on first use).
