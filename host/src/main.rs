@@ -191,8 +191,9 @@ enum BenchCommand {
         /// Latency samples per wire.
         #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(100..=10_000_000))]
         samples: u64,
-        /// Seconds of sustained churn.
-        #[arg(long, default_value_t = 2.0)]
+        /// Seconds of sustained churn (three repetitions; the median is
+        /// reported).
+        #[arg(long, default_value_t = 3.0)]
         seconds: f64,
         /// Failovers measured.
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100))]
