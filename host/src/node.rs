@@ -930,7 +930,8 @@ impl<D: NicDevice> Node<D> {
     /// * never after its table was emptied for a pull that has not
     ///   finished;
     /// * every member is heard and none is synced (a cold start): the
-    ///   lowest id seeds the cluster;
+    ///   lowest id among those holding entries seeds the cluster (the
+    ///   lowest id of all if none does);
     /// * no peer is heard: after [`NodeConfig::alone_after_ns`] from start,
     ///   so that a member restarted into a short partition waits for the
     ///   cluster instead of becoming a rival Active with an empty table;
@@ -948,14 +949,25 @@ impl<D: NicDevice> Node<D> {
         if alive.is_empty() {
             return waited >= self.cfg.alone_after_ns;
         }
+        // Among those here, members holding entries (a non-zero digest in
+        // their probes) come first: a member restarted with an empty table
+        // must not seed over one that kept the cluster's.
+        let mine = self.table.driver_ref().device_counter(Counter::SyncDigest) != 0;
+        let with_data: Vec<u16> =
+            alive.iter().copied().filter(|p| self.ms.peer_digest(*p).is_some_and(|(d, _)| d != 0)).collect();
+        let lowest_of_my_kind = if mine {
+            with_data.iter().all(|p| *p > self.cfg.member_id)
+        } else {
+            with_data.is_empty() && alive.iter().all(|p| *p > self.cfg.member_id)
+        };
         if alive.len() == self.cfg.peers.len() {
             // A cold start: everybody is here and nobody is synced.
-            return alive.iter().all(|p| *p > self.cfg.member_id);
+            return lowest_of_my_kind;
         }
         // Some members are missing and those here hold nothing synced: the
         // missing ones may hold the cluster's table (cut off, not dead).
-        // Only after a long wait does the lowest id here seed.
-        waited >= self.cfg.alone_after_ns.saturating_mul(10) && alive.iter().all(|p| *p > self.cfg.member_id)
+        // Only after a long wait does one here seed.
+        waited >= self.cfg.alone_after_ns.saturating_mul(10) && lowest_of_my_kind
     }
 
     fn pull_failed(&mut self, why: String, now: Nanos) {
