@@ -430,10 +430,13 @@ impl Sim {
                         self.reference.insert(k, (v, w, self.now));
                         self.uncertain.remove(&k);
                     }
-                    // Gone already (a peer's delete won): the key is absent.
+                    // Absent here. Not a write: a key whose last write is
+                    // uncertain (its writer crashed) stays uncertain, since
+                    // that write may still surface from a member that got it.
                     Err(TableError::NotFound) => {
-                        self.reference.insert(k, (None, w, self.now));
-                        self.uncertain.remove(&k);
+                        if !self.uncertain.contains(&k) {
+                            self.reference.insert(k, (None, w, self.now));
+                        }
                     }
                     Err(_) => {}
                 }
