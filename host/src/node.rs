@@ -453,6 +453,32 @@ impl<D: NicDevice> Node<D> {
             .filter(|m| !m.is_local && m.alive && (m.state == MemberState::Standby || m.state.is_active()))
             .map(|m| m.id)
             .collect();
+        if self.cfg.mode == Mode::LoadSharing {
+            // Every member writes: when the others agree among themselves
+            // and this reference is the odd one out, it is the one behind.
+            let quiet_peers: Vec<u64> = peers
+                .iter()
+                .filter_map(|p| self.ms.peer_digest(*p))
+                .filter(|(_, since)| now.saturating_sub(*since) >= quiet)
+                .map(|(d, _)| d)
+                .collect();
+            let total = quiet_peers.len() + 1;
+            let me = self.cfg.member_id;
+            for d in &quiet_peers {
+                let n = quiet_peers.iter().filter(|x| *x == d).count();
+                let recent = self.divergence_asked.get(&me).is_some_and(|t| now.saturating_sub(*t) < 1_000_000_000);
+                if *d != mine && 2 * n > total && !recent {
+                    self.divergence_asked.insert(me, now);
+                    self.stats.divergences_detected += 1;
+                    self.note_error(format!(
+                        "this member's table digest {mine:016x} differs from the majority's {d:016x}: it resyncs"
+                    ));
+                    self.stats.resyncs_requested += 1;
+                    self.resync_wanted = true;
+                    return;
+                }
+            }
+        }
         for p in peers {
             let Some((theirs, since)) = self.ms.peer_digest(p) else { continue };
             tracing::trace!(member = self.cfg.member_id, "peer {p} digest {theirs:016x} since {since}");
