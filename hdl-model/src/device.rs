@@ -457,9 +457,15 @@ const FETCH_BURST: usize = 64;
 struct Tombstones {
     /// `TOMBSTONES` slots, set by set.
     slots: Vec<Tombstone>,
+    /// Per slot: a 16-bit fingerprint of the key (0: free), so that a
+    /// lookup reads one small line of its set and touches a slot only on a
+    /// fingerprint match, as the table's buckets do.
+    fps: Vec<u16>,
+    /// Per slot: when recorded (the oldest of a set is evicted first).
+    stamps: Vec<u64>,
     /// Live tombstones.
     len: usize,
-    /// Recording counter (0 marks a free slot).
+    /// Recording counter.
     stamp: u64,
 }
 
@@ -468,8 +474,6 @@ struct Tombstone {
     key: ConnKey,
     generation: u32,
     owner: u16,
-    /// When recorded; 0: free.
-    stamp: u64,
 }
 
 /// Tombstones kept.
@@ -478,43 +482,56 @@ const TOMBSTONES: usize = 65_536;
 const TOMBSTONE_WAYS: usize = 8;
 
 impl Tombstones {
-    /// The slots of `key`'s set (allocated on first use).
-    fn set_of(&self, key: &ConnKey) -> std::ops::Range<usize> {
+    /// The set and fingerprint of `key`.
+    fn place(key: &ConnKey) -> (std::ops::Range<usize>, u16) {
+        let h = crate::table::hash_key(key);
         let sets = TOMBSTONES / TOMBSTONE_WAYS;
-        let set = (crate::table::hash_key(key) >> 17) as usize % sets;
-        set * TOMBSTONE_WAYS..(set + 1) * TOMBSTONE_WAYS
+        let set = (h >> 17) as usize % sets;
+        (set * TOMBSTONE_WAYS..(set + 1) * TOMBSTONE_WAYS, ((h >> 48) as u16) | 1)
+    }
+
+    /// The slots of `key`'s set.
+    #[cfg(test)]
+    fn set_of(&self, key: &ConnKey) -> std::ops::Range<usize> {
+        Self::place(key).0
     }
 
     fn find(&self, key: &ConnKey) -> Option<usize> {
         if self.len == 0 {
             return None;
         }
-        self.set_of(key).find(|&i| self.slots[i].stamp != 0 && self.slots[i].key == *key)
+        let (range, fp) = Self::place(key);
+        range.into_iter().find(|&i| self.fps[i] == fp && self.slots[i].key == *key)
     }
 
     fn record(&mut self, key: ConnKey, generation: u32, owner: u16) {
         if self.slots.is_empty() {
             self.slots = vec![Tombstone::default(); TOMBSTONES];
+            self.fps = vec![0; TOMBSTONES];
+            self.stamps = vec![0; TOMBSTONES];
         }
         self.stamp += 1;
-        let range = self.set_of(&key);
+        let (range, fp) = Self::place(&key);
         let at = match self.find(&key) {
             Some(i) => i,
             None => {
                 // A free way, or the set's oldest tombstone.
-                let i = range.clone().min_by_key(|&i| self.slots[i].stamp).unwrap_or(range.start);
-                if self.slots[i].stamp == 0 {
+                let free = range.clone().find(|&i| self.fps[i] == 0);
+                let i = free.unwrap_or_else(|| range.clone().min_by_key(|&i| self.stamps[i]).unwrap_or(range.start));
+                if self.fps[i] == 0 {
                     self.len += 1;
                 }
                 i
             }
         };
-        self.slots[at] = Tombstone { key, generation, owner, stamp: self.stamp };
+        self.slots[at] = Tombstone { key, generation, owner };
+        self.fps[at] = fp;
+        self.stamps[at] = self.stamp;
     }
 
     fn forget(&mut self, key: &ConnKey) {
         if let Some(i) = self.find(key) {
-            self.slots[i].stamp = 0;
+            self.fps[i] = 0;
             self.len -= 1;
         }
     }
@@ -530,7 +547,12 @@ impl Tombstones {
 
     /// Every live tombstone: (key, generation, owner).
     fn entries(&self) -> Vec<(ConnKey, u32, u16)> {
-        self.slots.iter().filter(|t| t.stamp != 0).map(|t| (t.key, t.generation, t.owner)).collect()
+        self.slots
+            .iter()
+            .zip(&self.fps)
+            .filter(|(_, fp)| **fp != 0)
+            .map(|(t, _)| (t.key, t.generation, t.owner))
+            .collect()
     }
 
     /// Whether the tombstone of `u`'s key wins over `u`.
