@@ -1313,8 +1313,14 @@ impl Membership {
             self.local_standby(now);
             return;
         }
-        if self.peer(target).is_some_and(|p| p.alive) {
-            let entry = Entry { member: target, state: MemberState::Standby };
+        self.command(target, MemberState::Standby);
+    }
+
+    /// Sends peer `target` the `STATE_CHANGE` command "go to `state`"
+    /// (counted as ignored if the target is this member or not alive).
+    fn command(&mut self, target: u16, state: MemberState) {
+        if target != self.p.member_id && self.peer(target).is_some_and(|p| p.alive) {
+            let entry = Entry { member: target, state };
             if self.send(Destination::Member(target), MessageKind::StateChange, vec![entry]) {
                 self.stats.commands_sent += 1;
             }
@@ -1328,28 +1334,14 @@ impl Membership {
     /// one datagram; the operator repeats it if it is lost.
     pub fn request_resync(&mut self, target: u16, now: Nanos) {
         self.expire(now);
-        if target != self.p.member_id && self.peer(target).is_some_and(|p| p.alive) {
-            let entry = Entry { member: target, state: MemberState::Down };
-            if self.send(Destination::Member(target), MessageKind::StateChange, vec![entry]) {
-                self.stats.commands_sent += 1;
-            }
-        } else {
-            self.stats.commands_ignored += 1;
-        }
+        self.command(target, MemberState::Down);
     }
 
     /// Asks peer `target` to merge this member's table into its own (a
     /// `STATE_CHANGE` command "go READY").
     pub fn request_merge(&mut self, target: u16, now: Nanos) {
         self.expire(now);
-        if target != self.p.member_id && self.peer(target).is_some_and(|p| p.alive) {
-            let entry = Entry { member: target, state: MemberState::Ready };
-            if self.send(Destination::Member(target), MessageKind::StateChange, vec![entry]) {
-                self.stats.commands_sent += 1;
-            }
-        } else {
-            self.stats.commands_ignored += 1;
-        }
+        self.command(target, MemberState::Ready);
     }
 
     /// The table digest this member reports from now on.
