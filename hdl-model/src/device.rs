@@ -794,16 +794,8 @@ impl Core {
             return false;
         }
         self.now_ns = self.shared.clock.now_ns();
-        let did = self.pump_sync();
-        if did {
-            self.publish_sync_counters();
-        }
-        did
-    }
-
-    fn publish_sync_counters(&mut self) {
-        self.refresh_sync_counters();
-        self.publish();
+        // Counters follow at the next housekeeping, off the delta path.
+        self.pump_sync()
     }
 
     /// Time-driven work: interrupt holdoff expiry and aging. Called by the
@@ -1562,15 +1554,15 @@ impl Core {
         let mut carried = carry.iter();
         let member = self.member;
         while n < max {
-            let at = fill * size;
-            let slot = match carried.next() {
-                Some(s) => Some(*s),
+            let out = &mut buf[fill * size..(fill + 1) * size];
+            let emitted = match carried.next() {
+                Some(s) => encode_walk_slot(s, sync, member, now_ms, out),
                 None if pos < table_end => {
                     if pos % crate::table::WAYS == 0 {
                         t.bucket_reads += 1;
                     }
                     pos += 1;
-                    self.table.at_cursor(pos - 1).copied()
+                    self.table.at_cursor(pos - 1).is_some_and(|s| encode_walk_slot(s, sync, member, now_ms, out))
                 }
                 None if pos < end => {
                     // The tombstones, as they were when the walk reached them.
@@ -1582,35 +1574,21 @@ impl Core {
                     });
                     let i = pos - table_end;
                     pos += 1;
-                    let Some(&(key, generation, owner)) = tombs.get(i) else { continue };
-                    let state = ConnState { generation: generation.into(), ..Default::default() };
-                    let owner = if owner == 0 { member } else { owner };
-                    let u = DeltaUpdate { op: DeltaOp::Delete, owner, key, state, nat: Nat::default() };
-                    buf[at..at + size].copy_from_slice(u.to_record().as_bytes());
-                    fill += 1;
-                    n += 1;
-                    if fill == 8 {
-                        if region.write((n - fill) * size, &buf[..fill * size]).is_err() {
-                            return self.dma_error();
+                    match tombs.get(i) {
+                        Some(&(key, generation, owner)) => {
+                            let state = ConnState { generation: generation.into(), ..Default::default() };
+                            let owner = if owner == 0 { member } else { owner };
+                            let u = DeltaUpdate { op: DeltaOp::Delete, owner, key, state, nat: Nat::default() };
+                            out.copy_from_slice(u.to_record().as_bytes());
+                            true
                         }
-                        fill = 0;
+                        None => false,
                     }
-                    continue;
                 }
                 None => break,
             };
-            let Some(s) = slot else { continue };
-            let s = &s;
-            if sync {
-                if !s.state.conn_flags().contains(ConnFlags::SYNC) {
-                    continue;
-                }
-                let r = record(s, now_ms);
-                let owner = if s.owner == 0 { member } else { s.owner };
-                let u = DeltaUpdate { op: DeltaOp::Upsert, owner, key: r.key, state: r.state, nat: r.nat };
-                buf[at..at + size].copy_from_slice(u.to_record().as_bytes());
-            } else {
-                buf[at..at + size].copy_from_slice(record(s, now_ms).as_bytes());
+            if !emitted {
+                continue;
             }
             fill += 1;
             n += 1;
@@ -1795,6 +1773,24 @@ impl SyncDigest {
             self.count = self.count.saturating_sub(1);
         }
     }
+}
+
+/// Writes the walk record of `s` into `out` (a sync record of an entry
+/// marked for sync when `sync`, else a `ConnRecord`); false if it is not
+/// part of this walk.
+fn encode_walk_slot(s: &Slot, sync: bool, member: u16, now_ms: u64, out: &mut [u8]) -> bool {
+    let r = record(s, now_ms);
+    if !sync {
+        out.copy_from_slice(r.as_bytes());
+        return true;
+    }
+    if !s.state.conn_flags().contains(ConnFlags::SYNC) {
+        return false;
+    }
+    let owner = if s.owner == 0 { member } else { s.owner };
+    let u = DeltaUpdate { op: DeltaOp::Upsert, owner, key: r.key, state: r.state, nat: r.nat };
+    out.copy_from_slice(u.to_record().as_bytes());
+    true
 }
 
 /// What applying a change under the conflict rule did.

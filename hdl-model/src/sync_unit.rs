@@ -124,8 +124,13 @@ impl SyncUnit {
             self.stats.submit_failed += 1;
         }
         // A frame completed by this update (or sent at once, with no flush
-        // delay) leaves now, from the command pipeline.
-        self.flush_transmits();
+        // delay) leaves now, from the command pipeline; the receivers have
+        // nothing new to send.
+        while let Some(t) = self.sender.poll_transmit() {
+            if self.port.transmit(&t).is_err() {
+                self.stats.port_errors += 1;
+            }
+        }
     }
 
     /// Runs timers, takes what the port has, sends what is due, and hands

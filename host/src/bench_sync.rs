@@ -349,7 +349,6 @@ fn sustained(seconds: f64) -> Result<(f64, f64, u64, bool), SyncBenchError> {
     let (mut a, mut b, poller) = pair(ports, 1 << 20, 50_000)?;
     const BATCH: u64 = 1024;
     let mut ops = Vec::with_capacity(3 * BATCH as usize);
-    let start = Instant::now();
     let mut conns = 0u64;
     let live = 65_536u64;
     // Three back-to-back repetitions; the median rate is reported (the
@@ -378,7 +377,6 @@ fn sustained(seconds: f64) -> Result<(f64, f64, u64, bool), SyncBenchError> {
         }
         rates.push((conns - first) as f64 / rep.elapsed().as_secs_f64());
     }
-    let secs = start.elapsed().as_secs_f64();
     let sent = a.driver_ref().device_counter(Counter::SyncUpdatesSent);
     let conn_rate = median(&mut rates);
     // B catches up (bounded).
@@ -399,7 +397,6 @@ fn sustained(seconds: f64) -> Result<(f64, f64, u64, bool), SyncBenchError> {
     drop(poller);
     // Updates per connection: the same in every repetition.
     let per_conn = if conns > 0 { sent as f64 / conns as f64 } else { 0.0 };
-    let _ = secs;
     Ok((conn_rate, conn_rate * per_conn, lost, caught_up))
 }
 

@@ -944,11 +944,7 @@ impl<D: NicDevice> Node<D> {
             records: 0,
             finished: false,
         }));
-        // A connect that never answers fails like a stalled transfer.
-        self.phase_connect_deadline(now);
     }
-
-    fn phase_connect_deadline(&mut self, _now: Nanos) {}
 
     /// Whether this member may declare its own table the cluster's, when
     /// no synced member is alive:
@@ -1138,9 +1134,6 @@ impl<D: NicDevice> Node<D> {
 impl<D: NicDevice> Node<D> {
     /// Up to `limit` entries marked for sync, as JSON objects.
     pub fn list(&mut self, limit: usize) -> Result<Vec<serde_json::Value>, TableError> {
-        if self.serving.iter().any(|s| s.walking) {
-            return Err(TableError::Busy("a full sync is being served; try again".into()));
-        }
         let all = self.synced_entries()?;
         Ok(all
             .iter()

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nicsync_fwif::conn::{ConnFlags, ConnState, Direction};
@@ -554,9 +554,4 @@ pub fn syncstat_json<D: NicDevice>(node: &Node<D>, net: &NetStats) -> serde_json
         "net": net,
         "last_error": s.last_error,
     })
-}
-
-/// Removes a stale socket path (used by tests and the daemon's shutdown).
-pub fn remove_socket(path: &Path) {
-    let _ = std::fs::remove_file(path);
 }

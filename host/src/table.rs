@@ -304,7 +304,10 @@ impl<D: NicDevice> ConnTable<D> {
         Snapshot { table: self, cursor: 0, chunk: Vec::new(), pos: 0, done: false, chunks: 0 }
     }
 
-    fn snapshot_chunk(&mut self, cursor: u32, out: &mut Vec<ConnRecord>) -> Result<u32, TableError> {
+    /// Runs one SNAPSHOT chunk (`sync`: with SYNC_RECORDS) into the host
+    /// buffer and returns the next cursor and the bytes of the records it
+    /// wrote (`size` each), after checking what the device claims.
+    fn snapshot_raw(&mut self, cursor: u32, sync: bool, size: usize) -> Result<(u32, Vec<u8>), TableError> {
         if self.snap_buf.is_none() {
             self.snap_buf = Some(self.drv.device().alloc_dma(self.snap_bytes).map_err(DriverError::from)?);
         }
@@ -312,22 +315,31 @@ impl<D: NicDevice> ConnTable<D> {
             Some(b) => (b.iova(), b.len().min(u32::MAX as usize) as u32),
             None => return Err(TableError::Refused(CplStatus::Internal)),
         };
-        let d = CommandDescriptor::snapshot(0, iova, len, cursor);
+        let d = if sync {
+            CommandDescriptor::snapshot_sync_records(0, iova, len, cursor)
+        } else {
+            CommandDescriptor::snapshot(0, iova, len, cursor)
+        };
         let c = self.drv.execute(&d, None)?;
         let r = status_result(&c)?;
         let count = (r & 0xFFFF_FFFF) as usize;
         let next = (r >> 32) as u32;
-        if count * ConnRecord::SIZE > len as usize {
+        if count * size > len as usize {
             return Err(TableError::BadRecord(format!("device claims {count} records in a {len}-byte buffer")));
         }
         if next != SNAPSHOT_DONE && next <= cursor {
             return Err(TableError::BadRecord(format!("snapshot cursor went from {cursor} to {next}")));
         }
-        out.clear();
-        let mut raw = vec![0u8; count * ConnRecord::SIZE];
+        let mut raw = vec![0u8; count * size];
         if let Some(b) = &self.snap_buf {
             b.mem().read(0, &mut raw).map_err(DriverError::from)?;
         }
+        Ok((next, raw))
+    }
+
+    fn snapshot_chunk(&mut self, cursor: u32, out: &mut Vec<ConnRecord>) -> Result<u32, TableError> {
+        let (next, raw) = self.snapshot_raw(cursor, false, ConnRecord::SIZE)?;
+        out.clear();
         for chunk in raw.chunks_exact(ConnRecord::SIZE) {
             let rec = ConnRecord::read_from_bytes(chunk).unwrap_or_default();
             rec.validate().map_err(|e| TableError::BadRecord(e.to_string()))?;
@@ -335,41 +347,19 @@ impl<D: NicDevice> ConnTable<D> {
         }
         Ok(next)
     }
-}
 
-impl<D: NicDevice> ConnTable<D> {
     /// One chunk of a walk over the entries marked for sync, as sync
     /// updates with their owners (SNAPSHOT with SYNC_RECORDS), appended to
-    /// `out`: UPSERTs for the entries, then DELETEs for the tombstones. Start with cursor 0 and pass the returned cursor back until it
-    /// is [`SNAPSHOT_DONE`]. The walk is consistent: every entry present
-    /// from its start to its end is returned at least once, whatever
-    /// changes meanwhile; if the device cannot keep that promise the chunk
-    /// fails with `Refused(SNAPSHOT_TORN)` and the walk must start again.
-    /// Only one walk runs at a time on a device.
+    /// `out`: UPSERTs for the entries, then DELETEs for the tombstones.
+    /// Start with cursor 0 and pass the returned cursor back until it is
+    /// [`SNAPSHOT_DONE`]. The walk is consistent: every entry present from
+    /// its start to its end is returned at least once, whatever changes
+    /// meanwhile; if the device cannot keep that promise the chunk fails
+    /// with `Refused(SNAPSHOT_TORN)` and the walk must start again. Only one
+    /// walk runs at a time on a device.
     pub fn sync_snapshot_chunk(&mut self, cursor: u32, out: &mut Vec<DeltaUpdate>) -> Result<u32, TableError> {
-        if self.snap_buf.is_none() {
-            self.snap_buf = Some(self.drv.device().alloc_dma(self.snap_bytes).map_err(DriverError::from)?);
-        }
-        let (iova, len) = match &self.snap_buf {
-            Some(b) => (b.iova(), b.len().min(u32::MAX as usize) as u32),
-            None => return Err(TableError::Refused(CplStatus::Internal)),
-        };
-        let d = CommandDescriptor::snapshot_sync_records(0, iova, len, cursor);
-        let c = self.drv.execute(&d, None)?;
-        let r = status_result(&c)?;
-        let count = (r & 0xFFFF_FFFF) as usize;
-        let next = (r >> 32) as u32;
-        if count * RECORD_SIZE > len as usize {
-            return Err(TableError::BadRecord(format!("device claims {count} sync records in a {len}-byte buffer")));
-        }
-        if next != SNAPSHOT_DONE && next <= cursor {
-            return Err(TableError::BadRecord(format!("snapshot cursor went from {cursor} to {next}")));
-        }
-        let mut raw = vec![0u8; count * RECORD_SIZE];
-        if let Some(b) = &self.snap_buf {
-            b.mem().read(0, &mut raw).map_err(DriverError::from)?;
-        }
-        out.reserve(count);
+        let (next, raw) = self.snapshot_raw(cursor, true, RECORD_SIZE)?;
+        out.reserve(raw.len() / RECORD_SIZE);
         for chunk in raw.chunks_exact(RECORD_SIZE) {
             let rec = DeltaRecord::read_from_bytes(chunk).unwrap_or_default();
             let u = rec.decode().map_err(|e| TableError::BadRecord(e.to_string()))?;
