@@ -204,11 +204,19 @@ pub enum Counter {
     /// Delta Sync: updates this member told a peer it can no longer resend
     /// (LOST answers: ClusterXL's reject notifications).
     SyncRejectsSent = 32,
+    /// Sync security: sealed frames that failed authentication (bad tag,
+    /// unknown key id, or an inner sender that differs from the sealed one).
+    SyncAuthFailures = 33,
+    /// Sync security: authentic frames dropped as replays (outside or
+    /// already seen in the sender's replay window).
+    SyncReplaysDropped = 34,
+    /// Sync security: frames from a member id that is not a configured peer.
+    SyncUnknownMember = 35,
 }
 
 impl Counter {
     /// Every counter, in register order.
-    pub const ALL: [Counter; 33] = [
+    pub const ALL: [Counter; 36] = [
         Counter::CommandsFetched,
         Counter::CompletionsWritten,
         Counter::CommandErrors,
@@ -242,6 +250,9 @@ impl Counter {
         Counter::SyncQueueDepth,
         Counter::SyncQueueDrops,
         Counter::SyncRejectsSent,
+        Counter::SyncAuthFailures,
+        Counter::SyncReplaysDropped,
+        Counter::SyncUnknownMember,
     ];
 
     /// Register offset of this counter's low half.
@@ -285,6 +296,9 @@ impl Counter {
             Counter::SyncQueueDepth => "sync_queue_depth",
             Counter::SyncQueueDrops => "sync_queue_drops",
             Counter::SyncRejectsSent => "sync_rejects_sent",
+            Counter::SyncAuthFailures => "sync_auth_failures",
+            Counter::SyncReplaysDropped => "sync_replays_dropped",
+            Counter::SyncUnknownMember => "sync_unknown_member",
         }
     }
 }

@@ -153,6 +153,11 @@ fn counter_meaning(c: Counter) -> &'static str {
         Counter::SyncQueueDepth => "gauge: updates in the retransmit queue",
         Counter::SyncQueueDrops => "frames dropped on a full transmit queue, updates dropped on a full reorder buffer",
         Counter::SyncRejectsSent => "updates reported to a peer as no longer resendable (LOST answers)",
+        Counter::SyncAuthFailures => {
+            "sync security: sealed frames that failed authentication (bad tag, unknown key id, inner sender differs)"
+        }
+        Counter::SyncReplaysDropped => "sync security: authentic frames dropped by the per-sender replay window",
+        Counter::SyncUnknownMember => "sync security: frames naming a member id that is not a configured peer",
         Counter::SyncUnacked => {
             "gauge: local updates some configured peer has not acknowledged yet (drain before replacing the table)"
         }
