@@ -12,7 +12,9 @@
 //! * [`cmd`]: the 64-byte command descriptor, its opcodes and its checked
 //!   decoding into a [`cmd::Command`];
 //! * [`cpl`]: the 16-byte completion entry with its phase bit and status;
-//! * [`event`]: the 64-byte event entry (aging, overflow).
+//! * [`event`]: the 64-byte event entry (aging, overflow);
+//! * [`sync`]: the Delta Sync frames of the sync port;
+//! * [`seal`]: the sealed (authenticated, encrypted) envelope around them.
 //!
 //! All multi-byte fields are little-endian (`zerocopy::little_endian`), every
 //! wire struct is `repr(C)` with alignment 1, and sizes and offsets are
@@ -29,6 +31,7 @@ pub mod conn;
 pub mod cpl;
 pub mod event;
 pub mod regs;
+pub mod seal;
 pub mod sync;
 
 /// ABI major version: a host refuses a device whose major version differs.

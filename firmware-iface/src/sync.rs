@@ -64,9 +64,10 @@
 //! * **88-byte records, 16 per frame.** A record is op, flags, owner member
 //!   id, 4 reserved bytes, then key (40), state (16) and NAT (24) at 8-byte
 //!   aligned offsets, as a 64-bit FPGA datapath wants them. 16 records make a
-//!   1,440-byte frame ([`MAX_DELTA_FRAME`]), inside one 1,472-byte UDP
-//!   payload (1,500-byte MTU less 28 bytes of IPv4 and UDP headers). Control
-//!   frames may use the whole 1,472 bytes ([`MAX_FRAME`]).
+//!   1,440-byte frame ([`MAX_DELTA_FRAME`]); sealed (32 bytes more, see
+//!   [`crate::seal`]) it fills one 1,472-byte UDP payload (1,500-byte MTU
+//!   less 28 bytes of IPv4 and UDP headers). Control frames are bounded by
+//!   the same 1,440 bytes ([`MAX_FRAME`]).
 //! * **Epochs.** Every frame names the sender's epoch, a random non-zero
 //!   session id chosen at start. Sequence numbers are only meaningful within
 //!   an epoch, so a restarted sender does not have to remember its old
@@ -75,8 +76,8 @@
 //!   in a record would silently corrupt a peer's table. CRC-32C (Castagnoli,
 //!   as iSCSI and SCTP) is one small block in an FPGA and detects every
 //!   error of up to 3 bits in a frame of this size. It is not
-//!   authentication: the sync network must be trusted or isolated, as
-//!   ClusterXL's and conntrackd's are.
+//!   authentication: that is the seal's job ([`crate::seal`]), on by
+//!   default; the CRC still guards a cluster that runs without it.
 //! * **Strict parsing.** [`Frame::parse`] checks magic, version, lengths,
 //!   checksum, opcode, flags, counts, sequence rules, reserved fields and
 //!   every record, returns a [`FrameError`] naming the first fault, never
@@ -89,19 +90,21 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::assert_layout;
 use crate::conn::{ConnKey, ConnState, KeyError, Nat, StateError};
+use crate::seal::SEAL_OVERHEAD;
 
 /// Frame magic: the bytes `N S Y N` read as a little-endian `u32`.
 pub const SYNC_MAGIC: u32 = u32::from_le_bytes(*b"NSYN");
 /// Version of this frame format.
-pub const SYNC_VERSION: u8 = 1;
+pub const SYNC_VERSION: u8 = 2;
 /// Default UDP port of the sync network (ClusterXL uses 8116 too).
 pub const SYNC_UDP_PORT: u16 = 8116;
 /// Size of the frame header.
 pub const HEADER_SIZE: usize = 32;
 /// Largest UDP payload that fits a 1,500-byte Ethernet MTU over IPv4.
 pub const MAX_DATAGRAM: usize = 1472;
-/// Largest `payload_len` a receiver accepts.
-pub const MAX_PAYLOAD: usize = MAX_DATAGRAM - HEADER_SIZE;
+/// Largest `payload_len` a receiver accepts: a full frame, sealed, still
+/// fits one datagram.
+pub const MAX_PAYLOAD: usize = MAX_DATAGRAM - SEAL_OVERHEAD - HEADER_SIZE;
 /// Size of a [`DeltaRecord`].
 pub const RECORD_SIZE: usize = 88;
 /// Records per DELTA frame at most.
@@ -117,8 +120,8 @@ pub const MAX_ACKS: usize = MAX_PAYLOAD / ACK_SIZE;
 /// Size of a [`HelloBody`].
 pub const HELLO_SIZE: usize = 8;
 /// Size of the largest frame of any opcode (a buffer of this size holds
-/// every frame).
-pub const MAX_FRAME: usize = MAX_DATAGRAM;
+/// every frame); sealed, it is [`MAX_DATAGRAM`].
+pub const MAX_FRAME: usize = MAX_DATAGRAM - SEAL_OVERHEAD;
 /// Size of a full DELTA frame.
 pub const MAX_DELTA_FRAME: usize = HEADER_SIZE + MAX_RECORDS * RECORD_SIZE;
 /// Byte offset of the checksum field in the header.
@@ -130,8 +133,9 @@ const _: () = {
     assert!(MAX_DELTA_FRAME <= MAX_DATAGRAM);
     assert!(HEADER_SIZE + MAX_RANGES * RANGE_SIZE <= MAX_FRAME);
     assert!(HEADER_SIZE + MAX_ACKS * ACK_SIZE <= MAX_FRAME);
-    assert!(MAX_RANGES == 60);
-    assert!(MAX_ACKS == 90);
+    assert!(MAX_RANGES == 58);
+    assert!(MAX_ACKS == 88);
+    assert!(MAX_FRAME + SEAL_OVERHEAD == MAX_DATAGRAM);
     assert!(MAX_PAYLOAD <= u16::MAX as usize);
 };
 
@@ -1486,7 +1490,7 @@ mod tests {
         assert_eq!(Frame::encode_nack(&mut buf, &O, &[]), Err(EncodeError::BadCount(0)));
         let many = [SeqRange { target: 1, target_epoch: 5, from: 1, to: 1 }; MAX_RANGES + 1];
         assert_eq!(Frame::encode_nack(&mut buf, &O, &many), Err(EncodeError::BadCount(MAX_RANGES + 1)));
-        let n = Frame::encode_nack(&mut buf, &O, &many[..MAX_RANGES]).expect("60 ranges fit");
+        let n = Frame::encode_nack(&mut buf, &O, &many[..MAX_RANGES]).expect("MAX_RANGES ranges fit");
         assert!(n <= MAX_DATAGRAM);
         // Tampered on the wire: range reversed, reserved set.
         let mut f = buf[..n].to_vec();

@@ -1474,13 +1474,16 @@ impl Core {
             (Counter::SyncNextSeq, unit.next_seq()),
             (Counter::SyncHeld, self.held.len() as u64),
             (Counter::SyncApplyFailed, st.apply_failed),
-            (Counter::SyncMalformed, st.malformed + st.protocol.malformed),
+            (Counter::SyncMalformed, st.malformed + st.protocol.malformed + st.port.malformed),
             (Counter::SyncUnacked, unit.unacked()),
             (Counter::SyncDigest, self.digest.sum),
             (Counter::SyncEntries, self.digest.count),
             (Counter::SyncQueueDepth, st.protocol.queue_depth),
             (Counter::SyncQueueDrops, st.protocol.tx_drops + st.protocol.reorder_drops),
             (Counter::SyncRejectsSent, st.protocol.lost_updates_reported),
+            (Counter::SyncAuthFailures, st.port.auth_failures),
+            (Counter::SyncReplaysDropped, st.port.replays_dropped),
+            (Counter::SyncUnknownMember, st.port.unknown_member),
         ];
         for (c, v) in vals {
             if self.counters[c as usize] != v {

@@ -26,6 +26,7 @@ pub mod dma;
 #[allow(unsafe_code)]
 mod prefetch;
 pub mod rng;
+pub mod seal_port;
 pub mod sync;
 pub mod sync_unit;
 pub mod table;

@@ -11,12 +11,12 @@
 
 use std::fmt;
 
-use nicsync_fwif::sync::{DeltaUpdate, Frame, MAX_FRAME};
+use nicsync_fwif::sync::{DeltaUpdate, Frame};
 
 use crate::sync::{
     ConfigError, DeltaReceiver, DeltaSender, Nanos, ReceiverConfig, ReceiverEvent, SenderConfig, SyncStats,
 };
-use crate::wire::SyncPort;
+use crate::wire::{SyncPort, WireStats, MAX_WIRE_FRAME};
 
 /// Datagrams taken from the port per pump (a bound on work per poll).
 const RX_BUDGET: usize = 256;
@@ -47,6 +47,9 @@ pub struct UnitStats {
     pub malformed: u64,
     /// Port errors (send or receive).
     pub port_errors: u64,
+    /// The port's own counters (with the seal's: authentication failures,
+    /// replays, unknown members).
+    pub port: WireStats,
 }
 
 /// The sync unit of one device.
@@ -81,7 +84,7 @@ impl SyncUnit {
             sender: DeltaSender::new(cfg.sender, now)?,
             receivers,
             port,
-            buf: vec![0; MAX_FRAME],
+            buf: vec![0; MAX_WIRE_FRAME],
             stats: UnitStats::default(),
         })
     }
@@ -111,6 +114,7 @@ impl SyncUnit {
     /// Counters, with the protocol's merged in.
     pub fn stats(&self) -> UnitStats {
         let mut st = self.stats;
+        st.port = self.port.stats();
         st.protocol = self.sender.stats();
         for r in &self.receivers {
             st.protocol.merge(&r.stats());

@@ -33,7 +33,7 @@
 //!   [`MAX_DATAGRAM`]). Larger frames are refused by `send` with
 //!   [`WireError::Oversize`]; larger datagrams arriving on UDP are dropped and
 //!   counted ([`WireStats::oversize_received`]). `recv` wants a buffer of at
-//!   least [`MAX_FRAME`] bytes, so that every acceptable frame fits, and
+//!   least [`MAX_WIRE_FRAME`] bytes, so that every acceptable datagram fits, and
 //!   refuses a smaller one without consuming anything.
 //! * **Nothing from the network panics or allocates without bound.** Queues
 //!   are bounded by configuration; a UDP `recv` call discards at most
@@ -61,7 +61,7 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use nicsync_fwif::sync::{MAX_DATAGRAM, MAX_FRAME, SYNC_UDP_PORT};
+use nicsync_fwif::sync::{MAX_DATAGRAM, SYNC_UDP_PORT};
 
 use crate::rng::SeededRng;
 
@@ -80,6 +80,10 @@ const SPARE_BUFFERS: usize = 256;
 /// Why a sync port operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
+    /// The seal could not be applied (its counter is exhausted: restart
+    /// the member).
+    #[error("the sync port could not seal the frame")]
+    Sealing,
     /// A frame larger than [`MAX_WIRE_FRAME`] was given to `send`.
     #[error("frame of {len} bytes exceeds the sync port's maximum of {max} bytes")]
     Oversize {
@@ -91,7 +95,7 @@ pub enum WireError {
     /// The buffer given to `recv` cannot hold every frame.
     #[error("receive buffer of {have} bytes is smaller than the {need} bytes a frame may need")]
     BufferTooSmall {
-        /// Bytes needed ([`MAX_FRAME`]).
+        /// Bytes needed ([`MAX_WIRE_FRAME`]).
         need: usize,
         /// Bytes given.
         have: usize,
@@ -190,6 +194,17 @@ pub struct WireStats {
     /// Frames not delivered because the sender or the receiver was isolated
     /// (in-process, receiving port).
     pub partitioned: u64,
+    /// Sealed ports: datagrams that failed authentication (bad tag, unknown
+    /// key id, a plain frame, or an inner sender that differs from the
+    /// sealed one), dropped.
+    pub auth_failures: u64,
+    /// Sealed ports: authentic datagrams refused by the replay window.
+    pub replays_dropped: u64,
+    /// Sealed ports: datagrams from a member id that is not a peer.
+    pub unknown_member: u64,
+    /// Sealed ports: datagrams too short or with an unknown suite or
+    /// non-zero reserved bytes in the seal header.
+    pub malformed: u64,
 }
 
 impl WireStats {
@@ -209,10 +224,15 @@ impl WireStats {
         self.impaired_duplicated = self.impaired_duplicated.saturating_add(o.impaired_duplicated);
         self.impaired_reordered = self.impaired_reordered.saturating_add(o.impaired_reordered);
         self.partitioned = self.partitioned.saturating_add(o.partitioned);
+        self.auth_failures = self.auth_failures.saturating_add(o.auth_failures);
+        self.replays_dropped = self.replays_dropped.saturating_add(o.replays_dropped);
+        self.unknown_member = self.unknown_member.saturating_add(o.unknown_member);
+        self.malformed = self.malformed.saturating_add(o.malformed);
     }
 
     /// Frames dropped on this port for any reason (queue full, oversize,
-    /// unknown source, unreachable, impairment, partition).
+    /// unknown source, unreachable, impairment, partition, and on sealed
+    /// ports authentication, replay, unknown member, malformed seal).
     pub fn dropped(&self) -> u64 {
         [
             self.rx_dropped,
@@ -222,6 +242,10 @@ impl WireStats {
             self.unreachable,
             self.impaired_lost,
             self.partitioned,
+            self.auth_failures,
+            self.replays_dropped,
+            self.unknown_member,
+            self.malformed,
         ]
         .iter()
         .fold(0u64, |a, b| a.saturating_add(*b))
@@ -251,7 +275,7 @@ pub trait SyncPort: Send {
         }
     }
 
-    /// Takes the next received frame into `buf` (at least [`MAX_FRAME`]
+    /// Takes the next received frame into `buf` (at least [`MAX_WIRE_FRAME`]
     /// bytes) and returns its length; `Ok(None)` when none is waiting (never
     /// blocks). Bytes of `buf` past the returned length are unspecified.
     fn recv(&mut self, buf: &mut [u8]) -> Result<Option<usize>, WireError>;
@@ -272,8 +296,8 @@ fn check_frame(frame: &[u8], stats: &mut WireStats) -> Result<(), WireError> {
 }
 
 fn check_buf(buf: &[u8]) -> Result<(), WireError> {
-    if buf.len() < MAX_FRAME {
-        return Err(WireError::BufferTooSmall { need: MAX_FRAME, have: buf.len() });
+    if buf.len() < MAX_WIRE_FRAME {
+        return Err(WireError::BufferTooSmall { need: MAX_WIRE_FRAME, have: buf.len() });
     }
     Ok(())
 }

@@ -24,6 +24,7 @@ pub mod member;
 pub mod membership;
 pub mod node;
 pub mod runtime;
+pub mod secure;
 pub mod sim;
 pub mod stats;
 pub mod table;

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use nicsync_model::sync::{epoch_from_entropy, SenderConfig};
+use nicsync_model::seal_port::SealedPort;
 use nicsync_model::sync_unit::{SyncUnit, SyncUnitConfig};
 use nicsync_model::wire::{SyncPort, UdpConfig, UdpPort};
 use nicsync_model::{ExecMode, Idle, ModelConfig};
@@ -69,6 +70,10 @@ pub fn emulated_node(
     let dev = EmulatedDevice::new(model, mode)?;
     let mut sender = SenderConfig::new(node_cfg.cluster_id, node_cfg.member_id, node_cfg.incarnation);
     sender.queue_capacity = RETRANSMIT_QUEUE;
+    let port: Box<dyn SyncPort> = match &node_cfg.seal {
+        Some(seal) => Box::new(SealedPort::new(port, seal, &node_cfg.peers)),
+        None => port,
+    };
     let unit = SyncUnit::new(SyncUnitConfig { sender, peers: node_cfg.peers.clone() }, port, 0)?;
     dev.nic().attach_sync(unit);
     // Bring-up needs the device running; a shared poller takes over after.

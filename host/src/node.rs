@@ -35,6 +35,8 @@ use nicsync_fwif::regs::Counter;
 use nicsync_fwif::sync::DeltaUpdate;
 use nicsync_vfio::NicDevice;
 
+use crate::secure::{NodeSecurity, SecurityStats};
+use nicsync_model::seal_port::SealConfig;
 use crate::fullsync::{self, ClientEvent, FullSyncClient, FullSyncParams, FullSyncServer};
 use crate::membership::{self, MemberState, MemberView, Membership, MembershipParams, Mode};
 use crate::table::{ConnEntry, ConnTable, TableError, TableOp};
@@ -71,6 +73,10 @@ pub struct NodeConfig {
     /// A member that hears no peer at all declares its table the
     /// cluster's after this long (a cluster of one, or every peer down).
     pub alone_after_ns: Nanos,
+    /// Keys that seal membership datagrams and Full Sync streams (the
+    /// device's sync port is sealed with the same, see
+    /// [`crate::member::emulated_node`]); `None` runs them in clear.
+    pub seal: Option<SealConfig>,
 }
 
 impl NodeConfig {
@@ -88,6 +94,7 @@ impl NodeConfig {
             retry_backoff_ns: 100_000_000,
             incarnation: incarnation.max(1),
             alone_after_ns: 500_000_000,
+            seal: None,
         }
     }
 }
@@ -244,6 +251,11 @@ pub struct Node<D: NicDevice> {
     /// Since when it has been waiting for its own updates to be
     /// acknowledged before a pull.
     drain_since: Option<Nanos>,
+    /// Sealing of membership datagrams and Full Sync streams.
+    security: Option<NodeSecurity>,
+    /// Outputs already on the wire's terms (sealed, or a handshake): they
+    /// leave before [`Node::out`], whose items are sealed as they leave.
+    raw_out: VecDeque<NodeOutput>,
 }
 
 /// Times a resync request is repeated before it is given up.
@@ -293,7 +305,10 @@ impl<D: NicDevice> Node<D> {
         // that none is applied before the snapshot it will pull.
         table.driver().set_sync_hold(true).map_err(|e| NodeError::Table(e.into()))?;
         let listen = cfg.probe_interval_ns.saturating_mul(cfg.dead_after as u64 + 1);
+        let security = cfg.seal.clone().map(|c| NodeSecurity::new(c, cfg.cluster_id, cfg.member_id, &cfg.peers));
         Ok(Node {
+            security,
+            raw_out: VecDeque::new(),
             session_seed: cfg.incarnation,
             cfg,
             table,
@@ -317,6 +332,16 @@ impl<D: NicDevice> Node<D> {
             digest: (0, 0),
             divergence_asked: std::collections::BTreeMap::new(),
         })
+    }
+
+    /// Counters of the host's sealing (zero when it runs in clear).
+    pub fn security_stats(&self) -> SecurityStats {
+        self.security.as_ref().map(NodeSecurity::stats).unwrap_or_default()
+    }
+
+    /// Whether membership and Full Sync are sealed.
+    pub fn is_sealed(&self) -> bool {
+        self.security.is_some()
     }
 
     /// This member's id.
@@ -376,7 +401,15 @@ impl<D: NicDevice> Node<D> {
 
     /// A membership datagram arrived.
     pub fn handle_ccp(&mut self, bytes: &[u8], now: Nanos) {
-        if self.ms.handle_datagram(bytes, now).is_err() {
+        let plain = match &mut self.security {
+            Some(sec) => match sec.open_ccp(bytes) {
+                Some(p) => p,
+                // Counted by the security layer; nothing moved.
+                None => return,
+            },
+            None => bytes,
+        };
+        if self.ms.handle_datagram(plain, now).is_err() {
             self.stats.ccp_rejected += 1;
         }
         self.progress(now);
@@ -536,6 +569,9 @@ impl<D: NicDevice> Node<D> {
 
     /// A peer opened a Full Sync stream to this member.
     pub fn fs_accepted(&mut self, conn: ConnId, now: Nanos) {
+        if let Some(sec) = &mut self.security {
+            sec.fs_server(conn);
+        }
         let server = FullSyncServer::new(self.fs_params(), now);
         self.serving.push(Serve {
             conn,
@@ -552,6 +588,24 @@ impl<D: NicDevice> Node<D> {
 
     /// The stream this member opened ([`NodeOutput::FsConnect`]) is up.
     pub fn fs_connected(&mut self, conn: ConnId, now: Nanos) {
+        if let Some(sec) = &mut self.security {
+            let peer = match (&self.phase, &self.merge) {
+                (Phase::Pulling(p), _) if p.conn == conn => Some(p.peer),
+                (_, Some(m)) if m.conn == conn => Some(m.peer),
+                _ => None,
+            };
+            if let Some(peer) = peer {
+                match sec.fs_client(conn, peer) {
+                    Ok(hello) => self.raw_out.push_back(NodeOutput::FsSend { conn, bytes: hello }),
+                    Err(e) => {
+                        self.note_error(format!("full sync: {e}"));
+                        self.raw_out.push_back(NodeOutput::FsClose { conn });
+                        self.fs_closed(conn, now);
+                        return;
+                    }
+                }
+            }
+        }
         let params = self.fs_params();
         self.session_seed = self.session_seed.wrapping_mul(0x9E37_79B9).wrapping_add(conn as u32) | 1;
         let session = self.session_seed;
@@ -570,6 +624,29 @@ impl<D: NicDevice> Node<D> {
 
     /// Bytes arrived on a Full Sync stream.
     pub fn fs_data(&mut self, conn: ConnId, bytes: &[u8], now: Nanos) {
+        let Some(sec) = &mut self.security else {
+            self.fs_plain(conn, bytes, now);
+            return;
+        };
+        match sec.fs_receive(conn, bytes) {
+            Ok((plain, wire)) => {
+                if !wire.is_empty() {
+                    self.raw_out.push_back(NodeOutput::FsSend { conn, bytes: wire });
+                }
+                if !plain.is_empty() {
+                    self.fs_plain(conn, &plain, now);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(member = self.cfg.member_id, "full sync stream refused: {e}");
+                self.note_error(format!("full sync stream refused: {e}"));
+                self.raw_out.push_back(NodeOutput::FsClose { conn });
+                self.fs_closed(conn, now);
+            }
+        }
+    }
+
+    fn fs_plain(&mut self, conn: ConnId, bytes: &[u8], now: Nanos) {
         if let Phase::Pulling(p) = &mut self.phase {
             if p.conn == conn {
                 if let Some(c) = &mut p.client {
@@ -592,6 +669,9 @@ impl<D: NicDevice> Node<D> {
 
     /// A Full Sync stream closed, failed to connect, or broke.
     pub fn fs_closed(&mut self, conn: ConnId, now: Nanos) {
+        if let Some(sec) = &mut self.security {
+            sec.fs_drop(conn);
+        }
         if let Phase::Pulling(p) = &mut self.phase {
             if p.conn == conn && !p.finished {
                 let why = "full sync stream closed before the end".to_string();
@@ -658,7 +738,31 @@ impl<D: NicDevice> Node<D> {
 
     /// The next thing the driver must do.
     pub fn poll_output(&mut self) -> Option<NodeOutput> {
-        self.out.pop_front()
+        if let Some(o) = self.raw_out.pop_front() {
+            return Some(o);
+        }
+        loop {
+            let o = self.out.pop_front()?;
+            let Some(sec) = &mut self.security else { return Some(o) };
+            match o {
+                NodeOutput::Ccp { dest, bytes } => {
+                    if let Some(bytes) = sec.seal_ccp(&bytes) {
+                        return Some(NodeOutput::Ccp { dest, bytes });
+                    }
+                }
+                NodeOutput::FsSend { conn, bytes } => match sec.fs_send(conn, &bytes) {
+                    Ok(w) if w.is_empty() => {}
+                    Ok(w) => return Some(NodeOutput::FsSend { conn, bytes: w }),
+                    // The stream is gone or failed; its close is on its way.
+                    Err(_) => {}
+                },
+                NodeOutput::FsClose { conn } => {
+                    sec.fs_drop(conn);
+                    return Some(NodeOutput::FsClose { conn });
+                }
+                other => return Some(other),
+            }
+        }
     }
 
     /// Everything that can move without new input: device events, the

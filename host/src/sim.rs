@@ -27,7 +27,11 @@ use std::time::Duration;
 use nicsync_fwif::conn::{proto, ConnFlags, ConnKey, ConnState, Direction, TcpState};
 use nicsync_model::rng::SeededRng;
 use nicsync_model::sync::SenderConfig;
+use nicsync_model::seal_port::{SealConfig, SealedPort};
 use nicsync_model::sync_unit::{SyncUnit, SyncUnitConfig};
+use nicsync_model::wire::SyncPort;
+use nicsync_seal::{next_boot, ClusterKey, Keyring, SharedKeyring};
+use std::sync::Arc;
 use nicsync_model::wire::{HubConfig, Impairment, InProcessHub};
 use nicsync_vfio::EmulatedDevice;
 
@@ -55,6 +59,9 @@ pub struct SimConfig {
     pub ops_per_ms: u32,
     /// Inject faults (crash, partition, late join, resync, loss).
     pub faults: bool,
+    /// Seal sync frames, membership datagrams and Full Sync streams (as a
+    /// daemon does by default), with a key drawn from the seed.
+    pub sealed: bool,
 }
 
 impl SimConfig {
@@ -69,6 +76,7 @@ impl SimConfig {
             max_loss_ppm: 200_000,
             ops_per_ms: 4,
             faults: true,
+            sealed: true,
         }
     }
 }
@@ -143,6 +151,7 @@ struct Sim {
     cfg: SimConfig,
     rng: SeededRng,
     hub: InProcessHub,
+    keys: Option<Arc<SharedKeyring>>,
     slots: Vec<Slot>,
     now: Nanos,
     queue: Vec<(Nanos, u64, Msg)>,
@@ -186,10 +195,20 @@ impl Sim {
             .map(|_| Slot { node: None, last_state: None, isolated: false, restart_at: None, incarnation: 0 })
             .collect();
         let report = SimReport { seed: cfg.seed, loss_ppm: loss, ..Default::default() };
+        let keys = if cfg.sealed {
+            let mut secret = [0u8; 32];
+            for c in secret.chunks_mut(8) {
+                c.copy_from_slice(&rng.next_u64().to_le_bytes());
+            }
+            ClusterKey::new(1, &secret).and_then(|k| Keyring::new(vec![k], 1)).ok().map(SharedKeyring::new)
+        } else {
+            None
+        };
         Sim {
             cfg,
             rng,
             hub,
+            keys,
             slots,
             now: 0,
             queue: Vec::new(),
@@ -226,7 +245,16 @@ impl Sim {
         let port = self.hub.attach(id).map_err(|e| e.to_string())?;
         let mut sender = SenderConfig::new(1, id, inc);
         sender.queue_capacity = 1 << 17;
-        let unit = SyncUnit::new(SyncUnitConfig { sender, peers: peers.clone() }, Box::new(port), self.now)
+        let seal = match (&self.keys, self.cfg.sealed) {
+            (Some(keys), _) => Some(SealConfig { keys: keys.clone(), boot: next_boot(None).map_err(|e| e.to_string())? }),
+            (None, true) => return Err("sealed simulation without keys".into()),
+            (None, false) => None,
+        };
+        let port: Box<dyn SyncPort> = match &seal {
+            Some(c) => Box::new(SealedPort::new(Box::new(port), c, &peers)),
+            None => Box::new(port),
+        };
+        let unit = SyncUnit::new(SyncUnitConfig { sender, peers: peers.clone() }, port, self.now)
             .map_err(|e| e.to_string())?;
         dev.nic().attach_sync(unit);
         let drv = DriverConfig { table_capacity: 1 << 16, aging_period_ms: 0, ..Default::default() };
@@ -236,6 +264,7 @@ impl Sim {
         nc.full_sync_timeout_ns = 500_000_000;
         nc.retry_backoff_ns = 50_000_000;
         nc.chunk_records = 256;
+        nc.seal = seal;
         let node = Node::new(table, nc, self.now).map_err(|e| e.to_string())?;
         self.log(format!("member {id} starts (incarnation {inc:#x})"));
         let slot = &mut self.slots[idx];

@@ -1,0 +1,158 @@
+//! The host's half of sync security: sealed membership datagrams and sealed
+//! Full Sync streams (the device seals Delta Sync itself, see
+//! `nicsync_model::seal_port`).
+//!
+//! A [`NodeSecurity`] sits between a [`crate::node::Node`] and its driver:
+//! membership datagrams are sealed on the way out and opened on the way in
+//! (with a replay window per peer), and every Full Sync stream runs through
+//! a [`SecureChannel`]. What fails is dropped (a stream is closed) and
+//! counted in [`SecurityStats`].
+
+use std::collections::HashMap;
+
+use nicsync_fwif::seal::{SealFormatError, SEAL_OVERHEAD};
+use nicsync_model::seal_port::SealConfig;
+use nicsync_seal::channel::{ChannelError, SecureChannel};
+use nicsync_seal::{OpenError, Opener, Sealer, TrafficClass};
+
+/// Full Sync stream id, as the node numbers them.
+pub type ConnId = u64;
+
+/// Counters of the host's sealing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SecurityStats {
+    /// Membership datagrams that failed authentication (or came plain).
+    pub ccp_auth_failures: u64,
+    /// Authentic membership datagrams refused as replays.
+    pub ccp_replays_dropped: u64,
+    /// Membership datagrams sealed by a member that is not a peer.
+    pub ccp_unknown_member: u64,
+    /// Membership datagrams with a malformed seal.
+    pub ccp_malformed: u64,
+    /// Full Sync streams closed because a record failed authentication or
+    /// the hello named an unknown key.
+    pub fs_auth_failures: u64,
+    /// Full Sync streams closed over a malformed hello, a wrong cluster or
+    /// member, or an oversized record.
+    pub fs_malformed: u64,
+    /// Full Sync hellos from a member that is not a peer.
+    pub fs_unknown_member: u64,
+}
+
+/// Sealing state of one member's host.
+#[derive(Debug)]
+pub struct NodeSecurity {
+    cfg: SealConfig,
+    cluster: u16,
+    member: u16,
+    peers: Vec<u16>,
+    ccp_sealer: Sealer,
+    ccp_opener: Opener,
+    channels: HashMap<ConnId, SecureChannel>,
+    scratch: Vec<u8>,
+    stats: SecurityStats,
+}
+
+impl NodeSecurity {
+    /// Member `member` of cluster `cluster`, talking to `peers`.
+    pub fn new(cfg: SealConfig, cluster: u16, member: u16, peers: &[u16]) -> Self {
+        let peers: Vec<u16> = peers.iter().copied().filter(|p| *p != member).collect();
+        NodeSecurity {
+            ccp_sealer: Sealer::new(cfg.keys.clone(), TrafficClass::Membership, member, cfg.boot),
+            ccp_opener: Opener::new(cfg.keys.clone(), TrafficClass::Membership, &peers),
+            cfg,
+            cluster,
+            member,
+            peers,
+            channels: HashMap::new(),
+            scratch: Vec::new(),
+            stats: SecurityStats::default(),
+        }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> SecurityStats {
+        self.stats
+    }
+
+    /// Seals an outgoing membership datagram (`None` if this boot's counter
+    /// is exhausted: the datagram is dropped, as by a lossy network).
+    pub fn seal_ccp(&mut self, bytes: &[u8]) -> Option<Vec<u8>> {
+        let mut out = vec![0u8; bytes.len() + SEAL_OVERHEAD];
+        let n = self.ccp_sealer.seal(bytes, &mut out).ok()?;
+        out.truncate(n);
+        Some(out)
+    }
+
+    /// Opens an incoming membership datagram; `None` (counted) if it does
+    /// not open.
+    pub fn open_ccp(&mut self, bytes: &[u8]) -> Option<&[u8]> {
+        if self.scratch.len() < bytes.len() {
+            self.scratch.resize(bytes.len(), 0);
+        }
+        match self.ccp_opener.open(bytes, &mut self.scratch) {
+            Ok(o) => Some(&self.scratch[..o.len]),
+            Err(e) => {
+                let s = &mut self.stats;
+                match e {
+                    OpenError::Format(SealFormatError::NotSealed) | OpenError::AuthFailed | OpenError::UnknownKey(_) => {
+                        s.ccp_auth_failures += 1
+                    }
+                    OpenError::Format(_) | OpenError::OutputTooSmall { .. } => s.ccp_malformed += 1,
+                    OpenError::UnknownMember(_) => s.ccp_unknown_member += 1,
+                    OpenError::Replay => s.ccp_replays_dropped += 1,
+                }
+                None
+            }
+        }
+    }
+
+    /// This member opened stream `conn` to pull from `peer`: returns the
+    /// hello to write first.
+    pub fn fs_client(&mut self, conn: ConnId, peer: u16) -> Result<Vec<u8>, ChannelError> {
+        let (ch, hello) = SecureChannel::client(self.cfg.keys.clone(), self.cluster, self.member, peer)?;
+        self.channels.insert(conn, ch);
+        Ok(hello)
+    }
+
+    /// A peer opened stream `conn` to this member.
+    pub fn fs_server(&mut self, conn: ConnId) {
+        let ch = SecureChannel::server(self.cfg.keys.clone(), self.cluster, self.member, &self.peers);
+        self.channels.insert(conn, ch);
+    }
+
+    /// Bytes arrived on `conn`: the plaintext they carry, and bytes to write
+    /// back. An error (counted) means: close the stream. Bytes for a stream
+    /// this side already dropped yield nothing.
+    pub fn fs_receive(&mut self, conn: ConnId, bytes: &[u8]) -> Result<(Vec<u8>, Vec<u8>), ChannelError> {
+        let (mut plain, mut wire) = (Vec::new(), Vec::new());
+        // A stream this side already closed: what still arrives is dropped.
+        let Some(ch) = self.channels.get_mut(&conn) else { return Ok((plain, wire)) };
+        match ch.receive(bytes, &mut plain, &mut wire) {
+            Ok(()) => Ok((plain, wire)),
+            Err(e) => {
+                match &e {
+                    ChannelError::AuthFailed | ChannelError::UnknownKey(_) => self.stats.fs_auth_failures += 1,
+                    ChannelError::UnknownMember(_) => self.stats.fs_unknown_member += 1,
+                    _ => self.stats.fs_malformed += 1,
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Seals `plain` for `conn` (held back until the handshake is done).
+    pub fn fs_send(&mut self, conn: ConnId, plain: &[u8]) -> Result<Vec<u8>, ChannelError> {
+        let Some(ch) = self.channels.get_mut(&conn) else {
+            return Err(ChannelError::BadHello("no channel for this stream"));
+        };
+        let mut wire = Vec::with_capacity(plain.len() + 64);
+        ch.send(plain, &mut wire)?;
+        Ok(wire)
+    }
+
+    /// Stream `conn` is gone.
+    pub fn fs_drop(&mut self, conn: ConnId) {
+        self.channels.remove(&conn);
+    }
+}
