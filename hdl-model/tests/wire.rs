@@ -8,7 +8,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use nicsync_fwif::conn::{proto, ConnFlags, ConnKey, ConnState, Direction, Nat, NatKind, TcpState};
-use nicsync_fwif::sync::{DeltaUpdate, MAX_FRAME};
+use nicsync_fwif::sync::DeltaUpdate;
 use nicsync_model::sync::{
     epoch_from_entropy, DeltaReceiver, DeltaSender, ReceiverConfig, ReceiverEvent, SenderConfig,
 };
@@ -37,7 +37,7 @@ fn frame_id(f: &[u8]) -> (u16, u32) {
 
 /// Everything waiting on an in-process port now.
 fn drain(p: &mut impl SyncPort) -> Vec<Vec<u8>> {
-    let mut buf = [0u8; MAX_FRAME];
+    let mut buf = [0u8; MAX_WIRE_FRAME];
     let mut out = Vec::new();
     while let Some(n) = p.recv(&mut buf).expect("recv") {
         out.push(buf[..n].to_vec());
@@ -48,7 +48,7 @@ fn drain(p: &mut impl SyncPort) -> Vec<Vec<u8>> {
 /// Polls `port` until `want` frames arrived or the deadline passed.
 fn recv_n(port: &mut UdpPort, want: usize) -> Vec<Vec<u8>> {
     let deadline = Instant::now() + DEADLINE;
-    let mut buf = [0u8; MAX_FRAME];
+    let mut buf = [0u8; MAX_WIRE_FRAME];
     let mut out = Vec::new();
     while out.len() < want {
         assert!(Instant::now() < deadline, "only {} of {want} frames arrived on {}", out.len(), port.local_addr());
@@ -63,7 +63,7 @@ fn recv_n(port: &mut UdpPort, want: usize) -> Vec<Vec<u8>> {
 /// Polls `port` until `done(stats)` holds; any frame received fails the test.
 fn poll_stats_until(port: &mut UdpPort, done: impl Fn(&WireStats) -> bool) {
     let deadline = Instant::now() + DEADLINE;
-    let mut buf = [0u8; MAX_FRAME];
+    let mut buf = [0u8; MAX_WIRE_FRAME];
     while !done(&port.stats()) {
         assert!(Instant::now() < deadline, "condition not reached: {:?}", port.stats());
         assert_eq!(port.recv(&mut buf).expect("recv"), None, "a datagram that should be dropped was accepted");
@@ -173,7 +173,7 @@ fn hub_refuses_oversize_and_small_buffers() {
     assert_eq!(a.stats().oversize_refused, 1);
     a.send(&vec![7u8; MAX_WIRE_FRAME]).expect("the maximum passes");
     let mut small = [0u8; 100];
-    assert!(matches!(b.recv(&mut small), Err(WireError::BufferTooSmall { need: MAX_FRAME, have: 100 })));
+    assert!(matches!(b.recv(&mut small), Err(WireError::BufferTooSmall { need: MAX_WIRE_FRAME, have: 100 })));
     assert_eq!(b.pending(), 1, "a refused recv consumes nothing");
     assert_eq!(drain(&mut b), [vec![7u8; MAX_WIRE_FRAME]]);
 }
@@ -290,7 +290,7 @@ fn hub_is_shared_between_threads() {
     let device = std::thread::spawn(move || {
         // Echoes 500 frames back.
         let deadline = Instant::now() + DEADLINE;
-        let mut buf = [0u8; MAX_FRAME];
+        let mut buf = [0u8; MAX_WIRE_FRAME];
         let mut echoed = 0;
         while echoed < 500 {
             assert!(Instant::now() < deadline, "device thread timed out");
@@ -305,7 +305,7 @@ fn hub_is_shared_between_threads() {
         b.stats()
     });
     let deadline = Instant::now() + DEADLINE;
-    let mut buf = [0u8; MAX_FRAME];
+    let mut buf = [0u8; MAX_WIRE_FRAME];
     let mut back = Vec::new();
     let mut next = 0;
     while back.len() < 500 {
@@ -410,7 +410,7 @@ fn udp_oversize_is_refused_and_dropped() {
     poll_stats_until(&mut b, |s| s.oversize_received == 1);
     raw.send_to(&vec![1u8; MAX_WIRE_FRAME + 1], b.local_addr()).expect("send");
     let deadline = Instant::now() + DEADLINE;
-    let mut exact = [0u8; MAX_FRAME]; // no room for the extra byte: via the scratch buffer
+    let mut exact = [0u8; MAX_WIRE_FRAME]; // no room for the extra byte: via the scratch buffer
     while b.stats().oversize_received < 2 {
         assert!(Instant::now() < deadline, "oversize datagram not seen");
         assert_eq!(b.recv(&mut exact).expect("recv"), None);
@@ -494,7 +494,7 @@ fn delta_sync_over_udp_loopback_delivers_in_order() {
     let mut submitted = 0usize;
     let mut delivered = Vec::new();
     let mut resets = 0;
-    let mut buf = [0u8; MAX_FRAME];
+    let mut buf = [0u8; MAX_WIRE_FRAME];
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         assert!(Instant::now() < deadline, "delivered {} of {N}; rx {:?}", delivered.len(), receiver.stats());

@@ -204,6 +204,40 @@ impl Default for ControlConfig {
     }
 }
 
+/// `[security]`: sealing of the cluster's sync traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecurityConfig {
+    /// Seal Delta Sync, membership and Full Sync (default). `false` runs
+    /// them in clear and logs a warning at start.
+    pub encryption: bool,
+    /// The cluster key file (mode 0600); required when `encryption` is on
+    /// (checked when the daemon starts, so that a configuration can be
+    /// checked without the key).
+    pub key_file: Option<PathBuf>,
+    /// Where this member keeps its boot number, so that nonces never repeat
+    /// across restarts; default `<key_file>.boot-m<member_id>`.
+    pub boot_file: Option<PathBuf>,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        SecurityConfig { encryption: true, key_file: None, boot_file: None }
+    }
+}
+
+impl SecurityConfig {
+    /// The boot file in effect for member `member_id`.
+    pub fn boot_file_for(&self, member_id: u16) -> Option<PathBuf> {
+        self.boot_file.clone().or_else(|| {
+            self.key_file.as_ref().map(|k| {
+                let mut s = k.clone().into_os_string();
+                s.push(format!(".boot-m{member_id}"));
+                PathBuf::from(s)
+            })
+        })
+    }
+}
+
 /// `[[peer]]`: another member of the cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerConfig {
@@ -236,6 +270,8 @@ pub struct Config {
     pub full_sync: FullSyncConfig,
     /// `[control]`.
     pub control: ControlConfig,
+    /// `[security]`.
+    pub security: SecurityConfig,
     /// `[[peer]]`, in file order.
     pub peers: Vec<PeerConfig>,
 }
@@ -252,6 +288,7 @@ impl Default for Config {
             membership: MembershipConfig::default(),
             full_sync: FullSyncConfig::default(),
             control: ControlConfig::default(),
+            security: SecurityConfig::default(),
             peers: Vec::new(),
         }
     }
@@ -382,6 +419,15 @@ impl Config {
         let uids: Vec<String> = self.control.allow_uids.iter().map(u32::to_string).collect();
         writeln!(out, "allow_uids = [{}]", uids.join(", "))?;
 
+        writeln!(out, "\n[security]")?;
+        writeln!(out, "encryption = {}", self.security.encryption)?;
+        if let Some(k) = &self.security.key_file {
+            writeln!(out, "key_file = {}", quote(&k.to_string_lossy()))?;
+        }
+        if let Some(b) = &self.security.boot_file {
+            writeln!(out, "boot_file = {}", quote(&b.to_string_lossy()))?;
+        }
+
         for peer in &self.peers {
             writeln!(out, "\n[[peer]]")?;
             writeln!(out, "id = {}", peer.id)?;
@@ -424,6 +470,8 @@ struct RawConfig {
     full_sync: RawFullSync,
     #[serde(default)]
     control: RawControl,
+    #[serde(default)]
+    security: RawSecurity,
     #[serde(default, rename = "peer")]
     peers: Vec<Spanned<RawPeer>>,
 }
@@ -464,6 +512,14 @@ struct RawFullSync {
     bind: Option<Spanned<String>>,
     chunk_records: Option<Spanned<i64>>,
     timeout_ms: Option<Spanned<i64>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecurity {
+    encryption: Option<bool>,
+    key_file: Option<Spanned<String>>,
+    boot_file: Option<Spanned<String>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -688,6 +744,11 @@ impl Source<'_> {
         )?;
 
         let control = self.control(&raw.control)?;
+        let security = SecurityConfig {
+            encryption: raw.security.encryption.unwrap_or(true),
+            key_file: self.opt_path("security.key_file", &raw.security.key_file)?,
+            boot_file: self.opt_path("security.boot_file", &raw.security.boot_file)?,
+        };
         let locals = [&sync_bind, &membership_bind, &full_sync_bind];
         let peers = self.peers(&raw.peers, member_id, &locals)?;
 
@@ -708,6 +769,7 @@ impl Source<'_> {
                 timeout: Duration::from_millis(timeout_ms),
             },
             control,
+            security,
             peers,
         })
     }
@@ -767,6 +829,15 @@ impl Source<'_> {
             DEFAULT_AGING_PERIOD_MS,
         )?;
         Ok(DeviceConfig { kind, table_capacity, aging_period_ms })
+    }
+
+    fn opt_path(&self, key: &str, v: &Option<Spanned<String>>) -> Result<Option<PathBuf>, ConfigError> {
+        let Some(v) = v else { return Ok(None) };
+        let path = v.get_ref();
+        if path.is_empty() || path.contains('\0') {
+            return Err(self.invalid(Some(v.span()), format!("{key} = {}: must be a non-empty path", quote(path))));
+        }
+        Ok(Some(PathBuf::from(path)))
     }
 
     fn control(&self, c: &RawControl) -> Result<ControlConfig, ConfigError> {

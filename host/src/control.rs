@@ -69,6 +69,8 @@ pub enum Request {
     },
     /// Count and digest of the synced entries (`nicsync conn digest`).
     ConnDigest,
+    /// Read the cluster key file again (`nicsync key reload`).
+    ReloadKeys,
 }
 
 fn default_tcp_state() -> String {

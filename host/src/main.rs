@@ -60,6 +60,12 @@ enum Command {
         #[command(subcommand)]
         which: ConnCommand,
     },
+    /// The cluster key file that seals sync traffic (docs/security.md):
+    /// create, rotate in three steps (add, use, retire), reload a daemon.
+    Key {
+        #[command(subcommand)]
+        which: KeyCommand,
+    },
     /// N members in this process on emulated devices: churn, a member
     /// killed and rejoined, and whether the digests converged.
     Cluster(ClusterArgs),
@@ -87,6 +93,45 @@ struct DemoArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCommand {
+    /// Create a key file (mode 0600) with one random key, id 1, sending.
+    Gen {
+        /// The file to create.
+        file: std::path::PathBuf,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Rotation step 1: add a new random key that opens but does not seal
+    /// yet; copy the file to every member and reload each.
+    Add {
+        /// The key file.
+        file: std::path::PathBuf,
+    },
+    /// Rotation step 2: seal with key ID (on every member, then reload).
+    Use {
+        /// The key file.
+        file: std::path::PathBuf,
+        /// The key id.
+        id: u8,
+    },
+    /// Rotation step 3: remove key ID (on every member, then reload).
+    Retire {
+        /// The key file.
+        file: std::path::PathBuf,
+        /// The key id.
+        id: u8,
+    },
+    /// Key ids, which one seals, and fingerprints (never the keys).
+    Show {
+        /// The key file.
+        file: std::path::PathBuf,
+    },
+    /// Make the daemon (--socket) read its key file again.
+    Reload,
 }
 
 #[derive(Subcommand, Debug)]
@@ -359,6 +404,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Conn { which } => run_conn(&cli.socket, which),
+        Command::Key { which } => run_key(&cli.socket, which),
         Command::Cluster(a) => {
             let opts =
                 nicsync::cluster::ClusterOptions { members: a.members, seconds: a.seconds, conn_rate: a.conn_rate };
@@ -396,6 +442,62 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print!("{}", bench::render(&r));
             }
+            Ok(())
+        }
+    }
+}
+
+fn run_key(socket: &std::path::Path, which: KeyCommand) -> anyhow::Result<()> {
+    use nicsync_seal::KeyFile;
+    let show = |f: &KeyFile, path: &std::path::Path| -> anyhow::Result<()> {
+        let ring = f.keyring(path)?;
+        for k in ring.keys() {
+            let role = if k.id() == f.send { "seals and opens" } else { "opens" };
+            println!("key {:>3}  fingerprint {}  {role}", k.id(), k.fingerprint());
+        }
+        Ok(())
+    };
+    match which {
+        KeyCommand::Gen { file, force } => {
+            if file.exists() && !force {
+                anyhow::bail!(
+                    "{} exists; pass --force to replace it (every member must then get the new file)",
+                    file.display()
+                );
+            }
+            let f = KeyFile::generate()?;
+            f.write(&file)?;
+            println!("wrote {} (mode 0600); copy it to every member of the cluster", file.display());
+            show(&f, &file)
+        }
+        KeyCommand::Add { file } => {
+            let mut f = KeyFile::read(&file)?;
+            let id = f.add_key()?;
+            f.write(&file)?;
+            println!("added key {id} (opens only); copy {} to every member, run `nicsync key reload` on each, then `nicsync key use {} {id}`", file.display(), file.display());
+            show(&f, &file)
+        }
+        KeyCommand::Use { file, id } => {
+            let mut f = KeyFile::read(&file)?;
+            f.use_key(id)?;
+            f.write(&file)?;
+            println!("key {id} now seals; do the same on every member and reload each");
+            show(&f, &file)
+        }
+        KeyCommand::Retire { file, id } => {
+            let mut f = KeyFile::read(&file)?;
+            f.retire(id)?;
+            f.write(&file)?;
+            println!("key {id} removed; do the same on every member and reload each");
+            show(&f, &file)
+        }
+        KeyCommand::Show { file } => {
+            let f = KeyFile::read(&file)?;
+            show(&f, &file)
+        }
+        KeyCommand::Reload => {
+            let v = control(socket, &Request::ReloadKeys)?;
+            println!("keys reloaded: key {} seals, {} key(s) open", v["send_key"], v["keys_accepted"]);
             Ok(())
         }
     }

@@ -4,11 +4,12 @@
 
 use std::time::Duration;
 
+use nicsync_model::seal_port::{SealConfig, SealedPort};
 use nicsync_model::sync::{epoch_from_entropy, SenderConfig};
-use nicsync_model::seal_port::SealedPort;
 use nicsync_model::sync_unit::{SyncUnit, SyncUnitConfig};
 use nicsync_model::wire::{SyncPort, UdpConfig, UdpPort};
 use nicsync_model::{ExecMode, Idle, ModelConfig};
+use nicsync_seal::{next_boot, Keyring, SharedKeyring};
 use nicsync_vfio::{EmulatedDevice, NicDevice};
 
 use crate::config::{ClusterMode, Config, DeviceKind};
@@ -45,6 +46,40 @@ pub enum MemberError {
     /// Something this build cannot do.
     #[error("{0}")]
     Unsupported(String),
+    /// Sync security: the key file or the boot number.
+    #[error("security: {0}")]
+    Security(#[from] nicsync_seal::KeyError),
+    /// Encryption is on but no key file is configured.
+    #[error(
+        "sync encryption is on (the default) but no security.key_file is set: create a key with \
+         `nicsync key gen FILE`, copy it to every member (mode 0600) and set security.key_file = \"FILE\"; \
+         or set security.encryption = false to run the sync traffic in clear"
+    )]
+    NoKeyFile,
+}
+
+/// The sealing a configuration asks for: `None` when encryption is off
+/// (with a warning), the keys and this start's boot number otherwise.
+pub fn seal_from_config(cfg: &Config) -> Result<Option<SealConfig>, MemberError> {
+    if !cfg.security.encryption {
+        tracing::warn!(
+            member = cfg.member_id,
+            "security.encryption = false: Delta Sync, membership and Full Sync run IN CLEAR; anyone who can reach \
+             the sync network can read and rewrite this member's connection table"
+        );
+        return Ok(None);
+    }
+    let key_file = cfg.security.key_file.as_ref().ok_or(MemberError::NoKeyFile)?;
+    let ring = Keyring::load(key_file)?;
+    let boot = next_boot(cfg.security.boot_file_for(cfg.member_id).as_deref())?;
+    tracing::info!(
+        member = cfg.member_id,
+        "sync security: AES-256-GCM, send key {} (fingerprint {}), {} key(s) accepted, boot {boot}",
+        ring.send_key().id(),
+        ring.send_key().fingerprint(),
+        ring.keys().len()
+    );
+    Ok(Some(SealConfig { keys: SharedKeyring::new(ring), boot }))
 }
 
 /// A random non-zero number for this process start (epoch, incarnation).
@@ -103,6 +138,8 @@ pub fn from_config(cfg: &Config) -> Result<(Node<AnyDevice>, MemberNet, ControlS
     nc.dead_after = cfg.membership.dead_after;
     nc.chunk_records = cfg.full_sync.chunk_records;
     nc.full_sync_timeout_ns = cfg.full_sync.timeout.as_nanos() as u64;
+    nc.seal = seal_from_config(cfg)?;
+    nc.key_file = cfg.security.key_file.clone().filter(|_| nc.seal.is_some());
     let drv = DriverConfig {
         table_capacity: cfg.device.table_capacity,
         aging_period_ms: cfg.device.aging_period_ms,
@@ -116,10 +153,13 @@ pub fn from_config(cfg: &Config) -> Result<(Node<AnyDevice>, MemberNet, ControlS
             for p in &cfg.peers {
                 udp = udp.member_peer(p.id, p.sync);
             }
-            let port = UdpPort::bind(udp)?;
+            let port: Box<dyn SyncPort> = match &nc.seal {
+                Some(seal) => Box::new(SealedPort::new(Box::new(UdpPort::bind(udp)?), seal, &peers)),
+                None => Box::new(UdpPort::bind(udp)?),
+            };
             let mut sender = SenderConfig::new(cfg.cluster_id, cfg.member_id, inc);
             sender.queue_capacity = RETRANSMIT_QUEUE;
-            let unit = SyncUnit::new(SyncUnitConfig { sender, peers }, Box::new(port), 0)?;
+            let unit = SyncUnit::new(SyncUnitConfig { sender, peers }, port, 0)?;
             dev.nic().attach_sync(unit);
             dev.start_poller_with(None, Idle::Nap { after_sweeps: 64, nap: Duration::from_micros(100) })?;
             let table = ConnTable::open(AnyDevice::Emulated(dev), drv)?;

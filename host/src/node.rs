@@ -35,11 +35,11 @@ use nicsync_fwif::regs::Counter;
 use nicsync_fwif::sync::DeltaUpdate;
 use nicsync_vfio::NicDevice;
 
-use crate::secure::{NodeSecurity, SecurityStats};
-use nicsync_model::seal_port::SealConfig;
 use crate::fullsync::{self, ClientEvent, FullSyncClient, FullSyncParams, FullSyncServer};
 use crate::membership::{self, MemberState, MemberView, Membership, MembershipParams, Mode};
+use crate::secure::{NodeSecurity, SecurityStats};
 use crate::table::{ConnEntry, ConnTable, TableError, TableOp};
+use nicsync_model::seal_port::SealConfig;
 
 /// Time in nanoseconds, from an origin the driver chooses.
 pub type Nanos = u64;
@@ -77,6 +77,8 @@ pub struct NodeConfig {
     /// device's sync port is sealed with the same, see
     /// [`crate::member::emulated_node`]); `None` runs them in clear.
     pub seal: Option<SealConfig>,
+    /// The key file `seal`'s keys came from ([`Node::reload_keys`]).
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 impl NodeConfig {
@@ -95,6 +97,7 @@ impl NodeConfig {
             incarnation: incarnation.max(1),
             alone_after_ns: 500_000_000,
             seal: None,
+            key_file: None,
         }
     }
 }
@@ -337,6 +340,20 @@ impl<D: NicDevice> Node<D> {
     /// Counters of the host's sealing (zero when it runs in clear).
     pub fn security_stats(&self) -> SecurityStats {
         self.security.as_ref().map(NodeSecurity::stats).unwrap_or_default()
+    }
+
+    /// Reads the key file again and installs its keys for the device's sync
+    /// port, membership and Full Sync (a rotation step); returns the send
+    /// key id and how many keys are accepted.
+    pub fn reload_keys(&mut self) -> Result<(u8, usize), String> {
+        let (Some(seal), Some(path)) = (&self.cfg.seal, &self.cfg.key_file) else {
+            return Err("this member runs without sync encryption (no key file)".into());
+        };
+        let ring = nicsync_seal::Keyring::load(path).map_err(|e| e.to_string())?;
+        let r = (ring.send_key().id(), ring.keys().len());
+        seal.keys.replace(ring);
+        tracing::info!(member = self.cfg.member_id, "sync keys reloaded: send key {}, {} accepted", r.0, r.1);
+        Ok(r)
     }
 
     /// Whether membership and Full Sync are sealed.

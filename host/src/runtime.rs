@@ -477,6 +477,10 @@ pub fn handle_request<D: NicDevice>(node: &mut Node<D>, req: &Request, net: &Net
                 Err(e) => Reply::err(e.to_string()),
             }
         }
+        Request::ReloadKeys => match node.reload_keys() {
+            Ok((send, accepted)) => Reply::ok(json!({"send_key": send, "keys_accepted": accepted})),
+            Err(e) => Reply::err(e),
+        },
         Request::ConnDigest => match node.digest() {
             Ok((count, digest)) => Reply::ok(json!({"entries": count, "digest": format!("{digest:016x}")})),
             Err(e) => Reply::err(e.to_string()),
@@ -518,6 +522,7 @@ pub fn syncstat_json<D: NicDevice>(node: &Node<D>, net: &NetStats) -> serde_json
     let drv = node.table_ref().driver_ref();
     let c = |k: Counter| drv.device_counter(k);
     let s = node.stats();
+    let sec = node.security_stats();
     json!({
         "updates_sent": c(Counter::SyncUpdatesSent),
         "updates_received": c(Counter::SyncUpdatesReceived),
@@ -529,7 +534,18 @@ pub fn syncstat_json<D: NicDevice>(node: &Node<D>, net: &NetStats) -> serde_json
         "held_updates": c(Counter::SyncHeld),
         "hold_drops": c(Counter::SyncHoldDrops),
         "apply_failed": c(Counter::SyncApplyFailed),
-        "malformed_frames": c(Counter::SyncMalformed),
+        "malformed_frames": c(Counter::SyncMalformed) + sec.ccp_malformed + sec.fs_malformed,
+        "auth_failures": c(Counter::SyncAuthFailures) + sec.ccp_auth_failures + sec.fs_auth_failures,
+        "replays_dropped": c(Counter::SyncReplaysDropped) + sec.ccp_replays_dropped,
+        "unknown_member_frames": c(Counter::SyncUnknownMember) + sec.ccp_unknown_member + sec.fs_unknown_member,
+        "encrypted": node.is_sealed(),
+        "security": {
+            "delta_auth_failures": c(Counter::SyncAuthFailures),
+            "delta_replays_dropped": c(Counter::SyncReplaysDropped),
+            "delta_unknown_member": c(Counter::SyncUnknownMember),
+            "delta_malformed": c(Counter::SyncMalformed),
+            "host": sec,
+        },
         "retransmit_queue_depth": c(Counter::SyncQueueDepth),
         "queue_drops": c(Counter::SyncQueueDrops),
         "rejects_sent": c(Counter::SyncRejectsSent),

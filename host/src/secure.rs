@@ -95,9 +95,9 @@ impl NodeSecurity {
             Err(e) => {
                 let s = &mut self.stats;
                 match e {
-                    OpenError::Format(SealFormatError::NotSealed) | OpenError::AuthFailed | OpenError::UnknownKey(_) => {
-                        s.ccp_auth_failures += 1
-                    }
+                    OpenError::Format(SealFormatError::NotSealed)
+                    | OpenError::AuthFailed
+                    | OpenError::UnknownKey(_) => s.ccp_auth_failures += 1,
                     OpenError::Format(_) | OpenError::OutputTooSmall { .. } => s.ccp_malformed += 1,
                     OpenError::UnknownMember(_) => s.ccp_unknown_member += 1,
                     OpenError::Replay => s.ccp_replays_dropped += 1,

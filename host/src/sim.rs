@@ -26,14 +26,14 @@ use std::time::Duration;
 
 use nicsync_fwif::conn::{proto, ConnFlags, ConnKey, ConnState, Direction, TcpState};
 use nicsync_model::rng::SeededRng;
-use nicsync_model::sync::SenderConfig;
 use nicsync_model::seal_port::{SealConfig, SealedPort};
+use nicsync_model::sync::SenderConfig;
 use nicsync_model::sync_unit::{SyncUnit, SyncUnitConfig};
 use nicsync_model::wire::SyncPort;
-use nicsync_seal::{next_boot, ClusterKey, Keyring, SharedKeyring};
-use std::sync::Arc;
 use nicsync_model::wire::{HubConfig, Impairment, InProcessHub};
+use nicsync_seal::{next_boot, ClusterKey, Keyring, SharedKeyring};
 use nicsync_vfio::EmulatedDevice;
+use std::sync::Arc;
 
 use crate::membership::{Destination, MemberState, Mode};
 use crate::node::{ConnId, Nanos, Node, NodeConfig, NodeOutput};
@@ -246,7 +246,9 @@ impl Sim {
         let mut sender = SenderConfig::new(1, id, inc);
         sender.queue_capacity = 1 << 17;
         let seal = match (&self.keys, self.cfg.sealed) {
-            (Some(keys), _) => Some(SealConfig { keys: keys.clone(), boot: next_boot(None).map_err(|e| e.to_string())? }),
+            (Some(keys), _) => {
+                Some(SealConfig { keys: keys.clone(), boot: next_boot(None).map_err(|e| e.to_string())? })
+            }
             (None, true) => return Err("sealed simulation without keys".into()),
             (None, false) => None,
         };

@@ -80,6 +80,7 @@ fn wait_for<T>(what: &str, timeout: Duration, members: &[Member], mut f: impl Fn
 }
 
 fn write_configs(dir: &Path, n: u16) -> Vec<Member> {
+    nicsync_seal::KeyFile::generate().unwrap().write(&dir.join("cluster.key")).unwrap();
     let ports: Vec<(u16, u16, u16)> = (0..n).map(|_| (free_udp(), free_udp(), free_tcp())).collect();
     (1..=n)
         .map(|id| {
@@ -91,8 +92,10 @@ fn write_configs(dir: &Path, n: u16) -> Vec<Member> {
                  [sync]\nbind = \"127.0.0.1:{s}\"\n\
                  [membership]\nbind = \"127.0.0.1:{m}\"\n\
                  [full_sync]\nbind = \"127.0.0.1:{f}\"\n\
-                 [control]\nsocket = \"{}\"\n",
-                socket.display()
+                 [control]\nsocket = \"{}\"\n\
+                 [security]\nkey_file = \"{}\"\n",
+                socket.display(),
+                dir.join("cluster.key").display()
             );
             for p in (1..=n).filter(|p| *p != id) {
                 let (ps, pm, pf) = ports[p as usize - 1];
@@ -177,4 +180,145 @@ fn three_daemons_survive_a_kill_and_converge() {
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&members[a].socket).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Seals `frame` as member `sender` would (or as a forger holding `keys`).
+fn seal(sealer: &mut nicsync_seal::Sealer, frame: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; frame.len() + nicsync_seal::SEAL_OVERHEAD];
+    let n = sealer.seal(frame, &mut out).unwrap();
+    out.truncate(n);
+    out
+}
+
+fn delta_frame(origin: &nicsync_fwif::sync::Origin, seq: u64, key: &str, mark: u32) -> Vec<u8> {
+    use nicsync_fwif::conn::{ConnFlags, ConnState, Direction, Nat, TcpState};
+    use nicsync_fwif::sync::{DeltaUpdate, DeltaWriter, MAX_FRAME};
+    let key = nicsync::control::parse_key(key).unwrap();
+    let mut state =
+        ConnState::new(TcpState::Established, Direction::Original, ConnFlags::CONFIRMED | ConnFlags::SYNC, 0, mark);
+    state.generation = 5.into();
+    let mut buf = vec![0u8; MAX_FRAME];
+    let mut w = DeltaWriter::new(&mut buf, *origin, seq, false).unwrap();
+    w.push(&DeltaUpdate::upsert(origin.member_id, key, state, Nat::default())).unwrap();
+    let n = w.finish().unwrap();
+    buf.truncate(n);
+    buf
+}
+
+/// A daemon whose peer 2 is this test: real UDP datagrams, sealed right,
+/// tampered, truncated, replayed, under a wrong key, from a stranger, in
+/// clear, and too short. Only the genuine ones change the table; every other
+/// is dropped and counted; the daemon keeps serving.
+#[test]
+fn forged_datagrams_are_dropped_and_counted_by_a_running_daemon() {
+    use nicsync_fwif::sync::{Frame, Origin, MAX_FRAME};
+    use nicsync_seal::{Keyring, Sealer, SharedKeyring, TrafficClass};
+
+    let dir = std::env::temp_dir().join(format!("nicsync-forgery-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let key_file = dir.join("cluster.key");
+    nicsync_seal::KeyFile::generate().unwrap().write(&key_file).unwrap();
+    let peer_sync = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let peer_ccp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let (s, m, f) = (free_udp(), free_udp(), free_tcp());
+    let socket = dir.join("m1.sock");
+    let text = format!(
+        "member_id = 1\ncluster_id = 7\n[device]\ntable_capacity = 65536\naging_period_ms = 0\n\
+         [sync]\nbind = \"127.0.0.1:{s}\"\n[membership]\nbind = \"127.0.0.1:{m}\"\n\
+         [full_sync]\nbind = \"127.0.0.1:{f}\"\n[control]\nsocket = \"{}\"\n\
+         [security]\nkey_file = \"{}\"\n\
+         [[peer]]\nid = 2\nsync = \"{}\"\nmembership = \"{}\"\nfull_sync = [\"127.0.0.1:{}\"]\n",
+        socket.display(),
+        key_file.display(),
+        peer_sync.local_addr().unwrap(),
+        peer_ccp.local_addr().unwrap(),
+        free_tcp()
+    );
+    let config = dir.join("m1.toml");
+    std::fs::write(&config, text).unwrap();
+    let mut members = vec![Member { id: 1, config, socket, log: dir.join("m1.log"), child: None }];
+    members[0].start();
+    wait_for("member 1 Active alone", Duration::from_secs(20), &members, || {
+        members[0].req(&Request::State).ok().filter(|v| v["state"] == "active")
+    });
+    let daemon_sync = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, s));
+    let daemon_ccp = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, m));
+    let keys = SharedKeyring::new(Keyring::load(&key_file).unwrap());
+    let mut genuine = Sealer::new(keys.clone(), TrafficClass::Delta, 2, 1);
+    let origin = Origin { cluster_id: 7, member_id: 2, epoch: 0x5eed };
+    let mut hello = vec![0u8; MAX_FRAME];
+    let n = Frame::encode_hello(&mut hello, &origin, 1, 1).unwrap();
+    peer_sync.send_to(&seal(&mut genuine, &hello[..n]), daemon_sync).unwrap();
+    let good = seal(&mut genuine, &delta_frame(&origin, 1, "tcp 10.77.0.1:1000 -> 192.0.2.7:443", 1));
+    peer_sync.send_to(&good, daemon_sync).unwrap();
+    let get = |k: &str| members[0].req(&Request::ConnGet { key: k.into() });
+    wait_for("the genuine update applied", Duration::from_secs(10), &members, || {
+        get("tcp 10.77.0.1:1000 -> 192.0.2.7:443").ok()
+    });
+
+    let forged_key = "tcp 10.66.6.6:666 -> 192.0.2.7:443";
+    let forged = delta_frame(&origin, 2, forged_key, 666);
+    // Tampered: one ciphertext bit.
+    let mut tampered = seal(&mut genuine, &forged);
+    tampered[40] ^= 0x10;
+    // Truncated: the tag cut short.
+    let mut truncated = seal(&mut genuine, &forged);
+    truncated.truncate(truncated.len() - 5);
+    // Wrong key, same key id (and a later boot, so that it is not refused
+    // as a replay before its tag is even checked).
+    let other = SharedKeyring::new(Keyring::ephemeral().unwrap());
+    let wrong_key = seal(&mut Sealer::new(other, TrafficClass::Delta, 2, 2), &forged);
+    // A member id that is not a peer (with the right key).
+    let stranger_origin = Origin { member_id: 9, ..origin };
+    let stranger = seal(
+        &mut Sealer::new(keys.clone(), TrafficClass::Delta, 9, 1),
+        &delta_frame(&stranger_origin, 1, forged_key, 9),
+    );
+    for d in [&tampered, &truncated, &good, &wrong_key, &stranger, &forged, &vec![0xE1u8; 10]] {
+        peer_sync.send_to(d, daemon_sync).unwrap();
+    }
+    // Membership: a datagram in clear.
+    peer_ccp.send_to(b"NCCP forged membership datagram in clear", daemon_ccp).unwrap();
+
+    // Counters are published by the device's housekeeping: poll them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stats = loop {
+        let v = members[0].req(&Request::Syncstat).unwrap();
+        let n = |k: &str| v[k].as_u64().unwrap_or(0);
+        // tampered, truncated, wrong key, plain delta frame; plain membership datagram
+        let all = n("auth_failures") >= 5
+            && n("replays_dropped") >= 1
+            && n("unknown_member_frames") >= 1
+            && n("malformed_frames") >= 1;
+        if all || Instant::now() > deadline {
+            break v;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(stats["auth_failures"], 5, "{stats}");
+    assert_eq!(stats["replays_dropped"], 1, "{stats}");
+    assert_eq!(stats["unknown_member_frames"], 1, "{stats}");
+    assert_eq!(stats["malformed_frames"], 1, "{stats}");
+    assert_eq!(stats["security"]["host"]["ccp_auth_failures"], 1, "{stats}");
+    assert_eq!(stats["encrypted"], true);
+    assert!(get(forged_key).is_err(), "a forged update reached the table");
+    // Still serving: the control socket answers and the table takes writes.
+    members[0]
+        .req(&Request::ConnAdd {
+            key: "tcp 10.1.1.1:1 -> 192.0.2.7:443".into(),
+            tcp_state: "established".into(),
+            timeout_s: 0,
+            mark: 0,
+            sync: true,
+        })
+        .unwrap();
+    assert!(get("tcp 10.1.1.1:1 -> 192.0.2.7:443").is_ok());
+    // And it still takes the genuine peer's next update.
+    peer_sync
+        .send_to(&seal(&mut genuine, &delta_frame(&origin, 2, "tcp 10.77.0.2:1000 -> 192.0.2.7:443", 2)), daemon_sync)
+        .unwrap();
+    wait_for("the next genuine update applied", Duration::from_secs(10), &members, || {
+        get("tcp 10.77.0.2:1000 -> 192.0.2.7:443").ok()
+    });
 }
