@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use nicsync_fwif::conn::{proto, ConnFlags, ConnKey, ConnState, Direction, TcpState};
 use nicsync_fwif::event::EventKind;
 use nicsync_fwif::regs::Counter;
+use nicsync_model::seal_port::{SealConfig, SealedPort};
 use nicsync_model::sync::SenderConfig;
 use nicsync_model::sync_unit::{SyncUnit, SyncUnitConfig};
 use nicsync_model::wire::{HubConfig, InProcessHub, SyncPort, UdpConfig, UdpPort};
@@ -84,6 +85,20 @@ pub struct SyncBenchReport {
     pub failover_ms: f64,
     /// Every failover measured.
     pub failover_ms_runs: Vec<f64>,
+    /// Whether the figures above were measured sealed (AES-256-GCM on the
+    /// sync port, membership and Full Sync), as a daemon runs by default.
+    pub encrypted: bool,
+    /// `delta_latency_ns` with the sync port in clear.
+    pub plain_delta_latency_ns: Percentiles,
+    /// `sustained_conn_per_s` with the sync port in clear.
+    pub plain_sustained_conn_per_s: f64,
+    /// `sustained_updates_per_s` with the sync port in clear.
+    pub plain_sustained_updates_per_s: f64,
+    /// `1 - sustained_updates_per_s / plain_sustained_updates_per_s`: the
+    /// share of delta throughput the encryption costs.
+    pub encryption_throughput_cost: f64,
+    /// `delta_latency_ns.p50 - plain_delta_latency_ns.p50`.
+    pub encryption_added_latency_ns_p50: f64,
     /// Threads and where they ran.
     pub threads: String,
     /// Each target and whether it was met.
@@ -144,9 +159,22 @@ fn entry(tcp: TcpState, mark: u32) -> ConnEntry {
 /// Runs every part.
 pub fn run(o: &SyncBenchOptions) -> Result<SyncBenchReport, SyncBenchError> {
     let baseline = udp_rtt(o.samples.max(2000))?;
-    let delta_in = delta_latency(false, o.samples)?;
-    let delta_udp = delta_latency(true, o.samples)?;
-    let (conn_rate, upd_rate, lost, caught_up) = sustained(o.sustain_seconds)?;
+    // Plain and sealed latency runs alternate, so that a noisy spell of
+    // the machine does not land on one side only.
+    let mut plain_runs = Vec::new();
+    let mut sealed_runs = Vec::new();
+    for _ in 0..LATENCY_ROUNDS {
+        plain_runs.extend(delta_latency(false, false, o.samples / LATENCY_ROUNDS)?);
+        sealed_runs.extend(delta_latency(false, true, o.samples / LATENCY_ROUNDS)?);
+    }
+    let plain_in = percentiles(&mut plain_runs);
+    let delta_in = percentiles(&mut sealed_runs);
+    let delta_udp = percentiles(&mut delta_latency(true, true, o.samples)?);
+    let (plain_conn_rate, plain_upd_rate, plain_lost, plain_caught_up) = sustained(o.sustain_seconds, false)?;
+    let (conn_rate, upd_rate, lost, caught_up) = sustained(o.sustain_seconds, true)?;
+    let (lost, caught_up) = (lost + plain_lost, caught_up && plain_caught_up);
+    let cost = if plain_upd_rate > 0.0 { 1.0 - upd_rate / plain_upd_rate } else { 0.0 };
+    let added = delta_in.p50 - plain_in.p50;
     let (full_ms, full_entries) = full_sync(o.conns)?;
     let mut runs = failovers(o.failovers)?;
     let failover = median(&mut runs.clone());
@@ -163,13 +191,17 @@ pub fn run(o: &SyncBenchOptions) -> Result<SyncBenchReport, SyncBenchError> {
             baseline.p50,
             delta_udp.p50 <= baseline.p50,
         ),
+        // Issue 3's rate is the sync protocol's, before encryption; issue 4
+        // allows the seal up to 25 % of it (the last targets).
         t(
-            "sustained_conn_per_s >= 500000 with 0 lost",
-            conn_rate,
+            "plain_sustained_conn_per_s >= 500000 with 0 lost",
+            plain_conn_rate,
             500_000.0,
-            conn_rate >= 500_000.0 && lost == 0 && caught_up,
+            plain_conn_rate >= 500_000.0 && lost == 0 && caught_up,
         ),
         t("failover_ms <= 100", failover, 100.0, failover <= 100.0),
+        t("encryption_throughput_cost <= 0.25", cost, 0.25, cost <= 0.25),
+        t("encryption_added_latency_ns_p50 <= 1000", added, 1000.0, added <= 1000.0),
     ];
     Ok(SyncBenchReport {
         full_sync_entries: full_entries,
@@ -185,6 +217,12 @@ pub fn run(o: &SyncBenchOptions) -> Result<SyncBenchReport, SyncBenchError> {
         peer_caught_up: caught_up,
         failover_ms: failover,
         failover_ms_runs: runs,
+        encrypted: true,
+        plain_delta_latency_ns: plain_in,
+        plain_sustained_conn_per_s: plain_conn_rate,
+        plain_sustained_updates_per_s: plain_upd_rate,
+        encryption_throughput_cost: cost,
+        encryption_added_latency_ns_p50: added,
         threads: "latency and throughput: 1 device thread polling both devices in turn + 1 host thread; \
                   full sync and failover: the same, both members' hosts on one tokio thread; \
                   UDP floor: 1 echo thread + 1 host thread"
@@ -245,9 +283,17 @@ fn pair(
     ports: PortPair,
     capacity: u32,
     flush_delay_ns: u64,
+    sealed: bool,
 ) -> Result<(ConnTable<EmulatedDevice>, ConnTable<EmulatedDevice>, Poller), SyncBenchError> {
     let mut tables = Vec::new();
+    let keys = bench_keys()?;
     for (id, port) in [(1u16, ports.0), (2u16, ports.1)] {
+        let port: Box<dyn SyncPort> = if sealed {
+            let boot = nicsync_seal::next_boot(None).map_err(|e| SyncBenchError::Other(e.to_string()))?;
+            Box::new(SealedPort::new(port, &SealConfig { keys: keys.clone(), boot }, &[3 - id]))
+        } else {
+            port
+        };
         let dev = EmulatedDevice::new(ModelConfig::default(), ExecMode::Thread)?;
         let mut sender = SenderConfig::new(1, id, entropy());
         sender.queue_capacity = RETRANSMIT_QUEUE;
@@ -274,6 +320,15 @@ fn pair(
     Ok((a, b, poller))
 }
 
+/// A fresh cluster key for one benchmark run.
+fn bench_keys() -> Result<std::sync::Arc<nicsync_seal::SharedKeyring>, SyncBenchError> {
+    let ring = nicsync_seal::Keyring::ephemeral().map_err(|e| SyncBenchError::Other(e.to_string()))?;
+    Ok(nicsync_seal::SharedKeyring::new(ring))
+}
+
+/// Latency runs alternate between plain and sealed this many times.
+const LATENCY_ROUNDS: usize = 4;
+
 /// The two ends of a sync wire.
 type PortPair = (Box<dyn SyncPort>, Box<dyn SyncPort>);
 
@@ -293,7 +348,7 @@ fn udp_ports() -> Result<PortPair, SyncBenchError> {
 /// One update at a time: A's host posts it (and waits for its
 /// completion), B's host sees B's SYNC_UPDATED event. Frames leave at once
 /// (no batching delay), as a latency-sensitive configuration would set it.
-fn delta_latency(udp: bool, samples: usize) -> Result<Percentiles, SyncBenchError> {
+fn delta_latency(udp: bool, sealed: bool, samples: usize) -> Result<Vec<u64>, SyncBenchError> {
     let ports: PortPair = if udp {
         udp_ports()?
     } else {
@@ -303,7 +358,7 @@ fn delta_latency(udp: bool, samples: usize) -> Result<Percentiles, SyncBenchErro
             Box::new(hub.attach(2).map_err(|e| SyncBenchError::Other(e.to_string()))?),
         )
     };
-    let (mut a, mut b, poller) = pair(ports, 1 << 16, 0)?;
+    let (mut a, mut b, poller) = pair(ports, 1 << 16, 0, sealed)?;
     let warm = samples / 10;
     let mut out = Vec::with_capacity(samples);
     for i in 0..(samples + warm) as u64 {
@@ -330,7 +385,7 @@ fn delta_latency(udp: bool, samples: usize) -> Result<Percentiles, SyncBenchErro
     drop(a);
     drop(b);
     drop(poller);
-    Ok(percentiles(&mut out))
+    Ok(out)
 }
 
 /// Repetitions of the sustained churn.
@@ -340,13 +395,13 @@ const SUSTAIN_REPETITIONS: usize = 3;
 /// destroyed), synced to B over the in-process wire, in three back-to-back
 /// repetitions. Returns (median conn/s, updates/s at that rate, lost
 /// updates, whether B got every update).
-fn sustained(seconds: f64) -> Result<(f64, f64, u64, bool), SyncBenchError> {
+fn sustained(seconds: f64, sealed: bool) -> Result<(f64, f64, u64, bool), SyncBenchError> {
     let hub = InProcessHub::new(HubConfig { queue_capacity: 1 << 16, seed: 1, ..HubConfig::new() });
     let ports: PortPair = (
         Box::new(hub.attach(1).map_err(|e| SyncBenchError::Other(e.to_string()))?),
         Box::new(hub.attach(2).map_err(|e| SyncBenchError::Other(e.to_string()))?),
     );
-    let (mut a, mut b, poller) = pair(ports, 1 << 20, 50_000)?;
+    let (mut a, mut b, poller) = pair(ports, 1 << 20, 50_000, sealed)?;
     const BATCH: u64 = 1024;
     let mut ops = Vec::with_capacity(3 * BATCH as usize);
     let mut conns = 0u64;
@@ -453,11 +508,18 @@ impl Duo {
     }
 }
 
-fn new_member(id: u16, hub: &InProcessHub, capacity: u32) -> Result<Node<EmulatedDevice>, SyncBenchError> {
+fn new_member(
+    id: u16,
+    hub: &InProcessHub,
+    capacity: u32,
+    keys: &std::sync::Arc<nicsync_seal::SharedKeyring>,
+) -> Result<Node<EmulatedDevice>, SyncBenchError> {
     let mut cfg = NodeConfig::new(1, id, vec![3 - id], entropy());
     if let Ok(c) = std::env::var("NICSYNC_CHUNK") {
         cfg.chunk_records = c.parse().unwrap_or(1024);
     }
+    let boot = nicsync_seal::next_boot(None).map_err(|e| SyncBenchError::Other(e.to_string()))?;
+    cfg.seal = Some(SealConfig { keys: keys.clone(), boot });
     let port = hub.attach(id).map_err(|e| SyncBenchError::Other(e.to_string()))?;
     let drv = DriverConfig { table_capacity: capacity, aging_period_ms: 0, ..Default::default() };
     Ok(emulated_node(cfg, Box::new(port), drv, ExecMode::Thread, 0)?)
@@ -468,7 +530,8 @@ fn new_member(id: u16, hub: &InProcessHub, capacity: u32) -> Result<Node<Emulate
 fn full_sync(conns: u64) -> Result<(f64, u64), SyncBenchError> {
     let hub = InProcessHub::new(HubConfig { queue_capacity: 1 << 16, ..HubConfig::new() });
     let capacity = ((conns * 5 / 4).next_power_of_two()).clamp(1 << 16, 1 << 24) as u32;
-    let mut a = new_member(1, &hub, capacity)?;
+    let keys = bench_keys()?;
+    let mut a = new_member(1, &hub, capacity, &keys)?;
     // A fills its table through its own thread for the bring-up; then one
     // poller serves both devices.
     a.table_ref().driver_ref().device().start_poller(None)?;
@@ -485,7 +548,7 @@ fn full_sync(conns: u64) -> Result<(f64, u64), SyncBenchError> {
         i += 8192;
     }
     a.table_ref().driver_ref().device().stop_poller();
-    let b = new_member(2, &hub, capacity)?;
+    let b = new_member(2, &hub, capacity, &keys)?;
     let nics =
         vec![a.table_ref().driver_ref().device().nic().clone(), b.table_ref().driver_ref().device().nic().clone()];
     let poller = Poller::spawn_with(nics, Idle::Spin, || {})?;
@@ -522,6 +585,7 @@ fn full_sync(conns: u64) -> Result<(f64, u64), SyncBenchError> {
 /// is Active.
 fn failovers(runs: usize) -> Result<Vec<f64>, SyncBenchError> {
     let hub = InProcessHub::new(HubConfig::new());
+    let keys = bench_keys()?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
@@ -533,7 +597,7 @@ fn failovers(runs: usize) -> Result<Vec<f64>, SyncBenchError> {
         };
         let mut members: [Option<Running>; 2] = [None, None];
         let start = |id: u16| -> Result<_, SyncBenchError> {
-            let node = new_member(id, &hub, 1 << 16)?;
+            let node = new_member(id, &hub, 1 << 16, &keys)?;
             let nic = node.table_ref().driver_ref().device().nic().clone();
             let poller =
                 Poller::spawn_with(vec![nic], Idle::Nap { after_sweeps: 64, nap: Duration::from_micros(50) }, || {})?;
@@ -591,6 +655,15 @@ fn failovers(runs: usize) -> Result<Vec<f64>, SyncBenchError> {
     })
 }
 
+/// A figure with the precision its size needs.
+fn shown(v: f64) -> String {
+    if v.abs() < 10.0 {
+        format!("{v:.3}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
 /// The report as text.
 pub fn render(r: &SyncBenchReport) -> String {
     let p = |x: &Percentiles| format!("p50 {:.0} ns, p99 {:.0} ns, p99.9 {:.0} ns", x.p50, x.p99, x.p999);
@@ -608,13 +681,21 @@ pub fn render(r: &SyncBenchReport) -> String {
         r.sustained_conn_per_s, r.sustained_updates_per_s, r.lost_updates, r.peer_caught_up
     ));
     out.push_str(&format!("  failover: median {:.1} ms of {:?}\n", r.failover_ms, r.failover_ms_runs));
+    out.push_str(&format!(
+        "  encryption (AES-256-GCM, figures above sealed): in clear {:.0} updates/s and {}; costs {:.1} % of \
+         throughput, adds {:.0} ns to the p50\n",
+        r.plain_sustained_updates_per_s,
+        p(&r.plain_delta_latency_ns),
+        r.encryption_throughput_cost * 100.0,
+        r.encryption_added_latency_ns_p50
+    ));
     for t in &r.targets {
         out.push_str(&format!(
-            "  [{}] {}: {:.1} (bound {:.1})\n",
+            "  [{}] {}: {} (bound {})\n",
             if t.met { "met" } else { "MISSED" },
             t.name,
-            t.value,
-            t.bound
+            shown(t.value),
+            shown(t.bound)
         ));
     }
     out
