@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nicsync_fwif::conn::{proto, ConnFlags, ConnKey, ConnState, Direction, TcpState};
+use nicsync_model::seal_port::SealConfig;
 use nicsync_model::wire::{HubConfig, InProcessHub};
 use nicsync_model::{ExecMode, Idle, Nic, Poller};
 use nicsync_vfio::EmulatedDevice;
@@ -192,9 +193,11 @@ async fn start(
     sockets: MemberSockets,
     shared: Rc<RefCell<Shared>>,
     per_tick: u64,
+    keys: &Arc<nicsync_seal::SharedKeyring>,
 ) -> anyhow::Result<Running> {
     let peers: Vec<u16> = (1..=n).filter(|p| *p != id).collect();
-    let node_cfg = NodeConfig::new(1, id, peers.clone(), entropy());
+    let mut node_cfg = NodeConfig::new(1, id, peers.clone(), entropy());
+    node_cfg.seal = Some(SealConfig { keys: keys.clone(), boot: nicsync_seal::next_boot(None)? });
     let port = hub.attach(id)?;
     // Room for a second of connections at the highest rate offered.
     let drv = DriverConfig { table_capacity: 1 << 18, aging_period_ms: 0, ..Default::default() };
@@ -241,6 +244,8 @@ async fn drive(opts: &ClusterOptions) -> anyhow::Result<ClusterReport> {
     let hub = InProcessHub::new(HubConfig { queue_capacity: 1 << 16, seed: entropy() as u64, ..HubConfig::new() });
     let shared = Rc::new(RefCell::new(Shared::default()));
     let per_tick = (u64::from(opts.conn_rate) / 1000).max(1);
+    // Sealed as a daemon runs by default, with a key for this run.
+    let keys = nicsync_seal::SharedKeyring::new(nicsync_seal::Keyring::ephemeral()?);
     // Ephemeral loopback ports, known to every member before it starts.
     let mut sockets = Vec::new();
     let mut addrs = Vec::new();
@@ -253,7 +258,7 @@ async fn drive(opts: &ClusterOptions) -> anyhow::Result<ClusterReport> {
     let mut running: BTreeMap<u16, Running> = BTreeMap::new();
     for (i, s) in sockets.into_iter().enumerate() {
         let id = i as u16 + 1;
-        running.insert(id, start(id, n, &hub, &addrs, s, shared.clone(), per_tick).await?);
+        running.insert(id, start(id, n, &hub, &addrs, s, shared.clone(), per_tick, &keys).await?);
     }
     let mut poller = Some(respawn(&running.values().map(|r| r.nic.clone()).collect::<Vec<_>>())?);
     let third = Duration::from_secs_f64(opts.seconds.max(0.3) / 3.0);
@@ -295,7 +300,7 @@ async fn drive(opts: &ClusterOptions) -> anyhow::Result<ClusterReport> {
         fs_bind: addrs[killed as usize - 1].1,
         peers: Vec::new(),
     })?;
-    let r = start(killed, n, &hub, &addrs, s, shared.clone(), per_tick).await?;
+    let r = start(killed, n, &hub, &addrs, s, shared.clone(), per_tick, &keys).await?;
     nics.push(r.nic.clone());
     running.insert(killed, r);
     drop(poller.take());
