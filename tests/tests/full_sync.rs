@@ -12,7 +12,10 @@ use nicsync::membership::{Destination, MemberState};
 use nicsync::node::{ConnId, Node, NodeConfig, NodeOutput};
 use nicsync::{ConnEntry, DriverConfig, TableOp};
 use nicsync_fwif::conn::{proto, ConnFlags, ConnKey, ConnState, Direction, TcpState};
+use nicsync_model::seal_port::SealConfig;
 use nicsync_model::wire::{HubConfig, InProcessHub};
+use nicsync_seal::{next_boot, Keyring, SharedKeyring};
+use std::sync::Arc;
 use nicsync_model::ExecMode;
 use nicsync_vfio::EmulatedDevice;
 
@@ -22,8 +25,14 @@ fn key(i: u32) -> ConnKey {
     ConnKey::v4(Ipv4Addr::from(0x0a07_0000 + i), 40000, Ipv4Addr::new(192, 0, 2, 9), 443, proto::TCP, 0)
 }
 
-fn member(id: u16, hub: &InProcessHub) -> N {
+fn keys() -> Arc<SharedKeyring> {
+    SharedKeyring::new(Keyring::ephemeral().expect("keys"))
+}
+
+fn member(id: u16, hub: &InProcessHub, keys: &Arc<SharedKeyring>) -> N {
     let mut cfg = NodeConfig::new(1, id, vec![3 - id], 0x100 + id as u32);
+    // Sealed, as a daemon runs by default.
+    cfg.seal = Some(SealConfig { keys: keys.clone(), boot: next_boot(None).expect("boot") });
     cfg.chunk_records = 64;
     cfg.retry_backoff_ns = 10_000_000;
     let port = hub.attach(id).expect("attach");
@@ -48,9 +57,14 @@ struct Pair {
 
 impl Pair {
     fn new() -> Self {
+        let k = keys();
+        Self::with_keys(&k, &k)
+    }
+
+    fn with_keys(k1: &Arc<SharedKeyring>, k2: &Arc<SharedKeyring>) -> Self {
         let hub = InProcessHub::new(HubConfig::new());
         Pair {
-            m: [member(1, &hub), member(2, &hub)],
+            m: [member(1, &hub, k1), member(2, &hub, k2)],
             now: 0,
             streams: Vec::new(),
             next: 1 << 40,
@@ -232,4 +246,62 @@ fn the_simulator_converges_on_its_first_seeds() {
         assert!(r.converged, "seed {seed}: {:?}\n{}", r.failure, r.timeline.join("\n"));
         assert!(r.writes_acked > 1000, "seed {seed}: too little churn: {r:?}");
     }
+}
+
+/// A member whose cluster key differs (same key id) learns nothing from the
+/// cluster and changes nothing in it: its membership datagrams, delta frames
+/// and Full Sync streams all fail authentication and are counted.
+#[test]
+fn a_member_with_the_wrong_key_learns_nothing_and_changes_nothing() {
+    let mut p = Pair::with_keys(&keys(), &keys());
+    p.run_ms(600);
+    let ops: Vec<TableOp> = (0..500).map(|i| TableOp::Upsert(key(i), synced_entry(i))).collect();
+    for r in p.m[0].table().batch(&ops).expect("batch") {
+        r.expect("upsert");
+    }
+    // Member 2 writes too: none of it may reach member 1.
+    let ops2: Vec<TableOp> = (1000..1100).map(|i| TableOp::Upsert(key(i), synced_entry(i))).collect();
+    for r in p.m[1].table().batch(&ops2).expect("batch") {
+        r.expect("upsert");
+    }
+    // And it is made to try a Full Sync from member 1.
+    p.m[1].request_resync(p.now);
+    p.run_ms(500);
+    let (a, b) = (p.m[0].digest().expect("digest"), p.m[1].digest().expect("digest"));
+    assert_eq!(a.0, 500, "member 1's table changed");
+    assert_ne!(a, b);
+    assert!(p.m[1].table().lookup(&key(7)).expect("lookup").is_none(), "member 2 learned an entry");
+    let s1 = p.m[0].security_stats();
+    let s2 = p.m[1].security_stats();
+    assert!(s1.ccp_auth_failures > 0 && s2.ccp_auth_failures > 0, "{s1:?} {s2:?}");
+    let delta1 = p.m[0].table_ref().driver_ref().device_counter(nicsync_fwif::regs::Counter::SyncAuthFailures);
+    assert!(delta1 > 0, "member 2's delta frames were not refused by member 1's sync port");
+    // The two never see each other, so member 2 may never even try to pull;
+    // if it did, the stream failed authentication.
+    assert_eq!(p.m[1].stats().full_syncs_completed, 0);
+    assert_eq!(p.m[0].stats().full_syncs_served, 0);
+}
+
+/// With the same key, the sealed Full Sync of the first test completes and
+/// the channel counts nothing.
+#[test]
+fn a_sealed_full_sync_counts_no_failures() {
+    let mut p = Pair::new();
+    p.run_ms(600);
+    let ops: Vec<TableOp> = (0..2000).map(|i| TableOp::Upsert(key(i), synced_entry(i))).collect();
+    for r in p.m[0].table().batch(&ops).expect("batch") {
+        r.expect("upsert");
+    }
+    p.m[1].request_resync(p.now);
+    for _ in 0..4 * 400 {
+        p.step();
+        if p.m[1].is_synced() && p.m[1].stats().full_syncs_completed > 0 {
+            break;
+        }
+    }
+    p.run_ms(20);
+    assert_eq!(p.m[0].digest().expect("digest"), p.m[1].digest().expect("digest"));
+    assert!(p.m[0].is_sealed() && p.m[1].is_sealed());
+    assert_eq!(p.m[0].security_stats(), Default::default());
+    assert_eq!(p.m[1].security_stats(), Default::default());
 }
