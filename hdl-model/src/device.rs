@@ -21,6 +21,7 @@ use zerocopy::IntoBytes;
 
 use crate::cost::CostParams;
 use crate::dma::{DmaRegion, Iommu, Tlb};
+use crate::fault::{Fault, FaultInjector, FaultKind};
 use crate::sync::{precedence, ReceiverEvent};
 use crate::sync_unit::SyncUnit;
 use crate::table::{CuckooTable, InsertError, Placement, Slot, Traffic};
@@ -135,6 +136,8 @@ pub struct Shared {
     pub(crate) iommu: Arc<Iommu>,
     irq: Mutex<Option<Arc<dyn InterruptSink>>>,
     pub(crate) clock: Clock,
+    /// Faults armed from outside (tests, chaos runs).
+    pub(crate) faults: FaultInjector,
 }
 
 impl std::fmt::Debug for Shared {
@@ -160,6 +163,7 @@ impl Shared {
             iommu: Arc::new(Iommu::default()),
             irq: Mutex::new(None),
             clock,
+            faults: FaultInjector::new(),
             cfg,
         };
         s.power_on_registers();
@@ -354,6 +358,11 @@ impl Shared {
     pub fn counter(&self, c: Counter) -> u64 {
         self.published.counters[c as usize].load(Ordering::Acquire)
     }
+
+    /// The device's fault injector (see [`crate::fault`]).
+    pub fn faults(&self) -> &FaultInjector {
+        &self.faults
+    }
 }
 
 /// A ring the device writes (completions, events).
@@ -388,9 +397,11 @@ impl ProducerRing {
     }
 
     /// Writes 16-byte entries `(word0, result)`: every result first, then
-    /// every first word with its phase bit, with release ordering.
-    fn push_burst(&mut self, entries: &mut [(u64, u64)]) -> Result<(), crate::dma::DmaFault> {
+    /// every first word with its phase bit, with release ordering. Entry
+    /// `invert` (an injected fault) gets the wrong phase.
+    fn push_burst(&mut self, entries: &mut [(u64, u64)], invert: Option<usize>) -> Result<(), crate::dma::DmaFault> {
         let mut rest = entries;
+        let mut base = 0;
         while !rest.is_empty() {
             // Up to the ring's end, then from its start.
             let n = rest.len().min((self.size - self.tail) as usize);
@@ -399,6 +410,10 @@ impl ProducerRing {
             for e in now.iter_mut() {
                 e.0 |= phase;
             }
+            if let Some(e) = invert.and_then(|j| j.checked_sub(base)).and_then(|j| now.get_mut(j)) {
+                e.0 ^= (PHASE_BIT as u64) << 56;
+            }
+            base += n;
             self.region.publish_pairs(self.tail as usize * CPL_SIZE, now)?;
             self.tail += n as u32;
             if self.tail == self.size {
@@ -782,8 +797,7 @@ impl Core {
             return rung;
         }
         let tail = c.tail;
-        self.process_commands(tail);
-        true
+        self.process_commands(tail) || rung
     }
 
     /// The sync port's fast path: sends what is due, takes what arrived and
@@ -807,6 +821,9 @@ impl Core {
         let now = self.shared.clock.now_ns();
         self.now_ns = now;
         let mut did = false;
+        if self.shared.faults.active() {
+            did |= self.housekeeping_faults();
+        }
         let usec = self.shared.reg(regs::IRQ_COALESCE_USEC) as u64;
         if self.pending_cpl > 0 && usec > 0 && now.saturating_sub(self.first_pending_ns) >= usec * 1000 {
             self.raise(IrqCause::COMPLETION, regs::VECTOR_COMPLETION);
@@ -852,6 +869,7 @@ impl Core {
 
     fn reset(&mut self) {
         tracing::debug!("device reset");
+        self.shared.faults.on_reset();
         // STATUS reads 0 (not READY) until the reset is complete; READY is
         // the last thing set, so a host that waits for it never has its
         // configuration writes clobbered by the reset still in progress.
@@ -969,20 +987,30 @@ impl Core {
         ok
     }
 
-    fn process_commands(&mut self, tail: u32) {
+    /// Fetches and executes the posted commands up to `tail`; returns
+    /// whether anything was done (false while an injected stall holds).
+    fn process_commands(&mut self, tail: u32) -> bool {
+        // The one check of the fault injector on this path: a relaxed load
+        // per batch; per-command checks below only test this local.
+        let faults = self.shared.faults.active();
+        if faults && self.shared.faults.batch_stalled(self.shared.clock.now_ns()) {
+            return false;
+        }
         if !self.revalidate_rings() {
-            return;
+            return true;
         }
         let (size, mut head) = match &self.cmd {
             Some(c) => (c.size, c.head),
-            None => return,
+            None => return true,
         };
         let now_ms = self.now_ns / 1_000_000;
         let mut completed = 0u32;
         let mut irq_now = false;
         let mut cycles = 0u64;
         let mut ncpl = 0usize;
-        while head != tail {
+        // An injected fault that ends the run: reset, or FATAL.
+        let mut abort: Option<Fault> = None;
+        while head != tail && abort.is_none() {
             let posted = tail.wrapping_sub(head) & (size - 1);
             let space = match &mut self.cpl {
                 Some(p) => p.space(&self.shared.cpl_head),
@@ -998,13 +1026,24 @@ impl Core {
                 Ok(c) => cycles += c,
                 Err(e) => {
                     self.go_fatal(format!("command ring fetch: {e}"));
-                    return;
+                    return true;
                 }
             }
             self.prefetch(fetch);
             let mut i = 0;
+            let mut invert_phase = None;
             while i < want {
                 let d = self.descs[i];
+                let fault = if faults { self.shared.faults.command_fault() } else { None };
+                let response_dma = |op: u8| op == Opcode::Lookup as u8 || op == Opcode::Snapshot as u8;
+                match fault {
+                    Some(Fault::ResetMidBatch { .. }) => abort = fault,
+                    Some(Fault::DmaError) if !response_dma(d.opcode) => abort = fault,
+                    _ => {}
+                }
+                if abort.is_some() {
+                    break;
+                }
                 let chained = d.is_chained();
                 let ext = (chained && i + 1 < fetch && self.descs[i + 1].opcode == Opcode::Ext as u8)
                     .then(|| self.descs[i + 1]);
@@ -1014,6 +1053,9 @@ impl Core {
                 // decode wrote it, not copied first.
                 let decoded = d.decode(ext.as_ref());
                 let (outcome, traffic) = match &decoded {
+                    // An injected failure of the response write: the
+                    // command is aborted before it writes anything.
+                    Ok(_) if fault == Some(Fault::DmaError) => (self.dma_error(), Traffic::default()),
                     Ok(cmd) => self.execute(cmd, self.placed[i], now_ms),
                     Err(e) => {
                         self.counters[Counter::CommandsMalformed as usize] += 1;
@@ -1031,9 +1073,15 @@ impl Core {
                 }
                 head = (head + slots) & (size - 1);
                 i += slots as usize;
-                let word0 =
+                let mut word0 =
                     d.tag.get() as u64 | (outcome.status as u64) << 16 | (d.opcode as u64) << 24 | (head as u64) << 32;
                 irq_now |= d.flags & nicsync_fwif::cmd::DescFlags::IRQ_NOW.bits() != 0;
+                match fault {
+                    Some(Fault::DropCompletion) => continue,
+                    Some(Fault::CorruptCompletionTag) => word0 ^= 1,
+                    Some(Fault::CorruptCompletionPhase) => invert_phase = Some(ncpl),
+                    _ => {}
+                }
                 self.cpls[ncpl] = (word0, outcome.result);
                 ncpl += 1;
                 completed += 1;
@@ -1045,13 +1093,13 @@ impl Core {
             // in place.
             self.shared.published.table_count.store(self.table.len() as u32, Ordering::Release);
             let pushed = match &mut self.cpl {
-                Some(p) => p.push_burst(&mut self.cpls[..ncpl]),
+                Some(p) => p.push_burst(&mut self.cpls[..ncpl], invert_phase),
                 None => Ok(()),
             };
             ncpl = 0;
             if let Err(e) = pushed {
                 self.go_fatal(format!("completion ring write: {e}"));
-                return;
+                return true;
             }
         }
         if let Some(c) = &mut self.cmd {
@@ -1061,6 +1109,19 @@ impl Core {
         self.counters[Counter::CompletionsWritten as usize] += completed as u64;
         self.counters[Counter::ModelCycles as usize] += cycles;
         self.counters_dirty = true;
+        match abort {
+            Some(Fault::ResetMidBatch { .. }) => {
+                tracing::warn!("injected fault: device reset in the middle of a batch");
+                self.reset();
+                return true;
+            }
+            Some(_) => {
+                self.counters[Counter::DmaErrors as usize] += 1;
+                self.go_fatal("command ring fetch: injected DMA fault".into());
+                return true;
+            }
+            None => {}
+        }
         if completed > 0 {
             if self.pending_cpl == 0 {
                 self.first_pending_ns = self.now_ns;
@@ -1070,6 +1131,44 @@ impl Core {
             if irq_now || self.pending_cpl >= threshold {
                 self.raise(IrqCause::COMPLETION, regs::VECTOR_COMPLETION);
             }
+        }
+        true
+    }
+
+    /// Injected faults that strike outside the command path: a spurious
+    /// interrupt, a lost table entry.
+    fn housekeeping_faults(&mut self) -> bool {
+        let mut did = false;
+        if let Some(sink) = self.irq_sink.clone() {
+            if self.shared.faults.housekeeping_fault(FaultKind::SpuriousInterrupt) {
+                // No cause bit in IRQ_STATUS and not counted: a glitch.
+                sink.raise(regs::VECTOR_COMPLETION);
+                did = true;
+            }
+        }
+        if !self.table.is_empty() && self.shared.faults.housekeeping_fault(FaultKind::LoseEntry) {
+            did |= self.lose_entry();
+        }
+        did
+    }
+
+    /// Removes one entry chosen by the injector's generator, as a memory
+    /// fault would: no event, nothing sent to the peers. The entry count
+    /// and the sync digest follow (they are kept beside the table).
+    fn lose_entry(&mut self) -> bool {
+        let end = self.table.cursor_end();
+        let start = self.shared.faults.below(end as u64) as usize;
+        let victim = (0..end).map(|k| (start + k) % end).find_map(|pos| self.table.at_cursor(pos).map(|s| s.key));
+        let mut t = Traffic::default();
+        let Some(loc) = victim.and_then(|k| self.table.find(&k, &mut t)) else { return false };
+        match self.table.remove(loc, &mut t) {
+            Some(gone) => {
+                tracing::warn!(key = %gone.key, "injected fault: table entry lost");
+                self.digest.sub(&gone);
+                self.counters_dirty = true;
+                true
+            }
+            None => false,
         }
     }
 

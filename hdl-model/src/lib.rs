@@ -23,6 +23,7 @@
 pub mod cost;
 pub mod device;
 pub mod dma;
+pub mod fault;
 #[allow(unsafe_code)]
 mod prefetch;
 pub mod rng;

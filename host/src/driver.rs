@@ -9,8 +9,16 @@
 //! first valid completion after a garbled one tells the driver (by its
 //! command head) that the device went past the garbled command: its slots
 //! are freed and its waiter gets `CompletionLost`, so the ring never shrinks.
-//! Resetting the device and replaying what it may have lost is the job of
-//! the fault-recovery layer, not yet written.
+//!
+//! Faults are detected here and counted in [`RecoveryStats`]: completions
+//! that fail the checks, entries skipped because their phase bit is wrong
+//! while a later one was written (`phase_anomalies`), waits that time out
+//! (told apart by `CMD_HEAD`: a stalled device, or a completion lost at the
+//! end of a batch), a device found `FATAL` or no longer `ENABLED` (it reset
+//! itself), interrupts without a cause. [`Driver::reinit`] resets the
+//! device, programs the same rings again and re-enables it; rebuilding the
+//! table and replaying what was in flight is the connection table's job
+//! (`ConnTable::enable_recovery`, docs/faults.md).
 
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
@@ -144,6 +152,29 @@ pub enum DriverError {
     /// garbled (counted in `bad_completions`): its outcome is unknown.
     #[error("the completion of tag {0} was lost or garbled by the device; the command's outcome is unknown")]
     CompletionLost(u16),
+    /// The device left the enabled state without being asked: it was reset
+    /// (by itself or from outside) and lost its table and rings.
+    #[error("the device is no longer enabled (STATUS={status:#x}): it was reset and must be re-initialised")]
+    DeviceReset {
+        /// STATUS at the time.
+        status: u32,
+    },
+}
+
+impl DriverError {
+    /// Whether this error means the device's state is unknown or lost, so
+    /// that a host keeping its own copy of the table should reset the
+    /// device, rebuild and replay: a timeout, a lost completion, `FATAL`, or
+    /// a device that reset itself.
+    pub fn needs_recovery(&self) -> bool {
+        matches!(
+            self,
+            DriverError::Timeout { .. }
+                | DriverError::CompletionLost(_)
+                | DriverError::Fatal(_)
+                | DriverError::DeviceReset { .. }
+        )
+    }
 }
 
 /// Counters the driver keeps about itself.
@@ -168,6 +199,65 @@ pub struct DriverStats {
     pub lost_completions: u64,
     /// Interrupt wake-ups.
     pub interrupts: u64,
+}
+
+/// Faults detected and recoveries made (driver and connection table).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RecoveryStats {
+    /// Waits for a completion that ran out of time.
+    pub timeouts: u64,
+    /// ... of which with the device not past the command: it had stopped.
+    pub stalls: u64,
+    /// Commands the device went past without a valid completion (dropped or
+    /// garbled): seen from a later completion, or at a timeout.
+    pub lost_completions: u64,
+    /// Completion entries rejected by the checks (fields, tag, opcode, head).
+    pub corrupt_completions: u64,
+    /// ... of which named a tag that is not in flight (a duplicate or one
+    /// never posted).
+    pub unexpected_tags: u64,
+    /// Completion entries skipped because their phase bit was wrong while a
+    /// later entry had been written.
+    pub phase_anomalies: u64,
+    /// Event entries rejected by the checks.
+    pub corrupt_events: u64,
+    /// Interrupt wake-ups with no cause in IRQ_STATUS and nothing new.
+    pub spurious_interrupts: u64,
+    /// DMA_ERROR completions.
+    pub dma_errors: u64,
+    /// Commands retried after a DMA_ERROR.
+    pub dma_retries: u64,
+    /// Times the device was found no longer enabled (it had reset).
+    pub device_resets_detected: u64,
+    /// Times the device was found FATAL.
+    pub fatal_errors: u64,
+    /// Resets and re-initialisations made to recover.
+    pub resets: u64,
+    /// Commands posted again after a recovery or a retry.
+    pub commands_replayed: u64,
+    /// Entries written back to the card from the host's copy.
+    pub entries_restored: u64,
+    /// Entries found missing on the card outside a rebuild (an audit, or a
+    /// NOT_FOUND for an entry that cannot have aged).
+    pub lost_entries_detected: u64,
+    /// Entries the card held that the host's copy lacked, adopted into it.
+    pub entries_adopted: u64,
+    /// Audits run.
+    pub audits: u64,
+    /// Audits that walked the card's table (a quick check disagreed).
+    pub audit_walks: u64,
+}
+
+/// A command still in flight when the device was re-initialised, read back
+/// from the command ring (see [`Driver::reinit`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingCommand {
+    /// The tag it had.
+    pub tag: u16,
+    /// Its descriptor.
+    pub desc: CommandDescriptor,
+    /// Its EXT continuation, if chained.
+    pub ext: Option<CommandDescriptor>,
 }
 
 /// What the device said at probe time.
@@ -209,6 +299,26 @@ struct ConsumerRing {
 impl ConsumerRing {
     fn new(buf: DmaBuffer, size: u32) -> Self {
         ConsumerRing { buf, size, head: 0, phase: true, unreported: 0 }
+    }
+
+    /// Back to the state after reset, with the memory zeroed so that no
+    /// stale entry carries the phase the next lap expects.
+    fn restart(&mut self) {
+        self.buf.mem().clear();
+        self.head = 0;
+        self.phase = true;
+        self.unreported = 0;
+    }
+
+    /// Whether entry `k` places after the head has been written (phase as
+    /// expected there).
+    fn fresh_at(&self, entry: usize, k: u32) -> bool {
+        let idx = (self.head + k) & (self.size - 1);
+        let expect = self.phase ^ (self.head + k >= self.size);
+        match self.buf.mem().load_u64(idx as usize * entry, Ordering::Acquire) {
+            Ok(w) => ((w >> 56) as u8 & PHASE_BIT != 0) == expect,
+            Err(_) => false,
+        }
     }
 
     /// The first 8 bytes of the entry at head, if the device has written it
@@ -254,6 +364,7 @@ pub struct Driver<D: NicDevice> {
     dev_head: u32,
     done: Vec<Option<Completion>>,
     stats: DriverStats,
+    recovery: RecoveryStats,
     /// Whether doorbells go through the inline window.
     use_inline: bool,
     /// The first descriptor posted since the last doorbell.
@@ -266,6 +377,9 @@ impl<D: NicDevice> std::fmt::Debug for Driver<D> {
         f.debug_struct("Driver").field("device", &self.dev.describe()).field("info", &self.info).finish_non_exhaustive()
     }
 }
+
+/// Completion entries past a stale head looked at for a written one.
+const PHASE_LOOKAHEAD: u32 = 16;
 
 /// Bytes reserved per command slot for a LOOKUP response.
 pub const RESPONSE_STRIDE: usize = 128;
@@ -306,6 +420,48 @@ impl<D: NicDevice> Driver<D> {
             None
         };
 
+        let capacity = Self::program(&dev, &cfg, &cmd, &cpl, evt.as_ref().map(|e| &e.buf), info.max_capacity)?;
+        let info = DeviceInfo { capacity, ..info };
+        // Inline only where the 64-byte write is one burst: through an
+        // uncached BAR it would be sixteen slow writes instead of one.
+        let use_inline =
+            cfg.inline_doorbell && info.caps.contains(Capabilities::INLINE_DOORBELL) && dev.write_combining();
+        tracing::info!(device = %dev.describe(), abi = %format!("{}.{}", info.abi_major, info.abi_minor), capacity, "device enabled");
+        Ok(Driver {
+            dev,
+            info,
+            cmd,
+            cmd_size,
+            tail: 0,
+            rung_tail: 0,
+            slots_in_flight: 0,
+            cpl: ConsumerRing::new(cpl, cpl_size),
+            evt,
+            responses,
+            in_flight: vec![None; cmd_size as usize],
+            slot_len: vec![1; cmd_size as usize],
+            lost: vec![false; cmd_size as usize],
+            dev_head: 0,
+            done: vec![None; cmd_size as usize],
+            stats: DriverStats::default(),
+            recovery: RecoveryStats::default(),
+            use_inline,
+            batch_first: None,
+            inline_seq: 0,
+            cfg,
+        })
+    }
+
+    /// Programs the rings and settings into a device out of reset, enables
+    /// it and waits until it says so; returns the capacity it granted.
+    fn program(
+        dev: &D,
+        cfg: &DriverConfig,
+        cmd: &DmaBuffer,
+        cpl: &DmaBuffer,
+        evt: Option<&DmaBuffer>,
+        max_capacity: u32,
+    ) -> Result<u32, DriverError> {
         let split = |v: u64| (v as u32, (v >> 32) as u32);
         let (lo, hi) = split(cmd.iova());
         dev.write32(regs::CMD_BASE_LO, lo);
@@ -314,17 +470,17 @@ impl<D: NicDevice> Driver<D> {
         let (lo, hi) = split(cpl.iova());
         dev.write32(regs::CPL_BASE_LO, lo);
         dev.write32(regs::CPL_BASE_HI, hi);
-        dev.write32(regs::CPL_LOG2_SIZE, cpl_log2);
-        if let Some(e) = &evt {
-            let (lo, hi) = split(e.buf.iova());
+        dev.write32(regs::CPL_LOG2_SIZE, cfg.cmd_ring_log2 + 1);
+        if let Some(e) = evt {
+            let (lo, hi) = split(e.iova());
             dev.write32(regs::EVT_BASE_LO, lo);
             dev.write32(regs::EVT_BASE_HI, hi);
             dev.write32(regs::EVT_LOG2_SIZE, cfg.evt_ring_log2);
         }
-        if cfg.table_capacity > info.max_capacity {
+        if cfg.table_capacity > max_capacity {
             return Err(DriverError::Config(format!(
                 "table capacity {} exceeds the device's maximum {}",
-                cfg.table_capacity, info.max_capacity
+                cfg.table_capacity, max_capacity
             )));
         }
         dev.write32(regs::TABLE_CAPACITY, cfg.table_capacity);
@@ -361,35 +517,7 @@ impl<D: NicDevice> Driver<D> {
             },
             || dev.read32(regs::STATUS),
         )??;
-        let capacity = dev.read32(regs::TABLE_CAPACITY);
-        let info = DeviceInfo { capacity, ..info };
-        // Inline only where the 64-byte write is one burst: through an
-        // uncached BAR it would be sixteen slow writes instead of one.
-        let use_inline =
-            cfg.inline_doorbell && info.caps.contains(Capabilities::INLINE_DOORBELL) && dev.write_combining();
-        tracing::info!(device = %dev.describe(), abi = %format!("{}.{}", info.abi_major, info.abi_minor), capacity, "device enabled");
-        Ok(Driver {
-            dev,
-            info,
-            cmd,
-            cmd_size,
-            tail: 0,
-            rung_tail: 0,
-            slots_in_flight: 0,
-            cpl: ConsumerRing::new(cpl, cpl_size),
-            evt,
-            responses,
-            in_flight: vec![None; cmd_size as usize],
-            slot_len: vec![1; cmd_size as usize],
-            lost: vec![false; cmd_size as usize],
-            dev_head: 0,
-            done: vec![None; cmd_size as usize],
-            stats: DriverStats::default(),
-            use_inline,
-            batch_first: None,
-            inline_seq: 0,
-            cfg,
-        })
+        Ok(dev.read32(regs::TABLE_CAPACITY))
     }
 
     fn check_header(dev: &D, cfg: &DriverConfig) -> Result<DeviceInfo, DriverError> {
@@ -460,6 +588,88 @@ impl<D: NicDevice> Driver<D> {
     /// Driver-side counters.
     pub fn stats(&self) -> DriverStats {
         self.stats
+    }
+
+    /// Faults detected and recoveries made.
+    pub fn recovery_stats(&self) -> RecoveryStats {
+        self.recovery
+    }
+
+    /// The recovery counters, for the layers above that recover.
+    pub(crate) fn recovery_mut(&mut self) -> &mut RecoveryStats {
+        &mut self.recovery
+    }
+
+    /// Re-initialises the device after a fault: `CONTROL.RESET`, the same
+    /// rings (zeroed) and settings programmed again, enable. The device's
+    /// table is empty afterwards. Returns the commands that were in flight
+    /// (posted, no completion consumed), read back from the command ring in
+    /// ring order, for the caller to replay ([`Driver::replay`]) once it has
+    /// rebuilt what it needs; commands already reported lost are not
+    /// included, and every tag is free again.
+    pub fn reinit(&mut self) -> Result<Vec<PendingCommand>, DriverError> {
+        let pending = self.pending_commands();
+        tracing::warn!(in_flight = pending.len(), "re-initialising the device");
+        Self::reset_device(&self.dev, &self.cfg)?;
+        // Zeroed while the device is in reset, before it can write them.
+        self.cpl.restart();
+        if let Some(e) = &mut self.evt {
+            e.restart();
+        }
+        let evt = self.evt.as_ref().map(|e| &e.buf);
+        self.info.capacity =
+            Self::program(&self.dev, &self.cfg, &self.cmd, &self.cpl.buf, evt, self.info.max_capacity)?;
+        self.tail = 0;
+        self.rung_tail = 0;
+        self.slots_in_flight = 0;
+        self.dev_head = 0;
+        self.in_flight.iter_mut().for_each(|f| *f = None);
+        self.slot_len.iter_mut().for_each(|l| *l = 1);
+        self.lost.iter_mut().for_each(|l| *l = false);
+        self.done.iter_mut().for_each(|d| *d = None);
+        self.batch_first = None;
+        self.recovery.resets += 1;
+        Ok(pending)
+    }
+
+    /// The commands in flight, in ring order from the device's last known
+    /// head, read back from the command ring (host memory the device only
+    /// reads).
+    fn pending_commands(&self) -> Vec<PendingCommand> {
+        let mask = self.cmd_size - 1;
+        let read = |slot: u32| {
+            let mut b = [0u8; DESC_SIZE];
+            self.cmd.mem().read(slot as usize * DESC_SIZE, &mut b).ok()?;
+            CommandDescriptor::read_from_bytes(&b).ok()
+        };
+        let mut out = Vec::new();
+        let mut s = self.dev_head;
+        for _ in 0..self.cmd_size {
+            if s == self.tail {
+                break;
+            }
+            let len = u32::from(self.slot_len[s as usize].max(1));
+            if let Some(f) = self.in_flight[s as usize] {
+                if let Some(desc) = read(s) {
+                    let ext = if f.slots > 1 { read((s + 1) & mask) } else { None };
+                    out.push(PendingCommand { tag: s as u16, desc, ext });
+                }
+            }
+            s = (s + len) & mask;
+        }
+        out
+    }
+
+    /// Posts `cmds` again (after [`Driver::reinit`]) and rings once;
+    /// returns their new tags, in order.
+    pub fn replay(&mut self, cmds: &[PendingCommand]) -> Result<Vec<u16>, DriverError> {
+        let mut tags = Vec::with_capacity(cmds.len());
+        for c in cmds {
+            tags.push(self.post(&c.desc, c.ext.as_ref())?);
+        }
+        self.ring();
+        self.recovery.commands_replayed += cmds.len() as u64;
+        Ok(tags)
     }
 
     /// Command ring slots.
@@ -534,6 +744,22 @@ impl<D: NicDevice> Driver<D> {
         Ok(())
     }
 
+    /// The tag the next posted command will get.
+    #[inline]
+    pub fn next_tag(&self) -> u16 {
+        self.tail as u16
+    }
+
+    /// Whether `tag` holds an outcome nobody has taken yet: a reaped
+    /// completion ([`Driver::take_done`]) or a loss ([`Driver::take_lost`]).
+    /// Posting reuses the tag and forgets it, so a caller that collects its
+    /// outcomes later must not post while its next tag is unclaimed.
+    #[inline]
+    pub fn is_unclaimed(&self, tag: u16) -> bool {
+        self.done.get(tag as usize).is_some_and(Option::is_some)
+            || self.lost.get(tag as usize).copied().unwrap_or(false)
+    }
+
     /// IOVA of the LOOKUP response area of `tag`.
     pub fn response_iova(&self, tag: u16) -> u64 {
         self.responses.iova() + tag as u64 * RESPONSE_STRIDE as u64
@@ -598,6 +824,7 @@ impl<D: NicDevice> Driver<D> {
                 Ok(c) => f(c),
                 Err(why) => {
                     self.stats.bad_completions += 1;
+                    self.recovery.corrupt_completions += 1;
                     tracing::warn!("ignoring completion from device: {why}");
                 }
             }
@@ -620,7 +847,10 @@ impl<D: NicDevice> Driver<D> {
         }
         let c = e.decode().map_err(|e: CplError| e.to_string())?;
         let slot = self.in_flight.get_mut(c.tag as usize).ok_or_else(|| format!("tag {} out of range", c.tag))?;
-        let f = slot.ok_or_else(|| format!("tag {} is not in flight", c.tag))?;
+        let Some(f) = *slot else {
+            self.recovery.unexpected_tags += 1;
+            return Err(format!("tag {} is not in flight (a duplicate, or never posted)", c.tag));
+        };
         if c.cmd_head as u32 >= self.cmd_size {
             return Err(format!("command head {} outside the {}-slot ring", c.cmd_head, self.cmd_size));
         }
@@ -630,49 +860,35 @@ impl<D: NicDevice> Driver<D> {
                 c.tag, c.opcode, f.opcode
             ));
         }
-        // The device's head must lie past this command and not past what
-        // was posted: between the command's first slot (exclusive) and the
-        // tail (inclusive), in ring order from the last head it reported.
-        // Ring sizes are powers of two: positions wrap with a mask, not a
-        // division (this runs for every completion).
+        // The device's head is the head after this very command (abi.md
+        // 6.2), and lies within the slots rung, in ring order from the last
+        // head it reported: a completion whose tag was garbled into another
+        // in-flight command's fails here. Ring sizes are powers of two:
+        // positions wrap with a mask, not a division (this runs for every
+        // completion).
         let mask = self.cmd_size - 1;
         let ahead = |x: u32| x.wrapping_sub(self.dev_head) & mask;
         let head = c.cmd_head as u32;
-        let rung = ahead(self.rung_tail);
-        if ahead(head) > rung || ahead(head) <= ahead(c.tag as u32) {
+        if head != (c.tag as u32 + f.slots as u32) & mask
+            || ahead(head) > ahead(self.rung_tail)
+            || head == self.dev_head
+        {
             return Err(format!(
-                "command head {head} is not past tag {} within the slots rung (device head {}, rung tail {})",
+                "command head {head} does not end tag {} within the slots rung (device head {}, rung tail {})",
                 c.tag, self.dev_head, self.rung_tail
             ));
-        }
-        let next_in_order = self.dev_head == c.tag as u32 && head == (c.tag as u32 + f.slots as u32) & mask;
-        if !next_in_order && !self.lands_on_command_boundary(head) {
-            return Err(format!("command head {head} falls inside a command"));
         }
         let slot = &mut self.in_flight[c.tag as usize];
         *slot = None;
         self.slots_in_flight -= f.slots as u32;
         self.stats.completions += 1;
-        if next_in_order {
+        if self.dev_head == c.tag as u32 {
             // The usual case: exactly the next command, nothing skipped.
             self.dev_head = head;
         } else {
             self.reconcile(head, c.tag);
         }
         Ok(c)
-    }
-
-    /// Whether walking the posted commands from the last known device head
-    /// reaches `head` exactly (it must end a command, not split one).
-    fn lands_on_command_boundary(&self, head: u32) -> bool {
-        let mut s = self.dev_head;
-        for _ in 0..self.cmd_size {
-            if s == head {
-                return true;
-            }
-            s = (s + u32::from(self.slot_len[s as usize].max(1))) & (self.cmd_size - 1);
-        }
-        false
     }
 
     /// The device completes in ring order, so a command it has passed
@@ -689,6 +905,7 @@ impl<D: NicDevice> Driver<D> {
                     self.slots_in_flight -= f.slots as u32;
                     self.lost[s as usize] = true;
                     self.stats.lost_completions += 1;
+                    self.recovery.lost_completions += 1;
                 }
             }
             s = (s + len) & (self.cmd_size - 1);
@@ -768,12 +985,21 @@ impl<D: NicDevice> Driver<D> {
                 if self.cpl.unreported > 0 {
                     self.report_cpl_head();
                 }
-                let status = self.dev.read32(regs::STATUS);
-                if status & Status::FATAL.bits() != 0 {
-                    return Err(DriverError::Fatal(status));
+                self.check_device()?;
+                if self.skip_phase_anomalies() > 0 {
+                    continue;
                 }
                 let waited = t0.elapsed();
                 if waited >= self.cfg.completion_timeout {
+                    self.recovery.timeouts += 1;
+                    if self.device_passed(tag) {
+                        // Nothing later came to reveal it: the last
+                        // completion of its batch was lost.
+                        self.recovery.lost_completions += 1;
+                        self.stats.lost_completions += 1;
+                        return Err(DriverError::CompletionLost(tag));
+                    }
+                    self.recovery.stalls += 1;
                     return Err(DriverError::Timeout { tag, waited });
                 }
                 if interrupts {
@@ -785,14 +1011,86 @@ impl<D: NicDevice> Driver<D> {
         }
     }
 
+    /// Reads STATUS: a FATAL device, or one no longer enabled (it reset
+    /// itself), is an error the caller must recover from.
+    pub fn check_device(&mut self) -> Result<(), DriverError> {
+        let status = Status::from_bits_truncate(self.dev.read32(regs::STATUS));
+        if status.contains(Status::FATAL) {
+            self.recovery.fatal_errors += 1;
+            return Err(DriverError::Fatal(status.bits()));
+        }
+        if !status.contains(Status::ENABLED) {
+            self.recovery.device_resets_detected += 1;
+            return Err(DriverError::DeviceReset { status: status.bits() });
+        }
+        Ok(())
+    }
+
+    /// Whether the device's command head (`CMD_HEAD`) is past the command
+    /// at `tag`, within what was rung.
+    fn device_passed(&self, tag: u16) -> bool {
+        let Some(f) = self.in_flight.get(tag as usize).copied().flatten() else { return false };
+        let mask = self.cmd_size - 1;
+        let ahead = |x: u32| x.wrapping_sub(self.dev_head) & mask;
+        let head = self.dev.read32(regs::CMD_HEAD) & mask;
+        ahead(head) >= ahead(tag as u32) + f.slots as u32 && ahead(head) <= ahead(self.rung_tail)
+    }
+
+    /// If the entry at the head is unwritten but a later one is written,
+    /// the device garbled the phase of (or skipped) the ones in between:
+    /// they can never become valid. Skips them, so that the later
+    /// completions are consumed (and reveal the skipped commands as lost);
+    /// returns how many. Each skipped entry is rewritten with the phase of
+    /// this lap, so that the next lap does not take it for new.
+    fn skip_phase_anomalies(&mut self) -> u32 {
+        if self.cpl.peek(CPL_SIZE).is_some() {
+            return 0;
+        }
+        // Written in order: the device cannot have written more entries
+        // past the head than there are commands in flight. A few are
+        // enough to look at (more garbled in a row end in a timeout), and
+        // reading further would pull lines the device is writing.
+        let limit = self.slots_in_flight.min(self.cpl.size - 1).min(PHASE_LOOKAHEAD);
+        let Some(k) = (1..=limit).find(|k| self.cpl.fresh_at(CPL_SIZE, *k)) else { return 0 };
+        let mut skipped = 0;
+        for _ in 0..k {
+            if self.cpl.peek(CPL_SIZE).is_some() {
+                break;
+            }
+            let word = if self.cpl.phase { (PHASE_BIT as u64) << 56 } else { 0 };
+            let _ = self.cpl.buf.mem().store_u64(self.cpl.head as usize * CPL_SIZE, word, Ordering::Relaxed);
+            self.cpl.advance();
+            skipped += 1;
+        }
+        if skipped > 0 {
+            tracing::warn!(skipped, "completion entries with a wrong phase skipped");
+        }
+        self.recovery.phase_anomalies += skipped as u64;
+        self.stats.bad_completions += skipped as u64;
+        skipped
+    }
+
     /// Blocks on the completion interrupt until it fires or `timeout`.
+    /// Interrupts already served are forgotten first (eventfd drained,
+    /// `IRQ_STATUS` cleared) and the ring looked at once more, so that a
+    /// wake-up with no cause in `IRQ_STATUS` and nothing new in the ring is
+    /// known to be spurious: it is counted and tolerated.
     pub fn sleep_for_interrupt(&mut self, timeout: Duration) -> Result<bool, DriverError> {
         let Some(fd) = self.dev.irq_fd(regs::VECTOR_COMPLETION) else { return Ok(false) };
+        nicsync_vfio::drain_eventfd(fd);
+        self.dev.write32(regs::IRQ_STATUS, IrqCause::COMPLETION.bits());
+        if self.cpl.peek(CPL_SIZE).is_some() {
+            return Ok(true);
+        }
         let fired = nicsync_vfio::wait_readable(fd, timeout)?;
         if fired {
             nicsync_vfio::drain_eventfd(fd);
-            self.dev.write32(regs::IRQ_STATUS, IrqCause::COMPLETION.bits());
             self.stats.interrupts += 1;
+            let cause = IrqCause::from_bits_truncate(self.dev.read32(regs::IRQ_STATUS));
+            if !cause.contains(IrqCause::COMPLETION) && self.cpl.peek(CPL_SIZE).is_none() {
+                self.recovery.spurious_interrupts += 1;
+                tracing::debug!("spurious completion interrupt");
+            }
         }
         Ok(fired)
     }
@@ -829,9 +1127,13 @@ impl<D: NicDevice> Driver<D> {
                 }
                 (_, Err(why)) => {
                     self.stats.bad_events += 1;
+                    self.recovery.corrupt_events += 1;
                     tracing::warn!("ignoring event from device: {why}");
                 }
-                (false, _) => self.stats.bad_events += 1,
+                (false, _) => {
+                    self.stats.bad_events += 1;
+                    self.recovery.corrupt_events += 1;
+                }
             }
         }
         if n > 0 {

@@ -12,6 +12,7 @@
 
 pub mod bench;
 pub mod bench_sync;
+pub mod chaos;
 pub mod cluster;
 pub mod config;
 pub mod control;
@@ -25,6 +26,7 @@ pub mod membership;
 pub mod node;
 pub mod runtime;
 pub mod secure;
+pub mod shadow;
 pub mod sim;
 pub mod stats;
 pub mod table;

@@ -31,6 +31,10 @@ enum Command {
     /// Deterministic simulation of a cluster under faults; a failing seed
     /// replays exactly with --seed.
     Sim(SimArgs),
+    /// Fault campaign: simulated clusters under churn with device faults,
+    /// network faults, attacks and crashes, checked for lost connections and
+    /// diverged members at the end (exits non-zero if any).
+    Chaos(ChaosArgs),
     /// Run one cluster member (see docs/config.md).
     Daemon {
         /// The member's TOML configuration.
@@ -218,6 +222,31 @@ struct SimArgs {
     /// Virtual milliseconds of churn and faults per run.
     #[arg(long, default_value_t = 1000)]
     churn_ms: u64,
+    /// Device faults on every member's card (as `nicsync chaos`).
+    #[arg(long)]
+    device_faults: bool,
+    /// An attacker on the sync network (as `nicsync chaos`).
+    #[arg(long)]
+    attacks: bool,
+    /// Run the sync traffic in clear.
+    #[arg(long)]
+    plain: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct ChaosArgs {
+    /// Wall-clock seconds: simulated cluster runs start until they are spent.
+    #[arg(long, default_value_t = 60.0)]
+    seconds: f64,
+    /// Seed of the first run.
+    #[arg(long, default_value_t = 0xC4A05)]
+    seed: u64,
+    /// Virtual milliseconds of churn and faults per run.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(200..=600_000))]
+    churn_ms: u64,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -376,6 +405,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Demo(a) => run_demo(a),
         Command::Sim(a) => run_sim(a),
+        Command::Chaos(a) => {
+            if !(a.seconds.is_finite() && a.seconds >= 0.0) {
+                anyhow::bail!("--seconds must be a non-negative number");
+            }
+            let o = nicsync::chaos::ChaosOptions { seconds: a.seconds, seed: a.seed, churn_ms: a.churn_ms };
+            let r = nicsync::chaos::run(&o);
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", nicsync::chaos::render(&r));
+            }
+            if !r.passed() {
+                anyhow::bail!(
+                    "chaos: {} lost connections, {} diverged members, {} failed runs",
+                    r.lost_connections,
+                    r.diverged_members,
+                    r.failed_runs.len()
+                );
+            }
+            Ok(())
+        }
         Command::Daemon { config } => {
             let cfg = nicsync::config::Config::load(&config)?;
             nicsync::member::run_daemon(&cfg)
@@ -546,6 +596,14 @@ fn run_sim(a: SimArgs) -> anyhow::Result<()> {
         cfg.members = a.members;
         cfg.mode = mode;
         cfg.churn_ms = a.churn_ms;
+        cfg.device_faults = a.device_faults;
+        cfg.attacks = a.attacks;
+        cfg.sealed = !a.plain;
+        if cfg.attacks && !cfg.sealed {
+            anyhow::bail!(
+                "--attacks needs sealed traffic (drop --plain): in clear, forged frames are accepted by design"
+            );
+        }
         let r = nicsync::sim::run(&cfg);
         if !r.converged {
             if !a.json {

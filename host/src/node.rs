@@ -851,7 +851,9 @@ impl<D: NicDevice> Node<D> {
     fn poll_device_events(&mut self, _now: Nanos) {
         let mut resync = 0u64;
         let mut synced = 0u64;
-        self.table.driver().poll_events(|e| match e.kind {
+        // Through the table, so that a host copy kept for fault recovery
+        // follows what the device did on its own (aging, peer updates).
+        self.table.poll_events(|e| match e.kind {
             EventKind::ResyncNeeded => resync += 1,
             EventKind::SyncUpdated | EventKind::SyncRemoved => synced += 1,
             _ => {}

@@ -25,6 +25,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use nicsync_fwif::conn::{proto, ConnFlags, ConnKey, ConnState, Direction, TcpState};
+use nicsync_fwif::regs::Counter;
 use nicsync_model::rng::SeededRng;
 use nicsync_model::seal_port::{SealConfig, SealedPort};
 use nicsync_model::sync::SenderConfig;
@@ -62,6 +63,13 @@ pub struct SimConfig {
     /// Seal sync frames, membership datagrams and Full Sync streams (as a
     /// daemon does by default), with a key drawn from the seed.
     pub sealed: bool,
+    /// An attacker on the sync network (needs `sealed`): it records what
+    /// it hears and keeps replaying, tampering with and forging sync frames
+    /// and membership datagrams during the churn.
+    pub attacks: bool,
+    /// Device faults on every member's card, recovered by its host from
+    /// its own copy of the table (see `nicsync_model::fault`).
+    pub device_faults: bool,
 }
 
 impl SimConfig {
@@ -77,6 +85,8 @@ impl SimConfig {
             ops_per_ms: 4,
             faults: true,
             sealed: true,
+            attacks: false,
+            device_faults: false,
         }
     }
 }
@@ -108,11 +118,54 @@ pub struct SimReport {
     pub faults: BTreeMap<String, u32>,
     /// Virtual milliseconds until the cluster settled.
     pub settled_after_ms: u64,
+    /// At the end: checked (acknowledged, certain) writes whose value the
+    /// members' majority does not hold.
+    pub lost_connections: u64,
+    /// At the end: members not synced or whose table digest differs from
+    /// the majority's.
+    pub diverged_members: u64,
+    /// Sync traffic refused by the members' seals, summed over the members
+    /// alive at the end (counters restart with a member).
+    pub refused: RefusedTotals,
+    /// Peer updates applied by the devices of the members alive at the end.
+    pub sync_updates_applied: u64,
+    /// Device fault recoveries (resets with rebuild, replays, restores) the
+    /// hosts of the members alive at the end made.
+    pub device_recoveries: u64,
     /// What happened when (virtual milliseconds), for replaying a failure.
     pub timeline: Vec<String>,
 }
 
+/// Sealed traffic the members refused.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RefusedTotals {
+    /// Authentication failures (delta, membership, Full Sync).
+    pub auth_failures: u64,
+    /// Replays dropped.
+    pub replays_dropped: u64,
+    /// Datagrams sealed by a non-member.
+    pub unknown_member: u64,
+    /// Malformed seals and frames.
+    pub malformed: u64,
+}
+
+/// Member id the attacker's port uses on the sync wire.
+const ATTACKER: u16 = 0xBAD;
+/// Sync frames and membership datagrams the attacker keeps for replay.
+const ATTACKER_MEMORY: usize = 32;
+
+/// The attacker: what it overheard.
+#[derive(Default)]
+struct Attacker {
+    port: Option<nicsync_model::wire::InProcessPort>,
+    frames: VecDeque<Vec<u8>>,
+    ccp: VecDeque<(u16, Vec<u8>)>,
+}
+
 type SimNode = Node<EmulatedDevice>;
+
+/// A member's synced entries: count, digest, and mark by key.
+type MemberTable = (u64, u64, HashMap<ConnKey, u32>);
 
 /// What delivering one message does to its member.
 type Delivery = Box<dyn FnOnce(&mut SimNode)>;
@@ -152,6 +205,7 @@ struct Sim {
     rng: SeededRng,
     hub: InProcessHub,
     keys: Option<Arc<SharedKeyring>>,
+    attacker: Attacker,
     slots: Vec<Slot>,
     now: Nanos,
     queue: Vec<(Nanos, u64, Msg)>,
@@ -204,11 +258,16 @@ impl Sim {
         } else {
             None
         };
+        let attacker = Attacker {
+            port: if cfg.attacks && cfg.sealed { hub.attach(ATTACKER).ok() } else { None },
+            ..Default::default()
+        };
         Sim {
             cfg,
             rng,
             hub,
             keys,
+            attacker,
             slots,
             now: 0,
             queue: Vec::new(),
@@ -259,8 +318,19 @@ impl Sim {
         let unit = SyncUnit::new(SyncUnitConfig { sender, peers: peers.clone() }, port, self.now)
             .map_err(|e| e.to_string())?;
         dev.nic().attach_sync(unit);
-        let drv = DriverConfig { table_capacity: 1 << 16, aging_period_ms: 0, ..Default::default() };
-        let table = ConnTable::open(dev, drv).map_err(|e| e.to_string())?;
+        let mut drv = DriverConfig { table_capacity: 1 << 16, aging_period_ms: 0, ..Default::default() };
+        if self.cfg.device_faults {
+            // The host's wait is wall-clock but a stalled inline device only
+            // moves with virtual time: a short timeout keeps runs quick.
+            drv.completion_timeout = Duration::from_millis(20);
+        }
+        let mut table = ConnTable::open(dev, drv).map_err(|e| e.to_string())?;
+        if self.cfg.device_faults {
+            // The host keeps its own copy of the table to recover from them.
+            let rc = crate::table::RecoveryConfig { member: id, ..Default::default() };
+            table.enable_recovery(rc).map_err(|e| e.to_string())?;
+            table.driver_ref().device().faults().seed(self.rng.next_u64());
+        }
         let mut nc = NodeConfig::new(1, id, peers, inc);
         nc.mode = self.cfg.mode;
         nc.full_sync_timeout_ns = 500_000_000;
@@ -278,9 +348,9 @@ impl Sim {
 
     fn crash(&mut self, id: u16) {
         let idx = id as usize - 1;
-        if self.slots[idx].node.take().is_none() {
-            return;
-        }
+        let Some(n) = self.slots[idx].node.take() else { return };
+        Self::absorb_device_faults(&mut self.report, &n);
+        drop(n);
         self.fault("crash");
         self.log(format!("member {id} crashes"));
         // Its recent writes may not have left it.
@@ -337,6 +407,12 @@ impl Sim {
         for o in outs {
             match o {
                 NodeOutput::Ccp { dest, bytes } => {
+                    if self.attacker.port.is_some() {
+                        if self.attacker.ccp.len() == ATTACKER_MEMORY {
+                            self.attacker.ccp.pop_front();
+                        }
+                        self.attacker.ccp.push_back((id, bytes.clone()));
+                    }
                     for to in 1..=self.cfg.members {
                         if to == id || matches!(dest, Destination::Member(m) if m != to) {
                             continue;
@@ -504,6 +580,8 @@ impl Sim {
         self.deliver_due();
         if faults {
             self.churn();
+            self.attack();
+            self.device_fault();
         }
         if let Some(k) = self.trace_key {
             for id in 1..=self.cfg.members {
@@ -518,6 +596,163 @@ impl Sim {
                 }
             }
         }
+    }
+
+    /// One step of the attacker: it records the frames its port hears and,
+    /// about every 5 ms, replays, tampers with or forges one frame or
+    /// membership datagram.
+    fn attack(&mut self) {
+        let Some(port) = self.attacker.port.as_mut() else { return };
+        let mut buf = vec![0u8; nicsync_model::wire::MAX_WIRE_FRAME];
+        while let Ok(Some(n)) = port.recv(&mut buf) {
+            if self.attacker.frames.len() == ATTACKER_MEMORY {
+                self.attacker.frames.pop_front();
+            }
+            self.attacker.frames.push_back(buf[..n].to_vec());
+        }
+        if !self.rng.chance(50_000) {
+            return;
+        }
+        let pick = self.rng.below(5);
+        let frame = match self.attacker.frames.len() {
+            0 => None,
+            n => self.attacker.frames.get(self.rng.below(n as u64) as usize).cloned(),
+        };
+        let ccp = match self.attacker.ccp.len() {
+            0 => None,
+            n => self.attacker.ccp.get(self.rng.below(n as u64) as usize).cloned(),
+        };
+        let kind = match (pick, frame, ccp) {
+            (0, Some(f), _) => {
+                let _ = port.send(&f);
+                "replayed_frame"
+            }
+            (1, Some(mut f), _) => {
+                let i = self.rng.below(f.len() as u64) as usize;
+                f[i] ^= 1 << self.rng.below(8);
+                let _ = port.send(&f);
+                "tampered_frame"
+            }
+            (3, _, Some((from, c))) => {
+                let to = 1 + self.rng.below(self.cfg.members as u64) as u16;
+                if to != from {
+                    self.send(LATENCY_NS, Msg::Ccp { to, bytes: c });
+                }
+                "replayed_ccp"
+            }
+            (4, _, Some((_, mut c))) => {
+                let i = self.rng.below(c.len() as u64) as usize;
+                c[i] ^= 1 << self.rng.below(8);
+                let to = 1 + self.rng.below(self.cfg.members as u64) as u16;
+                self.send(LATENCY_NS, Msg::Ccp { to, bytes: c });
+                "tampered_ccp"
+            }
+            _ => {
+                let len = 16 + self.rng.below(1400) as usize;
+                let mut f: Vec<u8> = (0..len).map(|_| self.rng.next_u64() as u8).collect();
+                // Half of the forgeries look sealed at first sight.
+                if self.rng.below(2) == 0 {
+                    f[0] = nicsync_fwif::seal::SEAL_MARK;
+                    f[2] = nicsync_fwif::seal::SUITE_AES_256_GCM;
+                    f[3] = 0;
+                }
+                let _ = port.send(&f);
+                "forged_frame"
+            }
+        };
+        self.fault(kind);
+    }
+
+    /// About every 20 ms, one fault on a random member's card.
+    fn device_fault(&mut self) {
+        use nicsync_model::fault::Fault as DeviceFault;
+        if !self.cfg.device_faults || !self.rng.chance(12_500) {
+            return;
+        }
+        let id = 1 + self.rng.below(self.cfg.members as u64) as u16;
+        let fault = match self.rng.below(8) {
+            0 => DeviceFault::DropCompletion,
+            1 => DeviceFault::Stall { duration: Some(Duration::from_micros(200 + self.rng.below(5_000))) },
+            2 => DeviceFault::CorruptCompletionTag,
+            3 => DeviceFault::CorruptCompletionPhase,
+            4 => DeviceFault::SpuriousInterrupt,
+            5 => DeviceFault::DmaError,
+            6 => DeviceFault::ResetMidBatch { after: self.rng.below(8) as u32 },
+            _ => DeviceFault::LoseEntry,
+        };
+        let Some(n) = self.slots[id as usize - 1].node.as_ref() else { return };
+        // Counted when it takes effect (see `absorb_device_faults`).
+        n.table_ref().driver_ref().device().faults().arm(fault);
+    }
+
+    /// Adds the faults that took effect on a member's card to the report
+    /// (before the card goes away with a crash, or at the end).
+    fn absorb_device_faults(report: &mut SimReport, n: &SimNode) {
+        for (kind, v) in n.table_ref().driver_ref().device().faults().injected_by_kind().iter() {
+            if v > 0 {
+                *report.faults.entry(format!("device_{}", kind.name())).or_default() += v as u32;
+            }
+        }
+    }
+
+    /// Final accounting (whether or not the run converged): members that
+    /// diverge from the majority, and checked writes the majority lost.
+    fn account(&mut self) {
+        let mut tables: Vec<Option<MemberTable>> = Vec::new();
+        let mut refused = RefusedTotals::default();
+        for id in 1..=self.cfg.members {
+            let Some(n) = self.slots[id as usize - 1].node.as_mut() else {
+                tables.push(None);
+                continue;
+            };
+            let drv = n.table_ref().driver_ref();
+            let sec = n.security_stats();
+            refused.auth_failures +=
+                drv.device_counter(Counter::SyncAuthFailures) + sec.ccp_auth_failures + sec.fs_auth_failures;
+            refused.replays_dropped += drv.device_counter(Counter::SyncReplaysDropped) + sec.ccp_replays_dropped;
+            refused.unknown_member +=
+                drv.device_counter(Counter::SyncUnknownMember) + sec.ccp_unknown_member + sec.fs_unknown_member;
+            refused.malformed += drv.device_counter(Counter::SyncMalformed) + sec.ccp_malformed + sec.fs_malformed;
+            let synced = n.is_synced();
+            tables.push(if synced { Self::digest_of(n).ok() } else { None });
+        }
+        self.report.refused = refused;
+        for id in 1..=self.cfg.members {
+            if let Some(n) = self.slots[id as usize - 1].node.as_ref() {
+                Self::absorb_device_faults(&mut self.report, n);
+            }
+        }
+        self.report.device_recoveries = (1..=self.cfg.members)
+            .filter_map(|id| self.slots[id as usize - 1].node.as_ref())
+            .map(|n| {
+                let r = n.table_ref().recovery_stats();
+                r.resets + r.dma_retries + r.entries_restored
+            })
+            .sum();
+        self.report.sync_updates_applied = (1..=self.cfg.members)
+            .filter_map(|id| self.slots[id as usize - 1].node.as_ref())
+            .map(|n| n.table_ref().driver_ref().device_counter(Counter::SyncUpdatesApplied))
+            .sum();
+        let mut votes: HashMap<(u64, u64), usize> = HashMap::new();
+        for (c, d, _) in tables.iter().flatten() {
+            *votes.entry((*c, *d)).or_default() += 1;
+        }
+        let majority = votes.iter().max_by_key(|(k, v)| (**v, **k)).map(|(k, _)| *k);
+        self.report.diverged_members =
+            tables.iter().filter(|t| t.as_ref().map(|(c, d, _)| (*c, *d)) != majority || majority.is_none()).count()
+                as u64;
+        let Some(map) =
+            majority.and_then(|m| tables.iter().flatten().find(|(c, d, _)| (*c, *d) == m)).map(|(_, _, map)| map)
+        else {
+            self.report.lost_connections =
+                self.reference.keys().filter(|k| !self.uncertain.contains(*k)).count() as u64;
+            return;
+        };
+        self.report.lost_connections = self
+            .reference
+            .iter()
+            .filter(|(k, (v, _, _))| !self.uncertain.contains(*k) && map.get(*k).copied() != *v)
+            .count() as u64;
     }
 
     fn schedule_faults(&mut self) -> Vec<(Nanos, Fault)> {
@@ -577,7 +812,7 @@ impl Sim {
         }
     }
 
-    fn digest_of(n: &mut SimNode) -> Result<(u64, u64, HashMap<ConnKey, u32>), String> {
+    fn digest_of(n: &mut SimNode) -> Result<MemberTable, String> {
         let all = n.synced_entries().map_err(|e| e.to_string())?;
         let (count, digest) = crate::fullsync::digest_updates(all.iter());
         Ok((count, digest, all.iter().map(|u| (u.key, u.state.mark.get())).collect()))
@@ -708,6 +943,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
             Err(e) => last_err = e,
         }
     }
+    sim.account();
     for s in &sim.slots {
         if let Some(n) = &s.node {
             sim.report.full_syncs += n.stats().full_syncs_completed;

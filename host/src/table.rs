@@ -1,14 +1,29 @@
 //! The connection-table API: insert, update, delete, lookup, batches and
 //! snapshot iteration over the NIC-resident table.
+//!
+//! With [`ConnTable::enable_recovery`] the table also keeps the host's own
+//! copy of the card's table ([`ShadowTable`]) and survives device faults:
+//! an operation whose outcome a fault left unknown (a timeout, a lost or
+//! garbled completion, a FATAL device, one that reset itself) makes it
+//! reset and re-initialise the device, rebuild the card's table from the
+//! copy and replay, in order, every operation of the call not yet settled;
+//! a DMA_ERROR is retried, an entry found missing that cannot have aged is
+//! restored, and [`ConnTable::audit`] compares the card with the copy.
+//! docs/faults.md has the details.
+
+use std::collections::VecDeque;
 
 use nicsync_fwif::cmd::{CommandDescriptor, ConnOp, DescFlags, Opcode, SNAPSHOT_DONE};
 use nicsync_fwif::conn::{ConnKey, ConnRecord, ConnState, Nat};
 use nicsync_fwif::cpl::{Completion, CplStatus};
+use nicsync_fwif::event::Event;
+use nicsync_fwif::regs::Counter;
 use nicsync_fwif::sync::{DeltaRecord, DeltaUpdate, RECORD_SIZE};
 use nicsync_vfio::{DmaBuffer, NicDevice};
 use zerocopy::FromBytes;
 
-use crate::driver::{Driver, DriverConfig, DriverError};
+use crate::driver::{Driver, DriverConfig, DriverError, RecoveryStats};
+use crate::shadow::{ShadowEntry, ShadowTable};
 
 /// A connection's state plus its optional NAT translation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -79,6 +94,110 @@ pub enum TableOp {
     ReplicaDelete(ConnKey, u32, u16),
 }
 
+impl TableOp {
+    /// The connection it concerns.
+    pub fn key(&self) -> &ConnKey {
+        match self {
+            TableOp::Insert(k, _)
+            | TableOp::Update(k, _)
+            | TableOp::Upsert(k, _)
+            | TableOp::Delete(k)
+            | TableOp::Replica(k, _, _)
+            | TableOp::ReplicaDelete(k, _, _) => k,
+        }
+    }
+}
+
+/// How a connection table recovers from device faults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecoveryConfig {
+    /// Resets (with rebuild and replay) one call may make before it gives
+    /// up and returns the fault.
+    pub max_recoveries: u32,
+    /// Retries of one command after DMA_ERROR, or after a NOT_FOUND for an
+    /// entry the card lost.
+    pub max_retries: u32,
+    /// This member's id in a cluster (0: standalone). When set, entries are
+    /// rebuilt as REPLICA upserts of their owners (this member for its
+    /// own), which the device neither numbers anew nor sends to the peers,
+    /// and audits compare the device's `sync_entries` counter too.
+    pub member: u16,
+    /// Torn SNAPSHOT walks an audit starts again before giving up.
+    pub walk_retries: u32,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        RecoveryConfig { max_recoveries: 4, max_retries: 3, member: 0, walk_retries: 8 }
+    }
+}
+
+/// What an audit found and did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct AuditReport {
+    /// Entries on the card (`TABLE_COUNT`) when the audit started.
+    pub device_entries: u64,
+    /// Entries in the host's copy then.
+    pub shadow_entries: u64,
+    /// Whether the card's table was walked (the quick check disagreed, or
+    /// a full audit was asked for).
+    pub walked: bool,
+    /// Entries of the copy missing on the card: restored.
+    pub missing: u64,
+    /// Entries on both that differ: restored from the copy, or taken into
+    /// it when the card's generation is newer (a peer's change).
+    pub different: u64,
+    /// Entries the card holds that the copy lacked, or newer there: taken
+    /// into the copy.
+    pub adopted: u64,
+    /// Entries of the copy the card lacks that the device may have removed
+    /// itself (events were lost): dropped from the copy.
+    pub forgotten: u64,
+    /// Restores the device refused.
+    pub restore_failures: u64,
+    /// A fault struck during the audit: the device was reset and its table
+    /// rebuilt from the copy instead.
+    pub recovered: bool,
+}
+
+/// The recovery state of a table: configuration, the host's copy, events
+/// read during recoveries and audits that the caller has not taken yet.
+#[derive(Debug)]
+struct Recovery {
+    cfg: RecoveryConfig,
+    shadow: ShadowTable,
+    events: VecDeque<Event>,
+}
+
+/// Events kept for the caller while recovering, at most.
+const HELD_EVENTS: usize = 1 << 16;
+
+/// What a posted command of a recovering batch stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Posted {
+    /// Operation `i` of the batch.
+    Op(usize),
+    /// The restore of the entry operation `i` concerns, from the copy.
+    Restore(usize),
+}
+
+/// A recovering batch's state that settling a completion may change.
+struct Settle<'a> {
+    retries: &'a mut [u32],
+    todo: &'a mut VecDeque<Posted>,
+    in_flight: &'a VecDeque<(u16, Posted)>,
+    cfg: RecoveryConfig,
+    recoveries: u32,
+}
+
+/// How a recovering batch goes on after a completion.
+enum Settled {
+    /// Done (or queued again).
+    Next,
+    /// The operation must run again in order: reset, rebuild, replay.
+    Replay,
+}
+
 /// Maps a completion status to the table result.
 fn status_result(c: &Completion) -> Result<u64, TableError> {
     match c.status {
@@ -100,6 +219,8 @@ pub struct ConnTable<D: NicDevice> {
     auto_generation: bool,
     snap_buf: Option<DmaBuffer>,
     snap_bytes: usize,
+    /// Fault recovery, when enabled (boxed: the fast path only tests it).
+    rec: Option<Box<Recovery>>,
 }
 
 impl<D: NicDevice> std::fmt::Debug for ConnTable<D> {
@@ -116,7 +237,7 @@ impl<D: NicDevice> ConnTable<D> {
 
     /// Wraps a driver.
     pub fn new(drv: Driver<D>) -> Self {
-        ConnTable { drv, auto_generation: true, snap_buf: None, snap_bytes: SNAPSHOT_CHUNK_BYTES }
+        ConnTable { drv, auto_generation: true, snap_buf: None, snap_bytes: SNAPSHOT_CHUNK_BYTES, rec: None }
     }
 
     /// Sets the size of the host buffer a SNAPSHOT chunk is written into
@@ -181,6 +302,10 @@ impl<D: NicDevice> ConnTable<D> {
     /// (0 for DELETE).
     #[inline]
     pub fn apply(&mut self, op: &TableOp) -> Result<u32, TableError> {
+        if self.rec.is_some() {
+            let mut r = self.batch_recovering(std::slice::from_ref(op))?;
+            return r.pop().unwrap_or(Err(TableError::Refused(CplStatus::Internal)));
+        }
         let (d, ext) = self.encode(op);
         let c = self.drv.execute(&d, ext.as_ref())?;
         status_result(&c).map(|r| r as u32)
@@ -208,6 +333,34 @@ impl<D: NicDevice> ConnTable<D> {
 
     /// Reads a connection; `Ok(None)` if absent.
     pub fn lookup(&mut self, key: &ConnKey) -> Result<Option<ConnRecord>, TableError> {
+        let Some(cfg) = self.rec.as_ref().map(|r| r.cfg) else { return self.lookup_once(key) };
+        let (mut recoveries, mut retries) = (0, 0);
+        loop {
+            match self.lookup_once(key) {
+                // A LOOKUP changes nothing: running it again is safe.
+                Err(TableError::Refused(CplStatus::DmaError)) if retries < cfg.max_retries => {
+                    retries += 1;
+                    let r = self.drv.recovery_mut();
+                    r.dma_errors += 1;
+                    r.dma_retries += 1;
+                    r.commands_replayed += 1;
+                }
+                Err(TableError::Driver(e)) if e.needs_recovery() && recoveries < cfg.max_recoveries => {
+                    recoveries += 1;
+                    self.recover()?;
+                    self.drv.recovery_mut().commands_replayed += 1;
+                }
+                Ok(None) if retries < cfg.max_retries && self.lost_on_card(key) => {
+                    retries += 1;
+                    self.drv.recovery_mut().lost_entries_detected += 1;
+                    self.restore_keys(&[*key])?;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn lookup_once(&mut self, key: &ConnKey) -> Result<Option<ConnRecord>, TableError> {
         let resp = self.drv.next_response_iova();
         let d = CommandDescriptor::lookup(0, key, resp);
         let tag = self.drv.post(&d, None)?;
@@ -230,18 +383,43 @@ impl<D: NicDevice> ConnTable<D> {
     /// Removes every connection; returns how many there were.
     pub fn flush(&mut self) -> Result<u64, TableError> {
         let d = CommandDescriptor::header(Opcode::Flush, DescFlags::empty(), 0);
-        let c = self.drv.execute(&d, None)?;
-        status_result(&c)
+        let Some(cfg) = self.rec.as_ref().map(|r| r.cfg) else {
+            let c = self.drv.execute(&d, None)?;
+            return status_result(&c);
+        };
+        let mut recoveries = 0;
+        loop {
+            match self.drv.execute(&d, None) {
+                Ok(c) => {
+                    let r = status_result(&c);
+                    if let (Ok(_), Some(rec)) = (&r, &mut self.rec) {
+                        rec.shadow.clear();
+                    }
+                    return r;
+                }
+                Err(e) if e.needs_recovery() && recoveries < cfg.max_recoveries => {
+                    recoveries += 1;
+                    self.recover()?;
+                    self.drv.recovery_mut().commands_replayed += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Runs a batch: every operation is posted, with one doorbell per
     /// ring-full, and the results come back in order.
     pub fn batch(&mut self, ops: &[TableOp]) -> Result<Vec<Result<u32, TableError>>, DriverError> {
+        if self.rec.is_some() {
+            return self.batch_recovering(ops);
+        }
         let mut results: Vec<Option<Result<u32, TableError>>> = (0..ops.len()).map(|_| None).collect();
         let mut tags: std::collections::VecDeque<(u16, usize)> = std::collections::VecDeque::new();
         let mut next = 0;
         while next < ops.len() || !tags.is_empty() {
-            while next < ops.len() {
+            // One of our tags whose outcome is still to be taken (behind a
+            // lost completion) must not be posted over.
+            while next < ops.len() && (tags.is_empty() || !self.drv.is_unclaimed(self.drv.next_tag())) {
                 let (d, ext) = self.encode(&ops[next]);
                 match self.drv.post(&d, ext.as_ref()) {
                     Ok(tag) => {
@@ -277,6 +455,516 @@ impl<D: NicDevice> ConnTable<D> {
             }
         }
         Ok(results.into_iter().map(|r| r.unwrap_or(Err(TableError::Refused(CplStatus::Internal)))).collect())
+    }
+
+    /// A SNAPSHOT chunk with recovery: a DMA_ERROR (nothing written, the
+    /// walk where it was) is retried; after a fault the device is reset
+    /// and rebuilt, which ends any walk: SNAPSHOT_TORN tells the caller to
+    /// start again at cursor 0.
+    fn snapshot_command_recovering(
+        &mut self,
+        d: &CommandDescriptor,
+        cfg: RecoveryConfig,
+    ) -> Result<Completion, TableError> {
+        let mut retries = 0;
+        loop {
+            match self.drv.execute(d, None) {
+                Ok(c) if c.status == CplStatus::DmaError && retries < cfg.max_retries => {
+                    retries += 1;
+                    let r = self.drv.recovery_mut();
+                    r.dma_errors += 1;
+                    r.dma_retries += 1;
+                    r.commands_replayed += 1;
+                }
+                Ok(c) => return Ok(c),
+                Err(e) if e.needs_recovery() => {
+                    self.recover()?;
+                    return Err(TableError::Refused(CplStatus::SnapshotTorn));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    // ---- fault recovery ---------------------------------------------------
+
+    /// Keeps the host's own copy of the card's table from now on and
+    /// recovers from device faults (see the module documentation). The copy
+    /// starts as what the card holds (a SNAPSHOT walk; nothing to walk on a
+    /// fresh device).
+    pub fn enable_recovery(&mut self, cfg: RecoveryConfig) -> Result<(), TableError> {
+        self.rec = None;
+        let mut shadow = ShadowTable::new();
+        if !self.is_empty() {
+            for r in self.snapshot() {
+                shadow.adopt(&r?);
+            }
+        }
+        self.rec = Some(Box::new(Recovery { cfg, shadow, events: VecDeque::new() }));
+        Ok(())
+    }
+
+    /// Stops keeping the copy and recovering; returns the copy.
+    pub fn disable_recovery(&mut self) -> Option<ShadowTable> {
+        self.rec.take().map(|r| r.shadow)
+    }
+
+    /// The recovery configuration, when recovery is enabled.
+    pub fn recovery_config(&self) -> Option<RecoveryConfig> {
+        self.rec.as_ref().map(|r| r.cfg)
+    }
+
+    /// The host's copy of the table, when recovery is enabled.
+    pub fn shadow(&self) -> Option<&ShadowTable> {
+        self.rec.as_ref().map(|r| &r.shadow)
+    }
+
+    /// The host's copy, to feed it what this table does not see itself
+    /// (events read through [`ConnTable::driver`], Full Sync records).
+    pub fn shadow_mut(&mut self) -> Option<&mut ShadowTable> {
+        self.rec.as_mut().map(|r| &mut r.shadow)
+    }
+
+    /// Faults detected and recoveries made (driver and table).
+    pub fn recovery_stats(&self) -> RecoveryStats {
+        self.drv.recovery_stats()
+    }
+
+    /// Consumes the device's events and calls `f` for each, first those read
+    /// during recoveries and audits; with recovery enabled each also updates
+    /// the host's copy ([`ShadowTable::apply_event`]). Use this rather than
+    /// `driver().poll_events` when recovery is enabled.
+    pub fn poll_events(&mut self, mut f: impl FnMut(Event)) -> usize {
+        let mut n = 0;
+        let rec = &mut self.rec;
+        if let Some(r) = rec {
+            n += r.events.len();
+            r.events.drain(..).for_each(&mut f);
+        }
+        n + self.drv.poll_events(|ev| {
+            if let Some(r) = rec {
+                r.shadow.apply_event(&ev);
+            }
+            f(ev)
+        })
+    }
+
+    /// Reads the device's events into the copy, keeping them for the
+    /// caller's next [`ConnTable::poll_events`].
+    fn absorb_events(&mut self) {
+        let Some(r) = &mut self.rec else { return };
+        self.drv.poll_events(|ev| {
+            r.shadow.apply_event(&ev);
+            if r.events.len() >= HELD_EVENTS {
+                r.events.pop_front();
+            }
+            r.events.push_back(ev);
+        });
+    }
+
+    /// Resets and re-initialises the device and rebuilds its table from the
+    /// host's copy (retried if a fault strikes the rebuild, up to
+    /// `max_recoveries` times). Operations in flight are not replayed here:
+    /// the call that was running them does it.
+    pub fn recover(&mut self) -> Result<(), TableError> {
+        let Some(cfg) = self.rec.as_ref().map(|r| r.cfg) else {
+            return Err(DriverError::Config("fault recovery is not enabled".into()).into());
+        };
+        // Aged entries the device already reported must not come back.
+        self.absorb_events();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.reinit_and_rebuild() {
+                Ok(()) => return Ok(()),
+                Err(e) if e.needs_recovery() && attempts < cfg.max_recoveries.max(1) => {
+                    tracing::warn!("fault while rebuilding the table: {e}; again");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn reinit_and_rebuild(&mut self) -> Result<(), DriverError> {
+        self.drv.reinit()?;
+        let Some(r) = &self.rec else { return Ok(()) };
+        let cmds: Vec<_> = r.shadow.iter().map(|(k, e)| restore_desc(r.cfg.member, k, e, false)).collect();
+        let cpls = self.run_encoded(&cmds)?;
+        let ok = cpls.iter().filter(|c| c.status == CplStatus::Success).count();
+        if ok < cmds.len() {
+            tracing::error!(failed = cmds.len() - ok, "entries could not be rebuilt on the card");
+        }
+        tracing::warn!(entries = ok, "card table rebuilt from the host's copy");
+        self.drv.recovery_mut().entries_restored += ok as u64;
+        Ok(())
+    }
+
+    /// Whether the card's lack of `key` is a loss: the copy still holds it
+    /// once the device's events are read (the device reports every entry
+    /// it removes by itself, aged or deleted by a peer, by an event), and
+    /// the copy can be trusted to (see [`ConnTable::certainly_lost`]).
+    fn lost_on_card(&mut self, key: &ConnKey) -> bool {
+        if self.rec.as_ref().is_none_or(|r| r.shadow.get(key).is_none()) {
+            return false;
+        }
+        self.absorb_events();
+        let trusted = self.events_trusted();
+        match self.rec.as_ref().and_then(|r| r.shadow.get(key)) {
+            Some(e) => self.certainly_lost(e, trusted),
+            None => false,
+        }
+    }
+
+    /// Whether no event has been lost (since the last audit, and since the
+    /// device's reset): then the copy knows of every removal.
+    fn events_trusted(&self) -> bool {
+        let overflow = self.drv.status().contains(nicsync_fwif::regs::Status::EVENT_OVERFLOW);
+        !overflow && self.rec.as_ref().is_some_and(|r| !r.shadow.needs_audit())
+    }
+
+    /// Whether an entry of the copy that the card lacks was lost by the
+    /// card: always if no event was lost; otherwise only when nothing but
+    /// aging could remove it (no peers) and it cannot age.
+    fn certainly_lost(&self, e: &ShadowEntry, events_trusted: bool) -> bool {
+        let aging = self.drv.config().aging_period_ms != 0;
+        let standalone = self.rec.as_ref().is_some_and(|r| r.cfg.member == 0);
+        events_trusted || (standalone && (!aging || !e.can_age()))
+    }
+
+    /// Writes the copy's entries of `keys` to the card; returns how many the
+    /// device refused.
+    fn restore_keys(&mut self, keys: &[ConnKey]) -> Result<u64, DriverError> {
+        let Some(r) = &self.rec else { return Ok(0) };
+        let cmds: Vec<_> =
+            keys.iter().filter_map(|k| r.shadow.get(k).map(|e| restore_desc(r.cfg.member, k, e, true))).collect();
+        let cpls = self.run_encoded(&cmds)?;
+        let ok = cpls.iter().filter(|c| c.status == CplStatus::Success).count() as u64;
+        self.drv.recovery_mut().entries_restored += ok;
+        Ok(cpls.len() as u64 - ok)
+    }
+
+    /// Runs encoded commands in order, one doorbell per ring-full, without
+    /// recovery; returns their completions.
+    fn run_encoded(
+        &mut self,
+        cmds: &[(CommandDescriptor, Option<CommandDescriptor>)],
+    ) -> Result<Vec<Completion>, DriverError> {
+        let mut out = Vec::with_capacity(cmds.len());
+        let mut tags = VecDeque::new();
+        let mut next = 0;
+        while next < cmds.len() || !tags.is_empty() {
+            while let Some((d, ext)) = cmds.get(next) {
+                if !tags.is_empty() && self.drv.is_unclaimed(self.drv.next_tag()) {
+                    break;
+                }
+                match self.drv.post(d, ext.as_ref()) {
+                    Ok(tag) => {
+                        tags.push_back(tag);
+                        next += 1;
+                    }
+                    Err(DriverError::RingFull { .. }) if tags.is_empty() => self.wait_for_free_slot()?,
+                    Err(DriverError::RingFull { .. }) => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            self.drv.ring();
+            if let Some(tag) = tags.pop_front() {
+                out.push(self.drv.wait(tag)?);
+            }
+            while let Some(c) = tags.front().and_then(|t| self.drv.take_done(*t)) {
+                out.push(c);
+                tags.pop_front();
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`ConnTable::batch`] with recovery. Results are settled strictly in
+    /// order, and each settled operation updates the copy, so that at any
+    /// time the copy is the card's table as of the last settled operation.
+    /// After a fault the card is rebuilt from the copy and every operation
+    /// not settled is posted again, in order: each takes effect once, as
+    /// the caller sees it.
+    fn batch_recovering(&mut self, ops: &[TableOp]) -> Result<Vec<Result<u32, TableError>>, DriverError> {
+        let Some(cfg) = self.rec.as_ref().map(|r| r.cfg) else { return self.batch(ops) };
+        let mut results: Vec<Option<Result<u32, TableError>>> = (0..ops.len()).map(|_| None).collect();
+        let mut retries = vec![0u32; ops.len()];
+        let mut todo: VecDeque<Posted> = (0..ops.len()).map(Posted::Op).collect();
+        let mut tags: VecDeque<(u16, Posted)> = VecDeque::new();
+        let mut recoveries = 0;
+        while !todo.is_empty() || !tags.is_empty() {
+            let mut fault = None;
+            while let Some(&p) = todo.front() {
+                if !tags.is_empty() && self.drv.is_unclaimed(self.drv.next_tag()) {
+                    break;
+                }
+                let (d, ext) = match p {
+                    Posted::Op(i) => self.encode(&ops[i]),
+                    Posted::Restore(i) => match self.rec.as_ref().and_then(|r| r.shadow.get(ops[i].key())) {
+                        Some(e) => restore_desc(cfg.member, ops[i].key(), e, true),
+                        None => {
+                            todo.pop_front();
+                            continue;
+                        }
+                    },
+                };
+                match self.drv.post(&d, ext.as_ref()) {
+                    Ok(tag) => {
+                        tags.push_back((tag, p));
+                        todo.pop_front();
+                    }
+                    Err(DriverError::RingFull { .. }) if tags.is_empty() => {
+                        if let Err(e) = self.wait_for_free_slot() {
+                            fault = Some(e);
+                            break;
+                        }
+                    }
+                    Err(DriverError::RingFull { .. }) => break,
+                    Err(e) => {
+                        fault = Some(e);
+                        break;
+                    }
+                }
+            }
+            self.drv.ring();
+            let mut replay = false;
+            // The oldest, then every following one already done.
+            let mut first = true;
+            while fault.is_none() && !replay {
+                let Some(&(tag, p)) = tags.front() else { break };
+                let c = if first {
+                    first = false;
+                    match self.drv.wait(tag) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            fault = Some(e);
+                            break;
+                        }
+                    }
+                } else {
+                    match self.drv.take_done(tag) {
+                        Some(c) => c,
+                        None => break,
+                    }
+                };
+                tags.pop_front();
+                let ctx = Settle { retries: &mut retries, todo: &mut todo, in_flight: &tags, cfg, recoveries };
+                replay = matches!(self.settle(ops, p, &c, &mut results, ctx), Settled::Replay);
+            }
+            let faulted = match fault {
+                Some(e) if !e.needs_recovery() || recoveries >= cfg.max_recoveries => return Err(e),
+                Some(_) => true,
+                None => false,
+            };
+            if faulted || replay {
+                recoveries += 1;
+                self.recover().map_err(|e| match e {
+                    TableError::Driver(d) => d,
+                    other => DriverError::Config(other.to_string()),
+                })?;
+                let posted = tags.iter().filter(|(_, p)| matches!(p, Posted::Op(_))).count();
+                self.drv.recovery_mut().commands_replayed += posted as u64;
+                tags.clear();
+                todo = (0..ops.len()).filter(|i| results[*i].is_none()).map(Posted::Op).collect();
+            }
+        }
+        Ok(results.into_iter().map(|r| r.unwrap_or(Err(TableError::Refused(CplStatus::Internal)))).collect())
+    }
+
+    /// Takes in one completion of a recovering batch.
+    fn settle(
+        &mut self,
+        ops: &[TableOp],
+        p: Posted,
+        c: &Completion,
+        results: &mut [Option<Result<u32, TableError>>],
+        ctx: Settle<'_>,
+    ) -> Settled {
+        let Settle { retries, todo, in_flight, cfg, recoveries } = ctx;
+        let i = match p {
+            Posted::Restore(i) => {
+                if c.status == CplStatus::Success {
+                    self.drv.recovery_mut().entries_restored += 1;
+                } else {
+                    tracing::warn!(key = %ops[i].key(), status = %c.status, "restore refused");
+                }
+                return Settled::Next;
+            }
+            Posted::Op(i) => i,
+        };
+        let op = &ops[i];
+        let res = status_result(c).map(|r| r as u32);
+        // Running the operation again out of order is safe only if nothing
+        // in flight after it concerns the same connection.
+        let alone = || {
+            in_flight.iter().all(|(_, q)| match q {
+                Posted::Op(j) | Posted::Restore(j) => ops[*j].key() != op.key(),
+            })
+        };
+        let missing = matches!(op, TableOp::Update(..) | TableOp::Delete(..))
+            && c.status == CplStatus::NotFound
+            && self.lost_on_card(op.key());
+        if c.status == CplStatus::DmaError {
+            // Nothing was done (abi.md 11): the command may run again.
+            self.drv.recovery_mut().dma_errors += 1;
+            if retries[i] < cfg.max_retries {
+                retries[i] += 1;
+                if alone() {
+                    let r = self.drv.recovery_mut();
+                    r.dma_retries += 1;
+                    r.commands_replayed += 1;
+                    todo.push_front(Posted::Op(i));
+                    return Settled::Next;
+                }
+                if recoveries < cfg.max_recoveries {
+                    return Settled::Replay;
+                }
+            }
+        } else if missing {
+            // The card lost the entry (see `lost_on_card`): put it back,
+            // then run the operation again.
+            self.drv.recovery_mut().lost_entries_detected += 1;
+            if retries[i] < cfg.max_retries {
+                retries[i] += 1;
+                if alone() {
+                    self.drv.recovery_mut().commands_replayed += 1;
+                    todo.push_front(Posted::Op(i));
+                    todo.push_front(Posted::Restore(i));
+                    return Settled::Next;
+                }
+                // A full rebuild puts it back.
+                if recoveries < cfg.max_recoveries {
+                    return Settled::Replay;
+                }
+            }
+        }
+        if let Some(r) = &mut self.rec {
+            r.shadow.record(op, &res);
+        }
+        results[i] = Some(res);
+        Settled::Next
+    }
+
+    /// Compares the card's table with the host's copy and repairs it: a
+    /// quick check first (`TABLE_COUNT`, and `sync_entries` for a cluster
+    /// member, against the copy), then, if they disagree or events were
+    /// lost, a SNAPSHOT walk. Entries missing on the card, or older there,
+    /// are restored from the copy; entries only on the card, or newer there,
+    /// are taken into it. Cheap when all agrees: a daemon calls it
+    /// periodically.
+    pub fn audit(&mut self) -> Result<AuditReport, TableError> {
+        self.audit_with(false)
+    }
+
+    /// [`ConnTable::audit`] that always walks the table (finds entries
+    /// changed in place, which no counter shows).
+    pub fn audit_full(&mut self) -> Result<AuditReport, TableError> {
+        self.audit_with(true)
+    }
+
+    fn audit_with(&mut self, full: bool) -> Result<AuditReport, TableError> {
+        let Some(cfg) = self.rec.as_ref().map(|r| r.cfg) else {
+            return Err(DriverError::Config("fault recovery is not enabled".into()).into());
+        };
+        self.drv.recovery_mut().audits += 1;
+        self.absorb_events();
+        let device_entries = u64::from(self.drv.table_count());
+        let (shadow_entries, synced, needs) = match &self.rec {
+            Some(r) => (r.shadow.len() as u64, r.shadow.synced_len() as u64, r.shadow.needs_audit()),
+            None => (0, 0, false),
+        };
+        let mut report = AuditReport { device_entries, shadow_entries, ..Default::default() };
+        let agree = device_entries == shadow_entries
+            && (cfg.member == 0 || self.drv.device_counter(Counter::SyncEntries) == synced);
+        if agree && !full && !needs {
+            return Ok(report);
+        }
+        self.drv.recovery_mut().audit_walks += 1;
+        report.walked = true;
+        let resets = self.drv.recovery_stats().resets;
+        let card = match self.walk_all(cfg) {
+            Ok(card) => card,
+            Err(TableError::Refused(CplStatus::SnapshotTorn)) if self.drv.recovery_stats().resets > resets => {
+                // A fault during the walk: the card was rebuilt from the copy.
+                report.recovered = true;
+                return Ok(report);
+            }
+            Err(e) => return Err(e),
+        };
+        // Entries that aged or that peers deleted during the walk.
+        self.absorb_events();
+        let trusted = self.events_trusted() && !needs;
+        let mut restore = Vec::new();
+        let mut forget = Vec::new();
+        let Some(r) = &self.rec else { return Ok(report) };
+        for (k, e) in r.shadow.iter() {
+            match card.get(k) {
+                // Removed by the device with its event lost, or lost.
+                None if !self.certainly_lost(e, trusted) => forget.push(*k),
+                None => {
+                    report.missing += 1;
+                    restore.push(*k);
+                }
+                Some(rec) if !e.matches(rec) => {
+                    report.different += 1;
+                    if rec.state.generation.get() <= e.state.generation.get() {
+                        restore.push(*k);
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        let Some(r) = &mut self.rec else { return Ok(report) };
+        for k in &forget {
+            r.shadow.remove(k);
+        }
+        report.forgotten = forget.len() as u64;
+        for (k, rec) in &card {
+            let newer = r.shadow.get(k).is_none_or(|e| rec.state.generation.get() > e.state.generation.get());
+            if newer {
+                r.shadow.adopt(rec);
+                report.adopted += 1;
+            }
+        }
+        r.shadow.audited();
+        let stats = self.drv.recovery_mut();
+        stats.lost_entries_detected += report.missing;
+        stats.entries_adopted += report.adopted;
+        if !restore.is_empty() {
+            tracing::warn!(missing = report.missing, different = report.different, "audit: restoring entries");
+            report.restore_failures = self.restore_keys(&restore)?;
+        }
+        Ok(report)
+    }
+
+    /// Every record on the card, by key (a whole SNAPSHOT walk, started
+    /// again if torn).
+    fn walk_all(&mut self, cfg: RecoveryConfig) -> Result<std::collections::HashMap<ConnKey, ConnRecord>, TableError> {
+        let resets = self.drv.recovery_stats().resets;
+        let mut torn = 0;
+        'walk: loop {
+            let mut card = std::collections::HashMap::new();
+            let mut cursor = 0;
+            let mut chunk = Vec::new();
+            loop {
+                match self.snapshot_chunk(cursor, &mut chunk) {
+                    Ok(next) => {
+                        card.extend(chunk.iter().map(|r| (r.key, *r)));
+                        if next == SNAPSHOT_DONE {
+                            return Ok(card);
+                        }
+                        cursor = next;
+                    }
+                    Err(TableError::Refused(CplStatus::SnapshotTorn))
+                        if torn < cfg.walk_retries && self.drv.recovery_stats().resets == resets =>
+                    {
+                        torn += 1;
+                        continue 'walk;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
     }
 
     fn wait_for_free_slot(&mut self) -> Result<(), DriverError> {
@@ -320,7 +1008,10 @@ impl<D: NicDevice> ConnTable<D> {
         } else {
             CommandDescriptor::snapshot(0, iova, len, cursor)
         };
-        let c = self.drv.execute(&d, None)?;
+        let c = match self.rec.as_ref().map(|r| r.cfg) {
+            None => self.drv.execute(&d, None)?,
+            Some(cfg) => self.snapshot_command_recovering(&d, cfg)?,
+        };
         let r = status_result(&c)?;
         let count = (r & 0xFFFF_FFFF) as usize;
         let next = (r >> 32) as u32;
@@ -386,6 +1077,27 @@ impl<D: NicDevice> std::fmt::Debug for Snapshot<'_, D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Snapshot").field("cursor", &self.cursor).finish_non_exhaustive()
     }
+}
+
+/// The command that writes the copy's entry of `key` back to the card:
+/// an UPSERT with the copy's generation (a REPLICA upsert of its owner in a
+/// cluster), with its NAT when it has one or when `nat_always` (to clear a
+/// translation the card still holds).
+fn restore_desc(
+    member: u16,
+    key: &ConnKey,
+    e: &ShadowEntry,
+    nat_always: bool,
+) -> (CommandDescriptor, Option<CommandDescriptor>) {
+    let owner = if e.owner != 0 { e.owner } else { member };
+    let op = ConnOp {
+        key: *key,
+        state: e.state,
+        nat: (nat_always || e.nat.kind != 0).then_some(e.nat),
+        auto_generation: false,
+        replica_owner: (owner != 0).then_some(owner),
+    };
+    op.encode(Opcode::Upsert, 0)
 }
 
 impl<D: NicDevice> Iterator for Snapshot<'_, D> {

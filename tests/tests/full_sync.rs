@@ -14,10 +14,10 @@ use nicsync::{ConnEntry, DriverConfig, TableOp};
 use nicsync_fwif::conn::{proto, ConnFlags, ConnKey, ConnState, Direction, TcpState};
 use nicsync_model::seal_port::SealConfig;
 use nicsync_model::wire::{HubConfig, InProcessHub};
-use nicsync_seal::{next_boot, Keyring, SharedKeyring};
-use std::sync::Arc;
 use nicsync_model::ExecMode;
+use nicsync_seal::{next_boot, Keyring, SharedKeyring};
 use nicsync_vfio::EmulatedDevice;
+use std::sync::Arc;
 
 type N = Node<EmulatedDevice>;
 

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use nicsync_fwif::regs;
+use nicsync_model::fault::FaultInjector;
 use nicsync_model::{ExecMode, HostMemory, InterruptSink, ModelConfig, Nic, Poller};
 
 use crate::dma::{pin_current_thread, DmaMemory, EventFd};
@@ -110,6 +111,12 @@ impl EmulatedDevice {
     /// The model.
     pub fn nic(&self) -> &Arc<Nic> {
         &self.nic
+    }
+
+    /// The model's fault injector: arm faults here (from any thread) to
+    /// exercise the host's recovery (see `nicsync_model::fault`).
+    pub fn faults(&self) -> FaultInjector {
+        self.nic.shared().faults().clone()
     }
 
     /// Starts the device's own polling thread, pinned to `cpu` if given.

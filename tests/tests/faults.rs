@@ -1,0 +1,611 @@
+#![allow(clippy::expect_used)] // test code: a failed set-up is a failed test
+//! Device faults survived (docs/faults.md). For every fault the model can
+//! inject, a table of 1,000 connections is built, the fault is armed and
+//! strikes during a batch of updates, deletes and inserts, and the test
+//! proves that every operation returned what it would have without the
+//! fault, that the card then holds exactly the connections an independent
+//! expected map says (state, generation, NAT), and that the counter of the
+//! recovery moved. Each scenario also runs once without recovery, to show
+//! that the fault does break it there (so the recovery is what saves it).
+//!
+//! The device runs inline (every MMIO write runs the design to quiescence),
+//! so the faults strike at the same command in every run; one test runs the
+//! model on its polling thread with faults armed at random (seeded).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use nicsync::driver::{CompletionMode, RecoveryStats};
+use nicsync::table::{AuditReport, RecoveryConfig};
+use nicsync::{ConnEntry, ConnTable, Driver, DriverConfig, DriverError, TableError, TableOp};
+use nicsync_fwif::cmd::{CommandDescriptor, DescFlags, Opcode};
+use nicsync_fwif::conn::{proto, ConnKey, ConnState, Nat, NatKind};
+use nicsync_fwif::cpl::CplStatus;
+use nicsync_fwif::regs::{Counter, Status};
+use nicsync_model::fault::{Fault, FaultInjector, FaultKind, Trigger};
+use nicsync_model::rng::SeededRng;
+use nicsync_model::{ExecMode, ModelConfig};
+use nicsync_vfio::EmulatedDevice;
+
+type Table = ConnTable<EmulatedDevice>;
+
+/// Connections in the table before the fault.
+const N: u32 = 1000;
+
+fn cfg() -> DriverConfig {
+    DriverConfig {
+        // 256 slots: a batch of 1,100 operations takes several doorbells.
+        cmd_ring_log2: 8,
+        table_capacity: 8192,
+        aging_period_ms: 0,
+        completion_timeout: Duration::from_millis(100),
+        ..DriverConfig::default()
+    }
+}
+
+fn key(i: u32) -> ConnKey {
+    ConnKey::v4(
+        Ipv4Addr::from(0x0a00_0000 + i),
+        1024 + (i % 50_000) as u16,
+        Ipv4Addr::new(198, 51, 100, 9),
+        443,
+        proto::TCP,
+        0,
+    )
+}
+
+fn nat(i: u32) -> Nat {
+    Nat::new(NatKind::Source, IpAddr::V4(Ipv4Addr::new(203, 0, 113, (i % 250) as u8 + 1)), 2000 + (i % 1000) as u16)
+}
+
+fn state(mark: u32) -> ConnState {
+    ConnState { tcp_state: 3, mark: mark.into(), ..ConnState::default() }
+}
+
+/// What a connection must look like on the card.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Want {
+    mark: u32,
+    generation: u32,
+    nat: Nat,
+}
+
+/// The expected table, kept by the test from its own operations (the
+/// device numbers generations: 1 on insert, +1 per update).
+#[derive(Default)]
+struct Expected(HashMap<ConnKey, Want>);
+
+impl Expected {
+    /// Applies `op` as the device would if it succeeded.
+    fn apply(&mut self, op: &TableOp) {
+        match op {
+            TableOp::Insert(k, e) => {
+                self.0.insert(*k, Want { mark: e.state.mark.get(), generation: 1, nat: e.nat.unwrap_or_default() });
+            }
+            TableOp::Update(k, e) => {
+                let w = self.0.get_mut(k).expect("the test updates only present keys");
+                w.mark = e.state.mark.get();
+                w.generation += 1;
+                if let Some(n) = e.nat {
+                    w.nat = n;
+                }
+            }
+            TableOp::Delete(k) => {
+                self.0.remove(k);
+            }
+            other => panic!("not used here: {other:?}"),
+        }
+    }
+}
+
+fn open_with(dev: EmulatedDevice, cfg: DriverConfig, recovery: bool) -> (Table, FaultInjector) {
+    let faults = dev.faults();
+    let mut t = ConnTable::open(dev, cfg).expect("probe");
+    if recovery {
+        t.enable_recovery(RecoveryConfig::default()).expect("enable recovery");
+    }
+    (t, faults)
+}
+
+fn open(recovery: bool) -> (Table, FaultInjector) {
+    open_with(EmulatedDevice::inline().expect("emulated device"), cfg(), recovery)
+}
+
+/// Inserts keys 0..N (every fourth with a NAT translation).
+fn populate(t: &mut Table, want: &mut Expected) {
+    let ops: Vec<TableOp> = (0..N)
+        .map(|i| TableOp::Insert(key(i), ConnEntry { state: state(i), nat: (i % 4 == 0).then(|| nat(i)) }))
+        .collect();
+    let res = t.batch(&ops).expect("populate");
+    assert!(res.iter().all(Result::is_ok), "populate failed");
+    ops.iter().for_each(|op| want.apply(op));
+}
+
+/// Round `r` of churn over the present keys: most are updated (some with
+/// a new NAT), every tenth deleted, and 100 new keys inserted.
+fn churn(r: u32, want: &Expected) -> Vec<TableOp> {
+    let mut present: Vec<ConnKey> = want.0.keys().copied().collect();
+    present.sort_by_key(|k| k.src_ip().map(|ip| format!("{ip:?}")));
+    let mut ops = Vec::new();
+    for (n, k) in present.iter().enumerate() {
+        let n = n as u32;
+        match (n + r) % 10 {
+            3 => ops.push(TableOp::Delete(*k)),
+            7 => ops.push(TableOp::Update(*k, ConnEntry { state: state(50_000 + n + r), nat: Some(nat(n + r)) })),
+            _ => ops.push(TableOp::Update(*k, ConnEntry::new(state(10_000 + n + 7 * r)))),
+        }
+    }
+    let base = N + 1000 * (r + 1);
+    ops.extend((0..100).map(|j| TableOp::Insert(key(base + j), ConnEntry::new(state(base + j)))));
+    ops
+}
+
+/// Runs `ops` as one batch; on success updates `want`.
+fn run(t: &mut Table, ops: &[TableOp], want: &mut Expected) -> Result<(), String> {
+    let res = t.batch(ops).map_err(|e| format!("batch failed: {e}"))?;
+    let bad: Vec<String> =
+        res.iter().zip(ops).filter_map(|(r, op)| r.as_ref().err().map(|e| format!("{op:?}: {e}"))).take(3).collect();
+    if !bad.is_empty() {
+        return Err(format!("operations failed: {bad:?}"));
+    }
+    ops.iter().for_each(|op| want.apply(op));
+    Ok(())
+}
+
+/// Differences between the card's table (a SNAPSHOT walk of the device)
+/// and the expected map.
+fn differences(t: &mut Table, want: &Expected) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut seen = HashMap::new();
+    for r in t.snapshot() {
+        match r {
+            Ok(rec) => {
+                seen.insert(rec.key, rec);
+            }
+            Err(e) => {
+                out.push(format!("walk failed: {e}"));
+                return out;
+            }
+        }
+    }
+    for (k, w) in &want.0 {
+        match seen.get(k) {
+            None => out.push(format!("{k} missing")),
+            Some(rec) => {
+                let got = Want { mark: rec.state.mark.get(), generation: rec.state.generation.get(), nat: rec.nat };
+                if got != *w || rec.state.tcp_state != 3 {
+                    out.push(format!("{k}: card {got:?}, expected {w:?}"));
+                }
+            }
+        }
+    }
+    out.extend(seen.keys().filter(|k| !want.0.contains_key(k)).map(|k| format!("{k} should not be there")));
+    out
+}
+
+fn assert_intact(t: &mut Table, want: &Expected) {
+    let diff = differences(t, want);
+    assert!(diff.is_empty(), "{} differences, first: {:?}", diff.len(), &diff[..diff.len().min(5)]);
+    assert_eq!(t.len(), want.0.len(), "TABLE_COUNT");
+    assert!(!t.driver().status().contains(Status::FATAL));
+}
+
+/// One fault scenario: populate, arm, churn, check. With recovery the
+/// churn must succeed and the table be intact; returns the statistics.
+fn survives(arm: impl FnOnce(&FaultInjector), kind: FaultKind) -> RecoveryStats {
+    let (mut t, faults) = open(true);
+    let mut want = Expected::default();
+    populate(&mut t, &mut want);
+    arm(&faults);
+    let ops = churn(0, &want);
+    run(&mut t, &ops, &mut want).expect("the batch completes despite the fault");
+    assert_eq!(faults.injected(kind), 1, "the fault struck once");
+    assert_intact(&mut t, &want);
+    // And the device goes on working normally.
+    let ops = churn(1, &want);
+    run(&mut t, &ops, &mut want).expect("the next batch");
+    assert_intact(&mut t, &want);
+    t.recovery_stats()
+}
+
+/// The same scenario without recovery: the fault must show, as a failed
+/// call or a table that differs from the expected one.
+fn breaks_without_recovery(arm: impl FnOnce(&FaultInjector), kind: FaultKind) {
+    let (mut t, faults) = open(false);
+    let mut want = Expected::default();
+    populate(&mut t, &mut want);
+    arm(&faults);
+    let ops = churn(0, &want);
+    let outcome = run(&mut t, &ops, &mut want);
+    assert_eq!(faults.injected(kind), 1);
+    let diff = if outcome.is_ok() { differences(&mut t, &want) } else { Vec::new() };
+    assert!(outcome.is_err() || !diff.is_empty(), "without recovery the fault went unnoticed");
+}
+
+// ---------------------------------------------------------------------------
+// One test per fault kind.
+
+#[test]
+fn dropped_completion_mid_batch() {
+    let arm = |f: &FaultInjector| f.arm_with(Fault::DropCompletion, Trigger::after(300));
+    let s = survives(arm, FaultKind::DropCompletion);
+    assert!(s.lost_completions >= 1 && s.resets >= 1 && s.commands_replayed >= 1, "{s:?}");
+    breaks_without_recovery(arm, FaultKind::DropCompletion);
+}
+
+/// The last completion of a call dropped: nothing later reveals it, so the
+/// wait times out, and `CMD_HEAD` shows the device was past the command.
+#[test]
+fn dropped_last_completion_times_out() {
+    let (mut t, faults) = open(true);
+    let mut want = Expected::default();
+    populate(&mut t, &mut want);
+    faults.arm(Fault::DropCompletion);
+    let op = TableOp::Update(key(5), ConnEntry::new(state(77)));
+    assert_eq!(t.apply(&op).expect("update survives"), 2);
+    want.apply(&op);
+    let s = t.recovery_stats();
+    assert_eq!((s.timeouts, s.stalls, s.lost_completions, s.resets), (1, 0, 1, 1), "{s:?}");
+    assert_intact(&mut t, &want);
+
+    let (mut t, faults) = open(false);
+    populate(&mut t, &mut Expected::default());
+    faults.arm(Fault::DropCompletion);
+    let e = t.apply(&op).err();
+    assert!(matches!(e, Some(TableError::Driver(DriverError::CompletionLost(_)))), "{e:?}");
+}
+
+#[test]
+fn stalled_device() {
+    let arm = |f: &FaultInjector| f.arm(Fault::Stall { duration: None });
+    let s = survives(arm, FaultKind::Stall);
+    assert!(s.timeouts >= 1 && s.stalls >= 1 && s.resets >= 1, "{s:?}");
+    breaks_without_recovery(arm, FaultKind::Stall);
+}
+
+/// A stall shorter than the completion timeout is only a delay.
+#[test]
+fn short_stall_is_only_a_delay() {
+    let dev = EmulatedDevice::new(ModelConfig::default(), ExecMode::Thread).expect("device");
+    dev.start_poller(None).expect("poller");
+    let (mut t, faults) = open_with(dev, DriverConfig { completion_timeout: Duration::from_secs(5), ..cfg() }, true);
+    let mut want = Expected::default();
+    populate(&mut t, &mut want);
+    faults.arm(Fault::Stall { duration: Some(Duration::from_millis(20)) });
+    let ops = churn(0, &want);
+    run(&mut t, &ops, &mut want).expect("batch");
+    assert_eq!(faults.injected(FaultKind::Stall), 1);
+    assert_eq!(t.recovery_stats().resets, 0);
+    assert_intact(&mut t, &want);
+}
+
+#[test]
+fn corrupted_completion_tag() {
+    let arm = |f: &FaultInjector| f.arm_with(Fault::CorruptCompletionTag, Trigger::after(300));
+    let s = survives(arm, FaultKind::CorruptCompletionTag);
+    assert!(s.corrupt_completions >= 1 && s.lost_completions >= 1 && s.resets >= 1, "{s:?}");
+    breaks_without_recovery(arm, FaultKind::CorruptCompletionTag);
+}
+
+/// Both ways a flipped tag bit can land: on the next command, still in
+/// flight (refused: its head does not end that command), or on the
+/// previous one, already completed (refused: a duplicate).
+#[test]
+fn corrupted_tags_are_never_credited_to_another_command() {
+    for after in [300, 301] {
+        let s = survives(
+            |f: &FaultInjector| f.arm_with(Fault::CorruptCompletionTag, Trigger::after(after)),
+            FaultKind::CorruptCompletionTag,
+        );
+        assert_eq!(s.corrupt_completions, 1, "after {after}: {s:?}");
+    }
+}
+
+#[test]
+fn corrupted_completion_phase() {
+    let arm = |f: &FaultInjector| f.arm_with(Fault::CorruptCompletionPhase, Trigger::after(300));
+    let s = survives(arm, FaultKind::CorruptCompletionPhase);
+    assert!(s.phase_anomalies >= 1 && s.lost_completions >= 1 && s.resets >= 1, "{s:?}");
+    breaks_without_recovery(arm, FaultKind::CorruptCompletionPhase);
+}
+
+/// The skipped entry is rewritten with the old phase: when the ring comes
+/// round it is not taken for new (which would complete a command twice).
+#[test]
+fn skipped_phase_entry_is_not_taken_on_the_next_lap() {
+    let (mut t, faults) = open(true);
+    let mut want = Expected::default();
+    populate(&mut t, &mut want);
+    faults.arm_with(Fault::CorruptCompletionPhase, Trigger::after(10));
+    // Several laps of the 512-entry completion ring after the fault.
+    for r in 0..4 {
+        let ops = churn(r, &want);
+        run(&mut t, &ops, &mut want).expect("batch");
+    }
+    let s = t.recovery_stats();
+    assert_eq!((s.phase_anomalies, s.corrupt_completions, s.unexpected_tags), (1, 0, 0), "{s:?}");
+    assert_intact(&mut t, &want);
+}
+
+#[test]
+fn spurious_interrupts() {
+    let cfg = DriverConfig { completion_mode: CompletionMode::Interrupt, ..cfg() };
+    let (mut t, faults) = open_with(EmulatedDevice::inline().expect("device"), cfg, true);
+    let mut want = Expected::default();
+    populate(&mut t, &mut want);
+    for r in 0..3 {
+        faults.arm(Fault::SpuriousInterrupt);
+        // The driver sleeps on the interrupt (as a daemon waiting for
+        // completions does): the interrupt has no cause and brings nothing.
+        assert!(t.driver().sleep_for_interrupt(Duration::from_secs(5)).expect("sleep"), "woken");
+        assert_eq!(t.recovery_stats().spurious_interrupts, r + 1);
+        let ops = churn(r as u32, &want);
+        run(&mut t, &ops, &mut want).expect("batch after a spurious interrupt");
+    }
+    assert_eq!(faults.injected(FaultKind::SpuriousInterrupt), 3);
+    let s = t.recovery_stats();
+    assert_eq!((s.resets, s.corrupt_completions, s.lost_completions), (0, 0, 0), "{s:?}");
+    assert_intact(&mut t, &want);
+    // A real completion interrupt is not counted as spurious.
+    let tag = t.driver().post(&CommandDescriptor::header(Opcode::Nop, DescFlags::IRQ_NOW, 0), None).expect("post");
+    t.driver().ring();
+    assert!(t.driver().sleep_for_interrupt(Duration::from_secs(5)).expect("sleep"));
+    assert_eq!(t.driver().wait(tag).expect("nop").status, CplStatus::Success);
+    assert_eq!(t.recovery_stats().spurious_interrupts, 3);
+}
+
+#[test]
+fn dma_error_on_a_write_makes_the_device_fatal() {
+    let arm = |f: &FaultInjector| f.arm_with(Fault::DmaError, Trigger::after(300));
+    let s = survives(arm, FaultKind::DmaError);
+    assert!(s.fatal_errors >= 1 && s.resets >= 1, "{s:?}");
+    breaks_without_recovery(arm, FaultKind::DmaError);
+}
+
+/// A DMA_ERROR completion (the response write failed, nothing written) is
+/// retried, without a reset.
+#[test]
+fn dma_error_on_a_lookup_is_retried() {
+    let (mut t, faults) = open(true);
+    let mut want = Expected::default();
+    populate(&mut t, &mut want);
+    faults.arm(Fault::DmaError);
+    let rec = t.lookup(&key(8)).expect("lookup").expect("present");
+    assert_eq!((rec.state.mark.get(), rec.nat), (8, nat(8)));
+    assert_eq!(faults.injected(FaultKind::DmaError), 1);
+    let s = t.recovery_stats();
+    assert_eq!((s.dma_errors, s.dma_retries, s.resets), (1, 1, 0), "{s:?}");
+    // The audit walk's SNAPSHOT too.
+    faults.arm(Fault::DmaError);
+    let r = t.audit_full().expect("audit");
+    assert_eq!((r.walked, r.missing, r.different, r.adopted), (true, 0, 0, 0), "{r:?}");
+    assert_eq!(t.recovery_stats().dma_retries, 2);
+    assert_intact(&mut t, &want);
+
+    let (mut t, faults) = open(false);
+    populate(&mut t, &mut Expected::default());
+    faults.arm(Fault::DmaError);
+    assert!(matches!(t.lookup(&key(8)), Err(TableError::Refused(CplStatus::DmaError))));
+}
+
+#[test]
+fn device_reset_mid_batch() {
+    let arm = |f: &FaultInjector| f.arm(Fault::ResetMidBatch { after: 300 });
+    let s = survives(arm, FaultKind::ResetMidBatch);
+    assert!(s.device_resets_detected >= 1 && s.resets >= 1 && s.entries_restored >= 900, "{s:?}");
+    breaks_without_recovery(arm, FaultKind::ResetMidBatch);
+}
+
+/// Populates, then loses one entry (the next housekeeping pass, run here by
+/// a step of the design) and checks that the card holds one fewer.
+fn lose_one(recovery: bool) -> (Table, FaultInjector, Expected) {
+    let (mut t, faults) = open(recovery);
+    let mut want = Expected::default();
+    populate(&mut t, &mut want);
+    faults.arm(Fault::LoseEntry);
+    t.driver_ref().device().nic().step();
+    assert_eq!(faults.injected(FaultKind::LoseEntry), 1);
+    assert_eq!(t.len(), N as usize - 1, "an entry was lost");
+    (t, faults, want)
+}
+
+/// Entry loss found by an audit: the count disagrees, the walk finds the
+/// entry missing, it is restored from the host's copy.
+#[test]
+fn lost_entry_found_by_audit() {
+    let (mut t, _faults, want) = lose_one(true);
+    assert_eq!(differences(&mut t, &want).len(), 1, "the loss shows before the audit");
+    let r = t.audit().expect("audit");
+    let expect = AuditReport {
+        device_entries: u64::from(N) - 1,
+        shadow_entries: u64::from(N),
+        walked: true,
+        missing: 1,
+        ..Default::default()
+    };
+    assert_eq!(r, expect);
+    let s = t.recovery_stats();
+    assert_eq!((s.lost_entries_detected, s.entries_restored, s.audits, s.audit_walks, s.resets), (1, 1, 1, 1, 0));
+    assert_intact(&mut t, &want);
+    // Nothing to do now: the quick check agrees and nothing is walked.
+    assert!(!t.audit().expect("audit").walked);
+}
+
+/// Entry loss found on the data path: an UPDATE of a connection that cannot
+/// have aged answers NOT_FOUND; the entry is restored and the update run
+/// again, in the middle of the batch.
+#[test]
+fn lost_entry_found_by_the_data_path() {
+    let (mut t, _faults, mut want) = lose_one(true);
+    let ops = churn(0, &want);
+    run(&mut t, &ops, &mut want).expect("batch");
+    let s = t.recovery_stats();
+    assert_eq!((s.lost_entries_detected, s.entries_restored, s.resets), (1, 1, 0), "{s:?}");
+    assert_intact(&mut t, &want);
+
+    let (mut t, _faults, mut want) = lose_one(false);
+    assert!(run(&mut t, &churn(0, &want), &mut want).is_err(), "without recovery the update fails");
+}
+
+/// The host's copy follows events: an entry that aged is not brought back
+/// by a rebuild.
+#[test]
+fn aged_entries_stay_gone_after_a_rebuild() {
+    let cfg = DriverConfig { aging_period_ms: 100, ..cfg() };
+    let (mut t, faults) = open_with(EmulatedDevice::inline().expect("device"), cfg, true);
+    let mut want = Expected::default();
+    populate(&mut t, &mut want);
+    let short: Vec<TableOp> = (0..10)
+        .map(|i| TableOp::Insert(key(90_000 + i), ConnEntry::new(ConnState { timeout_s: 1.into(), ..state(i) })))
+        .collect();
+    assert!(t.batch(&short).expect("batch").iter().all(Result::is_ok));
+    t.driver_ref().device().nic().advance_time(Duration::from_secs(3));
+    assert_eq!(t.len(), N as usize, "the short-lived entries aged");
+    faults.arm(Fault::ResetMidBatch { after: 0 });
+    let ops = churn(0, &want);
+    run(&mut t, &ops, &mut want).expect("batch");
+    assert_eq!(t.recovery_stats().resets, 1);
+    assert_intact(&mut t, &want);
+    let mut aged = 0;
+    t.poll_events(|e| aged += usize::from(e.kind == nicsync_fwif::event::EventKind::Aged));
+    assert_eq!(aged, 10, "the events read during the recovery are handed on");
+}
+
+/// Every kind armed at random (seeded) while the model runs on its polling
+/// thread, over several batches; the table is intact at the end.
+#[test]
+fn chaos_on_the_polling_thread() {
+    let dev = EmulatedDevice::new(ModelConfig::default(), ExecMode::Thread).expect("device");
+    dev.start_poller(None).expect("poller");
+    let cfg = DriverConfig { completion_timeout: Duration::from_millis(200), ..cfg() };
+    let (mut t, faults) = open_with(dev, cfg, false);
+    // Faults strike rebuilds too: allow as many recoveries as are armed.
+    t.enable_recovery(RecoveryConfig { max_recoveries: 32, ..RecoveryConfig::default() }).expect("recovery");
+    let mut want = Expected::default();
+    populate(&mut t, &mut want);
+    faults.seed(42);
+    // Per command, per batch (stall) and per housekeeping pass (lost
+    // entry), each kind a few times at most.
+    let p = |x: f64, n: u64| Trigger::probability(x).limit(n);
+    faults.arm_with(Fault::DropCompletion, p(0.0003, 3));
+    faults.arm_with(Fault::CorruptCompletionTag, p(0.0003, 3));
+    faults.arm_with(Fault::CorruptCompletionPhase, p(0.0003, 3));
+    faults.arm_with(Fault::DmaError, p(0.0002, 2));
+    faults.arm_with(Fault::ResetMidBatch { after: 0 }, p(0.0002, 2));
+    faults.arm_with(Fault::Stall { duration: Some(Duration::from_micros(200)) }, p(0.05, 2));
+    faults.arm_with(Fault::LoseEntry, p(0.0001, 1));
+    for r in 0..6 {
+        let ops = churn(r, &want);
+        run(&mut t, &ops, &mut want).unwrap_or_else(|e| panic!("round {r}: {e}"));
+    }
+    faults.clear();
+    let injected = faults.injected_by_kind();
+    assert!(injected.iter().filter(|(_, n)| *n > 0).count() >= 4, "{injected:?}");
+    t.audit_full().expect("audit");
+    assert_intact(&mut t, &want);
+    let s = t.recovery_stats();
+    eprintln!("injected {injected:?}\nrecovery {s:?}");
+    assert!(s.resets >= 1, "{s:?} after {injected:?}");
+}
+
+// ---------------------------------------------------------------------------
+// The driver's part on its own, and the device against bad input.
+
+/// `Driver::reinit` hands back what was in flight, read from the ring, and
+/// `Driver::replay` posts it again.
+#[test]
+fn driver_reinit_returns_in_flight_commands_for_replay() {
+    let dev = EmulatedDevice::inline().expect("device");
+    let faults = dev.faults();
+    let mut drv = Driver::probe(dev, cfg()).expect("probe");
+    faults.arm(Fault::Stall { duration: None });
+    let descs: Vec<_> = (0..5)
+        .map(|i| nicsync_fwif::cmd::ConnOp {
+            key: key(i),
+            state: state(i),
+            nat: (i == 2).then(|| nat(i)),
+            auto_generation: true,
+            replica_owner: None,
+        })
+        .map(|op| op.encode(Opcode::Insert, 0))
+        .collect();
+    let tags: Vec<u16> = descs.iter().map(|(d, e)| drv.post(d, e.as_ref()).expect("post")).collect();
+    drv.ring();
+    assert!(matches!(drv.wait(tags[0]), Err(DriverError::Timeout { .. })));
+    assert_eq!(drv.recovery_stats().stalls, 1);
+    let pending = drv.reinit().expect("reinit");
+    assert_eq!(pending.len(), 5);
+    for (p, (d, e)) in pending.iter().zip(&descs) {
+        assert_eq!((p.desc.opcode, p.desc.body, p.ext.map(|x| x.body)), (d.opcode, d.body, e.map(|x| x.body)));
+    }
+    assert!(!faults.is_stalled(), "the reset ended the stall");
+    let new = drv.replay(&pending).expect("replay");
+    for tag in new {
+        assert_eq!(drv.wait(tag).expect("completion").status, CplStatus::Success);
+    }
+    assert_eq!(drv.table_count(), 5);
+    assert_eq!((drv.recovery_stats().resets, drv.recovery_stats().commands_replayed), (1, 5));
+}
+
+/// Sets byte `i` of a descriptor's 64 wire bytes (the tag, bytes 2..4, is
+/// the driver's to set).
+fn set_byte(d: &mut CommandDescriptor, i: usize, b: u8) {
+    match i {
+        0 => d.opcode = b,
+        1 => d.flags = b,
+        4..=7 => {
+            let shift = 8 * (i - 4);
+            d.aux = ((d.aux.get() & !(0xFF << shift)) | u32::from(b) << shift).into();
+        }
+        8..=63 => d.body[i - 8] = b,
+        _ => {}
+    }
+}
+
+/// The device survives whatever the host posts: thousands of descriptors,
+/// random or valid ones with random bytes changed, complete one by one with
+/// a defined status, the device never goes FATAL, and the host never sees a
+/// completion it must refuse.
+#[test]
+fn device_survives_random_descriptors() {
+    let dev = EmulatedDevice::inline().expect("device");
+    let mut t = ConnTable::open(dev, DriverConfig { cmd_ring_log2: 5, ..cfg() }).expect("probe");
+    let mut rng = SeededRng::new(2024);
+    let mut posted = 0u64;
+    let mut statuses = HashMap::new();
+    for round in 0..400u32 {
+        let mut tags = Vec::new();
+        for _ in 0..1 + rng.below(16) {
+            let mut d = CommandDescriptor::conn(Opcode::Insert, DescFlags::empty(), 0, &key(round), &state(round));
+            if rng.below(3) == 0 {
+                for i in 0..64 {
+                    set_byte(&mut d, i, rng.next_u64() as u8);
+                }
+            } else {
+                for _ in 0..1 + rng.below(3) {
+                    set_byte(&mut d, rng.below(64) as usize, rng.next_u64() as u8);
+                }
+                d.opcode = [0u8, 1, 2, 3, 4, 5, 6, 7, 0x7F, 0x42][rng.below(10) as usize];
+            }
+            // A chain's length is the host's to know; chains are covered in
+            // bad_input.rs.
+            d.flags &= !DescFlags::CHAIN.bits();
+            tags.push(t.driver().post(&d, None).expect("post"));
+            posted += 1;
+        }
+        t.driver().ring();
+        for tag in tags {
+            let c = t.driver().wait(tag).expect("every descriptor completes");
+            *statuses.entry(c.status.name()).or_insert(0u32) += 1;
+        }
+    }
+    assert!(!t.driver().status().contains(Status::FATAL));
+    assert_eq!(t.driver().stats().bad_completions, 0);
+    assert_eq!(t.driver().device_counter(Counter::CommandsFetched), posted);
+    assert_eq!(t.driver().device_counter(Counter::CompletionsWritten), posted);
+    assert!(statuses.len() >= 4, "a spread of outcomes: {statuses:?}");
+    let k = key(1_000_000);
+    t.insert(&k, &ConnEntry { state: state(1), nat: Some(nat(1)) }).expect("still works");
+    assert_eq!(t.lookup(&k).expect("lookup").map(|r| r.nat), Some(nat(1)));
+}
