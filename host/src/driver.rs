@@ -700,6 +700,14 @@ impl<D: NicDevice> Driver<D> {
         }
     }
 
+    /// Whether [`Driver::post`] would accept a command of `slots` slots now:
+    /// enough free slots, and none of them still reserved by a command whose
+    /// completion never came back.
+    pub fn can_post(&self, slots: u32) -> bool {
+        self.free_slots() >= slots
+            && (0..slots).all(|i| self.in_flight[((self.tail + i) & (self.cmd_size - 1)) as usize].is_none())
+    }
+
     /// Writes one command (one or two descriptors) into the ring without
     /// ringing the doorbell; returns its tag. `ext` is the EXT continuation
     /// for chained commands.

@@ -430,7 +430,7 @@ impl<D: NicDevice> ConnTable<D> {
                         // The ring is full of commands that are not ours:
                         // reap theirs (kept for their owners) until a slot
                         // frees, within the completion timeout.
-                        self.wait_for_free_slot()?;
+                        self.wait_for_free_slot(1 + ext.is_some() as u32)?;
                     }
                     Err(DriverError::RingFull { .. }) => break,
                     Err(e) => return Err(e),
@@ -662,7 +662,9 @@ impl<D: NicDevice> ConnTable<D> {
                         tags.push_back(tag);
                         next += 1;
                     }
-                    Err(DriverError::RingFull { .. }) if tags.is_empty() => self.wait_for_free_slot()?,
+                    Err(DriverError::RingFull { .. }) if tags.is_empty() => {
+                        self.wait_for_free_slot(1 + ext.is_some() as u32)?
+                    }
                     Err(DriverError::RingFull { .. }) => break,
                     Err(e) => return Err(e),
                 }
@@ -714,7 +716,7 @@ impl<D: NicDevice> ConnTable<D> {
                         todo.pop_front();
                     }
                     Err(DriverError::RingFull { .. }) if tags.is_empty() => {
-                        if let Err(e) = self.wait_for_free_slot() {
+                        if let Err(e) = self.wait_for_free_slot(1 + ext.is_some() as u32) {
                             fault = Some(e);
                             break;
                         }
@@ -967,11 +969,14 @@ impl<D: NicDevice> ConnTable<D> {
         }
     }
 
-    fn wait_for_free_slot(&mut self) -> Result<(), DriverError> {
+    fn wait_for_free_slot(&mut self, slots: u32) -> Result<(), DriverError> {
         let start = std::time::Instant::now();
         loop {
             self.drv.reap();
-            if self.drv.free_slots() > 0 {
+            // Free slots are not enough: the command may need two, or the
+            // tail slot may still be reserved by a lost completion (then
+            // only a reset frees it, and this ends at the timeout).
+            if self.drv.can_post(slots) {
                 return Ok(());
             }
             if start.elapsed() >= self.drv.config().completion_timeout {
