@@ -23,7 +23,8 @@ struct Member {
 
 impl Member {
     fn start(&mut self) {
-        let log = std::fs::File::create(&self.log).expect("log");
+        // Appended: a restarted member's log keeps its first life's.
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
         let child = Command::new(env!("CARGO_BIN_EXE_nicsync"))
             .args(["daemon", "--config"])
             .arg(&self.config)
@@ -79,6 +80,10 @@ fn wait_for<T>(what: &str, timeout: Duration, members: &[Member], mut f: impl Fn
     }
 }
 
+/// Members probe every 10 ms and declare a peer dead after 30 missed probes
+/// (300 ms, not the default 50 ms): three daemons and the test share a
+/// small, busy CI machine, where a host loop can be late by tens of
+/// milliseconds, and a false failover would move the Active under the test.
 fn write_configs(dir: &Path, n: u16) -> Vec<Member> {
     nicsync_seal::KeyFile::generate().unwrap().write(&dir.join("cluster.key")).unwrap();
     let ports: Vec<(u16, u16, u16)> = (0..n).map(|_| (free_udp(), free_udp(), free_tcp())).collect();
@@ -90,7 +95,7 @@ fn write_configs(dir: &Path, n: u16) -> Vec<Member> {
                 "member_id = {id}\ncluster_id = 7\nmode = \"ha\"\n\
                  [device]\ntable_capacity = 65536\naging_period_ms = 0\n\
                  [sync]\nbind = \"127.0.0.1:{s}\"\n\
-                 [membership]\nbind = \"127.0.0.1:{m}\"\n\
+                 [membership]\nbind = \"127.0.0.1:{m}\"\ndead_after = 30\n\
                  [full_sync]\nbind = \"127.0.0.1:{f}\"\n\
                  [control]\nsocket = \"{}\"\n\
                  [security]\nkey_file = \"{}\"\n",
