@@ -326,4 +326,29 @@ fn forged_datagrams_are_dropped_and_counted_by_a_running_daemon() {
     wait_for("the next genuine update applied", Duration::from_secs(10), &members, || {
         get("tcp 10.77.0.2:1000 -> 192.0.2.7:443").ok()
     });
+
+    // Rotation, step 1 on the daemon's side: a second key is added to the
+    // file and reloaded; the peer (this test) switches to it at once and
+    // the daemon opens both.
+    let mut file = nicsync_seal::KeyFile::read(&key_file).unwrap();
+    let new_id = file.add_key().unwrap();
+    file.write(&key_file).unwrap();
+    let r = members[0].req(&Request::ReloadKeys).unwrap();
+    assert_eq!(r["keys_accepted"], 2, "{r}");
+    assert_eq!(r["send_key"], 1, "{r}");
+    file.use_key(new_id).unwrap();
+    let rotated = SharedKeyring::new(file.keyring(&key_file).unwrap());
+    let mut genuine2 = Sealer::new(rotated, TrafficClass::Delta, 2, 3);
+    let d = seal(&mut genuine2, &delta_frame(&origin, 3, "tcp 10.77.0.3:1000 -> 192.0.2.7:443", 3));
+    assert_eq!(d[1], new_id, "sealed with the new key id");
+    peer_sync.send_to(&d, daemon_sync).unwrap();
+    wait_for("an update sealed with the new key applied", Duration::from_secs(10), &members, || {
+        get("tcp 10.77.0.3:1000 -> 192.0.2.7:443").ok()
+    });
+    // A key file that loosened its mode is refused on reload; the daemon
+    // keeps its keys.
+    std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let e = members[0].req(&Request::ReloadKeys).unwrap_err();
+    assert!(e.contains("chmod 600"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
