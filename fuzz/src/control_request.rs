@@ -1,13 +1,13 @@
 //! `control_request`: one control-socket request line, as the daemon reads
-//! it (at most `MAX_REQUEST_BYTES` bytes up to the first newline, parsed
-//! as a JSON [`Request`]), and the key and TCP-state syntax the requests
+//! it (at most `MAX_REQUEST_BYTES` bytes up to the first newline, parsed by
+//! the daemon's [`parse_request_line`]), and the key and TCP-state syntax the requests
 //! carry ([`parse_key`], [`parse_tcp_state`]).
 //!
 //! Checks: nothing panics; an accepted request serializes back to JSON that
 //! parses to the same request; an accepted key prints (`Display`) as text
 //! that `parse_key` reads back to the same key (its documented contract).
 
-use nicsync::control::{parse_key, parse_tcp_state, Request, MAX_REQUEST_BYTES};
+use nicsync::control::{parse_key, parse_request_line, parse_tcp_state, Request, MAX_REQUEST_BYTES};
 
 fn check_key(s: &str) {
     if let Ok(k) = parse_key(s) {
@@ -22,33 +22,29 @@ fn check_key(s: &str) {
 
 /// The target.
 pub fn run(data: &[u8]) {
-    // As the daemon reads the socket: a bounded read of one line.
+    // As the daemon reads the socket: a bounded read of one line, parsed by
+    // the daemon's own function.
     let bounded = &data[..data.len().min(MAX_REQUEST_BYTES + 1)];
     let line = match bounded.iter().position(|b| *b == b'\n') {
         Some(i) => &bounded[..=i],
         None => bounded,
     };
-    if line.len() <= MAX_REQUEST_BYTES {
-        if let Ok(text) = std::str::from_utf8(line) {
-            match serde_json::from_str::<Request>(text) {
-                Ok(req) => {
-                    let json = serde_json::to_string(&req).expect("a request serializes");
-                    let back: Request = serde_json::from_str(&json).expect("a serialized request parses");
-                    assert!(back == req, "request does not round-trip through JSON: {json}");
-                    match &req {
-                        Request::ConnGet { key } | Request::ConnDel { key } => check_key(key),
-                        Request::ConnAdd { key, tcp_state, .. } => {
-                            check_key(key);
-                            let _ = parse_tcp_state(tcp_state);
-                        }
-                        _ => {}
-                    }
+    match parse_request_line(line) {
+        Ok(req) => {
+            assert!(line.len() <= MAX_REQUEST_BYTES, "an oversized line was accepted");
+            let json = serde_json::to_string(&req).expect("a request serializes");
+            let back: Request = serde_json::from_str(&json).expect("a serialized request parses");
+            assert!(back == req, "request does not round-trip through JSON: {json}");
+            match &req {
+                Request::ConnGet { key } | Request::ConnDel { key } => check_key(key),
+                Request::ConnAdd { key, tcp_state, .. } => {
+                    check_key(key);
+                    let _ = parse_tcp_state(tcp_state);
                 }
-                Err(e) => {
-                    let _ = e.to_string();
-                }
+                _ => {}
             }
         }
+        Err(e) => assert!(!e.is_empty()),
     }
     // The key syntax on its own (the CLI's `conn get KEY` and friends).
     let text = String::from_utf8_lossy(data);

@@ -19,6 +19,17 @@ use serde::{Deserialize, Serialize};
 /// Longest request line the daemon reads.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
+/// Parses one request line as the daemon reads it from its socket (at most
+/// [`MAX_REQUEST_BYTES`] bytes, up to and including the first newline);
+/// the error is the message the daemon answers with.
+pub fn parse_request_line(line: &[u8]) -> Result<Request, String> {
+    if line.len() > MAX_REQUEST_BYTES {
+        return Err(format!("request longer than {MAX_REQUEST_BYTES} bytes"));
+    }
+    let text = std::str::from_utf8(line).map_err(|e| format!("bad request: not UTF-8: {e}"))?;
+    serde_json::from_str::<Request>(text).map_err(|e| format!("bad request: {e}"))
+}
+
 /// A request to the daemon.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
@@ -219,6 +230,16 @@ pub fn parse_tcp_state(name: &str) -> Option<TcpState> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    #[test]
+    fn request_lines_are_bounded_and_checked() {
+        assert_eq!(parse_request_line(b"{\"cmd\":\"state\"}\n"), Ok(Request::State));
+        assert_eq!(parse_request_line(b"{\"cmd\":\"reload_keys\"}"), Ok(Request::ReloadKeys));
+        let long = vec![b' '; MAX_REQUEST_BYTES + 1];
+        assert!(parse_request_line(&long).unwrap_err().contains("longer than"));
+        assert!(parse_request_line(b"\xff\xfe").unwrap_err().contains("UTF-8"));
+        assert!(parse_request_line(b"{\"cmd\":\"format_disk\"}").unwrap_err().starts_with("bad request"));
+    }
 
     #[test]
     fn keys_round_trip_through_display() {

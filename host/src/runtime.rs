@@ -377,14 +377,10 @@ async fn control_client(stream: UnixStream, own_uid: u32, allow: Vec<u32>, ev: m
         let _ = ev.send(Ev::ControlRefused);
         Reply::err(format!("uid {uid} may not use this daemon (control.allow_uids)"))
     } else {
-        let mut line = String::new();
+        let mut line = Vec::new();
         let mut rd = BufReader::new(rd.take(MAX_REQUEST_BYTES as u64 + 1));
-        match rd.read_line(&mut line).await {
-            Ok(n) if n > MAX_REQUEST_BYTES => {
-                let _ = ev.send(Ev::ControlRefused);
-                Reply::err(format!("request longer than {MAX_REQUEST_BYTES} bytes"))
-            }
-            Ok(_) => match serde_json::from_str::<Request>(&line) {
+        match rd.read_until(b'\n', &mut line).await {
+            Ok(_) => match control::parse_request_line(&line) {
                 Ok(req) => {
                     let (tx, rx) = oneshot::channel();
                     if ev.send(Ev::Control { req, reply: tx }).is_err() {
@@ -394,7 +390,7 @@ async fn control_client(stream: UnixStream, own_uid: u32, allow: Vec<u32>, ev: m
                 }
                 Err(e) => {
                     let _ = ev.send(Ev::ControlRefused);
-                    Reply::err(format!("bad request: {e}"))
+                    Reply::err(e)
                 }
             },
             Err(e) => Reply::err(format!("reading request: {e}")),
