@@ -17,6 +17,7 @@ fn main() {
         "completion_event" => nicsync_fuzz::completion_event::run,
         "config" => nicsync_fuzz::config::run,
         "control_request" => nicsync_fuzz::control_request::run,
+        "ctnetlink" => nicsync_fuzz::ctnetlink::run,
         "delta_frame" => nicsync_fuzz::delta_frame::run,
         "fullsync_chunk" => nicsync_fuzz::fullsync_chunk::run,
         "seal" => nicsync_fuzz::seal::run,

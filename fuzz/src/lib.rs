@@ -14,6 +14,7 @@ pub mod cmd_descriptor;
 pub mod completion_event;
 pub mod config;
 pub mod control_request;
+pub mod ctnetlink;
 pub mod delta_frame;
 pub mod fullsync_chunk;
 pub mod seal;
