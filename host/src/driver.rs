@@ -237,6 +237,9 @@ pub struct RecoveryStats {
     pub commands_replayed: u64,
     /// Entries written back to the card from the host's copy.
     pub entries_restored: u64,
+    /// Deletes a cluster member's card remembered (tombstones) written back
+    /// to it from the host's copy after a reset.
+    pub tombstones_restored: u64,
     /// Entries found missing on the card outside a rebuild (an audit, or a
     /// NOT_FOUND for an entry that cannot have aged).
     pub lost_entries_detected: u64,
@@ -370,6 +373,8 @@ pub struct Driver<D: NicDevice> {
     /// The first descriptor posted since the last doorbell.
     batch_first: Option<CommandDescriptor>,
     inline_seq: u16,
+    /// Whether the host asked for `SYNC_HOLD` (kept across a reinit).
+    sync_hold: bool,
 }
 
 impl<D: NicDevice> std::fmt::Debug for Driver<D> {
@@ -448,6 +453,7 @@ impl<D: NicDevice> Driver<D> {
             use_inline,
             batch_first: None,
             inline_seq: 0,
+            sync_hold: false,
             cfg,
         })
     }
@@ -629,6 +635,13 @@ impl<D: NicDevice> Driver<D> {
         self.done.iter_mut().for_each(|d| *d = None);
         self.batch_first = None;
         self.recovery.resets += 1;
+        // The reset cleared CONTROL: a hold the host had set (a Full Sync
+        // being pulled) holds again. What the card held is gone; the puller
+        // learns of the reset from `resets` and starts over.
+        if self.sync_hold {
+            let ctl = Control::from_bits_truncate(self.dev.read32(regs::CONTROL));
+            self.dev.write32(regs::CONTROL, (ctl | Control::SYNC_HOLD).bits());
+        }
         Ok(pending)
     }
 
@@ -1168,6 +1181,7 @@ impl<D: NicDevice> Driver<D> {
         if !self.info.caps.contains(Capabilities::SYNC) {
             return Err(DriverError::MissingCapabilities(Capabilities::SYNC));
         }
+        self.sync_hold = on;
         let ctl = Control::from_bits_truncate(self.dev.read32(regs::CONTROL));
         let want = if on { ctl | Control::SYNC_HOLD } else { ctl - Control::SYNC_HOLD };
         if want != ctl {

@@ -259,6 +259,11 @@ pub struct Node<D: NicDevice> {
     /// Outputs already on the wire's terms (sealed, or a handshake): they
     /// leave before [`Node::out`], whose items are sealed as they leave.
     raw_out: VecDeque<NodeOutput>,
+    /// Device resets the table made to recover from faults, as last seen
+    /// (with fault recovery on): a new one is acted upon.
+    resets_seen: u64,
+    /// When the table (with fault recovery on) is audited next.
+    next_audit: Nanos,
 }
 
 /// Times a resync request is repeated before it is given up.
@@ -309,6 +314,7 @@ impl<D: NicDevice> Node<D> {
         table.driver().set_sync_hold(true).map_err(|e| NodeError::Table(e.into()))?;
         let listen = cfg.probe_interval_ns.saturating_mul(cfg.dead_after as u64 + 1);
         let security = cfg.seal.clone().map(|c| NodeSecurity::new(c, cfg.cluster_id, cfg.member_id, &cfg.peers));
+        let resets_seen = table.recovery_stats().resets;
         Ok(Node {
             security,
             raw_out: VecDeque::new(),
@@ -334,6 +340,8 @@ impl<D: NicDevice> Node<D> {
             ask_merge_after: false,
             digest: (0, 0),
             divergence_asked: std::collections::BTreeMap::new(),
+            resets_seen,
+            next_audit: now,
         })
     }
 
@@ -529,6 +537,7 @@ impl<D: NicDevice> Node<D> {
                 }
             }
         }
+        let mut audited = false;
         for p in peers {
             let Some((theirs, since)) = self.ms.peer_digest(p) else { continue };
             tracing::trace!(member = self.cfg.member_id, "peer {p} digest {theirs:016x} since {since}");
@@ -538,6 +547,14 @@ impl<D: NicDevice> Node<D> {
             let recent = self.divergence_asked.get(&p).is_some_and(|t| now.saturating_sub(*t) < 1_000_000_000);
             if recent || self.resync_asks.iter().any(|a| a.0 == p) {
                 continue;
+            }
+            // Before a peer is made to copy this table: the card may have
+            // lost entries the peer still holds.
+            if !audited {
+                audited = true;
+                if self.audit_table(now) || !self.is_reference() {
+                    return;
+                }
             }
             self.divergence_asked.insert(p, now);
             self.stats.divergences_detected += 1;
@@ -788,6 +805,7 @@ impl<D: NicDevice> Node<D> {
     /// call it more often.
     pub fn progress(&mut self, now: Nanos) {
         self.poll_device_events(now);
+        self.watch_device(now);
         self.drive_pull(now);
         self.drive_serving(now);
         let mut realign = false;
@@ -877,6 +895,81 @@ impl<D: NicDevice> Node<D> {
                     self.resync_wanted = true;
                 }
             }
+        }
+    }
+
+    /// Whether a SNAPSHOT walk of this member's device is being served.
+    fn walking(&self) -> bool {
+        self.serving.iter().any(|s| s.walking)
+    }
+
+    /// With fault recovery on (see `ConnTable::enable_recovery`): audits
+    /// the table once per probe interval, and acts on a device reset the
+    /// table made to recover.
+    fn watch_device(&mut self, now: Nanos) {
+        if self.table.recovery_config().is_none() {
+            return;
+        }
+        if now >= self.next_audit {
+            self.next_audit = now.saturating_add(self.cfg.probe_interval_ns.max(1));
+            self.audit_table(now);
+        }
+        self.after_device_reset(now);
+    }
+
+    /// Compares the card with the host's copy and restores what the card
+    /// lost (`ConnTable::audit`); returns whether it found anything. Not
+    /// while a walk of the device is served (an audit that walks would tear
+    /// it) or a Full Sync is pulled (the table is being replaced).
+    fn audit_table(&mut self, now: Nanos) -> bool {
+        if self.table.recovery_config().is_none() || self.walking() || self.is_pulling() {
+            return false;
+        }
+        let report = match self.table.audit() {
+            Ok(r) => r,
+            Err(e) => {
+                self.note_error(format!("audit: {e}"));
+                return false;
+            }
+        };
+        let restored = report.missing + report.different;
+        if restored > 0 {
+            tracing::warn!(
+                member = self.cfg.member_id,
+                missing = report.missing,
+                different = report.different,
+                "audit: the card lost entries; restored from the host's copy"
+            );
+        }
+        self.after_device_reset(now);
+        restored > 0 || report.recovered
+    }
+
+    /// After the table reset the device to recover from a fault and rebuilt
+    /// its table from the host's copy: a Full Sync pull in progress starts
+    /// again (the updates the card held for it are gone), and the cluster's
+    /// reference realigns with the peers (its table is the cluster's; they
+    /// may hold changes it lost). Another member keeps its rebuilt table:
+    /// emptying it for a pull would risk the only copy of some changes if
+    /// the source died meanwhile. The copy knows no owner for the peers'
+    /// changes it learnt from events (a rebuilt entry is this member's), so
+    /// the table may differ from the reference's in owners; the
+    /// reference's anti-entropy check then has it resync.
+    fn after_device_reset(&mut self, now: Nanos) {
+        let resets = self.table.recovery_stats().resets;
+        if resets == self.resets_seen {
+            return;
+        }
+        self.resets_seen = resets;
+        match self.phase {
+            Phase::Pulling(_) => {
+                self.pull_failed("full sync: the device was reset during the pull; again".into(), now);
+            }
+            Phase::Synced if self.is_reference() => {
+                self.note_error("device reset and rebuilt from the host's copy: realigning with the peers".into());
+                self.realign();
+            }
+            Phase::Synced | Phase::Listening { .. } | Phase::Backoff { .. } => {}
         }
     }
 
@@ -1023,7 +1116,17 @@ impl<D: NicDevice> Node<D> {
                 self.ms.set_synced(now);
                 self.ms.set_attention(false, now);
             } else {
-                // Wait for a synced member to pull from.
+                // Wait for a synced member to pull from. What a pull that
+                // did not finish left in the table (its source died, or
+                // the table was rebuilt from the host's copy mid-pull) is
+                // no member's table, and this one never seeds from it:
+                // emptied, it does not keep a restarted member from
+                // seeding as if this one held the cluster's table.
+                if !self.table_own && self.table.driver_ref().device_counter(Counter::SyncDigest) != 0 {
+                    if let Err(e) = self.table.flush() {
+                        self.note_error(format!("emptying what an unfinished pull left: {e}"));
+                    }
+                }
                 let wait = self.cfg.probe_interval_ns.max(1);
                 self.phase = Phase::Backoff { until: now.saturating_add(wait), attempt };
             }
@@ -1151,6 +1254,10 @@ impl<D: NicDevice> Node<D> {
         let mut i = 0;
         while i < self.serving.len() {
             let walk_free = !self.serving.iter().any(|s| s.walking);
+            if walk_free && self.serving[i].server.wants_begin() && !self.serving[i].closed {
+                // What the card lost must not go out as the cluster's table.
+                self.audit_table(now);
+            }
             let s = &mut self.serving[i];
             if s.server.wants_begin() && walk_free && !s.closed {
                 let seq = self.table.driver_ref().device_counter(Counter::SyncNextSeq);

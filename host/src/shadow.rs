@@ -15,13 +15,17 @@
 //! already had (none and 0 for a new one); [`ShadowTable::apply_update`]
 //! and an audit walk give the full entry.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use nicsync_fwif::conn::{ConnFlags, ConnKey, ConnRecord, ConnState, Nat};
 use nicsync_fwif::event::{Event, EventKind};
 use nicsync_fwif::sync::{DeltaOp, DeltaUpdate};
 
 use crate::table::{TableError, TableOp};
+
+fn is_synced(e: &ShadowEntry) -> bool {
+    e.state.conn_flags().contains(ConnFlags::SYNC)
+}
 
 /// What the host knows of one entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -57,10 +61,32 @@ impl ShadowEntry {
     }
 }
 
+/// A delete the card remembers (a tombstone): a cluster member's device
+/// keeps one for every synced entry deleted, so that a late, older upsert
+/// cannot bring the entry back, and numbers a re-insert above it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ShadowTomb {
+    /// The delete's generation.
+    pub generation: u32,
+    /// The member whose delete it is; 0: this host's own, or unknown.
+    pub owner: u16,
+}
+
+/// Tombstones the copy keeps, at most (the device keeps 65,536; the oldest
+/// go first).
+pub const SHADOW_TOMBSTONES: usize = 1 << 16;
+
 /// The host's copy of the card's connection table.
 #[derive(Clone, Debug, Default)]
 pub struct ShadowTable {
     map: HashMap<ConnKey, ShadowEntry>,
+    /// Tombstones, with the order they were made in (for eviction).
+    tombs: HashMap<ConnKey, (ShadowTomb, u64)>,
+    tomb_order: VecDeque<(u64, ConnKey)>,
+    tomb_seq: u64,
+    /// Entries marked for sync (kept as entries change: an audit compares
+    /// it with the device's counter every time).
+    synced: usize,
     needs_audit: bool,
 }
 
@@ -90,25 +116,84 @@ impl ShadowTable {
         self.map.iter()
     }
 
-    /// Sets the entry of `key`.
+    /// Sets the entry of `key` (which ends a tombstone of the key, as an
+    /// insert does on the card).
     pub fn set(&mut self, key: ConnKey, e: ShadowEntry) {
-        self.map.insert(key, e);
+        self.tombs.remove(&key);
+        self.synced += usize::from(is_synced(&e));
+        if let Some(old) = self.map.insert(key, e) {
+            self.synced -= usize::from(is_synced(&old));
+        }
     }
 
-    /// Removes the entry of `key`.
+    /// Removes the entry of `key` (no tombstone).
     pub fn remove(&mut self, key: &ConnKey) -> Option<ShadowEntry> {
-        self.map.remove(key)
+        let old = self.map.remove(key)?;
+        self.synced -= usize::from(is_synced(&old));
+        Some(old)
     }
 
-    /// Forgets everything.
+    /// Forgets everything, tombstones too.
     pub fn clear(&mut self) {
         self.map.clear();
+        self.synced = 0;
+        self.tombs.clear();
+        self.tomb_order.clear();
+    }
+
+    /// Tombstones held.
+    pub fn tombstones_len(&self) -> usize {
+        self.tombs.len()
+    }
+
+    /// The tombstone of `key`.
+    pub fn tombstone(&self, key: &ConnKey) -> Option<ShadowTomb> {
+        self.tombs.get(key).map(|(t, _)| *t)
+    }
+
+    /// Every tombstone (in no particular order).
+    pub fn tombstones(&self) -> impl Iterator<Item = (&ConnKey, ShadowTomb)> {
+        self.tombs.iter().map(|(k, (t, _))| (k, *t))
+    }
+
+    /// Removes `key`'s entry and remembers its delete.
+    fn bury(&mut self, key: ConnKey, tomb: ShadowTomb) {
+        self.remove(&key);
+        self.tomb_seq += 1;
+        let seq = self.tomb_seq;
+        self.tombs.insert(key, (tomb, seq));
+        self.tomb_order.push_back((seq, key));
+        while self.tombs.len() > SHADOW_TOMBSTONES {
+            let Some((s, k)) = self.tomb_order.pop_front() else { break };
+            if self.tombs.get(&k).is_some_and(|(_, cur)| *cur == s) {
+                self.tombs.remove(&k);
+            }
+        }
+        // Entries for keys buried again, or brought back, are stale there.
+        if self.tomb_order.len() > 2 * SHADOW_TOMBSTONES.max(self.tombs.len()) {
+            let tombs = &self.tombs;
+            self.tomb_order.retain(|(s, k)| tombs.get(k).is_some_and(|(_, cur)| cur == s));
+        }
+    }
+
+    /// Removes `key`'s entry as a local delete does on a cluster member's
+    /// card: a synced entry leaves a tombstone one generation above it.
+    fn delete_local(&mut self, key: &ConnKey) {
+        match self.map.get(key) {
+            Some(e) if e.state.conn_flags().contains(ConnFlags::SYNC) => {
+                let generation = e.state.generation.get().wrapping_add(1);
+                self.bury(*key, ShadowTomb { generation, owner: 0 });
+            }
+            _ => {
+                self.remove(key);
+            }
+        }
     }
 
     /// Entries marked for sync (what the device's `sync_entries` counter
     /// counts).
     pub fn synced_len(&self) -> usize {
-        self.map.values().filter(|e| e.state.conn_flags().contains(ConnFlags::SYNC)).count()
+        self.synced
     }
 
     /// Whether something (an event overflow) may have been missed, so that
@@ -129,21 +214,23 @@ impl ShadowTable {
         match (op, res) {
             (TableOp::Insert(k, e), Ok(g)) => {
                 let state = ConnState { generation: (*g).into(), ..e.state };
-                self.map.insert(*k, ShadowEntry { state, nat: e.nat.unwrap_or_default(), owner: 0 });
+                self.set(*k, ShadowEntry { state, nat: e.nat.unwrap_or_default(), owner: 0 });
             }
             (TableOp::Update(k, e) | TableOp::Upsert(k, e), Ok(g)) => {
                 let state = ConnState { generation: (*g).into(), ..e.state };
                 // Without a NAT the device keeps the stored one.
                 let nat = e.nat.or_else(|| self.map.get(k).map(|s| s.nat)).unwrap_or_default();
-                self.map.insert(*k, ShadowEntry { state, nat, owner: 0 });
+                self.set(*k, ShadowEntry { state, nat, owner: 0 });
             }
             (TableOp::Replica(k, e, owner), Ok(_)) => {
-                self.map.insert(*k, ShadowEntry { state: e.state, nat: e.nat.unwrap_or_default(), owner: *owner });
+                self.set(*k, ShadowEntry { state: e.state, nat: e.nat.unwrap_or_default(), owner: *owner });
             }
-            (TableOp::Delete(k), Ok(_) | Err(TableError::NotFound))
-            | (TableOp::Update(k, _), Err(TableError::NotFound))
-            | (TableOp::ReplicaDelete(k, _, _), Ok(_)) => {
-                self.map.remove(k);
+            (TableOp::Delete(k), Ok(_)) => self.delete_local(k),
+            (TableOp::Delete(k) | TableOp::Update(k, _), Err(TableError::NotFound)) => {
+                self.remove(k);
+            }
+            (TableOp::ReplicaDelete(k, generation, owner), Ok(_)) => {
+                self.bury(*k, ShadowTomb { generation: *generation, owner: *owner });
             }
             _ => {}
         }
@@ -157,19 +244,35 @@ impl ShadowTable {
     /// needing a full audit.
     pub fn apply_event(&mut self, ev: &Event) -> bool {
         match ev.kind {
+            // The device sends the removal of an aged synced entry to its
+            // peers as its own delete, and keeps a tombstone.
             EventKind::Aged => match self.map.get(&ev.key) {
-                Some(e) if e.state == ev.state => self.map.remove(&ev.key).is_some(),
+                Some(e) if e.state == ev.state => {
+                    self.delete_local(&ev.key);
+                    true
+                }
                 _ => false,
             },
+            // The peer's delete leaves its tombstone (whose owner the event
+            // does not tell).
             EventKind::SyncRemoved => match self.map.get(&ev.key) {
-                Some(e) if e.state.generation.get() <= ev.state.generation.get() => self.map.remove(&ev.key).is_some(),
+                Some(e) if e.state.generation.get() <= ev.state.generation.get() => {
+                    self.bury(ev.key, ShadowTomb { generation: ev.state.generation.get(), owner: 0 });
+                    true
+                }
                 _ => false,
             },
-            EventKind::SyncUpdated => {
-                let e = self.map.entry(ev.key).or_default();
-                e.state = ev.state;
-                true
-            }
+            // Not over a newer version: one written after the device
+            // applied the peer's change (completions may be read before
+            // events), or one the card lost and the copy keeps.
+            EventKind::SyncUpdated => match self.map.get(&ev.key) {
+                Some(e) if e.state.generation.get() > ev.state.generation.get() => false,
+                other => {
+                    let e = ShadowEntry { state: ev.state, ..other.copied().unwrap_or_default() };
+                    self.set(ev.key, e);
+                    true
+                }
+            },
             EventKind::Overflow => {
                 self.needs_audit = true;
                 false
@@ -182,11 +285,9 @@ impl ShadowTable {
     /// state, NAT and owner.
     pub fn apply_update(&mut self, u: &DeltaUpdate) {
         match u.op {
-            DeltaOp::Upsert => {
-                self.map.insert(u.key, ShadowEntry { state: u.state, nat: u.nat, owner: u.owner });
-            }
+            DeltaOp::Upsert => self.set(u.key, ShadowEntry { state: u.state, nat: u.nat, owner: u.owner }),
             DeltaOp::Delete => {
-                self.map.remove(&u.key);
+                self.bury(u.key, ShadowTomb { generation: u.state.generation.get(), owner: u.owner });
             }
         }
     }
@@ -195,7 +296,7 @@ impl ShadowTable {
     /// is seeded from the card): the remaining time becomes the timeout.
     pub fn adopt(&mut self, rec: &ConnRecord) {
         let owner = self.map.get(&rec.key).map_or(0, |e| e.owner);
-        self.map.insert(rec.key, ShadowEntry { state: rec.state, nat: rec.nat, owner });
+        self.set(rec.key, ShadowEntry { state: rec.state, nat: rec.nat, owner });
     }
 }
 
@@ -253,11 +354,73 @@ mod tests {
         assert!(!s.needs_audit());
     }
 
+    fn synced(mark: u32, generation: u32) -> ConnState {
+        ConnState { flags: ConnFlags::SYNC.bits().into(), ..st(mark, generation) }
+    }
+
+    #[test]
+    fn deletes_leave_tombstones_as_on_a_members_card() {
+        let mut s = ShadowTable::new();
+        // A synced entry's delete is remembered one generation above it.
+        s.record(&TableOp::Insert(key(1), ConnEntry::new(synced(1, 0))), &Ok(4));
+        s.record(&TableOp::Delete(key(1)), &Ok(0));
+        assert!(s.get(&key(1)).is_none());
+        assert_eq!(s.tombstone(&key(1)), Some(ShadowTomb { generation: 5, owner: 0 }));
+        // An entry not marked for sync leaves none (the card keeps none).
+        s.record(&TableOp::Insert(key(2), ConnEntry::new(st(1, 0))), &Ok(1));
+        s.record(&TableOp::Delete(key(2)), &Ok(0));
+        assert_eq!(s.tombstone(&key(2)), None);
+        // A re-insert ends the tombstone.
+        s.record(&TableOp::Insert(key(1), ConnEntry::new(synced(2, 0))), &Ok(6));
+        assert_eq!((s.tombstone(&key(1)), s.tombstones_len()), (None, 0));
+        // A Full Sync tombstone, a peer's delete, an aged synced entry.
+        s.record(&TableOp::ReplicaDelete(key(3), 9, 2), &Ok(0));
+        assert_eq!(s.tombstone(&key(3)), Some(ShadowTomb { generation: 9, owner: 2 }));
+        s.apply_event(&Event { kind: EventKind::SyncRemoved, seq: 1, key: key(1), state: st(0, 7) });
+        assert_eq!(s.tombstone(&key(1)).map(|t| t.generation), Some(7));
+        s.set(key(4), ShadowEntry { state: synced(1, 3), ..Default::default() });
+        s.apply_event(&Event { kind: EventKind::Aged, seq: 2, key: key(4), state: synced(1, 3) });
+        assert_eq!(s.tombstone(&key(4)).map(|t| t.generation), Some(4));
+        // A refused delete, or one that found nothing, leaves none.
+        s.record(&TableOp::Delete(key(5)), &Err(TableError::NotFound));
+        assert_eq!(s.tombstone(&key(5)), None);
+        // The count of synced entries follows every change.
+        s.apply_event(&Event { kind: EventKind::SyncUpdated, seq: 3, key: key(6), state: synced(1, 1) });
+        s.apply_event(&Event { kind: EventKind::SyncUpdated, seq: 4, key: key(6), state: st(1, 2) });
+        s.record(&TableOp::Upsert(key(7), ConnEntry::new(synced(1, 0))), &Ok(1));
+        s.adopt(&ConnRecord { key: key(8), state: synced(1, 1), nat: Nat::default() });
+        s.remove(&key(8));
+        let count = s.iter().filter(|(_, e)| e.state.conn_flags().contains(ConnFlags::SYNC)).count();
+        assert_eq!((s.synced_len(), count), (1, 1));
+        s.clear();
+        assert_eq!(s.synced_len(), 0);
+        assert_eq!(s.tombstones_len(), 0);
+    }
+
+    #[test]
+    fn tombstones_are_bounded_oldest_first() {
+        let mut s = ShadowTable::new();
+        let n = SHADOW_TOMBSTONES as u32 + 10;
+        for i in 0..n {
+            s.record(&TableOp::ReplicaDelete(key(i), 1, 2), &Ok(0));
+        }
+        assert_eq!(s.tombstones_len(), SHADOW_TOMBSTONES);
+        assert!(s.tombstone(&key(9)).is_none() && s.tombstone(&key(10)).is_some());
+        // Burying a key again moves it to the back.
+        s.record(&TableOp::ReplicaDelete(key(10), 2, 2), &Ok(0));
+        s.record(&TableOp::ReplicaDelete(key(n), 1, 2), &Ok(0));
+        assert!(s.tombstone(&key(10)).is_some() && s.tombstone(&key(11)).is_none());
+        assert!(s.tomb_order.len() <= 2 * SHADOW_TOMBSTONES + 1);
+    }
+
     #[test]
     fn peer_changes_and_records() {
         let mut s = ShadowTable::new();
         let up = Event { kind: EventKind::SyncUpdated, seq: 1, key: key(1), state: st(5, 3) };
         s.apply_event(&up);
+        assert_eq!(s.get(&key(1)).map(|e| e.state), Some(st(5, 3)));
+        let older = Event { kind: EventKind::SyncUpdated, seq: 1, key: key(1), state: st(6, 2) };
+        assert!(!s.apply_event(&older), "a newer version stays");
         assert_eq!(s.get(&key(1)).map(|e| e.state), Some(st(5, 3)));
         let rm = |g| Event { kind: EventKind::SyncRemoved, seq: 2, key: key(1), state: st(0, g) };
         assert!(!s.apply_event(&rm(2)), "an older delete leaves the newer entry");

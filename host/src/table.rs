@@ -167,6 +167,9 @@ struct Recovery {
     cfg: RecoveryConfig,
     shadow: ShadowTable,
     events: VecDeque<Event>,
+    /// A call gave up on a fault (or a rebuild failed): the card's state is
+    /// unknown, and the next call starts with a recovery.
+    unsettled: bool,
 }
 
 /// Events kept for the caller while recovering, at most.
@@ -334,8 +337,10 @@ impl<D: NicDevice> ConnTable<D> {
     /// Reads a connection; `Ok(None)` if absent.
     pub fn lookup(&mut self, key: &ConnKey) -> Result<Option<ConnRecord>, TableError> {
         let Some(cfg) = self.rec.as_ref().map(|r| r.cfg) else { return self.lookup_once(key) };
+        self.settle_first()?;
         let (mut recoveries, mut retries) = (0, 0);
         loop {
+            self.make_room(1)?;
             match self.lookup_once(key) {
                 // A LOOKUP changes nothing: running it again is safe.
                 Err(TableError::Refused(CplStatus::DmaError)) if retries < cfg.max_retries => {
@@ -349,6 +354,10 @@ impl<D: NicDevice> ConnTable<D> {
                     recoveries += 1;
                     self.recover()?;
                     self.drv.recovery_mut().commands_replayed += 1;
+                }
+                Err(TableError::Driver(e)) if e.needs_recovery() => {
+                    self.give_up();
+                    return Err(e.into());
                 }
                 Ok(None) if retries < cfg.max_retries && self.lost_on_card(key) => {
                     retries += 1;
@@ -387,8 +396,10 @@ impl<D: NicDevice> ConnTable<D> {
             let c = self.drv.execute(&d, None)?;
             return status_result(&c);
         };
+        self.settle_first()?;
         let mut recoveries = 0;
         loop {
+            self.make_room(1)?;
             match self.drv.execute(&d, None) {
                 Ok(c) => {
                     let r = status_result(&c);
@@ -402,7 +413,12 @@ impl<D: NicDevice> ConnTable<D> {
                     self.recover()?;
                     self.drv.recovery_mut().commands_replayed += 1;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    if e.needs_recovery() {
+                        self.give_up();
+                    }
+                    return Err(e.into());
+                }
             }
         }
     }
@@ -466,6 +482,14 @@ impl<D: NicDevice> ConnTable<D> {
         d: &CommandDescriptor,
         cfg: RecoveryConfig,
     ) -> Result<Completion, TableError> {
+        if self.rec.as_ref().is_some_and(|r| r.unsettled) {
+            // The card is rebuilt first; any walk in progress is gone.
+            self.settle_first()?;
+            return Err(TableError::Refused(CplStatus::SnapshotTorn));
+        }
+        if !self.make_room(1)? {
+            return Err(TableError::Refused(CplStatus::SnapshotTorn));
+        }
         let mut retries = 0;
         loop {
             match self.drv.execute(d, None) {
@@ -500,7 +524,7 @@ impl<D: NicDevice> ConnTable<D> {
                 shadow.adopt(&r?);
             }
         }
-        self.rec = Some(Box::new(Recovery { cfg, shadow, events: VecDeque::new() }));
+        self.rec = Some(Box::new(Recovery { cfg, shadow, events: VecDeque::new(), unsettled: false }));
         Ok(())
     }
 
@@ -576,27 +600,91 @@ impl<D: NicDevice> ConnTable<D> {
         loop {
             attempts += 1;
             match self.reinit_and_rebuild() {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    if let Some(r) = &mut self.rec {
+                        r.unsettled = false;
+                    }
+                    return Ok(());
+                }
                 Err(e) if e.needs_recovery() && attempts < cfg.max_recoveries.max(1) => {
                     tracing::warn!("fault while rebuilding the table: {e}; again");
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    self.give_up();
+                    return Err(e.into());
+                }
             }
         }
+    }
+
+    /// Marks the card's state as unknown after a call gave up on a fault:
+    /// the next call recovers first.
+    fn give_up(&mut self) {
+        if let Some(r) = &mut self.rec {
+            r.unsettled = true;
+        }
+    }
+
+    /// Recovers first if an earlier call gave up on a fault.
+    fn settle_first(&mut self) -> Result<(), TableError> {
+        if self.rec.as_ref().is_some_and(|r| r.unsettled) {
+            tracing::warn!("the card's state is unknown since a call gave up on a fault: recovering first");
+            self.recover()?;
+        }
+        Ok(())
+    }
+
+    /// With recovery on, makes room in the ring for a command of `slots`
+    /// slots: waits for completions, and if the slots are still held after
+    /// the completion timeout (by commands whose completions never came,
+    /// left by a call that gave up), recovers, since only a reset frees
+    /// them. Returns whether the card was left as it was (false: it was
+    /// rebuilt).
+    fn make_room(&mut self, slots: u32) -> Result<bool, TableError> {
+        if self.drv.can_post(slots) || self.wait_for_free_slot(slots).is_ok() {
+            return Ok(true);
+        }
+        tracing::warn!(in_flight = self.drv.slots_in_flight(), "command slots held by lost commands: recovering");
+        self.recover()?;
+        Ok(false)
     }
 
     fn reinit_and_rebuild(&mut self) -> Result<(), DriverError> {
         self.drv.reinit()?;
         let Some(r) = &self.rec else { return Ok(()) };
-        let cmds: Vec<_> = r.shadow.iter().map(|(k, e)| restore_desc(r.cfg.member, k, e, false)).collect();
-        let cpls = self.run_encoded(&cmds)?;
-        let ok = cpls.iter().filter(|c| c.status == CplStatus::Success).count();
-        if ok < cmds.len() {
-            tracing::error!(failed = cmds.len() - ok, "entries could not be rebuilt on the card");
+        let member = r.cfg.member;
+        let mut cmds: Vec<_> = r.shadow.iter().map(|(k, e)| restore_desc(member, k, e, false)).collect();
+        let entries = cmds.len();
+        // A cluster member's card also remembers recent deletes: without
+        // them a re-insert would be numbered from 1, below the delete the
+        // peers remember, and a peer's stale copy could bring a deleted
+        // entry back.
+        if member != 0 {
+            cmds.extend(r.shadow.tombstones().map(|(k, t)| {
+                let owner = if t.owner != 0 { t.owner } else { member };
+                let (d, ext) = CommandDescriptor::replica_delete(0, k, t.generation, owner);
+                (d, Some(ext))
+            }));
         }
-        tracing::warn!(entries = ok, "card table rebuilt from the host's copy");
-        self.drv.recovery_mut().entries_restored += ok as u64;
+        let cpls = self.run_encoded(&cmds)?;
+        let ok = cpls[..entries.min(cpls.len())].iter().filter(|c| c.status == CplStatus::Success).count();
+        let tombs = cpls.get(entries..).map_or(0, |t| t.iter().filter(|c| c.status == CplStatus::Success).count());
+        if ok + tombs < cmds.len() {
+            tracing::error!(failed = cmds.len() - ok - tombs, "entries could not be rebuilt on the card");
+        }
+        tracing::warn!(entries = ok, tombstones = tombs, "card table rebuilt from the host's copy");
+        let stats = self.drv.recovery_mut();
+        stats.entries_restored += ok as u64;
+        stats.tombstones_restored += tombs as u64;
         Ok(())
+    }
+
+    /// The generation of the copy's entry of `key`, if it is newer than
+    /// `generation`.
+    fn copy_newer(&self, key: &ConnKey, generation: u32) -> Option<u32> {
+        let e = self.rec.as_ref().and_then(|r| r.shadow.get(key))?;
+        let g = e.state.generation.get();
+        (g > generation).then_some(g)
     }
 
     /// Whether the card's lack of `key` is a loss: the copy still holds it
@@ -689,6 +777,10 @@ impl<D: NicDevice> ConnTable<D> {
     /// the caller sees it.
     fn batch_recovering(&mut self, ops: &[TableOp]) -> Result<Vec<Result<u32, TableError>>, DriverError> {
         let Some(cfg) = self.rec.as_ref().map(|r| r.cfg) else { return self.batch(ops) };
+        self.settle_first().map_err(|e| match e {
+            TableError::Driver(d) => d,
+            other => DriverError::Config(other.to_string()),
+        })?;
         let mut results: Vec<Option<Result<u32, TableError>>> = (0..ops.len()).map(|_| None).collect();
         let mut retries = vec![0u32; ops.len()];
         let mut todo: VecDeque<Posted> = (0..ops.len()).map(Posted::Op).collect();
@@ -696,6 +788,9 @@ impl<D: NicDevice> ConnTable<D> {
         let mut recoveries = 0;
         while !todo.is_empty() || !tags.is_empty() {
             let mut fault = None;
+            // The ring stayed full of commands that are not this call's
+            // past the completion timeout: lost ones, freed only by a reset.
+            let mut stuck = false;
             while let Some(&p) = todo.front() {
                 if !tags.is_empty() && self.drv.is_unclaimed(self.drv.next_tag()) {
                     break;
@@ -717,6 +812,7 @@ impl<D: NicDevice> ConnTable<D> {
                     }
                     Err(DriverError::RingFull { .. }) if tags.is_empty() => {
                         if let Err(e) = self.wait_for_free_slot(1 + ext.is_some() as u32) {
+                            stuck = true;
                             fault = Some(e);
                             break;
                         }
@@ -754,7 +850,11 @@ impl<D: NicDevice> ConnTable<D> {
                 replay = matches!(self.settle(ops, p, &c, &mut results, ctx), Settled::Replay);
             }
             let faulted = match fault {
-                Some(e) if !e.needs_recovery() || recoveries >= cfg.max_recoveries => return Err(e),
+                Some(e) if !(e.needs_recovery() || stuck) => return Err(e),
+                Some(e) if recoveries >= cfg.max_recoveries => {
+                    self.give_up();
+                    return Err(e);
+                }
                 Some(_) => true,
                 None => false,
             };
@@ -806,6 +906,15 @@ impl<D: NicDevice> ConnTable<D> {
         let missing = matches!(op, TableOp::Update(..) | TableOp::Delete(..))
             && c.status == CplStatus::NotFound
             && self.lost_on_card(op.key());
+        // A REPLICA write (a merge or Full Sync record) that took although
+        // the copy holds a newer version of the connection: a card holding
+        // that version refuses an older one as STALE, so it had lost it.
+        let newer = match op {
+            TableOp::Replica(k, e, _) => self.copy_newer(k, e.state.generation.get()),
+            TableOp::ReplicaDelete(k, generation, _) => self.copy_newer(k, *generation),
+            _ => None,
+        }
+        .filter(|_| c.status == CplStatus::Success);
         if c.status == CplStatus::DmaError {
             // Nothing was done (abi.md 11): the command may run again.
             self.drv.recovery_mut().dma_errors += 1;
@@ -835,6 +944,22 @@ impl<D: NicDevice> ConnTable<D> {
                     return Settled::Next;
                 }
                 // A full rebuild puts it back.
+                if recoveries < cfg.max_recoveries {
+                    return Settled::Replay;
+                }
+            }
+        } else if let Some(stored) = newer {
+            // Put the newer version back over the older one; the write
+            // answers what it would have on a sane card.
+            self.drv.recovery_mut().lost_entries_detected += 1;
+            if retries[i] < cfg.max_retries {
+                retries[i] += 1;
+                if alone() {
+                    todo.push_front(Posted::Restore(i));
+                    results[i] = Some(Err(TableError::Stale { stored }));
+                    return Settled::Next;
+                }
+                // A full rebuild puts it back; run again, it is refused.
                 if recoveries < cfg.max_recoveries {
                     return Settled::Replay;
                 }

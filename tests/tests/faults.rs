@@ -20,11 +20,14 @@ use nicsync::driver::{CompletionMode, RecoveryStats};
 use nicsync::table::{AuditReport, RecoveryConfig};
 use nicsync::{ConnEntry, ConnTable, Driver, DriverConfig, DriverError, TableError, TableOp};
 use nicsync_fwif::cmd::{CommandDescriptor, DescFlags, Opcode};
-use nicsync_fwif::conn::{proto, ConnKey, ConnState, Nat, NatKind};
+use nicsync_fwif::conn::{proto, ConnFlags, ConnKey, ConnState, Nat, NatKind};
 use nicsync_fwif::cpl::CplStatus;
-use nicsync_fwif::regs::{Counter, Status};
+use nicsync_fwif::regs::{self, Counter, Status};
 use nicsync_model::fault::{Fault, FaultInjector, FaultKind, Trigger};
 use nicsync_model::rng::SeededRng;
+use nicsync_model::sync::SenderConfig;
+use nicsync_model::sync_unit::{SyncUnit, SyncUnitConfig};
+use nicsync_model::wire::{HubConfig, Impairment, InProcessHub};
 use nicsync_model::{ExecMode, ModelConfig};
 use nicsync_vfio::EmulatedDevice;
 
@@ -507,6 +510,137 @@ fn chaos_on_the_polling_thread() {
     let s = t.recovery_stats();
     eprintln!("injected {injected:?}\nrecovery {s:?}");
     assert!(s.resets >= 1, "{s:?} after {injected:?}");
+}
+
+/// A cluster member's table (sync unit on an in-process wire, recovery
+/// as member `id`) and its fault injector.
+fn cluster_member(hub: &InProcessHub, id: u16, peers: Vec<u16>, recovery: bool) -> (Table, FaultInjector) {
+    let dev = EmulatedDevice::inline().expect("device");
+    let port = hub.attach(id).expect("attach");
+    let unit = SyncUnitConfig { sender: SenderConfig::new(1, id, 0x100 + u32::from(id)), peers };
+    dev.nic().attach_sync(SyncUnit::new(unit, Box::new(port), 0).expect("sync unit"));
+    let (mut t, faults) = open_with(dev, cfg(), false);
+    if recovery {
+        t.enable_recovery(RecoveryConfig { member: id, ..RecoveryConfig::default() }).expect("recovery");
+    }
+    (t, faults)
+}
+
+fn synced_state(mark: u32) -> ConnState {
+    ConnState { flags: ConnFlags::SYNC.bits().into(), ..state(mark) }
+}
+
+/// A cluster member's card remembers the deletes of synced entries
+/// (tombstones), so that a re-insert is numbered above the delete every
+/// peer remembers. A rebuild after a reset keeps them: without them the
+/// re-insert would be numbered 1, below the peers' tombstone, and the peers
+/// would refuse it (and a peer's older copy could bring the entry back).
+#[test]
+fn tombstones_survive_a_rebuild() {
+    let hub = InProcessHub::new(HubConfig { queue_capacity: 4096, seed: 7, impairment: Impairment::NONE });
+    let (mut a, faults) = cluster_member(&hub, 1, vec![2], true);
+    let (mut b, _) = cluster_member(&hub, 2, vec![1], false);
+    let settle = |a: &Table, b: &Table| {
+        for _ in 0..20 {
+            for t in [a, b] {
+                t.driver_ref().device().nic().advance_time(Duration::from_millis(1));
+            }
+        }
+    };
+    let k = key(7);
+    assert_eq!(a.insert(&k, &ConnEntry::new(synced_state(1))).expect("insert"), 1);
+    a.delete(&k).expect("delete");
+    settle(&a, &b);
+    assert!(b.lookup(&k).expect("lookup").is_none(), "the peer applied the delete");
+    assert_eq!(a.shadow().and_then(|s| s.tombstone(&k)).map(|t| t.generation), Some(2));
+    // The card resets before the re-insert runs: rebuilt, then replayed.
+    faults.arm(Fault::ResetMidBatch { after: 0 });
+    let g = a.insert(&k, &ConnEntry::new(synced_state(2))).expect("re-insert");
+    let s = a.recovery_stats();
+    assert_eq!((s.resets, s.tombstones_restored), (1, 1), "{s:?}");
+    assert_eq!(g, 3, "numbered above the delete, as without the reset");
+    settle(&a, &b);
+    let held = b.lookup(&k).expect("lookup").map(|r| (r.state.mark.get(), r.state.generation.get()));
+    assert_eq!(held, Some((2, 3)), "the peer took the re-insert");
+    // An older copy of the entry cannot come back over the tombstone of
+    // another deleted key either.
+    let k2 = key(8);
+    a.insert(&k2, &ConnEntry::new(synced_state(5))).expect("insert");
+    a.delete(&k2).expect("delete");
+    a.recover().expect("recover");
+    let stale = TableOp::Replica(k2, ConnEntry::new(ConnState { generation: 1.into(), ..synced_state(5) }), 2);
+    assert!(matches!(a.apply(&stale), Err(TableError::Stale { .. })), "the tombstone was rebuilt");
+    assert!(a.lookup(&k2).expect("lookup").is_none());
+}
+
+/// A merge or Full Sync record (a REPLICA write) older than what the
+/// member's copy holds takes on a card that lost the entry, where a card
+/// that kept it would refuse it as STALE: the table puts the newer version
+/// back and answers STALE, and its copy keeps the newer version.
+#[test]
+fn an_older_replica_does_not_replace_an_entry_the_card_lost() {
+    let hub = InProcessHub::new(HubConfig::new());
+    let (mut t, faults) = cluster_member(&hub, 1, vec![2], true);
+    let k = key(3);
+    t.insert(&k, &ConnEntry::new(synced_state(1))).expect("insert");
+    assert_eq!(t.update(&k, &ConnEntry::new(synced_state(2))).expect("update"), 2);
+    faults.arm(Fault::LoseEntry);
+    t.driver_ref().device().nic().step();
+    assert_eq!((faults.injected(FaultKind::LoseEntry), t.len()), (1, 0), "the only entry was lost");
+    let older = ConnEntry::new(ConnState { generation: 1.into(), ..synced_state(7) });
+    assert!(matches!(t.apply(&TableOp::Replica(k, older, 2)), Err(TableError::Stale { stored: 2 })));
+    let held = t.lookup(&k).expect("lookup").map(|r| (r.state.mark.get(), r.state.generation.get()));
+    assert_eq!(held, Some((2, 2)), "the newer version is back");
+    assert_eq!(t.shadow().and_then(|s| s.get(&k)).map(|e| e.state.mark.get()), Some(2));
+    // An older delete does not remove it either.
+    faults.arm(Fault::LoseEntry);
+    t.driver_ref().device().nic().step();
+    assert!(matches!(t.apply(&TableOp::ReplicaDelete(k, 1, 2)), Err(TableError::Stale { stored: 2 })));
+    assert_eq!(t.lookup(&k).expect("lookup").map(|r| r.state.generation.get()), Some(2));
+    assert_eq!(t.recovery_stats().lost_entries_detected, 2);
+}
+
+/// Commands whose completions never come (posted by code that then gave
+/// up on them) hold their ring slots until the device is reset. A table
+/// with recovery resets and rebuilds then, rather than failing this call and
+/// every later one with `RingFull` after a completion timeout each.
+#[test]
+fn slots_held_by_lost_commands_are_freed_by_a_recovery() {
+    let cfg = DriverConfig { cmd_ring_log2: 2, completion_timeout: Duration::from_millis(20), ..cfg() };
+    let (mut t, faults) = open_with(EmulatedDevice::inline().expect("device"), cfg, true);
+    t.insert(&key(1), &ConnEntry::new(state(1))).expect("insert");
+    faults.arm(Fault::Stall { duration: None });
+    let nop = CommandDescriptor::header(Opcode::Nop, DescFlags::empty(), 0);
+    for _ in 0..3 {
+        t.driver().post(&nop, None).expect("post");
+    }
+    t.driver().ring();
+    assert_eq!(t.driver_ref().free_slots(), 0, "the stalled commands fill the ring");
+    for i in 2..6 {
+        t.insert(&key(i), &ConnEntry::new(state(i))).expect("the table recovers and inserts");
+    }
+    assert_eq!(t.recovery_stats().resets, 1);
+    for i in 1..6 {
+        assert_eq!(t.lookup(&key(i)).expect("lookup").map(|r| r.state.mark.get()), Some(i));
+    }
+}
+
+/// `SYNC_HOLD` (set while a Full Sync is pulled) holds again after the
+/// driver re-initialised the device, whose reset cleared it.
+#[test]
+fn sync_hold_is_kept_across_a_reinit() {
+    let hub = InProcessHub::new(HubConfig::new());
+    let (mut t, _) = cluster_member(&hub, 1, vec![2], true);
+    let hold = |t: &Table| {
+        nicsync_fwif::regs::Control::from_bits_truncate(t.driver_ref().device().nic().mmio_read(regs::CONTROL))
+            .contains(nicsync_fwif::regs::Control::SYNC_HOLD)
+    };
+    t.driver().set_sync_hold(true).expect("hold");
+    t.recover().expect("recover");
+    assert!(hold(&t), "held again after the reset");
+    t.driver().set_sync_hold(false).expect("release");
+    t.recover().expect("recover");
+    assert!(!hold(&t));
 }
 
 // ---------------------------------------------------------------------------
