@@ -116,6 +116,9 @@ pub struct DeviceConfig {
     pub table_capacity: u32,
     /// Aging period in milliseconds; 0 disables aging.
     pub aging_period_ms: u32,
+    /// Keep a host copy of the card's table and recover from device faults
+    /// with it (docs/faults.md); on by default.
+    pub fault_recovery: bool,
 }
 
 impl Default for DeviceConfig {
@@ -124,6 +127,7 @@ impl Default for DeviceConfig {
             kind: DeviceKind::Emulated,
             table_capacity: DEFAULT_TABLE_CAPACITY,
             aging_period_ms: DEFAULT_AGING_PERIOD_MS,
+            fault_recovery: true,
         }
     }
 }
@@ -399,6 +403,7 @@ impl Config {
         }
         writeln!(out, "table_capacity = {}", self.device.table_capacity)?;
         writeln!(out, "aging_period_ms = {}", self.device.aging_period_ms)?;
+        writeln!(out, "fault_recovery = {}", self.device.fault_recovery)?;
 
         writeln!(out, "\n[sync]")?;
         writeln!(out, "bind = {}", quote(&self.sync.bind.to_string()))?;
@@ -490,6 +495,7 @@ struct RawDevice {
     bdf: Option<Spanned<String>>,
     table_capacity: Option<Spanned<i64>>,
     aging_period_ms: Option<Spanned<i64>>,
+    fault_recovery: Option<bool>,
 }
 
 #[derive(Default, Deserialize)]
@@ -828,7 +834,7 @@ impl Source<'_> {
             i64::from(u32::MAX),
             DEFAULT_AGING_PERIOD_MS,
         )?;
-        Ok(DeviceConfig { kind, table_capacity, aging_period_ms })
+        Ok(DeviceConfig { kind, table_capacity, aging_period_ms, fault_recovery: d.fault_recovery.unwrap_or(true) })
     }
 
     fn opt_path(&self, key: &str, v: &Option<Spanned<String>>) -> Result<Option<PathBuf>, ConfigError> {

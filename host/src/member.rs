@@ -17,7 +17,7 @@ use crate::device::AnyDevice;
 use crate::membership::Mode;
 use crate::node::{Node, NodeConfig};
 use crate::runtime::{ControlSocket, MemberNet, PeerNet};
-use crate::table::ConnTable;
+use crate::table::{ConnTable, RecoveryConfig};
 use crate::DriverConfig;
 
 /// Updates each member keeps for retransmission: conntrackd's resend
@@ -46,6 +46,9 @@ pub enum MemberError {
     /// Something this build cannot do.
     #[error("{0}")]
     Unsupported(String),
+    /// The connection table (enabling fault recovery).
+    #[error("{0}")]
+    Table(#[from] crate::TableError),
     /// Sync security: the key file or the boot number.
     #[error("security: {0}")]
     Security(#[from] nicsync_seal::KeyError),
@@ -162,7 +165,10 @@ pub fn from_config(cfg: &Config) -> Result<(Node<AnyDevice>, MemberNet, ControlS
             let unit = SyncUnit::new(SyncUnitConfig { sender, peers }, port, 0)?;
             dev.nic().attach_sync(unit);
             dev.start_poller_with(None, Idle::Nap { after_sweeps: 64, nap: Duration::from_micros(100) })?;
-            let table = ConnTable::open(AnyDevice::Emulated(dev), drv)?;
+            let mut table = ConnTable::open(AnyDevice::Emulated(dev), drv)?;
+            if cfg.device.fault_recovery {
+                table.enable_recovery(RecoveryConfig { member: cfg.member_id, ..Default::default() })?;
+            }
             Node::new(table, nc, 0)?
         }
         DeviceKind::Vfio { bdf } => {
@@ -174,7 +180,10 @@ pub fn from_config(cfg: &Config) -> Result<(Node<AnyDevice>, MemberNet, ControlS
                 "VFIO device {}: its sync port is configured by the card's firmware; sync.bind and the peers' sync addresses are not programmed",
                 dev.describe()
             );
-            let table = ConnTable::open(dev, drv)?;
+            let mut table = ConnTable::open(dev, drv)?;
+            if cfg.device.fault_recovery {
+                table.enable_recovery(RecoveryConfig { member: cfg.member_id, ..Default::default() })?;
+            }
             Node::new(table, nc, 0)?
         }
     };
