@@ -430,13 +430,20 @@ mod tests {
         assert!(matches!(s.receive(&plain, &mut Vec::new(), &mut Vec::new()), Err(ChannelError::BadHello(_))));
     }
 
-    #[test]
-    fn tampered_and_oversized_records_are_refused() {
+    /// Client 1 and server 2 of cluster 9 after both hellos; the client's
+    /// hello, to replay.
+    fn handshake() -> (SecureChannel, SecureChannel, Vec<u8>) {
         let (mut c, hello) = SecureChannel::client(shared(1), 9, 1, 2).expect("c");
         let mut s = SecureChannel::server(shared(1), 9, 2, &[1]);
         let mut sh = Vec::new();
         s.receive(&hello, &mut Vec::new(), &mut sh).expect("hello");
         c.receive(&sh, &mut Vec::new(), &mut Vec::new()).expect("server hello");
+        (c, s, hello)
+    }
+
+    #[test]
+    fn tampered_and_oversized_records_are_refused() {
+        let (mut c, mut s, hello) = handshake();
         let mut rec = Vec::new();
         c.send(b"chunk", &mut rec).expect("send");
         let mut bad = rec.clone();
@@ -454,11 +461,7 @@ mod tests {
     fn replaying_a_recorded_session_fails() {
         // Record a client's hello and first record, replay both to a fresh
         // server: its new random value gives new keys, so the record fails.
-        let (mut c, hello) = SecureChannel::client(shared(1), 9, 1, 2).expect("c");
-        let mut s = SecureChannel::server(shared(1), 9, 2, &[1]);
-        let mut sh = Vec::new();
-        s.receive(&hello, &mut Vec::new(), &mut sh).expect("hello");
-        c.receive(&sh, &mut Vec::new(), &mut Vec::new()).expect("server hello");
+        let (mut c, _, hello) = handshake();
         let mut rec = Vec::new();
         c.send(b"resync", &mut rec).expect("send");
         let mut s2 = SecureChannel::server(shared(1), 9, 2, &[1]);

@@ -154,6 +154,14 @@ impl Pair {
         }
     }
 
+    /// Member `m` (0-based) upserts synced entries `keys`.
+    fn fill(&mut self, m: usize, keys: std::ops::Range<u32>) {
+        let ops: Vec<TableOp> = keys.map(|i| TableOp::Upsert(key(i), synced_entry(i))).collect();
+        for r in self.m[m].table().batch(&ops).expect("batch") {
+            r.expect("upsert");
+        }
+    }
+
     fn run_ms(&mut self, ms: u64) {
         for _ in 0..ms * 4 {
             self.step();
@@ -177,10 +185,7 @@ fn a_full_sync_cut_midway_is_retried_and_never_marked_synced_half_done() {
     // Member 2 starts later: member 1 seeds the cluster alone.
     p.run_ms(600);
     assert_eq!(p.m[0].state(), MemberState::Active);
-    let ops: Vec<TableOp> = (0..3000).map(|i| TableOp::Upsert(key(i), synced_entry(i))).collect();
-    for r in p.m[0].table().batch(&ops).expect("batch") {
-        r.expect("upsert");
-    }
+    p.fill(0, 0..3000);
     // Member 2 resyncs (its table is emptied by the pull); its first
     // transfer is cut after about a third of the bytes.
     p.m[1].request_resync(p.now);
@@ -215,10 +220,7 @@ fn a_full_sync_cut_midway_is_retried_and_never_marked_synced_half_done() {
 fn updates_made_during_a_full_sync_reach_the_joiner_in_order() {
     let mut p = Pair::new();
     p.run_ms(600);
-    let ops: Vec<TableOp> = (0..2000).map(|i| TableOp::Upsert(key(i), synced_entry(i))).collect();
-    for r in p.m[0].table().batch(&ops).expect("batch") {
-        r.expect("upsert");
-    }
+    p.fill(0, 0..2000);
     p.m[1].request_resync(p.now);
     // While the snapshot streams, the Active keeps changing the table:
     // updates, deletes and new connections.
@@ -282,10 +284,7 @@ fn an_entry_the_actives_card_loses_is_restored_not_spread() {
     }
     p.run_ms(600);
     assert_eq!(p.m[0].state(), MemberState::Active);
-    let ops: Vec<TableOp> = (0..500).map(|i| TableOp::Upsert(key(i), synced_entry(i))).collect();
-    for r in p.m[0].table().batch(&ops).expect("batch") {
-        r.expect("upsert");
-    }
+    p.fill(0, 0..500);
     for _ in 0..4 * 400 {
         p.step();
         if p.m[1].is_synced() && p.m[1].table_ref().len() == 500 {
@@ -318,15 +317,9 @@ fn an_entry_the_actives_card_loses_is_restored_not_spread() {
 fn a_member_with_the_wrong_key_learns_nothing_and_changes_nothing() {
     let mut p = Pair::with_keys(&keys(), &keys());
     p.run_ms(600);
-    let ops: Vec<TableOp> = (0..500).map(|i| TableOp::Upsert(key(i), synced_entry(i))).collect();
-    for r in p.m[0].table().batch(&ops).expect("batch") {
-        r.expect("upsert");
-    }
+    p.fill(0, 0..500);
     // Member 2 writes too: none of it may reach member 1.
-    let ops2: Vec<TableOp> = (1000..1100).map(|i| TableOp::Upsert(key(i), synced_entry(i))).collect();
-    for r in p.m[1].table().batch(&ops2).expect("batch") {
-        r.expect("upsert");
-    }
+    p.fill(1, 1000..1100);
     // And it is made to try a Full Sync from member 1.
     p.m[1].request_resync(p.now);
     p.run_ms(500);
@@ -351,10 +344,7 @@ fn a_member_with_the_wrong_key_learns_nothing_and_changes_nothing() {
 fn a_sealed_full_sync_counts_no_failures() {
     let mut p = Pair::new();
     p.run_ms(600);
-    let ops: Vec<TableOp> = (0..2000).map(|i| TableOp::Upsert(key(i), synced_entry(i))).collect();
-    for r in p.m[0].table().batch(&ops).expect("batch") {
-        r.expect("upsert");
-    }
+    p.fill(0, 0..2000);
     p.m[1].request_resync(p.now);
     for _ in 0..4 * 400 {
         p.step();
