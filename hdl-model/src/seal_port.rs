@@ -20,8 +20,8 @@
 use std::fmt;
 use std::sync::Arc;
 
-use nicsync_fwif::seal::{SealFormatError, SEAL_OVERHEAD};
-use nicsync_seal::{OpenError, Opener, Sealer, SharedKeyring, TrafficClass};
+use nicsync_fwif::seal::SEAL_OVERHEAD;
+use nicsync_seal::{OpenError, Opener, Refusal, Sealer, SharedKeyring, TrafficClass};
 
 use crate::wire::{SyncPort, WireError, WireStats, MAX_WIRE_FRAME, RECV_DISCARD_BUDGET};
 
@@ -80,14 +80,13 @@ impl SealedPort {
     }
 
     fn count(&mut self, e: OpenError) {
-        match e {
-            OpenError::Format(SealFormatError::NotSealed) | OpenError::AuthFailed | OpenError::UnknownKey(_) => {
-                self.stats.auth_failures += 1
-            }
-            OpenError::Format(_) | OpenError::OutputTooSmall { .. } => self.stats.malformed += 1,
-            OpenError::UnknownMember(_) => self.stats.unknown_member += 1,
-            OpenError::Replay => self.stats.replays_dropped += 1,
-        }
+        let c = match e.refusal() {
+            Refusal::Auth => &mut self.stats.auth_failures,
+            Refusal::Malformed => &mut self.stats.malformed,
+            Refusal::UnknownMember => &mut self.stats.unknown_member,
+            Refusal::Replay => &mut self.stats.replays_dropped,
+        };
+        *c += 1;
     }
 }
 

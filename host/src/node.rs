@@ -37,7 +37,7 @@ use nicsync_vfio::NicDevice;
 
 use crate::fullsync::{self, ClientEvent, FullSyncClient, FullSyncParams, FullSyncServer};
 use crate::membership::{self, MemberState, MemberView, Membership, MembershipParams, Mode};
-use crate::secure::{NodeSecurity, SecurityStats};
+use crate::secure::{NodeSecurity, RefusedTotals, SecurityStats};
 use crate::table::{ConnEntry, ConnTable, TableError, TableOp};
 use nicsync_model::seal_port::SealConfig;
 
@@ -362,6 +362,19 @@ impl<D: NicDevice> Node<D> {
         seal.keys.replace(ring);
         tracing::info!(member = self.cfg.member_id, "sync keys reloaded: send key {}, {} accepted", r.0, r.1);
         Ok(r)
+    }
+
+    /// Sealed traffic this member refused: the device's sync port
+    /// (`sync_*` counters) and the host's membership and Full Sync.
+    pub fn refused(&self) -> RefusedTotals {
+        let drv = self.table.driver_ref();
+        let delta = RefusedTotals {
+            auth_failures: drv.device_counter(Counter::SyncAuthFailures),
+            replays_dropped: drv.device_counter(Counter::SyncReplaysDropped),
+            unknown_member: drv.device_counter(Counter::SyncUnknownMember),
+            malformed: drv.device_counter(Counter::SyncMalformed),
+        };
+        RefusedTotals::of(&delta, &self.security_stats())
     }
 
     /// Whether membership and Full Sync are sealed.

@@ -519,6 +519,7 @@ pub fn syncstat_json<D: NicDevice>(node: &Node<D>, net: &NetStats) -> serde_json
     let c = |k: Counter| drv.device_counter(k);
     let s = node.stats();
     let sec = node.security_stats();
+    let refused = node.refused();
     json!({
         "updates_sent": c(Counter::SyncUpdatesSent),
         "updates_received": c(Counter::SyncUpdatesReceived),
@@ -530,10 +531,10 @@ pub fn syncstat_json<D: NicDevice>(node: &Node<D>, net: &NetStats) -> serde_json
         "held_updates": c(Counter::SyncHeld),
         "hold_drops": c(Counter::SyncHoldDrops),
         "apply_failed": c(Counter::SyncApplyFailed),
-        "malformed_frames": c(Counter::SyncMalformed) + sec.ccp_malformed + sec.fs_malformed,
-        "auth_failures": c(Counter::SyncAuthFailures) + sec.ccp_auth_failures + sec.fs_auth_failures,
-        "replays_dropped": c(Counter::SyncReplaysDropped) + sec.ccp_replays_dropped,
-        "unknown_member_frames": c(Counter::SyncUnknownMember) + sec.ccp_unknown_member + sec.fs_unknown_member,
+        "malformed_frames": refused.malformed,
+        "auth_failures": refused.auth_failures,
+        "replays_dropped": refused.replays_dropped,
+        "unknown_member_frames": refused.unknown_member,
         "encrypted": node.is_sealed(),
         "security": {
             "delta_auth_failures": c(Counter::SyncAuthFailures),

@@ -10,10 +10,10 @@
 
 use std::collections::HashMap;
 
-use nicsync_fwif::seal::{SealFormatError, SEAL_OVERHEAD};
+use nicsync_fwif::seal::SEAL_OVERHEAD;
 use nicsync_model::seal_port::SealConfig;
 use nicsync_seal::channel::{ChannelError, SecureChannel};
-use nicsync_seal::{OpenError, Opener, Sealer, TrafficClass};
+use nicsync_seal::{Opener, Refusal, Sealer, TrafficClass};
 
 /// Full Sync stream id, as the node numbers them.
 pub type ConnId = u64;
@@ -37,6 +37,40 @@ pub struct SecurityStats {
     pub fs_malformed: u64,
     /// Full Sync hellos from a member that is not a peer.
     pub fs_unknown_member: u64,
+}
+
+/// Sealed traffic refused, device and host together: what `nicsync
+/// syncstat` reports as totals.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RefusedTotals {
+    /// Authentication failures (delta, membership, Full Sync).
+    pub auth_failures: u64,
+    /// Replays dropped.
+    pub replays_dropped: u64,
+    /// Datagrams sealed by a non-member.
+    pub unknown_member: u64,
+    /// Malformed seals and frames.
+    pub malformed: u64,
+}
+
+impl RefusedTotals {
+    /// The totals of the device's counters (`delta`) and the host's.
+    pub fn of(delta: &RefusedTotals, host: &SecurityStats) -> Self {
+        RefusedTotals {
+            auth_failures: delta.auth_failures + host.ccp_auth_failures + host.fs_auth_failures,
+            replays_dropped: delta.replays_dropped + host.ccp_replays_dropped,
+            unknown_member: delta.unknown_member + host.ccp_unknown_member + host.fs_unknown_member,
+            malformed: delta.malformed + host.ccp_malformed + host.fs_malformed,
+        }
+    }
+
+    /// Adds `o`.
+    pub fn add(&mut self, o: &RefusedTotals) {
+        self.auth_failures += o.auth_failures;
+        self.replays_dropped += o.replays_dropped;
+        self.unknown_member += o.unknown_member;
+        self.malformed += o.malformed;
+    }
 }
 
 /// Sealing state of one member's host.
@@ -94,14 +128,13 @@ impl NodeSecurity {
             Ok(o) => Some(&self.scratch[..o.len]),
             Err(e) => {
                 let s = &mut self.stats;
-                match e {
-                    OpenError::Format(SealFormatError::NotSealed)
-                    | OpenError::AuthFailed
-                    | OpenError::UnknownKey(_) => s.ccp_auth_failures += 1,
-                    OpenError::Format(_) | OpenError::OutputTooSmall { .. } => s.ccp_malformed += 1,
-                    OpenError::UnknownMember(_) => s.ccp_unknown_member += 1,
-                    OpenError::Replay => s.ccp_replays_dropped += 1,
-                }
+                let c = match e.refusal() {
+                    Refusal::Auth => &mut s.ccp_auth_failures,
+                    Refusal::Malformed => &mut s.ccp_malformed,
+                    Refusal::UnknownMember => &mut s.ccp_unknown_member,
+                    Refusal::Replay => &mut s.ccp_replays_dropped,
+                };
+                *c += 1;
                 None
             }
         }

@@ -24,6 +24,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
+pub use crate::secure::RefusedTotals;
 use nicsync_fwif::conn::{proto, ConnFlags, ConnKey, ConnState, Direction, TcpState};
 use nicsync_fwif::regs::Counter;
 use nicsync_model::rng::SeededRng;
@@ -138,19 +139,6 @@ pub struct SimReport {
     pub device_recoveries: u64,
     /// What happened when (virtual milliseconds), for replaying a failure.
     pub timeline: Vec<String>,
-}
-
-/// Sealed traffic the members refused.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct RefusedTotals {
-    /// Authentication failures (delta, membership, Full Sync).
-    pub auth_failures: u64,
-    /// Replays dropped.
-    pub replays_dropped: u64,
-    /// Datagrams sealed by a non-member.
-    pub unknown_member: u64,
-    /// Malformed seals and frames.
-    pub malformed: u64,
 }
 
 /// Member id the attacker's port uses on the sync wire.
@@ -724,14 +712,7 @@ impl Sim {
                 tables.push(None);
                 continue;
             };
-            let drv = n.table_ref().driver_ref();
-            let sec = n.security_stats();
-            refused.auth_failures +=
-                drv.device_counter(Counter::SyncAuthFailures) + sec.ccp_auth_failures + sec.fs_auth_failures;
-            refused.replays_dropped += drv.device_counter(Counter::SyncReplaysDropped) + sec.ccp_replays_dropped;
-            refused.unknown_member +=
-                drv.device_counter(Counter::SyncUnknownMember) + sec.ccp_unknown_member + sec.fs_unknown_member;
-            refused.malformed += drv.device_counter(Counter::SyncMalformed) + sec.ccp_malformed + sec.fs_malformed;
+            refused.add(&n.refused());
             let synced = n.is_synced();
             // A device fault armed during the churn may still strike the
             // walk (which then starts over): that is not a divergence.

@@ -74,6 +74,34 @@ pub enum OpenError {
     },
 }
 
+/// The counter a dropped datagram belongs to: every [`OpenError`] falls in
+/// exactly one, so the device's and the host's counters agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Failed authentication: bad tag, unknown key id, or a plain frame.
+    Auth,
+    /// Authentic but seen before or too old.
+    Replay,
+    /// Sealed by a member id that is not a peer.
+    UnknownMember,
+    /// Too short, unknown suite, reserved bytes set, or no room to open.
+    Malformed,
+}
+
+impl OpenError {
+    /// Which counter this refusal goes to.
+    pub fn refusal(&self) -> Refusal {
+        match self {
+            OpenError::Format(SealFormatError::NotSealed) | OpenError::AuthFailed | OpenError::UnknownKey(_) => {
+                Refusal::Auth
+            }
+            OpenError::Format(_) | OpenError::OutputTooSmall { .. } => Refusal::Malformed,
+            OpenError::UnknownMember(_) => Refusal::UnknownMember,
+            OpenError::Replay => Refusal::Replay,
+        }
+    }
+}
+
 /// Seals what one member sends of one traffic class.
 #[derive(Debug)]
 pub struct Sealer {

@@ -22,6 +22,6 @@ pub mod channel;
 pub mod datagram;
 pub mod keys;
 
-pub use datagram::{OpenError, Opened, Opener, SealError, Sealer, REPLAY_WINDOW};
+pub use datagram::{OpenError, Opened, Opener, Refusal, SealError, Sealer, REPLAY_WINDOW};
 pub use keys::{next_boot, ClusterKey, KeyError, KeyFile, Keyring, KeyringHandle, SharedKeyring, TrafficClass};
 pub use nicsync_fwif::seal::SEAL_OVERHEAD;
