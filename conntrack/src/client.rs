@@ -112,6 +112,14 @@ impl EventSocket {
     /// (an overrun is reported as [`CtEvent::Overrun`] and reading goes
     /// on). Returns the number of events delivered.
     pub fn read(&mut self, mut f: impl FnMut(CtEvent)) -> Result<usize, CtError> {
+        self.read_with_origin(|ev, _| f(ev))
+    }
+
+    /// [`EventSocket::read`], also giving each event's origin: the netlink
+    /// port id of the socket whose request caused it ([`CtSocket::port_id`]),
+    /// 0 when the kernel's own packet path did (and for overruns). A daemon
+    /// that commits entries itself uses it to recognise its own changes.
+    pub fn read_with_origin(&mut self, mut f: impl FnMut(CtEvent, u32)) -> Result<usize, CtError> {
         let mut n = 0;
         loop {
             let len = match sys::recv(&self.fd, &mut self.buf) {
@@ -119,7 +127,7 @@ impl EventSocket {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                    f(CtEvent::Overrun);
+                    f(CtEvent::Overrun, 0);
                     n += 1;
                     continue;
                 }
@@ -127,11 +135,12 @@ impl EventSocket {
             };
             if len > self.buf.len() {
                 // A truncated event is a lost event.
-                f(CtEvent::Overrun);
+                f(CtEvent::Overrun, 0);
                 n += 1;
                 continue;
             }
             for msg in NlMsgs::new(&self.buf[..len]) {
+                let origin = msg.as_ref().map_or(0, |m| m.pid);
                 let ev = match msg {
                     Err(e) => CtEvent::Unparsed(e.into()),
                     Ok(m) if m.ty == wire::NLMSG_OVERRUN => CtEvent::Overrun,
@@ -143,7 +152,7 @@ impl EventSocket {
                         Err(e) => CtEvent::Unparsed(e),
                     },
                 };
-                f(ev);
+                f(ev, origin);
                 n += 1;
             }
         }
@@ -184,6 +193,7 @@ pub struct BatchOutcome {
 #[derive(Debug)]
 pub struct CtSocket {
     fd: OwnedFd,
+    port_id: u32,
     seq: u32,
     buf: Vec<u8>,
     msg: MsgBuf,
@@ -198,8 +208,14 @@ impl CtSocket {
         // Acks without the echoed request: smaller, so more fit.
         sys::set_int(&fd, libc::SOL_NETLINK, libc::NETLINK_CAP_ACK, 1).map_err(io_err("NETLINK_CAP_ACK"))?;
         sys::set_recv_timeout(&fd, REQUEST_TIMEOUT).map_err(io_err("SO_RCVTIMEO"))?;
-        sys::bind(&fd, 0).map_err(io_err("bind"))?;
-        Ok(CtSocket { fd, seq: 1, buf: vec![0; RECV_BUF], msg: MsgBuf::new() })
+        let port_id = sys::bind(&fd, 0).map_err(io_err("bind"))?;
+        Ok(CtSocket { fd, port_id, seq: 1, buf: vec![0; RECV_BUF], msg: MsgBuf::new() })
+    }
+
+    /// The netlink port id the kernel gave this socket: the origin that
+    /// events caused by its requests carry ([`EventSocket::read_with_origin`]).
+    pub fn port_id(&self) -> u32 {
+        self.port_id
     }
 
     fn next_seq(&mut self) -> u32 {

@@ -100,6 +100,7 @@ pub use client::{
 };
 pub use entry::{encode, parse, parse_msg, status, CtEntry, Icmp, MsgKind, NatBinding, ParseError, Tuple};
 pub use map::{from_ct, to_ct, MapError, Mapped, COMMIT_STATUS, NEVER_AGES_TIMEOUT_S};
+pub use sys::monotonic_ns;
 
 /// Errors of the ctnetlink sockets.
 #[derive(Debug, thiserror::Error)]

@@ -110,3 +110,17 @@ pub fn enter_netns(path: &Path) -> io::Result<()> {
     cvt(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) })?;
     Ok(())
 }
+
+/// CLOCK_MONOTONIC in nanoseconds: one clock for every network namespace
+/// of a machine, so that times taken in different namespaces (a firewall's
+/// kernel and its peer's daemon) can be subtracted.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec into `ts`, which is valid,
+    // exclusively borrowed and lives across the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
+}

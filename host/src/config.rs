@@ -27,6 +27,8 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+pub use crate::ctsync::{CommitMode, ConntrackConfig, Prefix, SyncFilter};
+
 /// Default UDP port of the device's Delta Sync unit (ClusterXL's port).
 pub const DEFAULT_SYNC_PORT: u16 = 8116;
 /// Default UDP port of the membership health probes.
@@ -61,6 +63,8 @@ pub const MAX_FULL_SYNC_TIMEOUT_MS: u32 = 600_000;
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/nicsync/nicsync.sock";
 /// Default permission bits of the control socket.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+/// Upper bound of `conntrack.delay_ms` (one hour).
+pub const MAX_CONNTRACK_DELAY_MS: i64 = 3_600_000;
 /// Longest control socket path, in bytes (`sun_path` is 108 bytes with
 /// its terminating NUL).
 pub const MAX_SOCKET_PATH_LEN: usize = 107;
@@ -255,6 +259,27 @@ pub struct PeerConfig {
     pub full_sync: Vec<SocketAddr>,
 }
 
+/// What feeds the card's connection table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TableSource {
+    /// The control socket only (`nicsync conn add|del`), or an application
+    /// through the library.
+    #[default]
+    Control,
+    /// The kernel's connection tracking, over ctnetlink ([`crate::ctsync`]).
+    Conntrack,
+}
+
+impl TableSource {
+    /// The configuration string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TableSource::Control => "control",
+            TableSource::Conntrack => "conntrack",
+        }
+    }
+}
+
 /// The configuration of one cluster member.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -276,6 +301,10 @@ pub struct Config {
     pub control: ControlConfig,
     /// `[security]`.
     pub security: SecurityConfig,
+    /// `source`: what feeds the table.
+    pub source: TableSource,
+    /// `[conntrack]`: the kernel source and sink (with `source = "conntrack"`).
+    pub conntrack: ConntrackConfig,
     /// `[[peer]]`, in file order.
     pub peers: Vec<PeerConfig>,
 }
@@ -293,6 +322,8 @@ impl Default for Config {
             full_sync: FullSyncConfig::default(),
             control: ControlConfig::default(),
             security: SecurityConfig::default(),
+            source: TableSource::default(),
+            conntrack: ConntrackConfig::default(),
             peers: Vec::new(),
         }
     }
@@ -392,6 +423,7 @@ impl Config {
         writeln!(out, "member_id = {}", self.member_id)?;
         writeln!(out, "cluster_id = {}", self.cluster_id)?;
         writeln!(out, "mode = {}", quote(self.mode.as_str()))?;
+        writeln!(out, "source = {}", quote(self.source.as_str()))?;
 
         writeln!(out, "\n[device]")?;
         match &self.device.kind {
@@ -431,6 +463,28 @@ impl Config {
         }
         if let Some(b) = &self.security.boot_file {
             writeln!(out, "boot_file = {}", quote(&b.to_string_lossy()))?;
+        }
+
+        if self.source == TableSource::Conntrack {
+            let c = &self.conntrack;
+            writeln!(out, "\n[conntrack]")?;
+            writeln!(out, "commit = {}", quote(c.commit.as_str()))?;
+            writeln!(out, "delay_ms = {}", c.delay.as_millis())?;
+            writeln!(out, "event_buffer_bytes = {}", c.event_buffer_bytes)?;
+            let f = &c.filter;
+            if !f.is_empty() {
+                let list = |v: Vec<String>| v.join(", ");
+                writeln!(out, "\n[conntrack.filter]")?;
+                writeln!(out, "protocols = [{}]", list(f.protocols.iter().map(|p| p.to_string()).collect()))?;
+                let prefixes =
+                    |v: &[Prefix]| list(v.iter().map(|p| quote(&format!("{}/{}", p.addr, p.len))).collect());
+                writeln!(out, "addresses = [{}]", prefixes(&f.addresses))?;
+                writeln!(out, "ignore_addresses = [{}]", prefixes(&f.ignore_addresses))?;
+                let ranges = |v: &[(u16, u16)]| list(v.iter().map(|(a, b)| quote(&format!("{a}-{b}"))).collect());
+                writeln!(out, "ports = [{}]", ranges(&f.ports))?;
+                writeln!(out, "ignore_ports = [{}]", ranges(&f.ignore_ports))?;
+                writeln!(out, "tcp_states = [{}]", list(f.tcp_states.iter().map(|t| quote(t.name())).collect()))?;
+            }
         }
 
         for peer in &self.peers {
@@ -477,6 +531,8 @@ struct RawConfig {
     control: RawControl,
     #[serde(default)]
     security: RawSecurity,
+    source: Option<Spanned<String>>,
+    conntrack: Option<Spanned<RawConntrack>>,
     #[serde(default, rename = "peer")]
     peers: Vec<Spanned<RawPeer>>,
 }
@@ -526,6 +582,27 @@ struct RawSecurity {
     encryption: Option<bool>,
     key_file: Option<Spanned<String>>,
     boot_file: Option<Spanned<String>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConntrack {
+    commit: Option<Spanned<String>>,
+    delay_ms: Option<Spanned<i64>>,
+    event_buffer_bytes: Option<Spanned<i64>>,
+    #[serde(default)]
+    filter: RawFilter,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFilter {
+    protocols: Option<Vec<Spanned<toml::Value>>>,
+    addresses: Option<Vec<Spanned<String>>>,
+    ignore_addresses: Option<Vec<Spanned<String>>>,
+    ports: Option<Vec<Spanned<toml::Value>>>,
+    ignore_ports: Option<Vec<Spanned<toml::Value>>>,
+    tcp_states: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -755,6 +832,30 @@ impl Source<'_> {
             key_file: self.opt_path("security.key_file", &raw.security.key_file)?,
             boot_file: self.opt_path("security.boot_file", &raw.security.boot_file)?,
         };
+        let source = match &raw.source {
+            None => TableSource::Control,
+            Some(v) => match v.get_ref().as_str() {
+                "control" => TableSource::Control,
+                "conntrack" => TableSource::Conntrack,
+                other => {
+                    return Err(self.invalid(
+                        Some(v.span()),
+                        format!("source = {}: must be \"control\" or \"conntrack\"", quote(other)),
+                    ))
+                }
+            },
+        };
+        let conntrack = match &raw.conntrack {
+            None => ConntrackConfig::default(),
+            Some(c) if source != TableSource::Conntrack => {
+                return Err(self.invalid(
+                    Some(c.span()),
+                    "[conntrack] is set but source is not \"conntrack\" (add source = \"conntrack\" at the top of the file)"
+                        .to_owned(),
+                ))
+            }
+            Some(c) => self.conntrack(c.get_ref())?,
+        };
         let locals = [&sync_bind, &membership_bind, &full_sync_bind];
         let peers = self.peers(&raw.peers, member_id, &locals)?;
 
@@ -776,8 +877,120 @@ impl Source<'_> {
             },
             control,
             security,
+            source,
+            conntrack,
             peers,
         })
+    }
+
+    fn conntrack(&self, c: &RawConntrack) -> Result<ConntrackConfig, ConfigError> {
+        let commit = match &c.commit {
+            None => CommitMode::default(),
+            Some(v) => match v.get_ref().as_str() {
+                "on-active" => CommitMode::OnActive,
+                "always" => CommitMode::Always,
+                "never" => CommitMode::Never,
+                other => {
+                    return Err(self.invalid(
+                        Some(v.span()),
+                        format!(
+                            "conntrack.commit = {}: must be \"on-active\", \"always\" or \"never\"",
+                            quote(other)
+                        ),
+                    ))
+                }
+            },
+        };
+        let delay_ms: u64 = self.opt_int("conntrack.delay_ms", &c.delay_ms, 0, MAX_CONNTRACK_DELAY_MS, 0)?;
+        let event_buffer_bytes: usize = self.opt_int(
+            "conntrack.event_buffer_bytes",
+            &c.event_buffer_bytes,
+            4096,
+            1 << 30,
+            nicsync_conntrack::client::EVENT_RCVBUF,
+        )?;
+        let f = &c.filter;
+        let mut filter = SyncFilter::default();
+        for v in f.protocols.iter().flatten() {
+            let p = match v.get_ref() {
+                toml::Value::String(s) => match s.to_ascii_lowercase().as_str() {
+                    "tcp" => Some(6),
+                    "udp" => Some(17),
+                    "icmp" => Some(1),
+                    "icmpv6" => Some(58),
+                    "sctp" => Some(132),
+                    "gre" => Some(47),
+                    _ => None,
+                },
+                toml::Value::Integer(n) => u8::try_from(*n).ok(),
+                _ => None,
+            };
+            let p = p.ok_or_else(|| {
+                self.invalid(
+                    Some(v.span()),
+                    format!(
+                        "conntrack.filter.protocols: {}: a protocol name (tcp, udp, icmp, icmpv6, sctp, gre) or number 0..=255",
+                        v.get_ref()
+                    ),
+                )
+            })?;
+            filter.protocols.push(p);
+        }
+        let prefixes = |key: &str, list: &Option<Vec<Spanned<String>>>| -> Result<Vec<Prefix>, ConfigError> {
+            list.iter()
+                .flatten()
+                .map(|v| {
+                    v.get_ref()
+                        .parse::<Prefix>()
+                        .map_err(|e| self.invalid(Some(v.span()), format!("conntrack.filter.{key}: {e}")))
+                })
+                .collect()
+        };
+        filter.addresses = prefixes("addresses", &f.addresses)?;
+        filter.ignore_addresses = prefixes("ignore_addresses", &f.ignore_addresses)?;
+        let ranges = |key: &str, list: &Option<Vec<Spanned<toml::Value>>>| -> Result<Vec<(u16, u16)>, ConfigError> {
+            list.iter()
+                .flatten()
+                .map(|v| {
+                    let r = match v.get_ref() {
+                        toml::Value::Integer(n) => u16::try_from(*n).ok().map(|p| (p, p)),
+                        toml::Value::String(s) => match s.split_once('-') {
+                            Some((a, b)) => match (a.trim().parse::<u16>(), b.trim().parse::<u16>()) {
+                                (Ok(a), Ok(b)) if a <= b => Some((a, b)),
+                                _ => None,
+                            },
+                            None => s.trim().parse::<u16>().ok().map(|p| (p, p)),
+                        },
+                        _ => None,
+                    };
+                    r.ok_or_else(|| {
+                        self.invalid(
+                            Some(v.span()),
+                            format!(
+                                "conntrack.filter.{key}: {}: a port 0..=65535 or a range \"LOW-HIGH\"",
+                                v.get_ref()
+                            ),
+                        )
+                    })
+                })
+                .collect()
+        };
+        filter.ports = ranges("ports", &f.ports)?;
+        filter.ignore_ports = ranges("ignore_ports", &f.ignore_ports)?;
+        for v in f.tcp_states.iter().flatten() {
+            let st = crate::control::parse_tcp_state(v.get_ref()).ok_or_else(|| {
+                self.invalid(
+                    Some(v.span()),
+                    format!(
+                        "conntrack.filter.tcp_states: {}: not a TCP state (syn_sent, syn_recv, established, fin_wait, \
+                         close_wait, last_ack, time_wait, close)",
+                        quote(v.get_ref())
+                    ),
+                )
+            })?;
+            filter.tcp_states.push(st);
+        }
+        Ok(ConntrackConfig { commit, delay: Duration::from_millis(delay_ms), filter, event_buffer_bytes })
     }
 
     fn device(&self, d: &RawDevice) -> Result<DeviceConfig, ConfigError> {

@@ -80,6 +80,21 @@ pub enum Request {
     },
     /// Count and digest of the synced entries (`nicsync conn digest`).
     ConnDigest,
+    /// Wait until an entry is on this member's card (`nicsync conn wait`):
+    /// answers with when it was first seen (CLOCK_MONOTONIC, comparable
+    /// across the network namespaces of one machine), or an error after
+    /// `timeout_ms`. While a wait is pending the member's loop polls the
+    /// card continuously (a core busy): it is a measuring tool.
+    ConnWait {
+        /// The key.
+        key: String,
+        /// Give up after this long (at most 60000).
+        #[serde(default = "default_wait_ms")]
+        timeout_ms: u64,
+    },
+    /// Remove every entry from this member's card only; nothing is sent to
+    /// the peers (`nicsync conn flush`, before a manual resync).
+    ConnFlush,
     /// Read the cluster key file again (`nicsync key reload`).
     ReloadKeys,
 }
@@ -87,6 +102,13 @@ pub enum Request {
 fn default_tcp_state() -> String {
     "established".into()
 }
+
+fn default_wait_ms() -> u64 {
+    1000
+}
+
+/// Longest [`Request::ConnWait`].
+pub const MAX_WAIT_MS: u64 = 60_000;
 
 fn default_true() -> bool {
     true

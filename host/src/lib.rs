@@ -16,6 +16,7 @@ pub mod chaos;
 pub mod cluster;
 pub mod config;
 pub mod control;
+pub mod ctsync;
 pub mod demo;
 pub mod device;
 pub mod driver;

@@ -183,6 +183,22 @@ enum ConnCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Wait until an entry is on this member's card; prints when it was
+    /// first seen (CLOCK_MONOTONIC ns). The daemon polls its card while it
+    /// waits: a measuring tool.
+    Wait {
+        /// The key.
+        key: String,
+        /// Give up after this many milliseconds (at most 60000).
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every entry from this member's card only (nothing is sent to
+    /// the peers); `nicsync resync` then pulls the cluster's table again.
+    Flush,
 }
 
 #[derive(Args, Debug)]
@@ -396,6 +412,18 @@ fn run_conn(socket: &std::path::Path, which: ConnCommand) -> anyhow::Result<()> 
             } else {
                 println!("{} entries, digest {}", v["entries"], v["digest"].as_str().unwrap_or("?"));
             }
+        }
+        ConnCommand::Wait { key, timeout_ms, json } => {
+            let v = control(socket, &Request::ConnWait { key, timeout_ms })?;
+            if json {
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!("{} seen at {} ns (CLOCK_MONOTONIC)", v["key"].as_str().unwrap_or("?"), v["seen_monotonic_ns"]);
+            }
+        }
+        ConnCommand::Flush => {
+            let v = control(socket, &Request::ConnFlush)?;
+            println!("flushed {} entries from this member's card", v["flushed"]);
         }
     }
     Ok(())

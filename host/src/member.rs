@@ -12,7 +12,8 @@ use nicsync_model::{ExecMode, Idle, ModelConfig};
 use nicsync_seal::{next_boot, Keyring, SharedKeyring};
 use nicsync_vfio::{EmulatedDevice, NicDevice};
 
-use crate::config::{ClusterMode, Config, DeviceKind};
+use crate::config::{ClusterMode, Config, DeviceKind, TableSource};
+use crate::ctsync::KernelLink;
 use crate::device::AnyDevice;
 use crate::membership::Mode;
 use crate::node::{Node, NodeConfig};
@@ -234,7 +235,21 @@ pub fn run_daemon(cfg: &Config) -> anyhow::Result<()> {
                 _ = term => {}
             }
         };
-        crate::runtime::serve(&mut node, &net, Some(&ctl), shutdown).await
+        let kernel = match cfg.source {
+            TableSource::Conntrack => {
+                let mut ends = vec![cfg.sync.bind, cfg.membership.bind, cfg.full_sync.bind];
+                for p in &cfg.peers {
+                    ends.extend([p.sync, p.membership]);
+                    ends.extend(p.full_sync.iter().copied());
+                }
+                Some(KernelLink::open(cfg.conntrack.clone(), &ends)?)
+            }
+            TableSource::Control => None,
+        };
+        let sockets = crate::runtime::MemberSockets::bind(&net)?;
+        crate::runtime::serve_with(&mut node, sockets, &net, Some(&ctl), None, kernel, shutdown)
+            .await
+            .map_err(anyhow::Error::from)
     })?;
     tracing::info!(member = cfg.member_id, "nicsync daemon stopped: {stats:?}");
     Ok(())

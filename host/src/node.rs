@@ -256,6 +256,9 @@ pub struct Node<D: NicDevice> {
     drain_since: Option<Nanos>,
     /// Sealing of membership datagrams and Full Sync streams.
     security: Option<NodeSecurity>,
+    /// Changes the peers made to this member's card, kept for the caller
+    /// when asked for ([`Node::record_peer_changes`]).
+    peer_changes: Option<Vec<(nicsync_fwif::conn::ConnKey, bool)>>,
     /// Outputs already on the wire's terms (sealed, or a handshake): they
     /// leave before [`Node::out`], whose items are sealed as they leave.
     raw_out: VecDeque<NodeOutput>,
@@ -342,7 +345,21 @@ impl<D: NicDevice> Node<D> {
             divergence_asked: std::collections::BTreeMap::new(),
             resets_seen,
             next_audit: now,
+            peer_changes: None,
         })
+    }
+
+    /// Keeps (or stops keeping) the keys the peers' sync updates changed on
+    /// this member's card, for [`Node::take_peer_changes`] (a Standby
+    /// mirroring them into its kernel).
+    pub fn record_peer_changes(&mut self, on: bool) {
+        self.peer_changes = on.then(Vec::new);
+    }
+
+    /// The keys the peers changed since the last call, in order, each with
+    /// whether it was removed.
+    pub fn take_peer_changes(&mut self) -> Vec<(nicsync_fwif::conn::ConnKey, bool)> {
+        self.peer_changes.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Counters of the host's sealing (zero when it runs in clear).
@@ -884,9 +901,15 @@ impl<D: NicDevice> Node<D> {
         let mut synced = 0u64;
         // Through the table, so that a host copy kept for fault recovery
         // follows what the device did on its own (aging, peer updates).
+        let changes = &mut self.peer_changes;
         self.table.poll_events(|e| match e.kind {
             EventKind::ResyncNeeded => resync += 1,
-            EventKind::SyncUpdated | EventKind::SyncRemoved => synced += 1,
+            EventKind::SyncUpdated | EventKind::SyncRemoved => {
+                synced += 1;
+                if let Some(c) = changes.as_mut() {
+                    c.push((e.key, e.kind == EventKind::SyncRemoved));
+                }
+            }
             _ => {}
         });
         self.stats.sync_events += synced;

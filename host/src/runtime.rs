@@ -23,6 +23,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket, UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::control::{self, Reply, Request, MAX_REQUEST_BYTES};
+use crate::ctsync::{KernelLink, LinkWake};
 use crate::membership::{Destination, MemberState};
 use crate::node::{ConnId, Nanos, Node, NodeOutput};
 use crate::table::{ConnEntry, TableError};
@@ -148,7 +149,21 @@ pub async fn serve_on<D: NicDevice + 'static>(
     sockets: MemberSockets,
     net: &MemberNet,
     control: Option<&ControlSocket>,
+    hook: Option<TickHook<'_, D>>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<NetStats, RuntimeError> {
+    serve_with(node, sockets, net, control, hook, None, shutdown).await
+}
+
+/// [`serve_on`], with the kernel's connection tracking as the table's
+/// source and sink when `kernel` is given (`source = "conntrack"`).
+pub async fn serve_with<D: NicDevice + 'static>(
+    node: &mut Node<D>,
+    sockets: MemberSockets,
+    net: &MemberNet,
+    control: Option<&ControlSocket>,
     mut hook: Option<TickHook<'_, D>>,
+    mut kernel: Option<KernelLink>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<NetStats, RuntimeError> {
     let start = Instant::now();
@@ -173,12 +188,25 @@ pub async fn serve_on<D: NicDevice + 'static>(
     tokio::pin!(shutdown);
     let own_uid = current_uid();
     let mut last_tick = Instant::now();
+    let mut waiters: Vec<Waiter> = Vec::new();
+    if let Some(k) = kernel.as_ref() {
+        node.record_peer_changes(k.mirrors());
+    }
     loop {
         flush_outputs(node, net, &ccp, &mut conns, &ev_tx, &mut stats);
-        let sleep_for =
-            node.poll_timeout().map_or(Duration::from_secs(1), |t| Duration::from_nanos(t.saturating_sub(now())));
+        let next = match (node.poll_timeout(), kernel.as_ref().and_then(KernelLink::poll_timeout)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let sleep_for = next.map_or(Duration::from_secs(1), |t| Duration::from_nanos(t.saturating_sub(now())));
         tokio::select! {
             _ = &mut shutdown => break,
+            wake = kernel_wake(&mut kernel) => {
+                if let Some(k) = kernel.as_mut() {
+                    k.handle(wake, node, now());
+                }
+            }
+            _ = std::future::ready(()), if !waiters.is_empty() => check_waiters(node, &mut waiters),
             r = ccp.recv_from(&mut buf) => {
                 if let Ok((n, from)) = r {
                     if by_addr.contains_key(&canonical(from)) {
@@ -212,8 +240,23 @@ pub async fn serve_on<D: NicDevice + 'static>(
                     conns.remove(&conn);
                     node.fs_closed(conn, now());
                 }
+                Ev::Control { req: Request::ConnWait { key, timeout_ms }, reply } => {
+                    match control::parse_key(&key) {
+                        Ok(k) => {
+                            let limit = Duration::from_millis(timeout_ms.min(control::MAX_WAIT_MS));
+                            waiters.push(Waiter { key: k, text: key, deadline: Instant::now() + limit, reply });
+                            check_waiters(node, &mut waiters);
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Reply::err(e.to_string()));
+                        }
+                    }
+                }
                 Ev::Control { req, reply } => {
-                    let r = handle_request(node, &req, &stats, now());
+                    let mut r = handle_request(node, &req, &stats, now());
+                    if let (Request::Syncstat, Some(k), Some(data)) = (&req, kernel.as_ref(), r.data.as_mut()) {
+                        data["conntrack"] = serde_json::to_value(k.stats()).unwrap_or_default();
+                    }
                     let _ = reply.send(r);
                 }
                 Ev::ControlRefused => stats.control_refused += 1,
@@ -229,6 +272,20 @@ pub async fn serve_on<D: NicDevice + 'static>(
                     h(node, now());
                 }
                 node.progress(now());
+                if let Some(k) = kernel.as_mut() {
+                    k.tick(node, now());
+                    for (key, removed) in node.take_peer_changes() {
+                        let record = if removed {
+                            None
+                        } else {
+                            match node.table().lookup(&key) {
+                                Ok(Some(r)) => Some((r.state, r.nat)),
+                                _ => None,
+                            }
+                        };
+                        k.mirror(&key, record);
+                    }
+                }
             }
         }
     }
@@ -236,6 +293,46 @@ pub async fn serve_on<D: NicDevice + 'static>(
         let _ = std::fs::remove_file(&c.path);
     }
     Ok(stats)
+}
+
+/// A pending [`Request::ConnWait`].
+struct Waiter {
+    key: nicsync_fwif::conn::ConnKey,
+    text: String,
+    deadline: Instant,
+    reply: oneshot::Sender<Reply>,
+}
+
+/// Looks each waited-for key up on the card; answers those found or out of
+/// time.
+fn check_waiters<D: NicDevice>(node: &mut Node<D>, waiters: &mut Vec<Waiter>) {
+    let mut i = 0;
+    while i < waiters.len() {
+        let w = &waiters[i];
+        let answer = match node.table().lookup(&w.key) {
+            Ok(Some(r)) => {
+                let seen = nicsync_conntrack::monotonic_ns();
+                Some(Reply::ok(json!({"key": w.text, "seen_monotonic_ns": seen, "record": crate::node::record_json(&r)})))
+            }
+            Ok(None) if Instant::now() >= w.deadline => Some(Reply::err(format!("no connection {} in time", w.text))),
+            Ok(None) => None,
+            Err(e) => Some(Reply::err(e.to_string())),
+        };
+        match answer {
+            Some(a) => {
+                let w = waiters.swap_remove(i);
+                let _ = w.reply.send(a);
+            }
+            None => i += 1,
+        }
+    }
+}
+
+async fn kernel_wake(k: &mut Option<KernelLink>) -> LinkWake {
+    match k {
+        Some(k) => k.wait().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn canonical(a: SocketAddr) -> SocketAddr {
@@ -476,6 +573,21 @@ pub fn handle_request<D: NicDevice>(node: &mut Node<D>, req: &Request, net: &Net
         Request::ReloadKeys => match node.reload_keys() {
             Ok((send, accepted)) => Reply::ok(json!({"send_key": send, "keys_accepted": accepted})),
             Err(e) => Reply::err(e),
+        },
+        // Answered by the loop (it waits); here only when called directly.
+        Request::ConnWait { key, .. } => match control::parse_key(key) {
+            Ok(k) => match node.table().lookup(&k) {
+                Ok(Some(r)) => Reply::ok(
+                    json!({"key": key, "seen_monotonic_ns": nicsync_conntrack::monotonic_ns(), "record": crate::node::record_json(&r)}),
+                ),
+                Ok(None) => Reply::err(format!("no connection {key}")),
+                Err(e) => Reply::err(e.to_string()),
+            },
+            Err(e) => Reply::err(e.to_string()),
+        },
+        Request::ConnFlush => match node.table().flush() {
+            Ok(n) => Reply::ok(json!({"flushed": n})),
+            Err(e) => Reply::err(e.to_string()),
         },
         Request::ConnDigest => match node.digest() {
             Ok((count, digest)) => Reply::ok(json!({"entries": count, "digest": format!("{digest:016x}")})),

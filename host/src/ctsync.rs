@@ -1,0 +1,1346 @@
+//! Linux conntrack as the table's source and sink (`source = "conntrack"`).
+//!
+//! **Source.** The kernel's connection-tracking events (NEW, UPDATE,
+//! DESTROY, over ctnetlink) become table operations on the card, in
+//! batches through the rings; the card's sync unit carries the synced ones
+//! to the peers. Only an Active member sources: a Standby's kernel is not
+//! the cluster's reference, so its events are counted and left alone. When
+//! a member becomes Active, and after every event-socket overrun (ENOBUFS:
+//! events were lost), the kernel's table is dumped and the card brought in
+//! line: entries the dump shows are upserted, entries this member learnt
+//! from its kernel that the dump no longer shows are deleted. Events that
+//! arrive while a dump runs win over the dump for the keys they name.
+//!
+//! **Selective and delayed sync.** A [`SyncFilter`] decides which entries
+//! are marked for sync (the others stay on this member's card only); with a
+//! delay, a new connection is marked for sync only once it has lived that
+//! long, so connections shorter than the delay never reach the peers.
+//! Once an entry is synced it stays synced until it is destroyed, so that a
+//! peer never keeps a stale copy of it.
+//!
+//! **Sink.** On becoming Active, the member commits the entries synced to
+//! it into its own kernel (conntrackd's `-c`), in bulk, from a thread of
+//! its own so that membership keeps running, and reports how many and how
+//! long. A Standby keeps them out of its kernel unless `commit = "always"`,
+//! which mirrors every change the peers send into the kernel as it comes.
+//!
+//! The decisions are made by [`KernelFeed`], a sans-IO state machine (unit
+//! tested with no kernel); [`KernelLink`] drives it with the sockets.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::IpAddr;
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use nicsync_conntrack::{self as ct, CreateMode, CtEntry, CtEvent, CtSocket, EventSocket, Groups};
+use nicsync_fwif::conn::{proto, ConnFlags, ConnKey, ConnState, Nat, TcpState};
+use nicsync_vfio::NicDevice;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc;
+
+use crate::membership::MemberState;
+use crate::node::{Nanos, Node};
+use crate::table::{ConnEntry, TableError, TableOp};
+
+/// When a member writes synced entries into its own kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CommitMode {
+    /// On becoming Active (the default): a Standby's kernel holds only its
+    /// own traffic until it takes over.
+    #[default]
+    OnActive,
+    /// On becoming Active, and on a Standby every change the peers send as
+    /// it arrives (a warm kernel; costs a netlink request per change).
+    Always,
+    /// Never: the kernel is left alone (monitoring, or another tool
+    /// commits).
+    Never,
+}
+
+impl CommitMode {
+    /// The configuration string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommitMode::OnActive => "on-active",
+            CommitMode::Always => "always",
+            CommitMode::Never => "never",
+        }
+    }
+}
+
+/// An address prefix (`10.0.0.0/8`, `2001:db8::/32`, or one address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prefix {
+    /// The network address.
+    pub addr: IpAddr,
+    /// Prefix length in bits.
+    pub len: u8,
+}
+
+impl Prefix {
+    /// Whether `ip` is inside.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = if self.len == 0 { 0 } else { u32::MAX << (32 - u32::from(self.len.min(32))) };
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = if self.len == 0 { 0 } else { u128::MAX << (128 - u32::from(self.len.min(128))) };
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Prefix {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, l) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a.trim().parse().map_err(|_| format!("{s:?}: not an address or prefix"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match l {
+            None => max,
+            Some(l) => match l.trim().parse::<u8>() {
+                Ok(n) if n <= max => n,
+                _ => return Err(format!("{s:?}: prefix length must be 0..={max}")),
+            },
+        };
+        Ok(Prefix { addr, len })
+    }
+}
+
+/// Which entries are marked for sync. Each list that is not empty must
+/// admit the entry; an empty list admits everything.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct SyncFilter {
+    /// IP protocol numbers.
+    pub protocols: Vec<u8>,
+    /// The source or the destination must be inside one of these.
+    pub addresses: Vec<Prefix>,
+    /// Neither the source nor the destination may be inside one of these.
+    pub ignore_addresses: Vec<Prefix>,
+    /// The source or the destination port must be inside one of these
+    /// ranges (entries without ports never match a port list).
+    pub ports: Vec<(u16, u16)>,
+    /// Neither port may be inside one of these ranges.
+    pub ignore_ports: Vec<(u16, u16)>,
+    /// TCP entries must be in one of these states (other protocols are not
+    /// concerned).
+    pub tcp_states: Vec<TcpState>,
+}
+
+impl SyncFilter {
+    /// Whether the filter has no list set (admits everything).
+    pub fn is_empty(&self) -> bool {
+        self.protocols.is_empty()
+            && self.addresses.is_empty()
+            && self.ignore_addresses.is_empty()
+            && self.ports.is_empty()
+            && self.ignore_ports.is_empty()
+            && self.tcp_states.is_empty()
+    }
+
+    /// Whether an entry with this key and state is to be synced.
+    pub fn admits(&self, key: &ConnKey, state: &ConnState) -> bool {
+        if !self.protocols.is_empty() && !self.protocols.contains(&key.proto) {
+            return false;
+        }
+        let ips = [key.src_ip(), key.dst_ip()];
+        let inside = |list: &[Prefix]| ips.iter().flatten().any(|ip| list.iter().any(|p| p.contains(*ip)));
+        if !self.addresses.is_empty() && !inside(&self.addresses) {
+            return false;
+        }
+        if inside(&self.ignore_addresses) {
+            return false;
+        }
+        let has_ports = matches!(key.proto, proto::TCP | proto::UDP | proto::SCTP);
+        let ports = [key.src_port.get(), key.dst_port.get()];
+        let in_range = |list: &[(u16, u16)]| has_ports && ports.iter().any(|p| list.iter().any(|(a, b)| a <= p && p <= b));
+        if !self.ports.is_empty() && !in_range(&self.ports) {
+            return false;
+        }
+        if in_range(&self.ignore_ports) {
+            return false;
+        }
+        if key.proto == proto::TCP && !self.tcp_states.is_empty() {
+            match state.tcp() {
+                Some(s) if self.tcp_states.contains(&s) => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+}
+
+/// `[conntrack]`: how the kernel's table feeds the card and back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConntrackConfig {
+    /// When synced entries are written into this member's kernel.
+    pub commit: CommitMode,
+    /// A new connection is synced only once it has lived this long (zero:
+    /// at once).
+    pub delay: Duration,
+    /// Which entries are synced.
+    pub filter: SyncFilter,
+    /// Receive buffer asked for the event socket (bytes).
+    pub event_buffer_bytes: usize,
+}
+
+impl Default for ConntrackConfig {
+    fn default() -> Self {
+        ConntrackConfig {
+            commit: CommitMode::OnActive,
+            delay: Duration::ZERO,
+            filter: SyncFilter::default(),
+            event_buffer_bytes: ct::client::EVENT_RCVBUF,
+        }
+    }
+}
+
+/// Counters of the conntrack source and sink (`syncstat`'s `conntrack`).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ConntrackStats {
+    /// NEW events.
+    pub events_new: u64,
+    /// UPDATE events.
+    pub events_update: u64,
+    /// DESTROY events.
+    pub events_destroy: u64,
+    /// Events caused by this daemon's own commits (recognised by their
+    /// netlink origin and not fed back).
+    pub events_own: u64,
+    /// Events received while not Active (not sourced).
+    pub events_while_standby: u64,
+    /// Events and dump entries of the cluster's own sync, membership and
+    /// Full Sync traffic: never sourced (replicating them would be noise,
+    /// and committing them on a peer would be wrong).
+    pub own_traffic: u64,
+    /// Events or dump entries nicsync cannot represent (double NAT,
+    /// non-echo ICMP, ...): left out.
+    pub unmappable: u64,
+    /// Messages that did not parse (handled as an overrun).
+    pub unparsed: u64,
+    /// Event-socket overruns (ENOBUFS): each starts a resynchronising dump.
+    pub overruns: u64,
+    /// Dumps started (on becoming Active and after overruns).
+    pub dumps_started: u64,
+    /// Dumps completed.
+    pub dumps_completed: u64,
+    /// Dumps that failed (retried).
+    pub dumps_failed: u64,
+    /// Entries the dumps delivered.
+    pub dump_entries: u64,
+    /// Entries a dump removed from the card: gone from the kernel while
+    /// their DESTROY events were lost.
+    pub dump_removed: u64,
+    /// Duration of the last dump, from its start to the card being in line.
+    pub last_dump_ms: Option<f64>,
+    /// Table changes put on the card, synced or not.
+    pub table_ops: u64,
+    /// Table operations the card refused (table full, ...).
+    pub table_errors: u64,
+    /// Entries currently known from this member's kernel.
+    pub entries_known: u64,
+    /// Upserts left on this member's card only by the sync filter.
+    pub filtered: u64,
+    /// New connections held back by the sync delay.
+    pub delayed: u64,
+    /// Held connections that outlived the delay and were then synced.
+    pub delayed_synced: u64,
+    /// Held connections destroyed within the delay: never synced.
+    pub delayed_never_synced: u64,
+    /// Connections held right now.
+    pub delayed_pending: u64,
+    /// Commits into the kernel (takeovers, plus one per change mirrored on a
+    /// Standby with `commit = "always"`).
+    pub commits: u64,
+    /// Entries written into the kernel by the last takeover commit.
+    pub last_commit_entries: u64,
+    /// Entries the kernel already held at the last takeover commit.
+    pub last_commit_present: u64,
+    /// Entries the kernel refused at the last takeover commit.
+    pub last_commit_failed: u64,
+    /// Synced entries that could not be expressed for the kernel.
+    pub last_commit_unmappable: u64,
+    /// Time from becoming Active to the last takeover commit's end.
+    pub last_commit_ms: Option<f64>,
+    /// Entries committed in all.
+    pub committed_entries: u64,
+    /// Kernel refusals in all (errno counts in the log).
+    pub commit_failed: u64,
+    /// Changes mirrored into the kernel on a Standby (`commit = "always"`).
+    pub mirrored: u64,
+    /// The last error the source or sink met.
+    pub last_error: Option<String>,
+}
+
+/// An entry held back by the sync delay.
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    until: Nanos,
+    entry: ConnEntry,
+}
+
+/// The dump in progress.
+#[derive(Debug, Default)]
+struct Resync {
+    started: Nanos,
+    /// Keys that events named since the dump began: their events win.
+    touched: HashSet<ConnKey>,
+    /// Keys the dump showed.
+    seen: HashSet<ConnKey>,
+    /// Another overrun came during this dump: dump again when it ends.
+    again: bool,
+}
+
+/// What the runtime must do after feeding an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FeedAction {
+    /// Nothing more.
+    None,
+    /// Events were lost: dump the kernel's table.
+    Dump,
+}
+
+/// The source's decisions, with no I/O: what goes on the card, marked for
+/// sync or not, when held entries are released, what a dump changes.
+#[derive(Debug)]
+pub struct KernelFeed {
+    cfg: ConntrackConfig,
+    /// Keys learnt from this member's kernel, with whether they are synced.
+    known: HashMap<ConnKey, bool>,
+    held: HashMap<ConnKey, Held>,
+    hold_queue: VecDeque<(Nanos, ConnKey)>,
+    resync: Option<Resync>,
+    own_port: u32,
+    active: bool,
+    /// The cluster's own sockets: (address, port), an unspecified address
+    /// matching any.
+    endpoints: Vec<(IpAddr, u16)>,
+    stats: ConntrackStats,
+}
+
+impl KernelFeed {
+    /// A feed with nothing known, not Active.
+    pub fn new(cfg: ConntrackConfig) -> Self {
+        KernelFeed {
+            cfg,
+            known: HashMap::new(),
+            held: HashMap::new(),
+            hold_queue: VecDeque::new(),
+            resync: None,
+            own_port: 0,
+            active: false,
+            endpoints: Vec::new(),
+            stats: ConntrackStats::default(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ConntrackConfig {
+        &self.cfg
+    }
+
+    /// The netlink port id of the socket this daemon commits with: events
+    /// it caused are not fed back.
+    pub fn set_own_port(&mut self, port: u32) {
+        self.own_port = port;
+    }
+
+    /// The cluster's own sockets (this member's binds and its peers'
+    /// addresses): connections to or from them are never sourced.
+    pub fn set_cluster_endpoints(&mut self, eps: &[std::net::SocketAddr]) {
+        self.endpoints = eps.iter().map(|a| (a.ip().to_canonical(), a.port())).collect();
+    }
+
+    fn is_cluster_traffic(&self, key: &ConnKey) -> bool {
+        if !matches!(key.proto, proto::TCP | proto::UDP) || self.endpoints.is_empty() {
+            return false;
+        }
+        let ends = [(key.src_ip(), key.src_port.get()), (key.dst_ip(), key.dst_port.get())];
+        ends.iter().any(|(ip, port)| {
+            let Some(ip) = ip else { return false };
+            self.endpoints.iter().any(|(a, p)| p == port && (a.is_unspecified() || a == ip))
+        })
+    }
+
+    /// Whether this member sources (it is Active). Leaving Active drops the
+    /// held entries' timers (the next Active decides for them).
+    pub fn set_active(&mut self, active: bool) {
+        if self.active && !active {
+            self.held.clear();
+            self.hold_queue.clear();
+            self.resync = None;
+        }
+        self.active = active;
+    }
+
+    /// Whether a dump is in progress.
+    pub fn dumping(&self) -> bool {
+        self.resync.is_some()
+    }
+
+    /// Whether `key` was learnt from this member's kernel.
+    pub fn knows(&self, key: &ConnKey) -> bool {
+        self.known.contains_key(key)
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> ConntrackStats {
+        let mut s = self.stats.clone();
+        s.entries_known = self.known.len() as u64;
+        s.delayed_pending = self.held.len() as u64;
+        s
+    }
+
+    /// Records an error for `syncstat`.
+    pub fn note_error(&mut self, why: String) {
+        tracing::warn!("conntrack: {why}");
+        self.stats.last_error = Some(why);
+    }
+
+    /// Feeds one event; table operations are appended to `ops`.
+    pub fn event(&mut self, ev: CtEvent, origin: u32, now: Nanos, ops: &mut Vec<TableOp>) -> FeedAction {
+        let (entry, destroy) = match ev {
+            CtEvent::New(e) => {
+                self.stats.events_new += 1;
+                (e, false)
+            }
+            CtEvent::Update(e) => {
+                self.stats.events_update += 1;
+                (e, false)
+            }
+            CtEvent::Destroy(e) => {
+                self.stats.events_destroy += 1;
+                (e, true)
+            }
+            CtEvent::Overrun => {
+                self.stats.overruns += 1;
+                return self.lost();
+            }
+            CtEvent::Unparsed(e) => {
+                self.stats.unparsed += 1;
+                self.note_error(format!("event did not parse ({e}): resynchronising"));
+                return self.lost();
+            }
+        };
+        let mapped = match ct::from_ct(&entry) {
+            Ok(m) => m,
+            Err(_) => {
+                self.stats.unmappable += 1;
+                return FeedAction::None;
+            }
+        };
+        if self.is_cluster_traffic(&mapped.key) {
+            self.stats.own_traffic += 1;
+            return FeedAction::None;
+        }
+        if origin != 0 && origin == self.own_port {
+            // The kernel telling us about our own commit: the card already
+            // has it, and it is in the kernel now.
+            self.stats.events_own += 1;
+            if !destroy {
+                self.known.insert(mapped.key, true);
+            }
+            return FeedAction::None;
+        }
+        if !self.active {
+            self.stats.events_while_standby += 1;
+            return FeedAction::None;
+        }
+        if let Some(r) = self.resync.as_mut() {
+            r.touched.insert(mapped.key);
+        }
+        if destroy {
+            self.forget(&mapped.key, ops);
+        } else {
+            self.learn(mapped.key, mapped.state, mapped.nat, true, now, ops);
+        }
+        FeedAction::None
+    }
+
+    fn lost(&mut self) -> FeedAction {
+        if !self.active {
+            return FeedAction::None;
+        }
+        match self.resync.as_mut() {
+            Some(r) => {
+                r.again = true;
+                FeedAction::None
+            }
+            None => FeedAction::Dump,
+        }
+    }
+
+    fn forget(&mut self, key: &ConnKey, ops: &mut Vec<TableOp>) {
+        self.known.remove(key);
+        if self.held.remove(key).is_some() {
+            self.stats.delayed_never_synced += 1;
+        }
+        ops.push(TableOp::Delete(*key));
+    }
+
+    /// Puts an entry on the card; `fresh` when an event (not a dump) shows
+    /// it, so that the delay applies to it.
+    fn learn(&mut self, key: ConnKey, mut state: ConnState, nat: Nat, fresh: bool, now: Nanos, ops: &mut Vec<TableOp>) {
+        // The kernel ages its entries and says so with DESTROY; its timeout
+        // is refreshed by packets without events, so the card must not age
+        // them on its own.
+        state.timeout_s = 0.into();
+        let synced = self.known.get(&key).copied();
+        let held = self.held.contains_key(&key);
+        let sync = match synced {
+            Some(true) => true,
+            _ if !self.cfg.filter.admits(&key, &state) => {
+                self.stats.filtered += 1;
+                false
+            }
+            _ if held => false,
+            // New to this member, seen by an event: hold it for the delay.
+            None if fresh && !self.cfg.delay.is_zero() => {
+                let until = now.saturating_add(self.cfg.delay.as_nanos() as u64);
+                self.hold_queue.push_back((until, key));
+                self.stats.delayed += 1;
+                self.held.insert(key, Held { until, entry: ConnEntry { state, nat: Some(nat) } });
+                false
+            }
+            _ => true,
+        };
+        if let Some(h) = self.held.get_mut(&key) {
+            h.entry = ConnEntry { state, nat: Some(nat) };
+        }
+        if sync {
+            state.flags = (state.conn_flags() | ConnFlags::SYNC).bits().into();
+        }
+        self.known.insert(key, sync);
+        self.stats.table_ops += 1;
+        ops.push(TableOp::Upsert(key, ConnEntry { state, nat: Some(nat) }));
+    }
+
+    /// When the next held entry is due.
+    pub fn poll_timeout(&self) -> Option<Nanos> {
+        self.hold_queue.front().map(|(t, _)| *t)
+    }
+
+    /// Releases the held entries that are due: those still admitted are
+    /// marked for sync.
+    pub fn handle_timeout(&mut self, now: Nanos, ops: &mut Vec<TableOp>) {
+        while let Some(&(until, key)) = self.hold_queue.front() {
+            if until > now {
+                break;
+            }
+            self.hold_queue.pop_front();
+            let Some(h) = self.held.get(&key).copied() else { continue };
+            if h.until != until {
+                continue;
+            }
+            self.held.remove(&key);
+            let mut state = h.entry.state;
+            if !self.cfg.filter.admits(&key, &state) {
+                continue;
+            }
+            state.flags = (state.conn_flags() | ConnFlags::SYNC).bits().into();
+            self.known.insert(key, true);
+            self.stats.delayed_synced += 1;
+            self.stats.table_ops += 1;
+            ops.push(TableOp::Upsert(key, ConnEntry { state, nat: h.entry.nat }));
+        }
+    }
+
+    /// A dump of the kernel's table begins.
+    pub fn begin_dump(&mut self, now: Nanos) {
+        self.stats.dumps_started += 1;
+        self.resync = Some(Resync { started: now, ..Default::default() });
+    }
+
+    /// Entries of the dump in progress.
+    pub fn dump_entries(&mut self, entries: &[CtEntry], now: Nanos, ops: &mut Vec<TableOp>) {
+        if !self.active {
+            return;
+        }
+        for e in entries {
+            self.stats.dump_entries += 1;
+            let Ok(m) = ct::from_ct(e) else {
+                self.stats.unmappable += 1;
+                continue;
+            };
+            if self.is_cluster_traffic(&m.key) {
+                self.stats.own_traffic += 1;
+                continue;
+            }
+            let Some(r) = self.resync.as_mut() else { return };
+            r.seen.insert(m.key);
+            if r.touched.contains(&m.key) {
+                continue;
+            }
+            // Already on the card in this state: nothing to send.
+            self.learn(m.key, m.state, m.nat, false, now, ops);
+        }
+    }
+
+    /// The dump ended. On success, what this member learnt from its kernel
+    /// and the dump no longer shows is deleted. Returns whether to dump
+    /// again (an overrun came meanwhile, or the dump failed).
+    pub fn end_dump(&mut self, result: Result<(), String>, now: Nanos, ops: &mut Vec<TableOp>) -> bool {
+        let Some(r) = self.resync.take() else { return false };
+        if let Err(e) = result {
+            self.stats.dumps_failed += 1;
+            self.note_error(format!("dump of the kernel's table failed: {e}"));
+            return self.active;
+        }
+        if !self.active {
+            return false;
+        }
+        let gone: Vec<ConnKey> =
+            self.known.keys().filter(|k| !r.seen.contains(*k) && !r.touched.contains(*k)).copied().collect();
+        for k in &gone {
+            self.forget(k, ops);
+        }
+        self.stats.dump_removed += gone.len() as u64;
+        self.stats.dumps_completed += 1;
+        self.stats.last_dump_ms = Some(now.saturating_sub(r.started) as f64 / 1e6);
+        r.again
+    }
+
+    /// Counts the outcome of operations this feed produced.
+    pub fn table_results(&mut self, results: &[Result<u32, TableError>]) {
+        for r in results {
+            match r {
+                Ok(_) | Err(TableError::NotFound) => {}
+                Err(e) => {
+                    self.stats.table_errors += 1;
+                    self.stats.last_error = Some(format!("card refused a table change: {e}"));
+                }
+            }
+        }
+    }
+
+    /// Entries committed into the kernel are this member's kernel's now.
+    pub fn committed(&mut self, keys: &[ConnKey]) {
+        for k in keys {
+            self.known.insert(*k, true);
+        }
+    }
+
+    fn stats_mut(&mut self) -> &mut ConntrackStats {
+        &mut self.stats
+    }
+}
+
+/// The kernel's default timeout for an entry in this state (the
+/// `nf_conntrack_*_timeout*` sysctls' defaults), used when committing an
+/// entry whose timeout the kernel drives (0 on the card). The next packet
+/// refreshes it to whatever the committing kernel is configured with.
+pub fn default_timeout_s(key: &ConnKey, state: &ConnState) -> u32 {
+    match key.proto {
+        proto::TCP => match state.tcp() {
+            Some(TcpState::Established) => 432_000,
+            Some(TcpState::SynSent | TcpState::SynSent2 | TcpState::FinWait | TcpState::TimeWait) => 120,
+            Some(TcpState::SynRecv | TcpState::CloseWait) => 60,
+            Some(TcpState::LastAck) => 30,
+            Some(TcpState::Close) => 10,
+            _ => 300,
+        },
+        proto::UDP => {
+            if state.conn_flags().contains(ConnFlags::ASSURED) {
+                120
+            } else {
+                30
+            }
+        }
+        proto::ICMP | proto::ICMPV6 => 30,
+        _ => 600,
+    }
+}
+
+/// The kernel entry that commits a card entry.
+pub fn commit_entry(key: &ConnKey, state: &ConnState, nat: &Nat) -> Result<CtEntry, ct::MapError> {
+    let mut s = *state;
+    if s.timeout_s.get() == 0 {
+        s.timeout_s = default_timeout_s(key, state).into();
+    }
+    ct::to_ct(key, &s, nat)
+}
+
+// ---------------------------------------------------------------------------
+// The I/O side.
+
+/// Messages from the dump and commit threads.
+#[derive(Debug)]
+enum LinkMsg {
+    DumpEntries(Vec<CtEntry>),
+    DumpDone(Result<(), String>),
+    CommitDone(CommitReport),
+}
+
+#[derive(Debug)]
+enum CommitJob {
+    /// A takeover: write these, report.
+    Takeover { entries: Vec<CtEntry>, keys: Vec<ConnKey>, unmappable: u64, since: Instant },
+    /// A Standby mirroring one change (`commit = "always"`).
+    Mirror { upsert: Option<CtEntry>, delete: Option<CtEntry> },
+}
+
+#[derive(Debug)]
+struct CommitReport {
+    takeover: bool,
+    keys_ok: Vec<ConnKey>,
+    written: u64,
+    present: u64,
+    failed: Vec<i32>,
+    unmappable: u64,
+    since: Instant,
+    error: Option<String>,
+}
+
+/// Batches per dump message.
+const DUMP_BATCH: usize = 4096;
+
+/// Retry delay for a failed dump.
+const DUMP_RETRY: Duration = Duration::from_secs(1);
+
+/// Table operations per batch through the rings.
+const OPS_PER_BATCH: usize = 1024;
+
+/// Why the conntrack link could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The kernel's conntrack could not be reached.
+    #[error("conntrack: {0} (is nf_conntrack loaded, and does the daemon have CAP_NET_ADMIN?)")]
+    Kernel(#[from] ct::CtError),
+    /// The event socket could not be registered.
+    #[error("conntrack: registering the event socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// A worker thread could not be started.
+    #[error("conntrack: starting the {0} thread: {1}")]
+    Thread(&'static str, std::io::Error),
+}
+
+/// The conntrack source and sink of a running member: the event socket in
+/// the member's loop, a thread for dumps, a thread for commits.
+pub struct KernelLink {
+    feed: KernelFeed,
+    events: AsyncFd<EventSocket>,
+    tx: mpsc::UnboundedSender<LinkMsg>,
+    rx: mpsc::UnboundedReceiver<LinkMsg>,
+    commit_tx: std_mpsc::Sender<CommitJob>,
+    ops: Vec<TableOp>,
+    was_active: bool,
+    activated_at: Option<Instant>,
+    /// A takeover commit runs; the activation dump waits for it.
+    committing: bool,
+    dump_wanted: bool,
+    dump_retry_at: Option<Instant>,
+}
+
+impl std::fmt::Debug for KernelLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelLink").field("feed", &self.feed).finish_non_exhaustive()
+    }
+}
+
+/// What woke the member's loop for the link.
+#[derive(Debug)]
+pub enum LinkWake {
+    /// Events are queued on the socket.
+    Events,
+    /// A thread reported.
+    Msg(Box<LinkMsgBox>),
+}
+
+/// A thread's report (opaque).
+#[derive(Debug)]
+pub struct LinkMsgBox(LinkMsg);
+
+impl KernelLink {
+    /// Subscribes to the kernel's events in the calling thread's network
+    /// namespace and starts the commit thread. Must run inside a tokio
+    /// runtime.
+    pub fn open(cfg: ConntrackConfig, cluster_endpoints: &[std::net::SocketAddr]) -> Result<Self, LinkError> {
+        let events = EventSocket::open_with_buffer(Groups::ALL, cfg.event_buffer_bytes)?;
+        let granted = events.receive_buffer().unwrap_or(0);
+        tracing::info!(
+            "conntrack: subscribed to NEW/UPDATE/DESTROY events ({} KiB receive buffer), commit {}, sync delay {} ms{}",
+            granted / 1024,
+            cfg.commit.as_str(),
+            cfg.delay.as_millis(),
+            if cfg.filter.is_empty() { "" } else { ", sync filter set" }
+        );
+        let mut sock = CtSocket::open()?;
+        let mut feed = KernelFeed::new(cfg);
+        feed.set_own_port(sock.port_id());
+        feed.set_cluster_endpoints(cluster_endpoints);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (commit_tx, commit_rx) = std_mpsc::channel::<CommitJob>();
+        let report = tx.clone();
+        std::thread::Builder::new()
+            .name("nicsync-ct-commit".into())
+            .spawn(move || {
+                while let Ok(job) = commit_rx.recv() {
+                    let msg = run_commit(&mut sock, job);
+                    if report.send(LinkMsg::CommitDone(msg)).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| LinkError::Thread("commit", e))?;
+        Ok(KernelLink {
+            feed,
+            events: AsyncFd::new(events)?,
+            tx,
+            rx,
+            commit_tx,
+            ops: Vec::new(),
+            was_active: false,
+            activated_at: None,
+            committing: false,
+            dump_wanted: false,
+            dump_retry_at: None,
+        })
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> ConntrackStats {
+        self.feed.stats()
+    }
+
+    /// Waits for events or a thread's report.
+    pub async fn wait(&mut self) -> LinkWake {
+        tokio::select! {
+            g = self.events.readable_mut() => {
+                if let Ok(mut g) = g {
+                    // Cleared before reading: whatever comes after the read
+                    // drains the socket raises readiness again.
+                    g.clear_ready();
+                }
+                LinkWake::Events
+            }
+            Some(m) = self.rx.recv() => LinkWake::Msg(Box::new(LinkMsgBox(m))),
+        }
+    }
+
+    /// Handles what [`KernelLink::wait`] returned.
+    pub fn handle<D: NicDevice>(&mut self, wake: LinkWake, node: &mut Node<D>, now: Nanos) {
+        match wake {
+            LinkWake::Events => self.read_events(node, now),
+            LinkWake::Msg(m) => self.on_msg(m.0, node, now),
+        }
+    }
+
+    fn read_events<D: NicDevice>(&mut self, node: &mut Node<D>, now: Nanos) {
+        let mut lost = false;
+        let feed = &mut self.feed;
+        let ops = &mut self.ops;
+        let r = self.events.get_mut().read_with_origin(|ev, origin| {
+            if feed.event(ev, origin, now, ops) == FeedAction::Dump {
+                lost = true;
+            }
+        });
+        if let Err(e) = r {
+            self.feed.note_error(format!("reading events: {e}"));
+            lost = true;
+        }
+        if lost {
+            tracing::warn!("conntrack: events were lost (socket overrun): dumping the kernel's table");
+            self.dump_wanted = true;
+        }
+        self.apply(node);
+        self.start_dump_if_wanted(now);
+    }
+
+    fn apply<D: NicDevice>(&mut self, node: &mut Node<D>) {
+        if self.ops.is_empty() {
+            return;
+        }
+        let ops = std::mem::take(&mut self.ops);
+        for chunk in ops.chunks(OPS_PER_BATCH) {
+            match node.table().batch(chunk) {
+                Ok(results) => self.feed.table_results(&results),
+                Err(e) => {
+                    self.feed.stats_mut().table_errors += chunk.len() as u64;
+                    self.feed.note_error(format!("table batch failed: {e}"));
+                }
+            }
+        }
+        self.ops = ops;
+        self.ops.clear();
+    }
+
+    fn on_msg<D: NicDevice>(&mut self, msg: LinkMsg, node: &mut Node<D>, now: Nanos) {
+        match msg {
+            LinkMsg::DumpEntries(entries) => {
+                self.feed.dump_entries(&entries, now, &mut self.ops);
+                self.apply(node);
+            }
+            LinkMsg::DumpDone(result) => {
+                let failed = result.is_err();
+                if self.feed.end_dump(result, now, &mut self.ops) {
+                    self.dump_wanted = true;
+                    if failed {
+                        self.dump_retry_at = Some(Instant::now() + DUMP_RETRY);
+                    }
+                }
+                self.apply(node);
+                if let Some(ms) = self.feed.stats.last_dump_ms.filter(|_| !failed) {
+                    tracing::info!(
+                        "conntrack: kernel table dumped and the card in line in {ms:.1} ms ({} entries known)",
+                        self.feed.known.len()
+                    );
+                }
+                self.start_dump_if_wanted(now);
+            }
+            LinkMsg::CommitDone(r) => self.on_commit_done(r, now),
+        }
+    }
+
+    fn on_commit_done(&mut self, r: CommitReport, now: Nanos) {
+        self.feed.committed(&r.keys_ok);
+        let s = self.feed.stats_mut();
+        s.commits += 1;
+        s.committed_entries += r.written;
+        s.commit_failed += r.failed.len() as u64;
+        if let Some(e) = &r.error {
+            self.feed.note_error(format!("commit into the kernel: {e}"));
+        }
+        if !r.failed.is_empty() {
+            let mut by_errno: HashMap<i32, u64> = HashMap::new();
+            for e in &r.failed {
+                *by_errno.entry(*e).or_default() += 1;
+            }
+            let list: Vec<String> = by_errno
+                .iter()
+                .map(|(e, n)| format!("{n} × {}", std::io::Error::from_raw_os_error(*e)))
+                .collect();
+            self.feed.note_error(format!("the kernel refused {} committed entries: {}", r.failed.len(), list.join(", ")));
+        }
+        if r.takeover {
+            let ms = r.since.elapsed().as_secs_f64() * 1e3;
+            let s = self.feed.stats_mut();
+            s.last_commit_entries = r.written;
+            s.last_commit_present = r.present;
+            s.last_commit_failed = r.failed.len() as u64;
+            s.last_commit_unmappable = r.unmappable;
+            s.last_commit_ms = Some(ms);
+            tracing::info!(
+                "conntrack: committed {} entries into the kernel in {ms:.1} ms since becoming Active ({} already there, {} refused, {} not expressible)",
+                r.written,
+                r.present,
+                r.failed.len(),
+                r.unmappable
+            );
+            self.committing = false;
+            // Now the kernel is the reference: bring the card in line
+            // with it (its own entries the cluster did not have).
+            self.dump_wanted = true;
+            self.start_dump_if_wanted(now);
+        } else {
+            self.feed.stats_mut().mirrored += r.written;
+        }
+    }
+
+    fn start_dump_if_wanted(&mut self, now: Nanos) {
+        if !self.dump_wanted || self.feed.dumping() || self.committing || !self.feed.active {
+            return;
+        }
+        if self.dump_retry_at.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        self.dump_wanted = false;
+        self.dump_retry_at = None;
+        self.feed.begin_dump(now);
+        let tx = self.tx.clone();
+        let spawned = std::thread::Builder::new().name("nicsync-ct-dump".into()).spawn(move || {
+            let result = (|| {
+                let mut sock = CtSocket::open().map_err(|e| e.to_string())?;
+                let mut batch = Vec::with_capacity(DUMP_BATCH);
+                let mut closed = false;
+                sock.dump(|e| {
+                    batch.push(e);
+                    if batch.len() == DUMP_BATCH {
+                        closed |= tx.send(LinkMsg::DumpEntries(std::mem::take(&mut batch))).is_err();
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+                if !batch.is_empty() && !closed {
+                    let _ = tx.send(LinkMsg::DumpEntries(batch));
+                }
+                Ok(())
+            })();
+            let _ = tx.send(LinkMsg::DumpDone(result));
+        });
+        if let Err(e) = spawned {
+            let mut ops = Vec::new();
+            self.feed.end_dump(Err(format!("starting the dump thread: {e}")), now, &mut ops);
+            self.dump_wanted = true;
+            self.dump_retry_at = Some(Instant::now() + DUMP_RETRY);
+        }
+    }
+
+    /// Called every loop tick: follows the member's state (a takeover
+    /// commits), releases held entries, retries dumps.
+    pub fn tick<D: NicDevice>(&mut self, node: &mut Node<D>, now: Nanos) {
+        let active = matches!(node.state(), MemberState::Active | MemberState::ActiveAttention);
+        if active != self.was_active {
+            self.was_active = active;
+            self.feed.set_active(active);
+            if active {
+                self.on_activate(node);
+            } else {
+                self.committing = false;
+                self.dump_wanted = false;
+            }
+        }
+        if active {
+            self.feed.handle_timeout(now, &mut self.ops);
+            self.apply(node);
+            self.start_dump_if_wanted(now);
+        }
+    }
+
+    /// When the next held entry is due.
+    pub fn poll_timeout(&self) -> Option<Nanos> {
+        self.feed.poll_timeout()
+    }
+
+    /// Whether a Standby mirrors the peers' changes into its kernel
+    /// (`commit = "always"`).
+    pub fn mirrors(&self) -> bool {
+        self.feed.config().commit == CommitMode::Always
+    }
+
+    fn on_activate<D: NicDevice>(&mut self, node: &mut Node<D>) {
+        let since = Instant::now();
+        self.activated_at = Some(since);
+        self.dump_wanted = true;
+        if self.feed.config().commit == CommitMode::Never {
+            tracing::info!("conntrack: Active; commit = \"never\": the kernel's table is left alone");
+            return;
+        }
+        let synced = match node.synced_entries() {
+            Ok(s) => s,
+            Err(e) => {
+                self.feed.note_error(format!("reading the card's synced entries for the takeover commit: {e}"));
+                return;
+            }
+        };
+        let mut entries = Vec::with_capacity(synced.len());
+        let mut keys = Vec::with_capacity(synced.len());
+        let mut unmappable = 0;
+        for u in &synced {
+            if self.feed.knows(&u.key) {
+                continue; // this kernel has it already
+            }
+            match commit_entry(&u.key, &u.state, &u.nat) {
+                Ok(e) => {
+                    entries.push(e);
+                    keys.push(u.key);
+                }
+                Err(_) => unmappable += 1,
+            }
+        }
+        tracing::info!("conntrack: Active: committing {} synced entries into the kernel", entries.len());
+        self.committing = true;
+        if self.commit_tx.send(CommitJob::Takeover { entries, keys, unmappable, since }).is_err() {
+            self.committing = false;
+            self.feed.note_error("the commit thread has stopped".into());
+        }
+    }
+
+    /// Mirrors a change a peer sent into this Standby's kernel
+    /// (`commit = "always"`): `record` is the card's entry now, `None` when
+    /// it was removed (`removed_key`).
+    pub fn mirror(&mut self, key: &ConnKey, record: Option<(ConnState, Nat)>) {
+        if self.feed.config().commit != CommitMode::Always || self.was_active {
+            return;
+        }
+        let job = match record {
+            Some((state, nat)) => match commit_entry(key, &state, &nat) {
+                Ok(e) => CommitJob::Mirror { upsert: Some(e), delete: None },
+                Err(_) => return,
+            },
+            None => match commit_entry(key, &ConnState::default(), &Nat::default()) {
+                Ok(e) => CommitJob::Mirror { upsert: None, delete: Some(e) },
+                Err(_) => return,
+            },
+        };
+        let _ = self.commit_tx.send(job);
+    }
+}
+
+fn run_commit(sock: &mut CtSocket, job: CommitJob) -> CommitReport {
+    match job {
+        CommitJob::Takeover { entries, keys, unmappable, since } => {
+            let mut report = CommitReport {
+                takeover: true,
+                keys_ok: Vec::new(),
+                written: 0,
+                present: 0,
+                failed: Vec::new(),
+                unmappable,
+                since,
+                error: None,
+            };
+            match sock.create_batch(&entries, CreateMode::Exclusive) {
+                Ok(out) => {
+                    let mut bad = vec![false; entries.len()];
+                    for (i, errno) in &out.failed {
+                        if *errno == libc::EEXIST {
+                            report.present += 1;
+                        } else {
+                            report.failed.push(*errno);
+                            if let Some(b) = bad.get_mut(*i) {
+                                *b = true;
+                            }
+                        }
+                    }
+                    report.written = out.ok as u64;
+                    report.keys_ok = keys.iter().zip(&bad).filter(|(_, b)| !**b).map(|(k, _)| *k).collect();
+                }
+                Err(e) => report.error = Some(e.to_string()),
+            }
+            report
+        }
+        CommitJob::Mirror { upsert, delete } => {
+            let mut report = CommitReport {
+                takeover: false,
+                keys_ok: Vec::new(),
+                written: 0,
+                present: 0,
+                failed: Vec::new(),
+                unmappable: 0,
+                since: Instant::now(),
+                error: None,
+            };
+            if let Some(e) = upsert {
+                match sock.create_batch(std::slice::from_ref(&e), CreateMode::Upsert) {
+                    Ok(out) => {
+                        report.written = out.ok as u64;
+                        report.failed = out.failed.iter().map(|(_, errno)| *errno).collect();
+                    }
+                    Err(err) => report.error = Some(err.to_string()),
+                }
+            }
+            if let Some(e) = delete {
+                match sock.delete(&e) {
+                    Ok(()) => report.written += 1,
+                    Err(ct::CtError::Kernel { errno, .. }) if errno == libc::ENOENT => {}
+                    Err(err) => report.error = Some(err.to_string()),
+                }
+            }
+            report
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nicsync_conntrack::{status, Tuple};
+
+    fn ct_entry(src: [u8; 4], sport: u16, dport: u16, tcp: u8) -> CtEntry {
+        let orig = Tuple {
+            src: IpAddr::from(src),
+            dst: "192.0.2.1".parse().unwrap(),
+            proto: proto::TCP,
+            src_port: sport,
+            dst_port: dport,
+            icmp: None,
+        };
+        CtEntry {
+            orig,
+            reply: orig.inverted(),
+            tcp_state: Some(tcp),
+            timeout_s: Some(300),
+            status: status::ASSURED | status::CONFIRMED | status::SEEN_REPLY,
+            mark: 0,
+            zone: 0,
+            id: None,
+            nat_src: None,
+            nat_dst: None,
+        }
+    }
+
+    fn key_of(e: &CtEntry) -> ConnKey {
+        ct::from_ct(e).unwrap().key
+    }
+
+    fn synced(op: &TableOp) -> bool {
+        match op {
+            TableOp::Upsert(_, e) => e.state.conn_flags().contains(ConnFlags::SYNC),
+            _ => false,
+        }
+    }
+
+    fn active(cfg: ConntrackConfig) -> KernelFeed {
+        let mut f = KernelFeed::new(cfg);
+        f.set_active(true);
+        f
+    }
+
+    #[test]
+    fn events_become_synced_upserts_and_deletes_with_the_kernel_driving_timeouts() {
+        let mut f = active(ConntrackConfig::default());
+        let e = ct_entry([10, 0, 0, 1], 1000, 443, 3);
+        let mut ops = Vec::new();
+        f.event(CtEvent::New(e.clone()), 0, 0, &mut ops);
+        assert_eq!(ops.len(), 1);
+        assert!(synced(&ops[0]));
+        let TableOp::Upsert(k, entry) = ops[0] else { panic!("not an upsert") };
+        assert_eq!(k, key_of(&e));
+        assert_eq!(entry.state.timeout_s.get(), 0, "the kernel ages its entries, not the card");
+        f.event(CtEvent::Destroy(e.clone()), 0, 1, &mut ops);
+        assert_eq!(ops[1], TableOp::Delete(key_of(&e)));
+        assert_eq!(f.stats().entries_known, 0);
+    }
+
+    #[test]
+    fn own_commits_and_a_standby_s_events_are_not_fed_back() {
+        let mut f = KernelFeed::new(ConntrackConfig::default());
+        f.set_own_port(77);
+        let mut ops = Vec::new();
+        f.event(CtEvent::New(ct_entry([10, 0, 0, 1], 1, 2, 3)), 0, 0, &mut ops);
+        assert!(ops.is_empty());
+        assert_eq!(f.stats().events_while_standby, 1);
+        f.set_active(true);
+        f.event(CtEvent::New(ct_entry([10, 0, 0, 2], 1, 2, 3)), 77, 0, &mut ops);
+        assert!(ops.is_empty());
+        assert_eq!(f.stats().events_own, 1);
+        assert!(f.knows(&key_of(&ct_entry([10, 0, 0, 2], 1, 2, 3))));
+    }
+
+    #[test]
+    fn filter_keeps_entries_local_and_once_synced_stays_synced() {
+        let cfg = ConntrackConfig {
+            filter: SyncFilter { tcp_states: vec![TcpState::Established], ..Default::default() },
+            ..Default::default()
+        };
+        let mut f = active(cfg);
+        let mut ops = Vec::new();
+        f.event(CtEvent::New(ct_entry([10, 0, 0, 1], 1, 2, 1)), 0, 0, &mut ops); // SYN_SENT
+        f.event(CtEvent::Update(ct_entry([10, 0, 0, 1], 1, 2, 3)), 0, 1, &mut ops); // ESTABLISHED
+        f.event(CtEvent::Update(ct_entry([10, 0, 0, 1], 1, 2, 4)), 0, 2, &mut ops); // FIN_WAIT
+        assert_eq!(ops.iter().map(synced).collect::<Vec<_>>(), vec![false, true, true]);
+        assert_eq!(f.stats().filtered, 1);
+    }
+
+    #[test]
+    fn address_port_and_protocol_lists() {
+        let filter = SyncFilter {
+            protocols: vec![proto::TCP],
+            addresses: vec!["10.0.0.0/8".parse().unwrap()],
+            ignore_addresses: vec!["10.9.0.0/16".parse().unwrap()],
+            ports: vec![(443, 443), (8000, 8099)],
+            ignore_ports: vec![(8080, 8080)],
+            tcp_states: vec![],
+        };
+        let k = |src: [u8; 4], dport: u16, p: u8| ConnKey::v4(src.into(), 40000, [192, 0, 2, 1].into(), dport, p, 0);
+        let s = ConnState::default();
+        assert!(filter.admits(&k([10, 1, 0, 1], 443, proto::TCP), &s));
+        assert!(filter.admits(&k([10, 1, 0, 1], 8001, proto::TCP), &s));
+        assert!(!filter.admits(&k([10, 1, 0, 1], 8080, proto::TCP), &s));
+        assert!(!filter.admits(&k([10, 9, 0, 1], 443, proto::TCP), &s));
+        assert!(!filter.admits(&k([11, 1, 0, 1], 443, proto::TCP), &s));
+        assert!(!filter.admits(&k([10, 1, 0, 1], 443, proto::UDP), &s));
+        assert!(SyncFilter::default().admits(&k([1, 2, 3, 4], 1, proto::UDP), &s));
+        let v6: Prefix = "2001:db8::/32".parse().unwrap();
+        assert!(v6.contains("2001:db8::9".parse().unwrap()));
+        assert!(!v6.contains("10.0.0.1".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Prefix>().is_err());
+    }
+
+    #[test]
+    fn delay_holds_new_connections_and_short_ones_are_never_synced() {
+        let cfg = ConntrackConfig { delay: Duration::from_secs(3), ..Default::default() };
+        let mut f = active(cfg);
+        let short = ct_entry([10, 0, 0, 1], 1, 2, 3);
+        let long = ct_entry([10, 0, 0, 2], 1, 2, 3);
+        let mut ops = Vec::new();
+        f.event(CtEvent::New(short.clone()), 0, 0, &mut ops);
+        f.event(CtEvent::New(long.clone()), 0, 0, &mut ops);
+        f.event(CtEvent::Update(long.clone()), 0, 1_000_000_000, &mut ops);
+        f.event(CtEvent::Destroy(short.clone()), 0, 2_000_000_000, &mut ops);
+        assert!(ops.iter().all(|o| !synced(o)), "nothing synced within the delay");
+        assert_eq!(f.poll_timeout(), Some(3_000_000_000));
+        ops.clear();
+        f.handle_timeout(2_999_999_999, &mut ops);
+        assert!(ops.is_empty());
+        f.handle_timeout(3_000_000_000, &mut ops);
+        assert_eq!(ops.len(), 1);
+        assert!(synced(&ops[0]));
+        assert_eq!(*ops[0].key(), key_of(&long));
+        let s = f.stats();
+        assert_eq!((s.delayed, s.delayed_synced, s.delayed_never_synced, s.delayed_pending), (2, 1, 1, 0));
+    }
+
+    #[test]
+    fn a_dump_after_an_overrun_restores_the_missed_and_removes_the_gone() {
+        let mut f = active(ConntrackConfig::default());
+        let kept = ct_entry([10, 0, 0, 1], 1, 2, 3);
+        let gone = ct_entry([10, 0, 0, 2], 1, 2, 3);
+        let missed = ct_entry([10, 0, 0, 3], 1, 2, 3);
+        let raced = ct_entry([10, 0, 0, 4], 1, 2, 3);
+        let mut ops = Vec::new();
+        f.event(CtEvent::New(kept.clone()), 0, 0, &mut ops);
+        f.event(CtEvent::New(gone.clone()), 0, 0, &mut ops);
+        assert_eq!(f.event(CtEvent::Overrun, 0, 1, &mut ops), FeedAction::Dump);
+        f.begin_dump(1);
+        // During the dump: `raced` is destroyed after the dump read it.
+        f.event(CtEvent::Destroy(raced.clone()), 0, 2, &mut ops);
+        assert_eq!(f.event(CtEvent::Overrun, 0, 2, &mut ops), FeedAction::None, "one dump at a time");
+        ops.clear();
+        f.dump_entries(&[kept.clone(), missed.clone(), raced.clone()], 3, &mut ops);
+        assert_eq!(ops.iter().map(|o| *o.key()).collect::<Vec<_>>(), vec![key_of(&kept), key_of(&missed)]);
+        ops.clear();
+        assert!(f.end_dump(Ok(()), 4_000_000, &mut ops), "the second overrun asks for another dump");
+        assert_eq!(ops, vec![TableOp::Delete(key_of(&gone))]);
+        let s = f.stats();
+        assert_eq!((s.dump_removed, s.dumps_completed, s.overruns, s.entries_known), (1, 1, 2, 2));
+        assert_eq!(s.last_dump_ms, Some(3.999));
+    }
+
+    #[test]
+    fn the_cluster_s_own_traffic_is_never_sourced() {
+        let mut f = active(ConntrackConfig::default());
+        f.set_cluster_endpoints(&["192.0.2.1:8116".parse().unwrap(), "0.0.0.0:8118".parse().unwrap()]);
+        let mut ops = Vec::new();
+        f.event(CtEvent::New(ct_entry([10, 0, 0, 1], 40000, 8116, 3)), 0, 0, &mut ops);
+        f.event(CtEvent::New(ct_entry([10, 0, 0, 1], 8118, 40000, 3)), 0, 0, &mut ops);
+        assert!(ops.is_empty());
+        f.event(CtEvent::New(ct_entry([10, 0, 0, 1], 40000, 8117, 3)), 0, 0, &mut ops);
+        assert_eq!(ops.len(), 1);
+        assert_eq!(f.stats().own_traffic, 2);
+    }
+
+    #[test]
+    fn unmappable_entries_are_counted_and_left_out() {
+        let mut f = active(ConntrackConfig::default());
+        let mut e = ct_entry([10, 0, 0, 1], 1, 2, 3);
+        e.reply = Tuple {
+            src: "172.16.0.1".parse().unwrap(),
+            dst: "203.0.113.1".parse().unwrap(),
+            proto: proto::TCP,
+            src_port: 9,
+            dst_port: 9,
+            icmp: None,
+        };
+        let mut ops = Vec::new();
+        f.event(CtEvent::New(e), 0, 0, &mut ops);
+        assert!(ops.is_empty());
+        assert_eq!(f.stats().unmappable, 1);
+    }
+
+    #[test]
+    fn commit_entries_get_the_kernel_s_default_timeouts() {
+        let key = ConnKey::v4([10, 0, 0, 1].into(), 1, [10, 0, 0, 2].into(), 2, proto::TCP, 0);
+        let st = ConnState::new(TcpState::Established, nicsync_fwif::conn::Direction::Original, ConnFlags::SYNC, 0, 0);
+        assert_eq!(commit_entry(&key, &st, &Nat::default()).unwrap().timeout_s, Some(432_000));
+        let st = ConnState::new(TcpState::Established, nicsync_fwif::conn::Direction::Original, ConnFlags::SYNC, 77, 0);
+        assert_eq!(commit_entry(&key, &st, &Nat::default()).unwrap().timeout_s, Some(77));
+    }
+}
