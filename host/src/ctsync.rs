@@ -243,6 +243,9 @@ pub struct ConntrackStats {
     pub last_dump_ms: Option<f64>,
     /// Table changes put on the card, synced or not.
     pub table_ops: u64,
+    /// Events and dump entries that changed nothing nicsync carries (the
+    /// card already had them): not sent.
+    pub unchanged: u64,
     /// Table operations the card refused (table full, ...).
     pub table_errors: u64,
     /// Entries currently known from this member's kernel.
@@ -280,6 +283,26 @@ pub struct ConntrackStats {
     pub last_error: Option<String>,
 }
 
+/// What the feed remembers of an entry it learnt from the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Known {
+    /// Marked for sync.
+    synced: bool,
+    /// [`fingerprint`] of what the card holds (0: not known).
+    print: u64,
+}
+
+/// A hash of what nicsync carries of an entry, less what the kernel changes
+/// without news (the timeout) and what the card assigns (the generation):
+/// an event or dump entry with the same fingerprint changes nothing.
+fn fingerprint(state: &ConnState, nat: &Nat) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (state.tcp_state, state.direction, state.flags.get(), state.mark.get()).hash(&mut h);
+    zerocopy::IntoBytes::as_bytes(nat).hash(&mut h);
+    h.finish() | 1
+}
+
 /// An entry held back by the sync delay.
 #[derive(Clone, Copy, Debug)]
 struct Held {
@@ -314,7 +337,7 @@ pub enum FeedAction {
 pub struct KernelFeed {
     cfg: ConntrackConfig,
     /// Keys learnt from this member's kernel, with whether they are synced.
-    known: HashMap<ConnKey, bool>,
+    known: HashMap<ConnKey, Known>,
     held: HashMap<ConnKey, Held>,
     hold_queue: VecDeque<(Nanos, ConnKey)>,
     resync: Option<Resync>,
@@ -446,7 +469,7 @@ impl KernelFeed {
             // has it, and it is in the kernel now.
             self.stats.events_own += 1;
             if !destroy {
-                self.known.insert(mapped.key, true);
+                self.known.insert(mapped.key, Known { synced: true, print: 0 });
             }
             return FeedAction::None;
         }
@@ -493,7 +516,8 @@ impl KernelFeed {
         // is refreshed by packets without events, so the card must not age
         // them on its own.
         state.timeout_s = 0.into();
-        let synced = self.known.get(&key).copied();
+        let prior = self.known.get(&key).copied();
+        let synced = prior.map(|k| k.synced);
         let held = self.held.contains_key(&key);
         let sync = match synced {
             Some(true) => true,
@@ -518,7 +542,14 @@ impl KernelFeed {
         if sync {
             state.flags = (state.conn_flags() | ConnFlags::SYNC).bits().into();
         }
-        self.known.insert(key, sync);
+        let print = fingerprint(&state, &nat);
+        self.known.insert(key, Known { synced: sync, print });
+        if prior == Some(Known { synced: sync, print }) {
+            // The card has this already (a dump after an overrun, or an
+            // event about the timeout only): nothing to send.
+            self.stats.unchanged += 1;
+            return;
+        }
         self.stats.table_ops += 1;
         ops.push(TableOp::Upsert(key, ConnEntry { state, nat: Some(nat) }));
     }
@@ -546,7 +577,8 @@ impl KernelFeed {
                 continue;
             }
             state.flags = (state.conn_flags() | ConnFlags::SYNC).bits().into();
-            self.known.insert(key, true);
+            let print = h.entry.nat.map_or(0, |n| fingerprint(&state, &n));
+            self.known.insert(key, Known { synced: true, print });
             self.stats.delayed_synced += 1;
             self.stats.table_ops += 1;
             ops.push(TableOp::Upsert(key, ConnEntry { state, nat: h.entry.nat }));
@@ -624,7 +656,7 @@ impl KernelFeed {
     /// Entries committed into the kernel are this member's kernel's now.
     pub fn committed(&mut self, keys: &[ConnKey]) {
         for k in keys {
-            self.known.insert(*k, true);
+            self.known.insert(*k, Known { synced: true, print: 0 });
         }
     }
 
@@ -1295,13 +1327,15 @@ mod tests {
         assert_eq!(f.event(CtEvent::Overrun, 0, 2, &mut ops), FeedAction::None, "one dump at a time");
         ops.clear();
         f.dump_entries(&[kept.clone(), missed.clone(), raced.clone()], 3, &mut ops);
-        assert_eq!(ops.iter().map(|o| *o.key()).collect::<Vec<_>>(), vec![key_of(&kept), key_of(&missed)]);
+        // `kept` is on the card as the dump shows it: not sent again.
+        assert_eq!(ops.iter().map(|o| *o.key()).collect::<Vec<_>>(), vec![key_of(&missed)]);
+        assert_eq!(f.stats().unchanged, 1);
         ops.clear();
         assert!(f.end_dump(Ok(()), 4_000_000, &mut ops), "the second overrun asks for another dump");
         assert_eq!(ops, vec![TableOp::Delete(key_of(&gone))]);
         let s = f.stats();
         assert_eq!((s.dump_removed, s.dumps_completed, s.overruns, s.entries_known), (1, 1, 2, 2));
-        assert_eq!(s.last_dump_ms, Some(3.999));
+        assert_eq!(s.last_dump_ms, Some(3.999999));
     }
 
     #[test]
