@@ -1426,6 +1426,58 @@ full_sync = "192.0.2.3:8118"
         assert_eq!(parse(&c.to_toml()).unwrap(), c);
     }
 
+    const CONNTRACK: &str = r#"member_id = 1
+cluster_id = 1
+source = "conntrack"
+
+[conntrack]
+commit = "always"
+delay_ms = 3000
+event_buffer_bytes = 1048576
+
+[conntrack.filter]
+protocols = ["tcp", 17]
+addresses = ["10.0.0.0/8", "2001:db8::1"]
+ignore_addresses = ["10.9.0.0/16"]
+ports = [443, "8000-8099"]
+ignore_ports = ["22"]
+tcp_states = ["established", "fin_wait"]
+"#;
+
+    #[test]
+    fn conntrack_source_with_filter_and_delay() {
+        let c = parse(CONNTRACK).unwrap();
+        assert_eq!(c.source, TableSource::Conntrack);
+        let ct = &c.conntrack;
+        assert_eq!((ct.commit, ct.delay, ct.event_buffer_bytes), (CommitMode::Always, Duration::from_secs(3), 1 << 20));
+        let f = &ct.filter;
+        assert_eq!(f.protocols, vec![6, 17]);
+        assert_eq!(f.addresses[1], Prefix { addr: "2001:db8::1".parse().unwrap(), len: 128 });
+        assert_eq!(f.ignore_addresses, vec![Prefix { addr: "10.9.0.0".parse().unwrap(), len: 16 }]);
+        assert_eq!((f.ports.clone(), f.ignore_ports.clone()), (vec![(443, 443), (8000, 8099)], vec![(22, 22)]));
+        assert_eq!(f.tcp_states.len(), 2);
+        let written = c.to_toml();
+        assert_eq!(parse(&written).unwrap_or_else(|e| panic!("{e}\n{written}")), c);
+        // Defaults.
+        let c = parse("member_id = 1\ncluster_id = 1\nsource = \"conntrack\"\n").unwrap();
+        assert_eq!(c.conntrack, ConntrackConfig::default());
+        assert_eq!(parse(MINIMAL).unwrap().source, TableSource::Control);
+    }
+
+    #[test]
+    fn conntrack_errors_name_the_key_and_line() {
+        let base = "member_id = 1\ncluster_id = 1\nsource = \"conntrack\"\n";
+        rejects("member_id = 1\ncluster_id = 1\nsource = \"kernel\"\n", 3, "source");
+        rejects("member_id = 1\ncluster_id = 1\n[conntrack]\ndelay_ms = 5\n", 3, "source = \"conntrack\"");
+        rejects(&format!("{base}[conntrack]\ncommit = \"later\"\n"), 5, "conntrack.commit");
+        rejects(&format!("{base}[conntrack]\ndelay_ms = -1\n"), 5, "conntrack.delay_ms");
+        rejects(&format!("{base}[conntrack.filter]\naddresses = [\"10.0.0.0/40\"]\n"), 5, "conntrack.filter.addresses");
+        rejects(&format!("{base}[conntrack.filter]\nports = [\"90-80\"]\n"), 5, "conntrack.filter.ports");
+        rejects(&format!("{base}[conntrack.filter]\nprotocols = [\"tpc\"]\n"), 5, "conntrack.filter.protocols");
+        rejects(&format!("{base}[conntrack.filter]\ntcp_states = [\"open\"]\n"), 5, "conntrack.filter.tcp_states");
+        rejects(&format!("{base}[conntrack.filter]\nstates = []\n"), 5, "unknown field");
+    }
+
     #[test]
     fn unknown_keys_rejected_with_line() {
         rejects(&format!("{MINIMAL}colour = 1\n"), 3, "colour");

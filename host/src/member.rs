@@ -60,6 +60,12 @@ pub enum MemberError {
          or set security.encryption = false to run the sync traffic in clear"
     )]
     NoKeyFile,
+    /// The configured key file does not exist.
+    #[error(
+        "security.key_file {0} does not exist: create the cluster key with `nicsync key gen {0}` on one member \
+         and copy it (mode 0600) to the same path on every member"
+    )]
+    KeyFileMissing(String),
 }
 
 /// The sealing a configuration asks for: `None` when encryption is off
@@ -74,6 +80,9 @@ pub fn seal_from_config(cfg: &Config) -> Result<Option<SealConfig>, MemberError>
         return Ok(None);
     }
     let key_file = cfg.security.key_file.as_ref().ok_or(MemberError::NoKeyFile)?;
+    if !key_file.exists() {
+        return Err(MemberError::KeyFileMissing(key_file.display().to_string()));
+    }
     let ring = Keyring::load(key_file)?;
     let boot = next_boot(cfg.security.boot_file_for(cfg.member_id).as_deref())?;
     tracing::info!(
