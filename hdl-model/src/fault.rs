@@ -18,7 +18,7 @@
 //! | [`Fault::DmaError`] | a command | LOOKUP/SNAPSHOT: the response write fails, `DMA_ERROR`, nothing written; any other command: its descriptor fetch fails and the device goes `FATAL` (abi.md §5) |
 //! | [`Fault::ResetMidBatch`] | a command, after `after` of them | resets itself before executing it (table, rings and registers as after `RESET`) |
 //! | [`Fault::Stall`] | a batch (a poll with commands posted) | stops fetching commands for the duration, or until a reset or [`FaultInjector::clear`] |
-//! | [`Fault::SpuriousInterrupt`] | a housekeeping pass with interrupts enabled | raises the completion vector with no cause in `IRQ_STATUS` |
+//! | [`Fault::SpuriousInterrupt`] | a housekeeping pass with interrupts enabled | raises the completion vector with no cause in `IRQ_STATUS`, not counted in `INTERRUPTS` (a glitch, not an interrupt the design raised) |
 //! | [`Fault::LoseEntry`] | a housekeeping pass with a non-empty table | silently removes one entry (chosen by the seeded generator): no event, no sync |
 //!
 //! A [`Trigger`] says when an armed fault fires: after `skip`
@@ -49,7 +49,7 @@ pub enum Fault {
     /// A completion is written with its phase bit inverted (it looks
     /// unwritten to the host until the ring comes round).
     CorruptCompletionPhase,
-    /// An interrupt with no cause.
+    /// An interrupt with no cause (and not counted in `INTERRUPTS`).
     SpuriousInterrupt,
     /// A DMA transfer of a command fails (see the module table).
     DmaError,

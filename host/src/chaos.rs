@@ -8,7 +8,10 @@
 //! * **device faults** on any member's card: dropped, corrupted (tag,
 //!   phase) completions, stalls, spurious interrupts, DMA errors, a reset in
 //!   the middle of a batch, an entry the table silently loses; the host
-//!   detects and recovers them from its own copy of the table;
+//!   detects and recovers them from its own copy of the table. Odd members
+//!   take their completions by interrupt, even ones poll (as `nicsync sim
+//!   --device-faults` runs them), so both paths meet every fault, and
+//!   spurious interrupts strike hosts that have interrupts enabled;
 //! * **network faults**: loss (up to 20 %), duplication, reordering, a
 //!   partitioned member, Full Sync streams cut midway;
 //! * **attacks** on the sync network: replayed, tampered and forged delta
@@ -73,6 +76,12 @@ pub struct ChaosReport {
     pub refused: RefusedTotals,
     /// Device fault recoveries the hosts made.
     pub device_recoveries: u64,
+    /// Spurious completion interrupts the interrupt-driven members' hosts
+    /// took and ignored.
+    pub spurious_interrupts: u64,
+    /// Device fault kinds that never struck (every kind should, in a
+    /// campaign of some length).
+    pub device_faults_missing: Vec<String>,
     /// Runs that did not converge, with the first check that failed.
     pub failed_runs: Vec<(u64, String)>,
 }
@@ -114,6 +123,7 @@ pub fn run(o: &ChaosOptions) -> ChaosReport {
         r.lost_connections += rep.lost_connections;
         r.diverged_members += rep.diverged_members;
         r.device_recoveries += rep.device_recoveries;
+        r.spurious_interrupts += rep.spurious_interrupts;
         r.refused.auth_failures += rep.refused.auth_failures;
         r.refused.replays_dropped += rep.refused.replays_dropped;
         r.refused.unknown_member += rep.refused.unknown_member;
@@ -124,6 +134,11 @@ pub fn run(o: &ChaosOptions) -> ChaosReport {
         seed = seed.wrapping_add(1);
     }
     r.seconds = started.elapsed().as_secs_f64();
+    r.device_faults_missing = nicsync_model::fault::FaultKind::ALL
+        .iter()
+        .map(|k| format!("device_{}", k.name()))
+        .filter(|k| r.faults_by_kind.get(k).is_none_or(|n| *n == 0))
+        .collect();
     r
 }
 
@@ -138,9 +153,12 @@ pub fn render(r: &ChaosReport) -> String {
         out.push_str(&format!("    {k:<26} {v}\n"));
     }
     out.push_str(&format!(
-        "  updates applied: {} by the workload, {} by Delta Sync; device recoveries: {}\n",
-        r.updates_applied, r.sync_updates_applied, r.device_recoveries
+        "  updates applied: {} by the workload, {} by Delta Sync; device recoveries: {}; spurious interrupts ignored: {}\n",
+        r.updates_applied, r.sync_updates_applied, r.device_recoveries, r.spurious_interrupts
     ));
+    if !r.device_faults_missing.is_empty() {
+        out.push_str(&format!("  device faults that never struck: {}\n", r.device_faults_missing.join(", ")));
+    }
     out.push_str(&format!(
         "  refused: {} authentication failures, {} replays, {} unknown member, {} malformed\n",
         r.refused.auth_failures, r.refused.replays_dropped, r.refused.unknown_member, r.refused.malformed

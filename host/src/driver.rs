@@ -15,10 +15,11 @@
 //! while a later one was written (`phase_anomalies`), waits that time out
 //! (told apart by `CMD_HEAD`: a stalled device, or a completion lost at the
 //! end of a batch), a device found `FATAL` or no longer `ENABLED` (it reset
-//! itself), interrupts without a cause. [`Driver::reinit`] resets the
-//! device, programs the same rings again and re-enables it; rebuilding the
-//! table and replaying what was in flight is the connection table's job
-//! (`ConnTable::enable_recovery`, docs/faults.md).
+//! itself), interrupt signals the device did not raise (spurious).
+//! [`Driver::reinit`] resets the device, programs the same rings again and
+//! re-enables it; rebuilding the table and replaying what was in flight is
+//! the connection table's job (`ConnTable::enable_recovery`,
+//! docs/faults.md).
 
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
@@ -221,7 +222,8 @@ pub struct RecoveryStats {
     pub phase_anomalies: u64,
     /// Event entries rejected by the checks.
     pub corrupt_events: u64,
-    /// Interrupt wake-ups with no cause in IRQ_STATUS and nothing new.
+    /// Interrupt signals the device did not raise (beyond its `INTERRUPTS`
+    /// count; see [`Driver::take_interrupts`]).
     pub spurious_interrupts: u64,
     /// DMA_ERROR completions.
     pub dma_errors: u64,
@@ -375,6 +377,22 @@ pub struct Driver<D: NicDevice> {
     inline_seq: u16,
     /// Whether the host asked for `SYNC_HOLD` (kept across a reinit).
     sync_hold: bool,
+    /// Interrupt signals taken against what the device counted.
+    irq: IrqTally,
+}
+
+/// Interrupt signals the host took against the interrupts the device says
+/// it raised (its `INTERRUPTS` counter), since the device was enabled: the
+/// device counts an interrupt before it signals it, so signals beyond the
+/// count were raised by nothing (spurious).
+#[derive(Clone, Copy, Debug, Default)]
+struct IrqTally {
+    /// `INTERRUPTS` when the count started.
+    base: u64,
+    /// Signals taken since, on every vector.
+    signals: u64,
+    /// Signals found spurious since.
+    spurious: u64,
 }
 
 impl<D: NicDevice> std::fmt::Debug for Driver<D> {
@@ -385,6 +403,10 @@ impl<D: NicDevice> std::fmt::Debug for Driver<D> {
 
 /// Completion entries past a stale head looked at for a written one.
 const PHASE_LOOKAHEAD: u32 = 16;
+
+/// Longest sleep on the completion interrupt between two looks at the
+/// device: one that reset itself or went `FATAL` raises nothing.
+pub(crate) const INTERRUPT_SLICE: Duration = Duration::from_millis(10);
 
 /// Bytes reserved per command slot for a LOOKUP response.
 pub const RESPONSE_STRIDE: usize = 128;
@@ -432,7 +454,7 @@ impl<D: NicDevice> Driver<D> {
         let use_inline =
             cfg.inline_doorbell && info.caps.contains(Capabilities::INLINE_DOORBELL) && dev.write_combining();
         tracing::info!(device = %dev.describe(), abi = %format!("{}.{}", info.abi_major, info.abi_minor), capacity, "device enabled");
-        Ok(Driver {
+        let mut drv = Driver {
             dev,
             info,
             cmd,
@@ -454,8 +476,11 @@ impl<D: NicDevice> Driver<D> {
             batch_first: None,
             inline_seq: 0,
             sync_hold: false,
+            irq: IrqTally::default(),
             cfg,
-        })
+        };
+        drv.restart_irq_tally();
+        Ok(drv)
     }
 
     /// Programs the rings and settings into a device out of reset, enables
@@ -616,6 +641,8 @@ impl<D: NicDevice> Driver<D> {
     pub fn reinit(&mut self) -> Result<Vec<PendingCommand>, DriverError> {
         let pending = self.pending_commands();
         tracing::warn!(in_flight = pending.len(), "re-initialising the device");
+        // Judged while the device's count of them is still there.
+        self.take_interrupts();
         Self::reset_device(&self.dev, &self.cfg)?;
         // Zeroed while the device is in reset, before it can write them.
         self.cpl.restart();
@@ -634,6 +661,7 @@ impl<D: NicDevice> Driver<D> {
         self.lost.iter_mut().for_each(|l| *l = false);
         self.done.iter_mut().for_each(|d| *d = None);
         self.batch_first = None;
+        self.restart_irq_tally();
         self.recovery.resets += 1;
         // The reset cleared CONTROL: a hold the host had set (a Full Sync
         // being pulled) holds again. What the card held is gone; the puller
@@ -964,17 +992,8 @@ impl<D: NicDevice> Driver<D> {
     /// Waits for the completion of `tag` (polling or interrupts, per the
     /// configuration), up to the completion timeout.
     pub fn wait(&mut self, tag: u16) -> Result<Completion, DriverError> {
-        if self.in_flight.get(tag as usize).is_none_or(Option::is_none)
-            && self.done.get(tag as usize).is_none_or(Option::is_none)
-            && !self.lost.get(tag as usize).copied().unwrap_or(false)
-        {
-            return Err(DriverError::UnknownTag(tag));
-        }
-        if let Some(c) = self.take_done(tag) {
-            return Ok(c);
-        }
-        if self.take_lost(tag) {
-            return Err(DriverError::CompletionLost(tag));
+        if let Some(r) = self.outcome(tag) {
+            return r;
         }
         let mut spins = 0u32;
         let mut start: Option<Instant> = None;
@@ -1003,33 +1022,63 @@ impl<D: NicDevice> Driver<D> {
             let interrupts = self.cfg.completion_mode == CompletionMode::Interrupt;
             if interrupts || spins % 1024 == 0 {
                 let t0 = *start.get_or_insert_with(Instant::now);
-                if self.cpl.unreported > 0 {
-                    self.report_cpl_head();
-                }
-                self.check_device()?;
-                if self.skip_phase_anomalies() > 0 {
-                    continue;
-                }
-                let waited = t0.elapsed();
-                if waited >= self.cfg.completion_timeout {
-                    self.recovery.timeouts += 1;
-                    if self.device_passed(tag) {
-                        // Nothing later came to reveal it: the last
-                        // completion of its batch was lost.
-                        self.recovery.lost_completions += 1;
-                        self.stats.lost_completions += 1;
-                        return Err(DriverError::CompletionLost(tag));
-                    }
-                    self.recovery.stalls += 1;
-                    return Err(DriverError::Timeout { tag, waited });
-                }
+                let Some(left) = self.check_wait(tag, t0)? else { continue };
                 if interrupts {
-                    self.sleep_for_interrupt((self.cfg.completion_timeout - waited).min(Duration::from_millis(10)))?;
+                    self.sleep_for_interrupt(left.min(INTERRUPT_SLICE))?;
                 }
             } else {
                 std::hint::spin_loop();
             }
         }
+    }
+
+    /// The outcome of `tag` if a wait needs no waiting: its completion
+    /// already taken off the ring, its loss already found, or a tag that is
+    /// not in flight (`UnknownTag`).
+    pub(crate) fn outcome(&mut self, tag: u16) -> Option<Result<Completion, DriverError>> {
+        if self.in_flight.get(tag as usize).is_none_or(Option::is_none)
+            && self.done.get(tag as usize).is_none_or(Option::is_none)
+            && !self.lost.get(tag as usize).copied().unwrap_or(false)
+        {
+            return Some(Err(DriverError::UnknownTag(tag)));
+        }
+        if let Some(c) = self.take_done(tag) {
+            return Some(Ok(c));
+        }
+        if self.take_lost(tag) {
+            return Some(Err(DriverError::CompletionLost(tag)));
+        }
+        None
+    }
+
+    /// The checks of a wait for `tag`, started at `t0`, whose completion is
+    /// not there yet: the device's state (`FATAL`, or reset by itself),
+    /// entries with a wrong phase in front of later ones (skipped: then
+    /// `None`, look at the ring again at once), and the completion timeout
+    /// (a completion lost at the end of its batch if `CMD_HEAD` went past
+    /// the command, a stall otherwise). Returns the time left to wait.
+    pub(crate) fn check_wait(&mut self, tag: u16, t0: Instant) -> Result<Option<Duration>, DriverError> {
+        if self.cpl.unreported > 0 {
+            self.report_cpl_head();
+        }
+        self.check_device()?;
+        if self.skip_phase_anomalies() > 0 {
+            return Ok(None);
+        }
+        let waited = t0.elapsed();
+        if waited >= self.cfg.completion_timeout {
+            self.recovery.timeouts += 1;
+            if self.device_passed(tag) {
+                // Nothing later came to reveal it: the last completion of
+                // its batch was lost.
+                self.recovery.lost_completions += 1;
+                self.stats.lost_completions += 1;
+                return Err(DriverError::CompletionLost(tag));
+            }
+            self.recovery.stalls += 1;
+            return Err(DriverError::Timeout { tag, waited });
+        }
+        Ok(Some(self.cfg.completion_timeout - waited))
     }
 
     /// Reads STATUS: a FATAL device, or one no longer enabled (it reset
@@ -1092,28 +1141,86 @@ impl<D: NicDevice> Driver<D> {
     }
 
     /// Blocks on the completion interrupt until it fires or `timeout`.
-    /// Interrupts already served are forgotten first (eventfd drained,
-    /// `IRQ_STATUS` cleared) and the ring looked at once more, so that a
-    /// wake-up with no cause in `IRQ_STATUS` and nothing new in the ring is
-    /// known to be spurious: it is counted and tolerated.
+    /// Interrupts already served are taken first ([`Driver::take_interrupts`])
+    /// and the ring looked at once more, so that only a new interrupt wakes
+    /// it; a spurious one is counted and tolerated (the caller looks at the
+    /// ring, finds nothing and sleeps again).
     pub fn sleep_for_interrupt(&mut self, timeout: Duration) -> Result<bool, DriverError> {
-        let Some(fd) = self.dev.irq_fd(regs::VECTOR_COMPLETION) else { return Ok(false) };
-        nicsync_vfio::drain_eventfd(fd);
-        self.dev.write32(regs::IRQ_STATUS, IrqCause::COMPLETION.bits());
+        if self.dev.irq_fd(regs::VECTOR_COMPLETION).is_none() {
+            return Ok(false);
+        }
+        self.take_interrupts();
         if self.cpl.peek(CPL_SIZE).is_some() {
             return Ok(true);
         }
-        let fired = nicsync_vfio::wait_readable(fd, timeout)?;
+        let fired = match self.dev.irq_fd(regs::VECTOR_COMPLETION) {
+            Some(fd) => nicsync_vfio::wait_readable(fd, timeout)?,
+            None => false,
+        };
         if fired {
-            nicsync_vfio::drain_eventfd(fd);
             self.stats.interrupts += 1;
-            let cause = IrqCause::from_bits_truncate(self.dev.read32(regs::IRQ_STATUS));
-            if !cause.contains(IrqCause::COMPLETION) && self.cpl.peek(CPL_SIZE).is_none() {
-                self.recovery.spurious_interrupts += 1;
-                tracing::debug!("spurious completion interrupt");
-            }
+            self.take_interrupts();
         }
         Ok(fired)
+    }
+
+    /// Takes the interrupts signalled since the last look, without
+    /// waiting: drains the completion vector's eventfd (and the event
+    /// vector's, which the driver does not sleep on), then acknowledges
+    /// `IRQ_STATUS.COMPLETION`. Returns the completion vector's signals.
+    ///
+    /// Signals are checked against the device's `INTERRUPTS` counter: the
+    /// device counts every interrupt it raises before it signals it, so
+    /// signals beyond its count were raised by nothing. Those are spurious:
+    /// counted (`spurious_interrupts`) and otherwise ignored (a waiter
+    /// looks at the ring, finds nothing new and sleeps again). While the
+    /// device is not enabled (it reset itself and restarted its counters)
+    /// signals are not judged. Where the event vector has no eventfd, its
+    /// interrupts count without a signal and can hide as many spurious ones:
+    /// the count is then a lower bound.
+    ///
+    /// The waits call it before they sleep and when they wake; a host that
+    /// sleeps on the eventfd itself calls it when it wakes. Nothing to take
+    /// in polling mode (interrupts are not enabled).
+    pub fn take_interrupts(&mut self) -> u64 {
+        if self.cfg.completion_mode != CompletionMode::Interrupt {
+            return 0;
+        }
+        let Some(fd) = self.dev.irq_fd(regs::VECTOR_COMPLETION) else { return 0 };
+        let n = nicsync_vfio::drain_eventfd(fd);
+        let others = self.dev.irq_fd(regs::VECTOR_EVENT).map_or(0, nicsync_vfio::drain_eventfd);
+        if n + others > 0 && self.status().contains(Status::ENABLED) {
+            // Signals first, then the count: every signal taken was counted.
+            let raised = self.device_counter(Counter::Interrupts).wrapping_sub(self.irq.base);
+            self.irq.signals += n + others;
+            let excess = self.irq.signals.saturating_sub(raised);
+            if excess > self.irq.spurious {
+                let new = excess - self.irq.spurious;
+                self.irq.spurious = excess;
+                self.recovery.spurious_interrupts += new;
+                tracing::debug!(new, "spurious interrupt: signalled, but not raised by the device");
+            }
+        }
+        self.dev.write32(regs::IRQ_STATUS, IrqCause::COMPLETION.bits());
+        n
+    }
+
+    /// Starts the tally of interrupt signals again, on a device just
+    /// enabled: what was signalled before is dropped.
+    fn restart_irq_tally(&mut self) {
+        let base = self.device_counter(Counter::Interrupts);
+        for v in [regs::VECTOR_COMPLETION, regs::VECTOR_EVENT] {
+            if let Some(fd) = self.dev.irq_fd(v) {
+                nicsync_vfio::drain_eventfd(fd);
+            }
+        }
+        self.irq = IrqTally { base, ..IrqTally::default() };
+    }
+
+    /// Counts a wake-up by the completion interrupt (for waits outside the
+    /// driver, see [`crate::irq::AsyncCompletions`]).
+    pub(crate) fn count_wakeup(&mut self) {
+        self.stats.interrupts += 1;
     }
 
     /// Posts one command, rings, and waits for its completion.

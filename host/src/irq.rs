@@ -1,14 +1,28 @@
 //! Interrupt-driven completion waiting for async code (tokio `AsyncFd`
 //! on the device's completion eventfd).
+//!
+//! [`AsyncCompletions::wait`] makes the checks the driver's own wait makes
+//! ([`Driver::wait`]): a device found `FATAL` or reset by itself, entries
+//! with a wrong phase, a completion lost at the end of its batch, a stall,
+//! spurious interrupts (counted and slept through). It sleeps on the
+//! interrupt in slices, so that a device that raises nothing any more (it
+//! reset itself, or went `FATAL`) is noticed within a slice, not at the
+//! completion timeout. It does not recover: an error for which
+//! [`DriverError::needs_recovery`] holds is returned, and the caller
+//! recovers (`ConnTable::recover`, or `Driver::reinit` and
+//! `Driver::replay`, docs/faults.md). The eventfd stays the same across a
+//! re-initialisation, so the same `AsyncCompletions` serves the device
+//! after it.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::time::Instant;
 
 use nicsync_fwif::cpl::Completion;
-use nicsync_fwif::regs::{self, IrqCause};
+use nicsync_fwif::regs;
 use nicsync_vfio::NicDevice;
 use tokio::io::unix::AsyncFd;
 
-use crate::driver::{Driver, DriverError};
+use crate::driver::{Driver, DriverError, INTERRUPT_SLICE};
 
 /// A duplicate of the completion eventfd, owned here, so the reactor never
 /// holds a descriptor number that the device could close and the process
@@ -47,10 +61,13 @@ impl AsyncCompletions {
     }
 
     /// Waits until the completion of `tag` arrives, sleeping on the
-    /// interrupt between checks. Bounded by the driver's completion timeout.
+    /// interrupt between checks. Bounded by the driver's completion
+    /// timeout; fails as [`Driver::wait`] does.
     pub async fn wait<D: NicDevice>(&self, drv: &mut Driver<D>, tag: u16) -> Result<Completion, DriverError> {
-        let limit = drv.config().completion_timeout;
-        let start = std::time::Instant::now();
+        if let Some(r) = drv.outcome(tag) {
+            return r;
+        }
+        let start = Instant::now();
         loop {
             drv.reap();
             if let Some(c) = drv.take_done(tag) {
@@ -59,16 +76,13 @@ impl AsyncCompletions {
             if drv.take_lost(tag) {
                 return Err(DriverError::CompletionLost(tag));
             }
-            let waited = start.elapsed();
-            if waited >= limit {
-                return Err(DriverError::Timeout { tag, waited });
-            }
-            match tokio::time::timeout(limit - waited, self.fd.readable()).await {
+            let Some(left) = drv.check_wait(tag, start)? else { continue };
+            match tokio::time::timeout(left.min(INTERRUPT_SLICE), self.fd.readable()).await {
                 Ok(Ok(mut guard)) => {
-                    if let Some(fd) = drv.device().irq_fd(regs::VECTOR_COMPLETION) {
-                        nicsync_vfio::drain_eventfd(fd);
-                    }
-                    drv.device().write32(regs::IRQ_STATUS, IrqCause::COMPLETION.bits());
+                    // Drained before the ring is looked at again: an
+                    // interrupt raised after this wakes the next sleep.
+                    drv.count_wakeup();
+                    drv.take_interrupts();
                     guard.clear_ready();
                 }
                 Ok(Err(e)) => {

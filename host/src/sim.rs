@@ -37,6 +37,7 @@ use nicsync_seal::{next_boot, ClusterKey, Keyring, SharedKeyring};
 use nicsync_vfio::EmulatedDevice;
 use std::sync::Arc;
 
+use crate::driver::CompletionMode;
 use crate::membership::{Destination, MemberState, Mode};
 use crate::node::{ConnId, Nanos, Node, NodeConfig, NodeOutput};
 use crate::table::{ConnEntry, ConnTable, TableError};
@@ -69,7 +70,9 @@ pub struct SimConfig {
     /// and membership datagrams during the churn.
     pub attacks: bool,
     /// Device faults on every member's card, recovered by its host from
-    /// its own copy of the table (see `nicsync_model::fault`).
+    /// its own copy of the table (see `nicsync_model::fault`). Odd members
+    /// then take their completions by interrupt, even ones poll, so that
+    /// both paths meet every fault (spurious interrupts need interrupts).
     pub device_faults: bool,
 }
 
@@ -137,6 +140,9 @@ pub struct SimReport {
     /// Device fault recoveries (resets with rebuild, replays, restores) the
     /// hosts of the members alive at the end made.
     pub device_recoveries: u64,
+    /// Spurious completion interrupts the interrupt-driven members' hosts
+    /// took and ignored, all members (crashed ones up to their crash).
+    pub spurious_interrupts: u64,
     /// What happened when (virtual milliseconds), for replaying a failure.
     pub timeline: Vec<String>,
 }
@@ -315,6 +321,12 @@ impl Sim {
             // The host's wait is wall-clock but a stalled inline device only
             // moves with virtual time: a short timeout keeps runs quick.
             drv.completion_timeout = Duration::from_millis(20);
+            // Odd members take completions by interrupt, even ones poll:
+            // both paths meet every fault (a spurious interrupt needs a
+            // member with interrupts enabled).
+            if id % 2 == 1 {
+                drv.completion_mode = CompletionMode::Interrupt;
+            }
         }
         let mut table = ConnTable::open(dev, drv).map_err(|e| e.to_string())?;
         if self.cfg.device_faults {
@@ -343,8 +355,8 @@ impl Sim {
 
     fn crash(&mut self, id: u16) {
         let idx = id as usize - 1;
-        let Some(n) = self.slots[idx].node.take() else { return };
-        Self::absorb_device_faults(&mut self.report, &n);
+        let Some(mut n) = self.slots[idx].node.take() else { return };
+        Self::absorb_device_faults(&mut self.report, &mut n);
         drop(n);
         self.fault("crash");
         self.log(format!("member {id} crashes"));
@@ -571,6 +583,10 @@ impl Sim {
                 } else {
                     n.progress(now);
                 }
+                // An interrupt-driven member's event loop wakes on the
+                // completion interrupt and takes it (a spurious one is
+                // counted and ignored).
+                n.table().driver().take_interrupts();
             }
             self.outputs(id);
             let st = self.slots[id as usize - 1].node.as_ref().map(|n| n.state());
@@ -692,9 +708,12 @@ impl Sim {
         n.table_ref().driver_ref().device().faults().arm(fault);
     }
 
-    /// Adds the faults that took effect on a member's card to the report
-    /// (before the card goes away with a crash, or at the end).
-    fn absorb_device_faults(report: &mut SimReport, n: &SimNode) {
+    /// Adds the faults that took effect on a member's card, and the spurious
+    /// interrupts its host took, to the report (before the card goes away
+    /// with a crash, or at the end).
+    fn absorb_device_faults(report: &mut SimReport, n: &mut SimNode) {
+        n.table().driver().take_interrupts();
+        report.spurious_interrupts += n.table_ref().recovery_stats().spurious_interrupts;
         for (kind, v) in n.table_ref().driver_ref().device().faults().injected_by_kind().iter() {
             if v > 0 {
                 *report.faults.entry(format!("device_{}", kind.name())).or_default() += v as u32;
@@ -728,7 +747,7 @@ impl Sim {
         }
         self.report.refused = refused;
         for id in 1..=self.cfg.members {
-            if let Some(n) = self.slots[id as usize - 1].node.as_ref() {
+            if let Some(n) = self.slots[id as usize - 1].node.as_mut() {
                 Self::absorb_device_faults(&mut self.report, n);
             }
         }

@@ -687,6 +687,31 @@ impl<D: NicDevice> ConnTable<D> {
         (g > generation).then_some(g)
     }
 
+    /// Whether the write `op`, which succeeded and stored generation
+    /// `stored`, could not have succeeded so on a card holding the copy's
+    /// version of its connection: an INSERT (that card answers EXISTS), an
+    /// UPSERT or UPDATE numbered by the device no higher than the copy's
+    /// version (that card numbers above what it holds), or one carrying an
+    /// explicit generation that loses to the copy's version (STALE there).
+    /// Then the card did not hold the connection when the write ran.
+    fn took_over_copy(&self, op: &TableOp, stored: u32) -> bool {
+        let Some(r) = self.rec.as_ref() else { return false };
+        let Some(e) = r.shadow.get(op.key()) else { return false };
+        let held = e.state.generation.get();
+        match op {
+            TableOp::Insert(..) => true,
+            TableOp::Update(..) | TableOp::Upsert(..) if self.auto_generation => stored <= held,
+            TableOp::Update(_, w) | TableOp::Upsert(_, w) => {
+                let g = w.state.generation.get();
+                // A cluster member's card refuses an equal generation over
+                // a higher owner too.
+                let owner = if e.owner != 0 { e.owner } else { r.cfg.member };
+                g < held || (g == held && r.cfg.member != 0 && r.cfg.member < owner)
+            }
+            _ => false,
+        }
+    }
+
     /// Whether the card's lack of `key` is a loss: the copy still holds it
     /// once the device's events are read (the device reports every entry
     /// it removes by itself, aged or deleted by a peer, by an event), and
@@ -906,6 +931,16 @@ impl<D: NicDevice> ConnTable<D> {
         let missing = matches!(op, TableOp::Update(..) | TableOp::Delete(..))
             && c.status == CplStatus::NotFound
             && self.lost_on_card(op.key());
+        // A write that took as a new entry on a card that had lost the
+        // connection (a loss leaves no tombstone): numbered from 1, below
+        // the version the copy and the peers hold, it would be refused by
+        // the peers (and so would the member's next changes of it). Put the
+        // copy's version back and run the write again, as for NOT_FOUND.
+        let missing = missing
+            || (c.status == CplStatus::Success
+                && self.took_over_copy(op, c.result as u32)
+                && self.lost_on_card(op.key())
+                && self.took_over_copy(op, c.result as u32));
         // A REPLICA write (a merge or Full Sync record) that took although
         // the copy holds a newer version of the connection: a card holding
         // that version refuses an older one as STALE, so it had lost it.

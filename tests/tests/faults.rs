@@ -515,11 +515,22 @@ fn chaos_on_the_polling_thread() {
 /// A cluster member's table (sync unit on an in-process wire, recovery
 /// as member `id`) and its fault injector.
 fn cluster_member(hub: &InProcessHub, id: u16, peers: Vec<u16>, recovery: bool) -> (Table, FaultInjector) {
+    cluster_member_with(hub, id, peers, recovery, cfg())
+}
+
+/// [`cluster_member`] with driver settings.
+fn cluster_member_with(
+    hub: &InProcessHub,
+    id: u16,
+    peers: Vec<u16>,
+    recovery: bool,
+    cfg: DriverConfig,
+) -> (Table, FaultInjector) {
     let dev = EmulatedDevice::inline().expect("device");
     let port = hub.attach(id).expect("attach");
     let unit = SyncUnitConfig { sender: SenderConfig::new(1, id, 0x100 + u32::from(id)), peers };
     dev.nic().attach_sync(SyncUnit::new(unit, Box::new(port), 0).expect("sync unit"));
-    let (mut t, faults) = open_with(dev, cfg(), false);
+    let (mut t, faults) = open_with(dev, cfg, false);
     if recovery {
         t.enable_recovery(RecoveryConfig { member: id, ..RecoveryConfig::default() }).expect("recovery");
     }
@@ -535,42 +546,58 @@ fn synced_state(mark: u32) -> ConnState {
 /// peer remembers. A rebuild after a reset keeps them: without them the
 /// re-insert would be numbered 1, below the peers' tombstone, and the peers
 /// would refuse it (and a peer's older copy could bring the entry back).
+/// A delete the reset strikes is replayed and leaves its tombstone too.
+/// Polled and interrupt-driven completions alike.
 #[test]
 fn tombstones_survive_a_rebuild() {
-    let hub = InProcessHub::new(HubConfig { queue_capacity: 4096, seed: 7, impairment: Impairment::NONE });
-    let (mut a, faults) = cluster_member(&hub, 1, vec![2], true);
-    let (mut b, _) = cluster_member(&hub, 2, vec![1], false);
-    let settle = |a: &Table, b: &Table| {
-        for _ in 0..20 {
-            for t in [a, b] {
-                t.driver_ref().device().nic().advance_time(Duration::from_millis(1));
+    for mode in [CompletionMode::Poll, CompletionMode::Interrupt] {
+        let hub = InProcessHub::new(HubConfig { queue_capacity: 4096, seed: 7, impairment: Impairment::NONE });
+        let cfg = DriverConfig { completion_mode: mode, ..cfg() };
+        let (mut a, faults) = cluster_member_with(&hub, 1, vec![2], true, cfg);
+        let (mut b, _) = cluster_member(&hub, 2, vec![1], false);
+        let settle = |a: &Table, b: &Table| {
+            for _ in 0..20 {
+                for t in [a, b] {
+                    t.driver_ref().device().nic().advance_time(Duration::from_millis(1));
+                }
             }
-        }
-    };
-    let k = key(7);
-    assert_eq!(a.insert(&k, &ConnEntry::new(synced_state(1))).expect("insert"), 1);
-    a.delete(&k).expect("delete");
-    settle(&a, &b);
-    assert!(b.lookup(&k).expect("lookup").is_none(), "the peer applied the delete");
-    assert_eq!(a.shadow().and_then(|s| s.tombstone(&k)).map(|t| t.generation), Some(2));
-    // The card resets before the re-insert runs: rebuilt, then replayed.
-    faults.arm(Fault::ResetMidBatch { after: 0 });
-    let g = a.insert(&k, &ConnEntry::new(synced_state(2))).expect("re-insert");
-    let s = a.recovery_stats();
-    assert_eq!((s.resets, s.tombstones_restored), (1, 1), "{s:?}");
-    assert_eq!(g, 3, "numbered above the delete, as without the reset");
-    settle(&a, &b);
-    let held = b.lookup(&k).expect("lookup").map(|r| (r.state.mark.get(), r.state.generation.get()));
-    assert_eq!(held, Some((2, 3)), "the peer took the re-insert");
-    // An older copy of the entry cannot come back over the tombstone of
-    // another deleted key either.
-    let k2 = key(8);
-    a.insert(&k2, &ConnEntry::new(synced_state(5))).expect("insert");
-    a.delete(&k2).expect("delete");
-    a.recover().expect("recover");
-    let stale = TableOp::Replica(k2, ConnEntry::new(ConnState { generation: 1.into(), ..synced_state(5) }), 2);
-    assert!(matches!(a.apply(&stale), Err(TableError::Stale { .. })), "the tombstone was rebuilt");
-    assert!(a.lookup(&k2).expect("lookup").is_none());
+        };
+        let k = key(7);
+        assert_eq!(a.insert(&k, &ConnEntry::new(synced_state(1))).expect("insert"), 1);
+        a.delete(&k).expect("delete");
+        settle(&a, &b);
+        assert!(b.lookup(&k).expect("lookup").is_none(), "the peer applied the delete");
+        assert_eq!(a.shadow().and_then(|s| s.tombstone(&k)).map(|t| t.generation), Some(2));
+        // The card resets before the re-insert runs: rebuilt, then replayed.
+        faults.arm(Fault::ResetMidBatch { after: 0 });
+        let g = a.insert(&k, &ConnEntry::new(synced_state(2))).expect("re-insert");
+        let s = a.recovery_stats();
+        assert_eq!((s.resets, s.tombstones_restored), (1, 1), "{s:?}");
+        assert_eq!(g, 3, "numbered above the delete, as without the reset");
+        settle(&a, &b);
+        let held = b.lookup(&k).expect("lookup").map(|r| (r.state.mark.get(), r.state.generation.get()));
+        assert_eq!(held, Some((2, 3)), "the peer took the re-insert");
+        // An older copy of the entry cannot come back over the tombstone of
+        // another deleted key either.
+        let k2 = key(8);
+        a.insert(&k2, &ConnEntry::new(synced_state(5))).expect("insert");
+        a.delete(&k2).expect("delete");
+        a.recover().expect("recover");
+        let stale = TableOp::Replica(k2, ConnEntry::new(ConnState { generation: 1.into(), ..synced_state(5) }), 2);
+        assert!(matches!(a.apply(&stale), Err(TableError::Stale { .. })), "the tombstone was rebuilt");
+        assert!(a.lookup(&k2).expect("lookup").is_none());
+        // A reset that strikes the delete itself: replayed on the rebuilt
+        // card, it leaves its tombstone there, and the re-insert goes above it.
+        let k3 = key(9);
+        assert_eq!(a.insert(&k3, &ConnEntry::new(synced_state(6))).expect("insert"), 1);
+        faults.arm(Fault::ResetMidBatch { after: 0 });
+        a.delete(&k3).expect("delete, replayed");
+        assert_eq!(a.recovery_stats().resets, 3, "{mode:?}");
+        assert_eq!(a.insert(&k3, &ConnEntry::new(synced_state(7))).expect("re-insert"), 3, "{mode:?}");
+        settle(&a, &b);
+        let held = b.lookup(&k3).expect("lookup").map(|r| (r.state.mark.get(), r.state.generation.get()));
+        assert_eq!(held, Some((7, 3)), "{mode:?}: the peer took the re-insert");
+    }
 }
 
 /// A merge or Full Sync record (a REPLICA write) older than what the
@@ -598,6 +625,133 @@ fn an_older_replica_does_not_replace_an_entry_the_card_lost() {
     assert!(matches!(t.apply(&TableOp::ReplicaDelete(k, 1, 2)), Err(TableError::Stale { stored: 2 })));
     assert_eq!(t.lookup(&k).expect("lookup").map(|r| r.state.generation.get()), Some(2));
     assert_eq!(t.recovery_stats().lost_entries_detected, 2);
+}
+
+/// A write that lands on a card that lost the connection (a loss leaves no
+/// tombstone) takes there as a new entry, numbered from 1: below the
+/// version the member's copy and its peers hold. The peers refuse it, and
+/// the member's next changes of the connection too (an equal generation
+/// loses to a higher owner), so an acknowledged write is lost: seed 96 of
+/// `nicsync sim --device-faults --attacks`. The table sees that the device
+/// numbered the write no higher than the copy's version, puts that version
+/// back and runs the write again, so that it goes out above it. Polled and
+/// interrupt-driven completions alike.
+#[test]
+fn a_write_over_an_entry_the_card_lost_is_numbered_above_the_copy() {
+    for mode in [CompletionMode::Poll, CompletionMode::Interrupt] {
+        let hub = InProcessHub::new(HubConfig { queue_capacity: 4096, seed: 11, impairment: Impairment::NONE });
+        let cfg = DriverConfig { completion_mode: mode, ..cfg() };
+        let (mut a, faults) = cluster_member_with(&hub, 1, vec![2], true, cfg);
+        let (mut b, _) = cluster_member(&hub, 2, vec![1], false);
+        let settle = |a: &Table, b: &Table| {
+            for _ in 0..20 {
+                for t in [a, b] {
+                    t.driver_ref().device().nic().advance_time(Duration::from_millis(1));
+                }
+            }
+        };
+        let held =
+            |t: &mut Table| t.lookup(&key(5)).expect("lookup").map(|r| (r.state.mark.get(), r.state.generation.get()));
+        let k = key(5);
+        assert_eq!(a.upsert(&k, &ConnEntry::new(synced_state(1))).expect("upsert"), 1);
+        assert_eq!(a.upsert(&k, &ConnEntry::new(synced_state(2))).expect("upsert"), 2);
+        settle(&a, &b);
+        assert_eq!(held(&mut b), Some((2, 2)), "{mode:?}: the peer took the update");
+        faults.arm(Fault::LoseEntry);
+        a.driver_ref().device().nic().step();
+        assert_eq!((faults.injected(FaultKind::LoseEntry), a.len()), (1, 0), "{mode:?}: the only entry was lost");
+        let g = a.upsert(&k, &ConnEntry::new(synced_state(3))).expect("upsert over the loss");
+        assert_eq!(g, 3, "{mode:?}: numbered above the version the copy and the peer hold, as without the loss");
+        settle(&a, &b);
+        assert_eq!(held(&mut a), Some((3, 3)), "{mode:?}");
+        assert_eq!(held(&mut b), Some((3, 3)), "{mode:?}: the peer took the write");
+        let s = a.recovery_stats();
+        assert_eq!((s.lost_entries_detected, s.entries_restored, s.resets), (1, 1, 0), "{mode:?}: {s:?}");
+        // An INSERT over a lost entry answers EXISTS, as a card that kept
+        // it would, and leaves it as it was.
+        faults.arm(Fault::LoseEntry);
+        a.driver_ref().device().nic().step();
+        assert_eq!(a.len(), 0, "{mode:?}");
+        let r = a.insert(&k, &ConnEntry::new(synced_state(9)));
+        assert!(matches!(r, Err(TableError::Exists)), "{mode:?}: {r:?}");
+        settle(&a, &b);
+        assert_eq!(held(&mut a), Some((3, 3)), "{mode:?}");
+        assert_eq!(held(&mut b), Some((3, 3)), "{mode:?}");
+        assert_eq!(a.shadow().and_then(|s| s.get(&k)).map(|e| e.state.generation.get()), Some(3));
+    }
+}
+
+/// `AsyncCompletions` (tokio) makes the driver's checks while it waits and
+/// survives a device reset: a device that reset itself is reported as such
+/// within a sleep slice (not as a timeout after the completion timeout), a
+/// spurious interrupt during a wait is counted and slept through, and once
+/// the table has recovered (reset, rebuilt from its copy) the same
+/// `AsyncCompletions` waits on the rebuilt device's interrupts.
+#[test]
+fn async_completions_survive_a_device_reset() {
+    use nicsync::irq::AsyncCompletions;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let dev = EmulatedDevice::new(ModelConfig::default(), ExecMode::Thread).expect("device");
+        dev.start_poller(None).expect("poller");
+        let cfg = DriverConfig {
+            completion_mode: CompletionMode::Interrupt,
+            irq_coalesce_count: 1,
+            irq_coalesce_usec: 0,
+            completion_timeout: Duration::from_secs(5),
+            ..cfg()
+        };
+        let (mut t, faults) = open_with(dev, cfg, true);
+        let mut want = Expected::default();
+        populate(&mut t, &mut want);
+        let irq = AsyncCompletions::new(t.driver_ref()).expect("async completions");
+        let insert =
+            |i: u32| CommandDescriptor::conn(Opcode::Insert, DescFlags::AUTO_GENERATION, 0, &key(i), &state(i));
+        let post = |t: &mut Table, i: u32| {
+            let tag = t.driver().post(&insert(i), None).expect("post");
+            t.driver().ring();
+            tag
+        };
+        // A spurious interrupt while the device holds a command back.
+        faults.arm(Fault::Stall { duration: Some(Duration::from_millis(100)) });
+        let tag = post(&mut t, N);
+        faults.arm(Fault::SpuriousInterrupt);
+        let c = irq.wait(t.driver(), tag).await.expect("completion after the stall");
+        assert_eq!(c.status, CplStatus::Success);
+        t.driver().take_interrupts();
+        assert_eq!(faults.injected(FaultKind::SpuriousInterrupt), 1);
+        assert_eq!(t.recovery_stats().spurious_interrupts, 1, "{:?}", t.recovery_stats());
+
+        // The device resets itself before the next command.
+        faults.arm(Fault::ResetMidBatch { after: 0 });
+        let tag = post(&mut t, N + 1);
+        let t0 = std::time::Instant::now();
+        let e = irq.wait(t.driver(), tag).await.err();
+        assert!(matches!(e, Some(DriverError::DeviceReset { .. })), "{e:?}");
+        assert!(e.is_some_and(|e| e.needs_recovery()));
+        assert!(t0.elapsed() < Duration::from_secs(2), "noticed in {:?}, not at the completion timeout", t0.elapsed());
+
+        // The caller recovers; the same AsyncCompletions serves the device.
+        t.recover().expect("recover");
+        assert_eq!(t.recovery_stats().resets, 1);
+        let woken = t.driver_ref().stats().interrupts;
+        faults.arm(Fault::Stall { duration: Some(Duration::from_millis(25)) });
+        let tag = post(&mut t, N + 2);
+        let c = irq.wait(t.driver(), tag).await.expect("completion after the reset");
+        assert_eq!(c.status, CplStatus::Success);
+        assert!(t.driver_ref().stats().interrupts > woken, "woken by the rebuilt device's interrupt");
+        for i in N + 3..N + 20 {
+            let tag = post(&mut t, i);
+            assert_eq!(irq.wait(t.driver(), tag).await.expect("completion").status, CplStatus::Success);
+        }
+        drop(irq);
+        // The card holds the copy it was rebuilt from and what was inserted
+        // since (the insert before the reset went round the copy: gone).
+        for i in N + 2..N + 20 {
+            want.0.insert(key(i), Want { mark: i, generation: 1, nat: Nat::default() });
+        }
+        assert_intact(&mut t, &want);
+    });
 }
 
 /// Commands whose completions never come (posted by code that then gave
