@@ -788,6 +788,12 @@ impl Core {
             self.counters_dirty = true;
         }
         if c.tail == c.head {
+            // Nothing more to do: a partial sync frame may leave now.
+            if let Some(unit) = self.sync.as_mut().filter(|_| self.enabled) {
+                if unit.idle_flush() {
+                    return true;
+                }
+            }
             if !rung && c.last_inline_seq == 0 {
                 // Idle, with register doorbells: hint the next slot's line
                 // toward the device so its fetch overlaps the doorbell's
@@ -1590,6 +1596,26 @@ impl Core {
                 self.counters_dirty = true;
             }
         }
+    }
+
+    /// How long until the design has timed work (a sync batch to flush, a
+    /// NACK or ACK due, a coalesced interrupt to raise); `None` when
+    /// nothing is timed. A thread that sleeps while idle wakes by then.
+    pub fn time_to_next_timer(&self) -> Option<std::time::Duration> {
+        let now = self.shared.clock.now_ns();
+        let mut next = self.sync.as_ref().and_then(SyncUnit::poll_timeout);
+        let usec = u64::from(self.shared.reg(regs::IRQ_COALESCE_USEC));
+        if self.pending_cpl > 0 && usec > 0 {
+            let due = self.first_pending_ns.saturating_add(usec * 1000);
+            next = Some(next.map_or(due, |n| n.min(due)));
+        }
+        next.map(|t| std::time::Duration::from_nanos(t.saturating_sub(now)))
+    }
+
+    /// A descriptor readable when a sync frame arrives (see
+    /// [`crate::wire::SyncPort::readiness_fd`]).
+    pub fn sync_readiness_fd(&self) -> Option<std::os::fd::OwnedFd> {
+        self.sync.as_ref()?.readiness_fd()
     }
 
     /// Attaches the sync unit (replacing any).

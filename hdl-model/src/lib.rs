@@ -129,6 +129,13 @@ impl Nic {
         self.core().attach_sync(unit);
     }
 
+    /// A descriptor readable when a sync frame arrives, for a device thread
+    /// that sleeps while idle ([`Idle::Wait`]); `None` without a sync unit
+    /// or on a wire that has none.
+    pub fn sync_readiness_fd(&self) -> Option<std::os::fd::OwnedFd> {
+        self.core().sync_readiness_fd()
+    }
+
     /// The sync unit's counters, if the device is a cluster member.
     pub fn sync_stats(&self) -> Option<sync_unit::UnitStats> {
         self.core().sync_stats()
@@ -188,12 +195,34 @@ impl Nic {
 #[derive(Debug)]
 pub struct Poller {
     stop: Arc<AtomicBool>,
+    waiter: Option<Arc<dyn IdleWait>>,
     thread: Option<JoinHandle<()>>,
     devices: usize,
 }
 
+/// How a polling thread sleeps until work comes ([`Idle::Wait`]): the
+/// device side of a doorbell and of the sync port's receive interrupt.
+///
+/// The protocol closes the race with a doorbell rung just as the thread
+/// goes to sleep: the thread calls [`IdleWait::arm`], polls every device
+/// once more, and only then [`IdleWait::wait`]s; whoever rings a doorbell
+/// (or raises any other wake-up) after writing it checks the armed flag
+/// with sequentially consistent ordering and wakes the thread.
+pub trait IdleWait: Send + Sync + std::fmt::Debug {
+    /// The thread is about to sleep: wake-ups from now on must reach it.
+    fn arm(&self);
+    /// Sleeps until a wake-up or `timeout` (housekeeping still runs that
+    /// often).
+    fn wait(&self, timeout: Duration);
+    /// The thread is awake and polling again.
+    fn disarm(&self);
+    /// Wakes the thread now, whether or not it is armed (it is being
+    /// stopped).
+    fn wake(&self);
+}
+
 /// What a polling thread does when its devices have no work.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, Default)]
 pub enum Idle {
     /// Keep spinning: lowest latency, one core used up (benchmarks, a
     /// dedicated core on an appliance).
@@ -208,6 +237,18 @@ pub enum Idle {
         after_sweeps: u32,
         /// Sleep between sweeps while idle.
         nap: Duration,
+    },
+    /// After `after_sweeps` idle sweeps, sleep until a doorbell, a sync
+    /// frame or `max_wait` (an interrupt-driven device): an idle device
+    /// costs almost no CPU and wakes within a thread wake-up (microseconds),
+    /// not a nap.
+    Wait {
+        /// Idle sweeps before sleeping.
+        after_sweeps: u32,
+        /// Longest sleep (timers: aging, retransmission).
+        max_wait: Duration,
+        /// What it sleeps on.
+        waiter: Arc<dyn IdleWait>,
     },
 }
 
@@ -235,6 +276,10 @@ impl Poller {
     ) -> std::io::Result<Poller> {
         let stop = Arc::new(AtomicBool::new(false));
         let devices = nics.len();
+        let waiter = match &idle {
+            Idle::Wait { waiter, .. } => Some(waiter.clone()),
+            _ => None,
+        };
         let flag = stop.clone();
         let thread = std::thread::Builder::new().name("nicsync-device".into()).spawn(move || {
             on_start();
@@ -269,14 +314,40 @@ impl Poller {
                     }
                 }
                 idle_sweeps = if busy { 0 } else { idle_sweeps.saturating_add(1) };
-                if let Idle::Nap { after_sweeps, nap } = idle {
-                    if idle_sweeps >= after_sweeps {
-                        std::thread::sleep(nap);
+                match &idle {
+                    Idle::Spin => {}
+                    Idle::Nap { after_sweeps, nap } => {
+                        if idle_sweeps >= *after_sweeps {
+                            std::thread::sleep(*nap);
+                        }
+                    }
+                    Idle::Wait { after_sweeps, max_wait, waiter } => {
+                        if idle_sweeps >= *after_sweeps {
+                            waiter.arm();
+                            std::sync::atomic::fence(Ordering::SeqCst);
+                            // One more look after arming: a doorbell rung
+                            // before the flag was seen is found here.
+                            let mut work = false;
+                            let mut wait = *max_wait;
+                            for nic in &nics {
+                                let mut g = nic.core();
+                                work |= g.poll() | g.sync_fast();
+                                if let Some(t) = g.time_to_next_timer() {
+                                    wait = wait.min(t);
+                                }
+                            }
+                            if work {
+                                idle_sweeps = 0;
+                            } else if !wait.is_zero() {
+                                waiter.wait(wait);
+                            }
+                            waiter.disarm();
+                        }
                     }
                 }
             }
         })?;
-        Ok(Poller { stop, thread: Some(thread), devices })
+        Ok(Poller { stop, waiter, thread: Some(thread), devices })
     }
 
     /// Devices this thread serves.
@@ -288,6 +359,9 @@ impl Poller {
 impl Drop for Poller {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(w) = &self.waiter {
+            w.wake();
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

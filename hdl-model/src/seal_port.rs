@@ -134,6 +134,10 @@ impl SyncPort for SealedPort {
         s.merge(&self.stats);
         s
     }
+
+    fn readiness_fd(&self) -> Option<std::os::fd::OwnedFd> {
+        self.inner.readiness_fd()
+    }
 }
 
 #[cfg(test)]

@@ -281,6 +281,11 @@ pub struct SenderConfig {
     pub max_records_per_frame: usize,
     /// How long a partial frame may wait for more updates.
     pub flush_delay_ns: Nanos,
+    /// Send a partial frame as soon as the device has no more commands to
+    /// process ([`DeltaSender::flush_when_idle`]), rather than after the
+    /// flush delay: under load frames still fill (the ring is rarely empty),
+    /// and a lone change leaves at once (interrupt-moderation style).
+    pub flush_when_idle: bool,
     /// ALIVE period.
     pub alive_interval_ns: Nanos,
     /// Tail probe: this long after updates were sent and while some peer
@@ -306,6 +311,7 @@ impl SenderConfig {
             queue_capacity: 512,
             max_records_per_frame: MAX_RECORDS,
             flush_delay_ns: 50_000,
+            flush_when_idle: false,
             alive_interval_ns: 1_000_000_000,
             tail_probe_ns: 20_000_000,
             tx_queue_limit: 1024,
@@ -479,6 +485,17 @@ impl DeltaSender {
             self.flush_deadline = Some(now.saturating_add(self.cfg.flush_delay_ns));
         }
         Ok(seq)
+    }
+
+    /// The device found its command ring empty: with
+    /// [`SenderConfig::flush_when_idle`], a partial frame leaves now.
+    /// Returns whether one did.
+    pub fn flush_when_idle(&mut self) -> bool {
+        if !self.cfg.flush_when_idle || self.unflushed == 0 {
+            return false;
+        }
+        self.flush();
+        true
     }
 
     /// Sends the partial frame now.

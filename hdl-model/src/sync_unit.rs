@@ -71,6 +71,12 @@ impl fmt::Debug for SyncUnit {
 }
 
 impl SyncUnit {
+    /// A descriptor readable when a frame arrives on the sync port (see
+    /// [`SyncPort::readiness_fd`]).
+    pub fn readiness_fd(&self) -> Option<std::os::fd::OwnedFd> {
+        self.port.readiness_fd()
+    }
+
     /// A unit sending and receiving through `port`.
     pub fn new(cfg: SyncUnitConfig, port: Box<dyn SyncPort>, now: Nanos) -> Result<Self, ConfigError> {
         let s = &cfg.sender;
@@ -191,6 +197,22 @@ impl SyncUnit {
                 send(&mut self.port, &mut self.stats, t);
             }
         }
+    }
+
+    /// The earliest time the sender or a receiver has timed work (a batch
+    /// to flush, a NACK or ACK due, a keepalive).
+    pub fn poll_timeout(&self) -> Option<Nanos> {
+        self.receivers.iter().filter_map(DeltaReceiver::poll_timeout).chain(self.sender.poll_timeout()).min()
+    }
+
+    /// The command ring is empty: sends a partial frame now if the sender is
+    /// configured to ([`crate::sync::SenderConfig::flush_when_idle`]).
+    pub fn idle_flush(&mut self) -> bool {
+        if !self.sender.flush_when_idle() {
+            return false;
+        }
+        self.flush_transmits();
+        true
     }
 
     /// Sends whatever the sender has batched without waiting for its delay.

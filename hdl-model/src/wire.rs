@@ -285,6 +285,14 @@ pub trait SyncPort: Send {
 
     /// The port's counters.
     fn stats(&self) -> WireStats;
+
+    /// A descriptor that becomes readable when a frame arrives (a
+    /// duplicate the caller owns), so that a device thread with nothing
+    /// to do can sleep until the wire has something; `None` when the port
+    /// has none (the in-process wire).
+    fn readiness_fd(&self) -> Option<std::os::fd::OwnedFd> {
+        None
+    }
 }
 
 fn check_frame(frame: &[u8], stats: &mut WireStats) -> Result<(), WireError> {
@@ -868,5 +876,9 @@ impl SyncPort for UdpPort {
 
     fn stats(&self) -> WireStats {
         self.stats
+    }
+
+    fn readiness_fd(&self) -> Option<std::os::fd::OwnedFd> {
+        self.socket.try_clone().ok().map(std::os::fd::OwnedFd::from)
     }
 }

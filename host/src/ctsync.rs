@@ -716,7 +716,7 @@ enum CommitJob {
     /// A takeover: write these, report.
     Takeover { entries: Vec<CtEntry>, keys: Vec<ConnKey>, unmappable: u64, since: Instant },
     /// A Standby mirroring one change (`commit = "always"`).
-    Mirror { upsert: Option<CtEntry>, delete: Option<CtEntry> },
+    Mirror { upsert: Option<Box<CtEntry>>, delete: Option<Box<CtEntry>> },
 }
 
 #[derive(Debug)]
@@ -1093,11 +1093,11 @@ impl KernelLink {
         }
         let job = match record {
             Some((state, nat)) => match commit_entry(key, &state, &nat) {
-                Ok(e) => CommitJob::Mirror { upsert: Some(e), delete: None },
+                Ok(e) => CommitJob::Mirror { upsert: Some(Box::new(e)), delete: None },
                 Err(_) => return,
             },
             None => match commit_entry(key, &ConnState::default(), &Nat::default()) {
-                Ok(e) => CommitJob::Mirror { upsert: None, delete: Some(e) },
+                Ok(e) => CommitJob::Mirror { upsert: None, delete: Some(Box::new(e)) },
                 Err(_) => return,
             },
         };
@@ -1150,7 +1150,7 @@ fn run_commit(sock: &mut CtSocket, job: CommitJob) -> CommitReport {
                 error: None,
             };
             if let Some(e) = upsert {
-                match sock.create_batch(std::slice::from_ref(&e), CreateMode::Upsert) {
+                match sock.create_batch(std::slice::from_ref(e.as_ref()), CreateMode::Upsert) {
                     Ok(out) => {
                         report.written = out.ok as u64;
                         report.failed = out.failed.iter().map(|(_, errno)| *errno).collect();

@@ -39,7 +39,7 @@ pub fn open(spec: &DeviceSpec, emu: &EmulatedOptions) -> Result<AnyDevice, Devic
         DeviceSpec::Emulated => {
             let d = EmulatedDevice::new(emu.model.clone(), emu.mode)?;
             if emu.mode == ExecMode::Thread {
-                d.start_poller_with(emu.cpu, emu.idle)?;
+                d.start_poller_with(emu.cpu, emu.idle.clone())?;
             }
             Ok(AnyDevice::Emulated(d))
         }

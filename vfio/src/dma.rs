@@ -482,6 +482,28 @@ pub fn wait_readable(fd: std::os::fd::BorrowedFd<'_>, timeout: std::time::Durati
     Ok(rc > 0 && pfd.revents & libc::POLLIN != 0)
 }
 
+/// Waits until one of `fds` is readable or `timeout` passes (microsecond
+/// resolution: `ppoll`). Interrupted waits return early; the caller loops.
+pub fn wait_any_readable(fds: &[std::os::fd::BorrowedFd<'_>], timeout: std::time::Duration) -> Result<(), DeviceError> {
+    let mut pfds: Vec<libc::pollfd> =
+        fds.iter().map(|f| libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: passes a live, initialised array of `pfds.len()` pollfds whose
+    // descriptors are borrowed for the call, a live timespec, and no signal
+    // mask (null: unchanged).
+    let rc = unsafe { libc::ppoll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, &ts, std::ptr::null()) };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(DeviceError::Io { what: "ppoll", source: e });
+        }
+    }
+    Ok(())
+}
+
 /// Reads and clears an eventfd's counter without owning it; 0 if nothing
 /// was pending.
 pub fn drain_eventfd(fd: std::os::fd::BorrowedFd<'_>) -> u64 {

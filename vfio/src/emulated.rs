@@ -1,7 +1,7 @@
 //! The emulated device: the FPGA design's software model, in process.
 
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use nicsync_fwif::regs;
@@ -61,9 +61,63 @@ impl DmaUnmap for EmulatedUnmap {
     }
 }
 
+/// The device side of doorbells and of the sync port's receive interrupt
+/// for a polling thread that sleeps while idle ([`nicsync_model::Idle::Wait`]).
+#[derive(Debug)]
+struct DeviceWaker {
+    /// Signalled by host MMIO writes while the thread is armed.
+    doorbell: EventFd,
+    armed: AtomicBool,
+    nic: Arc<Nic>,
+    /// The sync port's descriptor (a duplicate), fetched when first needed.
+    sync_fd: Mutex<Option<std::os::fd::OwnedFd>>,
+}
+
+impl DeviceWaker {
+    /// After a host write: wake the thread if it is (about to be) asleep.
+    #[inline]
+    fn rung(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.armed.load(Ordering::SeqCst) {
+            self.doorbell.signal();
+        }
+    }
+}
+
+impl nicsync_model::IdleWait for DeviceWaker {
+    fn arm(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    fn wait(&self, timeout: std::time::Duration) {
+        let mut sync = self.sync_fd.lock().unwrap_or_else(PoisonError::into_inner);
+        if sync.is_none() {
+            *sync = self.nic.sync_readiness_fd();
+        }
+        let mut fds = vec![self.doorbell.as_fd()];
+        if let Some(f) = sync.as_ref() {
+            fds.push(f.as_fd());
+        }
+        // A failed wait degrades to a nap of `timeout` at worst.
+        if crate::dma::wait_any_readable(&fds, timeout).is_err() {
+            std::thread::sleep(timeout);
+        }
+        self.doorbell.take();
+    }
+
+    fn disarm(&self) {
+        self.armed.store(false, Ordering::SeqCst);
+    }
+
+    fn wake(&self) {
+        self.doorbell.signal();
+    }
+}
+
 /// The in-process emulated nicsync device.
 pub struct EmulatedDevice {
     nic: Arc<Nic>,
+    waker: Arc<DeviceWaker>,
     irq: Arc<IrqLines>,
     next_iova: AtomicU64,
     unmap: Arc<EmulatedUnmap>,
@@ -86,7 +140,14 @@ impl EmulatedDevice {
         let fds = (0..regs::VECTOR_COUNT).map(|_| EventFd::new()).collect::<Result<Vec<_>, _>>()?;
         let irq = Arc::new(IrqLines { fds });
         nic.set_interrupt_sink(Some(irq.clone()));
+        let waker = Arc::new(DeviceWaker {
+            doorbell: EventFd::new()?,
+            armed: AtomicBool::new(false),
+            nic: nic.clone(),
+            sync_fd: Mutex::new(None),
+        });
         Ok(EmulatedDevice {
+            waker,
             unmap: Arc::new(EmulatedUnmap { nic: nic.clone() }),
             nic,
             irq,
@@ -138,6 +199,15 @@ impl EmulatedDevice {
         Ok(())
     }
 
+    /// An idle policy for [`EmulatedDevice::start_poller_with`] that sleeps
+    /// until a doorbell, a sync frame or `max_wait` once `after_sweeps`
+    /// sweeps found nothing: low idle CPU and a wake-up in microseconds (an
+    /// interrupt-driven device, where [`nicsync_model::Idle::Nap`] costs up
+    /// to a nap of latency).
+    pub fn waiting_idle(&self, after_sweeps: u32, max_wait: std::time::Duration) -> nicsync_model::Idle {
+        nicsync_model::Idle::Wait { after_sweeps, max_wait, waiter: self.waker.clone() }
+    }
+
     /// Stops the polling thread, if any.
     pub fn stop_poller(&self) {
         self.poller.lock().unwrap_or_else(PoisonError::into_inner).take();
@@ -152,12 +222,14 @@ impl NicDevice for EmulatedDevice {
 
     #[inline]
     fn write32(&self, offset: u32, value: u32) {
-        self.nic.mmio_write(offset, value)
+        self.nic.mmio_write(offset, value);
+        self.waker.rung();
     }
 
     #[inline]
     fn write_inline(&self, offset: u32, words: &[u64; 8]) {
-        self.nic.mmio_write_inline(offset, words)
+        self.nic.mmio_write_inline(offset, words);
+        self.waker.rung();
     }
 
     fn write_combining(&self) -> bool {

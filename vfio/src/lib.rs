@@ -23,7 +23,7 @@ use std::fmt;
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
-pub use dma::{drain_eventfd, pin_current_thread, wait_readable, DmaMemory, EventFd};
+pub use dma::{drain_eventfd, pin_current_thread, wait_any_readable, wait_readable, DmaMemory, EventFd};
 pub use emulated::EmulatedDevice;
 pub use mock::MockDevice;
 pub use real::VfioDevice;
