@@ -476,8 +476,7 @@ impl Config {
                 let list = |v: Vec<String>| v.join(", ");
                 writeln!(out, "\n[conntrack.filter]")?;
                 writeln!(out, "protocols = [{}]", list(f.protocols.iter().map(|p| p.to_string()).collect()))?;
-                let prefixes =
-                    |v: &[Prefix]| list(v.iter().map(|p| quote(&format!("{}/{}", p.addr, p.len))).collect());
+                let prefixes = |v: &[Prefix]| list(v.iter().map(|p| quote(&format!("{}/{}", p.addr, p.len))).collect());
                 writeln!(out, "addresses = [{}]", prefixes(&f.addresses))?;
                 writeln!(out, "ignore_addresses = [{}]", prefixes(&f.ignore_addresses))?;
                 let ranges = |v: &[(u16, u16)]| list(v.iter().map(|(a, b)| quote(&format!("{a}-{b}"))).collect());
@@ -893,10 +892,7 @@ impl Source<'_> {
                 other => {
                     return Err(self.invalid(
                         Some(v.span()),
-                        format!(
-                            "conntrack.commit = {}: must be \"on-active\", \"always\" or \"never\"",
-                            quote(other)
-                        ),
+                        format!("conntrack.commit = {}: must be \"on-active\", \"always\" or \"never\"", quote(other)),
                     ))
                 }
             },

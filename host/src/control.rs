@@ -81,10 +81,11 @@ pub enum Request {
     /// Count and digest of the synced entries (`nicsync conn digest`).
     ConnDigest,
     /// Wait until an entry is on this member's card (`nicsync conn wait`):
-    /// answers with when it was first seen (CLOCK_MONOTONIC, comparable
-    /// across the network namespaces of one machine), or an error after
-    /// `timeout_ms`. While a wait is pending the member's loop polls the
-    /// card continuously (a core busy): it is a measuring tool.
+    /// answered at once if it is there, else as soon as the host learns that
+    /// a peer's update put it there (the card's event interrupt wakes the
+    /// member's loop), with when that was (CLOCK_MONOTONIC, comparable
+    /// across the network namespaces of one machine); an error after
+    /// `timeout_ms`.
     ConnWait {
         /// The key.
         key: String,

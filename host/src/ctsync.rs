@@ -161,7 +161,8 @@ impl SyncFilter {
         }
         let has_ports = matches!(key.proto, proto::TCP | proto::UDP | proto::SCTP);
         let ports = [key.src_port.get(), key.dst_port.get()];
-        let in_range = |list: &[(u16, u16)]| has_ports && ports.iter().any(|p| list.iter().any(|(a, b)| a <= p && p <= b));
+        let in_range =
+            |list: &[(u16, u16)]| has_ports && ports.iter().any(|p| list.iter().any(|(a, b)| a <= p && p <= b));
         if !self.ports.is_empty() && !in_range(&self.ports) {
             return false;
         }
@@ -945,11 +946,13 @@ impl KernelLink {
             for e in &r.failed {
                 *by_errno.entry(*e).or_default() += 1;
             }
-            let list: Vec<String> = by_errno
-                .iter()
-                .map(|(e, n)| format!("{n} × {}", std::io::Error::from_raw_os_error(*e)))
-                .collect();
-            self.feed.note_error(format!("the kernel refused {} committed entries: {}", r.failed.len(), list.join(", ")));
+            let list: Vec<String> =
+                by_errno.iter().map(|(e, n)| format!("{n} × {}", std::io::Error::from_raw_os_error(*e))).collect();
+            self.feed.note_error(format!(
+                "the kernel refused {} committed entries: {}",
+                r.failed.len(),
+                list.join(", ")
+            ));
         }
         if r.takeover {
             let ms = r.since.elapsed().as_secs_f64() * 1e3;

@@ -68,6 +68,12 @@ pub struct DriverConfig {
     /// Ring with the inline doorbell (a copy of the batch's first
     /// descriptor in BAR0) when the device offers it.
     pub inline_doorbell: bool,
+    /// With polled completions, still take an interrupt when the device
+    /// writes an event (a peer's update applied, an entry aged), so that an
+    /// event loop learns of it at once ([`crate::runtime`] waits on the
+    /// event vector's eventfd). Ignored where the device has no event
+    /// interrupt; implied by [`CompletionMode::Interrupt`].
+    pub event_interrupts: bool,
 }
 
 impl Default for DriverConfig {
@@ -84,6 +90,7 @@ impl Default for DriverConfig {
             bringup_timeout: Duration::from_secs(2),
             required_caps: Capabilities::CONN_TABLE | Capabilities::IPV6 | Capabilities::SNAPSHOT,
             inline_doorbell: true,
+            event_interrupts: false,
         }
     }
 }
@@ -518,8 +525,20 @@ impl<D: NicDevice> Driver<D> {
         dev.write32(regs::AGING_PERIOD_MS, cfg.aging_period_ms);
         dev.write32(regs::IRQ_COALESCE_COUNT, cfg.irq_coalesce_count);
         dev.write32(regs::IRQ_COALESCE_USEC, cfg.irq_coalesce_usec);
-        dev.write32(regs::IRQ_MASK, (IrqCause::COMPLETION | IrqCause::EVENT | IrqCause::ERROR).bits());
+        let polled_events = cfg.completion_mode == CompletionMode::Poll
+            && cfg.event_interrupts
+            && dev.irq_fd(regs::VECTOR_EVENT).is_some();
+        let mask = if polled_events {
+            // Completions are polled: only events and errors interrupt.
+            IrqCause::EVENT | IrqCause::ERROR
+        } else {
+            IrqCause::COMPLETION | IrqCause::EVENT | IrqCause::ERROR
+        };
+        dev.write32(regs::IRQ_MASK, mask.bits());
         let mut ctl = Control::ENABLE;
+        if polled_events {
+            ctl |= Control::IRQ_ENABLE;
+        }
         if cfg.completion_mode == CompletionMode::Interrupt {
             if cfg.irq_coalesce_usec == 0 && cfg.irq_coalesce_count > 1 {
                 return Err(DriverError::Config(

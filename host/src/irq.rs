@@ -93,3 +93,35 @@ impl AsyncCompletions {
         }
     }
 }
+
+/// Waits for event interrupts in async code: the device wrote an event (a
+/// peer's update applied, an entry aged) and the loop should read the event
+/// ring now rather than at its next tick ([`DriverConfig::event_interrupts`]
+/// with polled completions).
+///
+/// [`DriverConfig::event_interrupts`]: crate::driver::DriverConfig::event_interrupts
+#[derive(Debug)]
+pub struct AsyncEvents {
+    fd: AsyncFd<IrqFd>,
+}
+
+impl AsyncEvents {
+    /// Registers the device's event eventfd with the tokio reactor; `None`
+    /// when the driver was not asked for event interrupts or the device has
+    /// none.
+    pub fn new<D: NicDevice>(drv: &Driver<D>) -> Option<Self> {
+        if !drv.config().event_interrupts {
+            return None;
+        }
+        let owned = drv.device().irq_fd(regs::VECTOR_EVENT)?.try_clone_to_owned().ok()?;
+        AsyncFd::new(IrqFd(owned)).ok().map(|fd| AsyncEvents { fd })
+    }
+
+    /// Waits for the next event interrupt and takes it.
+    pub async fn wait(&self) {
+        if let Ok(mut g) = self.fd.readable().await {
+            nicsync_vfio::drain_eventfd(std::os::fd::AsFd::as_fd(&g.get_inner().0));
+            g.clear_ready();
+        }
+    }
+}

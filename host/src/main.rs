@@ -183,9 +183,9 @@ enum ConnCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Wait until an entry is on this member's card; prints when it was
-    /// first seen (CLOCK_MONOTONIC ns). The daemon polls its card while it
-    /// waits: a measuring tool.
+    /// Wait until an entry is on this member's card (at once if it is, else
+    /// when a peer's update puts it there); prints when the host saw it
+    /// (CLOCK_MONOTONIC ns).
     Wait {
         /// The key.
         key: String,

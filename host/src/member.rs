@@ -156,6 +156,8 @@ pub fn from_config(cfg: &Config) -> Result<(Node<AnyDevice>, MemberNet, ControlS
     let drv = DriverConfig {
         table_capacity: cfg.device.table_capacity,
         aging_period_ms: cfg.device.aging_period_ms,
+        // The loop learns of the peers' updates when the card writes them.
+        event_interrupts: true,
         ..Default::default()
     };
     let node = match &cfg.device.kind {

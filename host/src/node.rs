@@ -353,7 +353,11 @@ impl<D: NicDevice> Node<D> {
     /// this member's card, for [`Node::take_peer_changes`] (a Standby
     /// mirroring them into its kernel).
     pub fn record_peer_changes(&mut self, on: bool) {
-        self.peer_changes = on.then(Vec::new);
+        if !on {
+            self.peer_changes = None;
+        } else if self.peer_changes.is_none() {
+            self.peer_changes = Some(Vec::new());
+        }
     }
 
     /// The keys the peers changed since the last call, in order, each with

@@ -192,6 +192,9 @@ pub async fn serve_with<D: NicDevice + 'static>(
     if let Some(k) = kernel.as_ref() {
         node.record_peer_changes(k.mirrors());
     }
+    // The device interrupts when it writes an event (a peer's update
+    // applied): the loop reads the event ring at once, not at its tick.
+    let events_irq = crate::irq::AsyncEvents::new(node.table_ref().driver_ref());
     loop {
         flush_outputs(node, net, &ccp, &mut conns, &ev_tx, &mut stats);
         let next = match (node.poll_timeout(), kernel.as_ref().and_then(KernelLink::poll_timeout)) {
@@ -206,7 +209,10 @@ pub async fn serve_with<D: NicDevice + 'static>(
                     k.handle(wake, node, now());
                 }
             }
-            _ = std::future::ready(()), if !waiters.is_empty() => check_waiters(node, &mut waiters),
+            _ = device_events(events_irq.as_ref()) => {
+                node.progress(now());
+                after_progress(node, &mut kernel, &mut waiters);
+            }
             r = ccp.recv_from(&mut buf) => {
                 if let Ok((n, from)) = r {
                     if by_addr.contains_key(&canonical(from)) {
@@ -242,11 +248,19 @@ pub async fn serve_with<D: NicDevice + 'static>(
                 }
                 Ev::Control { req: Request::ConnWait { key, timeout_ms }, reply } => {
                     match control::parse_key(&key) {
-                        Ok(k) => {
-                            let limit = Duration::from_millis(timeout_ms.min(control::MAX_WAIT_MS));
-                            waiters.push(Waiter { key: k, text: key, deadline: Instant::now() + limit, reply });
-                            check_waiters(node, &mut waiters);
-                        }
+                        Ok(k) => match node.table().lookup(&k) {
+                            Ok(Some(r)) => {
+                                let _ = reply.send(wait_answer(&key, &r));
+                            }
+                            Ok(None) => {
+                                let limit = Duration::from_millis(timeout_ms.min(control::MAX_WAIT_MS));
+                                waiters.push(Waiter { key: k, text: key, deadline: Instant::now() + limit, reply });
+                                node.record_peer_changes(true);
+                            }
+                            Err(e) => {
+                                let _ = reply.send(Reply::err(e.to_string()));
+                            }
+                        },
                         Err(e) => {
                             let _ = reply.send(Reply::err(e.to_string()));
                         }
@@ -274,18 +288,8 @@ pub async fn serve_with<D: NicDevice + 'static>(
                 node.progress(now());
                 if let Some(k) = kernel.as_mut() {
                     k.tick(node, now());
-                    for (key, removed) in node.take_peer_changes() {
-                        let record = if removed {
-                            None
-                        } else {
-                            match node.table().lookup(&key) {
-                                Ok(Some(r)) => Some((r.state, r.nat)),
-                                _ => None,
-                            }
-                        };
-                        k.mirror(&key, record);
-                    }
                 }
+                after_progress(node, &mut kernel, &mut waiters);
             }
         }
     }
@@ -303,28 +307,54 @@ struct Waiter {
     reply: oneshot::Sender<Reply>,
 }
 
-/// Looks each waited-for key up on the card; answers those found or out of
-/// time.
-fn check_waiters<D: NicDevice>(node: &mut Node<D>, waiters: &mut Vec<Waiter>) {
+/// The answer to a [`Request::ConnWait`] for an entry on the card now.
+fn wait_answer(key: &str, r: &nicsync_fwif::conn::ConnRecord) -> Reply {
+    let seen = nicsync_conntrack::monotonic_ns();
+    Reply::ok(json!({"key": key, "seen_monotonic_ns": seen, "record": crate::node::record_json(r)}))
+}
+
+/// After the node read the device's events: the peers' changes go to the
+/// waiters (answered as their key arrives, or when their time is up) and,
+/// on a Standby with `commit = "always"`, into the kernel.
+fn after_progress<D: NicDevice>(node: &mut Node<D>, kernel: &mut Option<KernelLink>, waiters: &mut Vec<Waiter>) {
+    let changes = node.take_peer_changes();
+    let now = Instant::now();
     let mut i = 0;
     while i < waiters.len() {
-        let w = &waiters[i];
-        let answer = match node.table().lookup(&w.key) {
-            Ok(Some(r)) => {
-                let seen = nicsync_conntrack::monotonic_ns();
-                Some(Reply::ok(json!({"key": w.text, "seen_monotonic_ns": seen, "record": crate::node::record_json(&r)})))
-            }
-            Ok(None) if Instant::now() >= w.deadline => Some(Reply::err(format!("no connection {} in time", w.text))),
-            Ok(None) => None,
-            Err(e) => Some(Reply::err(e.to_string())),
-        };
-        match answer {
-            Some(a) => {
-                let w = waiters.swap_remove(i);
-                let _ = w.reply.send(a);
-            }
-            None => i += 1,
+        let arrived = changes.iter().any(|(k, removed)| !removed && *k == waiters[i].key);
+        if !arrived && now < waiters[i].deadline {
+            i += 1;
+            continue;
         }
+        let w = waiters.swap_remove(i);
+        let answer = match node.table().lookup(&w.key) {
+            Ok(Some(r)) => wait_answer(&w.text, &r),
+            Ok(None) => Reply::err(format!("no connection {} within the wait", w.text)),
+            Err(e) => Reply::err(e.to_string()),
+        };
+        let _ = w.reply.send(answer);
+    }
+    let mirrors = kernel.as_ref().is_some_and(KernelLink::mirrors);
+    if let Some(k) = kernel.as_mut().filter(|k| k.mirrors()) {
+        for (key, removed) in changes {
+            let record = if removed {
+                None
+            } else {
+                match node.table().lookup(&key) {
+                    Ok(Some(r)) => Some((r.state, r.nat)),
+                    _ => None,
+                }
+            };
+            k.mirror(&key, record);
+        }
+    }
+    node.record_peer_changes(mirrors || !waiters.is_empty());
+}
+
+async fn device_events(irq: Option<&crate::irq::AsyncEvents>) {
+    match irq {
+        Some(i) => i.wait().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -184,6 +184,34 @@ fn three_daemons_survive_a_kill_and_converge() {
     // The control socket is the daemon's own, mode 0600.
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&members[a].socket).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
+
+    // `conn wait` on a Standby answers when the Active's update reaches it
+    // (the card's event interrupt wakes the Standby's loop; its tick alone
+    // would answer too, so this checks the answer, not its speed).
+    let waiter = &members[v];
+    let key = "tcp 10.250.0.1:4242 -> 192.0.2.9:443".to_string();
+    let wait = std::thread::scope(|s| {
+        let h = s.spawn(|| waiter.req(&Request::ConnWait { key: key.clone(), timeout_ms: 10_000 }));
+        // The wait is registered before the update is made: the entry is
+        // not there yet.
+        std::thread::sleep(Duration::from_millis(100));
+        members[a]
+            .req(&Request::ConnAdd {
+                key: key.clone(),
+                tcp_state: "established".into(),
+                timeout_s: 0,
+                mark: 7,
+                sync: true,
+            })
+            .expect("conn add");
+        h.join().expect("waiter thread")
+    });
+    let wait = wait.expect("conn wait");
+    assert_eq!(wait["key"].as_str(), Some(key.as_str()), "{wait}");
+    assert_eq!(wait["record"]["mark"].as_u64(), Some(7), "{wait}");
+    assert!(wait["seen_monotonic_ns"].as_u64().unwrap_or(0) > 0, "{wait}");
+    let late = members[v].req(&Request::ConnWait { key: "tcp 10.250.0.2:1 -> 192.0.2.9:443".into(), timeout_ms: 50 });
+    assert!(late.is_err_and(|e| e.contains("within the wait")), "a wait for a key that never comes ends with an error");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
