@@ -738,6 +738,9 @@ const DUMP_BATCH: usize = 4096;
 /// Retry delay for a failed dump.
 const DUMP_RETRY: Duration = Duration::from_secs(1);
 
+/// Walking of the card for a takeover commit per loop tick.
+const WALK_BUDGET: Duration = Duration::from_millis(3);
+
 /// Table operations per batch through the rings.
 const OPS_PER_BATCH: usize = 1024;
 
@@ -766,6 +769,10 @@ pub struct KernelLink {
     ops: Vec<TableOp>,
     was_active: bool,
     activated_at: Option<Instant>,
+    /// The takeover's walk of the card, a chunk per tick, so that the
+    /// member's loop (membership probes) keeps running through a large
+    /// table.
+    walk: Option<TakeoverWalk>,
     /// A takeover commit runs; the activation dump waits for it.
     committing: bool,
     dump_wanted: bool,
@@ -776,6 +783,18 @@ impl std::fmt::Debug for KernelLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KernelLink").field("feed", &self.feed).finish_non_exhaustive()
     }
+}
+
+/// A takeover commit being gathered from the card.
+#[derive(Debug)]
+struct TakeoverWalk {
+    cursor: u32,
+    seen: HashSet<ConnKey>,
+    entries: Vec<CtEntry>,
+    keys: Vec<ConnKey>,
+    unmappable: u64,
+    since: Instant,
+    chunk: Vec<nicsync_fwif::sync::DeltaUpdate>,
 }
 
 /// What woke the member's loop for the link.
@@ -832,6 +851,7 @@ impl KernelLink {
             ops: Vec::new(),
             was_active: false,
             activated_at: None,
+            walk: None,
             committing: false,
             dump_wanted: false,
             dump_retry_at: None,
@@ -1025,10 +1045,19 @@ impl KernelLink {
             self.was_active = active;
             self.feed.set_active(active);
             if active {
-                self.on_activate(node);
+                self.on_activate();
             } else {
                 self.committing = false;
                 self.dump_wanted = false;
+                self.walk = None;
+            }
+        }
+        // A few milliseconds of walking per tick: a million entries take a
+        // fraction of a second, and probes still go out every tick.
+        let budget = Instant::now();
+        while self.walk.is_some() && budget.elapsed() < WALK_BUDGET {
+            if !self.walk_step(node) {
+                break;
             }
         }
         if active {
@@ -1049,7 +1078,7 @@ impl KernelLink {
         self.feed.config().commit == CommitMode::Always
     }
 
-    fn on_activate<D: NicDevice>(&mut self, node: &mut Node<D>) {
+    fn on_activate(&mut self) {
         let since = Instant::now();
         self.activated_at = Some(since);
         self.dump_wanted = true;
@@ -1057,34 +1086,60 @@ impl KernelLink {
             tracing::info!("conntrack: Active; commit = \"never\": the kernel's table is left alone");
             return;
         }
-        let synced = match node.synced_entries() {
-            Ok(s) => s,
+        // The dump waits for the commit: the kernel becomes the reference
+        // only once it holds the cluster's entries.
+        self.committing = true;
+        self.walk = Some(TakeoverWalk {
+            cursor: 0,
+            seen: HashSet::new(),
+            entries: Vec::new(),
+            keys: Vec::new(),
+            unmappable: 0,
+            since,
+            chunk: Vec::new(),
+        });
+    }
+
+    /// Reads one chunk of the card's synced entries for the takeover
+    /// commit; at the end, hands them to the commit thread.
+    fn walk_step<D: NicDevice>(&mut self, node: &mut Node<D>) -> bool {
+        let Some(w) = self.walk.as_mut() else { return false };
+        w.chunk.clear();
+        let next = match node.synced_chunk(w.cursor, &mut w.chunk) {
+            Ok(n) => n,
+            Err(TableError::Busy(_)) => return false, // a Full Sync walk first
             Err(e) => {
+                self.walk = None;
+                self.committing = false;
                 self.feed.note_error(format!("reading the card's synced entries for the takeover commit: {e}"));
-                return;
+                return false;
             }
         };
-        let mut entries = Vec::with_capacity(synced.len());
-        let mut keys = Vec::with_capacity(synced.len());
-        let mut unmappable = 0;
-        for u in &synced {
-            if self.feed.knows(&u.key) {
-                continue; // this kernel has it already
+        for u in w.chunk.iter().filter(|u| u.op == nicsync_fwif::sync::DeltaOp::Upsert) {
+            // A walk may show an entry twice; this kernel may have it.
+            if self.feed.knows(&u.key) || !w.seen.insert(u.key) {
+                continue;
             }
             match commit_entry(&u.key, &u.state, &u.nat) {
                 Ok(e) => {
-                    entries.push(e);
-                    keys.push(u.key);
+                    w.entries.push(e);
+                    w.keys.push(u.key);
                 }
-                Err(_) => unmappable += 1,
+                Err(_) => w.unmappable += 1,
             }
         }
-        tracing::info!("conntrack: Active: committing {} synced entries into the kernel", entries.len());
-        self.committing = true;
-        if self.commit_tx.send(CommitJob::Takeover { entries, keys, unmappable, since }).is_err() {
+        w.cursor = next;
+        if next != nicsync_fwif::cmd::SNAPSHOT_DONE {
+            return true;
+        }
+        let Some(w) = self.walk.take() else { return false };
+        tracing::info!("conntrack: Active: committing {} synced entries into the kernel", w.entries.len());
+        let job = CommitJob::Takeover { entries: w.entries, keys: w.keys, unmappable: w.unmappable, since: w.since };
+        if self.commit_tx.send(job).is_err() {
             self.committing = false;
             self.feed.note_error("the commit thread has stopped".into());
         }
+        false
     }
 
     /// Mirrors a change a peer sent into this Standby's kernel

@@ -1389,6 +1389,18 @@ impl<D: NicDevice> Node<D> {
         Ok(by_key.into_values().collect())
     }
 
+    /// One chunk of a walk over the entries marked for sync, from `cursor`
+    /// (0 to start); returns the next cursor, `SNAPSHOT_DONE` at the end.
+    /// A walk may return an entry that moved during it twice. Refused
+    /// (`Busy`) while a Full Sync is being served from the card's walker, so
+    /// that neither walk tears the other; the caller tries again later.
+    pub fn synced_chunk(&mut self, cursor: u32, out: &mut Vec<DeltaUpdate>) -> Result<u32, TableError> {
+        if self.walking() {
+            return Err(TableError::Busy("a full sync is being served; try again".into()));
+        }
+        self.table.sync_snapshot_chunk(cursor, out)
+    }
+
     /// Count and order-independent digest of the entries marked for sync
     /// (equal on converged members; see [`fullsync::digest_updates`]).
     pub fn digest(&mut self) -> Result<(u64, u64), TableError> {
