@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod bench_ct;
 pub mod bench_sync;
 pub mod chaos;
 pub mod cluster;

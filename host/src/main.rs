@@ -270,6 +270,9 @@ struct ChaosArgs {
 
 #[derive(Subcommand, Debug)]
 enum BenchCommand {
+    /// nicsync beside netfilter's conntrackd on one workload, in two network
+    /// namespaces (needs root; docs/conntrack.md).
+    Conntrack(nicsync::bench_ct::CtBenchArgs),
     /// Full Sync, Delta Sync latency and throughput, and failover.
     Sync {
         /// Print one JSON object.
@@ -435,7 +438,11 @@ fn run_conn(socket: &std::path::Path, which: ConnCommand) -> anyhow::Result<()> 
             if json {
                 println!("{}", serde_json::to_string(&v)?);
             } else {
-                println!("{} seen at {} ns (CLOCK_MONOTONIC)", v["key"].as_str().unwrap_or("?"), v["seen_monotonic_ns"]);
+                println!(
+                    "{} seen at {} ns (CLOCK_MONOTONIC)",
+                    v["key"].as_str().unwrap_or("?"),
+                    v["seen_monotonic_ns"]
+                );
             }
         }
         ConnCommand::Flush => {
@@ -529,6 +536,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Bench { which: BenchCommand::Conntrack(a) } => nicsync::bench_ct::main(&a),
         Command::Bench { which: BenchCommand::Ring { json, updates, repetitions, no_million, working_set } } => {
             let opts = BenchOptions { updates, repetitions: repetitions as usize, million: !no_million, working_set };
             let r = bench::run(&opts)?;
