@@ -142,6 +142,10 @@ pub struct AuditReport {
     /// Whether the card's table was walked (the quick check disagreed, or
     /// a full audit was asked for).
     pub walked: bool,
+    /// The card's counters moved during the quick check (peer updates
+    /// being applied): nothing was concluded and nothing walked; the next
+    /// audit checks again.
+    pub inconclusive: bool,
     /// Entries of the copy missing on the card: restored.
     pub missing: u64,
     /// Entries on both that differ: restored from the copy, or taken into
@@ -1036,10 +1040,31 @@ impl<D: NicDevice> ConnTable<D> {
             None => (0, 0, false),
         };
         let mut report = AuditReport { device_entries, shadow_entries, ..Default::default() };
-        let agree = device_entries == shadow_entries
-            && (cfg.member == 0 || self.drv.device_counter(Counter::SyncEntries) == synced);
+        let device_synced = self.drv.device_counter(Counter::SyncEntries);
+        let agree = device_entries == shadow_entries && (cfg.member == 0 || device_synced == synced);
         if agree && !full && !needs {
             return Ok(report);
+        }
+        if !full && !needs {
+            // The card may be changing under the check (a peer's updates
+            // applied between the events read and the counters read). Read
+            // the events again, then the counters: if the card moved, the
+            // check says nothing (the next one, when it is still, will); if
+            // it stood still, the copy now agrees or the difference is real.
+            self.absorb_events();
+            let (again, synced_again) =
+                (u64::from(self.drv.table_count()), self.drv.device_counter(Counter::SyncEntries));
+            if again != device_entries || synced_again != device_synced {
+                report.inconclusive = true;
+                return Ok(report);
+            }
+            let (shadow_now, synced_now) = match &self.rec {
+                Some(r) => (r.shadow.len() as u64, r.shadow.synced_len() as u64),
+                None => (0, 0),
+            };
+            if again == shadow_now && (cfg.member == 0 || synced_again == synced_now) {
+                return Ok(report);
+            }
         }
         self.drv.recovery_mut().audit_walks += 1;
         report.walked = true;
