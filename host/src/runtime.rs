@@ -607,9 +607,7 @@ pub fn handle_request<D: NicDevice>(node: &mut Node<D>, req: &Request, net: &Net
         // Answered by the loop (it waits); here only when called directly.
         Request::ConnWait { key, .. } => match control::parse_key(key) {
             Ok(k) => match node.table().lookup(&k) {
-                Ok(Some(r)) => Reply::ok(
-                    json!({"key": key, "seen_monotonic_ns": nicsync_conntrack::monotonic_ns(), "record": crate::node::record_json(&r)}),
-                ),
+                Ok(Some(r)) => wait_answer(key, &r),
                 Ok(None) => Reply::err(format!("no connection {key}")),
                 Err(e) => Reply::err(e.to_string()),
             },

@@ -10,11 +10,11 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use nicsync::control::{call, Request};
+use nicsync::control::Request;
 use nicsync_conntrack::{from_ct, in_netns, to_ct, CreateMode, CtSocket};
 use nicsync_fwif::conn::{proto, ConnFlags, ConnKey, ConnState, Direction, Nat, TcpState};
 use serde_json::Value;
@@ -96,79 +96,22 @@ impl Drop for Netns {
     }
 }
 
-struct Daemon {
-    ns: String,
-    config: PathBuf,
-    socket: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
+mod common;
+
+use common::{wait_for, Daemon};
+
+fn state(d: &Daemon) -> Option<String> {
+    d.req(&Request::State).ok().and_then(|v| v["state"].as_str().map(str::to_owned))
 }
 
-impl Daemon {
-    fn start(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns])
-            .arg(env!("CARGO_BIN_EXE_nicsync"))
-            .args(["daemon", "--config"])
-            .arg(&self.config)
-            .env("NICSYNC_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn nicsync daemon");
-        self.child = Some(child);
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // `ip netns exec` execs the daemon: the child is the daemon.
-            c.kill().expect("SIGKILL");
-            let _ = c.wait();
-        }
-    }
-
-    fn req(&self, r: &Request) -> Result<Value, String> {
-        call(&self.socket, r, Duration::from_secs(10)).map_err(|e| e.to_string())
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn state(&self) -> Option<String> {
-        self.req(&Request::State).ok().and_then(|v| v["state"].as_str().map(str::to_owned))
-    }
-
-    fn conntrack(&self) -> Value {
-        self.req(&Request::Syncstat).map(|v| v["conntrack"].clone()).unwrap_or(Value::Null)
-    }
-
-    /// Keys of the entries marked for sync on this member's card.
-    fn keys(&self) -> Option<BTreeSet<String>> {
-        let v = self.req(&Request::ConnList { limit: None }).ok()?;
-        Some(v.as_array()?.iter().filter_map(|e| e["key"].as_str().map(str::to_owned)).collect())
-    }
+fn conntrack_stats(d: &Daemon) -> Value {
+    d.req(&Request::Syncstat).map(|v| v["conntrack"].clone()).unwrap_or(Value::Null)
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-fn wait_for<T>(what: &str, timeout: Duration, daemons: &[&Daemon], mut f: impl FnMut() -> Option<T>) -> T {
-    let t = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if t.elapsed() > timeout {
-            let logs: Vec<String> = daemons.iter().map(|d| format!("--- {}:\n{}", d.ns, d.logs())).collect();
-            panic!("timed out after {timeout:?} waiting for {what}\n{}", logs.join("\n"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// Keys of the entries marked for sync on this member's card.
+fn card_keys(d: &Daemon) -> Option<BTreeSet<String>> {
+    let v = d.req(&Request::ConnList { limit: None }).ok()?;
+    Some(v.as_array()?.iter().filter_map(|e| e["key"].as_str().map(str::to_owned)).collect())
 }
 
 fn key_gen(dir: &Path) -> PathBuf {
@@ -204,7 +147,7 @@ fn config(dir: &Path, id: u16, me: Ipv4Addr, peers: &[(u16, Ipv4Addr)], key: &Pa
 }
 
 fn daemon(ns: &Netns, dir: &Path, id: u16, config: PathBuf, socket: PathBuf) -> Daemon {
-    Daemon { ns: ns.name.clone(), config, socket, log: dir.join(format!("m{id}.log")), child: None }
+    Daemon::new(id, Some(ns.name.clone()), config, socket, dir.join(format!("m{id}.log")))
 }
 
 /// Original tuples of namespace `ns`'s TCP connections to `port`, as
@@ -293,7 +236,7 @@ fn kernel_table_is_mirrored_on_the_peer_and_committed_on_failover() {
     let mut da = daemon(&a, &dir, 1, ca, sa);
     let mut db = daemon(&b, &dir, 2, cb, sb);
     da.start();
-    wait_for("member 1 Active", Duration::from_secs(10), &[&da], || (da.state()?.as_str() == "active").then_some(()));
+    wait_for("member 1 Active", Duration::from_secs(10), &[&da], || (state(&da)?.as_str() == "active").then_some(()));
     db.start();
     wait_for("member 2 Standby and synced", Duration::from_secs(10), &[&da, &db], || {
         let v = db.req(&Request::State).ok()?;
@@ -308,7 +251,7 @@ fn kernel_table_is_mirrored_on_the_peer_and_committed_on_failover() {
     assert_eq!(want.len(), 6, "A's kernel should track the 6 sessions: {want:?}");
     let t0 = Instant::now();
     wait_for("B's card to match A's kernel", Duration::from_secs(5), &[&da, &db], || {
-        (with_port(&db.keys()?, PORT) == want).then_some(())
+        (with_port(&card_keys(&db)?, PORT) == want).then_some(())
     });
     eprintln!("B matched A's kernel ({} sessions) {:?} after the check began", want.len(), t0.elapsed());
 
@@ -325,9 +268,9 @@ fn kernel_table_is_mirrored_on_the_peer_and_committed_on_failover() {
             (k.len() == 4).then_some(k)
         });
     wait_for("B to drop the closed sessions", Duration::from_secs(5), &[&da, &db], || {
-        (with_port(&db.keys()?, PORT) == open).then_some(())
+        (with_port(&card_keys(&db)?, PORT) == open).then_some(())
     });
-    let ct_a = da.conntrack();
+    let ct_a = conntrack_stats(&da);
     assert!(ct_a["events_destroy"].as_u64().unwrap_or(0) >= 2, "{ct_a}");
     assert!(ct_a["own_traffic"].as_u64().unwrap_or(0) > 0, "the cluster's own flows are seen and left out: {ct_a}");
 
@@ -336,12 +279,12 @@ fn kernel_table_is_mirrored_on_the_peer_and_committed_on_failover() {
 
     // A dies; B takes over and commits into its kernel.
     da.kill9();
-    wait_for("member 2 Active", Duration::from_secs(10), &[&db], || (db.state()?.as_str() == "active").then_some(()));
+    wait_for("member 2 Active", Duration::from_secs(10), &[&db], || (state(&db)?.as_str() == "active").then_some(()));
     let committed = wait_for("B's kernel to hold the sessions", Duration::from_secs(5), &[&db], || {
         let k = kernel_keys(&b, PORT);
         (k == open).then_some(k)
     });
-    let ct_b = db.conntrack();
+    let ct_b = conntrack_stats(&db);
     assert_eq!(ct_b["last_commit_entries"].as_u64(), Some(committed.len() as u64), "{ct_b}");
     assert_eq!(ct_b["last_commit_failed"].as_u64(), Some(0), "{ct_b}");
     eprintln!("B committed {} entries in {} ms after becoming Active", committed.len(), ct_b["last_commit_ms"]);
@@ -365,9 +308,9 @@ fn event_socket_overrun_is_recovered_by_a_dump_with_nothing_lost() {
     let (ca, sa) = config(&dir, 1, Ipv4Addr::LOCALHOST, &[], &key, "[conntrack]\nevent_buffer_bytes = 4096\n");
     let mut da = daemon(&a, &dir, 1, ca, sa);
     da.start();
-    wait_for("member 1 Active", Duration::from_secs(10), &[&da], || (da.state()?.as_str() == "active").then_some(()));
+    wait_for("member 1 Active", Duration::from_secs(10), &[&da], || (state(&da)?.as_str() == "active").then_some(()));
     wait_for("the activation dump", Duration::from_secs(10), &[&da], || {
-        (da.conntrack()["dumps_completed"].as_u64()? >= 1).then_some(())
+        (conntrack_stats(&da)["dumps_completed"].as_u64()? >= 1).then_some(())
     });
 
     // 40,000 entries created as fast as the kernel takes them.
@@ -393,8 +336,10 @@ fn event_socket_overrun_is_recovered_by_a_dump_with_nothing_lost() {
     assert!(created.failed.is_empty(), "{:?}", &created.failed[..created.failed.len().min(5)]);
     let want: BTreeSet<String> = entries.iter().map(|e| from_ct(e).expect("maps").key.to_string()).collect();
     let t0 = Instant::now();
-    wait_for("the card to hold every entry", Duration::from_secs(30), &[&da], || (da.keys()? == want).then_some(()));
-    let ct = da.conntrack();
+    wait_for("the card to hold every entry", Duration::from_secs(30), &[&da], || {
+        (card_keys(&da)? == want).then_some(())
+    });
+    let ct = conntrack_stats(&da);
     eprintln!("after {N} creations: card identical {:?} later; {ct}", t0.elapsed());
     assert!(ct["overruns"].as_u64().unwrap_or(0) >= 1, "the burst was meant to overrun the event socket: {ct}");
     assert!(ct["dumps_completed"].as_u64().unwrap_or(0) >= 2, "{ct}");
@@ -412,9 +357,9 @@ fn event_socket_overrun_is_recovered_by_a_dump_with_nothing_lost() {
     let left: BTreeSet<String> =
         entries.iter().skip(1).step_by(2).map(|e| from_ct(e).expect("maps").key.to_string()).collect();
     wait_for("the card to lose the destroyed entries", Duration::from_secs(30), &[&da], || {
-        (da.keys()? == left).then_some(())
+        (card_keys(&da)? == left).then_some(())
     });
-    let ct = da.conntrack();
+    let ct = conntrack_stats(&da);
     eprintln!("after {} deletions: {ct}", doomed.len());
     assert_eq!(ct["table_errors"].as_u64(), Some(0), "{ct}");
 }

@@ -6,57 +6,15 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::net::{Ipv4Addr, TcpListener, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nicsync::control::{call, Request};
+use nicsync::control::Request;
 use serde_json::Value;
 
-struct Member {
-    id: u16,
-    config: PathBuf,
-    socket: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
-}
+mod common;
 
-impl Member {
-    fn start(&mut self) {
-        // Appended: a restarted member's log keeps its first life's.
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_nicsync"))
-            .args(["daemon", "--config"])
-            .arg(&self.config)
-            .env("NICSYNC_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn nicsync daemon");
-        self.child = Some(child);
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().expect("SIGKILL");
-            let _ = c.wait();
-        }
-    }
-
-    fn req(&self, r: &Request) -> Result<Value, String> {
-        call(&self.socket, r, Duration::from_secs(5)).map_err(|e| e.to_string())
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Member {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
+use common::Daemon as Member;
 
 fn free_udp() -> u16 {
     UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap().port()
@@ -66,18 +24,8 @@ fn free_tcp() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap().port()
 }
 
-fn wait_for<T>(what: &str, timeout: Duration, members: &[Member], mut f: impl FnMut() -> Option<T>) -> T {
-    let t = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if t.elapsed() > timeout {
-            let logs: Vec<String> = members.iter().map(|m| format!("--- member {}:\n{}", m.id, m.logs())).collect();
-            panic!("timed out waiting for {what}\n{}", logs.join("\n"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn wait_for<T>(what: &str, timeout: Duration, members: &[Member], f: impl FnMut() -> Option<T>) -> T {
+    common::wait_for(what, timeout, &members.iter().collect::<Vec<_>>(), f)
 }
 
 /// Members probe every 10 ms and declare a peer dead after 30 missed probes
@@ -110,7 +58,7 @@ fn write_configs(dir: &Path, n: u16) -> Vec<Member> {
             }
             let config = dir.join(format!("m{id}.toml"));
             std::fs::write(&config, text).unwrap();
-            Member { id, config, socket, log: dir.join(format!("m{id}.log")), child: None }
+            Member::new(id, None, config, socket, dir.join(format!("m{id}.log")))
         })
         .collect()
 }
@@ -270,7 +218,7 @@ fn forged_datagrams_are_dropped_and_counted_by_a_running_daemon() {
     );
     let config = dir.join("m1.toml");
     std::fs::write(&config, text).unwrap();
-    let mut members = vec![Member { id: 1, config, socket, log: dir.join("m1.log"), child: None }];
+    let mut members = vec![Member::new(1, None, config, socket, dir.join("m1.log"))];
     members[0].start();
     wait_for("member 1 Active alone", Duration::from_secs(20), &members, || {
         members[0].req(&Request::State).ok().filter(|v| v["state"] == "active")
