@@ -119,12 +119,23 @@ impl EventSocket {
     /// port id of the socket whose request caused it ([`CtSocket::port_id`]),
     /// 0 when the kernel's own packet path did (and for overruns). A daemon
     /// that commits entries itself uses it to recognise its own changes.
-    pub fn read_with_origin(&mut self, mut f: impl FnMut(CtEvent, u32)) -> Result<usize, CtError> {
+    pub fn read_with_origin(&mut self, f: impl FnMut(CtEvent, u32)) -> Result<usize, CtError> {
+        self.read_up_to(usize::MAX, f).map(|(n, _)| n)
+    }
+
+    /// [`EventSocket::read_with_origin`], stopping once `max` events were
+    /// delivered (a caller with other work interleaves it with reading a
+    /// flood). Returns the events delivered and whether the socket was
+    /// drained (`false`: more may be queued; read again without waiting).
+    pub fn read_up_to(&mut self, max: usize, mut f: impl FnMut(CtEvent, u32)) -> Result<(usize, bool), CtError> {
         let mut n = 0;
         loop {
+            if n >= max {
+                return Ok((n, false));
+            }
             let len = match sys::recv(&self.fd, &mut self.buf) {
                 Ok(len) => len,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((n, true)),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                     f(CtEvent::Overrun, 0);

@@ -744,6 +744,11 @@ const WALK_BUDGET: Duration = Duration::from_millis(3);
 /// Table operations per batch through the rings.
 const OPS_PER_BATCH: usize = 1024;
 
+/// Table operations, and events read, per turn of the member's loop: a
+/// flood of events is worked off in turns between which membership probes
+/// go out (a loop held for tens of milliseconds looks dead to the peers).
+const OPS_PER_TURN: usize = 8192;
+
 /// Why the conntrack link could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -766,7 +771,11 @@ pub struct KernelLink {
     tx: mpsc::UnboundedSender<LinkMsg>,
     rx: mpsc::UnboundedReceiver<LinkMsg>,
     commit_tx: std_mpsc::Sender<CommitJob>,
+    /// Table operations decided and not yet put on the card: applied
+    /// [`OPS_PER_TURN`] per turn of the member's loop.
     ops: Vec<TableOp>,
+    /// The last read stopped at its budget: more events may be queued.
+    more_events: bool,
     was_active: bool,
     activated_at: Option<Instant>,
     /// The takeover's walk of the card, a chunk per tick, so that the
@@ -802,6 +811,8 @@ struct TakeoverWalk {
 pub enum LinkWake {
     /// Events are queued on the socket.
     Events,
+    /// Table operations of an earlier turn are left.
+    Apply,
     /// A thread reported.
     Msg(Box<LinkMsgBox>),
 }
@@ -849,6 +860,7 @@ impl KernelLink {
             rx,
             commit_tx,
             ops: Vec::new(),
+            more_events: false,
             was_active: false,
             activated_at: None,
             walk: None,
@@ -863,8 +875,16 @@ impl KernelLink {
         self.feed.stats()
     }
 
-    /// Waits for events or a thread's report.
+    /// Waits for events or a thread's report; at once while work of an
+    /// earlier turn is left (events still queued, table operations not yet
+    /// applied).
     pub async fn wait(&mut self) -> LinkWake {
+        if !self.ops.is_empty() {
+            return LinkWake::Apply;
+        }
+        if self.more_events {
+            return LinkWake::Events;
+        }
         tokio::select! {
             g = self.events.readable_mut() => {
                 if let Ok(mut g) = g {
@@ -882,6 +902,7 @@ impl KernelLink {
     pub fn handle<D: NicDevice>(&mut self, wake: LinkWake, node: &mut Node<D>, now: Nanos) {
         match wake {
             LinkWake::Events => self.read_events(node, now),
+            LinkWake::Apply => self.apply(node),
             LinkWake::Msg(m) => self.on_msg(m.0, node, now),
         }
     }
@@ -890,14 +911,18 @@ impl KernelLink {
         let mut lost = false;
         let feed = &mut self.feed;
         let ops = &mut self.ops;
-        let r = self.events.get_mut().read_with_origin(|ev, origin| {
+        let r = self.events.get_mut().read_up_to(OPS_PER_TURN, |ev, origin| {
             if feed.event(ev, origin, now, ops) == FeedAction::Dump {
                 lost = true;
             }
         });
-        if let Err(e) = r {
-            self.feed.note_error(format!("reading events: {e}"));
-            lost = true;
+        match r {
+            Ok((_, drained)) => self.more_events = !drained,
+            Err(e) => {
+                self.more_events = false;
+                self.feed.note_error(format!("reading events: {e}"));
+                lost = true;
+            }
         }
         if lost {
             tracing::warn!("conntrack: events were lost (socket overrun): dumping the kernel's table");
@@ -907,22 +932,23 @@ impl KernelLink {
         self.start_dump_if_wanted(now);
     }
 
+    /// Puts up to [`OPS_PER_TURN`] of the decided operations on the card,
+    /// in order; the rest wait for the next turn.
     fn apply<D: NicDevice>(&mut self, node: &mut Node<D>) {
         if self.ops.is_empty() {
             return;
         }
-        let ops = std::mem::take(&mut self.ops);
-        for chunk in ops.chunks(OPS_PER_BATCH) {
+        let n = self.ops.len().min(OPS_PER_TURN);
+        for chunk in self.ops[..n].chunks(OPS_PER_BATCH) {
             match node.table().batch(chunk) {
                 Ok(results) => self.feed.table_results(&results),
                 Err(e) => {
-                    self.feed.stats_mut().table_errors += chunk.len() as u64;
+                    self.feed.stats.table_errors += chunk.len() as u64;
                     self.feed.note_error(format!("table batch failed: {e}"));
                 }
             }
         }
-        self.ops = ops;
-        self.ops.clear();
+        self.ops.drain(..n);
     }
 
     fn on_msg<D: NicDevice>(&mut self, msg: LinkMsg, node: &mut Node<D>, now: Nanos) {
