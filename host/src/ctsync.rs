@@ -707,8 +707,10 @@ pub fn commit_entry(key: &ConnKey, state: &ConnState, nat: &Nat) -> Result<CtEnt
 /// Messages from the dump and commit threads.
 #[derive(Debug)]
 enum LinkMsg {
-    DumpEntries(Vec<CtEntry>),
-    DumpDone(Result<(), String>),
+    /// Entries of dump number `.0`.
+    DumpEntries(u64, Vec<CtEntry>),
+    /// Dump number `.0` ended.
+    DumpDone(u64, Result<(), String>),
     CommitDone(CommitReport),
 }
 
@@ -776,6 +778,8 @@ pub struct KernelLink {
     ops: Vec<TableOp>,
     /// The last read stopped at its budget: more events may be queued.
     more_events: bool,
+    /// Number of the dump in progress (or last started).
+    dump_number: u64,
     was_active: bool,
     activated_at: Option<Instant>,
     /// The takeover's walk of the card, a chunk per tick, so that the
@@ -861,6 +865,7 @@ impl KernelLink {
             commit_tx,
             ops: Vec::new(),
             more_events: false,
+            dump_number: 0,
             was_active: false,
             activated_at: None,
             walk: None,
@@ -953,11 +958,14 @@ impl KernelLink {
 
     fn on_msg<D: NicDevice>(&mut self, msg: LinkMsg, node: &mut Node<D>, now: Nanos) {
         match msg {
-            LinkMsg::DumpEntries(entries) => {
+            // A dump abandoned when the member left Active (its thread
+            // still running) must not feed, or end, the one after it.
+            LinkMsg::DumpEntries(n, _) | LinkMsg::DumpDone(n, _) if n != self.dump_number => {}
+            LinkMsg::DumpEntries(_, entries) => {
                 self.feed.dump_entries(&entries, now, &mut self.ops);
                 self.apply(node);
             }
-            LinkMsg::DumpDone(result) => {
+            LinkMsg::DumpDone(_, result) => {
                 let failed = result.is_err();
                 if self.feed.end_dump(result, now, &mut self.ops) {
                     self.dump_wanted = true;
@@ -1035,6 +1043,8 @@ impl KernelLink {
         self.dump_wanted = false;
         self.dump_retry_at = None;
         self.feed.begin_dump(now);
+        self.dump_number += 1;
+        let number = self.dump_number;
         let tx = self.tx.clone();
         let spawned = std::thread::Builder::new().name("nicsync-ct-dump".into()).spawn(move || {
             let result = (|| {
@@ -1044,16 +1054,16 @@ impl KernelLink {
                 sock.dump(|e| {
                     batch.push(e);
                     if batch.len() == DUMP_BATCH {
-                        closed |= tx.send(LinkMsg::DumpEntries(std::mem::take(&mut batch))).is_err();
+                        closed |= tx.send(LinkMsg::DumpEntries(number, std::mem::take(&mut batch))).is_err();
                     }
                 })
                 .map_err(|e| e.to_string())?;
                 if !batch.is_empty() && !closed {
-                    let _ = tx.send(LinkMsg::DumpEntries(batch));
+                    let _ = tx.send(LinkMsg::DumpEntries(number, batch));
                 }
                 Ok(())
             })();
-            let _ = tx.send(LinkMsg::DumpDone(result));
+            let _ = tx.send(LinkMsg::DumpDone(number, result));
         });
         if let Err(e) = spawned {
             let mut ops = Vec::new();
