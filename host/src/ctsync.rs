@@ -660,10 +660,6 @@ impl KernelFeed {
             self.known.insert(*k, Known { synced: true, print: 0 });
         }
     }
-
-    fn stats_mut(&mut self) -> &mut ConntrackStats {
-        &mut self.stats
-    }
 }
 
 /// The kernel's default timeout for an entry in this state (the
@@ -706,7 +702,7 @@ pub fn commit_entry(key: &ConnKey, state: &ConnState, nat: &Nat) -> Result<CtEnt
 
 /// Messages from the dump and commit threads.
 #[derive(Debug)]
-enum LinkMsg {
+pub(crate) enum LinkMsg {
     /// Entries of dump number `.0`.
     DumpEntries(u64, Vec<CtEntry>),
     /// Dump number `.0` ended.
@@ -723,7 +719,7 @@ enum CommitJob {
 }
 
 #[derive(Debug)]
-struct CommitReport {
+pub(crate) struct CommitReport {
     takeover: bool,
     keys_ok: Vec<ConnKey>,
     written: u64,
@@ -781,7 +777,6 @@ pub struct KernelLink {
     /// Number of the dump in progress (or last started).
     dump_number: u64,
     was_active: bool,
-    activated_at: Option<Instant>,
     /// The takeover's walk of the card, a chunk per tick, so that the
     /// member's loop (membership probes) keeps running through a large
     /// table.
@@ -812,18 +807,14 @@ struct TakeoverWalk {
 
 /// What woke the member's loop for the link.
 #[derive(Debug)]
-pub enum LinkWake {
+pub(crate) enum LinkWake {
     /// Events are queued on the socket.
     Events,
     /// Table operations of an earlier turn are left.
     Apply,
     /// A thread reported.
-    Msg(Box<LinkMsgBox>),
+    Msg(LinkMsg),
 }
-
-/// A thread's report (opaque).
-#[derive(Debug)]
-pub struct LinkMsgBox(LinkMsg);
 
 impl KernelLink {
     /// Subscribes to the kernel's events in the calling thread's network
@@ -867,7 +858,6 @@ impl KernelLink {
             more_events: false,
             dump_number: 0,
             was_active: false,
-            activated_at: None,
             walk: None,
             committing: false,
             dump_wanted: false,
@@ -883,7 +873,7 @@ impl KernelLink {
     /// Waits for events or a thread's report; at once while work of an
     /// earlier turn is left (events still queued, table operations not yet
     /// applied).
-    pub async fn wait(&mut self) -> LinkWake {
+    pub(crate) async fn wait(&mut self) -> LinkWake {
         if !self.ops.is_empty() {
             return LinkWake::Apply;
         }
@@ -899,16 +889,16 @@ impl KernelLink {
                 }
                 LinkWake::Events
             }
-            Some(m) = self.rx.recv() => LinkWake::Msg(Box::new(LinkMsgBox(m))),
+            Some(m) = self.rx.recv() => LinkWake::Msg(m),
         }
     }
 
     /// Handles what [`KernelLink::wait`] returned.
-    pub fn handle<D: NicDevice>(&mut self, wake: LinkWake, node: &mut Node<D>, now: Nanos) {
+    pub(crate) fn handle<D: NicDevice>(&mut self, wake: LinkWake, node: &mut Node<D>, now: Nanos) {
         match wake {
             LinkWake::Events => self.read_events(node, now),
             LinkWake::Apply => self.apply(node),
-            LinkWake::Msg(m) => self.on_msg(m.0, node, now),
+            LinkWake::Msg(m) => self.on_msg(m, node, now),
         }
     }
 
@@ -988,7 +978,7 @@ impl KernelLink {
 
     fn on_commit_done(&mut self, r: CommitReport, now: Nanos) {
         self.feed.committed(&r.keys_ok);
-        let s = self.feed.stats_mut();
+        let s = &mut self.feed.stats;
         s.commits += 1;
         s.committed_entries += r.written;
         s.commit_failed += r.failed.len() as u64;
@@ -1010,7 +1000,7 @@ impl KernelLink {
         }
         if r.takeover {
             let ms = r.since.elapsed().as_secs_f64() * 1e3;
-            let s = self.feed.stats_mut();
+            let s = &mut self.feed.stats;
             s.last_commit_entries = r.written;
             s.last_commit_present = r.present;
             s.last_commit_failed = r.failed.len() as u64;
@@ -1029,7 +1019,7 @@ impl KernelLink {
             self.dump_wanted = true;
             self.start_dump_if_wanted(now);
         } else {
-            self.feed.stats_mut().mirrored += r.written;
+            self.feed.stats.mirrored += r.written;
         }
     }
 
@@ -1116,7 +1106,6 @@ impl KernelLink {
 
     fn on_activate(&mut self) {
         let since = Instant::now();
-        self.activated_at = Some(since);
         self.dump_wanted = true;
         if self.feed.config().commit == CommitMode::Never {
             tracing::info!("conntrack: Active; commit = \"never\": the kernel's table is left alone");

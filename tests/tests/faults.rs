@@ -548,24 +548,34 @@ fn synced_state(mark: u32) -> ConnState {
 /// would refuse it (and a peer's older copy could bring the entry back).
 /// A delete the reset strikes is replayed and leaves its tombstone too.
 /// Polled and interrupt-driven completions alike.
+/// Member 1 with fault recovery (completions `mode`), member 2 without,
+/// on an unimpaired in-process wire seeded with `seed`.
+fn recovering_pair(mode: CompletionMode, seed: u64) -> (InProcessHub, Table, FaultInjector, Table) {
+    let hub = InProcessHub::new(HubConfig { queue_capacity: 4096, seed, impairment: Impairment::NONE });
+    let cfg = DriverConfig { completion_mode: mode, ..cfg() };
+    let (a, faults) = cluster_member_with(&hub, 1, vec![2], true, cfg);
+    let (b, _) = cluster_member(&hub, 2, vec![1], false);
+    (hub, a, faults, b)
+}
+
+/// Lets 20 ms of the model's time pass on both members (frames delivered,
+/// acknowledged).
+fn settle_pair(a: &Table, b: &Table) {
+    for _ in 0..20 {
+        for t in [a, b] {
+            t.driver_ref().device().nic().advance_time(Duration::from_millis(1));
+        }
+    }
+}
+
 #[test]
 fn tombstones_survive_a_rebuild() {
     for mode in [CompletionMode::Poll, CompletionMode::Interrupt] {
-        let hub = InProcessHub::new(HubConfig { queue_capacity: 4096, seed: 7, impairment: Impairment::NONE });
-        let cfg = DriverConfig { completion_mode: mode, ..cfg() };
-        let (mut a, faults) = cluster_member_with(&hub, 1, vec![2], true, cfg);
-        let (mut b, _) = cluster_member(&hub, 2, vec![1], false);
-        let settle = |a: &Table, b: &Table| {
-            for _ in 0..20 {
-                for t in [a, b] {
-                    t.driver_ref().device().nic().advance_time(Duration::from_millis(1));
-                }
-            }
-        };
+        let (_hub, mut a, faults, mut b) = recovering_pair(mode, 7);
         let k = key(7);
         assert_eq!(a.insert(&k, &ConnEntry::new(synced_state(1))).expect("insert"), 1);
         a.delete(&k).expect("delete");
-        settle(&a, &b);
+        settle_pair(&a, &b);
         assert!(b.lookup(&k).expect("lookup").is_none(), "the peer applied the delete");
         assert_eq!(a.shadow().and_then(|s| s.tombstone(&k)).map(|t| t.generation), Some(2));
         // The card resets before the re-insert runs: rebuilt, then replayed.
@@ -574,7 +584,7 @@ fn tombstones_survive_a_rebuild() {
         let s = a.recovery_stats();
         assert_eq!((s.resets, s.tombstones_restored), (1, 1), "{s:?}");
         assert_eq!(g, 3, "numbered above the delete, as without the reset");
-        settle(&a, &b);
+        settle_pair(&a, &b);
         let held = b.lookup(&k).expect("lookup").map(|r| (r.state.mark.get(), r.state.generation.get()));
         assert_eq!(held, Some((2, 3)), "the peer took the re-insert");
         // An older copy of the entry cannot come back over the tombstone of
@@ -594,7 +604,7 @@ fn tombstones_survive_a_rebuild() {
         a.delete(&k3).expect("delete, replayed");
         assert_eq!(a.recovery_stats().resets, 3, "{mode:?}");
         assert_eq!(a.insert(&k3, &ConnEntry::new(synced_state(7))).expect("re-insert"), 3, "{mode:?}");
-        settle(&a, &b);
+        settle_pair(&a, &b);
         let held = b.lookup(&k3).expect("lookup").map(|r| (r.state.mark.get(), r.state.generation.get()));
         assert_eq!(held, Some((7, 3)), "{mode:?}: the peer took the re-insert");
     }
@@ -639,30 +649,20 @@ fn an_older_replica_does_not_replace_an_entry_the_card_lost() {
 #[test]
 fn a_write_over_an_entry_the_card_lost_is_numbered_above_the_copy() {
     for mode in [CompletionMode::Poll, CompletionMode::Interrupt] {
-        let hub = InProcessHub::new(HubConfig { queue_capacity: 4096, seed: 11, impairment: Impairment::NONE });
-        let cfg = DriverConfig { completion_mode: mode, ..cfg() };
-        let (mut a, faults) = cluster_member_with(&hub, 1, vec![2], true, cfg);
-        let (mut b, _) = cluster_member(&hub, 2, vec![1], false);
-        let settle = |a: &Table, b: &Table| {
-            for _ in 0..20 {
-                for t in [a, b] {
-                    t.driver_ref().device().nic().advance_time(Duration::from_millis(1));
-                }
-            }
-        };
+        let (_hub, mut a, faults, mut b) = recovering_pair(mode, 11);
         let held =
             |t: &mut Table| t.lookup(&key(5)).expect("lookup").map(|r| (r.state.mark.get(), r.state.generation.get()));
         let k = key(5);
         assert_eq!(a.upsert(&k, &ConnEntry::new(synced_state(1))).expect("upsert"), 1);
         assert_eq!(a.upsert(&k, &ConnEntry::new(synced_state(2))).expect("upsert"), 2);
-        settle(&a, &b);
+        settle_pair(&a, &b);
         assert_eq!(held(&mut b), Some((2, 2)), "{mode:?}: the peer took the update");
         faults.arm(Fault::LoseEntry);
         a.driver_ref().device().nic().step();
         assert_eq!((faults.injected(FaultKind::LoseEntry), a.len()), (1, 0), "{mode:?}: the only entry was lost");
         let g = a.upsert(&k, &ConnEntry::new(synced_state(3))).expect("upsert over the loss");
         assert_eq!(g, 3, "{mode:?}: numbered above the version the copy and the peer hold, as without the loss");
-        settle(&a, &b);
+        settle_pair(&a, &b);
         assert_eq!(held(&mut a), Some((3, 3)), "{mode:?}");
         assert_eq!(held(&mut b), Some((3, 3)), "{mode:?}: the peer took the write");
         let s = a.recovery_stats();
@@ -674,7 +674,7 @@ fn a_write_over_an_entry_the_card_lost_is_numbered_above_the_copy() {
         assert_eq!(a.len(), 0, "{mode:?}");
         let r = a.insert(&k, &ConnEntry::new(synced_state(9)));
         assert!(matches!(r, Err(TableError::Exists)), "{mode:?}: {r:?}");
-        settle(&a, &b);
+        settle_pair(&a, &b);
         assert_eq!(held(&mut a), Some((3, 3)), "{mode:?}");
         assert_eq!(held(&mut b), Some((3, 3)), "{mode:?}");
         assert_eq!(a.shadow().and_then(|s| s.get(&k)).map(|e| e.state.generation.get()), Some(3));

@@ -67,6 +67,9 @@ impl DmaUnmap for EmulatedUnmap {
 struct DeviceWaker {
     /// Signalled by host MMIO writes while the thread is armed.
     doorbell: EventFd,
+    /// A sleeping poller serves the device ([`EmulatedDevice::waiting_idle`]):
+    /// only then do host writes pay for the check below.
+    in_use: AtomicBool,
     armed: AtomicBool,
     nic: Arc<Nic>,
     /// The sync port's descriptor (a duplicate), fetched when first needed.
@@ -75,8 +78,13 @@ struct DeviceWaker {
 
 impl DeviceWaker {
     /// After a host write: wake the thread if it is (about to be) asleep.
+    /// A spinning poller never sleeps: its host's writes stop at the
+    /// relaxed load (the ring path is measured in nanoseconds).
     #[inline]
     fn rung(&self) {
+        if !self.in_use.load(Ordering::Relaxed) {
+            return;
+        }
         std::sync::atomic::fence(Ordering::SeqCst);
         if self.armed.load(Ordering::SeqCst) {
             self.doorbell.signal();
@@ -142,6 +150,7 @@ impl EmulatedDevice {
         nic.set_interrupt_sink(Some(irq.clone()));
         let waker = Arc::new(DeviceWaker {
             doorbell: EventFd::new()?,
+            in_use: AtomicBool::new(false),
             armed: AtomicBool::new(false),
             nic: nic.clone(),
             sync_fd: Mutex::new(None),
@@ -205,6 +214,9 @@ impl EmulatedDevice {
     /// interrupt-driven device, where [`nicsync_model::Idle::Nap`] costs up
     /// to a nap of latency).
     pub fn waiting_idle(&self, after_sweeps: u32, max_wait: std::time::Duration) -> nicsync_model::Idle {
+        // Set before any poller can arm: the thread that starts the poller
+        // publishes it with the spawn.
+        self.waker.in_use.store(true, Ordering::Relaxed);
         nicsync_model::Idle::Wait { after_sweeps, max_wait, waiter: self.waker.clone() }
     }
 
