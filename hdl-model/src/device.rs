@@ -707,7 +707,23 @@ impl Core {
         self.counters_dirty = true;
     }
 
+    /// Publishes the entry count and the sync digest (count and sum) at
+    /// once, outside housekeeping: the host checks its copy against them
+    /// right after the completions or events of the change that moved them,
+    /// so they must never lag those.
+    fn publish_table(&mut self) {
+        let published = &self.shared.published;
+        published.table_count.store(self.table.len() as u32, Ordering::Release);
+        for (c, v) in [(Counter::SyncEntries, self.digest.count), (Counter::SyncDigest, self.digest.sum)] {
+            if self.counters[c as usize] != v {
+                self.counters[c as usize] = v;
+                published.counters[c as usize].store(v, Ordering::Release);
+            }
+        }
+    }
+
     fn publish(&mut self) {
+        self.publish_table();
         if self.counters_dirty {
             for (a, v) in self.shared.published.counters.iter().zip(self.counters.iter()) {
                 a.store(*v, Ordering::Release);
@@ -1097,7 +1113,7 @@ impl Core {
             // (bodies, then the phase words), as a design would coalesce
             // posted writes; the host sees each entry only once its body is
             // in place.
-            self.shared.published.table_count.store(self.table.len() as u32, Ordering::Release);
+            self.publish_table();
             let pushed = match &mut self.cpl {
                 Some(p) => p.push_burst(&mut self.cpls[..ncpl], invert_phase),
                 None => Ok(()),
@@ -1528,7 +1544,11 @@ impl Core {
         }
         events.clear();
         self.sync_events = events;
-        did | self.drain_held()
+        let drained = self.drain_held();
+        if did || drained {
+            self.publish_table();
+        }
+        did || drained
     }
 
     /// Applies held updates after SYNC_HOLD was cleared, a bounded number

@@ -704,6 +704,7 @@ pub fn syncstat_json<D: NicDevice>(node: &Node<D>, net: &NetStats) -> serde_json
         "sync_events": s.sync_events,
         "membership": node.membership().stats(),
         "ccp_rejected": s.ccp_rejected,
+        "recovery": drv.recovery_stats(),
         "net": net,
         "last_error": s.last_error,
     })

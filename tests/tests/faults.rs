@@ -610,6 +610,36 @@ fn tombstones_survive_a_rebuild() {
     }
 }
 
+/// A standby's audit right after its card applied a peer's updates on the
+/// sync port's fast path (no housekeeping pass since): the card publishes
+/// its entry count and sync digest with the change, so the quick check
+/// agrees at once. Stale counters made it walk the whole table under load.
+#[test]
+fn an_audit_after_peer_updates_agrees_without_a_walk() {
+    let hub = InProcessHub::new(HubConfig { queue_capacity: 4096, seed: 3, impairment: Impairment::NONE });
+    let (mut a, _) = cluster_member(&hub, 1, vec![2], false);
+    let (mut b, _) = cluster_member(&hub, 2, vec![1], true);
+    // One update the usual way: the members know each other's epoch.
+    a.insert(&key(100), &ConnEntry::new(synced_state(100))).expect("insert");
+    settle_pair(&a, &b);
+    b.audit().expect("audit");
+    // Member 2's clock ahead of the frames to come (nothing to do yet).
+    b.driver_ref().device().nic().advance_time(Duration::from_millis(30));
+    for i in 0..100 {
+        a.insert(&key(i), &ConnEntry::new(synced_state(i))).expect("insert");
+    }
+    // Member 1's frames leave; member 2 only takes them in on the fast path.
+    for _ in 0..20 {
+        a.driver_ref().device().nic().advance_time(Duration::from_millis(1));
+    }
+    while b.driver_ref().device().nic().core().sync_fast() {}
+    assert_eq!(b.len(), 101, "the peer applied the updates");
+    let r = b.audit().expect("audit");
+    assert!(!r.walked && !r.inconclusive, "{r:?}");
+    assert_eq!((r.device_entries, r.shadow_entries), (101, 101), "{r:?}");
+    assert_eq!(b.recovery_stats().audit_walks, 0);
+}
+
 /// A merge or Full Sync record (a REPLICA write) older than what the
 /// member's copy holds takes on a card that lost the entry, where a card
 /// that kept it would refuse it as STALE: the table puts the newer version
