@@ -1625,7 +1625,12 @@ impl Core {
         let now = self.shared.clock.now_ns();
         let mut next = self.sync.as_ref().and_then(SyncUnit::poll_timeout);
         let usec = u64::from(self.shared.reg(regs::IRQ_COALESCE_USEC));
-        if self.pending_cpl > 0 && usec > 0 {
+        // A completion interrupt that goes nowhere (interrupts off, or the
+        // cause masked: a polling host) is not timed work: its status bit
+        // can wait for the next housekeeping pass.
+        let unmasked = self.irq_sink.is_some()
+            && IrqCause::from_bits_truncate(self.shared.reg(regs::IRQ_MASK)).contains(IrqCause::COMPLETION);
+        if self.pending_cpl > 0 && usec > 0 && unmasked {
             let due = self.first_pending_ns.saturating_add(usec * 1000);
             next = Some(next.map_or(due, |n| n.min(due)));
         }

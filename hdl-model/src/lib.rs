@@ -151,6 +151,49 @@ impl Nic {
         self.core.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Runs the command pipeline on the calling thread until it has nothing
+    /// left to do (bounded), if no other thread runs the design now: a host
+    /// thread that would otherwise wait for a sleeping device thread to wake
+    /// does the device's work itself. `None` when the design is busy on
+    /// another thread (its lock is taken) or still had work after the
+    /// bound: then its own thread must run; `Some(did_anything)` when it
+    /// was left with nothing to do.
+    pub fn try_run(&self) -> Option<Helped> {
+        let mut c = match self.core.0.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        for n in 0..POLL_BATCH {
+            if !c.poll() {
+                return Some(Helped { did: n > 0, next_timer: c.time_to_next_timer() });
+            }
+        }
+        None
+    }
+
+    /// [`Nic::try_run`] for the sync port: takes in what arrived on it and
+    /// applies it on the calling thread (a host woken by the frame itself,
+    /// rather than by the device thread's interrupt after it was woken by
+    /// the frame), then runs the command pipeline. `None` when the design
+    /// is busy on another thread.
+    pub fn try_take_input(&self) -> Option<Helped> {
+        let mut c = match self.core.0.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        let mut did = false;
+        for _ in 0..POLL_BATCH {
+            let more = c.sync_fast() | c.poll();
+            did |= more;
+            if !more {
+                break;
+            }
+        }
+        Some(Helped { did, next_timer: c.time_to_next_timer() })
+    }
+
     /// Runs one poll plus housekeeping; returns whether anything was done.
     pub fn step(&self) -> bool {
         let mut c = self.core();
@@ -188,6 +231,19 @@ impl Nic {
     pub fn spawn_poller(self: &Arc<Self>, on_start: impl FnOnce() + Send + 'static) -> std::io::Result<Poller> {
         Poller::spawn(vec![self.clone()], on_start)
     }
+}
+
+/// What a host thread that ran the design itself ([`Nic::try_run`],
+/// [`Nic::try_take_input`]) left behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Helped {
+    /// Whether it did anything.
+    pub did: bool,
+    /// When the design's next timed work falls due (a partial frame's
+    /// flush, an acknowledgement, a coalesced interrupt): a sleeping device
+    /// thread must be woken to recompute its sleep if that is sooner than
+    /// it planned to wake.
+    pub next_timer: Option<Duration>,
 }
 
 /// A polling thread serving one or more devices in turn. Stops and joins

@@ -103,6 +103,24 @@ impl NicDevice for AnyDevice {
             AnyDevice::Vfio(d) => d.reset(),
         }
     }
+    fn assist(&self) -> bool {
+        match self {
+            AnyDevice::Emulated(d) => d.assist(),
+            AnyDevice::Vfio(d) => d.assist(),
+        }
+    }
+    fn input_fd(&self) -> Option<std::os::fd::OwnedFd> {
+        match self {
+            AnyDevice::Emulated(d) => d.input_fd(),
+            AnyDevice::Vfio(d) => d.input_fd(),
+        }
+    }
+    fn take_input(&self) -> bool {
+        match self {
+            AnyDevice::Emulated(d) => d.take_input(),
+            AnyDevice::Vfio(d) => d.take_input(),
+        }
+    }
     fn describe(&self) -> String {
         match self {
             AnyDevice::Emulated(d) => d.describe(),

@@ -1035,10 +1035,16 @@ impl<D: NicDevice> Driver<D> {
                 return Err(DriverError::CompletionLost(tag));
             }
             spins += 1;
+            let interrupts = self.cfg.completion_mode == CompletionMode::Interrupt;
+            // A device that can run on this thread (an emulated one whose
+            // own thread is not running it) does, now and then, and before
+            // any sleep.
+            if (interrupts || spins % 64 == 0) && self.dev.assist() {
+                continue;
+            }
             // Polling mode spins and looks at the clock now and then;
             // interrupt mode sleeps on the completion interrupt as soon as
             // the completion is not there.
-            let interrupts = self.cfg.completion_mode == CompletionMode::Interrupt;
             if interrupts || spins % 1024 == 0 {
                 let t0 = *start.get_or_insert_with(Instant::now);
                 let Some(left) = self.check_wait(tag, t0)? else { continue };

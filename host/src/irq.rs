@@ -125,3 +125,33 @@ impl AsyncEvents {
         }
     }
 }
+
+/// Waits in async code for input the device takes on the host's thread
+/// ([`NicDevice::input_fd`]: an emulated device's sync port while its own
+/// thread sleeps when idle). The loop that wakes on a peer's frame applies
+/// it itself ([`NicDevice::take_input`]) and reads the resulting events in
+/// the same turn: one wake-up on the path from the peer instead of two (the
+/// device thread's, then the host's on its interrupt).
+#[derive(Debug)]
+pub struct AsyncInput {
+    fd: AsyncFd<IrqFd>,
+}
+
+impl AsyncInput {
+    /// Registers the device's input descriptor with the tokio reactor;
+    /// `None` when the device has none.
+    pub fn new<D: NicDevice>(drv: &Driver<D>) -> Option<Self> {
+        let owned = drv.device().input_fd()?;
+        AsyncFd::new(IrqFd(owned)).ok().map(|fd| AsyncInput { fd })
+    }
+
+    /// Waits until input is there. Readiness is cleared before the caller
+    /// takes the input, so a frame that arrives meanwhile wakes it again;
+    /// what the caller leaves (the device thread took it first, or more
+    /// than a turn came) the device's own thread takes.
+    pub async fn wait(&self) {
+        if let Ok(mut g) = self.fd.readable().await {
+            g.clear_ready();
+        }
+    }
+}

@@ -195,6 +195,7 @@ pub async fn serve_with<D: NicDevice + 'static>(
     // The device interrupts when it writes an event (a peer's update
     // applied): the loop reads the event ring at once, not at its tick.
     let events_irq = crate::irq::AsyncEvents::new(node.table_ref().driver_ref());
+    let device_input = crate::irq::AsyncInput::new(node.table_ref().driver_ref());
     loop {
         flush_outputs(node, net, &ccp, &mut conns, &ev_tx, &mut stats);
         let next = match (node.poll_timeout(), kernel.as_ref().and_then(KernelLink::poll_timeout)) {
@@ -212,6 +213,12 @@ pub async fn serve_with<D: NicDevice + 'static>(
             _ = device_events(events_irq.as_ref()) => {
                 node.progress(now());
                 after_progress(node, &mut kernel, &mut waiters);
+            }
+            _ = device_input_ready(device_input.as_ref()) => {
+                if node.table_ref().driver_ref().device().take_input() {
+                    node.progress(now());
+                    after_progress(node, &mut kernel, &mut waiters);
+                }
             }
             r = ccp.recv_from(&mut buf) => {
                 if let Ok((n, from)) = r {
@@ -353,6 +360,13 @@ fn after_progress<D: NicDevice>(node: &mut Node<D>, kernel: &mut Option<KernelLi
 
 async fn device_events(irq: Option<&crate::irq::AsyncEvents>) {
     match irq {
+        Some(i) => i.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn device_input_ready(input: Option<&crate::irq::AsyncInput>) {
+    match input {
         Some(i) => i.wait().await,
         None => std::future::pending().await,
     }

@@ -90,3 +90,49 @@ fn a_partial_frame_waits_for_its_flush_timer_not_for_the_longest_sleep() {
         std::thread::yield_now();
     }
 }
+
+/// A host write to a device whose thread sleeps is run on the writing
+/// thread (the design's lock is free): the completion is there when the
+/// write returns and the thread is never signalled. When the design is
+/// busy (here a test thread holds its lock, as the device thread does
+/// during its last look before sleeping), the write signals the thread,
+/// which then answers.
+#[test]
+fn a_sleeping_device_is_run_by_the_writer_or_woken() {
+    // No sync unit: no timed work that would make the writer wake the
+    // thread to re-plan its sleep (a_partial_frame_waits_... covers that).
+    let dev = EmulatedDevice::new(ModelConfig::default(), ExecMode::Thread).expect("device");
+    let idle = dev.waiting_idle(4, SLEEP);
+    dev.start_poller_with(None, idle).expect("poller");
+    let mut a = ConnTable::open(dev, DriverConfig { table_capacity: 1 << 12, aging_period_ms: 0, ..Default::default() })
+        .expect("bring-up");
+    let until_armed = |a: &ConnTable<EmulatedDevice>| {
+        let t = Instant::now();
+        while !a.driver_ref().device().device_thread_armed() {
+            assert!(t.elapsed() < Duration::from_secs(10), "the device thread never went to sleep");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Past its last look before sleeping (which holds the lock).
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    for i in 0..20u32 {
+        until_armed(&a);
+        let (k, e) = synced(i);
+        a.upsert(&k, &e).expect("upsert");
+    }
+    assert_eq!(a.driver_ref().device().doorbell_signals(), 0, "the writer ran the sleeping device itself");
+
+    until_armed(&a);
+    let nic = a.driver_ref().device().nic().clone();
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        let _g = nic.core();
+        locked_tx.send(()).expect("send");
+        std::thread::sleep(Duration::from_millis(50));
+    });
+    locked_rx.recv().expect("locked");
+    let (k, e) = synced(100);
+    a.upsert(&k, &e).expect("a busy design's thread is woken and answers");
+    holder.join().expect("holder");
+    assert!(a.driver_ref().device().doorbell_signals() >= 1, "the busy design's thread was signalled");
+}

@@ -135,6 +135,27 @@ pub trait NicDevice: Send + Sync {
     fn reset(&self) -> Result<(), DeviceError>;
     /// A one-line description ("emulated", "vfio 0000:01:00.0").
     fn describe(&self) -> String;
+    /// Lets the device run on the calling thread while the driver waits
+    /// for it: an emulated device whose own thread sleeps while idle runs
+    /// its command pipeline here if that thread is not running it (asleep,
+    /// or waiting for a CPU the caller holds). Returns whether it did any
+    /// work. Hardware runs by itself: the default does nothing.
+    fn assist(&self) -> bool {
+        false
+    }
+    /// A descriptor that becomes readable when the device has input it
+    /// would take on the calling thread through [`NicDevice::take_input`]
+    /// (an emulated device's sync port, while its own thread sleeps when
+    /// idle). `None`: the device takes its input by itself (hardware).
+    fn input_fd(&self) -> Option<std::os::fd::OwnedFd> {
+        None
+    }
+    /// Takes the input [`NicDevice::input_fd`] signalled on the calling
+    /// thread if the device's own thread is not at it already; returns
+    /// whether anything was done.
+    fn take_input(&self) -> bool {
+        false
+    }
 }
 
 /// Forwards [`NicDevice`] through a smart pointer.
@@ -164,6 +185,15 @@ macro_rules! forward_nic_device {
             }
             fn describe(&self) -> String {
                 (**self).describe()
+            }
+            fn assist(&self) -> bool {
+                (**self).assist()
+            }
+            fn input_fd(&self) -> Option<std::os::fd::OwnedFd> {
+                (**self).input_fd()
+            }
+            fn take_input(&self) -> bool {
+                (**self).take_input()
             }
         }
     };
