@@ -199,6 +199,36 @@ struct Pull {
     records: u64,
     /// Set when the transfer is over (either way) and the stream must go.
     finished: bool,
+    /// Chunks received and not yet written to the card, oldest first (at
+    /// most two: see [`pump_pull`]).
+    pending: VecDeque<(u32, Vec<nicsync_fwif::sync::DeltaRecord>)>,
+    /// The chunk received while an earlier one waited to be written: it is
+    /// acknowledged once that one is written.
+    unacked: Option<u32>,
+    /// The server's END arrived (the records it counted).
+    done: Option<u64>,
+}
+
+impl Pull {
+    fn new(conn: ConnId, peer: u16, attempt: u32, now: Nanos) -> Self {
+        Pull {
+            conn,
+            peer,
+            attempt,
+            client: None,
+            started: now,
+            records: 0,
+            finished: false,
+            pending: VecDeque::new(),
+            unacked: None,
+            done: None,
+        }
+    }
+
+    /// Chunks wait to be written: the loop must come back at once.
+    fn has_work(&self) -> bool {
+        !self.pending.is_empty()
+    }
 }
 
 #[derive(Debug)]
@@ -740,13 +770,15 @@ impl<D: NicDevice> Node<D> {
         if let Some(sec) = &mut self.security {
             sec.fs_drop(conn);
         }
+        // A server closes its end after END: a pull that has it only has
+        // chunks left to write (see `pump_pull`), and completes.
         if let Phase::Pulling(p) = &mut self.phase {
-            if p.conn == conn && !p.finished {
+            if p.conn == conn && !p.finished && p.done.is_none() {
                 let why = "full sync stream closed before the end".to_string();
                 self.pull_failed(why, now);
             }
         }
-        if self.merge.as_ref().is_some_and(|p| p.conn == conn && !p.finished) {
+        if self.merge.as_ref().is_some_and(|p| p.conn == conn && !p.finished && p.done.is_none()) {
             self.note_error("merge: stream closed before the end".into());
             self.stats.merges_failed += 1;
             self.merge = None;
@@ -767,11 +799,15 @@ impl<D: NicDevice> Node<D> {
         };
         match &self.phase {
             Phase::Listening { until } | Phase::Backoff { until, .. } => min(Some(*until)),
-            Phase::Pulling(p) => min(p.client.as_ref().and_then(|c| c.poll_timeout())),
+            Phase::Pulling(p) => {
+                min(p.client.as_ref().and_then(|c| c.poll_timeout()));
+                min(p.has_work().then_some(0));
+            }
             Phase::Synced => {}
         }
         if let Some(p) = &self.merge {
             min(p.client.as_ref().and_then(|c| c.poll_timeout()));
+            min(p.has_work().then_some(0));
         }
         for s in &self.serving {
             min(s.server.poll_timeout());
@@ -1074,15 +1110,7 @@ impl<D: NicDevice> Node<D> {
             self.next_conn += 1;
             tracing::info!(member = self.cfg.member_id, "merge: pulling from member {peer}");
             self.out.push_back(NodeOutput::FsConnect { conn, peer, attempt: 0 });
-            self.merge = Some(Box::new(Pull {
-                conn,
-                peer,
-                attempt: 0,
-                client: None,
-                started: now,
-                records: 0,
-                finished: false,
-            }));
+            self.merge = Some(Box::new(Pull::new(conn, peer, 0, now)));
             return;
         }
         // Every merge done: the peers now merge this member's table, which
@@ -1201,15 +1229,7 @@ impl<D: NicDevice> Node<D> {
         self.next_conn += 1;
         tracing::info!(member = self.cfg.member_id, "full sync: pulling from member {peer} (try {attempt})");
         self.out.push_back(NodeOutput::FsConnect { conn, peer, attempt });
-        self.phase = Phase::Pulling(Box::new(Pull {
-            conn,
-            peer,
-            attempt,
-            client: None,
-            started: now,
-            records: 0,
-            finished: false,
-        }));
+        self.phase = Phase::Pulling(Box::new(Pull::new(conn, peer, attempt, now)));
     }
 
     /// Whether this member may declare its own table the cluster's, when
@@ -1347,11 +1367,14 @@ impl<D: NicDevice> Node<D> {
                 }
                 Some(Err(e)) => {
                     self.stats.full_syncs_serve_failed += 1;
-                    self.stats.last_error = Some(format!("serving full sync: {e}"));
+                    let why = format!("serving full sync: {e}");
+                    tracing::warn!(member = self.cfg.member_id, "{why}");
+                    self.stats.last_error = Some(why);
                     true
                 }
                 None if s.closed => {
                     self.stats.full_syncs_serve_failed += 1;
+                    tracing::warn!(member = self.cfg.member_id, "serving full sync: the stream closed before the end");
                     true
                 }
                 None => false,
@@ -1382,11 +1405,19 @@ impl<D: NicDevice> Node<D> {
                 break;
             }
         }
-        let mut by_key: std::collections::BTreeMap<[u8; 40], DeltaUpdate> = std::collections::BTreeMap::new();
-        for u in all.into_iter().filter(|u| u.op == nicsync_fwif::sync::DeltaOp::Upsert) {
-            by_key.insert(zerocopy::transmute!(u.key), u);
+        // Sorted in place, not through a map: a million entries in a
+        // BTreeMap held the member's loop for a second.
+        all.retain(|u| u.op == nicsync_fwif::sync::DeltaOp::Upsert);
+        // Stable, so that of an entry returned twice the later copy stays.
+        all.sort_by(|a, b| zerocopy::IntoBytes::as_bytes(&a.key).cmp(zerocopy::IntoBytes::as_bytes(&b.key)));
+        let mut out: Vec<DeltaUpdate> = Vec::with_capacity(all.len());
+        for u in all {
+            match out.last_mut() {
+                Some(last) if last.key == u.key => *last = u,
+                _ => out.push(u),
+            }
         }
-        Ok(by_key.into_values().collect())
+        Ok(out)
     }
 
     /// One chunk of a walk over the entries marked for sync, from `cursor`
@@ -1431,9 +1462,18 @@ impl<D: NicDevice> Node<D> {
     }
 }
 
-/// Runs one pull's client: applies the chunks that arrived (REPLICA
-/// writes under the conflict rule), acknowledges them and queues what to
-/// send. `Some` when the transfer is over.
+/// Runs one pull's client: takes in the chunks that arrived, acknowledges
+/// them, writes them to the card (REPLICA writes under the conflict rule)
+/// and queues what to send. `Some` when the transfer is over.
+///
+/// A chunk is acknowledged when it arrives whole and checked, before it is
+/// written, if no earlier chunk still waits to be written: the server then
+/// reads and sends the next chunk while this member writes this one, rather
+/// than both sides taking turns. The acknowledgement leaves (the call
+/// returns) before the write starts. A chunk that arrives while one waits
+/// is acknowledged once that one is written, so at most two are held. A
+/// write that fails still fails the transfer (the member stays Down and
+/// pulls again); END completes it only once every chunk is written.
 fn pump_pull<D: NicDevice>(
     table: &mut ConnTable<D>,
     ops: &mut Vec<TableOp>,
@@ -1443,60 +1483,76 @@ fn pump_pull<D: NicDevice>(
 ) -> Option<Result<u64, String>> {
     let client = p.client.as_mut()?;
     let mut fail = None;
-    let mut done = None;
-    let mut applied = Vec::new();
     while let Some(ev) = client.poll_event() {
         match ev {
-            ClientEvent::Begin { .. } => {}
-            ClientEvent::Chunk { index, records } => {
-                ops.clear();
-                ops.extend(records.iter().map(|r| {
-                    if r.op == nicsync_fwif::sync::DeltaOp::Delete as u8 {
-                        TableOp::ReplicaDelete(r.key, r.state.generation.get(), r.owner.get())
-                    } else {
-                        TableOp::Replica(r.key, ConnEntry { state: r.state, nat: Some(r.nat) }, r.owner.get())
-                    }
-                }));
-                let bad = match table.batch(ops) {
-                    Ok(results) => results.into_iter().find_map(|r| match r {
-                        Ok(_) | Err(TableError::Stale { .. }) => None,
-                        Err(e) => Some(e.to_string()),
-                    }),
-                    Err(e) => Some(e.to_string()),
-                };
-                if let Some(e) = bad {
-                    fail = Some(format!("full sync: writing chunk {index}: {e}"));
-                    break;
-                }
-                p.records += records.len() as u64;
-                applied.push(index);
+            ClientEvent::Begin { estimated_records, .. } => {
+                table.reserve_copy(usize::try_from(estimated_records).unwrap_or(usize::MAX));
             }
-            ClientEvent::Done { records, .. } => done = Some(records),
+            ClientEvent::Chunk { index, records } => {
+                if p.pending.is_empty() {
+                    client.chunk_applied(index, now);
+                } else {
+                    p.unacked = Some(index);
+                }
+                p.pending.push_back((index, records));
+            }
+            ClientEvent::Done { records, .. } => p.done = Some(records),
             ClientEvent::Failed(e) => {
                 fail = Some(format!("full sync from member {}: {e}", p.peer));
                 break;
             }
         }
     }
-    if fail.is_none() {
-        for index in applied {
-            client.chunk_applied(index, now);
+    let mut sent = transmit(client, p.conn, out);
+    while fail.is_none() && !sent {
+        let Some((index, records)) = p.pending.pop_front() else { break };
+        ops.clear();
+        ops.extend(records.iter().map(|r| {
+            if r.op == nicsync_fwif::sync::DeltaOp::Delete as u8 {
+                TableOp::ReplicaDelete(r.key, r.state.generation.get(), r.owner.get())
+            } else {
+                TableOp::Replica(r.key, ConnEntry { state: r.state, nat: Some(r.nat) }, r.owner.get())
+            }
+        }));
+        let bad = match table.batch(ops) {
+            Ok(results) => results.into_iter().find_map(|r| match r {
+                Ok(_) | Err(TableError::Stale { .. }) => None,
+                Err(e) => Some(e.to_string()),
+            }),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(e) = bad {
+            fail = Some(format!("full sync: writing chunk {index}: {e}"));
+            break;
         }
-    }
-    let mut bytes = Vec::new();
-    while client.poll_transmit(&mut bytes) {}
-    if !bytes.is_empty() {
-        out.push_back(NodeOutput::FsSend { conn: p.conn, bytes });
+        p.records += records.len() as u64;
+        if let Some(next) = p.unacked.take() {
+            client.chunk_applied(next, now);
+            sent = transmit(client, p.conn, out);
+        }
     }
     if let Some(why) = fail {
         p.finished = true;
-        Some(Err(why))
-    } else {
-        done.map(|r| {
-            p.finished = true;
-            Ok(r)
-        })
+        return Some(Err(why));
     }
+    match p.done {
+        Some(r) if p.pending.is_empty() => {
+            p.finished = true;
+            Some(Ok(r))
+        }
+        _ => None,
+    }
+}
+
+/// Queues what the client has to send; whether there was anything.
+fn transmit(client: &mut FullSyncClient, conn: ConnId, out: &mut VecDeque<NodeOutput>) -> bool {
+    let mut bytes = Vec::new();
+    while client.poll_transmit(&mut bytes) {}
+    if bytes.is_empty() {
+        return false;
+    }
+    out.push_back(NodeOutput::FsSend { conn, bytes });
+    true
 }
 
 /// A record as the control socket shows it.

@@ -119,11 +119,19 @@ impl ShadowTable {
     /// Sets the entry of `key` (which ends a tombstone of the key, as an
     /// insert does on the card).
     pub fn set(&mut self, key: ConnKey, e: ShadowEntry) {
-        self.tombs.remove(&key);
+        if !self.tombs.is_empty() {
+            self.tombs.remove(&key);
+        }
         self.synced += usize::from(is_synced(&e));
         if let Some(old) = self.map.insert(key, e) {
             self.synced -= usize::from(is_synced(&old));
         }
+    }
+
+    /// Room for `entries` entries in all, made at once (see
+    /// [`crate::table::ConnTable::reserve_copy`]).
+    pub fn reserve(&mut self, entries: usize) {
+        self.map.reserve(entries.saturating_sub(self.map.len()));
     }
 
     /// Removes the entry of `key` (no tombstone).

@@ -272,6 +272,18 @@ impl<D: NicDevice> ConnTable<D> {
         &self.drv
     }
 
+    /// Makes room in the host's copy (when fault recovery keeps one) for
+    /// `entries` entries in all, at most the card's capacity: a Full Sync
+    /// or a kernel dump about to bring a million entries would otherwise
+    /// grow it one doubling at a time, each rehashing the whole copy while
+    /// the member's loop waits.
+    pub fn reserve_copy(&mut self, entries: usize) {
+        let cap = self.drv.config().table_capacity as usize;
+        if let Some(r) = &mut self.rec {
+            r.shadow.reserve(entries.min(cap));
+        }
+    }
+
     /// Entries resident on the card.
     pub fn len(&self) -> usize {
         self.drv.table_count() as usize
@@ -700,6 +712,9 @@ impl<D: NicDevice> ConnTable<D> {
     /// Then the card did not hold the connection when the write ran.
     fn took_over_copy(&self, op: &TableOp, stored: u32) -> bool {
         let Some(r) = self.rec.as_ref() else { return false };
+        if !matches!(op, TableOp::Insert(..) | TableOp::Update(..) | TableOp::Upsert(..)) {
+            return false;
+        }
         let Some(e) = r.shadow.get(op.key()) else { return false };
         let held = e.state.generation.get();
         match op {
