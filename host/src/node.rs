@@ -1448,17 +1448,7 @@ impl<D: NicDevice> Node<D> {
     /// Up to `limit` entries marked for sync, as JSON objects.
     pub fn list(&mut self, limit: usize) -> Result<Vec<serde_json::Value>, TableError> {
         let all = self.synced_entries()?;
-        Ok(all
-            .iter()
-            .take(limit)
-            .map(|u| {
-                let mut v = record_json(&nicsync_fwif::conn::ConnRecord { key: u.key, state: u.state, nat: u.nat });
-                if let Some(o) = v.as_object_mut() {
-                    o.insert("owner".into(), u.owner.into());
-                }
-                v
-            })
-            .collect())
+        Ok(all.iter().take(limit).map(update_json).collect())
     }
 }
 
@@ -1553,6 +1543,15 @@ fn transmit(client: &mut FullSyncClient, conn: ConnId, out: &mut VecDeque<NodeOu
     }
     out.push_back(NodeOutput::FsSend { conn, bytes });
     true
+}
+
+/// An entry of `conn list`: its record and the member that owns it.
+pub fn update_json(u: &DeltaUpdate) -> serde_json::Value {
+    let mut v = record_json(&nicsync_fwif::conn::ConnRecord { key: u.key, state: u.state, nat: u.nat });
+    if let Some(o) = v.as_object_mut() {
+        o.insert("owner".into(), u.owner.into());
+    }
+    v
 }
 
 /// A record as the control socket shows it.

@@ -100,6 +100,22 @@ enum Ev {
     ControlRefused,
 }
 
+impl Ev {
+    /// What a loop turn on this event does, for the slow-turn log.
+    fn what(&self) -> &'static str {
+        match self {
+            Ev::Connected { .. } => "full sync connected",
+            Ev::Data { .. } => "full sync data",
+            Ev::Closed { .. } => "full sync closed",
+            Ev::Control { .. } => "control request",
+            Ev::ControlRefused => "control refused",
+        }
+    }
+}
+
+/// A loop turn longer than this is logged (debug).
+const SLOW_TURN: Duration = Duration::from_millis(20);
+
 /// Sockets a member serves on, bound beforehand (so that an in-process
 /// cluster can use ephemeral ports and tell each member the others').
 #[derive(Debug)]
@@ -189,6 +205,7 @@ pub async fn serve_with<D: NicDevice + 'static>(
     let own_uid = current_uid();
     let mut last_tick = Instant::now();
     let mut waiters: Vec<Waiter> = Vec::new();
+    let mut walks = TableWalks::default();
     if let Some(k) = kernel.as_ref() {
         node.record_peer_changes(k.mirrors());
     }
@@ -196,7 +213,16 @@ pub async fn serve_with<D: NicDevice + 'static>(
     // applied): the loop reads the event ring at once, not at its tick.
     let events_irq = crate::irq::AsyncEvents::new(node.table_ref().driver_ref());
     let device_input = crate::irq::AsyncInput::new(node.table_ref().driver_ref());
+    // What the loop's last turn did and when it began: a turn that holds
+    // the loop long is named in the log (peers take a member whose loop
+    // stops for dead_after probes for dead).
+    let mut turn: (&'static str, Instant) = ("", Instant::now());
     loop {
+        let took = turn.1.elapsed();
+        if !turn.0.is_empty() && took > SLOW_TURN {
+            tracing::debug!(member = node.member_id(), "host loop: a turn ({}) took {:.1} ms", turn.0, took.as_secs_f64() * 1e3);
+        }
+        turn.0 = "";
         flush_outputs(node, net, &ccp, &mut conns, &ev_tx, &mut stats);
         let next = match (node.poll_timeout(), kernel.as_ref().and_then(KernelLink::poll_timeout)) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -206,21 +232,25 @@ pub async fn serve_with<D: NicDevice + 'static>(
         tokio::select! {
             _ = &mut shutdown => break,
             wake = kernel_wake(&mut kernel) => {
+                turn = ("conntrack", Instant::now());
                 if let Some(k) = kernel.as_mut() {
                     k.handle(wake, node, now());
                 }
             }
             _ = device_events(events_irq.as_ref()) => {
+                turn = ("device events", Instant::now());
                 node.progress(now());
                 after_progress(node, &mut kernel, &mut waiters);
             }
             _ = device_input_ready(device_input.as_ref()) => {
+                turn = ("sync frames", Instant::now());
                 if node.table_ref().driver_ref().device().take_input() {
                     node.progress(now());
                     after_progress(node, &mut kernel, &mut waiters);
                 }
             }
             r = ccp.recv_from(&mut buf) => {
+                turn = ("membership", Instant::now());
                 if let Ok((n, from)) = r {
                     if by_addr.contains_key(&canonical(from)) {
                         node.handle_ccp(&buf[..n], now());
@@ -243,7 +273,7 @@ pub async fn serve_with<D: NicDevice + 'static>(
                     tokio::task::spawn_local(control_client(stream, own_uid, allow, ev_tx.clone()));
                 }
             }
-            Some(ev) = ev_rx.recv() => match ev {
+            Some(ev) = ev_rx.recv() => { turn = (ev.what(), Instant::now()); match ev {
                 Ev::Connected { conn, tx } => {
                     conns.insert(conn, tx);
                     node.fs_connected(conn, now());
@@ -273,6 +303,10 @@ pub async fn serve_with<D: NicDevice + 'static>(
                         }
                     }
                 }
+                Ev::Control { req: Request::ConnDigest, reply } => walks.start(WalkKind::Digest, reply),
+                Ev::Control { req: Request::ConnList { limit }, reply } => {
+                    walks.start(WalkKind::List(limit.unwrap_or(usize::MAX)), reply)
+                }
                 Ev::Control { req, reply } => {
                     let mut r = handle_request(node, &req, &stats, now());
                     if let (Request::Syncstat, Some(k), Some(data)) = (&req, kernel.as_ref(), r.data.as_mut()) {
@@ -281,9 +315,13 @@ pub async fn serve_with<D: NicDevice + 'static>(
                     let _ = reply.send(r);
                 }
                 Ev::ControlRefused => stats.control_refused += 1,
-            },
-            _ = tokio::time::sleep(sleep_for) => node.handle_timeout(now()),
+            }},
+            _ = tokio::time::sleep(sleep_for) => {
+                turn = ("timers", Instant::now());
+                node.handle_timeout(now());
+            }
             _ = tick.tick() => {
+                turn = ("tick", Instant::now());
                 let gap = last_tick.elapsed();
                 last_tick = Instant::now();
                 if gap > Duration::from_millis(20) {
@@ -297,6 +335,7 @@ pub async fn serve_with<D: NicDevice + 'static>(
                     k.tick(node, now());
                 }
                 after_progress(node, &mut kernel, &mut waiters);
+                walks.step(node);
             }
         }
     }
@@ -304,6 +343,119 @@ pub async fn serve_with<D: NicDevice + 'static>(
         let _ = std::fs::remove_file(&c.path);
     }
     Ok(stats)
+}
+
+/// What a walk of the card answers.
+enum WalkKind {
+    /// `conn digest`: count and digest of the entries marked for sync.
+    Digest,
+    /// `conn list`: at most this many of them, in key order.
+    List(usize),
+}
+
+/// A `conn digest` or `conn list` being answered.
+struct TableWalk {
+    kind: WalkKind,
+    cursor: u32,
+    /// Entries marked for sync, each once (a walk may return an entry that
+    /// moved during it twice: the later copy stays).
+    entries: Vec<nicsync_fwif::sync::DeltaUpdate>,
+    index: HashMap<nicsync_fwif::conn::ConnKey, usize>,
+    /// Walks restarted because another walk of the card tore this one.
+    restarts: u32,
+    reply: oneshot::Sender<Reply>,
+}
+
+/// `conn digest` and `conn list` walk the card a slice per loop turn
+/// ([`WALK_SLICE`]), one request at a time, instead of all at once: a
+/// million entries took 0.4 s, long enough for the peers to take the
+/// member for dead.
+#[derive(Default)]
+struct TableWalks {
+    queue: std::collections::VecDeque<TableWalk>,
+}
+
+/// The loop's time for a walk per turn.
+const WALK_SLICE: Duration = Duration::from_millis(2);
+/// Walks waiting at most; more are refused.
+const MAX_WALKS: usize = 4;
+/// Walks torn by another walk of the card (a Full Sync being served
+/// refuses them instead) are restarted this many times, then refused.
+const MAX_WALK_RESTARTS: u32 = 3;
+
+impl TableWalks {
+    fn start(&mut self, kind: WalkKind, reply: oneshot::Sender<Reply>) {
+        if self.queue.len() >= MAX_WALKS {
+            let _ = reply.send(Reply::err(format!("{MAX_WALKS} table walks are under way; try again")));
+            return;
+        }
+        let w = TableWalk { kind, cursor: 0, entries: Vec::new(), index: HashMap::new(), restarts: 0, reply };
+        self.queue.push_back(w);
+    }
+
+    /// Walks on for a slice; answers the walk at the head when it is done.
+    fn step<D: NicDevice>(&mut self, node: &mut Node<D>) {
+        let Some(w) = self.queue.front_mut() else { return };
+        let t0 = Instant::now();
+        let mut chunk = Vec::new();
+        while t0.elapsed() < WALK_SLICE {
+            chunk.clear();
+            let next = match node.synced_chunk(w.cursor, &mut chunk) {
+                Ok(next) => next,
+                // A Full Sync being served owns the card's walker: later.
+                Err(TableError::Busy(_)) => return,
+                Err(TableError::Refused(nicsync_fwif::cpl::CplStatus::SnapshotTorn))
+                    if w.restarts < MAX_WALK_RESTARTS =>
+                {
+                    w.restarts += 1;
+                    w.cursor = 0;
+                    w.entries.clear();
+                    w.index.clear();
+                    continue;
+                }
+                Err(e) => {
+                    if let Some(w) = self.queue.pop_front() {
+                        let _ = w.reply.send(Reply::err(e.to_string()));
+                    }
+                    return;
+                }
+            };
+            for u in chunk.drain(..).filter(|u| u.op == nicsync_fwif::sync::DeltaOp::Upsert) {
+                match w.index.entry(u.key) {
+                    std::collections::hash_map::Entry::Occupied(e) => w.entries[*e.get()] = u,
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(w.entries.len());
+                        w.entries.push(u);
+                    }
+                }
+            }
+            if next == nicsync_fwif::cmd::SNAPSHOT_DONE {
+                if let Some(w) = self.queue.pop_front() {
+                    w.answer();
+                }
+                return;
+            }
+            w.cursor = next;
+        }
+    }
+}
+
+impl TableWalk {
+    fn answer(mut self) {
+        let reply = match self.kind {
+            WalkKind::Digest => {
+                let (count, digest) = crate::fullsync::digest_updates(self.entries.iter());
+                Reply::ok(json!({"entries": count, "digest": format!("{digest:016x}")}))
+            }
+            WalkKind::List(limit) => {
+                self.entries.sort_unstable_by(|a, b| {
+                    zerocopy::IntoBytes::as_bytes(&a.key).cmp(zerocopy::IntoBytes::as_bytes(&b.key))
+                });
+                Reply::ok(json!(self.entries.iter().take(limit).map(crate::node::update_json).collect::<Vec<_>>()))
+            }
+        };
+        let _ = self.reply.send(reply);
+    }
 }
 
 /// A pending [`Request::ConnWait`].

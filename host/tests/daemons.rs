@@ -125,6 +125,16 @@ fn three_daemons_survive_a_kill_and_converge() {
     });
     // 1500 added, 300 deleted.
     assert_eq!(digests[0]["entries"].as_u64(), Some(1200), "{digests:?}");
+    // `conn list` walks the card across loop turns too: every entry once,
+    // in key order, and a limit is kept.
+    let list = members[v].req(&Request::ConnList { limit: None }).expect("conn list");
+    let keys: Vec<&str> = list.as_array().expect("a list").iter().filter_map(|e| e["key"].as_str()).collect();
+    assert_eq!(keys.len(), 1200);
+    let parsed: Vec<nicsync_fwif::conn::ConnKey> =
+        keys.iter().map(|k| nicsync::control::parse_key(k).expect("key")).collect();
+    assert!(parsed.windows(2).all(|w| zerocopy::IntoBytes::as_bytes(&w[0]) < zerocopy::IntoBytes::as_bytes(&w[1])));
+    let some = members[v].req(&Request::ConnList { limit: Some(7) }).expect("conn list");
+    assert_eq!(some.as_array().map(Vec::len), Some(7));
     let st = members[v].req(&Request::Syncstat).expect("syncstat");
     assert_eq!(st["full_syncs_failed"].as_u64(), Some(0), "{st}");
     let state = members[v].req(&Request::State).expect("state");
