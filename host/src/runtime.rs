@@ -217,10 +217,19 @@ pub async fn serve_with<D: NicDevice + 'static>(
     // the loop long is named in the log (peers take a member whose loop
     // stops for dead_after probes for dead).
     let mut turn: (&'static str, Instant) = ("", Instant::now());
+    let tokio_start = tokio::time::Instant::from_std(start);
+    let timer = tokio::time::sleep(Duration::from_secs(1));
+    tokio::pin!(timer);
+    let mut timer_at: Option<tokio::time::Instant> = None;
     loop {
         let took = turn.1.elapsed();
         if !turn.0.is_empty() && took > SLOW_TURN {
-            tracing::debug!(member = node.member_id(), "host loop: a turn ({}) took {:.1} ms", turn.0, took.as_secs_f64() * 1e3);
+            tracing::debug!(
+                member = node.member_id(),
+                "host loop: a turn ({}) took {:.1} ms",
+                turn.0,
+                took.as_secs_f64() * 1e3
+            );
         }
         turn.0 = "";
         flush_outputs(node, net, &ccp, &mut conns, &ev_tx, &mut stats);
@@ -228,7 +237,19 @@ pub async fn serve_with<D: NicDevice + 'static>(
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let sleep_for = next.map_or(Duration::from_secs(1), |t| Duration::from_nanos(t.saturating_sub(now())));
+        // One timer, moved only when the deadline moves: a new one each turn
+        // made tokio re-register it and wake its own reactor (an eventfd
+        // write and an extra turn) every time round the loop.
+        let deadline = match next {
+            Some(t) => tokio_start + Duration::from_nanos(t),
+            None => timer_at
+                .filter(|d| *d > tokio::time::Instant::now())
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(1)),
+        };
+        if timer_at != Some(deadline) {
+            timer.as_mut().reset(deadline);
+            timer_at = Some(deadline);
+        }
         tokio::select! {
             _ = &mut shutdown => break,
             wake = kernel_wake(&mut kernel) => {
@@ -316,7 +337,8 @@ pub async fn serve_with<D: NicDevice + 'static>(
                 }
                 Ev::ControlRefused => stats.control_refused += 1,
             }},
-            _ = tokio::time::sleep(sleep_for) => {
+            _ = &mut timer => {
+                timer_at = None;
                 turn = ("timers", Instant::now());
                 node.handle_timeout(now());
             }

@@ -104,8 +104,9 @@ fn a_sleeping_device_is_run_by_the_writer_or_woken() {
     let dev = EmulatedDevice::new(ModelConfig::default(), ExecMode::Thread).expect("device");
     let idle = dev.waiting_idle(4, SLEEP);
     dev.start_poller_with(None, idle).expect("poller");
-    let mut a = ConnTable::open(dev, DriverConfig { table_capacity: 1 << 12, aging_period_ms: 0, ..Default::default() })
-        .expect("bring-up");
+    let mut a =
+        ConnTable::open(dev, DriverConfig { table_capacity: 1 << 12, aging_period_ms: 0, ..Default::default() })
+            .expect("bring-up");
     let until_armed = |a: &ConnTable<EmulatedDevice>| {
         let t = Instant::now();
         while !a.driver_ref().device().device_thread_armed() {

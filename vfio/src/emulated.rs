@@ -76,6 +76,10 @@ struct DeviceWaker {
     signals: AtomicU64,
     /// When the sleeping thread plans to wake, in ns since `epoch`.
     wake_at_ns: AtomicU64,
+    /// The host watches the sync port and takes what arrives itself
+    /// ([`NicDevice::input_fd`]): the sleeping thread leaves the port to
+    /// it, so that a frame wakes one thread, not two racing for the design.
+    host_input: AtomicBool,
     epoch: std::time::Instant,
     nic: Arc<Nic>,
     /// The sync port's descriptor (a duplicate), fetched when first needed.
@@ -144,7 +148,7 @@ impl nicsync_model::IdleWait for DeviceWaker {
             *sync = self.nic.sync_readiness_fd();
         }
         let mut fds = vec![self.doorbell.as_fd()];
-        if let Some(f) = sync.as_ref() {
+        if let Some(f) = sync.as_ref().filter(|_| !self.host_input.load(Ordering::Relaxed)) {
             fds.push(f.as_fd());
         }
         // A failed wait degrades to a nap of `timeout` at worst.
@@ -195,6 +199,7 @@ impl EmulatedDevice {
             armed: AtomicBool::new(false),
             signals: AtomicU64::new(0),
             wake_at_ns: AtomicU64::new(0),
+            host_input: AtomicBool::new(false),
             epoch: std::time::Instant::now(),
             nic: nic.clone(),
             sync_fd: Mutex::new(None),
@@ -291,7 +296,11 @@ impl NicDevice for EmulatedDevice {
         if !self.waker.in_use.load(Ordering::Relaxed) {
             return None;
         }
-        self.nic.sync_readiness_fd()
+        let fd = self.nic.sync_readiness_fd()?;
+        // From now on the host takes the frames; the thread still takes
+        // them in its sweeps and when its longest sleep ends.
+        self.waker.host_input.store(true, Ordering::Relaxed);
+        Some(fd)
     }
 
     fn take_input(&self) -> bool {

@@ -146,7 +146,9 @@ pub trait NicDevice: Send + Sync {
     /// A descriptor that becomes readable when the device has input it
     /// would take on the calling thread through [`NicDevice::take_input`]
     /// (an emulated device's sync port, while its own thread sleeps when
-    /// idle). `None`: the device takes its input by itself (hardware).
+    /// idle). Asking for it makes the caller responsible for watching it:
+    /// the device's sleeping thread then wakes for it only at its longest
+    /// sleep. `None`: the device takes its input by itself (hardware).
     fn input_fd(&self) -> Option<std::os::fd::OwnedFd> {
         None
     }
