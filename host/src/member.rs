@@ -158,6 +158,11 @@ pub fn from_config(cfg: &Config) -> Result<(Node<AnyDevice>, MemberNet, ControlS
         aging_period_ms: cfg.device.aging_period_ms,
         // The loop learns of the peers' updates when the card writes them.
         event_interrupts: true,
+        // The largest event ring: a Standby's card writes an event per
+        // peer update, 200,000 a second in a flood; a ring of 1,024
+        // overflowed within milliseconds, and every overflow makes the
+        // host's copy walk the whole card to find what it missed.
+        evt_ring_log2: nicsync_fwif::regs::MAX_LOG2_RING,
         ..Default::default()
     };
     let node = match &cfg.device.kind {

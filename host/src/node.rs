@@ -244,6 +244,13 @@ struct Serve {
     closed: bool,
 }
 
+/// After an audit that walked the card for T, the next comes no sooner
+/// than T times this.
+const AUDIT_WALK_SHARE: u64 = 20;
+
+/// A [`Node::progress`] longer than this is logged (debug), by part.
+const SLOW_PROGRESS: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// One cluster member's host logic over its device table.
 pub struct Node<D: NicDevice> {
     cfg: NodeConfig,
@@ -874,10 +881,15 @@ impl<D: NicDevice> Node<D> {
     /// membership transmissions. Called after every input; a driver may
     /// call it more often.
     pub fn progress(&mut self, now: Nanos) {
+        let t0 = std::time::Instant::now();
         self.poll_device_events(now);
+        let t_events = t0.elapsed();
         self.watch_device(now);
+        let t_audit = t0.elapsed();
         self.drive_pull(now);
+        let t_pull = t0.elapsed();
         self.drive_serving(now);
+        let t_serve = t0.elapsed();
         let mut realign = false;
         while let Some(ev) = self.ms.poll_event() {
             tracing::debug!(member = self.cfg.member_id, "membership: {ev:?}");
@@ -919,6 +931,20 @@ impl<D: NicDevice> Node<D> {
         self.drive_resync_asks(now);
         while let Some(t) = self.ms.poll_transmit() {
             self.out.push_back(NodeOutput::Ccp { dest: t.dest, bytes: t.bytes });
+        }
+        let total = t0.elapsed();
+        if total > SLOW_PROGRESS {
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            tracing::debug!(
+                member = self.cfg.member_id,
+                "progress took {:.1} ms: events {:.1}, audit {:.1}, pull {:.1}, serving {:.1}, the rest {:.1}",
+                ms(total),
+                ms(t_events),
+                ms(t_audit - t_events),
+                ms(t_pull - t_audit),
+                ms(t_serve - t_pull),
+                ms(total - t_serve)
+            );
         }
     }
 
@@ -987,8 +1013,19 @@ impl<D: NicDevice> Node<D> {
             return;
         }
         if now >= self.next_audit {
-            self.next_audit = now.saturating_add(self.cfg.probe_interval_ns.max(1));
+            let t0 = std::time::Instant::now();
+            let walked = self.table.recovery_stats().audit_walks;
             self.audit_table(now);
+            // A walk of a large table is not repeated at every probe: the
+            // loop spends at most a twentieth of its time walking (a flood
+            // of peer updates that overflows the event ring would otherwise
+            // keep it walking, and the peers would take it for dead).
+            let every = if self.table.recovery_stats().audit_walks > walked {
+                (t0.elapsed().as_nanos() as u64).saturating_mul(AUDIT_WALK_SHARE)
+            } else {
+                0
+            };
+            self.next_audit = now.saturating_add(self.cfg.probe_interval_ns.max(every).max(1));
         }
         self.after_device_reset(now);
     }
