@@ -129,6 +129,9 @@ const SINGLE_DST: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
 const RESYNC_DST: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 3);
 /// Timeout of the injected entries: longer than any run.
 const ENTRY_TIMEOUT_S: u32 = 86_400;
+/// Probes a peer may miss before the member takes it for dead (probes
+/// every 10 ms): see the configuration `ns_config` writes.
+const DEAD_AFTER: u32 = 20;
 /// nf_conntrack_max the bench needs at least (global since Linux 4.x).
 const CONNTRACK_MAX: u64 = 4_194_304;
 /// Idle time between two single connections.
@@ -1576,6 +1579,11 @@ bind = \"{a}:{NS_SYNC_PORT}\"
 
 [membership]
 bind = \"{a}:{NS_MEMBERSHIP_PORT}\"
+# Both members, both kernels and the injector share this machine's cores:
+# a peer is taken for dead after 200 ms of silence, not the default 50 ms
+# (meant for members with cores of their own), so that a flood does not
+# fail the cluster over in the middle of a measurement.
+dead_after = {DEAD_AFTER}
 
 [full_sync]
 bind = \"{a}:{NS_FULL_SYNC_PORT}\"

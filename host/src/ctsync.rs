@@ -785,8 +785,10 @@ const OPS_PER_BATCH: usize = 1024;
 
 /// Table operations, and events read, per turn of the member's loop: a
 /// flood of events is worked off in turns between which membership probes
-/// go out (a loop held for tens of milliseconds looks dead to the peers).
-const OPS_PER_TURN: usize = 8192;
+/// go out (a loop held for tens of milliseconds looks dead to the peers:
+/// turns of 8,192 took 40-50 ms here, back to back, and the Standby took
+/// over in the middle of a flood).
+const OPS_PER_TURN: usize = 1024;
 
 /// Why the conntrack link could not start.
 #[derive(Debug, thiserror::Error)]

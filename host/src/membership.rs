@@ -987,6 +987,10 @@ pub struct MemberView {
 pub struct MembershipStats {
     /// PROBEs sent (periodic and answers to QUERY).
     pub probes_sent: u64,
+    /// Times this member found it had not run for longer than a probe
+    /// interval (its loop held up): the peers' silence in that time was
+    /// not counted against them.
+    pub local_stalls: u64,
     /// PROBEs accepted.
     pub probes_received: u64,
     /// QUERYs sent.
@@ -1082,6 +1086,9 @@ impl Peer {
 pub struct Membership {
     p: MembershipParams,
     dead_ns: Nanos,
+    /// When this member last looked at its peers' silence (see
+    /// [`Membership::expire`]).
+    last_expire: Nanos,
     state: MemberState,
     attention: bool,
     yielding: bool,
@@ -1117,6 +1124,7 @@ impl Membership {
         let peers = p.peers.iter().map(|&id| Peer::new(id)).collect();
         let mut m = Membership {
             dead_ns,
+            last_expire: now,
             state: MemberState::Down,
             attention: false,
             yielding: false,
@@ -1419,7 +1427,22 @@ impl Membership {
     }
 
     /// Marks peers unheard for a dead window as dead; ends listening.
+    ///
+    /// Time this member itself did not run (its host's loop held up for
+    /// longer than a probe interval) is not held against the peers: what
+    /// they sent meanwhile waits unread in its socket, and is read right
+    /// after. Without this, a member whose loop stalled for a dead window
+    /// took its live peers for dead and took over.
     fn expire(&mut self, now: Nanos) {
+        let gap = now.saturating_sub(self.last_expire);
+        self.last_expire = self.last_expire.max(now);
+        if gap > self.p.probe_interval_ns {
+            let credit = gap - self.p.probe_interval_ns;
+            self.stats.local_stalls += 1;
+            for p in self.peers.iter_mut().filter(|p| p.alive) {
+                p.last_heard = p.last_heard.map(|h| h.saturating_add(credit).min(now));
+            }
+        }
         let dead_ns = self.dead_ns;
         let mut events = Vec::new();
         for p in self.peers.iter_mut().filter(|p| p.alive) {
@@ -2431,6 +2454,10 @@ mod tests {
         m.handle_datagram(&probe_from(2, 1).encode().unwrap(), 0).unwrap();
         let deadline = m.poll_timeout().unwrap();
         assert_eq!(deadline, I, "first probe due before the dead window");
+        // Driven as a host loop does: at every probe.
+        for k in 1..DEAD as Nanos {
+            m.handle_timeout(k * I);
+        }
         m.handle_timeout(DEAD as Nanos * I - 1);
         assert!(m.members()[1].alive);
         m.handle_timeout(DEAD as Nanos * I);
@@ -2442,6 +2469,30 @@ mod tests {
         assert!(m.members()[1].alive);
         assert_eq!(m.members()[1].state, MemberState::Standby);
         assert_eq!(m.stats().peer_restarts, 0);
+    }
+
+    /// A member whose own loop did not run for several dead windows does
+    /// not take its peer for dead: the peer's probes waited unread, and the
+    /// first one read keeps it alive. Silence while the member runs still
+    /// kills it after the dead window.
+    #[test]
+    fn a_members_own_stall_is_not_held_against_its_peers() {
+        let mut m = Membership::new(params(1, 2, Mode::HighAvailability, 5), 0).unwrap();
+        m.handle_datagram(&probe_from(2, 1).encode().unwrap(), 0).unwrap();
+        let stall = 3 * DEAD as Nanos * I;
+        m.handle_datagram(&probe_from(2, 2).encode().unwrap(), stall).unwrap();
+        let evs: Vec<_> = core::iter::from_fn(|| m.poll_event()).collect();
+        assert!(!evs.contains(&MembershipEvent::PeerDied { member: 2 }), "{evs:?}");
+        assert!(m.members()[1].alive);
+        assert_eq!(m.stats().local_stalls, 1);
+        // Now running at every probe, hearing nothing: dead after the window.
+        let mut t = stall;
+        while m.members()[1].alive {
+            t += I;
+            m.handle_timeout(t);
+            assert!(t <= stall + DEAD as Nanos * I, "the silent peer never died");
+        }
+        assert_eq!(t, stall + DEAD as Nanos * I);
     }
 
     #[test]

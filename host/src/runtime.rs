@@ -273,11 +273,7 @@ pub async fn serve_with<D: NicDevice + 'static>(
             r = ccp.recv_from(&mut buf) => {
                 turn = ("membership", Instant::now());
                 if let Ok((n, from)) = r {
-                    if by_addr.contains_key(&canonical(from)) {
-                        node.handle_ccp(&buf[..n], now());
-                    } else {
-                        stats.ccp_unknown_source += 1;
-                    }
+                    take_ccp(node, &by_addr, &buf[..n], from, &mut stats, now());
                 }
             }
             r = fs.accept() => {
@@ -340,6 +336,10 @@ pub async fn serve_with<D: NicDevice + 'static>(
             _ = &mut timer => {
                 timer_at = None;
                 turn = ("timers", Instant::now());
+                // What the peers sent while this loop was held up is read
+                // before their silence is judged: a member whose own loop
+                // stalled must not take its peers for dead (and take over).
+                drain_ccp(node, &ccp, &by_addr, &mut buf, &mut stats, now());
                 node.handle_timeout(now());
             }
             _ = tick.tick() => {
@@ -352,12 +352,29 @@ pub async fn serve_with<D: NicDevice + 'static>(
                 if let Some(h) = hook.as_mut() {
                     h(node, now());
                 }
+                let t0 = Instant::now();
                 node.progress(now());
+                let t_progress = t0.elapsed();
                 if let Some(k) = kernel.as_mut() {
                     k.tick(node, now());
                 }
+                let t_kernel = t0.elapsed();
                 after_progress(node, &mut kernel, &mut waiters);
+                let t_after = t0.elapsed();
                 walks.step(node);
+                let took = t0.elapsed();
+                if took > SLOW_TURN {
+                    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                    tracing::debug!(
+                        member = node.member_id(),
+                        "tick took {:.1} ms: progress {:.1}, conntrack {:.1}, waiters {:.1}, walks {:.1}",
+                        ms(took),
+                        ms(t_progress),
+                        ms(t_kernel - t_progress),
+                        ms(t_after - t_kernel),
+                        ms(took - t_after)
+                    );
+                }
             }
         }
     }
@@ -379,10 +396,15 @@ enum WalkKind {
 struct TableWalk {
     kind: WalkKind,
     cursor: u32,
-    /// Entries marked for sync, each once (a walk may return an entry that
-    /// moved during it twice: the later copy stays).
+    /// `conn list`: entries marked for sync, each once (a walk may return
+    /// an entry that moved during it twice: the later copy stays).
     entries: Vec<nicsync_fwif::sync::DeltaUpdate>,
     index: HashMap<nicsync_fwif::conn::ConnKey, usize>,
+    /// `conn digest`: kept as the walk goes (the digest of a million
+    /// entries at the end held the loop for 50 ms), with the record each
+    /// key counted, so that a later copy replaces it.
+    digest: crate::fullsync::TableDigest,
+    counted: HashMap<nicsync_fwif::conn::ConnKey, nicsync_fwif::sync::DeltaRecord>,
     /// Walks restarted because another walk of the card tore this one.
     restarts: u32,
     reply: oneshot::Sender<Reply>,
@@ -411,7 +433,16 @@ impl TableWalks {
             let _ = reply.send(Reply::err(format!("{MAX_WALKS} table walks are under way; try again")));
             return;
         }
-        let w = TableWalk { kind, cursor: 0, entries: Vec::new(), index: HashMap::new(), restarts: 0, reply };
+        let w = TableWalk {
+            kind,
+            cursor: 0,
+            entries: Vec::new(),
+            index: HashMap::new(),
+            digest: crate::fullsync::TableDigest::new(),
+            counted: HashMap::new(),
+            restarts: 0,
+            reply,
+        };
         self.queue.push_back(w);
     }
 
@@ -433,6 +464,8 @@ impl TableWalks {
                     w.cursor = 0;
                     w.entries.clear();
                     w.index.clear();
+                    w.digest = crate::fullsync::TableDigest::new();
+                    w.counted.clear();
                     continue;
                 }
                 Err(e) => {
@@ -443,13 +476,7 @@ impl TableWalks {
                 }
             };
             for u in chunk.drain(..).filter(|u| u.op == nicsync_fwif::sync::DeltaOp::Upsert) {
-                match w.index.entry(u.key) {
-                    std::collections::hash_map::Entry::Occupied(e) => w.entries[*e.get()] = u,
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        v.insert(w.entries.len());
-                        w.entries.push(u);
-                    }
-                }
+                w.take(u);
             }
             if next == nicsync_fwif::cmd::SNAPSHOT_DONE {
                 if let Some(w) = self.queue.pop_front() {
@@ -463,10 +490,31 @@ impl TableWalks {
 }
 
 impl TableWalk {
+    /// One entry the walk returned.
+    fn take(&mut self, u: nicsync_fwif::sync::DeltaUpdate) {
+        use std::collections::hash_map::Entry;
+        match self.kind {
+            WalkKind::Digest => {
+                let rec = u.to_record();
+                if let Some(old) = self.counted.insert(u.key, rec) {
+                    self.digest.remove(&old);
+                }
+                self.digest.add(&rec);
+            }
+            WalkKind::List(_) => match self.index.entry(u.key) {
+                Entry::Occupied(e) => self.entries[*e.get()] = u,
+                Entry::Vacant(v) => {
+                    v.insert(self.entries.len());
+                    self.entries.push(u);
+                }
+            },
+        }
+    }
+
     fn answer(mut self) {
         let reply = match self.kind {
             WalkKind::Digest => {
-                let (count, digest) = crate::fullsync::digest_updates(self.entries.iter());
+                let (count, digest) = (self.digest.count(), self.digest.digest());
                 Reply::ok(json!({"entries": count, "digest": format!("{digest:016x}")}))
             }
             WalkKind::List(limit) => {
@@ -552,6 +600,44 @@ async fn kernel_wake(k: &mut Option<KernelLink>) -> LinkWake {
         None => std::future::pending().await,
     }
 }
+
+/// A membership datagram from `from`: handled if it comes from a peer's
+/// address, counted otherwise.
+fn take_ccp<D: NicDevice>(
+    node: &mut Node<D>,
+    by_addr: &HashMap<SocketAddr, u16>,
+    datagram: &[u8],
+    from: SocketAddr,
+    stats: &mut NetStats,
+    now: Nanos,
+) {
+    if by_addr.contains_key(&canonical(from)) {
+        node.handle_ccp(datagram, now);
+    } else {
+        stats.ccp_unknown_source += 1;
+    }
+}
+
+/// Handles every membership datagram waiting in the socket (at most a
+/// bounded number), without waiting.
+fn drain_ccp<D: NicDevice>(
+    node: &mut Node<D>,
+    ccp: &UdpSocket,
+    by_addr: &HashMap<SocketAddr, u16>,
+    buf: &mut [u8],
+    stats: &mut NetStats,
+    now: Nanos,
+) {
+    for _ in 0..MAX_CCP_DRAIN {
+        match ccp.try_recv_from(buf) {
+            Ok((n, from)) => take_ccp(node, by_addr, &buf[..n], from, stats, now),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Membership datagrams read at most before timers run.
+const MAX_CCP_DRAIN: usize = 1024;
 
 fn canonical(a: SocketAddr) -> SocketAddr {
     SocketAddr::new(a.ip().to_canonical(), a.port())

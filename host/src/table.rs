@@ -174,6 +174,8 @@ struct Recovery {
     /// A call gave up on a fault (or a rebuild failed): the card's state is
     /// unknown, and the next call starts with a recovery.
     unsettled: bool,
+    /// While an audit walks the card: the keys whose events came meanwhile.
+    walk_touched: Option<std::collections::HashSet<ConnKey>>,
 }
 
 /// Events kept for the caller while recovering, at most.
@@ -540,7 +542,8 @@ impl<D: NicDevice> ConnTable<D> {
                 shadow.adopt(&r?);
             }
         }
-        self.rec = Some(Box::new(Recovery { cfg, shadow, events: VecDeque::new(), unsettled: false }));
+        self.rec =
+            Some(Box::new(Recovery { cfg, shadow, events: VecDeque::new(), unsettled: false, walk_touched: None }));
         Ok(())
     }
 
@@ -595,6 +598,9 @@ impl<D: NicDevice> ConnTable<D> {
         let Some(r) = &mut self.rec else { return };
         self.drv.poll_events(|ev| {
             r.shadow.apply_event(&ev);
+            if let Some(t) = &mut r.walk_touched {
+                t.insert(ev.key);
+            }
             if r.events.len() >= HELD_EVENTS {
                 r.events.pop_front();
             }
@@ -1083,8 +1089,30 @@ impl<D: NicDevice> ConnTable<D> {
         }
         self.drv.recovery_mut().audit_walks += 1;
         report.walked = true;
+        tracing::debug!(
+            device_entries,
+            shadow_entries,
+            device_synced,
+            synced,
+            needs,
+            full,
+            "audit: the card and the copy disagree: walking the card"
+        );
         let resets = self.drv.recovery_stats().resets;
-        let card = match self.walk_all(cfg) {
+        if let Some(r) = &mut self.rec {
+            r.walk_touched = Some(std::collections::HashSet::new());
+        }
+        let walked = self.walk_all(cfg);
+        // Entries that aged or that peers changed or deleted during the walk.
+        self.absorb_events();
+        // The walk passed each slot once while the device went on applying
+        // peers' updates: an entry changed meanwhile may show in the walk
+        // as it was, or not at all (inserted into a slot already passed).
+        // Their events told the copy; comparing them would "restore" a
+        // present entry (as this member's own, since events do not carry
+        // the owner) or adopt a deleted one.
+        let touched = self.rec.as_mut().and_then(|r| r.walk_touched.take()).unwrap_or_default();
+        let card = match walked {
             Ok(card) => card,
             Err(TableError::Refused(CplStatus::SnapshotTorn)) if self.drv.recovery_stats().resets > resets => {
                 // A fault during the walk: the card was rebuilt from the copy.
@@ -1093,13 +1121,11 @@ impl<D: NicDevice> ConnTable<D> {
             }
             Err(e) => return Err(e),
         };
-        // Entries that aged or that peers deleted during the walk.
-        self.absorb_events();
         let trusted = self.events_trusted() && !needs;
         let mut restore = Vec::new();
         let mut forget = Vec::new();
         let Some(r) = &self.rec else { return Ok(report) };
-        for (k, e) in r.shadow.iter() {
+        for (k, e) in r.shadow.iter().filter(|(k, _)| !touched.contains(*k)) {
             match card.get(k) {
                 // Removed by the device with its event lost, or lost.
                 None if !self.certainly_lost(e, trusted) => forget.push(*k),
@@ -1121,7 +1147,7 @@ impl<D: NicDevice> ConnTable<D> {
             r.shadow.remove(k);
         }
         report.forgotten = forget.len() as u64;
-        for (k, rec) in &card {
+        for (k, rec) in card.iter().filter(|(k, _)| !touched.contains(*k)) {
             let newer = r.shadow.get(k).is_none_or(|e| rec.state.generation.get() > e.state.generation.get());
             if newer {
                 r.shadow.adopt(rec);
