@@ -400,11 +400,12 @@ struct TableWalk {
     /// an entry that moved during it twice: the later copy stays).
     entries: Vec<nicsync_fwif::sync::DeltaUpdate>,
     index: HashMap<nicsync_fwif::conn::ConnKey, usize>,
-    /// `conn digest`: kept as the walk goes (the digest of a million
-    /// entries at the end held the loop for 50 ms), with the record each
-    /// key counted, so that a later copy replaces it.
-    digest: crate::fullsync::TableDigest,
-    counted: HashMap<nicsync_fwif::conn::ConnKey, nicsync_fwif::sync::DeltaRecord>,
+    /// `conn digest`: count and sum kept as the walk goes (the digest of a
+    /// million entries at the end held the loop for 50 ms), with what each
+    /// key added, so that a later copy replaces it.
+    count: u64,
+    sum: u64,
+    counted: HashMap<nicsync_fwif::conn::ConnKey, u64>,
     /// Walks restarted because another walk of the card tore this one.
     restarts: u32,
     reply: oneshot::Sender<Reply>,
@@ -438,7 +439,8 @@ impl TableWalks {
             cursor: 0,
             entries: Vec::new(),
             index: HashMap::new(),
-            digest: crate::fullsync::TableDigest::new(),
+            count: 0,
+            sum: 0,
             counted: HashMap::new(),
             restarts: 0,
             reply,
@@ -450,6 +452,18 @@ impl TableWalks {
     fn step<D: NicDevice>(&mut self, node: &mut Node<D>) {
         let Some(w) = self.queue.front_mut() else { return };
         let t0 = Instant::now();
+        if w.cursor == 0 && w.counted.is_empty() && w.entries.is_empty() {
+            // Room for the card's entries now: grown one doubling at a
+            // time, the last doublings held the loop for 30-60 ms each.
+            let n = node.table_ref().len();
+            match w.kind {
+                WalkKind::Digest => w.counted.reserve(n),
+                WalkKind::List(_) => {
+                    w.entries.reserve(n);
+                    w.index.reserve(n);
+                }
+            }
+        }
         let mut chunk = Vec::new();
         while t0.elapsed() < WALK_SLICE {
             chunk.clear();
@@ -464,7 +478,7 @@ impl TableWalks {
                     w.cursor = 0;
                     w.entries.clear();
                     w.index.clear();
-                    w.digest = crate::fullsync::TableDigest::new();
+                    (w.count, w.sum) = (0, 0);
                     w.counted.clear();
                     continue;
                 }
@@ -495,11 +509,13 @@ impl TableWalk {
         use std::collections::hash_map::Entry;
         match self.kind {
             WalkKind::Digest => {
-                let rec = u.to_record();
-                if let Some(old) = self.counted.insert(u.key, rec) {
-                    self.digest.remove(&old);
+                // As `fullsync::TableDigest` sums them.
+                let d = crate::fullsync::record_digest(&u.to_record());
+                match self.counted.insert(u.key, d) {
+                    Some(old) => self.sum = self.sum.wrapping_sub(old),
+                    None => self.count += 1,
                 }
-                self.digest.add(&rec);
+                self.sum = self.sum.wrapping_add(d);
             }
             WalkKind::List(_) => match self.index.entry(u.key) {
                 Entry::Occupied(e) => self.entries[*e.get()] = u,
@@ -513,10 +529,7 @@ impl TableWalk {
 
     fn answer(mut self) {
         let reply = match self.kind {
-            WalkKind::Digest => {
-                let (count, digest) = (self.digest.count(), self.digest.digest());
-                Reply::ok(json!({"entries": count, "digest": format!("{digest:016x}")}))
-            }
+            WalkKind::Digest => Reply::ok(json!({"entries": self.count, "digest": format!("{:016x}", self.sum)})),
             WalkKind::List(limit) => {
                 self.entries.sort_unstable_by(|a, b| {
                     zerocopy::IntoBytes::as_bytes(&a.key).cmp(zerocopy::IntoBytes::as_bytes(&b.key))
@@ -525,8 +538,19 @@ impl TableWalk {
             }
         };
         let _ = self.reply.send(reply);
+        // Freeing what a walk of millions gathered takes the loop tens of
+        // milliseconds (every page goes back): another thread does it.
+        let (counted, index, entries) =
+            (std::mem::take(&mut self.counted), std::mem::take(&mut self.index), std::mem::take(&mut self.entries));
+        if counted.len() + entries.len() > FREE_ELSEWHERE {
+            let _ =
+                std::thread::Builder::new().name("nicsync-free".into()).spawn(move || drop((counted, index, entries)));
+        }
     }
 }
+
+/// Walk results larger than this are freed on a thread of their own.
+const FREE_ELSEWHERE: usize = 65_536;
 
 /// A pending [`Request::ConnWait`].
 struct Waiter {
