@@ -159,11 +159,7 @@ impl Nic {
     /// bound: then its own thread must run; `Some(did_anything)` when it
     /// was left with nothing to do.
     pub fn try_run(&self) -> Option<Helped> {
-        let mut c = match self.core.0.try_lock() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return None,
-        };
+        let mut c = self.try_core()?;
         for n in 0..POLL_BATCH {
             if !c.poll() {
                 return Some(Helped { did: n > 0, next_timer: c.time_to_next_timer() });
@@ -178,11 +174,7 @@ impl Nic {
     /// the frame), then runs the command pipeline. `None` when the design
     /// is busy on another thread.
     pub fn try_take_input(&self) -> Option<Helped> {
-        let mut c = match self.core.0.try_lock() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return None,
-        };
+        let mut c = self.try_core()?;
         let mut did = false;
         for _ in 0..POLL_BATCH {
             let more = c.sync_fast() | c.poll();
@@ -192,6 +184,15 @@ impl Nic {
             }
         }
         Some(Helped { did, next_timer: c.time_to_next_timer() })
+    }
+
+    /// The design state if no other thread holds it now.
+    fn try_core(&self) -> Option<MutexGuard<'_, Core>> {
+        match self.core.0.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
     }
 
     /// Runs one poll plus housekeeping; returns whether anything was done.

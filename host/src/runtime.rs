@@ -320,9 +320,9 @@ pub async fn serve_with<D: NicDevice + 'static>(
                         }
                     }
                 }
-                Ev::Control { req: Request::ConnDigest, reply } => walks.start(WalkKind::Digest, reply),
+                Ev::Control { req: Request::ConnDigest, reply } => walks.start(WalkKind::digest(), reply),
                 Ev::Control { req: Request::ConnList { limit }, reply } => {
-                    walks.start(WalkKind::List(limit.unwrap_or(usize::MAX)), reply)
+                    walks.start(WalkKind::list(limit.unwrap_or(usize::MAX)), reply)
                 }
                 Ev::Control { req, reply } => {
                     let mut r = handle_request(node, &req, &stats, now());
@@ -384,28 +384,52 @@ pub async fn serve_with<D: NicDevice + 'static>(
     Ok(stats)
 }
 
-/// What a walk of the card answers.
+/// What a walk of the card answers, and what it gathers to answer it.
 enum WalkKind {
-    /// `conn digest`: count and digest of the entries marked for sync.
-    Digest,
-    /// `conn list`: at most this many of them, in key order.
-    List(usize),
+    /// `conn digest`: count and sum of the entries marked for sync, kept
+    /// as the walk goes (the digest of a million entries at the end held
+    /// the loop for 50 ms), with what each key added, so that a later copy
+    /// of an entry (a walk may return one that moved twice) replaces it.
+    Digest { count: u64, sum: u64, counted: HashMap<nicsync_fwif::conn::ConnKey, u64> },
+    /// `conn list`: at most `limit` of them, in key order, each once (the
+    /// later copy stays).
+    List {
+        limit: usize,
+        entries: Vec<nicsync_fwif::sync::DeltaUpdate>,
+        index: HashMap<nicsync_fwif::conn::ConnKey, usize>,
+    },
+}
+
+impl WalkKind {
+    fn digest() -> Self {
+        WalkKind::Digest { count: 0, sum: 0, counted: HashMap::new() }
+    }
+
+    fn list(limit: usize) -> Self {
+        WalkKind::List { limit, entries: Vec::new(), index: HashMap::new() }
+    }
+
+    /// The same request, nothing gathered (a walk starting again).
+    fn fresh(&self) -> Self {
+        match self {
+            WalkKind::Digest { .. } => WalkKind::digest(),
+            WalkKind::List { limit, .. } => WalkKind::list(*limit),
+        }
+    }
+
+    /// Entries gathered.
+    fn len(&self) -> usize {
+        match self {
+            WalkKind::Digest { counted, .. } => counted.len(),
+            WalkKind::List { entries, .. } => entries.len(),
+        }
+    }
 }
 
 /// A `conn digest` or `conn list` being answered.
 struct TableWalk {
     kind: WalkKind,
     cursor: u32,
-    /// `conn list`: entries marked for sync, each once (a walk may return
-    /// an entry that moved during it twice: the later copy stays).
-    entries: Vec<nicsync_fwif::sync::DeltaUpdate>,
-    index: HashMap<nicsync_fwif::conn::ConnKey, usize>,
-    /// `conn digest`: count and sum kept as the walk goes (the digest of a
-    /// million entries at the end held the loop for 50 ms), with what each
-    /// key added, so that a later copy replaces it.
-    count: u64,
-    sum: u64,
-    counted: HashMap<nicsync_fwif::conn::ConnKey, u64>,
     /// Walks restarted because another walk of the card tore this one.
     restarts: u32,
     reply: oneshot::Sender<Reply>,
@@ -427,6 +451,8 @@ const MAX_WALKS: usize = 4;
 /// Walks torn by another walk of the card (a Full Sync being served
 /// refuses them instead) are restarted this many times, then refused.
 const MAX_WALK_RESTARTS: u32 = 3;
+/// Walk results larger than this are freed on a thread of their own.
+const FREE_ELSEWHERE: usize = 65_536;
 
 impl TableWalks {
     fn start(&mut self, kind: WalkKind, reply: oneshot::Sender<Reply>) {
@@ -434,33 +460,22 @@ impl TableWalks {
             let _ = reply.send(Reply::err(format!("{MAX_WALKS} table walks are under way; try again")));
             return;
         }
-        let w = TableWalk {
-            kind,
-            cursor: 0,
-            entries: Vec::new(),
-            index: HashMap::new(),
-            count: 0,
-            sum: 0,
-            counted: HashMap::new(),
-            restarts: 0,
-            reply,
-        };
-        self.queue.push_back(w);
+        self.queue.push_back(TableWalk { kind, cursor: 0, restarts: 0, reply });
     }
 
     /// Walks on for a slice; answers the walk at the head when it is done.
     fn step<D: NicDevice>(&mut self, node: &mut Node<D>) {
         let Some(w) = self.queue.front_mut() else { return };
         let t0 = Instant::now();
-        if w.cursor == 0 && w.counted.is_empty() && w.entries.is_empty() {
+        if w.cursor == 0 && w.kind.len() == 0 {
             // Room for the card's entries now: grown one doubling at a
             // time, the last doublings held the loop for 30-60 ms each.
             let n = node.table_ref().len();
-            match w.kind {
-                WalkKind::Digest => w.counted.reserve(n),
-                WalkKind::List(_) => {
-                    w.entries.reserve(n);
-                    w.index.reserve(n);
+            match &mut w.kind {
+                WalkKind::Digest { counted, .. } => counted.reserve(n),
+                WalkKind::List { entries, index, .. } => {
+                    entries.reserve(n);
+                    index.reserve(n);
                 }
             }
         }
@@ -476,10 +491,7 @@ impl TableWalks {
                 {
                     w.restarts += 1;
                     w.cursor = 0;
-                    w.entries.clear();
-                    w.index.clear();
-                    (w.count, w.sum) = (0, 0);
-                    w.counted.clear();
+                    w.kind = w.kind.fresh();
                     continue;
                 }
                 Err(e) => {
@@ -507,50 +519,50 @@ impl TableWalk {
     /// One entry the walk returned.
     fn take(&mut self, u: nicsync_fwif::sync::DeltaUpdate) {
         use std::collections::hash_map::Entry;
-        match self.kind {
-            WalkKind::Digest => {
+        match &mut self.kind {
+            WalkKind::Digest { count, sum, counted } => {
                 // As `fullsync::TableDigest` sums them.
                 let d = crate::fullsync::record_digest(&u.to_record());
-                match self.counted.insert(u.key, d) {
-                    Some(old) => self.sum = self.sum.wrapping_sub(old),
-                    None => self.count += 1,
+                match counted.insert(u.key, d) {
+                    Some(old) => *sum = sum.wrapping_sub(old),
+                    None => *count += 1,
                 }
-                self.sum = self.sum.wrapping_add(d);
+                *sum = sum.wrapping_add(d);
             }
-            WalkKind::List(_) => match self.index.entry(u.key) {
-                Entry::Occupied(e) => self.entries[*e.get()] = u,
+            WalkKind::List { entries, index, .. } => match index.entry(u.key) {
+                Entry::Occupied(e) => entries[*e.get()] = u,
                 Entry::Vacant(v) => {
-                    v.insert(self.entries.len());
-                    self.entries.push(u);
+                    v.insert(entries.len());
+                    entries.push(u);
                 }
             },
         }
     }
 
-    fn answer(mut self) {
-        let reply = match self.kind {
-            WalkKind::Digest => Reply::ok(json!({"entries": self.count, "digest": format!("{:016x}", self.sum)})),
-            WalkKind::List(limit) => {
-                self.entries.sort_unstable_by(|a, b| {
+    fn answer(self) {
+        let TableWalk { kind, reply, .. } = self;
+        let big = kind.len() > FREE_ELSEWHERE;
+        let (answer, gathered) = match kind {
+            WalkKind::Digest { count, sum, counted } => (
+                Reply::ok(json!({"entries": count, "digest": format!("{sum:016x}")})),
+                WalkKind::Digest { count, sum, counted },
+            ),
+            WalkKind::List { limit, mut entries, index } => {
+                entries.sort_unstable_by(|a, b| {
                     zerocopy::IntoBytes::as_bytes(&a.key).cmp(zerocopy::IntoBytes::as_bytes(&b.key))
                 });
-                Reply::ok(json!(self.entries.iter().take(limit).map(crate::node::update_json).collect::<Vec<_>>()))
+                let list: Vec<_> = entries.iter().take(limit).map(crate::node::update_json).collect();
+                (Reply::ok(json!(list)), WalkKind::List { limit, entries, index })
             }
         };
-        let _ = self.reply.send(reply);
+        let _ = reply.send(answer);
         // Freeing what a walk of millions gathered takes the loop tens of
         // milliseconds (every page goes back): another thread does it.
-        let (counted, index, entries) =
-            (std::mem::take(&mut self.counted), std::mem::take(&mut self.index), std::mem::take(&mut self.entries));
-        if counted.len() + entries.len() > FREE_ELSEWHERE {
-            let _ =
-                std::thread::Builder::new().name("nicsync-free".into()).spawn(move || drop((counted, index, entries)));
+        if big {
+            let _ = std::thread::Builder::new().name("nicsync-free".into()).spawn(move || drop(gathered));
         }
     }
 }
-
-/// Walk results larger than this are freed on a thread of their own.
-const FREE_ELSEWHERE: usize = 65_536;
 
 /// A pending [`Request::ConnWait`].
 struct Waiter {
