@@ -52,7 +52,7 @@ pub const DEFAULT_DEAD_AFTER: u32 = 5;
 /// Smallest accepted `membership.dead_after`.
 pub const MIN_DEAD_AFTER: u32 = 2;
 /// Default number of connection records per full-sync chunk.
-pub const DEFAULT_CHUNK_RECORDS: u32 = 1024;
+pub const DEFAULT_CHUNK_RECORDS: u32 = crate::fullsync::DEFAULT_CHUNK_RECORDS;
 /// Largest accepted `full_sync.chunk_records`.
 pub const MAX_CHUNK_RECORDS: u32 = 65_536;
 /// Default full-sync per-chunk stall timeout.
@@ -1312,7 +1312,7 @@ full_sync = "192.0.2.3:8118"
         assert_eq!(c.membership.probe_interval, Duration::from_millis(10));
         assert_eq!(c.membership.dead_after, 5);
         assert_eq!(c.full_sync.bind, "0.0.0.0:8118".parse().unwrap());
-        assert_eq!(c.full_sync.chunk_records, 1024);
+        assert_eq!(c.full_sync.chunk_records, 8192);
         assert_eq!(c.full_sync.timeout, Duration::from_millis(2000));
         assert_eq!(c.control.socket, PathBuf::from("/run/nicsync/nicsync.sock"));
         assert_eq!(c.control.socket_mode, 0o600);

@@ -99,7 +99,7 @@
 //! knowledge of what was applied when a session fails. TCP already provides
 //! ordering and retransmission, so a window would buy only the overlap of
 //! one round trip per chunk, which large chunks make negligible: with the
-//! default [`DEFAULT_CHUNK_RECORDS`] (8,192 records, 640 KiB per chunk) a
+//! default [`DEFAULT_CHUNK_RECORDS`] (8,192 records, 704 KiB per chunk) a
 //! table of one million connections takes 123 round trips, about 12 ms at a
 //! 100 µs data-centre round trip, against the 64 ms the 80 MB need on a
 //! 10 Gb/s link.
