@@ -866,6 +866,8 @@ pub fn handle_request<D: NicDevice>(node: &mut Node<D>, req: &Request, net: &Net
             }
             Reply::ok(json!({"requested": member.map_or("all".to_string(), |m| m.to_string())}))
         }
+        // The loop walks the card a slice per turn for these (`TableWalks`);
+        // here only when called directly, in one go.
         Request::ConnList { limit } => match node.list(limit.unwrap_or(usize::MAX)) {
             Ok(list) => Reply::ok(json!(list)),
             Err(e) => Reply::err(e.to_string()),
@@ -927,6 +929,7 @@ pub fn handle_request<D: NicDevice>(node: &mut Node<D>, req: &Request, net: &Net
             Ok(n) => Reply::ok(json!({"flushed": n})),
             Err(e) => Reply::err(e.to_string()),
         },
+        // As `ConnList`.
         Request::ConnDigest => match node.digest() {
             Ok((count, digest)) => Reply::ok(json!({"entries": count, "digest": format!("{digest:016x}")})),
             Err(e) => Reply::err(e.to_string()),
