@@ -826,12 +826,21 @@ impl Core {
     /// applies it (a polling runner calls it between idle polls). No-op
     /// without a sync unit or while disabled.
     pub fn sync_fast(&mut self) -> bool {
+        self.sync_fast_frames(crate::sync_unit::RX_BUDGET)
+    }
+
+    /// [`Core::sync_fast`] that stops after `frames` frames with updates: a
+    /// runner that takes one, then does its other work (doorbells, other
+    /// devices) before it looks again, does not hold a delivered update's
+    /// successor behind a read of the port that finds nothing (a system
+    /// call on UDP).
+    pub fn sync_fast_frames(&mut self, frames: usize) -> bool {
         if !self.enabled || self.sync.is_none() {
             return false;
         }
         self.now_ns = self.shared.clock.now_ns();
         // Counters follow at the next housekeeping, off the delta path.
-        self.pump_sync()
+        self.pump_sync(frames)
     }
 
     /// Time-driven work: interrupt holdoff expiry and aging. Called by the
@@ -855,7 +864,7 @@ impl Core {
             did |= self.flush_overflow_event();
         }
         did |= self.age(now);
-        did |= self.pump_sync();
+        did |= self.pump_sync(crate::sync_unit::RX_BUDGET);
         self.refresh_sync_counters();
         // Counters are published here, off the command path: they lag the
         // rings by at most one housekeeping period (POLL_BATCH polls).
@@ -1122,6 +1131,11 @@ impl Core {
             if let Err(e) = pushed {
                 self.go_fatal(format!("completion ring write: {e}"));
                 return true;
+            }
+            // The frames this burst's updates completed leave after its
+            // completions (at most one burst of them is queued).
+            if let Some(unit) = &mut self.sync {
+                unit.transmit_submitted();
             }
         }
         if let Some(c) = &mut self.cmd {
@@ -1508,10 +1522,30 @@ impl Core {
 
     /// Runs the sync unit: timers, received frames, transmissions; applies
     /// what peers sent and reports lost updates to the host.
-    fn pump_sync(&mut self) -> bool {
-        let Some(unit) = &mut self.sync else { return false };
+    fn pump_sync(&mut self, frames: usize) -> bool {
+        let mut did = false;
+        // A frame's updates are applied before the port is read again (see
+        // SyncUnit::pump), for at most `frames` frames that carried some.
+        for _ in 0..frames.max(1) {
+            let (applied, more) = self.pump_sync_once();
+            did |= applied;
+            if !more {
+                break;
+            }
+        }
+        let drained = self.drain_held();
+        if did || drained {
+            self.publish_table();
+        }
+        did || drained
+    }
+
+    /// One [`SyncUnit::pump`] and the updates it delivered: (whether any
+    /// were, whether the port may hold more).
+    fn pump_sync_once(&mut self) -> (bool, bool) {
+        let Some(unit) = &mut self.sync else { return (false, false) };
         let mut events = std::mem::take(&mut self.sync_events);
-        unit.pump(self.now_ns, |ev| events.push(ev));
+        let more = unit.pump(self.now_ns, |ev| events.push(ev));
         let did = !events.is_empty();
         // Software-pipelined like the command path: the buckets of the
         // update PEER_PREFETCH ahead are fetched while this one is applied.
@@ -1544,11 +1578,7 @@ impl Core {
         }
         events.clear();
         self.sync_events = events;
-        let drained = self.drain_held();
-        if did || drained {
-            self.publish_table();
-        }
-        did || drained
+        (did, more)
     }
 
     /// Applies held updates after SYNC_HOLD was cleared, a bounded number

@@ -563,6 +563,11 @@ impl DeltaSender {
         self.tx.frames.pop_front()
     }
 
+    /// Frames waiting in [`DeltaSender::poll_transmit`].
+    pub fn frames_waiting(&self) -> usize {
+        self.tx.frames.len()
+    }
+
     /// Parses a received datagram and handles it; returns the parse error
     /// (also counted in [`SyncStats::malformed`]).
     pub fn handle_datagram(&mut self, bytes: &[u8], now: Nanos) -> Result<(), FrameError> {
@@ -988,6 +993,11 @@ impl DeltaReceiver {
     /// The next frame to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.tx.frames.pop_front()
+    }
+
+    /// Whether [`DeltaReceiver::poll_event`] has something.
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
     }
 
     /// The next event (deliveries, resync requests, peer resets), in order.

@@ -19,7 +19,11 @@ use crate::sync::{
 use crate::wire::{SyncPort, WireStats, MAX_WIRE_FRAME};
 
 /// Datagrams taken from the port per pump (a bound on work per poll).
-const RX_BUDGET: usize = 256;
+pub const RX_BUDGET: usize = 256;
+
+/// Frames a run of [`SyncUnit::submit`] calls may leave queued before they
+/// are sent from within it (a command burst completes at most 64 updates).
+const SUBMIT_HOLD_FRAMES: usize = 64;
 
 /// What the sync unit is configured with.
 #[derive(Clone, Debug)]
@@ -133,9 +137,19 @@ impl SyncUnit {
         if self.sender.submit(update, now).is_err() {
             self.stats.submit_failed += 1;
         }
-        // A frame completed by this update (or sent at once, with no flush
-        // delay) leaves now, from the command pipeline; the receivers have
-        // nothing new to send.
+        // Callers send after a burst; a long run of submissions (aging, a
+        // full ring with no flush delay) must not fill the sender's queue.
+        if self.sender.frames_waiting() >= SUBMIT_HOLD_FRAMES {
+            self.transmit_submitted();
+        }
+    }
+
+    /// Sends the frames the updates submitted since the last call completed
+    /// (or, with no flush delay, each of them). The command pipeline calls
+    /// it after it has written the completions of a burst: as on the card,
+    /// where the MAC sends beside the pipeline, a command's completion does
+    /// not wait for a datagram to leave (a UDP send costs microseconds).
+    pub fn transmit_submitted(&mut self) {
         while let Some(t) = self.sender.poll_transmit() {
             if self.port.transmit(&t).is_err() {
                 self.stats.port_errors += 1;
@@ -145,7 +159,15 @@ impl SyncUnit {
 
     /// Runs timers, takes what the port has, sends what is due, and hands
     /// every receiver event to `on_event` in order.
-    pub fn pump(&mut self, now: Nanos, mut on_event: impl FnMut(ReceiverEvent)) {
+    ///
+    /// It stops taking frames after the first one that gives a receiver
+    /// something to deliver, and returns true: the caller applies those
+    /// updates, then calls again (bounded by [`RX_BUDGET`] calls) for the
+    /// rest. A frame's updates thus reach the table before the port is
+    /// asked for the next one: on a socket, the final empty read costs a
+    /// system call, which is not the delivered update's latency. False:
+    /// the port had nothing more (or the budget ran out).
+    pub fn pump(&mut self, now: Nanos, mut on_event: impl FnMut(ReceiverEvent)) -> bool {
         if self.sender.poll_timeout().is_some_and(|t| t <= now) {
             self.sender.handle_timeout(now);
         }
@@ -154,6 +176,7 @@ impl SyncUnit {
                 r.handle_timeout(now);
             }
         }
+        let mut more = false;
         for _ in 0..RX_BUDGET {
             let n = match self.port.recv(&mut self.buf) {
                 Ok(Some(n)) => n,
@@ -174,6 +197,10 @@ impl SyncUnit {
                 }
                 Err(_) => self.stats.malformed += 1,
             }
+            if self.receivers.iter().any(DeltaReceiver::has_events) {
+                more = true;
+                break;
+            }
         }
         self.flush_transmits();
         for r in &mut self.receivers {
@@ -181,6 +208,7 @@ impl SyncUnit {
                 on_event(ev);
             }
         }
+        more
     }
 
     fn flush_transmits(&mut self) {
