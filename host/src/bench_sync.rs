@@ -232,7 +232,7 @@ pub fn run(o: &SyncBenchOptions) -> Result<SyncBenchReport, SyncBenchError> {
 }
 
 /// Bare UDP round trips between two sockets on loopback (echo thread).
-pub fn udp_rtt(samples: usize) -> Result<Percentiles, SyncBenchError> {
+fn udp_rtt(samples: usize) -> Result<Percentiles, SyncBenchError> {
     let a = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
     let b = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
     a.connect(b.local_addr()?)?;
@@ -348,7 +348,7 @@ fn udp_ports() -> Result<PortPair, SyncBenchError> {
 /// One update at a time: A's host posts it (and waits for its
 /// completion), B's host sees B's SYNC_UPDATED event. Frames leave at once
 /// (no batching delay), as a latency-sensitive configuration would set it.
-pub fn delta_latency(udp: bool, sealed: bool, samples: usize) -> Result<Vec<u64>, SyncBenchError> {
+fn delta_latency(udp: bool, sealed: bool, samples: usize) -> Result<Vec<u64>, SyncBenchError> {
     let ports: PortPair = if udp {
         udp_ports()?
     } else {
