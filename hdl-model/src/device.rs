@@ -1525,9 +1525,11 @@ impl Core {
     fn pump_sync(&mut self, frames: usize) -> bool {
         let mut did = false;
         // A frame's updates are applied before the port is read again (see
-        // SyncUnit::pump), for at most `frames` frames that carried some.
+        // SyncUnit::pump), for at most `frames` frames that carried some,
+        // and RX_BUDGET reads of the port in all.
+        let mut reads = crate::sync_unit::RX_BUDGET;
         for _ in 0..frames.max(1) {
-            let (applied, more) = self.pump_sync_once();
+            let (applied, more) = self.pump_sync_once(&mut reads);
             did |= applied;
             if !more {
                 break;
@@ -1542,10 +1544,10 @@ impl Core {
 
     /// One [`SyncUnit::pump`] and the updates it delivered: (whether any
     /// were, whether the port may hold more).
-    fn pump_sync_once(&mut self) -> (bool, bool) {
+    fn pump_sync_once(&mut self, reads: &mut usize) -> (bool, bool) {
         let Some(unit) = &mut self.sync else { return (false, false) };
         let mut events = std::mem::take(&mut self.sync_events);
-        let more = unit.pump(self.now_ns, |ev| events.push(ev));
+        let more = unit.pump_within(self.now_ns, reads, |ev| events.push(ev));
         let did = !events.is_empty();
         // Software-pipelined like the command path: the buckets of the
         // update PEER_PREFETCH ahead are fetched while this one is applied.

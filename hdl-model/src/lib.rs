@@ -367,14 +367,12 @@ impl Poller {
                             // The sync port runs beside the command
                             // pipeline: frames go out and come in while
                             // the rings are idle, not only at housekeeping.
-                            // After a frame with updates, the other devices
-                            // get their turn before this port is read again
-                            // (a read that finds nothing costs a system
-                            // call on UDP, and a peer's next delta waits
-                            // for it); this device's own doorbell is looked
-                            // at first by the loop.
-                            // One frame first; a port that had one may
-                            // be in a flood: then up to the full budget.
+                            // One frame with updates first; after one, the
+                            // other devices get their turn before this port
+                            // is read again (a read that finds nothing
+                            // costs a system call on UDP, and a peer's next
+                            // delta would wait behind it), then up to the
+                            // full budget, in case a flood has begun.
                             let frames = if rx_more[i] { sync_unit::RX_BUDGET } else { 1 };
                             rx_more[i] = g.sync_fast_frames(frames);
                             busy |= rx_more[i];

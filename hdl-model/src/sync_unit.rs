@@ -18,7 +18,8 @@ use crate::sync::{
 };
 use crate::wire::{SyncPort, WireStats, MAX_WIRE_FRAME};
 
-/// Datagrams taken from the port per pump (a bound on work per poll).
+/// Reads of the port per pump, or per runner's poll across the calls it
+/// makes (a bound on work per poll).
 pub const RX_BUDGET: usize = 256;
 
 /// Frames a run of [`SyncUnit::submit`] calls may leave queued before they
@@ -167,7 +168,16 @@ impl SyncUnit {
     /// asked for the next one: on a socket, the final empty read costs a
     /// system call, which is not the delivered update's latency. False:
     /// the port had nothing more (or the budget ran out).
-    pub fn pump(&mut self, now: Nanos, mut on_event: impl FnMut(ReceiverEvent)) -> bool {
+    pub fn pump(&mut self, now: Nanos, on_event: impl FnMut(ReceiverEvent)) -> bool {
+        let mut reads = RX_BUDGET;
+        self.pump_within(now, &mut reads, on_event)
+    }
+
+    /// [`SyncUnit::pump`] with a budget of port reads shared between calls:
+    /// each read (one that finds nothing included) takes one, and none is
+    /// made once it is spent. A runner that calls again after each frame
+    /// with updates bounds its work per poll with one budget.
+    pub fn pump_within(&mut self, now: Nanos, reads: &mut usize, mut on_event: impl FnMut(ReceiverEvent)) -> bool {
         if self.sender.poll_timeout().is_some_and(|t| t <= now) {
             self.sender.handle_timeout(now);
         }
@@ -177,7 +187,8 @@ impl SyncUnit {
             }
         }
         let mut more = false;
-        for _ in 0..RX_BUDGET {
+        while *reads > 0 {
+            *reads -= 1;
             let n = match self.port.recv(&mut self.buf) {
                 Ok(Some(n)) => n,
                 Ok(None) => break,
