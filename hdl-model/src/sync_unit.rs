@@ -223,17 +223,12 @@ impl SyncUnit {
     }
 
     fn flush_transmits(&mut self) {
-        let send = |port: &mut Box<dyn SyncPort>, stats: &mut UnitStats, t| {
-            if port.transmit(&t).is_err() {
-                stats.port_errors += 1;
-            }
-        };
-        while let Some(t) = self.sender.poll_transmit() {
-            send(&mut self.port, &mut self.stats, t);
-        }
+        self.transmit_submitted();
         for r in &mut self.receivers {
             while let Some(t) = r.poll_transmit() {
-                send(&mut self.port, &mut self.stats, t);
+                if self.port.transmit(&t).is_err() {
+                    self.stats.port_errors += 1;
+                }
             }
         }
     }
