@@ -312,10 +312,14 @@ pub enum Idle {
 /// Polls per turn when one thread serves several devices.
 const MULTI_DEVICE_TURN: u32 = 8;
 
-/// Idle polls between runs of the sync port's fast path. Over UDP each run
-/// costs a receive system call even when nothing came; one every 4 polls
-/// slowed a one-way delta over loopback from 5.3 to 6.0 us (the poller spent
-/// its time in empty reads), and one every poll to 9.5 us.
+/// Idle polls of a device's turn between runs of its sync port's fast path
+/// (the first idle poll of a turn runs it too, so a device sharing the
+/// thread, whose turn is [`MULTI_DEVICE_TURN`] polls, reads its port once a
+/// turn). Over UDP each run costs a receive system call even when nothing
+/// came; one every 4 polls slowed a one-way delta over loopback from 5.3 to
+/// 6.0 us (the poller spent its time in empty reads), and one every poll to
+/// 9.5 us. Counting idle polls across turns instead (one read every two
+/// turns) found a peer's frames later and was slower still.
 const SYNC_POLL_EVERY: u32 = 16;
 
 /// Polls between checks of the stop flag and runs of housekeeping.

@@ -163,11 +163,12 @@ impl SyncUnit {
     ///
     /// It stops taking frames after the first one that gives a receiver
     /// something to deliver, and returns true: the caller applies those
-    /// updates, then calls again (bounded by [`RX_BUDGET`] calls) for the
-    /// rest. A frame's updates thus reach the table before the port is
-    /// asked for the next one: on a socket, the final empty read costs a
-    /// system call, which is not the delivered update's latency. False:
-    /// the port had nothing more (or the budget ran out).
+    /// updates, then calls again for the rest. A frame's updates thus reach
+    /// the table before the port is asked for the next one: on a socket,
+    /// the final empty read costs a system call, which is not the delivered
+    /// update's latency. False: the port had nothing more, or its
+    /// [`RX_BUDGET`] reads were spent (a runner that calls again shares one
+    /// budget through [`SyncUnit::pump_within`]).
     pub fn pump(&mut self, now: Nanos, on_event: impl FnMut(ReceiverEvent)) -> bool {
         let mut reads = RX_BUDGET;
         self.pump_within(now, &mut reads, on_event)
