@@ -702,6 +702,12 @@ impl Core {
         &self.table
     }
 
+    /// The (generation, owner) of `key`'s tombstone, if one is kept (for
+    /// tests and the simulator's key trace).
+    pub fn tombstone(&self, key: &ConnKey) -> Option<(u32, u16)> {
+        self.tombstones.find(key).map(|i| (self.tombstones.slots[i].generation, self.tombstones.slots[i].owner))
+    }
+
     fn count(&mut self, c: Counter, n: u64) {
         self.counters[c as usize] += n;
         self.counters_dirty = true;

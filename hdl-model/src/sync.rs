@@ -52,7 +52,9 @@
 //!   receiver already retired, it then asks the sender for a HELLO (a NACK
 //!   element with epoch 0), so a receiver that missed the HELLO catches up.
 //!   A HELLO with a new epoch resets the receiver to the epoch's first
-//!   number ([`ReceiverEvent::PeerReset`]).
+//!   number ([`ReceiverEvent::PeerReset`]) and is acknowledged at once; the
+//!   sender repeats it to each expected peer that has not acknowledged it
+//!   ([`DeltaSender::expect_peers`]).
 //! * **Conflicts.** Members apply each other's updates through the device's
 //!   generation rule; [`resolve`] is the deterministic order behind it
 //!   (generation, then owner member id, then the record itself), so members
@@ -402,6 +404,13 @@ pub struct DeltaSender {
     tail_probe: Option<(Nanos, Nanos)>,
     /// Highest ACK per peer, for the current epoch.
     acks: BTreeMap<u16, u64>,
+    /// Peers expected to learn this epoch (see [`DeltaSender::expect_peers`]).
+    peers: Vec<u16>,
+    /// Next HELLO to the expected peers that have not acknowledged the
+    /// epoch yet, and the wait after it.
+    hello_retry: Option<(Nanos, Nanos)>,
+    /// When HELLO was last repeated.
+    hello_last: Nanos,
     tx: TxQueue,
     stats: SyncStats,
 }
@@ -422,11 +431,41 @@ impl DeltaSender {
             alive_deadline: now.saturating_add(cfg.alive_interval_ns),
             tail_probe: None,
             acks: BTreeMap::new(),
+            peers: Vec::new(),
+            hello_retry: None,
+            hello_last: now,
             tx: TxQueue::new(cfg.tx_queue_limit),
             stats: SyncStats::default(),
         };
         s.send_hello(Destination::All);
         Ok(s)
+    }
+
+    /// The peers that must learn this epoch: HELLO is repeated to each one
+    /// that has not acknowledged it (receivers acknowledge a HELLO at once),
+    /// from [`SenderConfig::tail_probe_ns`] after the start and then at
+    /// doubling intervals up to [`SenderConfig::alive_interval_ns`]. A peer
+    /// that missed the HELLO (cut off when this member started) would
+    /// otherwise learn the epoch only from a later frame, and until then
+    /// keep waiting on what the previous epoch left unanswered, instead of
+    /// closing it: this member's last changes before it restarted reach
+    /// it late, after this member has written the same keys again.
+    pub fn expect_peers(&mut self, peers: &[u16], now: Nanos) {
+        self.peers = peers.iter().copied().filter(|p| *p != self.cfg.member_id).collect();
+        let wait = self.hello_wait_min();
+        self.hello_retry = (!self.peers.is_empty()).then(|| (now.saturating_add(wait), wait));
+    }
+
+    /// Expected peers that have not acknowledged this epoch yet.
+    pub fn peers_unaware(&self) -> usize {
+        self.peers.iter().filter(|p| !self.acks.contains_key(p)).count()
+    }
+
+    fn hello_wait_min(&self) -> Nanos {
+        match self.cfg.tail_probe_ns {
+            0 => self.cfg.alive_interval_ns.max(1),
+            t => t.min(self.cfg.alive_interval_ns).max(1),
+        }
     }
 
     /// The configuration.
@@ -515,6 +554,7 @@ impl DeltaSender {
             Some(f) => f.min(self.alive_deadline),
             None => self.alive_deadline,
         };
+        let t = self.hello_retry.map_or(t, |(h, _)| h.min(t));
         Some(self.tail_probe.map_or(t, |(p, _)| p.min(t)))
     }
 
@@ -525,11 +565,22 @@ impl DeltaSender {
         last >= self.cfg.first_seq && (self.acks.is_empty() || self.acks.values().any(|a| *a < last))
     }
 
-    /// Runs the timers due at `now`: the flush delay, the tail probe and
-    /// ALIVE.
+    /// Runs the timers due at `now`: the flush delay, the tail probe,
+    /// HELLO repeats and ALIVE.
     pub fn handle_timeout(&mut self, now: Nanos) {
         if self.flush_deadline.is_some_and(|d| d <= now) {
             self.flush();
+        }
+        if let Some((_, wait)) = self.hello_retry.filter(|(at, _)| *at <= now) {
+            let unaware: Vec<u16> = self.peers.iter().copied().filter(|p| !self.acks.contains_key(p)).collect();
+            for p in &unaware {
+                self.send_hello(Destination::Member(*p));
+            }
+            self.hello_last = now;
+            self.hello_retry = (!unaware.is_empty()).then(|| {
+                let wait = wait.saturating_mul(2).min(self.cfg.alive_interval_ns.max(1));
+                (now.saturating_add(wait), wait)
+            });
         }
         if let Some((at, wait)) = self.tail_probe.filter(|(at, _)| *at <= now) {
             let _ = at;
@@ -578,11 +629,20 @@ impl DeltaSender {
 
     /// Handles a parsed frame: NACK and ACK elements addressed to this
     /// member. Everything else is none of the sender's business.
-    pub fn handle_frame(&mut self, view: &FrameView<'_>, _now: Nanos) {
+    pub fn handle_frame(&mut self, view: &FrameView<'_>, now: Nanos) {
         let h = &view.header;
         if h.cluster_id != self.cfg.cluster_id {
             self.stats.foreign_cluster += 1;
             return;
+        }
+        // A peer that does not know this epoch yet is reachable again: it
+        // gets the HELLO now rather than at the next repeat, which may be
+        // up to an ALIVE interval away (at most one per minimum wait).
+        if let Some((at, wait)) = self.hello_retry {
+            let soon = self.hello_last.saturating_add(self.hello_wait_min()).max(now);
+            if at > soon && self.peers.contains(&h.sender) && !self.acks.contains_key(&h.sender) {
+                self.hello_retry = Some((soon, wait));
+            }
         }
         if h.sender == self.cfg.member_id {
             return;
@@ -950,7 +1010,9 @@ impl DeltaReceiver {
                     self.declare_lost(through, ResyncReason::LostReported);
                 }
             }
-            Body::Alive | Body::Hello { .. } | Body::Nack(_) | Body::Ack(_) => {}
+            // A repeated HELLO: this receiver's acknowledgement was lost.
+            Body::Hello { .. } => self.send_ack(),
+            Body::Alive | Body::Nack(_) | Body::Ack(_) => {}
         }
         if let Some(n) = view.next_seq() {
             self.peer_next = self.peer_next.max(n);
@@ -1088,6 +1150,9 @@ impl DeltaReceiver {
         self.nack = None;
         self.last_acked = first_seq - 1;
         self.ack_deadline = None;
+        // Tell the sender at once that its epoch is known here (it repeats
+        // the HELLO until told).
+        self.send_ack();
         self.after_change(now);
     }
 
@@ -1471,6 +1536,8 @@ mod tests {
         let mut s = sender(77);
         let mut r = receiver();
         feed(&mut r, &frames(&mut s), 0);
+        // The HELLO is acknowledged at once.
+        assert_eq!(rx_frames(&mut r).iter().map(opcode).collect::<Vec<_>>(), [SyncOpcode::Ack]);
         for i in 0..5 {
             s.submit(&up(i), 0).expect("submit");
         }
@@ -1494,6 +1561,7 @@ mod tests {
         s.flush();
         let old = frames(&mut s);
         feed(&mut r, &old, 1);
+        let _acks = rx_frames(&mut r);
         // Restart; the new HELLO is lost; a DELTA of the new epoch arrives.
         let mut s2 = sender(88);
         let _hello = frames(&mut s2);
@@ -1525,6 +1593,57 @@ mod tests {
         feed(&mut r, &old, 8);
         assert_eq!(r.stats().unknown_epoch, 2);
         assert!(rx_frames(&mut r).iter().all(|t| opcode(t) != SyncOpcode::Nack));
+    }
+
+    #[test]
+    fn a_hello_is_repeated_to_a_peer_until_it_acknowledges() {
+        let mut s = sender(77);
+        s.expect_peers(&[SENDER, ME], 0);
+        assert_eq!(s.peers_unaware(), 1, "itself is not a peer");
+        let _lost_hello = frames(&mut s);
+        let first = s.config().tail_probe_ns;
+        assert_eq!(s.poll_timeout(), Some(first));
+        s.handle_timeout(first);
+        let again = frames(&mut s);
+        assert_eq!(again.iter().map(opcode).collect::<Vec<_>>(), [SyncOpcode::Hello]);
+        assert_eq!(again[0].dest, Destination::Member(ME));
+        // The next repeat waits twice as long.
+        assert_eq!(s.poll_timeout(), Some(3 * first));
+        let mut r = receiver();
+        feed(&mut r, &again, first);
+        let ack = rx_frames(&mut r);
+        assert_eq!(ack.iter().map(opcode).collect::<Vec<_>>(), [SyncOpcode::Ack]);
+        s.handle_datagram(&ack[0].frame, first).expect("ack");
+        assert_eq!(s.peers_unaware(), 0);
+        s.handle_timeout(3 * first);
+        assert!(frames(&mut s).is_empty(), "no HELLO once the peer knows the epoch");
+        // A repeated HELLO (its acknowledgement lost) is acknowledged again.
+        feed(&mut r, &again, 4 * first);
+        assert_eq!(rx_frames(&mut r).iter().map(opcode).collect::<Vec<_>>(), [SyncOpcode::Ack]);
+    }
+
+    #[test]
+    fn a_peer_heard_from_gets_the_hello_without_waiting_for_the_repeat() {
+        let mut s = sender(77);
+        s.expect_peers(&[ME], 0);
+        let min = s.config().tail_probe_ns;
+        // Cut off: the repeats back off towards the ALIVE interval.
+        let mut now = 0;
+        for _ in 0..5 {
+            now = s.poll_timeout().expect("timer");
+            s.handle_timeout(now);
+            let _lost = frames(&mut s);
+        }
+        let next = s.poll_timeout().expect("timer");
+        assert!(next > now + 4 * min);
+        // The peer is heard again (its own HELLO): the repeat comes at once.
+        let mut peer = DeltaSender::new(SenderConfig::new(CLUSTER, ME, 99), now + min).expect("peer");
+        for f in frames(&mut peer) {
+            s.handle_datagram(&f.frame, now + min).expect("frame");
+        }
+        assert_eq!(s.poll_timeout(), Some(now + min));
+        s.handle_timeout(now + min);
+        assert_eq!(frames(&mut s).iter().map(opcode).collect::<Vec<_>>(), [SyncOpcode::Hello]);
     }
 
     #[test]

@@ -91,13 +91,9 @@ impl SyncUnit {
             .filter(|p| **p != s.member_id)
             .map(|p| DeltaReceiver::new(ReceiverConfig::new(s.cluster_id, s.member_id, s.epoch, *p)))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(SyncUnit {
-            sender: DeltaSender::new(cfg.sender, now)?,
-            receivers,
-            port,
-            buf: vec![0; MAX_WIRE_FRAME],
-            stats: UnitStats::default(),
-        })
+        let mut sender = DeltaSender::new(cfg.sender, now)?;
+        sender.expect_peers(&cfg.peers, now);
+        Ok(SyncUnit { sender, receivers, port, buf: vec![0; MAX_WIRE_FRAME], stats: UnitStats::default() })
     }
 
     /// This member's id.

@@ -285,6 +285,10 @@ pub struct Node<D: NicDevice> {
     merge_queue: VecDeque<u16>,
     /// Ask the peers to merge this member's table when the queue is done.
     ask_merge_after: bool,
+    /// Report this member synced when the merge queue is done (a load
+    /// sharing member resyncing, or just past its pull: see
+    /// [`Node::merge_from_peers`]).
+    rejoin_after_merges: bool,
     /// This member's table digest and since when it has had that value.
     digest: (u64, Nanos),
     /// When each peer was last asked to resync over a digest mismatch.
@@ -379,6 +383,7 @@ impl<D: NicDevice> Node<D> {
             merge: None,
             merge_queue: VecDeque::new(),
             ask_merge_after: false,
+            rejoin_after_merges: false,
             digest: (0, 0),
             divergence_asked: std::collections::BTreeMap::new(),
             resets_seen,
@@ -486,6 +491,19 @@ impl<D: NicDevice> Node<D> {
         matches!(self.phase, Phase::Pulling(_))
     }
 
+    /// What the member is doing about its table, in words (for the
+    /// simulator's key trace): listening, pulling or merging from whom, or
+    /// synced.
+    pub fn activity(&self) -> String {
+        let merge = self.merge.as_ref().map(|p| format!(", merging from {}", p.peer)).unwrap_or_default();
+        match &self.phase {
+            Phase::Listening { .. } => "listening".into(),
+            Phase::Pulling(p) => format!("pulling from {}", p.peer),
+            Phase::Backoff { .. } => "waiting to pull".into(),
+            Phase::Synced => format!("synced{merge}"),
+        }
+    }
+
     /// Whether this member holds a synced table.
     pub fn is_synced(&self) -> bool {
         matches!(self.phase, Phase::Synced)
@@ -584,30 +602,23 @@ impl<D: NicDevice> Node<D> {
             .map(|m| m.id)
             .collect();
         if self.cfg.mode == Mode::LoadSharing {
-            // Every member writes: when the others agree among themselves
-            // and this reference is the odd one out, it is the one behind.
-            let quiet_peers: Vec<u64> = peers
+            // Every member writes, so any of them, this reference too, may
+            // be the one missing changes: the reference realigns (merges
+            // every peer's table into its own, then has them merge it), and
+            // every member ends with the union.
+            let me = self.cfg.member_id;
+            let differs = peers
                 .iter()
                 .filter_map(|p| self.ms.peer_digest(*p))
-                .filter(|(_, since)| now.saturating_sub(*since) >= quiet)
-                .map(|(d, _)| d)
-                .collect();
-            let total = quiet_peers.len() + 1;
-            let me = self.cfg.member_id;
-            for d in &quiet_peers {
-                let n = quiet_peers.iter().filter(|x| *x == d).count();
-                let recent = self.divergence_asked.get(&me).is_some_and(|t| now.saturating_sub(*t) < 1_000_000_000);
-                if *d != mine && 2 * n > total && !recent {
-                    self.divergence_asked.insert(me, now);
-                    self.stats.divergences_detected += 1;
-                    self.note_error(format!(
-                        "this member's table digest {mine:016x} differs from the majority's {d:016x}: it resyncs"
-                    ));
-                    self.stats.resyncs_requested += 1;
-                    self.resync_wanted = true;
-                    return;
-                }
+                .any(|(d, since)| d != mine && now.saturating_sub(since) >= quiet);
+            let recent = self.divergence_asked.get(&me).is_some_and(|t| now.saturating_sub(*t) < 1_000_000_000);
+            if differs && !recent && !self.audit_table(now) && self.is_reference() {
+                self.divergence_asked.insert(me, now);
+                self.stats.divergences_detected += 1;
+                self.note_error(format!("a peer's table digest differs from this member's {mine:016x}: realigning"));
+                self.realign();
             }
+            return;
         }
         let mut audited = false;
         for p in peers {
@@ -1097,7 +1108,20 @@ impl<D: NicDevice> Node<D> {
             }
             Phase::Synced if self.resync_wanted => {
                 self.ms.set_down(now);
-                self.start_pull(0, now)
+                // In load sharing no member's table is the cluster's: each
+                // holds its own writes, and a resync that emptied this
+                // table would lose those that reached no other member, or
+                // reached only members that emptied theirs too. It merges
+                // every peer's table into its own instead (the union, under
+                // the conflict rule), Down until done.
+                if self.cfg.mode == Mode::LoadSharing {
+                    tracing::info!(member = self.cfg.member_id, "resync: merging the peers' tables");
+                    if !self.merge_from_peers(None) {
+                        self.ms.set_synced(now);
+                    }
+                } else {
+                    self.start_pull(0, now)
+                }
             }
             _ => {}
         }
@@ -1137,6 +1161,7 @@ impl<D: NicDevice> Node<D> {
         }
         if !self.is_synced() {
             self.merge_queue.clear();
+            self.rejoin_after_merges = false;
             return;
         }
         while let Some(peer) = self.merge_queue.pop_front() {
@@ -1150,6 +1175,12 @@ impl<D: NicDevice> Node<D> {
             self.out.push_back(NodeOutput::FsConnect { conn, peer, attempt: 0 });
             self.merge = Some(Box::new(Pull::new(conn, peer, 0, now)));
             return;
+        }
+        if self.rejoin_after_merges {
+            self.rejoin_after_merges = false;
+            tracing::info!(member = self.cfg.member_id, "merges done: synced");
+            self.ms.set_synced(now);
+            self.ms.set_attention(false, now);
         }
         // Every merge done: the peers now merge this member's table, which
         // holds the union.
@@ -1331,7 +1362,7 @@ impl<D: NicDevice> Node<D> {
     fn pull_done(&mut self, records: u64, now: Nanos) {
         let Phase::Pulling(p) = &mut self.phase else { return };
         p.finished = true;
-        let (conn, started) = (p.conn, p.started);
+        let (conn, started, source) = (p.conn, p.started, p.peer);
         self.out.push_back(NodeOutput::FsClose { conn });
         if let Err(e) = self.table.driver().set_sync_hold(false) {
             self.note_error(format!("full sync: releasing sync hold: {e}"));
@@ -1343,8 +1374,42 @@ impl<D: NicDevice> Node<D> {
         self.stats.last_full_sync_records = records;
         self.stats.last_full_sync_ms = Some(now.saturating_sub(started) as f64 / 1e6);
         self.phase = Phase::Synced;
+        // In load sharing the source is one writer among several: another
+        // writer's update it had not yet received when its walk began, and
+        // that reached this member before its hold (or before it started),
+        // is in neither the snapshot nor the held updates. Every other
+        // writer holds its own updates: merging their tables closes that
+        // gap before this member reports itself synced.
+        if self.cfg.mode == Mode::LoadSharing && self.merge_from_peers(Some(source)) {
+            return;
+        }
         self.ms.set_synced(now);
         self.ms.set_attention(false, now);
+    }
+
+    /// Queues a merge pull from every live peer holding a synced table
+    /// (Standby or Active), but `except`, and has this member report itself
+    /// synced once they are done; returns whether any was queued.
+    fn merge_from_peers(&mut self, except: Option<u16>) -> bool {
+        let peers: Vec<u16> = self
+            .ms
+            .members()
+            .iter()
+            .filter(|m| {
+                !m.is_local
+                    && m.alive
+                    && Some(m.id) != except
+                    && (m.state == MemberState::Standby || m.state.is_active())
+            })
+            .map(|m| m.id)
+            .collect();
+        for p in &peers {
+            if !self.merge_queue.contains(p) {
+                self.merge_queue.push_back(*p);
+            }
+        }
+        self.rejoin_after_merges = !peers.is_empty();
+        self.rejoin_after_merges
     }
 
     /// The serving side: one device walk at a time, chunk by chunk.

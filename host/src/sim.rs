@@ -219,7 +219,9 @@ struct Sim {
     /// A key whose value on every member is logged as it changes
     /// (`NICSYNC_SIM_TRACE_KEY`, for replaying a failure).
     trace_key: Option<ConnKey>,
-    trace_last: HashMap<u16, Option<(u32, u32, u16)>>,
+    trace_last: HashMap<u16, TracedKey>,
+    /// Per member: what it was last seen doing about its table (traced).
+    trace_doing: HashMap<u16, String>,
 }
 
 fn sim_key(writer: u16, i: u32) -> ConnKey {
@@ -279,6 +281,7 @@ impl Sim {
             mark: 0,
             trace_key: std::env::var("NICSYNC_SIM_TRACE_KEY").ok().and_then(|k| crate::control::parse_key(&k).ok()),
             trace_last: HashMap::new(),
+            trace_doing: HashMap::new(),
         }
     }
 
@@ -613,6 +616,16 @@ impl Sim {
                     let loc = core.table().find(&k, &mut t)?;
                     core.table().get(loc).map(|s| (s.state.mark.get(), s.state.generation.get(), s.owner))
                 });
+                let tomb = self.slots[id as usize - 1]
+                    .node
+                    .as_ref()
+                    .and_then(|n| n.table_ref().driver_ref().device().nic().core().tombstone(&k));
+                let doing = self.slots[id as usize - 1].node.as_ref().map(|n| n.activity()).unwrap_or_default();
+                if self.trace_doing.get(&id) != Some(&doing) {
+                    self.trace_doing.insert(id, doing.clone());
+                    self.log(format!("trace: member {id} {doing}"));
+                }
+                let v = (v, tomb);
                 if self.trace_last.get(&id) != Some(&v) {
                     self.trace_last.insert(id, v);
                     self.log(format!("trace: member {id} holds {v:?}"));
@@ -924,6 +937,10 @@ enum Fault {
     Isolate(u16, bool),
     Resync(u16),
 }
+
+/// A traced key on one member: its entry (mark, generation, owner) and its
+/// tombstone (generation, owner), either absent.
+type TracedKey = (Option<(u32, u32, u16)>, Option<(u32, u16)>);
 
 /// Runs one seeded simulation.
 pub fn run(cfg: &SimConfig) -> SimReport {
