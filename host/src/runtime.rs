@@ -232,7 +232,13 @@ pub async fn serve_with<D: NicDevice + 'static>(
             );
         }
         turn.0 = "";
-        flush_outputs(node, net, &ccp, &mut conns, &ev_tx, &mut stats);
+        if flush_outputs(node, net, &ccp, &mut conns, &ev_tx, &mut stats) {
+            // Stream bytes go out through writer tasks on this thread: let
+            // them run before this loop takes its next event, or a Full
+            // Sync chunk's acknowledgement would wait for the chunk's
+            // writing to the card (a few ms), and the source with it.
+            tokio::task::yield_now().await;
+        }
         let next = match (node.poll_timeout(), kernel.as_ref().and_then(KernelLink::poll_timeout)) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -679,6 +685,8 @@ fn canonical(a: SocketAddr) -> SocketAddr {
     SocketAddr::new(a.ip().to_canonical(), a.port())
 }
 
+/// Sends or hands over what the node has to send; returns whether stream
+/// bytes were handed to a writer task.
 fn flush_outputs<D: NicDevice>(
     node: &mut Node<D>,
     net: &MemberNet,
@@ -686,7 +694,8 @@ fn flush_outputs<D: NicDevice>(
     conns: &mut HashMap<ConnId, mpsc::UnboundedSender<Vec<u8>>>,
     ev_tx: &mpsc::UnboundedSender<Ev>,
     stats: &mut NetStats,
-) {
+) -> bool {
+    let mut streamed = false;
     while let Some(out) = node.poll_output() {
         match out {
             NodeOutput::Ccp { dest, bytes } => {
@@ -723,7 +732,7 @@ fn flush_outputs<D: NicDevice>(
             }
             NodeOutput::FsSend { conn, bytes } => {
                 if let Some(tx) = conns.get(&conn) {
-                    let _ = tx.send(bytes);
+                    streamed |= tx.send(bytes).is_ok();
                 }
             }
             NodeOutput::FsClose { conn } => {
@@ -732,6 +741,7 @@ fn flush_outputs<D: NicDevice>(
             }
         }
     }
+    streamed
 }
 
 /// A reader task that forwards what arrives, and a writer task fed by the
