@@ -615,6 +615,9 @@ pub struct Core {
     member: u16,
     /// Delta Sync, when the device is part of a cluster.
     sync: Option<SyncUnit>,
+    /// A command burst sent sync frames since the poller last asked (see
+    /// [`Core::take_sync_sent`]).
+    sync_sent: bool,
     /// Scratch for the sync unit's events.
     sync_events: Vec<ReceiverEvent>,
     /// Tombstones a SYNC_RECORDS walk emits after the table (copied when
@@ -687,6 +690,7 @@ impl Core {
             placed: [None; FETCH_BURST + 1],
             member: 0,
             sync: None,
+            sync_sent: false,
             sync_events: Vec::new(),
             held: std::collections::VecDeque::new(),
             hold: false,
@@ -833,6 +837,15 @@ impl Core {
     /// without a sync unit or while disabled.
     pub fn sync_fast(&mut self) -> bool {
         self.sync_fast_frames(crate::sync_unit::RX_BUDGET)
+    }
+
+    /// Whether a command burst sent sync frames since the last call: a
+    /// poller serving several devices then lets the others take their
+    /// turn (and read their ports) at once, as peers' cards would receive
+    /// the frames beside their own pipelines, instead of after the rest of
+    /// this device's turn.
+    pub fn take_sync_sent(&mut self) -> bool {
+        std::mem::take(&mut self.sync_sent)
     }
 
     /// [`Core::sync_fast`] that stops after `frames` frames with updates: a
@@ -1141,7 +1154,7 @@ impl Core {
             // The frames this burst's updates completed leave after its
             // completions (at most one burst of them is queued).
             if let Some(unit) = &mut self.sync {
-                unit.transmit_submitted();
+                self.sync_sent |= unit.transmit_submitted();
             }
         }
         if let Some(c) = &mut self.cmd {

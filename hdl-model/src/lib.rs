@@ -367,6 +367,9 @@ impl Poller {
                         k += 1;
                         if g.poll() {
                             busy = true;
+                            if g.take_sync_sent() && nics.len() > 1 {
+                                break;
+                            }
                         } else if rx_more[i] || (k - 1) % SYNC_POLL_EVERY == 0 {
                             // The sync port runs beside the command
                             // pipeline: frames go out and come in while

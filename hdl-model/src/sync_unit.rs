@@ -146,12 +146,15 @@ impl SyncUnit {
     /// it after it has written the completions of a burst: as on the card,
     /// where the MAC sends beside the pipeline, a command's completion does
     /// not wait for a datagram to leave (a UDP send costs microseconds).
-    pub fn transmit_submitted(&mut self) {
+    pub fn transmit_submitted(&mut self) -> bool {
+        let mut sent = false;
         while let Some(t) = self.sender.poll_transmit() {
+            sent = true;
             if self.port.transmit(&t).is_err() {
                 self.stats.port_errors += 1;
             }
         }
+        sent
     }
 
     /// Runs timers, takes what the port has, sends what is due, and hands

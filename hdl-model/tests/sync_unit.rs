@@ -97,8 +97,9 @@ fn submitted_updates_leave_when_the_pipeline_sends_them() {
         a.unit.submit(&update(i), 0);
     }
     assert_eq!(a.sends.load(Ordering::Relaxed), 0, "a frame left before the pipeline sent it");
-    a.unit.transmit_submitted();
+    assert!(a.unit.transmit_submitted(), "it says it sent (the poller lets the peers' devices run)");
     assert_eq!(a.sends.load(Ordering::Relaxed), 3);
+    assert!(!a.unit.transmit_submitted(), "nothing more to send");
     let mut all = Vec::new();
     while let (true, marks) = delivered(&mut b.unit) {
         all.extend(marks);
