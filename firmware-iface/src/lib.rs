@@ -39,8 +39,9 @@ pub const ABI_MAJOR: u16 = 1;
 /// ABI minor version: additions that an older host may ignore (1: the
 /// inline doorbell window and its counters; 2: the sync event kinds; 3:
 /// consistent SNAPSHOT walks with SNAPSHOT_TORN, `Control::SYNC_HOLD` and
-/// the sync counters; 4: the sync security counters).
-pub const ABI_MINOR: u16 = 4;
+/// the sync counters; 4: the sync security counters; 5:
+/// `GENERATION_FLOOR`).
+pub const ABI_MINOR: u16 = 5;
 /// Oldest device minor this host drives: features newer than that are
 /// used only when their capability bit says the device has them.
 pub const MIN_DEVICE_ABI_MINOR: u16 = 0;

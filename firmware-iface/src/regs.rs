@@ -82,6 +82,15 @@ pub const IRQ_COALESCE_USEC: u32 = 0x074;
 pub const AGING_PERIOD_MS: u32 = 0x078;
 /// Read-only: number of entries resident in the table.
 pub const TABLE_COUNT: u32 = 0x07C;
+/// Read/write: the lowest generation the device gives a change it numbers
+/// itself (INSERT, UPDATE, UPSERT and DELETE without a given generation):
+/// such a change gets the higher of this and one above the key's stored
+/// entry or tombstone. 0 at reset: generations count from 1 per key. A
+/// host raises it with time (the daemon writes the seconds since
+/// 2024-01-01 every second, one more at start) so that a member that
+/// restarted numbers its changes above those of its previous life, which
+/// it no longer knows and which may still reach the peers late.
+pub const GENERATION_FLOOR: u32 = 0x080;
 
 /// Write-only, 64 bytes (0x0C0..0x100): the inline doorbell. The host
 /// writes a copy of a batch's first descriptor here, with `aux` set to
@@ -453,6 +462,7 @@ pub const REGISTERS: &[RegisterInfo] = &[
     reg!(IRQ_COALESCE_USEC, "RW", "interrupt holdoff in µs"),
     reg!(AGING_PERIOD_MS, "RW", "aging scan period in ms, 0 = off"),
     reg!(TABLE_COUNT, "RO", "entries resident"),
+    reg!(GENERATION_FLOOR, "RW", "lowest generation of a change the device numbers itself (0 = count from 1)"),
     reg!(CMD_INLINE, "WO", "inline doorbell: 64-byte copy of a batch's first descriptor, word 0 last"),
 ];
 

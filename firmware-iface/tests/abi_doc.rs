@@ -438,9 +438,11 @@ fn opcode_doc(op: Opcode) -> OpDoc {
             result: "generation stored (STALE: the stored, newer generation)",
             statuses: &[Success, NotFound, Stale, Malformed],
         },
-        Opcode::Delete => {
-            OpDoc { body: "`ConnBody` (state ignored)", result: "0", statuses: &[Success, NotFound, Malformed] }
-        }
+        Opcode::Delete => OpDoc {
+            body: "`ConnBody` (state ignored)",
+            result: "generation of the delete (one above the entry's, raised to GENERATION_FLOOR; ABI 1.5, 0 before)",
+            statuses: &[Success, NotFound, Malformed],
+        },
         Opcode::Lookup => OpDoc {
             body: "`LookupBody`",
             result: "1 (records written)",

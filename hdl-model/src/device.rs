@@ -340,7 +340,8 @@ impl Shared {
             | regs::TABLE_CAPACITY
             | regs::IRQ_COALESCE_COUNT
             | regs::IRQ_COALESCE_USEC
-            | regs::AGING_PERIOD_MS => self.set(off, v),
+            | regs::AGING_PERIOD_MS
+            | regs::GENERATION_FLOOR => self.set(off, v),
             _ => {}
         }
     }
@@ -1319,11 +1320,13 @@ impl Core {
             }
             Command::Delete { ref key, replica: None } => match self.find(key, at, &mut t) {
                 Some(loc) => {
+                    let mut generation = 0;
                     if let Some(gone) = self.table.remove(loc, &mut t) {
                         self.digest.sub(&gone);
+                        generation = self.delete_generation(&gone);
                         self.sync_local(DeltaOp::Delete, &gone, false);
                     }
-                    Outcome::ok(0)
+                    Outcome::ok(generation as u64)
                 }
                 None => Outcome::err(CplStatus::NotFound),
             },
@@ -1350,12 +1353,34 @@ impl Core {
         (out, t)
     }
 
+    /// The generation of a change this device numbers itself after one at
+    /// `generation`: one above, raised to the floor.
+    #[inline]
+    fn next_generation(generation: u32, floor: u32) -> u32 {
+        generation.wrapping_add(1).max(floor)
+    }
+
+    /// The generation of a local delete of `s` (the DELETE's `result`, and
+    /// the tombstone's).
+    fn delete_generation(&self, s: &Slot) -> u32 {
+        Self::next_generation(s.state.generation.get(), self.generation_floor())
+    }
+
+    /// The lowest generation of a change this device numbers itself
+    /// ([`regs::GENERATION_FLOOR`]).
+    #[inline]
+    fn generation_floor(&self) -> u32 {
+        self.shared.reg(regs::GENERATION_FLOOR)
+    }
+
     fn insert(&mut self, op: &ConnOp, at: Option<Placement>, now_ms: u64, t: &mut Traffic) -> Outcome {
         let mut state = op.state;
         if op.auto_generation {
             // Above a tombstone of the same key, so the re-insert beats the
             // delete on every peer.
-            state.generation = self.tombstones.generation(&op.key).map_or(1, |g| g.wrapping_add(1)).into();
+            let floor = self.generation_floor();
+            state.generation =
+                self.tombstones.generation(&op.key).map_or(floor.max(1), |g| Self::next_generation(g, floor)).into();
         }
         let slot = Slot {
             key: op.key,
@@ -1390,7 +1415,7 @@ impl Core {
         let was_synced = s.state.conn_flags().contains(ConnFlags::SYNC);
         let mut state = op.state;
         if op.auto_generation {
-            state.generation = stored.wrapping_add(1).into();
+            state.generation = Self::next_generation(stored, self.shared.reg(regs::GENERATION_FLOOR)).into();
         } else if state.generation.get() < stored
             // In a cluster, an equal generation wins only over a lower
             // owner id: a write that would lose on the peers is refused
@@ -1421,13 +1446,14 @@ impl Core {
     /// as a tombstone here.
     #[inline]
     fn sync_local(&mut self, op: DeltaOp, s: &Slot, was_synced: bool) {
+        let floor = self.generation_floor();
         let Some(unit) = &mut self.sync else { return };
         if !(was_synced || s.state.conn_flags().contains(ConnFlags::SYNC)) {
             return;
         }
         let mut state = s.state;
         if op == DeltaOp::Delete {
-            state.generation = state.generation.get().wrapping_add(1).into();
+            state.generation = Self::next_generation(state.generation.get(), floor).into();
         }
         let u = DeltaUpdate { op, owner: self.member, key: s.key, state, nat: s.nat };
         unit.submit(&u, self.now_ns);

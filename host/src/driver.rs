@@ -384,6 +384,8 @@ pub struct Driver<D: NicDevice> {
     inline_seq: u16,
     /// Whether the host asked for `SYNC_HOLD` (kept across a reinit).
     sync_hold: bool,
+    /// The generation floor last written (kept across a reinit).
+    generation_floor: u32,
     /// Interrupt signals taken against what the device counted.
     irq: IrqTally,
 }
@@ -483,6 +485,7 @@ impl<D: NicDevice> Driver<D> {
             batch_first: None,
             inline_seq: 0,
             sync_hold: false,
+            generation_floor: 0,
             irq: IrqTally::default(),
             cfg,
         };
@@ -688,6 +691,11 @@ impl<D: NicDevice> Driver<D> {
         if self.sync_hold {
             let ctl = Control::from_bits_truncate(self.dev.read32(regs::CONTROL));
             self.dev.write32(regs::CONTROL, (ctl | Control::SYNC_HOLD).bits());
+        }
+        // So did the generation floor: a rebuilt card must not number a
+        // change below what it numbered before.
+        if self.generation_floor != 0 {
+            self.dev.write32(regs::GENERATION_FLOOR, self.generation_floor);
         }
         Ok(pending)
     }
@@ -1304,6 +1312,27 @@ impl<D: NicDevice> Driver<D> {
     /// Entries resident in the device's table.
     pub fn table_count(&self) -> u32 {
         self.dev.read32(regs::TABLE_COUNT)
+    }
+
+    /// Raises the device's generation floor ([`regs::GENERATION_FLOOR`]) to
+    /// `floor`; a lower value than the last one is ignored (the floor never
+    /// goes down, so a change is never numbered below an earlier one for
+    /// want of it). A device older than ABI minor 5 has no such register
+    /// and numbers generations from 1 per key: nothing is written and the
+    /// floor stays 0.
+    pub fn raise_generation_floor(&mut self, floor: u32) {
+        if self.info.abi_minor < 5 {
+            return;
+        }
+        if floor > self.generation_floor {
+            self.generation_floor = floor;
+            self.dev.write32(regs::GENERATION_FLOOR, floor);
+        }
+    }
+
+    /// The generation floor last written (0: never).
+    pub fn generation_floor(&self) -> u32 {
+        self.generation_floor
     }
 
     /// Sets or clears [`Control::SYNC_HOLD`]: while set, the device buffers

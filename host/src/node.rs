@@ -79,6 +79,49 @@ pub struct NodeConfig {
     pub seal: Option<SealConfig>,
     /// The key file `seal`'s keys came from ([`Node::reload_keys`]).
     pub key_file: Option<std::path::PathBuf>,
+    /// What the card's generation floor follows (see [`GenerationClock`]).
+    pub generation_clock: GenerationClock,
+}
+
+/// What a member's card numbers its own changes above
+/// ([`nicsync_fwif::regs::GENERATION_FLOOR`]), so that a member that
+/// restarted numbers them above those of its previous life. That life's
+/// last changes may still reach the peers after the restart (a peer cut
+/// off then learns of them late); the restarted member, which no longer
+/// knows them, would otherwise number its next change of the same key
+/// alike, and the conflict rule could keep the older one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GenerationClock {
+    /// Generations count from 1 per key.
+    Off,
+    /// Seconds since 2024-01-01 on the system clock, one more at start (a
+    /// process restart takes longer than the second this leaves).
+    WallSeconds,
+    /// Milliseconds of the driver's time (`now`), for a driver whose clock
+    /// runs on across a member's restarts (the simulator).
+    DriverMillis,
+}
+
+/// How often [`Node::progress`] brings the card's generation floor up to
+/// its clock.
+const FLOOR_CHECK_NS: Nanos = 10_000_000;
+
+/// 2024-01-01T00:00:00Z in seconds since the Unix epoch.
+const GENERATION_EPOCH_S: u64 = 1_704_067_200;
+
+impl GenerationClock {
+    /// The floor at driver time `now` (0: none).
+    pub fn floor(self, now: Nanos) -> u32 {
+        match self {
+            GenerationClock::Off => 0,
+            GenerationClock::WallSeconds => {
+                let unix =
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                u32::try_from(unix.saturating_sub(GENERATION_EPOCH_S)).unwrap_or(u32::MAX)
+            }
+            GenerationClock::DriverMillis => u32::try_from(now / 1_000_000).unwrap_or(u32::MAX),
+        }
+    }
 }
 
 impl NodeConfig {
@@ -98,6 +141,7 @@ impl NodeConfig {
             alone_after_ns: 500_000_000,
             seal: None,
             key_file: None,
+            generation_clock: GenerationClock::WallSeconds,
         }
     }
 }
@@ -276,6 +320,8 @@ pub struct Node<D: NicDevice> {
     table_own: bool,
     /// When this member started.
     started: Nanos,
+    /// When the generation floor was last brought up to the clock.
+    floor_checked: Nanos,
     /// Since when it has been looking for an Active to pull from.
     looking_since: Option<Nanos>,
     /// The merge pull in progress (realignment; the member stays in its
@@ -357,6 +403,11 @@ impl<D: NicDevice> Node<D> {
         // A new member holds the peers' updates from its first moment, so
         // that none is applied before the snapshot it will pull.
         table.driver().set_sync_hold(true).map_err(|e| NodeError::Table(e.into()))?;
+        // One above the clock at start: a restart within the clock's unit
+        // still numbers above the previous life's start.
+        if cfg.generation_clock != GenerationClock::Off {
+            table.raise_generation_floor(cfg.generation_clock.floor(now).saturating_add(1));
+        }
         let listen = cfg.probe_interval_ns.saturating_mul(cfg.dead_after as u64 + 1);
         let security = cfg.seal.clone().map(|c| NodeSecurity::new(c, cfg.cluster_id, cfg.member_id, &cfg.peers));
         let resets_seen = table.recovery_stats().resets;
@@ -378,6 +429,7 @@ impl<D: NicDevice> Node<D> {
             resync_asks: Vec::new(),
             table_own: true,
             started: now,
+            floor_checked: now,
             looking_since: None,
             drain_since: None,
             merge: None,
@@ -894,6 +946,12 @@ impl<D: NicDevice> Node<D> {
     /// call it more often.
     pub fn progress(&mut self, now: Nanos) {
         let t0 = std::time::Instant::now();
+        if now.saturating_sub(self.floor_checked) >= FLOOR_CHECK_NS && self.cfg.generation_clock != GenerationClock::Off
+        {
+            self.floor_checked = now;
+            let floor = self.cfg.generation_clock.floor(now);
+            self.table.raise_generation_floor(floor);
+        }
         self.poll_device_events(now);
         let t_events = t0.elapsed();
         self.watch_device(now);

@@ -96,6 +96,8 @@ pub struct ShadowTable {
     /// it with the device's counter every time).
     synced: usize,
     needs_audit: bool,
+    /// The device's generation floor as the host last raised it.
+    generation_floor: u32,
 }
 
 impl ShadowTable {
@@ -194,10 +196,23 @@ impl ShadowTable {
 
     /// Removes `key`'s entry as a local delete does on a cluster member's
     /// card: a synced entry leaves a tombstone one generation above it.
-    fn delete_local(&mut self, key: &ConnKey) {
+    /// The device's generation floor, as raised (see
+    /// [`crate::table::ConnTable::raise_generation_floor`]).
+    pub fn set_generation_floor(&mut self, floor: u32) {
+        self.generation_floor = floor;
+    }
+
+    /// A local delete of `key`, whose generation the device gave as
+    /// `device_generation` (0: not told, an AGED event or a device before
+    /// ABI 1.5: one above the entry, raised to the floor, as the device
+    /// numbers it).
+    fn delete_local(&mut self, key: &ConnKey, device_generation: u32) {
         match self.map.get(key) {
             Some(e) if e.state.conn_flags().contains(ConnFlags::SYNC) => {
-                let generation = e.state.generation.get().wrapping_add(1);
+                let generation = match device_generation {
+                    0 => e.state.generation.get().wrapping_add(1).max(self.generation_floor),
+                    g => g,
+                };
                 self.bury(*key, ShadowTomb { generation, owner: 0 });
             }
             _ => {
@@ -241,7 +256,7 @@ impl ShadowTable {
             (TableOp::Replica(k, e, owner), Ok(_)) => {
                 self.set(*k, ShadowEntry { state: e.state, nat: e.nat.unwrap_or_default(), owner: *owner });
             }
-            (TableOp::Delete(k), Ok(_)) => self.delete_local(k),
+            (TableOp::Delete(k), Ok(g)) => self.delete_local(k, *g),
             (TableOp::Delete(k) | TableOp::Update(k, _), Err(TableError::NotFound)) => {
                 self.remove(k);
             }
@@ -264,7 +279,7 @@ impl ShadowTable {
             // peers as its own delete, and keeps a tombstone.
             EventKind::Aged => match self.map.get(&ev.key) {
                 Some(e) if e.state == ev.state => {
-                    self.delete_local(&ev.key);
+                    self.delete_local(&ev.key, 0);
                     true
                 }
                 _ => false,
@@ -411,6 +426,24 @@ mod tests {
         s.clear();
         assert_eq!(s.synced_len(), 0);
         assert_eq!(s.tombstones_len(), 0);
+    }
+
+    #[test]
+    fn tombstones_take_the_devices_generation_and_floor() {
+        let mut s = ShadowTable::new();
+        // The device says the delete's generation (ABI 1.5): that one.
+        s.record(&TableOp::Insert(key(1), ConnEntry::new(synced(1, 0))), &Ok(4));
+        s.record(&TableOp::Delete(key(1)), &Ok(600));
+        assert_eq!(s.tombstone(&key(1)), Some(ShadowTomb { generation: 600, owner: 0 }));
+        // An aged entry: one above it, raised to the floor, as the device
+        // numbers it.
+        s.set_generation_floor(700);
+        s.set(key(2), ShadowEntry { state: synced(1, 3), ..Default::default() });
+        s.apply_event(&Event { kind: EventKind::Aged, seq: 1, key: key(2), state: synced(1, 3) });
+        assert_eq!(s.tombstone(&key(2)).map(|t| t.generation), Some(700));
+        s.set(key(3), ShadowEntry { state: synced(1, 900), ..Default::default() });
+        s.apply_event(&Event { kind: EventKind::Aged, seq: 2, key: key(3), state: synced(1, 900) });
+        assert_eq!(s.tombstone(&key(3)).map(|t| t.generation), Some(901));
     }
 
     #[test]

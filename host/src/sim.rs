@@ -347,6 +347,9 @@ impl Sim {
         nc.retry_backoff_ns = 50_000_000;
         nc.chunk_records = 256;
         nc.seal = seal;
+        // Virtual time runs on across a member's restarts: a deterministic
+        // clock for the generation floor.
+        nc.generation_clock = crate::node::GenerationClock::DriverMillis;
         let node = Node::new(table, nc, self.now).map_err(|e| e.to_string())?;
         self.log(format!("member {id} starts (incarnation {inc:#x})"));
         let slot = &mut self.slots[idx];

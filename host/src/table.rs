@@ -264,6 +264,17 @@ impl<D: NicDevice> ConnTable<D> {
         self.auto_generation = on;
     }
 
+    /// Raises the device's generation floor
+    /// ([`Driver::raise_generation_floor`]) and tells the host's copy, which
+    /// numbers the tombstones of aged entries as the device does.
+    pub fn raise_generation_floor(&mut self, floor: u32) {
+        self.drv.raise_generation_floor(floor);
+        let now = self.drv.generation_floor();
+        if let Some(r) = &mut self.rec {
+            r.shadow.set_generation_floor(now);
+        }
+    }
+
     /// The driver.
     pub fn driver(&mut self) -> &mut Driver<D> {
         &mut self.drv
@@ -537,6 +548,7 @@ impl<D: NicDevice> ConnTable<D> {
     pub fn enable_recovery(&mut self, cfg: RecoveryConfig) -> Result<(), TableError> {
         self.rec = None;
         let mut shadow = ShadowTable::new();
+        shadow.set_generation_floor(self.drv.generation_floor());
         if !self.is_empty() {
             for r in self.snapshot() {
                 shadow.adopt(&r?);

@@ -436,8 +436,8 @@ fn torn_and_busy_window_writes_are_ignored() {
     // A 64-byte write anywhere but at CMD_INLINE is not a doorbell either.
     nic.mmio_write_inline(regs::CMD_INLINE + 8, &good);
     nothing_happened(&mut t, "window write at CMD_INLINE + 8");
-    nic.mmio_write_inline(0x080, &good);
-    nothing_happened(&mut t, "window write at 0x080");
+    nic.mmio_write_inline(0x400, &good);
+    nothing_happened(&mut t, "window write at 0x400 (no register there)");
 
     // The driver's doorbell (its own next sequence) runs the command from
     // the window.

@@ -852,3 +852,28 @@ fn batch_returns_when_the_ring_is_full_of_other_commands() {
         Err(_) => panic!("ConnTable::batch did not return within 20 s (spinning on RingFull)"),
     }
 }
+
+/// `GENERATION_FLOOR`: a change the device numbers itself gets at least the
+/// floor (so a member that restarted numbers its changes above those of its
+/// previous life); at 0 generations count from 1 per key. The driver never
+/// lowers it and writes it again after a device reset.
+#[test]
+fn the_generation_floor_numbers_changes_above_it() {
+    let mut t = open(cfg(6));
+    let e = |mark| ConnEntry::new(state(mark, 60));
+    assert_eq!(t.insert(&key(1), &e(1)).expect("insert"), 1);
+    assert_eq!(t.update(&key(1), &e(2)).expect("update"), 2);
+    t.driver().raise_generation_floor(1000);
+    assert_eq!(t.update(&key(1), &e(3)).expect("update"), 1000);
+    assert_eq!(t.update(&key(1), &e(4)).expect("update"), 1001, "one above the stored entry");
+    assert_eq!(t.upsert(&key(2), &e(5)).expect("upsert"), 1000);
+    t.driver().raise_generation_floor(10);
+    assert_eq!(t.driver_ref().generation_floor(), 1000, "never lowered");
+    assert_eq!(t.insert(&key(3), &e(6)).expect("insert"), 1000);
+    // A DELETE says the generation of the delete: one above the entry,
+    // raised to the floor.
+    let r = t.batch(&[TableOp::Delete(key(1)), TableOp::Delete(key(2))]).expect("batch");
+    assert_eq!(r.into_iter().map(|x| x.expect("delete")).collect::<Vec<_>>(), [1002, 1001]);
+    t.driver().reinit().expect("reinit");
+    assert_eq!(t.insert(&key(4), &e(7)).expect("insert after a reset"), 1000);
+}
