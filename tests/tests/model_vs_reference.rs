@@ -153,9 +153,12 @@ impl Reference {
         let now = self.now_ms;
         let present = self.map.get_mut(&key);
         match (kind, present) {
-            (WriteKind::Delete, Some(_)) => {
+            // The generation of the delete: one above the entry (no
+            // generation floor here).
+            (WriteKind::Delete, Some(s)) => {
+                let g = s.state.generation.get().wrapping_add(1);
                 self.map.remove(&key);
-                Res::Ok(0)
+                Res::Ok(g)
             }
             (WriteKind::Delete, None) | (WriteKind::Update, None) => Res::NotFound,
             (WriteKind::Insert, Some(_)) => Res::Exists,
@@ -436,6 +439,6 @@ fn reference_model_follows_the_documented_rules() {
     r.now_ms = 9000;
     assert_eq!(r.record(&k).map(|x| x.state.timeout_s.get()), Some(1));
     assert_eq!(r.apply(WriteKind::Upsert, keys[1], st(7, 0), None, true), Res::Ok(1));
-    assert_eq!(r.apply(WriteKind::Delete, k, st(0, 0), None, true), Res::Ok(0));
+    assert_eq!(r.apply(WriteKind::Delete, k, st(0, 0), None, true), Res::Ok(101));
     assert_eq!(r.map.len(), 1);
 }
