@@ -785,11 +785,23 @@ impl<D: NicDevice> ConnTable<D> {
     /// device refused.
     fn restore_keys(&mut self, keys: &[ConnKey]) -> Result<u64, DriverError> {
         let Some(r) = &self.rec else { return Ok(0) };
-        let cmds: Vec<_> =
-            keys.iter().filter_map(|k| r.shadow.get(k).map(|e| restore_desc(r.cfg.member, k, e, true))).collect();
+        let (keys, cmds): (Vec<ConnKey>, Vec<_>) =
+            keys.iter().filter_map(|k| r.shadow.get(k).map(|e| (*k, restore_desc(r.cfg.member, k, e, true)))).unzip();
         let cpls = self.run_encoded(&cmds)?;
         let ok = cpls.iter().filter(|c| c.status == CplStatus::Success).count() as u64;
         self.drv.recovery_mut().entries_restored += ok;
+        // STALE: the card holds a newer version of the connection (a
+        // tombstone: a peer's delete whose event was lost). A lost entry
+        // leaves none, so the copy is the one behind: it forgets the entry,
+        // or every audit would find it missing and try again.
+        if let Some(r) = &mut self.rec {
+            for (k, c) in keys.iter().zip(&cpls) {
+                if c.status == CplStatus::Stale {
+                    tracing::debug!(key = %k, "audit: the card holds a newer version; the copy forgets its entry");
+                    r.shadow.remove(k);
+                }
+            }
+        }
         Ok(cpls.len() as u64 - ok)
     }
 
@@ -1142,6 +1154,7 @@ impl<D: NicDevice> ConnTable<D> {
                 // Removed by the device with its event lost, or lost.
                 None if !self.certainly_lost(e, trusted) => forget.push(*k),
                 None => {
+                    tracing::debug!(key = %k, generation = e.state.generation.get(), owner = e.owner, "audit: missing on the card");
                     report.missing += 1;
                     restore.push(*k);
                 }

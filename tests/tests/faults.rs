@@ -927,3 +927,30 @@ fn device_survives_random_descriptors() {
     t.insert(&k, &ConnEntry { state: state(1), nat: Some(nat(1)) }).expect("still works");
     assert_eq!(t.lookup(&k).expect("lookup").map(|r| r.nat), Some(nat(1)));
 }
+
+/// A copy that holds an entry the card deleted (it missed the delete; in
+/// the load-sharing simulator with device faults, seed 15): the audit finds
+/// it missing and restores it, and the card refuses the restore as STALE,
+/// since its tombstone is newer. The copy then forgets the entry; it kept
+/// it before, and every audit after (one a probe interval) found the same
+/// entry missing, walked the whole card and tried again.
+#[test]
+fn a_restore_the_cards_tombstone_refuses_makes_the_copy_forget_the_entry() {
+    let hub = InProcessHub::new(HubConfig::new());
+    let (mut t, _) = cluster_member(&hub, 1, vec![2], true);
+    let k = key(3);
+    assert_eq!(t.insert(&k, &ConnEntry::new(synced_state(3))).expect("insert"), 1);
+    t.delete(&k).expect("delete");
+    let stale = nicsync::shadow::ShadowEntry {
+        state: ConnState { generation: 1.into(), ..synced_state(3) },
+        nat: Nat::default(),
+        owner: 1,
+    };
+    t.shadow_mut().expect("copy").set(k, stale);
+    let first = t.audit_full().expect("audit");
+    assert_eq!(first.missing, 1, "{first:?}");
+    assert!(t.shadow().expect("copy").get(&k).is_none(), "the copy forgot the entry the card's tombstone beats");
+    let again = t.audit_full().expect("audit");
+    assert_eq!((again.missing, again.different), (0, 0), "{again:?}");
+    assert!(t.lookup(&k).expect("lookup").is_none());
+}
