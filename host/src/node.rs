@@ -627,7 +627,9 @@ impl<D: NicDevice> Node<D> {
     /// (a quiet table, so not replication lag), their tables have diverged
     /// in a way no retransmission will mend (a dead member's last updates
     /// reached some members only, say): the Standby is asked to resync
-    /// from the Active. Never silent divergence.
+    /// from the Active. In load sharing, where any member may be the one
+    /// behind, the reference realigns every member to the union instead.
+    /// Never silent divergence.
     fn check_divergence(&mut self, now: Nanos) {
         let mine = self.table.driver_ref().device_counter(Counter::SyncDigest);
         if mine != self.digest.0 {
