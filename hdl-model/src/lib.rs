@@ -24,12 +24,12 @@ pub mod cost;
 pub mod device;
 pub mod dma;
 pub mod fault;
-#[allow(unsafe_code)]
-mod prefetch;
 pub mod rng;
 pub mod seal_port;
 pub mod sync;
 pub mod sync_unit;
+#[allow(unsafe_code)]
+mod sys;
 pub mod table;
 pub mod wire;
 

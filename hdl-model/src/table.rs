@@ -293,8 +293,8 @@ impl CuckooTable {
     #[inline]
     pub fn prefetch_buckets(&self, (b1, b2, _): Placement) {
         if let (Some(a), Some(b)) = (self.fps.get(b1 * WAYS), self.fps.get(b2 * WAYS)) {
-            crate::prefetch::prefetch(a);
-            crate::prefetch::prefetch(b);
+            crate::sys::prefetch(a);
+            crate::sys::prefetch(b);
         }
     }
 
@@ -306,8 +306,8 @@ impl CuckooTable {
             let m = fp_matches(&self.fps[b * WAYS..(b + 1) * WAYS], fp);
             if m != 0 {
                 let s = &self.slots[b * WAYS + (m.trailing_zeros() / 8) as usize];
-                crate::prefetch::prefetch(&s.key);
-                crate::prefetch::prefetch(&s.expires_ms);
+                crate::sys::prefetch(&s.key);
+                crate::sys::prefetch(&s.expires_ms);
                 return;
             }
         }

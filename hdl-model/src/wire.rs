@@ -17,7 +17,12 @@
 //!   multi-process and multi-host clusters. It binds to a configurable
 //!   address (default `0.0.0.0:`[`SYNC_UDP_PORT`], ClusterXL's 8116), sends
 //!   each frame to every configured peer by unicast, and accepts datagrams
-//!   only from configured peers.
+//!   only from configured peers. Each peer gets its own socket connected to
+//!   it and bound to the same address (`SO_REUSEPORT`): the kernel hands it
+//!   that peer's datagrams, and sending on it skips `sendto`'s route lookup;
+//!   the unconnected socket hears everyone else, and is read one receive in
+//!   8 when the peers' sockets are empty. The port's
+//!   readiness descriptor is an epoll set of all its sockets.
 //!
 //! A driver moves frames between a state machine and a port:
 //!
@@ -682,13 +687,28 @@ impl UdpConfig {
     }
 }
 
-/// A sync port on a non-blocking UDP socket (see the module docs).
+/// A sync port on non-blocking UDP sockets (see the module docs): one
+/// unconnected socket bound to the sync address, and per peer one connected
+/// socket bound to the same address (`SO_REUSEPORT`). The kernel hands a
+/// connected socket its peer's datagrams and the unconnected one everything
+/// else; sending on a connected socket skips the route lookup `sendto`
+/// makes (0.35 us a datagram on loopback here, about 0.4 us off a one-way
+/// delta). A peer whose socket cannot be made goes through the unconnected
+/// one.
 #[derive(Debug)]
 pub struct UdpPort {
     socket: UdpSocket,
     member: u16,
     local: SocketAddr,
     peers: Vec<UdpPeer>,
+    /// Per peer (same order): its connected socket.
+    links: Vec<Option<UdpSocket>>,
+    /// The next link a receive looks at first (round robin).
+    next_link: usize,
+    /// Receives since the unconnected socket was last read.
+    since_main: u32,
+    /// Every socket of the port, readable as one.
+    ready: Option<crate::sys::ReadinessSet>,
     /// Receive buffer one byte longer than the largest frame, so that an
     /// oversize datagram shows as one.
     scratch: Box<[u8]>,
@@ -714,19 +734,53 @@ fn bind_hint(kind: io::ErrorKind) -> &'static str {
     }
 }
 
+/// The unconnected socket reads one receive in this many when the connected
+/// ones had nothing: it hears only datagrams from sources that are not
+/// peers (counted and dropped), and an empty read costs a system call.
+const MAIN_READ_EVERY: u32 = 8;
+
+/// A non-blocking UDP socket bound to `local` with `SO_REUSEPORT`, and
+/// connected to `peer` if given.
+fn shared_socket(local: SocketAddr, peer: Option<SocketAddr>) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(local), Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_port(true)?;
+    s.bind(&local.into())?;
+    if let Some(p) = peer {
+        s.connect(&p.into())?;
+    }
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
 impl UdpPort {
     /// Binds the socket, makes it non-blocking and adds the configured peers.
     pub fn bind(cfg: UdpConfig) -> Result<Self, WireError> {
         let addr = cfg.bind;
-        let socket =
-            UdpSocket::bind(addr).map_err(|source| WireError::Bind { addr, hint: bind_hint(source.kind()), source })?;
-        socket.set_nonblocking(true).map_err(|source| WireError::Setup { addr, source })?;
+        let bind_err = |source: io::Error| WireError::Bind { addr, hint: bind_hint(source.kind()), source };
+        // The port's sockets share the address (SO_REUSEPORT), which would
+        // also let a second member bound to it by mistake share it silently:
+        // a plain bind first says whether anyone holds it.
+        if addr.port() != 0 {
+            drop(UdpSocket::bind(addr).map_err(bind_err)?);
+        }
+        let socket = shared_socket(addr, None).map_err(bind_err)?;
         let local = socket.local_addr().map_err(|source| WireError::Setup { addr, source })?;
+        let ready = crate::sys::ReadinessSet::new().ok();
+        if let Some(r) = &ready {
+            if let Err(e) = r.add(std::os::fd::AsFd::as_fd(&socket)) {
+                tracing::warn!("sync port {local}: readiness set: {e}");
+            }
+        }
         let mut port = UdpPort {
             socket,
             member: cfg.member,
             local,
             peers: Vec::with_capacity(cfg.peers.len()),
+            links: Vec::with_capacity(cfg.peers.len()),
+            next_link: 0,
+            since_main: 0,
+            ready,
             scratch: vec![0u8; MAX_WIRE_FRAME + 1].into_boxed_slice(),
             stats: WireStats::default(),
         };
@@ -770,16 +824,37 @@ impl UdpPort {
         if self.peers.iter().any(|p| p.addr == addr) {
             return Err(WireError::DuplicatePeer(addr));
         }
+        // Without a readiness set a sleeping device thread would not hear
+        // a connected socket: then everything goes through the shared one.
+        let link = match self.ready.as_ref().map(|_| shared_socket(self.local, Some(addr))) {
+            None => None,
+            Some(Ok(s)) => Some(s),
+            Some(Err(e)) => {
+                tracing::warn!(
+                    "sync port {}: no connected socket for peer {addr} ({e}); sending with sendto",
+                    self.local
+                );
+                None
+            }
+        };
+        if let (Some(r), Some(s)) = (&self.ready, &link) {
+            if let Err(e) = r.add(std::os::fd::AsFd::as_fd(s)) {
+                tracing::warn!("sync port {}: readiness set: {e}", self.local);
+            }
+        }
         self.peers.push(UdpPeer { addr, member: peer.member });
+        self.links.push(link);
         Ok(())
     }
 
     /// Removes the peer at `addr`; returns whether it was there.
     pub fn remove_peer(&mut self, addr: SocketAddr) -> bool {
         let addr = canonical(addr);
-        let before = self.peers.len();
-        self.peers.retain(|p| p.addr != addr);
-        self.peers.len() != before
+        let Some(i) = self.peers.iter().position(|p| p.addr == addr) else { return false };
+        self.peers.remove(i);
+        // Closing the connected socket takes it out of the readiness set.
+        self.links.remove(i);
+        true
     }
 
     /// Sends to every peer `pick` accepts; per-peer failures are counted and
@@ -788,8 +863,12 @@ impl UdpPort {
         check_frame(frame, &mut self.stats)?;
         self.stats.frames_sent += 1;
         let mut first_err = None;
-        for p in self.peers.iter().filter(|p| pick(p)) {
-            match self.socket.send_to(frame, p.addr) {
+        for (p, link) in self.peers.iter().zip(&self.links).filter(|(p, _)| pick(p)) {
+            let sent = match link {
+                Some(s) => s.send(frame),
+                None => self.socket.send_to(frame, p.addr),
+            };
+            match sent {
                 Ok(_) => self.stats.datagrams_sent += 1,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.stats.tx_dropped += 1,
                 Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset) => {
@@ -825,7 +904,10 @@ impl SyncPort for UdpPort {
         }
     }
 
-    /// The next datagram from a configured peer. Oversize datagrams and
+    /// The next datagram from a configured peer: first from the peers'
+    /// connected sockets (round robin), then, one call in `MAIN_READ_EVERY`
+    /// when they had nothing (every call for a peer
+    /// without one), from the unconnected socket. Oversize datagrams and
     /// datagrams from other sources are dropped and counted, up to
     /// [`RECV_DISCARD_BUDGET`] per call.
     fn recv(&mut self, buf: &mut [u8]) -> Result<Option<usize>, WireError> {
@@ -833,7 +915,49 @@ impl SyncPort for UdpPort {
         // With room for one byte more than a frame, receive in place;
         // otherwise through the scratch buffer.
         let direct = buf.len() > MAX_WIRE_FRAME;
-        for _ in 0..RECV_DISCARD_BUDGET {
+        let mut budget = RECV_DISCARD_BUDGET;
+        let links = self.links.len();
+        for k in 0..links {
+            let i = (self.next_link + k) % links;
+            let Some(sock) = &self.links[i] else { continue };
+            while budget > 0 {
+                let res = if direct { sock.recv(&mut buf[..=MAX_WIRE_FRAME]) } else { sock.recv(&mut self.scratch) };
+                let n = match res {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    // The peer's port was closed (an ICMP report on the
+                    // connected socket): counted, as on the shared one.
+                    Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset) => {
+                        self.stats.unreachable += 1;
+                        budget -= 1;
+                        continue;
+                    }
+                    Err(source) => {
+                        self.stats.errors += 1;
+                        return Err(WireError::Recv { addr: self.local, source });
+                    }
+                };
+                if n > MAX_WIRE_FRAME {
+                    self.stats.oversize_received += 1;
+                    budget -= 1;
+                    continue;
+                }
+                if !direct {
+                    buf[..n].copy_from_slice(&self.scratch[..n]);
+                }
+                self.stats.frames_received += 1;
+                self.next_link = (i + 1) % links;
+                return Ok(Some(n));
+            }
+        }
+        self.since_main += 1;
+        if self.links.iter().all(Option::is_some) && self.since_main < MAIN_READ_EVERY {
+            return Ok(None);
+        }
+        self.since_main = 0;
+        while budget > 0 {
+            budget -= 1;
             let res = if direct {
                 self.socket.recv_from(&mut buf[..=MAX_WIRE_FRAME])
             } else {
@@ -878,7 +1002,12 @@ impl SyncPort for UdpPort {
         self.stats
     }
 
+    /// The port's readiness set (all its sockets); the unconnected socket
+    /// where the set could not be made.
     fn readiness_fd(&self) -> Option<std::os::fd::OwnedFd> {
-        self.socket.try_clone().ok().map(std::os::fd::OwnedFd::from)
+        match &self.ready {
+            Some(r) => r.try_clone().ok(),
+            None => self.socket.try_clone().ok().map(std::os::fd::OwnedFd::from),
+        }
     }
 }

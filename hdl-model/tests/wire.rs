@@ -421,6 +421,21 @@ fn udp_oversize_is_refused_and_dropped() {
     assert!(matches!(b.recv(&mut small), Err(WireError::BufferTooSmall { .. })));
 }
 
+/// A port's sockets share its address (SO_REUSEPORT, one connected per
+/// peer), which would let a second port bind it too and take some of its
+/// datagrams: a second port on the same address is refused as before.
+#[test]
+fn udp_a_second_port_on_a_ports_address_is_refused() {
+    let mut a = udp_port(1);
+    let mut b = udp_port(2);
+    connect(&mut [&mut a, &mut b]);
+    let e = UdpPort::bind(UdpConfig::new(3).bind_to(a.local_addr())).expect_err("address in use");
+    assert!(matches!(&e, WireError::Bind { source, .. } if source.kind() == std::io::ErrorKind::AddrInUse), "{e:?}");
+    // The peer's datagrams (on the connected socket) still reach it.
+    b.send(&frame(2, 1)).expect("send");
+    assert_eq!(recv_n(&mut a, 1), [frame(2, 1)]);
+}
+
 #[test]
 fn udp_bind_and_peer_errors_name_the_address() {
     let taken = UdpSocket::bind(loopback0()).expect("bind");
