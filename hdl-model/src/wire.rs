@@ -739,6 +739,39 @@ fn bind_hint(kind: io::ErrorKind) -> &'static str {
 /// peers (counted and dropped), and an empty read costs a system call.
 const MAIN_READ_EVERY: u32 = 8;
 
+/// What one receive on a sync socket gave.
+enum Received {
+    /// A datagram of this length, in the buffer.
+    Frame(usize),
+    /// Nothing usable (oversize, an unreachable report, an interrupted
+    /// call): counted where it is an event, and the next receive tried.
+    Discarded,
+    /// The socket had nothing.
+    Empty,
+}
+
+/// Classifies a receive's result, counting what it discards.
+fn received(stats: &mut WireStats, local: SocketAddr, res: io::Result<usize>) -> Result<Received, WireError> {
+    match res {
+        Ok(n) if n > MAX_WIRE_FRAME => {
+            stats.oversize_received += 1;
+            Ok(Received::Discarded)
+        }
+        Ok(n) => Ok(Received::Frame(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Received::Empty),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Received::Discarded),
+        // A peer's port was closed (an ICMP report, on the next receive).
+        Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset) => {
+            stats.unreachable += 1;
+            Ok(Received::Discarded)
+        }
+        Err(source) => {
+            stats.errors += 1;
+            Err(WireError::Recv { addr: local, source })
+        }
+    }
+}
+
 /// A non-blocking UDP socket bound to `local` with `SO_REUSEPORT`, and
 /// connected to `peer` if given.
 fn shared_socket(local: SocketAddr, peer: Option<SocketAddr>) -> io::Result<UdpSocket> {
@@ -921,34 +954,20 @@ impl SyncPort for UdpPort {
             let i = (self.next_link + k) % links;
             let Some(sock) = &self.links[i] else { continue };
             while budget > 0 {
+                budget -= 1;
                 let res = if direct { sock.recv(&mut buf[..=MAX_WIRE_FRAME]) } else { sock.recv(&mut self.scratch) };
-                let n = match res {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    // The peer's port was closed (an ICMP report on the
-                    // connected socket): counted, as on the shared one.
-                    Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset) => {
-                        self.stats.unreachable += 1;
-                        budget -= 1;
-                        continue;
+                match received(&mut self.stats, self.local, res)? {
+                    Received::Empty => break,
+                    Received::Discarded => {}
+                    Received::Frame(n) => {
+                        if !direct {
+                            buf[..n].copy_from_slice(&self.scratch[..n]);
+                        }
+                        self.stats.frames_received += 1;
+                        self.next_link = (i + 1) % links;
+                        return Ok(Some(n));
                     }
-                    Err(source) => {
-                        self.stats.errors += 1;
-                        return Err(WireError::Recv { addr: self.local, source });
-                    }
-                };
-                if n > MAX_WIRE_FRAME {
-                    self.stats.oversize_received += 1;
-                    budget -= 1;
-                    continue;
                 }
-                if !direct {
-                    buf[..n].copy_from_slice(&self.scratch[..n]);
-                }
-                self.stats.frames_received += 1;
-                self.next_link = (i + 1) % links;
-                return Ok(Some(n));
             }
         }
         self.since_main += 1;
@@ -963,33 +982,26 @@ impl SyncPort for UdpPort {
             } else {
                 self.socket.recv_from(&mut self.scratch)
             };
-            let (n, src) = match res {
-                Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset) => {
-                    self.stats.unreachable += 1;
-                    continue;
-                }
-                Err(source) => {
-                    self.stats.errors += 1;
-                    return Err(WireError::Recv { addr: self.local, source });
-                }
+            let (res, src) = match res {
+                Ok((n, src)) => (Ok(n), Some(src)),
+                Err(e) => (Err(e), None),
             };
-            if n > MAX_WIRE_FRAME {
-                self.stats.oversize_received += 1;
-                continue;
+            match received(&mut self.stats, self.local, res)? {
+                Received::Empty => return Ok(None),
+                Received::Discarded => {}
+                Received::Frame(n) => {
+                    let from_peer = src.map(canonical).is_some_and(|a| self.peers.iter().any(|p| p.addr == a));
+                    if !from_peer {
+                        self.stats.unknown_source += 1;
+                        continue;
+                    }
+                    if !direct {
+                        buf[..n].copy_from_slice(&self.scratch[..n]);
+                    }
+                    self.stats.frames_received += 1;
+                    return Ok(Some(n));
+                }
             }
-            let src = canonical(src);
-            if !self.peers.iter().any(|p| p.addr == src) {
-                self.stats.unknown_source += 1;
-                continue;
-            }
-            if !direct {
-                buf[..n].copy_from_slice(&self.scratch[..n]);
-            }
-            self.stats.frames_received += 1;
-            return Ok(Some(n));
         }
         Ok(None)
     }

@@ -1261,18 +1261,7 @@ impl<D: NicDevice> Node<D> {
     /// which then holds the union: every member ends with the same table,
     /// and no change any member holds is lost.
     fn realign(&mut self) {
-        let peers: Vec<u16> = self
-            .ms
-            .members()
-            .iter()
-            .filter(|m| {
-                !m.is_local
-                    && m.alive
-                    && matches!(m.state, MemberState::Standby | MemberState::Active | MemberState::ActiveAttention)
-            })
-            .map(|m| m.id)
-            .collect();
-        for p in peers {
+        for p in self.synced_peers(None) {
             if !self.merge_queue.contains(&p) {
                 self.merge_queue.push_back(p);
             }
@@ -1447,12 +1436,10 @@ impl<D: NicDevice> Node<D> {
         self.ms.set_attention(false, now);
     }
 
-    /// Queues a merge pull from every live peer holding a synced table
-    /// (Standby or Active), but `except`, and has this member report itself
-    /// synced once they are done; returns whether any was queued.
-    fn merge_from_peers(&mut self, except: Option<u16>) -> bool {
-        let peers: Vec<u16> = self
-            .ms
+    /// The live peers holding a synced table (Standby or Active), but
+    /// `except`.
+    fn synced_peers(&self, except: Option<u16>) -> Vec<u16> {
+        self.ms
             .members()
             .iter()
             .filter(|m| {
@@ -1462,7 +1449,14 @@ impl<D: NicDevice> Node<D> {
                     && (m.state == MemberState::Standby || m.state.is_active())
             })
             .map(|m| m.id)
-            .collect();
+            .collect()
+    }
+
+    /// Queues a merge pull from every live peer holding a synced table
+    /// (Standby or Active), but `except`, and has this member report itself
+    /// synced once they are done; returns whether any was queued.
+    fn merge_from_peers(&mut self, except: Option<u16>) -> bool {
+        let peers = self.synced_peers(except);
         for p in &peers {
             if !self.merge_queue.contains(p) {
                 self.merge_queue.push_back(*p);
