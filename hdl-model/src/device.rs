@@ -208,6 +208,13 @@ impl Shared {
         self.slot(off).map_or(0, |r| r.load(Ordering::Acquire))
     }
 
+    /// The lowest generation of a change the device numbers itself
+    /// ([`regs::GENERATION_FLOOR`]).
+    #[inline]
+    fn generation_floor(&self) -> u32 {
+        self.reg(regs::GENERATION_FLOOR)
+    }
+
     fn set(&self, off: u32, v: u32) {
         if let Some(r) = self.slot(off) {
             r.store(v, Ordering::Release);
@@ -1363,14 +1370,7 @@ impl Core {
     /// The generation of a local delete of `s` (the DELETE's `result`, and
     /// the tombstone's).
     fn delete_generation(&self, s: &Slot) -> u32 {
-        Self::next_generation(s.state.generation.get(), self.generation_floor())
-    }
-
-    /// The lowest generation of a change this device numbers itself
-    /// ([`regs::GENERATION_FLOOR`]).
-    #[inline]
-    fn generation_floor(&self) -> u32 {
-        self.shared.reg(regs::GENERATION_FLOOR)
+        Self::next_generation(s.state.generation.get(), self.shared.generation_floor())
     }
 
     fn insert(&mut self, op: &ConnOp, at: Option<Placement>, now_ms: u64, t: &mut Traffic) -> Outcome {
@@ -1378,7 +1378,7 @@ impl Core {
         if op.auto_generation {
             // Above a tombstone of the same key, so the re-insert beats the
             // delete on every peer.
-            let floor = self.generation_floor();
+            let floor = self.shared.generation_floor();
             state.generation =
                 self.tombstones.generation(&op.key).map_or(floor.max(1), |g| Self::next_generation(g, floor)).into();
         }
@@ -1415,7 +1415,7 @@ impl Core {
         let was_synced = s.state.conn_flags().contains(ConnFlags::SYNC);
         let mut state = op.state;
         if op.auto_generation {
-            state.generation = Self::next_generation(stored, self.shared.reg(regs::GENERATION_FLOOR)).into();
+            state.generation = Self::next_generation(stored, self.shared.generation_floor()).into();
         } else if state.generation.get() < stored
             // In a cluster, an equal generation wins only over a lower
             // owner id: a write that would lose on the peers is refused
@@ -1446,15 +1446,14 @@ impl Core {
     /// as a tombstone here.
     #[inline]
     fn sync_local(&mut self, op: DeltaOp, s: &Slot, was_synced: bool) {
-        let floor = self.generation_floor();
-        let Some(unit) = &mut self.sync else { return };
-        if !(was_synced || s.state.conn_flags().contains(ConnFlags::SYNC)) {
+        if self.sync.is_none() || !(was_synced || s.state.conn_flags().contains(ConnFlags::SYNC)) {
             return;
         }
         let mut state = s.state;
         if op == DeltaOp::Delete {
-            state.generation = Self::next_generation(state.generation.get(), floor).into();
+            state.generation = self.delete_generation(s).into();
         }
+        let Some(unit) = &mut self.sync else { return };
         let u = DeltaUpdate { op, owner: self.member, key: s.key, state, nat: s.nat };
         unit.submit(&u, self.now_ns);
         if op == DeltaOp::Delete {

@@ -458,7 +458,12 @@ impl DeltaSender {
 
     /// Expected peers that have not acknowledged this epoch yet.
     pub fn peers_unaware(&self) -> usize {
-        self.peers.iter().filter(|p| !self.acks.contains_key(p)).count()
+        self.unaware().count()
+    }
+
+    /// The expected peers that have not acknowledged this epoch.
+    fn unaware(&self) -> impl Iterator<Item = u16> + '_ {
+        self.peers.iter().copied().filter(|p| !self.acks.contains_key(p))
     }
 
     fn hello_wait_min(&self) -> Nanos {
@@ -572,7 +577,7 @@ impl DeltaSender {
             self.flush();
         }
         if let Some((_, wait)) = self.hello_retry.filter(|(at, _)| *at <= now) {
-            let unaware: Vec<u16> = self.peers.iter().copied().filter(|p| !self.acks.contains_key(p)).collect();
+            let unaware: Vec<u16> = self.unaware().collect();
             for p in &unaware {
                 self.send_hello(Destination::Member(*p));
             }
@@ -640,7 +645,7 @@ impl DeltaSender {
         // up to an ALIVE interval away (at most one per minimum wait).
         if let Some((at, wait)) = self.hello_retry {
             let soon = self.hello_last.saturating_add(self.hello_wait_min()).max(now);
-            if at > soon && self.peers.contains(&h.sender) && !self.acks.contains_key(&h.sender) {
+            if at > soon && self.unaware().any(|p| p == h.sender) {
                 self.hello_retry = Some((soon, wait));
             }
         }

@@ -406,7 +406,7 @@ impl<D: NicDevice> Node<D> {
         // One above the clock at start: a restart within the clock's unit
         // still numbers above the previous life's start.
         if cfg.generation_clock != GenerationClock::Off {
-            table.raise_generation_floor(cfg.generation_clock.floor(now).saturating_add(1));
+            table.driver().raise_generation_floor(cfg.generation_clock.floor(now).saturating_add(1));
         }
         let listen = cfg.probe_interval_ns.saturating_mul(cfg.dead_after as u64 + 1);
         let security = cfg.seal.clone().map(|c| NodeSecurity::new(c, cfg.cluster_id, cfg.member_id, &cfg.peers));
@@ -952,7 +952,7 @@ impl<D: NicDevice> Node<D> {
         {
             self.floor_checked = now;
             let floor = self.cfg.generation_clock.floor(now);
-            self.table.raise_generation_floor(floor);
+            self.table.driver().raise_generation_floor(floor);
         }
         self.poll_device_events(now);
         let t_events = t0.elapsed();

@@ -96,8 +96,6 @@ pub struct ShadowTable {
     /// it with the device's counter every time).
     synced: usize,
     needs_audit: bool,
-    /// The device's generation floor as the host last raised it.
-    generation_floor: u32,
 }
 
 impl ShadowTable {
@@ -196,21 +194,15 @@ impl ShadowTable {
 
     /// Removes `key`'s entry as a local delete does on a cluster member's
     /// card: a synced entry leaves a tombstone one generation above it.
-    /// The device's generation floor, as raised (see
-    /// [`crate::table::ConnTable::raise_generation_floor`]).
-    pub fn set_generation_floor(&mut self, floor: u32) {
-        self.generation_floor = floor;
-    }
-
     /// A local delete of `key`, whose generation the device gave as
     /// `device_generation` (0: not told, an AGED event or a device before
-    /// ABI 1.5: one above the entry, raised to the floor, as the device
-    /// numbers it).
-    fn delete_local(&mut self, key: &ConnKey, device_generation: u32) {
+    /// ABI 1.5: one above the entry, raised to the device's generation
+    /// `floor`, as the device numbers it).
+    fn delete_local(&mut self, key: &ConnKey, device_generation: u32, floor: u32) {
         match self.map.get(key) {
             Some(e) if e.state.conn_flags().contains(ConnFlags::SYNC) => {
                 let generation = match device_generation {
-                    0 => e.state.generation.get().wrapping_add(1).max(self.generation_floor),
+                    0 => e.state.generation.get().wrapping_add(1).max(floor),
                     g => g,
                 };
                 self.bury(*key, ShadowTomb { generation, owner: 0 });
@@ -256,7 +248,7 @@ impl ShadowTable {
             (TableOp::Replica(k, e, owner), Ok(_)) => {
                 self.set(*k, ShadowEntry { state: e.state, nat: e.nat.unwrap_or_default(), owner: *owner });
             }
-            (TableOp::Delete(k), Ok(g)) => self.delete_local(k, *g),
+            (TableOp::Delete(k), Ok(g)) => self.delete_local(k, *g, 0),
             (TableOp::Delete(k) | TableOp::Update(k, _), Err(TableError::NotFound)) => {
                 self.remove(k);
             }
@@ -272,14 +264,15 @@ impl ShadowTable {
     /// event reports (events and completions travel on different rings, so
     /// a newer write may already be here); SYNC_REMOVED only if the copy is
     /// not newer than the delete. OVERFLOW (events lost) marks the copy as
-    /// needing a full audit.
-    pub fn apply_event(&mut self, ev: &Event) -> bool {
+    /// needing a full audit. `floor` is the device's generation floor (an
+    /// aged synced entry's tombstone is numbered as the device numbers it).
+    pub fn apply_event(&mut self, ev: &Event, floor: u32) -> bool {
         match ev.kind {
             // The device sends the removal of an aged synced entry to its
             // peers as its own delete, and keeps a tombstone.
             EventKind::Aged => match self.map.get(&ev.key) {
                 Some(e) if e.state == ev.state => {
-                    self.delete_local(&ev.key, 0);
+                    self.delete_local(&ev.key, 0, floor);
                     true
                 }
                 _ => false,
@@ -374,12 +367,12 @@ mod tests {
         s.set(key(1), ShadowEntry { state: st(1, 1), ..Default::default() });
         let aged = |state| Event { kind: EventKind::Aged, seq: 1, key: key(1), state };
         // The entry was written again after it aged: the event is old news.
-        assert!(!s.apply_event(&aged(st(0, 1))));
+        assert!(!s.apply_event(&aged(st(0, 1)), 0));
         assert!(s.get(&key(1)).is_some());
-        assert!(s.apply_event(&aged(st(1, 1))));
+        assert!(s.apply_event(&aged(st(1, 1)), 0));
         assert!(s.is_empty());
         let ov = Event { kind: EventKind::Overflow, seq: 9, key: ConnKey::default(), state: st(0, 3) };
-        s.apply_event(&ov);
+        s.apply_event(&ov, 0);
         assert!(s.needs_audit());
         s.audited();
         assert!(!s.needs_audit());
@@ -407,17 +400,17 @@ mod tests {
         // A Full Sync tombstone, a peer's delete, an aged synced entry.
         s.record(&TableOp::ReplicaDelete(key(3), 9, 2), &Ok(0));
         assert_eq!(s.tombstone(&key(3)), Some(ShadowTomb { generation: 9, owner: 2 }));
-        s.apply_event(&Event { kind: EventKind::SyncRemoved, seq: 1, key: key(1), state: st(0, 7) });
+        s.apply_event(&Event { kind: EventKind::SyncRemoved, seq: 1, key: key(1), state: st(0, 7) }, 0);
         assert_eq!(s.tombstone(&key(1)).map(|t| t.generation), Some(7));
         s.set(key(4), ShadowEntry { state: synced(1, 3), ..Default::default() });
-        s.apply_event(&Event { kind: EventKind::Aged, seq: 2, key: key(4), state: synced(1, 3) });
+        s.apply_event(&Event { kind: EventKind::Aged, seq: 2, key: key(4), state: synced(1, 3) }, 0);
         assert_eq!(s.tombstone(&key(4)).map(|t| t.generation), Some(4));
         // A refused delete, or one that found nothing, leaves none.
         s.record(&TableOp::Delete(key(5)), &Err(TableError::NotFound));
         assert_eq!(s.tombstone(&key(5)), None);
         // The count of synced entries follows every change.
-        s.apply_event(&Event { kind: EventKind::SyncUpdated, seq: 3, key: key(6), state: synced(1, 1) });
-        s.apply_event(&Event { kind: EventKind::SyncUpdated, seq: 4, key: key(6), state: st(1, 2) });
+        s.apply_event(&Event { kind: EventKind::SyncUpdated, seq: 3, key: key(6), state: synced(1, 1) }, 0);
+        s.apply_event(&Event { kind: EventKind::SyncUpdated, seq: 4, key: key(6), state: st(1, 2) }, 0);
         s.record(&TableOp::Upsert(key(7), ConnEntry::new(synced(1, 0))), &Ok(1));
         s.adopt(&ConnRecord { key: key(8), state: synced(1, 1), nat: Nat::default() });
         s.remove(&key(8));
@@ -437,12 +430,11 @@ mod tests {
         assert_eq!(s.tombstone(&key(1)), Some(ShadowTomb { generation: 600, owner: 0 }));
         // An aged entry: one above it, raised to the floor, as the device
         // numbers it.
-        s.set_generation_floor(700);
         s.set(key(2), ShadowEntry { state: synced(1, 3), ..Default::default() });
-        s.apply_event(&Event { kind: EventKind::Aged, seq: 1, key: key(2), state: synced(1, 3) });
+        s.apply_event(&Event { kind: EventKind::Aged, seq: 1, key: key(2), state: synced(1, 3) }, 700);
         assert_eq!(s.tombstone(&key(2)).map(|t| t.generation), Some(700));
         s.set(key(3), ShadowEntry { state: synced(1, 900), ..Default::default() });
-        s.apply_event(&Event { kind: EventKind::Aged, seq: 2, key: key(3), state: synced(1, 900) });
+        s.apply_event(&Event { kind: EventKind::Aged, seq: 2, key: key(3), state: synced(1, 900) }, 700);
         assert_eq!(s.tombstone(&key(3)).map(|t| t.generation), Some(901));
     }
 
@@ -466,14 +458,14 @@ mod tests {
     fn peer_changes_and_records() {
         let mut s = ShadowTable::new();
         let up = Event { kind: EventKind::SyncUpdated, seq: 1, key: key(1), state: st(5, 3) };
-        s.apply_event(&up);
+        s.apply_event(&up, 0);
         assert_eq!(s.get(&key(1)).map(|e| e.state), Some(st(5, 3)));
         let older = Event { kind: EventKind::SyncUpdated, seq: 1, key: key(1), state: st(6, 2) };
-        assert!(!s.apply_event(&older), "a newer version stays");
+        assert!(!s.apply_event(&older, 0), "a newer version stays");
         assert_eq!(s.get(&key(1)).map(|e| e.state), Some(st(5, 3)));
         let rm = |g| Event { kind: EventKind::SyncRemoved, seq: 2, key: key(1), state: st(0, g) };
-        assert!(!s.apply_event(&rm(2)), "an older delete leaves the newer entry");
-        assert!(s.apply_event(&rm(4)));
+        assert!(!s.apply_event(&rm(2), 0), "an older delete leaves the newer entry");
+        assert!(s.apply_event(&rm(4), 0));
         let u = DeltaUpdate { op: DeltaOp::Upsert, owner: 3, key: key(2), state: st(1, 1), nat: Nat::default() };
         s.apply_update(&u);
         assert_eq!(s.get(&key(2)).map(|e| e.owner), Some(3));

@@ -267,14 +267,6 @@ impl<D: NicDevice> ConnTable<D> {
     /// Raises the device's generation floor
     /// ([`Driver::raise_generation_floor`]) and tells the host's copy, which
     /// numbers the tombstones of aged entries as the device does.
-    pub fn raise_generation_floor(&mut self, floor: u32) {
-        self.drv.raise_generation_floor(floor);
-        let now = self.drv.generation_floor();
-        if let Some(r) = &mut self.rec {
-            r.shadow.set_generation_floor(now);
-        }
-    }
-
     /// The driver.
     pub fn driver(&mut self) -> &mut Driver<D> {
         &mut self.drv
@@ -548,7 +540,6 @@ impl<D: NicDevice> ConnTable<D> {
     pub fn enable_recovery(&mut self, cfg: RecoveryConfig) -> Result<(), TableError> {
         self.rec = None;
         let mut shadow = ShadowTable::new();
-        shadow.set_generation_floor(self.drv.generation_floor());
         if !self.is_empty() {
             for r in self.snapshot() {
                 shadow.adopt(&r?);
@@ -596,9 +587,10 @@ impl<D: NicDevice> ConnTable<D> {
             n += r.events.len();
             r.events.drain(..).for_each(&mut f);
         }
+        let floor = self.drv.generation_floor();
         n + self.drv.poll_events(|ev| {
             if let Some(r) = rec {
-                r.shadow.apply_event(&ev);
+                r.shadow.apply_event(&ev, floor);
             }
             f(ev)
         })
@@ -608,8 +600,9 @@ impl<D: NicDevice> ConnTable<D> {
     /// caller's next [`ConnTable::poll_events`].
     fn absorb_events(&mut self) {
         let Some(r) = &mut self.rec else { return };
+        let floor = self.drv.generation_floor();
         self.drv.poll_events(|ev| {
-            r.shadow.apply_event(&ev);
+            r.shadow.apply_event(&ev, floor);
             if let Some(t) = &mut r.walk_touched {
                 t.insert(ev.key);
             }
