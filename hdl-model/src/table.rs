@@ -200,6 +200,14 @@ fn placement(h: u64, buckets: usize) -> (usize, usize, u8) {
     (b1, b2, fp)
 }
 
+/// `n` copies of `fill`, every page resident (as a card's memory is: a page
+/// first written by a command would charge that command the fault).
+fn card_memory<T: Copy>(n: usize, fill: T) -> Vec<T> {
+    let mut v = vec![fill; n];
+    crate::sys::make_resident(&mut v);
+    v
+}
+
 impl CuckooTable {
     /// A table for `capacity` entries (at least 1).
     pub fn new(capacity: usize) -> Self {
@@ -207,8 +215,8 @@ impl CuckooTable {
         let slots_needed = (capacity as f64 / TARGET_LOAD).ceil() as usize;
         let buckets = slots_needed.div_ceil(WAYS).max(2);
         CuckooTable {
-            slots: vec![EMPTY_SLOT; buckets * WAYS],
-            fps: vec![0; buckets * WAYS],
+            slots: card_memory(buckets * WAYS, EMPTY_SLOT),
+            fps: card_memory(buckets * WAYS, 0),
             stash: Vec::with_capacity(STASH_SIZE),
             buckets,
             capacity,

@@ -205,6 +205,13 @@ pub struct CtBenchReport {
     pub conntrackd_poll_rtt_us: Option<f64>,
     /// Median round trip of one `syncstat` poll of nicsync's B, µs.
     pub nicsync_poll_rtt_us: Option<f64>,
+    /// Median duration of the single connections' create requests in A's
+    /// kernel (ctnetlink send to acknowledgement), in the conntrackd run,
+    /// µs: part of every single-connection figure, since each is timed
+    /// from before its request.
+    pub conntrackd_single_create_us: Option<f64>,
+    /// As above, in the nicsync run (`conn wait` and polled singles).
+    pub nicsync_single_create_us: Option<f64>,
     /// Single connections never seen at the peer within 5 s.
     pub nicsync_singles_missed: Option<u32>,
     /// As above, conntrackd.
@@ -1057,6 +1064,8 @@ struct Singles {
     lo: Vec<f64>,
     hi: Vec<f64>,
     rtt: Vec<f64>,
+    /// How long each create request in A's kernel took (µs).
+    create: Vec<f64>,
     missed: u32,
     /// What the polls saw for the first connection never seen.
     first_miss: Option<String>,
@@ -1107,13 +1116,15 @@ fn singles_polled(env: &mut Env, c: &Counter, entries: &[(ConnKey, CtEntry)]) ->
             // Let the poller get going, then create.
             std::thread::sleep(Duration::from_micros(300));
             let t_c = Instant::now();
-            let created = create_one(&mut a.ct, e).map(|_| t_c);
+            let created = create_one(&mut a.ct, e).map(|_| (t_c, t_c.elapsed()));
             if created.is_err() {
                 stop.store(true, Ordering::Release);
             }
             (created, h.join().map_err(|_| anyhow!("the polling thread panicked")))
         });
         let t_c = created?;
+        out.create.push(us(t_c.1));
+        let t_c = t_c.0;
         let polls = polls??;
         out.rtt.extend(polls.iter().map(|(s, r, _)| us(*r - *s)));
         match polls.iter().position(|p| p.2 > base) {
@@ -1411,6 +1422,7 @@ fn run_conntrackd(
     rep.conntrackd_single_latency_bounds_us =
         Singles::pct(&s.lo, 0.5).zip(Singles::pct(&s.hi, 0.5)).map(|(a, b)| [a, b]);
     rep.conntrackd_poll_rtt_us = Singles::pct(&s.rtt, 0.5);
+    rep.conntrackd_single_create_us = Singles::pct(&s.create, 0.5);
     rep.conntrackd_singles_missed = Some(s.missed);
     if let Some(m) = &s.first_miss {
         notes.push(format!("{} single connections never seen at B (first: {m})", s.missed));
@@ -1718,10 +1730,11 @@ fn singles_waited(env: &mut Env, sock_b: &Path, entries: &[(ConnKey, CtEntry)]) 
             // exists (a late registration would only make the figure larger).
             std::thread::sleep(Duration::from_millis(3));
             let t_c = monotonic_ns();
-            let created = create_one(&mut a.ct, e).map(|_| t_c);
+            let created = create_one(&mut a.ct, e).map(|_| (t_c, monotonic_ns().saturating_sub(t_c)));
             (created, h.join().map_err(|_| anyhow!("the waiting thread panicked")))
         });
-        let t_c = created?;
+        let (t_c, took) = created?;
+        out.create.push(took as f64 / 1e3);
         let v = match reply? {
             Ok(v) => v,
             // The daemon answers "no connection … in time" when the wait ran out.
@@ -1801,6 +1814,8 @@ fn run_nicsync(
     }
     rep.nicsync_single_latency_polled_us = Singles::pct(&polled.est, 0.5);
     rep.nicsync_poll_rtt_us = Singles::pct(&polled.rtt, 0.5);
+    let creates: Vec<f64> = waited.create.iter().chain(&polled.create).copied().collect();
+    rep.nicsync_single_create_us = Singles::pct(&creates, 0.5);
     if polled.missed > 0 {
         notes.push(format!(
             "{} polled single connections never seen at B (first: {})",
@@ -1991,6 +2006,12 @@ pub fn render(r: &CtBenchReport) -> String {
         "  one poll round trip, median (us)",
         f(r.conntrackd_poll_rtt_us, 0),
         f(r.nicsync_poll_rtt_us, 0),
+        String::new(),
+    );
+    row(
+        "  A's kernel create alone, median (us)",
+        f(r.conntrackd_single_create_us, 0),
+        f(r.nicsync_single_create_us, 0),
         String::new(),
     );
     row(
