@@ -10,7 +10,6 @@
 //! for everything else); a device thread or an event loop that sleeps until
 //! the port has something waits on one descriptor: a [`ReadinessSet`].
 //!
-//!
 //! The card's table memory is made resident when the table is sized
 //! ([`make_resident`]): a card's memory is there from power-on, whereas a
 //! zero-filled host array is mapped page by page on first write, and each
@@ -135,7 +134,9 @@ mod tests {
 
     #[test]
     fn a_zeroed_array_is_resident_after_make_resident_and_unchanged() {
-        let len = 16 << 20;
+        // Above glibc's largest mmap threshold (32 MiB), so that the
+        // allocation is a fresh mapping, not heap memory other tests used.
+        let len = 64 << 20;
         let mut mem = vec![0u8; len];
         let pages = (len - PAGE) / PAGE;
         // A zeroed allocation this large is mapped lazily: most of its

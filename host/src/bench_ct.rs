@@ -1122,9 +1122,8 @@ fn singles_polled(env: &mut Env, c: &Counter, entries: &[(ConnKey, CtEntry)]) ->
             }
             (created, h.join().map_err(|_| anyhow!("the polling thread panicked")))
         });
-        let t_c = created?;
-        out.create.push(us(t_c.1));
-        let t_c = t_c.0;
+        let (t_c, took) = created?;
+        out.create.push(us(took));
         let polls = polls??;
         out.rtt.extend(polls.iter().map(|(s, r, _)| us(*r - *s)));
         match polls.iter().position(|p| p.2 > base) {
