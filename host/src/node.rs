@@ -308,6 +308,9 @@ pub struct Node<D: NicDevice> {
     stats: NodeStats,
     /// Set by an operator or the device: pull a Full Sync again.
     resync_wanted: bool,
+    /// The wanted resync merges the peers' tables into this one instead of
+    /// replacing it (see [`Node::drive_pull`]).
+    resync_by_merge: bool,
     scratch: Vec<u8>,
     ops: Vec<TableOp>,
     session_seed: u32,
@@ -424,6 +427,7 @@ impl<D: NicDevice> Node<D> {
             next_conn: 1,
             stats: NodeStats::default(),
             resync_wanted: false,
+            resync_by_merge: false,
             scratch: Vec::new(),
             ops: Vec::new(),
             resync_asks: Vec::new(),
@@ -622,14 +626,13 @@ impl<D: NicDevice> Node<D> {
     }
 
     /// Anti-entropy. Every member reports its device's running table digest
-    /// in its probes. When the Active sees a synced Standby whose digest
-    /// differs from its own, with both unchanged for three probe intervals
-    /// (a quiet table, so not replication lag), their tables have diverged
-    /// in a way no retransmission will mend (a dead member's last updates
-    /// reached some members only, say): the Standby is asked to resync
-    /// from the Active. In load sharing, where any member may be the one
-    /// behind, the reference realigns every member to the union instead.
-    /// Never silent divergence.
+    /// in its probes. When the reference (the Active; in load sharing the
+    /// lowest-id Active) sees a synced peer whose digest differs from its
+    /// own, with both unchanged for three probe intervals (a quiet table,
+    /// so not replication lag), their tables have diverged in a way no
+    /// retransmission will mend (a dead member's last updates reached some
+    /// members only, say): the reference realigns every member to the
+    /// union. Never silent divergence.
     fn check_divergence(&mut self, now: Nanos) {
         let mine = self.table.driver_ref().device_counter(Counter::SyncDigest);
         if mine != self.digest.0 {
@@ -655,50 +658,27 @@ impl<D: NicDevice> Node<D> {
             .filter(|m| !m.is_local && m.alive && (m.state == MemberState::Standby || m.state.is_active()))
             .map(|m| m.id)
             .collect();
-        if self.cfg.mode == Mode::LoadSharing {
-            // Every member writes, so any of them, this reference too, may
-            // be the one missing changes: the reference realigns (merges
-            // every peer's table into its own, then has them merge it), and
-            // every member ends with the union.
-            let me = self.cfg.member_id;
-            let differs = peers
-                .iter()
-                .filter_map(|p| self.ms.peer_digest(*p))
-                .any(|(d, since)| d != mine && now.saturating_sub(since) >= quiet);
-            let recent = self.divergence_asked.get(&me).is_some_and(|t| now.saturating_sub(*t) < 1_000_000_000);
-            if differs && !recent && !self.audit_table(now) && self.is_reference() {
-                self.divergence_asked.insert(me, now);
-                self.stats.divergences_detected += 1;
-                self.note_error(format!("a peer's table digest differs from this member's {mine:016x}: realigning"));
-                self.realign();
-            }
-            return;
-        }
-        let mut audited = false;
-        for p in peers {
-            let Some((theirs, since)) = self.ms.peer_digest(p) else { continue };
-            tracing::trace!(member = self.cfg.member_id, "peer {p} digest {theirs:016x} since {since}");
-            if theirs == mine || now.saturating_sub(since) < quiet {
-                continue;
-            }
-            let recent = self.divergence_asked.get(&p).is_some_and(|t| now.saturating_sub(*t) < 1_000_000_000);
-            if recent || self.resync_asks.iter().any(|a| a.0 == p) {
-                continue;
-            }
-            // Before a peer is made to copy this table: the card may have
-            // lost entries the peer still holds.
-            if !audited {
-                audited = true;
-                if self.audit_table(now) || !self.is_reference() {
-                    return;
-                }
-            }
-            self.divergence_asked.insert(p, now);
+        // Any member may be the one missing changes: in load sharing every
+        // member writes; in HA a new Active may lack its predecessor's last
+        // writes that reached some Standbys only (a Standby resynced from a
+        // peer that lacked them, then took over). Copying the reference's
+        // table onto the others would erase those writes everywhere, so the
+        // reference realigns instead: it merges every peer's table into its
+        // own under the conflict rule, then has them merge it, and every
+        // member ends with the union (deletes travel as tombstones).
+        let me = self.cfg.member_id;
+        let differs = peers
+            .iter()
+            .filter_map(|p| self.ms.peer_digest(*p))
+            .any(|(d, since)| d != mine && now.saturating_sub(since) >= quiet);
+        let recent = self.divergence_asked.get(&me).is_some_and(|t| now.saturating_sub(*t) < 1_000_000_000);
+        // Before the realignment: the card may have lost entries the host's
+        // copy still holds (the audit restores them).
+        if differs && !recent && !self.audit_table(now) && self.is_reference() {
+            self.divergence_asked.insert(me, now);
             self.stats.divergences_detected += 1;
-            self.note_error(format!(
-                "member {p}'s table digest {theirs:016x} differs from this Active's {mine:016x}: it resyncs"
-            ));
-            self.resync_asks.push((p, now, 0, false));
+            self.note_error(format!("a peer's table digest differs from this member's {mine:016x}: realigning"));
+            self.realign();
         }
     }
 
@@ -1067,6 +1047,7 @@ impl<D: NicDevice> Node<D> {
                 } else {
                     self.note_error(format!("device reported {resync} lost or unapplied sync updates: resync"));
                     self.resync_wanted = true;
+                    self.resync_by_merge = true;
                 }
             }
         }
@@ -1173,8 +1154,13 @@ impl<D: NicDevice> Node<D> {
                 // table would lose those that reached no other member, or
                 // reached only members that emptied theirs too. It merges
                 // every peer's table into its own instead (the union, under
-                // the conflict rule), Down until done.
-                if self.cfg.mode == Mode::LoadSharing {
+                // the conflict rule), Down until done. So does an HA
+                // member that lost updates: it may hold the newest writes
+                // of an Active that died or was cut off, which the member
+                // it would copy lacks (deletes it missed come with the
+                // peers' tombstones). An operator's resync still replaces
+                // the table with the Active's (a Full Sync).
+                if self.cfg.mode == Mode::LoadSharing || self.resync_by_merge {
                     tracing::info!(member = self.cfg.member_id, "resync: merging the peers' tables");
                     if !self.merge_from_peers(None) {
                         self.ms.set_synced(now);
@@ -1186,6 +1172,7 @@ impl<D: NicDevice> Node<D> {
             _ => {}
         }
         self.resync_wanted = false;
+        self.resync_by_merge = false;
         let Phase::Pulling(p) = &mut self.phase else { return };
         match pump_pull(&mut self.table, &mut self.ops, &mut self.out, p, now) {
             Some(Err(why)) => self.pull_failed(why, now),

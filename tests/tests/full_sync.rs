@@ -360,6 +360,29 @@ fn the_simulator_converges_under_device_faults() {
     }
 }
 
+/// Four HA members under device faults and attacks. Seed 1443: an
+/// operator resynced a Standby while the Active was cut off; it copied a
+/// peer that lacked the Active's last writes, took over, and its
+/// anti-entropy check then made every other member copy its table, erasing
+/// those writes everywhere. Seed 2266: the Active's last writes reached two
+/// Standbys, a restart cost them updates, and each emptied its table to
+/// copy a member that had been cut off and lacked them. Now the reference
+/// realigns a differing member (union under the conflict rule) and a member
+/// that lost updates merges its peers' tables into its own.
+#[test]
+fn ha_members_that_lost_updates_or_differ_keep_the_newest_writes() {
+    for seed in [1443, 2266] {
+        let mut cfg = nicsync::sim::SimConfig::new(seed);
+        cfg.members = 4;
+        cfg.device_faults = true;
+        cfg.attacks = true;
+        let r = nicsync::sim::run(&cfg);
+        assert!(r.converged, "seed {seed}: {:?}\n{}", r.failure, r.timeline.join("\n"));
+        assert_eq!((r.lost_connections, r.diverged_members), (0, 0), "seed {seed}");
+        assert!(r.faults.contains_key("partition"), "seed {seed}: {:?}", r.faults);
+    }
+}
+
 /// An entry the Active's card loses silently (no event, nothing sent to
 /// the peers) is found by the member's periodic audit and restored from the
 /// host's copy, before the anti-entropy check compares digests: the
