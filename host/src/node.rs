@@ -306,10 +306,11 @@ pub struct Node<D: NicDevice> {
     out: VecDeque<NodeOutput>,
     next_conn: ConnId,
     stats: NodeStats,
-    /// Set by an operator or the device: pull a Full Sync again.
+    /// Set by an operator or the device: resync this member's table.
     resync_wanted: bool,
-    /// The wanted resync merges the peers' tables into this one instead of
-    /// replacing it (see [`Node::drive_pull`]).
+    /// The wanted resync (the device's, for lost updates) merges the
+    /// peers' tables into this one instead of replacing it with a Full
+    /// Sync (see [`Node::drive_pull`]).
     resync_by_merge: bool,
     scratch: Vec<u8>,
     ops: Vec<TableOp>,
@@ -317,7 +318,7 @@ pub struct Node<D: NicDevice> {
     /// Peers asked to resync that have not yet been seen going Down:
     /// (member, next send, sends so far). The request is one datagram, so
     /// it is repeated until the peer acts on it.
-    resync_asks: Vec<(u16, Nanos, u32, bool)>,
+    resync_asks: Vec<(u16, Nanos, u32)>,
     /// Whether the table is this member's own, not emptied for a pull that
     /// has not finished: only such a table may become the cluster's.
     table_own: bool,
@@ -340,8 +341,9 @@ pub struct Node<D: NicDevice> {
     rejoin_after_merges: bool,
     /// This member's table digest and since when it has had that value.
     digest: (u64, Nanos),
-    /// When each peer was last asked to resync over a digest mismatch.
-    divergence_asked: std::collections::BTreeMap<u16, Nanos>,
+    /// When a digest mismatch last made this member realign (at most one
+    /// a second).
+    last_realign_for_divergence: Option<Nanos>,
     /// Since when it has been waiting for its own updates to be
     /// acknowledged before a pull.
     drain_since: Option<Nanos>,
@@ -441,7 +443,7 @@ impl<D: NicDevice> Node<D> {
             ask_merge_after: false,
             rejoin_after_merges: false,
             digest: (0, 0),
-            divergence_asked: std::collections::BTreeMap::new(),
+            last_realign_for_divergence: None,
             resets_seen,
             next_audit: now,
             peer_changes: None,
@@ -601,7 +603,7 @@ impl<D: NicDevice> Node<D> {
             self.request_resync(now);
         } else {
             if !self.resync_asks.iter().any(|a| a.0 == target) {
-                self.resync_asks.push((target, now, 0, true));
+                self.resync_asks.push((target, now, 0));
             }
             self.progress(now);
         }
@@ -666,16 +668,15 @@ impl<D: NicDevice> Node<D> {
         // reference realigns instead: it merges every peer's table into its
         // own under the conflict rule, then has them merge it, and every
         // member ends with the union (deletes travel as tombstones).
-        let me = self.cfg.member_id;
         let differs = peers
             .iter()
             .filter_map(|p| self.ms.peer_digest(*p))
             .any(|(d, since)| d != mine && now.saturating_sub(since) >= quiet);
-        let recent = self.divergence_asked.get(&me).is_some_and(|t| now.saturating_sub(*t) < 1_000_000_000);
+        let recent = self.last_realign_for_divergence.is_some_and(|t| now.saturating_sub(t) < 1_000_000_000);
         // Before the realignment: the card may have lost entries the host's
         // copy still holds (the audit restores them).
         if differs && !recent && !self.audit_table(now) && self.is_reference() {
-            self.divergence_asked.insert(me, now);
+            self.last_realign_for_divergence = Some(now);
             self.stats.divergences_detected += 1;
             self.note_error(format!("a peer's table digest differs from this member's {mine:016x}: realigning"));
             self.realign();
@@ -683,15 +684,10 @@ impl<D: NicDevice> Node<D> {
     }
 
     fn drive_resync_asks(&mut self, now: Nanos) {
-        // Realigning the others is the reference's business; one that lost
-        // the role drops what it had queued (an operator's asks stay).
-        if !self.is_reference() {
-            self.resync_asks.retain(|a| a.3);
-        }
         let views = self.ms.members();
         let every = self.cfg.probe_interval_ns.saturating_mul(3);
         let mut gave_up = Vec::new();
-        self.resync_asks.retain_mut(|(target, next, tries, _)| {
+        self.resync_asks.retain_mut(|(target, next, tries)| {
             let down = views.iter().any(|v| v.id == *target && v.alive && v.state == MemberState::Down);
             if down && *tries > 0 {
                 return false;
