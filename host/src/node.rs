@@ -653,13 +653,7 @@ impl<D: NicDevice> Node<D> {
         if now.saturating_sub(self.digest.1) < quiet {
             return;
         }
-        let peers: Vec<u16> = self
-            .ms
-            .members()
-            .iter()
-            .filter(|m| !m.is_local && m.alive && (m.state == MemberState::Standby || m.state.is_active()))
-            .map(|m| m.id)
-            .collect();
+        let peers = self.synced_peers(None);
         // Any member may be the one missing changes: in load sharing every
         // member writes; in HA a new Active may lack its predecessor's last
         // writes that reached some Standbys only (a Standby resynced from a

@@ -193,11 +193,10 @@ impl ShadowTable {
     }
 
     /// Removes `key`'s entry as a local delete does on a cluster member's
-    /// card: a synced entry leaves a tombstone one generation above it.
-    /// A local delete of `key`, whose generation the device gave as
-    /// `device_generation` (0: not told, an AGED event or a device before
-    /// ABI 1.5: one above the entry, raised to the device's generation
-    /// `floor`, as the device numbers it).
+    /// card: a synced entry leaves a tombstone at the delete's generation,
+    /// which the device gave as `device_generation` (0: not told, an AGED
+    /// event or a device before ABI 1.5: one above the entry, raised to the
+    /// device's generation `floor`, as the device numbers it).
     fn delete_local(&mut self, key: &ConnKey, device_generation: u32, floor: u32) {
         match self.map.get(key) {
             Some(e) if e.state.conn_flags().contains(ConnFlags::SYNC) => {

@@ -264,9 +264,6 @@ impl<D: NicDevice> ConnTable<D> {
         self.auto_generation = on;
     }
 
-    /// Raises the device's generation floor
-    /// ([`Driver::raise_generation_floor`]) and tells the host's copy, which
-    /// numbers the tombstones of aged entries as the device does.
     /// The driver.
     pub fn driver(&mut self) -> &mut Driver<D> {
         &mut self.drv
