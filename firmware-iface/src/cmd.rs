@@ -410,7 +410,9 @@ impl CommandDescriptor {
             }
             Opcode::Ext => Err(DecodeError::UnknownOpcode(self.opcode)),
             Opcode::Insert | Opcode::Update | Opcode::Upsert => {
-                let body: ConnBody = zerocopy::transmute!(self.body);
+                // Read in place: a copy of the body first costs more than
+                // the checks (this runs for every command).
+                let body: &ConnBody = zerocopy::transmute_ref!(&self.body);
                 body.key.validate().map_err(DecodeError::Key)?;
                 body.state.validate().map_err(DecodeError::State)?;
                 let replica = flags.contains(DescFlags::REPLICA);

@@ -1258,7 +1258,10 @@ impl Core {
         let start = (head + from as u32) & (c.size - 1);
         let rest = n - from;
         let first = rest.min((c.size - start) as usize);
-        c.region.read(start as usize * DESC_SIZE, self.descs[from..from + first].as_mut_bytes())?;
+        // A burst that is all inline copy reads nothing.
+        if first > 0 {
+            c.region.read(start as usize * DESC_SIZE, self.descs[from..from + first].as_mut_bytes())?;
+        }
         if first < rest {
             c.region.read(0, self.descs[from + first..n].as_mut_bytes())?;
         }
