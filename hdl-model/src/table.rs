@@ -196,7 +196,13 @@ fn placement(h: u64, buckets: usize) -> (usize, usize, u8) {
     if b2 == b1 {
         b2 = (b1 + 1) % buckets;
     }
-    let fp = ((h >> 24) as u8) | 1;
+    // The fingerprint comes from the hash's lowest byte, which neither
+    // bucket index depends on: `reduce` takes a bucket from the high bits
+    // of its 32-bit input, so bits 24-31 (the fingerprint before) were all
+    // but the same for every key whose first bucket is b1, and a lookup
+    // compared the full key of nearly every way it held (a cache miss per
+    // compare in a large table). 0 means empty, so it maps to 1.
+    let fp = (h as u8).max(1);
     (b1, b2, fp)
 }
 
@@ -313,11 +319,25 @@ impl CuckooTable {
         for b in [b1, b2] {
             let m = fp_matches(&self.fps[b * WAYS..(b + 1) * WAYS], fp);
             if m != 0 {
-                let s = &self.slots[b * WAYS + (m.trailing_zeros() / 8) as usize];
-                crate::sys::prefetch(&s.key);
-                crate::sys::prefetch(&s.expires_ms);
+                self.prefetch_slot(b * WAYS + (m.trailing_zeros() / 8) as usize);
                 return;
             }
+        }
+        // No fingerprint matches: most likely a new key, which an insert
+        // writes into the first free way of its first bucket (see
+        // `insert_at`); that slot is loaded now so the write does not wait
+        // for memory.
+        if let Some(w) = self.free_way(b1) {
+            self.prefetch_slot(b1 * WAYS + w);
+        }
+    }
+
+    /// Both cache lines of slot `i`.
+    #[inline]
+    fn prefetch_slot(&self, i: usize) {
+        if let Some(s) = self.slots.get(i) {
+            crate::sys::prefetch(&s.key);
+            crate::sys::prefetch(&s.expires_ms);
         }
     }
 
@@ -576,6 +596,7 @@ impl CuckooTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
     use std::net::Ipv4Addr;
 
     fn key(i: u32) -> ConnKey {
@@ -648,6 +669,31 @@ mod tests {
         assert_eq!(ways, vec![0, 2, 5]);
         assert_eq!(fp_matches(&[0; 8], 1), 0);
         assert_eq!(fp_matches(&[255; 8], 255).count_ones(), 8);
+    }
+
+    #[test]
+    fn fingerprints_do_not_follow_the_bucket() {
+        // Keys that share a first bucket must still tell each other apart
+        // by fingerprint, or every lookup compares full keys. With 255
+        // values, two such keys share one about 0.4 % of the time.
+        for buckets in [64usize, 1 << 17, 1 << 19] {
+            let mut by_bucket: HashMap<usize, Vec<u8>> = HashMap::new();
+            for i in 0..200_000 {
+                let (b1, _, fp) = placement(hash_key(&key(i)), buckets);
+                by_bucket.entry(b1).or_default().push(fp);
+            }
+            let (mut same, mut pairs) = (0u64, 0u64);
+            for fps in by_bucket.values() {
+                for (j, a) in fps.iter().enumerate().take(16) {
+                    for b in &fps[j + 1..fps.len().min(16)] {
+                        pairs += 1;
+                        same += u64::from(a == b);
+                    }
+                }
+            }
+            let rate = same as f64 / pairs as f64;
+            assert!(rate < 0.01, "{buckets} buckets: {:.1} % of same-bucket pairs share a fingerprint", rate * 100.0);
+        }
     }
 
     #[test]
