@@ -1091,25 +1091,31 @@ impl Core {
             let mut i = 0;
             let mut invert_phase = None;
             while i < want {
-                let d = self.descs[i];
+                // The header fields, copied; the body is read in place by
+                // decode (a copy of the whole descriptor just before made
+                // decode's wide unaligned loads wait for the copy's stores
+                // to drain: no store-to-load forwarding across them).
+                let (opcode, flags, tag) = {
+                    let d = &self.descs[i];
+                    (d.opcode, d.flags, d.tag.get())
+                };
                 let fault = if faults { self.shared.faults.command_fault() } else { None };
                 let response_dma = |op: u8| op == Opcode::Lookup as u8 || op == Opcode::Snapshot as u8;
                 match fault {
                     Some(Fault::ResetMidBatch { .. }) => abort = fault,
-                    Some(Fault::DmaError) if !response_dma(d.opcode) => abort = fault,
+                    Some(Fault::DmaError) if !response_dma(opcode) => abort = fault,
                     _ => {}
                 }
                 if abort.is_some() {
                     break;
                 }
-                let chained = d.is_chained();
-                let ext = (chained && i + 1 < fetch && self.descs[i + 1].opcode == Opcode::Ext as u8)
-                    .then(|| self.descs[i + 1]);
-                let slots = if ext.is_some() { 2 } else { 1 };
+                let chained = flags & nicsync_fwif::cmd::DescFlags::CHAIN.bits() != 0;
+                let has_ext = chained && i + 1 < fetch && self.descs[i + 1].opcode == Opcode::Ext as u8;
+                let slots = if has_ext { 2 } else { 1 };
                 self.counters[Counter::CommandsFetched as usize] += slots as u64;
                 // Matched by reference: the decoded command is read where
                 // decode wrote it, not copied first.
-                let decoded = d.decode(ext.as_ref());
+                let decoded = self.descs[i].decode(has_ext.then(|| &self.descs[i + 1]));
                 let (outcome, traffic) = match &decoded {
                     // An injected failure of the response write: the
                     // command is aborted before it writes anything.
@@ -1132,8 +1138,8 @@ impl Core {
                 head = (head + slots) & (size - 1);
                 i += slots as usize;
                 let mut word0 =
-                    d.tag.get() as u64 | (outcome.status as u64) << 16 | (d.opcode as u64) << 24 | (head as u64) << 32;
-                irq_now |= d.flags & nicsync_fwif::cmd::DescFlags::IRQ_NOW.bits() != 0;
+                    tag as u64 | (outcome.status as u64) << 16 | (opcode as u64) << 24 | (head as u64) << 32;
+                irq_now |= flags & nicsync_fwif::cmd::DescFlags::IRQ_NOW.bits() != 0;
                 match fault {
                     Some(Fault::DropCompletion) => continue,
                     Some(Fault::CorruptCompletionTag) => word0 ^= 1,
