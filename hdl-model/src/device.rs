@@ -1433,18 +1433,24 @@ impl Core {
         {
             return Outcome { status: CplStatus::Stale, result: stored as u64 };
         }
-        let before = *s;
+        // The digest terms are hashed in place, and the slot is copied out
+        // only for the sync unit: a whole-slot reload right after these
+        // narrower stores waited for them to drain.
+        let before = SyncDigest::hash(s);
         s.state = state;
         if let Some(n) = op.nat {
             s.nat = n;
         }
         s.expires_ms = Self::expiry(now_ms, &state);
         s.owner = self.member;
-        let written = *s;
-        self.digest.sub(&before);
-        self.digest.add(&written);
+        let after = SyncDigest::hash(s);
+        // Copied only when sent (`then_some(*s)` copied it every time).
+        let written = if was_synced || after.is_some() { Some(*s) } else { None };
+        self.digest.replace(before, after);
         t.slot_writes += 1;
-        self.sync_local(DeltaOp::Upsert, &written, was_synced);
+        if let Some(w) = written {
+            self.sync_local(DeltaOp::Upsert, &w, was_synced);
+        }
         Outcome::ok(state.generation.get() as u64)
     }
 
@@ -2000,6 +2006,18 @@ impl SyncDigest {
 
     fn add(&mut self, s: &Slot) {
         if let Some(h) = Self::hash(s) {
+            self.sum = self.sum.wrapping_add(h);
+            self.count += 1;
+        }
+    }
+
+    /// Swaps one entry's term for another (`None`: not synced).
+    fn replace(&mut self, old: Option<u64>, new: Option<u64>) {
+        if let Some(h) = old {
+            self.sum = self.sum.wrapping_sub(h);
+            self.count = self.count.saturating_sub(1);
+        }
+        if let Some(h) = new {
             self.sum = self.sum.wrapping_add(h);
             self.count += 1;
         }

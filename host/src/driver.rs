@@ -380,7 +380,6 @@ pub struct Driver<D: NicDevice> {
     /// Whether doorbells go through the inline window.
     use_inline: bool,
     /// The first descriptor posted since the last doorbell.
-    batch_first: Option<CommandDescriptor>,
     inline_seq: u16,
     /// Whether the host asked for `SYNC_HOLD` (kept across a reinit).
     sync_hold: bool,
@@ -482,7 +481,6 @@ impl<D: NicDevice> Driver<D> {
             stats: DriverStats::default(),
             recovery: RecoveryStats::default(),
             use_inline,
-            batch_first: None,
             inline_seq: 0,
             sync_hold: false,
             generation_floor: 0,
@@ -682,7 +680,6 @@ impl<D: NicDevice> Driver<D> {
         self.slot_len.iter_mut().for_each(|l| *l = 1);
         self.lost.iter_mut().for_each(|l| *l = false);
         self.done.iter_mut().for_each(|d| *d = None);
-        self.batch_first = None;
         self.restart_irq_tally();
         self.recovery.resets += 1;
         // The reset cleared CONTROL: a hold the host had set (a Full Sync
@@ -793,18 +790,16 @@ impl<D: NicDevice> Driver<D> {
             // command under the same tag.
             return Err(DriverError::RingFull { in_flight: self.slots_in_flight });
         }
-        let mut d = *desc;
-        d.tag = tag.into();
-        self.write_slot(self.tail, &d)?;
+        // The tag goes in as part of word 0, computed in a register: a copy
+        // of the descriptor with its 2-byte tag stored into it made every
+        // later whole-word read of it wait for that store to drain (no
+        // store-to-load forwarding across stores of different widths).
+        let words = with_tag(desc, tag);
+        self.write_slot(self.tail, &words)?;
         if let Some(e) = ext {
-            let mut e = *e;
-            e.tag = tag.into();
-            self.write_slot((self.tail + 1) & (self.cmd_size - 1), &e)?;
+            self.write_slot((self.tail + 1) & (self.cmd_size - 1), &with_tag(e, tag))?;
         }
-        if self.tail == self.rung_tail {
-            self.batch_first = Some(d);
-        }
-        self.in_flight[tag as usize] = Some(InFlight { opcode: d.opcode, slots: slots as u8 });
+        self.in_flight[tag as usize] = Some(InFlight { opcode: desc.opcode, slots: slots as u8 });
         self.slot_len[tag as usize] = slots as u8;
         self.lost[tag as usize] = false;
         self.done[tag as usize] = None;
@@ -815,8 +810,8 @@ impl<D: NicDevice> Driver<D> {
     }
 
     #[inline]
-    fn write_slot(&self, slot: u32, d: &CommandDescriptor) -> Result<(), DriverError> {
-        self.cmd.mem().write(slot as usize * DESC_SIZE, d.as_bytes())?;
+    fn write_slot(&self, slot: u32, words: &[u64; 8]) -> Result<(), DriverError> {
+        self.cmd.mem().write_words(slot as usize * DESC_SIZE, words)?;
         Ok(())
     }
 
@@ -859,17 +854,24 @@ impl<D: NicDevice> Driver<D> {
     pub fn ring(&mut self) {
         if self.tail != self.rung_tail {
             fence(Ordering::Release);
-            match self.batch_first.take() {
+            // The batch's first descriptor, read back from its slot word by
+            // word as it was written, into place and never moved: a copy
+            // kept aside, or moved, is reloaded in wider pieces than it was
+            // stored in, and each such load waits for the stores to drain.
+            let mut words = [0u64; 8];
+            let inline = self.use_inline
+                && self.cmd.mem().read_words(self.rung_tail as usize * DESC_SIZE, &mut words).is_ok()
                 // A descriptor whose aux is not zero cannot travel inline
-                // (aux carries the doorbell there): ring the register so the
-                // device fetches, and judges, the slot as posted.
-                Some(mut d) if self.use_inline && d.aux.get() == 0 => {
-                    self.inline_seq = regs::next_inline_seq(self.inline_seq);
-                    d.aux = regs::inline_doorbell(self.tail as u16, self.inline_seq).into();
-                    let words: [u64; 8] = zerocopy::transmute!(d);
-                    self.dev.write_inline(regs::CMD_INLINE, &words);
-                }
-                _ => self.dev.write32(regs::CMD_DOORBELL, self.tail),
+                // (aux, bits 63:32 of word 0, carries the doorbell there):
+                // ring the register so the device fetches, and judges, the
+                // slot as posted.
+                && words[0] >> 32 == 0;
+            if inline {
+                self.inline_seq = regs::next_inline_seq(self.inline_seq);
+                words[0] |= u64::from(regs::inline_doorbell(self.tail as u16, self.inline_seq)) << 32;
+                self.dev.write_inline(regs::CMD_INLINE, &words);
+            } else {
+                self.dev.write32(regs::CMD_DOORBELL, self.tail);
             }
             self.rung_tail = self.tail;
             self.stats.doorbells += 1;
@@ -1350,6 +1352,18 @@ impl<D: NicDevice> Driver<D> {
         }
         Ok(())
     }
+}
+
+/// `d` as eight little-endian words, with `tag` in bits 31:16 of word 0
+/// (the descriptor layout: opcode, flags, tag, aux).
+#[inline]
+fn with_tag(d: &CommandDescriptor, tag: u16) -> [u64; 8] {
+    let mut w: [u64; 8] = zerocopy::transmute!(*d);
+    for x in &mut w {
+        *x = u64::from_le(*x);
+    }
+    w[0] = (w[0] & !0xFFFF_0000) | u64::from(tag) << 16;
+    w
 }
 
 fn wait_until<T>(

@@ -163,6 +163,41 @@ impl DmaMemory {
         Ok(())
     }
 
+    /// Volatile stores of eight little-endian words at `off` (8-aligned):
+    /// a 64-byte descriptor written as whole words.
+    #[inline]
+    pub fn write_words(&self, off: usize, words: &[u64; 8]) -> Result<(), DeviceError> {
+        self.check(off, 64)?;
+        if off % 8 != 0 {
+            return Err(DeviceError::Misaligned { offset: off });
+        }
+        let base = self.ptr.as_ptr();
+        for (i, w) in words.iter().enumerate() {
+            // SAFETY: `check` proved off + 64 <= len, so every word is
+            // inside the live mapping; off is 8-aligned in a page-aligned
+            // mapping. No Rust reference to this memory exists.
+            unsafe { std::ptr::write_volatile(base.add(off + 8 * i).cast::<u64>(), w.to_le()) };
+        }
+        Ok(())
+    }
+
+    /// Volatile loads of eight little-endian words at `off` (8-aligned).
+    #[inline]
+    pub fn read_words(&self, off: usize, out: &mut [u64; 8]) -> Result<(), DeviceError> {
+        self.check(off, 64)?;
+        if off % 8 != 0 {
+            return Err(DeviceError::Misaligned { offset: off });
+        }
+        let base = self.ptr.as_ptr();
+        for (i, w) in out.iter_mut().enumerate() {
+            // SAFETY: `check` proved off + 64 <= len, so every word is
+            // inside the live mapping; off is 8-aligned in a page-aligned
+            // mapping. No Rust reference to this memory exists.
+            *w = u64::from_le(unsafe { std::ptr::read_volatile(base.add(off + 8 * i).cast::<u64>()) });
+        }
+        Ok(())
+    }
+
     fn atomic_at(&self, off: usize) -> Result<&AtomicU64, DeviceError> {
         self.check(off, 8)?;
         if off % 8 != 0 {
