@@ -804,10 +804,14 @@ impl Core {
                     // so far; if earlier doorbells were overwritten before
                     // the device saw them, the slot is fetched by DMA).
                     c.inline = match self.shared.read_inline() {
-                        Some(words) if words[0] == w0 => {
-                            let mut d: CommandDescriptor = zerocopy::transmute!(words);
-                            d.aux = 0.into();
-                            (d.tag.get() as u32 == c.tail).then_some(d)
+                        Some(mut words) if words[0] == w0 => {
+                            // aux (word 0's upper half) carried the doorbell:
+                            // cleared in the word, not with a 4-byte store
+                            // into a copy that is then moved in 16-byte
+                            // pieces (each would wait for that store).
+                            words[0] &= 0xFFFF_FFFF;
+                            let tag = (words[0] >> 16) as u16;
+                            (u32::from(tag) == c.tail).then(|| zerocopy::transmute!(words))
                         }
                         _ => None,
                     };
