@@ -98,6 +98,12 @@ pub struct RingReport {
     pub update_rtt_register_doorbell_ns: Percentiles,
     /// A NOP's round trip: the ring protocol without table work.
     pub nop_rtt_ns: Percentiles,
+    /// The ring protocol's own floor: a bare ping-pong of a 64-byte
+    /// descriptor (seven words, then the sequence word) answered by a
+    /// 16-byte completion (result, then the phase word), between the same
+    /// two threads, with no driver or model code. What `update_rtt_ns`
+    /// would be if the software on its critical path cost nothing.
+    pub protocol_floor_rtt_ns: Percentiles,
     /// Batched update throughput (median of repetitions).
     pub batch_updates_per_s: f64,
     /// Every repetition's throughput.
@@ -224,6 +230,62 @@ pub fn baseline_rtt(samples: u64, warmup: u64, place: &ThreadPlacement) -> Resul
         while pong.0.load(Ordering::Acquire) != i {
             spin_loop();
         }
+        let dt = t0.elapsed().as_nanos() as u64;
+        if i > warmup {
+            out.push(dt);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = responder.join();
+    Ok(percentiles(&mut out))
+}
+
+/// The ring protocol with no software around it: the initiator writes a
+/// 64-byte descriptor (words 1-7, then word 0 with a sequence number), the
+/// responder copies it and answers with a 16-byte completion (word 1, then
+/// word 0 with the sequence), as the driver and the model exchange them.
+pub fn protocol_floor_rtt(samples: u64, warmup: u64, place: &ThreadPlacement) -> Result<Percentiles, BenchError> {
+    #[repr(align(128))]
+    #[derive(Default)]
+    struct Words([AtomicU64; 8]);
+    let desc = Arc::new(Words::default());
+    let cpl = Arc::new(Words::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (d2, c2, s2) = (desc.clone(), cpl.clone(), stop.clone());
+    let dev_cpu = place.device_cpu;
+    let responder = std::thread::Builder::new()
+        .name("floor-responder".into())
+        .spawn(move || {
+            pin(dev_cpu);
+            let mut last = 0;
+            while !s2.load(Ordering::Relaxed) {
+                let w0 = d2.0[0].load(Ordering::Acquire);
+                if w0 == last {
+                    spin_loop();
+                    continue;
+                }
+                last = w0;
+                let mut body = 0u64;
+                for w in &d2.0[1..] {
+                    body = body.wrapping_add(w.load(Ordering::Relaxed));
+                }
+                c2.0[1].store(body, Ordering::Relaxed);
+                c2.0[0].store(w0, Ordering::Release);
+            }
+        })
+        .map_err(BenchError::Thread)?;
+    pin(place.driver_cpu);
+    let mut out = Vec::with_capacity(samples as usize);
+    for i in 1..=(samples + warmup) {
+        let t0 = Instant::now();
+        for (k, w) in desc.0.iter().enumerate().skip(1) {
+            w.store(i ^ k as u64, Ordering::Relaxed);
+        }
+        desc.0[0].store(i, Ordering::Release);
+        while cpl.0[0].load(Ordering::Acquire) != i {
+            spin_loop();
+        }
+        std::hint::black_box(cpl.0[1].load(Ordering::Relaxed));
         let dt = t0.elapsed().as_nanos() as u64;
         if i > warmup {
             out.push(dt);
@@ -510,6 +572,7 @@ pub fn run(opts: &BenchOptions) -> Result<RingReport, BenchError> {
     let samples = opts.updates.max(1000);
     let warmup = (samples / 10).max(1000);
     let baseline = baseline_rtt(samples, warmup, &place)?;
+    let floor = protocol_floor_rtt(samples, warmup, &place)?;
     let update = command_rtt(samples, warmup, &place, RttCommand::Update, true)?;
     let update_reg = command_rtt(samples, warmup, &place, RttCommand::Update, false)?;
     let nop = command_rtt(samples, warmup, &place, RttCommand::Nop, true)?;
@@ -539,6 +602,7 @@ pub fn run(opts: &BenchOptions) -> Result<RingReport, BenchError> {
         update_rtt_ns: update,
         update_rtt_register_doorbell_ns: update_reg,
         nop_rtt_ns: nop,
+        protocol_floor_rtt_ns: floor,
         batch_updates_per_s: batch,
         batch_updates_per_s_runs: batch_runs,
         baseline_spsc_ops_per_s: spsc,
@@ -563,6 +627,7 @@ pub fn render(r: &RingReport) -> String {
         r.threads.driver_cpu, r.threads.device_cpu, r.threads.cpus, r.threads.busy_threads, r.threads.pinned
     );
     s += &format!("baseline core-to-core RTT   {}\n", p(&r.baseline_rtt_ns));
+    s += &format!("ring protocol floor         {}\n", p(&r.protocol_floor_rtt_ns));
     s += &format!("update RTT (rings + model)  {}\n", p(&r.update_rtt_ns));
     s += &format!(
         "  ratio p50 {:.2} (target <= 1.25); {:.2} without the {:.0} ns timer cost\n",
