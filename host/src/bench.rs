@@ -135,6 +135,14 @@ pub struct RingReport {
     pub table_1m: Option<MillionReport>,
     /// Thread placement.
     pub threads: ThreadPlacement,
+    /// The bare round trip measured again at the end of the run (p50).
+    pub baseline_rtt_end_ns_p50: f64,
+    /// Whether the two bare round trips agree within a factor of 1.5. A
+    /// hypervisor may move the two vCPUs between cores that share a cache
+    /// and cores that do not in the middle of a run (the round trip then
+    /// goes from about 100 to about 500 ns): the ratios of such a run mix
+    /// two machines and should not be read.
+    pub placement_stable: bool,
     /// Latency samples per latency run.
     pub samples: u64,
     /// Command ring slots in the throughput run (the driver posts every free
@@ -193,6 +201,18 @@ fn timer_overhead_ns() -> f64 {
     percentiles(&mut v).p50
 }
 
+/// Waits until a helper thread has reached its CPU. This thread is
+/// usually pinned already, and a thread it spawns starts on its CPU: had
+/// it spun at once, the helper would have waited for the scheduler to
+/// preempt it (about 4 ms here) before it could even move to its own CPU,
+/// and a timed run would have counted that wait (the SPSC baseline lost
+/// half its rate on 1 M items that way).
+fn await_ready(ready: &AtomicBool) {
+    while !ready.load(Ordering::Acquire) {
+        std::thread::yield_now();
+    }
+}
+
 /// A cache line of its own.
 #[repr(align(128))]
 #[derive(Default)]
@@ -205,11 +225,14 @@ pub fn baseline_rtt(samples: u64, warmup: u64, place: &ThreadPlacement) -> Resul
     let pong = Arc::new(Line::default());
     let stop = Arc::new(AtomicBool::new(false));
     let (p2, q2, s2) = (ping.clone(), pong.clone(), stop.clone());
+    let ready = Arc::new(AtomicBool::new(false));
+    let r2 = ready.clone();
     let dev_cpu = place.device_cpu;
     let responder = std::thread::Builder::new()
         .name("baseline-responder".into())
         .spawn(move || {
             pin(dev_cpu);
+            r2.store(true, Ordering::Release);
             let mut last = 0;
             while !s2.load(Ordering::Relaxed) {
                 let v = p2.0.load(Ordering::Acquire);
@@ -223,6 +246,7 @@ pub fn baseline_rtt(samples: u64, warmup: u64, place: &ThreadPlacement) -> Resul
         })
         .map_err(BenchError::Thread)?;
     pin(place.driver_cpu);
+    await_ready(&ready);
     let mut out = Vec::with_capacity(samples as usize);
     for i in 1..=(samples + warmup) {
         let t0 = Instant::now();
@@ -252,11 +276,14 @@ pub fn protocol_floor_rtt(samples: u64, warmup: u64, place: &ThreadPlacement) ->
     let cpl = Arc::new(Words::default());
     let stop = Arc::new(AtomicBool::new(false));
     let (d2, c2, s2) = (desc.clone(), cpl.clone(), stop.clone());
+    let ready = Arc::new(AtomicBool::new(false));
+    let r2 = ready.clone();
     let dev_cpu = place.device_cpu;
     let responder = std::thread::Builder::new()
         .name("floor-responder".into())
         .spawn(move || {
             pin(dev_cpu);
+            r2.store(true, Ordering::Release);
             let mut last = 0;
             while !s2.load(Ordering::Relaxed) {
                 let w0 = d2.0[0].load(Ordering::Acquire);
@@ -275,6 +302,7 @@ pub fn protocol_floor_rtt(samples: u64, warmup: u64, place: &ThreadPlacement) ->
         })
         .map_err(BenchError::Thread)?;
     pin(place.driver_cpu);
+    await_ready(&ready);
     let mut out = Vec::with_capacity(samples as usize);
     for i in 1..=(samples + warmup) {
         let t0 = Instant::now();
@@ -308,12 +336,15 @@ pub fn baseline_spsc(ops: u64, slots: usize, publish_every: u64, place: &ThreadP
     let head = Arc::new(Line::default()); // consumer position
     let tail = Arc::new(Line::default()); // producer position
     let (r2, h2, t2) = (ring.clone(), head.clone(), tail.clone());
+    let ready = Arc::new(AtomicBool::new(false));
+    let ready2 = ready.clone();
     let dev_cpu = place.device_cpu;
     let n = slots as u64;
     let consumer = std::thread::Builder::new()
         .name("baseline-consumer".into())
         .spawn(move || {
             pin(dev_cpu);
+            ready2.store(true, Ordering::Release);
             let mut pos = 0u64;
             let mut sum = 0u64;
             let mut seen_tail = 0u64;
@@ -339,6 +370,7 @@ pub fn baseline_spsc(ops: u64, slots: usize, publish_every: u64, place: &ThreadP
         })
         .map_err(BenchError::Thread)?;
     pin(place.driver_cpu);
+    await_ready(&ready);
     let start = Instant::now();
     let mut pos = 0u64;
     let mut seen_head = 0u64;
@@ -590,6 +622,8 @@ pub fn run(opts: &BenchOptions) -> Result<RingReport, BenchError> {
     let spsc = median(&mut spsc_runs.clone());
     let spsc16 = median(&mut spsc16_runs);
     let timer = timer_overhead_ns();
+    let end = baseline_rtt(samples.min(20_000), warmup.min(2_000), &place)?;
+    let (lo, hi) = (baseline.p50.min(end.p50).max(1.0), baseline.p50.max(end.p50));
     let mut threads = place;
     threads.pinned &= !PIN_FAILED.load(Ordering::Relaxed);
     Ok(RingReport {
@@ -613,6 +647,8 @@ pub fn run(opts: &BenchOptions) -> Result<RingReport, BenchError> {
         model_ns_per_update: cycles * 1000.0 / clock.max(1) as f64,
         table_1m,
         threads,
+        baseline_rtt_end_ns_p50: end.p50,
+        placement_stable: hi / lo <= 1.5,
         samples,
         ring_slots,
     })
@@ -626,6 +662,13 @@ pub fn render(r: &RingReport) -> String {
         "threads: driver on CPU {:?}, device model on CPU {:?} ({} CPUs, {} busy-polling threads, pinned: {})\n",
         r.threads.driver_cpu, r.threads.device_cpu, r.threads.cpus, r.threads.busy_threads, r.threads.pinned
     );
+    if !r.placement_stable {
+        s += &format!(
+            "WARNING: the bare round trip moved from {:.0} to {:.0} ns during the run: the vCPUs changed cores; \
+             the ratios below mix two placements\n",
+            r.baseline_rtt_ns.p50, r.baseline_rtt_end_ns_p50
+        );
+    }
     s += &format!("baseline core-to-core RTT   {}\n", p(&r.baseline_rtt_ns));
     s += &format!("ring protocol floor         {}\n", p(&r.protocol_floor_rtt_ns));
     s += &format!("update RTT (rings + model)  {}\n", p(&r.update_rtt_ns));
