@@ -934,7 +934,17 @@ impl<D: NicDevice> Node<D> {
         let t_serve = t0.elapsed();
         let mut realign = false;
         while let Some(ev) = self.ms.poll_event() {
-            tracing::debug!(member = self.cfg.member_id, "membership: {ev:?}");
+            match ev {
+                // Rare and what an operator looks for first after a
+                // failover: logged where the default filter shows them.
+                membership::MembershipEvent::LocalStateChanged { .. }
+                | membership::MembershipEvent::PeerStateChanged { .. }
+                | membership::MembershipEvent::PeerDied { .. }
+                | membership::MembershipEvent::PeerRestarted { .. } => {
+                    tracing::info!(member = self.cfg.member_id, "membership: {ev:?}")
+                }
+                _ => tracing::debug!(member = self.cfg.member_id, "membership: {ev:?}"),
+            }
             match ev {
                 membership::MembershipEvent::ResyncRequested { by } => {
                     // In HA the Active's table is the cluster's: a request
