@@ -218,50 +218,79 @@ fn await_ready(ready: &AtomicBool) {
 #[derive(Default)]
 struct Line(AtomicU64);
 
-/// Bare ping-pong: the initiator writes a sequence number to one line, the
-/// responder echoes it on another.
-pub fn baseline_rtt(samples: u64, warmup: u64, place: &ThreadPlacement) -> Result<Percentiles, BenchError> {
-    let ping = Arc::new(Line::default());
-    let pong = Arc::new(Line::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let (p2, q2, s2) = (ping.clone(), pong.clone(), stop.clone());
-    let ready = Arc::new(AtomicBool::new(false));
-    let r2 = ready.clone();
-    let dev_cpu = place.device_cpu;
-    let responder = std::thread::Builder::new()
-        .name("baseline-responder".into())
-        .spawn(move || {
-            pin(dev_cpu);
-            r2.store(true, Ordering::Release);
-            let mut last = 0;
-            while !s2.load(Ordering::Relaxed) {
-                let v = p2.0.load(Ordering::Acquire);
-                if v != last {
-                    last = v;
-                    q2.0.store(v, Ordering::Release);
-                } else {
-                    spin_loop();
+/// A responder on the device's CPU: calls `step` over and over until
+/// dropped. Started, and waited for on its CPU, before anything is timed.
+struct Responder {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Responder {
+    fn start(name: &str, place: &ThreadPlacement, mut step: impl FnMut() + Send + 'static) -> Result<Self, BenchError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ready = Arc::new(AtomicBool::new(false));
+        let (s2, r2, cpu) = (stop.clone(), ready.clone(), place.device_cpu);
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                pin(cpu);
+                r2.store(true, Ordering::Release);
+                while !s2.load(Ordering::Relaxed) {
+                    step();
                 }
-            }
-        })
-        .map_err(BenchError::Thread)?;
-    pin(place.driver_cpu);
-    await_ready(&ready);
+            })
+            .map_err(BenchError::Thread)?;
+        pin(place.driver_cpu);
+        await_ready(&ready);
+        Ok(Responder { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Times `exchange(i)` for i = 1, 2, …; the first `warmup` are dropped.
+fn time_exchanges(samples: u64, warmup: u64, mut exchange: impl FnMut(u64)) -> Percentiles {
     let mut out = Vec::with_capacity(samples as usize);
     for i in 1..=(samples + warmup) {
         let t0 = Instant::now();
-        ping.0.store(i, Ordering::Release);
-        while pong.0.load(Ordering::Acquire) != i {
-            spin_loop();
-        }
+        exchange(i);
         let dt = t0.elapsed().as_nanos() as u64;
         if i > warmup {
             out.push(dt);
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    let _ = responder.join();
-    Ok(percentiles(&mut out))
+    percentiles(&mut out)
+}
+
+/// Bare ping-pong: the initiator writes a sequence number to one line, the
+/// responder echoes it on another.
+pub fn baseline_rtt(samples: u64, warmup: u64, place: &ThreadPlacement) -> Result<Percentiles, BenchError> {
+    let ping = Arc::new(Line::default());
+    let pong = Arc::new(Line::default());
+    let (p2, q2) = (ping.clone(), pong.clone());
+    let mut last = 0;
+    let _responder = Responder::start("baseline-responder", place, move || {
+        let v = p2.0.load(Ordering::Acquire);
+        if v != last {
+            last = v;
+            q2.0.store(v, Ordering::Release);
+        } else {
+            spin_loop();
+        }
+    })?;
+    Ok(time_exchanges(samples, warmup, |i| {
+        ping.0.store(i, Ordering::Release);
+        while pong.0.load(Ordering::Acquire) != i {
+            spin_loop();
+        }
+    }))
 }
 
 /// The ring protocol with no software around it: the initiator writes a
@@ -274,38 +303,23 @@ pub fn protocol_floor_rtt(samples: u64, warmup: u64, place: &ThreadPlacement) ->
     struct Words([AtomicU64; 8]);
     let desc = Arc::new(Words::default());
     let cpl = Arc::new(Words::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let (d2, c2, s2) = (desc.clone(), cpl.clone(), stop.clone());
-    let ready = Arc::new(AtomicBool::new(false));
-    let r2 = ready.clone();
-    let dev_cpu = place.device_cpu;
-    let responder = std::thread::Builder::new()
-        .name("floor-responder".into())
-        .spawn(move || {
-            pin(dev_cpu);
-            r2.store(true, Ordering::Release);
-            let mut last = 0;
-            while !s2.load(Ordering::Relaxed) {
-                let w0 = d2.0[0].load(Ordering::Acquire);
-                if w0 == last {
-                    spin_loop();
-                    continue;
-                }
-                last = w0;
-                let mut body = 0u64;
-                for w in &d2.0[1..] {
-                    body = body.wrapping_add(w.load(Ordering::Relaxed));
-                }
-                c2.0[1].store(body, Ordering::Relaxed);
-                c2.0[0].store(w0, Ordering::Release);
-            }
-        })
-        .map_err(BenchError::Thread)?;
-    pin(place.driver_cpu);
-    await_ready(&ready);
-    let mut out = Vec::with_capacity(samples as usize);
-    for i in 1..=(samples + warmup) {
-        let t0 = Instant::now();
+    let (d2, c2) = (desc.clone(), cpl.clone());
+    let mut last = 0;
+    let _responder = Responder::start("floor-responder", place, move || {
+        let w0 = d2.0[0].load(Ordering::Acquire);
+        if w0 == last {
+            spin_loop();
+            return;
+        }
+        last = w0;
+        let mut body = 0u64;
+        for w in &d2.0[1..] {
+            body = body.wrapping_add(w.load(Ordering::Relaxed));
+        }
+        c2.0[1].store(body, Ordering::Relaxed);
+        c2.0[0].store(w0, Ordering::Release);
+    })?;
+    Ok(time_exchanges(samples, warmup, |i| {
         for (k, w) in desc.0.iter().enumerate().skip(1) {
             w.store(i ^ k as u64, Ordering::Relaxed);
         }
@@ -314,14 +328,7 @@ pub fn protocol_floor_rtt(samples: u64, warmup: u64, place: &ThreadPlacement) ->
             spin_loop();
         }
         std::hint::black_box(cpl.0[1].load(Ordering::Relaxed));
-        let dt = t0.elapsed().as_nanos() as u64;
-        if i > warmup {
-            out.push(dt);
-        }
-    }
-    stop.store(true, Ordering::Relaxed);
-    let _ = responder.join();
-    Ok(percentiles(&mut out))
+    }))
 }
 
 /// Bare SPSC ring of 64-byte slots with `slots` entries, moving `ops`
