@@ -424,11 +424,6 @@ impl CommandDescriptor {
                 if replica != (owner != 0) {
                     return Err(DecodeError::BadOwner);
                 }
-                // Built in place, each field copied once from the
-                // descriptor: a ConnOp assembled first and then moved into
-                // the variant went through the stack byte by byte (these
-                // types are byte-aligned) and was reloaded in whole words,
-                // which waited on those stores.
                 let o = ConnOp {
                     key: body.key,
                     state: body.state,
@@ -487,7 +482,6 @@ impl CommandDescriptor {
     }
 }
 
-/// The EXT's NAT and owner (0 when none).
 /// The EXT's body, checked, in place: the caller copies the NAT out of the
 /// descriptor itself. (Returned by value, the NAT went through the stack
 /// field by field, and the whole-word loads that copied it on stalled on

@@ -1515,14 +1515,12 @@ impl Core {
             }
             (DeltaOp::Upsert, Some(loc)) => match self.table.get_mut(loc) {
                 Some(s) => {
-                    let before = *s;
+                    let before = SyncDigest::hash(s);
                     s.state = u.state;
                     s.nat = u.nat;
                     s.owner = u.owner;
                     s.expires_ms = Self::expiry(now_ms, &u.state);
-                    let after = *s;
-                    self.digest.sub(&before);
-                    self.digest.add(&after);
+                    self.digest.replace(before, SyncDigest::hash(s));
                     Applied::Done
                 }
                 None => Applied::Nothing,
@@ -2009,10 +2007,7 @@ impl SyncDigest {
     }
 
     fn add(&mut self, s: &Slot) {
-        if let Some(h) = Self::hash(s) {
-            self.sum = self.sum.wrapping_add(h);
-            self.count += 1;
-        }
+        self.replace(None, Self::hash(s));
     }
 
     /// Swaps one entry's term for another (`None`: not synced).
@@ -2028,10 +2023,7 @@ impl SyncDigest {
     }
 
     fn sub(&mut self, s: &Slot) {
-        if let Some(h) = Self::hash(s) {
-            self.sum = self.sum.wrapping_sub(h);
-            self.count = self.count.saturating_sub(1);
-        }
+        self.replace(Self::hash(s), None);
     }
 }
 

@@ -228,22 +228,37 @@ struct Responder {
 impl Responder {
     fn start(name: &str, place: &ThreadPlacement, mut step: impl FnMut() + Send + 'static) -> Result<Self, BenchError> {
         let stop = Arc::new(AtomicBool::new(false));
-        let ready = Arc::new(AtomicBool::new(false));
-        let (s2, r2, cpu) = (stop.clone(), ready.clone(), place.device_cpu);
-        let thread = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || {
-                pin(cpu);
-                r2.store(true, Ordering::Release);
-                while !s2.load(Ordering::Relaxed) {
-                    step();
-                }
-            })
-            .map_err(BenchError::Thread)?;
-        pin(place.driver_cpu);
-        await_ready(&ready);
+        let s2 = stop.clone();
+        let thread = spawn_on_device_cpu(name, place, move || {
+            while !s2.load(Ordering::Relaxed) {
+                step();
+            }
+        })?;
         Ok(Responder { stop, thread: Some(thread) })
     }
+}
+
+/// Runs `body` on a thread pinned to the device's CPU, pins this thread to
+/// the driver's, and returns once the helper is on its CPU (see
+/// [`await_ready`]), so that the caller may start its clock.
+fn spawn_on_device_cpu(
+    name: &str,
+    place: &ThreadPlacement,
+    body: impl FnOnce() + Send + 'static,
+) -> Result<std::thread::JoinHandle<()>, BenchError> {
+    let ready = Arc::new(AtomicBool::new(false));
+    let (r2, cpu) = (ready.clone(), place.device_cpu);
+    let thread = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            pin(cpu);
+            r2.store(true, Ordering::Release);
+            body();
+        })
+        .map_err(BenchError::Thread)?;
+    pin(place.driver_cpu);
+    await_ready(&ready);
+    Ok(thread)
 }
 
 impl Drop for Responder {
@@ -343,41 +358,31 @@ pub fn baseline_spsc(ops: u64, slots: usize, publish_every: u64, place: &ThreadP
     let head = Arc::new(Line::default()); // consumer position
     let tail = Arc::new(Line::default()); // producer position
     let (r2, h2, t2) = (ring.clone(), head.clone(), tail.clone());
-    let ready = Arc::new(AtomicBool::new(false));
-    let ready2 = ready.clone();
-    let dev_cpu = place.device_cpu;
     let n = slots as u64;
-    let consumer = std::thread::Builder::new()
-        .name("baseline-consumer".into())
-        .spawn(move || {
-            pin(dev_cpu);
-            ready2.store(true, Ordering::Release);
-            let mut pos = 0u64;
-            let mut sum = 0u64;
-            let mut seen_tail = 0u64;
-            while pos < ops {
+    let consumer = spawn_on_device_cpu("baseline-consumer", place, move || {
+        let mut pos = 0u64;
+        let mut sum = 0u64;
+        let mut seen_tail = 0u64;
+        while pos < ops {
+            if pos == seen_tail {
+                seen_tail = t2.0.load(Ordering::Acquire);
                 if pos == seen_tail {
-                    seen_tail = t2.0.load(Ordering::Acquire);
-                    if pos == seen_tail {
-                        spin_loop();
-                        continue;
-                    }
-                }
-                let s = &r2[(pos % n) as usize];
-                for w in &s.0 {
-                    sum = sum.wrapping_add(w.load(Ordering::Relaxed));
-                }
-                pos += 1;
-                if pos % every == 0 || pos == seen_tail {
-                    h2.0.store(pos, Ordering::Release);
+                    spin_loop();
+                    continue;
                 }
             }
-            h2.0.store(pos, Ordering::Release);
-            std::hint::black_box(sum);
-        })
-        .map_err(BenchError::Thread)?;
-    pin(place.driver_cpu);
-    await_ready(&ready);
+            let s = &r2[(pos % n) as usize];
+            for w in &s.0 {
+                sum = sum.wrapping_add(w.load(Ordering::Relaxed));
+            }
+            pos += 1;
+            if pos % every == 0 || pos == seen_tail {
+                h2.0.store(pos, Ordering::Release);
+            }
+        }
+        h2.0.store(pos, Ordering::Release);
+        std::hint::black_box(sum);
+    })?;
     let start = Instant::now();
     let mut pos = 0u64;
     let mut seen_head = 0u64;

@@ -379,7 +379,7 @@ pub struct Driver<D: NicDevice> {
     recovery: RecoveryStats,
     /// Whether doorbells go through the inline window.
     use_inline: bool,
-    /// The first descriptor posted since the last doorbell.
+    /// Sequence of the last inline doorbell (even, never 0).
     inline_seq: u16,
     /// Whether the host asked for `SYNC_HOLD` (kept across a reinit).
     sync_hold: bool,

@@ -934,16 +934,20 @@ impl<D: NicDevice> Node<D> {
         let t_serve = t0.elapsed();
         let mut realign = false;
         while let Some(ev) = self.ms.poll_event() {
-            match ev {
-                // Rare and what an operator looks for first after a
-                // failover: logged where the default filter shows them.
+            // State changes, deaths and restarts are rare and what an
+            // operator looks for first after a failover: logged where the
+            // default filter shows them.
+            let notable = matches!(
+                ev,
                 membership::MembershipEvent::LocalStateChanged { .. }
-                | membership::MembershipEvent::PeerStateChanged { .. }
-                | membership::MembershipEvent::PeerDied { .. }
-                | membership::MembershipEvent::PeerRestarted { .. } => {
-                    tracing::info!(member = self.cfg.member_id, "membership: {ev:?}")
-                }
-                _ => tracing::debug!(member = self.cfg.member_id, "membership: {ev:?}"),
+                    | membership::MembershipEvent::PeerStateChanged { .. }
+                    | membership::MembershipEvent::PeerDied { .. }
+                    | membership::MembershipEvent::PeerRestarted { .. }
+            );
+            if notable {
+                tracing::info!(member = self.cfg.member_id, "membership: {ev:?}");
+            } else {
+                tracing::debug!(member = self.cfg.member_id, "membership: {ev:?}");
             }
             match ev {
                 membership::MembershipEvent::ResyncRequested { by } => {

@@ -118,6 +118,15 @@ impl DmaMemory {
         }
     }
 
+    /// `check`, and `off` 8-aligned: whole little-endian words.
+    fn check_words(&self, off: usize, len: usize) -> Result<(), DeviceError> {
+        self.check(off, len)?;
+        if off % 8 != 0 {
+            return Err(DeviceError::Misaligned { offset: off });
+        }
+        Ok(())
+    }
+
     /// Volatile copy from the buffer at `off` into `out`.
     pub fn read(&self, off: usize, out: &mut [u8]) -> Result<(), DeviceError> {
         self.check(off, out.len())?;
@@ -167,13 +176,10 @@ impl DmaMemory {
     /// a 64-byte descriptor written as whole words.
     #[inline]
     pub fn write_words(&self, off: usize, words: &[u64; 8]) -> Result<(), DeviceError> {
-        self.check(off, 64)?;
-        if off % 8 != 0 {
-            return Err(DeviceError::Misaligned { offset: off });
-        }
+        self.check_words(off, 64)?;
         let base = self.ptr.as_ptr();
         for (i, w) in words.iter().enumerate() {
-            // SAFETY: `check` proved off + 64 <= len, so every word is
+            // SAFETY: `check_words` proved off + 64 <= len, so every word is
             // inside the live mapping; off is 8-aligned in a page-aligned
             // mapping. No Rust reference to this memory exists.
             unsafe { std::ptr::write_volatile(base.add(off + 8 * i).cast::<u64>(), w.to_le()) };
@@ -184,13 +190,10 @@ impl DmaMemory {
     /// Volatile loads of eight little-endian words at `off` (8-aligned).
     #[inline]
     pub fn read_words(&self, off: usize, out: &mut [u64; 8]) -> Result<(), DeviceError> {
-        self.check(off, 64)?;
-        if off % 8 != 0 {
-            return Err(DeviceError::Misaligned { offset: off });
-        }
+        self.check_words(off, 64)?;
         let base = self.ptr.as_ptr();
         for (i, w) in out.iter_mut().enumerate() {
-            // SAFETY: `check` proved off + 64 <= len, so every word is
+            // SAFETY: `check_words` proved off + 64 <= len, so every word is
             // inside the live mapping; off is 8-aligned in a page-aligned
             // mapping. No Rust reference to this memory exists.
             *w = u64::from_le(unsafe { std::ptr::read_volatile(base.add(off + 8 * i).cast::<u64>()) });
@@ -199,10 +202,7 @@ impl DmaMemory {
     }
 
     fn atomic_at(&self, off: usize) -> Result<&AtomicU64, DeviceError> {
-        self.check(off, 8)?;
-        if off % 8 != 0 {
-            return Err(DeviceError::Misaligned { offset: off });
-        }
+        self.check_words(off, 8)?;
         // SAFETY: the word is inside the mapping (checked), 8-aligned
         // (checked; the mapping is page-aligned), lives as long as `self`
         // (the returned reference borrows `self`), and is only ever accessed
@@ -229,13 +229,10 @@ impl DmaMemory {
     /// release store, so a reader that acquires an entry's first word sees
     /// its second. One bounds check for the whole burst.
     pub fn publish_pairs(&self, off: usize, pairs: &[(u64, u64)]) -> Result<(), DeviceError> {
-        self.check(off, pairs.len() * 16)?;
-        if off % 8 != 0 {
-            return Err(DeviceError::Misaligned { offset: off });
-        }
+        self.check_words(off, pairs.len() * 16)?;
         let base = self.ptr.as_ptr();
         for (i, (_, w1)) in pairs.iter().enumerate() {
-            // SAFETY: `check` proved off + 16 * len <= self.len, so the word
+            // SAFETY: `check_words` proved off + 16 * len <= self.len, so the word
             // at off + 16 i + 8 is inside the live mapping; it is 8-aligned
             // (off is, and the mapping is page-aligned).
             unsafe { std::ptr::write_volatile(base.add(off + 16 * i + 8).cast::<u64>(), w1.to_le()) };
