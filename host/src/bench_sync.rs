@@ -158,18 +158,25 @@ fn entry(tcp: TcpState, mark: u32) -> ConnEntry {
 
 /// Runs every part.
 pub fn run(o: &SyncBenchOptions) -> Result<SyncBenchReport, SyncBenchError> {
-    let baseline = udp_rtt(o.samples.max(2000))?;
-    // Plain and sealed latency runs alternate, so that a noisy spell of
-    // the machine does not land on one side only.
+    // Runs to be compared alternate (plain and sealed in process; the bare
+    // UDP round trip and the delta over UDP), so that a noisy spell of the
+    // machine, or the hypervisor moving its vCPUs, does not land on one
+    // side of a ratio only.
+    let per_round = o.samples / LATENCY_ROUNDS;
     let mut plain_runs = Vec::new();
     let mut sealed_runs = Vec::new();
+    let mut rtt_runs = Vec::new();
+    let mut udp_runs = Vec::new();
     for _ in 0..LATENCY_ROUNDS {
-        plain_runs.extend(delta_latency(false, false, o.samples / LATENCY_ROUNDS)?);
-        sealed_runs.extend(delta_latency(false, true, o.samples / LATENCY_ROUNDS)?);
+        plain_runs.extend(delta_latency(false, false, per_round)?);
+        sealed_runs.extend(delta_latency(false, true, per_round)?);
+        rtt_runs.extend(udp_rtt(per_round.max(500))?);
+        udp_runs.extend(delta_latency(true, true, per_round)?);
     }
     let plain_in = percentiles(&mut plain_runs);
     let delta_in = percentiles(&mut sealed_runs);
-    let delta_udp = percentiles(&mut delta_latency(true, true, o.samples)?);
+    let baseline = percentiles(&mut rtt_runs);
+    let delta_udp = percentiles(&mut udp_runs);
     let (plain_conn_rate, plain_upd_rate, plain_lost, plain_caught_up) = sustained(o.sustain_seconds, false)?;
     let (conn_rate, upd_rate, lost, caught_up) = sustained(o.sustain_seconds, true)?;
     let (lost, caught_up) = (lost + plain_lost, caught_up && plain_caught_up);
@@ -232,7 +239,7 @@ pub fn run(o: &SyncBenchOptions) -> Result<SyncBenchReport, SyncBenchError> {
 }
 
 /// Bare UDP round trips between two sockets on loopback (echo thread).
-fn udp_rtt(samples: usize) -> Result<Percentiles, SyncBenchError> {
+fn udp_rtt(samples: usize) -> Result<Vec<u64>, SyncBenchError> {
     let a = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
     let b = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
     a.connect(b.local_addr()?)?;
@@ -274,7 +281,7 @@ fn udp_rtt(samples: usize) -> Result<Percentiles, SyncBenchError> {
     }
     stop.store(true, Ordering::Relaxed);
     let _ = echo.join();
-    Ok(percentiles(&mut out))
+    Ok(out)
 }
 
 /// A pair of devices with sync units on the given ports, brought up, served

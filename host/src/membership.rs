@@ -66,11 +66,14 @@
 //!   * If two Actives hear each other (a healed split brain, or two members
 //!     that decided on views one message apart), the one with the higher id
 //!     steps down to `STANDBY`.
-//!   * **One-way links.** An Active member that has heard an Active peer
-//!     continuously for a whole dead window while that peer's probes still
-//!     report it `DOWN` (the peer cannot hear it, so it will never learn of
-//!     the conflict) steps down, whatever the ids. This ends the split
-//!     brain that an asymmetric link failure would otherwise cause.
+//!   * **Taken for dead.** An Active member that hears an Active peer
+//!     whose probes report it `DOWN` steps down, whatever the ids, once it
+//!     has heard that peer without a break for a whole dead window. The
+//!     peer cannot hear it (a one-way link: it would never learn of the
+//!     conflict), or could not (this member stalled past a dead window,
+//!     and the peer took over meanwhile): either way the peer holds the
+//!     role, and yielding to it ends the split brain at once and without a
+//!     second switch-over back.
 //! * **Election, Load Sharing.** Every `READY` member becomes Active
 //!   immediately; several Actives are the point.
 //! * **Manual failover.** [`Membership::request_standby`] asks a member
@@ -1747,6 +1750,9 @@ mod tests {
     struct Node {
         m: Membership,
         up: bool,
+        /// Not driven (a stalled loop): what arrives waits in `backlog`.
+        paused: bool,
+        backlog: Vec<Vec<u8>>,
         events: Vec<MembershipEvent>,
     }
 
@@ -1793,11 +1799,29 @@ mod tests {
         fn restart(&mut self, id: u16) {
             self.next_inc += 1;
             let m = Membership::new(params(id, self.n, self.mode, self.next_inc), self.now).unwrap();
-            self.nodes.insert(id, Node { m, up: true, events: Vec::new() });
+            self.nodes.insert(id, Node { m, up: true, paused: false, backlog: Vec::new(), events: Vec::new() });
         }
 
         fn kill(&mut self, id: u16) {
             self.nodes.get_mut(&id).unwrap().up = false;
+        }
+
+        /// Stops driving `id` (its loop stalls); datagrams to it queue.
+        fn pause(&mut self, id: u16) {
+            self.nodes.get_mut(&id).unwrap().paused = true;
+        }
+
+        /// Drives `id` again: it reads what queued first, then its timers
+        /// run, as the daemon's loop does after a stall.
+        fn resume(&mut self, id: u16) {
+            let now = self.now;
+            let node = self.nodes.get_mut(&id).unwrap();
+            node.paused = false;
+            for bytes in std::mem::take(&mut node.backlog) {
+                if let Err(e) = node.m.handle_datagram(&bytes, now) {
+                    self.errors.push((0, id, e));
+                }
+            }
         }
 
         fn isolate(&mut self, id: u16) {
@@ -1864,7 +1888,7 @@ mod tests {
             for _ in 0..10_000_000u32 {
                 self.collect();
                 let next_q = self.queue.iter().map(|q| q.0).min();
-                let next_t = self.nodes.values().filter(|n| n.up).filter_map(|n| n.m.poll_timeout()).min();
+                let next_t = self.nodes.values().filter(|n| n.up && !n.paused).filter_map(|n| n.m.poll_timeout()).min();
                 let next = match [next_q, next_t].into_iter().flatten().min() {
                     Some(x) if x <= t => x.max(self.now),
                     _ => {
@@ -1884,11 +1908,15 @@ mod tests {
                     if !node.up {
                         continue;
                     }
+                    if node.paused {
+                        node.backlog.push(bytes);
+                        continue;
+                    }
                     if let Err(e) = node.m.handle_datagram(&bytes, next) {
                         self.errors.push((from, to, e));
                     }
                 }
-                for node in self.nodes.values_mut().filter(|n| n.up) {
+                for node in self.nodes.values_mut().filter(|n| n.up && !n.paused) {
                     if node.m.poll_timeout().is_some_and(|d| d <= next) {
                         node.m.handle_timeout(next);
                     }
@@ -2119,6 +2147,32 @@ mod tests {
         assert_eq!(net.state(1), MemberState::Standby);
         assert_eq!(net.nodes[&1].m.stats().step_downs, 1);
         net.run_checked(net.now + 500 * MS, |n| assert_eq!(n.actives(), vec![2]));
+    }
+
+    /// The Active's loop stalls past a dead window: its peer takes over (it
+    /// cannot tell a stall from a death). When the stalled member resumes,
+    /// it reads the peer's probes reporting it `DOWN` before it sends
+    /// anything, and yields at once: never two Actives that both send, and
+    /// no second switch-over back to the lower id.
+    #[test]
+    fn stalled_active_yields_to_the_peer_that_took_over() {
+        let mut net = Net::new(2, Mode::HighAvailability);
+        net.run_until(MS);
+        net.sync_all();
+        net.run_until(60 * MS);
+        assert_eq!(net.actives(), vec![1]);
+        net.pause(1);
+        let t = net.now;
+        net.run_until(t + DEAD as Nanos * I + 3 * I);
+        assert_eq!(net.state(2), MemberState::Active, "the peer took over during the stall");
+        net.resume(1);
+        assert_eq!(net.state(1), MemberState::Standby, "yields on reading the queued probes");
+        let t = net.now;
+        net.run_checked(t + 500 * MS, |n| assert_eq!(n.actives(), vec![2]));
+        assert_eq!(net.nodes[&1].m.stats().step_downs, 1);
+        assert_eq!(net.nodes[&2].m.stats().step_downs, 0);
+        assert_eq!(net.nodes[&2].m.stats().failovers, 1);
+        assert!(net.errors.is_empty(), "{:?}", net.errors);
     }
 
     #[test]

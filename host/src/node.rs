@@ -360,6 +360,10 @@ pub struct Node<D: NicDevice> {
     resets_seen: u64,
     /// When the table (with fault recovery on) is audited next.
     next_audit: Nanos,
+    /// The table's audit walks when the last audit ended.
+    audit_walks_seen: u64,
+    /// An audit's walk took its chunk in this turn of `progress` already.
+    audit_stepped: bool,
 }
 
 /// Times a resync request is repeated before it is given up.
@@ -446,6 +450,8 @@ impl<D: NicDevice> Node<D> {
             last_realign_for_divergence: None,
             resets_seen,
             next_audit: now,
+            audit_walks_seen: 0,
+            audit_stepped: false,
             peer_changes: None,
         })
     }
@@ -609,6 +615,17 @@ impl<D: NicDevice> Node<D> {
         }
     }
 
+    /// The member the others sync from: this one when it is the
+    /// cluster's reference, else the peer it would pull from itself
+    /// ([`Membership::sync_source`], which never names this member).
+    pub fn cluster_source(&self) -> Option<u16> {
+        if self.is_reference() {
+            Some(self.cfg.member_id)
+        } else {
+            self.ms.sync_source()
+        }
+    }
+
     /// Whether this member's table is the cluster's reference: the Active
     /// in HA; in load sharing the lowest-id Active. The reference realigns
     /// the others and checks their digests; it never empties itself.
@@ -662,14 +679,23 @@ impl<D: NicDevice> Node<D> {
         // reference realigns instead: it merges every peer's table into its
         // own under the conflict rule, then has them merge it, and every
         // member ends with the union (deletes travel as tombstones).
+        // A peer this member has asked to resync (an operator's request)
+        // differs on purpose, its table perhaps emptied for the pull: a
+        // realignment would merge it instead of the Full Sync asked for.
+        let asked = |p: &u16| self.resync_asks.iter().any(|(target, _, _)| target == p);
         let differs = peers
             .iter()
+            .filter(|p| !asked(p))
             .filter_map(|p| self.ms.peer_digest(*p))
             .any(|(d, since)| d != mine && now.saturating_sub(since) >= quiet);
         let recent = self.last_realign_for_divergence.is_some_and(|t| now.saturating_sub(t) < 1_000_000_000);
         // Before the realignment: the card may have lost entries the host's
         // copy still holds (the audit restores them).
-        if differs && !recent && !self.audit_table(now) && self.is_reference() {
+        if !differs || recent {
+            return;
+        }
+        // An audit walking the card decides when it is done.
+        if self.audit_table(now) == Some(false) && self.is_reference() {
             self.last_realign_for_divergence = Some(now);
             self.stats.divergences_detected += 1;
             self.note_error(format!("a peer's table digest differs from this member's {mine:016x}: realigning"));
@@ -855,6 +881,8 @@ impl<D: NicDevice> Node<D> {
         for s in &self.serving {
             min(s.server.poll_timeout());
         }
+        // An audit's walk goes on a chunk per turn.
+        min(self.table.audit_walking().then_some(0));
         t
     }
 
@@ -924,6 +952,7 @@ impl<D: NicDevice> Node<D> {
             let floor = self.cfg.generation_clock.floor(now);
             self.table.driver().raise_generation_floor(floor);
         }
+        self.audit_stepped = false;
         self.poll_device_events(now);
         let t_events = t0.elapsed();
         self.watch_device(now);
@@ -1069,37 +1098,47 @@ impl<D: NicDevice> Node<D> {
         if self.table.recovery_config().is_none() {
             return;
         }
-        if now >= self.next_audit {
-            let walked = self.table.recovery_stats().audit_walks;
-            self.audit_table(now);
+        let walking = self.table.audit_walking();
+        if now >= self.next_audit || walking {
             // A walk of a large table is not repeated at every probe (a
             // flood of peer updates that overflows the event ring would
-            // otherwise keep the loop walking, and the peers would take it
-            // for dead): the next audit waits in proportion to the table,
-            // in this node's time, so that a simulation replays exactly.
-            let every = if self.table.recovery_stats().audit_walks > walked {
-                (self.table.len() as u64).saturating_mul(AUDIT_WAIT_PER_ENTRY_NS)
-            } else {
-                0
+            // otherwise keep the loop walking a chunk a turn): the next
+            // audit waits in proportion to the table, in this node's time,
+            // so that a simulation replays exactly.
+            let every = match self.audit_table(now) {
+                None => return,
+                Some(_) if walking || self.table.recovery_stats().audit_walks > self.audit_walks_seen => {
+                    (self.table.len() as u64).saturating_mul(AUDIT_WAIT_PER_ENTRY_NS)
+                }
+                Some(_) => 0,
             };
+            self.audit_walks_seen = self.table.recovery_stats().audit_walks;
             self.next_audit = now.saturating_add(self.cfg.probe_interval_ns.max(every).max(1));
         }
         self.after_device_reset(now);
     }
 
     /// Compares the card with the host's copy and restores what the card
-    /// lost (`ConnTable::audit`); returns whether it found anything. Not
-    /// while a walk of the device is served (an audit that walks would tear
-    /// it) or a Full Sync is pulled (the table is being replaced).
-    fn audit_table(&mut self, now: Nanos) -> bool {
+    /// lost (`ConnTable::audit_step`): `Some(whether it found anything)`
+    /// when done, `None` while it walks the card, a chunk per call (the
+    /// loop's next turns take it on). Not while a walk of the device is
+    /// served (an audit that walks would tear it) or a Full Sync is pulled
+    /// (the table is being replaced).
+    fn audit_table(&mut self, now: Nanos) -> Option<bool> {
         if self.table.recovery_config().is_none() || self.walking() || self.is_pulling() {
-            return false;
+            self.table.audit_cancel();
+            return Some(false);
         }
-        let report = match self.table.audit() {
-            Ok(r) => r,
+        if self.audit_stepped && self.table.audit_walking() {
+            return None; // a chunk a turn
+        }
+        self.audit_stepped = true;
+        let report = match self.table.audit_step() {
+            Ok(Some(r)) => r,
+            Ok(None) => return None,
             Err(e) => {
                 self.note_error(format!("audit: {e}"));
-                return false;
+                return Some(false);
             }
         };
         let restored = report.missing + report.different;
@@ -1112,7 +1151,7 @@ impl<D: NicDevice> Node<D> {
             );
         }
         self.after_device_reset(now);
-        restored > 0 || report.recovered
+        Some(restored > 0 || report.recovered)
     }
 
     /// After the table reset the device to recover from a fault and rebuilt
@@ -1459,15 +1498,16 @@ impl<D: NicDevice> Node<D> {
 
     /// The serving side: one device walk at a time, chunk by chunk.
     fn drive_serving(&mut self, now: Nanos) {
+        // What the card lost must not go out as the cluster's table: a
+        // walk waits for the audit (a turn's chunk of it at most here).
+        let walk_free = !self.serving.iter().any(|s| s.walking);
+        let audited = !(walk_free && self.serving.iter().any(|s| s.server.wants_begin() && !s.closed))
+            || self.audit_table(now).is_some();
         let mut i = 0;
         while i < self.serving.len() {
             let walk_free = !self.serving.iter().any(|s| s.walking);
-            if walk_free && self.serving[i].server.wants_begin() && !self.serving[i].closed {
-                // What the card lost must not go out as the cluster's table.
-                self.audit_table(now);
-            }
             let s = &mut self.serving[i];
-            if s.server.wants_begin() && walk_free && !s.closed {
+            if s.server.wants_begin() && walk_free && !s.closed && audited {
                 let seq = self.table.driver_ref().device_counter(Counter::SyncNextSeq);
                 let estimate = self.table.len() as u64;
                 s.server.begin(seq, self.cfg.incarnation, estimate, now);
@@ -1571,11 +1611,15 @@ impl<D: NicDevice> Node<D> {
     /// One chunk of a walk over the entries marked for sync, from `cursor`
     /// (0 to start); returns the next cursor, `SNAPSHOT_DONE` at the end.
     /// A walk may return an entry that moved during it twice. Refused
-    /// (`Busy`) while a Full Sync is being served from the card's walker, so
-    /// that neither walk tears the other; the caller tries again later.
+    /// (`Busy`) while a Full Sync is being served from the card's walker or
+    /// an audit walks it, so that neither walk tears the other; the caller
+    /// tries again later.
     pub fn synced_chunk(&mut self, cursor: u32, out: &mut Vec<DeltaUpdate>) -> Result<u32, TableError> {
         if self.walking() {
             return Err(TableError::Busy("a full sync is being served; try again".into()));
+        }
+        if self.table.audit_walking() {
+            return Err(TableError::Busy("an audit is walking the card; try again".into()));
         }
         self.table.sync_snapshot_chunk(cursor, out)
     }

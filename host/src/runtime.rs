@@ -859,7 +859,7 @@ pub fn handle_request<D: NicDevice>(node: &mut Node<D>, req: &Request, net: &Net
                 Some(m) => node.request_peer_resync(*m, now),
                 None => {
                     // Every member but the one the others sync from.
-                    let source = node.membership().sync_source();
+                    let source = node.cluster_source();
                     let me = node.member_id();
                     let members: Vec<u16> = node.members().iter().map(|v| v.id).collect();
                     for m in members {

@@ -29,7 +29,10 @@ use crate::table::{TableError, TableOp};
 /// from the network, so the hash stays seeded at random (foldhash's
 /// "minimal DoS resistance"): an attacker cannot aim collisions at a seed
 /// it does not know.
-type KeyHasher = foldhash::fast::RandomState;
+pub(crate) type KeyHasher = foldhash::fast::RandomState;
+
+/// A set of keys hashed as the copy's are.
+pub(crate) type KeySet = std::collections::HashSet<ConnKey, KeyHasher>;
 
 fn is_synced(e: &ShadowEntry) -> bool {
     e.state.conn_flags().contains(ConnFlags::SYNC)
@@ -96,6 +99,9 @@ pub struct ShadowTable {
     /// it with the device's counter every time).
     synced: usize,
     needs_audit: bool,
+    /// While an audit walks the card, a turn at a time: the keys whose
+    /// entries changed meanwhile (what the walk saw of them may be stale).
+    changed: Option<KeySet>,
 }
 
 impl ShadowTable {
@@ -127,6 +133,9 @@ impl ShadowTable {
     /// Sets the entry of `key` (which ends a tombstone of the key, as an
     /// insert does on the card).
     pub fn set(&mut self, key: ConnKey, e: ShadowEntry) {
+        if let Some(c) = &mut self.changed {
+            c.insert(key);
+        }
         if !self.tombs.is_empty() {
             self.tombs.remove(&key);
         }
@@ -145,12 +154,17 @@ impl ShadowTable {
     /// Removes the entry of `key` (no tombstone).
     pub fn remove(&mut self, key: &ConnKey) -> Option<ShadowEntry> {
         let old = self.map.remove(key)?;
+        if let Some(c) = &mut self.changed {
+            c.insert(*key);
+        }
         self.synced -= usize::from(is_synced(&old));
         Some(old)
     }
 
     /// Forgets everything, tombstones too.
     pub fn clear(&mut self) {
+        // An audit's walk in progress compared nothing that still holds.
+        self.changed = None;
         self.map.clear();
         self.synced = 0;
         self.tombs.clear();
@@ -224,9 +238,34 @@ impl ShadowTable {
         self.needs_audit
     }
 
-    /// Clears the flag (an audit walked the table).
+    /// Clears the flag (an audit walks the table).
     pub fn audited(&mut self) {
         self.needs_audit = false;
+    }
+
+    /// Sets the flag again (an audit's walk was abandoned).
+    pub fn mark_needs_audit(&mut self) {
+        self.needs_audit = true;
+    }
+
+    /// Starts noting the keys whose entries change (an audit's walk began).
+    pub fn track_changes(&mut self) {
+        self.changed = Some(KeySet::default());
+    }
+
+    /// Whether changes are being noted (not since a [`ShadowTable::clear`]).
+    pub fn tracking_changes(&self) -> bool {
+        self.changed.is_some()
+    }
+
+    /// Whether `key`'s entry changed since [`ShadowTable::track_changes`].
+    pub fn changed_since_tracked(&self, key: &ConnKey) -> bool {
+        self.changed.as_ref().is_some_and(|c| c.contains(key))
+    }
+
+    /// Stops noting changes and returns the keys noted.
+    pub fn take_changes(&mut self) -> KeySet {
+        self.changed.take().unwrap_or_default()
     }
 
     /// Takes in the outcome of a completed table operation (in ring order).

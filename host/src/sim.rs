@@ -19,6 +19,10 @@
 //! acknowledged by its member's device is what every member holds, except
 //! writes a member acknowledged shortly before it crashed (asynchronous
 //! replication cannot promise those; see docs/cluster.md).
+//!
+//! Tests add operator actions and link faults at fixed times
+//! ([`SimConfig::script`]: a flush, a resync request, membership datagrams
+//! dropped on one link) to replay a given sequence deterministically.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::Ipv4Addr;
@@ -74,6 +78,35 @@ pub struct SimConfig {
     /// then take their completions by interrupt, even ones poll, so that
     /// both paths meet every fault (spurious interrupts need interrupts).
     pub device_faults: bool,
+    /// Operator actions and link faults at fixed virtual times (beside
+    /// the seeded faults), for regression tests of a given sequence. The
+    /// cluster is checked only after the last of them.
+    pub script: Vec<(Nanos, Scripted)>,
+}
+
+/// A scripted step of a simulation ([`SimConfig::script`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scripted {
+    /// `nicsync conn flush` on member `.0`: its card's table emptied.
+    Flush(u16),
+    /// `nicsync resync [member]` sent to member `at`.
+    Resync {
+        /// The member whose control socket takes the request.
+        at: u16,
+        /// The member to resync; every member but the cluster's source
+        /// when `None`.
+        member: Option<u16>,
+    },
+    /// Membership datagrams from `from` to `to` are dropped (`on`) or
+    /// carried again.
+    DropMembership {
+        /// Sender.
+        from: u16,
+        /// Receiver.
+        to: u16,
+        /// Dropped from now on (true) or carried again (false).
+        on: bool,
+    },
 }
 
 impl SimConfig {
@@ -91,6 +124,7 @@ impl SimConfig {
             sealed: true,
             attacks: false,
             device_faults: false,
+            script: Vec::new(),
         }
     }
 }
@@ -122,6 +156,19 @@ pub struct SimReport {
     pub full_syncs: u64,
     /// Full Sync attempts that failed (and were retried).
     pub full_syncs_failed: u64,
+    /// Full Syncs completed by each member alive at the end (its current
+    /// run only: counters restart with a member).
+    pub full_syncs_by_member: BTreeMap<u16, u64>,
+    /// Realignment merges completed, members alive at the end.
+    pub merges_completed: u64,
+    /// Table divergences the reference found by digest, members alive at
+    /// the end.
+    pub divergences_detected: u64,
+    /// Times the Active role moved (HA), the most any member alive at the
+    /// end saw.
+    pub failovers: u64,
+    /// The Active members at the end.
+    pub actives_at_end: Vec<u16>,
     /// Faults injected, by kind.
     pub faults: BTreeMap<String, u32>,
     /// Virtual milliseconds until the cluster settled.
@@ -146,6 +193,9 @@ pub struct SimReport {
     /// What happened when (virtual milliseconds), for replaying a failure.
     pub timeline: Vec<String>,
 }
+
+/// Drops membership datagrams on the (from, to) links a script named.
+type DroppedLinks = std::collections::BTreeSet<(u16, u16)>;
 
 /// Member id the attacker's port uses on the sync wire.
 const ATTACKER: u16 = 0xBAD;
@@ -222,6 +272,8 @@ struct Sim {
     trace_last: HashMap<u16, TracedKey>,
     /// Per member: what it was last seen doing about its table (traced).
     trace_doing: HashMap<u16, String>,
+    /// Membership links a script cut.
+    dropped_ccp: DroppedLinks,
 }
 
 fn sim_key(writer: u16, i: u32) -> ConnKey {
@@ -282,6 +334,7 @@ impl Sim {
             trace_key: std::env::var("NICSYNC_SIM_TRACE_KEY").ok().and_then(|k| crate::control::parse_key(&k).ok()),
             trace_last: HashMap::new(),
             trace_doing: HashMap::new(),
+            dropped_ccp: DroppedLinks::new(),
         }
     }
 
@@ -430,7 +483,10 @@ impl Sim {
                         if to == id || matches!(dest, Destination::Member(m) if m != to) {
                             continue;
                         }
-                        if !self.reachable(id, to) || self.rng.chance(self.impairment.loss_ppm) {
+                        if !self.reachable(id, to)
+                            || self.dropped_ccp.contains(&(id, to))
+                            || self.rng.chance(self.impairment.loss_ppm)
+                        {
                             continue;
                         }
                         let jitter =
@@ -854,6 +910,44 @@ impl Sim {
                     self.log(format!("operator resyncs member {id}"));
                 }
             }
+            Fault::Script(step) => self.scripted(step),
+        }
+    }
+
+    /// Applies the scripted steps that are due.
+    fn run_script(&mut self, script: &mut VecDeque<(Nanos, Scripted)>) {
+        while script.front().is_some_and(|(t, _)| *t <= self.now) {
+            if let Some((_, step)) = script.pop_front() {
+                self.apply(Fault::Script(step));
+            }
+        }
+    }
+
+    fn scripted(&mut self, step: Scripted) {
+        let now = self.now;
+        self.log(format!("script: {step:?}"));
+        match step {
+            Scripted::Flush(id) => {
+                if let Some(n) = self.slots[id as usize - 1].node.as_mut() {
+                    if let Err(e) = n.table().flush() {
+                        self.log(format!("member {id}: flush: {e}"));
+                    }
+                }
+            }
+            Scripted::Resync { at, member } => {
+                if let Some(n) = self.slots[at as usize - 1].node.as_mut() {
+                    let req = crate::control::Request::Resync { member };
+                    let reply = crate::runtime::handle_request(n, &req, &Default::default(), now);
+                    self.log(format!("member {at} answers: {reply:?}"));
+                }
+            }
+            Scripted::DropMembership { from, to, on } => {
+                if on {
+                    self.dropped_ccp.insert((from, to));
+                } else {
+                    self.dropped_ccp.remove(&(from, to));
+                }
+            }
         }
     }
 
@@ -939,6 +1033,7 @@ enum Fault {
     Crash(u16),
     Isolate(u16, bool),
     Resync(u16),
+    Script(Scripted),
 }
 
 /// A traced key on one member: its entry (mark, generation, owner) and its
@@ -962,6 +1057,9 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         }
     }
     let mut pending: VecDeque<(Nanos, Fault)> = faults.into_iter().collect();
+    let mut script: Vec<(Nanos, Scripted)> = cfg.script.clone();
+    script.sort_by_key(|(t, _)| *t);
+    let mut script: VecDeque<(Nanos, Scripted)> = script.into();
     let churn_end = cfg.churn_ms * 1_000_000;
     while sim.now < churn_end {
         while pending.front().is_some_and(|(t, _)| *t <= sim.now) {
@@ -969,6 +1067,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
                 sim.apply(f);
             }
         }
+        sim.run_script(&mut script);
         sim.step(true);
     }
     // Heal: every fault ends, crashed members come back, the wire is clean.
@@ -995,7 +1094,11 @@ pub fn run(cfg: &SimConfig) -> SimReport {
     let mut last_err = String::from("did not settle");
     while sim.now < settle_end {
         for _ in 0..(100_000_000 / STEP_NS) {
+            sim.run_script(&mut script);
             sim.step(false);
+        }
+        if !script.is_empty() {
+            continue;
         }
         match sim.check() {
             Ok(()) => {
@@ -1007,10 +1110,19 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         }
     }
     sim.account();
-    for s in &sim.slots {
+    for (i, s) in sim.slots.iter().enumerate() {
         if let Some(n) = &s.node {
-            sim.report.full_syncs += n.stats().full_syncs_completed;
-            sim.report.full_syncs_failed += n.stats().full_syncs_failed;
+            let id = i as u16 + 1;
+            let st = n.stats();
+            sim.report.full_syncs += st.full_syncs_completed;
+            sim.report.full_syncs_failed += st.full_syncs_failed;
+            sim.report.full_syncs_by_member.insert(id, st.full_syncs_completed);
+            sim.report.merges_completed += st.merges_completed;
+            sim.report.divergences_detected += st.divergences_detected;
+            sim.report.failovers = sim.report.failovers.max(n.membership().stats().failovers);
+            if matches!(n.state(), MemberState::Active | MemberState::ActiveAttention) {
+                sim.report.actives_at_end.push(id);
+            }
         }
     }
     if !sim.report.converged {

@@ -469,3 +469,59 @@ fn a_sealed_full_sync_counts_no_failures() {
     assert_eq!(p.m[0].security_stats(), Default::default());
     assert_eq!(p.m[1].security_stats(), Default::default());
 }
+
+/// A quiet three-member HA cluster after `churn_ms` of writes, with the
+/// simulator's random faults off, and `script` run `settle_after_ms` after
+/// the writes stop.
+fn scripted_run(seed: u64, churn_ms: u64, script: Vec<(u64, nicsync::sim::Scripted)>) -> nicsync::sim::SimReport {
+    let mut cfg = nicsync::sim::SimConfig::new(seed);
+    cfg.faults = false;
+    cfg.churn_ms = churn_ms;
+    cfg.script = script.into_iter().map(|(ms, s)| ((churn_ms + ms) * 1_000_000, s)).collect();
+    let r = nicsync::sim::run(&cfg);
+    assert!(r.converged, "seed {seed}: {:?}\n{}", r.failure, r.timeline.join("\n"));
+    assert_eq!((r.lost_connections, r.diverged_members), (0, 0), "seed {seed}");
+    assert!(r.entries > 500, "seed {seed}: too few entries to tell a merge from a copy: {}", r.entries);
+    r
+}
+
+/// `nicsync resync` with no member, sent to the Active, resyncs every other
+/// member from it. It once took the Active for a member to resync (the
+/// member it would itself sync from was a Standby), so the Active went Down
+/// and pulled a Standby's table, and the Standbys were not resynced.
+#[test]
+fn resync_of_the_whole_cluster_at_the_active_resyncs_the_others() {
+    use nicsync::sim::Scripted;
+    for seed in [1, 2] {
+        let r = scripted_run(seed, 400, vec![(300, Scripted::Resync { at: 1, member: None })]);
+        assert_eq!(r.actives_at_end, vec![1], "seed {seed}\n{}", r.timeline.join("\n"));
+        assert_eq!(r.failovers, 0, "seed {seed}");
+        let by: Vec<u64> = r.full_syncs_by_member.values().copied().collect();
+        assert_eq!(by, vec![0, 2, 2], "seed {seed}: Full Syncs by member (a join, then the resync)");
+    }
+}
+
+/// An operator empties a Standby's table and asks the Active to resync it,
+/// and the first two requests are lost (membership datagrams from the
+/// Active drop for 34 ms, well inside the 50 ms dead window). Meanwhile the Active sees the Standby's digest differ: that
+/// is the resync it asked for, not a divergence to realign by merging,
+/// which would have answered the operator's Full Sync with a merge.
+#[test]
+fn a_peer_asked_to_resync_is_not_realigned_meanwhile() {
+    use nicsync::sim::Scripted;
+    for seed in [1, 2] {
+        let r = scripted_run(
+            seed,
+            400,
+            vec![
+                (301, Scripted::DropMembership { from: 1, to: 2, on: true }),
+                (301, Scripted::Flush(2)),
+                (301, Scripted::Resync { at: 1, member: Some(2) }),
+                (335, Scripted::DropMembership { from: 1, to: 2, on: false }),
+            ],
+        );
+        assert_eq!((r.divergences_detected, r.merges_completed), (0, 0), "seed {seed}\n{}", r.timeline.join("\n"));
+        assert_eq!(r.full_syncs_by_member.get(&2), Some(&2), "seed {seed}: the join, then the resync");
+        assert_eq!(r.actives_at_end, vec![1], "seed {seed}");
+    }
+}
