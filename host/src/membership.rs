@@ -1442,6 +1442,16 @@ impl Membership {
         if gap > self.p.probe_interval_ns {
             let credit = gap - self.p.probe_interval_ns;
             self.stats.local_stalls += 1;
+            if gap >= self.dead_ns {
+                // Its peers heard nothing for as long: they may have taken
+                // this member for dead (an Active's peer then took over).
+                tracing::warn!(
+                    member = self.p.member_id,
+                    "this member was not run for {:.1} ms, longer than the dead window ({:.1} ms)",
+                    gap as f64 / 1e6,
+                    self.dead_ns as f64 / 1e6
+                );
+            }
             for p in self.peers.iter_mut().filter(|p| p.alive) {
                 p.last_heard = p.last_heard.map(|h| h.saturating_add(credit).min(now));
             }

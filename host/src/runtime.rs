@@ -232,6 +232,16 @@ pub async fn serve_with<D: NicDevice + 'static>(
             );
         }
         turn.0 = "";
+        // Membership first when its timer is due, whatever else is ready:
+        // a loop kept busy by one source (a conntrack dump, a flood of sync
+        // frames) still probes and judges its peers on time, or its peers
+        // take it for dead. Seen here: 240 ms without a probe while a dump
+        // kept the loop busy, past the conntrack bench's 200 ms dead window.
+        if node.membership().poll_timeout().is_some_and(|t| t <= now()) {
+            turn = ("timers", Instant::now());
+            drain_ccp(node, &ccp, &by_addr, &mut buf, &mut stats, now());
+            node.handle_timeout(now());
+        }
         if flush_outputs(node, net, &ccp, &mut conns, &ev_tx, &mut stats) {
             // Stream bytes go out through writer tasks on this thread: let
             // them run before this loop takes its next event, or a Full

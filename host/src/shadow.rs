@@ -87,10 +87,19 @@ pub struct ShadowTomb {
 /// go first).
 pub const SHADOW_TOMBSTONES: usize = 1 << 16;
 
+/// An entry of the copy, with the mark of the last audit walk that
+/// returned it (2 bytes beside the entry's 42: an audit needs no set of the
+/// keys it saw, whose fresh pages cost more than the walk's chunks here).
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    e: ShadowEntry,
+    walk: u16,
+}
+
 /// The host's copy of the card's connection table.
 #[derive(Clone, Debug, Default)]
 pub struct ShadowTable {
-    map: HashMap<ConnKey, ShadowEntry, KeyHasher>,
+    map: HashMap<ConnKey, Slot, KeyHasher>,
     /// Tombstones, with the order they were made in (for eviction).
     tombs: HashMap<ConnKey, (ShadowTomb, u64), KeyHasher>,
     tomb_order: VecDeque<(u64, ConnKey)>,
@@ -102,6 +111,12 @@ pub struct ShadowTable {
     /// While an audit walks the card, a turn at a time: the keys whose
     /// entries changed meanwhile (what the walk saw of them may be stale).
     changed: Option<KeySet>,
+    /// The current audit walk's mark (never 0, which new entries carry).
+    walk: u16,
+    /// Entries marked by the current walk, and those of them changed or
+    /// removed since (which lost the mark).
+    marked: usize,
+    marked_then_changed: usize,
 }
 
 impl ShadowTable {
@@ -122,26 +137,36 @@ impl ShadowTable {
 
     /// The entry of `key`.
     pub fn get(&self, key: &ConnKey) -> Option<&ShadowEntry> {
-        self.map.get(key)
+        self.map.get(key).map(|s| &s.e)
     }
 
     /// Every entry (in no particular order).
     pub fn iter(&self) -> impl Iterator<Item = (&ConnKey, &ShadowEntry)> {
-        self.map.iter()
+        self.map.iter().map(|(k, s)| (k, &s.e))
+    }
+
+    /// Notes a change of `key` (its old slot, if any) for an audit's walk.
+    fn note_change(&mut self, key: ConnKey, old: Option<&Slot>) {
+        if let Some(c) = &mut self.changed {
+            c.insert(key);
+            if old.is_some_and(|s| s.walk == self.walk) {
+                self.marked_then_changed += 1;
+            }
+        }
     }
 
     /// Sets the entry of `key` (which ends a tombstone of the key, as an
     /// insert does on the card).
     pub fn set(&mut self, key: ConnKey, e: ShadowEntry) {
-        if let Some(c) = &mut self.changed {
-            c.insert(key);
-        }
         if !self.tombs.is_empty() {
             self.tombs.remove(&key);
         }
         self.synced += usize::from(is_synced(&e));
-        if let Some(old) = self.map.insert(key, e) {
-            self.synced -= usize::from(is_synced(&old));
+        if let Some(old) = self.map.insert(key, Slot { e, walk: 0 }) {
+            self.synced -= usize::from(is_synced(&old.e));
+            self.note_change(key, Some(&old));
+        } else {
+            self.note_change(key, None);
         }
     }
 
@@ -154,11 +179,9 @@ impl ShadowTable {
     /// Removes the entry of `key` (no tombstone).
     pub fn remove(&mut self, key: &ConnKey) -> Option<ShadowEntry> {
         let old = self.map.remove(key)?;
-        if let Some(c) = &mut self.changed {
-            c.insert(*key);
-        }
-        self.synced -= usize::from(is_synced(&old));
-        Some(old)
+        self.note_change(*key, Some(&old));
+        self.synced -= usize::from(is_synced(&old.e));
+        Some(old.e)
     }
 
     /// Forgets everything, tombstones too.
@@ -212,7 +235,7 @@ impl ShadowTable {
     /// event or a device before ABI 1.5: one above the entry, raised to the
     /// device's generation `floor`, as the device numbers it).
     fn delete_local(&mut self, key: &ConnKey, device_generation: u32, floor: u32) {
-        match self.map.get(key) {
+        match self.get(key) {
             Some(e) if e.state.conn_flags().contains(ConnFlags::SYNC) => {
                 let generation = match device_generation {
                     0 => e.state.generation.get().wrapping_add(1).max(floor),
@@ -248,9 +271,45 @@ impl ShadowTable {
         self.needs_audit = true;
     }
 
-    /// Starts noting the keys whose entries change (an audit's walk began).
+    /// Starts noting the keys whose entries change (an audit's walk
+    /// began), with a fresh walk mark.
     pub fn track_changes(&mut self) {
         self.changed = Some(KeySet::default());
+        self.walk = self.walk.wrapping_add(1).max(1);
+        self.marked = 0;
+        self.marked_then_changed = 0;
+    }
+
+    /// Marks `key`'s entry as returned by the current walk; false when
+    /// there is none or the walk returned it before (an entry that moved
+    /// may come twice).
+    pub fn mark_walked(&mut self, key: &ConnKey) -> bool {
+        let walk = self.walk;
+        match self.map.get_mut(key) {
+            Some(s) if s.walk != walk => {
+                s.walk = walk;
+                self.marked += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Entries the current walk neither returned nor saw change: counted
+    /// from the changed keys only. An entry holds the mark from when the
+    /// walk returned it until it changes; one that changed is in the
+    /// changed set (and the walk does not mark a changed key).
+    pub fn unwalked(&self) -> usize {
+        let Some(changed) = &self.changed else { return 0 };
+        let changed_held = changed.iter().filter(|k| self.map.contains_key(*k)).count();
+        self.map.len().saturating_sub(self.marked - self.marked_then_changed).saturating_sub(changed_held)
+    }
+
+    /// The entries [`ShadowTable::unwalked`] counts (a pass over the copy).
+    pub fn unwalked_entries(&self) -> Vec<(ConnKey, ShadowEntry)> {
+        let Some(changed) = &self.changed else { return Vec::new() };
+        let walk = self.walk;
+        self.map.iter().filter(|(k, s)| s.walk != walk && !changed.contains(*k)).map(|(k, s)| (*k, s.e)).collect()
     }
 
     /// Whether changes are being noted (not since a [`ShadowTable::clear`]).
@@ -280,7 +339,7 @@ impl ShadowTable {
             (TableOp::Update(k, e) | TableOp::Upsert(k, e), Ok(g)) => {
                 let state = ConnState { generation: (*g).into(), ..e.state };
                 // Without a NAT the device keeps the stored one.
-                let nat = e.nat.or_else(|| self.map.get(k).map(|s| s.nat)).unwrap_or_default();
+                let nat = e.nat.or_else(|| self.get(k).map(|s| s.nat)).unwrap_or_default();
                 self.set(*k, ShadowEntry { state, nat, owner: 0 });
             }
             (TableOp::Replica(k, e, owner), Ok(_)) => {
@@ -308,7 +367,7 @@ impl ShadowTable {
         match ev.kind {
             // The device sends the removal of an aged synced entry to its
             // peers as its own delete, and keeps a tombstone.
-            EventKind::Aged => match self.map.get(&ev.key) {
+            EventKind::Aged => match self.get(&ev.key) {
                 Some(e) if e.state == ev.state => {
                     self.delete_local(&ev.key, 0, floor);
                     true
@@ -317,7 +376,7 @@ impl ShadowTable {
             },
             // The peer's delete leaves its tombstone (whose owner the event
             // does not tell).
-            EventKind::SyncRemoved => match self.map.get(&ev.key) {
+            EventKind::SyncRemoved => match self.get(&ev.key) {
                 Some(e) if e.state.generation.get() <= ev.state.generation.get() => {
                     self.bury(ev.key, ShadowTomb { generation: ev.state.generation.get(), owner: 0 });
                     true
@@ -327,7 +386,7 @@ impl ShadowTable {
             // Not over a newer version: one written after the device
             // applied the peer's change (completions may be read before
             // events), or one the card lost and the copy keeps.
-            EventKind::SyncUpdated => match self.map.get(&ev.key) {
+            EventKind::SyncUpdated => match self.get(&ev.key) {
                 Some(e) if e.state.generation.get() > ev.state.generation.get() => false,
                 other => {
                     let e = ShadowEntry { state: ev.state, ..other.copied().unwrap_or_default() };
@@ -357,7 +416,7 @@ impl ShadowTable {
     /// Takes in a record the device holds (an audit found it, or the copy
     /// is seeded from the card): the remaining time becomes the timeout.
     pub fn adopt(&mut self, rec: &ConnRecord) {
-        let owner = self.map.get(&rec.key).map_or(0, |e| e.owner);
+        let owner = self.get(&rec.key).map_or(0, |e| e.owner);
         self.set(rec.key, ShadowEntry { state: rec.state, nat: rec.nat, owner });
     }
 }

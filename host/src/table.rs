@@ -178,6 +178,16 @@ struct Recovery {
     audit: Option<Box<AuditWalk>>,
 }
 
+/// A SNAPSHOT chunk for walks that share an event loop's turn (an audit's,
+/// an operator's `conn list`): 6,553 connection records or 5,957 sync
+/// records, a few milliseconds of the loop. It must hold more than the
+/// device's carry FIFO (4,096 entries moved behind the walk), or a busy
+/// table would tear the walk at every chunk.
+pub const SHORT_CHUNK_BYTES: usize = 512 * 1024;
+
+/// The audit's chunks.
+const AUDIT_CHUNK_BYTES: usize = SHORT_CHUNK_BYTES;
+
 /// An audit's walk of the card, a chunk per [`ConnTable::audit_step`], so
 /// that a member's loop is never held for a whole table (a walk of 1 M
 /// entries with its comparison took 0.8-1.2 s in one go, four times the
@@ -185,7 +195,8 @@ struct Recovery {
 /// dead). Each chunk's records are compared with the copy as they come;
 /// entries changed since the walk began are left out (their events or the
 /// host's own writes told the copy), and so are entries the walk already
-/// returned (one that moved may come twice).
+/// returned (one that moved may come twice; the copy marks each entry the
+/// walk returns).
 #[derive(Debug)]
 struct AuditWalk {
     report: AuditReport,
@@ -196,8 +207,6 @@ struct AuditWalk {
     /// Times the walk was torn and started again.
     torn: u32,
     cursor: u32,
-    /// Keys the walk returned.
-    seen: crate::shadow::KeySet,
     /// Keys whose copy is to be written back to the card at the end.
     restore: Vec<ConnKey>,
     chunk: Vec<ConnRecord>,
@@ -1199,15 +1208,12 @@ impl<D: NicDevice> ConnTable<D> {
         // Events lost from here on set the flag again for the next audit.
         r.shadow.audited();
         r.shadow.track_changes();
-        let mut seen = crate::shadow::KeySet::default();
-        seen.reserve(device_entries as usize);
         r.audit = Some(Box::new(AuditWalk {
             report,
             needs,
             resets,
             torn: 0,
             cursor: 0,
-            seen,
             restore: Vec::new(),
             chunk: Vec::new(),
         }));
@@ -1221,7 +1227,7 @@ impl<D: NicDevice> ConnTable<D> {
             return Err(TableError::Refused(CplStatus::Internal));
         };
         let mut chunk = std::mem::take(&mut w.chunk);
-        let next = match self.snapshot_chunk(w.cursor, &mut chunk) {
+        let next = match self.snapshot_chunk(w.cursor, &mut chunk, AUDIT_CHUNK_BYTES) {
             Ok(next) => next,
             Err(TableError::Refused(CplStatus::SnapshotTorn)) if self.drv.recovery_stats().resets > w.resets => {
                 // A fault during the walk: the card was rebuilt from the copy.
@@ -1254,10 +1260,11 @@ impl<D: NicDevice> ConnTable<D> {
         self.absorb_events();
         let Some(r) = &mut self.rec else { return Ok(None) };
         for rec in &chunk {
-            if !w.seen.insert(rec.key) || r.shadow.changed_since_tracked(&rec.key) {
+            if r.shadow.changed_since_tracked(&rec.key) {
                 continue;
             }
-            match r.shadow.get(&rec.key) {
+            match r.shadow.get(&rec.key).copied() {
+                Some(_) if !r.shadow.mark_walked(&rec.key) => {} // returned before
                 Some(e) if e.matches(rec) => {}
                 Some(e) => {
                     w.report.different += 1;
@@ -1287,27 +1294,16 @@ impl<D: NicDevice> ConnTable<D> {
     /// return are restored (lost by the card) or dropped (removed by the
     /// device with their events lost), and the restores are made.
     fn audit_finish(&mut self, w: AuditWalk) -> Result<AuditReport, TableError> {
-        let AuditWalk { mut report, needs, seen, mut restore, .. } = w;
+        let AuditWalk { mut report, needs, mut restore, .. } = w;
         // Entries that aged or that peers changed or deleted meanwhile.
         self.absorb_events();
         let trusted = self.events_trusted() && !needs;
         let Some(r) = &mut self.rec else { return Ok(report) };
+        // Entries of the copy the walk did not return, counted without a
+        // pass over the copy; the pass only when the card lacks some.
+        let lost = if r.shadow.unwalked() > 0 { r.shadow.unwalked_entries() } else { Vec::new() };
         let changed = r.shadow.take_changes();
-        // Entries of the copy the walk did not return, without a pass over
-        // the copy: every key it returned and that did not change since is
-        // in the copy, so the others number len - (seen not changed) -
-        // (changed and in the copy), counted over the changed keys only.
-        let seen_changed = changed.iter().filter(|k| seen.contains(*k)).count();
-        let changed_held = changed.iter().filter(|k| r.shadow.get(k).is_some()).count();
-        let unreturned = r.shadow.len().saturating_sub(seen.len() - seen_changed).saturating_sub(changed_held);
         let mut forget = Vec::new();
-        let mut lost = Vec::new();
-        if unreturned > 0 {
-            // A pass over the copy, only when the card lacks some of it.
-            for (k, e) in r.shadow.iter().filter(|(k, _)| !seen.contains(*k) && !changed.contains(*k)) {
-                lost.push((*k, *e));
-            }
-        }
         for (k, e) in lost {
             if self.certainly_lost(&e, trusted) {
                 tracing::debug!(key = %k, generation = e.state.generation.get(), owner = e.owner, "audit: missing on the card");
@@ -1367,12 +1363,18 @@ impl<D: NicDevice> ConnTable<D> {
     /// Runs one SNAPSHOT chunk (`sync`: with SYNC_RECORDS) into the host
     /// buffer and returns the next cursor and the bytes of the records it
     /// wrote (`size` each), after checking what the device claims.
-    fn snapshot_raw(&mut self, cursor: u32, sync: bool, size: usize) -> Result<(u32, Vec<u8>), TableError> {
+    fn snapshot_raw(
+        &mut self,
+        cursor: u32,
+        sync: bool,
+        size: usize,
+        max_bytes: usize,
+    ) -> Result<(u32, Vec<u8>), TableError> {
         if self.snap_buf.is_none() {
             self.snap_buf = Some(self.drv.device().alloc_dma(self.snap_bytes).map_err(DriverError::from)?);
         }
         let (iova, len) = match &self.snap_buf {
-            Some(b) => (b.iova(), b.len().min(u32::MAX as usize) as u32),
+            Some(b) => (b.iova(), b.len().min(max_bytes.max(size)).min(u32::MAX as usize) as u32),
             None => return Err(TableError::Refused(CplStatus::Internal)),
         };
         let d = if sync {
@@ -1400,8 +1402,8 @@ impl<D: NicDevice> ConnTable<D> {
         Ok((next, raw))
     }
 
-    fn snapshot_chunk(&mut self, cursor: u32, out: &mut Vec<ConnRecord>) -> Result<u32, TableError> {
-        let (next, raw) = self.snapshot_raw(cursor, false, ConnRecord::SIZE)?;
+    fn snapshot_chunk(&mut self, cursor: u32, out: &mut Vec<ConnRecord>, max_bytes: usize) -> Result<u32, TableError> {
+        let (next, raw) = self.snapshot_raw(cursor, false, ConnRecord::SIZE, max_bytes)?;
         out.clear();
         for chunk in raw.chunks_exact(ConnRecord::SIZE) {
             let rec = ConnRecord::read_from_bytes(chunk).unwrap_or_default();
@@ -1421,11 +1423,23 @@ impl<D: NicDevice> ConnTable<D> {
     /// with `Refused(SNAPSHOT_TORN)` and the walk must start again. Only one
     /// walk runs at a time on a device.
     pub fn sync_snapshot_chunk(&mut self, cursor: u32, out: &mut Vec<DeltaUpdate>) -> Result<u32, TableError> {
+        self.sync_snapshot_chunk_max(cursor, out, usize::MAX)
+    }
+
+    /// [`ConnTable::sync_snapshot_chunk`] into at most `max_bytes` of the
+    /// buffer: shorter chunks for a walk that takes a slice of an event
+    /// loop's turn ([`SHORT_CHUNK_BYTES`]).
+    pub fn sync_snapshot_chunk_max(
+        &mut self,
+        cursor: u32,
+        out: &mut Vec<DeltaUpdate>,
+        max_bytes: usize,
+    ) -> Result<u32, TableError> {
         if cursor == 0 {
             // One walk at a time on a device: this one tears the audit's.
             self.audit_cancel();
         }
-        let (next, raw) = self.snapshot_raw(cursor, true, RECORD_SIZE)?;
+        let (next, raw) = self.snapshot_raw(cursor, true, RECORD_SIZE, max_bytes)?;
         out.reserve(raw.len() / RECORD_SIZE);
         for chunk in raw.chunks_exact(RECORD_SIZE) {
             let rec = DeltaRecord::read_from_bytes(chunk).unwrap_or_default();
@@ -1503,7 +1517,7 @@ impl<D: NicDevice> Iterator for Snapshot<'_, D> {
                 // One walk at a time on a device: this one tears the audit's.
                 self.table.audit_cancel();
             }
-            match self.table.snapshot_chunk(self.cursor, &mut chunk) {
+            match self.table.snapshot_chunk(self.cursor, &mut chunk, usize::MAX) {
                 Ok(next) => {
                     self.chunk = chunk;
                     self.pos = 0;

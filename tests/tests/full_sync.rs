@@ -31,12 +31,12 @@ fn keys() -> Arc<SharedKeyring> {
     SharedKeyring::new(Keyring::ephemeral().expect("keys"))
 }
 
-fn member(id: u16, hub: &InProcessHub, keys: &Arc<SharedKeyring>, mode: Mode) -> N {
+fn member(id: u16, hub: &InProcessHub, keys: &Arc<SharedKeyring>, mode: Mode, chunk_records: u32) -> N {
     let mut cfg = NodeConfig::new(1, id, vec![3 - id], 0x100 + id as u32);
     cfg.mode = mode;
     // Sealed, as a daemon runs by default.
     cfg.seal = Some(SealConfig { keys: keys.clone(), boot: next_boot(None).expect("boot") });
-    cfg.chunk_records = 64;
+    cfg.chunk_records = chunk_records;
     cfg.retry_backoff_ns = 10_000_000;
     let port = hub.attach(id).expect("attach");
     let drv = DriverConfig { table_capacity: 1 << 14, aging_period_ms: 0, ..Default::default() };
@@ -74,9 +74,13 @@ impl Pair {
     }
 
     fn with(k1: &Arc<SharedKeyring>, k2: &Arc<SharedKeyring>, mode: Mode) -> Self {
+        Self::with_chunks(k1, k2, mode, 64)
+    }
+
+    fn with_chunks(k1: &Arc<SharedKeyring>, k2: &Arc<SharedKeyring>, mode: Mode, chunk_records: u32) -> Self {
         let hub = InProcessHub::new(HubConfig::new());
         Pair {
-            m: [member(1, &hub, k1, mode), member(2, &hub, k2, mode)],
+            m: [member(1, &hub, k1, mode, chunk_records), member(2, &hub, k2, mode, chunk_records)],
             now: 0,
             streams: Vec::new(),
             next: 1 << 40,
@@ -224,6 +228,42 @@ fn a_full_sync_cut_midway_is_retried_and_never_marked_synced_half_done() {
     let b = p.m[1].digest().expect("digest");
     assert_eq!(a, b);
     assert_eq!(a.0, 3000);
+}
+
+/// A pull writes a chunk to the card a slice at a time (2,048 records a
+/// turn of the member's loop), so that a large chunk does not hold the
+/// loop: the first chunks of a large pull fault a page per record into the
+/// freshly reserved copy (80-90 ms for 8,192 records here), and a loop
+/// held that long stops probing.
+#[test]
+fn a_large_chunk_is_written_a_slice_per_turn() {
+    let k = keys();
+    // The default chunk of 8,192 records.
+    let mut p = Pair::with_chunks(&k, &k, Mode::HighAvailability, 8192);
+    p.run_ms(600);
+    p.fill(0, 0..14_000);
+    p.run_ms(50);
+    p.m[1].request_resync(p.now);
+    let (mut most, mut prev, mut slices) = (0, p.m[1].table_ref().len(), 0);
+    for _ in 0..4 * 2000 {
+        p.step();
+        let n = p.m[1].table_ref().len();
+        if n > prev {
+            most = most.max(n - prev);
+            slices += 1;
+        }
+        prev = n;
+        if p.m[1].is_synced() && p.m[1].stats().full_syncs_completed >= 2 {
+            break;
+        }
+    }
+    assert_eq!(p.m[1].stats().full_syncs_completed, 2, "the join, then the resync");
+    // A step of this harness is two turns of a member's loop at most (the
+    // stream's data, then its timers): two slices.
+    assert!(most > 0 && most <= 2 * 2048, "{most} records written in one step");
+    assert!(slices >= 14_000 / (2 * 2048), "{slices} steps wrote the pull");
+    p.run_ms(20);
+    assert_eq!(p.m[0].digest().expect("a"), p.m[1].digest().expect("b"));
 }
 
 #[test]
