@@ -282,6 +282,8 @@ impl Pull {
 struct Serve {
     conn: ConnId,
     server: FullSyncServer,
+    /// When the stream came (an audit ended since lets the walk begin).
+    accepted: Nanos,
     /// Owns the device's walk.
     walking: bool,
     cursor: u32,
@@ -289,6 +291,17 @@ struct Serve {
     buf: Vec<DeltaUpdate>,
     pos: usize,
     closed: bool,
+}
+
+/// What [`Node::audit_table`] came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AuditState {
+    /// Done; whether it found (and restored) anything.
+    Done(bool),
+    /// Walking the card, a chunk per turn: ask again.
+    Walking,
+    /// Not now (a walk served, a pull): an audit under way was abandoned.
+    Refused,
 }
 
 /// After an audit that walked the card, the next waits this long per entry
@@ -365,8 +378,11 @@ pub struct Node<D: NicDevice> {
     next_audit: Nanos,
     /// The table's audit walks when the last audit ended.
     audit_walks_seen: u64,
-    /// An audit's walk took its chunk in this turn of `progress` already.
-    audit_stepped: bool,
+    /// When the audit last took a step (a walk takes one chunk per moment
+    /// of the loop, whoever asks: `progress` runs once per input).
+    audit_stepped_at: Option<Nanos>,
+    /// When the last audit ended, and whether it found anything.
+    last_audit: Option<(Nanos, bool)>,
 }
 
 /// Times a resync request is repeated before it is given up.
@@ -454,7 +470,8 @@ impl<D: NicDevice> Node<D> {
             resets_seen,
             next_audit: now,
             audit_walks_seen: 0,
-            audit_stepped: false,
+            audit_stepped_at: None,
+            last_audit: None,
             peer_changes: None,
         })
     }
@@ -697,8 +714,9 @@ impl<D: NicDevice> Node<D> {
         if !differs || recent {
             return;
         }
-        // An audit walking the card decides when it is done.
-        if self.audit_table(now) == Some(false) && self.is_reference() {
+        // An audit walking the card decides when it is done; one that
+        // restored entries changed the digest, which must settle again.
+        if matches!(self.audit_table(now), AuditState::Done(false) | AuditState::Refused) && self.is_reference() {
             self.last_realign_for_divergence = Some(now);
             self.stats.divergences_detected += 1;
             self.note_error(format!("a peer's table digest differs from this member's {mine:016x}: realigning"));
@@ -746,6 +764,7 @@ impl<D: NicDevice> Node<D> {
         self.serving.push(Serve {
             conn,
             server,
+            accepted: now,
             walking: false,
             cursor: 0,
             walk_done: false,
@@ -955,7 +974,6 @@ impl<D: NicDevice> Node<D> {
             let floor = self.cfg.generation_clock.floor(now);
             self.table.driver().raise_generation_floor(floor);
         }
-        self.audit_stepped = false;
         self.poll_device_events(now);
         let t_events = t0.elapsed();
         self.watch_device(now);
@@ -1094,9 +1112,10 @@ impl<D: NicDevice> Node<D> {
         self.serving.iter().any(|s| s.walking)
     }
 
-    /// With fault recovery on (see `ConnTable::enable_recovery`): audits
-    /// the table once per probe interval, and acts on a device reset the
-    /// table made to recover.
+    /// With fault recovery on (see `ConnTable::enable_recovery`): starts
+    /// an audit of the table once per probe interval (after one that
+    /// walked, 10 µs per entry later), takes an audit's walk on a chunk per
+    /// turn, and acts on a device reset the table made to recover.
     fn watch_device(&mut self, now: Nanos) {
         if self.table.recovery_config().is_none() {
             return;
@@ -1109,11 +1128,14 @@ impl<D: NicDevice> Node<D> {
             // audit waits in proportion to the table, in this node's time,
             // so that a simulation replays exactly.
             let every = match self.audit_table(now) {
-                None => return,
-                Some(_) if walking || self.table.recovery_stats().audit_walks > self.audit_walks_seen => {
+                AuditState::Walking => {
+                    self.after_device_reset(now);
+                    return;
+                }
+                AuditState::Done(_) if walking || self.table.recovery_stats().audit_walks > self.audit_walks_seen => {
                     (self.table.len() as u64).saturating_mul(AUDIT_WAIT_PER_ENTRY_NS)
                 }
-                Some(_) => 0,
+                AuditState::Done(_) | AuditState::Refused => 0,
             };
             self.audit_walks_seen = self.table.recovery_stats().audit_walks;
             self.next_audit = now.saturating_add(self.cfg.probe_interval_ns.max(every).max(1));
@@ -1122,26 +1144,36 @@ impl<D: NicDevice> Node<D> {
     }
 
     /// Compares the card with the host's copy and restores what the card
-    /// lost (`ConnTable::audit_step`): `Some(whether it found anything)`
-    /// when done, `None` while it walks the card, a chunk per call (the
-    /// loop's next turns take it on). Not while a walk of the device is
-    /// served (an audit that walks would tear it) or a Full Sync is pulled
-    /// (the table is being replaced).
-    fn audit_table(&mut self, now: Nanos) -> Option<bool> {
+    /// lost (`ConnTable::audit_step`): `Done(whether it found anything)`,
+    /// or `Walking` while it walks the card, a chunk per call (the loop's
+    /// next turns take it on). `Refused` (an audit under way abandoned)
+    /// while a walk of the device is served (an audit that walks would
+    /// tear it) or a Full Sync is pulled (the table is being replaced).
+    fn audit_table(&mut self, now: Nanos) -> AuditState {
         if self.table.recovery_config().is_none() || self.walking() || self.is_pulling() {
             self.table.audit_cancel();
-            return Some(false);
+            return AuditState::Refused;
         }
-        if self.audit_stepped && self.table.audit_walking() {
-            return None; // a chunk a turn
+        if self.audit_stepped_at == Some(now) {
+            // One step a moment: a walk's next chunk, or a new audit after
+            // one that just ended, waits for the loop's next turn.
+            if self.table.audit_walking() {
+                return AuditState::Walking;
+            }
+            if let Some((t, found)) = self.last_audit {
+                if t == now {
+                    return AuditState::Done(found);
+                }
+            }
         }
-        self.audit_stepped = true;
+        self.audit_stepped_at = Some(now);
         let report = match self.table.audit_step() {
             Ok(Some(r)) => r,
-            Ok(None) => return None,
+            Ok(None) => return AuditState::Walking,
             Err(e) => {
                 self.note_error(format!("audit: {e}"));
-                return Some(false);
+                self.last_audit = Some((now, false));
+                return AuditState::Done(false);
             }
         };
         let restored = report.missing + report.different;
@@ -1154,7 +1186,9 @@ impl<D: NicDevice> Node<D> {
             );
         }
         self.after_device_reset(now);
-        Some(restored > 0 || report.recovered)
+        let found = restored > 0 || report.recovered;
+        self.last_audit = Some((now, found));
+        AuditState::Done(found)
     }
 
     /// After the table reset the device to recover from a fault and rebuilt
@@ -1502,10 +1536,18 @@ impl<D: NicDevice> Node<D> {
     /// The serving side: one device walk at a time, chunk by chunk.
     fn drive_serving(&mut self, now: Nanos) {
         // What the card lost must not go out as the cluster's table: a
-        // walk waits for the audit (a turn's chunk of it at most here).
+        // walk waits for an audit that ended since the stream came (a
+        // turn's chunk of it at most here; one ended since is enough, or a
+        // card that keeps disagreeing would hold the walk for ever).
         let walk_free = !self.serving.iter().any(|s| s.walking);
-        let audited = !(walk_free && self.serving.iter().any(|s| s.server.wants_begin() && !s.closed))
-            || self.audit_table(now).is_some();
+        let since = self.serving.iter().filter(|s| s.server.wants_begin() && !s.closed).map(|s| s.accepted).min();
+        let audited = match since {
+            Some(t) if walk_free => {
+                self.last_audit.is_some_and(|(done, _)| done >= t)
+                    || !matches!(self.audit_table(now), AuditState::Walking)
+            }
+            _ => true,
+        };
         let mut i = 0;
         while i < self.serving.len() {
             let walk_free = !self.serving.iter().any(|s| s.walking);

@@ -275,9 +275,35 @@ impl ShadowTable {
     /// began), with a fresh walk mark.
     pub fn track_changes(&mut self) {
         self.changed = Some(KeySet::default());
-        self.walk = self.walk.wrapping_add(1).max(1);
+        self.restart_marks();
+    }
+
+    /// A fresh walk mark (a walk started again from its first slot): no
+    /// entry holds it. Marks are 16 bits: when they come round, every old
+    /// one is cleared, so that none can pass for the new walk's.
+    pub fn restart_marks(&mut self) {
+        self.walk = self.walk.wrapping_add(1);
+        if self.walk == 0 {
+            for s in self.map.values_mut() {
+                s.walk = 0;
+            }
+            self.walk = 1;
+        }
         self.marked = 0;
         self.marked_then_changed = 0;
+    }
+
+    /// Notes that the card changed `key`'s entry (an event) whether or not
+    /// the copy changed with it: an audit's walk leaves it out.
+    pub fn note_touched(&mut self, key: ConnKey) {
+        let Some(c) = &mut self.changed else { return };
+        c.insert(key);
+        if let Some(s) = self.map.get_mut(&key) {
+            if s.walk == self.walk {
+                s.walk = 0;
+                self.marked_then_changed += 1;
+            }
+        }
     }
 
     /// Marks `key`'s entry as returned by the current walk; false when
@@ -302,7 +328,8 @@ impl ShadowTable {
     pub fn unwalked(&self) -> usize {
         let Some(changed) = &self.changed else { return 0 };
         let changed_held = changed.iter().filter(|k| self.map.contains_key(*k)).count();
-        self.map.len().saturating_sub(self.marked - self.marked_then_changed).saturating_sub(changed_held)
+        let marked_held = self.marked.saturating_sub(self.marked_then_changed);
+        self.map.len().saturating_sub(marked_held).saturating_sub(changed_held)
     }
 
     /// The entries [`ShadowTable::unwalked`] counts (a pass over the copy).

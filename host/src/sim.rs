@@ -1109,6 +1109,10 @@ pub fn run(cfg: &SimConfig) -> SimReport {
             Err(e) => last_err = e,
         }
     }
+    if !script.is_empty() {
+        last_err = format!("{} scripted steps fall after the end of the run", script.len());
+        sim.report.converged = false;
+    }
     sim.account();
     for (i, s) in sim.slots.iter().enumerate() {
         if let Some(n) = &s.node {

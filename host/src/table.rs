@@ -202,7 +202,7 @@ struct AuditWalk {
     report: AuditReport,
     /// Events had been lost before the walk began.
     needs: bool,
-    /// Device resets when it began: one since ends the audit.
+    /// Device resets when it began: one since ends the audit (`recovered`).
     resets: u64,
     /// Times the walk was torn and started again.
     torn: u32,
@@ -637,6 +637,10 @@ impl<D: NicDevice> ConnTable<D> {
         let floor = self.drv.generation_floor();
         self.drv.poll_events(|ev| {
             r.shadow.apply_event(&ev, floor);
+            // The card changed the entry, whatever the copy made of it (an
+            // AGED event of a state the copy does not hold leaves it): an
+            // audit's walk under way leaves the key out.
+            r.shadow.note_touched(ev.key);
             if r.events.len() >= HELD_EVENTS {
                 r.events.pop_front();
             }
@@ -789,11 +793,14 @@ impl<D: NicDevice> ConnTable<D> {
         }
     }
 
-    /// Whether no event has been lost (since the last audit, and since the
-    /// device's reset): then the copy knows of every removal.
+    /// Whether no event has been lost (since the last audit that walked to
+    /// its end, and since the device's reset): then the copy knows of every
+    /// removal. An audit's walk under way clears the copy's flag when it
+    /// starts; what it was set for still holds until the walk ends.
     fn events_trusted(&self) -> bool {
         let overflow = self.drv.status().contains(nicsync_fwif::regs::Status::EVENT_OVERFLOW);
-        !overflow && self.rec.as_ref().is_some_and(|r| !r.shadow.needs_audit())
+        !overflow
+            && self.rec.as_ref().is_some_and(|r| !r.shadow.needs_audit() && !r.audit.as_ref().is_some_and(|w| w.needs))
     }
 
     /// Whether an entry of the copy that the card lacks was lost by the
@@ -1226,23 +1233,41 @@ impl<D: NicDevice> ConnTable<D> {
         let Some(mut w) = self.rec.as_mut().and_then(|r| r.audit.take()) else {
             return Err(TableError::Refused(CplStatus::Internal));
         };
+        let recovered = |w: Box<AuditWalk>, rec: &mut Option<Box<Recovery>>| {
+            // A fault since the walk began: the card was rebuilt from the
+            // copy, which is what the audit would have made it.
+            if let Some(r) = rec {
+                r.shadow.take_changes();
+                if w.needs {
+                    r.shadow.mark_needs_audit();
+                }
+            }
+            let mut report = w.report;
+            report.recovered = true;
+            Ok(Some(report))
+        };
+        if self.drv.recovery_stats().resets > w.resets {
+            return recovered(w, &mut self.rec);
+        }
         let mut chunk = std::mem::take(&mut w.chunk);
         let next = match self.snapshot_chunk(w.cursor, &mut chunk, AUDIT_CHUNK_BYTES) {
             Ok(next) => next,
             Err(TableError::Refused(CplStatus::SnapshotTorn)) if self.drv.recovery_stats().resets > w.resets => {
-                // A fault during the walk: the card was rebuilt from the copy.
-                if let Some(r) = &mut self.rec {
-                    r.shadow.take_changes();
-                }
-                w.report.recovered = true;
-                return Ok(Some(w.report));
+                return recovered(w, &mut self.rec);
             }
             Err(TableError::Refused(CplStatus::SnapshotTorn)) if w.torn < cfg.walk_retries => {
-                // Started again; what it compared stays compared.
+                // Started again from the first slot, comparing everything
+                // again (an entry returned before the tear may be lost
+                // since): fresh marks, and what the first pass concluded
+                // forgotten, but for what it took into the copy (changed
+                // keys, left out from here on).
                 w.torn += 1;
                 w.cursor = 0;
                 w.chunk = chunk;
+                w.restore.clear();
+                w.report.different = 0;
                 if let Some(r) = &mut self.rec {
+                    r.shadow.restart_marks();
                     r.audit = Some(w);
                 }
                 return Ok(None);
