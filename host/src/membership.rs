@@ -1947,7 +1947,12 @@ mod tests {
 
     /// 3 HA members up and synced: 1 Active, 2 and 3 Standby.
     fn ha3() -> Net {
-        let mut net = Net::new(3, Mode::HighAvailability);
+        ha(3)
+    }
+
+    /// `n` HA members up and synced: 1 Active, the others Standby.
+    fn ha(n: u16) -> Net {
+        let mut net = Net::new(n, Mode::HighAvailability);
         net.run_until(MS);
         net.sync_all();
         // Quorum, then two probe intervals to settle, then the election.
@@ -2107,10 +2112,7 @@ mod tests {
 
     #[test]
     fn a_pair_needs_no_quorum() {
-        let mut net = Net::new(2, Mode::HighAvailability);
-        net.run_until(MS);
-        net.sync_all();
-        net.run_until(60 * MS);
+        let mut net = ha(2);
         assert_eq!(net.actives(), vec![1]);
         net.kill(1);
         net.run_until(net.now + BOUND + 3 * I);
@@ -2166,10 +2168,7 @@ mod tests {
     /// no second switch-over back to the lower id.
     #[test]
     fn stalled_active_yields_to_the_peer_that_took_over() {
-        let mut net = Net::new(2, Mode::HighAvailability);
-        net.run_until(MS);
-        net.sync_all();
-        net.run_until(60 * MS);
+        let mut net = ha(2);
         assert_eq!(net.actives(), vec![1]);
         net.pause(1);
         let t = net.now;
