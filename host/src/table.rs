@@ -1133,6 +1133,8 @@ impl<D: NicDevice> ConnTable<D> {
         let Some(r) = &mut self.rec else { return };
         let Some(w) = r.audit.take() else { return };
         r.shadow.take_changes();
+        // What it took into the copy stays taken.
+        self.drv.recovery_mut().entries_adopted += w.report.adopted;
         // What made the audit walk is still unsettled.
         if w.needs {
             r.shadow.mark_needs_audit();
