@@ -296,8 +296,9 @@ struct Serve {
 /// What [`Node::audit_table`] came to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum AuditState {
-    /// Done; whether it found (and restored) anything.
-    Done(bool),
+    /// Done: whether it walked the card, and whether it found (and
+    /// restored) anything.
+    Done { walked: bool, found: bool },
     /// Walking the card, a chunk per turn: ask again.
     Walking,
     /// Not now (a walk served, a pull): an audit under way was abandoned.
@@ -376,13 +377,11 @@ pub struct Node<D: NicDevice> {
     resets_seen: u64,
     /// When the table (with fault recovery on) is audited next.
     next_audit: Nanos,
-    /// The table's audit walks when the last audit ended.
-    audit_walks_seen: u64,
     /// When the audit last took a step (a walk takes one chunk per moment
     /// of the loop, whoever asks: `progress` runs once per input).
     audit_stepped_at: Option<Nanos>,
-    /// When the last audit ended, and whether it found anything.
-    last_audit: Option<(Nanos, bool)>,
+    /// When the last audit ended, and what it came to.
+    last_audit: Option<(Nanos, AuditState)>,
 }
 
 /// Times a resync request is repeated before it is given up.
@@ -469,7 +468,6 @@ impl<D: NicDevice> Node<D> {
             last_realign_for_divergence: None,
             resets_seen,
             next_audit: now,
-            audit_walks_seen: 0,
             audit_stepped_at: None,
             last_audit: None,
             peer_changes: None,
@@ -716,7 +714,9 @@ impl<D: NicDevice> Node<D> {
         }
         // An audit walking the card decides when it is done; one that
         // restored entries changed the digest, which must settle again.
-        if matches!(self.audit_table(now), AuditState::Done(false) | AuditState::Refused) && self.is_reference() {
+        if matches!(self.audit_table(now), AuditState::Done { found: false, .. } | AuditState::Refused)
+            && self.is_reference()
+        {
             self.last_realign_for_divergence = Some(now);
             self.stats.divergences_detected += 1;
             self.note_error(format!("a peer's table digest differs from this member's {mine:016x}: realigning"));
@@ -1120,8 +1120,7 @@ impl<D: NicDevice> Node<D> {
         if self.table.recovery_config().is_none() {
             return;
         }
-        let walking = self.table.audit_walking();
-        if now >= self.next_audit || walking {
+        if now >= self.next_audit || self.table.audit_walking() {
             // A walk of a large table is not repeated at every probe (a
             // flood of peer updates that overflows the event ring would
             // otherwise keep the loop walking a chunk a turn): the next
@@ -1132,12 +1131,11 @@ impl<D: NicDevice> Node<D> {
                     self.after_device_reset(now);
                     return;
                 }
-                AuditState::Done(_) if walking || self.table.recovery_stats().audit_walks > self.audit_walks_seen => {
+                AuditState::Done { walked: true, .. } => {
                     (self.table.len() as u64).saturating_mul(AUDIT_WAIT_PER_ENTRY_NS)
                 }
-                AuditState::Done(_) | AuditState::Refused => 0,
+                AuditState::Done { walked: false, .. } | AuditState::Refused => 0,
             };
-            self.audit_walks_seen = self.table.recovery_stats().audit_walks;
             self.next_audit = now.saturating_add(self.cfg.probe_interval_ns.max(every).max(1));
         }
         self.after_device_reset(now);
@@ -1160,9 +1158,9 @@ impl<D: NicDevice> Node<D> {
             if self.table.audit_walking() {
                 return AuditState::Walking;
             }
-            if let Some((t, found)) = self.last_audit {
+            if let Some((t, state)) = self.last_audit {
                 if t == now {
-                    return AuditState::Done(found);
+                    return state;
                 }
             }
         }
@@ -1172,8 +1170,9 @@ impl<D: NicDevice> Node<D> {
             Ok(None) => return AuditState::Walking,
             Err(e) => {
                 self.note_error(format!("audit: {e}"));
-                self.last_audit = Some((now, false));
-                return AuditState::Done(false);
+                let state = AuditState::Done { walked: false, found: false };
+                self.last_audit = Some((now, state));
+                return state;
             }
         };
         let restored = report.missing + report.different;
@@ -1186,9 +1185,9 @@ impl<D: NicDevice> Node<D> {
             );
         }
         self.after_device_reset(now);
-        let found = restored > 0 || report.recovered;
-        self.last_audit = Some((now, found));
-        AuditState::Done(found)
+        let state = AuditState::Done { walked: report.walked, found: restored > 0 || report.recovered };
+        self.last_audit = Some((now, state));
+        state
     }
 
     /// After the table reset the device to recover from a fault and rebuilt

@@ -185,9 +185,6 @@ struct Recovery {
 /// table would tear the walk at every chunk.
 pub const SHORT_CHUNK_BYTES: usize = 512 * 1024;
 
-/// The audit's chunks.
-const AUDIT_CHUNK_BYTES: usize = SHORT_CHUNK_BYTES;
-
 /// An audit's walk of the card, a chunk per [`ConnTable::audit_step`], so
 /// that a member's loop is never held for a whole table (a walk of 1 M
 /// entries with its comparison took 0.8-1.2 s in one go, four times the
@@ -1130,16 +1127,22 @@ impl<D: NicDevice> ConnTable<D> {
 
     /// Abandons an audit's walk in progress, if any.
     pub fn audit_cancel(&mut self) {
-        let Some(r) = &mut self.rec else { return };
-        let Some(w) = r.audit.take() else { return };
-        r.shadow.take_changes();
-        // What it took into the copy stays taken.
+        let Some(w) = self.rec.as_mut().and_then(|r| r.audit.take()) else { return };
+        self.audit_walk_ended(&w);
+        tracing::debug!(cursor = w.cursor, "audit: walk abandoned");
+    }
+
+    /// An audit's walk that ends before its comparison (abandoned, or
+    /// overtaken by a rebuild): the copy stops noting changes, what the
+    /// walk took into it stays taken, and what made the audit walk is
+    /// still unsettled.
+    fn audit_walk_ended(&mut self, w: &AuditWalk) {
         self.drv.recovery_mut().entries_adopted += w.report.adopted;
-        // What made the audit walk is still unsettled.
+        let Some(r) = &mut self.rec else { return };
+        r.shadow.take_changes();
         if w.needs {
             r.shadow.mark_needs_audit();
         }
-        tracing::debug!(cursor = w.cursor, "audit: walk abandoned");
     }
 
     fn audit_step_with(&mut self, full: bool) -> Result<Option<AuditReport>, TableError> {
@@ -1235,27 +1238,20 @@ impl<D: NicDevice> ConnTable<D> {
         let Some(mut w) = self.rec.as_mut().and_then(|r| r.audit.take()) else {
             return Err(TableError::Refused(CplStatus::Internal));
         };
-        let recovered = |w: Box<AuditWalk>, rec: &mut Option<Box<Recovery>>| {
-            // A fault since the walk began: the card was rebuilt from the
-            // copy, which is what the audit would have made it.
-            if let Some(r) = rec {
-                r.shadow.take_changes();
-                if w.needs {
-                    r.shadow.mark_needs_audit();
-                }
-            }
-            let mut report = w.report;
-            report.recovered = true;
-            Ok(Some(report))
+        // A fault since the walk began: the card was rebuilt from the copy,
+        // which is what the audit would have made it.
+        let recovered = |table: &mut Self, w: Box<AuditWalk>| {
+            table.audit_walk_ended(&w);
+            Ok(Some(AuditReport { recovered: true, ..w.report }))
         };
         if self.drv.recovery_stats().resets > w.resets {
-            return recovered(w, &mut self.rec);
+            return recovered(self, w);
         }
         let mut chunk = std::mem::take(&mut w.chunk);
-        let next = match self.snapshot_chunk(w.cursor, &mut chunk, AUDIT_CHUNK_BYTES) {
+        let next = match self.snapshot_chunk(w.cursor, &mut chunk, SHORT_CHUNK_BYTES) {
             Ok(next) => next,
             Err(TableError::Refused(CplStatus::SnapshotTorn)) if self.drv.recovery_stats().resets > w.resets => {
-                return recovered(w, &mut self.rec);
+                return recovered(self, w);
             }
             Err(TableError::Refused(CplStatus::SnapshotTorn)) if w.torn < cfg.walk_retries => {
                 // Started again from the first slot, comparing everything
@@ -1275,10 +1271,7 @@ impl<D: NicDevice> ConnTable<D> {
                 return Ok(None);
             }
             Err(e) => {
-                if let Some(r) = &mut self.rec {
-                    r.audit = Some(w);
-                }
-                self.audit_cancel();
+                self.audit_walk_ended(&w);
                 return Err(e);
             }
         };
