@@ -27,7 +27,7 @@
 //! The decisions are made by [`KernelFeed`], a sans-IO state machine (unit
 //! tested with no kernel); [`KernelLink`] drives it with the sockets.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
@@ -40,6 +40,7 @@ use tokio::sync::mpsc;
 
 use crate::membership::MemberState;
 use crate::node::{Nanos, Node};
+use crate::shadow::{KeyHasher, KeySet};
 use crate::table::{ConnEntry, TableError, TableOp};
 
 /// When a member writes synced entries into its own kernel.
@@ -334,7 +335,7 @@ struct Resync {
     /// Its number (from 1), as [`Known::dump`] records it.
     number: u32,
     /// Keys that events named since the dump began: their events win.
-    touched: HashSet<ConnKey>,
+    touched: KeySet,
     /// Another overrun came during this dump: dump again when it ends.
     again: bool,
 }
@@ -354,8 +355,8 @@ pub enum FeedAction {
 pub struct KernelFeed {
     cfg: ConntrackConfig,
     /// Keys learnt from this member's kernel, with whether they are synced.
-    known: HashMap<ConnKey, Known>,
-    held: HashMap<ConnKey, Held>,
+    known: HashMap<ConnKey, Known, KeyHasher>,
+    held: HashMap<ConnKey, Held, KeyHasher>,
     hold_queue: VecDeque<(Nanos, ConnKey)>,
     resync: Option<Resync>,
     /// Dumps begun (numbers them).
@@ -373,8 +374,8 @@ impl KernelFeed {
     pub fn new(cfg: ConntrackConfig) -> Self {
         KernelFeed {
             cfg,
-            known: HashMap::new(),
-            held: HashMap::new(),
+            known: HashMap::default(),
+            held: HashMap::default(),
             hold_queue: VecDeque::new(),
             resync: None,
             dumps: 0,
@@ -843,7 +844,7 @@ impl std::fmt::Debug for KernelLink {
 #[derive(Debug)]
 struct TakeoverWalk {
     cursor: u32,
-    seen: HashSet<ConnKey>,
+    seen: KeySet,
     entries: Vec<CtEntry>,
     keys: Vec<ConnKey>,
     unmappable: u64,
@@ -1172,7 +1173,7 @@ impl KernelLink {
         self.committing = true;
         self.walk = Some(TakeoverWalk {
             cursor: 0,
-            seen: HashSet::new(),
+            seen: KeySet::default(),
             entries: Vec::new(),
             keys: Vec::new(),
             unmappable: 0,

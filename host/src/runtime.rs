@@ -26,6 +26,7 @@ use crate::control::{self, Reply, Request, MAX_REQUEST_BYTES};
 use crate::ctsync::{KernelLink, LinkWake};
 use crate::membership::{Destination, MemberState};
 use crate::node::{ConnId, Nanos, Node, NodeOutput};
+use crate::shadow::KeyHasher;
 use crate::table::{ConnEntry, TableError};
 
 /// Where a member listens and how it reaches its peers.
@@ -406,23 +407,23 @@ enum WalkKind {
     /// as the walk goes (the digest of a million entries at the end held
     /// the loop for 50 ms), with what each key added, so that a later copy
     /// of an entry (a walk may return one that moved twice) replaces it.
-    Digest { count: u64, sum: u64, counted: HashMap<nicsync_fwif::conn::ConnKey, u64> },
+    Digest { count: u64, sum: u64, counted: HashMap<nicsync_fwif::conn::ConnKey, u64, KeyHasher> },
     /// `conn list`: at most `limit` of them, in key order, each once (the
     /// later copy stays).
     List {
         limit: usize,
         entries: Vec<nicsync_fwif::sync::DeltaUpdate>,
-        index: HashMap<nicsync_fwif::conn::ConnKey, usize>,
+        index: HashMap<nicsync_fwif::conn::ConnKey, usize, KeyHasher>,
     },
 }
 
 impl WalkKind {
     fn digest() -> Self {
-        WalkKind::Digest { count: 0, sum: 0, counted: HashMap::new() }
+        WalkKind::Digest { count: 0, sum: 0, counted: HashMap::default() }
     }
 
     fn list(limit: usize) -> Self {
-        WalkKind::List { limit, entries: Vec::new(), index: HashMap::new() }
+        WalkKind::List { limit, entries: Vec::new(), index: HashMap::default() }
     }
 
     /// The same request, nothing gathered (a walk starting again).

@@ -17,6 +17,8 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use crate::keymap::KeyMap;
+
 use nicsync_fwif::conn::{ConnFlags, ConnKey, ConnRecord, ConnState, Nat};
 use nicsync_fwif::event::{Event, EventKind};
 use nicsync_fwif::sync::{DeltaOp, DeltaUpdate};
@@ -39,7 +41,7 @@ fn is_synced(e: &ShadowEntry) -> bool {
 }
 
 /// What the host knows of one entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, zerocopy::FromZeros)]
 pub struct ShadowEntry {
     /// The state as last written (`timeout_s` as the writer gave it, not
     /// what remains).
@@ -90,7 +92,7 @@ pub const SHADOW_TOMBSTONES: usize = 1 << 16;
 /// An entry of the copy, with the mark of the last audit walk that
 /// returned it (2 bytes beside the entry's 42: an audit needs no set of the
 /// keys it saw, whose fresh pages cost more than the walk's chunks here).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, zerocopy::FromZeros)]
 struct Slot {
     e: ShadowEntry,
     walk: u16,
@@ -99,7 +101,7 @@ struct Slot {
 /// The host's copy of the card's connection table.
 #[derive(Clone, Debug, Default)]
 pub struct ShadowTable {
-    map: HashMap<ConnKey, Slot, KeyHasher>,
+    map: KeyMap<ConnKey, Slot>,
     /// Tombstones, with the order they were made in (for eviction).
     tombs: HashMap<ConnKey, (ShadowTomb, u64), KeyHasher>,
     tomb_order: VecDeque<(u64, ConnKey)>,
@@ -138,6 +140,13 @@ impl ShadowTable {
     /// The entry of `key`.
     pub fn get(&self, key: &ConnKey) -> Option<&ShadowEntry> {
         self.map.get(key).map(|s| &s.e)
+    }
+
+    /// Brings `key`'s place in the copy towards the CPU ahead of a write
+    /// or lookup of it (a hint: see [`KeyMap::prefetch`]).
+    #[inline]
+    pub fn prefetch(&self, key: &ConnKey) {
+        self.map.prefetch(key);
     }
 
     /// Every entry (in no particular order).

@@ -212,6 +212,13 @@ struct AuditWalk {
 /// Events kept for the caller while recovering, at most.
 const HELD_EVENTS: usize = 1 << 16;
 
+/// Events whose places in the copy are fetched ahead of applying them.
+const EVENTS_AHEAD: usize = 8;
+
+/// How many completions ahead of the one taken in a batch's write to the
+/// copy is fetched.
+const COPY_PREFETCH_AHEAD: usize = 8;
+
 /// What a posted command of a recovering batch stands for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Posted {
@@ -619,12 +626,30 @@ impl<D: NicDevice> ConnTable<D> {
             r.events.drain(..).for_each(&mut f);
         }
         let floor = self.drv.generation_floor();
-        n + self.drv.poll_events(|ev| {
-            if let Some(r) = rec {
-                r.shadow.apply_event(&ev, floor);
-            }
+        let Some(r) = rec else { return n + self.drv.poll_events(f) };
+        // Taken in a few at a time: each event's place in the copy is
+        // fetched ahead while the ones before it are applied (a Standby
+        // takes in a peer's whole flood this way, one random place in the
+        // copy per event).
+        let mut ahead: [Option<Event>; EVENTS_AHEAD] = [None; EVENTS_AHEAD];
+        let mut at = 0usize;
+        let mut apply = |r: &mut Recovery, ev: Event| {
+            r.shadow.apply_event(&ev, floor);
             f(ev)
-        })
+        };
+        n += self.drv.poll_events(|ev| {
+            r.shadow.prefetch(&ev.key);
+            if let Some(old) = ahead[at % EVENTS_AHEAD].replace(ev) {
+                apply(r, old);
+            }
+            at += 1;
+        });
+        for i in 0..EVENTS_AHEAD {
+            if let Some(ev) = ahead[(at + i) % EVENTS_AHEAD].take() {
+                apply(r, ev);
+            }
+        }
+        n
     }
 
     /// Reads the device's events into the copy, keeping them for the
@@ -948,6 +973,14 @@ impl<D: NicDevice> ConnTable<D> {
                     }
                 };
                 tags.pop_front();
+                // The copy's place of a write a few completions on is
+                // fetched now, while this one and those between are taken
+                // in (each takes in its own write to the copy).
+                if let (Some(r), Some((_, Posted::Op(j) | Posted::Restore(j)))) =
+                    (&self.rec, tags.get(COPY_PREFETCH_AHEAD))
+                {
+                    r.shadow.prefetch(ops[*j].key());
+                }
                 let ctx = Settle { retries: &mut retries, todo: &mut todo, in_flight: &tags, cfg, recoveries };
                 replay = matches!(self.settle(ops, p, &c, &mut results, ctx), Settled::Replay);
             }
