@@ -542,10 +542,13 @@ impl CuckooTable {
         }
     }
 
-    /// Removes every entry.
+    /// Removes every entry: clears the fingerprints only (a slot whose
+    /// fingerprint is 0 is free, and nothing reads a free slot's contents),
+    /// as a design clears the tag RAM beside its table memory. Rewriting
+    /// every slot of a 4 M-entry table took tens of milliseconds of a
+    /// joining member's Full Sync, which empties the table first.
     pub fn clear(&mut self) {
-        self.fps.iter_mut().for_each(|f| *f = 0);
-        self.slots.iter_mut().for_each(|s| *s = EMPTY_SLOT);
+        self.fps.fill(0);
         self.stash.clear();
         self.len = 0;
     }
