@@ -116,35 +116,6 @@ pub fn make_resident<T: Copy>(mem: &mut [T]) {
     }
 }
 
-/// Smallest array worth huge pages.
-const HUGE_PAGE_MIN_BYTES: usize = 8 << 20;
-const HUGE_PAGE: usize = 2 << 20;
-
-/// Asks the kernel to back `mem` with transparent huge pages
-/// (`MADV_HUGEPAGE`, which the usual `enabled = madvise` setting honours)
-/// before it is first written, for an array of at least 8 MiB. A hint:
-/// where the kernel refuses, the memory works as is.
-pub fn advise_huge_pages<T>(mem: &mut [std::mem::MaybeUninit<T>]) {
-    let len = std::mem::size_of_val(mem);
-    if len < HUGE_PAGE_MIN_BYTES {
-        return;
-    }
-    let start = mem.as_mut_ptr() as usize;
-    // Whole huge pages inside `mem` only: the memory around it is not ours.
-    let first = start.next_multiple_of(HUGE_PAGE);
-    let end = (start + len) & !(HUGE_PAGE - 1);
-    if end <= first {
-        return;
-    }
-    // SAFETY: [first, end) lies inside `mem`, which this function borrows
-    // exclusively; MADV_HUGEPAGE changes neither the contents nor the
-    // validity of the memory, only the page size the kernel backs it with.
-    let rc = unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE) };
-    if rc != 0 {
-        tracing::debug!(error = %io::Error::last_os_error(), "madvise(MADV_HUGEPAGE) refused");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
