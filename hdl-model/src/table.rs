@@ -100,7 +100,6 @@ pub struct Traffic {
 }
 
 /// The table.
-#[derive(Debug)]
 pub struct CuckooTable {
     slots: Vec<Slot>,
     /// Per slot: 0 = empty, else the key's fingerprint (never 0).
@@ -113,6 +112,20 @@ pub struct CuckooTable {
     bfs: Vec<(usize, usize, usize)>,
     /// The snapshot walk in progress, if any (see [`SnapshotWalk`]).
     walk: Option<SnapshotWalk>,
+}
+
+/// Its shape and fill only: the slots of a large table are hundreds of
+/// megabytes, and free ones keep what they last held (see `clear`).
+impl std::fmt::Debug for CuckooTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CuckooTable")
+            .field("capacity", &self.capacity)
+            .field("buckets", &self.buckets)
+            .field("len", &self.len)
+            .field("stash", &self.stash.len())
+            .field("walk", &self.walk)
+            .finish()
+    }
 }
 
 /// Entries a snapshot walk can carry (see [`SnapshotWalk`]).
@@ -369,6 +382,10 @@ impl CuckooTable {
 
     #[inline]
     fn find_placed(&self, key: &ConnKey, b1: usize, b2: usize, fp: u8, t: &mut Traffic) -> Option<Location> {
+        // 0 marks a free slot, whose contents are stale: no key has it.
+        if fp == 0 {
+            return None;
+        }
         let want = key.words();
         for b in [b1, b2] {
             t.bucket_reads += 1;

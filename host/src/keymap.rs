@@ -36,7 +36,7 @@ struct Slot<K, V> {
 }
 
 /// A map from keys to small `Copy` values (see the module documentation).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct KeyMap<K, V> {
     slots: Box<[Slot<K, V>]>,
     /// `slots.len() - 1` (a power of two minus one), 0 while there is none.
@@ -44,6 +44,14 @@ pub struct KeyMap<K, V> {
     len: usize,
     epoch: u16,
     hasher: KeyHasher,
+}
+
+/// Its size only: the slots of a large copy are hundreds of megabytes, and
+/// free ones keep what they last held.
+impl<K, V> std::fmt::Debug for KeyMap<K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyMap").field("len", &self.len).field("slots", &self.slots.len()).finish()
+    }
 }
 
 impl<K, V> Default for KeyMap<K, V> {
@@ -145,15 +153,24 @@ impl<K: Copy + Eq + Hash + FromZeros, V: Copy + FromZeros> KeyMap<K, V> {
     /// Sets the value of `key`; returns the one it replaced.
     #[inline]
     pub fn insert(&mut self, key: K, value: V) -> Option<V> {
-        self.reserve(1);
-        match self.find(&key) {
-            Ok(i) => Some(std::mem::replace(&mut self.slots[i].value, value)),
-            Err(i) => {
-                self.slots[i] = Slot { epoch: self.epoch, key, value };
-                self.len += 1;
-                None
-            }
+        if self.slots.is_empty() {
+            self.reserve(1);
         }
+        let free = match self.find(&key) {
+            Ok(i) => return Some(std::mem::replace(&mut self.slots[i].value, value)),
+            // A new entry: the table grows first if it would pass half
+            // full (not for a replaced value, which adds nothing).
+            Err(_) if (self.len + 1) * 2 > self.slots.len() => {
+                self.reserve(1);
+                match self.find(&key) {
+                    Ok(i) | Err(i) => i,
+                }
+            }
+            Err(i) => i,
+        };
+        self.slots[free] = Slot { epoch: self.epoch, key, value };
+        self.len += 1;
+        None
     }
 
     /// Removes `key`'s entry; returns its value.
@@ -187,7 +204,8 @@ impl<K: Copy + Eq + Hash + FromZeros, V: Copy + FromZeros> KeyMap<K, V> {
     }
 
     /// Forgets every entry, keeping the memory (O(1); see the module
-    /// documentation).
+    /// documentation; once in 65,535 clears, when the epoch comes round,
+    /// every slot is rewritten).
     pub fn clear(&mut self) {
         self.len = 0;
         self.epoch = self.epoch.wrapping_add(1);
@@ -206,7 +224,11 @@ impl<K: Copy + Eq + Hash + FromZeros, V: Copy + FromZeros> KeyMap<K, V> {
         if want.saturating_mul(2) <= self.slots.len() {
             return;
         }
-        let slots = want.saturating_mul(2).max(MIN_SLOTS).next_power_of_two();
+        // As `std`'s collections do, a size past the address space is a
+        // bug of the caller (the copy's is bounded by the card's capacity).
+        let Some(slots) = want.checked_mul(2).and_then(|n| n.max(MIN_SLOTS).checked_next_power_of_two()) else {
+            panic!("KeyMap: capacity overflow ({want} entries)");
+        };
         let old = std::mem::replace(&mut self.slots, zeroed_slots(slots));
         let old_epoch = self.epoch;
         self.mask = slots - 1;
@@ -364,6 +386,23 @@ mod tests {
         }
         assert_eq!(m.slots(), slots, "a reserve holds");
         assert_eq!(m.values_mut().count(), 1000);
+    }
+
+    #[test]
+    fn replacing_a_value_at_half_full_does_not_grow() {
+        let mut m = KeyMap::<u32, u64>::new();
+        m.reserve(8);
+        let slots = m.slots();
+        for k in 0..(slots / 2) as u32 {
+            m.insert(k, 0);
+        }
+        assert_eq!(m.len() * 2, slots);
+        assert_eq!(m.insert(0, 1), Some(0));
+        assert_eq!(m.slots(), slots, "a replaced value adds nothing");
+        assert_eq!(m.insert(u32::MAX, 2), None);
+        assert_eq!(m.slots(), slots * 2, "a new entry past half grows the table");
+        assert_eq!(m.get(&0), Some(&1));
+        assert_eq!(format!("{m:?}"), format!("KeyMap {{ len: {}, slots: {} }}", slots / 2 + 1, slots * 2));
     }
 
     #[test]

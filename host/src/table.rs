@@ -579,6 +579,10 @@ impl<D: NicDevice> ConnTable<D> {
     pub fn enable_recovery(&mut self, cfg: RecoveryConfig) -> Result<(), TableError> {
         self.rec = None;
         let mut shadow = ShadowTable::new();
+        // Room for an eighth of the card from the start: a member filling
+        // up does not rehash the copy at every doubling below that (the
+        // memory comes zeroed and is mapped only as it is written).
+        shadow.reserve((self.drv.config().table_capacity as usize / 8).max(self.len()));
         if !self.is_empty() {
             for r in self.snapshot() {
                 shadow.adopt(&r?);
@@ -619,35 +623,38 @@ impl<D: NicDevice> ConnTable<D> {
     /// the host's copy ([`ShadowTable::apply_event`]). Use this rather than
     /// `driver().poll_events` when recovery is enabled.
     pub fn poll_events(&mut self, mut f: impl FnMut(Event)) -> usize {
-        let mut n = 0;
-        let rec = &mut self.rec;
-        if let Some(r) = rec {
-            n += r.events.len();
-            r.events.drain(..).for_each(&mut f);
-        }
         let floor = self.drv.generation_floor();
-        let Some(r) = rec else { return n + self.drv.poll_events(f) };
-        // Taken in a few at a time: each event's place in the copy is
-        // fetched ahead while the ones before it are applied (a Standby
-        // takes in a peer's whole flood this way, one random place in the
-        // copy per event).
+        let Some(r) = &mut self.rec else { return self.drv.poll_events(f) };
+        // Into the copy first, a few at a time: each event's place in the
+        // copy is fetched as it is read and the event applied eight reads
+        // later (a Standby takes in a peer's whole flood this way, one
+        // random place in the copy per event). No caller code runs
+        // meanwhile; the events then join those kept from recoveries and
+        // audits, and go to the caller from that queue, so an event the
+        // caller has not taken (its closure panicked) is still there for
+        // the next call.
         let mut ahead: [Option<Event>; EVENTS_AHEAD] = [None; EVENTS_AHEAD];
         let mut at = 0usize;
-        let mut apply = |r: &mut Recovery, ev: Event| {
-            r.shadow.apply_event(&ev, floor);
-            f(ev)
-        };
-        n += self.drv.poll_events(|ev| {
+        let mut read = Vec::new();
+        self.drv.poll_events(|ev| {
             r.shadow.prefetch(&ev.key);
             if let Some(old) = ahead[at % EVENTS_AHEAD].replace(ev) {
-                apply(r, old);
+                r.shadow.apply_event(&old, floor);
+                read.push(old);
             }
             at += 1;
         });
         for i in 0..EVENTS_AHEAD {
             if let Some(ev) = ahead[(at + i) % EVENTS_AHEAD].take() {
-                apply(r, ev);
+                r.shadow.apply_event(&ev, floor);
+                read.push(ev);
             }
+        }
+        r.events.extend(read);
+        let mut n = 0;
+        while let Some(ev) = r.events.pop_front() {
+            n += 1;
+            f(ev);
         }
         n
     }
@@ -977,7 +984,7 @@ impl<D: NicDevice> ConnTable<D> {
                 // fetched now, while this one and those between are taken
                 // in (each takes in its own write to the copy).
                 if let (Some(r), Some((_, Posted::Op(j) | Posted::Restore(j)))) =
-                    (&self.rec, tags.get(COPY_PREFETCH_AHEAD))
+                    (&self.rec, tags.get(COPY_PREFETCH_AHEAD - 1))
                 {
                     r.shadow.prefetch(ops[*j].key());
                 }

@@ -546,6 +546,36 @@ fn events_reach_the_caller_in_order_through_the_copy() {
     assert_eq!(events(true), direct, "same events, same order, with the copy in between");
 }
 
+/// A caller whose closure panics part way through loses no event: those
+/// it did not take come with the next call, each once.
+#[test]
+fn events_not_taken_before_a_panic_come_with_the_next_call() {
+    let cfg = DriverConfig { aging_period_ms: 100, ..cfg() };
+    let (mut t, _faults) = open_with(EmulatedDevice::inline().expect("device"), cfg, true);
+    let short: Vec<TableOp> = (0..100)
+        .map(|i| TableOp::Insert(key(i), ConnEntry::new(ConnState { timeout_s: 1.into(), ..state(i) })))
+        .collect();
+    assert!(t.batch(&short).expect("batch").iter().all(Result::is_ok));
+    t.driver_ref().device().nic().advance_time(Duration::from_secs(3));
+    let mut seen = Vec::new();
+    let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        t.poll_events(|e| {
+            if seen.len() == 3 {
+                panic!("the caller fails on its fourth event");
+            }
+            seen.push(e.key);
+        })
+    }));
+    assert!(first.is_err());
+    assert_eq!(seen.len(), 3);
+    t.poll_events(|e| seen.push(e.key));
+    assert_eq!(seen.len(), 99, "the event the closure panicked on is consumed, the rest come");
+    seen.sort_by_key(|k| k.to_string());
+    seen.dedup();
+    assert_eq!(seen.len(), 99, "each once");
+    assert!(t.shadow().is_some_and(|c| c.is_empty()), "the copy took in all 100");
+}
+
 /// Every kind armed at random (seeded) while the model runs on its polling
 /// thread, over several batches; the table is intact at the end.
 #[test]
