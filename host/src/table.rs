@@ -635,22 +635,20 @@ impl<D: NicDevice> ConnTable<D> {
         // the next call.
         let mut ahead: [Option<Event>; EVENTS_AHEAD] = [None; EVENTS_AHEAD];
         let mut at = 0usize;
-        let mut read = Vec::new();
         self.drv.poll_events(|ev| {
             r.shadow.prefetch(&ev.key);
             if let Some(old) = ahead[at % EVENTS_AHEAD].replace(ev) {
                 r.shadow.apply_event(&old, floor);
-                read.push(old);
+                r.events.push_back(old);
             }
             at += 1;
         });
         for i in 0..EVENTS_AHEAD {
             if let Some(ev) = ahead[(at + i) % EVENTS_AHEAD].take() {
                 r.shadow.apply_event(&ev, floor);
-                read.push(ev);
+                r.events.push_back(ev);
             }
         }
-        r.events.extend(read);
         let mut n = 0;
         while let Some(ev) = r.events.pop_front() {
             n += 1;

@@ -521,19 +521,26 @@ fn aged_entries_stay_gone_after_a_rebuild() {
     assert_eq!(aged, 10, "the events read during the recovery are handed on");
 }
 
+/// A table (with the host's copy or not) whose 100 entries, each with a
+/// timeout of 1 s, have aged on the card, their events not yet read.
+fn aged_100(recovery: bool) -> Table {
+    let cfg = DriverConfig { aging_period_ms: 100, ..cfg() };
+    let (mut t, _faults) = open_with(EmulatedDevice::inline().expect("device"), cfg, recovery);
+    let short: Vec<TableOp> = (0..100)
+        .map(|i| TableOp::Insert(key(i), ConnEntry::new(ConnState { timeout_s: 1.into(), ..state(i) })))
+        .collect();
+    assert!(t.batch(&short).expect("batch").iter().all(Result::is_ok));
+    t.driver_ref().device().nic().advance_time(Duration::from_secs(3));
+    t
+}
+
 /// The copy takes in events a few at a time (each one's place fetched
 /// ahead): the caller still gets every event once, in the device's order,
 /// and the copy drops every entry that aged.
 #[test]
 fn events_reach_the_caller_in_order_through_the_copy() {
-    let cfg = DriverConfig { aging_period_ms: 100, ..cfg() };
     let events = |recovery: bool| {
-        let (mut t, _faults) = open_with(EmulatedDevice::inline().expect("device"), cfg.clone(), recovery);
-        let short: Vec<TableOp> = (0..100)
-            .map(|i| TableOp::Insert(key(i), ConnEntry::new(ConnState { timeout_s: 1.into(), ..state(i) })))
-            .collect();
-        assert!(t.batch(&short).expect("batch").iter().all(Result::is_ok));
-        t.driver_ref().device().nic().advance_time(Duration::from_secs(3));
+        let mut t = aged_100(recovery);
         let mut seen = Vec::new();
         t.poll_events(|e| seen.push((e.kind, e.key)));
         if let Some(copy) = t.shadow() {
@@ -550,13 +557,7 @@ fn events_reach_the_caller_in_order_through_the_copy() {
 /// it did not take come with the next call, each once.
 #[test]
 fn events_not_taken_before_a_panic_come_with_the_next_call() {
-    let cfg = DriverConfig { aging_period_ms: 100, ..cfg() };
-    let (mut t, _faults) = open_with(EmulatedDevice::inline().expect("device"), cfg, true);
-    let short: Vec<TableOp> = (0..100)
-        .map(|i| TableOp::Insert(key(i), ConnEntry::new(ConnState { timeout_s: 1.into(), ..state(i) })))
-        .collect();
-    assert!(t.batch(&short).expect("batch").iter().all(Result::is_ok));
-    t.driver_ref().device().nic().advance_time(Duration::from_secs(3));
+    let mut t = aged_100(true);
     let mut seen = Vec::new();
     let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         t.poll_events(|e| {
