@@ -526,8 +526,9 @@ impl CuckooTable {
             Location::Slot(i) if self.fps.get(i).copied().unwrap_or(0) != 0 => {
                 self.fps[i] = 0;
                 self.len -= 1;
+                // Its fingerprint cleared, the slot is free: its contents
+                // are never read again (see `clear`).
                 let s = self.slots[i];
-                self.slots[i] = EMPTY_SLOT;
                 self.refill_from_stash(i / WAYS, None);
                 Some(s)
             }
@@ -590,7 +591,6 @@ impl CuckooTable {
             if self.fps[i] != 0 && expired(&self.slots[i]) {
                 on_expired(&self.slots[i]);
                 self.fps[i] = 0;
-                self.slots[i] = EMPTY_SLOT;
                 self.len -= 1;
                 n += 1;
                 self.refill_from_stash(i / WAYS, Some(now_ms));
