@@ -40,6 +40,9 @@ pub enum Opcode {
     Flush = 0x06,
     /// Inserts or replaces (generation rules as Update).
     Upsert = 0x07,
+    /// Applies a host buffer of sync records as REPLICA writes, one status
+    /// per record (ABI 1.6, capability `LOAD`).
+    Load = 0x08,
     /// Continuation of the previous descriptor (never valid on its own).
     Ext = 0x7F,
 }
@@ -56,6 +59,7 @@ impl Opcode {
             0x05 => Opcode::Snapshot,
             0x06 => Opcode::Flush,
             0x07 => Opcode::Upsert,
+            0x08 => Opcode::Load,
             0x7F => Opcode::Ext,
             _ => return None,
         })
@@ -72,12 +76,13 @@ impl Opcode {
             Opcode::Snapshot => "SNAPSHOT",
             Opcode::Flush => "FLUSH",
             Opcode::Upsert => "UPSERT",
+            Opcode::Load => "LOAD",
             Opcode::Ext => "EXT",
         }
     }
 
     /// Every opcode.
-    pub const ALL: [Opcode; 9] = [
+    pub const ALL: [Opcode; 10] = [
         Opcode::Nop,
         Opcode::Insert,
         Opcode::Update,
@@ -86,6 +91,7 @@ impl Opcode {
         Opcode::Snapshot,
         Opcode::Flush,
         Opcode::Upsert,
+        Opcode::Load,
         Opcode::Ext,
     ];
 }
@@ -184,6 +190,41 @@ pub struct SnapshotBody {
 }
 assert_layout!(SnapshotBody, size = 56, buf_addr = 0, buf_len = 8, cursor = 12, reserved = 16);
 
+/// Body of LOAD (ABI 1.6).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct LoadBody {
+    /// IOVA of `count` packed 88-byte sync records
+    /// ([`crate::sync::DeltaRecord`], op UPSERT or DELETE, owner non-zero).
+    pub buf_addr: U64,
+    /// IOVA of `count` 8-byte [`LoadStatus`] entries the device writes.
+    pub status_addr: U64,
+    /// Records to apply, 1 to [`LOAD_MAX_RECORDS`].
+    pub count: U32,
+    /// Reserved, zero.
+    pub reserved: [u8; 36],
+}
+assert_layout!(LoadBody, size = 56, buf_addr = 0, status_addr = 8, count = 16, reserved = 20);
+
+/// Most records one LOAD applies (352 KiB of records, 32 KiB of statuses).
+pub const LOAD_MAX_RECORDS: u32 = 4096;
+
+/// What LOAD did with one record (8 bytes, written at `status_addr` in
+/// record order).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct LoadStatus {
+    /// A [`crate::cpl::CplStatus`] byte: SUCCESS, STALE, TABLE_FULL or
+    /// MALFORMED.
+    pub status: u8,
+    /// Reserved, zero.
+    pub reserved: [u8; 3],
+    /// SUCCESS: the generation stored (an UPSERT's) or recorded (a
+    /// DELETE's tombstone); otherwise 0.
+    pub result: U32,
+}
+assert_layout!(LoadStatus, size = 8, status = 0, reserved = 1, result = 4);
+
 /// Body of EXT (continuation).
 #[derive(Clone, Copy, PartialEq, Eq, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
@@ -241,6 +282,15 @@ pub enum Command {
     },
     /// FLUSH.
     Flush,
+    /// LOAD.
+    Load {
+        /// Where the records are.
+        buf_addr: u64,
+        /// Where the statuses go.
+        status_addr: u64,
+        /// How many records.
+        count: u32,
+    },
 }
 
 /// The payload of INSERT/UPDATE/UPSERT.
@@ -279,6 +329,8 @@ pub enum DecodeError {
     /// REPLICA without an EXT naming a non-zero owner, or an owner without
     /// REPLICA.
     BadOwner,
+    /// LOAD of no record, or of more than [`LOAD_MAX_RECORDS`].
+    BadCount(u32),
 }
 
 impl fmt::Display for DecodeError {
@@ -294,6 +346,7 @@ impl fmt::Display for DecodeError {
             DecodeError::BadOwner => {
                 f.write_str("REPLICA needs a chained EXT with a non-zero owner (and only REPLICA takes one)")
             }
+            DecodeError::BadCount(n) => write!(f, "LOAD of {n} records (1 to {LOAD_MAX_RECORDS})"),
         }
     }
 }
@@ -335,6 +388,19 @@ impl CommandDescriptor {
     pub fn snapshot_sync_records(tag: u16, buf_addr: u64, buf_len: u32, cursor: u32) -> Self {
         let mut d = Self::snapshot(tag, buf_addr, buf_len, cursor);
         d.flags |= DescFlags::SYNC_RECORDS.bits();
+        d
+    }
+
+    /// A LOAD of `count` sync records at `buf_addr`, statuses to
+    /// `status_addr`.
+    pub fn load(tag: u16, buf_addr: u64, status_addr: u64, count: u32) -> Self {
+        let mut d = Self::header(Opcode::Load, DescFlags::empty(), tag);
+        d.body = zerocopy::transmute!(LoadBody {
+            buf_addr: buf_addr.into(),
+            status_addr: status_addr.into(),
+            count: count.into(),
+            reserved: [0; 36],
+        });
         d
     }
 
@@ -477,6 +543,17 @@ impl CommandDescriptor {
                     cursor: body.cursor.get(),
                     sync_records,
                 })
+            }
+            Opcode::Load => {
+                let body: LoadBody = zerocopy::transmute!(self.body);
+                if body.reserved != [0; 36] {
+                    return Err(DecodeError::ReservedNonZero);
+                }
+                let count = body.count.get();
+                if count == 0 || count > LOAD_MAX_RECORDS {
+                    return Err(DecodeError::BadCount(count));
+                }
+                Ok(Command::Load { buf_addr: body.buf_addr.get(), status_addr: body.status_addr.get(), count })
             }
         }
     }

@@ -221,11 +221,15 @@ pub enum Counter {
     SyncReplaysDropped = 34,
     /// Sync security: frames from a member id that is not a configured peer.
     SyncUnknownMember = 35,
+    /// LOAD (ABI 1.6): sync records examined, whatever their status.
+    LoadRecords = 36,
+    /// LOAD (ABI 1.6): sync records refused as MALFORMED.
+    LoadRecordsMalformed = 37,
 }
 
 impl Counter {
     /// Every counter, in register order.
-    pub const ALL: [Counter; 36] = [
+    pub const ALL: [Counter; 38] = [
         Counter::CommandsFetched,
         Counter::CompletionsWritten,
         Counter::CommandErrors,
@@ -262,6 +266,8 @@ impl Counter {
         Counter::SyncAuthFailures,
         Counter::SyncReplaysDropped,
         Counter::SyncUnknownMember,
+        Counter::LoadRecords,
+        Counter::LoadRecordsMalformed,
     ];
 
     /// Register offset of this counter's low half.
@@ -308,6 +314,8 @@ impl Counter {
             Counter::SyncAuthFailures => "sync_auth_failures",
             Counter::SyncReplaysDropped => "sync_replays_dropped",
             Counter::SyncUnknownMember => "sync_unknown_member",
+            Counter::LoadRecords => "load_records",
+            Counter::LoadRecordsMalformed => "load_records_malformed",
         }
     }
 }
@@ -337,6 +345,9 @@ bitflags! {
         /// Delta Sync unit with [`Control::SYNC_HOLD`], the sync counters
         /// and consistent SNAPSHOT walks (SNAPSHOT_TORN).
         const SYNC = 1 << 9;
+        /// LOAD command (ABI 1.6): a buffer of sync records applied as
+        /// REPLICA writes by one descriptor.
+        const LOAD = 1 << 10;
     }
 }
 

@@ -84,6 +84,7 @@
 //!   panics and never allocates: the view borrows the caller's buffer.
 
 use bitflags::bitflags;
+use core::cmp::Ordering;
 use core::fmt;
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -372,6 +373,31 @@ pub struct DeltaUpdate {
     pub state: ConnState,
     /// NAT translation (`Nat::default()` for DELETE).
     pub nat: Nat,
+}
+
+/// The order of precedence between two versions of a connection: the
+/// higher generation wins; equal generations go to the higher owner member
+/// id; then DELETE beats UPSERT; then the record bytes decide. Two updates
+/// compare `Equal` only when they are identical, so this is a total order
+/// and every member picks the same winner whatever order updates arrive
+/// in. A device keeps the stored version unless the new one is `Greater`
+/// (docs/abi.md, the conflict rule); a host that keeps a copy of the table
+/// applies the same rule to know what its card must have answered.
+pub fn precedence(a: &DeltaUpdate, b: &DeltaUpdate) -> Ordering {
+    a.state
+        .generation
+        .get()
+        .cmp(&b.state.generation.get())
+        .then(a.owner.cmp(&b.owner))
+        .then(op_rank(a.op).cmp(&op_rank(b.op)))
+        .then_with(|| a.to_record().as_bytes().cmp(b.to_record().as_bytes()))
+}
+
+fn op_rank(op: DeltaOp) -> u8 {
+    match op {
+        DeltaOp::Upsert => 0,
+        DeltaOp::Delete => 1,
+    }
 }
 
 impl DeltaUpdate {

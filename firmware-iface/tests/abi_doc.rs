@@ -24,8 +24,8 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use nicsync_fwif::cmd::{
-    CommandDescriptor, ConnBody, DecodeError, DescFlags, ExtBody, LookupBody, Opcode, SnapshotBody, DESC_SIZE,
-    SNAPSHOT_DONE,
+    CommandDescriptor, ConnBody, DecodeError, DescFlags, ExtBody, LoadBody, LoadStatus, LookupBody, Opcode,
+    SnapshotBody, DESC_SIZE, LOAD_MAX_RECORDS, SNAPSHOT_DONE,
 };
 use nicsync_fwif::conn::{
     ConnFlags, ConnKey, ConnRecord, ConnState, Direction, Nat, NatKind, TcpState, FAMILY_IPV4, FAMILY_IPV6,
@@ -82,6 +82,7 @@ fn render_constants() -> String {
         ("ConnRecord::SIZE", ConnRecord::SIZE.to_string(), "bytes per connection record (LOOKUP, SNAPSHOT)"),
         ("PHASE_BIT", format!("0x{PHASE_BIT:02X}"), "mask of the phase bit in a completion's or event's `phase` byte"),
         ("SNAPSHOT_DONE", format!("0x{SNAPSHOT_DONE:08X}"), "SNAPSHOT next cursor meaning \"walk finished\""),
+        ("LOAD_MAX_RECORDS", LOAD_MAX_RECORDS.to_string(), "most sync records one LOAD applies"),
         ("MIN_LOG2_RING", regs::MIN_LOG2_RING.to_string(), "smallest accepted `*_LOG2_SIZE`"),
         ("MAX_LOG2_RING", regs::MAX_LOG2_RING.to_string(), "largest accepted `*_LOG2_SIZE`"),
         ("VECTOR_COMPLETION", regs::VECTOR_COMPLETION.to_string(), "MSI-X vector for COMPLETION"),
@@ -158,6 +159,8 @@ fn counter_meaning(c: Counter) -> &'static str {
         }
         Counter::SyncReplaysDropped => "sync security: authentic frames dropped by the per-sender replay window",
         Counter::SyncUnknownMember => "sync security: frames naming a member id that is not a configured peer",
+        Counter::LoadRecords => "LOAD (ABI 1.6): sync records examined, whatever their status",
+        Counter::LoadRecordsMalformed => "LOAD (ABI 1.6): sync records refused as MALFORMED",
         Counter::SyncUnacked => {
             "gauge: local updates some configured peer has not acknowledged yet (drain before replacing the table)"
         }
@@ -239,6 +242,7 @@ fn render_capabilities() -> String {
             ("COST_MODEL", "`model_cycles` counter is maintained"),
             ("INLINE_DOORBELL", "`CMD_INLINE` window: a doorbell carrying the first descriptor"),
             ("SYNC", "Delta Sync unit: CONTROL.SYNC_HOLD, the sync counters, REPLICA, SYNC_RECORDS, consistent walks"),
+            ("LOAD", "LOAD command: a buffer of sync records applied as REPLICA writes (ABI 1.6)"),
         ],
     )
 }
@@ -459,6 +463,11 @@ fn opcode_doc(op: Opcode) -> OpDoc {
             result: "generation stored (STALE: the stored, newer generation)",
             statuses: &[Success, Stale, TableFull, Malformed],
         },
+        Opcode::Load => OpDoc {
+            body: "`LoadBody`",
+            result: "records that took (their statuses SUCCESS)",
+            statuses: &[Success, DmaError, Malformed],
+        },
         Opcode::Ext => {
             OpDoc { body: "`ExtBody`", result: "— (never succeeds alone)", statuses: &[InvalidOpcode, Malformed] }
         }
@@ -480,6 +489,7 @@ fn valid_descriptor(op: Opcode) -> CommandDescriptor {
         }
         Opcode::Lookup => CommandDescriptor::lookup(7, &key, 0x1000),
         Opcode::Snapshot => CommandDescriptor::snapshot(7, 0x1000, nicsync_fwif::sync::RECORD_SIZE as u32, 0),
+        Opcode::Load => CommandDescriptor::load(7, 0x1000, 0x2000, 1),
         Opcode::Ext => CommandDescriptor::ext(7, &Nat::default()),
     }
 }
@@ -706,6 +716,23 @@ fn layouts() -> Vec<(&'static str, Layout)> {
                 buf_len: "buffer length in bytes, >= 80; floor(buf_len / 80) records fit",
                 cursor: "slot position to start from: 0 for the first chunk, then the previous next cursor",
                 reserved: "must be 0",
+            }),
+        ),
+        (
+            "layout-load-body",
+            layout!(LoadBody {
+                buf_addr: "IOVA of `count` packed 88-byte sync records; all of them in one IOMMU window",
+                status_addr: "IOVA of `count` 8-byte LoadStatus entries; all of them in one IOMMU window",
+                count: "records to apply, 1 to LOAD_MAX_RECORDS",
+                reserved: "must be 0",
+            }),
+        ),
+        (
+            "layout-load-status",
+            layout!(LoadStatus {
+                status: "CplStatus of the record: SUCCESS, STALE, TABLE_FULL or MALFORMED",
+                reserved: "0",
+                result: "SUCCESS: the generation stored (UPSERT) or of the tombstone (DELETE); otherwise 0",
             }),
         ),
         (

@@ -11,13 +11,15 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use nicsync_fwif::cmd::{Command, CommandDescriptor, ConnOp, DecodeError, Opcode, DESC_SIZE, SNAPSHOT_DONE};
+use nicsync_fwif::cmd::{
+    Command, CommandDescriptor, ConnOp, DecodeError, LoadStatus, Opcode, DESC_SIZE, SNAPSHOT_DONE,
+};
 use nicsync_fwif::conn::{ConnFlags, ConnKey, ConnRecord, ConnState, Nat};
 use nicsync_fwif::cpl::{CplStatus, CPL_SIZE, PHASE_BIT};
 use nicsync_fwif::event::{EventKind, EVT_SIZE};
 use nicsync_fwif::regs::{self, Capabilities, Control, Counter, IrqCause, Status};
-use nicsync_fwif::sync::{DeltaOp, DeltaUpdate};
-use zerocopy::IntoBytes;
+use nicsync_fwif::sync::{DeltaOp, DeltaRecord, DeltaUpdate, RECORD_SIZE};
+use zerocopy::{FromZeros, IntoBytes};
 
 use crate::cost::CostParams;
 use crate::dma::{DmaRegion, Iommu, Tlb};
@@ -641,6 +643,11 @@ pub struct Core {
     tombstones: Tombstones,
     /// Table placements of the burst's commands, by burst index.
     placed: [Option<Placement>; FETCH_BURST + 1],
+    /// LOAD's staging: the records read from the host, their placements
+    /// and the statuses to write back (kept to reuse their memory).
+    load_records: Vec<DeltaRecord>,
+    load_placed: Vec<Placement>,
+    load_statuses: Vec<LoadStatus>,
 }
 
 impl std::fmt::Debug for Core {
@@ -696,6 +703,9 @@ impl Core {
             descs: [CommandDescriptor::zeroed(); FETCH_BURST + 1],
             cpls: [(0, 0); FETCH_BURST],
             placed: [None; FETCH_BURST + 1],
+            load_records: Vec::new(),
+            load_placed: Vec::new(),
+            load_statuses: Vec::new(),
             member: 0,
             sync: None,
             sync_sent: false,
@@ -1104,7 +1114,8 @@ impl Core {
                     (d.opcode, d.flags, d.tag.get())
                 };
                 let fault = if faults { self.shared.faults.command_fault() } else { None };
-                let response_dma = |op: u8| op == Opcode::Lookup as u8 || op == Opcode::Snapshot as u8;
+                let response_dma =
+                    |op: u8| op == Opcode::Lookup as u8 || op == Opcode::Snapshot as u8 || op == Opcode::Load as u8;
                 match fault {
                     Some(Fault::ResetMidBatch { .. }) => abort = fault,
                     Some(Fault::DmaError) if !response_dma(opcode) => abort = fault,
@@ -1326,14 +1337,16 @@ impl Core {
             Command::Insert(ref op) => self.insert(op, at, now_ms, &mut t),
             Command::Update(ref op) => self.update(op, at, now_ms, false, &mut t),
             Command::Upsert(ref op) => match op.replica_owner {
-                Some(owner) => self.replica(op, owner),
+                Some(owner) => self.replica(op, owner, at),
                 None => self.update(op, at, now_ms, true, &mut t),
             },
             Command::Delete { ref key, replica: Some((owner, generation)) } => {
                 let state = ConnState { generation: generation.into(), ..Default::default() };
                 let u = DeltaUpdate { op: DeltaOp::Delete, owner, key: *key, state, nat: Nat::default() };
-                match self.apply_change(&u) {
-                    Applied::Done | Applied::Nothing => Outcome::ok(0),
+                // SUCCESS answers the generation of the delete, as for a
+                // local DELETE: here the owner's.
+                match self.apply_change(&u, at) {
+                    Applied::Done | Applied::Nothing => Outcome::ok(generation as u64),
                     Applied::Superseded => Outcome { status: CplStatus::Stale, result: 0 },
                     Applied::Full => Outcome::err(CplStatus::Internal),
                 }
@@ -1369,6 +1382,7 @@ impl Core {
                 self.digest = SyncDigest::default();
                 Outcome::ok(n as u64)
             }
+            Command::Load { buf_addr, status_addr, count } => self.load(buf_addr, status_addr, count, &mut t),
         };
         (out, t)
     }
@@ -1483,10 +1497,10 @@ impl Core {
     /// Applies a change made by member `u.owner` under the conflict rule
     /// (generation, then owner, then DELETE over UPSERT). Deleted keys leave
     /// a tombstone, so a late, older upsert cannot bring them back.
-    fn apply_change(&mut self, u: &DeltaUpdate) -> Applied {
+    fn apply_change(&mut self, u: &DeltaUpdate, at: Option<Placement>) -> Applied {
         let mut t = Traffic::default();
         let now_ms = self.now_ns / 1_000_000;
-        let found = self.table.find(&u.key, &mut t);
+        let found = self.find(&u.key, at, &mut t);
         let beaten = match found.and_then(|loc| self.table.get(loc).copied()) {
             Some(s) => {
                 let stored =
@@ -1533,7 +1547,7 @@ impl Core {
                     expires_ms: Self::expiry(now_ms, &u.state),
                     owner: u.owner,
                 };
-                if self.table.insert(slot, &mut t).is_ok() {
+                if self.table.insert_at(slot, at, &mut t).is_ok() {
                     self.digest.add(&slot);
                     self.tombstones.forget(&u.key);
                     Applied::Done
@@ -1548,7 +1562,7 @@ impl Core {
     /// Applies a peer's change and tells the host by an event. A change
     /// applied here is never sent on again.
     fn apply_peer(&mut self, u: &DeltaUpdate) {
-        let outcome = self.apply_change(u);
+        let outcome = self.apply_change(u, None);
         let Some(unit) = &mut self.sync else { return };
         match outcome {
             Applied::Superseded => unit.stats.superseded += 1,
@@ -1571,10 +1585,10 @@ impl Core {
 
     /// A REPLICA upsert from the host (a Full Sync entry): the conflict
     /// rule as for a peer's change, but no event and no sync.
-    fn replica(&mut self, op: &ConnOp, owner: u16) -> Outcome {
+    fn replica(&mut self, op: &ConnOp, owner: u16, at: Option<Placement>) -> Outcome {
         let u =
             DeltaUpdate { op: DeltaOp::Upsert, owner, key: op.key, state: op.state, nat: op.nat.unwrap_or_default() };
-        match self.apply_change(&u) {
+        match self.apply_change(&u, at) {
             Applied::Done | Applied::Nothing => Outcome::ok(op.state.generation.get() as u64),
             Applied::Superseded => Outcome { status: CplStatus::Stale, result: 0 },
             Applied::Full => Outcome::err(CplStatus::TableFull),
@@ -1756,6 +1770,77 @@ impl Core {
             },
             Err(_) => self.dma_error(),
         }
+    }
+
+    /// LOAD: `count` sync records read from `buf_addr`, each applied as
+    /// its REPLICA write, one [`LoadStatus`] each written to `status_addr`
+    /// (abi.md, LOAD). Both buffers are translated before anything is
+    /// applied, so a DMA_ERROR has done nothing.
+    fn load(&mut self, buf_addr: u64, status_addr: u64, count: u32, t: &mut Traffic) -> Outcome {
+        let n = count as usize;
+        let (records, statuses) = match (
+            self.tlb.translate(buf_addr, n * RECORD_SIZE),
+            self.tlb.translate(status_addr, n * std::mem::size_of::<LoadStatus>()),
+        ) {
+            (Ok(r), Ok(s)) => (r, s),
+            _ => return self.dma_error(),
+        };
+        let mut recs = std::mem::take(&mut self.load_records);
+        recs.clear();
+        recs.resize(n, DeltaRecord::new_zeroed());
+        if records.read(0, recs.as_mut_bytes()).is_err() {
+            self.load_records = recs;
+            return self.dma_error();
+        }
+        // Hash every record first (arithmetic only), then run a few records
+        // behind the bucket reads, as the pipeline of the descriptor path
+        // overlaps its table reads.
+        let mut placed = std::mem::take(&mut self.load_placed);
+        placed.clear();
+        placed.extend(recs.iter().map(|r| self.table.placement_of(&r.key)));
+        let mut out = std::mem::take(&mut self.load_statuses);
+        out.clear();
+        let mut took = 0u64;
+        let mut malformed = 0u64;
+        for (i, r) in recs.iter().enumerate() {
+            if let Some(p) = placed.get(i + LOAD_BUCKETS_AHEAD) {
+                self.table.prefetch_buckets(*p);
+            }
+            if let Some(p) = placed.get(i + LOAD_SLOTS_AHEAD) {
+                self.table.prefetch_slots(*p);
+            }
+            let (status, result) = match r.decode() {
+                Ok(u) if u.owner != 0 => {
+                    t.bucket_reads += 2;
+                    match self.apply_change(&u, placed.get(i).copied()) {
+                        Applied::Done | Applied::Nothing => (CplStatus::Success, u.state.generation.get()),
+                        Applied::Superseded => (CplStatus::Stale, 0),
+                        Applied::Full => (CplStatus::TableFull, 0),
+                    }
+                }
+                _ => {
+                    malformed += 1;
+                    (CplStatus::Malformed, 0)
+                }
+            };
+            took += (status == CplStatus::Success) as u64;
+            t.slot_writes += (status == CplStatus::Success) as u32;
+            out.push(LoadStatus { status: status as u8, reserved: [0; 3], result: result.into() });
+        }
+        let written = statuses.write(0, out.as_bytes());
+        self.counters[Counter::LoadRecords as usize] += n as u64;
+        self.counters[Counter::LoadRecordsMalformed as usize] += malformed;
+        self.load_records = recs;
+        self.load_placed = placed;
+        self.load_statuses = out;
+        if written.is_err() {
+            // Translated above, so only a window unmapped meanwhile gets
+            // here, after the records took effect: the host cannot know
+            // which did, so the device stops rather than answer.
+            self.go_fatal("LOAD status write failed after its records were applied".into());
+            return Outcome::err(CplStatus::Internal);
+        }
+        Outcome::ok(took)
     }
 
     fn dma_error(&mut self) -> Outcome {
@@ -2030,6 +2115,11 @@ impl SyncDigest {
 /// Writes the walk record of `s` into `out` (a sync record of an entry
 /// marked for sync when `sync`, else a `ConnRecord`); false if it is not
 /// part of this walk.
+/// How far ahead of the record it applies LOAD reads a record's buckets,
+/// and its matching slots.
+const LOAD_BUCKETS_AHEAD: usize = 8;
+const LOAD_SLOTS_AHEAD: usize = 4;
+
 fn encode_walk_slot(s: &Slot, sync: bool, member: u16, now_ms: u64, out: &mut [u8]) -> bool {
     let r = record(s, now_ms);
     if !sync {

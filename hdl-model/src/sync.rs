@@ -107,10 +107,9 @@ use std::cmp::Ordering;
 use std::collections::{BTreeMap, VecDeque};
 
 use nicsync_fwif::sync::{
-    AckEntry, Body, DeltaOp, DeltaRecord, DeltaUpdate, DeltaWriter, EncodeError, Frame, FrameError, FrameView, Origin,
+    AckEntry, Body, DeltaRecord, DeltaUpdate, DeltaWriter, EncodeError, Frame, FrameError, FrameView, Origin,
     RecordFault, SeqRange, SyncOpcode, MAX_FRAME, MAX_RANGES, MAX_RECORDS,
 };
-use zerocopy::IntoBytes;
 
 /// Time in nanoseconds, from an origin the caller chooses (monotonic).
 pub type Nanos = u64;
@@ -1259,27 +1258,7 @@ impl DeltaReceiver {
     }
 }
 
-/// The order of precedence between two versions of a connection: the
-/// higher generation wins; equal generations go to the higher owner member
-/// id; then DELETE beats UPSERT; then the record bytes decide. Two updates
-/// compare `Equal` only when they are identical, so this is a total order
-/// and [`resolve`] picks the same winner whatever order updates arrive in.
-pub fn precedence(a: &DeltaUpdate, b: &DeltaUpdate) -> Ordering {
-    a.state
-        .generation
-        .get()
-        .cmp(&b.state.generation.get())
-        .then(a.owner.cmp(&b.owner))
-        .then(op_rank(a.op).cmp(&op_rank(b.op)))
-        .then_with(|| a.to_record().as_bytes().cmp(b.to_record().as_bytes()))
-}
-
-fn op_rank(op: DeltaOp) -> u8 {
-    match op {
-        DeltaOp::Upsert => 0,
-        DeltaOp::Delete => 1,
-    }
-}
+pub use nicsync_fwif::sync::precedence;
 
 /// The deterministic conflict rule: of two versions of one connection, the
 /// one with precedence ([`precedence`]). Commutative, associative and

@@ -38,7 +38,7 @@ use nicsync_vfio::NicDevice;
 use crate::fullsync::{self, ClientEvent, FullSyncClient, FullSyncParams, FullSyncServer};
 use crate::membership::{self, MemberState, MemberView, Membership, MembershipParams, Mode};
 use crate::secure::{NodeSecurity, RefusedTotals, SecurityStats};
-use crate::table::{ConnEntry, ConnTable, TableError, TableOp};
+use crate::table::{ConnTable, TableError};
 use nicsync_model::seal_port::SealConfig;
 
 /// Time in nanoseconds, from an origin the driver chooses.
@@ -330,7 +330,6 @@ pub struct Node<D: NicDevice> {
     /// Sync (see [`Node::drive_pull`]).
     resync_by_merge: bool,
     scratch: Vec<u8>,
-    ops: Vec<TableOp>,
     session_seed: u32,
     /// Peers asked to resync that have not yet been seen going Down:
     /// (member, next send, sends so far). The request is one datagram, so
@@ -453,7 +452,6 @@ impl<D: NicDevice> Node<D> {
             resync_wanted: false,
             resync_by_merge: false,
             scratch: Vec::new(),
-            ops: Vec::new(),
             resync_asks: Vec::new(),
             table_own: true,
             started: now,
@@ -1253,7 +1251,7 @@ impl<D: NicDevice> Node<D> {
         self.resync_wanted = false;
         self.resync_by_merge = false;
         let Phase::Pulling(p) = &mut self.phase else { return };
-        match pump_pull(&mut self.table, &mut self.ops, &mut self.out, p, now) {
+        match pump_pull(&mut self.table, &mut self.out, p, now) {
             Some(Err(why)) => self.pull_failed(why, now),
             Some(Ok(records)) => self.pull_done(records, now),
             None => {}
@@ -1263,7 +1261,7 @@ impl<D: NicDevice> Node<D> {
     /// The merge pulls of a realignment (see [`Node::realign`]).
     fn drive_merges(&mut self, now: Nanos) {
         if let Some(p) = &mut self.merge {
-            match pump_pull(&mut self.table, &mut self.ops, &mut self.out, p, now) {
+            match pump_pull(&mut self.table, &mut self.out, p, now) {
                 Some(Err(why)) => {
                     let conn = p.conn;
                     self.out.push_back(NodeOutput::FsClose { conn });
@@ -1703,7 +1701,6 @@ impl<D: NicDevice> Node<D> {
 /// pulls again); END completes it only once every chunk is written.
 fn pump_pull<D: NicDevice>(
     table: &mut ConnTable<D>,
-    ops: &mut Vec<TableOp>,
     out: &mut VecDeque<NodeOutput>,
     p: &mut Pull,
     now: Nanos,
@@ -1739,20 +1736,16 @@ fn pump_pull<D: NicDevice>(
         (None, false, Some((index, records))) => {
             let from = p.written.min(records.len());
             let to = (from + PULL_SLICE_RECORDS).min(records.len());
-            ops.clear();
-            ops.extend(records[from..to].iter().map(|r| {
-                if r.op == nicsync_fwif::sync::DeltaOp::Delete as u8 {
-                    TableOp::ReplicaDelete(r.key, r.state.generation.get(), r.owner.get())
-                } else {
-                    TableOp::Replica(r.key, ConnEntry { state: r.state, nat: Some(r.nat) }, r.owner.get())
-                }
-            }));
             Some((*index, from, to, to == records.len()))
         }
         _ => None,
     };
     if let Some((index, from, to, last)) = slice {
-        let bad = match table.batch(ops) {
+        let written = match p.pending.front() {
+            Some((_, records)) => table.load(&records[from..to]),
+            None => Ok(Vec::new()),
+        };
+        let bad = match written {
             Ok(results) => results.into_iter().find_map(|r| match r {
                 Ok(_) | Err(TableError::Stale { .. }) => None,
                 Err(e) => Some(e.to_string()),

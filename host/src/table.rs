@@ -13,14 +13,14 @@
 
 use std::collections::VecDeque;
 
-use nicsync_fwif::cmd::{CommandDescriptor, ConnOp, DescFlags, Opcode, SNAPSHOT_DONE};
+use nicsync_fwif::cmd::{CommandDescriptor, ConnOp, DescFlags, LoadStatus, Opcode, LOAD_MAX_RECORDS, SNAPSHOT_DONE};
 use nicsync_fwif::conn::{ConnKey, ConnRecord, ConnState, Nat};
 use nicsync_fwif::cpl::{Completion, CplStatus};
 use nicsync_fwif::event::Event;
-use nicsync_fwif::regs::Counter;
-use nicsync_fwif::sync::{DeltaRecord, DeltaUpdate, RECORD_SIZE};
+use nicsync_fwif::regs::{Capabilities, Counter};
+use nicsync_fwif::sync::{precedence, DeltaRecord, DeltaUpdate, RECORD_SIZE};
 use nicsync_vfio::{DmaBuffer, NicDevice};
-use zerocopy::FromBytes;
+use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 use crate::driver::{Driver, DriverConfig, DriverError, RecoveryStats};
 use crate::shadow::{ShadowEntry, ShadowTable};
@@ -95,6 +95,17 @@ pub enum TableOp {
 }
 
 impl TableOp {
+    /// The REPLICA write a Full Sync record stands for: a DELETE record as
+    /// its owner's delete (tombstone), anything else as the owner's entry.
+    /// The device checks the record; nothing is checked here.
+    pub fn from_record(r: &DeltaRecord) -> Self {
+        if r.op == nicsync_fwif::sync::DeltaOp::Delete as u8 {
+            TableOp::ReplicaDelete(r.key, r.state.generation.get(), r.owner.get())
+        } else {
+            TableOp::Replica(r.key, ConnEntry { state: r.state, nat: Some(r.nat) }, r.owner.get())
+        }
+    }
+
     /// The connection it concerns.
     pub fn key(&self) -> &ConnKey {
         match self {
@@ -257,6 +268,35 @@ fn status_result(c: &Completion) -> Result<u64, TableError> {
     }
 }
 
+/// Checks the statuses a LOAD wrote (see [`ConnTable::load`]) and turns
+/// them into the results the single writes would have had. `took` is the
+/// completion's result, the number of SUCCESS statuses.
+fn parse_load_statuses(statuses: &[LoadStatus], took: u64) -> Result<Vec<Result<u32, TableError>>, String> {
+    let mut out = Vec::with_capacity(statuses.len());
+    let mut ok = 0u64;
+    for (i, s) in statuses.iter().enumerate() {
+        if s.reserved != [0; 3] {
+            return Err(format!("record {i}: reserved bytes {:?}", s.reserved));
+        }
+        let g = s.result.get();
+        out.push(match CplStatus::from_wire(s.status) {
+            Some(CplStatus::Success) => {
+                ok += 1;
+                Ok(g)
+            }
+            Some(st @ (CplStatus::Stale | CplStatus::TableFull | CplStatus::Malformed)) if g == 0 => {
+                status_result(&Completion { tag: 0, status: st, opcode: Opcode::Load as u8, cmd_head: 0, result: 0 })
+                    .map(|r| r as u32)
+            }
+            _ => return Err(format!("record {i}: status byte {} with result {g}", s.status)),
+        });
+    }
+    if ok != took {
+        return Err(format!("{ok} records SUCCESS, the completion says {took}"));
+    }
+    Ok(out)
+}
+
 /// Size of the host buffer that receives a SNAPSHOT chunk.
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 
@@ -266,6 +306,8 @@ pub struct ConnTable<D: NicDevice> {
     auto_generation: bool,
     snap_buf: Option<DmaBuffer>,
     snap_bytes: usize,
+    /// LOAD's records, then its statuses (allocated at the first LOAD).
+    load_buf: Option<DmaBuffer>,
     /// Fault recovery, when enabled (boxed: the fast path only tests it).
     rec: Option<Box<Recovery>>,
 }
@@ -284,7 +326,14 @@ impl<D: NicDevice> ConnTable<D> {
 
     /// Wraps a driver.
     pub fn new(drv: Driver<D>) -> Self {
-        ConnTable { drv, auto_generation: true, snap_buf: None, snap_bytes: SNAPSHOT_CHUNK_BYTES, rec: None }
+        ConnTable {
+            drv,
+            auto_generation: true,
+            snap_buf: None,
+            snap_bytes: SNAPSHOT_CHUNK_BYTES,
+            load_buf: None,
+            rec: None,
+        }
     }
 
     /// Sets the size of the host buffer a SNAPSHOT chunk is written into
@@ -481,6 +530,169 @@ impl<D: NicDevice> ConnTable<D> {
                 }
             }
         }
+    }
+
+    /// Writes Full Sync records (sync records with their owners) to the
+    /// card as the REPLICA writes they stand for ([`TableOp::from_record`]),
+    /// in order, with one result per record, as [`ConnTable::batch`] of
+    /// those writes would return (and with recovery on, as it would take
+    /// them into the copy). A device with LOAD (ABI 1.6) takes up to
+    /// [`LOAD_MAX_RECORDS`] of them per descriptor, reading them from host
+    /// memory: 88 bytes an entry instead of a chained pair of descriptors;
+    /// one without it gets the pairs.
+    pub fn load(&mut self, records: &[DeltaRecord]) -> Result<Vec<Result<u32, TableError>>, DriverError> {
+        if !self.drv.info().caps.contains(Capabilities::LOAD) {
+            return self.load_by_pairs(records);
+        }
+        let mut out = Vec::with_capacity(records.len());
+        for chunk in records.chunks(LOAD_MAX_RECORDS as usize) {
+            match self.rec.as_ref().map(|r| r.cfg) {
+                None => self.load_chunk(chunk, &mut out)?,
+                Some(cfg) => self.load_chunk_recovering(chunk, cfg, &mut out)?,
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`ConnTable::load`] by chained descriptor pairs (a device without
+    /// LOAD, or the rest of a chunk after a rebuild). A record that LOAD
+    /// would answer MALFORMED is answered so here and not sent.
+    fn load_by_pairs(&mut self, records: &[DeltaRecord]) -> Result<Vec<Result<u32, TableError>>, DriverError> {
+        let valid = |r: &DeltaRecord| r.owner.get() != 0 && r.validate().is_ok();
+        let ops: Vec<TableOp> = records.iter().filter(|r| valid(r)).map(TableOp::from_record).collect();
+        let mut done = self.batch(&ops)?.into_iter();
+        Ok(records
+            .iter()
+            .map(|r| match valid(r) {
+                true => done.next().unwrap_or(Err(TableError::Refused(CplStatus::Internal))),
+                false => Err(TableError::Refused(CplStatus::Malformed)),
+            })
+            .collect())
+    }
+
+    /// Copies `records` (at most LOAD_MAX_RECORDS) to the LOAD buffer and
+    /// returns the LOAD descriptor for them.
+    fn stage_load(&mut self, records: &[DeltaRecord]) -> Result<CommandDescriptor, DriverError> {
+        if self.load_buf.is_none() {
+            let bytes = LOAD_MAX_RECORDS as usize * (RECORD_SIZE + std::mem::size_of::<LoadStatus>());
+            self.load_buf = Some(self.drv.device().alloc_dma(bytes)?);
+        }
+        let Some(b) = &self.load_buf else { return Err(DriverError::Config("no LOAD buffer".into())) };
+        b.mem().write(0, records.as_bytes())?;
+        let statuses = b.iova() + (LOAD_MAX_RECORDS as usize * RECORD_SIZE) as u64;
+        Ok(CommandDescriptor::load(0, b.iova(), statuses, records.len() as u32))
+    }
+
+    /// The per-record outcomes of a LOAD of `n` records that completed
+    /// with SUCCESS and `took` as its result, read back and checked: only
+    /// the statuses LOAD may write, reserved bytes zero, and as many
+    /// SUCCESS as the completion said. `Err` names what the device got
+    /// wrong.
+    fn load_statuses(&self, n: usize, took: u64) -> Result<Vec<Result<u32, TableError>>, String> {
+        let mut st = vec![LoadStatus::new_zeroed(); n];
+        let Some(b) = &self.load_buf else { return Err("no LOAD buffer".into()) };
+        b.mem().read(LOAD_MAX_RECORDS as usize * RECORD_SIZE, st.as_mut_bytes()).map_err(|e| e.to_string())?;
+        parse_load_statuses(&st, took)
+    }
+
+    fn load_chunk(
+        &mut self,
+        records: &[DeltaRecord],
+        out: &mut Vec<Result<u32, TableError>>,
+    ) -> Result<(), DriverError> {
+        let d = self.stage_load(records)?;
+        let c = self.drv.execute(&d, None)?;
+        if c.status != CplStatus::Success {
+            // Nothing was applied (DMA_ERROR, MALFORMED): each record has
+            // the command's answer.
+            out.extend(records.iter().map(|_| status_result(&c).map(|r| r as u32)));
+            return Ok(());
+        }
+        match self.load_statuses(records.len(), c.result) {
+            Ok(r) => out.extend(r),
+            Err(why) => {
+                self.drv.recovery_mut().corrupt_completions += 1;
+                let why = format!("LOAD statuses: {why}");
+                out.extend(records.iter().map(|_| Err(TableError::BadRecord(why.clone()))));
+            }
+        }
+        Ok(())
+    }
+
+    /// [`ConnTable::load_chunk`] with recovery. The records are taken into
+    /// the copy one by one from their statuses, as the single writes'
+    /// completions would be. A fault, a DMA_ERROR that persists, statuses
+    /// that cannot be trusted, or a record that took over a newer version
+    /// in the copy (the card had lost it) rebuild the card from the copy as
+    /// it stands, and the records not yet taken in run again as single
+    /// writes under [`ConnTable::batch`]'s recovery, which settles each of
+    /// them however the card answers.
+    fn load_chunk_recovering(
+        &mut self,
+        records: &[DeltaRecord],
+        cfg: RecoveryConfig,
+        out: &mut Vec<Result<u32, TableError>>,
+    ) -> Result<(), DriverError> {
+        let as_driver = |e: TableError| match e {
+            TableError::Driver(d) => d,
+            other => DriverError::Config(other.to_string()),
+        };
+        self.settle_first().map_err(as_driver)?;
+        self.make_room(1).map_err(as_driver)?;
+        let d = self.stage_load(records)?;
+        let mut retries = 0;
+        let statuses = loop {
+            match self.drv.execute(&d, None) {
+                Ok(c) if c.status == CplStatus::DmaError && retries < cfg.max_retries => {
+                    retries += 1;
+                    let r = self.drv.recovery_mut();
+                    r.dma_errors += 1;
+                    r.dma_retries += 1;
+                    r.commands_replayed += 1;
+                }
+                Ok(c) if c.status == CplStatus::Success => match self.load_statuses(records.len(), c.result) {
+                    Ok(s) => break Some(s),
+                    Err(why) => {
+                        tracing::warn!("LOAD statuses: {why}: rebuilding the card");
+                        self.drv.recovery_mut().corrupt_completions += 1;
+                        break None;
+                    }
+                },
+                Ok(c) => {
+                    tracing::warn!(status = %c.status, "LOAD refused: rebuilding the card");
+                    break None;
+                }
+                Err(e) if e.needs_recovery() => break None,
+                Err(e) => return Err(e),
+            }
+        };
+        let mut taken = 0;
+        if let Some(statuses) = statuses {
+            for (i, (r, res)) in records.iter().zip(statuses).enumerate() {
+                if let (Some(rec), Some(ahead)) = (&self.rec, records.get(i + COPY_PREFETCH_AHEAD)) {
+                    rec.shadow.prefetch(&ahead.key);
+                }
+                let op = TableOp::from_record(r);
+                // A card that holds the copy's version refuses one it
+                // beats as STALE: this one had lost it.
+                if res.is_ok() && self.copy_wins(&op).is_some() {
+                    self.drv.recovery_mut().lost_entries_detected += 1;
+                    break;
+                }
+                if let Some(rec) = &mut self.rec {
+                    rec.shadow.record(&op, &res);
+                }
+                out.push(res);
+                taken += 1;
+            }
+            if taken == records.len() {
+                return Ok(());
+            }
+        }
+        self.recover().map_err(as_driver)?;
+        self.drv.recovery_mut().commands_replayed += (records.len() - taken) as u64;
+        out.extend(self.load_by_pairs(&records[taken..])?);
+        Ok(())
     }
 
     /// Runs a batch: every operation is posted, with one doorbell per
@@ -768,12 +980,26 @@ impl<D: NicDevice> ConnTable<D> {
         Ok(())
     }
 
-    /// The generation of the copy's entry of `key`, if it is newer than
-    /// `generation`.
-    fn copy_newer(&self, key: &ConnKey, generation: u32) -> Option<u32> {
-        let e = self.rec.as_ref().and_then(|r| r.shadow.get(key))?;
-        let g = e.state.generation.get();
-        (g > generation).then_some(g)
+    /// If a card holding the copy's entry of the REPLICA write `op`'s
+    /// connection would refuse the write as STALE under the conflict rule
+    /// ([`precedence`]: generation, then owner, then DELETE over UPSERT,
+    /// then the record's bytes), the generation of that entry. `None` for
+    /// any other operation, or when the copy has no entry (a tombstone is
+    /// not asked: the card keeps fewer than the copy).
+    fn copy_wins(&self, op: &TableOp) -> Option<u32> {
+        let r = self.rec.as_ref()?;
+        let (key, u) = match op {
+            TableOp::Replica(k, e, owner) => (k, DeltaUpdate::upsert(*owner, *k, e.state, e.nat.unwrap_or_default())),
+            TableOp::ReplicaDelete(k, generation, owner) => {
+                let state = ConnState { generation: (*generation).into(), ..ConnState::default() };
+                (k, DeltaUpdate::delete(*owner, *k, state))
+            }
+            _ => return None,
+        };
+        let e = r.shadow.get(key)?;
+        let owner = if e.owner != 0 { e.owner } else { r.cfg.member };
+        let held = DeltaUpdate::upsert(owner, *key, e.state, e.nat);
+        (precedence(&u, &held) != std::cmp::Ordering::Greater).then_some(e.state.generation.get())
     }
 
     /// Whether the write `op`, which succeeded and stored generation
@@ -1057,14 +1283,9 @@ impl<D: NicDevice> ConnTable<D> {
                 && self.lost_on_card(op.key())
                 && self.took_over_copy(op, c.result as u32));
         // A REPLICA write (a merge or Full Sync record) that took although
-        // the copy holds a newer version of the connection: a card holding
-        // that version refuses an older one as STALE, so it had lost it.
-        let newer = match op {
-            TableOp::Replica(k, e, _) => self.copy_newer(k, e.state.generation.get()),
-            TableOp::ReplicaDelete(k, generation, _) => self.copy_newer(k, *generation),
-            _ => None,
-        }
-        .filter(|_| c.status == CplStatus::Success);
+        // the copy holds a version of the connection that beats it: a card
+        // holding that version refuses it as STALE, so it had lost it.
+        let newer = self.copy_wins(op).filter(|_| c.status == CplStatus::Success);
         if c.status == CplStatus::DmaError {
             // Nothing was done (abi.md 11): the command may run again.
             self.drv.recovery_mut().dma_errors += 1;
@@ -1589,6 +1810,52 @@ impl<D: NicDevice> Iterator for Snapshot<'_, D> {
                     self.done = true;
                     return Some(Err(e));
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(status: CplStatus, result: u32) -> LoadStatus {
+        LoadStatus { status: status as u8, reserved: [0; 3], result: result.into() }
+    }
+
+    #[test]
+    fn load_statuses_answer_as_the_single_writes() {
+        let got = parse_load_statuses(
+            &[
+                st(CplStatus::Success, 7),
+                st(CplStatus::Stale, 0),
+                st(CplStatus::TableFull, 0),
+                st(CplStatus::Malformed, 0),
+            ],
+            1,
+        );
+        let got: Vec<String> = got.unwrap_or_default().iter().map(|r| format!("{r:?}")).collect();
+        assert_eq!(got, ["Ok(7)", "Err(Stale { stored: 0 })", "Err(TableFull)", "Err(Refused(Malformed))"]);
+    }
+
+    /// What a faulty device may write instead: each is refused with what
+    /// it got wrong, never taken as an answer.
+    #[test]
+    fn load_statuses_from_a_faulty_device_are_refused() {
+        let mut reserved = st(CplStatus::Success, 1);
+        reserved.reserved[1] = 1;
+        let cases: [(&[LoadStatus], u64, &str); 6] = [
+            (&[st(CplStatus::Success, 1)], 2, "1 records SUCCESS, the completion says 2"),
+            (&[st(CplStatus::Success, 1), st(CplStatus::Stale, 0)], 2, "1 records SUCCESS"),
+            (&[st(CplStatus::NotFound, 0)], 0, "record 0: status byte 1"),
+            (&[st(CplStatus::Stale, 9)], 0, "record 0: status byte 7 with result 9"),
+            (&[LoadStatus { status: 0xEE, ..st(CplStatus::Success, 0) }], 0, "status byte 238"),
+            (&[reserved], 1, "record 0: reserved bytes"),
+        ];
+        for (statuses, took, why) in cases {
+            match parse_load_statuses(statuses, took) {
+                Err(e) => assert!(e.contains(why), "{e:?} should say {why:?}"),
+                Ok(r) => panic!("{statuses:?} taken: {r:?}"),
             }
         }
     }
