@@ -511,6 +511,11 @@ impl<D: NicDevice> ConnTable<D> {
                     if r.is_ok() {
                         // An audit's walk compared what is gone now.
                         self.audit_cancel();
+                        // Events the card wrote before the FLUSH are read
+                        // (and reach the caller) before the copy empties:
+                        // read after, they would put back into the copy
+                        // entries the card no longer holds.
+                        self.absorb_events();
                         if let Some(rec) = &mut self.rec {
                             rec.shadow.clear();
                         }
@@ -662,7 +667,10 @@ impl<D: NicDevice> ConnTable<D> {
                     tracing::warn!(status = %c.status, "LOAD refused: rebuilding the card");
                     break None;
                 }
-                Err(e) if e.needs_recovery() => break None,
+                Err(e) if e.needs_recovery() => {
+                    tracing::warn!("LOAD: {e}: rebuilding the card");
+                    break None;
+                }
                 Err(e) => return Err(e),
             }
         };
@@ -676,6 +684,7 @@ impl<D: NicDevice> ConnTable<D> {
                 // A card that holds the copy's version refuses one it
                 // beats as STALE: this one had lost it.
                 if res.is_ok() && self.copy_wins(&op).is_some() {
+                    tracing::warn!(key = %r.key, "LOAD: a record took over a version the card must have held: rebuilding the card");
                     self.drv.recovery_mut().lost_entries_detected += 1;
                     break;
                 }
@@ -985,7 +994,10 @@ impl<D: NicDevice> ConnTable<D> {
     /// ([`precedence`]: generation, then owner, then DELETE over UPSERT,
     /// then the record's bytes), the generation of that entry. `None` for
     /// any other operation, or when the copy has no entry (a tombstone is
-    /// not asked: the card keeps fewer than the copy).
+    /// not asked: the card keeps fewer than the copy). An entry whose owner
+    /// the copy does not know (0: this member's own write, or a peer's
+    /// change taken from an event, which does not carry the owner) is
+    /// compared by generation alone: it wins only if it is newer.
     fn copy_wins(&self, op: &TableOp) -> Option<u32> {
         let r = self.rec.as_ref()?;
         let (key, u) = match op {
@@ -997,9 +1009,12 @@ impl<D: NicDevice> ConnTable<D> {
             _ => return None,
         };
         let e = r.shadow.get(key)?;
-        let owner = if e.owner != 0 { e.owner } else { r.cfg.member };
-        let held = DeltaUpdate::upsert(owner, *key, e.state, e.nat);
-        (precedence(&u, &held) != std::cmp::Ordering::Greater).then_some(e.state.generation.get())
+        let g = e.state.generation.get();
+        let wins = match e.owner {
+            0 => g > u.state.generation.get(),
+            owner => precedence(&u, &DeltaUpdate::upsert(owner, *key, e.state, e.nat)) != std::cmp::Ordering::Greater,
+        };
+        wins.then_some(g)
     }
 
     /// Whether the write `op`, which succeeded and stored generation

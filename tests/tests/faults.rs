@@ -712,6 +712,26 @@ fn tombstones_survive_a_rebuild() {
     }
 }
 
+/// A FLUSH empties the copy with the card: the events the card wrote
+/// before it (peer updates applied) are read first, not after, when they
+/// would put back into the copy entries the card no longer holds (and an
+/// audit would then restore them to the card).
+#[test]
+fn a_flush_leaves_no_earlier_event_to_refill_the_copy() {
+    let hub = InProcessHub::new(HubConfig { queue_capacity: 4096, seed: 5, impairment: Impairment::NONE });
+    let (mut a, _) = cluster_member(&hub, 1, vec![2], false);
+    let (mut b, _) = cluster_member(&hub, 2, vec![1], true);
+    for i in 0..10 {
+        a.insert(&key(i), &ConnEntry::new(synced_state(i))).expect("insert");
+    }
+    settle_pair(&a, &b);
+    assert_eq!(b.len(), 10, "the peer's card applied the updates (their events not read yet)");
+    assert_eq!(b.flush().expect("flush"), 10);
+    let r = b.audit_full().expect("audit");
+    assert_eq!((b.len(), b.shadow().map(|s| s.len())), (0, Some(0)), "{r:?}");
+    assert_eq!(r.missing, 0, "{r:?}");
+}
+
 /// A standby's audit right after its card applied a peer's updates on the
 /// sync port's fast path (no housekeeping pass since): the card publishes
 /// its entry count and sync digest with the change, so the quick check
