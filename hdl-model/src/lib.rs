@@ -41,6 +41,9 @@ use std::time::Duration;
 pub use cost::CostParams;
 pub use device::{Clock, Core, InterruptSink, ModelConfig, Shared};
 pub use dma::{HostMemory, Iommu};
+/// Memory helpers for large tables, shared with the host's copy of the
+/// card's table: made resident ahead of use, and on huge pages.
+pub use sys::{advise_huge_pages, make_resident};
 
 /// How the model's design logic is run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -76,6 +76,41 @@ impl ReadinessSet {
     }
 }
 
+/// The whole `page`-sized pages inside `mem`, as an address range: advice
+/// covers whole pages, and the memory around `mem` is not ours to advise.
+fn whole_pages<T>(mem: &[T], page: usize) -> Option<(usize, usize)> {
+    let start = mem.as_ptr() as usize;
+    let first = start.next_multiple_of(page);
+    let end = (start + std::mem::size_of_val(mem)) & !(page - 1);
+    (end > first).then_some((first, end))
+}
+
+/// Smallest table worth huge pages.
+const HUGE_PAGE_MIN_BYTES: usize = 8 << 20;
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Asks the kernel to back `mem` with transparent huge pages
+/// (`MADV_HUGEPAGE`, which Debian's default `enabled = madvise` honours),
+/// for an array of at least 8 MiB: a table whose accesses land at random
+/// across hundreds of megabytes missed the TLB on nearly every one with 4
+/// KiB pages, a page walk that costs more than the memory access itself
+/// under a hypervisor. A hint: where the kernel refuses, the memory works
+/// as is. (The host's copy of the card's table takes it; the card's own
+/// memory does not, see `table::card_memory`.)
+pub fn advise_huge_pages<T>(mem: &mut [T]) {
+    if std::mem::size_of_val(mem) < HUGE_PAGE_MIN_BYTES {
+        return;
+    }
+    let Some((first, end)) = whole_pages(mem, HUGE_PAGE) else { return };
+    // SAFETY: the range lies within `mem`, which this call borrows
+    // mutably, and MADV_HUGEPAGE changes neither its contents nor its
+    // validity: it only tells the kernel which page size to back it with.
+    let rc = unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE) };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "madvise(MADV_HUGEPAGE) refused");
+    }
+}
+
 /// Smallest array worth populating ahead: a small table's pages fill
 /// within its first few commands anyway.
 const RESIDENT_MIN_BYTES: usize = 1 << 20;
@@ -87,16 +122,10 @@ const PAGE: usize = 4096;
 /// each page faults; a kernel without `MADV_POPULATE_WRITE` (before 5.14)
 /// gets each page touched instead.
 pub fn make_resident<T: Copy>(mem: &mut [T]) {
-    let len = std::mem::size_of_val(mem);
-    if len < RESIDENT_MIN_BYTES {
+    if std::mem::size_of_val(mem) < RESIDENT_MIN_BYTES {
         return;
     }
-    let start = mem.as_mut_ptr() as usize;
-    let first = start.next_multiple_of(PAGE);
-    let end = (start + len) & !(PAGE - 1);
-    if end <= first {
-        return;
-    }
+    let Some((first, end)) = whole_pages(mem, PAGE) else { return };
     // SAFETY: [first, end) is page-aligned and lies inside `mem`'s
     // allocation, which this function borrows exclusively;
     // MADV_POPULATE_WRITE faults the pages in as a write of their current

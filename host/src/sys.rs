@@ -1,6 +1,5 @@
 //! The one module of this crate that uses `unsafe`: a cache prefetch hint
-//! and huge pages for the host's copy of the card's table
-//! ([`crate::keymap`]).
+//! for the host's copy of the card's table ([`crate::keymap`]).
 //!
 //! A plain load would bring the line too, but it holds the CPU's reorder
 //! buffer until the data arrives; a prefetch instruction retires at once,
@@ -33,36 +32,4 @@ fn prefetch_line(p: *const u8) {
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
-}
-
-/// Smallest table worth huge pages.
-const HUGE_PAGE_MIN_BYTES: usize = 8 << 20;
-const HUGE_PAGE: usize = 2 << 20;
-
-/// Asks the kernel to back `table`'s memory with transparent huge pages
-/// (`MADV_HUGEPAGE`, which Debian's default `enabled = madvise` honours),
-/// for a table of at least 8 MiB: the copy's lookups land at random across
-/// hundreds of megabytes, and with 4 KiB pages nearly every one also missed
-/// the TLB, a page walk that costs more than the memory access itself under
-/// a hypervisor. A hint: where the kernel refuses, the table works as is.
-pub(crate) fn advise_huge_pages<T>(table: &mut [T]) {
-    let bytes = std::mem::size_of_val(table);
-    if bytes < HUGE_PAGE_MIN_BYTES {
-        return;
-    }
-    let start = table.as_mut_ptr() as usize;
-    // Whole huge pages inside the table only: the advice covers whole
-    // pages, and the memory around the table is not ours to advise.
-    let first = start.next_multiple_of(HUGE_PAGE);
-    let end = (start + bytes) & !(HUGE_PAGE - 1);
-    if end <= first {
-        return;
-    }
-    // SAFETY: the range lies within `table`, which this call borrows
-    // mutably, and MADV_HUGEPAGE changes neither its contents nor its
-    // validity: it only tells the kernel which page size to back it with.
-    let rc = unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE) };
-    if rc != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "madvise(MADV_HUGEPAGE) refused");
-    }
 }
