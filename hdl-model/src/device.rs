@@ -648,6 +648,8 @@ pub struct Core {
     load_records: Vec<DeltaRecord>,
     load_placed: Vec<Placement>,
     load_statuses: Vec<LoadStatus>,
+    /// Table placements of the peer updates being applied.
+    peer_placed: Vec<Option<Placement>>,
 }
 
 impl std::fmt::Debug for Core {
@@ -706,6 +708,7 @@ impl Core {
             load_records: Vec::new(),
             load_placed: Vec::new(),
             load_statuses: Vec::new(),
+            peer_placed: Vec::new(),
             member: 0,
             sync: None,
             sync_sent: false,
@@ -1561,8 +1564,8 @@ impl Core {
 
     /// Applies a peer's change and tells the host by an event. A change
     /// applied here is never sent on again.
-    fn apply_peer(&mut self, u: &DeltaUpdate) {
-        let outcome = self.apply_change(u, None);
+    fn apply_peer(&mut self, u: &DeltaUpdate, at: Option<Placement>) {
+        let outcome = self.apply_change(u, at);
         let Some(unit) = &mut self.sync else { return };
         match outcome {
             Applied::Superseded => unit.stats.superseded += 1,
@@ -1624,24 +1627,30 @@ impl Core {
         let mut events = std::mem::take(&mut self.sync_events);
         let more = unit.pump_within(self.now_ns, reads, |ev| events.push(ev));
         let did = !events.is_empty();
-        // Software-pipelined like the command path: the buckets of the
-        // update PEER_PREFETCH ahead are fetched while this one is applied.
-        const PEER_PREFETCH: usize = 8;
-        let prefetch = |table: &CuckooTable, ev: Option<&ReceiverEvent>| {
-            if let Some(ReceiverEvent::Deliver { update, .. }) = ev {
-                table.prefetch_buckets(table.placement_of(&update.key));
-            }
-        };
-        for i in 0..events.len().min(PEER_PREFETCH) {
-            prefetch(&self.table, events.get(i));
+        // Software-pipelined like LOAD: every update hashed first, the
+        // buckets of the update LOAD_BUCKETS_AHEAD on and the slot of the
+        // one LOAD_SLOTS_AHEAD on fetched while this one is applied.
+        let mut placed = std::mem::take(&mut self.peer_placed);
+        placed.clear();
+        placed.extend(events.iter().map(|ev| match ev {
+            ReceiverEvent::Deliver { update, .. } => Some(self.table.placement_of(&update.key)),
+            _ => None,
+        }));
+        for p in placed.iter().take(LOAD_BUCKETS_AHEAD).flatten() {
+            self.table.prefetch_buckets(*p);
         }
         for i in 0..events.len() {
-            prefetch(&self.table, events.get(i + PEER_PREFETCH));
+            if let Some(Some(p)) = placed.get(i + LOAD_BUCKETS_AHEAD) {
+                self.table.prefetch_buckets(*p);
+            }
+            if let Some(Some(p)) = placed.get(i + LOAD_SLOTS_AHEAD) {
+                self.table.prefetch_slots(*p);
+            }
             let Some(ev) = events.get(i).cloned() else { break };
             match ev {
                 // Behind the held ones while they drain, to keep the order.
                 ReceiverEvent::Deliver { update, .. } if self.hold || !self.held.is_empty() => self.hold_peer(update),
-                ReceiverEvent::Deliver { update, .. } => self.apply_peer(&update),
+                ReceiverEvent::Deliver { update, .. } => self.apply_peer(&update, placed.get(i).copied().flatten()),
                 ReceiverEvent::ResyncNeeded { peer, lost, .. } => {
                     let st = ConnState {
                         generation: (lost.min(u32::MAX as u64) as u32).into(),
@@ -1655,6 +1664,7 @@ impl Core {
         }
         events.clear();
         self.sync_events = events;
+        self.peer_placed = placed;
         (did, more)
     }
 
@@ -1667,7 +1677,7 @@ impl Core {
         }
         for _ in 0..HOLD_DRAIN_PER_PASS {
             match self.held.pop_front() {
-                Some(u) => self.apply_peer(&u),
+                Some(u) => self.apply_peer(&u, None),
                 None => break,
             }
         }
