@@ -443,9 +443,9 @@ fn opcode_doc(op: Opcode) -> OpDoc {
             statuses: &[Success, NotFound, Stale, Malformed],
         },
         Opcode::Delete => OpDoc {
-            body: "`ConnBody` (state ignored)",
-            result: "generation of the delete (one above the entry's, raised to GENERATION_FLOOR; ABI 1.5, 0 before)",
-            statuses: &[Success, NotFound, Malformed],
+            body: "`ConnBody` (state ignored, but for a REPLICA's generation)",
+            result: "generation of the delete (one above the entry's, raised to GENERATION_FLOOR; ABI 1.5, 0 before; REPLICA: the owner's, ABI 1.6)",
+            statuses: &[Success, NotFound, Stale, Malformed],
         },
         Opcode::Lookup => OpDoc {
             body: "`LookupBody`",

@@ -1808,6 +1808,9 @@ impl Core {
         let mut placed = std::mem::take(&mut self.load_placed);
         placed.clear();
         placed.extend(recs.iter().map(|r| self.table.placement_of(&r.key)));
+        for p in placed.iter().take(LOAD_BUCKETS_AHEAD) {
+            self.table.prefetch_buckets(*p);
+        }
         let mut out = std::mem::take(&mut self.load_statuses);
         out.clear();
         let mut took = 0u64;
@@ -2122,14 +2125,14 @@ impl SyncDigest {
     }
 }
 
-/// Writes the walk record of `s` into `out` (a sync record of an entry
-/// marked for sync when `sync`, else a `ConnRecord`); false if it is not
-/// part of this walk.
 /// How far ahead of the record it applies LOAD reads a record's buckets,
-/// and its matching slots.
+/// and its matching slots (the peer-update path too).
 const LOAD_BUCKETS_AHEAD: usize = 8;
 const LOAD_SLOTS_AHEAD: usize = 4;
 
+/// Writes the walk record of `s` into `out` (a sync record of an entry
+/// marked for sync when `sync`, else a `ConnRecord`); false if it is not
+/// part of this walk.
 fn encode_walk_slot(s: &Slot, sync: bool, member: u16, now_ms: u64, out: &mut [u8]) -> bool {
     let r = record(s, now_ms);
     if !sync {

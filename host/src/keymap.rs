@@ -229,7 +229,11 @@ impl<K: Copy + Eq + Hash + FromZeros, V: Copy + FromZeros> KeyMap<K, V> {
         let Some(slots) = want.checked_mul(2).and_then(|n| n.max(MIN_SLOTS).checked_next_power_of_two()) else {
             panic!("KeyMap: capacity overflow ({want} entries)");
         };
-        let old = std::mem::replace(&mut self.slots, zeroed_slots(slots));
+        // Resident at once when the map is first sized (a member's start);
+        // a growth's memory is mapped as it is written, spread over the
+        // writes rather than one stall of the caller's loop.
+        let resident = self.slots.is_empty();
+        let old = std::mem::replace(&mut self.slots, zeroed_slots(slots, resident));
         let old_epoch = self.epoch;
         self.mask = slots - 1;
         self.epoch = 1;
@@ -277,15 +281,17 @@ impl<K: Copy + Eq + Hash + FromZeros, V: Copy + FromZeros> KeyMap<K, V> {
 /// kernel as it is first written, not written through here (a million
 /// entries' table is 180 MB), and on huge pages where the kernel gives
 /// them (see [`crate::sys::advise_huge_pages`]).
-fn zeroed_slots<K: FromZeros + Copy, V: FromZeros + Copy>(n: usize) -> Box<[Slot<K, V>]> {
+fn zeroed_slots<K: FromZeros + Copy, V: FromZeros + Copy>(n: usize, resident: bool) -> Box<[Slot<K, V>]> {
     match <[Slot<K, V>]>::new_box_zeroed_with_elems(n) {
         Ok(mut b) => {
-            // On huge pages, and resident now: a fresh table's pages were
-            // otherwise zeroed as the first writes reached them, 2 MiB at a
-            // time, on the data path (a third of a member's time during its
-            // first 100,000 connections in `bench conntrack`).
+            // On huge pages, and (`resident`) mapped now: a fresh table's
+            // pages were otherwise zeroed as the first writes reached them,
+            // 2 MiB at a time, on the data path (a third of a member's time
+            // during its first 100,000 connections in `bench conntrack`).
             nicsync_model::advise_huge_pages(&mut b);
-            nicsync_model::make_resident(&mut b);
+            if resident {
+                nicsync_model::make_resident(&mut b);
+            }
             b
         }
         Err(_) => std::alloc::handle_alloc_error(

@@ -425,7 +425,9 @@ impl ShadowTable {
             EventKind::SyncUpdated => match self.get(&ev.key) {
                 Some(e) if e.state.generation.get() > ev.state.generation.get() => false,
                 other => {
-                    let e = ShadowEntry { state: ev.state, ..other.copied().unwrap_or_default() };
+                    // The event does not say whose change it was: the owner
+                    // the copy held is no longer known to be right.
+                    let e = ShadowEntry { state: ev.state, owner: 0, ..other.copied().unwrap_or_default() };
                     self.set(ev.key, e);
                     true
                 }

@@ -268,28 +268,45 @@ fn status_result(c: &Completion) -> Result<u64, TableError> {
     }
 }
 
-/// Checks the statuses a LOAD wrote (see [`ConnTable::load`]) and turns
-/// them into the results the single writes would have had. `took` is the
-/// completion's result, the number of SUCCESS statuses.
-fn parse_load_statuses(statuses: &[LoadStatus], took: u64) -> Result<Vec<Result<u32, TableError>>, String> {
+/// Whether LOAD must refuse `r` as MALFORMED (abi.md, LOAD).
+fn load_refuses(r: &DeltaRecord) -> bool {
+    r.owner.get() == 0 || r.validate().is_err()
+}
+
+/// Checks the statuses a LOAD of `records` wrote (see [`ConnTable::load`])
+/// and turns them into the results the single writes would have had.
+/// `took` is the completion's result, the number of SUCCESS statuses. Only
+/// what LOAD may write for each record passes: SUCCESS with the record's
+/// own generation, STALE or TABLE_FULL for a valid record, MALFORMED for
+/// exactly the records LOAD refuses; reserved bytes zero.
+fn parse_load_statuses(
+    records: &[DeltaRecord],
+    statuses: &[LoadStatus],
+    took: u64,
+) -> Result<Vec<Result<u32, TableError>>, String> {
     let mut out = Vec::with_capacity(statuses.len());
     let mut ok = 0u64;
-    for (i, s) in statuses.iter().enumerate() {
+    for (i, (r, s)) in records.iter().zip(statuses).enumerate() {
         if s.reserved != [0; 3] {
             return Err(format!("record {i}: reserved bytes {:?}", s.reserved));
         }
         let g = s.result.get();
+        let refused = load_refuses(r);
         out.push(match CplStatus::from_wire(s.status) {
-            Some(CplStatus::Success) => {
+            Some(CplStatus::Success) if !refused && g == r.state.generation.get() => {
                 ok += 1;
                 Ok(g)
             }
-            Some(st @ (CplStatus::Stale | CplStatus::TableFull | CplStatus::Malformed)) if g == 0 => {
+            Some(st @ (CplStatus::Stale | CplStatus::TableFull)) if !refused && g == 0 => {
                 status_result(&Completion { tag: 0, status: st, opcode: Opcode::Load as u8, cmd_head: 0, result: 0 })
                     .map(|r| r as u32)
             }
+            Some(CplStatus::Malformed) if refused && g == 0 => Err(TableError::Refused(CplStatus::Malformed)),
             _ => return Err(format!("record {i}: status byte {} with result {g}", s.status)),
         });
+    }
+    if statuses.len() != records.len() {
+        return Err(format!("{} statuses for {} records", statuses.len(), records.len()));
     }
     if ok != took {
         return Err(format!("{ok} records SUCCESS, the completion says {took}"));
@@ -514,7 +531,13 @@ impl<D: NicDevice> ConnTable<D> {
                         // Events the card wrote before the FLUSH are read
                         // (and reach the caller) before the copy empties:
                         // read after, they would put back into the copy
-                        // entries the card no longer holds.
+                        // entries the card no longer holds, which an audit
+                        // would then put back on the card. Events of peer
+                        // updates applied after the FLUSH and read here go
+                        // too: the copy then lacks entries the card holds,
+                        // which the next audit takes in (its counts
+                        // differ). A Full Sync holds the peers' updates
+                        // (SYNC_HOLD) around its FLUSH, so none come.
                         self.absorb_events();
                         if let Some(rec) = &mut self.rec {
                             rec.shadow.clear();
@@ -563,14 +586,13 @@ impl<D: NicDevice> ConnTable<D> {
     /// LOAD, or the rest of a chunk after a rebuild). A record that LOAD
     /// would answer MALFORMED is answered so here and not sent.
     fn load_by_pairs(&mut self, records: &[DeltaRecord]) -> Result<Vec<Result<u32, TableError>>, DriverError> {
-        let valid = |r: &DeltaRecord| r.owner.get() != 0 && r.validate().is_ok();
-        let ops: Vec<TableOp> = records.iter().filter(|r| valid(r)).map(TableOp::from_record).collect();
+        let ops: Vec<TableOp> = records.iter().filter(|r| !load_refuses(r)).map(TableOp::from_record).collect();
         let mut done = self.batch(&ops)?.into_iter();
         Ok(records
             .iter()
-            .map(|r| match valid(r) {
-                true => done.next().unwrap_or(Err(TableError::Refused(CplStatus::Internal))),
-                false => Err(TableError::Refused(CplStatus::Malformed)),
+            .map(|r| match load_refuses(r) {
+                false => done.next().unwrap_or(Err(TableError::Refused(CplStatus::Internal))),
+                true => Err(TableError::Refused(CplStatus::Malformed)),
             })
             .collect())
     }
@@ -585,19 +607,21 @@ impl<D: NicDevice> ConnTable<D> {
         let Some(b) = &self.load_buf else { return Err(DriverError::Config("no LOAD buffer".into())) };
         b.mem().write(0, records.as_bytes())?;
         let statuses = b.iova() + (LOAD_MAX_RECORDS as usize * RECORD_SIZE) as u64;
+        // The last LOAD's statuses are overwritten with ones no device
+        // writes, so a device that completes without writing them is caught.
+        let unwritten = vec![0xFF; records.len() * std::mem::size_of::<LoadStatus>()];
+        b.mem().write(LOAD_MAX_RECORDS as usize * RECORD_SIZE, &unwritten)?;
         Ok(CommandDescriptor::load(0, b.iova(), statuses, records.len() as u32))
     }
 
-    /// The per-record outcomes of a LOAD of `n` records that completed
-    /// with SUCCESS and `took` as its result, read back and checked: only
-    /// the statuses LOAD may write, reserved bytes zero, and as many
-    /// SUCCESS as the completion said. `Err` names what the device got
-    /// wrong.
-    fn load_statuses(&self, n: usize, took: u64) -> Result<Vec<Result<u32, TableError>>, String> {
-        let mut st = vec![LoadStatus::new_zeroed(); n];
+    /// The per-record outcomes of a LOAD of `records` that completed with
+    /// SUCCESS and `took` as its result, read back and checked (see
+    /// [`parse_load_statuses`]). `Err` names what the device got wrong.
+    fn load_statuses(&self, records: &[DeltaRecord], took: u64) -> Result<Vec<Result<u32, TableError>>, String> {
+        let mut st = vec![LoadStatus::new_zeroed(); records.len()];
         let Some(b) = &self.load_buf else { return Err("no LOAD buffer".into()) };
         b.mem().read(LOAD_MAX_RECORDS as usize * RECORD_SIZE, st.as_mut_bytes()).map_err(|e| e.to_string())?;
-        parse_load_statuses(&st, took)
+        parse_load_statuses(records, &st, took)
     }
 
     fn load_chunk(
@@ -608,12 +632,13 @@ impl<D: NicDevice> ConnTable<D> {
         let d = self.stage_load(records)?;
         let c = self.drv.execute(&d, None)?;
         if c.status != CplStatus::Success {
-            // Nothing was applied (DMA_ERROR, MALFORMED): each record has
-            // the command's answer.
+            // Nothing was applied (DMA_ERROR, MALFORMED; a device that
+            // failed after applying goes FATAL, which `execute` reports as
+            // an error): each record has the command's answer.
             out.extend(records.iter().map(|_| status_result(&c).map(|r| r as u32)));
             return Ok(());
         }
-        match self.load_statuses(records.len(), c.result) {
+        match self.load_statuses(records, c.result) {
             Ok(r) => out.extend(r),
             Err(why) => {
                 self.drv.recovery_mut().corrupt_completions += 1;
@@ -655,7 +680,7 @@ impl<D: NicDevice> ConnTable<D> {
                     r.dma_retries += 1;
                     r.commands_replayed += 1;
                 }
-                Ok(c) if c.status == CplStatus::Success => match self.load_statuses(records.len(), c.result) {
+                Ok(c) if c.status == CplStatus::Success => match self.load_statuses(records, c.result) {
                     Ok(s) => break Some(s),
                     Err(why) => {
                         tracing::warn!("LOAD statuses: {why}: rebuilding the card");
@@ -676,6 +701,9 @@ impl<D: NicDevice> ConnTable<D> {
         };
         let mut taken = 0;
         if let Some(statuses) = statuses {
+            // What the card removed by itself (aged) is in the copy's view
+            // before a record's take is judged against it.
+            self.absorb_events();
             for (i, (r, res)) in records.iter().zip(statuses).enumerate() {
                 if let (Some(rec), Some(ahead)) = (&self.rec, records.get(i + COPY_PREFETCH_AHEAD)) {
                     rec.shadow.prefetch(&ahead.key);
@@ -1833,22 +1861,34 @@ impl<D: NicDevice> Iterator for Snapshot<'_, D> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nicsync_fwif::conn::ConnState;
+    use nicsync_fwif::sync::DeltaUpdate;
 
     fn st(status: CplStatus, result: u32) -> LoadStatus {
         LoadStatus { status: status as u8, reserved: [0; 3], result: result.into() }
     }
 
+    /// A valid record at `generation`, and one LOAD refuses (owner 0).
+    fn rec(generation: u32) -> DeltaRecord {
+        let state = ConnState { generation: generation.into(), ..ConnState::default() };
+        let key = ConnKey::v4([10, 0, 0, 1].into(), 1000, [10, 0, 0, 2].into(), 80, 6, 0);
+        DeltaUpdate::upsert(2, key, state, Nat::default()).to_record()
+    }
+
+    fn refused() -> DeltaRecord {
+        DeltaRecord { owner: 0.into(), ..rec(1) }
+    }
+
     #[test]
     fn load_statuses_answer_as_the_single_writes() {
-        let got = parse_load_statuses(
-            &[
-                st(CplStatus::Success, 7),
-                st(CplStatus::Stale, 0),
-                st(CplStatus::TableFull, 0),
-                st(CplStatus::Malformed, 0),
-            ],
-            1,
-        );
+        let records = [rec(7), rec(3), rec(4), refused()];
+        let statuses = [
+            st(CplStatus::Success, 7),
+            st(CplStatus::Stale, 0),
+            st(CplStatus::TableFull, 0),
+            st(CplStatus::Malformed, 0),
+        ];
+        let got = parse_load_statuses(&records, &statuses, 1);
         let got: Vec<String> = got.unwrap_or_default().iter().map(|r| format!("{r:?}")).collect();
         assert_eq!(got, ["Ok(7)", "Err(Stale { stored: 0 })", "Err(TableFull)", "Err(Refused(Malformed))"]);
     }
@@ -1859,19 +1899,26 @@ mod tests {
     fn load_statuses_from_a_faulty_device_are_refused() {
         let mut reserved = st(CplStatus::Success, 1);
         reserved.reserved[1] = 1;
-        let cases: [(&[LoadStatus], u64, &str); 6] = [
-            (&[st(CplStatus::Success, 1)], 2, "1 records SUCCESS, the completion says 2"),
-            (&[st(CplStatus::Success, 1), st(CplStatus::Stale, 0)], 2, "1 records SUCCESS"),
-            (&[st(CplStatus::NotFound, 0)], 0, "record 0: status byte 1"),
-            (&[st(CplStatus::Stale, 9)], 0, "record 0: status byte 7 with result 9"),
-            (&[LoadStatus { status: 0xEE, ..st(CplStatus::Success, 0) }], 0, "status byte 238"),
-            (&[reserved], 1, "record 0: reserved bytes"),
+        let unwritten = LoadStatus { status: 0xFF, reserved: [0xFF; 3], result: u32::MAX.into() };
+        let cases: [(&[DeltaRecord], &[LoadStatus], u64, &str); 9] = [
+            (&[rec(1)], &[st(CplStatus::Success, 1)], 2, "1 records SUCCESS, the completion says 2"),
+            (&[rec(1), rec(1)], &[st(CplStatus::Success, 1), st(CplStatus::Stale, 0)], 2, "1 records SUCCESS"),
+            (&[rec(1)], &[st(CplStatus::NotFound, 0)], 0, "record 0: status byte 1"),
+            (&[rec(1)], &[st(CplStatus::Stale, 9)], 0, "record 0: status byte 7 with result 9"),
+            (&[rec(1)], &[LoadStatus { status: 0xEE, ..st(CplStatus::Success, 0) }], 0, "status byte 238"),
+            (&[rec(1)], &[reserved], 1, "record 0: reserved bytes"),
+            (&[rec(1)], &[unwritten], 0, "record 0: reserved bytes"),
+            (&[rec(5)], &[st(CplStatus::Success, 6)], 1, "record 0: status byte 0 with result 6"),
+            (&[refused()], &[st(CplStatus::Success, 1)], 1, "record 0: status byte 0"),
         ];
-        for (statuses, took, why) in cases {
-            match parse_load_statuses(statuses, took) {
+        for (records, statuses, took, why) in cases {
+            match parse_load_statuses(records, statuses, took) {
                 Err(e) => assert!(e.contains(why), "{e:?} should say {why:?}"),
                 Ok(r) => panic!("{statuses:?} taken: {r:?}"),
             }
         }
+        // A valid record answered MALFORMED.
+        let r = parse_load_statuses(&[rec(1)], &[st(CplStatus::Malformed, 0)], 0);
+        assert!(r.is_err(), "{r:?}");
     }
 }
