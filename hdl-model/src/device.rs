@@ -1842,6 +1842,13 @@ impl Core {
         }
         let written = statuses.write(0, out.as_bytes());
         self.counters[Counter::LoadRecords as usize] += n as u64;
+        // Modelled beside the table traffic (`t`, charged by the caller):
+        // the records' DMA read, a burst of 64-byte beats, and each
+        // record's decode and hash.
+        let cost = &self.shared.cfg.cost;
+        let beats = (n * RECORD_SIZE).div_ceil(64) as u32;
+        self.counters[Counter::ModelCycles as usize] +=
+            cost.fetch_cycles(beats) + n as u64 * u64::from(cost.decode + cost.hash);
         self.counters[Counter::LoadRecordsMalformed as usize] += malformed;
         self.load_records = recs;
         self.load_placed = placed;
