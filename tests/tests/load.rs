@@ -260,3 +260,40 @@ fn faults_striking_loads_leave_the_table_as_without_them() {
     assert_eq!((r.missing, r.different, r.adopted, r.forgotten), (0, 0, 0, 0), "{r:?}");
     assert_eq!(contents(&mut t), contents(&mut reference));
 }
+
+/// Faults armed at random (seeded) while the model runs on its own polling
+/// thread, so that they strike LOADs at any point of their execution and
+/// the host's waits race the device: every record is answered as on a card
+/// without faults, and after an audit the card holds what that card holds.
+#[test]
+fn loads_under_chaos_on_the_polling_thread() {
+    let dev = EmulatedDevice::new(ModelConfig::default(), ExecMode::Thread).expect("device");
+    dev.start_poller(None).expect("poller");
+    let faults = dev.faults();
+    let mut t =
+        ConnTable::open(dev, DriverConfig { completion_timeout: Duration::from_millis(200), ..cfg() }).expect("probe");
+    t.set_auto_generation(false);
+    t.enable_recovery(RecoveryConfig { member: 1, max_recoveries: 32, ..RecoveryConfig::default() }).expect("recovery");
+    let mut reference = open(false);
+    faults.seed(17);
+    let p = |x: f64, n: u64| nicsync_model::fault::Trigger::probability(x).limit(n);
+    faults.arm_with(Fault::DropCompletion, p(0.05, 2));
+    faults.arm_with(Fault::CorruptCompletionTag, p(0.05, 2));
+    faults.arm_with(Fault::DmaError, p(0.05, 2));
+    faults.arm_with(Fault::ResetMidBatch { after: 0 }, p(0.05, 2));
+    faults.arm_with(Fault::LoseEntry, p(0.01, 3));
+    let mut rng = SeededRng::new(23);
+    for round in 0..40 {
+        let records: Vec<DeltaRecord> = (0..200).map(|_| record(&mut rng)).collect();
+        let got = t.load(&records).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let want = reference.load(&records).expect("reference");
+        for (i, (x, y)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(answer(x), answer(y), "round {round} record {i}");
+        }
+    }
+    faults.clear();
+    let injected = faults.injected_by_kind();
+    assert!(injected.iter().filter(|(_, n)| *n > 0).count() >= 3, "{injected:?}");
+    t.audit_full().expect("audit");
+    assert_eq!(contents(&mut t), contents(&mut reference), "after {injected:?}");
+}
