@@ -1,15 +1,15 @@
 //! `completion_event`: the host's checks on everything a (faulty or
 //! hostile) device writes: registers at probe, completion entries, event
-//! entries, LOOKUP records and SNAPSHOT chunks.
+//! entries, LOOKUP records, SNAPSHOT chunks and LOAD statuses.
 //!
 //! The harness brings the real driver up ([`ConnTable::open`]) on
 //! [`ScriptedDevice`], a device model that does nothing on its own: its
 //! registers look healthy, and whenever the host rings the doorbell it
 //! answers each posted command as the fuzz input says (an honest-looking
 //! completion with a chosen status and result, a raw 16-byte entry, none at
-//! all, a wrong ring head, a duplicate), writes the LOOKUP record or
-//! SNAPSHOT records the input gives, and posts events. The host side runs
-//! table operations chosen by the same input. Nothing is asserted beyond
+//! all, a wrong ring head, a duplicate), writes the LOOKUP record, SNAPSHOT
+//! records or LOAD statuses the input gives, and posts events. The host
+//! side runs table operations chosen by the same input. Nothing is asserted beyond
 //! "no panic, no hang, no runaway allocation": the driver must turn every
 //! lie into an error.
 //!
@@ -26,7 +26,9 @@
 //! `capacity: u32`.
 //!
 //! Host operations (byte % 10): insert, lookup, delete, upsert, flush,
-//! batch, snapshot walk, sync-snapshot chunk, events, raw post + reap;
+//! batch (or the same as Full Sync records through `ConnTable::load`, by
+//! LOAD where the device claims it), snapshot walk, sync-snapshot chunk,
+//! events, raw post + reap;
 //! see [`run`]. Device answers per command: byte % 8 (0-3 honest, 4 raw,
 //! 5 none, 6 wrong head, 7 twice), then status, result and data.
 
@@ -38,7 +40,9 @@ use std::time::Duration;
 
 use nicsync::table::{ConnEntry, ConnTable, TableOp};
 use nicsync::{CompletionMode, DriverConfig};
-use nicsync_fwif::cmd::{CommandDescriptor, DescFlags, LookupBody, Opcode, SnapshotBody, DESC_SIZE, SNAPSHOT_DONE};
+use nicsync_fwif::cmd::{
+    CommandDescriptor, DescFlags, LoadBody, LoadStatus, LookupBody, Opcode, SnapshotBody, DESC_SIZE, SNAPSHOT_DONE,
+};
 use nicsync_fwif::conn::{ConnRecord, Nat};
 use nicsync_fwif::cpl::{CompletionEntry, CPL_SIZE, PHASE_BIT};
 use nicsync_fwif::event::{EventEntry, EventKind, EVT_SIZE};
@@ -55,6 +59,9 @@ pub const HEADER: usize = 12;
 const MAX_OPS: usize = 48;
 /// Commands the device answers per doorbell at most.
 const MAX_PER_DOORBELL: usize = 64;
+/// LOAD statuses the scripted device writes at most (the rest keep what
+/// the host left there).
+const MAX_LOAD_STATUSES: usize = 64;
 /// Records of a snapshot walk the harness takes at most.
 const MAX_WALK: usize = 96;
 
@@ -270,6 +277,25 @@ impl Inner {
                     }
                 }
                 count as u64 | (next as u64) << 32
+            }
+            Some(Opcode::Load) => {
+                // A status per record (any byte, with reserved bytes and
+                // result from the input), then any count of SUCCESS.
+                let body: LoadBody = zerocopy::transmute!(d.body);
+                let n = (body.count.get() as usize).min(MAX_LOAD_STATUSES);
+                for j in 0..n {
+                    let honest = self.script.u8() % 4 != 0;
+                    let st = LoadStatus {
+                        status: if honest { self.script.u8() % 8 } else { self.script.u8() },
+                        reserved: if honest { [0; 3] } else { [self.script.u8(), 0, 0] },
+                        result: self.script.u32().into(),
+                    };
+                    let at = body.status_addr.get().wrapping_add((j * std::mem::size_of::<LoadStatus>()) as u64);
+                    if let Some((m, off)) = self.at(at, std::mem::size_of::<LoadStatus>()) {
+                        let _ = m.write(off, st.as_bytes());
+                    }
+                }
+                self.script.u8().into()
             }
             Some(Opcode::Flush) => self.script.u8().into(),
             Some(Opcode::Insert | Opcode::Update | Opcode::Upsert) => self.script.u32().into(),
@@ -570,10 +596,39 @@ pub fn run(data: &[u8]) {
                     ops.len(),
                     ops.iter().map(|o| format!("{o:?}").chars().take(12).collect::<String>()).collect::<Vec<_>>()
                 );
-                let r = t.batch(&ops);
-                trace!("  batch: {r:?}");
-                if let Ok(results) = r {
-                    assert_eq!(results.len(), ops.len(), "batch lost results");
+                if dev.host_u8() & 1 == 0 {
+                    let r = t.batch(&ops);
+                    trace!("  batch: {r:?}");
+                    if let Ok(results) = r {
+                        assert_eq!(results.len(), ops.len(), "batch lost results");
+                    }
+                } else {
+                    // The same as Full Sync records, written by LOAD where
+                    // the device claims the capability.
+                    let records: Vec<DeltaRecord> = ops
+                        .iter()
+                        .map(|o| match o {
+                            TableOp::Delete(k) | TableOp::ReplicaDelete(k, ..) => {
+                                let st = nicsync_fwif::conn::ConnState { generation: 9.into(), ..Default::default() };
+                                DeltaUpdate::delete(3, *k, st).to_record()
+                            }
+                            other => {
+                                let (k, e) = match other {
+                                    TableOp::Insert(k, e)
+                                    | TableOp::Update(k, e)
+                                    | TableOp::Upsert(k, e)
+                                    | TableOp::Replica(k, e, _) => (*k, *e),
+                                    _ => (*other.key(), ConnEntry::default()),
+                                };
+                                DeltaUpdate::upsert(2, k, e.state, e.nat.unwrap_or_default()).to_record()
+                            }
+                        })
+                        .collect();
+                    let r = t.load(&records);
+                    trace!("  load: {r:?}");
+                    if let Ok(results) = r {
+                        assert_eq!(results.len(), records.len(), "load lost results");
+                    }
                 }
             }
             6 => {
