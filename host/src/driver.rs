@@ -260,6 +260,15 @@ pub struct RecoveryStats {
     pub audit_walks: u64,
 }
 
+impl RecoveryStats {
+    /// A DMA_ERROR completion whose command runs again (nothing was done).
+    pub(crate) fn count_dma_retry(&mut self) {
+        self.dma_errors += 1;
+        self.dma_retries += 1;
+        self.commands_replayed += 1;
+    }
+}
+
 /// A command still in flight when the device was re-initialised, read back
 /// from the command ring (see [`Driver::reinit`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -467,10 +467,7 @@ impl<D: NicDevice> ConnTable<D> {
                 // A LOOKUP changes nothing: running it again is safe.
                 Err(TableError::Refused(CplStatus::DmaError)) if retries < cfg.max_retries => {
                     retries += 1;
-                    let r = self.drv.recovery_mut();
-                    r.dma_errors += 1;
-                    r.dma_retries += 1;
-                    r.commands_replayed += 1;
+                    self.drv.recovery_mut().count_dma_retry();
                 }
                 Err(TableError::Driver(e)) if e.needs_recovery() && recoveries < cfg.max_recoveries => {
                     recoveries += 1;
@@ -675,10 +672,7 @@ impl<D: NicDevice> ConnTable<D> {
             match self.drv.execute(&d, None) {
                 Ok(c) if c.status == CplStatus::DmaError && retries < cfg.max_retries => {
                     retries += 1;
-                    let r = self.drv.recovery_mut();
-                    r.dma_errors += 1;
-                    r.dma_retries += 1;
-                    r.commands_replayed += 1;
+                    self.drv.recovery_mut().count_dma_retry();
                 }
                 Ok(c) if c.status == CplStatus::Success => match self.load_statuses(records, c.result) {
                     Ok(s) => break Some(s),
@@ -804,10 +798,7 @@ impl<D: NicDevice> ConnTable<D> {
             match self.drv.execute(d, None) {
                 Ok(c) if c.status == CplStatus::DmaError && retries < cfg.max_retries => {
                     retries += 1;
-                    let r = self.drv.recovery_mut();
-                    r.dma_errors += 1;
-                    r.dma_retries += 1;
-                    r.commands_replayed += 1;
+                    self.drv.recovery_mut().count_dma_retry();
                 }
                 Ok(c) => return Ok(c),
                 Err(e) if e.needs_recovery() => {
