@@ -220,7 +220,8 @@ pub struct LoadStatus {
     /// Reserved, zero.
     pub reserved: [u8; 3],
     /// SUCCESS: the generation stored (an UPSERT's) or recorded (a
-    /// DELETE's tombstone); otherwise 0.
+    /// DELETE's tombstone); STALE: the generation of the version that won
+    /// (the stored entry's or tombstone's); otherwise 0.
     pub result: U32,
 }
 assert_layout!(LoadStatus, size = 8, status = 0, reserved = 1, result = 4);

@@ -444,7 +444,7 @@ fn opcode_doc(op: Opcode) -> OpDoc {
         },
         Opcode::Delete => OpDoc {
             body: "`ConnBody` (state ignored, but for a REPLICA's generation)",
-            result: "generation of the delete (one above the entry's, raised to GENERATION_FLOOR; ABI 1.5, 0 before; REPLICA: the owner's, ABI 1.6)",
+            result: "generation of the delete (one above the entry's, raised to GENERATION_FLOOR; ABI 1.5, 0 before; REPLICA: the owner's, ABI 1.6; STALE: the winner's)",
             statuses: &[Success, NotFound, Stale, Malformed],
         },
         Opcode::Lookup => OpDoc {
@@ -732,7 +732,7 @@ fn layouts() -> Vec<(&'static str, Layout)> {
             layout!(LoadStatus {
                 status: "CplStatus of the record: SUCCESS, STALE, TABLE_FULL or MALFORMED",
                 reserved: "0",
-                result: "SUCCESS: the generation stored (UPSERT) or of the tombstone (DELETE); otherwise 0",
+                result: "SUCCESS: the generation stored (UPSERT) or of the tombstone (DELETE); STALE: that of the version that won; otherwise 0",
             }),
         ),
         (

@@ -581,16 +581,11 @@ impl Tombstones {
     }
 
     /// Whether the tombstone of `u`'s key wins over `u`.
-    fn beats(&self, u: &DeltaUpdate) -> bool {
-        match self.find(&u.key) {
-            Some(i) => {
-                let t = self.slots[i];
-                let state = ConnState { generation: t.generation.into(), ..Default::default() };
-                let tomb = DeltaUpdate { op: DeltaOp::Delete, owner: t.owner, key: u.key, state, nat: Nat::default() };
-                precedence(u, &tomb) != std::cmp::Ordering::Greater
-            }
-            None => false,
-        }
+    fn beats(&self, u: &DeltaUpdate) -> Option<u32> {
+        let t = self.slots[self.find(&u.key)?];
+        let state = ConnState { generation: t.generation.into(), ..Default::default() };
+        let tomb = DeltaUpdate { op: DeltaOp::Delete, owner: t.owner, key: u.key, state, nat: Nat::default() };
+        (precedence(u, &tomb) != std::cmp::Ordering::Greater).then_some(t.generation)
     }
 }
 
@@ -1350,7 +1345,7 @@ impl Core {
                 // local DELETE: here the owner's.
                 match self.apply_change(&u, at) {
                     Applied::Done | Applied::Nothing => Outcome::ok(generation as u64),
-                    Applied::Superseded => Outcome { status: CplStatus::Stale, result: 0 },
+                    Applied::Superseded(g) => Outcome { status: CplStatus::Stale, result: g as u64 },
                     Applied::Full => Outcome::err(CplStatus::Internal),
                 }
             }
@@ -1508,12 +1503,12 @@ impl Core {
             Some(s) => {
                 let stored =
                     DeltaUpdate { op: DeltaOp::Upsert, owner: s.owner, key: s.key, state: s.state, nat: s.nat };
-                precedence(u, &stored) != std::cmp::Ordering::Greater
+                (precedence(u, &stored) != std::cmp::Ordering::Greater).then_some(s.state.generation.get())
             }
             None => self.tombstones.beats(u),
         };
-        if beaten {
-            return Applied::Superseded;
+        if let Some(generation) = beaten {
+            return Applied::Superseded(generation);
         }
         match (u.op, found) {
             (DeltaOp::Delete, None) => {
@@ -1568,7 +1563,7 @@ impl Core {
         let outcome = self.apply_change(u, at);
         let Some(unit) = &mut self.sync else { return };
         match outcome {
-            Applied::Superseded => unit.stats.superseded += 1,
+            Applied::Superseded(_) => unit.stats.superseded += 1,
             // Nothing to remove: the delete only left its tombstone.
             Applied::Nothing => {}
             Applied::Done => {
@@ -1593,7 +1588,7 @@ impl Core {
             DeltaUpdate { op: DeltaOp::Upsert, owner, key: op.key, state: op.state, nat: op.nat.unwrap_or_default() };
         match self.apply_change(&u, at) {
             Applied::Done | Applied::Nothing => Outcome::ok(op.state.generation.get() as u64),
-            Applied::Superseded => Outcome { status: CplStatus::Stale, result: 0 },
+            Applied::Superseded(g) => Outcome { status: CplStatus::Stale, result: g as u64 },
             Applied::Full => Outcome::err(CplStatus::TableFull),
         }
     }
@@ -1827,7 +1822,7 @@ impl Core {
                     t.bucket_reads += 2;
                     match self.apply_change(&u, placed.get(i).copied()) {
                         Applied::Done | Applied::Nothing => (CplStatus::Success, u.state.generation.get()),
-                        Applied::Superseded => (CplStatus::Stale, 0),
+                        Applied::Superseded(g) => (CplStatus::Stale, g),
                         Applied::Full => (CplStatus::TableFull, 0),
                     }
                 }
@@ -2160,8 +2155,8 @@ fn encode_walk_slot(s: &Slot, sync: bool, member: u16, now_ms: u64, out: &mut [u
 enum Applied {
     /// Written or removed.
     Done,
-    /// The stored entry or a tombstone won.
-    Superseded,
+    /// The stored entry or a tombstone won; its generation.
+    Superseded(u32),
     /// A delete of an absent key (its tombstone recorded).
     Nothing,
     /// No room for the new entry.

@@ -277,8 +277,9 @@ fn load_refuses(r: &DeltaRecord) -> bool {
 /// and turns them into the results the single writes would have had.
 /// `took` is the completion's result, the number of SUCCESS statuses. Only
 /// what LOAD may write for each record passes: SUCCESS with the record's
-/// own generation, STALE or TABLE_FULL for a valid record, MALFORMED for
-/// exactly the records LOAD refuses; reserved bytes zero.
+/// own generation, STALE (with the winner's generation) or TABLE_FULL
+/// for a valid record, MALFORMED for exactly the records LOAD refuses;
+/// reserved bytes zero.
 fn parse_load_statuses(
     records: &[DeltaRecord],
     statuses: &[LoadStatus],
@@ -297,9 +298,13 @@ fn parse_load_statuses(
                 ok += 1;
                 Ok(g)
             }
-            Some(st @ (CplStatus::Stale | CplStatus::TableFull)) if !refused && g == 0 => {
-                status_result(&Completion { tag: 0, status: st, opcode: Opcode::Load as u8, cmd_head: 0, result: 0 })
-                    .map(|r| r as u32)
+            // STALE carries the winning version's generation (not checked:
+            // only the card knows it), TABLE_FULL nothing.
+            Some(st @ CplStatus::Stale) | Some(st @ CplStatus::TableFull)
+                if !refused && (st == CplStatus::Stale || g == 0) =>
+            {
+                let c = Completion { tag: 0, status: st, opcode: Opcode::Load as u8, cmd_head: 0, result: g.into() };
+                status_result(&c).map(|r| r as u32)
             }
             Some(CplStatus::Malformed) if refused && g == 0 => Err(TableError::Refused(CplStatus::Malformed)),
             _ => return Err(format!("record {i}: status byte {} with result {g}", s.status)),
@@ -1895,7 +1900,7 @@ mod tests {
             (&[rec(1)], &[st(CplStatus::Success, 1)], 2, "1 records SUCCESS, the completion says 2"),
             (&[rec(1), rec(1)], &[st(CplStatus::Success, 1), st(CplStatus::Stale, 0)], 2, "1 records SUCCESS"),
             (&[rec(1)], &[st(CplStatus::NotFound, 0)], 0, "record 0: status byte 1"),
-            (&[rec(1)], &[st(CplStatus::Stale, 9)], 0, "record 0: status byte 7 with result 9"),
+            (&[rec(1)], &[st(CplStatus::TableFull, 9)], 0, "record 0: status byte 3 with result 9"),
             (&[rec(1)], &[LoadStatus { status: 0xEE, ..st(CplStatus::Success, 0) }], 0, "status byte 238"),
             (&[rec(1)], &[reserved], 1, "record 0: reserved bytes"),
             (&[rec(1)], &[unwritten], 0, "record 0: reserved bytes"),

@@ -358,7 +358,7 @@ fn replica_writes_keep_their_owner_and_are_not_sent_on() {
     let mut e3 = e;
     e3.state.generation = 3.into();
     let r = m[1].batch(&[nicsync::TableOp::Replica(key(1), e3, 1)]).expect("batch");
-    assert!(matches!(r[0], Err(TableError::Stale { .. })), "{r:?}");
+    assert!(matches!(r[0], Err(TableError::Stale { stored: 5 })), "the winner's generation: {r:?}");
     // The owner came through: member 1's later change at generation 6 wins.
     let mut e6 = synced(TcpState::FinWait, 9);
     e6.state.generation = 6.into();
