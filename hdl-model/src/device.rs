@@ -641,7 +641,7 @@ pub struct Core {
     /// LOAD's staging: the records read from the host, their placements
     /// and the statuses to write back (kept to reuse their memory).
     load_records: Vec<DeltaRecord>,
-    load_placed: Vec<Placement>,
+    load_placed: Vec<Option<Placement>>,
     load_statuses: Vec<LoadStatus>,
     /// Table placements of the peer updates being applied.
     peer_placed: Vec<Option<Placement>>,
@@ -1622,25 +1622,17 @@ impl Core {
         let mut events = std::mem::take(&mut self.sync_events);
         let more = unit.pump_within(self.now_ns, reads, |ev| events.push(ev));
         let did = !events.is_empty();
-        // Software-pipelined like LOAD: every update hashed first, the
-        // buckets of the update LOAD_BUCKETS_AHEAD on and the slot of the
-        // one LOAD_SLOTS_AHEAD on fetched while this one is applied.
+        // Software-pipelined like LOAD (`CuckooTable::prefetch_step`):
+        // every update hashed first, its reads issued a few updates ahead.
         let mut placed = std::mem::take(&mut self.peer_placed);
         placed.clear();
         placed.extend(events.iter().map(|ev| match ev {
             ReceiverEvent::Deliver { update, .. } => Some(self.table.placement_of(&update.key)),
             _ => None,
         }));
-        for p in placed.iter().take(LOAD_BUCKETS_AHEAD).flatten() {
-            self.table.prefetch_buckets(*p);
-        }
+        self.table.prefetch_start(&placed);
         for i in 0..events.len() {
-            if let Some(Some(p)) = placed.get(i + LOAD_BUCKETS_AHEAD) {
-                self.table.prefetch_buckets(*p);
-            }
-            if let Some(Some(p)) = placed.get(i + LOAD_SLOTS_AHEAD) {
-                self.table.prefetch_slots(*p);
-            }
+            self.table.prefetch_step(&placed, i);
             let Some(ev) = events.get(i).cloned() else { break };
             match ev {
                 // Behind the held ones while they drain, to keep the order.
@@ -1802,25 +1794,18 @@ impl Core {
         // overlaps its table reads.
         let mut placed = std::mem::take(&mut self.load_placed);
         placed.clear();
-        placed.extend(recs.iter().map(|r| self.table.placement_of(&r.key)));
-        for p in placed.iter().take(LOAD_BUCKETS_AHEAD) {
-            self.table.prefetch_buckets(*p);
-        }
+        placed.extend(recs.iter().map(|r| Some(self.table.placement_of(&r.key))));
+        self.table.prefetch_start(&placed);
         let mut out = std::mem::take(&mut self.load_statuses);
         out.clear();
         let mut took = 0u64;
         let mut malformed = 0u64;
         for (i, r) in recs.iter().enumerate() {
-            if let Some(p) = placed.get(i + LOAD_BUCKETS_AHEAD) {
-                self.table.prefetch_buckets(*p);
-            }
-            if let Some(p) = placed.get(i + LOAD_SLOTS_AHEAD) {
-                self.table.prefetch_slots(*p);
-            }
+            self.table.prefetch_step(&placed, i);
             let (status, result) = match r.decode() {
                 Ok(u) if u.owner != 0 => {
                     t.bucket_reads += 2;
-                    match self.apply_change(&u, placed.get(i).copied()) {
+                    match self.apply_change(&u, placed.get(i).copied().flatten()) {
                         Applied::Done | Applied::Nothing => (CplStatus::Success, u.state.generation.get()),
                         Applied::Superseded(g) => (CplStatus::Stale, g),
                         Applied::Full => (CplStatus::TableFull, 0),
@@ -2126,11 +2111,6 @@ impl SyncDigest {
         self.replace(Self::hash(s), None);
     }
 }
-
-/// How far ahead of the record it applies LOAD reads a record's buckets,
-/// and its matching slots (the peer-update path too).
-const LOAD_BUCKETS_AHEAD: usize = 8;
-const LOAD_SLOTS_AHEAD: usize = 4;
 
 /// Writes the walk record of `s` into `out` (a sync record of an entry
 /// marked for sync when `sync`, else a `ConnRecord`); false if it is not

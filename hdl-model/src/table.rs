@@ -232,6 +232,12 @@ fn card_memory<T: Copy>(n: usize, fill: T) -> Vec<T> {
     v
 }
 
+/// How far ahead of the key it applies a pipeline reads a key's buckets
+/// ([`CuckooTable::prefetch_step`]), and its matching slot.
+pub const PIPELINE_BUCKETS_AHEAD: usize = 8;
+/// See [`PIPELINE_BUCKETS_AHEAD`].
+pub const PIPELINE_SLOTS_AHEAD: usize = 4;
+
 impl CuckooTable {
     /// A table for `capacity` entries (at least 1).
     pub fn new(capacity: usize) -> Self {
@@ -347,6 +353,28 @@ impl CuckooTable {
         // for memory.
         if let Some(w) = self.free_way(b1) {
             self.prefetch_slot(b1 * WAYS + w);
+        }
+    }
+
+    /// Starts a software pipeline over keys placed in order (`None`: not a
+    /// table access): the first [`PIPELINE_BUCKETS_AHEAD`] keys' buckets.
+    pub fn prefetch_start(&self, placed: &[Option<Placement>]) {
+        for p in placed.iter().take(PIPELINE_BUCKETS_AHEAD).flatten() {
+            self.prefetch_buckets(*p);
+        }
+    }
+
+    /// One step of that pipeline, before key `i` is applied: the buckets of
+    /// the key [`PIPELINE_BUCKETS_AHEAD`] on, and the slot of the one
+    /// [`PIPELINE_SLOTS_AHEAD`] on (its buckets fetched by then), so that
+    /// key `i`'s reads have arrived (LOAD and the peer updates of a frame).
+    #[inline]
+    pub fn prefetch_step(&self, placed: &[Option<Placement>], i: usize) {
+        if let Some(Some(p)) = placed.get(i + PIPELINE_BUCKETS_AHEAD) {
+            self.prefetch_buckets(*p);
+        }
+        if let Some(Some(p)) = placed.get(i + PIPELINE_SLOTS_AHEAD) {
+            self.prefetch_slots(*p);
         }
     }
 

@@ -268,6 +268,20 @@ fn status_result(c: &Completion) -> Result<u64, TableError> {
     }
 }
 
+/// Where LOAD's statuses start in its host buffer, after room for the
+/// most records one LOAD takes.
+const LOAD_STATUS_OFFSET: usize = LOAD_MAX_RECORDS as usize * RECORD_SIZE;
+
+/// A table-level failure where a driver error is expected (the recovering
+/// paths return the driver's error type): a driver error as it is, any
+/// other as a configuration error carrying its message.
+fn into_driver(e: TableError) -> DriverError {
+    match e {
+        TableError::Driver(d) => d,
+        other => DriverError::Config(other.to_string()),
+    }
+}
+
 /// Whether LOAD must refuse `r` as MALFORMED (abi.md, LOAD).
 fn load_refuses(r: &DeltaRecord) -> bool {
     r.owner.get() == 0 || r.validate().is_err()
@@ -603,16 +617,16 @@ impl<D: NicDevice> ConnTable<D> {
     /// returns the LOAD descriptor for them.
     fn stage_load(&mut self, records: &[DeltaRecord]) -> Result<CommandDescriptor, DriverError> {
         if self.load_buf.is_none() {
-            let bytes = LOAD_MAX_RECORDS as usize * (RECORD_SIZE + std::mem::size_of::<LoadStatus>());
+            let bytes = LOAD_STATUS_OFFSET + LOAD_MAX_RECORDS as usize * std::mem::size_of::<LoadStatus>();
             self.load_buf = Some(self.drv.device().alloc_dma(bytes)?);
         }
         let Some(b) = &self.load_buf else { return Err(DriverError::Config("no LOAD buffer".into())) };
         b.mem().write(0, records.as_bytes())?;
-        let statuses = b.iova() + (LOAD_MAX_RECORDS as usize * RECORD_SIZE) as u64;
+        let statuses = b.iova() + LOAD_STATUS_OFFSET as u64;
         // The last LOAD's statuses are overwritten with ones no device
         // writes, so a device that completes without writing them is caught.
         let unwritten = vec![0xFF; records.len() * std::mem::size_of::<LoadStatus>()];
-        b.mem().write(LOAD_MAX_RECORDS as usize * RECORD_SIZE, &unwritten)?;
+        b.mem().write(LOAD_STATUS_OFFSET, &unwritten)?;
         Ok(CommandDescriptor::load(0, b.iova(), statuses, records.len() as u32))
     }
 
@@ -622,7 +636,7 @@ impl<D: NicDevice> ConnTable<D> {
     fn load_statuses(&self, records: &[DeltaRecord], took: u64) -> Result<Vec<Result<u32, TableError>>, String> {
         let mut st = vec![LoadStatus::new_zeroed(); records.len()];
         let Some(b) = &self.load_buf else { return Err("no LOAD buffer".into()) };
-        b.mem().read(LOAD_MAX_RECORDS as usize * RECORD_SIZE, st.as_mut_bytes()).map_err(|e| e.to_string())?;
+        b.mem().read(LOAD_STATUS_OFFSET, st.as_mut_bytes()).map_err(|e| e.to_string())?;
         parse_load_statuses(records, &st, took)
     }
 
@@ -665,12 +679,8 @@ impl<D: NicDevice> ConnTable<D> {
         cfg: RecoveryConfig,
         out: &mut Vec<Result<u32, TableError>>,
     ) -> Result<(), DriverError> {
-        let as_driver = |e: TableError| match e {
-            TableError::Driver(d) => d,
-            other => DriverError::Config(other.to_string()),
-        };
-        self.settle_first().map_err(as_driver)?;
-        self.make_room(1).map_err(as_driver)?;
+        self.settle_first().map_err(into_driver)?;
+        self.make_room(1).map_err(into_driver)?;
         let d = self.stage_load(records)?;
         let mut retries = 0;
         let statuses = loop {
@@ -725,7 +735,7 @@ impl<D: NicDevice> ConnTable<D> {
                 return Ok(());
             }
         }
-        self.recover().map_err(as_driver)?;
+        self.recover().map_err(into_driver)?;
         self.drv.recovery_mut().commands_replayed += (records.len() - taken) as u64;
         out.extend(self.load_by_pairs(&records[taken..])?);
         Ok(())
@@ -1174,10 +1184,7 @@ impl<D: NicDevice> ConnTable<D> {
     /// the caller sees it.
     fn batch_recovering(&mut self, ops: &[TableOp]) -> Result<Vec<Result<u32, TableError>>, DriverError> {
         let Some(cfg) = self.rec.as_ref().map(|r| r.cfg) else { return self.batch(ops) };
-        self.settle_first().map_err(|e| match e {
-            TableError::Driver(d) => d,
-            other => DriverError::Config(other.to_string()),
-        })?;
+        self.settle_first().map_err(into_driver)?;
         let mut results: Vec<Option<Result<u32, TableError>>> = (0..ops.len()).map(|_| None).collect();
         let mut retries = vec![0u32; ops.len()];
         let mut todo: VecDeque<Posted> = (0..ops.len()).map(Posted::Op).collect();
@@ -1265,10 +1272,7 @@ impl<D: NicDevice> ConnTable<D> {
             };
             if faulted || replay {
                 recoveries += 1;
-                self.recover().map_err(|e| match e {
-                    TableError::Driver(d) => d,
-                    other => DriverError::Config(other.to_string()),
-                })?;
+                self.recover().map_err(into_driver)?;
                 let posted = tags.iter().filter(|(_, p)| matches!(p, Posted::Op(_))).count();
                 self.drv.recovery_mut().commands_replayed += posted as u64;
                 tags.clear();
