@@ -40,8 +40,8 @@ pub const ABI_MAJOR: u16 = 1;
 /// inline doorbell window and its counters; 2: the sync event kinds; 3:
 /// consistent SNAPSHOT walks with SNAPSHOT_TORN, `Control::SYNC_HOLD` and
 /// the sync counters; 4: the sync security counters; 5:
-/// `GENERATION_FLOOR`; 6: LOAD).
-pub const ABI_MINOR: u16 = 6;
+/// `GENERATION_FLOOR`; 6: LOAD; 7: the `SYNC_HISTORY_LOST` counter).
+pub const ABI_MINOR: u16 = 7;
 /// Oldest device minor this host drives: features newer than that are
 /// used only when their capability bit says the device has them.
 pub const MIN_DEVICE_ABI_MINOR: u16 = 0;

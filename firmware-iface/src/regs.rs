@@ -225,11 +225,16 @@ pub enum Counter {
     LoadRecords = 36,
     /// LOAD (ABI 1.6): sync records refused as MALFORMED.
     LoadRecordsMalformed = 37,
+    /// Delta Sync (ABI 1.7): updates a peer had sent before this member,
+    /// joining, first followed it, and no longer had when asked (each
+    /// raised RESYNC_NEEDED: the Full Sync carries them). Not counted in
+    /// [`Counter::SyncLostUpdates`].
+    SyncHistoryLost = 38,
 }
 
 impl Counter {
     /// Every counter, in register order.
-    pub const ALL: [Counter; 38] = [
+    pub const ALL: [Counter; 39] = [
         Counter::CommandsFetched,
         Counter::CompletionsWritten,
         Counter::CommandErrors,
@@ -268,6 +273,7 @@ impl Counter {
         Counter::SyncUnknownMember,
         Counter::LoadRecords,
         Counter::LoadRecordsMalformed,
+        Counter::SyncHistoryLost,
     ];
 
     /// Register offset of this counter's low half.
@@ -316,6 +322,7 @@ impl Counter {
             Counter::SyncUnknownMember => "sync_unknown_member",
             Counter::LoadRecords => "load_records",
             Counter::LoadRecordsMalformed => "load_records_malformed",
+            Counter::SyncHistoryLost => "sync_history_lost",
         }
     }
 }

@@ -161,6 +161,9 @@ fn counter_meaning(c: Counter) -> &'static str {
         Counter::SyncUnknownMember => "sync security: frames naming a member id that is not a configured peer",
         Counter::LoadRecords => "LOAD (ABI 1.6): sync records examined, whatever their status",
         Counter::LoadRecordsMalformed => "LOAD (ABI 1.6): sync records refused as MALFORMED",
+        Counter::SyncHistoryLost => {
+            "ABI 1.7: updates a peer sent before this joining member followed it and no longer had (not in sync_lost_updates)"
+        }
         Counter::SyncUnacked => {
             "gauge: local updates some configured peer has not acknowledged yet (drain before replacing the table)"
         }

@@ -632,6 +632,10 @@ pub struct Core {
     held: std::collections::VecDeque<DeltaUpdate>,
     /// `Control::SYNC_HOLD` as last seen.
     hold: bool,
+    /// The host released SYNC_HOLD since the sync unit was attached: the
+    /// member has joined (a reset does not undo it). Until then, and while a later
+    /// hold is set, its receivers are joining (`SyncStats::history_lost`).
+    sync_joined: bool,
     /// Digest of the entries marked for sync.
     digest: SyncDigest,
     /// Recently deleted synced keys (a bounded tombstone table).
@@ -710,6 +714,7 @@ impl Core {
             sync_events: Vec::new(),
             held: std::collections::VecDeque::new(),
             hold: false,
+            sync_joined: false,
             digest: SyncDigest::default(),
             walk_tombs: None,
             tombstones: Tombstones::default(),
@@ -934,7 +939,9 @@ impl Core {
         self.irq_sink = if c.contains(Control::IRQ_ENABLE) { self.shared.interrupt_sink() } else { None };
         let hold = c.contains(Control::SYNC_HOLD);
         // Clearing the bit starts the drain (see `drain_held`).
+        self.sync_joined |= self.hold && !hold;
         self.hold = hold;
+        self.mark_joining();
     }
 
     fn reset(&mut self) {
@@ -950,6 +957,9 @@ impl Core {
         self.tombstones = Tombstones::default();
         self.held = std::collections::VecDeque::new();
         self.hold = false;
+        // The sync unit outlives a reset, and so does whether its member
+        // has joined (a rebuilt card's member is still synced).
+        self.mark_joining();
         self.walk_tombs = None;
         self.digest = SyncDigest::default();
         self.enabled = false;
@@ -1700,6 +1710,7 @@ impl Core {
             (Counter::SyncRetransRequestsSent, st.protocol.retrans_requests_sent),
             (Counter::SyncRetransUpdatesSent, st.protocol.retrans_updates_sent),
             (Counter::SyncLostUpdates, st.protocol.lost_updates),
+            (Counter::SyncHistoryLost, st.protocol.history_lost),
             (Counter::SyncNextSeq, unit.next_seq()),
             (Counter::SyncHeld, self.held.len() as u64),
             (Counter::SyncApplyFailed, st.apply_failed),
@@ -1747,10 +1758,24 @@ impl Core {
         self.sync.as_ref()?.readiness_fd()
     }
 
-    /// Attaches the sync unit (replacing any).
+    /// Attaches the sync unit (replacing any). The member is joining until
+    /// the host first releases SYNC_HOLD.
     pub fn attach_sync(&mut self, unit: SyncUnit) {
         self.member = unit.member();
         self.sync = Some(unit);
+        self.sync_joined = false;
+        self.mark_joining();
+    }
+
+    /// Tells the receivers whether the member is joining: from the sync
+    /// unit's start until the host first releases SYNC_HOLD,
+    /// and while a later hold is set. What a peer had sent before a HELLO
+    /// adopted then is the Full Sync's to carry (`SyncStats::history_lost`).
+    fn mark_joining(&mut self) {
+        let joining = self.hold || !self.sync_joined;
+        if let Some(unit) = &mut self.sync {
+            unit.set_joining(joining);
+        }
     }
 
     /// The sync unit's counters, if one is attached.

@@ -152,7 +152,16 @@ pub struct SyncStats {
     /// Updates sent again in answer to NACKs (sender).
     pub retrans_updates_sent: u64,
     /// Updates this receiver will never get; each raised a resync (receiver).
+    /// History a joining member could not get is counted apart, in
+    /// [`SyncStats::history_lost`].
     pub lost_updates: u64,
+    /// Updates of a peer's epoch from before this receiver first followed
+    /// it, asked for while the member was joining (its device held sync for
+    /// a Full Sync), that the peer no longer had (receiver). They raised a
+    /// resync like any loss: the Full Sync being pulled, or the next one,
+    /// carries them. A routine join of a member whose peer's queue no longer
+    /// holds its whole epoch counts them here, not as lost.
+    pub history_lost: u64,
     /// Updates named in LOST answers (sender).
     pub lost_updates_reported: u64,
     /// [`ReceiverEvent::ResyncNeeded`] events raised (receiver).
@@ -199,6 +208,7 @@ impl SyncStats {
         self.retrans_requests_received = self.retrans_requests_received.saturating_add(o.retrans_requests_received);
         self.retrans_updates_sent = self.retrans_updates_sent.saturating_add(o.retrans_updates_sent);
         self.lost_updates = self.lost_updates.saturating_add(o.lost_updates);
+        self.history_lost = self.history_lost.saturating_add(o.history_lost);
         self.lost_updates_reported = self.lost_updates_reported.saturating_add(o.lost_updates_reported);
         self.resyncs_requested = self.resyncs_requested.saturating_add(o.resyncs_requested);
         self.duplicates = self.duplicates.saturating_add(o.duplicates);
@@ -894,6 +904,11 @@ pub struct DeltaReceiver {
     tx: TxQueue,
     events: VecDeque<ReceiverEvent>,
     stats: SyncStats,
+    /// The member is joining (its device holds sync for a Full Sync): an
+    /// epoch adopted now marks what came before the HELLO as history.
+    joining: bool,
+    /// One past the last number of the current epoch's history (0: none).
+    history_end: u64,
 }
 
 impl DeltaReceiver {
@@ -917,6 +932,8 @@ impl DeltaReceiver {
             tx: TxQueue::new(cfg.tx_queue_limit),
             events: VecDeque::new(),
             stats: SyncStats::default(),
+            joining: false,
+            history_end: 0,
         })
     }
 
@@ -942,6 +959,12 @@ impl DeltaReceiver {
         s
     }
 
+    /// Whether the member is joining (see [`SyncStats::history_lost`]): the
+    /// device sets it while the host holds sync for a Full Sync.
+    pub fn set_joining(&mut self, joining: bool) {
+        self.joining = joining;
+    }
+
     /// Follows `epoch` from `next_seq` on, e.g. after a Full Sync whose
     /// snapshot was consistent at that point of the peer's stream. Buffered
     /// updates before `next_seq` are discarded.
@@ -950,6 +973,7 @@ impl DeltaReceiver {
             self.retire_current();
         }
         self.epoch = Some(epoch);
+        self.history_end = 0;
         self.expected = next_seq.max(1);
         self.peer_next = self.peer_next.max(self.expected);
         self.buffer = self.buffer.split_off(&self.expected);
@@ -1114,7 +1138,8 @@ impl DeltaReceiver {
         }
         let rest = self.buffer.split_off(&(through + 1));
         let held = std::mem::replace(&mut self.buffer, rest);
-        let lost = (through - self.expected + 1) - held.len() as u64;
+        let first = self.expected;
+        let lost = (through - first + 1) - held.len() as u64;
         for (seq, rec) in &held {
             self.deliver(*seq, rec);
         }
@@ -1122,8 +1147,17 @@ impl DeltaReceiver {
         self.peer_next = self.peer_next.max(self.expected);
         self.drain_buffer();
         if lost > 0 {
-            // Saturating: the count comes from numbers a peer chose.
-            self.stats.lost_updates = self.stats.lost_updates.saturating_add(lost);
+            // Of the missing numbers, those below the history's end (none
+            // of them was held: `held` went up to `through`) are history.
+            let history_hi = through.min(self.history_end.saturating_sub(1));
+            let history = if history_hi >= first {
+                (history_hi - first + 1) - held.keys().filter(|k| **k <= history_hi).count() as u64
+            } else {
+                0
+            };
+            // Saturating: the counts come from numbers a peer chose.
+            self.stats.history_lost = self.stats.history_lost.saturating_add(history);
+            self.stats.lost_updates = self.stats.lost_updates.saturating_add(lost - history);
             self.stats.resyncs_requested += 1;
             let epoch = self.epoch.unwrap_or(0);
             self.events.push_back(ReceiverEvent::ResyncNeeded { peer: self.cfg.peer, epoch, lost, through, reason });
@@ -1150,6 +1184,9 @@ impl DeltaReceiver {
         self.epoch = Some(epoch);
         self.expected = first_seq;
         self.peer_next = next_seq;
+        // What the peer sent before this HELLO, asked for while joining, is
+        // history: the Full Sync carries it if the peer no longer can.
+        self.history_end = if self.joining { next_seq } else { 0 };
         self.buffer.clear();
         self.nack = None;
         self.last_acked = first_seq - 1;
@@ -1513,6 +1550,67 @@ mod tests {
         // A repeated LOST changes nothing.
         feed(&mut r, &answer[..1], 4);
         assert!(events(&mut r).is_empty());
+    }
+
+    /// A receiver that first hears a peer long after the peer's epoch began
+    /// asks for the whole epoch; what the peer's queue no longer holds is
+    /// answered LOST. Joining, that is history (the Full Sync carries it),
+    /// counted apart from losses; a loss after the HELLO is a loss either way.
+    #[test]
+    fn history_a_joining_receiver_cannot_get_is_not_counted_as_lost() {
+        for joining in [true, false] {
+            let mut s = sender(77); // queue of 32
+            let _ = frames(&mut s); // the start's HELLO, never heard
+            for i in 1..=64 {
+                s.submit(&up(i), 0).expect("submit");
+            }
+            s.flush();
+            let _ = frames(&mut s); // 1..=64, never heard
+            let mut r = receiver();
+            r.set_joining(joining);
+            // An ALIVE of an unknown epoch: the receiver asks for a HELLO.
+            s.handle_timeout(2_000_000_000);
+            feed(&mut r, &frames(&mut s), 1);
+            let mut now = 2;
+            for _ in 0..4 {
+                for t in rx_frames(&mut r) {
+                    s.handle_datagram(&t.frame, now).expect("to sender");
+                }
+                feed(&mut r, &frames(&mut s), now);
+                r.handle_timeout(now);
+                now += 1;
+            }
+            let ev = events(&mut r);
+            assert!(matches!(ev[0], ReceiverEvent::PeerReset { first_seq: 1, .. }), "{ev:?}");
+            assert!(
+                ev.iter().any(|e| matches!(e, ReceiverEvent::ResyncNeeded { lost: 32, through: 32, .. })),
+                "{ev:?}"
+            );
+            assert_eq!(delivered(&ev), (33..=64).collect::<Vec<_>>());
+            let st = r.stats();
+            let (history, lost) = if joining { (32, 0) } else { (0, 32) };
+            assert_eq!((st.history_lost, st.lost_updates), (history, lost), "joining {joining}: {st:?}");
+            assert_eq!(st.resyncs_requested, 1);
+            // After the HELLO: 66 more, of which only the last frame arrives.
+            for i in 65..=130 {
+                s.submit(&up(i), now).expect("submit");
+            }
+            s.flush();
+            let f = frames(&mut s);
+            feed(&mut r, &f[f.len() - 1..], now);
+            for _ in 0..4 {
+                r.handle_timeout(now);
+                for t in rx_frames(&mut r) {
+                    s.handle_datagram(&t.frame, now).expect("to sender");
+                }
+                feed(&mut r, &frames(&mut s), now);
+                now += 1;
+            }
+            let st = r.stats();
+            assert_eq!(st.history_lost, history, "joining {joining}: {st:?}");
+            assert_eq!(st.lost_updates, lost + 34, "joining {joining}: 65..=98 fell out of the queue: {st:?}");
+            assert_eq!(r.expected(), 131);
+        }
     }
 
     #[test]

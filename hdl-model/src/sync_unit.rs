@@ -96,6 +96,13 @@ impl SyncUnit {
         Ok(SyncUnit { sender, receivers, port, buf: vec![0; MAX_WIRE_FRAME], stats: UnitStats::default() })
     }
 
+    /// Whether the member is joining (see [`DeltaReceiver::set_joining`]).
+    pub fn set_joining(&mut self, joining: bool) {
+        for r in &mut self.receivers {
+            r.set_joining(joining);
+        }
+    }
+
     /// This member's id.
     pub fn member(&self) -> u16 {
         self.sender.config().member_id

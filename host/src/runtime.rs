@@ -1001,6 +1001,7 @@ pub fn syncstat_json<D: NicDevice>(node: &Node<D>, net: &NetStats) -> serde_json
         "retrans_requests_sent": c(Counter::SyncRetransRequestsSent),
         "retrans_updates_sent": c(Counter::SyncRetransUpdatesSent),
         "lost_updates": c(Counter::SyncLostUpdates),
+        "join_history_lost": c(Counter::SyncHistoryLost),
         "next_seq": c(Counter::SyncNextSeq),
         "held_updates": c(Counter::SyncHeld),
         "hold_drops": c(Counter::SyncHoldDrops),
