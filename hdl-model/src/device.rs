@@ -632,10 +632,6 @@ pub struct Core {
     held: std::collections::VecDeque<DeltaUpdate>,
     /// `Control::SYNC_HOLD` as last seen.
     hold: bool,
-    /// The host released SYNC_HOLD since the sync unit was attached: the
-    /// member has joined (a reset does not undo it). Until then, and while a later
-    /// hold is set, its receivers are joining (`SyncStats::history_lost`).
-    sync_joined: bool,
     /// Digest of the entries marked for sync.
     digest: SyncDigest,
     /// Recently deleted synced keys (a bounded tombstone table).
@@ -714,7 +710,6 @@ impl Core {
             sync_events: Vec::new(),
             held: std::collections::VecDeque::new(),
             hold: false,
-            sync_joined: false,
             digest: SyncDigest::default(),
             walk_tombs: None,
             tombstones: Tombstones::default(),
@@ -939,7 +934,6 @@ impl Core {
         self.irq_sink = if c.contains(Control::IRQ_ENABLE) { self.shared.interrupt_sink() } else { None };
         let hold = c.contains(Control::SYNC_HOLD);
         // Clearing the bit starts the drain (see `drain_held`).
-        self.sync_joined |= self.hold && !hold;
         self.hold = hold;
         self.mark_joining();
     }
@@ -957,8 +951,6 @@ impl Core {
         self.tombstones = Tombstones::default();
         self.held = std::collections::VecDeque::new();
         self.hold = false;
-        // The sync unit outlives a reset, and so does whether its member
-        // has joined (a rebuilt card's member is still synced).
         self.mark_joining();
         self.walk_tombs = None;
         self.digest = SyncDigest::default();
@@ -1758,21 +1750,20 @@ impl Core {
         self.sync.as_ref()?.readiness_fd()
     }
 
-    /// Attaches the sync unit (replacing any). The member is joining until
-    /// the host first releases SYNC_HOLD.
+    /// Attaches the sync unit (replacing any).
     pub fn attach_sync(&mut self, unit: SyncUnit) {
         self.member = unit.member();
         self.sync = Some(unit);
-        self.sync_joined = false;
         self.mark_joining();
     }
 
-    /// Tells the receivers whether the member is joining: from the sync
-    /// unit's start until the host first releases SYNC_HOLD,
-    /// and while a later hold is set. What a peer had sent before a HELLO
-    /// adopted then is the Full Sync's to carry (`SyncStats::history_lost`).
+    /// Tells the receivers whether the member is joining: while SYNC_HOLD
+    /// is set, a Full Sync is about to replace, or is replacing, the table
+    /// (a cluster member enables its device with the hold set and releases
+    /// it once synced). What a peer had sent before a HELLO adopted then is
+    /// the Full Sync's to carry (`SyncStats::history_lost`).
     fn mark_joining(&mut self) {
-        let joining = self.hold || !self.sync_joined;
+        let joining = self.hold;
         if let Some(unit) = &mut self.sync {
             unit.set_joining(joining);
         }

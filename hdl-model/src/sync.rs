@@ -44,7 +44,8 @@
 //! * **No silent divergence.** An update a receiver can no longer get (the
 //!   sender answered LOST, the sender restarted with a gap outstanding, or
 //!   [`ReceiverConfig::max_nack_retries`] NACKs went unanswered) is counted
-//!   in [`SyncStats::lost_updates`] and raises
+//!   in [`SyncStats::lost_updates`] (in [`SyncStats::history_lost`] when it
+//!   predates a HELLO adopted while the member was joining) and raises
 //!   [`ReceiverEvent::ResyncNeeded`]: the member must then fetch a Full
 //!   Sync, as ClusterXL does after lost updates.
 //! * **Epochs.** Frames of an epoch the receiver does not know are dropped
@@ -155,12 +156,13 @@ pub struct SyncStats {
     /// History a joining member could not get is counted apart, in
     /// [`SyncStats::history_lost`].
     pub lost_updates: u64,
-    /// Updates of a peer's epoch from before this receiver first followed
-    /// it, asked for while the member was joining (its device held sync for
-    /// a Full Sync), that the peer no longer had (receiver). They raised a
-    /// resync like any loss: the Full Sync being pulled, or the next one,
-    /// carries them. A routine join of a member whose peer's queue no longer
-    /// holds its whole epoch counts them here, not as lost.
+    /// Updates a peer had sent before a HELLO this receiver adopted while
+    /// the member was joining (its device held sync: a Full Sync was about
+    /// to replace its table), that the peer no longer had (receiver). They
+    /// raise a resync like any loss, which the Full Sync absorbs: it carries
+    /// them. A routine join of a member whose peer's queue no longer holds
+    /// its whole epoch counts them here, not as lost. Whether a number is
+    /// history is fixed when the HELLO is adopted.
     pub history_lost: u64,
     /// Updates named in LOST answers (sender).
     pub lost_updates_reported: u64,
@@ -1147,14 +1149,12 @@ impl DeltaReceiver {
         self.peer_next = self.peer_next.max(self.expected);
         self.drain_buffer();
         if lost > 0 {
-            // Of the missing numbers, those below the history's end (none
-            // of them was held: `held` went up to `through`) are history.
-            let history_hi = through.min(self.history_end.saturating_sub(1));
-            let history = if history_hi >= first {
-                (history_hi - first + 1) - held.keys().filter(|k| **k <= history_hi).count() as u64
-            } else {
-                0
-            };
+            // Of the missing numbers, those below the history's end are
+            // history. `first` >= 1 and `through` < u64::MAX (a number a
+            // frame can name), so the bounds neither wrap nor overflow.
+            let missing = |lo: u64, hi: u64| (hi - lo + 1) - held.range(lo..=hi).count() as u64;
+            let end = self.history_end.min(through + 1);
+            let history = if end > first { missing(first, end - 1) } else { 0 };
             // Saturating: the counts come from numbers a peer chose.
             self.stats.history_lost = self.stats.history_lost.saturating_add(history);
             self.stats.lost_updates = self.stats.lost_updates.saturating_add(lost - history);

@@ -74,6 +74,12 @@ pub struct DriverConfig {
     /// event vector's eventfd). Ignored where the device has no event
     /// interrupt; implied by [`CompletionMode::Interrupt`].
     pub event_interrupts: bool,
+    /// Enable the device with `Control::SYNC_HOLD` already set: a cluster
+    /// member that will pull a Full Sync holds its peers' updates from the
+    /// first frame its device takes, and counts what a peer had sent before
+    /// it first heard it as join history, not as lost (cluster.md,
+    /// `join_history_lost`). Ignored by a device without `Capabilities::SYNC`.
+    pub sync_hold_at_enable: bool,
 }
 
 impl Default for DriverConfig {
@@ -91,6 +97,7 @@ impl Default for DriverConfig {
             required_caps: Capabilities::CONN_TABLE | Capabilities::IPV6 | Capabilities::SNAPSHOT,
             inline_doorbell: true,
             event_interrupts: false,
+            sync_hold_at_enable: false,
         }
     }
 }
@@ -464,7 +471,8 @@ impl<D: NicDevice> Driver<D> {
             None
         };
 
-        let capacity = Self::program(&dev, &cfg, &cmd, &cpl, evt.as_ref().map(|e| &e.buf), info.max_capacity)?;
+        let hold = cfg.sync_hold_at_enable && info.caps.contains(Capabilities::SYNC);
+        let capacity = Self::program(&dev, &cfg, &cmd, &cpl, evt.as_ref().map(|e| &e.buf), info.max_capacity, hold)?;
         let info = DeviceInfo { capacity, ..info };
         // Inline only where the 64-byte write is one burst: through an
         // uncached BAR it would be sixteen slow writes instead of one.
@@ -491,7 +499,7 @@ impl<D: NicDevice> Driver<D> {
             recovery: RecoveryStats::default(),
             use_inline,
             inline_seq: 0,
-            sync_hold: false,
+            sync_hold: hold,
             generation_floor: 0,
             irq: IrqTally::default(),
             cfg,
@@ -501,7 +509,8 @@ impl<D: NicDevice> Driver<D> {
     }
 
     /// Programs the rings and settings into a device out of reset, enables
-    /// it and waits until it says so; returns the capacity it granted.
+    /// it (with SYNC_HOLD if `hold`) and waits until it says so; returns the
+    /// capacity it granted.
     fn program(
         dev: &D,
         cfg: &DriverConfig,
@@ -509,6 +518,7 @@ impl<D: NicDevice> Driver<D> {
         cpl: &DmaBuffer,
         evt: Option<&DmaBuffer>,
         max_capacity: u32,
+        hold: bool,
     ) -> Result<u32, DriverError> {
         let split = |v: u64| (v as u32, (v >> 32) as u32);
         let (lo, hi) = split(cmd.iova());
@@ -546,6 +556,9 @@ impl<D: NicDevice> Driver<D> {
         };
         dev.write32(regs::IRQ_MASK, mask.bits());
         let mut ctl = Control::ENABLE;
+        if hold {
+            ctl |= Control::SYNC_HOLD;
+        }
         if polled_events {
             ctl |= Control::IRQ_ENABLE;
         }
@@ -679,8 +692,11 @@ impl<D: NicDevice> Driver<D> {
             e.restart();
         }
         let evt = self.evt.as_ref().map(|e| &e.buf);
+        // The reset cleared CONTROL: a hold the host had set (a Full Sync
+        // being pulled) holds again from the enable. What the card held is
+        // gone; the puller learns of the reset from `resets` and starts over.
         self.info.capacity =
-            Self::program(&self.dev, &self.cfg, &self.cmd, &self.cpl.buf, evt, self.info.max_capacity)?;
+            Self::program(&self.dev, &self.cfg, &self.cmd, &self.cpl.buf, evt, self.info.max_capacity, self.sync_hold)?;
         self.tail = 0;
         self.rung_tail = 0;
         self.slots_in_flight = 0;
@@ -691,13 +707,6 @@ impl<D: NicDevice> Driver<D> {
         self.done.iter_mut().for_each(|d| *d = None);
         self.restart_irq_tally();
         self.recovery.resets += 1;
-        // The reset cleared CONTROL: a hold the host had set (a Full Sync
-        // being pulled) holds again. What the card held is gone; the puller
-        // learns of the reset from `resets` and starts over.
-        if self.sync_hold {
-            let ctl = Control::from_bits_truncate(self.dev.read32(regs::CONTROL));
-            self.dev.write32(regs::CONTROL, (ctl | Control::SYNC_HOLD).bits());
-        }
         // So did the generation floor: a rebuilt card must not number a
         // change below what it numbered before.
         if self.generation_floor != 0 {

@@ -128,7 +128,8 @@ pub fn emulated_node(
     if mode == ExecMode::Thread {
         dev.start_poller_with(None, Idle::Nap { after_sweeps: 16, nap: Duration::from_micros(50) })?;
     }
-    let table = ConnTable::open(dev, drv)?;
+    // A member holds its peers' updates from its first frame (Node::new).
+    let table = ConnTable::open(dev, DriverConfig { sync_hold_at_enable: true, ..drv })?;
     let node = Node::new(table, node_cfg, now)?;
     if mode == ExecMode::Thread {
         node.table_ref().driver_ref().device().stop_poller();
@@ -163,6 +164,9 @@ pub fn from_config(cfg: &Config) -> Result<(Node<AnyDevice>, MemberNet, ControlS
         // overflowed within milliseconds, and every overflow makes the
         // host's copy walk the whole card to find what it missed.
         evt_ring_log2: nicsync_fwif::regs::MAX_LOG2_RING,
+        // A member holds its peers' updates from its first frame: it pulls
+        // a Full Sync (or seeds) before it applies any (see Node::new).
+        sync_hold_at_enable: true,
         ..Default::default()
     };
     let node = match &cfg.device.kind {

@@ -427,7 +427,9 @@ impl<D: NicDevice> Node<D> {
         )
         .map_err(|e| NodeError::Membership(e.to_string()))?;
         // A new member holds the peers' updates from its first moment, so
-        // that none is applied before the snapshot it will pull.
+        // that none is applied before the snapshot it will pull (a table
+        // opened with `DriverConfig::sync_hold_at_enable` holds from its
+        // enable; this is for one that was not).
         table.driver().set_sync_hold(true).map_err(|e| NodeError::Table(e.into()))?;
         // One above the clock at start: a restart within the clock's unit
         // still numbers above the previous life's start.

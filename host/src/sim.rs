@@ -372,7 +372,13 @@ impl Sim {
         let unit = SyncUnit::new(SyncUnitConfig { sender, peers: peers.clone() }, port, self.now)
             .map_err(|e| e.to_string())?;
         dev.nic().attach_sync(unit);
-        let mut drv = DriverConfig { table_capacity: 1 << 16, aging_period_ms: 0, ..Default::default() };
+        let mut drv = DriverConfig {
+            table_capacity: 1 << 16,
+            aging_period_ms: 0,
+            // A member holds its peers' updates from its first frame.
+            sync_hold_at_enable: true,
+            ..Default::default()
+        };
         if self.cfg.device_faults {
             // The host's wait is wall-clock but a stalled inline device only
             // moves with virtual time: a short timeout keeps runs quick.

@@ -12,6 +12,7 @@ use std::time::Duration;
 use nicsync::{ConnEntry, ConnTable, DriverConfig, TableError};
 use nicsync_fwif::conn::{proto, ConnFlags, ConnKey, ConnState, Direction, TcpState};
 use nicsync_fwif::event::EventKind;
+use nicsync_fwif::regs::Counter;
 use nicsync_model::sync::SenderConfig;
 use nicsync_model::sync_unit::{SyncUnit, SyncUnitConfig};
 use nicsync_model::wire::{HubConfig, Impairment, InProcessHub};
@@ -371,6 +372,45 @@ fn replica_writes_keep_their_owner_and_are_not_sent_on() {
     m[1].sync_snapshot_chunk(0, &mut out).expect("walk");
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].owner, 1);
+}
+
+/// A member that first hears a peer after the peer's queue (512) has let
+/// go of the start of its epoch is told LOST for that part. Opened with the
+/// hold (a cluster member, about to pull a Full Sync that carries it), that
+/// is join history; opened without, a loss. Either way the host is told.
+#[test]
+fn history_a_joining_member_cannot_get_is_counted_apart_from_losses() {
+    for joining in [true, false] {
+        let hub = InProcessHub::new(HubConfig { queue_capacity: 4096, seed: 7, impairment: Impairment::NONE });
+        let member = |id: u16, cfg: DriverConfig| {
+            let dev = EmulatedDevice::inline().expect("device");
+            let port = hub.attach(id).expect("attach");
+            let unit = SyncUnitConfig { sender: SenderConfig::new(1, id, 0x1000 + id as u32), peers: vec![3 - id] };
+            dev.nic().attach_sync(SyncUnit::new(unit, Box::new(port), 0).expect("sync unit"));
+            ConnTable::open(dev, cfg).expect("probe")
+        };
+        let mut m1 = member(1, DriverConfig::default());
+        for i in 0..800u32 {
+            m1.upsert(&key(100 + i), &synced(TcpState::Established, i)).expect("upsert");
+        }
+        run(std::slice::from_ref(&m1), 10);
+        let m2 = member(2, DriverConfig { sync_hold_at_enable: joining, ..Default::default() });
+        let both = [m1, m2];
+        run(&both, 2_000);
+        let [_, mut m2] = both;
+        let c = |m: &Member, k: Counter| m.driver_ref().device_counter(k);
+        // The HELLO names 1..=800; the queue still holds 289..=800.
+        let (history, lost) = if joining { (288, 0) } else { (0, 288) };
+        let counts = (c(&m2, Counter::SyncHistoryLost), c(&m2, Counter::SyncLostUpdates));
+        assert_eq!(counts, (history, lost), "joining {joining}");
+        assert_eq!(c(&m2, Counter::SyncUpdatesReceived), 512, "joining {joining}");
+        let mut resync = 0;
+        m2.driver().poll_events(|e| resync += u32::from(e.kind == EventKind::ResyncNeeded));
+        assert_eq!(resync, 1, "joining {joining}: the host is told either way");
+        // The hold is the host's: while it is set, nothing was applied.
+        let applied = c(&m2, Counter::SyncUpdatesApplied);
+        assert_eq!(applied == 0, joining, "joining {joining}: {applied} applied");
+    }
 }
 
 #[test]

@@ -887,14 +887,14 @@ fn async_completions_survive_a_device_reset() {
         t.recover().expect("recover");
         assert_eq!(t.recovery_stats().resets, 1);
         let woken = t.driver_ref().stats().interrupts;
-        // Held until the waiter has gone to sleep on the interrupt: join!
-        // polls the wait first, so the stall is released only once the
-        // wait is pending (a timed stall let a descheduled test thread find
-        // the completion already there, without an interrupt to take).
+        // Held until the waiter has gone to sleep on the interrupt: a biased
+        // join! polls the wait first, so the stall is released only once
+        // the wait is pending (a timed stall let a descheduled test thread
+        // find the completion already there, without an interrupt to take).
         faults.arm(Fault::Stall { duration: None });
         let tag = post(&mut t, N + 2);
         let release = async { faults.clear() };
-        let (c, ()) = tokio::join!(irq.wait(t.driver(), tag), release);
+        let (c, ()) = tokio::join!(biased; irq.wait(t.driver(), tag), release);
         let c = c.expect("completion after the reset");
         assert_eq!(c.status, CplStatus::Success);
         assert!(t.driver_ref().stats().interrupts > woken, "woken by the rebuilt device's interrupt");
