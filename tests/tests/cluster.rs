@@ -32,19 +32,17 @@ fn cluster_with(n: u16, impairment: Impairment, aging_ms: impl Fn(u16) -> u32) -
 /// A cluster whose member `id` is brought up with `cfg(id)`.
 fn cluster_cfg(n: u16, impairment: Impairment, cfg: impl Fn(u16) -> DriverConfig) -> (InProcessHub, Vec<Member>) {
     let hub = InProcessHub::new(HubConfig { queue_capacity: 4096, seed: 7, impairment });
-    let members = (1..=n)
-        .map(|id| {
-            let dev = EmulatedDevice::inline().expect("device");
-            let port = hub.attach(id).expect("attach");
-            let unit = SyncUnitConfig {
-                sender: SenderConfig::new(1, id, 0x1000 + id as u32),
-                peers: (1..=n).filter(|p| *p != id).collect(),
-            };
-            dev.nic().attach_sync(SyncUnit::new(unit, Box::new(port), 0).expect("sync unit"));
-            ConnTable::open(dev, cfg(id)).expect("probe")
-        })
-        .collect();
+    let members = (1..=n).map(|id| member(&hub, id, (1..=n).filter(|p| *p != id).collect(), cfg(id))).collect();
     (hub, members)
+}
+
+/// Member `id` of cluster 1 on `hub`, following `peers`, brought up with `cfg`.
+fn member(hub: &InProcessHub, id: u16, peers: Vec<u16>, cfg: DriverConfig) -> Member {
+    let dev = EmulatedDevice::inline().expect("device");
+    let port = hub.attach(id).expect("attach");
+    let unit = SyncUnitConfig { sender: SenderConfig::new(1, id, 0x1000 + id as u32), peers };
+    dev.nic().attach_sync(SyncUnit::new(unit, Box::new(port), 0).expect("sync unit"));
+    ConnTable::open(dev, cfg).expect("probe")
 }
 
 /// Lets every member run its timers and sync unit for `ms` of virtual time.
@@ -382,19 +380,12 @@ fn replica_writes_keep_their_owner_and_are_not_sent_on() {
 fn history_a_joining_member_cannot_get_is_counted_apart_from_losses() {
     for joining in [true, false] {
         let hub = InProcessHub::new(HubConfig { queue_capacity: 4096, seed: 7, impairment: Impairment::NONE });
-        let member = |id: u16, cfg: DriverConfig| {
-            let dev = EmulatedDevice::inline().expect("device");
-            let port = hub.attach(id).expect("attach");
-            let unit = SyncUnitConfig { sender: SenderConfig::new(1, id, 0x1000 + id as u32), peers: vec![3 - id] };
-            dev.nic().attach_sync(SyncUnit::new(unit, Box::new(port), 0).expect("sync unit"));
-            ConnTable::open(dev, cfg).expect("probe")
-        };
-        let mut m1 = member(1, DriverConfig::default());
+        let mut m1 = member(&hub, 1, vec![2], DriverConfig::default());
         for i in 0..800u32 {
             m1.upsert(&key(100 + i), &synced(TcpState::Established, i)).expect("upsert");
         }
         run(std::slice::from_ref(&m1), 10);
-        let m2 = member(2, DriverConfig { sync_hold_at_enable: joining, ..Default::default() });
+        let m2 = member(&hub, 2, vec![1], DriverConfig { sync_hold_at_enable: joining, ..Default::default() });
         let both = [m1, m2];
         run(&both, 2_000);
         let [_, mut m2] = both;
