@@ -61,6 +61,12 @@ pub struct SyncBenchReport {
     pub full_sync_ms: f64,
     /// Full Sync rate.
     pub full_sync_entries_per_s: f64,
+    /// The joining member's `lost_updates` when its Full Sync completed
+    /// (0: the source's history it could not get is join history).
+    pub full_sync_joiner_lost_updates: u64,
+    /// The joining member's `join_history_lost` then: the part of the
+    /// source's epoch that had left the source's retransmit queue.
+    pub full_sync_joiner_history_lost: u64,
     /// A's host posts an update until B's device holds it (B's event), in
     /// process.
     pub delta_latency_ns: Percentiles,
@@ -182,7 +188,8 @@ pub fn run(o: &SyncBenchOptions) -> Result<SyncBenchReport, SyncBenchError> {
     let (lost, caught_up) = (lost + plain_lost, caught_up && plain_caught_up);
     let cost = if plain_upd_rate > 0.0 { 1.0 - upd_rate / plain_upd_rate } else { 0.0 };
     let added = delta_in.p50 - plain_in.p50;
-    let (full_ms, full_entries) = full_sync(o.conns)?;
+    let full = full_sync(o.conns)?;
+    let (full_ms, full_entries) = (full.ms, full.records);
     let mut runs = failovers(o.failovers)?;
     let failover = median(&mut runs.clone());
     runs.sort_by(|a, b| a.total_cmp(b));
@@ -214,6 +221,8 @@ pub fn run(o: &SyncBenchOptions) -> Result<SyncBenchReport, SyncBenchError> {
         full_sync_entries: full_entries,
         full_sync_ms: full_ms,
         full_sync_entries_per_s: full_rate,
+        full_sync_joiner_lost_updates: full.joiner_lost,
+        full_sync_joiner_history_lost: full.joiner_history_lost,
         delta_latency_ns: delta_in,
         delta_latency_udp_ns: delta_udp,
         baseline_udp_rtt_ns: baseline,
@@ -534,7 +543,16 @@ fn new_member(
 
 /// Fills member 1 with `conns` synced connections and lets member 2 join:
 /// the time of its Full Sync over TCP on loopback.
-fn full_sync(conns: u64) -> Result<(f64, u64), SyncBenchError> {
+/// What a Full Sync run measured: duration, records, and the joiner's
+/// lost and join-history counters when it completed.
+struct FullSyncRun {
+    ms: f64,
+    records: u64,
+    joiner_lost: u64,
+    joiner_history_lost: u64,
+}
+
+fn full_sync(conns: u64) -> Result<FullSyncRun, SyncBenchError> {
     let hub = InProcessHub::new(HubConfig { queue_capacity: 1 << 16, ..HubConfig::new() });
     let capacity = ((conns * 5 / 4).next_power_of_two()).clamp(1 << 16, 1 << 24) as u32;
     let keys = bench_keys()?;
@@ -561,15 +579,21 @@ fn full_sync(conns: u64) -> Result<(f64, u64), SyncBenchError> {
     let poller = Poller::spawn_with(nics, Idle::Spin, || {})?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
-    let result: Result<(f64, u64), SyncBenchError> = local.block_on(&rt, async move {
+    let result: Result<FullSyncRun, SyncBenchError> = local.block_on(&rt, async move {
         let duo = Duo::new()?;
-        let done = Rc::new(RefCell::new(None::<(f64, u64)>));
+        let done = Rc::new(RefCell::new(None::<FullSyncRun>));
         let (sa, ta) = duo.spawn(1, a, Box::new(|_, _| {}))?;
         let d = done.clone();
         let hook_b: TickHook<'static, EmulatedDevice> = Box::new(move |n: &mut Node<EmulatedDevice>, _| {
             let st = n.stats();
             if st.full_syncs_completed > 0 && d.borrow().is_none() {
-                *d.borrow_mut() = Some((st.last_full_sync_ms.unwrap_or(0.0), st.last_full_sync_records));
+                let drv = n.table_ref().driver_ref();
+                *d.borrow_mut() = Some(FullSyncRun {
+                    ms: st.last_full_sync_ms.unwrap_or(0.0),
+                    records: st.last_full_sync_records,
+                    joiner_lost: drv.device_counter(Counter::SyncLostUpdates),
+                    joiner_history_lost: drv.device_counter(Counter::SyncHistoryLost),
+                });
             }
         });
         let (sb, tb) = duo.spawn(2, b, hook_b)?;
@@ -581,7 +605,7 @@ fn full_sync(conns: u64) -> Result<(f64, u64), SyncBenchError> {
         let _ = sb.send(());
         let _ = ta.await;
         let _ = tb.await;
-        let r = *done.borrow();
+        let r = done.borrow_mut().take();
         r.ok_or_else(|| SyncBenchError::Other("the Full Sync did not finish within 60 s".into()))
     });
     drop(poller);
@@ -677,8 +701,13 @@ pub fn render(r: &SyncBenchReport) -> String {
     let mut out = String::from("nicsync bench sync\n");
     out.push_str(&format!("  threads: {}\n", r.threads));
     out.push_str(&format!(
-        "  full sync: {} entries in {:.1} ms ({:.0} entries/s) over TCP on loopback\n",
-        r.full_sync_entries, r.full_sync_ms, r.full_sync_entries_per_s
+        "  full sync: {} entries in {:.1} ms ({:.0} entries/s) over TCP on loopback; \
+         the joiner counted {} lost updates and {} of join history\n",
+        r.full_sync_entries,
+        r.full_sync_ms,
+        r.full_sync_entries_per_s,
+        r.full_sync_joiner_lost_updates,
+        r.full_sync_joiner_history_lost
     ));
     out.push_str(&format!("  delta latency, in process: {}\n", p(&r.delta_latency_ns)));
     out.push_str(&format!("  delta latency, UDP:        {}\n", p(&r.delta_latency_udp_ns)));
