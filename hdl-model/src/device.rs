@@ -1763,9 +1763,8 @@ impl Core {
     /// it once synced). What a peer had sent before a HELLO adopted then is
     /// the Full Sync's to carry (`SyncStats::history_lost`).
     fn mark_joining(&mut self) {
-        let joining = self.hold;
         if let Some(unit) = &mut self.sync {
-            unit.set_joining(joining);
+            unit.set_joining(self.hold);
         }
     }
 

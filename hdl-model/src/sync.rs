@@ -1141,7 +1141,10 @@ impl DeltaReceiver {
         let rest = self.buffer.split_off(&(through + 1));
         let held = std::mem::replace(&mut self.buffer, rest);
         let first = self.expected;
-        let lost = (through - first + 1) - held.len() as u64;
+        // Numbers in `lo..=hi` that nothing held: `first` >= 1 and `through`
+        // < u64::MAX (a number a frame can name), so no bound wraps.
+        let missing = |lo: u64, hi: u64| (hi - lo + 1) - held.range(lo..=hi).count() as u64;
+        let lost = missing(first, through);
         for (seq, rec) in &held {
             self.deliver(*seq, rec);
         }
@@ -1150,9 +1153,7 @@ impl DeltaReceiver {
         self.drain_buffer();
         if lost > 0 {
             // Of the missing numbers, those below the history's end are
-            // history. `first` >= 1 and `through` < u64::MAX (a number a
-            // frame can name), so the bounds neither wrap nor overflow.
-            let missing = |lo: u64, hi: u64| (hi - lo + 1) - held.range(lo..=hi).count() as u64;
+            // history.
             let end = self.history_end.min(through + 1);
             let history = if end > first { missing(first, end - 1) } else { 0 };
             // Saturating: the counts come from numbers a peer chose.
@@ -1568,18 +1569,23 @@ mod tests {
             let _ = frames(&mut s); // 1..=64, never heard
             let mut r = receiver();
             r.set_joining(joining);
+            // Four rounds of the receiver's timers and frames to the sender,
+            // and the sender's answers back.
+            let exchange = |s: &mut DeltaSender, r: &mut DeltaReceiver, now: &mut Nanos| {
+                for _ in 0..4 {
+                    r.handle_timeout(*now);
+                    for t in rx_frames(r) {
+                        s.handle_datagram(&t.frame, *now).expect("to sender");
+                    }
+                    feed(r, &frames(s), *now);
+                    *now += 1;
+                }
+            };
             // An ALIVE of an unknown epoch: the receiver asks for a HELLO.
             s.handle_timeout(2_000_000_000);
             feed(&mut r, &frames(&mut s), 1);
             let mut now = 2;
-            for _ in 0..4 {
-                for t in rx_frames(&mut r) {
-                    s.handle_datagram(&t.frame, now).expect("to sender");
-                }
-                feed(&mut r, &frames(&mut s), now);
-                r.handle_timeout(now);
-                now += 1;
-            }
+            exchange(&mut s, &mut r, &mut now);
             let ev = events(&mut r);
             assert!(matches!(ev[0], ReceiverEvent::PeerReset { first_seq: 1, .. }), "{ev:?}");
             assert!(
@@ -1598,14 +1604,7 @@ mod tests {
             s.flush();
             let f = frames(&mut s);
             feed(&mut r, &f[f.len() - 1..], now);
-            for _ in 0..4 {
-                r.handle_timeout(now);
-                for t in rx_frames(&mut r) {
-                    s.handle_datagram(&t.frame, now).expect("to sender");
-                }
-                feed(&mut r, &frames(&mut s), now);
-                now += 1;
-            }
+            exchange(&mut s, &mut r, &mut now);
             let st = r.stats();
             assert_eq!(st.history_lost, history, "joining {joining}: {st:?}");
             assert_eq!(st.lost_updates, lost + 34, "joining {joining}: 65..=98 fell out of the queue: {st:?}");
