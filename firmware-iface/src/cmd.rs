@@ -43,6 +43,14 @@ pub enum Opcode {
     /// Applies a host buffer of sync records as REPLICA writes, one status
     /// per record (ABI 1.6, capability `LOAD`).
     Load = 0x08,
+    /// Writes the sync unit's stream positions: this member's next sequence
+    /// number and, per peer followed, the next number expected, as
+    /// [`SyncPosition`] entries (ABI 1.8, capability `SYNC_ALIGN`).
+    SyncPositions = 0x09,
+    /// Tells the sync unit where a Full Sync's snapshot was cut in each
+    /// peer's stream ([`SyncPosition`] entries from the server's
+    /// SYNC_POSITIONS; ABI 1.8, capability `SYNC_ALIGN`).
+    SyncAlign = 0x0A,
     /// Continuation of the previous descriptor (never valid on its own).
     Ext = 0x7F,
 }
@@ -60,6 +68,8 @@ impl Opcode {
             0x06 => Opcode::Flush,
             0x07 => Opcode::Upsert,
             0x08 => Opcode::Load,
+            0x09 => Opcode::SyncPositions,
+            0x0A => Opcode::SyncAlign,
             0x7F => Opcode::Ext,
             _ => return None,
         })
@@ -77,12 +87,14 @@ impl Opcode {
             Opcode::Flush => "FLUSH",
             Opcode::Upsert => "UPSERT",
             Opcode::Load => "LOAD",
+            Opcode::SyncPositions => "SYNC_POSITIONS",
+            Opcode::SyncAlign => "SYNC_ALIGN",
             Opcode::Ext => "EXT",
         }
     }
 
     /// Every opcode.
-    pub const ALL: [Opcode; 10] = [
+    pub const ALL: [Opcode; 12] = [
         Opcode::Nop,
         Opcode::Insert,
         Opcode::Update,
@@ -92,6 +104,8 @@ impl Opcode {
         Opcode::Flush,
         Opcode::Upsert,
         Opcode::Load,
+        Opcode::SyncPositions,
+        Opcode::SyncAlign,
         Opcode::Ext,
     ];
 }
@@ -226,6 +240,64 @@ pub struct LoadStatus {
 }
 assert_layout!(LoadStatus, size = 8, status = 0, reserved = 1, result = 4);
 
+/// Body of SYNC_POSITIONS and SYNC_ALIGN (ABI 1.8).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct PositionsBody {
+    /// IOVA of `entries` packed 16-byte [`SyncPosition`]s.
+    pub buf_addr: U64,
+    /// SYNC_POSITIONS: room for this many entries; SYNC_ALIGN: entries to
+    /// read. 1 to [`MAX_POSITIONS`].
+    pub entries: U32,
+    /// Reserved, zero.
+    pub reserved: [u8; 44],
+}
+assert_layout!(PositionsBody, size = 56, buf_addr = 0, entries = 8, reserved = 12);
+
+/// Most entries one SYNC_POSITIONS or SYNC_ALIGN names: this member and 64
+/// peers.
+pub const MAX_POSITIONS: u32 = 65;
+
+/// One member's position in a Delta Sync stream (16 bytes).
+///
+/// SYNC_POSITIONS writes this member's own stream first (`member` is this
+/// member, `next_seq` the number its next update gets), then one entry per
+/// peer whose epoch the unit follows (`next_seq` the next number it
+/// expects: every earlier one was applied to the table). While SYNC_HOLD
+/// is set, or held updates are still being applied, the peers' entries are
+/// left out (what was received is held, not in the table). SYNC_ALIGN reads such a list: for each peer's stream the
+/// joining member's table now holds everything before `next_seq` (see
+/// docs/abi.md, "Joining").
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct SyncPosition {
+    /// Member whose stream this is.
+    pub member: U16,
+    /// Reserved, zero.
+    pub reserved: U16,
+    /// That member's epoch (non-zero).
+    pub epoch: U32,
+    /// The stream's next number (non-zero).
+    pub next_seq: U64,
+}
+assert_layout!(SyncPosition, size = 16, member = 0, reserved = 2, epoch = 4, next_seq = 8);
+
+impl SyncPosition {
+    /// Size in bytes.
+    pub const SIZE: usize = core::mem::size_of::<SyncPosition>();
+
+    /// An entry.
+    pub fn new(member: u16, epoch: u32, next_seq: u64) -> Self {
+        SyncPosition { member: member.into(), reserved: 0.into(), epoch: epoch.into(), next_seq: next_seq.into() }
+    }
+
+    /// Whether the entry can name a stream: member, epoch and number
+    /// non-zero, reserved zero.
+    pub fn is_valid(&self) -> bool {
+        self.member.get() != 0 && self.epoch.get() != 0 && self.next_seq.get() != 0 && self.reserved.get() == 0
+    }
+}
+
 /// Body of EXT (continuation).
 #[derive(Clone, Copy, PartialEq, Eq, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
@@ -283,6 +355,20 @@ pub enum Command {
     },
     /// FLUSH.
     Flush,
+    /// SYNC_POSITIONS.
+    SyncPositions {
+        /// Where the entries go.
+        buf_addr: u64,
+        /// Room for this many.
+        entries: u32,
+    },
+    /// SYNC_ALIGN.
+    SyncAlign {
+        /// Where the entries are.
+        buf_addr: u64,
+        /// How many.
+        entries: u32,
+    },
     /// LOAD.
     Load {
         /// Where the records are.
@@ -330,7 +416,8 @@ pub enum DecodeError {
     /// REPLICA without an EXT naming a non-zero owner, or an owner without
     /// REPLICA.
     BadOwner,
-    /// LOAD of no record, or of more than [`LOAD_MAX_RECORDS`].
+    /// LOAD of no record or more than [`LOAD_MAX_RECORDS`]; SYNC_POSITIONS
+    /// or SYNC_ALIGN of no entry or more than [`MAX_POSITIONS`].
     BadCount(u32),
 }
 
@@ -401,6 +488,19 @@ impl CommandDescriptor {
             status_addr: status_addr.into(),
             count: count.into(),
             reserved: [0; 36],
+        });
+        d
+    }
+
+    /// SYNC_POSITIONS (`align` false) or SYNC_ALIGN (`align` true) over
+    /// `entries` [`SyncPosition`]s at `buf_addr`.
+    pub fn positions(tag: u16, align: bool, buf_addr: u64, entries: u32) -> Self {
+        let op = if align { Opcode::SyncAlign } else { Opcode::SyncPositions };
+        let mut d = Self::header(op, DescFlags::empty(), tag);
+        d.body = zerocopy::transmute!(PositionsBody {
+            buf_addr: buf_addr.into(),
+            entries: entries.into(),
+            reserved: [0; 44]
         });
         d
     }
@@ -555,6 +655,21 @@ impl CommandDescriptor {
                     return Err(DecodeError::BadCount(count));
                 }
                 Ok(Command::Load { buf_addr: body.buf_addr.get(), status_addr: body.status_addr.get(), count })
+            }
+            Opcode::SyncPositions | Opcode::SyncAlign => {
+                let body: PositionsBody = zerocopy::transmute!(self.body);
+                if body.reserved != [0; 44] {
+                    return Err(DecodeError::ReservedNonZero);
+                }
+                let (buf_addr, entries) = (body.buf_addr.get(), body.entries.get());
+                if entries == 0 || entries > MAX_POSITIONS {
+                    return Err(DecodeError::BadCount(entries));
+                }
+                Ok(if op == Opcode::SyncAlign {
+                    Command::SyncAlign { buf_addr, entries }
+                } else {
+                    Command::SyncPositions { buf_addr, entries }
+                })
             }
         }
     }

@@ -230,11 +230,14 @@ pub enum Counter {
     /// raised RESYNC_NEEDED: the Full Sync carries them). Not counted in
     /// [`Counter::SyncLostUpdates`].
     SyncHistoryLost = 38,
+    /// Delta Sync (ABI 1.8): history a joining member never asked for
+    /// because a Full Sync's cut (SYNC_ALIGN) covered it.
+    SyncHistoryCovered = 39,
 }
 
 impl Counter {
     /// Every counter, in register order.
-    pub const ALL: [Counter; 39] = [
+    pub const ALL: [Counter; 40] = [
         Counter::CommandsFetched,
         Counter::CompletionsWritten,
         Counter::CommandErrors,
@@ -274,6 +277,7 @@ impl Counter {
         Counter::LoadRecords,
         Counter::LoadRecordsMalformed,
         Counter::SyncHistoryLost,
+        Counter::SyncHistoryCovered,
     ];
 
     /// Register offset of this counter's low half.
@@ -323,6 +327,7 @@ impl Counter {
             Counter::LoadRecords => "load_records",
             Counter::LoadRecordsMalformed => "load_records_malformed",
             Counter::SyncHistoryLost => "sync_history_lost",
+            Counter::SyncHistoryCovered => "sync_history_covered",
         }
     }
 }
@@ -355,6 +360,10 @@ bitflags! {
         /// LOAD command (ABI 1.6): a buffer of sync records applied as
         /// REPLICA writes by one descriptor.
         const LOAD = 1 << 10;
+        /// SYNC_POSITIONS and SYNC_ALIGN (ABI 1.8): a Full Sync's cut in
+        /// each peer's stream, so that a joining member asks for none of
+        /// the history its snapshot holds.
+        const SYNC_ALIGN = 1 << 11;
     }
 }
 

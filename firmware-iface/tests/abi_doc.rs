@@ -25,7 +25,7 @@ use std::path::PathBuf;
 
 use nicsync_fwif::cmd::{
     CommandDescriptor, ConnBody, DecodeError, DescFlags, ExtBody, LoadBody, LoadStatus, LookupBody, Opcode,
-    SnapshotBody, DESC_SIZE, LOAD_MAX_RECORDS, SNAPSHOT_DONE,
+    PositionsBody, SnapshotBody, SyncPosition, DESC_SIZE, LOAD_MAX_RECORDS, MAX_POSITIONS, SNAPSHOT_DONE,
 };
 use nicsync_fwif::conn::{
     ConnFlags, ConnKey, ConnRecord, ConnState, Direction, Nat, NatKind, TcpState, FAMILY_IPV4, FAMILY_IPV6,
@@ -164,6 +164,9 @@ fn counter_meaning(c: Counter) -> &'static str {
         Counter::SyncHistoryLost => {
             "ABI 1.7: updates a peer sent before this joining member followed it and no longer had (not in sync_lost_updates)"
         }
+        Counter::SyncHistoryCovered => {
+            "ABI 1.8: updates a peer sent before this joining member followed it that a Full Sync's cut (SYNC_ALIGN) covered, never asked for"
+        }
         Counter::SyncUnacked => {
             "gauge: local updates some configured peer has not acknowledged yet (drain before replacing the table)"
         }
@@ -246,6 +249,7 @@ fn render_capabilities() -> String {
             ("INLINE_DOORBELL", "`CMD_INLINE` window: a doorbell carrying the first descriptor"),
             ("SYNC", "Delta Sync unit: CONTROL.SYNC_HOLD, the sync counters, REPLICA, SYNC_RECORDS, consistent walks"),
             ("LOAD", "LOAD command: a buffer of sync records applied as REPLICA writes (ABI 1.6)"),
+            ("SYNC_ALIGN", "SYNC_POSITIONS and SYNC_ALIGN: a Full Sync's cut in each peer's stream (ABI 1.8)"),
         ],
     )
 }
@@ -471,6 +475,16 @@ fn opcode_doc(op: Opcode) -> OpDoc {
             result: "records that took (their statuses SUCCESS)",
             statuses: &[Success, DmaError, Malformed],
         },
+        Opcode::SyncPositions => OpDoc {
+            body: "`PositionsBody`",
+            result: "entries written",
+            statuses: &[Success, DmaError, InvalidOpcode, Malformed],
+        },
+        Opcode::SyncAlign => OpDoc {
+            body: "`PositionsBody`",
+            result: "entries that aligned a receiver",
+            statuses: &[Success, DmaError, InvalidOpcode, Malformed],
+        },
         Opcode::Ext => {
             OpDoc { body: "`ExtBody`", result: "— (never succeeds alone)", statuses: &[InvalidOpcode, Malformed] }
         }
@@ -493,6 +507,8 @@ fn valid_descriptor(op: Opcode) -> CommandDescriptor {
         Opcode::Lookup => CommandDescriptor::lookup(7, &key, 0x1000),
         Opcode::Snapshot => CommandDescriptor::snapshot(7, 0x1000, nicsync_fwif::sync::RECORD_SIZE as u32, 0),
         Opcode::Load => CommandDescriptor::load(7, 0x1000, 0x2000, 1),
+        Opcode::SyncPositions => CommandDescriptor::positions(7, false, 0x1000, MAX_POSITIONS),
+        Opcode::SyncAlign => CommandDescriptor::positions(7, true, 0x1000, 1),
         Opcode::Ext => CommandDescriptor::ext(7, &Nat::default()),
     }
 }
@@ -736,6 +752,23 @@ fn layouts() -> Vec<(&'static str, Layout)> {
                 status: "CplStatus of the record: SUCCESS, STALE, TABLE_FULL or MALFORMED",
                 reserved: "0",
                 result: "SUCCESS: the generation stored (UPSERT) or of the tombstone (DELETE); STALE: that of the version that won; otherwise 0",
+            }),
+        ),
+        (
+            "layout-positions-body",
+            layout!(PositionsBody {
+                buf_addr: "IOVA of the 16-byte SyncPosition entries; all of them in one IOMMU window",
+                entries: "SYNC_POSITIONS: room for this many; SYNC_ALIGN: entries to read; 1 to MAX_POSITIONS (65)",
+                reserved: "must be 0",
+            }),
+        ),
+        (
+            "layout-sync-position",
+            layout!(SyncPosition {
+                member: "member whose Delta Sync stream this is (non-zero)",
+                reserved: "must be 0",
+                epoch: "that member's epoch (non-zero)",
+                next_seq: "the stream's next number: everything before it is in the table (non-zero)",
             }),
         ),
         (

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use nicsync_fwif::cmd::{
-    Command, CommandDescriptor, ConnOp, DecodeError, LoadStatus, Opcode, DESC_SIZE, SNAPSHOT_DONE,
+    Command, CommandDescriptor, ConnOp, DecodeError, LoadStatus, Opcode, SyncPosition, DESC_SIZE, SNAPSHOT_DONE,
 };
 use nicsync_fwif::conn::{ConnFlags, ConnKey, ConnRecord, ConnState, Nat};
 use nicsync_fwif::cpl::{CplStatus, CPL_SIZE, PHASE_BIT};
@@ -1114,8 +1114,11 @@ impl Core {
                     (d.opcode, d.flags, d.tag.get())
                 };
                 let fault = if faults { self.shared.faults.command_fault() } else { None };
-                let response_dma =
-                    |op: u8| op == Opcode::Lookup as u8 || op == Opcode::Snapshot as u8 || op == Opcode::Load as u8;
+                let response_dma = |op: u8| {
+                    [Opcode::Lookup, Opcode::Snapshot, Opcode::Load, Opcode::SyncPositions, Opcode::SyncAlign]
+                        .iter()
+                        .any(|o| *o as u8 == op)
+                };
                 match fault {
                     Some(Fault::ResetMidBatch { .. }) => abort = fault,
                     Some(Fault::DmaError) if !response_dma(opcode) => abort = fault,
@@ -1383,6 +1386,8 @@ impl Core {
                 Outcome::ok(n as u64)
             }
             Command::Load { buf_addr, status_addr, count } => self.load(buf_addr, status_addr, count, &mut t),
+            Command::SyncPositions { buf_addr, entries } => self.sync_positions(buf_addr, entries),
+            Command::SyncAlign { buf_addr, entries } => self.sync_align(buf_addr, entries),
         };
         (out, t)
     }
@@ -1703,6 +1708,7 @@ impl Core {
             (Counter::SyncRetransUpdatesSent, st.protocol.retrans_updates_sent),
             (Counter::SyncLostUpdates, st.protocol.lost_updates),
             (Counter::SyncHistoryLost, st.protocol.history_lost),
+            (Counter::SyncHistoryCovered, st.protocol.history_covered),
             (Counter::SyncNextSeq, unit.next_seq()),
             (Counter::SyncHeld, self.held.len() as u64),
             (Counter::SyncApplyFailed, st.apply_failed),
@@ -1764,8 +1770,40 @@ impl Core {
     /// the Full Sync's to carry (`SyncStats::history_lost`).
     fn mark_joining(&mut self) {
         if let Some(unit) = &mut self.sync {
-            unit.set_joining(self.hold);
+            unit.set_joining(self.hold, self.now_ns);
         }
+    }
+
+    /// SYNC_POSITIONS: the sync unit's positions written to `buf_addr`
+    /// (room for `entries`); the result is how many were written. Without
+    /// a sync unit: INVALID_OPCODE, as a design without one would answer.
+    fn sync_positions(&mut self, buf_addr: u64, entries: u32) -> Outcome {
+        let Some(unit) = &self.sync else { return Outcome::err(CplStatus::InvalidOpcode) };
+        let mut pos = unit.positions(self.hold || !self.held.is_empty());
+        pos.truncate(entries as usize);
+        match self.tlb.translate(buf_addr, pos.len() * SyncPosition::SIZE) {
+            Ok(r) => match r.write(0, pos.as_bytes()) {
+                Ok(()) => Outcome::ok(pos.len() as u64),
+                Err(_) => self.dma_error(),
+            },
+            Err(_) => self.dma_error(),
+        }
+    }
+
+    /// SYNC_ALIGN: `entries` positions read from `buf_addr` align the
+    /// receivers (see [`SyncUnit::align`]); the result is how many did.
+    fn sync_align(&mut self, buf_addr: u64, entries: u32) -> Outcome {
+        if self.sync.is_none() {
+            return Outcome::err(CplStatus::InvalidOpcode);
+        }
+        let mut cut = vec![SyncPosition::default(); entries as usize];
+        let read = self.tlb.translate(buf_addr, cut.len() * SyncPosition::SIZE).map(|r| r.read(0, cut.as_mut_bytes()));
+        if !matches!(read, Ok(Ok(()))) {
+            return self.dma_error();
+        }
+        let now = self.now_ns;
+        let Some(unit) = &mut self.sync else { return Outcome::err(CplStatus::InvalidOpcode) };
+        Outcome::ok(unit.align(&cut, now))
     }
 
     /// The sync unit's counters, if one is attached.

@@ -56,6 +56,18 @@
 //!   number ([`ReceiverEvent::PeerReset`]) and is acknowledged at once; the
 //!   sender repeats it to each expected peer that has not acknowledged it
 //!   ([`DeltaSender::expect_peers`]).
+//! * **Joining.** A member that joins (its device holds sync for a Full
+//!   Sync, [`DeltaReceiver::set_joining`]) and adopts a peer's epoch from a
+//!   HELLO does not ask for what the peer sent before it: that is
+//!   *history*, which the Full Sync's snapshot carries. It follows the
+//!   stream from the HELLO on. The snapshot's server tells at which number
+//!   of each peer's stream its table was cut ([`DeltaReceiver::align`]):
+//!   history up to there is covered; history after it, if any (a server
+//!   that lagged that peer), is asked for. History still unaccounted for
+//!   when the member stops joining without a cut (it seeded its table
+//!   itself) is asked for then. Either way nothing is silently skipped:
+//!   what the peer no longer has is counted in [`SyncStats::history_lost`]
+//!   and raises a resync.
 //! * **Conflicts.** Members apply each other's updates through the device's
 //!   generation rule; [`resolve`] is the deterministic order behind it
 //!   (generation, then owner member id, then the record itself), so members
@@ -160,10 +172,14 @@ pub struct SyncStats {
     /// the member was joining (its device held sync: a Full Sync was about
     /// to replace its table), that the peer no longer had (receiver). They
     /// raise a resync like any loss, which the Full Sync absorbs: it carries
-    /// them. A routine join of a member whose peer's queue no longer holds
-    /// its whole epoch counts them here, not as lost. Whether a number is
-    /// history is fixed when the HELLO is adopted.
+    /// them. Whether a number is history is fixed when the HELLO is
+    /// adopted; it is asked for only where the Full Sync's cut does not
+    /// cover it ([`DeltaReceiver::align`]), or when the member stops
+    /// joining without a cut.
     pub history_lost: u64,
+    /// History a Full Sync's cut covered, so that it was never asked for
+    /// (receiver; see [`DeltaReceiver::align`]).
+    pub history_covered: u64,
     /// Updates named in LOST answers (sender).
     pub lost_updates_reported: u64,
     /// [`ReceiverEvent::ResyncNeeded`] events raised (receiver).
@@ -211,6 +227,7 @@ impl SyncStats {
         self.retrans_updates_sent = self.retrans_updates_sent.saturating_add(o.retrans_updates_sent);
         self.lost_updates = self.lost_updates.saturating_add(o.lost_updates);
         self.history_lost = self.history_lost.saturating_add(o.history_lost);
+        self.history_covered = self.history_covered.saturating_add(o.history_covered);
         self.lost_updates_reported = self.lost_updates_reported.saturating_add(o.lost_updates_reported);
         self.resyncs_requested = self.resyncs_requested.saturating_add(o.resyncs_requested);
         self.duplicates = self.duplicates.saturating_add(o.duplicates);
@@ -911,6 +928,13 @@ pub struct DeltaReceiver {
     joining: bool,
     /// One past the last number of the current epoch's history (0: none).
     history_end: u64,
+    /// History not asked for yet, `from..to`: skipped when the epoch was
+    /// adopted while joining, until a cut covers it or joining ends.
+    history: Option<(u64, u64)>,
+    /// Numbers delivered already that a rewind to ask for history put
+    /// back above `expected`, `from..to`: never delivered twice, never
+    /// asked for again.
+    delivered: Option<(u64, u64)>,
 }
 
 impl DeltaReceiver {
@@ -936,6 +960,8 @@ impl DeltaReceiver {
             stats: SyncStats::default(),
             joining: false,
             history_end: 0,
+            history: None,
+            delivered: None,
         })
     }
 
@@ -961,10 +987,79 @@ impl DeltaReceiver {
         s
     }
 
-    /// Whether the member is joining (see [`SyncStats::history_lost`]): the
-    /// device sets it while the host holds sync for a Full Sync.
-    pub fn set_joining(&mut self, joining: bool) {
+    /// Whether the member is joining (see the module docs and
+    /// [`SyncStats::history_lost`]): the device sets it while the host
+    /// holds sync for a Full Sync. A member that stops joining with history
+    /// no cut covered asks for it now.
+    pub fn set_joining(&mut self, joining: bool, now: Nanos) {
         self.joining = joining;
+        if !joining {
+            if let Some((from, to)) = self.history.take() {
+                self.rewind(from, to, now);
+            }
+        }
+    }
+
+    /// History not asked for yet (`from..to`), if any.
+    pub fn pending_history(&self) -> Option<(u64, u64)> {
+        self.history
+    }
+
+    /// A Full Sync's snapshot holds everything this peer sent in `epoch`
+    /// before `next_seq` (the server's position in the peer's stream when
+    /// its walk began). Pending history up to there is covered; after it,
+    /// it is asked for. A receiver that follows no epoch yet starts at
+    /// `next_seq` ([`DeltaReceiver::start_at`]). Returns false, changing
+    /// nothing, for another epoch than the one followed (or a retired one):
+    /// the pending history is then asked for when joining ends.
+    pub fn align(&mut self, epoch: u32, next_seq: u64, now: Nanos) -> bool {
+        match self.epoch {
+            None if !self.retired.contains(&epoch) && next_seq >= 1 => {
+                self.start_at(epoch, next_seq, now);
+                true
+            }
+            Some(e) if e == epoch => {
+                if let Some((from, to)) = self.history.take() {
+                    let cut = next_seq.clamp(from, to);
+                    self.stats.history_covered = self.stats.history_covered.saturating_add(cut - from);
+                    if cut < to {
+                        self.rewind(cut, to, now);
+                    }
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Asks for `from..to` (numbers below `expected` never asked for):
+    /// `expected` goes back to `from`, and what was delivered since `to`
+    /// is skipped when the stream reaches it again.
+    fn rewind(&mut self, from: u64, to: u64, now: Nanos) {
+        if from >= to || from >= self.expected {
+            return;
+        }
+        if self.expected > to {
+            self.delivered = Some((to, self.expected));
+        }
+        self.expected = from;
+        self.last_acked = self.last_acked.min(from - 1);
+        self.after_change(now);
+    }
+
+    /// Past numbers delivered already (see `delivered`).
+    fn skip_delivered(&mut self) {
+        if let Some((from, to)) = self.delivered {
+            if self.expected >= from {
+                self.expected = self.expected.max(to);
+                self.delivered = None;
+            }
+        }
+    }
+
+    /// Whether `seq` was delivered already (see `delivered`).
+    fn was_delivered(&self, seq: u64) -> bool {
+        self.delivered.is_some_and(|(from, to)| (from..to).contains(&seq))
     }
 
     /// Follows `epoch` from `next_seq` on, e.g. after a Full Sync whose
@@ -976,6 +1071,8 @@ impl DeltaReceiver {
         }
         self.epoch = Some(epoch);
         self.history_end = 0;
+        self.history = None;
+        self.delivered = None;
         self.expected = next_seq.max(1);
         self.peer_next = self.peer_next.max(self.expected);
         self.buffer = self.buffer.split_off(&self.expected);
@@ -1100,7 +1197,7 @@ impl DeltaReceiver {
 
     /// Takes one update of the current epoch.
     fn accept(&mut self, seq: u64, rec: DeltaRecord) {
-        if seq < self.expected || self.buffer.contains_key(&seq) {
+        if seq < self.expected || self.buffer.contains_key(&seq) || self.was_delivered(seq) {
             self.stats.duplicates += 1;
         } else if seq == self.expected {
             self.deliver(seq, &rec);
@@ -1124,9 +1221,11 @@ impl DeltaReceiver {
             Err(_) => self.stats.lost_updates += 1,
         }
         self.expected = seq + 1;
+        self.skip_delivered();
     }
 
     fn drain_buffer(&mut self) {
+        self.skip_delivered();
         while let Some(rec) = self.buffer.remove(&self.expected) {
             self.deliver(self.expected, &rec);
         }
@@ -1141,14 +1240,19 @@ impl DeltaReceiver {
         let rest = self.buffer.split_off(&(through + 1));
         let held = std::mem::replace(&mut self.buffer, rest);
         let first = self.expected;
-        // Numbers in `lo..=hi` that nothing held: `first` >= 1 and `through`
-        // < u64::MAX (a number a frame can name), so no bound wraps.
-        let missing = |lo: u64, hi: u64| (hi - lo + 1) - held.range(lo..=hi).count() as u64;
+        // Numbers in `lo..=hi` that nothing held and that were not
+        // delivered before a rewind: `first` >= 1 and `through` < u64::MAX
+        // (a number a frame can name), so no bound wraps.
+        let delivered = self.delivered;
+        let missing = |lo: u64, hi: u64| {
+            let had = delivered.map_or(0, |(from, to)| to.min(hi + 1).saturating_sub(from.max(lo)));
+            (hi - lo + 1) - held.range(lo..=hi).count() as u64 - had
+        };
         let lost = missing(first, through);
         for (seq, rec) in &held {
             self.deliver(*seq, rec);
         }
-        self.expected = through + 1;
+        self.expected = self.expected.max(through + 1);
         self.peer_next = self.peer_next.max(self.expected);
         self.drain_buffer();
         if lost > 0 {
@@ -1183,14 +1287,16 @@ impl DeltaReceiver {
         });
         self.stats.epoch_changes += 1;
         self.epoch = Some(epoch);
-        self.expected = first_seq;
         self.peer_next = next_seq;
-        // What the peer sent before this HELLO, asked for while joining, is
-        // history: the Full Sync carries it if the peer no longer can.
+        // What the peer sent before this HELLO is history while joining:
+        // the Full Sync carries it, so it is not asked for (see `align`).
         self.history_end = if self.joining { next_seq } else { 0 };
+        self.history = (self.joining && next_seq > first_seq).then_some((first_seq, next_seq));
+        self.delivered = None;
+        self.expected = if self.history.is_some() { next_seq } else { first_seq };
         self.buffer.clear();
         self.nack = None;
-        self.last_acked = first_seq - 1;
+        self.last_acked = self.expected - 1;
         self.ack_deadline = None;
         // Tell the sender at once that its epoch is known here (it repeats
         // the HELLO until told).
@@ -1246,15 +1352,27 @@ impl DeltaReceiver {
         let mut ranges = [SeqRange::hello_request(self.cfg.peer); MAX_RANGES];
         let mut n = 0;
         let mut cur = self.expected;
-        for &seq in self.buffer.keys() {
+        // What is here already, in order: buffered numbers, and the block
+        // delivered before a rewind (no buffered number lies in it).
+        let mut delivered = self.delivered;
+        let held = self.buffer.keys().map(|&seq| (seq, seq + 1));
+        let mut held = held.peekable();
+        loop {
+            let next = match (delivered, held.peek()) {
+                (Some(d), Some(&b)) if d.0 < b.0 => delivered.take(),
+                (_, Some(_)) => held.next(),
+                (Some(_), None) => delivered.take(),
+                (None, None) => None,
+            };
+            let Some((from, to)) = next else { break };
             if n == MAX_RANGES {
                 break;
             }
-            if seq > cur {
-                ranges[n] = SeqRange { target: self.cfg.peer, target_epoch: epoch, from: cur, to: seq - 1 };
+            if from > cur {
+                ranges[n] = SeqRange { target: self.cfg.peer, target_epoch: epoch, from: cur, to: from - 1 };
                 n += 1;
             }
-            cur = seq + 1;
+            cur = cur.max(to);
         }
         if n < MAX_RANGES && cur < self.peer_next {
             ranges[n] = SeqRange { target: self.cfg.peer, target_epoch: epoch, from: cur, to: self.peer_next - 1 };
@@ -1557,59 +1675,154 @@ mod tests {
     /// asks for the whole epoch; what the peer's queue no longer holds is
     /// answered LOST. Joining, that is history (the Full Sync carries it),
     /// counted apart from losses; a loss after the HELLO is a loss either way.
-    #[test]
-    fn history_a_joining_receiver_cannot_get_is_not_counted_as_lost() {
-        for joining in [true, false] {
-            let mut s = sender(77); // queue of 32
-            let _ = frames(&mut s); // the start's HELLO, never heard
-            for i in 1..=64 {
-                s.submit(&up(i), 0).expect("submit");
+    /// Four rounds of the receiver's timers and frames to the sender, and
+    /// the sender's answers back; the receiver's events are appended to
+    /// `ev`.
+    fn exchange(s: &mut DeltaSender, r: &mut DeltaReceiver, now: &mut Nanos, ev: &mut Vec<ReceiverEvent>) {
+        for _ in 0..4 {
+            r.handle_timeout(*now);
+            for t in rx_frames(r) {
+                s.handle_datagram(&t.frame, *now).expect("to sender");
             }
-            s.flush();
-            let _ = frames(&mut s); // 1..=64, never heard
-            let mut r = receiver();
-            r.set_joining(joining);
-            // Four rounds of the receiver's timers and frames to the sender,
-            // and the sender's answers back.
-            let exchange = |s: &mut DeltaSender, r: &mut DeltaReceiver, now: &mut Nanos| {
-                for _ in 0..4 {
-                    r.handle_timeout(*now);
-                    for t in rx_frames(r) {
-                        s.handle_datagram(&t.frame, *now).expect("to sender");
-                    }
-                    feed(r, &frames(s), *now);
-                    *now += 1;
-                }
-            };
-            // An ALIVE of an unknown epoch: the receiver asks for a HELLO.
-            s.handle_timeout(2_000_000_000);
-            feed(&mut r, &frames(&mut s), 1);
-            let mut now = 2;
-            exchange(&mut s, &mut r, &mut now);
-            let ev = events(&mut r);
-            assert!(matches!(ev[0], ReceiverEvent::PeerReset { first_seq: 1, .. }), "{ev:?}");
-            assert!(
-                ev.iter().any(|e| matches!(e, ReceiverEvent::ResyncNeeded { lost: 32, through: 32, .. })),
-                "{ev:?}"
-            );
-            assert_eq!(delivered(&ev), (33..=64).collect::<Vec<_>>());
-            let st = r.stats();
-            let (history, lost) = if joining { (32, 0) } else { (0, 32) };
-            assert_eq!((st.history_lost, st.lost_updates), (history, lost), "joining {joining}: {st:?}");
-            assert_eq!(st.resyncs_requested, 1);
-            // After the HELLO: 66 more, of which only the last frame arrives.
+            feed(r, &frames(s), *now);
+            ev.extend(events(r));
+            *now += 1;
+        }
+    }
+
+    /// A sender (queue of 32, epoch 77) that sent 1..=64 before the
+    /// receiver heard of it, and a receiver (joining or not) that then
+    /// adopted its epoch from a HELLO naming 65 as the next number.
+    fn heard_late(joining: bool) -> (DeltaSender, DeltaReceiver, Nanos, Vec<ReceiverEvent>) {
+        let mut s = sender(77);
+        let _ = frames(&mut s); // the start's HELLO, never heard
+        for i in 1..=64 {
+            s.submit(&up(i), 0).expect("submit");
+        }
+        s.flush();
+        let _ = frames(&mut s); // 1..=64, never heard
+        let mut r = receiver();
+        r.set_joining(joining, 0);
+        // An ALIVE of an unknown epoch: the receiver asks for a HELLO.
+        s.handle_timeout(2_000_000_000);
+        feed(&mut r, &frames(&mut s), 1);
+        let (mut now, mut ev) = (2, Vec::new());
+        exchange(&mut s, &mut r, &mut now, &mut ev);
+        assert!(matches!(ev[0], ReceiverEvent::PeerReset { first_seq: 1, .. }), "{ev:?}");
+        (s, r, now, ev)
+    }
+
+    /// Sorted, and checked for numbers delivered twice.
+    fn delivered_once(ev: &[ReceiverEvent]) -> Vec<u64> {
+        let mut d = delivered(ev);
+        let n = d.len();
+        d.sort_unstable();
+        d.dedup();
+        assert_eq!(d.len(), n, "a number was delivered twice: {ev:?}");
+        d
+    }
+
+    #[test]
+    fn history_a_joining_receiver_asks_for_only_when_joining_ends_without_a_cut() {
+        for joining in [true, false] {
+            let (mut s, mut r, mut now, mut ev) = heard_late(joining);
+            if joining {
+                // History is the Full Sync's: not asked for, nothing lost.
+                assert!(delivered(&ev).is_empty(), "{ev:?}");
+                assert_eq!(r.stats().retrans_requests_sent, 0);
+                assert_eq!(r.pending_history(), Some((1, 65)));
+                assert_eq!(r.expected(), 65);
+            } else {
+                assert_eq!(delivered(&ev), (33..=64).collect::<Vec<_>>());
+                assert_eq!(r.stats().lost_updates, 32, "1..=32 fell out of the queue");
+            }
+            // After the HELLO: 66 more, of which only the last frame
+            // arrives; 65..=98 fall out of the queue: lost either way.
             for i in 65..=130 {
                 s.submit(&up(i), now).expect("submit");
             }
             s.flush();
             let f = frames(&mut s);
             feed(&mut r, &f[f.len() - 1..], now);
-            exchange(&mut s, &mut r, &mut now);
+            exchange(&mut s, &mut r, &mut now, &mut ev);
+            if joining {
+                assert_eq!((r.stats().history_lost, r.stats().lost_updates), (0, 34));
+                // Joining ends with no cut (the member seeded its table):
+                // the history is asked for now; what arrived since is not
+                // delivered again.
+                r.set_joining(false, now);
+                assert_eq!(r.pending_history(), None);
+                exchange(&mut s, &mut r, &mut now, &mut ev);
+            }
+            // Asked for late, all of the history had fallen out of the
+            // queue by then (33..=64 with the last 66 updates).
             let st = r.stats();
-            assert_eq!(st.history_lost, history, "joining {joining}: {st:?}");
-            assert_eq!(st.lost_updates, lost + 34, "joining {joining}: 65..=98 fell out of the queue: {st:?}");
+            let (history, lost) = if joining { (64, 34) } else { (0, 66) };
+            assert_eq!((st.history_lost, st.lost_updates), (history, lost), "joining {joining}: {st:?}");
+            assert_eq!(st.resyncs_requested, 2, "joining {joining}: {st:?}");
+            assert_eq!(st.history_covered, 0);
+            let want: Vec<u64> = if joining { (99..=130).collect() } else { (33..=64).chain(99..=130).collect() };
+            assert_eq!(delivered_once(&ev), want, "joining {joining}");
             assert_eq!(r.expected(), 131);
+            assert_eq!(r.stats().reorder_depth, 0);
         }
+    }
+
+    #[test]
+    fn history_a_cut_covers_is_never_asked_for_and_the_rest_is() {
+        // The cut at the HELLO's number or later: all history covered.
+        for cut in [65, 90] {
+            let (mut s, mut r, mut now, mut ev) = heard_late(true);
+            assert!(r.align(77, cut, now));
+            assert_eq!(r.pending_history(), None);
+            r.set_joining(false, now);
+            exchange(&mut s, &mut r, &mut now, &mut ev);
+            let st = r.stats();
+            assert_eq!((st.history_covered, st.history_lost, st.lost_updates), (64, 0, 0), "{st:?}");
+            assert_eq!(st.retrans_requests_sent, 0, "{st:?}");
+            assert!(delivered(&ev).is_empty());
+        }
+        // A cut inside the history (a server that lagged this peer): the
+        // rest of it is asked for at once, while still joining.
+        let (mut s, mut r, mut now, mut ev) = heard_late(true);
+        for i in 65..=70 {
+            s.submit(&up(i), now).expect("submit");
+        }
+        s.flush();
+        feed(&mut r, &frames(&mut s), now);
+        ev.extend(events(&mut r));
+        assert!(r.align(77, 40, now));
+        exchange(&mut s, &mut r, &mut now, &mut ev);
+        let st = r.stats();
+        assert_eq!((st.history_covered, st.history_lost, st.lost_updates), (39, 0, 0), "{st:?}");
+        assert_eq!(delivered_once(&ev), (40..=70).collect::<Vec<_>>());
+        assert_eq!(r.expected(), 71);
+        // A later cut changes nothing: the history is settled.
+        assert!(r.align(77, 1, now));
+        assert_eq!(r.expected(), 71);
+    }
+
+    #[test]
+    fn history_a_cut_of_another_epoch_is_ignored_and_one_before_any_starts_the_stream() {
+        let (mut s, mut r, mut now, mut ev) = heard_late(true);
+        assert!(!r.align(78, 65, now), "not the epoch followed");
+        assert_eq!(r.pending_history(), Some((1, 65)));
+        r.set_joining(false, now);
+        exchange(&mut s, &mut r, &mut now, &mut ev);
+        assert_eq!(r.stats().history_lost, 32, "asked for when joining ended: 1..=32 gone");
+        assert_eq!(delivered_once(&ev), (33..=64).collect::<Vec<_>>());
+
+        // No epoch followed yet: the cut starts the stream there, and the
+        // HELLO of that epoch is then only acknowledged.
+        let mut s = sender(77);
+        let hello = frames(&mut s);
+        let mut r = receiver();
+        r.set_joining(true, 0);
+        assert!(r.align(77, 1, 0));
+        assert_eq!((r.epoch(), r.expected()), (Some(77), 1));
+        feed(&mut r, &hello, 1);
+        assert!(events(&mut r).is_empty(), "no PeerReset: the epoch is the one aligned to");
+        assert_eq!(r.stats().epoch_changes, 0);
     }
 
     #[test]

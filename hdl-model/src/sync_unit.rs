@@ -11,6 +11,7 @@
 
 use std::fmt;
 
+use nicsync_fwif::cmd::SyncPosition;
 use nicsync_fwif::sync::{DeltaUpdate, Frame};
 
 use crate::sync::{
@@ -97,10 +98,37 @@ impl SyncUnit {
     }
 
     /// Whether the member is joining (see [`DeltaReceiver::set_joining`]).
-    pub fn set_joining(&mut self, joining: bool) {
+    pub fn set_joining(&mut self, joining: bool, now: Nanos) {
         for r in &mut self.receivers {
-            r.set_joining(joining);
+            r.set_joining(joining, now);
         }
+    }
+
+    /// Where the streams stand (SYNC_POSITIONS): this member's own first,
+    /// then each peer whose epoch is followed, unless `held` (its updates
+    /// are held, not in the table).
+    pub fn positions(&self, held: bool) -> Vec<SyncPosition> {
+        let c = self.sender.config();
+        let own = SyncPosition::new(c.member_id, c.epoch, self.sender.next_seq());
+        let peers = self.receivers.iter().filter(|_| !held).filter_map(|r| {
+            let epoch = r.epoch()?;
+            Some(SyncPosition::new(r.config().peer, epoch, r.expected().max(1)))
+        });
+        std::iter::once(own).chain(peers).collect()
+    }
+
+    /// A Full Sync's cut (SYNC_ALIGN): each entry naming a peer aligns that
+    /// peer's receiver ([`DeltaReceiver::align`]); entries naming this
+    /// member or no peer, and invalid ones, are skipped. Returns how many
+    /// aligned.
+    pub fn align(&mut self, cut: &[SyncPosition], now: Nanos) -> u64 {
+        let mut aligned = 0;
+        for p in cut.iter().filter(|p| p.is_valid()) {
+            if let Some(r) = self.receivers.iter_mut().find(|r| r.config().peer == p.member.get()) {
+                aligned += u64::from(r.align(p.epoch.get(), p.next_seq.get(), now));
+            }
+        }
+        aligned
     }
 
     /// This member's id.

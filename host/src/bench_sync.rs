@@ -64,9 +64,17 @@ pub struct SyncBenchReport {
     /// The joining member's `lost_updates` when its Full Sync completed
     /// (0: the source's history it could not get is join history).
     pub full_sync_joiner_lost_updates: u64,
-    /// The joining member's `join_history_lost` then: the part of the
-    /// source's epoch that had left the source's retransmit queue.
+    /// The joining member's `join_history_lost` then: history no cut
+    /// covered and the source no longer had (0: the snapshot's cut covers
+    /// the source's whole epoch).
     pub full_sync_joiner_history_lost: u64,
+    /// The joining member's `join_history_covered` then: the source's
+    /// updates from before the joiner first heard it that the snapshot's
+    /// cut covered, so that they were never asked for.
+    pub full_sync_joiner_history_covered: u64,
+    /// Updates the source resent on NACKs during the Full Sync (0 on a
+    /// clean link: the joiner asks for none of the history).
+    pub full_sync_source_retrans_updates: u64,
     /// A's host posts an update until B's device holds it (B's event), in
     /// process.
     pub delta_latency_ns: Percentiles,
@@ -223,6 +231,8 @@ pub fn run(o: &SyncBenchOptions) -> Result<SyncBenchReport, SyncBenchError> {
         full_sync_entries_per_s: full_rate,
         full_sync_joiner_lost_updates: full.joiner_lost,
         full_sync_joiner_history_lost: full.joiner_history_lost,
+        full_sync_joiner_history_covered: full.joiner_history_covered,
+        full_sync_source_retrans_updates: full.source_retrans,
         delta_latency_ns: delta_in,
         delta_latency_udp_ns: delta_udp,
         baseline_udp_rtt_ns: baseline,
@@ -550,6 +560,8 @@ struct FullSyncRun {
     records: u64,
     joiner_lost: u64,
     joiner_history_lost: u64,
+    joiner_history_covered: u64,
+    source_retrans: u64,
 }
 
 fn full_sync(conns: u64) -> Result<FullSyncRun, SyncBenchError> {
@@ -576,6 +588,7 @@ fn full_sync(conns: u64) -> Result<FullSyncRun, SyncBenchError> {
     let b = new_member(2, &hub, capacity, &keys)?;
     let nics =
         vec![a.table_ref().driver_ref().device().nic().clone(), b.table_ref().driver_ref().device().nic().clone()];
+    let source = nics[0].clone();
     let poller = Poller::spawn_with(nics, Idle::Spin, || {})?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
@@ -593,6 +606,8 @@ fn full_sync(conns: u64) -> Result<FullSyncRun, SyncBenchError> {
                     records: st.last_full_sync_records,
                     joiner_lost: drv.device_counter(Counter::SyncLostUpdates),
                     joiner_history_lost: drv.device_counter(Counter::SyncHistoryLost),
+                    joiner_history_covered: drv.device_counter(Counter::SyncHistoryCovered),
+                    source_retrans: source.shared().counter(Counter::SyncRetransUpdatesSent),
                 });
             }
         });
@@ -702,12 +717,15 @@ pub fn render(r: &SyncBenchReport) -> String {
     out.push_str(&format!("  threads: {}\n", r.threads));
     out.push_str(&format!(
         "  full sync: {} entries in {:.1} ms ({:.0} entries/s) over TCP on loopback; \
-         the joiner counted {} lost updates and {} of join history\n",
+         the joiner counted {} lost updates, {} of join history lost and {} covered by the cut; \
+         the source resent {} updates\n",
         r.full_sync_entries,
         r.full_sync_ms,
         r.full_sync_entries_per_s,
         r.full_sync_joiner_lost_updates,
-        r.full_sync_joiner_history_lost
+        r.full_sync_joiner_history_lost,
+        r.full_sync_joiner_history_covered,
+        r.full_sync_source_retrans_updates
     ));
     out.push_str(&format!("  delta latency, in process: {}\n", p(&r.delta_latency_ns)));
     out.push_str(&format!("  delta latency, UDP:        {}\n", p(&r.delta_latency_udp_ns)));

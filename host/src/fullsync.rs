@@ -7,7 +7,11 @@
 //! device table and streams it in chunks of [`DeltaRecord`]s. The snapshot is
 //! consistent at the server's Delta Sync sequence number `snapshot_seq`
 //! (sent in BEGIN): the client applies the chunks, then the server's delta
-//! updates after `snapshot_seq`, and has then converged.
+//! updates after `snapshot_seq`, and has then converged. BEGIN also carries
+//! the walk's *cut* (version 2): where it starts in every member's stream
+//! (SYNC_POSITIONS on the server's card), which the client hands to its own
+//! card (SYNC_ALIGN) so that it asks its peers for none of the history the
+//! snapshot holds (docs/cluster.md, `join_history_covered`).
 //!
 //! Everything here is sans-IO, in the manner of quinn-proto:
 //! [`FullSyncServer`] and [`FullSyncClient`] own no socket, clock or thread.
@@ -24,7 +28,7 @@
 //! | kind | value | direction | `index` | `count` | payload |
 //! |---|---|---|---|---|---|
 //! | REQUEST | 1 | client → server | 0 | 0 | [`RequestBody`] (8): requested records per chunk, reserved |
-//! | BEGIN | 2 | server → client | 0 | 0 | [`BeginBody`] (24): `snapshot_seq`, sender epoch, agreed records per chunk, estimated records |
+//! | BEGIN | 2 | server → client | 0 | cut entries, 0..=65 | [`BeginBody`] (24): `snapshot_seq`, sender epoch, agreed records per chunk, estimated records; then `count` × 16-byte [`SyncPosition`] (the cut) |
 //! | CHUNK | 3 | server → client | chunk number, from 0 | records, 1..=agreed | `count` × 88-byte [`DeltaRecord`] |
 //! | ACK | 4 | client → server | chunk applied; after END: number of chunks | 0 | none |
 //! | END | 5 | server → client | 0 | total records | [`EndBody`] (8): table digest |
@@ -143,6 +147,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 
+use nicsync_fwif::cmd::{SyncPosition, MAX_POSITIONS};
 use nicsync_fwif::sync::{DeltaOp, DeltaRecord, RecordFault};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -152,8 +157,8 @@ pub type Nanos = u64;
 
 /// Message magic: the bytes `N F S Y` read as a little-endian `u32`.
 pub const FS_MAGIC: u32 = u32::from_le_bytes(*b"NFSY");
-/// Version of this protocol.
-pub const FS_VERSION: u8 = 1;
+/// Version of this protocol (2: BEGIN carries the snapshot's cut).
+pub const FS_VERSION: u8 = 2;
 /// Size of the message header.
 pub const HEADER_SIZE: usize = 32;
 /// Byte offset of the checksum field in the header.
@@ -568,6 +573,9 @@ pub enum Message {
         chunk_records: u32,
         /// Estimated records (a hint).
         estimated_records: u64,
+        /// Where the snapshot was cut in each member's Delta Sync stream
+        /// (SYNC_POSITIONS on the server; empty from a card without it).
+        cut: Vec<SyncPosition>,
     },
     /// Records.
     Chunk {
@@ -694,14 +702,14 @@ pub fn encode(msg: &Message, cluster_id: u16, sender: u16, session: u32, out: &m
             let b = RequestBody { chunk_records: (*chunk_records).into(), reserved: 0.into() };
             encode_parts(MsgKind::Request, c, s, sess, 0, 0, &[b.as_bytes()], out);
         }
-        Message::Begin { snapshot_seq, epoch, chunk_records, estimated_records } => {
+        Message::Begin { snapshot_seq, epoch, chunk_records, estimated_records, cut } => {
             let b = BeginBody {
                 snapshot_seq: (*snapshot_seq).into(),
                 epoch: (*epoch).into(),
                 chunk_records: (*chunk_records).into(),
                 estimated_records: (*estimated_records).into(),
             };
-            encode_parts(MsgKind::Begin, c, s, sess, 0, 0, &[b.as_bytes()], out);
+            encode_parts(MsgKind::Begin, c, s, sess, 0, sat_u32(cut.len()), &[b.as_bytes(), cut.as_bytes()], out);
         }
         Message::Chunk { index, records } => encode_chunk(c, s, sess, *index, records, out),
         Message::Ack { index } => encode_parts(MsgKind::Ack, c, s, sess, *index, 0, &[], out),
@@ -788,15 +796,23 @@ fn parse_message(hdr: &[u8; HEADER_SIZE], payload: &[u8]) -> Result<Envelope, Fs
         }
         MsgKind::Begin => {
             zero("index", index)?;
-            zero("count", count)?;
-            exact(BEGIN_SIZE)?;
-            let b = BeginBody::read_from_bytes(payload).map_err(|_| bad_len())?;
+            if count > MAX_POSITIONS {
+                return Err(FsError::BadField { kind, field: "count", value: count.into() });
+            }
+            exact(BEGIN_SIZE + count as usize * SyncPosition::SIZE)?;
+            let (body, cut) = payload.split_at(BEGIN_SIZE);
+            let b = BeginBody::read_from_bytes(body).map_err(|_| bad_len())?;
             records_ok("chunk_records", b.chunk_records.get())?;
+            let cut = <[SyncPosition]>::ref_from_bytes(cut).map_err(|_| bad_len())?;
+            if let Some(i) = cut.iter().position(|p| !p.is_valid()) {
+                return Err(FsError::BadField { kind, field: "cut entry", value: i as u64 });
+            }
             Message::Begin {
                 snapshot_seq: b.snapshot_seq.get(),
                 epoch: b.epoch.get(),
                 chunk_records: b.chunk_records.get(),
                 estimated_records: b.estimated_records.get(),
+                cut: cut.to_vec(),
             }
         }
         MsgKind::Chunk => {
@@ -1334,14 +1350,33 @@ impl FullSyncServer {
     /// sends BEGIN with the agreed chunk size. Out of turn it fails the
     /// session with [`FsError::Misuse`]; ignored once finished.
     pub fn begin(&mut self, snapshot_seq: u64, epoch: u32, estimated_records: u64, now: Nanos) {
+        self.begin_at(snapshot_seq, epoch, estimated_records, Vec::new(), now)
+    }
+
+    /// [`begin`](Self::begin) with the snapshot's cut: where the walk
+    /// starts in each member's Delta Sync stream (SYNC_POSITIONS, at most
+    /// [`MAX_POSITIONS`] entries; more fail the session with
+    /// [`FsError::Misuse`]).
+    pub fn begin_at(
+        &mut self,
+        snapshot_seq: u64,
+        epoch: u32,
+        estimated_records: u64,
+        cut: Vec<SyncPosition>,
+        now: Nanos,
+    ) {
         if self.outcome.is_some() {
             return;
         }
         if self.state != ServerState::AwaitBegin {
             return self.fail(FsError::Misuse { what: "begin() without wants_begin()" });
         }
+        if cut.len() > MAX_POSITIONS as usize || cut.iter().any(|p| !p.is_valid()) {
+            return self.fail(FsError::Misuse { what: "begin_at() with a cut that BEGIN cannot carry" });
+        }
         let _ = now; // the next wait is for the local push_chunk()
-        self.link.send(&Message::Begin { snapshot_seq, epoch, chunk_records: self.chunk_records, estimated_records });
+        let chunk_records = self.chunk_records;
+        self.link.send(&Message::Begin { snapshot_seq, epoch, chunk_records, estimated_records, cut });
         self.state = ServerState::NeedChunk;
     }
 
@@ -1476,6 +1511,9 @@ pub enum ClientEvent {
         epoch: u32,
         /// The server's estimate of the records to come (a hint).
         estimated_records: u64,
+        /// Where the snapshot was cut in each member's Delta Sync stream:
+        /// hand it to the card (SYNC_ALIGN) before the hold is released.
+        cut: Vec<SyncPosition>,
     },
     /// Records to apply; then call [`FullSyncClient::chunk_applied`].
     Chunk {
@@ -1592,7 +1630,10 @@ impl FullSyncClient {
         let msg = self.link.check(env)?;
         let state = self.state;
         match (state, msg) {
-            (ClientState::AwaitBegin, Message::Begin { snapshot_seq, epoch, chunk_records, estimated_records }) => {
+            (
+                ClientState::AwaitBegin,
+                Message::Begin { snapshot_seq, epoch, chunk_records, estimated_records, cut },
+            ) => {
                 if chunk_records > self.chunk_records {
                     return Err(FsError::BadField {
                         kind: MsgKind::Begin,
@@ -1601,7 +1642,7 @@ impl FullSyncClient {
                     });
                 }
                 self.chunk_records = chunk_records;
-                self.events.push_back(ClientEvent::Begin { snapshot_seq, epoch, estimated_records });
+                self.events.push_back(ClientEvent::Begin { snapshot_seq, epoch, estimated_records, cut });
                 self.state = ClientState::AwaitChunk(0);
                 self.link.wait(now);
                 Ok(())
@@ -1852,7 +1893,7 @@ mod tests {
             carry(&mut s2c, &mut rng, |b| client.handle_bytes(b, now));
             while let Some(ev) = client.poll_event() {
                 match ev {
-                    ClientEvent::Begin { snapshot_seq, epoch, estimated_records } => {
+                    ClientEvent::Begin { snapshot_seq, epoch, estimated_records, .. } => {
                         begin = Some((snapshot_seq, epoch, estimated_records))
                     }
                     ClientEvent::Chunk { index, records } => {
@@ -1935,7 +1976,7 @@ mod tests {
     }
 
     fn begin(chunk_records: u32) -> Message {
-        Message::Begin { snapshot_seq: 5, epoch: 1, chunk_records, estimated_records: 10 }
+        Message::Begin { snapshot_seq: 5, epoch: 1, chunk_records, estimated_records: 10, cut: Vec::new() }
     }
 
     fn chunk(index: u32, records: &[DeltaRecord]) -> Message {
@@ -2070,7 +2111,10 @@ mod tests {
         assert!(!server.poll_transmit(&mut wire));
         client.handle_bytes(&wire, 4);
         wire.clear();
-        assert_eq!(client.poll_event(), Some(ClientEvent::Begin { snapshot_seq: 7, epoch: 3, estimated_records: 10 }));
+        assert_eq!(
+            client.poll_event(),
+            Some(ClientEvent::Begin { snapshot_seq: 7, epoch: 3, estimated_records: 10, cut: Vec::new() })
+        );
         assert_eq!(client.poll_event(), Some(ClientEvent::Chunk { index: 0, records: rows[..4].to_vec() }));
         assert_eq!(client.poll_event(), None);
         assert!(!client.poll_transmit(&mut wire), "no ACK before the chunk is applied");
@@ -2609,8 +2653,41 @@ mod tests {
         reseal(&mut m);
         assert_eq!(decode_one(&m), Err(FsError::BadLength { kind: MsgKind::End, count: 1, len: 9 }));
         let mut m = ok.clone();
-        m[4] = 2;
-        assert_eq!(decode_one(&m), Err(FsError::BadVersion(2)));
+        m[4] = 1;
+        assert_eq!(decode_one(&m), Err(FsError::BadVersion(1)), "version 1's BEGIN had no cut");
+    }
+
+    #[test]
+    fn begin_carries_the_cut() {
+        let cut = vec![SyncPosition::new(1, 0x77, 801), SyncPosition::new(3, 9, 1)];
+        let msg = Message::Begin { snapshot_seq: 801, epoch: 0x77, chunk_records: 4, estimated_records: 5, cut };
+        let m = s2c(&msg);
+        assert_eq!(m.len(), HEADER_SIZE + BEGIN_SIZE + 2 * SyncPosition::SIZE);
+        assert_eq!(decode_one(&m).map(|e| e.message), Ok(msg));
+        // count and length must agree; an entry naming no stream is refused.
+        let mut bad = m.clone();
+        bad[20] = 1;
+        reseal(&mut bad);
+        assert!(matches!(decode_one(&bad), Err(FsError::BadLength { kind: MsgKind::Begin, .. })), "{bad:?}");
+        let mut bad = m.clone();
+        bad[HEADER_SIZE + BEGIN_SIZE + SyncPosition::SIZE + 8..][..8].fill(0);
+        reseal(&mut bad);
+        let e = Err(FsError::BadField { kind: MsgKind::Begin, field: "cut entry", value: 1 });
+        assert_eq!(decode_one(&bad), e);
+        let mut bad = m;
+        bad[20..24].copy_from_slice(&(MAX_POSITIONS + 1).to_le_bytes());
+        reseal(&mut bad);
+        let e = Err(FsError::BadField { kind: MsgKind::Begin, field: "count", value: u64::from(MAX_POSITIONS) + 1 });
+        assert_eq!(decode_one(&bad), e);
+        // A server cannot send a cut BEGIN cannot carry.
+        let mut server = FullSyncServer::new(params(SERVER_ID, 4), 0);
+        let mut client = FullSyncClient::new(params(CLIENT_ID, 4), SESSION, 0);
+        let mut wire = Vec::new();
+        client.poll_transmit(&mut wire);
+        server.handle_bytes(&wire, 1);
+        assert!(server.wants_begin());
+        server.begin_at(1, 1, 1, vec![SyncPosition::new(0, 1, 1)], 0);
+        assert!(matches!(server.outcome(), Some(Err(FsError::Misuse { .. }))));
     }
 
     #[test]

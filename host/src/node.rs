@@ -253,6 +253,9 @@ struct Pull {
     unacked: Option<u32>,
     /// The server's END arrived (the records it counted).
     done: Option<u64>,
+    /// Where the server's snapshot was cut in each member's Delta Sync
+    /// stream (from BEGIN), told to the card once the pull is done.
+    cut: Vec<nicsync_fwif::cmd::SyncPosition>,
 }
 
 impl Pull {
@@ -269,6 +272,7 @@ impl Pull {
             written: 0,
             unacked: None,
             done: None,
+            cut: Vec::new(),
         }
     }
 
@@ -1478,7 +1482,14 @@ impl<D: NicDevice> Node<D> {
         let Phase::Pulling(p) = &mut self.phase else { return };
         p.finished = true;
         let (conn, started, source) = (p.conn, p.started, p.peer);
+        let cut = std::mem::take(&mut p.cut);
         self.out.push_back(NodeOutput::FsClose { conn });
+        // The card learns which history the snapshot held before the hold
+        // clears: it asks its peers only for the rest (none, unless the
+        // source lagged a peer), not for every update of their epochs.
+        if let Err(e) = self.table.sync_align(&cut) {
+            self.note_error(format!("full sync: telling the card the snapshot's cut: {e}"));
+        }
         if let Err(e) = self.table.driver().set_sync_hold(false) {
             self.note_error(format!("full sync: releasing sync hold: {e}"));
         }
@@ -1554,7 +1565,19 @@ impl<D: NicDevice> Node<D> {
             if s.server.wants_begin() && walk_free && !s.closed && audited {
                 let seq = self.table.driver_ref().device_counter(Counter::SyncNextSeq);
                 let estimate = self.table.len() as u64;
-                s.server.begin(seq, self.cfg.incarnation, estimate, now);
+                // The walk's cut, just before its first chunk: the client's
+                // card then asks its peers for none of the history the
+                // snapshot holds. Without it the client asks for all of it.
+                let cut = match self.table.sync_positions() {
+                    Ok(cut) => cut.unwrap_or_default(),
+                    Err(e) => {
+                        let why = format!("serving full sync: reading the sync positions: {e}");
+                        tracing::warn!(member = self.cfg.member_id, "{why}");
+                        self.stats.last_error = Some(why);
+                        Vec::new()
+                    }
+                };
+                s.server.begin_at(seq, self.cfg.incarnation, estimate, cut, now);
                 s.walking = true;
             }
             while s.server.wants_chunk() && !s.closed {
@@ -1711,8 +1734,9 @@ fn pump_pull<D: NicDevice>(
     let mut fail = None;
     while let Some(ev) = client.poll_event() {
         match ev {
-            ClientEvent::Begin { estimated_records, .. } => {
+            ClientEvent::Begin { estimated_records, cut, .. } => {
                 table.reserve_copy(usize::try_from(estimated_records).unwrap_or(usize::MAX));
+                p.cut = cut;
             }
             ClientEvent::Chunk { index, records } => {
                 if p.pending.is_empty() {

@@ -994,7 +994,7 @@ pub fn syncstat_json<D: NicDevice>(node: &Node<D>, net: &NetStats) -> serde_json
     let s = node.stats();
     let sec = node.security_stats();
     let refused = node.refused();
-    json!({
+    let mut v = json!({
         "updates_sent": c(Counter::SyncUpdatesSent),
         "updates_received": c(Counter::SyncUpdatesReceived),
         "updates_applied": c(Counter::SyncUpdatesApplied),
@@ -1042,5 +1042,9 @@ pub fn syncstat_json<D: NicDevice>(node: &Node<D>, net: &NetStats) -> serde_json
         "recovery": drv.recovery_stats(),
         "net": net,
         "last_error": s.last_error,
-    })
+    });
+    // Beside the object's literal: one more key there exceeds the json!
+    // macro's recursion limit.
+    v["join_history_covered"] = c(Counter::SyncHistoryCovered).into();
+    v
 }

@@ -13,7 +13,10 @@
 
 use std::collections::VecDeque;
 
-use nicsync_fwif::cmd::{CommandDescriptor, ConnOp, DescFlags, LoadStatus, Opcode, LOAD_MAX_RECORDS, SNAPSHOT_DONE};
+use nicsync_fwif::cmd::{
+    CommandDescriptor, ConnOp, DescFlags, LoadStatus, Opcode, SyncPosition, LOAD_MAX_RECORDS, MAX_POSITIONS,
+    SNAPSHOT_DONE,
+};
 use nicsync_fwif::conn::{ConnKey, ConnRecord, ConnState, Nat};
 use nicsync_fwif::cpl::{Completion, CplStatus};
 use nicsync_fwif::event::Event;
@@ -344,6 +347,8 @@ pub struct ConnTable<D: NicDevice> {
     snap_bytes: usize,
     /// LOAD's records, then its statuses (allocated at the first LOAD).
     load_buf: Option<DmaBuffer>,
+    /// SYNC_POSITIONS' and SYNC_ALIGN's entries (allocated at first use).
+    pos_buf: Option<DmaBuffer>,
     /// Fault recovery, when enabled (boxed: the fast path only tests it).
     rec: Option<Box<Recovery>>,
 }
@@ -368,6 +373,7 @@ impl<D: NicDevice> ConnTable<D> {
             snap_buf: None,
             snap_bytes: SNAPSHOT_CHUNK_BYTES,
             load_buf: None,
+            pos_buf: None,
             rec: None,
         }
     }
@@ -1772,6 +1778,62 @@ impl<D: NicDevice> ConnTable<D> {
             out.push(u);
         }
         Ok(next)
+    }
+
+    /// Where the card's Delta Sync streams stand (SYNC_POSITIONS): its own
+    /// next number first, then, per peer it follows, the next number it
+    /// expects (none while it holds its peers' updates). Taken just before
+    /// a Full Sync's walk, it is the walk's cut ([`ConnTable::sync_align`]).
+    /// `Ok(None)` from a card without the `SYNC_ALIGN` capability.
+    pub fn sync_positions(&mut self) -> Result<Option<Vec<SyncPosition>>, TableError> {
+        if !self.drv.info().caps.contains(Capabilities::SYNC_ALIGN) {
+            return Ok(None);
+        }
+        let iova = self.pos_buf_iova()?;
+        let c = self.drv.execute(&CommandDescriptor::positions(0, false, iova, MAX_POSITIONS), None)?;
+        let n = status_result(&c)?;
+        if n == 0 || n > u64::from(MAX_POSITIONS) {
+            return Err(TableError::BadRecord(format!("SYNC_POSITIONS wrote {n} entries (1 to {MAX_POSITIONS})")));
+        }
+        let mut out = vec![SyncPosition::default(); n as usize];
+        if let Some(b) = &self.pos_buf {
+            b.mem().read(0, out.as_mut_bytes()).map_err(DriverError::from)?;
+        }
+        if let Some(bad) = out.iter().find(|p| !p.is_valid()) {
+            return Err(TableError::BadRecord(format!("SYNC_POSITIONS wrote an invalid entry {bad:?}")));
+        }
+        Ok(Some(out))
+    }
+
+    /// Tells the card where a Full Sync's snapshot was cut in each peer's
+    /// stream (SYNC_ALIGN with the server's [`ConnTable::sync_positions`]),
+    /// so that it asks for none of the history the snapshot holds. Returns
+    /// how many entries aligned a stream; `Ok(None)` from a card without
+    /// the `SYNC_ALIGN` capability (it asks for all of it when the hold
+    /// clears).
+    pub fn sync_align(&mut self, cut: &[SyncPosition]) -> Result<Option<u64>, TableError> {
+        if !self.drv.info().caps.contains(Capabilities::SYNC_ALIGN) || cut.is_empty() {
+            return Ok(None);
+        }
+        let cut = &cut[..cut.len().min(MAX_POSITIONS as usize)];
+        let iova = self.pos_buf_iova()?;
+        if let Some(b) = &self.pos_buf {
+            b.mem().write(0, cut.as_bytes()).map_err(DriverError::from)?;
+        }
+        let c = self.drv.execute(&CommandDescriptor::positions(0, true, iova, cut.len() as u32), None)?;
+        let n = status_result(&c)?;
+        if n > cut.len() as u64 {
+            return Err(TableError::BadRecord(format!("SYNC_ALIGN aligned {n} of {} entries", cut.len())));
+        }
+        Ok(Some(n))
+    }
+
+    fn pos_buf_iova(&mut self) -> Result<u64, TableError> {
+        if self.pos_buf.is_none() {
+            let bytes = MAX_POSITIONS as usize * SyncPosition::SIZE;
+            self.pos_buf = Some(self.drv.device().alloc_dma(bytes).map_err(DriverError::from)?);
+        }
+        self.pos_buf.as_ref().map(DmaBuffer::iova).ok_or(TableError::Refused(CplStatus::Internal))
     }
 }
 
