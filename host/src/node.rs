@@ -256,6 +256,10 @@ struct Pull {
     /// Where the server's snapshot was cut in each member's Delta Sync
     /// stream (from BEGIN), told to the card once the pull is done.
     cut: Vec<nicsync_fwif::cmd::SyncPosition>,
+    /// The slice of the first pending chunk posted to the card
+    /// (`ConnTable::load_post`) and not taken in yet: `from..to`, and
+    /// whether it ends the chunk.
+    posted: Option<(usize, usize, bool)>,
 }
 
 impl Pull {
@@ -273,6 +277,7 @@ impl Pull {
             unacked: None,
             done: None,
             cut: Vec::new(),
+            posted: None,
         }
     }
 
@@ -1064,6 +1069,9 @@ impl<D: NicDevice> Node<D> {
             member_id: self.cfg.member_id,
             chunk_records: self.cfg.chunk_records,
             timeout_ns: self.cfg.full_sync_timeout_ns,
+            // A sealed member's streams pass through its secure channel
+            // (fs_data), which authenticates every byte.
+            authenticated: self.security.is_some(),
         }
     }
 
@@ -1719,11 +1727,15 @@ impl<D: NicDevice> Node<D> {
 /// A chunk is acknowledged when it arrives whole and checked, before it is
 /// written, if no earlier chunk still waits to be written: the server then
 /// reads and sends the next chunk while this member writes this one, rather
-/// than both sides taking turns. The acknowledgement leaves (the call
-/// returns) before the write starts. A chunk that arrives while one waits
-/// is acknowledged once that one is written, so at most two are held. A
+/// than both sides taking turns. A chunk that arrives while one waits is
+/// acknowledged once that one is written, so at most two are held. A
 /// write that fails still fails the transfer (the member stays Down and
 /// pulls again); END completes it only once every chunk is written.
+///
+/// A slice is posted to the card (`ConnTable::load_post`) and taken in at
+/// the next call: the card writes it while the loop decodes what arrived
+/// (and, on a member that also serves, walks its own table), instead of
+/// the loop waiting for the card.
 fn pump_pull<D: NicDevice>(
     table: &mut ConnTable<D>,
     out: &mut VecDeque<NodeOutput>,
@@ -1732,6 +1744,30 @@ fn pump_pull<D: NicDevice>(
 ) -> Option<Result<u64, String>> {
     let client = p.client.as_mut()?;
     let mut fail = None;
+    if let Some((from, to, last)) = p.posted.take() {
+        let written = table.load_take().unwrap_or_else(|| Ok(Vec::new()));
+        let index = p.pending.front().map_or(0, |c| c.0);
+        let bad = match written {
+            Ok(results) => results.into_iter().find_map(|r| match r {
+                Ok(_) | Err(TableError::Stale { .. }) => None,
+                Err(e) => Some(e.to_string()),
+            }),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(e) = bad {
+            fail = Some(format!("full sync: writing chunk {index}: {e}"));
+        } else {
+            p.records += (to - from) as u64;
+            p.written = to;
+            if last {
+                p.pending.pop_front();
+                p.written = 0;
+                if let Some(next) = p.unacked.take() {
+                    client.chunk_applied(next, now);
+                }
+            }
+        }
+    }
     while let Some(ev) = client.poll_event() {
         match ev {
             ClientEvent::Begin { estimated_records, cut, .. } => {
@@ -1753,48 +1789,26 @@ fn pump_pull<D: NicDevice>(
             }
         }
     }
-    let sent = transmit(client, p.conn, out);
+    transmit(client, p.conn, out);
     // One slice of a chunk per call: the loop's turn stays short (the first
     // chunks of a large pull take a page fault per record in the freshly
     // reserved copy, 10 us each here: 80-90 ms for a chunk of 8,192), and
     // the loop comes back at once for the rest (`has_work`).
-    let slice = match (&fail, sent, p.pending.front()) {
-        (None, false, Some((index, records))) => {
-            let from = p.written.min(records.len());
-            let to = (from + PULL_SLICE_RECORDS).min(records.len());
-            Some((*index, from, to, to == records.len()))
-        }
-        _ => None,
-    };
-    if let Some((index, from, to, last)) = slice {
-        let written = match p.pending.front() {
-            Some((_, records)) => table.load(&records[from..to]),
-            None => Ok(Vec::new()),
-        };
-        let bad = match written {
-            Ok(results) => results.into_iter().find_map(|r| match r {
-                Ok(_) | Err(TableError::Stale { .. }) => None,
-                Err(e) => Some(e.to_string()),
-            }),
-            Err(e) => Some(e.to_string()),
-        };
-        if let Some(e) = bad {
-            fail = Some(format!("full sync: writing chunk {index}: {e}"));
-        } else {
-            p.records += (to - from) as u64;
-            p.written = to;
-            if last {
-                p.pending.pop_front();
-                p.written = 0;
-                if let Some(next) = p.unacked.take() {
-                    client.chunk_applied(next, now);
-                    transmit(client, p.conn, out);
-                }
-            }
+    if let (None, Some((_, records))) = (&fail, p.pending.front()) {
+        let from = p.written.min(records.len());
+        let to = (from + PULL_SLICE_RECORDS).min(records.len());
+        match table.load_post(&records[from..to]) {
+            Ok(()) => p.posted = Some((from, to, to == records.len())),
+            Err(e) => fail = Some(format!("full sync: writing chunk {}: {e}", p.pending.front().map_or(0, |c| c.0))),
         }
     }
     if let Some(why) = fail {
         p.finished = true;
+        // A slice still on the card is settled; its outcome no longer
+        // matters.
+        if p.posted.take().is_some() {
+            let _ = table.load_take();
+        }
         return Some(Err(why));
     }
     match p.done {

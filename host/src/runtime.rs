@@ -249,6 +249,11 @@ pub async fn serve_with<D: NicDevice + 'static>(
             // Sync chunk's acknowledgement would wait for the chunk's
             // writing to the card (a few ms), and the source with it.
             tokio::task::yield_now().await;
+        } else if node.table_ref().load_posted() {
+            // The card is writing a Full Sync slice: the other tasks on
+            // this thread (stream readers, a member served from here) run
+            // meanwhile, before the loop comes back to take it in.
+            tokio::task::yield_now().await;
         }
         let next = match (node.poll_timeout(), kernel.as_ref().and_then(KernelLink::poll_timeout)) {
             (Some(a), Some(b)) => Some(a.min(b)),

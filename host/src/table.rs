@@ -349,6 +349,8 @@ pub struct ConnTable<D: NicDevice> {
     load_buf: Option<DmaBuffer>,
     /// SYNC_POSITIONS' and SYNC_ALIGN's entries (allocated at first use).
     pos_buf: Option<DmaBuffer>,
+    /// The LOAD [`ConnTable::load_post`] posted, not yet taken in.
+    posted_load: Option<PostedLoad>,
     /// Fault recovery, when enabled (boxed: the fast path only tests it).
     rec: Option<Box<Recovery>>,
 }
@@ -374,6 +376,7 @@ impl<D: NicDevice> ConnTable<D> {
             snap_bytes: SNAPSHOT_CHUNK_BYTES,
             load_buf: None,
             pos_buf: None,
+            posted_load: None,
             rec: None,
         }
     }
@@ -591,6 +594,7 @@ impl<D: NicDevice> ConnTable<D> {
     /// memory: 88 bytes an entry instead of a chained pair of descriptors;
     /// one without it gets the pairs.
     pub fn load(&mut self, records: &[DeltaRecord]) -> Result<Vec<Result<u32, TableError>>, DriverError> {
+        self.drop_posted_load();
         if !self.drv.info().caps.contains(Capabilities::LOAD) {
             return self.load_by_pairs(records);
         }
@@ -602,6 +606,58 @@ impl<D: NicDevice> ConnTable<D> {
             }
         }
         Ok(out)
+    }
+
+    /// [`ConnTable::load`] in two steps, so that the caller works while the
+    /// card writes: posts one LOAD of `records` (at most
+    /// [`LOAD_MAX_RECORDS`]) and returns; [`ConnTable::load_take`] then
+    /// waits for it and gives what [`ConnTable::load`] would have. Other
+    /// commands may run in between (each completion is kept by its tag).
+    /// Where one posted LOAD cannot do it (fault recovery on, a card
+    /// without LOAD, more records, a full ring), the records are written
+    /// now, as [`ConnTable::load`] does, and the take gives the outcome.
+    /// One post at a time: a post, or a [`ConnTable::load`], before the
+    /// take waits for the earlier LOAD and drops its outcome (its caller
+    /// gave up on it).
+    pub fn load_post(&mut self, records: &[DeltaRecord]) -> Result<(), DriverError> {
+        self.drop_posted_load();
+        let one = self.rec.is_none()
+            && self.drv.info().caps.contains(Capabilities::LOAD)
+            && !records.is_empty()
+            && records.len() <= LOAD_MAX_RECORDS as usize
+            && self.drv.can_post(1);
+        let posted = if one {
+            let d = self.stage_load(records)?;
+            let tag = self.drv.post(&d, None)?;
+            self.drv.ring();
+            PostedLoad::InFlight { tag, records: records.to_vec() }
+        } else {
+            PostedLoad::Done(self.load(records))
+        };
+        self.posted_load = Some(posted);
+        Ok(())
+    }
+
+    /// The outcome of the LOAD [`ConnTable::load_post`] posted (waiting
+    /// for its completion); `None` if nothing was posted.
+    pub fn load_take(&mut self) -> Option<Result<Vec<Result<u32, TableError>>, DriverError>> {
+        Some(match self.posted_load.take()? {
+            PostedLoad::Done(r) => r,
+            PostedLoad::InFlight { tag, records } => self.drv.wait(tag).map(|c| self.load_outcome(&records, &c)),
+        })
+    }
+
+    /// Whether a LOAD posted by [`ConnTable::load_post`] awaits its take.
+    pub fn load_posted(&self) -> bool {
+        self.posted_load.is_some()
+    }
+
+    /// Settles a posted LOAD nobody took in, so that the LOAD buffer is
+    /// free again.
+    fn drop_posted_load(&mut self) {
+        if let Some(Err(e)) = self.load_take() {
+            tracing::warn!("a LOAD posted and never taken in failed: {e}");
+        }
     }
 
     /// [`ConnTable::load`] by chained descriptor pairs (a device without
@@ -653,22 +709,26 @@ impl<D: NicDevice> ConnTable<D> {
     ) -> Result<(), DriverError> {
         let d = self.stage_load(records)?;
         let c = self.drv.execute(&d, None)?;
+        out.extend(self.load_outcome(records, &c));
+        Ok(())
+    }
+
+    /// Per-record outcomes of the LOAD of `records` that completed with `c`.
+    fn load_outcome(&mut self, records: &[DeltaRecord], c: &Completion) -> Vec<Result<u32, TableError>> {
         if c.status != CplStatus::Success {
             // Nothing was applied (DMA_ERROR, MALFORMED; a device that
             // failed after applying goes FATAL, which `execute` reports as
             // an error): each record has the command's answer.
-            out.extend(records.iter().map(|_| status_result(&c).map(|r| r as u32)));
-            return Ok(());
+            return records.iter().map(|_| status_result(c).map(|r| r as u32)).collect();
         }
         match self.load_statuses(records, c.result) {
-            Ok(r) => out.extend(r),
+            Ok(r) => r,
             Err(why) => {
                 self.drv.recovery_mut().corrupt_completions += 1;
                 let why = format!("LOAD statuses: {why}");
-                out.extend(records.iter().map(|_| Err(TableError::BadRecord(why.clone()))));
+                records.iter().map(|_| Err(TableError::BadRecord(why.clone()))).collect()
             }
         }
-        Ok(())
     }
 
     /// [`ConnTable::load_chunk`] with recovery. The records are taken into
@@ -1835,6 +1895,15 @@ impl<D: NicDevice> ConnTable<D> {
         }
         self.pos_buf.as_ref().map(DmaBuffer::iova).ok_or(TableError::Refused(CplStatus::Internal))
     }
+}
+
+/// A LOAD posted by [`ConnTable::load_post`].
+enum PostedLoad {
+    /// On the ring: its tag, and a copy of its records (their statuses are
+    /// judged against them).
+    InFlight { tag: u16, records: Vec<DeltaRecord> },
+    /// Written at the post already (see [`ConnTable::load_post`]).
+    Done(Result<Vec<Result<u32, TableError>>, DriverError>),
 }
 
 /// Iterator over the table's records (see [`ConnTable::snapshot`]).
