@@ -297,7 +297,9 @@ struct Serve {
     walking: bool,
     cursor: u32,
     walk_done: bool,
-    buf: Vec<DeltaUpdate>,
+    /// Records walked and not sent yet (from `pos`), checked, as they go
+    /// on the wire.
+    buf: Vec<nicsync_fwif::sync::DeltaRecord>,
     pos: usize,
     closed: bool,
 }
@@ -1595,7 +1597,7 @@ impl<D: NicDevice> Node<D> {
                         s.buf.drain(..s.pos);
                         s.pos = 0;
                     }
-                    match self.table.sync_snapshot_chunk(s.cursor, &mut s.buf) {
+                    match self.table.sync_snapshot_records(s.cursor, &mut s.buf) {
                         Ok(next) if next == SNAPSHOT_DONE => s.walk_done = true,
                         Ok(next) => s.cursor = next,
                         Err(e) => {
@@ -1611,8 +1613,7 @@ impl<D: NicDevice> Node<D> {
                     }
                 }
                 let end = (s.pos + want).min(s.buf.len());
-                let recs: Vec<_> = s.buf[s.pos..end].iter().map(DeltaUpdate::to_record).collect();
-                s.server.push_chunk(&recs, now);
+                s.server.push_chunk(&s.buf[s.pos..end], now);
                 s.pos = end;
                 if s.server.outcome().is_some() {
                     break;

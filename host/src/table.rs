@@ -1814,6 +1814,27 @@ impl<D: NicDevice> ConnTable<D> {
         self.sync_snapshot_chunk_max(cursor, out, usize::MAX)
     }
 
+    /// [`ConnTable::sync_snapshot_chunk`] as the records themselves, each
+    /// checked as the decode would ([`DeltaRecord::validate`], an owner):
+    /// what a Full Sync server sends on as it is, without decoding every
+    /// record and encoding it again.
+    pub fn sync_snapshot_records(&mut self, cursor: u32, out: &mut Vec<DeltaRecord>) -> Result<u32, TableError> {
+        if cursor == 0 {
+            self.audit_cancel();
+        }
+        let (next, raw) = self.snapshot_raw(cursor, true, RECORD_SIZE, usize::MAX)?;
+        let recs = <[DeltaRecord]>::ref_from_bytes(&raw)
+            .map_err(|_| TableError::BadRecord(format!("{} bytes of sync records", raw.len())))?;
+        for r in recs {
+            let op = r.validate().map_err(|e| TableError::BadRecord(e.to_string()))?;
+            if r.owner.get() == 0 {
+                return Err(TableError::BadRecord(format!("snapshot sync record {op:?} without an owner")));
+            }
+        }
+        out.extend_from_slice(recs);
+        Ok(next)
+    }
+
     /// [`ConnTable::sync_snapshot_chunk`] into at most `max_bytes` of the
     /// buffer: shorter chunks for a walk that takes a slice of an event
     /// loop's turn ([`SHORT_CHUNK_BYTES`]).
