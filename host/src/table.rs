@@ -612,31 +612,25 @@ impl<D: NicDevice> ConnTable<D> {
     /// card writes: posts one LOAD of `records` (at most
     /// [`LOAD_MAX_RECORDS`]) and returns; [`ConnTable::load_take`] then
     /// waits for it and gives what [`ConnTable::load`] would have. Other
-    /// commands may run in between (each completion is kept by its tag);
-    /// with fault recovery on, any call that reads or changes the card or
-    /// the host's copy takes the LOAD in first, so that the copy records
-    /// every write in the card's order, and a fault met at the take is
-    /// recovered from as [`ConnTable::load`] would. Where one posted LOAD
-    /// cannot do it (a card without LOAD, more records, a full ring), the
-    /// records are written now, as [`ConnTable::load`] does, and the take
-    /// gives the outcome.
+    /// commands may run in between (each completion is kept by its tag).
+    /// Where one posted LOAD cannot do it (fault recovery on, a card
+    /// without LOAD, more records, a full ring), the records are written
+    /// now, as [`ConnTable::load`] does, and the take gives the outcome.
     /// One post at a time: a post, or a [`ConnTable::load`], before the
     /// take waits for the earlier LOAD and drops its outcome (its caller
     /// gave up on it).
     pub fn load_post(&mut self, records: &[DeltaRecord]) -> Result<(), DriverError> {
         self.drop_posted_load();
-        let one = self.drv.info().caps.contains(Capabilities::LOAD)
+        let one = self.rec.is_none()
+            && self.drv.info().caps.contains(Capabilities::LOAD)
             && !records.is_empty()
-            && records.len() <= LOAD_MAX_RECORDS as usize;
-        let recovering = self.rec.as_ref().map(|r| r.cfg);
-        let posted = if one && (recovering.is_some() || self.drv.can_post(1)) {
-            let desc = match recovering {
-                Some(_) => self.load_recovering_prepare(records)?,
-                None => self.stage_load(records)?,
-            };
-            let tag = self.drv.post(&desc, None)?;
+            && records.len() <= LOAD_MAX_RECORDS as usize
+            && self.drv.can_post(1);
+        let posted = if one {
+            let d = self.stage_load(records)?;
+            let tag = self.drv.post(&d, None)?;
             self.drv.ring();
-            PostedLoad::InFlight { tag, desc, records: records.to_vec(), recovering }
+            PostedLoad::InFlight { tag, records: records.to_vec() }
         } else {
             PostedLoad::Done(self.load(records))
         };
@@ -649,27 +643,8 @@ impl<D: NicDevice> ConnTable<D> {
     pub fn load_take(&mut self) -> Option<Result<Vec<Result<u32, TableError>>, DriverError>> {
         Some(match self.posted_load.take()? {
             PostedLoad::Done(r) => r,
-            PostedLoad::InFlight { tag, records, recovering: None, .. } => {
-                self.drv.wait(tag).map(|c| self.load_outcome(&records, &c))
-            }
-            PostedLoad::InFlight { tag, desc, records, recovering: Some(cfg) } => {
-                let first = self.drv.wait(tag);
-                let mut out = Vec::with_capacity(records.len());
-                self.load_recovering_finish(&records, cfg, &desc, first, &mut out).map(|()| out)
-            }
+            PostedLoad::InFlight { tag, records } => self.drv.wait(tag).map(|c| self.load_outcome(&records, &c)),
         })
-    }
-
-    /// With fault recovery on, a posted LOAD is taken in (its outcome kept
-    /// for [`ConnTable::load_take`]) before anything else reads or changes
-    /// the card or the copy: the copy then records every write in the
-    /// card's order.
-    fn settle_posted_load(&mut self) {
-        if matches!(self.posted_load, Some(PostedLoad::InFlight { recovering: Some(_), .. })) {
-            if let Some(r) = self.load_take() {
-                self.posted_load = Some(PostedLoad::Done(r));
-            }
-        }
     }
 
     /// Whether a LOAD posted by [`ConnTable::load_post`] awaits its take.
@@ -770,37 +745,12 @@ impl<D: NicDevice> ConnTable<D> {
         cfg: RecoveryConfig,
         out: &mut Vec<Result<u32, TableError>>,
     ) -> Result<(), DriverError> {
-        let d = self.load_recovering_prepare(records)?;
-        let first = self.drv.execute(&d, None);
-        self.load_recovering_finish(records, cfg, &d, first, out)
-    }
-
-    /// The card settled and a slot free, the LOAD of `records` staged: its
-    /// descriptor.
-    fn load_recovering_prepare(&mut self, records: &[DeltaRecord]) -> Result<CommandDescriptor, DriverError> {
         self.settle_first().map_err(into_driver)?;
         self.make_room(1).map_err(into_driver)?;
-        self.stage_load(records)
-    }
-
-    /// The rest of [`ConnTable::load_chunk_recovering`] once the LOAD `d`
-    /// of `records` ran once with the outcome `first`.
-    fn load_recovering_finish(
-        &mut self,
-        records: &[DeltaRecord],
-        cfg: RecoveryConfig,
-        d: &CommandDescriptor,
-        first: Result<Completion, DriverError>,
-        out: &mut Vec<Result<u32, TableError>>,
-    ) -> Result<(), DriverError> {
+        let d = self.stage_load(records)?;
         let mut retries = 0;
-        let mut first = Some(first);
         let statuses = loop {
-            let ran = match first.take() {
-                Some(r) => r,
-                None => self.drv.execute(d, None),
-            };
-            match ran {
+            match self.drv.execute(&d, None) {
                 Ok(c) if c.status == CplStatus::DmaError && retries < cfg.max_retries => {
                     retries += 1;
                     self.drv.recovery_mut().count_dma_retry();
@@ -1054,7 +1004,6 @@ impl<D: NicDevice> ConnTable<D> {
         let Some(cfg) = self.rec.as_ref().map(|r| r.cfg) else {
             return Err(DriverError::Config("fault recovery is not enabled".into()).into());
         };
-        self.settle_posted_load();
         // Aged entries the device already reported must not come back.
         self.absorb_events();
         let mut attempts = 0;
@@ -1088,7 +1037,6 @@ impl<D: NicDevice> ConnTable<D> {
 
     /// Recovers first if an earlier call gave up on a fault.
     fn settle_first(&mut self) -> Result<(), TableError> {
-        self.settle_posted_load();
         if self.rec.as_ref().is_some_and(|r| r.unsettled) {
             tracing::warn!("the card's state is unknown since a call gave up on a fault: recovering first");
             self.recover()?;
@@ -1537,7 +1485,6 @@ impl<D: NicDevice> ConnTable<D> {
     /// by another walk of the card (which tears it); an abandoned audit
     /// leaves the next one to walk again.
     pub fn audit_step(&mut self) -> Result<Option<AuditReport>, TableError> {
-        self.settle_posted_load();
         self.audit_step_with(false)
     }
 
@@ -1973,11 +1920,9 @@ impl<D: NicDevice> ConnTable<D> {
 
 /// A LOAD posted by [`ConnTable::load_post`].
 enum PostedLoad {
-    /// On the ring: its tag and descriptor, a copy of its records (their
-    /// statuses are judged against them), and the recovery settings if
-    /// fault recovery is on (the take then runs its part of
-    /// `load_chunk_recovering`).
-    InFlight { tag: u16, desc: CommandDescriptor, records: Vec<DeltaRecord>, recovering: Option<RecoveryConfig> },
+    /// On the ring: its tag, and a copy of its records (their statuses are
+    /// judged against them).
+    InFlight { tag: u16, records: Vec<DeltaRecord> },
     /// Written at the post already (see [`ConnTable::load_post`]).
     Done(Result<Vec<Result<u32, TableError>>, DriverError>),
 }
