@@ -12,6 +12,7 @@
 //! | 2 | the local driver misbehaves now and then (wrong `chunk_applied` index, early `push_chunk`) |
 //! | 3 | end with EOF |
 //! | 4-5 | records per chunk asked for / allowed: 1, 2, 4 or 16 |
+//! | 6 | the stream is authenticated (a sealed channel): messages without a checksum (`FLAG_NO_CHECKSUM`) are taken, and this side sends none |
 //!
 //! The client is member [`CLIENT`] of cluster [`CLUSTER`] with session
 //! [`SESSION`]; the server is member [`SERVER`] and sends [`SERVER_RECORDS`]
@@ -23,7 +24,7 @@
 //! that finishes sent every record.
 
 use nicsync::fullsync::{
-    checksum, encode, ClientEvent, FullSyncClient, FullSyncParams, FullSyncServer, StreamDecoder, CHECKSUM_OFFSET,
+    checksum, encode, encode_unchecked, ClientEvent, FullSyncClient, FullSyncParams, FullSyncServer, StreamDecoder, CHECKSUM_OFFSET,
     HEADER_SIZE,
 };
 use nicsync_fwif::sync::{DeltaRecord, DeltaUpdate};
@@ -78,16 +79,32 @@ pub fn fix_checksums(stream: &mut [u8]) {
     }
 }
 
-/// The decoder on its own: every accepted message re-encodes to its bytes.
-fn decode_round_trip(stream: &[u8]) {
-    let mut dec = StreamDecoder::new();
+/// Whether flags say the stream is authenticated (bit 6).
+fn authenticated(flags: u8) -> bool {
+    flags & 0x40 != 0
+}
+
+fn decoder(flags: u8) -> StreamDecoder {
+    if authenticated(flags) {
+        StreamDecoder::authenticated()
+    } else {
+        StreamDecoder::new()
+    }
+}
+
+/// The decoder on its own: every accepted message re-encodes to its bytes
+/// (without its checksum where it came without one).
+fn decode_round_trip(flags: u8, stream: &[u8]) {
+    let mut dec = decoder(flags);
     let mut rest = stream;
     while !rest.is_empty() {
         let (used, res) = dec.feed(rest);
         match res {
             Some(Ok(env)) => {
                 let mut out = Vec::new();
-                encode(&env.message, env.cluster_id, env.sender, env.session, &mut out);
+                let unchecked = rest.get(6).is_some_and(|f| f & 1 != 0);
+                let enc = if unchecked { encode_unchecked } else { encode };
+                enc(&env.message, env.cluster_id, env.sender, env.session, &mut out);
                 assert!(out == rest[..used], "a decoded message does not encode back to its bytes: {:?}", env);
             }
             Some(Err(e)) => {
@@ -121,6 +138,7 @@ fn params(member: u16, flags: u8) -> FullSyncParams {
         member_id: member,
         chunk_records: chunk_records(flags),
         timeout_ns: TIMEOUT_NS,
+        authenticated: authenticated(flags),
     }
 }
 
@@ -213,7 +231,7 @@ pub fn run(data: &[u8]) {
     if flags & 2 != 0 {
         fix_checksums(&mut stream);
     }
-    decode_round_trip(&stream);
+    decode_round_trip(flags, &stream);
     let parts = pieces(&stream, &cuts);
     let mut tx = Vec::new();
     if flags & 1 != 0 {
@@ -221,8 +239,8 @@ pub fn run(data: &[u8]) {
     } else {
         run_client(flags, &parts, &mut tx);
     }
-    // What a side sends must itself decode.
-    let mut dec = StreamDecoder::new();
+    // What a side sends must itself decode (by a peer as authenticated).
+    let mut dec = decoder(flags);
     dec.push(&tx);
     while let Some(m) = dec.next_frame() {
         assert!(m.is_ok(), "a state machine sent a message its peer refuses: {m:?}");
