@@ -262,12 +262,14 @@ pub const MAX_POSITIONS: u32 = 65;
 ///
 /// SYNC_POSITIONS writes this member's own stream first (`member` is this
 /// member, `next_seq` the number its next update gets), then one entry per
-/// peer whose epoch the unit follows (`next_seq` the next number it
-/// expects: every earlier one was applied to the table). While SYNC_HOLD
-/// is set, or held updates are still being applied, the peers' entries are
-/// left out (what was received is held, not in the table). SYNC_ALIGN reads such a list: for each peer's stream the
-/// joining member's table now holds everything before `next_seq` (see
-/// docs/abi.md, "Joining").
+/// peer whose epoch the unit follows (`next_seq`: every earlier number was
+/// applied to the table; the first one lost, if any, else the next one
+/// expected). While SYNC_HOLD is set, or held updates are still being
+/// applied, or after a peer update was dropped from the hold or did not fit
+/// the table, the peers' entries are left out (they are not all in the
+/// table). SYNC_ALIGN reads such a list: for each peer's stream the joining
+/// member's table now holds everything before `next_seq` (docs/abi.md,
+/// "SYNC_POSITIONS and SYNC_ALIGN").
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct SyncPosition {

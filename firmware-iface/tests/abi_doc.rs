@@ -478,12 +478,12 @@ fn opcode_doc(op: Opcode) -> OpDoc {
         Opcode::SyncPositions => OpDoc {
             body: "`PositionsBody`",
             result: "entries written",
-            statuses: &[Success, DmaError, InvalidOpcode, Malformed],
+            statuses: &[Success, DmaError, Malformed],
         },
         Opcode::SyncAlign => OpDoc {
             body: "`PositionsBody`",
             result: "entries that aligned a receiver",
-            statuses: &[Success, DmaError, InvalidOpcode, Malformed],
+            statuses: &[Success, DmaError, Malformed],
         },
         Opcode::Ext => {
             OpDoc { body: "`ExtBody`", result: "— (never succeeds alone)", statuses: &[InvalidOpcode, Malformed] }

@@ -85,11 +85,7 @@ fn authenticated(flags: u8) -> bool {
 }
 
 fn decoder(flags: u8) -> StreamDecoder {
-    if authenticated(flags) {
-        StreamDecoder::authenticated()
-    } else {
-        StreamDecoder::new()
-    }
+    StreamDecoder::with_authentication(authenticated(flags))
 }
 
 /// The decoder on its own: every accepted message re-encodes to its bytes

@@ -1776,10 +1776,14 @@ impl Core {
 
     /// SYNC_POSITIONS: the sync unit's positions written to `buf_addr`
     /// (room for `entries`); the result is how many were written. Without
-    /// a sync unit: INVALID_OPCODE, as a design without one would answer.
+    /// a sync unit there is no stream: nothing is written, result 0.
     fn sync_positions(&mut self, buf_addr: u64, entries: u32) -> Outcome {
-        let Some(unit) = &self.sync else { return Outcome::err(CplStatus::InvalidOpcode) };
-        let mut pos = unit.positions(self.hold || !self.held.is_empty());
+        let Some(unit) = &self.sync else { return Outcome::ok(0) };
+        // Peer updates held, dropped from the hold, or that did not fit the
+        // table are not in it: no peer's position can be vouched for.
+        let drops = self.counters[Counter::SyncHoldDrops as usize];
+        let unapplied = self.hold || !self.held.is_empty() || drops > 0 || unit.stats.apply_failed > 0;
+        let mut pos = unit.positions(unapplied);
         pos.truncate(entries as usize);
         match self.tlb.translate(buf_addr, pos.len() * SyncPosition::SIZE) {
             Ok(r) => match r.write(0, pos.as_bytes()) {
@@ -1792,9 +1796,11 @@ impl Core {
 
     /// SYNC_ALIGN: `entries` positions read from `buf_addr` align the
     /// receivers (see [`SyncUnit::align`]); the result is how many did.
+    /// Only a joining member (SYNC_HOLD set) takes a cut: at any other
+    /// time it aligns nothing (a synced member's streams are its own).
     fn sync_align(&mut self, buf_addr: u64, entries: u32) -> Outcome {
-        if self.sync.is_none() {
-            return Outcome::err(CplStatus::InvalidOpcode);
+        if self.sync.is_none() || !self.hold {
+            return Outcome::ok(0);
         }
         let mut cut = vec![SyncPosition::default(); entries as usize];
         let read = self.tlb.translate(buf_addr, cut.len() * SyncPosition::SIZE).map(|r| r.read(0, cut.as_mut_bytes()));
@@ -1802,7 +1808,7 @@ impl Core {
             return self.dma_error();
         }
         let now = self.now_ns;
-        let Some(unit) = &mut self.sync else { return Outcome::err(CplStatus::InvalidOpcode) };
+        let Some(unit) = &mut self.sync else { return Outcome::ok(0) };
         Outcome::ok(unit.align(&cut, now))
     }
 

@@ -67,7 +67,11 @@
 //!   when the member stops joining without a cut (it seeded its table
 //!   itself) is asked for then. Either way nothing is silently skipped:
 //!   what the peer no longer has is counted in [`SyncStats::history_lost`]
-//!   and raises a resync.
+//!   and raises a resync. History asked for late is delivered after the
+//!   later updates already delivered: the one exception to the in-order
+//!   delivery above, harmless under the conflict rule (generation, then
+//!   owner; a delete's tombstone beats an older upsert for as long as the
+//!   tombstone is kept).
 //! * **Conflicts.** Members apply each other's updates through the device's
 //!   generation rule; [`resolve`] is the deterministic order behind it
 //!   (generation, then owner member id, then the record itself), so members
@@ -171,11 +175,11 @@ pub struct SyncStats {
     /// Updates a peer had sent before a HELLO this receiver adopted while
     /// the member was joining (its device held sync: a Full Sync was about
     /// to replace its table), that the peer no longer had (receiver). They
-    /// raise a resync like any loss, which the Full Sync absorbs: it carries
-    /// them. Whether a number is history is fixed when the HELLO is
-    /// adopted; it is asked for only where the Full Sync's cut does not
-    /// cover it ([`DeltaReceiver::align`]), or when the member stops
-    /// joining without a cut.
+    /// raise a resync like any loss. Whether a number is history is fixed
+    /// when the HELLO is adopted; it is asked for only where the Full
+    /// Sync's cut does not cover it ([`DeltaReceiver::align`], once the
+    /// pull is done), or when the member stops joining without a cut: by
+    /// then the member may be synced, and the resync is a merge.
     pub history_lost: u64,
     /// History a Full Sync's cut covered, so that it was never asked for
     /// (receiver; see [`DeltaReceiver::align`]).
@@ -930,11 +934,15 @@ pub struct DeltaReceiver {
     history_end: u64,
     /// History not asked for yet, `from..to`: skipped when the epoch was
     /// adopted while joining, until a cut covers it or joining ends.
-    history: Option<(u64, u64)>,
-    /// Numbers delivered already that a rewind to ask for history put
-    /// back above `expected`, `from..to`: never delivered twice, never
-    /// asked for again.
-    delivered: Option<(u64, u64)>,
+    unasked_history: Option<(u64, u64)>,
+    /// Numbers passed already (delivered, or declared lost) that a rewind
+    /// to ask for history put back above `expected`, `from..to`: never
+    /// delivered twice, never asked for again.
+    passed: Option<(u64, u64)>,
+    /// The lowest number of the current epoch declared lost outside the
+    /// history: nothing from there on is known to be in the table
+    /// ([`DeltaReceiver::applied_next`]).
+    first_loss: Option<u64>,
 }
 
 impl DeltaReceiver {
@@ -960,8 +968,9 @@ impl DeltaReceiver {
             stats: SyncStats::default(),
             joining: false,
             history_end: 0,
-            history: None,
-            delivered: None,
+            unasked_history: None,
+            passed: None,
+            first_loss: None,
         })
     }
 
@@ -980,6 +989,15 @@ impl DeltaReceiver {
         self.expected
     }
 
+    /// Every number of the current epoch before this one was delivered:
+    /// [`DeltaReceiver::expected`], or the first number declared lost
+    /// since the epoch began (outside the history), if lower. A Full
+    /// Sync's cut reports this, not `expected`: what was lost is not in
+    /// the table the snapshot copies.
+    pub fn applied_next(&self) -> u64 {
+        self.first_loss.map_or(self.expected, |f| f.min(self.expected))
+    }
+
     /// Counters (with the current reorder depth).
     pub fn stats(&self) -> SyncStats {
         let mut s = self.stats;
@@ -994,7 +1012,7 @@ impl DeltaReceiver {
     pub fn set_joining(&mut self, joining: bool, now: Nanos) {
         self.joining = joining;
         if !joining {
-            if let Some((from, to)) = self.history.take() {
+            if let Some((from, to)) = self.unasked_history.take() {
                 self.rewind(from, to, now);
             }
         }
@@ -1002,7 +1020,7 @@ impl DeltaReceiver {
 
     /// History not asked for yet (`from..to`), if any.
     pub fn pending_history(&self) -> Option<(u64, u64)> {
-        self.history
+        self.unasked_history
     }
 
     /// A Full Sync's snapshot holds everything this peer sent in `epoch`
@@ -1019,7 +1037,7 @@ impl DeltaReceiver {
                 true
             }
             Some(e) if e == epoch => {
-                if let Some((from, to)) = self.history.take() {
+                if let Some((from, to)) = self.unasked_history.take() {
                     let cut = next_seq.clamp(from, to);
                     self.stats.history_covered = self.stats.history_covered.saturating_add(cut - from);
                     if cut < to {
@@ -1040,26 +1058,26 @@ impl DeltaReceiver {
             return;
         }
         if self.expected > to {
-            self.delivered = Some((to, self.expected));
+            self.passed = Some((to, self.expected));
         }
         self.expected = from;
         self.last_acked = self.last_acked.min(from - 1);
         self.after_change(now);
     }
 
-    /// Past numbers delivered already (see `delivered`).
-    fn skip_delivered(&mut self) {
-        if let Some((from, to)) = self.delivered {
+    /// Past numbers passed already (see `passed`).
+    fn skip_passed(&mut self) {
+        if let Some((from, to)) = self.passed {
             if self.expected >= from {
                 self.expected = self.expected.max(to);
-                self.delivered = None;
+                self.passed = None;
             }
         }
     }
 
-    /// Whether `seq` was delivered already (see `delivered`).
-    fn was_delivered(&self, seq: u64) -> bool {
-        self.delivered.is_some_and(|(from, to)| (from..to).contains(&seq))
+    /// Whether `seq` was passed already (see `passed`).
+    fn was_passed(&self, seq: u64) -> bool {
+        self.passed.is_some_and(|(from, to)| (from..to).contains(&seq))
     }
 
     /// Follows `epoch` from `next_seq` on, e.g. after a Full Sync whose
@@ -1071,8 +1089,9 @@ impl DeltaReceiver {
         }
         self.epoch = Some(epoch);
         self.history_end = 0;
-        self.history = None;
-        self.delivered = None;
+        self.unasked_history = None;
+        self.passed = None;
+        self.first_loss = None;
         self.expected = next_seq.max(1);
         self.peer_next = self.peer_next.max(self.expected);
         self.buffer = self.buffer.split_off(&self.expected);
@@ -1197,7 +1216,7 @@ impl DeltaReceiver {
 
     /// Takes one update of the current epoch.
     fn accept(&mut self, seq: u64, rec: DeltaRecord) {
-        if seq < self.expected || self.buffer.contains_key(&seq) || self.was_delivered(seq) {
+        if seq < self.expected || self.buffer.contains_key(&seq) || self.was_passed(seq) {
             self.stats.duplicates += 1;
         } else if seq == self.expected {
             self.deliver(seq, &rec);
@@ -1221,11 +1240,11 @@ impl DeltaReceiver {
             Err(_) => self.stats.lost_updates += 1,
         }
         self.expected = seq + 1;
-        self.skip_delivered();
+        self.skip_passed();
     }
 
     fn drain_buffer(&mut self) {
-        self.skip_delivered();
+        self.skip_passed();
         while let Some(rec) = self.buffer.remove(&self.expected) {
             self.deliver(self.expected, &rec);
         }
@@ -1241,11 +1260,11 @@ impl DeltaReceiver {
         let held = std::mem::replace(&mut self.buffer, rest);
         let first = self.expected;
         // Numbers in `lo..=hi` that nothing held and that were not
-        // delivered before a rewind: `first` >= 1 and `through` < u64::MAX
+        // passed before a rewind: `first` >= 1 and `through` < u64::MAX
         // (a number a frame can name), so no bound wraps.
-        let delivered = self.delivered;
+        let passed = self.passed;
         let missing = |lo: u64, hi: u64| {
-            let had = delivered.map_or(0, |(from, to)| to.min(hi + 1).saturating_sub(from.max(lo)));
+            let had = passed.map_or(0, |(from, to)| to.min(hi + 1).saturating_sub(from.max(lo)));
             (hi - lo + 1) - held.range(lo..=hi).count() as u64 - had
         };
         let lost = missing(first, through);
@@ -1263,6 +1282,12 @@ impl DeltaReceiver {
             // Saturating: the counts come from numbers a peer chose.
             self.stats.history_lost = self.stats.history_lost.saturating_add(history);
             self.stats.lost_updates = self.stats.lost_updates.saturating_add(lost - history);
+            if lost > history {
+                // The first missing number outside the history, or one
+                // below it (a lower cut only asks for more).
+                let at = first.max(self.history_end);
+                self.first_loss = Some(self.first_loss.map_or(at, |f| f.min(at)));
+            }
             self.stats.resyncs_requested += 1;
             let epoch = self.epoch.unwrap_or(0);
             self.events.push_back(ReceiverEvent::ResyncNeeded { peer: self.cfg.peer, epoch, lost, through, reason });
@@ -1291,9 +1316,10 @@ impl DeltaReceiver {
         // What the peer sent before this HELLO is history while joining:
         // the Full Sync carries it, so it is not asked for (see `align`).
         self.history_end = if self.joining { next_seq } else { 0 };
-        self.history = (self.joining && next_seq > first_seq).then_some((first_seq, next_seq));
-        self.delivered = None;
-        self.expected = if self.history.is_some() { next_seq } else { first_seq };
+        self.unasked_history = (self.joining && next_seq > first_seq).then_some((first_seq, next_seq));
+        self.passed = None;
+        self.first_loss = None;
+        self.expected = if self.unasked_history.is_some() { next_seq } else { first_seq };
         self.buffer.clear();
         self.nack = None;
         self.last_acked = self.expected - 1;
@@ -1353,15 +1379,15 @@ impl DeltaReceiver {
         let mut n = 0;
         let mut cur = self.expected;
         // What is here already, in order: buffered numbers, and the block
-        // delivered before a rewind (no buffered number lies in it).
-        let mut delivered = self.delivered;
+        // passed before a rewind (no buffered number lies in it).
+        let mut passed = self.passed;
         let held = self.buffer.keys().map(|&seq| (seq, seq + 1));
         let mut held = held.peekable();
         loop {
-            let next = match (delivered, held.peek()) {
-                (Some(d), Some(&b)) if d.0 < b.0 => delivered.take(),
+            let next = match (passed, held.peek()) {
+                (Some(d), Some(&b)) if d.0 < b.0 => passed.take(),
                 (_, Some(_)) => held.next(),
-                (Some(_), None) => delivered.take(),
+                (Some(_), None) => passed.take(),
                 (None, None) => None,
             };
             let Some((from, to)) = next else { break };

@@ -105,14 +105,16 @@ impl SyncUnit {
     }
 
     /// Where the streams stand (SYNC_POSITIONS): this member's own first,
-    /// then each peer whose epoch is followed, unless `held` (its updates
-    /// are held, not in the table).
-    pub fn positions(&self, held: bool) -> Vec<SyncPosition> {
+    /// then, per peer whose epoch is followed, the number before which
+    /// everything was applied ([`DeltaReceiver::applied_next`]). No peer's
+    /// entry if `unapplied` (peer updates are held, or some did not reach
+    /// the table: they are not in it).
+    pub fn positions(&self, unapplied: bool) -> Vec<SyncPosition> {
         let c = self.sender.config();
         let own = SyncPosition::new(c.member_id, c.epoch, self.sender.next_seq());
-        let peers = self.receivers.iter().filter(|_| !held).filter_map(|r| {
+        let peers = self.receivers.iter().filter(|_| !unapplied).filter_map(|r| {
             let epoch = r.epoch()?;
-            Some(SyncPosition::new(r.config().peer, epoch, r.expected().max(1)))
+            Some(SyncPosition::new(r.config().peer, epoch, r.applied_next().max(1)))
         });
         std::iter::once(own).chain(peers).collect()
     }
@@ -123,7 +125,11 @@ impl SyncUnit {
     /// aligned.
     pub fn align(&mut self, cut: &[SyncPosition], now: Nanos) -> u64 {
         let mut aligned = 0;
-        for p in cut.iter().filter(|p| p.is_valid()) {
+        for (i, p) in cut.iter().enumerate().filter(|(_, p)| p.is_valid()) {
+            // One entry per member: a repeated one is skipped.
+            if cut[..i].iter().any(|q| q.member == p.member) {
+                continue;
+            }
             if let Some(r) = self.receivers.iter_mut().find(|r| r.config().peer == p.member.get()) {
                 aligned += u64::from(r.align(p.epoch.get(), p.next_seq.get(), now));
             }

@@ -168,7 +168,8 @@ pub type Nanos = u64;
 /// Message magic: the bytes `N F S Y` read as a little-endian `u32`.
 pub const FS_MAGIC: u32 = u32::from_le_bytes(*b"NFSY");
 /// Version of this protocol (2: BEGIN carries the snapshot's cut, and
-/// [`FLAG_NO_CHECKSUM`]).
+/// [`FLAG_NO_CHECKSUM`]). A peer speaking another version is refused with
+/// [`FsError::BadVersion`]: the members of a cluster run one release.
 pub const FS_VERSION: u8 = 2;
 /// Header flag: no checksum; the stream is authenticated (see the module
 /// docs).
@@ -941,7 +942,13 @@ impl StreamDecoder {
     /// An empty decoder of a stream the transport authenticates: it also
     /// takes messages without a checksum ([`FLAG_NO_CHECKSUM`]).
     pub fn authenticated() -> Self {
-        StreamDecoder { authenticated: true, ..Self::default() }
+        Self::with_authentication(true)
+    }
+
+    /// [`StreamDecoder::authenticated`] if `authenticated`, else
+    /// [`StreamDecoder::new`].
+    pub fn with_authentication(authenticated: bool) -> Self {
+        StreamDecoder { authenticated, ..Self::default() }
     }
 
     /// Takes bytes from the stream; complete messages (or the stream's
@@ -1214,16 +1221,8 @@ struct Link {
 
 impl Link {
     fn new(p: FullSyncParams, session: u32) -> Self {
-        let dec = Self::decoder(&p);
+        let dec = StreamDecoder::with_authentication(p.authenticated);
         Link { p: p.clamped(), dec, tx: Vec::new(), session, peer: None, deadline: None }
-    }
-
-    fn decoder(p: &FullSyncParams) -> StreamDecoder {
-        if p.authenticated {
-            StreamDecoder::authenticated()
-        } else {
-            StreamDecoder::new()
-        }
     }
 
     fn sender(&self) -> Sender {
@@ -1261,7 +1260,7 @@ impl Link {
     fn fail(&mut self, e: &FsError) {
         self.tx.clear();
         self.deadline = None;
-        self.dec = Self::decoder(&self.p);
+        self.dec = StreamDecoder::with_authentication(self.p.authenticated);
         let msg = match e {
             FsError::Remote { .. } => return,
             FsError::Aborted { code, reason } => Message::Error { code: *code, reason: reason.clone() },

@@ -257,9 +257,9 @@ struct Pull {
     /// stream (from BEGIN), told to the card once the pull is done.
     cut: Vec<nicsync_fwif::cmd::SyncPosition>,
     /// The slice of the first pending chunk posted to the card
-    /// (`ConnTable::load_post`) and not taken in yet: `from..to`, and
-    /// whether it ends the chunk.
-    posted: Option<(usize, usize, bool)>,
+    /// (`ConnTable::load_post`) and not taken in yet: its ticket,
+    /// `from..to`, and whether it ends the chunk.
+    posted: Option<(crate::table::LoadTicket, usize, usize, bool)>,
 }
 
 impl Pull {
@@ -883,7 +883,9 @@ impl<D: NicDevice> Node<D> {
         if self.merge.as_ref().is_some_and(|p| p.conn == conn && !p.finished && p.done.is_none()) {
             self.note_error("merge: stream closed before the end".into());
             self.stats.merges_failed += 1;
-            self.merge = None;
+            if self.merge.take().is_some_and(|p| p.posted.is_some()) {
+                self.table.drop_posted_load();
+            }
         }
         if let Some(s) = self.serving.iter_mut().find(|s| s.conn == conn) {
             s.closed = true;
@@ -1479,6 +1481,11 @@ impl<D: NicDevice> Node<D> {
     fn pull_failed(&mut self, why: String, now: Nanos) {
         let Phase::Pulling(p) = &mut self.phase else { return };
         p.finished = true;
+        // A slice still on the card: settled now, its outcome no longer
+        // matters (the next pull empties the table).
+        if p.posted.take().is_some() {
+            self.table.drop_posted_load();
+        }
         let (conn, attempt) = (p.conn, p.attempt);
         self.stats.full_syncs_failed += 1;
         self.note_error(why);
@@ -1745,8 +1752,10 @@ fn pump_pull<D: NicDevice>(
 ) -> Option<Result<u64, String>> {
     let client = p.client.as_mut()?;
     let mut fail = None;
-    if let Some((from, to, last)) = p.posted.take() {
-        let written = table.load_take().unwrap_or_else(|| Ok(Vec::new()));
+    if let Some((ticket, from, to, last)) = p.posted.take() {
+        // None: another writer's post settled this one, outcome unseen.
+        let lost = || Err(crate::driver::DriverError::Config("the slice's LOAD was settled by another write".into()));
+        let written = table.load_take(ticket).unwrap_or_else(lost);
         let index = p.pending.front().map_or(0, |c| c.0);
         let bad = match written {
             Ok(results) => results.into_iter().find_map(|r| match r {
@@ -1799,17 +1808,12 @@ fn pump_pull<D: NicDevice>(
         let from = p.written.min(records.len());
         let to = (from + PULL_SLICE_RECORDS).min(records.len());
         match table.load_post(&records[from..to]) {
-            Ok(()) => p.posted = Some((from, to, to == records.len())),
+            Ok(ticket) => p.posted = Some((ticket, from, to, to == records.len())),
             Err(e) => fail = Some(format!("full sync: writing chunk {}: {e}", p.pending.front().map_or(0, |c| c.0))),
         }
     }
     if let Some(why) = fail {
         p.finished = true;
-        // A slice still on the card is settled; its outcome no longer
-        // matters.
-        if p.posted.take().is_some() {
-            let _ = table.load_take();
-        }
         return Some(Err(why));
     }
     match p.done {

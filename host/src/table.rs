@@ -349,8 +349,11 @@ pub struct ConnTable<D: NicDevice> {
     load_buf: Option<DmaBuffer>,
     /// SYNC_POSITIONS' and SYNC_ALIGN's entries (allocated at first use).
     pos_buf: Option<DmaBuffer>,
-    /// The LOAD [`ConnTable::load_post`] posted, not yet taken in.
-    posted_load: Option<PostedLoad>,
+    /// The LOAD [`ConnTable::load_post`] posted, not yet taken in, with its
+    /// ticket.
+    posted_load: Option<(LoadTicket, PostedLoad)>,
+    /// The last ticket given.
+    load_tickets: u64,
     /// Fault recovery, when enabled (boxed: the fast path only tests it).
     rec: Option<Box<Recovery>>,
 }
@@ -377,6 +380,7 @@ impl<D: NicDevice> ConnTable<D> {
             load_buf: None,
             pos_buf: None,
             posted_load: None,
+            load_tickets: 0,
             rec: None,
         }
     }
@@ -617,9 +621,10 @@ impl<D: NicDevice> ConnTable<D> {
     /// without LOAD, more records, a full ring), the records are written
     /// now, as [`ConnTable::load`] does, and the take gives the outcome.
     /// One post at a time: a post, or a [`ConnTable::load`], before the
-    /// take waits for the earlier LOAD and drops its outcome (its caller
-    /// gave up on it).
-    pub fn load_post(&mut self, records: &[DeltaRecord]) -> Result<(), DriverError> {
+    /// take waits for the earlier LOAD and drops its outcome, and that
+    /// LOAD's take then answers `None`: its caller must treat the slice as
+    /// not written.
+    pub fn load_post(&mut self, records: &[DeltaRecord]) -> Result<LoadTicket, DriverError> {
         self.drop_posted_load();
         let one = self.rec.is_none()
             && self.drv.info().caps.contains(Capabilities::LOAD)
@@ -634,14 +639,24 @@ impl<D: NicDevice> ConnTable<D> {
         } else {
             PostedLoad::Done(self.load(records))
         };
-        self.posted_load = Some(posted);
-        Ok(())
+        self.load_tickets += 1;
+        let ticket = LoadTicket(self.load_tickets);
+        self.posted_load = Some((ticket, posted));
+        Ok(ticket)
     }
 
-    /// The outcome of the LOAD [`ConnTable::load_post`] posted (waiting
-    /// for its completion); `None` if nothing was posted.
-    pub fn load_take(&mut self) -> Option<Result<Vec<Result<u32, TableError>>, DriverError>> {
-        Some(match self.posted_load.take()? {
+    /// The outcome of the LOAD [`ConnTable::load_post`] posted with
+    /// `ticket` (waiting for its completion); `None` if that LOAD is not
+    /// the one posted (never posted, taken, or dropped by a later post).
+    pub fn load_take(&mut self, ticket: LoadTicket) -> Option<Result<Vec<Result<u32, TableError>>, DriverError>> {
+        if self.posted_load.as_ref().is_none_or(|(t, _)| *t != ticket) {
+            return None;
+        }
+        self.take_posted_load()
+    }
+
+    fn take_posted_load(&mut self) -> Option<Result<Vec<Result<u32, TableError>>, DriverError>> {
+        Some(match self.posted_load.take()?.1 {
             PostedLoad::Done(r) => r,
             PostedLoad::InFlight { tag, records } => self.drv.wait(tag).map(|c| self.load_outcome(&records, &c)),
         })
@@ -653,9 +668,9 @@ impl<D: NicDevice> ConnTable<D> {
     }
 
     /// Settles a posted LOAD nobody took in, so that the LOAD buffer is
-    /// free again.
-    fn drop_posted_load(&mut self) {
-        if let Some(Err(e)) = self.load_take() {
+    /// free again (its caller gave up on it).
+    pub fn drop_posted_load(&mut self) {
+        if let Some(Err(e)) = self.take_posted_load() {
             tracing::warn!("a LOAD posted and never taken in failed: {e}");
         }
     }
@@ -1819,10 +1834,20 @@ impl<D: NicDevice> ConnTable<D> {
     /// what a Full Sync server sends on as it is, without decoding every
     /// record and encoding it again.
     pub fn sync_snapshot_records(&mut self, cursor: u32, out: &mut Vec<DeltaRecord>) -> Result<u32, TableError> {
+        self.sync_snapshot_records_max(cursor, out, usize::MAX)
+    }
+
+    fn sync_snapshot_records_max(
+        &mut self,
+        cursor: u32,
+        out: &mut Vec<DeltaRecord>,
+        max_bytes: usize,
+    ) -> Result<u32, TableError> {
         if cursor == 0 {
+            // One walk at a time on a device: this one tears the audit's.
             self.audit_cancel();
         }
-        let (next, raw) = self.snapshot_raw(cursor, true, RECORD_SIZE, usize::MAX)?;
+        let (next, raw) = self.snapshot_raw(cursor, true, RECORD_SIZE, max_bytes)?;
         let recs = <[DeltaRecord]>::ref_from_bytes(&raw)
             .map_err(|_| TableError::BadRecord(format!("{} bytes of sync records", raw.len())))?;
         for r in recs {
@@ -1844,19 +1869,11 @@ impl<D: NicDevice> ConnTable<D> {
         out: &mut Vec<DeltaUpdate>,
         max_bytes: usize,
     ) -> Result<u32, TableError> {
-        if cursor == 0 {
-            // One walk at a time on a device: this one tears the audit's.
-            self.audit_cancel();
-        }
-        let (next, raw) = self.snapshot_raw(cursor, true, RECORD_SIZE, max_bytes)?;
-        out.reserve(raw.len() / RECORD_SIZE);
-        for chunk in raw.chunks_exact(RECORD_SIZE) {
-            let rec = DeltaRecord::read_from_bytes(chunk).unwrap_or_default();
-            let u = rec.decode().map_err(|e| TableError::BadRecord(e.to_string()))?;
-            if u.owner == 0 {
-                return Err(TableError::BadRecord(format!("snapshot sync record {:?} without an owner", u.op)));
-            }
-            out.push(u);
+        let mut recs = Vec::new();
+        let next = self.sync_snapshot_records_max(cursor, &mut recs, max_bytes)?;
+        out.reserve(recs.len());
+        for r in &recs {
+            out.push(r.decode().map_err(|e| TableError::BadRecord(e.to_string()))?);
         }
         Ok(next)
     }
@@ -1917,6 +1934,10 @@ impl<D: NicDevice> ConnTable<D> {
         self.pos_buf.as_ref().map(DmaBuffer::iova).ok_or(TableError::Refused(CplStatus::Internal))
     }
 }
+
+/// Names one [`ConnTable::load_post`], for its [`ConnTable::load_take`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadTicket(u64);
 
 /// A LOAD posted by [`ConnTable::load_post`].
 enum PostedLoad {

@@ -158,7 +158,8 @@ fn load_answers_as_the_replica_writes_would() {
 /// `load_post` then `load_take`, with other commands between, answers as
 /// `load` does and leaves the same table, with fault recovery off (one
 /// LOAD on the ring while the caller works) and on (written at the post).
-/// A post left untaken is settled by the next: its records are applied.
+/// A post left untaken is settled by the next: its records are applied,
+/// and its own take answers `None` (the caller treats it as unwritten).
 #[test]
 fn a_posted_load_is_taken_in_as_load_would_answer() {
     for recovery in [false, true] {
@@ -178,7 +179,7 @@ fn a_posted_load_is_taken_in_as_load_would_answer() {
         for round in 0..6 {
             let records: Vec<DeltaRecord> =
                 (0..1 + rng.below(LOAD_MAX_RECORDS as u64)).map(|_| record(&mut rng)).collect();
-            posted.load_post(&records).expect("post");
+            let ticket = posted.load_post(&records).expect("post");
             assert!(posted.load_posted());
             // Commands of the caller's own while the card writes.
             let looked = posted.lookup(&other).expect("lookup between");
@@ -187,8 +188,8 @@ fn a_posted_load_is_taken_in_as_load_would_answer() {
                 posted.upsert(&other, &st).expect("upsert between");
                 direct.upsert(&other, &st).expect("upsert");
             }
-            let a = posted.load_take().expect("posted").expect("take");
-            assert!(!posted.load_posted() && posted.load_take().is_none());
+            let a = posted.load_take(ticket).expect("posted").expect("take");
+            assert!(!posted.load_posted() && posted.load_take(ticket).is_none());
             let b = direct.load(&records).expect("load");
             let (a, b): (Vec<String>, Vec<String>) = (a.iter().map(answer).collect(), b.iter().map(answer).collect());
             assert_eq!(a, b, "recovery {recovery} round {round}");
@@ -197,9 +198,10 @@ fn a_posted_load_is_taken_in_as_load_would_answer() {
         // Posted and never taken: the next post settles it first.
         let first: Vec<DeltaRecord> = (0..50).map(|_| record(&mut rng)).collect();
         let second: Vec<DeltaRecord> = (0..50).map(|_| record(&mut rng)).collect();
-        posted.load_post(&first).expect("post");
-        posted.load_post(&second).expect("post again");
-        let _ = posted.load_take().expect("posted").expect("take");
+        let dropped = posted.load_post(&first).expect("post");
+        let ticket = posted.load_post(&second).expect("post again");
+        assert!(posted.load_take(dropped).is_none(), "the first post's outcome was dropped: its take says so");
+        let _ = posted.load_take(ticket).expect("posted").expect("take");
         direct.load(&first).expect("load");
         direct.load(&second).expect("load");
         assert_eq!(contents(&mut posted), contents(&mut direct), "recovery {recovery}: the untaken post was applied");
