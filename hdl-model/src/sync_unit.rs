@@ -111,12 +111,15 @@ impl SyncUnit {
     /// the table: they are not in it).
     pub fn positions(&self, unapplied: bool) -> Vec<SyncPosition> {
         let c = self.sender.config();
-        let own = SyncPosition::new(c.member_id, c.epoch, self.sender.next_seq());
-        let peers = self.receivers.iter().filter(|_| !unapplied).filter_map(|r| {
-            let epoch = r.epoch()?;
-            Some(SyncPosition::new(r.config().peer, epoch, r.applied_next().max(1)))
-        });
-        std::iter::once(own).chain(peers).collect()
+        let mut out = vec![SyncPosition::new(c.member_id, c.epoch, self.sender.next_seq())];
+        if !unapplied {
+            out.extend(
+                self.receivers
+                    .iter()
+                    .filter_map(|r| Some(SyncPosition::new(r.config().peer, r.epoch()?, r.applied_next().max(1)))),
+            );
+        }
+        out
     }
 
     /// A Full Sync's cut (SYNC_ALIGN): each entry naming a peer aligns that

@@ -281,6 +281,14 @@ impl Pull {
         }
     }
 
+    /// Gives up the slice still posted to the card, if any: settled now,
+    /// its outcome no longer matters (the pull or merge is over).
+    fn drop_write<D: NicDevice>(&mut self, table: &mut ConnTable<D>) {
+        if self.posted.take().is_some() {
+            table.drop_posted_load();
+        }
+    }
+
     /// Chunks wait to be written: the loop must come back at once.
     fn has_work(&self) -> bool {
         !self.pending.is_empty()
@@ -883,8 +891,8 @@ impl<D: NicDevice> Node<D> {
         if self.merge.as_ref().is_some_and(|p| p.conn == conn && !p.finished && p.done.is_none()) {
             self.note_error("merge: stream closed before the end".into());
             self.stats.merges_failed += 1;
-            if self.merge.take().is_some_and(|p| p.posted.is_some()) {
-                self.table.drop_posted_load();
+            if let Some(mut p) = self.merge.take() {
+                p.drop_write(&mut self.table);
             }
         }
         if let Some(s) = self.serving.iter_mut().find(|s| s.conn == conn) {
@@ -1481,11 +1489,7 @@ impl<D: NicDevice> Node<D> {
     fn pull_failed(&mut self, why: String, now: Nanos) {
         let Phase::Pulling(p) = &mut self.phase else { return };
         p.finished = true;
-        // A slice still on the card: settled now, its outcome no longer
-        // matters (the next pull empties the table).
-        if p.posted.take().is_some() {
-            self.table.drop_posted_load();
-        }
+        p.drop_write(&mut self.table);
         let (conn, attempt) = (p.conn, p.attempt);
         self.stats.full_syncs_failed += 1;
         self.note_error(why);

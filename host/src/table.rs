@@ -693,11 +693,8 @@ impl<D: NicDevice> ConnTable<D> {
     /// Copies `records` (at most LOAD_MAX_RECORDS) to the LOAD buffer and
     /// returns the LOAD descriptor for them.
     fn stage_load(&mut self, records: &[DeltaRecord]) -> Result<CommandDescriptor, DriverError> {
-        if self.load_buf.is_none() {
-            let bytes = LOAD_STATUS_OFFSET + LOAD_MAX_RECORDS as usize * std::mem::size_of::<LoadStatus>();
-            self.load_buf = Some(self.drv.device().alloc_dma(bytes)?);
-        }
-        let Some(b) = &self.load_buf else { return Err(DriverError::Config("no LOAD buffer".into())) };
+        let bytes = LOAD_STATUS_OFFSET + LOAD_MAX_RECORDS as usize * std::mem::size_of::<LoadStatus>();
+        let b = lazy_dma(&self.drv, &mut self.load_buf, bytes)?;
         b.mem().write(0, records.as_bytes())?;
         let statuses = b.iova() + LOAD_STATUS_OFFSET as u64;
         // The last LOAD's statuses are overwritten with ones no device
@@ -1773,13 +1770,8 @@ impl<D: NicDevice> ConnTable<D> {
         size: usize,
         max_bytes: usize,
     ) -> Result<(u32, Vec<u8>), TableError> {
-        if self.snap_buf.is_none() {
-            self.snap_buf = Some(self.drv.device().alloc_dma(self.snap_bytes).map_err(DriverError::from)?);
-        }
-        let (iova, len) = match &self.snap_buf {
-            Some(b) => (b.iova(), b.len().min(max_bytes.max(size)).min(u32::MAX as usize) as u32),
-            None => return Err(TableError::Refused(CplStatus::Internal)),
-        };
+        let b = lazy_dma(&self.drv, &mut self.snap_buf, self.snap_bytes)?;
+        let (iova, len) = (b.iova(), b.len().min(max_bytes.max(size)).min(u32::MAX as usize) as u32);
         let d = if sync {
             CommandDescriptor::snapshot_sync_records(0, iova, len, cursor)
         } else {
@@ -1887,16 +1879,18 @@ impl<D: NicDevice> ConnTable<D> {
         if !self.drv.info().caps.contains(Capabilities::SYNC_ALIGN) {
             return Ok(None);
         }
-        let iova = self.pos_buf_iova()?;
-        let c = self.drv.execute(&CommandDescriptor::positions(0, false, iova, MAX_POSITIONS), None)?;
+        let b = lazy_dma(&self.drv, &mut self.pos_buf, POSITIONS_BYTES)?;
+        let d = CommandDescriptor::positions(0, false, b.iova(), MAX_POSITIONS);
+        let c = self.drv.execute(&d, None)?;
         let n = status_result(&c)?;
         if n == 0 || n > u64::from(MAX_POSITIONS) {
             return Err(TableError::BadRecord(format!("SYNC_POSITIONS wrote {n} entries (1 to {MAX_POSITIONS})")));
         }
         let mut out = vec![SyncPosition::default(); n as usize];
-        if let Some(b) = &self.pos_buf {
-            b.mem().read(0, out.as_mut_bytes()).map_err(DriverError::from)?;
-        }
+        lazy_dma(&self.drv, &mut self.pos_buf, POSITIONS_BYTES)?
+            .mem()
+            .read(0, out.as_mut_bytes())
+            .map_err(DriverError::from)?;
         if let Some(bad) = out.iter().find(|p| !p.is_valid()) {
             return Err(TableError::BadRecord(format!("SYNC_POSITIONS wrote an invalid entry {bad:?}")));
         }
@@ -1914,25 +1908,32 @@ impl<D: NicDevice> ConnTable<D> {
             return Ok(None);
         }
         let cut = &cut[..cut.len().min(MAX_POSITIONS as usize)];
-        let iova = self.pos_buf_iova()?;
-        if let Some(b) = &self.pos_buf {
-            b.mem().write(0, cut.as_bytes()).map_err(DriverError::from)?;
-        }
-        let c = self.drv.execute(&CommandDescriptor::positions(0, true, iova, cut.len() as u32), None)?;
+        let b = lazy_dma(&self.drv, &mut self.pos_buf, POSITIONS_BYTES)?;
+        b.mem().write(0, cut.as_bytes()).map_err(DriverError::from)?;
+        let d = CommandDescriptor::positions(0, true, b.iova(), cut.len() as u32);
+        let c = self.drv.execute(&d, None)?;
         let n = status_result(&c)?;
         if n > cut.len() as u64 {
             return Err(TableError::BadRecord(format!("SYNC_ALIGN aligned {n} of {} entries", cut.len())));
         }
         Ok(Some(n))
     }
+}
 
-    fn pos_buf_iova(&mut self) -> Result<u64, TableError> {
-        if self.pos_buf.is_none() {
-            let bytes = MAX_POSITIONS as usize * SyncPosition::SIZE;
-            self.pos_buf = Some(self.drv.device().alloc_dma(bytes).map_err(DriverError::from)?);
-        }
-        self.pos_buf.as_ref().map(DmaBuffer::iova).ok_or(TableError::Refused(CplStatus::Internal))
-    }
+/// Bytes of the SYNC_POSITIONS / SYNC_ALIGN buffer.
+const POSITIONS_BYTES: usize = MAX_POSITIONS as usize * SyncPosition::SIZE;
+
+/// The DMA buffer kept in `slot`, allocated (`bytes`) at its first use.
+fn lazy_dma<'a, D: NicDevice>(
+    drv: &Driver<D>,
+    slot: &'a mut Option<DmaBuffer>,
+    bytes: usize,
+) -> Result<&'a DmaBuffer, DriverError> {
+    let b = match slot.take() {
+        Some(b) => b,
+        None => drv.device().alloc_dma(bytes)?,
+    };
+    Ok(slot.insert(b))
 }
 
 /// Names one [`ConnTable::load_post`], for its [`ConnTable::load_take`].
