@@ -197,6 +197,7 @@ impl SyncUnit {
             if self.port.transmit(&t).is_err() {
                 self.stats.port_errors += 1;
             }
+            self.sender.recycle(t);
         }
         sent
     }
@@ -273,6 +274,7 @@ impl SyncUnit {
                 if self.port.transmit(&t).is_err() {
                     self.stats.port_errors += 1;
                 }
+                r.recycle(t);
             }
         }
     }

@@ -60,6 +60,12 @@ impl DmaMemory {
     /// Allocates `len` bytes (rounded up to a page) of anonymous memory.
     /// With `hugepages`, tries 2 MiB huge pages first and falls back to
     /// normal pages (reported by [`DmaMemory::is_hugepage`]).
+    ///
+    /// The pages are faulted in at once (`MAP_POPULATE`), as VFIO's DMA
+    /// mapping pins them: a device never reaches a page that is not
+    /// present. Left lazy, the first touch of each ring page cost a page
+    /// fault on the data path, and the model's prefetch hint at an idle
+    /// ring's next slot walked the page tables on every idle poll.
     pub fn allocate(len: usize, hugepages: bool) -> Result<Self, DeviceError> {
         if len == 0 {
             return Err(DeviceError::DmaAlloc { len, reason: "zero-length buffer".into() });
@@ -69,7 +75,7 @@ impl DmaMemory {
         let mut used_huge = false;
         let mut map = None;
         if hugepages {
-            if let Ok(m) = MmapOptions::new().len(rounded).huge(Some(21)).map_anon() {
+            if let Ok(m) = MmapOptions::new().len(rounded).huge(Some(21)).populate().map_anon() {
                 used_huge = true;
                 map = Some(m);
             }
@@ -78,6 +84,7 @@ impl DmaMemory {
             Some(m) => m,
             None => MmapOptions::new()
                 .len(rounded)
+                .populate()
                 .map_anon()
                 .map_err(|e| DeviceError::DmaAlloc { len, reason: e.to_string() })?,
         };
