@@ -226,6 +226,12 @@ impl Shared {
     fn set_status(&self, set: Status, clear: Status) {
         if let Some(r) = self.slot(regs::STATUS) {
             let mut cur = r.load(Ordering::Acquire);
+            // Nothing to change (say, EVENT_OVERFLOW set again for every
+            // event an overflowing ring drops): a plain load, without the
+            // locked read-modify-write, which drains the store buffer.
+            if (cur & !clear.bits()) | set.bits() == cur {
+                return;
+            }
             loop {
                 let new = (cur & !clear.bits()) | set.bits();
                 match r.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
@@ -482,16 +488,24 @@ const FETCH_BURST: usize = 64;
 struct Tombstones {
     /// `TOMBSTONES` slots, set by set.
     slots: Vec<Tombstone>,
-    /// Per slot: a 16-bit fingerprint of the key (0: free), so that a
-    /// lookup reads one small line of its set and touches a slot only on a
-    /// fingerprint match, as the table's buckets do.
-    fps: Vec<u16>,
-    /// Per slot: when recorded (the oldest of a set is evicted first).
-    stamps: Vec<u64>,
+    /// Per set: its ways' fingerprints and ages, in one cache line.
+    sets: Vec<TombstoneSet>,
     /// Live tombstones.
     len: usize,
-    /// Recording counter.
-    stamp: u64,
+    /// Recording counter (wrapping; ages are compared as distances from it).
+    stamp: u32,
+}
+
+/// What a lookup or a record reads of a set before it touches a slot: per
+/// way a 16-bit fingerprint of the key (0: free), so that a lookup touches
+/// a slot only on a match, as the table's buckets do, and when it was
+/// recorded (the oldest of a full set is evicted first). One line, so a
+/// record that evicts reads no more memory than a lookup.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct TombstoneSet {
+    fps: [u16; TOMBSTONE_WAYS],
+    stamps: [u32; TOMBSTONE_WAYS],
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -507,60 +521,97 @@ const TOMBSTONES: usize = 65_536;
 const TOMBSTONE_WAYS: usize = 8;
 
 impl Tombstones {
-    /// The set and fingerprint of `key`.
-    fn place(key: &ConnKey) -> (std::ops::Range<usize>, u16) {
+    /// The set index and fingerprint of `key`.
+    fn place(key: &ConnKey) -> (usize, u16) {
         let h = crate::table::hash_key(key);
         let sets = TOMBSTONES / TOMBSTONE_WAYS;
-        let set = (h >> 17) as usize % sets;
-        (set * TOMBSTONE_WAYS..(set + 1) * TOMBSTONE_WAYS, ((h >> 48) as u16) | 1)
+        ((h >> 17) as usize % sets, ((h >> 48) as u16) | 1)
     }
 
     /// The slots of `key`'s set.
     #[cfg(test)]
     fn set_of(&self, key: &ConnKey) -> std::ops::Range<usize> {
-        Self::place(key).0
+        let set = Self::place(key).0;
+        set * TOMBSTONE_WAYS..(set + 1) * TOMBSTONE_WAYS
     }
 
+    /// The slot of `key`'s tombstone, if it has one.
     fn find(&self, key: &ConnKey) -> Option<usize> {
         if self.len == 0 {
             return None;
         }
-        let (range, fp) = Self::place(key);
-        range.into_iter().find(|&i| self.fps[i] == fp && self.slots[i].key == *key)
+        let (set, fp) = Self::place(key);
+        self.find_in(set, fp, key)
+    }
+
+    fn find_in(&self, set: usize, fp: u16, key: &ConnKey) -> Option<usize> {
+        let fps = &self.sets.get(set)?.fps;
+        (0..TOMBSTONE_WAYS)
+            .map(|w| set * TOMBSTONE_WAYS + w)
+            .zip(fps)
+            .find(|(i, f)| **f == fp && self.slots.get(*i).is_some_and(|t| t.key == *key))
+            .map(|(i, _)| i)
     }
 
     fn record(&mut self, key: ConnKey, generation: u32, owner: u16) {
         if self.slots.is_empty() {
             self.slots = vec![Tombstone::default(); TOMBSTONES];
-            self.fps = vec![0; TOMBSTONES];
-            self.stamps = vec![0; TOMBSTONES];
+            self.sets = vec![TombstoneSet::default(); TOMBSTONES / TOMBSTONE_WAYS];
         }
-        self.stamp += 1;
-        let (range, fp) = Self::place(&key);
-        let at = match self.find(&key) {
-            Some(i) => i,
+        self.stamp = self.stamp.wrapping_add(1);
+        let (set, fp) = Self::place(&key);
+        let way = match self.find_in(set, fp, &key) {
+            Some(i) => i % TOMBSTONE_WAYS,
             None => {
                 // A free way, or the set's oldest tombstone.
-                let free = range.clone().find(|&i| self.fps[i] == 0);
-                let i = free.unwrap_or_else(|| range.clone().min_by_key(|&i| self.stamps[i]).unwrap_or(range.start));
-                if self.fps[i] == 0 {
+                let s = &self.sets[set];
+                let free = (0..TOMBSTONE_WAYS).find(|w| s.fps[*w] == 0);
+                let now = self.stamp;
+                let w = free
+                    .unwrap_or_else(|| (0..TOMBSTONE_WAYS).max_by_key(|w| now.wrapping_sub(s.stamps[*w])).unwrap_or(0));
+                if free.is_some() {
                     self.len += 1;
                 }
-                i
+                w
             }
         };
-        self.slots[at] = Tombstone { key, generation, owner };
-        self.fps[at] = fp;
-        self.stamps[at] = self.stamp;
+        self.slots[set * TOMBSTONE_WAYS + way] = Tombstone { key, generation, owner };
+        let s = &mut self.sets[set];
+        s.fps[way] = fp;
+        s.stamps[way] = self.stamp;
     }
 
+    #[cfg(test)]
     fn forget(&mut self, key: &ConnKey) {
         if let Some(i) = self.find(key) {
-            self.fps[i] = 0;
-            self.len -= 1;
+            self.forget_at(i);
         }
     }
 
+    /// Frees slot `i`, found by [`Tombstones::find`] with no record or
+    /// forget since.
+    fn forget_at(&mut self, i: usize) {
+        if let Some(fp) = self.sets.get_mut(i / TOMBSTONE_WAYS).map(|s| &mut s.fps[i % TOMBSTONE_WAYS]) {
+            if *fp != 0 {
+                *fp = 0;
+                self.len -= 1;
+            }
+        }
+    }
+
+    /// Issues the read of `key`'s set, so that a lookup a few commands
+    /// later hits: the pipelines call it beside the table's bucket reads.
+    #[inline]
+    fn prefetch(&self, key: &ConnKey) {
+        if self.len == 0 {
+            return;
+        }
+        if let Some(s) = self.sets.get(Self::place(key).0) {
+            crate::sys::prefetch(s);
+        }
+    }
+
+    #[cfg(test)]
     fn generation(&self, key: &ConnKey) -> Option<u32> {
         self.find(key).map(|i| self.slots[i].generation)
     }
@@ -572,17 +623,14 @@ impl Tombstones {
 
     /// Every live tombstone: (key, generation, owner).
     fn entries(&self) -> Vec<(ConnKey, u32, u16)> {
-        self.slots
-            .iter()
-            .zip(&self.fps)
-            .filter(|(_, fp)| **fp != 0)
-            .map(|(t, _)| (t.key, t.generation, t.owner))
-            .collect()
+        let fps = self.sets.iter().flat_map(|s| s.fps);
+        self.slots.iter().zip(fps).filter(|(_, fp)| *fp != 0).map(|(t, _)| (t.key, t.generation, t.owner)).collect()
     }
 
-    /// Whether the tombstone of `u`'s key wins over `u`.
-    fn beats(&self, u: &DeltaUpdate) -> Option<u32> {
-        let t = self.slots[self.find(&u.key)?];
+    /// Whether the tombstone at `at` (the one of `u`'s key, if any) wins
+    /// over `u`.
+    fn beats_at(&self, at: Option<usize>, u: &DeltaUpdate) -> Option<u32> {
+        let t = self.slots[at?];
         let state = ConnState { generation: t.generation.into(), ..Default::default() };
         let tomb = DeltaUpdate { op: DeltaOp::Delete, owner: t.owner, key: u.key, state, nat: Nat::default() };
         (precedence(u, &tomb) != std::cmp::Ordering::Greater).then_some(t.generation)
@@ -1313,6 +1361,12 @@ impl Core {
             for p in self.placed[..n].iter().flatten() {
                 self.table.prefetch_buckets(*p);
             }
+            for (d, p) in self.descs[..n].iter().zip(self.placed.iter()) {
+                if p.is_some() {
+                    let body: nicsync_fwif::cmd::ConnBody = zerocopy::transmute!(d.body);
+                    self.tombstones.prefetch(&body.key);
+                }
+            }
             for p in self.placed[..n].iter().flatten() {
                 self.table.prefetch_slots(*p);
             }
@@ -1407,12 +1461,17 @@ impl Core {
 
     fn insert(&mut self, op: &ConnOp, at: Option<Placement>, now_ms: u64, t: &mut Traffic) -> Outcome {
         let mut state = op.state;
+        // The key's tombstone, looked up once: it numbers an automatic
+        // generation and is freed by a successful insert.
+        let tomb = self.tombstones.find(&op.key);
         if op.auto_generation {
             // Above a tombstone of the same key, so the re-insert beats the
             // delete on every peer.
             let floor = self.shared.generation_floor();
-            state.generation =
-                self.tombstones.generation(&op.key).map_or(floor.max(1), |g| Self::next_generation(g, floor)).into();
+            state.generation = tomb
+                .map(|i| self.tombstones.slots[i].generation)
+                .map_or(floor.max(1), |g| Self::next_generation(g, floor))
+                .into();
         }
         let slot = Slot {
             key: op.key,
@@ -1424,7 +1483,9 @@ impl Core {
         match self.table.insert_at(slot, at, t) {
             Ok(_) => {
                 self.digest.add(&slot);
-                self.tombstones.forget(&op.key);
+                if let Some(i) = tomb {
+                    self.tombstones.forget_at(i);
+                }
                 self.sync_local(DeltaOp::Upsert, &slot, false);
                 Outcome::ok(state.generation.get() as u64)
             }
@@ -1506,13 +1567,15 @@ impl Core {
         let mut t = Traffic::default();
         let now_ms = self.now_ns / 1_000_000;
         let found = self.find(&u.key, at, &mut t);
+        // A key in the table has no tombstone (an insert frees it).
+        let tomb = if found.is_none() { self.tombstones.find(&u.key) } else { None };
         let beaten = match found.and_then(|loc| self.table.get(loc).copied()) {
             Some(s) => {
                 let stored =
                     DeltaUpdate { op: DeltaOp::Upsert, owner: s.owner, key: s.key, state: s.state, nat: s.nat };
                 (precedence(u, &stored) != std::cmp::Ordering::Greater).then_some(s.state.generation.get())
             }
-            None => self.tombstones.beats(u),
+            None => self.tombstones.beats_at(tomb, u),
         };
         if let Some(generation) = beaten {
             return Applied::Superseded(generation);
@@ -1554,7 +1617,9 @@ impl Core {
                 };
                 if self.table.insert_at(slot, at, &mut t).is_ok() {
                     self.digest.add(&slot);
-                    self.tombstones.forget(&u.key);
+                    if let Some(i) = tomb {
+                        self.tombstones.forget_at(i);
+                    }
                     Applied::Done
                 } else {
                     self.counters[Counter::TableFull as usize] += 1;
@@ -1638,8 +1703,16 @@ impl Core {
             _ => None,
         }));
         self.table.prefetch_start(&placed);
+        for ev in events.iter().take(crate::table::PIPELINE_BUCKETS_AHEAD) {
+            if let ReceiverEvent::Deliver { update, .. } = ev {
+                self.tombstones.prefetch(&update.key);
+            }
+        }
         for i in 0..events.len() {
             self.table.prefetch_step(&placed, i);
+            if let Some(ReceiverEvent::Deliver { update, .. }) = events.get(i + crate::table::PIPELINE_BUCKETS_AHEAD) {
+                self.tombstones.prefetch(&update.key);
+            }
             let Some(ev) = events.get(i).cloned() else { break };
             match ev {
                 // Behind the held ones while they drain, to keep the order.
