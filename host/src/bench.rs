@@ -121,8 +121,15 @@ pub struct RingReport {
     pub model_clock_mhz: u32,
     /// Modelled hardware time per update at that clock.
     pub model_ns_per_update: f64,
-    /// update_rtt p50 / baseline_rtt p50 (target <= 1.25).
+    /// update_rtt p50 / baseline_rtt p50 (target <= 1.25). Both are
+    /// measured in [`RTT_ROUNDS`] alternating rounds and pooled, so that a
+    /// move of the vCPUs during the run lands on both alike.
     pub update_rtt_ratio_p50: f64,
+    /// Per round: its update p50 over its bare p50.
+    pub update_rtt_ratio_p50_rounds: Vec<f64>,
+    /// The median of those: robust to a move of the vCPUs mid-run, which
+    /// can put the pooled p50s in different placements.
+    pub update_rtt_ratio_p50_round_median: f64,
     /// Median cost of the timer pair around each latency sample.
     pub timer_overhead_ns: f64,
     /// The same ratio with the timer cost taken out of both (stricter).
@@ -271,7 +278,12 @@ impl Drop for Responder {
 }
 
 /// Times `exchange(i)` for i = 1, 2, …; the first `warmup` are dropped.
-fn time_exchanges(samples: u64, warmup: u64, mut exchange: impl FnMut(u64)) -> Percentiles {
+fn time_exchanges(samples: u64, warmup: u64, exchange: impl FnMut(u64)) -> Percentiles {
+    percentiles(&mut exchange_samples(samples, warmup, exchange))
+}
+
+/// [`time_exchanges`]'s samples, in nanoseconds, unsorted.
+fn exchange_samples(samples: u64, warmup: u64, mut exchange: impl FnMut(u64)) -> Vec<u64> {
     let mut out = Vec::with_capacity(samples as usize);
     for i in 1..=(samples + warmup) {
         let t0 = Instant::now();
@@ -281,12 +293,17 @@ fn time_exchanges(samples: u64, warmup: u64, mut exchange: impl FnMut(u64)) -> P
             out.push(dt);
         }
     }
-    percentiles(&mut out)
+    out
 }
 
 /// Bare ping-pong: the initiator writes a sequence number to one line, the
 /// responder echoes it on another.
 pub fn baseline_rtt(samples: u64, warmup: u64, place: &ThreadPlacement) -> Result<Percentiles, BenchError> {
+    Ok(percentiles(&mut baseline_rtt_samples(samples, warmup, place)?))
+}
+
+/// [`baseline_rtt`]'s samples, unsorted.
+fn baseline_rtt_samples(samples: u64, warmup: u64, place: &ThreadPlacement) -> Result<Vec<u64>, BenchError> {
     let ping = Arc::new(Line::default());
     let pong = Arc::new(Line::default());
     let (p2, q2) = (ping.clone(), pong.clone());
@@ -300,7 +317,7 @@ pub fn baseline_rtt(samples: u64, warmup: u64, place: &ThreadPlacement) -> Resul
             spin_loop();
         }
     })?;
-    Ok(time_exchanges(samples, warmup, |i| {
+    Ok(exchange_samples(samples, warmup, |i| {
         ping.0.store(i, Ordering::Release);
         while pong.0.load(Ordering::Acquire) != i {
             spin_loop();
@@ -473,15 +490,29 @@ pub fn command_rtt(
     pin(place.driver_cpu);
     let key = bench_key(1);
     t.insert(&key, &ConnEntry::new(established(3600))).map_err(|e| BenchError::Table(e.to_string()))?;
+    Ok(percentiles(&mut command_samples(&mut t, &key, what, samples, warmup, 0)?))
+}
+
+/// Times `samples` single commands (after `warmup` untimed ones) on `t`,
+/// whose device is polled by its own thread; an UPDATE sets the mark of
+/// `key` (resident) to `first`, `first + 1`, …
+fn command_samples(
+    t: &mut ConnTable<EmulatedDevice>,
+    key: &ConnKey,
+    what: RttCommand,
+    samples: u64,
+    warmup: u64,
+    first: u64,
+) -> Result<Vec<u64>, BenchError> {
     let drv = t.driver();
     let mut state = established(3600);
     let mut out = Vec::with_capacity(samples as usize);
-    for i in 0..(samples + warmup) {
+    for i in first..(first + samples + warmup) {
         state.mark = (i as u32).into();
         let d = if what == RttCommand::Nop {
             CommandDescriptor::header(Opcode::Nop, DescFlags::empty(), 0)
         } else {
-            CommandDescriptor::conn(Opcode::Update, DescFlags::AUTO_GENERATION, 0, &key, &state)
+            CommandDescriptor::conn(Opcode::Update, DescFlags::AUTO_GENERATION, 0, key, &state)
         };
         let t0 = Instant::now();
         let c = drv.execute(&d, None)?;
@@ -489,11 +520,62 @@ pub fn command_rtt(
         if c.status != nicsync_fwif::cpl::CplStatus::Success {
             return Err(BenchError::Table(format!("update failed: {}", c.status)));
         }
-        if i >= warmup {
+        if i >= first + warmup {
             out.push(dt);
         }
     }
-    Ok(percentiles(&mut out))
+    Ok(out)
+}
+
+/// Rounds in which [`interleaved_update_rtt`] measures the bare and the
+/// update round trip in turn.
+pub const RTT_ROUNDS: u64 = 10;
+
+/// What [`interleaved_update_rtt`] measured.
+#[derive(Clone, Debug)]
+pub struct InterleavedRtt {
+    /// The bare round trip, all rounds' samples.
+    pub baseline: Percentiles,
+    /// The update round trip (inline doorbell), all rounds' samples.
+    pub update: Percentiles,
+    /// Per round: its update p50 over its bare p50.
+    pub round_ratios: Vec<f64>,
+}
+
+/// The bare round trip and an UPDATE's round trip, measured in
+/// [`RTT_ROUNDS`] alternating rounds on the same two CPUs (the model's
+/// polling thread stopped while the bare responder runs, and started
+/// again), so that both figures come from the same placements of the
+/// vCPUs: the hypervisor moves them every few minutes, and a bare round
+/// trip measured once, before or after, can belong to another placement
+/// than the figure it is compared with.
+pub fn interleaved_update_rtt(
+    samples: u64,
+    warmup: u64,
+    place: &ThreadPlacement,
+) -> Result<InterleavedRtt, BenchError> {
+    let mut t = emulated_with(1 << 16, place, true)?;
+    pin(place.driver_cpu);
+    let key = bench_key(1);
+    t.insert(&key, &ConnEntry::new(established(3600))).map_err(|e| BenchError::Table(e.to_string()))?;
+    let per = (samples / RTT_ROUNDS).max(100);
+    let warm = (warmup / RTT_ROUNDS).max(100);
+    let (mut bare, mut update, mut round_ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let p50 = |v: &[u64]| {
+        let mut v = v.to_vec();
+        percentiles(&mut v).p50
+    };
+    for r in 0..RTT_ROUNDS {
+        t.driver_ref().device().stop_poller();
+        let b = baseline_rtt_samples(per, warm, place)?;
+        t.driver_ref().device().start_poller(place.device_cpu)?;
+        pin(place.driver_cpu);
+        let u = command_samples(&mut t, &key, RttCommand::Update, per, warm, r * (per + warm))?;
+        round_ratios.push(p50(&u) / p50(&b).max(1.0));
+        bare.extend(b);
+        update.extend(u);
+    }
+    Ok(InterleavedRtt { baseline: percentiles(&mut bare), update: percentiles(&mut update), round_ratios })
 }
 
 /// Keeps the ring full of UPDATEs over `working_set` connections: post
@@ -615,9 +697,9 @@ pub fn run(opts: &BenchOptions) -> Result<RingReport, BenchError> {
     let place = placement();
     let samples = opts.updates.max(1000);
     let warmup = (samples / 10).max(1000);
-    let baseline = baseline_rtt(samples, warmup, &place)?;
+    let rtt = interleaved_update_rtt(samples, warmup, &place)?;
+    let (baseline, update) = (rtt.baseline, rtt.update);
     let floor = protocol_floor_rtt(samples, warmup, &place)?;
-    let update = command_rtt(samples, warmup, &place, RttCommand::Update, true)?;
     let update_reg = command_rtt(samples, warmup, &place, RttCommand::Update, false)?;
     let nop = command_rtt(samples, warmup, &place, RttCommand::Nop, true)?;
     let slots = 1usize << DriverConfig::default().cmd_ring_log2;
@@ -640,6 +722,8 @@ pub fn run(opts: &BenchOptions) -> Result<RingReport, BenchError> {
     threads.pinned &= !PIN_FAILED.load(Ordering::Relaxed);
     Ok(RingReport {
         update_rtt_ratio_p50: update.p50 / baseline.p50.max(1.0),
+        update_rtt_ratio_p50_round_median: median(&mut rtt.round_ratios.clone()),
+        update_rtt_ratio_p50_rounds: rtt.round_ratios,
         timer_overhead_ns: timer,
         update_rtt_ratio_p50_timer_corrected: (update.p50 - timer).max(1.0) / (baseline.p50 - timer).max(1.0),
         batch_to_spsc_ratio: batch / spsc.max(1.0),
@@ -688,6 +772,17 @@ pub fn render(r: &RingReport) -> String {
         "  ratio p50 {:.2} (target <= 1.25); {:.2} without the {:.0} ns timer cost\n",
         r.update_rtt_ratio_p50, r.update_rtt_ratio_p50_timer_corrected, r.timer_overhead_ns
     );
+    let mut rounds = r.update_rtt_ratio_p50_rounds.clone();
+    if !rounds.is_empty() {
+        let (lo, hi) = rounds.iter().fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(*x), b.max(*x)));
+        s += &format!(
+            "  bare and update round trips in {} alternating rounds: per-round ratio median {:.2}, {:.2}-{:.2}\n",
+            rounds.len(),
+            median(&mut rounds),
+            lo,
+            hi
+        );
+    }
     s += &format!("update RTT, register doorbell {}\n", p(&r.update_rtt_register_doorbell_ns));
     s += &format!("NOP RTT (protocol only)     {}\n", p(&r.nop_rtt_ns));
     s += &format!("baseline SPSC 64-byte slots {:>12.0} ops/s\n", r.baseline_spsc_ops_per_s);
