@@ -584,13 +584,17 @@ impl Tombstones {
     #[cfg(test)]
     fn forget(&mut self, key: &ConnKey) {
         if let Some(i) = self.find(key) {
-            self.forget_at(i);
+            self.forget_at(i, key);
         }
     }
 
-    /// Frees slot `i`, found by [`Tombstones::find`] with no record or
-    /// forget since.
-    fn forget_at(&mut self, i: usize) {
+    /// Frees slot `i`, found by [`Tombstones::find`] for `key`, if it
+    /// still holds `key`'s tombstone (a record in between may have given
+    /// the slot to another key, whose tombstone must stay).
+    fn forget_at(&mut self, i: usize, key: &ConnKey) {
+        if self.slots.get(i).is_none_or(|t| t.key != *key) {
+            return;
+        }
         if let Some(fp) = self.sets.get_mut(i / TOMBSTONE_WAYS).map(|s| &mut s.fps[i % TOMBSTONE_WAYS]) {
             if *fp != 0 {
                 *fp = 0;
@@ -1361,8 +1365,11 @@ impl Core {
             for p in self.placed[..n].iter().flatten() {
                 self.table.prefetch_buckets(*p);
             }
+            // Tombstones are read only by the commands that may insert or
+            // delete (an UPDATE or LOOKUP of an absent key reads none).
+            let writes = [Opcode::Insert as u8, Opcode::Upsert as u8, Opcode::Delete as u8];
             for (d, p) in self.descs[..n].iter().zip(self.placed.iter()) {
-                if p.is_some() {
+                if p.is_some() && writes.contains(&d.opcode) {
                     let body: nicsync_fwif::cmd::ConnBody = zerocopy::transmute!(d.body);
                     self.tombstones.prefetch(&body.key);
                 }
@@ -1484,7 +1491,7 @@ impl Core {
             Ok(_) => {
                 self.digest.add(&slot);
                 if let Some(i) = tomb {
-                    self.tombstones.forget_at(i);
+                    self.tombstones.forget_at(i, &op.key);
                 }
                 self.sync_local(DeltaOp::Upsert, &slot, false);
                 Outcome::ok(state.generation.get() as u64)
@@ -1618,7 +1625,7 @@ impl Core {
                 if self.table.insert_at(slot, at, &mut t).is_ok() {
                     self.digest.add(&slot);
                     if let Some(i) = tomb {
-                        self.tombstones.forget_at(i);
+                        self.tombstones.forget_at(i, &u.key);
                     }
                     Applied::Done
                 } else {
@@ -2292,6 +2299,47 @@ mod tests {
 
     fn key(i: u32) -> ConnKey {
         ConnKey::v4(Ipv4Addr::from(i), 1, Ipv4Addr::new(192, 0, 2, 1), 2, 6, 0)
+    }
+
+    #[test]
+    fn tombstone_ages_survive_the_counter_wrapping() {
+        let mut t = Tombstones::default();
+        t.record(key(0), 1, 1);
+        let set = t.set_of(&key(0));
+        let same: Vec<u32> = (1..2_000_000u32).filter(|i| t.set_of(&key(*i)) == set).take(TOMBSTONE_WAYS).collect();
+        // The set's first tombstone is recorded just before the counter
+        // wraps, the others after it: the first is still the oldest.
+        t.forget(&key(0));
+        assert_eq!(t.len(), 0);
+        t.stamp = u32::MAX - 1;
+        for i in &same[..TOMBSTONE_WAYS] {
+            t.record(key(*i), 1, 1);
+        }
+        assert_eq!(t.len(), TOMBSTONE_WAYS);
+        t.record(key(0), 2, 1);
+        assert_eq!(t.generation(&key(same[0])), None, "the oldest, from before the wrap, goes");
+        assert_eq!(t.generation(&key(same[1])), Some(1));
+        assert_eq!(t.generation(&key(0)), Some(2));
+        assert_eq!(t.len(), TOMBSTONE_WAYS);
+    }
+
+    #[test]
+    fn a_stale_tombstone_slot_frees_nothing() {
+        let mut t = Tombstones::default();
+        t.record(key(0), 1, 1);
+        let i = t.find(&key(0)).expect("recorded");
+        // The slot is no longer key 0's (forgotten, then taken by another
+        // key of the set): freeing it for key 0 leaves the other alone.
+        t.forget(&key(0));
+        let set = t.set_of(&key(0));
+        let other = (1..2_000_000u32).find(|j| t.set_of(&key(*j)) == set).expect("a key of the same set");
+        t.record(key(other), 3, 1);
+        assert_eq!(t.find(&key(other)), Some(i), "the free way is reused");
+        t.forget_at(i, &key(0));
+        assert_eq!(t.generation(&key(other)), Some(3));
+        assert_eq!(t.len(), 1);
+        t.forget_at(i, &key(other));
+        assert_eq!((t.generation(&key(other)), t.len()), (None, 0));
     }
 
     #[test]

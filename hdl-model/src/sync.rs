@@ -1574,7 +1574,9 @@ mod tests {
                 reuse.send_hello(Destination::All);
                 fresh.send_hello(Destination::All);
             }
-            for (a, b) in frames(&mut reuse).into_iter().zip(frames(&mut fresh)) {
+            let (sent, expected) = (frames(&mut reuse), frames(&mut fresh));
+            assert_eq!(sent.len(), expected.len(), "round {round}");
+            for (a, b) in sent.into_iter().zip(expected) {
                 assert_eq!(a.frame, b.frame, "round {round}");
                 got.push(a.frame.len());
                 reuse.recycle(a);

@@ -80,6 +80,9 @@ impl DmaMemory {
                 map = Some(m);
             }
         }
+        // Normal pages, if huge ones were not asked for or not had: rounded
+        // to 4 KiB, so that a small buffer does not populate 2 MiB.
+        let rounded = if used_huge { rounded } else { len.div_ceil(4096) * 4096 };
         let mut map = match map {
             Some(m) => m,
             None => MmapOptions::new()
