@@ -594,12 +594,16 @@ pub fn interleaved_update_rtt(
 
 /// Keeps the ring full of UPDATEs over `working_set` connections: post
 /// every free slot, ring once, reap. Returns updates/s per repetition and
-/// modelled cycles per update.
+/// modelled cycles per update. Before each repetition the model's polling
+/// thread is stopped and `beside` runs (the baselines, on the same two
+/// CPUs), so that each repetition and its baselines share a placement of
+/// the vCPUs.
 pub fn batch_throughput(
     updates: u64,
     reps: usize,
     working_set: u32,
     place: &ThreadPlacement,
+    mut beside: impl FnMut() -> Result<(), BenchError>,
 ) -> Result<(Vec<f64>, f64, u32, u32), BenchError> {
     let mut t = emulated(working_set.max(1 << 16), place)?;
     pin(place.driver_cpu);
@@ -618,6 +622,12 @@ pub fn batch_throughput(
     let mut runs = Vec::with_capacity(reps);
     let (mut all_cycles, mut all_cmds) = (0u64, 0u64);
     for _ in 0..reps {
+        drv.device().stop_poller();
+        beside()?;
+        drv.device().start_poller(place.device_cpu)?;
+        pin(place.driver_cpu);
+        // Untimed: the new thread reaching its CPU and the caches warming.
+        pump(drv, &descs, (updates / 20).max(1_000))?;
         let c0 = drv.device_counter(Counter::ModelCycles);
         let f0 = drv.device_counter(Counter::CommandsFetched);
         let start = Instant::now();
@@ -719,12 +729,13 @@ pub fn run(opts: &BenchOptions) -> Result<RingReport, BenchError> {
     let slots = 1usize << DriverConfig::default().cmd_ring_log2;
     let mut spsc_runs = Vec::with_capacity(opts.repetitions);
     let mut spsc16_runs = Vec::with_capacity(opts.repetitions);
-    for _ in 0..opts.repetitions {
-        spsc_runs.push(baseline_spsc(opts.updates.max(100_000) * 5, slots, 1, &place)?);
-        spsc16_runs.push(baseline_spsc(opts.updates.max(100_000) * 5, slots, 16, &place)?);
-    }
+    let items = opts.updates.max(100_000) * 5;
     let (batch_runs, cycles, clock, ring_slots) =
-        batch_throughput(opts.updates.max(100_000) * 5, opts.repetitions, opts.working_set, &place)?;
+        batch_throughput(items, opts.repetitions, opts.working_set, &place, || {
+            spsc_runs.push(baseline_spsc(items, slots, 1, &place)?);
+            spsc16_runs.push(baseline_spsc(items, slots, 16, &place)?);
+            Ok(())
+        })?;
     let table_1m = if opts.million { Some(million(&place)?) } else { None };
     let batch = median(&mut batch_runs.clone());
     let spsc = median(&mut spsc_runs.clone());
