@@ -1367,6 +1367,8 @@ impl Core {
             }
             // Tombstones are read only by the commands that may insert or
             // delete (an UPDATE or LOOKUP of an absent key reads none).
+            // Without these reads (and the peer pipeline's) ahead, bench
+            // sync's sustained churn ran 9 % slower (6 alternating pairs).
             let writes = [Opcode::Insert as u8, Opcode::Upsert as u8, Opcode::Delete as u8];
             for (d, p) in self.descs[..n].iter().zip(self.placed.iter()) {
                 if p.is_some() && writes.contains(&d.opcode) {

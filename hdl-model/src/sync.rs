@@ -425,15 +425,14 @@ impl TxQueue {
         }
     }
 
-    /// Takes back a frame's buffer once it is sent: zeroed over the bytes
-    /// it held and grown back to [`MAX_FRAME`], so an encoder always
-    /// starts from zeros, as with a fresh buffer.
+    /// Takes back a frame's buffer once it is sent, zeroed over
+    /// [`MAX_FRAME`] bytes, so an encoder always starts from zeros, as
+    /// with a fresh buffer.
     fn recycle(&mut self, mut frame: Vec<u8>) {
         if self.spare.len() >= SPARE_FRAMES || frame.capacity() < MAX_FRAME {
             return;
         }
-        frame.truncate(MAX_FRAME);
-        frame.fill(0);
+        frame.clear();
         frame.resize(MAX_FRAME, 0);
         self.spare.push(frame);
     }

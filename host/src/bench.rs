@@ -573,10 +573,7 @@ pub fn interleaved_update_rtt(
         percentiles(&mut v).p50
     };
     for r in 0..RTT_ROUNDS {
-        t.driver_ref().device().stop_poller();
-        let b = baseline_rtt_samples(per, warm, place)?;
-        t.driver_ref().device().start_poller(place.device_cpu)?;
-        pin(place.driver_cpu);
+        let b = with_poller_stopped(t.driver_ref().device(), place, || baseline_rtt_samples(per, warm, place))?;
         let u = command_samples(&mut t, &key, RttCommand::Update, per, warm, r * (per + warm))?;
         let b50 = p50(&b);
         round_ratios.push(p50(&u) / b50.max(1.0));
@@ -590,6 +587,26 @@ pub fn interleaved_update_rtt(
         round_ratios,
         round_baselines,
     })
+}
+
+/// Runs `f` (a baseline, which takes the device's CPU) with `dev`'s polling
+/// thread stopped, then starts the thread again on the device's CPU, even
+/// if `f` failed, and pins this thread back to the driver's.
+fn with_poller_stopped<T>(
+    dev: &EmulatedDevice,
+    place: &ThreadPlacement,
+    f: impl FnOnce() -> Result<T, BenchError>,
+) -> Result<T, BenchError> {
+    dev.stop_poller();
+    let r = f();
+    dev.start_poller(place.device_cpu)?;
+    pin(place.driver_cpu);
+    r
+}
+
+/// The smallest and the largest of `xs` ((inf, -inf) if none).
+fn span<'a>(xs: impl IntoIterator<Item = &'a f64>) -> (f64, f64) {
+    xs.into_iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| (lo.min(*x), hi.max(*x)))
 }
 
 /// Keeps the ring full of UPDATEs over `working_set` connections: post
@@ -622,10 +639,7 @@ pub fn batch_throughput(
     let mut runs = Vec::with_capacity(reps);
     let (mut all_cycles, mut all_cmds) = (0u64, 0u64);
     for _ in 0..reps {
-        drv.device().stop_poller();
-        beside()?;
-        drv.device().start_poller(place.device_cpu)?;
-        pin(place.driver_cpu);
+        with_poller_stopped(drv.device(), place, &mut beside)?;
         // Untimed: the new thread reaching its CPU and the caches warming.
         pump(drv, &descs, (updates / 20).max(1_000))?;
         let c0 = drv.device_counter(Counter::ModelCycles);
@@ -744,8 +758,7 @@ pub fn run(opts: &BenchOptions) -> Result<RingReport, BenchError> {
     let end = baseline_rtt(samples.min(20_000), warmup.min(2_000), &place)?;
     // Stable: no round's bare round trip, nor the one at the end, 1.5
     // times another's (the pooled p50 alone hides a move within the rounds).
-    let bares = rtt.round_baselines.iter().chain([&baseline.p50, &end.p50]);
-    let (lo, hi) = bares.fold((f64::MAX, 0.0f64), |(lo, hi), b| (lo.min(*b), hi.max(*b)));
+    let (lo, hi) = span(rtt.round_baselines.iter().chain([&baseline.p50, &end.p50]));
     let lo = lo.max(1.0);
     let mut threads = place;
     threads.pinned &= !PIN_FAILED.load(Ordering::Relaxed);
@@ -806,7 +819,7 @@ pub fn render(r: &RingReport) -> String {
     );
     let mut rounds = r.update_rtt_ratio_p50_rounds.clone();
     if !rounds.is_empty() {
-        let (lo, hi) = rounds.iter().fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(*x), b.max(*x)));
+        let (lo, hi) = span(&rounds);
         s += &format!(
             "  bare and update round trips in {} alternating rounds: per-round ratio median {:.2}, {:.2}-{:.2}\n",
             rounds.len(),

@@ -1887,10 +1887,7 @@ impl<D: NicDevice> ConnTable<D> {
             return Err(TableError::BadRecord(format!("SYNC_POSITIONS wrote {n} entries (1 to {MAX_POSITIONS})")));
         }
         let mut out = vec![SyncPosition::default(); n as usize];
-        lazy_dma(&self.drv, &mut self.pos_buf, POSITIONS_BYTES)?
-            .mem()
-            .read(0, out.as_mut_bytes())
-            .map_err(DriverError::from)?;
+        b.mem().read(0, out.as_mut_bytes()).map_err(DriverError::from)?;
         if let Some(bad) = out.iter().find(|p| !p.is_valid()) {
             return Err(TableError::BadRecord(format!("SYNC_POSITIONS wrote an invalid entry {bad:?}")));
         }

@@ -70,30 +70,24 @@ impl DmaMemory {
         if len == 0 {
             return Err(DeviceError::DmaAlloc { len, reason: "zero-length buffer".into() });
         }
-        let page = if hugepages { 2 << 20 } else { 4096 };
-        let rounded = len.div_ceil(page) * page;
-        let mut used_huge = false;
-        let mut map = None;
-        if hugepages {
-            if let Ok(m) = MmapOptions::new().len(rounded).huge(Some(21)).populate().map_anon() {
-                used_huge = true;
-                map = Some(m);
-            }
-        }
-        // Normal pages, if huge ones were not asked for or not had: rounded
-        // to 4 KiB, so that a small buffer does not populate 2 MiB.
-        let rounded = if used_huge { rounded } else { len.div_ceil(4096) * 4096 };
-        let mut map = match map {
+        // Each size rounded to its own page: a buffer that falls back to
+        // normal pages does not populate 2 MiB.
+        let round = |page: usize| len.div_ceil(page) * page;
+        let huge = hugepages
+            .then(|| MmapOptions::new().len(round(2 << 20)).huge(Some(21)).populate().map_anon().ok())
+            .flatten();
+        let used_huge = huge.is_some();
+        let mut map = match huge {
             Some(m) => m,
             None => MmapOptions::new()
-                .len(rounded)
+                .len(round(4096))
                 .populate()
                 .map_anon()
                 .map_err(|e| DeviceError::DmaAlloc { len, reason: e.to_string() })?,
         };
         let ptr = NonNull::new(map.as_mut_ptr())
             .ok_or_else(|| DeviceError::DmaAlloc { len, reason: "mmap returned null".into() })?;
-        Ok(DmaMemory { map, ptr, len: rounded, hugepages: used_huge })
+        Ok(DmaMemory { len: map.len(), map, ptr, hugepages: used_huge })
     }
 
     /// Length in bytes (page-rounded).
