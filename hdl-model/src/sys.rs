@@ -95,8 +95,8 @@ const HUGE_PAGE: usize = 2 << 20;
 /// across hundreds of megabytes missed the TLB on nearly every one with 4
 /// KiB pages, a page walk that costs more than the memory access itself
 /// under a hypervisor. A hint: where the kernel refuses, the memory works
-/// as is. (The host's copy of the card's table takes it; the card's own
-/// memory does not, see `table::card_memory`.)
+/// as is. (The host's copy of the card's table and the card's own memory
+/// take it: `table::card_memory`.)
 pub fn advise_huge_pages<T>(mem: &mut [T]) {
     if std::mem::size_of_val(mem) < HUGE_PAGE_MIN_BYTES {
         return;

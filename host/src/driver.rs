@@ -824,6 +824,10 @@ impl<D: NicDevice> Driver<D> {
         self.tail = (self.tail + slots) & (self.cmd_size - 1);
         self.slots_in_flight += slots;
         self.stats.commands_posted += 1;
+        if self.free_slots() > WRITE_AHEAD_SLOTS {
+            let ahead = (self.tail + WRITE_AHEAD_SLOTS) & (self.cmd_size - 1);
+            self.cmd.mem().prefetch_write(ahead as usize * DESC_SIZE);
+        }
         Ok(tag)
     }
 
@@ -1374,6 +1378,15 @@ impl<D: NicDevice> Driver<D> {
 
 /// `d` as eight little-endian words, with `tag` in bits 31:16 of word 0
 /// (the descriptor layout: opcode, flags, tag, aux).
+/// How far ahead of the slot it writes `post` takes a free slot's line for
+/// writing (`nicsync_vfio::DmaMemory::prefetch_write`): the device read that line on the
+/// ring's last lap, and a run of posts otherwise waited for each line's
+/// ownership in turn. Only a free slot is touched, never one the device has
+/// yet to read. `bench ring`'s batch, 6 alternating pairs on two vCPUs
+/// without a shared L3: median +2 %, and no repetition under 10 M/s (2 of 6
+/// before); 8 slots ahead was too close to gain.
+const WRITE_AHEAD_SLOTS: u32 = 32;
+
 #[inline]
 fn with_tag(d: &CommandDescriptor, tag: u16) -> [u64; 8] {
     let mut w: [u64; 8] = zerocopy::transmute!(*d);
