@@ -95,6 +95,13 @@ pub struct CtBenchArgs {
     /// replication, resync), microseconds.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=100_000))]
     pub poll_us: u64,
+    /// The nice value both systems' daemons run at (conntrackd's `Nice`,
+    /// nicsync's `nice`): -20 is what conntrackd's example configuration
+    /// sets, so that its daemon is not starved by the traffic it
+    /// replicates; 0 runs them as the injector runs.
+    #[arg(long, default_value_t = -20, allow_hyphen_values = true,
+          value_parser = clap::value_parser!(i32).range(-20..=19))]
+    pub daemon_nice: i32,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -162,6 +169,8 @@ pub struct CtBenchReport {
     pub singles: u32,
     /// Loss on the sync link in the second resync, percent.
     pub loss_percent: u8,
+    /// The nice value both systems' daemons ran at (`--daemon-nice`).
+    pub daemon_nice: i32,
     /// Live replication: N / (first entry injected → peer holds all N).
     pub nicsync_entries_per_s: Option<f64>,
     /// As above, conntrackd.
@@ -296,6 +305,7 @@ pub fn run(args: &CtBenchArgs) -> Result<CtBenchReport> {
         resync_entries: args.resync_entries,
         singles: args.singles,
         loss_percent: args.loss_percent,
+        daemon_nice: args.daemon_nice,
         nicsync_version: env!("CARGO_PKG_VERSION").to_owned(),
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned(),
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -1293,7 +1303,7 @@ struct CtdPaths {
     log: [PathBuf; 2],
 }
 
-fn ctd_config(dir: &Path, me: &Ns, tag: &str) -> (String, PathBuf) {
+fn ctd_config(dir: &Path, me: &Ns, tag: &str, nice: i32) -> (String, PathBuf) {
     let ctl = dir.join(format!("conntrackd-{tag}.ctl"));
     let conf = format!(
         "# conntrackd for nicsync bench conntrack, member {tag}: FTFW over unicast UDP.
@@ -1312,6 +1322,7 @@ Sync {{
 \t}}
 }}
 General {{
+\tNice {nice}
 \tHashSize 1048576
 \tHashLimit 8388608
 \tLogFile {log}
@@ -1391,7 +1402,7 @@ fn run_conntrackd(
     let period = Duration::from_micros(args.poll_us);
     let mut paths = CtdPaths { conf: Default::default(), ctl: Default::default(), log: Default::default() };
     for (i, (ns, tag)) in [(&env.a, "a"), (&env.b, "b")].into_iter().enumerate() {
-        let (conf, ctl) = ctd_config(&env.dir, ns, tag);
+        let (conf, ctl) = ctd_config(&env.dir, ns, tag, args.daemon_nice);
         let path = env.dir.join(format!("conntrackd-{tag}.conf"));
         write_private(&path, &conf)?;
         paths.conf[i] = path;
@@ -1572,7 +1583,7 @@ fn ns_exchange(mut s: UnixStream, req: &Request, timeout: Duration) -> Result<Va
     }
 }
 
-fn ns_config(dir: &Path, me: &Ns, id: u16, peer_id: u16, key_file: &Path) -> (String, PathBuf) {
+fn ns_config(dir: &Path, me: &Ns, id: u16, peer_id: u16, key_file: &Path, nice: i32) -> (String, PathBuf) {
     let sock = dir.join(format!("nicsync-{id}.sock"));
     let conf = format!(
         "# nicsync for nicsync bench conntrack: member {id}, its kernel's conntrack table as the source.
@@ -1580,6 +1591,7 @@ member_id = {id}
 cluster_id = 1
 mode = \"ha\"
 source = \"conntrack\"
+nice = {nice}
 
 [device]
 kind = \"emulated\"
@@ -1768,7 +1780,7 @@ fn run_nicsync(
     run_cmd(Command::new(&exe).args(["key", "gen"]).arg(&key_file)).context("nicsync key gen")?;
     let mut p = NsPaths { conf: Default::default(), sock: Default::default(), log: Default::default() };
     for (i, (ns, id, peer)) in [(&env.a, 1u16, 2u16), (&env.b, 2, 1)].into_iter().enumerate() {
-        let (conf, sock) = ns_config(&env.dir, ns, id, peer, &key_file);
+        let (conf, sock) = ns_config(&env.dir, ns, id, peer, &key_file, args.daemon_nice);
         let path = env.dir.join(format!("nicsync-{id}.toml"));
         write_private(&path, &conf)?;
         p.conf[i] = path;
@@ -1948,7 +1960,8 @@ pub fn render(r: &CtBenchReport) -> String {
     let x = |v: Option<f64>| v.map_or_else(String::new, |v| format!("x{v:.2}"));
     let mut out = format!(
         "nicsync bench conntrack: {} entries live, {} single connections, resync of {} entries, {} % loss\n  \
-         conntrackd {}, nicsync {}, kernel {}, {} CPUs, load average {:.2} at the start, {:.2} at the end\n\n",
+         conntrackd {}, nicsync {}, kernel {}, {} CPUs, load average {:.2} at the start, {:.2} at the end\n  \
+         both daemons at nice {}\n\n",
         r.entries,
         r.singles,
         r.resync_entries,
@@ -1958,7 +1971,8 @@ pub fn render(r: &CtBenchReport) -> String {
         r.kernel,
         r.cpus,
         r.load_average[0],
-        r.load_average[1]
+        r.load_average[1],
+        r.daemon_nice
     );
     let _ = writeln!(out, "  {:<44} {:>14} {:>14} {:>9}", "", "conntrackd", "nicsync", "ratio");
     let mut row = |name: &str, c: String, n: String, ratio: String| {

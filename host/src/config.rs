@@ -307,6 +307,10 @@ pub struct Config {
     pub conntrack: ConntrackConfig,
     /// `[[peer]]`, in file order.
     pub peers: Vec<PeerConfig>,
+    /// `nice`: the scheduling priority the daemon sets for itself before it
+    /// starts any thread (-20..=19); `None` leaves the one it was started
+    /// with.
+    pub nice: Option<i32>,
 }
 
 impl Default for Config {
@@ -325,6 +329,7 @@ impl Default for Config {
             source: TableSource::default(),
             conntrack: ConntrackConfig::default(),
             peers: Vec::new(),
+            nice: None,
         }
     }
 }
@@ -424,6 +429,9 @@ impl Config {
         writeln!(out, "cluster_id = {}", self.cluster_id)?;
         writeln!(out, "mode = {}", quote(self.mode.as_str()))?;
         writeln!(out, "source = {}", quote(self.source.as_str()))?;
+        if let Some(n) = self.nice {
+            writeln!(out, "nice = {n}")?;
+        }
 
         writeln!(out, "\n[device]")?;
         match &self.device.kind {
@@ -534,6 +542,7 @@ struct RawConfig {
     conntrack: Option<Spanned<RawConntrack>>,
     #[serde(default, rename = "peer")]
     peers: Vec<Spanned<RawPeer>>,
+    nice: Option<Spanned<i64>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -767,6 +776,7 @@ impl Source<'_> {
     fn convert(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let member_id: u16 = self.int("member_id", &raw.member_id, 1, i64::from(u16::MAX))?;
         let cluster_id: u16 = self.int("cluster_id", &raw.cluster_id, 1, i64::from(u16::MAX))?;
+        let nice: Option<i32> = raw.nice.as_ref().map(|v| self.int("nice", v, -20, 19)).transpose()?;
         let device = self.device(&raw.device)?;
 
         let sync_bind = self.bind("sync.bind", &raw.sync.bind, any_addr(DEFAULT_SYNC_PORT))?;
@@ -879,6 +889,7 @@ impl Source<'_> {
             source,
             conntrack,
             peers,
+            nice,
         })
     }
 
@@ -1259,6 +1270,7 @@ mod tests {
 member_id = 1
 cluster_id = 7
 mode = "load-sharing"
+nice = -20
 
 [device]
 kind = "vfio"
@@ -1404,6 +1416,15 @@ full_sync = "192.0.2.3:8118"
     }
 
     #[test]
+    fn nice_is_a_nice_value() {
+        assert_eq!(parse(FULL).unwrap().nice, Some(-20));
+        assert_eq!(parse(MINIMAL).unwrap().nice, None);
+        assert_eq!(parse("member_id = 1\ncluster_id = 1\nnice = 19\n").unwrap().nice, Some(19));
+        rejects("member_id = 1\ncluster_id = 1\nnice = -21\n", 3, "nice = -21: must be between -20 and 19");
+        rejects("member_id = 1\ncluster_id = 1\nnice = 20\n", 3, "nice");
+    }
+
+    #[test]
     fn round_trip() {
         for text in [MINIMAL, FULL] {
             let c = parse(text).unwrap();
@@ -1479,7 +1500,7 @@ tcp_states = ["established", "fin_wait"]
         rejects(&format!("{MINIMAL}colour = 1\n"), 3, "colour");
         rejects(&format!("{MINIMAL}[membership]\nbind = \"0.0.0.0:9000\"\nprobe_interval = 5\n"), 5, "probe_interval");
         rejects(&format!("{MINIMAL}[gossip]\nport = 1\n"), 3, "gossip");
-        rejects(&format!("{FULL}extra = true\n"), 41, "extra");
+        rejects(&format!("{FULL}extra = true\n"), 42, "extra");
         rejects(&format!("{MINIMAL}[control]\nallow_gids = []\n"), 4, "allow_gids");
     }
 

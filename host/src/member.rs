@@ -238,6 +238,16 @@ pub fn from_config(cfg: &Config) -> Result<(Node<AnyDevice>, MemberNet, ControlS
 
 /// Runs the member a configuration describes until SIGINT or SIGTERM.
 pub fn run_daemon(cfg: &Config) -> anyhow::Result<()> {
+    // Before any thread starts: each inherits it.
+    if let Some(n) = cfg.nice {
+        crate::sys::set_nice(n).map_err(|e| {
+            let hint = match e.kind() {
+                std::io::ErrorKind::PermissionDenied => " (a value below the current one needs root or CAP_SYS_NICE)",
+                _ => "",
+            };
+            anyhow::anyhow!("nice = {n}: cannot set the daemon's scheduling priority: {e}{hint}")
+        })?;
+    }
     let (mut node, net, ctl) = from_config(cfg)?;
     tracing::info!(
         member = cfg.member_id,
