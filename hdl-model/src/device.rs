@@ -521,9 +521,10 @@ const TOMBSTONES: usize = 65_536;
 const TOMBSTONE_WAYS: usize = 8;
 
 impl Tombstones {
-    /// The set index and fingerprint of `key`.
-    fn place(key: &ConnKey) -> (usize, u16) {
-        let h = crate::table::hash_key(key);
+    /// The set index and fingerprint of a key whose hash
+    /// ([`crate::table::hash_key`], the table's: computed once per command)
+    /// is `h`.
+    fn place(h: u64) -> (usize, u16) {
         let sets = TOMBSTONES / TOMBSTONE_WAYS;
         ((h >> 17) as usize % sets, ((h >> 48) as u16) | 1)
     }
@@ -531,16 +532,16 @@ impl Tombstones {
     /// The slots of `key`'s set.
     #[cfg(test)]
     fn set_of(&self, key: &ConnKey) -> std::ops::Range<usize> {
-        let set = Self::place(key).0;
+        let set = Self::place(crate::table::hash_key(key)).0;
         set * TOMBSTONE_WAYS..(set + 1) * TOMBSTONE_WAYS
     }
 
-    /// The slot of `key`'s tombstone, if it has one.
-    fn find(&self, key: &ConnKey) -> Option<usize> {
+    /// The slot of the tombstone of `key` (hash `h`), if it has one.
+    fn find(&self, key: &ConnKey, h: u64) -> Option<usize> {
         if self.len == 0 {
             return None;
         }
-        let (set, fp) = Self::place(key);
+        let (set, fp) = Self::place(h);
         self.find_in(set, fp, key)
     }
 
@@ -553,13 +554,14 @@ impl Tombstones {
             .map(|(i, _)| i)
     }
 
-    fn record(&mut self, key: ConnKey, generation: u32, owner: u16) {
+    /// Records the tombstone of `key` (hash `h`).
+    fn record(&mut self, key: ConnKey, h: u64, generation: u32, owner: u16) {
         if self.slots.is_empty() {
             self.slots = vec![Tombstone::default(); TOMBSTONES];
             self.sets = vec![TombstoneSet::default(); TOMBSTONES / TOMBSTONE_WAYS];
         }
         self.stamp = self.stamp.wrapping_add(1);
-        let (set, fp) = Self::place(&key);
+        let (set, fp) = Self::place(h);
         let way = match self.find_in(set, fp, &key) {
             Some(i) => i % TOMBSTONE_WAYS,
             None => {
@@ -582,8 +584,18 @@ impl Tombstones {
     }
 
     #[cfg(test)]
+    fn record_key(&mut self, key: ConnKey, generation: u32, owner: u16) {
+        self.record(key, crate::table::hash_key(&key), generation, owner);
+    }
+
+    #[cfg(test)]
+    fn find_key(&self, key: &ConnKey) -> Option<usize> {
+        self.find(key, crate::table::hash_key(key))
+    }
+
+    #[cfg(test)]
     fn forget(&mut self, key: &ConnKey) {
-        if let Some(i) = self.find(key) {
+        if let Some(i) = self.find(key, crate::table::hash_key(key)) {
             self.forget_at(i, key);
         }
     }
@@ -603,21 +615,40 @@ impl Tombstones {
         }
     }
 
-    /// Issues the read of `key`'s set, so that a lookup a few commands
-    /// later hits: the pipelines call it beside the table's bucket reads.
+    /// Issues the read of the slot a tombstone of the key whose hash is `h`
+    /// would be written to (its own, a free one or the set's oldest), as
+    /// [`Tombstones::record`] chooses it: the pipelines call it for a delete
+    /// once the set's line has arrived, so that the write of the key does
+    /// not wait for its line.
     #[inline]
-    fn prefetch(&self, key: &ConnKey) {
+    fn prefetch_victim(&self, h: u64) {
+        let (set, fp) = Self::place(h);
+        let Some(s) = self.sets.get(set) else { return };
+        let way = (0..TOMBSTONE_WAYS)
+            .find(|w| s.fps[*w] == fp)
+            .or_else(|| (0..TOMBSTONE_WAYS).find(|w| s.fps[*w] == 0))
+            .unwrap_or_else(|| (0..TOMBSTONE_WAYS).max_by_key(|w| self.stamp.wrapping_sub(s.stamps[*w])).unwrap_or(0));
+        if let Some(t) = self.slots.get(set * TOMBSTONE_WAYS + way) {
+            crate::sys::prefetch(t);
+        }
+    }
+
+    /// Issues the read of the set of the key whose hash is `h`, so that a
+    /// lookup a few commands later hits: the pipelines call it beside the
+    /// table's bucket reads.
+    #[inline]
+    fn prefetch(&self, h: u64) {
         if self.len == 0 {
             return;
         }
-        if let Some(s) = self.sets.get(Self::place(key).0) {
+        if let Some(s) = self.sets.get(Self::place(h).0) {
             crate::sys::prefetch(s);
         }
     }
 
     #[cfg(test)]
     fn generation(&self, key: &ConnKey) -> Option<u32> {
-        self.find(key).map(|i| self.slots[i].generation)
+        self.find(key, crate::table::hash_key(key)).map(|i| self.slots[i].generation)
     }
 
     /// Live tombstones.
@@ -777,7 +808,8 @@ impl Core {
     /// The (generation, owner) of `key`'s tombstone, if one is kept (for
     /// tests and the simulator's key trace).
     pub fn tombstone(&self, key: &ConnKey) -> Option<(u32, u16)> {
-        self.tombstones.find(key).map(|i| (self.tombstones.slots[i].generation, self.tombstones.slots[i].owner))
+        let h = crate::table::hash_key(key);
+        self.tombstones.find(key, h).map(|i| (self.tombstones.slots[i].generation, self.tombstones.slots[i].owner))
     }
 
     fn count(&mut self, c: Counter, n: u64) {
@@ -1371,13 +1403,17 @@ impl Core {
             // sync's sustained churn ran 9 % slower (6 alternating pairs).
             let writes = [Opcode::Insert as u8, Opcode::Upsert as u8, Opcode::Delete as u8];
             for (d, p) in self.descs[..n].iter().zip(self.placed.iter()) {
-                if p.is_some() && writes.contains(&d.opcode) {
-                    let body: nicsync_fwif::cmd::ConnBody = zerocopy::transmute!(d.body);
-                    self.tombstones.prefetch(&body.key);
+                if let Some(p) = p.filter(|_| writes.contains(&d.opcode)) {
+                    self.tombstones.prefetch(p.hash);
                 }
             }
-            for p in self.placed[..n].iter().flatten() {
-                self.table.prefetch_slots(*p);
+            for (d, p) in self.descs[..n].iter().zip(self.placed.iter()) {
+                if let Some(p) = p {
+                    self.table.prefetch_slots(*p);
+                    if d.opcode == Opcode::Delete as u8 {
+                        self.tombstones.prefetch_victim(p.hash);
+                    }
+                }
             }
         }
     }
@@ -1423,7 +1459,7 @@ impl Core {
                     if let Some(gone) = self.table.remove(loc, &mut t) {
                         self.digest.sub(&gone);
                         generation = self.delete_generation(&gone);
-                        self.sync_local(DeltaOp::Delete, &gone, false);
+                        self.sync_local(DeltaOp::Delete, &gone, false, at);
                     }
                     Outcome::ok(generation as u64)
                 }
@@ -1472,7 +1508,7 @@ impl Core {
         let mut state = op.state;
         // The key's tombstone, looked up once: it numbers an automatic
         // generation and is freed by a successful insert.
-        let tomb = self.tombstones.find(&op.key);
+        let tomb = self.tombstones.find(&op.key, key_hash(&op.key, at));
         if op.auto_generation {
             // Above a tombstone of the same key, so the re-insert beats the
             // delete on every peer.
@@ -1495,7 +1531,7 @@ impl Core {
                 if let Some(i) = tomb {
                     self.tombstones.forget_at(i, &op.key);
                 }
-                self.sync_local(DeltaOp::Upsert, &slot, false);
+                self.sync_local(DeltaOp::Upsert, &slot, false, at);
                 Outcome::ok(state.generation.get() as u64)
             }
             Err(InsertError::Exists(_)) => Outcome::err(CplStatus::Exists),
@@ -1542,7 +1578,7 @@ impl Core {
         self.digest.replace(before, after);
         t.slot_writes += 1;
         if let Some(w) = written {
-            self.sync_local(DeltaOp::Upsert, &w, was_synced);
+            self.sync_local(DeltaOp::Upsert, &w, was_synced, at);
         }
         Outcome::ok(state.generation.get() as u64)
     }
@@ -1552,8 +1588,10 @@ impl Core {
     /// sent one generation above the entry it removes, so that it beats
     /// that entry on every peer whatever their owner ids, and is remembered
     /// as a tombstone here.
+    /// `at`: the key's placement, if the caller has it (its hash indexes
+    /// the tombstones).
     #[inline]
-    fn sync_local(&mut self, op: DeltaOp, s: &Slot, was_synced: bool) {
+    fn sync_local(&mut self, op: DeltaOp, s: &Slot, was_synced: bool, at: Option<Placement>) {
         if self.sync.is_none() || !(was_synced || s.state.conn_flags().contains(ConnFlags::SYNC)) {
             return;
         }
@@ -1565,7 +1603,7 @@ impl Core {
         let u = DeltaUpdate { op, owner: self.member, key: s.key, state, nat: s.nat };
         unit.submit(&u, self.now_ns);
         if op == DeltaOp::Delete {
-            self.tombstones.record(s.key, state.generation.get(), self.member);
+            self.tombstones.record(s.key, key_hash(&s.key, at), state.generation.get(), self.member);
         }
     }
 
@@ -1577,7 +1615,8 @@ impl Core {
         let now_ms = self.now_ns / 1_000_000;
         let found = self.find(&u.key, at, &mut t);
         // A key in the table has no tombstone (an insert frees it).
-        let tomb = if found.is_none() { self.tombstones.find(&u.key) } else { None };
+        let h = key_hash(&u.key, at);
+        let tomb = if found.is_none() { self.tombstones.find(&u.key, h) } else { None };
         let beaten = match found.and_then(|loc| self.table.get(loc).copied()) {
             Some(s) => {
                 let stored =
@@ -1591,11 +1630,11 @@ impl Core {
         }
         match (u.op, found) {
             (DeltaOp::Delete, None) => {
-                self.tombstones.record(u.key, u.state.generation.get(), u.owner);
+                self.tombstones.record(u.key, h, u.state.generation.get(), u.owner);
                 Applied::Nothing
             }
             (DeltaOp::Delete, Some(loc)) => {
-                self.tombstones.record(u.key, u.state.generation.get(), u.owner);
+                self.tombstones.record(u.key, h, u.state.generation.get(), u.owner);
                 match self.table.remove(loc, &mut t) {
                     Some(gone) => {
                         self.digest.sub(&gone);
@@ -1712,15 +1751,13 @@ impl Core {
             _ => None,
         }));
         self.table.prefetch_start(&placed);
-        for ev in events.iter().take(crate::table::PIPELINE_BUCKETS_AHEAD) {
-            if let ReceiverEvent::Deliver { update, .. } = ev {
-                self.tombstones.prefetch(&update.key);
-            }
+        for p in placed.iter().take(crate::table::PIPELINE_BUCKETS_AHEAD).flatten() {
+            self.tombstones.prefetch(p.hash);
         }
         for i in 0..events.len() {
             self.table.prefetch_step(&placed, i);
-            if let Some(ReceiverEvent::Deliver { update, .. }) = events.get(i + crate::table::PIPELINE_BUCKETS_AHEAD) {
-                self.tombstones.prefetch(&update.key);
+            if let Some(Some(p)) = placed.get(i + crate::table::PIPELINE_BUCKETS_AHEAD) {
+                self.tombstones.prefetch(p.hash);
             }
             let Some(ev) = events.get(i).cloned() else { break };
             match ev {
@@ -2192,7 +2229,7 @@ impl Core {
             // Peers age the entry on their own clocks too; the delete makes
             // the removal certain (and is harmless if they were first).
             let gone = Slot { nat: Nat::default(), expires_ms: 0, owner: self.member, ..*slot };
-            self.sync_local(DeltaOp::Delete, &gone, false);
+            self.sync_local(DeltaOp::Delete, &gone, false, None);
         }
         !aged.is_empty()
     }
@@ -2284,6 +2321,12 @@ enum Applied {
     Full,
 }
 
+/// The hash of `key`: from its placement where the caller computed one.
+#[inline]
+fn key_hash(key: &ConnKey, at: Option<Placement>) -> u64 {
+    at.map_or_else(|| crate::table::hash_key(key), |p| p.hash)
+}
+
 fn record(s: &Slot, now_ms: u64) -> ConnRecord {
     let mut state = s.state;
     state.timeout_s = if s.expires_ms == 0 {
@@ -2306,7 +2349,7 @@ mod tests {
     #[test]
     fn tombstone_ages_survive_the_counter_wrapping() {
         let mut t = Tombstones::default();
-        t.record(key(0), 1, 1);
+        t.record_key(key(0), 1, 1);
         let set = t.set_of(&key(0));
         let same: Vec<u32> = (1..2_000_000u32).filter(|i| t.set_of(&key(*i)) == set).take(TOMBSTONE_WAYS).collect();
         // The set's first tombstone is recorded just before the counter
@@ -2315,10 +2358,10 @@ mod tests {
         assert_eq!(t.len(), 0);
         t.stamp = u32::MAX - 1;
         for i in &same[..TOMBSTONE_WAYS] {
-            t.record(key(*i), 1, 1);
+            t.record_key(key(*i), 1, 1);
         }
         assert_eq!(t.len(), TOMBSTONE_WAYS);
-        t.record(key(0), 2, 1);
+        t.record_key(key(0), 2, 1);
         assert_eq!(t.generation(&key(same[0])), None, "the oldest, from before the wrap, goes");
         assert_eq!(t.generation(&key(same[1])), Some(1));
         assert_eq!(t.generation(&key(0)), Some(2));
@@ -2328,15 +2371,15 @@ mod tests {
     #[test]
     fn a_stale_tombstone_slot_frees_nothing() {
         let mut t = Tombstones::default();
-        t.record(key(0), 1, 1);
-        let i = t.find(&key(0)).expect("recorded");
+        t.record_key(key(0), 1, 1);
+        let i = t.find_key(&key(0)).expect("recorded");
         // The slot is no longer key 0's (forgotten, then taken by another
         // key of the set): freeing it for key 0 leaves the other alone.
         t.forget(&key(0));
         let set = t.set_of(&key(0));
         let other = (1..2_000_000u32).find(|j| t.set_of(&key(*j)) == set).expect("a key of the same set");
-        t.record(key(other), 3, 1);
-        assert_eq!(t.find(&key(other)), Some(i), "the free way is reused");
+        t.record_key(key(other), 3, 1);
+        assert_eq!(t.find_key(&key(other)), Some(i), "the free way is reused");
         t.forget_at(i, &key(0));
         assert_eq!(t.generation(&key(other)), Some(3));
         assert_eq!(t.len(), 1);
@@ -2347,28 +2390,28 @@ mod tests {
     #[test]
     fn tombstones_evict_the_oldest_of_a_set_only() {
         let mut t = Tombstones::default();
-        t.record(key(0), 1, 1);
+        t.record_key(key(0), 1, 1);
         t.forget(&key(0));
         assert_eq!(t.generation(&key(0)), None);
-        t.record(key(0), 5, 2); // a newer recording of the same key
+        t.record_key(key(0), 5, 2); // a newer recording of the same key
         assert_eq!(t.len(), 1);
         // Keys of the same set as key 0: the set holds TOMBSTONE_WAYS.
         let set = t.set_of(&key(0));
         let same: Vec<u32> = (1..2_000_000u32).filter(|i| t.set_of(&key(*i)) == set).take(TOMBSTONE_WAYS).collect();
         assert_eq!(same.len(), TOMBSTONE_WAYS);
         for i in &same[..TOMBSTONE_WAYS - 1] {
-            t.record(key(*i), 1, 1);
+            t.record_key(key(*i), 1, 1);
         }
         assert_eq!(t.generation(&key(0)), Some(5), "full set, nothing evicted yet");
         // Re-recording a key refreshes it, without taking a way.
-        t.record(key(0), 6, 2);
-        t.record(key(same[TOMBSTONE_WAYS - 1]), 1, 1);
+        t.record_key(key(0), 6, 2);
+        t.record_key(key(same[TOMBSTONE_WAYS - 1]), 1, 1);
         assert_eq!(t.generation(&key(same[0])), None, "the set's oldest goes first");
         assert_eq!(t.generation(&key(0)), Some(6));
         assert_eq!(t.len(), TOMBSTONE_WAYS);
         // Other sets are untouched, and the table never grows.
         for i in 0..3 * TOMBSTONES as u32 {
-            t.record(key(1_000_000 + i), 1, 1);
+            t.record_key(key(1_000_000 + i), 1, 1);
         }
         assert!(t.len() <= TOMBSTONES);
         assert_eq!(t.entries().len(), t.len());

@@ -68,7 +68,18 @@ const fn zero_nat() -> Nat {
 }
 
 /// A key's two candidate buckets and its fingerprint.
-pub type Placement = (usize, usize, u8);
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// First candidate bucket.
+    pub b1: usize,
+    /// Second candidate bucket.
+    pub b2: usize,
+    /// Fingerprint (never 0, which marks a free way).
+    pub fp: u8,
+    /// The key's hash ([`hash_key`]), which the card's other keyed
+    /// structures (its tombstones) index by too: one hash per command.
+    pub hash: u64,
+}
 
 /// Where an entry lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -203,7 +214,7 @@ fn fp_matches(fps: &[u8], fp: u8) -> u64 {
 
 /// The two candidate buckets and the fingerprint of a hash.
 #[inline]
-fn placement(h: u64, buckets: usize) -> (usize, usize, u8) {
+fn placement(h: u64, buckets: usize) -> Placement {
     let b1 = reduce(h as u32, buckets);
     let mut b2 = reduce((h >> 32) as u32 ^ 0x5bd1_e995, buckets);
     if b2 == b1 {
@@ -216,7 +227,7 @@ fn placement(h: u64, buckets: usize) -> (usize, usize, u8) {
     // compared the full key of nearly every way it held (a cache miss per
     // compare in a large table). 0 means empty, so it maps to 1.
     let fp = (h as u8).max(1);
-    (b1, b2, fp)
+    Placement { b1, b2, fp, hash: h }
 }
 
 /// `n` copies of `fill`, every page resident (as a card's memory is: a page
@@ -338,7 +349,7 @@ impl CuckooTable {
     /// fingerprints (the model's stand-in for a memory read issued ahead of
     /// use; the values are discarded).
     #[inline]
-    pub fn prefetch_buckets(&self, (b1, b2, _): Placement) {
+    pub fn prefetch_buckets(&self, Placement { b1, b2, .. }: Placement) {
         if let (Some(a), Some(b)) = (self.fps.get(b1 * WAYS), self.fps.get(b2 * WAYS)) {
             crate::sys::prefetch(a);
             crate::sys::prefetch(b);
@@ -348,7 +359,7 @@ impl CuckooTable {
     /// Stage 2: loads both cache lines of the slot whose fingerprint
     /// matches, so the key compare and the state write at execution hit.
     #[inline]
-    pub fn prefetch_slots(&self, (b1, b2, fp): Placement) {
+    pub fn prefetch_slots(&self, Placement { b1, b2, fp, .. }: Placement) {
         for b in [b1, b2] {
             let m = fp_matches(&self.fps[b * WAYS..(b + 1) * WAYS], fp);
             if m != 0 {
@@ -399,7 +410,7 @@ impl CuckooTable {
     /// Finds `key`.
     #[inline]
     pub fn find(&self, key: &ConnKey, t: &mut Traffic) -> Option<Location> {
-        let (b1, b2, fp) = placement(hash_key(key), self.buckets);
+        let Placement { b1, b2, fp, .. } = placement(hash_key(key), self.buckets);
         self.find_placed(key, b1, b2, fp, t)
     }
 
@@ -413,7 +424,7 @@ impl CuckooTable {
     /// [`CuckooTable::prefetch_buckets`] for this same key (the pipelined
     /// path: the hash is computed once per command).
     #[inline]
-    pub fn find_at(&self, key: &ConnKey, (b1, b2, fp): Placement, t: &mut Traffic) -> Option<Location> {
+    pub fn find_at(&self, key: &ConnKey, Placement { b1, b2, fp, .. }: Placement, t: &mut Traffic) -> Option<Location> {
         self.find_placed(key, b1, b2, fp, t)
     }
 
@@ -474,7 +485,7 @@ impl CuckooTable {
     /// Inserts a new entry whose placement may have been computed already
     /// (by [`CuckooTable::prefetch_buckets`] for this same key).
     pub fn insert_at(&mut self, slot: Slot, at: Option<Placement>, t: &mut Traffic) -> Result<Location, InsertError> {
-        let (b1, b2, fp) = at.unwrap_or_else(|| placement(hash_key(&slot.key), self.buckets));
+        let Placement { b1, b2, fp, .. } = at.unwrap_or_else(|| placement(hash_key(&slot.key), self.buckets));
         if let Some(loc) = self.find_placed(&slot.key, b1, b2, fp, t) {
             return Err(InsertError::Exists(loc));
         }
@@ -524,7 +535,7 @@ impl CuckooTable {
             t.bucket_reads += 1;
             for w in 0..WAYS {
                 let i = b * WAYS + w;
-                let (a1, a2, _) = placement(hash_key(&self.slots[i].key), self.buckets);
+                let Placement { b1: a1, b2: a2, .. } = placement(hash_key(&self.slots[i].key), self.buckets);
                 let alt = if a1 == b { a2 } else { a1 };
                 if let Some(fw) = self.free_way(alt) {
                     found = Some((head, w, alt * WAYS + fw));
@@ -584,7 +595,7 @@ impl CuckooTable {
     fn refill_from_stash(&mut self, b: usize, live_at: Option<u64>) {
         let buckets = self.buckets;
         let pos = self.stash.iter().position(|(_, s)| {
-            let (a1, a2, _) = placement(hash_key(&s.key), buckets);
+            let Placement { b1: a1, b2: a2, .. } = placement(hash_key(&s.key), buckets);
             let live = live_at.is_none_or(|now| s.expires_ms == 0 || s.expires_ms > now);
             (a1 == b || a2 == b) && live
         });
@@ -751,7 +762,7 @@ mod tests {
         for buckets in [64usize, 1 << 17, 1 << 19] {
             let mut by_bucket: HashMap<usize, Vec<u8>> = HashMap::new();
             for i in 0..200_000 {
-                let (b1, _, fp) = placement(hash_key(&key(i)), buckets);
+                let Placement { b1, fp, .. } = placement(hash_key(&key(i)), buckets);
                 by_bucket.entry(b1).or_default().push(fp);
             }
             let (mut same, mut pairs) = (0u64, 0u64);

@@ -715,7 +715,7 @@ fn snapshot_larger_than_one_chunk() {
 fn colliding_keys(capacity: usize, n: usize) -> Vec<ConnKey> {
     let t = nicsync_model::table::CuckooTable::new(capacity);
     let pair = |k: &ConnKey| {
-        let (b1, b2, _) = t.placement_of(k);
+        let nicsync_model::table::Placement { b1, b2, .. } = t.placement_of(k);
         (b1.min(b2), b1.max(b2))
     };
     let target = pair(&key4(0));
