@@ -565,13 +565,8 @@ impl Tombstones {
         let way = match self.find_in(set, fp, &key) {
             Some(i) => i % TOMBSTONE_WAYS,
             None => {
-                // A free way, or the set's oldest tombstone.
-                let s = &self.sets[set];
-                let free = (0..TOMBSTONE_WAYS).find(|w| s.fps[*w] == 0);
-                let now = self.stamp;
-                let w = free
-                    .unwrap_or_else(|| (0..TOMBSTONE_WAYS).max_by_key(|w| now.wrapping_sub(s.stamps[*w])).unwrap_or(0));
-                if free.is_some() {
+                let (w, free) = self.free_or_oldest(set);
+                if free {
                     self.len += 1;
                 }
                 w
@@ -581,6 +576,19 @@ impl Tombstones {
         let s = &mut self.sets[set];
         s.fps[way] = fp;
         s.stamps[way] = self.stamp;
+    }
+
+    /// The way of `set` a new tombstone takes: a free one (true), or the
+    /// set's oldest.
+    fn free_or_oldest(&self, set: usize) -> (usize, bool) {
+        let Some(s) = self.sets.get(set) else { return (0, true) };
+        match (0..TOMBSTONE_WAYS).find(|w| s.fps[*w] == 0) {
+            Some(w) => (w, true),
+            None => {
+                let now = self.stamp;
+                ((0..TOMBSTONE_WAYS).max_by_key(|w| now.wrapping_sub(s.stamps[*w])).unwrap_or(0), false)
+            }
+        }
     }
 
     #[cfg(test)]
@@ -624,10 +632,8 @@ impl Tombstones {
     fn prefetch_victim(&self, h: u64) {
         let (set, fp) = Self::place(h);
         let Some(s) = self.sets.get(set) else { return };
-        let way = (0..TOMBSTONE_WAYS)
-            .find(|w| s.fps[*w] == fp)
-            .or_else(|| (0..TOMBSTONE_WAYS).find(|w| s.fps[*w] == 0))
-            .unwrap_or_else(|| (0..TOMBSTONE_WAYS).max_by_key(|w| self.stamp.wrapping_sub(s.stamps[*w])).unwrap_or(0));
+        // A fingerprint match is most likely the key's own tombstone.
+        let way = (0..TOMBSTONE_WAYS).find(|w| s.fps[*w] == fp).unwrap_or_else(|| self.free_or_oldest(set).0);
         if let Some(t) = self.slots.get(set * TOMBSTONE_WAYS + way) {
             crate::sys::prefetch(t);
         }
@@ -1758,6 +1764,14 @@ impl Core {
             self.table.prefetch_step(&placed, i);
             if let Some(Some(p)) = placed.get(i + crate::table::PIPELINE_BUCKETS_AHEAD) {
                 self.tombstones.prefetch(p.hash);
+            }
+            let slot_stage = i + crate::table::PIPELINE_SLOTS_AHEAD;
+            if let (Some(ReceiverEvent::Deliver { update, .. }), Some(Some(p))) =
+                (events.get(slot_stage), placed.get(slot_stage))
+            {
+                if update.op == DeltaOp::Delete {
+                    self.tombstones.prefetch_victim(p.hash);
+                }
             }
             let Some(ev) = events.get(i).cloned() else { break };
             match ev {
