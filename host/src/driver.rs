@@ -1377,17 +1377,18 @@ impl<D: NicDevice> Driver<D> {
     }
 }
 
-/// `d` as eight little-endian words, with `tag` in bits 31:16 of word 0
-/// (the descriptor layout: opcode, flags, tag, aux).
 /// How far ahead of the slot it writes `post` takes a free slot's line for
-/// writing (`nicsync_vfio::DmaMemory::prefetch_write`): the device read that line on the
-/// ring's last lap, and a run of posts otherwise waited for each line's
-/// ownership in turn. Only a free slot is touched, never one the device has
-/// yet to read, and only within a burst. `bench ring`'s batch, 6 alternating pairs on two vCPUs
-/// without a shared L3: median +2 %, and no repetition under 10 M/s (2 of 6
-/// before); 8 slots ahead was too close to gain.
+/// writing (`nicsync_vfio::DmaMemory::prefetch_write`): the device read
+/// that line on the ring's last lap, and a run of posts otherwise waited
+/// for each line's ownership in turn. Only a free slot is touched, never
+/// one the device has yet to read, and only within a burst. `bench ring`'s
+/// batch, 6 alternating pairs on two vCPUs without a shared L3: median +2
+/// %, and no repetition under 10 M/s (2 of 6 before); 8 slots ahead was too
+/// close to gain.
 const WRITE_AHEAD_SLOTS: u32 = 32;
 
+/// `d` as eight little-endian words, with `tag` in bits 31:16 of word 0
+/// (the descriptor layout: opcode, flags, tag, aux).
 #[inline]
 fn with_tag(d: &CommandDescriptor, tag: u16) -> [u64; 8] {
     let mut w: [u64; 8] = zerocopy::transmute!(*d);

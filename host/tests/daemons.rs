@@ -338,3 +338,46 @@ fn forged_datagrams_are_dropped_and_counted_by_a_running_daemon() {
     assert!(e.contains("chmod 600"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Field 19 (nice) of a `/proc/PID/task/TID/stat` line; the command name
+/// (field 2, in parentheses) may hold spaces, so fields are counted after
+/// its closing parenthesis.
+fn nice_of_stat(stat: &str) -> Option<i32> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(16)?.parse().ok()
+}
+
+#[test]
+fn nice_applies_to_every_thread_of_the_daemon() {
+    let dir = std::env::temp_dir().join(format!("nicsync-nice-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (s, m, f) = (free_udp(), free_udp(), free_tcp());
+    let socket = dir.join("m1.sock");
+    // A value above the current one: no privilege needed to set it.
+    let text = format!(
+        "member_id = 1\ncluster_id = 7\nnice = 7\n[device]\ntable_capacity = 65536\n\
+         [sync]\nbind = \"127.0.0.1:{s}\"\n[membership]\nbind = \"127.0.0.1:{m}\"\n\
+         [full_sync]\nbind = \"127.0.0.1:{f}\"\n[control]\nsocket = \"{}\"\n\
+         [security]\nencryption = false\n",
+        socket.display(),
+    );
+    let config = dir.join("m1.toml");
+    std::fs::write(&config, text).unwrap();
+    let mut members = vec![Member::new(1, None, config, socket, dir.join("m1.log"))];
+    members[0].start();
+    wait_for("member 1 answers", Duration::from_secs(20), &members, || members[0].req(&Request::State).ok());
+    let pid = members[0].pid().expect("running");
+    let tasks: Vec<(String, Option<i32>)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+        .map(|stat| {
+            let comm = stat.split(['(', ')']).nth(1).unwrap_or("?").to_owned();
+            (comm, nice_of_stat(&stat))
+        })
+        .collect();
+    // The daemon's loop and its device's polling thread at least.
+    assert!(tasks.len() >= 2, "{tasks:?}");
+    assert!(tasks.iter().all(|(_, n)| *n == Some(7)), "every thread at nice 7: {tasks:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

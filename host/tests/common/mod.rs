@@ -63,6 +63,11 @@ impl Daemon {
         }
     }
 
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// One control request.
     pub fn req(&self, r: &Request) -> Result<Value, String> {
         call(&self.socket, r, Duration::from_secs(10)).map_err(|e| e.to_string())
