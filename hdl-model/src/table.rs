@@ -681,7 +681,7 @@ mod tests {
     }
 
     #[test]
-    fn card_memory_holds_its_fill_on_huge_pages() {
+    fn card_memory_fills_every_element() {
         // Large enough for the huge-page advice (8 MiB), not a whole number
         // of huge pages: every element, the tail's included, holds the fill.
         let n = (9 << 20) / std::mem::size_of::<Slot>() + 3;

@@ -95,10 +95,12 @@ pub struct CtBenchArgs {
     /// replication, resync), microseconds.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=100_000))]
     pub poll_us: u64,
-    /// The nice value both systems' daemons run at (conntrackd's `Nice`,
-    /// nicsync's `nice`): -20 is what conntrackd's example configuration
-    /// sets, so that its daemon is not starved by the traffic it
-    /// replicates; 0 runs them as the injector runs.
+    /// The nice value both systems' daemons run at (nicsync's `nice`;
+    /// conntrackd, whose `Nice` 1.4.7 ignores, under nice(1)), checked in
+    /// /proc once they answer: -20 is what conntrackd's example
+    /// configuration sets, so that its daemon is not starved by the traffic
+    /// it replicates; 0 is the default priority (the injector's, for a
+    /// bench started at 0).
     #[arg(long, default_value_t = -20, allow_hyphen_values = true,
           value_parser = clap::value_parser!(i32).range(-20..=19))]
     pub daemon_nice: i32,
@@ -778,6 +780,32 @@ impl Env {
         Ok(())
     }
 
+    /// Fails unless every thread of the named daemon runs at nice `want`
+    /// (read back from /proc: the comparison is only fair if both systems'
+    /// daemons run where the report says they do).
+    fn check_nice(&self, name: &str, want: i32) -> Result<()> {
+        let pid = {
+            let reg = lock(&self.reg);
+            let (_, child) =
+                reg.children.iter().find(|(n, _)| n == name).ok_or_else(|| anyhow!("{name}: not started"))?;
+            child.id()
+        };
+        let tasks =
+            std::fs::read_dir(format!("/proc/{pid}/task")).with_context(|| format!("{name}: /proc/{pid}/task"))?;
+        for t in tasks {
+            let stat = std::fs::read_to_string(t?.path().join("stat"))?;
+            // Field 19; the name in parentheses (field 2) may hold spaces.
+            let nice = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 1..].split_whitespace().nth(16))
+                .and_then(|v| v.parse::<i32>().ok());
+            if nice != Some(want) {
+                bail!("{name} (pid {pid}) runs a thread at nice {nice:?}, not {want} as --daemon-nice asks");
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the named daemon has exited, and how.
     fn exited(&self, name: &str) -> Option<String> {
         let mut reg = lock(&self.reg);
@@ -1303,7 +1331,7 @@ struct CtdPaths {
     log: [PathBuf; 2],
 }
 
-fn ctd_config(dir: &Path, me: &Ns, tag: &str, nice: i32) -> (String, PathBuf) {
+fn ctd_config(dir: &Path, me: &Ns, tag: &str) -> (String, PathBuf) {
     let ctl = dir.join(format!("conntrackd-{tag}.ctl"));
     let conf = format!(
         "# conntrackd for nicsync bench conntrack, member {tag}: FTFW over unicast UDP.
@@ -1322,7 +1350,6 @@ Sync {{
 \t}}
 }}
 General {{
-\tNice {nice}
 \tHashSize 1048576
 \tHashLimit 8388608
 \tLogFile {log}
@@ -1360,7 +1387,12 @@ fn ctd_start(env: &Env, args: &CtBenchArgs, p: &CtdPaths) -> Result<()> {
         let _ = std::fs::remove_file(env.dir.join(format!("conntrackd-{tag}.lock")));
         let _ = std::fs::remove_file(&p.ctl[i]);
         let conf = p.conf[i].display().to_string();
-        env.spawn(&name, ns, &[&bin, "-C", &conf], &p.log[i].with_extension("out"))?;
+        // conntrackd 1.4.7 ignores its `Nice` setting ("deprecated nice
+        // configuration, ignoring"): it is started under nice(1), which
+        // adds to the bench's own value, so that it ends at --daemon-nice
+        // as nicsync's daemon does by its `nice` key.
+        let by = (args.daemon_nice - crate::sys::nice().unwrap_or(0)).to_string();
+        env.spawn(&name, ns, &["nice", "-n", &by, &bin, "-C", &conf], &p.log[i].with_extension("out"))?;
         let ctl = p.ctl[i].clone();
         let t0 = Instant::now();
         loop {
@@ -1370,6 +1402,7 @@ fn ctd_start(env: &Env, args: &CtBenchArgs, p: &CtdPaths) -> Result<()> {
                 bail!("conntrackd did not start in {} (exit {st}): {}{}", ns.name, tail(&out), tail(&log));
             }
             if ctd_cache_count(&ctl, "internal").is_ok() {
+                env.check_nice(&name, args.daemon_nice)?;
                 break;
             }
             if t0.elapsed() > START_TIMEOUT {
@@ -1402,7 +1435,7 @@ fn run_conntrackd(
     let period = Duration::from_micros(args.poll_us);
     let mut paths = CtdPaths { conf: Default::default(), ctl: Default::default(), log: Default::default() };
     for (i, (ns, tag)) in [(&env.a, "a"), (&env.b, "b")].into_iter().enumerate() {
-        let (conf, ctl) = ctd_config(&env.dir, ns, tag, args.daemon_nice);
+        let (conf, ctl) = ctd_config(&env.dir, ns, tag);
         let path = env.dir.join(format!("conntrackd-{tag}.conf"));
         write_private(&path, &conf)?;
         paths.conf[i] = path;
@@ -1638,6 +1671,8 @@ struct NsPaths {
     conf: [PathBuf; 2],
     sock: [PathBuf; 2],
     log: [PathBuf; 2],
+    /// The nice value the daemons must run at (`--daemon-nice`).
+    nice: i32,
 }
 
 fn ns_state(sock: &Path) -> Result<String> {
@@ -1670,7 +1705,7 @@ fn ns_start_one(env: &Env, p: &NsPaths, i: usize, states: &[&str]) -> Result<()>
         }
         if let Ok(s) = ns_state(&p.sock[i]) {
             if states.contains(&s.as_str()) {
-                return Ok(());
+                return env.check_nice(name, p.nice);
             }
         }
         if t0.elapsed() > START_TIMEOUT {
@@ -1778,7 +1813,8 @@ fn run_nicsync(
     let exe = std::env::current_exe().context("cannot find the nicsync binary")?;
     let key_file = env.dir.join("cluster.key");
     run_cmd(Command::new(&exe).args(["key", "gen"]).arg(&key_file)).context("nicsync key gen")?;
-    let mut p = NsPaths { conf: Default::default(), sock: Default::default(), log: Default::default() };
+    let mut p =
+        NsPaths { conf: Default::default(), sock: Default::default(), log: Default::default(), nice: args.daemon_nice };
     for (i, (ns, id, peer)) in [(&env.a, 1u16, 2u16), (&env.b, 2, 1)].into_iter().enumerate() {
         let (conf, sock) = ns_config(&env.dir, ns, id, peer, &key_file, args.daemon_nice);
         let path = env.dir.join(format!("nicsync-{id}.toml"));

@@ -717,7 +717,7 @@ impl Source<'_> {
         converted.ok_or_else(|| {
             let rule = if value < lo && hi >= i64::from(u32::MAX) {
                 format!("must be at least {lo}")
-            } else if value > hi && lo <= 0 {
+            } else if value > hi && lo == 0 {
                 format!("must be at most {hi}")
             } else {
                 format!("must be between {lo} and {hi}")

@@ -825,7 +825,7 @@ impl<D: NicDevice> Driver<D> {
         self.slots_in_flight += slots;
         self.stats.commands_posted += 1;
         // Only within a burst: a lone command's post touches no other line.
-        if self.slots_in_flight > 1 && self.free_slots() > WRITE_AHEAD_SLOTS {
+        if self.slots_in_flight > slots && self.free_slots() > WRITE_AHEAD_SLOTS {
             let ahead = (self.tail + WRITE_AHEAD_SLOTS) & (self.cmd_size - 1);
             self.cmd.mem().prefetch_write(ahead as usize * DESC_SIZE);
         }

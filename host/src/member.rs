@@ -242,7 +242,9 @@ pub fn run_daemon(cfg: &Config) -> anyhow::Result<()> {
     if let Some(n) = cfg.nice {
         crate::sys::set_nice(n).map_err(|e| {
             let hint = match e.kind() {
-                std::io::ErrorKind::PermissionDenied => " (a value below the current one needs root or CAP_SYS_NICE)",
+                std::io::ErrorKind::PermissionDenied => {
+                    " (a value below the current one needs root, CAP_SYS_NICE or an RLIMIT_NICE that allows it)"
+                }
                 _ => "",
             };
             anyhow::anyhow!("nice = {n}: cannot set the daemon's scheduling priority: {e}{hint}")

@@ -52,7 +52,6 @@ pub(crate) fn set_nice(nice: i32) -> std::io::Result<()> {
 }
 
 /// The calling thread's nice value.
-#[cfg(test)]
 pub(crate) fn nice() -> std::io::Result<i32> {
     // getpriority may return -1 as a value: errno tells it apart.
     // SAFETY: __errno_location returns this thread's errno, valid for the
