@@ -256,18 +256,16 @@ impl DmaMemory {
     /// a concurrent writer. Out-of-range offsets are ignored.
     #[inline]
     pub fn prefetch(&self, off: usize) {
-        if off >= self.len {
-            return;
-        }
+        let Some(p) = self.hint_address(off) else { return };
         #[cfg(target_arch = "x86_64")]
         // SAFETY: PREFETCHT0 is a hint: it never faults and neither reads
         // nor writes memory as far as the program can observe; the address
-        // is inside the live mapping (checked above) in any case.
+        // is inside the live mapping (`hint_address`) in any case.
         unsafe {
-            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
-                self.ptr.as_ptr().add(off).cast::<i8>(),
-            )
+            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.cast::<i8>())
         };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = p;
     }
 
     /// Hints the CPU to take the line at `off` for writing (PREFETCHW):
@@ -279,20 +277,23 @@ impl DmaMemory {
     /// out-of-range offsets are ignored.
     #[inline]
     pub fn prefetch_write(&self, off: usize) {
-        if off >= self.len {
-            return;
-        }
+        let Some(p) = self.hint_address(off) else { return };
         #[cfg(target_arch = "x86_64")]
         // SAFETY: PREFETCHW is a hint: it never faults, and the program
         // cannot observe it as a read or a write (CPUs without it execute
-        // it as a NOP). The address is inside the live mapping in any case.
+        // it as a NOP). The address is inside the live mapping
+        // (`hint_address`) in any case.
         unsafe {
-            core::arch::asm!(
-                "prefetchw [{0}]",
-                in(reg) self.ptr.as_ptr().add(off),
-                options(nostack, preserves_flags, readonly)
-            )
+            core::arch::asm!("prefetchw [{0}]", in(reg) p, options(nostack, preserves_flags, readonly))
         };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = p;
+    }
+
+    /// The address of byte `off` for a cache hint, if it is in the buffer.
+    #[inline]
+    fn hint_address(&self, off: usize) -> Option<*const u8> {
+        (off < self.len).then(|| self.ptr.as_ptr().cast_const().wrapping_add(off))
     }
 
     /// Zeroes the whole buffer (volatile).
