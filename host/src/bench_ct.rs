@@ -790,20 +790,13 @@ impl Env {
                 reg.children.iter().find(|(n, _)| n == name).ok_or_else(|| anyhow!("{name}: not started"))?;
             child.id()
         };
-        let tasks =
-            std::fs::read_dir(format!("/proc/{pid}/task")).with_context(|| format!("{name}: /proc/{pid}/task"))?;
-        for t in tasks {
-            let stat = std::fs::read_to_string(t?.path().join("stat"))?;
-            // Field 19; the name in parentheses (field 2) may hold spaces.
-            let nice = stat
-                .rfind(')')
-                .and_then(|i| stat[i + 1..].split_whitespace().nth(16))
-                .and_then(|v| v.parse::<i32>().ok());
-            if nice != Some(want) {
-                bail!("{name} (pid {pid}) runs a thread at nice {nice:?}, not {want} as --daemon-nice asks");
+        let threads = crate::member::thread_nice_values(pid).with_context(|| format!("{name}: /proc/{pid}/task"))?;
+        match threads.iter().find(|(_, nice)| *nice != Some(want)) {
+            Some((thread, nice)) => {
+                bail!("{name} (pid {pid}) runs thread {thread} at nice {nice:?}, not {want} as --daemon-nice asks")
             }
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Whether the named daemon has exited, and how.

@@ -236,6 +236,21 @@ pub fn from_config(cfg: &Config) -> Result<(Node<AnyDevice>, MemberNet, ControlS
     Ok((node, net, ctl))
 }
 
+/// Each thread of process `pid`: its name and nice value, read from
+/// `/proc/PID/task/*/stat` (field 19, counted after the name in
+/// parentheses, which may hold spaces); `None` where a line does not parse.
+/// How a deployment, or a bench, checks that `nice` took effect.
+pub fn thread_nice_values(pid: u32) -> std::io::Result<Vec<(String, Option<i32>)>> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let stat = std::fs::read_to_string(t?.path().join("stat"))?;
+        let name = stat.split(['(', ')']).nth(1).unwrap_or("?").to_owned();
+        let nice = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().nth(16)).and_then(|v| v.parse().ok());
+        out.push((name, nice));
+    }
+    Ok(out)
+}
+
 /// Runs the member a configuration describes until SIGINT or SIGTERM.
 pub fn run_daemon(cfg: &Config) -> anyhow::Result<()> {
     // Before any thread starts: each inherits it.

@@ -339,14 +339,6 @@ fn forged_datagrams_are_dropped_and_counted_by_a_running_daemon() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Field 19 (nice) of a `/proc/PID/task/TID/stat` line; the command name
-/// (field 2, in parentheses) may hold spaces, so fields are counted after
-/// its closing parenthesis.
-fn nice_of_stat(stat: &str) -> Option<i32> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(16)?.parse().ok()
-}
-
 #[test]
 fn nice_applies_to_every_thread_of_the_daemon() {
     let dir = std::env::temp_dir().join(format!("nicsync-nice-{}", std::process::id()));
@@ -369,14 +361,7 @@ fn nice_applies_to_every_thread_of_the_daemon() {
     members[0].start();
     wait_for("member 1 answers", Duration::from_secs(20), &members, || members[0].req(&Request::State).ok());
     let pid = members[0].pid().expect("running");
-    let tasks: Vec<(String, Option<i32>)> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
-        .map(|stat| {
-            let comm = stat.split(['(', ')']).nth(1).unwrap_or("?").to_owned();
-            (comm, nice_of_stat(&stat))
-        })
-        .collect();
+    let tasks = nicsync::member::thread_nice_values(pid).unwrap();
     // The daemon's loop and its device's polling thread at least.
     assert!(tasks.len() >= 2, "{tasks:?}");
     assert!(tasks.iter().all(|(_, n)| *n == Some(19)), "every thread at nice 19: {tasks:?}");
