@@ -367,3 +367,84 @@ fn nice_applies_to_every_thread_of_the_daemon() {
     assert!(tasks.iter().all(|(_, n)| *n == Some(19)), "every thread at nice 19: {tasks:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// One line sent over a fresh connection in the given pieces, with a pause
+/// between them; then the answer, parsed.
+fn ask_in_pieces(socket: &Path, pieces: &[&[u8]], half_close: bool) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for (i, p) in pieces.iter().enumerate() {
+        if i > 0 {
+            // Long enough for the daemon to accept and find the request
+            // incomplete, so the rest arrives after its first read.
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s.write_all(p).unwrap();
+    }
+    if half_close {
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap_or_else(|e| {
+        panic!("reading the answer to {} bytes: {e}", pieces.iter().map(|p| p.len()).sum::<usize>())
+    });
+    assert!(out.ends_with('\n') && out.matches('\n').count() == 1, "one answer line: {out:?}");
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn control_requests_in_pieces_long_or_malformed_are_answered() {
+    let dir = std::env::temp_dir().join(format!("nicsync-control-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (s, m, f) = (free_udp(), free_udp(), free_tcp());
+    let socket = dir.join("m1.sock");
+    let text = format!(
+        "member_id = 1\ncluster_id = 7\n[device]\ntable_capacity = 65536\n\
+         [sync]\nbind = \"127.0.0.1:{s}\"\n[membership]\nbind = \"127.0.0.1:{m}\"\n\
+         [full_sync]\nbind = \"127.0.0.1:{f}\"\n[control]\nsocket = \"{}\"\n\
+         [security]\nencryption = false\n",
+        socket.display(),
+    );
+    let config = dir.join("m1.toml");
+    std::fs::write(&config, text).unwrap();
+    let mut members = vec![Member::new(1, None, config, socket.clone(), dir.join("m1.log"))];
+    members[0].start();
+    wait_for("member 1 answers", Duration::from_secs(20), &members, || members[0].req(&Request::State).ok());
+    let refused = |v: &serde_json::Value| v["data"]["net"]["control_refused"].as_u64().unwrap();
+    let before = refused(&ask_in_pieces(&socket, &[b"{\"cmd\":\"syncstat\"}\n"], false));
+
+    // Whole at once (answered at the accept), and split (answered by the
+    // connection's own reader).
+    let whole = ask_in_pieces(&socket, &[b"{\"cmd\":\"state\"}\n"], false);
+    assert_eq!(whole["ok"], true, "{whole}");
+    let split = ask_in_pieces(&socket, &[b"{\"cmd\":", b"\"state\"}\n"], false);
+    assert_eq!(split["ok"], true, "{split}");
+    assert_eq!(split["data"]["member_id"], whole["data"]["member_id"]);
+    // No newline: the end of the request is the client's half-close.
+    let unterminated = ask_in_pieces(&socket, &[b"{\"cmd\":\"state\"}"], true);
+    assert_eq!(unterminated["ok"], true, "{unterminated}");
+    // Longer than what the loop reads at the accept, still within the limit.
+    let padded = format!("{{{}\"cmd\":\"state\"}}\n", " ".repeat(10_000));
+    let long = ask_in_pieces(&socket, &[padded.as_bytes()], false);
+    assert_eq!(long["ok"], true, "{long}");
+    // A request that waits on the loop (a walk of the card).
+    let digest = ask_in_pieces(&socket, &[b"{\"cmd\":\"conn_digest\"}\n"], false);
+    assert_eq!(digest["ok"], true, "{digest}");
+    assert_eq!(digest["data"]["entries"], 0, "{digest}");
+
+    // Refused: not JSON, an unknown command, past the size limit.
+    let bad = ask_in_pieces(&socket, &[b"hello\n"], false);
+    assert_eq!(bad["ok"], false, "{bad}");
+    assert!(bad["error"].as_str().unwrap().contains("bad request"), "{bad}");
+    let unknown = ask_in_pieces(&socket, &[b"{\"cmd\":\"reboot\"}\n"], false);
+    assert_eq!(unknown["ok"], false, "{unknown}");
+    let huge = format!("{{{}\"cmd\":\"state\"}}\n", " ".repeat(nicsync::control::MAX_REQUEST_BYTES));
+    let too_long = ask_in_pieces(&socket, &[huge.as_bytes()], false);
+    assert_eq!(too_long["ok"], false, "{too_long}");
+    assert!(too_long["error"].as_str().unwrap().contains("longer than"), "{too_long}");
+    let after = refused(&ask_in_pieces(&socket, &[b"{\"cmd\":\"syncstat\"}\n"], false));
+    assert_eq!(after - before, 3, "three refusals counted");
+    let _ = std::fs::remove_dir_all(&dir);
+}
