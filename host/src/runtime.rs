@@ -92,6 +92,9 @@ pub struct NetStats {
     pub fs_connect_failures: u64,
     /// Control requests refused (bad JSON, too long, user not allowed).
     pub control_refused: u64,
+    /// Control requests read whole at their connection's accept, on the
+    /// loop's turn (the others are read by a task of their own).
+    pub control_inline: u64,
 }
 
 enum Ev {
@@ -312,8 +315,8 @@ pub async fn serve_with<D: NicDevice + 'static>(
                     turn = ("control request", Instant::now());
                     let allow = control.map_or(&[][..], |c| c.allow_uids.as_slice());
                     let asked = Asked { own_uid, allow };
-                    if let Some((stream, read)) = answer_inline(stream, asked, node, &kernel, &mut stats, now()) {
-                        tokio::task::spawn_local(control_client(stream, read, own_uid, allow.to_vec(), ev_tx.clone()));
+                    if let Some((stream, pending)) = answer_inline(stream, asked, node, &kernel, &mut stats, now()) {
+                        tokio::task::spawn_local(control_client(stream, pending, ev_tx.clone()));
                     }
                 }
             }
@@ -846,14 +849,18 @@ fn answer<D: NicDevice>(
     match req {
         Request::Syncstat => {
             let st = Syncstat::of(node, net, kernel.as_ref().map(KernelLink::stats));
-            Reply::ok(serde_json::to_value(st).unwrap_or_default())
+            match serde_json::to_value(st) {
+                Ok(v) => Reply::ok(v),
+                Err(e) => Reply::err(format!("syncstat could not be written: {e}")),
+            }
         }
         _ => handle_request(node, req, net, now),
     }
 }
 
 /// [`answer`] as the line written back: `syncstat`'s straight from its
-/// counters, as [`Reply`] would write it.
+/// counters (its keys then come in the struct's order, not sorted: a JSON
+/// object's keys have none), the rest as [`Reply`] writes itself.
 fn answer_line<D: NicDevice>(
     node: &mut Node<D>,
     kernel: &Option<KernelLink>,
@@ -861,23 +868,42 @@ fn answer_line<D: NicDevice>(
     net: &NetStats,
     now: Nanos,
 ) -> Vec<u8> {
+    let Request::Syncstat = req else { return reply_line(&answer(node, kernel, req, net, now)) };
     let mut out = Vec::with_capacity(4096);
-    let written = match req {
-        Request::Syncstat => {
-            out.extend_from_slice(br#"{"ok":true,"data":"#);
-            let st = Syncstat::of(node, net, kernel.as_ref().map(KernelLink::stats));
-            let r = serde_json::to_writer(&mut out, &st);
-            out.push(b'}');
-            r
+    // `Reply::ok(data)` as serde writes it (`error` is skipped).
+    out.extend_from_slice(br#"{"ok":true,"data":"#);
+    let st = Syncstat::of(node, net, kernel.as_ref().map(KernelLink::stats));
+    match serde_json::to_writer(&mut out, &st) {
+        Ok(()) => {
+            out.extend_from_slice(b"}\n");
+            out
         }
-        _ => serde_json::to_writer(&mut out, &answer(node, kernel, req, net, now)),
-    };
-    if written.is_err() {
-        out.clear();
-        let _ = serde_json::to_writer(&mut out, &Reply::err("the answer could not be written"));
+        Err(e) => reply_line(&Reply::err(format!("syncstat could not be written: {e}"))),
     }
+}
+
+/// `reply` as a line.
+fn reply_line(reply: &Reply) -> Vec<u8> {
+    let mut out = serde_json::to_vec(reply).unwrap_or_else(|_| br#"{"ok":false}"#.to_vec());
     out.push(b'\n');
     out
+}
+
+/// Whether `req` is answered by the loop's waits or walks of the card over
+/// several turns (`conn wait`, `conn digest`, `conn list`), not at once.
+/// Every request is named: a new one must be placed.
+fn waits_on_loop(req: &Request) -> bool {
+    match req {
+        Request::ConnWait { .. } | Request::ConnDigest | Request::ConnList { .. } => true,
+        Request::State
+        | Request::Syncstat
+        | Request::Resync { .. }
+        | Request::ConnGet { .. }
+        | Request::ConnAdd { .. }
+        | Request::ConnDel { .. }
+        | Request::ConnFlush
+        | Request::ReloadKeys => false,
+    }
 }
 
 /// Who may use the control socket.
@@ -899,15 +925,23 @@ impl Asked<'_> {
 /// [`MAX_REQUEST_BYTES`], go to [`control_client`]).
 const INLINE_REQUEST_BYTES: usize = 4096;
 
+/// What [`control_client`] gets of a connection's request.
+enum Pending {
+    /// Read and parsed at the accept: one the loop answers over turns.
+    Parsed(Request),
+    /// Not all there at the accept: what had come.
+    Partial(Vec<u8>),
+}
+
 /// Answers a control connection at its accept when its request is already
 /// there (a client writes it as soon as it connects): read, answered and
-/// written on the loop's turn, without a task and two more turns through
-/// the loop's channel (which tripled a `syncstat`'s cost to the daemon,
-/// about 90 us of CPU, a sixth of a core for a monitor polling every
-/// 0.5 ms). Returns the connection and what was read of its request when
-/// the request is not all there yet, or needs the loop's waits and walks
-/// (`conn wait`, `conn digest`, `conn list`): [`control_client`] takes it
-/// from there.
+/// written on the loop's turn, every call non-blocking. Without a task and
+/// two more turns of the loop through its channel a `syncstat` costs the
+/// daemon 72 us of CPU instead of 88 (53 since it is written straight from
+/// its counters), where a monitor polling every 0.5 ms took a sixth of a
+/// core. Returns the connection and its request when the request is not
+/// all there yet, or waits on the loop ([`waits_on_loop`]):
+/// [`control_client`] takes it from there.
 fn answer_inline<D: NicDevice>(
     stream: UnixStream,
     asked: Asked<'_>,
@@ -915,10 +949,16 @@ fn answer_inline<D: NicDevice>(
     kernel: &Option<KernelLink>,
     net: &mut NetStats,
     now: Nanos,
-) -> Option<(UnixStream, Vec<u8>)> {
+) -> Option<(UnixStream, Pending)> {
     use std::io::Read;
     let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
-    let sock = stream.into_std().ok()?;
+    let sock = match stream.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!("control connection dropped: {e}");
+            return None;
+        }
+    };
     if let Some(r) = asked.refusal(uid) {
         net.control_refused += 1;
         write_line(sock, reply_line(&r));
@@ -935,14 +975,18 @@ fn answer_inline<D: NicDevice>(
             Ok(k) => n += k,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(_) => return None,
+            Err(e) => {
+                write_line(sock, reply_line(&Reply::err(format!("reading request: {e}"))));
+                return None;
+            }
         }
     }
     let line = match buf[..n].iter().position(|b| *b == b'\n') {
         Some(i) => &buf[..=i],
         None if eof => &buf[..n],
-        None => return Some((UnixStream::from_std(sock).ok()?, buf[..n].to_vec())),
+        None => return handed_on(sock, Pending::Partial(buf[..n].to_vec())),
     };
+    net.control_inline += 1;
     let req = match control::parse_request_line(line) {
         Ok(req) => req,
         Err(e) => {
@@ -951,23 +995,31 @@ fn answer_inline<D: NicDevice>(
             return None;
         }
     };
-    if matches!(req, Request::ConnWait { .. } | Request::ConnDigest | Request::ConnList { .. }) {
-        return Some((UnixStream::from_std(sock).ok()?, line.to_vec()));
+    if waits_on_loop(&req) {
+        return handed_on(sock, Pending::Parsed(req));
     }
-    let line = answer_line(node, kernel, &req, net, now);
-    write_line(sock, line);
+    write_line(sock, answer_line(node, kernel, &req, net, now));
     None
 }
 
-/// `reply` as a line.
-fn reply_line(reply: &Reply) -> Vec<u8> {
-    let mut out = serde_json::to_vec(reply).unwrap_or_default();
-    out.push(b'\n');
-    out
+/// The connection back on the reactor, for [`control_client`].
+fn handed_on(sock: std::os::unix::net::UnixStream, pending: Pending) -> Option<(UnixStream, Pending)> {
+    match UnixStream::from_std(sock) {
+        Ok(s) => Some((s, pending)),
+        Err(e) => {
+            tracing::debug!("control connection dropped: {e}");
+            None
+        }
+    }
 }
 
+/// Longest a control connection's task waits for its client to send its
+/// request or take its answer.
+const CONTROL_IO_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Writes `out` to a non-blocking socket; what the socket does not take at
-/// once is written by a task. Closed when written.
+/// once is written by a task (for at most [`CONTROL_IO_TIMEOUT`]). Closed
+/// when written.
 fn write_line(sock: std::os::unix::net::UnixStream, mut out: Vec<u8>) {
     use std::io::Write;
     let mut done = 0;
@@ -980,7 +1032,7 @@ fn write_line(sock: std::os::unix::net::UnixStream, mut out: Vec<u8>) {
                 let Ok(mut s) = UnixStream::from_std(sock) else { return };
                 let rest = out.split_off(done);
                 tokio::task::spawn_local(async move {
-                    let _ = s.write_all(&rest).await;
+                    let _ = tokio::time::timeout(CONTROL_IO_TIMEOUT, s.write_all(&rest)).await;
                 });
                 return;
             }
@@ -989,61 +1041,56 @@ fn write_line(sock: std::os::unix::net::UnixStream, mut out: Vec<u8>) {
     }
 }
 
-/// A control connection whose request was not all there at its accept
-/// (`read`: what had come), or that waits on the loop.
-async fn control_client(
-    stream: UnixStream,
-    read: Vec<u8>,
-    own_uid: u32,
-    allow: Vec<u32>,
-    ev: mpsc::UnboundedSender<Ev>,
-) {
-    let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
+/// A control connection whose request was not all there at its accept, or
+/// that waits on the loop (its peer was checked at the accept).
+async fn control_client(stream: UnixStream, pending: Pending, ev: mpsc::UnboundedSender<Ev>) {
     let (rd, mut wr) = stream.into_split();
-    let mut rd = BufReader::new(rd.take((MAX_REQUEST_BYTES + 1).saturating_sub(read.len()) as u64));
     let mut oversize = false;
-    let reply = if let Some(refused) = (Asked { own_uid, allow: &allow }).refusal(uid) {
-        let _ = ev.send(Ev::ControlRefused);
-        refused
-    } else {
-        let mut line = read;
-        let got = if line.contains(&b'\n') { Ok(0) } else { rd.read_until(b'\n', &mut line).await };
-        oversize = line.len() > MAX_REQUEST_BYTES;
-        match got {
-            Ok(_) => match control::parse_request_line(&line) {
-                Ok(req) => {
-                    let (tx, rx) = oneshot::channel();
-                    if ev.send(Ev::Control { req, reply: tx }).is_err() {
-                        return;
-                    }
-                    rx.await.unwrap_or_else(|_| Reply::err("daemon is stopping"))
-                }
-                Err(e) => {
+    let mut rd = BufReader::new(rd.take(match &pending {
+        Pending::Partial(read) => (MAX_REQUEST_BYTES + 1).saturating_sub(read.len()) as u64,
+        Pending::Parsed(_) => 0,
+    }));
+    let parsed = match pending {
+        Pending::Parsed(req) => Ok(req),
+        Pending::Partial(mut line) => {
+            let got = tokio::time::timeout(CONTROL_IO_TIMEOUT, rd.read_until(b'\n', &mut line)).await;
+            oversize = line.len() > MAX_REQUEST_BYTES;
+            match got {
+                Ok(Ok(_)) => control::parse_request_line(&line).inspect_err(|_| {
                     let _ = ev.send(Ev::ControlRefused);
-                    Reply::err(e)
-                }
-            },
-            Err(e) => Reply::err(format!("reading request: {e}")),
+                }),
+                Ok(Err(e)) => Err(format!("reading request: {e}")),
+                Err(_) => Err(format!("no request within {} s", CONTROL_IO_TIMEOUT.as_secs())),
+            }
         }
     };
-    if let Ok(mut out) = serde_json::to_vec(&reply) {
-        out.push(b'\n');
-        let _ = wr.write_all(&out).await;
-    }
+    let reply = match parsed {
+        Ok(req) => {
+            let (tx, rx) = oneshot::channel();
+            if ev.send(Ev::Control { req, reply: tx }).is_err() {
+                return;
+            }
+            rx.await.unwrap_or_else(|_| Reply::err("daemon is stopping"))
+        }
+        Err(e) => Reply::err(e),
+    };
+    let _ = tokio::time::timeout(CONTROL_IO_TIMEOUT, wr.write_all(&reply_line(&reply))).await;
     if oversize {
-        // Closed on the rest of the refused request, the socket would be
-        // reset and the client lose the answer: the end is sent, and what
-        // the client still writes is read and dropped (a bounded amount,
-        // for a bounded time) before the close.
+        // Closed on the rest of a refused request, the socket would be
+        // reset: a client reading to the end, or still writing, would get
+        // ECONNRESET or EPIPE for the answer's end. The end is sent, and
+        // what the client still writes is read and dropped (bounded in
+        // bytes and time) before the close.
         let _ = wr.shutdown().await;
         let mut rest = rd.into_inner().into_inner().take(OVERSIZE_DRAIN_BYTES);
         let _ = tokio::time::timeout(OVERSIZE_DRAIN_TIME, tokio::io::copy(&mut rest, &mut tokio::io::sink())).await;
     }
 }
 
-/// What is read and dropped of a refused oversize request after the
-/// answer, at most, and for how long.
+/// What is read and dropped of a refused oversize request after its
+/// answer, at most.
 const OVERSIZE_DRAIN_BYTES: u64 = 1 << 20;
+/// How long a refused oversize request's rest is read and dropped, at most.
 const OVERSIZE_DRAIN_TIME: Duration = Duration::from_secs(1);
 
 /// Answers one control request.

@@ -413,7 +413,21 @@ fn control_requests_in_pieces_long_or_malformed_are_answered() {
     members[0].start();
     wait_for("member 1 answers", Duration::from_secs(20), &members, || members[0].req(&Request::State).ok());
     let refused = |v: &serde_json::Value| v["data"]["net"]["control_refused"].as_u64().unwrap();
-    let before = refused(&ask_in_pieces(&socket, &[b"{\"cmd\":\"syncstat\"}\n"], false));
+    let inline = |v: &serde_json::Value| v["data"]["net"]["control_inline"].as_u64().unwrap();
+    let first = ask_in_pieces(&socket, &[b"{\"cmd\":\"syncstat\"}\n"], false);
+    let before = refused(&first);
+
+    // A request written as soon as the client connects is (almost always:
+    // the loop may accept before it lands) read whole at the accept.
+    for _ in 0..20 {
+        assert_eq!(ask_in_pieces(&socket, &[b"{\"cmd\":\"state\"}\n"], false)["data"]["member_id"], 1);
+    }
+    let now_inline = inline(&ask_in_pieces(&socket, &[b"{\"cmd\":\"syncstat\"}\n"], false));
+    assert!(
+        now_inline >= inline(&first) + 10,
+        "{} of 20 answered at the accept",
+        now_inline.saturating_sub(inline(&first) + 1)
+    );
 
     // Whole at once (answered at the accept), and split (answered by the
     // connection's own reader).
@@ -421,7 +435,7 @@ fn control_requests_in_pieces_long_or_malformed_are_answered() {
     assert_eq!(whole["ok"], true, "{whole}");
     let split = ask_in_pieces(&socket, &[b"{\"cmd\":", b"\"state\"}\n"], false);
     assert_eq!(split["ok"], true, "{split}");
-    assert_eq!(split["data"]["member_id"], whole["data"]["member_id"]);
+    assert_eq!((&whole["data"]["member_id"], &split["data"]["member_id"]), (&1.into(), &1.into()));
     // No newline: the end of the request is the client's half-close.
     let unterminated = ask_in_pieces(&socket, &[b"{\"cmd\":\"state\"}"], true);
     assert_eq!(unterminated["ok"], true, "{unterminated}");
@@ -451,5 +465,8 @@ fn control_requests_in_pieces_long_or_malformed_are_answered() {
         (n >= before + 3).then_some(n)
     });
     assert_eq!(after - before, 3, "three refusals counted");
+    std::thread::sleep(Duration::from_millis(100));
+    let settled = refused(&ask_in_pieces(&socket, &[b"{\"cmd\":\"syncstat\"}\n"], false));
+    assert_eq!(settled - before, 3, "three refusals counted, no more");
     let _ = std::fs::remove_dir_all(&dir);
 }
