@@ -468,5 +468,126 @@ fn control_requests_in_pieces_long_or_malformed_are_answered() {
     std::thread::sleep(Duration::from_millis(100));
     let settled = refused(&ask_in_pieces(&socket, &[b"{\"cmd\":\"syncstat\"}\n"], false));
     assert_eq!(settled - before, 3, "three refusals counted, no more");
+    // syncstat's keys, nested ones as `outer.inner` (a member without
+    // the conntrack source has no `conntrack`): others read them.
+    let mut keys = Vec::new();
+    key_tree(&first["data"], "", &mut keys);
+    keys.sort();
+    assert_eq!(keys, SYNCSTAT_KEYS, "syncstat's keys");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn key_tree(v: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+    if let Some(map) = v.as_object() {
+        for (k, inner) in map {
+            let name = format!("{prefix}{k}");
+            key_tree(inner, &format!("{name}."), out);
+            out.push(name);
+        }
+    }
+}
+
+/// `syncstat --json`'s key tree, sorted.
+const SYNCSTAT_KEYS: &[&str] = &[
+    "apply_failed",
+    "auth_failures",
+    "ccp_rejected",
+    "device_resync_events",
+    "divergences_detected",
+    "encrypted",
+    "full_syncs_completed",
+    "full_syncs_failed",
+    "full_syncs_serve_failed",
+    "full_syncs_served",
+    "held_updates",
+    "hold_drops",
+    "join_history_covered",
+    "join_history_lost",
+    "last_error",
+    "last_full_sync_ms",
+    "last_full_sync_records",
+    "lost_updates",
+    "malformed_frames",
+    "membership",
+    "membership.announcements_sent",
+    "membership.commands_ignored",
+    "membership.commands_received",
+    "membership.commands_sent",
+    "membership.events_dropped",
+    "membership.failovers",
+    "membership.foreign_cluster",
+    "membership.local_stalls",
+    "membership.malformed",
+    "membership.peer_deaths",
+    "membership.peer_restarts",
+    "membership.probes_received",
+    "membership.probes_sent",
+    "membership.queries_received",
+    "membership.queries_sent",
+    "membership.rejected",
+    "membership.stale",
+    "membership.state_changes",
+    "membership.state_msgs_received",
+    "membership.step_downs",
+    "membership.tx_drops",
+    "membership.unknown_sender",
+    "merges_completed",
+    "merges_failed",
+    "net",
+    "net.ccp_send_errors",
+    "net.ccp_unknown_source",
+    "net.control_inline",
+    "net.control_refused",
+    "net.fs_connect_failures",
+    "next_seq",
+    "queue_drops",
+    "recovery",
+    "recovery.audit_walks",
+    "recovery.audits",
+    "recovery.commands_replayed",
+    "recovery.corrupt_completions",
+    "recovery.corrupt_events",
+    "recovery.device_resets_detected",
+    "recovery.dma_errors",
+    "recovery.dma_retries",
+    "recovery.entries_adopted",
+    "recovery.entries_restored",
+    "recovery.fatal_errors",
+    "recovery.lost_completions",
+    "recovery.lost_entries_detected",
+    "recovery.phase_anomalies",
+    "recovery.resets",
+    "recovery.spurious_interrupts",
+    "recovery.stalls",
+    "recovery.timeouts",
+    "recovery.tombstones_restored",
+    "recovery.unexpected_tags",
+    "rejects_sent",
+    "replays_dropped",
+    "resyncs_requested",
+    "retrans_requests_sent",
+    "retrans_updates_sent",
+    "retransmit_queue_depth",
+    "security",
+    "security.delta_auth_failures",
+    "security.delta_malformed",
+    "security.delta_replays_dropped",
+    "security.delta_unknown_member",
+    "security.host",
+    "security.host.ccp_auth_failures",
+    "security.host.ccp_malformed",
+    "security.host.ccp_replays_dropped",
+    "security.host.ccp_unknown_member",
+    "security.host.fs_auth_failures",
+    "security.host.fs_malformed",
+    "security.host.fs_unknown_member",
+    "snapshot_walks_torn",
+    "sync_events",
+    "synced_entries",
+    "table_digest",
+    "unacked_updates",
+    "unknown_member_frames",
+    "updates_applied",
+    "updates_received",
+    "updates_sent",
+];
