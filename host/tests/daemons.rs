@@ -339,17 +339,17 @@ fn forged_datagrams_are_dropped_and_counted_by_a_running_daemon() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn nice_applies_to_every_thread_of_the_daemon() {
-    let dir = std::env::temp_dir().join(format!("nicsync-nice-{}", std::process::id()));
+/// One member alone, without encryption, its top-level config keys
+/// followed by `top`, started and answering: its directory (removed by the
+/// caller), the member, and its control socket.
+fn lone_member(name: &str, top: &str) -> (std::path::PathBuf, Vec<Member>, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("nicsync-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let (s, m, f) = (free_udp(), free_udp(), free_tcp());
     let socket = dir.join("m1.sock");
-    // The lowest priority: setting it needs no privilege whatever the
-    // test runs at.
     let text = format!(
-        "member_id = 1\ncluster_id = 7\nnice = 19\n[device]\ntable_capacity = 65536\n\
+        "member_id = 1\ncluster_id = 7\n{top}[device]\ntable_capacity = 65536\n\
          [sync]\nbind = \"127.0.0.1:{s}\"\n[membership]\nbind = \"127.0.0.1:{m}\"\n\
          [full_sync]\nbind = \"127.0.0.1:{f}\"\n[control]\nsocket = \"{}\"\n\
          [security]\nencryption = false\n",
@@ -357,9 +357,17 @@ fn nice_applies_to_every_thread_of_the_daemon() {
     );
     let config = dir.join("m1.toml");
     std::fs::write(&config, text).unwrap();
-    let mut members = vec![Member::new(1, None, config, socket, dir.join("m1.log"))];
+    let mut members = vec![Member::new(1, None, config, socket.clone(), dir.join("m1.log"))];
     members[0].start();
     wait_for("member 1 answers", Duration::from_secs(20), &members, || members[0].req(&Request::State).ok());
+    (dir, members, socket)
+}
+
+#[test]
+fn nice_applies_to_every_thread_of_the_daemon() {
+    // The lowest priority: setting it needs no privilege whatever the
+    // test runs at.
+    let (dir, members, _) = lone_member("nice", "nice = 19\n");
     let pid = members[0].pid().expect("running");
     let tasks = nicsync::member::thread_nice_values(pid).unwrap();
     // The daemon's loop and its device's polling thread at least.
@@ -395,23 +403,7 @@ fn ask_in_pieces(socket: &Path, pieces: &[&[u8]], half_close: bool) -> serde_jso
 
 #[test]
 fn control_requests_in_pieces_long_or_malformed_are_answered() {
-    let dir = std::env::temp_dir().join(format!("nicsync-control-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let (s, m, f) = (free_udp(), free_udp(), free_tcp());
-    let socket = dir.join("m1.sock");
-    let text = format!(
-        "member_id = 1\ncluster_id = 7\n[device]\ntable_capacity = 65536\n\
-         [sync]\nbind = \"127.0.0.1:{s}\"\n[membership]\nbind = \"127.0.0.1:{m}\"\n\
-         [full_sync]\nbind = \"127.0.0.1:{f}\"\n[control]\nsocket = \"{}\"\n\
-         [security]\nencryption = false\n",
-        socket.display(),
-    );
-    let config = dir.join("m1.toml");
-    std::fs::write(&config, text).unwrap();
-    let mut members = vec![Member::new(1, None, config, socket.clone(), dir.join("m1.log"))];
-    members[0].start();
-    wait_for("member 1 answers", Duration::from_secs(20), &members, || members[0].req(&Request::State).ok());
+    let (dir, members, socket) = lone_member("control", "");
     let refused = |v: &serde_json::Value| v["data"]["net"]["control_refused"].as_u64().unwrap();
     let inline = |v: &serde_json::Value| v["data"]["net"]["control_inline"].as_u64().unwrap();
     let first = ask_in_pieces(&socket, &[b"{\"cmd\":\"syncstat\"}\n"], false);
