@@ -315,7 +315,7 @@ pub async fn serve_with<D: NicDevice + 'static>(
                     turn = ("control request", Instant::now());
                     let allow = control.map_or(&[][..], |c| c.allow_uids.as_slice());
                     let asked = Asked { own_uid, allow };
-                    if let Some((stream, pending)) = answer_inline(stream, asked, node, &kernel, &mut stats, now()) {
+                    if let Some((stream, pending)) = answer_inline(stream, asked, node, kernel.as_ref(), &mut stats, now()) {
                         tokio::task::spawn_local(control_client(stream, pending, ev_tx.clone()));
                     }
                 }
@@ -355,7 +355,7 @@ pub async fn serve_with<D: NicDevice + 'static>(
                     walks.start(WalkKind::list(limit.unwrap_or(usize::MAX)), reply)
                 }
                 Ev::Control { req, reply } => {
-                    let _ = reply.send(answer(node, &kernel, &req, &stats, now()));
+                    let _ = reply.send(handle_request(node, kernel.as_ref(), &req, &stats, now()));
                 }
                 Ev::ControlRefused => stats.control_refused += 1,
             }},
@@ -837,49 +837,32 @@ fn current_uid() -> u32 {
     std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap_or(u32::MAX)
 }
 
-/// A request answered in the loop: with [`handle_request`], and for
-/// `syncstat` the conntrack source's counters.
-fn answer<D: NicDevice>(
-    node: &mut Node<D>,
-    kernel: &Option<KernelLink>,
-    req: &Request,
-    net: &NetStats,
-    now: Nanos,
-) -> Reply {
-    match req {
-        Request::Syncstat => {
-            let st = Syncstat::of(node, net, kernel.as_ref().map(KernelLink::stats));
-            match serde_json::to_value(st) {
-                Ok(v) => Reply::ok(v),
-                Err(e) => Reply::err(format!("syncstat could not be written: {e}")),
-            }
-        }
-        _ => handle_request(node, req, net, now),
-    }
-}
-
-/// [`answer`] as the line written back: `syncstat`'s straight from its
-/// counters (its keys then come in the struct's order, not sorted: a JSON
-/// object's keys have none), the rest as [`Reply`] writes itself.
+/// [`handle_request`]'s answer as the line written back: `syncstat`'s
+/// straight from its counters (its keys then come in the struct's order,
+/// not sorted: a JSON object's keys have none), the rest as [`Reply`]
+/// writes itself.
 fn answer_line<D: NicDevice>(
     node: &mut Node<D>,
-    kernel: &Option<KernelLink>,
+    kernel: Option<&KernelLink>,
     req: &Request,
     net: &NetStats,
     now: Nanos,
 ) -> Vec<u8> {
-    let Request::Syncstat = req else { return reply_line(&answer(node, kernel, req, net, now)) };
+    let Request::Syncstat = req else { return reply_line(&handle_request(node, kernel, req, net, now)) };
     let mut out = Vec::with_capacity(4096);
     // `Reply::ok(data)` as serde writes it (`error` is skipped).
     out.extend_from_slice(br#"{"ok":true,"data":"#);
-    let st = Syncstat::of(node, net, kernel.as_ref().map(KernelLink::stats));
-    match serde_json::to_writer(&mut out, &st) {
+    match serde_json::to_writer(&mut out, &Syncstat::of(node, net, kernel.map(KernelLink::stats))) {
         Ok(()) => {
             out.extend_from_slice(b"}\n");
             out
         }
-        Err(e) => reply_line(&Reply::err(format!("syncstat could not be written: {e}"))),
+        Err(e) => reply_line(&syncstat_failed(&e)),
     }
+}
+
+fn syncstat_failed(e: &serde_json::Error) -> Reply {
+    Reply::err(format!("syncstat could not be written: {e}"))
 }
 
 /// `reply` as a line.
@@ -946,7 +929,7 @@ fn answer_inline<D: NicDevice>(
     stream: UnixStream,
     asked: Asked<'_>,
     node: &mut Node<D>,
-    kernel: &Option<KernelLink>,
+    kernel: Option<&KernelLink>,
     net: &mut NetStats,
     now: Nanos,
 ) -> Option<(UnixStream, Pending)> {
@@ -1093,11 +1076,21 @@ const OVERSIZE_DRAIN_BYTES: u64 = 1 << 20;
 /// How long a refused oversize request's rest is read and dropped, at most.
 const OVERSIZE_DRAIN_TIME: Duration = Duration::from_secs(1);
 
-/// Answers one control request.
-pub fn handle_request<D: NicDevice>(node: &mut Node<D>, req: &Request, net: &NetStats, now: Nanos) -> Reply {
+/// Answers one control request (`kernel`: the conntrack source, whose
+/// counters `syncstat` adds).
+pub fn handle_request<D: NicDevice>(
+    node: &mut Node<D>,
+    kernel: Option<&KernelLink>,
+    req: &Request,
+    net: &NetStats,
+    now: Nanos,
+) -> Reply {
     match req {
         Request::State => Reply::ok(state_json(node, now)),
-        Request::Syncstat => Reply::ok(syncstat_json(node, net)),
+        Request::Syncstat => match serde_json::to_value(Syncstat::of(node, net, kernel.map(KernelLink::stats))) {
+            Ok(v) => Reply::ok(v),
+            Err(e) => syncstat_failed(&e),
+        },
         Request::Resync { member } => {
             match member {
                 Some(m) => node.request_peer_resync(*m, now),

@@ -943,7 +943,7 @@ impl Sim {
             Scripted::Resync { at, member } => {
                 if let Some(n) = self.slots[at as usize - 1].node.as_mut() {
                     let req = crate::control::Request::Resync { member };
-                    let reply = crate::runtime::handle_request(n, &req, &Default::default(), now);
+                    let reply = crate::runtime::handle_request(n, None, &req, &Default::default(), now);
                     self.log(format!("member {at} answers: {reply:?}"));
                 }
             }
