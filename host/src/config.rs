@@ -1324,7 +1324,7 @@ full_sync = "192.0.2.3:8118"
         assert_eq!(c.membership.probe_interval, Duration::from_millis(10));
         assert_eq!(c.membership.dead_after, 5);
         assert_eq!(c.full_sync.bind, "0.0.0.0:8118".parse().unwrap());
-        assert_eq!(c.full_sync.chunk_records, 8192);
+        assert_eq!(c.full_sync.chunk_records, 32768);
         assert_eq!(c.full_sync.timeout, Duration::from_millis(2000));
         assert_eq!(c.control.socket, PathBuf::from("/run/nicsync/nicsync.sock"));
         assert_eq!(c.control.socket_mode, 0o600);

@@ -56,6 +56,12 @@ struct Pair {
     cut_after: Option<usize>,
     carried: usize,
     cuts: u32,
+    /// With `Some`: each stream delivery to a member, as (member, its
+    /// table's entries before, after, whether the member answered on the
+    /// stream at once). The outputs are looked at right after the delivery,
+    /// then handled at the next step as usual (`held`).
+    deliveries: Option<Vec<(u16, usize, usize, bool)>>,
+    held: VecDeque<(u16, NodeOutput)>,
 }
 
 impl Pair {
@@ -88,6 +94,16 @@ impl Pair {
             cut_after: None,
             carried: 0,
             cuts: 0,
+            deliveries: None,
+            held: VecDeque::new(),
+        }
+    }
+
+    /// The output `id` has next: one held back from a delivery first.
+    fn next_output(&mut self, id: u16) -> Option<NodeOutput> {
+        match self.held.iter().position(|(m, _)| *m == id) {
+            Some(i) => self.held.remove(i).map(|(_, o)| o),
+            None => self.m[id as usize - 1].poll_output(),
         }
     }
 
@@ -112,7 +128,7 @@ impl Pair {
             }
         }
         for id in [1u16, 2] {
-            while let Some(o) = self.m[id as usize - 1].poll_output() {
+            while let Some(o) = self.next_output(id) {
                 match o {
                     NodeOutput::Ccp { dest, bytes } => {
                         if matches!(dest, Destination::All | Destination::Member(_)) {
@@ -164,7 +180,20 @@ impl Pair {
                     continue;
                 }
             }
+            let before = self.m[to as usize - 1].table_ref().len();
             self.m[to as usize - 1].fs_data(conn, &bytes, now);
+            if self.deliveries.is_some() {
+                let n = &mut self.m[to as usize - 1];
+                let after = n.table_ref().len();
+                let mut sent = false;
+                while let Some(o) = n.poll_output() {
+                    sent |= matches!(o, NodeOutput::FsSend { .. });
+                    self.held.push_back((to, o));
+                }
+                if let Some(d) = &mut self.deliveries {
+                    d.push((to, before, after, sent));
+                }
+            }
         }
     }
 
@@ -238,7 +267,7 @@ fn a_full_sync_cut_midway_is_retried_and_never_marked_synced_half_done() {
 #[test]
 fn a_large_chunk_is_written_a_slice_per_turn() {
     let k = keys();
-    // The default chunk of 8,192 records.
+    // Chunks of 8,192 records: four slices each.
     let mut p = Pair::with_chunks(&k, &k, Mode::HighAvailability, 8192);
     p.run_ms(600);
     p.fill(0, 0..14_000);
@@ -262,6 +291,38 @@ fn a_large_chunk_is_written_a_slice_per_turn() {
     // stream's data, then its timers): two slices.
     assert!(most > 0 && most <= 2 * 2048, "{most} records written in one step");
     assert!(slices >= 14_000 / (2 * 2048), "{slices} steps wrote the pull");
+    p.run_ms(20);
+    assert_eq!(p.m[0].digest().expect("a"), p.m[1].digest().expect("b"));
+}
+
+/// A joiner acknowledges a chunk before it writes it to its card (the loop
+/// sends the ACK, then writes), so that the server walks and sends the next
+/// chunk meanwhile. Written first, the ACK waited for the write, and the
+/// two members took turns: with a chunk of one slice (2,048 records) a
+/// pull of 1,000,000 entries took 949 ms instead of 794 on this machine.
+#[test]
+fn a_joiner_acknowledges_a_chunk_before_writing_it() {
+    let k = keys();
+    let mut p = Pair::with_chunks(&k, &k, Mode::HighAvailability, 2048);
+    p.run_ms(600);
+    p.fill(0, 0..10_000);
+    p.run_ms(50);
+    p.deliveries = Some(Vec::new());
+    p.m[1].request_resync(p.now);
+    for _ in 0..4000 {
+        p.step();
+        if p.m[1].is_synced() && p.m[1].stats().full_syncs_completed >= 2 {
+            break;
+        }
+    }
+    assert_eq!(p.m[1].stats().full_syncs_completed, 2, "the join, then the resync");
+    let seen = p.deliveries.take().unwrap_or_default();
+    let acks: Vec<_> = seen.iter().filter(|d| d.0 == 2 && d.3).collect();
+    // Five chunks and the END: an answer to each.
+    assert!(acks.len() >= 5, "{} deliveries answered: {seen:?}", acks.len());
+    for (_, before, after, _) in &acks {
+        assert_eq!(before, after, "a delivery answered at once wrote to the card first: {seen:?}");
+    }
     p.run_ms(20);
     assert_eq!(p.m[0].digest().expect("a"), p.m[1].digest().expect("b"));
 }
