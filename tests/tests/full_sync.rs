@@ -99,6 +99,26 @@ impl Pair {
         }
     }
 
+    /// Member 1 fills `entries` synced entries after the members met, and
+    /// member 2 then resyncs from it: steps until member 2 has completed its
+    /// second Full Sync (the join's, then this one), at most `steps` steps,
+    /// calling `each` when the resync is asked for and after every step.
+    fn resync_member_2(&mut self, entries: u32, steps: usize, mut each: impl FnMut(&mut Self)) {
+        self.run_ms(600);
+        self.fill(0, 0..entries);
+        self.run_ms(50);
+        self.m[1].request_resync(self.now);
+        each(self);
+        for _ in 0..steps {
+            self.step();
+            each(self);
+            if self.m[1].is_synced() && self.m[1].stats().full_syncs_completed >= 2 {
+                break;
+            }
+        }
+        assert_eq!(self.m[1].stats().full_syncs_completed, 2, "the join, then the resync");
+    }
+
     /// The output `id` has next: one held back from a delivery first.
     fn next_output(&mut self, id: u16) -> Option<NodeOutput> {
         match self.held.iter().position(|(m, _)| *m == id) {
@@ -269,24 +289,15 @@ fn a_large_chunk_is_written_a_slice_per_turn() {
     let k = keys();
     // Chunks of 8,192 records: four slices each.
     let mut p = Pair::with_chunks(&k, &k, Mode::HighAvailability, 8192);
-    p.run_ms(600);
-    p.fill(0, 0..14_000);
-    p.run_ms(50);
-    p.m[1].request_resync(p.now);
-    let (mut most, mut prev, mut slices) = (0, p.m[1].table_ref().len(), 0);
-    for _ in 0..4 * 2000 {
-        p.step();
+    let (mut most, mut prev, mut slices) = (0, None, 0);
+    p.resync_member_2(14_000, 4 * 2000, |p| {
         let n = p.m[1].table_ref().len();
-        if n > prev {
-            most = most.max(n - prev);
+        if let Some(before) = prev.filter(|b| n > *b) {
+            most = most.max(n - before);
             slices += 1;
         }
-        prev = n;
-        if p.m[1].is_synced() && p.m[1].stats().full_syncs_completed >= 2 {
-            break;
-        }
-    }
-    assert_eq!(p.m[1].stats().full_syncs_completed, 2, "the join, then the resync");
+        prev = Some(n);
+    });
     // A step of this harness is two turns of a member's loop at most (the
     // stream's data, then its timers): two slices.
     assert!(most > 0 && most <= 2 * 2048, "{most} records written in one step");
@@ -304,18 +315,9 @@ fn a_large_chunk_is_written_a_slice_per_turn() {
 fn a_joiner_acknowledges_a_chunk_before_writing_it() {
     let k = keys();
     let mut p = Pair::with_chunks(&k, &k, Mode::HighAvailability, 2048);
-    p.run_ms(600);
-    p.fill(0, 0..10_000);
-    p.run_ms(50);
+    // Every delivery, the join's included.
     p.deliveries = Some(Vec::new());
-    p.m[1].request_resync(p.now);
-    for _ in 0..4000 {
-        p.step();
-        if p.m[1].is_synced() && p.m[1].stats().full_syncs_completed >= 2 {
-            break;
-        }
-    }
-    assert_eq!(p.m[1].stats().full_syncs_completed, 2, "the join, then the resync");
+    p.resync_member_2(10_000, 4000, |_| {});
     let seen = p.deliveries.take().unwrap_or_default();
     let acks: Vec<_> = seen.iter().filter(|d| d.0 == 2 && d.3).collect();
     // Five chunks and the END: an answer to each.
