@@ -1,12 +1,10 @@
 //! `nicsync bench sync`: Full Sync, Delta Sync latency and throughput, and
 //! failover, each against its target, measured in one run.
 //!
-//! The latency parts, the Full Sync and the failovers run emulated devices
-//! served by one device thread (two devices polled in turn) and one host
-//! thread; the UDP floor uses an echo thread instead of the device thread.
-//! The sustained churn gives the churning member's card a thread of its
-//! own (see [`Layout::OwnCard`]). So at most two threads are busy at any
-//! time, on a two-core machine.
+//! Every part runs emulated devices served by one device thread (two
+//! devices polled in turn) and one host thread; the UDP floor uses an echo
+//! thread instead of the device thread. So at most two threads are busy
+//! at any time, on a two-core machine.
 
 use std::cell::RefCell;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
@@ -96,12 +94,6 @@ pub struct SyncBenchReport {
     pub lost_updates: u64,
     /// Whether the peer ended with every update.
     pub peer_caught_up: bool,
-    /// How long after the churn stopped the peer held every update (ms,
-    /// checked every millisecond): how far it was behind, so that the rate
-    /// above is one the peer kept pace with.
-    pub peer_catch_up_ms: f64,
-    /// `peer_catch_up_ms` of the run in clear.
-    pub plain_peer_catch_up_ms: f64,
     /// Median of the failovers: the Active dies until a Standby is Active,
     /// default probe settings (10 ms, dead after 5).
     pub failover_ms: f64,
@@ -199,11 +191,9 @@ pub fn run(o: &SyncBenchOptions) -> Result<SyncBenchReport, SyncBenchError> {
     let delta_in = percentiles(&mut sealed_runs);
     let baseline = percentiles(&mut rtt_runs);
     let delta_udp = percentiles(&mut udp_runs);
-    let plain = sustained(o.sustain_seconds, false)?;
-    let sealed = sustained(o.sustain_seconds, true)?;
-    let (plain_conn_rate, plain_upd_rate) = (plain.conn_per_s, plain.updates_per_s);
-    let (conn_rate, upd_rate) = (sealed.conn_per_s, sealed.updates_per_s);
-    let (lost, caught_up) = (sealed.lost + plain.lost, sealed.caught_up && plain.caught_up);
+    let (plain_conn_rate, plain_upd_rate, plain_lost, plain_caught_up) = sustained(o.sustain_seconds, false)?;
+    let (conn_rate, upd_rate, lost, caught_up) = sustained(o.sustain_seconds, true)?;
+    let (lost, caught_up) = (lost + plain_lost, caught_up && plain_caught_up);
     let cost = if plain_upd_rate > 0.0 { 1.0 - upd_rate / plain_upd_rate } else { 0.0 };
     let added = delta_in.p50 - plain_in.p50;
     let full = full_sync(o.conns)?;
@@ -251,8 +241,6 @@ pub fn run(o: &SyncBenchOptions) -> Result<SyncBenchReport, SyncBenchError> {
         sustained_updates_per_s: upd_rate,
         lost_updates: lost,
         peer_caught_up: caught_up,
-        peer_catch_up_ms: sealed.catch_up_ms,
-        plain_peer_catch_up_ms: plain.catch_up_ms,
         failover_ms: failover,
         failover_ms_runs: runs,
         encrypted: true,
@@ -261,11 +249,9 @@ pub fn run(o: &SyncBenchOptions) -> Result<SyncBenchReport, SyncBenchError> {
         plain_sustained_updates_per_s: plain_upd_rate,
         encryption_throughput_cost: cost,
         encryption_added_latency_ns_p50: added,
-        threads: "latency: 1 device thread polling both devices in turn + 1 host thread; \
-                  sustained churn: the churning member's device on its own thread (spinning, CPU 1), \
-                  its host asleep on the completion interrupt while the device works, the peer's device \
-                  on a thread that naps when idle; full sync and failover: 1 device thread polling both \
-                  devices, both members' hosts on one tokio thread; UDP floor: 1 echo thread + 1 host thread"
+        threads: "latency and throughput: 1 device thread polling both devices in turn + 1 host thread; \
+                  full sync and failover: the same, both members' hosts on one tokio thread; \
+                  UDP floor: 1 echo thread + 1 host thread"
             .into(),
         targets,
     })
@@ -319,35 +305,12 @@ fn udp_rtt(samples: usize) -> Result<Vec<u64>, SyncBenchError> {
 
 /// A pair of devices with sync units on the given ports, brought up, served
 /// by one polling thread.
-/// Members A and B (their tables) and the threads that run their cards.
-type Pair = (ConnTable<EmulatedDevice>, ConnTable<EmulatedDevice>, Vec<Poller>);
-
-/// Where a pair's two cards run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Layout {
-    /// One device thread polls both cards in turn (pinned to CPU 1); both
-    /// hosts poll for their completions.
-    SharedThread,
-    /// Member A's card has a thread of its own, spinning on CPU 1, as a
-    /// card runs beside its host, and A's host sleeps on the completion
-    /// interrupt while the card works; member B's card, which stands for
-    /// another machine, runs on a thread that naps when idle, on the CPU the
-    /// host leaves free. With one thread for both cards, A's card had half
-    /// of it and A's host spun on the other CPU while it waited: 434-439 k
-    /// connections/s sealed and 497-506 k in clear, against 634-640 k and
-    /// 677-680 k this way, the peer holding every update within about 1 ms
-    /// of the churn's end (two alternating pairs; an earlier pair of this
-    /// layout gave 461-618 k sealed).
-    OwnCard,
-}
-
 fn pair(
     ports: PortPair,
     capacity: u32,
     flush_delay_ns: u64,
     sealed: bool,
-    layout: Layout,
-) -> Result<Pair, SyncBenchError> {
+) -> Result<(ConnTable<EmulatedDevice>, ConnTable<EmulatedDevice>, Poller), SyncBenchError> {
     let mut tables = Vec::new();
     let keys = bench_keys()?;
     for (id, port) in [(1u16, ports.0), (2u16, ports.1)] {
@@ -366,34 +329,21 @@ fn pair(
             .map_err(|e| SyncBenchError::Other(e.to_string()))?;
         dev.nic().attach_sync(unit);
         dev.start_poller(None)?;
-        let completion_mode = match layout {
-            Layout::OwnCard if id == 1 => crate::driver::CompletionMode::Interrupt,
-            _ => crate::driver::CompletionMode::Poll,
-        };
-        let t = ConnTable::open(
-            dev,
-            DriverConfig { table_capacity: capacity, aging_period_ms: 0, completion_mode, ..Default::default() },
-        )?;
+        let t =
+            ConnTable::open(dev, DriverConfig { table_capacity: capacity, aging_period_ms: 0, ..Default::default() })?;
         t.driver_ref().device().stop_poller();
         tables.push(t);
     }
     let b = tables.pop().ok_or_else(|| SyncBenchError::Other("no device".into()))?;
     let a = tables.pop().ok_or_else(|| SyncBenchError::Other("no device".into()))?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let on_cpu_1 = move || {
+    let nics = vec![a.driver_ref().device().nic().clone(), b.driver_ref().device().nic().clone()];
+    let poller = Poller::spawn_with(nics, Idle::Spin, move || {
         if cpus >= 2 {
             let _ = nicsync_vfio::pin_current_thread(1);
         }
-    };
-    let (nic_a, nic_b) = (a.driver_ref().device().nic().clone(), b.driver_ref().device().nic().clone());
-    let pollers = match layout {
-        Layout::SharedThread => vec![Poller::spawn_with(vec![nic_a, nic_b], Idle::Spin, on_cpu_1)?],
-        Layout::OwnCard => vec![
-            Poller::spawn_with(vec![nic_a], Idle::Spin, on_cpu_1)?,
-            Poller::spawn_with(vec![nic_b], Idle::Nap { after_sweeps: 64, nap: Duration::from_micros(20) }, || {})?,
-        ],
-    };
-    Ok((a, b, pollers))
+    })?;
+    Ok((a, b, poller))
 }
 
 /// A fresh cluster key for one benchmark run.
@@ -434,7 +384,7 @@ fn delta_latency(udp: bool, sealed: bool, samples: usize) -> Result<Vec<u64>, Sy
             Box::new(hub.attach(2).map_err(|e| SyncBenchError::Other(e.to_string()))?),
         )
     };
-    let (mut a, mut b, poller) = pair(ports, 1 << 16, 0, sealed, Layout::SharedThread)?;
+    let (mut a, mut b, poller) = pair(ports, 1 << 16, 0, sealed)?;
     let warm = samples / 10;
     let mut out = Vec::with_capacity(samples);
     for i in 0..(samples + warm) as u64 {
@@ -467,28 +417,17 @@ fn delta_latency(udp: bool, sealed: bool, samples: usize) -> Result<Vec<u64>, Sy
 /// Repetitions of the sustained churn.
 const SUSTAIN_REPETITIONS: usize = 3;
 
-/// What a sustained churn measured.
-struct Sustained {
-    conn_per_s: f64,
-    updates_per_s: f64,
-    lost: u64,
-    caught_up: bool,
-    /// From the churn's end until the peer held every update.
-    catch_up_ms: f64,
-}
-
 /// New connections at full speed on A (each: SYN_SENT, ESTABLISHED, then
 /// destroyed), synced to B over the in-process wire, in three back-to-back
-/// repetitions, A's card on a thread of its own ([`Layout::OwnCard`]).
-/// Reports the median rate, lost updates, and how long B took after the
-/// churn to hold every update.
-fn sustained(seconds: f64, sealed: bool) -> Result<Sustained, SyncBenchError> {
+/// repetitions. Returns (median conn/s, updates/s at that rate, lost
+/// updates, whether B got every update).
+fn sustained(seconds: f64, sealed: bool) -> Result<(f64, f64, u64, bool), SyncBenchError> {
     let hub = InProcessHub::new(HubConfig { queue_capacity: 1 << 16, seed: 1, ..HubConfig::new() });
     let ports: PortPair = (
         Box::new(hub.attach(1).map_err(|e| SyncBenchError::Other(e.to_string()))?),
         Box::new(hub.attach(2).map_err(|e| SyncBenchError::Other(e.to_string()))?),
     );
-    let (mut a, mut b, poller) = pair(ports, 1 << 20, 50_000, sealed, Layout::OwnCard)?;
+    let (mut a, mut b, poller) = pair(ports, 1 << 20, 50_000, sealed)?;
     const BATCH: u64 = 1024;
     let mut ops = Vec::with_capacity(3 * BATCH as usize);
     let mut conns = 0u64;
@@ -532,7 +471,6 @@ fn sustained(seconds: f64, sealed: bool) -> Result<Sustained, SyncBenchError> {
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    let catch_up_ms = t.elapsed().as_secs_f64() * 1e3;
     let lost =
         b.driver_ref().device_counter(Counter::SyncLostUpdates) + b.driver_ref().device_counter(Counter::SyncHoldDrops);
     drop(a);
@@ -540,7 +478,7 @@ fn sustained(seconds: f64, sealed: bool) -> Result<Sustained, SyncBenchError> {
     drop(poller);
     // Updates per connection: the same in every repetition.
     let per_conn = if conns > 0 { sent as f64 / conns as f64 } else { 0.0 };
-    Ok(Sustained { conn_per_s: conn_rate, updates_per_s: conn_rate * per_conn, lost, caught_up, catch_up_ms })
+    Ok((conn_rate, conn_rate * per_conn, lost, caught_up))
 }
 
 /// Two members on loopback sockets (membership UDP, Full Sync TCP), both on
@@ -793,8 +731,8 @@ pub fn render(r: &SyncBenchReport) -> String {
     out.push_str(&format!("  delta latency, UDP:        {}\n", p(&r.delta_latency_udp_ns)));
     out.push_str(&format!("  bare UDP round trip:       {}\n", p(&r.baseline_udp_rtt_ns)));
     out.push_str(&format!(
-        "  sustained: {:.0} connections/s ({:.0} updates/s), {} lost, peer caught up: {} ({:.0} ms after the churn)\n",
-        r.sustained_conn_per_s, r.sustained_updates_per_s, r.lost_updates, r.peer_caught_up, r.peer_catch_up_ms
+        "  sustained: {:.0} connections/s ({:.0} updates/s), {} lost, peer caught up: {}\n",
+        r.sustained_conn_per_s, r.sustained_updates_per_s, r.lost_updates, r.peer_caught_up
     ));
     out.push_str(&format!("  failover: median {:.1} ms of {:?}\n", r.failover_ms, r.failover_ms_runs));
     out.push_str(&format!(
