@@ -1789,8 +1789,10 @@ impl FullSyncClient {
         self.events.pop_front()
     }
 
-    /// The host applied chunk `index` to its own table: acknowledges it
-    /// (stop-and-wait: the server sends the next one only now). Any other
+    /// The host has taken chunk `index` to apply to its own table (written,
+    /// or queued to be written next: see "Why stop-and-wait with large
+    /// chunks"): acknowledges it (stop-and-wait: the server sends the next
+    /// one only now). Any other
     /// index than the chunk delivered last fails the session with
     /// [`FsError::Misuse`]; ignored once finished.
     pub fn chunk_applied(&mut self, index: u32, now: Nanos) {
