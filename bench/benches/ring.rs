@@ -59,7 +59,7 @@ fn cuckoo(c: &mut Criterion) {
     let n = 100_000u32;
     g.bench_function("fill_100k", |b| {
         b.iter_batched(
-            || CuckooTable::new(n as usize),
+            || CuckooTable::new(n as usize, nicsync_fwif::hash::TableHash::default()),
             |mut t| {
                 let mut tr = Traffic::default();
                 for i in 0..n {

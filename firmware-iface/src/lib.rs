@@ -30,6 +30,7 @@ pub mod cmd;
 pub mod conn;
 pub mod cpl;
 pub mod event;
+pub mod hash;
 pub mod regs;
 pub mod seal;
 pub mod sync;
@@ -41,8 +42,9 @@ pub const ABI_MAJOR: u16 = 1;
 /// consistent SNAPSHOT walks with SNAPSHOT_TORN, `Control::SYNC_HOLD` and
 /// the sync counters; 4: the sync security counters; 5:
 /// `GENERATION_FLOOR`; 6: LOAD; 7: the `SYNC_HISTORY_LOST` counter; 8:
-/// SYNC_POSITIONS, SYNC_ALIGN and the `SYNC_HISTORY_COVERED` counter).
-pub const ABI_MINOR: u16 = 8;
+/// SYNC_POSITIONS, SYNC_ALIGN and the `SYNC_HISTORY_COVERED` counter; 9:
+/// the seeded table hash, `TABLE_HASH_SEED_0..3`).
+pub const ABI_MINOR: u16 = 9;
 /// Oldest device minor this host drives: features newer than that are
 /// used only when their capability bit says the device has them.
 pub const MIN_DEVICE_ABI_MINOR: u16 = 0;

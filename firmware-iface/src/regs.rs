@@ -91,6 +91,23 @@ pub const TABLE_COUNT: u32 = 0x07C;
 /// restarted numbers its changes above those of its previous life, which
 /// it no longer knows and which may still reach the peers late.
 pub const GENERATION_FLOOR: u32 = 0x080;
+/// Read/write (ABI 1.9, [`Capabilities::TABLE_HASH_SEED`]): bits 31:0 of
+/// the 128-bit seed of the table hash ([`crate::hash::TableHash`]); `_1`
+/// to `_3` hold bits 63:32, 95:64 and 127:96. 0 at reset. The device
+/// takes the seed when ENABLE sizes its table: a table re-enabled with a
+/// different seed (or capacity) starts empty, as after a reset. A host
+/// writes a seed that senders of traffic cannot guess, the same on every
+/// member of a cluster (so that a Full Sync arrives in the receiving
+/// card's own order).
+pub const TABLE_HASH_SEED_0: u32 = 0x084;
+/// See [`TABLE_HASH_SEED_0`]: seed bits 63:32.
+pub const TABLE_HASH_SEED_1: u32 = 0x088;
+/// See [`TABLE_HASH_SEED_0`]: seed bits 95:64.
+pub const TABLE_HASH_SEED_2: u32 = 0x08C;
+/// See [`TABLE_HASH_SEED_0`]: seed bits 127:96.
+pub const TABLE_HASH_SEED_3: u32 = 0x090;
+/// The four seed registers, word 0 first.
+pub const TABLE_HASH_SEED: [u32; 4] = [TABLE_HASH_SEED_0, TABLE_HASH_SEED_1, TABLE_HASH_SEED_2, TABLE_HASH_SEED_3];
 
 /// Write-only, 64 bytes (0x0C0..0x100): the inline doorbell. The host
 /// writes a copy of a batch's first descriptor here, with `aux` set to
@@ -364,6 +381,10 @@ bitflags! {
         /// each peer's stream, so that a joining member asks for none of
         /// the history its snapshot holds.
         const SYNC_ALIGN = 1 << 11;
+        /// The table hash is [`crate::hash::TableHash`] under the seed in
+        /// `TABLE_HASH_SEED_0..3` (ABI 1.9). Without it the device hashes
+        /// keys its own way and ignores those registers.
+        const TABLE_HASH_SEED = 1 << 12;
     }
 }
 
@@ -490,6 +511,10 @@ pub const REGISTERS: &[RegisterInfo] = &[
     reg!(AGING_PERIOD_MS, "RW", "aging scan period in ms, 0 = off"),
     reg!(TABLE_COUNT, "RO", "entries resident"),
     reg!(GENERATION_FLOOR, "RW", "lowest generation of a change the device numbers itself (0 = count from 1)"),
+    reg!(TABLE_HASH_SEED_0, "RW", "table hash seed, bits 31:0 (taken when ENABLE sizes the table)"),
+    reg!(TABLE_HASH_SEED_1, "RW", "table hash seed, bits 63:32"),
+    reg!(TABLE_HASH_SEED_2, "RW", "table hash seed, bits 95:64"),
+    reg!(TABLE_HASH_SEED_3, "RW", "table hash seed, bits 127:96"),
     reg!(CMD_INLINE, "WO", "inline doorbell: 64-byte copy of a batch's first descriptor, word 0 last"),
 ];
 

@@ -250,6 +250,7 @@ fn render_capabilities() -> String {
             ("SYNC", "Delta Sync unit: CONTROL.SYNC_HOLD, the sync counters, REPLICA, SYNC_RECORDS, consistent walks"),
             ("LOAD", "LOAD command: a buffer of sync records applied as REPLICA writes (ABI 1.6)"),
             ("SYNC_ALIGN", "SYNC_POSITIONS and SYNC_ALIGN: a Full Sync's cut in each peer's stream (ABI 1.8)"),
+            ("TABLE_HASH_SEED", "the table hash is the ABI's, seeded by TABLE_HASH_SEED_0..3 (ABI 1.9, section 5.1)"),
         ],
     )
 }

@@ -17,6 +17,7 @@ use nicsync_fwif::cmd::{
 use nicsync_fwif::conn::{ConnFlags, ConnKey, ConnRecord, ConnState, Nat};
 use nicsync_fwif::cpl::{CplStatus, CPL_SIZE, PHASE_BIT};
 use nicsync_fwif::event::{EventKind, EVT_SIZE};
+use nicsync_fwif::hash::TableHash;
 use nicsync_fwif::regs::{self, Capabilities, Control, Counter, IrqCause, Status};
 use nicsync_fwif::sync::{DeltaOp, DeltaRecord, DeltaUpdate, RECORD_SIZE};
 use zerocopy::{FromZeros, IntoBytes};
@@ -356,7 +357,11 @@ impl Shared {
             | regs::IRQ_COALESCE_COUNT
             | regs::IRQ_COALESCE_USEC
             | regs::AGING_PERIOD_MS
-            | regs::GENERATION_FLOOR => self.set(off, v),
+            | regs::GENERATION_FLOOR
+            | regs::TABLE_HASH_SEED_0
+            | regs::TABLE_HASH_SEED_1
+            | regs::TABLE_HASH_SEED_2
+            | regs::TABLE_HASH_SEED_3 => self.set(off, v),
             _ => {}
         }
     }
@@ -494,6 +499,8 @@ struct Tombstones {
     len: usize,
     /// Recording counter (wrapping; ages are compared as distances from it).
     stamp: u32,
+    /// The table's hash, which places tombstones too (one hash per command).
+    hash: TableHash,
 }
 
 /// What a lookup or a record reads of a set before it touches a slot: per
@@ -521,9 +528,13 @@ const TOMBSTONES: usize = 65_536;
 const TOMBSTONE_WAYS: usize = 8;
 
 impl Tombstones {
-    /// The set index and fingerprint of a key whose hash
-    /// ([`crate::table::hash_key`], the table's: computed once per command)
-    /// is `h`.
+    /// Tombstones placed by the table's `hash`, none kept yet.
+    fn new(hash: TableHash) -> Self {
+        Tombstones { hash, ..Default::default() }
+    }
+
+    /// The set index and fingerprint of a key whose hash (the table's,
+    /// [`CuckooTable::hash_of`]: computed once per command) is `h`.
     fn place(h: u64) -> (usize, u16) {
         let sets = TOMBSTONES / TOMBSTONE_WAYS;
         ((h >> 17) as usize % sets, ((h >> 48) as u16) | 1)
@@ -532,7 +543,7 @@ impl Tombstones {
     /// The slots of `key`'s set.
     #[cfg(test)]
     fn set_of(&self, key: &ConnKey) -> std::ops::Range<usize> {
-        let set = Self::place(crate::table::hash_key(key)).0;
+        let set = Self::place(self.hash.hash(key)).0;
         set * TOMBSTONE_WAYS..(set + 1) * TOMBSTONE_WAYS
     }
 
@@ -593,12 +604,12 @@ impl Tombstones {
 
     #[cfg(test)]
     fn record_key(&mut self, key: ConnKey, generation: u32, owner: u16) {
-        self.record(key, crate::table::hash_key(&key), generation, owner);
+        self.record(key, self.hash.hash(&key), generation, owner);
     }
 
     /// [`Tombstones::find`], hashing `key` here.
     fn find_key(&self, key: &ConnKey) -> Option<usize> {
-        self.find(key, crate::table::hash_key(key))
+        self.find(key, self.hash.hash(key))
     }
 
     #[cfg(test)]
@@ -771,7 +782,7 @@ impl Core {
             // Card memory is sized (and first touched) by the device itself
             // at enable, on the thread that runs the design, not here on
             // whichever thread built the model.
-            table: CuckooTable::new(1),
+            table: CuckooTable::new(1, TableHash::default()),
             tlb,
             enabled: false,
             fatal: false,
@@ -1039,7 +1050,7 @@ impl Core {
         self.shared.set(regs::STATUS, 0);
         self.shared.power_on_registers();
         // Emptied now; sized to TABLE_CAPACITY at enable.
-        self.table = CuckooTable::new(1);
+        self.table = CuckooTable::new(1, TableHash::default());
         self.tombstones = Tombstones::default();
         self.held = std::collections::VecDeque::new();
         self.hold = false;
@@ -1103,8 +1114,18 @@ impl Core {
         let cap_req = self.shared.reg(regs::TABLE_CAPACITY);
         let cap = cap_req.clamp(1, self.shared.cfg.max_capacity);
         self.shared.set(regs::TABLE_CAPACITY, cap);
-        if cap as usize != self.table.capacity() {
-            self.table = CuckooTable::new(cap as usize);
+        // A device without the capability keeps hashing with seed 0.
+        let hash = if self.shared.cfg.capabilities.contains(Capabilities::TABLE_HASH_SEED) {
+            TableHash::new(TableHash::seed_from_registers(regs::TABLE_HASH_SEED.map(|r| self.shared.reg(r))))
+        } else {
+            TableHash::default()
+        };
+        if hash != *self.table.hash() {
+            // Tombstones placed by the old hash could no longer be found.
+            self.tombstones = Tombstones::new(hash);
+        }
+        if cap as usize != self.table.capacity() || hash != *self.table.hash() {
+            self.table = CuckooTable::new(cap as usize, hash);
         }
         let (cr, cs) =
             self.ring_region(regs::CMD_BASE_LO, regs::CMD_BASE_HI, regs::CMD_LOG2_SIZE, DESC_SIZE, "command")?;
@@ -1516,7 +1537,7 @@ impl Core {
         let mut state = op.state;
         // The key's tombstone, looked up once: it numbers an automatic
         // generation and is freed by a successful insert.
-        let tomb = self.tombstones.find(&op.key, key_hash(&op.key, at));
+        let tomb = self.tombstones.find(&op.key, key_hash(&self.table, &op.key, at));
         if op.auto_generation {
             // Above a tombstone of the same key, so the re-insert beats the
             // delete on every peer.
@@ -1611,7 +1632,7 @@ impl Core {
         let u = DeltaUpdate { op, owner: self.member, key: s.key, state, nat: s.nat };
         unit.submit(&u, self.now_ns);
         if op == DeltaOp::Delete {
-            self.tombstones.record(s.key, key_hash(&s.key, at), state.generation.get(), self.member);
+            self.tombstones.record(s.key, key_hash(&self.table, &s.key, at), state.generation.get(), self.member);
         }
     }
 
@@ -1623,7 +1644,7 @@ impl Core {
         let now_ms = self.now_ns / 1_000_000;
         let found = self.find(&u.key, at, &mut t);
         // A key in the table has no tombstone (an insert frees it).
-        let h = key_hash(&u.key, at);
+        let h = key_hash(&self.table, &u.key, at);
         let tomb = if found.is_none() { self.tombstones.find(&u.key, h) } else { None };
         let beaten = match found.and_then(|loc| self.table.get(loc).copied()) {
             Some(s) => {
@@ -2339,8 +2360,8 @@ enum Applied {
 
 /// The hash of `key`: from its placement where the caller computed one.
 #[inline]
-fn key_hash(key: &ConnKey, at: Option<Placement>) -> u64 {
-    at.map_or_else(|| crate::table::hash_key(key), |p| p.hash)
+fn key_hash(table: &CuckooTable, key: &ConnKey, at: Option<Placement>) -> u64 {
+    at.map_or_else(|| table.hash_of(key), |p| p.hash)
 }
 
 fn record(s: &Slot, now_ms: u64) -> ConnRecord {

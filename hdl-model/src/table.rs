@@ -11,6 +11,7 @@
 //! count is sized for a load factor of at most [`TARGET_LOAD`].
 
 use nicsync_fwif::conn::{ConnKey, ConnState, Nat};
+use nicsync_fwif::hash::TableHash;
 
 /// Slots per bucket.
 pub const WAYS: usize = 8;
@@ -76,7 +77,7 @@ pub struct Placement {
     pub b2: usize,
     /// Fingerprint (never 0, which marks a free way).
     pub fp: u8,
-    /// The key's hash ([`hash_key`]), which the card's other keyed
+    /// The key's hash ([`CuckooTable::hash_of`]), which the card's other keyed
     /// structures (its tombstones) index by too: one hash per command.
     pub hash: u64,
 }
@@ -123,6 +124,8 @@ pub struct CuckooTable {
     bfs: Vec<(usize, usize, usize)>,
     /// The snapshot walk in progress, if any (see [`SnapshotWalk`]).
     walk: Option<SnapshotWalk>,
+    /// The key hash, seeded as the host asked (ABI 1.9).
+    hash: TableHash,
 }
 
 /// Its shape and fill only: the slots of a large table are hundreds of
@@ -165,31 +168,6 @@ pub struct SnapshotWalk {
     pub torn: bool,
 }
 
-/// The key hash: the five key words folded pairwise through three
-/// independent 64x64->128-bit multiplies (wyhash's "mum" step), then one
-/// more to mix. The multiplies do not depend on each other, so they overlap
-/// in the pipeline, as a hardware design would run parallel hash lanes; a
-/// serial multiply-xorshift chain costs three times as long.
-#[inline]
-pub fn hash_key(key: &ConnKey) -> u64 {
-    #[inline(always)]
-    fn mum(a: u64, b: u64) -> u64 {
-        let r = (a as u128).wrapping_mul(b as u128);
-        (r as u64) ^ ((r >> 64) as u64)
-    }
-    const K: [u64; 6] = [
-        0xa076_1d64_78bd_642f,
-        0xe703_7ed1_a0b4_28db,
-        0x8ebc_6af0_9c88_c6e3,
-        0x5899_65cc_7537_4cc3,
-        0x1d8e_4e27_c47d_124f,
-        0x9E37_79B9_7F4A_7C15,
-    ];
-    let w = key.words();
-    let h = mum(w[0] ^ K[0], w[1] ^ K[1]) ^ mum(w[2] ^ K[2], w[3] ^ K[3]) ^ mum(w[4] ^ K[4], K[5]);
-    mum(h ^ K[0], K[1])
-}
-
 #[inline]
 fn reduce(x: u32, n: usize) -> usize {
     ((x as u64 * n as u64) >> 32) as usize
@@ -215,7 +193,9 @@ fn fp_matches(fps: &[u8], fp: u8) -> u64 {
 /// The two candidate buckets and the fingerprint of a hash.
 #[inline]
 fn placement(h: u64, buckets: usize) -> Placement {
-    let b1 = reduce(h as u32, buckets);
+    // The first bucket in the ABI's order (`TableHash::order`): a walk of
+    // the buckets meets keys in the order of their hashes' low words.
+    let b1 = TableHash::order(h, buckets);
     let mut b2 = reduce((h >> 32) as u32 ^ 0x5bd1_e995, buckets);
     if b2 == b1 {
         b2 = (b1 + 1) % buckets;
@@ -259,8 +239,8 @@ pub const PIPELINE_BUCKETS_AHEAD: usize = 8;
 pub const PIPELINE_SLOTS_AHEAD: usize = 4;
 
 impl CuckooTable {
-    /// A table for `capacity` entries (at least 1).
-    pub fn new(capacity: usize) -> Self {
+    /// A table for `capacity` entries (at least 1), placing keys by `hash`.
+    pub fn new(capacity: usize, hash: TableHash) -> Self {
         let capacity = capacity.max(1);
         let slots_needed = (capacity as f64 / TARGET_LOAD).ceil() as usize;
         let buckets = slots_needed.div_ceil(WAYS).max(2);
@@ -273,6 +253,7 @@ impl CuckooTable {
             len: 0,
             bfs: Vec::with_capacity(MAX_SEARCH_BUCKETS * WAYS),
             walk: None,
+            hash,
         }
     }
 
@@ -328,6 +309,17 @@ impl CuckooTable {
     /// Whether no entry is resident.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The key hash it places keys by.
+    pub fn hash(&self) -> &TableHash {
+        &self.hash
+    }
+
+    /// The hash of `key` (which the card's tombstones also index by).
+    #[inline]
+    pub fn hash_of(&self, key: &ConnKey) -> u64 {
+        self.hash.hash(key)
     }
 
     /// Bucket count.
@@ -410,14 +402,14 @@ impl CuckooTable {
     /// Finds `key`.
     #[inline]
     pub fn find(&self, key: &ConnKey, t: &mut Traffic) -> Option<Location> {
-        let Placement { b1, b2, fp, .. } = placement(hash_key(key), self.buckets);
+        let Placement { b1, b2, fp, .. } = placement(self.hash_of(key), self.buckets);
         self.find_placed(key, b1, b2, fp, t)
     }
 
     /// The placement of `key` (no memory access).
     #[inline]
     pub fn placement_of(&self, key: &ConnKey) -> Placement {
-        placement(hash_key(key), self.buckets)
+        placement(self.hash_of(key), self.buckets)
     }
 
     /// Finds `key` at a placement computed earlier by
@@ -485,7 +477,7 @@ impl CuckooTable {
     /// Inserts a new entry whose placement may have been computed already
     /// (by [`CuckooTable::prefetch_buckets`] for this same key).
     pub fn insert_at(&mut self, slot: Slot, at: Option<Placement>, t: &mut Traffic) -> Result<Location, InsertError> {
-        let Placement { b1, b2, fp, .. } = at.unwrap_or_else(|| placement(hash_key(&slot.key), self.buckets));
+        let Placement { b1, b2, fp, .. } = at.unwrap_or_else(|| placement(self.hash_of(&slot.key), self.buckets));
         if let Some(loc) = self.find_placed(&slot.key, b1, b2, fp, t) {
             return Err(InsertError::Exists(loc));
         }
@@ -535,7 +527,7 @@ impl CuckooTable {
             t.bucket_reads += 1;
             for w in 0..WAYS {
                 let i = b * WAYS + w;
-                let Placement { b1: a1, b2: a2, .. } = placement(hash_key(&self.slots[i].key), self.buckets);
+                let Placement { b1: a1, b2: a2, .. } = placement(self.hash_of(&self.slots[i].key), self.buckets);
                 let alt = if a1 == b { a2 } else { a1 };
                 if let Some(fw) = self.free_way(alt) {
                     found = Some((head, w, alt * WAYS + fw));
@@ -593,9 +585,9 @@ impl CuckooTable {
     /// sweep (`live_at`), only an entry still live then moves: an expired
     /// one stays in the stash, which the same sweep visits at its end.
     fn refill_from_stash(&mut self, b: usize, live_at: Option<u64>) {
-        let buckets = self.buckets;
+        let (buckets, hash) = (self.buckets, self.hash);
         let pos = self.stash.iter().position(|(_, s)| {
-            let Placement { b1: a1, b2: a2, .. } = placement(hash_key(&s.key), buckets);
+            let Placement { b1: a1, b2: a2, .. } = placement(hash.hash(&s.key), buckets);
             let live = live_at.is_none_or(|now| s.expires_ms == 0 || s.expires_ms > now);
             (a1 == b || a2 == b) && live
         });
@@ -693,7 +685,7 @@ mod tests {
     #[test]
     fn fills_to_capacity_then_refuses() {
         let cap = 20_000;
-        let mut t = CuckooTable::new(cap);
+        let mut t = CuckooTable::new(cap, TableHash::default());
         let mut tr = Traffic::default();
         for i in 0..cap as u32 {
             assert!(t.insert(slot(i), &mut tr).is_ok(), "insert {i} failed at len {}", t.len());
@@ -708,7 +700,7 @@ mod tests {
 
     #[test]
     fn remove_and_reinsert() {
-        let mut t = CuckooTable::new(1000);
+        let mut t = CuckooTable::new(1000, TableHash::default());
         let mut tr = Traffic::default();
         for i in 0..1000 {
             assert!(t.insert(slot(i), &mut tr).is_ok());
@@ -729,7 +721,7 @@ mod tests {
 
     #[test]
     fn expiry_scans_ranges() {
-        let mut t = CuckooTable::new(100);
+        let mut t = CuckooTable::new(100, TableHash::default());
         let mut tr = Traffic::default();
         for i in 0..100 {
             let mut s = slot(i);
@@ -762,7 +754,7 @@ mod tests {
         for buckets in [64usize, 1 << 17, 1 << 19] {
             let mut by_bucket: HashMap<usize, Vec<u8>> = HashMap::new();
             for i in 0..200_000 {
-                let Placement { b1, fp, .. } = placement(hash_key(&key(i)), buckets);
+                let Placement { b1, fp, .. } = placement(TableHash::default().hash(&key(i)), buckets);
                 by_bucket.entry(b1).or_default().push(fp);
             }
             let (mut same, mut pairs) = (0u64, 0u64);
@@ -781,7 +773,7 @@ mod tests {
 
     #[test]
     fn million_entries_fit_in_128_bytes_each() {
-        let t = CuckooTable::new(1_000_000);
+        let t = CuckooTable::new(1_000_000, TableHash::default());
         let per_entry = t.memory_bytes() as f64 / 1_000_000.0;
         assert!(per_entry <= 128.0, "{per_entry} bytes per entry");
         assert_eq!(std::mem::size_of::<Slot>(), 96);

@@ -28,6 +28,7 @@ use nicsync_fwif::cmd::{CommandDescriptor, DESC_SIZE};
 use nicsync_fwif::conn::ConnRecord;
 use nicsync_fwif::cpl::{Completion, CompletionEntry, CplError, CPL_SIZE, PHASE_BIT};
 use nicsync_fwif::event::{Event, EventEntry, EVT_SIZE};
+use nicsync_fwif::hash::TableHash;
 use nicsync_fwif::regs::{self, Capabilities, Control, Counter, IrqCause, Status};
 use nicsync_fwif::{ABI_MAJOR, MIN_DEVICE_ABI_MINOR};
 use nicsync_vfio::{DeviceError, DmaBuffer, NicDevice};
@@ -80,6 +81,14 @@ pub struct DriverConfig {
     /// it first heard it as join history, not as lost (cluster.md,
     /// `join_history_lost`). Ignored by a device without `Capabilities::SYNC`.
     pub sync_hold_at_enable: bool,
+    /// The seed of the card's table hash (ABI 1.9, `TABLE_HASH_SEED_0..3`),
+    /// written at every bring-up of a device that has
+    /// `Capabilities::TABLE_HASH_SEED`. It must be secret from whoever
+    /// sends the traffic (see `nicsync_fwif::hash`); members of one
+    /// cluster should share it, so that a Full Sync arrives in the order
+    /// the receiving card and the host's copy store it. `None`: a random
+    /// seed chosen at open and kept for the driver's life.
+    pub table_hash_seed: Option<[u64; 2]>,
 }
 
 impl Default for DriverConfig {
@@ -98,6 +107,7 @@ impl Default for DriverConfig {
             inline_doorbell: true,
             event_interrupts: false,
             sync_hold_at_enable: false,
+            table_hash_seed: None,
         }
     }
 }
@@ -438,7 +448,10 @@ pub const RESPONSE_STRIDE: usize = 128;
 impl<D: NicDevice> Driver<D> {
     /// Brings the device up: reset, header check, ring allocation,
     /// configuration, enable.
-    pub fn probe(dev: D, cfg: DriverConfig) -> Result<Self, DriverError> {
+    pub fn probe(dev: D, mut cfg: DriverConfig) -> Result<Self, DriverError> {
+        // Chosen once: a reset for recovery writes the same seed, so the
+        // host's copy of the table keeps its order.
+        cfg.table_hash_seed = Some(cfg.table_hash_seed.unwrap_or_else(crate::keymap::random_seed));
         if !(regs::MIN_LOG2_RING..regs::MAX_LOG2_RING).contains(&cfg.cmd_ring_log2) {
             return Err(DriverError::Config(format!(
                 "cmd_ring_log2 {} outside {}..{}",
@@ -542,6 +555,12 @@ impl<D: NicDevice> Driver<D> {
             )));
         }
         dev.write32(regs::TABLE_CAPACITY, cfg.table_capacity);
+        let caps = Capabilities::from_bits_truncate(dev.read32(regs::CAPABILITIES));
+        if let (true, Some(seed)) = (caps.contains(Capabilities::TABLE_HASH_SEED), cfg.table_hash_seed) {
+            for (reg, word) in regs::TABLE_HASH_SEED.into_iter().zip(TableHash::new(seed).seed_registers()) {
+                dev.write32(reg, word);
+            }
+        }
         dev.write32(regs::AGING_PERIOD_MS, cfg.aging_period_ms);
         dev.write32(regs::IRQ_COALESCE_COUNT, cfg.irq_coalesce_count);
         dev.write32(regs::IRQ_COALESCE_USEC, cfg.irq_coalesce_usec);
@@ -656,6 +675,14 @@ impl<D: NicDevice> Driver<D> {
     /// The configuration in force.
     pub fn config(&self) -> &DriverConfig {
         &self.cfg
+    }
+
+    /// The table hash under the seed this driver writes (the card's own
+    /// where it has `Capabilities::TABLE_HASH_SEED`; a host structure that
+    /// indexes by it shares the card's order then, and is merely seeded
+    /// otherwise).
+    pub fn table_hash(&self) -> TableHash {
+        TableHash::new(self.cfg.table_hash_seed.unwrap_or_default())
     }
 
     /// Driver-side counters.

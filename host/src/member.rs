@@ -95,6 +95,16 @@ pub fn seal_from_config(cfg: &Config) -> Result<Option<SealConfig>, MemberError>
     Ok(Some(SealConfig { keys: SharedKeyring::new(ring), boot }))
 }
 
+/// The seed of the card's table hash for a member sealed with `seal`: the
+/// cluster key's (`ClusterKey::table_hash_seed`), the same on every member
+/// that holds the key, so that a Full Sync arrives in the order the
+/// joiner's card and copy store it. `None` (a member in clear): the driver
+/// picks a random seed, which no sender of traffic can guess, at the cost
+/// of that order (a Full Sync then writes the joiner's copy at random).
+pub fn cluster_table_hash_seed(seal: Option<&SealConfig>) -> Option<[u64; 2]> {
+    seal.map(|s| s.keys.get().send_key().table_hash_seed())
+}
+
 /// A random non-zero number for this process start (epoch, incarnation).
 pub fn entropy() -> u32 {
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
@@ -129,7 +139,8 @@ pub fn emulated_node(
         dev.start_poller_with(None, Idle::Nap { after_sweeps: 16, nap: Duration::from_micros(50) })?;
     }
     // A member holds its peers' updates from its first frame (Node::new).
-    let table = ConnTable::open(dev, DriverConfig { sync_hold_at_enable: true, ..drv })?;
+    let table_hash_seed = drv.table_hash_seed.or_else(|| cluster_table_hash_seed(node_cfg.seal.as_ref()));
+    let table = ConnTable::open(dev, DriverConfig { sync_hold_at_enable: true, table_hash_seed, ..drv })?;
     let node = Node::new(table, node_cfg, now)?;
     if mode == ExecMode::Thread {
         node.table_ref().driver_ref().device().stop_poller();
@@ -167,6 +178,7 @@ pub fn from_config(cfg: &Config) -> Result<(Node<AnyDevice>, MemberNet, ControlS
         // A member holds its peers' updates from its first frame: it pulls
         // a Full Sync (or seeds) before it applies any (see Node::new).
         sync_hold_at_enable: true,
+        table_hash_seed: cluster_table_hash_seed(nc.seal.as_ref()),
         ..Default::default()
     };
     let node = match &cfg.device.kind {

@@ -122,9 +122,21 @@ pub struct ShadowTable {
 }
 
 impl ShadowTable {
-    /// An empty copy.
+    /// An empty copy, hashed with a random seed.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty copy hashed as the card is (`hash`: the card's seed), so
+    /// that entries that arrive in the card's order (a Full Sync from a
+    /// member seeded alike) are written front to back ([`KeyMap`]).
+    pub fn with_hash(hash: nicsync_fwif::hash::TableHash) -> Self {
+        ShadowTable { map: KeyMap::with_hash(hash), ..Self::default() }
+    }
+
+    /// The hash its entries are placed by.
+    pub fn hash(&self) -> &nicsync_fwif::hash::TableHash {
+        self.map.hash()
     }
 
     /// Entries held.

@@ -911,7 +911,7 @@ impl<D: NicDevice> ConnTable<D> {
     /// fresh device).
     pub fn enable_recovery(&mut self, cfg: RecoveryConfig) -> Result<(), TableError> {
         self.rec = None;
-        let mut shadow = ShadowTable::new();
+        let mut shadow = ShadowTable::with_hash(self.drv.table_hash());
         // Room for an eighth of the card from the start: a member filling
         // up does not rehash the copy at every doubling below that (the
         // memory comes zeroed and is mapped only as it is written).

@@ -113,6 +113,7 @@ pub struct ClusterKey {
     delta: LessSafeKey,
     membership: LessSafeKey,
     fingerprint: [u8; 8],
+    table_hash_seed: [u64; 2],
 }
 
 impl fmt::Debug for ClusterKey {
@@ -148,7 +149,13 @@ impl ClusterKey {
         prk.expand(&[b"fingerprint"], Len(8))
             .and_then(|okm| okm.fill(&mut fingerprint))
             .map_err(|_| KeyError::Invalid("key derivation failed".into()))?;
-        Ok(ClusterKey { id, prk, delta, membership, fingerprint })
+        let mut seed = [0u8; 16];
+        prk.expand(&[b"table hash seed"], Len(16))
+            .and_then(|okm| okm.fill(&mut seed))
+            .map_err(|_| KeyError::Invalid("key derivation failed".into()))?;
+        let word = |b: &[u8]| b.iter().rev().fold(0u64, |w, x| w << 8 | u64::from(*x));
+        let table_hash_seed = [word(&seed[..8]), word(&seed[8..])];
+        Ok(ClusterKey { id, prk, delta, membership, fingerprint, table_hash_seed })
     }
 
     /// The key id carried in every sealed datagram.
@@ -160,6 +167,14 @@ impl ClusterKey {
     /// showing them.
     pub fn fingerprint(&self) -> String {
         self.fingerprint.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The seed of the cards' table hash (ABI 1.9, `TABLE_HASH_SEED`):
+    /// derived from the key, so every member that holds it seeds its card
+    /// alike (a Full Sync then arrives in the receiving card's order) and
+    /// no one without it can aim keys at one bucket.
+    pub fn table_hash_seed(&self) -> [u64; 2] {
+        self.table_hash_seed
     }
 
     /// The AEAD key of a traffic class.
@@ -630,5 +645,17 @@ mod tests {
         assert_eq!(a.fingerprint(), b.fingerprint());
         assert_ne!(a.fingerprint(), c.fingerprint());
         assert!(!a.fingerprint().contains("0707"));
+    }
+
+    #[test]
+    fn members_holding_one_key_seed_their_tables_alike() {
+        let a = ClusterKey::new(1, &[7; 32]).expect("a");
+        let b = ClusterKey::new(2, &[7; 32]).expect("b");
+        let c = ClusterKey::new(1, &[8; 32]).expect("c");
+        assert_eq!(a.table_hash_seed(), b.table_hash_seed(), "the id is not part of the seed");
+        assert_ne!(a.table_hash_seed(), c.table_hash_seed());
+        // Not the fingerprint (which is public), nor its bytes.
+        let fp = u64::from_str_radix(&a.fingerprint(), 16).expect("hex");
+        assert!(a.table_hash_seed().iter().all(|w| *w != fp && *w != fp.swap_bytes() && *w != 0));
     }
 }

@@ -284,6 +284,29 @@ fn a_full_sync_cut_midway_is_retried_and_never_marked_synced_half_done() {
 /// loop: the first chunks of a large pull fault a page per record into the
 /// freshly reserved copy (80-90 ms for 8,192 records here), and a loop
 /// held that long stops probing.
+/// Members that hold one cluster key seed their cards' table hash alike
+/// (derived from the key, so a Full Sync arrives in the joiner's own
+/// order), and their hosts' copies hash as their cards; members of
+/// another cluster, with another key, seed theirs otherwise.
+#[test]
+fn members_with_one_key_seed_their_cards_alike() {
+    use nicsync_fwif::hash::TableHash;
+    let k = keys();
+    let want = TableHash::new(k.get().send_key().table_hash_seed());
+    let card = |n: &N| *n.table_ref().driver_ref().device().nic().core().table().hash();
+    let mut p = Pair::with_chunks(&k, &k, Mode::HighAvailability, 2048);
+    for (id, n) in (1..).zip(&mut p.m) {
+        n.table().enable_recovery(RecoveryConfig { member: id, ..RecoveryConfig::default() }).expect("recovery");
+    }
+    p.resync_member_2(3000, 4000, |_| {});
+    for n in &p.m {
+        assert_eq!(card(n), want);
+        assert_eq!(n.table_ref().shadow().map(|s| *s.hash()), Some(want), "the copy hashes as the card");
+    }
+    let other = Pair::with_chunks(&keys(), &keys(), Mode::HighAvailability, 2048);
+    assert_ne!(card(&other.m[0]), want);
+}
+
 #[test]
 fn a_large_chunk_is_written_a_slice_per_turn() {
     let k = keys();

@@ -14,6 +14,7 @@ use nicsync_fwif::cmd::{CommandDescriptor, DescFlags, Opcode};
 use nicsync_fwif::conn::{proto, ConnKey, ConnState, Nat, NatKind, FAMILY_IPV4};
 use nicsync_fwif::cpl::CplStatus;
 use nicsync_fwif::event::{Event, EventKind};
+use nicsync_fwif::hash::TableHash;
 use nicsync_fwif::regs::{Counter, Status};
 use nicsync_vfio::EmulatedDevice;
 
@@ -710,10 +711,11 @@ fn snapshot_larger_than_one_chunk() {
 }
 
 /// Keys that all hash to the same two buckets of a table of `capacity`
-/// entries (found with the model's own placement function), so that the
-/// cuckoo search has no way out and the stash fills.
-fn colliding_keys(capacity: usize, n: usize) -> Vec<ConnKey> {
-    let t = nicsync_model::table::CuckooTable::new(capacity);
+/// entries under `hash` (found with the model's own placement function),
+/// so that the cuckoo search has no way out and the stash fills: what a
+/// sender who knew the card's seed could aim at it.
+fn colliding_keys(hash: TableHash, capacity: usize, n: usize) -> Vec<ConnKey> {
+    let t = nicsync_model::table::CuckooTable::new(capacity, hash);
     let pair = |k: &ConnKey| {
         let nicsync_model::table::Placement { b1, b2, .. } = t.placement_of(k);
         (b1.min(b2), b1.max(b2))
@@ -739,6 +741,79 @@ fn stash_len(t: &ConnTable<EmulatedDevice>) -> usize {
     t.driver_ref().device().nic().core().table().stash_len()
 }
 
+/// The hash the card places keys by.
+fn card_hash(t: &ConnTable<EmulatedDevice>) -> TableHash {
+    *t.driver_ref().device().nic().core().table().hash()
+}
+
+/// The card places keys by the ABI's hash under the seed the host wrote
+/// (a random one when the configuration names none), and a SNAPSHOT
+/// returns them in that hash's order (`TableHash::order`), which is what
+/// lets a member seeded alike store a Full Sync front to back.
+#[test]
+fn the_card_hashes_with_the_hosts_seed_and_walks_in_its_order() {
+    let seed = [0x0123_4567_89ab_cdef, 0x0fed_cba9_8765_4321];
+    let mut t = open(DriverConfig { table_hash_seed: Some(seed), aging_period_ms: 0, ..DriverConfig::default() });
+    assert_eq!(card_hash(&t), TableHash::new(seed));
+    assert_eq!(t.driver_ref().table_hash(), TableHash::new(seed));
+    // Few keys in a large table: every one in its first bucket.
+    for i in 0..2000 {
+        t.insert(&key4(i), &ConnEntry::new(state(i, 0))).expect("insert");
+    }
+    let buckets = t.driver_ref().device().nic().core().table().buckets();
+    let hash = TableHash::new(seed);
+    let order: Vec<usize> =
+        t.snapshot().map(|r| TableHash::order(hash.hash(&r.expect("snapshot").key), buckets)).collect();
+    assert_eq!(order.len(), 2000);
+    assert!(order.windows(2).all(|w| w[0] <= w[1]), "a SNAPSHOT out of the hash's order");
+    // No seed configured: a random one, different for each driver.
+    let a = open(DriverConfig::default());
+    let b = open(DriverConfig::default());
+    assert_ne!(card_hash(&a), card_hash(&b));
+    assert_ne!(card_hash(&a), TableHash::default(), "the reset seed is not kept");
+    assert_eq!(a.driver_ref().table_hash(), card_hash(&a));
+}
+
+/// A device of an older minor (no `TABLE_HASH_SEED`) ignores the seed and
+/// still works; the host's own structures stay seeded.
+#[test]
+fn a_card_without_the_seed_capability_ignores_it() {
+    use nicsync_fwif::regs::Capabilities;
+    let model = nicsync_model::ModelConfig {
+        capabilities: Capabilities::all() - Capabilities::TABLE_HASH_SEED,
+        ..Default::default()
+    };
+    let dev = EmulatedDevice::new(model, nicsync_model::ExecMode::Inline).expect("emulated device");
+    let mut t =
+        ConnTable::open(dev, DriverConfig { table_hash_seed: Some([9, 9]), ..DriverConfig::default() }).expect("probe");
+    assert_eq!(card_hash(&t), TableHash::default());
+    assert_eq!(t.driver_ref().table_hash(), TableHash::new([9, 9]));
+    t.insert(&key4(1), &ConnEntry::new(state(1, 0))).expect("insert");
+    assert!(t.lookup(&key4(1)).expect("lookup").is_some());
+}
+
+/// Keys aimed at one pair of buckets under one seed (what a sender who
+/// knew the hash could send) spread under the card's own seed: the stash
+/// stays nearly empty and nothing is refused. The same keys under the
+/// seed they were made for fill the stash (`stash_holds_colliding_keys`).
+#[test]
+fn keys_aimed_at_one_bucket_spread_under_an_unknown_seed() {
+    let capacity = 100;
+    let mut t = open(DriverConfig {
+        cmd_ring_log2: 4,
+        table_capacity: capacity as u32,
+        aging_period_ms: 0,
+        ..DriverConfig::default()
+    });
+    let aimed = colliding_keys(TableHash::new([1, 2]), capacity, BUCKET_SLOTS + STASH + 2);
+    assert_ne!(card_hash(&t), TableHash::new([1, 2]));
+    for (i, k) in aimed.iter().enumerate() {
+        t.insert(k, &ConnEntry::new(state(i as u32, 0))).expect("no TABLE_FULL");
+    }
+    assert!(stash_len(&t) < 4, "{} stashed", stash_len(&t));
+    assert_eq!(counter(&mut t, Counter::TableFull), 0);
+}
+
 /// Keys sharing both candidate buckets: 16 go to the buckets, 16 to the
 /// stash, the next is TABLE_FULL although the table is nearly empty (as
 /// documented). Stashed entries are found, updated, walked by SNAPSHOT,
@@ -752,7 +827,7 @@ fn stash_holds_colliding_keys() {
         aging_period_ms: 0,
         ..DriverConfig::default()
     });
-    let keys = colliding_keys(capacity, BUCKET_SLOTS + STASH + 2);
+    let keys = colliding_keys(card_hash(&t), capacity, BUCKET_SLOTS + STASH + 2);
     let (fit, extra) = keys.split_at(BUCKET_SLOTS + STASH);
     for (i, k) in fit.iter().enumerate() {
         assert_eq!(t.insert(k, &ConnEntry::new(state(i as u32, 0))).expect("insert"), 1, "key {i}");
@@ -820,7 +895,7 @@ fn aging_sweeps_stashed_entries_in_one_pass() {
         aging_period_ms: 100,
         ..DriverConfig::default()
     });
-    let keys = colliding_keys(capacity, BUCKET_SLOTS + STASH);
+    let keys = colliding_keys(card_hash(&t), capacity, BUCKET_SLOTS + STASH);
     for (i, k) in keys.iter().enumerate() {
         t.insert(k, &ConnEntry::new(state(i as u32, 1))).expect("insert");
     }
