@@ -28,7 +28,7 @@ use nicsync_fwif::cmd::{CommandDescriptor, DESC_SIZE};
 use nicsync_fwif::conn::ConnRecord;
 use nicsync_fwif::cpl::{Completion, CompletionEntry, CplError, CPL_SIZE, PHASE_BIT};
 use nicsync_fwif::event::{Event, EventEntry, EVT_SIZE};
-use nicsync_fwif::hash::TableHash;
+use nicsync_fwif::hash::{TableHash, TableHashSeed};
 use nicsync_fwif::regs::{self, Capabilities, Control, Counter, IrqCause, Status};
 use nicsync_fwif::{ABI_MAJOR, MIN_DEVICE_ABI_MINOR};
 use nicsync_vfio::{DeviceError, DmaBuffer, NicDevice};
@@ -88,7 +88,7 @@ pub struct DriverConfig {
     /// cluster should share it, so that a Full Sync arrives in the order
     /// the receiving card and the host's copy store it. `None`: a random
     /// seed chosen at open and kept for the driver's life.
-    pub table_hash_seed: Option<[u64; 2]>,
+    pub table_hash_seed: Option<TableHashSeed>,
 }
 
 impl Default for DriverConfig {
@@ -451,7 +451,7 @@ impl<D: NicDevice> Driver<D> {
     pub fn probe(dev: D, mut cfg: DriverConfig) -> Result<Self, DriverError> {
         // Chosen once: a reset for recovery writes the same seed, so the
         // host's copy of the table keeps its order.
-        cfg.table_hash_seed = Some(cfg.table_hash_seed.unwrap_or_else(crate::keymap::random_seed));
+        cfg.table_hash_seed = Some(cfg.table_hash_seed.unwrap_or_else(|| TableHashSeed(crate::keymap::random_seed())));
         if !(regs::MIN_LOG2_RING..regs::MAX_LOG2_RING).contains(&cfg.cmd_ring_log2) {
             return Err(DriverError::Config(format!(
                 "cmd_ring_log2 {} outside {}..{}",
@@ -557,7 +557,7 @@ impl<D: NicDevice> Driver<D> {
         dev.write32(regs::TABLE_CAPACITY, cfg.table_capacity);
         let caps = Capabilities::from_bits_truncate(dev.read32(regs::CAPABILITIES));
         if let (true, Some(seed)) = (caps.contains(Capabilities::TABLE_HASH_SEED), cfg.table_hash_seed) {
-            for (reg, word) in regs::TABLE_HASH_SEED.into_iter().zip(TableHash::new(seed).seed_registers()) {
+            for (reg, word) in regs::TABLE_HASH_SEED.into_iter().zip(TableHash::new(seed.0).seed_registers()) {
                 dev.write32(reg, word);
             }
         }
@@ -682,7 +682,7 @@ impl<D: NicDevice> Driver<D> {
     /// indexes by it shares the card's order then, and is merely seeded
     /// otherwise).
     pub fn table_hash(&self) -> TableHash {
-        TableHash::new(self.cfg.table_hash_seed.unwrap_or_default())
+        TableHash::new(self.cfg.table_hash_seed.unwrap_or_default().0)
     }
 
     /// Driver-side counters.

@@ -101,8 +101,8 @@ pub fn seal_from_config(cfg: &Config) -> Result<Option<SealConfig>, MemberError>
 /// joiner's card and copy store it. `None` (a member in clear): the driver
 /// picks a random seed, which no sender of traffic can guess, at the cost
 /// of that order (a Full Sync then writes the joiner's copy at random).
-pub fn cluster_table_hash_seed(seal: Option<&SealConfig>) -> Option<[u64; 2]> {
-    seal.map(|s| s.keys.get().send_key().table_hash_seed())
+pub fn cluster_table_hash_seed(seal: Option<&SealConfig>) -> Option<nicsync_fwif::hash::TableHashSeed> {
+    seal.map(|s| nicsync_fwif::hash::TableHashSeed(s.keys.get().send_key().table_hash_seed()))
 }
 
 /// A random non-zero number for this process start (epoch, incarnation).

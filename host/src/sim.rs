@@ -378,7 +378,7 @@ impl Sim {
             // A member holds its peers' updates from its first frame.
             sync_hold_at_enable: true,
             // One seed for every member, from the run's: a seed replays.
-            table_hash_seed: Some([self.cfg.seed, 0x6e69_6373_796e_6373]),
+            table_hash_seed: Some(nicsync_fwif::hash::TableHashSeed([self.cfg.seed, 0x6e69_6373_796e_6373])),
             ..Default::default()
         };
         if self.cfg.device_faults {

@@ -45,7 +45,7 @@ fn cfg() -> DriverConfig {
         completion_timeout: Duration::from_millis(100),
         // One seed, so that runs compared with each other walk and age
         // their tables in the same order.
-        table_hash_seed: Some([0x5eed, 1]),
+        table_hash_seed: Some(nicsync_fwif::hash::TableHashSeed([0x5eed, 1])),
         ..DriverConfig::default()
     }
 }

@@ -32,7 +32,7 @@ fn cfg(cmd_ring_log2: u32, inline_doorbell: bool) -> DriverConfig {
         aging_period_ms: 0,
         inline_doorbell,
         // One seed for both runs: their tables are walked in one order.
-        table_hash_seed: Some([0x5eed, 2]),
+        table_hash_seed: Some(nicsync_fwif::hash::TableHashSeed([0x5eed, 2])),
         ..DriverConfig::default()
     }
 }

@@ -14,7 +14,7 @@ use nicsync_fwif::cmd::{CommandDescriptor, DescFlags, Opcode};
 use nicsync_fwif::conn::{proto, ConnKey, ConnState, Nat, NatKind, FAMILY_IPV4};
 use nicsync_fwif::cpl::CplStatus;
 use nicsync_fwif::event::{Event, EventKind};
-use nicsync_fwif::hash::TableHash;
+use nicsync_fwif::hash::{TableHash, TableHashSeed};
 use nicsync_fwif::regs::{Counter, Status};
 use nicsync_vfio::EmulatedDevice;
 
@@ -753,7 +753,11 @@ fn card_hash(t: &ConnTable<EmulatedDevice>) -> TableHash {
 #[test]
 fn the_card_hashes_with_the_hosts_seed_and_walks_in_its_order() {
     let seed = [0x0123_4567_89ab_cdef, 0x0fed_cba9_8765_4321];
-    let mut t = open(DriverConfig { table_hash_seed: Some(seed), aging_period_ms: 0, ..DriverConfig::default() });
+    let mut t = open(DriverConfig {
+        table_hash_seed: Some(TableHashSeed(seed)),
+        aging_period_ms: 0,
+        ..DriverConfig::default()
+    });
     assert_eq!(card_hash(&t), TableHash::new(seed));
     assert_eq!(t.driver_ref().table_hash(), TableHash::new(seed));
     // Few keys in a large table: every one in its first bucket.
@@ -785,7 +789,8 @@ fn a_card_without_the_seed_capability_ignores_it() {
     };
     let dev = EmulatedDevice::new(model, nicsync_model::ExecMode::Inline).expect("emulated device");
     let mut t =
-        ConnTable::open(dev, DriverConfig { table_hash_seed: Some([9, 9]), ..DriverConfig::default() }).expect("probe");
+        ConnTable::open(dev, DriverConfig { table_hash_seed: Some(TableHashSeed([9, 9])), ..DriverConfig::default() })
+            .expect("probe");
     assert_eq!(card_hash(&t), TableHash::default());
     assert_eq!(t.driver_ref().table_hash(), TableHash::new([9, 9]));
     t.insert(&key4(1), &ConnEntry::new(state(1, 0))).expect("insert");
