@@ -363,8 +363,13 @@ impl Poller {
                 let mut busy = false;
                 for (i, nic) in nics.iter().enumerate() {
                     // The lock is held for a burst of polls and released
-                    // between bursts, so tests can inspect the core.
-                    let mut g = nic.core();
+                    // between bursts, so tests can inspect the core. A
+                    // device another thread runs now (a host assisting
+                    // it) is left to that thread for this sweep.
+                    let Some(mut g) = nic.try_core() else {
+                        std::hint::spin_loop();
+                        continue;
+                    };
                     let mut k = 0;
                     while k < turn {
                         k += 1;

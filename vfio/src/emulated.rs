@@ -176,6 +176,9 @@ pub struct EmulatedDevice {
     unmap: Arc<EmulatedUnmap>,
     poller: Mutex<Option<Poller>>,
     hugepages: bool,
+    /// Emulated devices of other members on this machine that a host
+    /// thread waiting on this one runs meanwhile ([`EmulatedDevice::assist_peers`]).
+    peers: Mutex<Vec<Arc<Nic>>>,
 }
 
 impl std::fmt::Debug for EmulatedDevice {
@@ -212,7 +215,20 @@ impl EmulatedDevice {
             next_iova: AtomicU64::new(IOVA_BASE),
             poller: Mutex::new(None),
             hugepages: false,
+            peers: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Emulated devices of other members sharing this machine (an
+    /// in-process cluster, a benchmark's peer) that a host thread waiting
+    /// for this device's completions runs meanwhile, when no other thread
+    /// runs them at that moment: their sync ports' input and their command
+    /// pipelines ([`Nic::try_take_input`]). On a machine with fewer cores
+    /// than emulated devices, the time a host spends waiting for its card
+    /// then does the peer card's work instead of spinning, beside the
+    /// polling thread that runs this card.
+    pub fn assist_peers(&self, peers: Vec<Arc<Nic>>) {
+        *self.peers.lock().unwrap_or_else(PoisonError::into_inner) = peers;
     }
 
     /// The default embedded device: default model, deterministic inline
@@ -289,7 +305,11 @@ impl EmulatedDevice {
 
 impl NicDevice for EmulatedDevice {
     fn assist(&self) -> bool {
-        self.waker.in_use.load(Ordering::Relaxed) && self.waker.after_help(self.nic.try_run())
+        let mut did = self.waker.in_use.load(Ordering::Relaxed) && self.waker.after_help(self.nic.try_run());
+        for peer in self.peers.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+            did |= peer.try_take_input().is_some_and(|h| h.did);
+        }
+        did
     }
 
     fn input_fd(&self) -> Option<std::os::fd::OwnedFd> {
