@@ -195,6 +195,13 @@ fn assert_intact(t: &mut Table, want: &Expected) {
     assert!(diff.is_empty(), "{} differences, first: {:?}", diff.len(), &diff[..diff.len().min(5)]);
     assert_eq!(t.len(), want.0.len(), "TABLE_COUNT");
     assert!(!t.driver().status().contains(Status::FATAL));
+    // A reset for recovery wrote the same seed: the card and the host's
+    // copy still hash alike.
+    let card = *t.driver_ref().device().nic().core().table().hash();
+    assert_eq!(card, t.driver_ref().table_hash(), "the card lost the host's seed");
+    if let Some(copy) = t.shadow() {
+        assert_eq!(*copy.hash(), card, "the copy hashes otherwise than the card");
+    }
 }
 
 /// One fault scenario: populate, arm, churn, check. With recovery the
