@@ -354,7 +354,8 @@ impl Poller {
             // Several devices take short turns, so that none waits long for
             // the thread (a device's latency is the others' turn length);
             // housekeeping still comes every POLL_BATCH polls of a device.
-            let turn = if nics.len() > 1 { MULTI_DEVICE_TURN } else { POLL_BATCH };
+            let single = nics.len() == 1;
+            let turn = if single { POLL_BATCH } else { MULTI_DEVICE_TURN };
             let mut polled = vec![0u32; nics.len()];
             // Per device: its sync port delivered a frame at its last look
             // and may hold more.
@@ -363,11 +364,20 @@ impl Poller {
                 let mut busy = false;
                 for (i, nic) in nics.iter().enumerate() {
                     // The lock is held for a burst of polls and released
-                    // between bursts, so tests can inspect the core. A
-                    // device another thread runs now (a host assisting
-                    // it) is left to that thread for this sweep.
-                    let Some(mut g) = nic.try_core() else {
-                        std::hint::spin_loop();
+                    // between bursts, so tests can inspect the core. With
+                    // several devices, one that another thread runs now (a
+                    // host assisting it) is left to that thread for this
+                    // sweep, not waited for, and the sweep is not idle. A
+                    // thread of one device waits for it as before: it has
+                    // nothing else to do, and a sweep taken for idle sent a
+                    // daemon's device thread to sleep while its host ran it
+                    // (`bench conntrack`'s live part ended further behind).
+                    let mut g = if single {
+                        nic.core()
+                    } else if let Some(g) = nic.try_core() {
+                        g
+                    } else {
+                        busy = true;
                         continue;
                     };
                     let mut k = 0;
