@@ -150,6 +150,38 @@ impl TableHash {
 mod tests {
     use super::*;
 
+    /// Known answers, which pin the function (abi.md §5.1 lists them for
+    /// a design to check its hash against): any change to it is an ABI
+    /// change and fails here.
+    #[test]
+    fn known_answers() {
+        let vectors: [([u64; 2], [u64; 5], u64); 3] = [
+            ([0, 0], [0; 5], 0xcd61_52e9_7a52_8acd),
+            (
+                [0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210],
+                [0x0a00_0001_0a00_0002, 0, 0x01bb_0050_0006_0004, 0, 0],
+                0xafd2_9df7_f2b6_679b,
+            ),
+            ([u64::MAX, 1], [1, 2, 3, 4, 5], 0x12e6_af2e_e9b1_ff97),
+        ];
+        for (seed, words, want) in vectors {
+            assert_eq!(TableHash::new(seed).hash_words(&words), want, "seed {seed:x?} words {words:x?}");
+        }
+        // A key, through its byte layout: 10.0.0.1:40000 -> 192.0.2.9:443
+        // TCP, zone 0.
+        let key = ConnKey::v4(
+            core::net::Ipv4Addr::new(10, 0, 0, 1),
+            40000,
+            core::net::Ipv4Addr::new(192, 0, 2, 9),
+            443,
+            crate::conn::proto::TCP,
+            0,
+        );
+        assert_eq!(key.words(), [0x0100_000a, 0, 0x0902_00c0, 0, 0x0406_01bb_9c40]);
+        assert_eq!(TableHash::new([1, 2]).hash(&key), 0xba62_21af_ef5c_4d3b);
+        assert_eq!(TableHash::order(0xba62_21af_ef5c_4d3b, 1 << 20), 0xef5c_4d3b >> 12);
+    }
+
     #[test]
     fn a_debug_dump_shows_no_seed() {
         extern crate std;
