@@ -1125,7 +1125,12 @@ impl Core {
             self.tombstones = Tombstones::new(hash);
         }
         if cap as usize != self.table.capacity() || hash != *self.table.hash() {
+            // A new, empty table: nothing of the old one is summed, walked
+            // or left to sweep.
             self.table = CuckooTable::new(cap as usize, hash);
+            self.digest = SyncDigest::default();
+            self.walk_tombs = None;
+            self.aging_cursor = 0;
         }
         let (cr, cs) =
             self.ring_region(regs::CMD_BASE_LO, regs::CMD_BASE_HI, regs::CMD_LOG2_SIZE, DESC_SIZE, "command")?;
@@ -1509,7 +1514,8 @@ impl Core {
                 // is forgotten with what was present.
                 let n = self.table.len();
                 self.table.clear();
-                self.tombstones = Tombstones::default();
+                // Placed by the table's hash, as every tombstone is.
+                self.tombstones = Tombstones::new(*self.table.hash());
                 self.digest = SyncDigest::default();
                 Outcome::ok(n as u64)
             }

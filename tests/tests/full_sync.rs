@@ -307,6 +307,24 @@ fn members_with_one_key_seed_their_cards_alike() {
     assert_ne!(card(&other.m[0]), want);
 }
 
+/// A FLUSH keeps the card's tombstones placed by its seeded hash: a delete
+/// after it leaves a tombstone the card finds again (it was placed by one
+/// hash and looked for by another).
+#[test]
+fn a_flushed_card_still_finds_its_tombstones() {
+    let hub = InProcessHub::new(HubConfig::new());
+    let mut m = member(1, &hub, &keys(), Mode::HighAvailability, 1024);
+    let t = m.table();
+    t.flush().expect("flush");
+    for i in 0..50 {
+        t.insert(&key(i), &synced_entry(i)).expect("insert");
+        t.delete(&key(i)).expect("delete");
+    }
+    let core = t.driver_ref().device().nic().core();
+    let found = (0..50).filter(|i| core.tombstone(&key(*i)).is_some()).count();
+    assert_eq!(found, 50, "tombstones lost after a FLUSH");
+}
+
 #[test]
 fn a_large_chunk_is_written_a_slice_per_turn() {
     let k = keys();
