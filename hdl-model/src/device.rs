@@ -499,8 +499,6 @@ struct Tombstones {
     len: usize,
     /// Recording counter (wrapping; ages are compared as distances from it).
     stamp: u32,
-    /// The table's hash, which places tombstones too (one hash per command).
-    hash: TableHash,
 }
 
 /// What a lookup or a record reads of a set before it touches a slot: per
@@ -528,13 +526,10 @@ const TOMBSTONES: usize = 65_536;
 const TOMBSTONE_WAYS: usize = 8;
 
 impl Tombstones {
-    /// Tombstones placed by the table's `hash`, none kept yet.
-    fn new(hash: TableHash) -> Self {
-        Tombstones { hash, ..Default::default() }
-    }
-
     /// The set index and fingerprint of a key whose hash (the table's,
-    /// [`CuckooTable::hash_of`]: computed once per command) is `h`.
+    /// [`CuckooTable::hash_of`]: computed once per command) is `h`. The
+    /// caller always gives the hash, so tombstones are placed by the table's
+    /// seed whatever it is.
     fn place(h: u64) -> (usize, u16) {
         let sets = TOMBSTONES / TOMBSTONE_WAYS;
         ((h >> 17) as usize % sets, ((h >> 48) as u16) | 1)
@@ -543,7 +538,7 @@ impl Tombstones {
     /// The slots of `key`'s set.
     #[cfg(test)]
     fn set_of(&self, key: &ConnKey) -> std::ops::Range<usize> {
-        let set = Self::place(self.hash.hash(key)).0;
+        let set = Self::place(TableHash::default().hash(key)).0;
         set * TOMBSTONE_WAYS..(set + 1) * TOMBSTONE_WAYS
     }
 
@@ -602,14 +597,16 @@ impl Tombstones {
         }
     }
 
+    /// [`Tombstones::record`] for these tests, hashing `key` with seed 0.
     #[cfg(test)]
     fn record_key(&mut self, key: ConnKey, generation: u32, owner: u16) {
-        self.record(key, self.hash.hash(&key), generation, owner);
+        self.record(key, TableHash::default().hash(&key), generation, owner);
     }
 
-    /// [`Tombstones::find`], hashing `key` here.
+    /// [`Tombstones::find`] for these tests, hashing `key` with seed 0.
+    #[cfg(test)]
     fn find_key(&self, key: &ConnKey) -> Option<usize> {
-        self.find(key, self.hash.hash(key))
+        self.find(key, TableHash::default().hash(key))
     }
 
     #[cfg(test)]
@@ -828,7 +825,8 @@ impl Core {
     /// The (generation, owner) of `key`'s tombstone, if one is kept (for
     /// tests and the simulator's key trace).
     pub fn tombstone(&self, key: &ConnKey) -> Option<(u32, u16)> {
-        self.tombstones.find_key(key).map(|i| (self.tombstones.slots[i].generation, self.tombstones.slots[i].owner))
+        let t = &self.tombstones;
+        t.find(key, self.table.hash_of(key)).map(|i| (t.slots[i].generation, t.slots[i].owner))
     }
 
     fn count(&mut self, c: Counter, n: u64) {
@@ -1122,7 +1120,7 @@ impl Core {
         };
         if hash != *self.table.hash() {
             // Tombstones placed by the old hash could no longer be found.
-            self.tombstones = Tombstones::new(hash);
+            self.tombstones = Tombstones::default();
         }
         if cap as usize != self.table.capacity() || hash != *self.table.hash() {
             // A new, empty table: nothing of the old one is summed, walked
@@ -1514,8 +1512,7 @@ impl Core {
                 // is forgotten with what was present.
                 let n = self.table.len();
                 self.table.clear();
-                // Placed by the table's hash, as every tombstone is.
-                self.tombstones = Tombstones::new(*self.table.hash());
+                self.tombstones = Tombstones::default();
                 self.digest = SyncDigest::default();
                 Outcome::ok(n as u64)
             }

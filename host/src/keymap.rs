@@ -407,42 +407,36 @@ mod tests {
         m.find(&key).ok()
     }
 
+    /// How many of `keys`, inserted in turn into an empty map hashed by
+    /// `hash`, landed before the key inserted just before them.
+    fn written_backwards(hash: TableHash, keys: &[u32]) -> usize {
+        let mut m = KeyMap::<u32, u64>::with_hash(hash);
+        m.reserve(keys.len());
+        let mut last = None;
+        let mut back = 0;
+        for &k in keys {
+            assert_eq!(m.insert(k, 1), None);
+            let at = slot_of(&m, k);
+            back += usize::from(at <= last);
+            last = at;
+        }
+        back
+    }
+
     #[test]
     fn keys_in_the_cards_order_are_written_front_to_back() {
         // What a Full Sync from a card seeded alike looks like: keys in the
         // order of their hashes' low words (the card's bucket order). Each
-        // lands after the one before, so the copy is written as a stream.
+        // lands after the one before, so the copy is written as a stream
+        // (but for one wrap past the end of the table, to its start).
         let hash = TableHash::new([0x1234, 0x5678]);
-        let mut m = KeyMap::<u32, u64>::with_hash(hash);
         let n = 50_000u32;
-        m.reserve(n as usize);
         let mut keys: Vec<u32> = (0..n).map(|i| i.wrapping_mul(0x9E37_79B9)).collect();
         keys.sort_by_key(|k| hash.hash_words(&k.hash_words()) as u32);
-        let mut last = None;
-        let mut wrapped = 0;
-        for k in keys {
-            assert_eq!(m.insert(k, 1), None);
-            let at = slot_of(&m, k);
-            if at <= last {
-                // Only past the end of the table, to its start.
-                wrapped += 1;
-            }
-            last = at;
-        }
+        let wrapped = written_backwards(hash, &keys);
         assert!(wrapped <= 1, "{wrapped} keys were written behind the one before");
         // Any other seed scatters them.
-        let mut other = KeyMap::<u32, u64>::with_hash(TableHash::new([0x1234, 0x5679]));
-        other.reserve(n as usize);
-        let mut back = 0;
-        let mut last = None;
-        let mut keys: Vec<u32> = (0..n).map(|i| i.wrapping_mul(0x9E37_79B9)).collect();
-        keys.sort_by_key(|k| hash.hash_words(&k.hash_words()) as u32);
-        for k in keys {
-            other.insert(k, 1);
-            let at = slot_of(&other, k);
-            back += usize::from(at < last);
-            last = at;
-        }
+        let back = written_backwards(TableHash::new([0x1234, 0x5679]), &keys);
         assert!(back > n as usize / 4, "only {back} of {n} went backwards under another seed");
     }
 

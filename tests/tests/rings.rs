@@ -741,6 +741,16 @@ fn stash_len(t: &ConnTable<EmulatedDevice>) -> usize {
     t.driver_ref().device().nic().core().table().stash_len()
 }
 
+/// A table of `capacity` entries on a 16-slot ring, without aging.
+fn small_table(capacity: usize) -> ConnTable<EmulatedDevice> {
+    open(DriverConfig {
+        cmd_ring_log2: 4,
+        table_capacity: capacity as u32,
+        aging_period_ms: 0,
+        ..DriverConfig::default()
+    })
+}
+
 /// The hash the card places keys by.
 fn card_hash(t: &ConnTable<EmulatedDevice>) -> TableHash {
     *t.driver_ref().device().nic().core().table().hash()
@@ -804,12 +814,7 @@ fn a_card_without_the_seed_capability_ignores_it() {
 #[test]
 fn keys_aimed_at_one_bucket_spread_under_an_unknown_seed() {
     let capacity = 100;
-    let mut t = open(DriverConfig {
-        cmd_ring_log2: 4,
-        table_capacity: capacity as u32,
-        aging_period_ms: 0,
-        ..DriverConfig::default()
-    });
+    let mut t = small_table(capacity);
     let aimed = colliding_keys(TableHash::new([1, 2]), capacity, BUCKET_SLOTS + STASH + 2);
     assert_ne!(card_hash(&t), TableHash::new([1, 2]));
     for (i, k) in aimed.iter().enumerate() {
@@ -826,12 +831,7 @@ fn keys_aimed_at_one_bucket_spread_under_an_unknown_seed() {
 #[test]
 fn stash_holds_colliding_keys() {
     let capacity = 100;
-    let mut t = open(DriverConfig {
-        cmd_ring_log2: 4,
-        table_capacity: capacity as u32,
-        aging_period_ms: 0,
-        ..DriverConfig::default()
-    });
+    let mut t = small_table(capacity);
     let keys = colliding_keys(card_hash(&t), capacity, BUCKET_SLOTS + STASH + 2);
     let (fit, extra) = keys.split_at(BUCKET_SLOTS + STASH);
     for (i, k) in fit.iter().enumerate() {

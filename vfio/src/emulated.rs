@@ -179,6 +179,8 @@ pub struct EmulatedDevice {
     /// Emulated devices of other members on this machine that a host
     /// thread waiting on this one runs meanwhile ([`EmulatedDevice::assist_peers`]).
     peers: Mutex<Vec<Arc<Nic>>>,
+    /// Whether `peers` holds any: a wait looks here, not at the lock.
+    has_peers: AtomicBool,
 }
 
 impl std::fmt::Debug for EmulatedDevice {
@@ -216,6 +218,7 @@ impl EmulatedDevice {
             poller: Mutex::new(None),
             hugepages: false,
             peers: Mutex::new(Vec::new()),
+            has_peers: AtomicBool::new(false),
         })
     }
 
@@ -228,7 +231,9 @@ impl EmulatedDevice {
     /// then does the peer card's work instead of spinning, beside the
     /// polling thread that runs this card.
     pub fn assist_peers(&self, peers: Vec<Arc<Nic>>) {
-        *self.peers.lock().unwrap_or_else(PoisonError::into_inner) = peers;
+        let mut held = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        self.has_peers.store(!peers.is_empty(), Ordering::Relaxed);
+        *held = peers;
     }
 
     /// The default embedded device: default model, deterministic inline
@@ -306,8 +311,10 @@ impl EmulatedDevice {
 impl NicDevice for EmulatedDevice {
     fn assist(&self) -> bool {
         let mut did = self.waker.in_use.load(Ordering::Relaxed) && self.waker.after_help(self.nic.try_run());
-        for peer in self.peers.lock().unwrap_or_else(PoisonError::into_inner).iter() {
-            did |= peer.try_take_input().is_some_and(|h| h.did);
+        if self.has_peers.load(Ordering::Relaxed) {
+            for peer in self.peers.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+                did |= peer.try_take_input().is_some_and(|h| h.did);
+            }
         }
         did
     }
