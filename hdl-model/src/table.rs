@@ -168,11 +168,6 @@ pub struct SnapshotWalk {
     pub torn: bool,
 }
 
-#[inline]
-fn reduce(x: u32, n: usize) -> usize {
-    ((x as u64 * n as u64) >> 32) as usize
-}
-
 /// Word-wise key comparison (the derived array equality calls memcmp).
 #[inline]
 fn same_key(a: &[u64; 5], b: &[u64; 5]) -> bool {
@@ -196,13 +191,14 @@ fn placement(h: u64, buckets: usize) -> Placement {
     // The first bucket in the ABI's order (`TableHash::order`): a walk of
     // the buckets meets keys in the order of their hashes' low words.
     let b1 = TableHash::order(h, buckets);
-    let mut b2 = reduce((h >> 32) as u32 ^ 0x5bd1_e995, buckets);
+    // The second from the high word, scaled the same way.
+    let mut b2 = TableHash::order((h >> 32) ^ 0x5bd1_e995, buckets);
     if b2 == b1 {
         b2 = (b1 + 1) % buckets;
     }
     // The fingerprint comes from the hash's lowest byte, which neither
-    // bucket index depends on: `reduce` takes a bucket from the high bits
-    // of its 32-bit input, so bits 24-31 (the fingerprint before) were all
+    // bucket index depends on: `TableHash::order` takes a bucket from the
+    // high bits of its 32-bit input, so bits 24-31 (the fingerprint before) were all
     // but the same for every key whose first bucket is b1, and a lookup
     // compared the full key of nearly every way it held (a cache miss per
     // compare in a large table). 0 means empty, so it maps to 1.

@@ -485,7 +485,7 @@ impl<D: NicDevice> Driver<D> {
         };
 
         let hold = cfg.sync_hold_at_enable && info.caps.contains(Capabilities::SYNC);
-        let capacity = Self::program(&dev, &cfg, &cmd, &cpl, evt.as_ref().map(|e| &e.buf), info.max_capacity, hold)?;
+        let capacity = Self::program(&dev, &cfg, &cmd, &cpl, evt.as_ref().map(|e| &e.buf), &info, hold)?;
         let info = DeviceInfo { capacity, ..info };
         // Inline only where the 64-byte write is one burst: through an
         // uncached BAR it would be sixteen slow writes instead of one.
@@ -530,7 +530,7 @@ impl<D: NicDevice> Driver<D> {
         cmd: &DmaBuffer,
         cpl: &DmaBuffer,
         evt: Option<&DmaBuffer>,
-        max_capacity: u32,
+        info: &DeviceInfo,
         hold: bool,
     ) -> Result<u32, DriverError> {
         let split = |v: u64| (v as u32, (v >> 32) as u32);
@@ -548,15 +548,16 @@ impl<D: NicDevice> Driver<D> {
             dev.write32(regs::EVT_BASE_HI, hi);
             dev.write32(regs::EVT_LOG2_SIZE, cfg.evt_ring_log2);
         }
-        if cfg.table_capacity > max_capacity {
+        if cfg.table_capacity > info.max_capacity {
             return Err(DriverError::Config(format!(
                 "table capacity {} exceeds the device's maximum {}",
-                cfg.table_capacity, max_capacity
+                cfg.table_capacity, info.max_capacity
             )));
         }
         dev.write32(regs::TABLE_CAPACITY, cfg.table_capacity);
-        let caps = Capabilities::from_bits_truncate(dev.read32(regs::CAPABILITIES));
-        if let (true, Some(seed)) = (caps.contains(Capabilities::TABLE_HASH_SEED), cfg.table_hash_seed) {
+        // The capabilities read at probe (a register the device could
+        // change meanwhile is not read twice).
+        if let (true, Some(seed)) = (info.caps.contains(Capabilities::TABLE_HASH_SEED), cfg.table_hash_seed) {
             for (reg, word) in regs::TABLE_HASH_SEED.into_iter().zip(TableHash::new(seed.0).seed_registers()) {
                 dev.write32(reg, word);
             }
@@ -723,7 +724,7 @@ impl<D: NicDevice> Driver<D> {
         // being pulled) holds again from the enable. What the card held is
         // gone; the puller learns of the reset from `resets` and starts over.
         self.info.capacity =
-            Self::program(&self.dev, &self.cfg, &self.cmd, &self.cpl.buf, evt, self.info.max_capacity, self.sync_hold)?;
+            Self::program(&self.dev, &self.cfg, &self.cmd, &self.cpl.buf, evt, &self.info, self.sync_hold)?;
         self.tail = 0;
         self.rung_tail = 0;
         self.slots_in_flight = 0;

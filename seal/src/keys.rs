@@ -153,8 +153,8 @@ impl ClusterKey {
         prk.expand(&[b"table hash seed"], Len(16))
             .and_then(|okm| okm.fill(&mut seed))
             .map_err(|_| KeyError::Invalid("key derivation failed".into()))?;
-        let word = |b: &[u8]| b.iter().rev().fold(0u64, |w, x| w << 8 | u64::from(*x));
-        let table_hash_seed = [word(&seed[..8]), word(&seed[8..])];
+        let words: [zerocopy::little_endian::U64; 2] = zerocopy::transmute!(seed);
+        let table_hash_seed = words.map(|w| w.get());
         Ok(ClusterKey { id, prk, delta, membership, fingerprint, table_hash_seed })
     }
 
