@@ -145,6 +145,11 @@ const DEAD_AFTER: u32 = 20;
 const CONNTRACK_MAX: u64 = 4_194_304;
 /// Idle time between two single connections.
 const SINGLE_GAP: Duration = Duration::from_millis(20);
+/// How long after the end of the live injection the injecting thread polls
+/// the peer back to back (then only the periodic poller goes on): long
+/// enough to bracket the usual sub-millisecond lags within one poll round
+/// trip, short enough that a peer far behind is not kept busy answering.
+const END_POLL_WINDOW: Duration = Duration::from_millis(5);
 /// Longest wait for one single connection.
 const SINGLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait for a daemon to answer after it was started.
@@ -1062,7 +1067,7 @@ fn live_replication(env: &mut Env, c: &Counter, work: &Workload, period: Duratio
         if inj.is_err() {
             abort.store(true, Ordering::Release);
         }
-        let at_end = c.count();
+        let at_end = poll_after_end(c, target, end, abort);
         let polled = h.join().map_err(|_| anyhow!("the polling thread panicked"));
         (inj.map(|d| (start, d)), end, at_end, polled)
     });
@@ -1075,16 +1080,58 @@ fn live_replication(env: &mut Env, c: &Counter, work: &Workload, period: Duratio
         ),
     };
     let at_end = at_end?;
-    // If the peer still lacked entries when the injection ended, they
-    // arrived after `end`: that tightens the bracket's lower bound.
-    let after = if at_end < target { seen.after.max(end) } else { seen.after };
-    let done = (after + seen.before.saturating_duration_since(after) / 2).max(start);
+    let done = at_end.bracket(&seen).mid().max(start);
     Ok(Live {
         entries_per_s: rate(work.live.len(), done - start),
         lag_at_end_ms: ms(done.saturating_duration_since(end)),
-        lag_entries: target.saturating_sub(at_end),
+        lag_entries: target.saturating_sub(at_end.first),
         kernel_entries_per_s: rate(work.live.len(), inj),
     })
+}
+
+/// What the injecting thread's polls saw after the injection ended.
+struct EndPolls {
+    /// The count at the first poll.
+    first: u64,
+    /// Send of the last poll that missed all N.
+    last_miss: Option<Instant>,
+    /// Answer of the poll that saw all N (none if the window ran out).
+    first_hit: Option<Instant>,
+}
+
+impl EndPolls {
+    /// The moment B held all N, bracketed by both threads' polls: after the
+    /// send of every poll that missed it, before the answer of every poll
+    /// that saw it (the count only grows).
+    fn bracket(&self, seen: &Seen) -> Seen {
+        Seen {
+            after: self.last_miss.map_or(seen.after, |t| seen.after.max(t)),
+            before: self.first_hit.map_or(seen.before, |t| seen.before.min(t)),
+            count: seen.count,
+        }
+    }
+}
+
+/// Polls back to back from the end of the injection until the peer holds
+/// `target`, for at most [`END_POLL_WINDOW`]: the periodic poller alone
+/// brackets the end within one period (500 µs), which made a lag of a few
+/// dozen entries read as about 0.3 ms whatever it was.
+fn poll_after_end(c: &Counter, target: u64, end: Instant, abort: &AtomicBool) -> Result<EndPolls> {
+    let mut first = None;
+    let mut last_miss = None;
+    loop {
+        let s = Instant::now();
+        let n = c.count()?;
+        let r = Instant::now();
+        let first = *first.get_or_insert(n);
+        if n >= target {
+            return Ok(EndPolls { first, last_miss, first_hit: Some(r) });
+        }
+        last_miss = Some(s);
+        if r - end >= END_POLL_WINDOW || abort.load(Ordering::Acquire) {
+            return Ok(EndPolls { first, last_miss, first_hit: None });
+        }
+    }
 }
 
 /// Single-connection figures.
@@ -2105,6 +2152,32 @@ pub fn render(r: &CtBenchReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_end_polls_tighten_the_periodic_bracket() {
+        let t0 = Instant::now();
+        let at = |us: u64| t0 + Duration::from_micros(us);
+        // The periodic poller missed at 0 and saw all N at 600 µs; the end
+        // polls missed at 100 and saw it at 180: the arrival lies in
+        // 100..180.
+        let seen = Seen { after: at(0), before: at(600), count: 10 };
+        let end = EndPolls { first: 7, last_miss: Some(at(100)), first_hit: Some(at(180)) };
+        let b = end.bracket(&seen);
+        assert_eq!((b.after, b.before), (at(100), at(180)));
+        assert_eq!(b.mid(), at(140));
+        // The first end poll already saw all N: its answer bounds the
+        // arrival from above, and nothing new bounds it from below (it may
+        // well have come before the injection ended).
+        let end = EndPolls { first: 10, last_miss: None, first_hit: Some(at(50)) };
+        let b = end.bracket(&seen);
+        assert_eq!((b.after, b.before), (at(0), at(50)));
+        // The window ran out before the end polls saw it: their last miss
+        // still raises the lower bound, the periodic poller's answer stays
+        // the upper one.
+        let end = EndPolls { first: 3, last_miss: Some(at(400)), first_hit: None };
+        let b = end.bracket(&seen);
+        assert_eq!((b.after, b.before), (at(400), at(600)));
+    }
 
     #[test]
     fn conntrackd_stats_count() {
