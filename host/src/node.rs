@@ -260,6 +260,10 @@ struct Pull {
     /// (`ConnTable::load_post`) and not taken in yet: its ticket,
     /// `from..to`, and whether it ends the chunk.
     posted: Option<(crate::table::LoadTicket, usize, usize, bool)>,
+    /// Peer updates the card reported lost (RESYNC_NEEDED) during the
+    /// pull: those after the snapshot's cut are in neither the snapshot
+    /// nor the held updates.
+    lost_events: u64,
 }
 
 impl Pull {
@@ -278,6 +282,7 @@ impl Pull {
             done: None,
             cut: Vec::new(),
             posted: None,
+            lost_events: 0,
         }
     }
 
@@ -1111,8 +1116,15 @@ impl<D: NicDevice> Node<D> {
         self.stats.sync_events += synced;
         if resync > 0 {
             self.stats.device_resync_events += resync;
-            // A pull in progress already replaces the whole table.
-            if matches!(self.phase, Phase::Synced) {
+            if let Phase::Pulling(p) = &mut self.phase {
+                // The snapshot replaces the table only up to its cut: what
+                // was lost after it is repaired by merging the peers'
+                // tables once the pull is done (pull_done).
+                p.lost_events += resync;
+                self.note_error(format!(
+                    "device reported {resync} lost or unapplied sync updates during a full sync: merging the peers' tables after it"
+                ));
+            } else if matches!(self.phase, Phase::Synced) {
                 if self.is_reference() {
                     // The Active's table is the cluster's: it missed a
                     // peer's updates (a dead Active's last ones, or a
@@ -1502,7 +1514,7 @@ impl<D: NicDevice> Node<D> {
     fn pull_done(&mut self, records: u64, now: Nanos) {
         let Phase::Pulling(p) = &mut self.phase else { return };
         p.finished = true;
-        let (conn, started, source) = (p.conn, p.started, p.peer);
+        let (conn, started, source, lost) = (p.conn, p.started, p.peer, p.lost_events);
         let cut = std::mem::take(&mut p.cut);
         self.out.push_back(NodeOutput::FsClose { conn });
         // The card learns which history the snapshot held before the hold
@@ -1528,6 +1540,13 @@ impl<D: NicDevice> Node<D> {
         // writer holds its own updates: merging their tables closes that
         // gap before this member reports itself synced.
         if self.cfg.mode == Mode::LoadSharing && self.merge_from_peers(Some(source)) {
+            return;
+        }
+        // Updates lost during the pull (RESYNC_NEEDED: a peer's retransmit
+        // queue no longer held them, or the hold buffer overflowed) may be
+        // newer than the snapshot: every synced peer's table, the source's
+        // too, is merged in before this member reports itself synced.
+        if lost > 0 && self.merge_from_peers(None) {
             return;
         }
         self.ms.set_synced(now);
@@ -1602,7 +1621,9 @@ impl<D: NicDevice> Node<D> {
                 s.walking = true;
             }
             while s.server.wants_chunk() && !s.closed {
-                let want = self.cfg.chunk_records.max(1) as usize;
+                // The size agreed with the client (at most this member's
+                // own): a joiner configured for smaller chunks gets them.
+                let want = s.server.chunk_records().max(1) as usize;
                 while s.buf.len() - s.pos < want && !s.walk_done {
                     if s.pos > 0 {
                         s.buf.drain(..s.pos);

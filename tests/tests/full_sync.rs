@@ -85,8 +85,12 @@ impl Pair {
 
     fn with_chunks(k1: &Arc<SharedKeyring>, k2: &Arc<SharedKeyring>, mode: Mode, chunk_records: u32) -> Self {
         let hub = InProcessHub::new(HubConfig::new());
+        Self::with_members([member(1, &hub, k1, mode, chunk_records), member(2, &hub, k2, mode, chunk_records)])
+    }
+
+    fn with_members(m: [N; 2]) -> Self {
         Pair {
-            m: [member(1, &hub, k1, mode, chunk_records), member(2, &hub, k2, mode, chunk_records)],
+            m,
             now: 0,
             streams: Vec::new(),
             next: 1 << 40,
@@ -368,6 +372,122 @@ fn a_joiner_acknowledges_a_chunk_before_writing_it() {
     }
     p.run_ms(20);
     assert_eq!(p.m[0].digest().expect("a"), p.m[1].digest().expect("b"));
+}
+
+/// The source cuts its chunks to the size agreed with the joiner, not to
+/// its own: members configured with different chunk sizes (each member's
+/// `full_sync.chunk_records`) still sync. The source used to send its own
+/// size, which the agreed one refused, on every try.
+#[test]
+fn a_joiner_asking_for_smaller_chunks_than_the_source_sends_completes() {
+    let k = keys();
+    let hub = InProcessHub::new(HubConfig::new());
+    let mut p = Pair::with_members([
+        member(1, &hub, &k, Mode::HighAvailability, 64),
+        member(2, &hub, &k, Mode::HighAvailability, 16),
+    ]);
+    p.run_ms(600);
+    assert!(p.m[0].is_synced() && p.m[1].is_synced(), "the members never met");
+    p.fill(0, 0..200);
+    p.run_ms(50);
+    p.m[1].request_resync(p.now);
+    for _ in 0..4 * 1500 {
+        p.step();
+        if p.m[1].stats().full_syncs_completed >= 2 {
+            break;
+        }
+    }
+    assert_eq!(p.m[1].stats().full_syncs_completed, 2, "{:?}", p.m[1].stats());
+    assert_eq!(p.m[1].stats().full_syncs_failed, 0, "{:?}", p.m[1].stats());
+    p.run_ms(20);
+    assert_eq!(p.m[0].digest().expect("a"), p.m[1].digest().expect("b"));
+}
+
+/// A member with a retransmit queue of `queue` updates, in clear.
+fn member_with_queue(id: u16, hub: &InProcessHub, chunk_records: u32, queue: usize) -> N {
+    use nicsync_model::sync::SenderConfig;
+    use nicsync_model::sync_unit::{SyncUnit, SyncUnitConfig};
+    use nicsync_model::ModelConfig;
+    let mut cfg = NodeConfig::new(1, id, vec![3 - id], 0x100 + id as u32);
+    cfg.chunk_records = chunk_records;
+    cfg.retry_backoff_ns = 10_000_000;
+    let model = ModelConfig { virtual_clock: true, ..Default::default() };
+    let dev = EmulatedDevice::new(model, ExecMode::Inline).expect("device");
+    let mut sender = SenderConfig::new(cfg.cluster_id, cfg.member_id, cfg.incarnation);
+    sender.queue_capacity = queue;
+    let port = hub.attach(id).expect("attach");
+    let unit = SyncUnit::new(SyncUnitConfig { sender, peers: cfg.peers.clone() }, Box::new(port), 0).expect("unit");
+    dev.nic().attach_sync(unit);
+    let drv =
+        DriverConfig { table_capacity: 1 << 15, aging_period_ms: 0, sync_hold_at_enable: true, ..Default::default() };
+    Node::new(nicsync::ConnTable::open(dev, drv).expect("open"), cfg, 0).expect("node")
+}
+
+/// Updates the card reports lost while the member pulls a Full Sync (here
+/// the Active's retransmit queue, 512 updates, overflows while the joiner
+/// is cut off from Delta Sync, its TCP pull going on) are newer than the
+/// snapshot's cut: in neither the snapshot nor the held updates. The member
+/// merges the peers' tables before it reports itself synced, and stays Down
+/// meanwhile; it used to report itself synced with thousands of entries
+/// different, until the Active's digest check noticed.
+#[test]
+fn updates_lost_during_a_pull_are_merged_before_the_member_is_synced() {
+    let hub = InProcessHub::new(HubConfig::new());
+    let mut p = Pair::with_members([member_with_queue(1, &hub, 16, 512), member_with_queue(2, &hub, 16, 512)]);
+    p.run_ms(600);
+    assert!(p.m[0].is_synced() && p.m[1].is_synced(), "the members never met");
+    let n = 12_000;
+    // In slices, so that the 512-update queue never overflows.
+    for s in 0..(n / 200) {
+        p.fill(0, s * 200..(s + 1) * 200);
+        p.run_ms(2);
+    }
+    p.run_ms(100);
+    assert_eq!(p.m[0].digest().expect("a"), p.m[1].digest().expect("b"), "not converged before the resync");
+    let lost_before = p.m[1].stats().device_resync_events;
+    p.m[1].request_resync(p.now);
+    let mut steps = 0;
+    while !(p.m[1].is_pulling() && p.m[1].table_ref().len() > 2000) {
+        p.step();
+        steps += 1;
+        assert!(steps < 40_000, "the pull never got going");
+    }
+    // Cut off from Delta Sync while the Active changes every entry.
+    hub.set_isolated(2, true);
+    let ops: Vec<TableOp> = (0..n)
+        .map(|i| {
+            let mut e = synced_entry(i);
+            e.state.tcp_state = TcpState::FinWait as u8;
+            e.state.mark = (7_000_000 + i).into();
+            TableOp::Upsert(key(i), e)
+        })
+        .collect();
+    for r in p.m[0].table().batch(&ops).expect("batch") {
+        r.expect("upsert");
+    }
+    p.step();
+    p.step();
+    hub.set_isolated(2, false);
+    let mut lost_while_pulling = false;
+    let mut converged = false;
+    for _ in 0..4 * 5000 {
+        p.step();
+        if p.m[1].is_pulling() && p.m[1].stats().device_resync_events > lost_before {
+            lost_while_pulling = true;
+        }
+        if p.m[1].state() != MemberState::Down {
+            // Entry by entry (a digest is refused while a walk is served).
+            let mark = |n: &mut N, i: u32| n.table().lookup(&key(i)).expect("lookup").map(|r| r.state.mark.get());
+            let differ = (0..n).filter(|i| mark(&mut p.m[0], *i) != mark(&mut p.m[1], *i)).count();
+            assert_eq!(differ, 0, "member 2 reports {:?} with entries unlike the Active's", p.m[1].state());
+            converged = true;
+            break;
+        }
+    }
+    assert!(lost_while_pulling, "no update was lost during the pull: the test tests nothing");
+    assert!(converged, "member 2 never came back: {:?}", p.m[1].stats());
+    assert_eq!(p.m[1].stats().full_syncs_completed, 2, "{:?}", p.m[1].stats());
+    assert!(p.m[1].stats().merges_completed >= 1, "{:?}", p.m[1].stats());
 }
 
 #[test]
