@@ -24,7 +24,7 @@
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
-use nicsync_fwif::cmd::{CommandDescriptor, DESC_SIZE};
+use nicsync_fwif::cmd::{CommandDescriptor, LookupBody, Opcode, DESC_SIZE};
 use nicsync_fwif::conn::ConnRecord;
 use nicsync_fwif::cpl::{Completion, CompletionEntry, CplError, CPL_SIZE, PHASE_BIT};
 use nicsync_fwif::event::{Event, EventEntry, EVT_SIZE};
@@ -401,6 +401,10 @@ pub struct Driver<D: NicDevice> {
     /// The device's head as of the last valid completion.
     dev_head: u32,
     done: Vec<Option<Completion>>,
+    /// A tag whose outcome its caller collects later, after other posts
+    /// ([`Driver::keep_outcome`]), and that outcome once a post reused the
+    /// tag.
+    kept: Option<(u16, Option<Result<Completion, DriverError>>)>,
     stats: DriverStats,
     recovery: RecoveryStats,
     /// Whether doorbells go through the inline window.
@@ -508,6 +512,7 @@ impl<D: NicDevice> Driver<D> {
             lost: vec![false; cmd_size as usize],
             dev_head: 0,
             done: vec![None; cmd_size as usize],
+            kept: None,
             stats: DriverStats::default(),
             recovery: RecoveryStats::default(),
             use_inline,
@@ -733,6 +738,7 @@ impl<D: NicDevice> Driver<D> {
         self.slot_len.iter_mut().for_each(|l| *l = 1);
         self.lost.iter_mut().for_each(|l| *l = false);
         self.done.iter_mut().for_each(|d| *d = None);
+        self.kept = None;
         self.restart_irq_tally();
         self.recovery.resets += 1;
         // So did the generation floor: a rebuilt card must not number a
@@ -776,7 +782,17 @@ impl<D: NicDevice> Driver<D> {
     pub fn replay(&mut self, cmds: &[PendingCommand]) -> Result<Vec<u16>, DriverError> {
         let mut tags = Vec::with_capacity(cmds.len());
         for c in cmds {
-            tags.push(self.post(&c.desc, c.ext.as_ref())?);
+            let mut desc = c.desc;
+            if desc.opcode == Opcode::Lookup as u8 {
+                // Its response area is its tag's: the new tag's now, or
+                // the record lands where the new tag's reader never looks.
+                let mut body: LookupBody = zerocopy::transmute!(desc.body);
+                if body.resp_addr.get() == self.response_iova(c.tag) {
+                    body.resp_addr = self.next_response_iova().into();
+                    desc.body = zerocopy::transmute!(body);
+                }
+            }
+            tags.push(self.post(&desc, c.ext.as_ref())?);
         }
         self.ring();
         self.recovery.commands_replayed += cmds.len() as u64;
@@ -845,6 +861,11 @@ impl<D: NicDevice> Driver<D> {
         if let Some(e) = ext {
             self.write_slot((self.tail + 1) & (self.cmd_size - 1), &with_tag(e, tag))?;
         }
+        if matches!(self.kept, Some((k, None)) if k == tag) {
+            // The ring came round to a tag whose outcome a caller will
+            // collect later: keep it aside rather than forget it.
+            self.kept = Some((tag, self.outcome(tag)));
+        }
         self.in_flight[tag as usize] = Some(InFlight { opcode: desc.opcode, slots: slots as u8 });
         self.slot_len[tag as usize] = slots as u8;
         self.lost[tag as usize] = false;
@@ -864,6 +885,28 @@ impl<D: NicDevice> Driver<D> {
     fn write_slot(&self, slot: u32, words: &[u64; 8]) -> Result<(), DriverError> {
         self.cmd.mem().write_words(slot as usize * DESC_SIZE, words)?;
         Ok(())
+    }
+
+    /// Has the outcome of `tag` (a command in flight, or one whose outcome
+    /// is not yet taken) kept for [`Driver::take_kept`] even if posts reuse
+    /// the tag meanwhile; one tag at a time (a later call replaces it).
+    /// Posting otherwise forgets a tag's unclaimed outcome.
+    pub fn keep_outcome(&mut self, tag: u16) {
+        self.kept = Some((tag, None));
+    }
+
+    /// The outcome of the tag given to [`Driver::keep_outcome`]: kept aside
+    /// if a post reused the tag, else as [`Driver::wait`] finds it. Ends the
+    /// keeping. `UnknownTag` if `tag` is not the one kept.
+    pub fn take_kept(&mut self, tag: u16) -> Result<Completion, DriverError> {
+        match self.kept.take() {
+            Some((k, Some(outcome))) if k == tag => outcome,
+            Some((k, None)) if k == tag => self.wait(tag),
+            other => {
+                self.kept = other;
+                Err(DriverError::UnknownTag(tag))
+            }
+        }
     }
 
     /// The tag the next posted command will get.
@@ -1156,9 +1199,16 @@ impl<D: NicDevice> Driver<D> {
             self.recovery.timeouts += 1;
             if self.device_passed(tag) {
                 // Nothing later came to reveal it: the last completion of
-                // its batch was lost.
+                // its batch was lost. Reported to this waiter, it is no
+                // longer in flight: a later completion's reconcile must not
+                // count it again (nor leave its tag unclaimed), and a reinit
+                // must not hand it back for replay. A late completion for it
+                // is refused as not in flight.
                 self.recovery.lost_completions += 1;
                 self.stats.lost_completions += 1;
+                if let Some(f) = self.in_flight[tag as usize].take() {
+                    self.slots_in_flight -= u32::from(f.slots);
+                }
                 return Err(DriverError::CompletionLost(tag));
             }
             self.recovery.stalls += 1;

@@ -635,6 +635,9 @@ impl<D: NicDevice> ConnTable<D> {
             let d = self.stage_load(records)?;
             let tag = self.drv.post(&d, None)?;
             self.drv.ring();
+            // Other commands may run before the take and the ring come
+            // round to this tag: its outcome is kept for the take.
+            self.drv.keep_outcome(tag);
             PostedLoad::InFlight { tag, records: records.to_vec() }
         } else {
             PostedLoad::Done(self.load(records))
@@ -658,7 +661,7 @@ impl<D: NicDevice> ConnTable<D> {
     fn take_posted_load(&mut self) -> Option<Result<Vec<Result<u32, TableError>>, DriverError>> {
         Some(match self.posted_load.take()?.1 {
             PostedLoad::Done(r) => r,
-            PostedLoad::InFlight { tag, records } => self.drv.wait(tag).map(|c| self.load_outcome(&records, &c)),
+            PostedLoad::InFlight { tag, records } => self.drv.take_kept(tag).map(|c| self.load_outcome(&records, &c)),
         })
     }
 
