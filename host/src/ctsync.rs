@@ -248,6 +248,9 @@ pub struct ConntrackStats {
     /// Events and dump entries that changed nothing nicsync carries (the
     /// card already had them): not sent.
     pub unchanged: u64,
+    /// TCP UPDATE events without protocol info (a mark, label or helper
+    /// change) that kept the TCP state the card had.
+    pub kept_tcp_state: u64,
     /// Table operations the card refused (table full, ...).
     pub table_errors: u64,
     /// Entries currently known from this member's kernel.
@@ -296,12 +299,10 @@ struct Known {
     /// end of a dump walks this map once, without a set of the keys seen
     /// (a million hashed lookups held the member's loop for 0.2 s).
     dump: u32,
-}
-
-impl Known {
-    fn new(synced: bool, print: u64) -> Self {
-        Known { synced, print, dump: 0 }
-    }
+    /// The TCP state the card was given (0: none, or not known): an UPDATE
+    /// the kernel sends without protocol info (a mark, label or helper
+    /// change) keeps it.
+    tcp: u8,
 }
 
 /// A hash of what nicsync carries of an entry, less what the kernel changes
@@ -478,7 +479,11 @@ impl KernelFeed {
                 return self.lost();
             }
         };
-        let mapped = match ct::from_ct(&entry) {
+        // The kernel leaves protocol info out of an UPDATE that changed
+        // something else (a mark, a label, a helper): the TCP state is then
+        // not NONE but what it was.
+        let no_protoinfo = !destroy && entry.tcp_state.is_none();
+        let mut mapped = match ct::from_ct(&entry) {
             Ok(m) => m,
             Err(_) => {
                 self.stats.unmappable += 1;
@@ -493,17 +498,38 @@ impl KernelFeed {
             // The kernel telling us about our own commit: the card already
             // has it, and it is in the kernel now.
             self.stats.events_own += 1;
-            if !destroy {
-                self.known.insert(mapped.key, Known::new(true, 0));
+            if destroy {
+                self.known.remove(&mapped.key);
+            } else {
+                // In the kernel now: a dump in progress must not take it
+                // for gone if its batch naming it came before this event.
+                let dump = self.resync.as_ref().map_or(0, |r| r.number);
+                if let Some(r) = self.resync.as_mut() {
+                    r.touched.insert(mapped.key);
+                }
+                let tcp = mapped.state.tcp_state;
+                self.known.insert(mapped.key, Known { synced: true, print: 0, dump, tcp });
             }
             return FeedAction::None;
         }
         if !self.active {
             self.stats.events_while_standby += 1;
+            if destroy {
+                // Gone from this kernel: at a takeover the card's entry is
+                // committed again rather than skipped as "the kernel may
+                // have it" (then swept by the dump after, everywhere).
+                self.known.remove(&mapped.key);
+            }
             return FeedAction::None;
         }
         if let Some(r) = self.resync.as_mut() {
             r.touched.insert(mapped.key);
+        }
+        if no_protoinfo && mapped.key.proto == proto::TCP {
+            if let Some(k) = self.known.get(&mapped.key).filter(|k| k.tcp != 0) {
+                mapped.state.tcp_state = k.tcp;
+                self.stats.kept_tcp_state += 1;
+            }
         }
         if destroy {
             self.forget(&mapped.key, ops);
@@ -555,8 +581,10 @@ impl KernelFeed {
                 false
             }
             _ if held => false,
-            // New to this member, seen by an event: hold it for the delay.
-            None if fresh && !self.cfg.delay.is_zero() => {
+            // New to this member, or admitted only now (a TCP-state filter
+            // that refused its first states), seen by an event: hold it for
+            // the delay.
+            None | Some(false) if fresh && !self.cfg.delay.is_zero() => {
                 let until = now.saturating_add(self.cfg.delay.as_nanos() as u64);
                 self.hold_queue.push_back((until, key));
                 self.stats.delayed += 1;
@@ -572,7 +600,7 @@ impl KernelFeed {
             state.flags = (state.conn_flags() | ConnFlags::SYNC).bits().into();
         }
         let print = fingerprint(&state, &nat);
-        self.known.insert(key, Known { synced: sync, print, dump });
+        self.known.insert(key, Known { synced: sync, print, dump, tcp: state.tcp_state });
         if prior.is_some_and(|p| p.synced == sync && p.print == print) {
             // The card has this already (a dump after an overrun, or an
             // event about the timeout only): nothing to send.
@@ -608,7 +636,7 @@ impl KernelFeed {
             state.flags = (state.conn_flags() | ConnFlags::SYNC).bits().into();
             let print = h.entry.nat.map_or(0, |n| fingerprint(&state, &n));
             let dump = self.known.get(&key).map_or(0, |k| k.dump);
-            self.known.insert(key, Known { synced: true, print, dump });
+            self.known.insert(key, Known { synced: true, print, dump, tcp: state.tcp_state });
             self.stats.delayed_synced += 1;
             self.stats.table_ops += 1;
             ops.push(TableOp::Upsert(key, ConnEntry { state, nat: h.entry.nat }));
@@ -685,14 +713,36 @@ impl KernelFeed {
         r.again
     }
 
-    /// Counts the outcome of operations this feed produced.
-    pub fn table_results(&mut self, results: &[Result<u32, TableError>]) {
-        for r in results {
-            match r {
-                Ok(_) | Err(TableError::NotFound) => {}
-                Err(e) => {
-                    self.stats.table_errors += 1;
-                    self.stats.last_error = Some(format!("card refused a table change: {e}"));
+    /// Counts the outcome of operations this feed produced (`ops`, in
+    /// order; `Err` when the whole batch failed). A write the card did not
+    /// take is not remembered as on the card: the next event or dump
+    /// showing the entry sends it again.
+    pub fn table_results(&mut self, ops: &[TableOp], results: Result<&[Result<u32, TableError>], String>) {
+        let failed = |feed: &mut Self, op: &TableOp| {
+            if let TableOp::Upsert(k, _) = op {
+                if let Some(known) = feed.known.get_mut(k) {
+                    known.print = 0;
+                }
+            }
+        };
+        match results {
+            Ok(results) => {
+                for (op, r) in ops.iter().zip(results) {
+                    match r {
+                        Ok(_) | Err(TableError::NotFound) => {}
+                        Err(e) => {
+                            self.stats.table_errors += 1;
+                            self.stats.last_error = Some(format!("card refused a table change: {e}"));
+                            failed(self, op);
+                        }
+                    }
+                }
+            }
+            Err(why) => {
+                self.stats.table_errors += ops.len() as u64;
+                self.note_error(format!("table batch failed: {why}"));
+                for op in ops {
+                    failed(self, op);
                 }
             }
         }
@@ -703,7 +753,7 @@ impl KernelFeed {
         self.reserve(self.known.len() + keys.len());
         for k in keys {
             let dump = self.known.get(k).map_or(0, |k| k.dump);
-            self.known.insert(*k, Known { synced: true, print: 0, dump });
+            self.known.insert(*k, Known { synced: true, print: 0, dump, tcp: 0 });
         }
     }
 }
@@ -988,11 +1038,8 @@ impl KernelLink {
         let n = self.ops.len().min(OPS_PER_TURN);
         for chunk in self.ops[..n].chunks(OPS_PER_BATCH) {
             match node.table().batch(chunk) {
-                Ok(results) => self.feed.table_results(&results),
-                Err(e) => {
-                    self.feed.stats.table_errors += chunk.len() as u64;
-                    self.feed.note_error(format!("table batch failed: {e}"));
-                }
+                Ok(results) => self.feed.table_results(chunk, Ok(&results)),
+                Err(e) => self.feed.table_results(chunk, Err(e.to_string())),
             }
         }
         self.ops.drain(..n);
@@ -1357,6 +1404,109 @@ mod tests {
         let mut f = KernelFeed::new(cfg);
         f.set_active(true);
         f
+    }
+
+    /// A TCP-state filter that refuses a connection's first states does
+    /// not let it past the delay once a later state is admitted.
+    #[test]
+    fn a_connection_admitted_late_by_the_filter_still_waits_for_the_delay() {
+        let filter = SyncFilter { tcp_states: vec![TcpState::Established], ..Default::default() };
+        let mut f = active(ConntrackConfig { delay: Duration::from_secs(3), filter, ..Default::default() });
+        let mut ops = Vec::new();
+        let e = |tcp| ct_entry([10, 0, 0, 1], 1000, 443, tcp);
+        f.event(CtEvent::New(e(TcpState::SynSent as u8)), 0, 0, &mut ops);
+        f.event(CtEvent::Update(e(TcpState::Established as u8)), 0, 10_000_000, &mut ops);
+        f.event(CtEvent::Destroy(e(TcpState::Close as u8)), 0, 50_000_000, &mut ops);
+        assert!(!ops.iter().any(synced), "a 50 ms connection was synced despite a 3 s delay: {ops:?}");
+        assert_eq!((f.stats().delayed, f.stats().delayed_never_synced), (1, 1));
+        // One that lives past the delay is synced when it ends.
+        let mut ops = Vec::new();
+        let e = |tcp| ct_entry([10, 0, 0, 2], 1000, 443, tcp);
+        f.event(CtEvent::New(e(TcpState::SynSent as u8)), 0, 0, &mut ops);
+        f.event(CtEvent::Update(e(TcpState::Established as u8)), 0, 10_000_000, &mut ops);
+        f.handle_timeout(3_010_000_000, &mut ops);
+        assert!(ops.last().is_some_and(synced), "{ops:?}");
+    }
+
+    /// An UPDATE without protocol info (a mark change) keeps the TCP state.
+    #[test]
+    fn an_update_without_protocol_info_keeps_the_tcp_state() {
+        let mut f = active(ConntrackConfig::default());
+        let mut ops = Vec::new();
+        f.event(CtEvent::New(ct_entry([10, 0, 0, 1], 1000, 443, TcpState::Established as u8)), 0, 0, &mut ops);
+        let mut e = ct_entry([10, 0, 0, 1], 1000, 443, 0);
+        e.tcp_state = None;
+        e.mark = 7;
+        f.event(CtEvent::Update(e), 0, 1, &mut ops);
+        let Some(TableOp::Upsert(_, entry)) = ops.last() else { panic!("no upsert: {ops:?}") };
+        assert_eq!(entry.state.tcp(), Some(TcpState::Established));
+        assert_eq!(entry.state.mark.get(), 7);
+        assert_eq!(f.stats().kept_tcp_state, 1);
+    }
+
+    /// A Standby forgets what its kernel destroyed: after a takeover the
+    /// card's copy is committed, and the dump that follows does not delete
+    /// it from the card (and the cluster).
+    #[test]
+    fn a_standby_forgets_what_its_kernel_destroyed() {
+        let mut f = active(ConntrackConfig::default());
+        let e = ct_entry([10, 0, 0, 1], 1000, 443, TcpState::Established as u8);
+        let mut ops = Vec::new();
+        f.event(CtEvent::New(e.clone()), 0, 0, &mut ops);
+        f.set_active(false);
+        f.event(CtEvent::Destroy(e.clone()), 0, 1, &mut ops);
+        assert!(!f.knows(&key_of(&e)), "the takeover's commit would skip it");
+        f.set_active(true);
+        ops.clear();
+        f.begin_dump(2);
+        f.dump_entries(&[], 3, &mut ops);
+        f.end_dump(Ok(()), 4, &mut ops);
+        assert!(ops.is_empty(), "{ops:?}");
+    }
+
+    /// The kernel's event for the member's own commit, read after the dump
+    /// batch that named the entry, does not make the dump take it for gone.
+    #[test]
+    fn an_own_commit_seen_during_a_dump_is_not_swept() {
+        let mut f = active(ConntrackConfig::default());
+        f.set_own_port(77);
+        let e = ct_entry([10, 0, 0, 1], 1000, 443, TcpState::Established as u8);
+        f.committed(&[key_of(&e)]);
+        let mut ops = Vec::new();
+        f.begin_dump(1);
+        f.dump_entries(std::slice::from_ref(&e), 2, &mut ops);
+        f.event(CtEvent::New(e.clone()), 77, 3, &mut ops);
+        ops.clear();
+        f.end_dump(Ok(()), 4, &mut ops);
+        assert!(ops.is_empty(), "the dump showed it, yet it was deleted: {ops:?}");
+        assert!(f.knows(&key_of(&e)));
+    }
+
+    /// A change the card refused is sent again by the next event showing the
+    /// same entry, not taken as already on the card.
+    #[test]
+    fn a_change_the_card_refused_is_sent_again() {
+        let mut f = active(ConntrackConfig::default());
+        let e = ct_entry([10, 0, 0, 1], 1000, 443, TcpState::Established as u8);
+        let mut ops = Vec::new();
+        f.event(CtEvent::New(e.clone()), 0, 0, &mut ops);
+        f.table_results(&ops, Ok(&[Err(TableError::Refused(nicsync_fwif::cpl::CplStatus::TableFull))]));
+        let mut again = Vec::new();
+        f.event(CtEvent::Update(e.clone()), 0, 1, &mut again);
+        assert_eq!(again.len(), 1, "{again:?}");
+        // Taken this time: an identical event then changes nothing.
+        f.table_results(&again, Ok(&[Ok(1)]));
+        let mut third = Vec::new();
+        f.event(CtEvent::Update(e), 0, 2, &mut third);
+        assert!(third.is_empty(), "{third:?}");
+        // A whole batch that failed is sent again too.
+        let e2 = ct_entry([10, 0, 0, 2], 1000, 443, TcpState::Established as u8);
+        let mut ops = Vec::new();
+        f.event(CtEvent::New(e2.clone()), 0, 3, &mut ops);
+        f.table_results(&ops, Err("the device stalled".into()));
+        let mut again = Vec::new();
+        f.event(CtEvent::Update(e2), 0, 4, &mut again);
+        assert_eq!(again.len(), 1, "{again:?}");
     }
 
     #[test]
