@@ -709,9 +709,10 @@ pub struct Core {
     last_aging_ns: u64,
     counters: [u64; NCOUNTERS],
     counters_dirty: bool,
-    /// Device time sampled by housekeeping; commands use it for expiry so
-    /// the command path never reads the clock (as hardware stamps with a
-    /// free-running counter register, not a call).
+    /// Device time sampled by housekeeping (and after a runner's sleep:
+    /// [`Core::sample_clock`]); commands use it for expiry so the command
+    /// path never reads the clock (as hardware stamps with a free-running
+    /// counter register, not a call).
     now_ns: u64,
     descs: [CommandDescriptor; FETCH_BURST + 1],
     /// Completions of the burst being executed (word 0, result).
@@ -981,6 +982,16 @@ impl Core {
         self.now_ns = self.shared.clock.now_ns();
         // Counters follow at the next housekeeping, off the delta path.
         self.pump_sync(frames)
+    }
+
+    /// Reads the clock into the device time that commands stamp expiries
+    /// with. Housekeeping does so on every pass; a runner that polls after
+    /// a sleep, or a host thread running the design in its stead, calls
+    /// this first, or a command would stamp its entry with the time of the
+    /// last pass (an entry then aged out at once if that was longer ago
+    /// than its timeout).
+    pub fn sample_clock(&mut self) {
+        self.now_ns = self.shared.clock.now_ns();
     }
 
     /// Time-driven work: interrupt holdoff expiry and aging. Called by the
@@ -2381,6 +2392,45 @@ fn record(s: &Slot, now_ms: u64) -> ConnRecord {
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
+
+    /// A device stepped after an idle spell stamps a new entry's expiry with
+    /// the time now, not the time of its last housekeeping pass: an entry
+    /// inserted 10 s after that pass with a 5 s timeout used to expire at
+    /// 5 s and be aged out in the same step.
+    #[test]
+    fn a_command_after_an_idle_spell_stamps_the_time_now() {
+        use crate::dma::{HostMemory, VecMemory};
+        use nicsync_fwif::cmd::DescFlags;
+        let nic =
+            crate::Nic::new(ModelConfig { virtual_clock: true, ..ModelConfig::default() }, crate::ExecMode::Manual);
+        let cmd = Arc::new(VecMemory::new(4 * DESC_SIZE));
+        let cpl = Arc::new(VecMemory::new(4 * CPL_SIZE));
+        nic.iommu().map(0x10000, cmd.clone()).expect("map");
+        nic.iommu().map(0x20000, cpl.clone()).expect("map");
+        for (reg, v) in [
+            (regs::CMD_BASE_LO, 0x10000),
+            (regs::CMD_LOG2_SIZE, 2),
+            (regs::CPL_BASE_LO, 0x20000),
+            (regs::CPL_LOG2_SIZE, 2),
+            (regs::TABLE_CAPACITY, 64),
+            (regs::AGING_PERIOD_MS, 1000),
+            (regs::CONTROL, Control::ENABLE.bits()),
+        ] {
+            nic.mmio_write(reg, v);
+        }
+        nic.step();
+        nic.advance_time(std::time::Duration::from_secs(10));
+        let k = key(1);
+        let state = ConnState { timeout_s: 5.into(), ..Default::default() };
+        let d = CommandDescriptor::conn(Opcode::Insert, DescFlags::empty(), 0, &k, &state);
+        assert!(cmd.write(0, d.as_bytes()));
+        nic.mmio_write(regs::CMD_DOORBELL, 1);
+        nic.step();
+        let c = nic.core();
+        let mut t = Traffic::default();
+        let at = c.table.find(&k, &mut t).expect("inserted, and not aged at once");
+        assert_eq!(c.table.get(at).expect("slot").expires_ms, 15_000);
+    }
 
     fn key(i: u32) -> ConnKey {
         ConnKey::v4(Ipv4Addr::from(i), 1, Ipv4Addr::new(192, 0, 2, 1), 2, 6, 0)

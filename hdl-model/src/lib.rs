@@ -163,6 +163,8 @@ impl Nic {
     /// was left with nothing to do.
     pub fn try_run(&self) -> Option<Helped> {
         let mut c = self.try_core()?;
+        // The thread that keeps the design's time was asleep.
+        c.sample_clock();
         for n in 0..POLL_BATCH {
             if !c.poll() {
                 return Some(Helped { did: n > 0, next_timer: c.time_to_next_timer() });
@@ -178,6 +180,7 @@ impl Nic {
     /// is busy on another thread.
     pub fn try_take_input(&self) -> Option<Helped> {
         let mut c = self.try_core()?;
+        c.sample_clock();
         let mut did = false;
         for _ in 0..POLL_BATCH {
             let more = c.sync_fast() | c.poll();
@@ -201,6 +204,7 @@ impl Nic {
     /// Runs one poll plus housekeeping; returns whether anything was done.
     pub fn step(&self) -> bool {
         let mut c = self.core();
+        c.sample_clock();
         let a = c.poll();
         let b = c.housekeeping();
         a || b
@@ -210,6 +214,7 @@ impl Nic {
     /// ringing from another thread).
     pub fn run_until_idle(&self) {
         let mut c = self.core();
+        c.sample_clock();
         for _ in 0..1_000_000 {
             let a = c.poll();
             let b = c.housekeeping();
@@ -310,6 +315,15 @@ pub enum Idle {
         /// What it sleeps on.
         waiter: Arc<dyn IdleWait>,
     },
+}
+
+/// After a sleep: the devices' time moves on before their next commands
+/// stamp expiries with it (housekeeping, which also samples it, runs only
+/// after a turn of polls).
+fn sample_clocks(nics: &[Arc<Nic>]) {
+    for nic in nics {
+        nic.core().sample_clock();
+    }
 }
 
 /// Polls per turn when one thread serves several devices.
@@ -420,6 +434,7 @@ impl Poller {
                     Idle::Nap { after_sweeps, nap } => {
                         if idle_sweeps >= *after_sweeps {
                             std::thread::sleep(*nap);
+                            sample_clocks(&nics);
                         }
                     }
                     Idle::Wait { after_sweeps, max_wait, waiter } => {
@@ -441,6 +456,7 @@ impl Poller {
                                 idle_sweeps = 0;
                             } else if !wait.is_zero() {
                                 waiter.wait(wait);
+                                sample_clocks(&nics);
                             }
                             waiter.disarm();
                         }

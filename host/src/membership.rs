@@ -1120,6 +1120,15 @@ impl Membership {
     /// A member starting at `now` in `DOWN`; it queries the cluster at once
     /// and probes every `probe_interval_ns`.
     pub fn new(p: MembershipParams, now: Nanos) -> Result<Self, ParamError> {
+        Self::with_digest(p, 0, now)
+    }
+
+    /// [`Membership::new`] for a member whose table already holds entries
+    /// (`digest`, as [`Membership::set_digest`]): its first QUERY says so.
+    /// A QUERY that said 0 made the peers take it for empty until its first
+    /// probe, one interval later, and an empty peer deciding meanwhile who
+    /// seeds the cluster seeded over it (and emptied it by a Full Sync).
+    pub fn with_digest(p: MembershipParams, digest: u64, now: Nanos) -> Result<Self, ParamError> {
         p.check()?;
         let mut p = p;
         p.peers.sort_unstable();
@@ -1134,7 +1143,7 @@ impl Membership {
             listen_until: now.saturating_add(dead_ns),
             listen_done: p.peers.is_empty(),
             ready_hold_until: None,
-            digest: 0,
+            digest,
             quorum_since: None,
             next_probe: now.saturating_add(p.probe_interval_ns),
             seq: 0,
@@ -1755,6 +1764,21 @@ mod tests {
             dead_after: DEAD,
             incarnation: inc,
         }
+    }
+
+    /// A member started over a table that holds entries says so in its
+    /// first QUERY, not only from its first probe on.
+    #[test]
+    fn the_first_query_carries_the_tables_digest() {
+        let mut a = Membership::new(params(1, 2, Mode::HighAvailability, 5), 0).expect("params");
+        let mut b = Membership::with_digest(params(2, 2, Mode::HighAvailability, 6), 0xdead_beef, 0).expect("params");
+        let mut queries = 0;
+        while let Some(t) = b.poll_transmit() {
+            queries += 1;
+            a.handle_datagram(&t.bytes, MS).expect("datagram");
+        }
+        assert_eq!(queries, 1);
+        assert_eq!(a.peer_digest(2).map(|d| d.0), Some(0xdead_beef));
     }
 
     struct Node {

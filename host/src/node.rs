@@ -437,7 +437,8 @@ impl<D: NicDevice> Node<D> {
     /// dead interval before it picks a member to pull a Full Sync from, or
     /// finds itself alone.
     pub fn new(mut table: ConnTable<D>, cfg: NodeConfig, now: Nanos) -> Result<Self, NodeError> {
-        let ms = Membership::new(
+        let digest = table.driver_ref().device_counter(Counter::SyncDigest);
+        let ms = Membership::with_digest(
             MembershipParams {
                 cluster_id: cfg.cluster_id,
                 member_id: cfg.member_id,
@@ -447,6 +448,7 @@ impl<D: NicDevice> Node<D> {
                 dead_after: cfg.dead_after,
                 incarnation: cfg.incarnation,
             },
+            digest,
             now,
         )
         .map_err(|e| NodeError::Membership(e.to_string()))?;
