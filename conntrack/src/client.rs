@@ -303,6 +303,21 @@ impl CtSocket {
         Ok(v)
     }
 
+    /// Upserts one entry; if the kernel has it already and refuses its NAT
+    /// binding (`EOPNOTSUPP`: ctnetlink cannot change an existing entry's
+    /// NAT), upserts it again without the binding, so that its state,
+    /// status, mark and timeout are updated and it keeps the NAT it was
+    /// created with.
+    pub fn upsert_keeping_nat(&mut self, entry: &CtEntry) -> Result<BatchOutcome, CtError> {
+        let out = self.create_batch(std::slice::from_ref(entry), CreateMode::Upsert)?;
+        let refused_nat = out.failed.iter().any(|&(_, errno)| errno == libc::EOPNOTSUPP);
+        if !refused_nat || (entry.nat_src.is_none() && entry.nat_dst.is_none()) {
+            return Ok(out);
+        }
+        let plain = CtEntry { nat_src: None, nat_dst: None, ..entry.clone() };
+        self.create_batch(std::slice::from_ref(&plain), CreateMode::Upsert)
+    }
+
     /// Creates (or, with [`CreateMode::Upsert`], updates) entries, many per
     /// `sendmsg`. Each entry's outcome is checked: only the last message of
     /// a send asks for an ack, and since the kernel handles a datagram's

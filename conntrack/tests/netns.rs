@@ -165,8 +165,16 @@ fn bulk_create_dump_events_delete_flush_in_a_namespace() {
     assert!(entries[0].nat_src.is_some());
     let nat_up = ct.create_batch(&entries[..1], CreateMode::Upsert).expect("upsert");
     assert_eq!(nat_up.failed, vec![(0, libc::EOPNOTSUPP)]);
+    // The retry without the binding updates the rest and keeps the NAT.
+    let mut remarked_nat = entries[0].clone();
+    remarked_nat.mark = 0xabcd;
+    let kept = ct.upsert_keeping_nat(&remarked_nat).expect("upsert keeping the NAT");
+    assert_eq!((kept.ok, kept.failed.clone()), (1, vec![]));
+    let now = ct.dump_all().expect("dump").into_iter().find(|e| e.orig == entries[0].orig).expect("still there");
+    assert_eq!(now.mark, 0xabcd);
+    assert_eq!(now.reply, entries[0].reply, "the NAT it was created with");
     let updates = drain(&mut ev).into_iter().filter(|e| matches!(e, CtEvent::Update(u) if u.mark == 0xabcd)).count();
-    assert_eq!(updates, 5, "UPDATE events for the re-marked entries");
+    assert_eq!(updates, 6, "UPDATE events for the re-marked entries");
 
     // Delete 100: each gets a DESTROY event and leaves the dump.
     let gone: Vec<_> = entries.iter().step_by(10).cloned().collect();

@@ -1341,7 +1341,9 @@ fn run_commit(sock: &mut CtSocket, job: CommitJob) -> CommitReport {
                 error: None,
             };
             if let Some(e) = upsert {
-                match sock.create_batch(std::slice::from_ref(e.as_ref()), CreateMode::Upsert) {
+                // A NATed entry the kernel has already keeps its binding
+                // (the kernel refuses to change it); the rest is updated.
+                match sock.upsert_keeping_nat(e.as_ref()) {
                     Ok(out) => {
                         report.written = out.ok as u64;
                         report.failed = out.failed.iter().map(|(_, errno)| *errno).collect();
