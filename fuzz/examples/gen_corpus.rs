@@ -325,14 +325,13 @@ fn fullsync_chunk() -> Seeds {
     let recs = fs_::server_records();
     let (count, digest) = fullsync::digest_records(&recs);
     let server_side = |per: usize, end_digest: u64| {
-        let mut m =
-            vec![FsMessage::Begin {
-                snapshot_seq: 41,
-                epoch: 0xE90C,
-                chunk_records: per as u32,
-                estimated_records: 5,
-                cut: Vec::new(),
-            }];
+        let mut m = vec![FsMessage::Begin {
+            snapshot_seq: 41,
+            epoch: 0xE90C,
+            chunk_records: per as u32,
+            estimated_records: 5,
+            cut: Vec::new(),
+        }];
         for (i, c) in recs.chunks(per).enumerate() {
             m.push(FsMessage::Chunk { index: i as u32, records: c.to_vec() });
         }

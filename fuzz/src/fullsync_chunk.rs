@@ -24,8 +24,8 @@
 //! that finishes sent every record.
 
 use nicsync::fullsync::{
-    checksum, encode, encode_unchecked, ClientEvent, FullSyncClient, FullSyncParams, FullSyncServer, StreamDecoder, CHECKSUM_OFFSET,
-    HEADER_SIZE,
+    checksum, encode, encode_unchecked, ClientEvent, FullSyncClient, FullSyncParams, FullSyncServer, StreamDecoder,
+    CHECKSUM_OFFSET, HEADER_SIZE,
 };
 use nicsync_fwif::sync::{DeltaRecord, DeltaUpdate};
 
