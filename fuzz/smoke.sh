@@ -61,6 +61,10 @@ BIN_DIR="$FUZZ_DIR/target/$TRIPLE/release"
 
 echo "== build (cargo fuzz build -s $SANITIZER)"
 cargo fuzz build -s "$SANITIZER"
+# The corpus generator and the replayer too: they use the project's APIs
+# and would otherwise break unnoticed.
+echo "== check (examples: gen_corpus, replay)"
+cargo check --examples
 t1=$(date +%s)
 build_s=$((t1 - t0))
 
