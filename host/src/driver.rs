@@ -402,9 +402,11 @@ pub struct Driver<D: NicDevice> {
     dev_head: u32,
     done: Vec<Option<Completion>>,
     /// A tag whose outcome its caller collects later, after other posts
-    /// ([`Driver::keep_outcome`]), and that outcome once a post reused the
-    /// tag.
-    kept: Option<(u16, Option<Result<Completion, DriverError>>)>,
+    /// ([`Driver::keep_outcome`]; `u32::MAX`: none). A lone integer, so that
+    /// the check on every post is one compare.
+    keep_tag: u32,
+    /// That outcome, kept aside when a post reused its tag.
+    kept: Option<(u16, Result<Completion, DriverError>)>,
     stats: DriverStats,
     recovery: RecoveryStats,
     /// Whether doorbells go through the inline window.
@@ -512,6 +514,7 @@ impl<D: NicDevice> Driver<D> {
             lost: vec![false; cmd_size as usize],
             dev_head: 0,
             done: vec![None; cmd_size as usize],
+            keep_tag: u32::MAX,
             kept: None,
             stats: DriverStats::default(),
             recovery: RecoveryStats::default(),
@@ -738,6 +741,7 @@ impl<D: NicDevice> Driver<D> {
         self.slot_len.iter_mut().for_each(|l| *l = 1);
         self.lost.iter_mut().for_each(|l| *l = false);
         self.done.iter_mut().for_each(|d| *d = None);
+        self.keep_tag = u32::MAX;
         self.kept = None;
         self.restart_irq_tally();
         self.recovery.resets += 1;
@@ -861,10 +865,8 @@ impl<D: NicDevice> Driver<D> {
         if let Some(e) = ext {
             self.write_slot((self.tail + 1) & (self.cmd_size - 1), &with_tag(e, tag))?;
         }
-        if matches!(self.kept, Some((k, None)) if k == tag) {
-            // The ring came round to a tag whose outcome a caller will
-            // collect later: keep it aside rather than forget it.
-            self.kept = Some((tag, self.outcome(tag)));
+        if u32::from(tag) == self.keep_tag {
+            self.keep_aside(tag);
         }
         self.in_flight[tag as usize] = Some(InFlight { opcode: desc.opcode, slots: slots as u8 });
         self.slot_len[tag as usize] = slots as u8;
@@ -892,16 +894,28 @@ impl<D: NicDevice> Driver<D> {
     /// the tag meanwhile; one tag at a time (a later call replaces it).
     /// Posting otherwise forgets a tag's unclaimed outcome.
     pub fn keep_outcome(&mut self, tag: u16) {
-        self.kept = Some((tag, None));
+        self.keep_tag = u32::from(tag);
+        self.kept = None;
+    }
+
+    /// The ring came round to the kept tag: its outcome is set aside rather
+    /// than forgotten.
+    #[cold]
+    fn keep_aside(&mut self, tag: u16) {
+        self.keep_tag = u32::MAX;
+        self.kept = self.outcome(tag).map(|o| (tag, o));
     }
 
     /// The outcome of the tag given to [`Driver::keep_outcome`]: kept aside
     /// if a post reused the tag, else as [`Driver::wait`] finds it. Ends the
     /// keeping. `UnknownTag` if `tag` is not the one kept.
     pub fn take_kept(&mut self, tag: u16) -> Result<Completion, DriverError> {
+        if self.keep_tag == u32::from(tag) {
+            self.keep_tag = u32::MAX;
+            return self.wait(tag);
+        }
         match self.kept.take() {
-            Some((k, Some(outcome))) if k == tag => outcome,
-            Some((k, None)) if k == tag => self.wait(tag),
+            Some((k, outcome)) if k == tag => outcome,
             other => {
                 self.kept = other;
                 Err(DriverError::UnknownTag(tag))
