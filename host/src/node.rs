@@ -1541,14 +1541,18 @@ impl<D: NicDevice> Node<D> {
         // is in neither the snapshot nor the held updates. Every other
         // writer holds its own updates: merging their tables closes that
         // gap before this member reports itself synced.
-        if self.cfg.mode == Mode::LoadSharing && self.merge_from_peers(Some(source)) {
-            return;
-        }
+        //
         // Updates lost during the pull (RESYNC_NEEDED: a peer's retransmit
         // queue no longer held them, or the hold buffer overflowed) may be
-        // newer than the snapshot: every synced peer's table, the source's
-        // too, is merged in before this member reports itself synced.
-        if lost > 0 && self.merge_from_peers(None) {
+        // newer than the snapshot, in either mode: then every synced peer's
+        // table, the source's too (the lost ones may be its own), is merged
+        // in before this member reports itself synced.
+        let merge_except = match (lost > 0, self.cfg.mode) {
+            (true, _) => Some(None),
+            (false, Mode::LoadSharing) => Some(Some(source)),
+            (false, Mode::HighAvailability) => None,
+        };
+        if merge_except.is_some_and(|except| self.merge_from_peers(except)) {
             return;
         }
         self.ms.set_synced(now);
