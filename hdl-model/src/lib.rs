@@ -180,7 +180,7 @@ impl Nic {
     /// is busy on another thread.
     pub fn try_take_input(&self) -> Option<Helped> {
         let mut c = self.try_core()?;
-        c.sample_clock();
+        // (sync_fast samples the clock before the polls that follow it.)
         let mut did = false;
         for _ in 0..POLL_BATCH {
             let more = c.sync_fast() | c.poll();

@@ -1117,13 +1117,13 @@ impl EndPolls {
 /// brackets the end within one period (500 µs), which made a lag of a few
 /// dozen entries read as about 0.3 ms whatever it was.
 fn poll_after_end(c: &Counter, target: u64, end: Instant, abort: &AtomicBool) -> Result<EndPolls> {
-    let mut first = None;
+    let mut first_count = None;
     let mut last_miss = None;
     loop {
         let s = Instant::now();
         let n = c.count()?;
         let r = Instant::now();
-        let first = *first.get_or_insert(n);
+        let first = *first_count.get_or_insert(n);
         if n >= target {
             return Ok(EndPolls { first, last_miss, first_hit: Some(r) });
         }

@@ -1408,6 +1408,11 @@ mod tests {
         f
     }
 
+    /// An established TCP connection from `src`.
+    fn established(src: [u8; 4]) -> CtEntry {
+        ct_entry(src, 1000, 443, TcpState::Established as u8)
+    }
+
     /// A TCP-state filter that refuses a connection's first states does
     /// not let it past the delay once a later state is admitted.
     #[test]
@@ -1435,7 +1440,7 @@ mod tests {
     fn an_update_without_protocol_info_keeps_the_tcp_state() {
         let mut f = active(ConntrackConfig::default());
         let mut ops = Vec::new();
-        f.event(CtEvent::New(ct_entry([10, 0, 0, 1], 1000, 443, TcpState::Established as u8)), 0, 0, &mut ops);
+        f.event(CtEvent::New(established([10, 0, 0, 1])), 0, 0, &mut ops);
         let mut e = ct_entry([10, 0, 0, 1], 1000, 443, 0);
         e.tcp_state = None;
         e.mark = 7;
@@ -1452,7 +1457,7 @@ mod tests {
     #[test]
     fn a_standby_forgets_what_its_kernel_destroyed() {
         let mut f = active(ConntrackConfig::default());
-        let e = ct_entry([10, 0, 0, 1], 1000, 443, TcpState::Established as u8);
+        let e = established([10, 0, 0, 1]);
         let mut ops = Vec::new();
         f.event(CtEvent::New(e.clone()), 0, 0, &mut ops);
         f.set_active(false);
@@ -1472,7 +1477,7 @@ mod tests {
     fn an_own_commit_seen_during_a_dump_is_not_swept() {
         let mut f = active(ConntrackConfig::default());
         f.set_own_port(77);
-        let e = ct_entry([10, 0, 0, 1], 1000, 443, TcpState::Established as u8);
+        let e = established([10, 0, 0, 1]);
         f.committed(&[key_of(&e)]);
         let mut ops = Vec::new();
         f.begin_dump(1);
@@ -1489,7 +1494,7 @@ mod tests {
     #[test]
     fn a_change_the_card_refused_is_sent_again() {
         let mut f = active(ConntrackConfig::default());
-        let e = ct_entry([10, 0, 0, 1], 1000, 443, TcpState::Established as u8);
+        let e = established([10, 0, 0, 1]);
         let mut ops = Vec::new();
         f.event(CtEvent::New(e.clone()), 0, 0, &mut ops);
         f.table_results(&ops, Ok(&[Err(TableError::Refused(nicsync_fwif::cpl::CplStatus::TableFull))]));
@@ -1502,7 +1507,7 @@ mod tests {
         f.event(CtEvent::Update(e), 0, 2, &mut third);
         assert!(third.is_empty(), "{third:?}");
         // A whole batch that failed is sent again too.
-        let e2 = ct_entry([10, 0, 0, 2], 1000, 443, TcpState::Established as u8);
+        let e2 = established([10, 0, 0, 2]);
         let mut ops = Vec::new();
         f.event(CtEvent::New(e2.clone()), 0, 3, &mut ops);
         f.table_results(&ops, Err("the device stalled".into()));
