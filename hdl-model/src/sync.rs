@@ -967,8 +967,8 @@ pub struct DeltaReceiver {
     /// to ask for history put back above `expected`, `from..to`: never
     /// delivered twice, never asked for again.
     passed: Option<(u64, u64)>,
-    /// The lowest number of the current epoch declared lost outside the
-    /// history: nothing from there on is known to be in the table
+    /// The lowest number of the current epoch declared lost (or below it):
+    /// nothing from there on is known to be in the table
     /// ([`DeltaReceiver::applied_next`]).
     first_loss: Option<u64>,
 }
@@ -1317,12 +1317,14 @@ impl DeltaReceiver {
             // Saturating: the counts come from numbers a peer chose.
             self.stats.history_lost = self.stats.history_lost.saturating_add(history);
             self.stats.lost_updates = self.stats.lost_updates.saturating_add(lost - history);
-            if lost > history {
-                // The first missing number outside the history, or one
-                // below it (a lower cut only asks for more).
-                let at = first.max(self.history_end);
-                self.first_loss = Some(self.first_loss.map_or(at, |f| f.min(at)));
-            }
+            // Nothing from the first missing number on is known to be in
+            // the table, history or not (a merge may bring it, which this
+            // receiver does not see): a Full Sync this member serves must
+            // not claim it. The first missing number outside the history
+            // (or one below it: a lower cut only asks for more), or the
+            // first asked for inside it.
+            let at = if history > 0 { first } else { first.max(self.history_end) };
+            self.first_loss = Some(self.first_loss.map_or(at, |f| f.min(at)));
             self.stats.resyncs_requested += 1;
             let epoch = self.epoch.unwrap_or(0);
             self.events.push_back(ReceiverEvent::ResyncNeeded { peer: self.cfg.peer, epoch, lost, through, reason });
@@ -1907,6 +1909,9 @@ mod tests {
         exchange(&mut s, &mut r, &mut now, &mut ev);
         assert_eq!(r.stats().history_lost, 32, "asked for when joining ended: 1..=32 gone");
         assert_eq!(delivered_once(&ev), (33..=64).collect::<Vec<_>>());
+        // The lost history is not claimed as applied (SYNC_POSITIONS): a
+        // Full Sync this member serves would tell its joiner so.
+        assert_eq!(r.applied_next(), 1);
 
         // No epoch followed yet: the cut starts the stream there, and the
         // HELLO of that epoch is then only acknowledged.
