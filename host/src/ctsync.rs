@@ -479,10 +479,6 @@ impl KernelFeed {
                 return self.lost();
             }
         };
-        // The kernel leaves protocol info out of an UPDATE that changed
-        // something else (a mark, a label, a helper): the TCP state is then
-        // not NONE but what it was.
-        let no_protoinfo = !destroy && entry.tcp_state.is_none();
         let mut mapped = match ct::from_ct(&entry) {
             Ok(m) => m,
             Err(_) => {
@@ -525,7 +521,10 @@ impl KernelFeed {
         if let Some(r) = self.resync.as_mut() {
             r.touched.insert(mapped.key);
         }
-        if no_protoinfo && mapped.key.proto == proto::TCP {
+        // The kernel leaves protocol info out of an UPDATE that changed
+        // something else (a mark, a label, a helper): the TCP state is then
+        // not NONE but what it was.
+        if !destroy && entry.tcp_state.is_none() && mapped.key.proto == proto::TCP {
             if let Some(k) = self.known.get(&mapped.key).filter(|k| k.tcp != 0) {
                 mapped.state.tcp_state = k.tcp;
                 self.stats.kept_tcp_state += 1;
@@ -748,12 +747,14 @@ impl KernelFeed {
         }
     }
 
-    /// Entries committed into the kernel are this member's kernel's now.
-    pub fn committed(&mut self, keys: &[ConnKey]) {
+    /// Entries committed into the kernel are this member's kernel's now
+    /// (with the TCP state the card holds, which an UPDATE without
+    /// protocol info keeps).
+    pub fn committed(&mut self, keys: &[(ConnKey, u8)]) {
         self.reserve(self.known.len() + keys.len());
-        for k in keys {
-            let dump = self.known.get(k).map_or(0, |k| k.dump);
-            self.known.insert(*k, Known { synced: true, print: 0, dump, tcp: 0 });
+        for &(k, tcp) in keys {
+            let dump = self.known.get(&k).map_or(0, |k| k.dump);
+            self.known.insert(k, Known { synced: true, print: 0, dump, tcp });
         }
     }
 }
@@ -809,7 +810,8 @@ pub(crate) enum LinkMsg {
 #[derive(Debug)]
 enum CommitJob {
     /// A takeover: write these, report.
-    Takeover { entries: Vec<CtEntry>, keys: Vec<ConnKey>, unmappable: u64, since: Instant },
+    /// `keys`: each entry's key and the TCP state the card holds for it.
+    Takeover { entries: Vec<CtEntry>, keys: Vec<(ConnKey, u8)>, unmappable: u64, since: Instant },
     /// A Standby mirroring one change (`commit = "always"`).
     Mirror { upsert: Option<Box<CtEntry>>, delete: Option<Box<CtEntry>> },
 }
@@ -817,7 +819,7 @@ enum CommitJob {
 #[derive(Debug)]
 pub(crate) struct CommitReport {
     takeover: bool,
-    keys_ok: Vec<ConnKey>,
+    keys_ok: Vec<(ConnKey, u8)>,
     written: u64,
     present: u64,
     failed: Vec<i32>,
@@ -900,7 +902,7 @@ struct TakeoverWalk {
     cursor: u32,
     seen: KeySet,
     entries: Vec<CtEntry>,
-    keys: Vec<ConnKey>,
+    keys: Vec<(ConnKey, u8)>,
     unmappable: u64,
     since: Instant,
     chunk: Vec<nicsync_fwif::sync::DeltaUpdate>,
@@ -1256,7 +1258,7 @@ impl KernelLink {
             match commit_entry(&u.key, &u.state, &u.nat) {
                 Ok(e) => {
                     w.entries.push(e);
-                    w.keys.push(u.key);
+                    w.keys.push((u.key, u.state.tcp_state));
                 }
                 Err(_) => w.unmappable += 1,
             }
@@ -1449,6 +1451,16 @@ mod tests {
         assert_eq!(entry.state.tcp(), Some(TcpState::Established));
         assert_eq!(entry.state.mark.get(), 7);
         assert_eq!(f.stats().kept_tcp_state, 1);
+        // So does an entry this member committed into its kernel at a
+        // takeover (known from the card, not from an event).
+        let committed = established([10, 0, 0, 2]);
+        f.committed(&[(key_of(&committed), TcpState::Established as u8)]);
+        let mut e = committed;
+        e.tcp_state = None;
+        e.mark = 9;
+        f.event(CtEvent::Update(e), 0, 2, &mut ops);
+        let Some(TableOp::Upsert(_, entry)) = ops.last() else { panic!("no upsert: {ops:?}") };
+        assert_eq!((entry.state.tcp(), entry.state.mark.get()), (Some(TcpState::Established), 9));
     }
 
     /// A Standby forgets what its kernel destroyed: after a takeover the
@@ -1478,7 +1490,7 @@ mod tests {
         let mut f = active(ConntrackConfig::default());
         f.set_own_port(77);
         let e = established([10, 0, 0, 1]);
-        f.committed(&[key_of(&e)]);
+        f.committed(&[(key_of(&e), TcpState::Established as u8)]);
         let mut ops = Vec::new();
         f.begin_dump(1);
         f.dump_entries(std::slice::from_ref(&e), 2, &mut ops);
