@@ -388,6 +388,8 @@ struct HubState {
     /// Members cut off from everyone (kept across detach and re-attach: a
     /// partition is the network's, not the port's).
     isolated: Vec<u16>,
+    /// Links cut between two members, both ways (lower id first).
+    cut_links: Vec<(u16, u16)>,
     next_id: u64,
     spare: Vec<Vec<u8>>,
 }
@@ -413,7 +415,10 @@ impl HubState {
     /// Offers one copy of `frame` from `from` to slot `to`.
     fn deliver(&mut self, from: u16, to: usize, frame: &[u8]) {
         let member = self.slots[to].member;
-        if self.isolated.contains(&from) || self.isolated.contains(&member) {
+        if self.isolated.contains(&from)
+            || self.isolated.contains(&member)
+            || self.cut_links.contains(&(from.min(member), from.max(member)))
+        {
             self.slots[to].stats.partitioned += 1;
             return;
         }
@@ -481,6 +486,7 @@ impl InProcessHub {
             rng: SeededRng::new(cfg.seed),
             slots: Vec::new(),
             isolated: Vec::new(),
+            cut_links: Vec::new(),
             next_id: 0,
             spare: Vec::new(),
         };
@@ -518,6 +524,18 @@ impl InProcessHub {
         st.isolated.retain(|m| *m != member);
         if isolated {
             st.isolated.push(member);
+        }
+    }
+
+    /// Cuts the link between members `a` and `b`, both ways (true), or
+    /// mends it (false); each still reaches every other member. Frames
+    /// already queued stay queued.
+    pub fn set_link_cut(&self, a: u16, b: u16, cut: bool) {
+        let link = (a.min(b), a.max(b));
+        let mut st = self.lock();
+        st.cut_links.retain(|l| *l != link);
+        if cut {
+            st.cut_links.push(link);
         }
     }
 

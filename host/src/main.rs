@@ -668,7 +668,13 @@ fn run_sim(a: SimArgs) -> anyhow::Result<()> {
     }
     let converged = seeds.len() - failed.len();
     if a.json {
-        let mut out = serde_json::json!({"seeds": seeds.len(), "converged": converged, "failed_seeds": failed});
+        let longest = reports.iter().map(|r| r.longest_two_actives_ms).fold(0.0, f64::max);
+        let mut out = serde_json::json!({
+            "seeds": seeds.len(),
+            "converged": converged,
+            "failed_seeds": failed,
+            "longest_two_actives_ms": longest,
+        });
         if a.seed.is_some() {
             out["report"] = serde_json::to_value(&reports[0])?;
         }
@@ -679,14 +685,17 @@ fn run_sim(a: SimArgs) -> anyhow::Result<()> {
         }
         let acked: u64 = reports.iter().map(|r| r.writes_acked).sum();
         let syncs: u64 = reports.iter().map(|r| r.full_syncs).sum();
+        let longest = reports.iter().map(|r| r.longest_two_actives_ms).fold(0.0, f64::max);
         println!(
-            "{} seeds, {} converged, {} failed {:?}; {} acknowledged writes checked, {} full syncs, {:.1} s",
+            "{} seeds, {} converged, {} failed {:?}; {} acknowledged writes checked, {} full syncs, \
+             two Actives at once for {:.1} ms at the longest, {:.1} s",
             seeds.len(),
             converged,
             failed.len(),
             failed,
             acked,
             syncs,
+            longest,
             started.elapsed().as_secs_f64()
         );
     }

@@ -48,13 +48,20 @@
 //! * **Election, High Availability** (re-run on every change). Only what
 //!   this member hears counts: a peer is *eligible* if it is alive and
 //!   `READY` or `STANDBY` (i.e. synced).
-//!   * If some alive peer is `ACTIVE`/`ACTIVE ATTENTION`, a `READY` member
-//!     becomes `STANDBY` and a `STANDBY` one stays. An Active member keeps
-//!     its role when a lower-id member joins: no pre-emption (ClusterXL's
-//!     "Maintain current active Cluster Member").
-//!   * If none is, the eligible member (this one included) with the lowest
-//!     member id becomes Active; members that yielded (below) rank after
-//!     all others. Everyone applies the same order, so exactly one member
+//!   * If some alive peer is `ACTIVE`/`ACTIVE ATTENTION`, or an alive
+//!     peer's latest probe says it hears a member in those states that this
+//!     member does not hear (*vouched for*: the link between the two is
+//!     cut, not the member), a `READY` member becomes `STANDBY` and a
+//!     `STANDBY` one stays. An Active member keeps its role when a lower-id
+//!     member joins: no pre-emption (ClusterXL's "Maintain current active
+//!     Cluster Member"). A member that takes a peer for dead probes all
+//!     others at once, so that a vouch ends within a network delay of the
+//!     last voucher's verdict.
+//!   * If none is, the eligible member with the lowest member id becomes
+//!     Active, among this one and the alive peers whose latest probe says
+//!     they hear a quorum (a member that cannot receive is passed over,
+//!     though it is heard); members that yielded (below) rank after all
+//!     others. Everyone applies the same order, so exactly one member
 //!     moves. A `READY` member first *listens* for up to one dead window
 //!     after it started (or until it has heard every configured peer), so
 //!     that a restarted member does not seize the role from an Active it
@@ -64,8 +71,14 @@
 //!     instead of all of them for one network delay. Neither wait applies
 //!     to a `STANDBY` member taking over.
 //!   * If two Actives hear each other (a healed split brain, or two members
-//!     that decided on views one message apart), the one with the higher id
-//!     steps down to `STANDBY`.
+//!     that decided on views one message apart), or an Active is vouched for
+//!     beside this one (two Actives apart, for as long as a report is
+//!     stale), the one with the higher id steps down to `STANDBY`.
+//!   * **Heard by a quorum** (three or more members). An Active steps down
+//!     when fewer than a majority of the cluster (itself included) hear it
+//!     by their latest probes (a peer heard for less than a dead window is
+//!     taken to): its datagrams are not getting out, and the members that
+//!     do not hear it elect another.
 //!   * **Taken for dead.** An Active member that hears an Active peer
 //!     whose probes report it `DOWN` steps down, whatever the ids, once it
 //!     has heard that peer without a break for a whole dead window. The
@@ -127,7 +140,9 @@
 //! | 23 | 1 | `reserved` | zero |
 //! | 24 | 4 | `checksum` | CRC-32C of the message with this field zero |
 //!
-//! An entry is `member: u16, state: u8, reserved: u8 (zero)`.
+//! An entry is `member: u16, state: u8, flags: u8`. The only flag is
+//! [`ENTRY_FLAG_HEARD`] (bit 0, PROBE only): the sender hears that member
+//! (version 2; version 1 had a zero byte there).
 //!
 //! | kind | entries | meaning | CCP analogue |
 //! |---|---|---|---|
@@ -137,8 +152,8 @@
 //!
 //! [`Message::parse`] checks, in order: header length, magic, version,
 //! entry count bound, exact length, checksum, kind, flags, incarnation,
-//! state, mode, reserved byte, count for the kind, then every entry, and
-//! returns a [`CcpError`] naming the first fault. It never panics and never
+//! state, mode, reserved byte, count for the kind, then every entry (its
+//! flags, its state, its place), and returns a [`CcpError`] naming the first fault. It never panics and never
 //! allocates. [`Membership::handle_datagram`] then rejects messages of
 //! another cluster, from its own member id, from member ids it was not
 //! configured with, of the other mode, and stale ones; all are counted
@@ -171,7 +186,7 @@ pub type Nanos = u64;
 /// Message magic: the bytes `N C C P` read as a little-endian `u32`.
 pub const CCP_MAGIC: u32 = u32::from_le_bytes(*b"NCCP");
 /// Version of this message format.
-pub const CCP_VERSION: u8 = 1;
+pub const CCP_VERSION: u8 = 2;
 /// Size of [`CcpHeader`].
 pub const HEADER_SIZE: usize = 36;
 /// Size of [`EntryWire`].
@@ -187,6 +202,10 @@ pub const CHECKSUM_OFFSET: usize = 32;
 /// Header flag: the sender (in `STANDBY`) yields Active to any other
 /// eligible member (manual failover).
 pub const FLAG_YIELD: u16 = 1 << 0;
+/// Entry flag (PROBE only): the sender hears this member (it is alive in
+/// the sender's view), so that peers can tell whether a candidate has a
+/// quorum of its own.
+pub const ENTRY_FLAG_HEARD: u8 = 1 << 0;
 /// Recommended probe interval: 10 ms.
 pub const DEFAULT_PROBE_INTERVAL_NS: Nanos = 10_000_000;
 /// Recommended number of probe intervals without news before a peer is dead.
@@ -415,10 +434,10 @@ pub struct EntryWire {
     pub member: U16,
     /// [`MemberState`] byte.
     pub state: u8,
-    /// Zero.
-    pub reserved: u8,
+    /// [`ENTRY_FLAG_HEARD`] in a PROBE; zero otherwise.
+    pub flags: u8,
 }
-nicsync_fwif::assert_layout!(EntryWire, size = ENTRY_SIZE, member = 0, state = 2, reserved = 3);
+nicsync_fwif::assert_layout!(EntryWire, size = ENTRY_SIZE, member = 0, state = 2, flags = 3);
 
 /// A decoded entry: a member and a state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -428,11 +447,21 @@ pub struct Entry {
     /// Its state (PROBE: as the sender sees it; STATE_CHANGE: the new or
     /// requested state).
     pub state: MemberState,
+    /// PROBE: the sender hears this member ([`ENTRY_FLAG_HEARD`]); always
+    /// false in other kinds.
+    pub heard: bool,
 }
 
 impl Entry {
+    /// An entry without the heard flag (STATE_CHANGE, or a member the
+    /// sender does not hear).
+    pub const fn new(member: u16, state: MemberState) -> Self {
+        Entry { member, state, heard: false }
+    }
+
     fn to_wire(self) -> EntryWire {
-        EntryWire { member: self.member.into(), state: self.state.to_wire(), reserved: 0 }
+        let flags = if self.heard { ENTRY_FLAG_HEARD } else { 0 };
+        EntryWire { member: self.member.into(), state: self.state.to_wire(), flags }
     }
 }
 
@@ -440,7 +469,11 @@ impl EntryWire {
     /// The decoded entry; `None` if the state byte is invalid (never for
     /// entries of a parsed message).
     pub fn get(&self) -> Option<Entry> {
-        MemberState::from_wire(self.state).map(|state| Entry { member: self.member.get(), state })
+        MemberState::from_wire(self.state).map(|state| Entry {
+            member: self.member.get(),
+            state,
+            heard: self.flags & ENTRY_FLAG_HEARD != 0,
+        })
     }
 }
 
@@ -593,6 +626,14 @@ pub enum CcpError {
     /// A reserved field is not zero.
     #[error("reserved field is not zero")]
     ReservedNonZero,
+    /// An entry's flags other than [`ENTRY_FLAG_HEARD`] in a PROBE.
+    #[error("entry {index} has invalid flags {flags:#04x}")]
+    BadEntryFlags {
+        /// Index of the entry.
+        index: usize,
+        /// The flags byte.
+        flags: u8,
+    },
     /// More than [`MAX_ENTRIES`] entries.
     #[error("{0} entries exceed {max}", max = MAX_ENTRIES)]
     TooManyEntries(usize),
@@ -719,9 +760,10 @@ impl Message {
             <[EntryWire]>::ref_from_bytes(payload).map_err(|_| CcpError::Truncated { need, have: buf.len() })?;
         let sender = hdr.sender.get();
         let mut prev: Option<u16> = None;
+        let allowed_flags = if kind == MessageKind::Probe { ENTRY_FLAG_HEARD } else { 0 };
         for (index, e) in entries.iter().enumerate() {
-            if e.reserved != 0 {
-                return Err(CcpError::ReservedNonZero);
+            if e.flags & !allowed_flags != 0 {
+                return Err(CcpError::BadEntryFlags { index, flags: e.flags });
             }
             let es = MemberState::from_wire(e.state).ok_or(CcpError::BadState(e.state))?;
             let member = e.member.get();
@@ -1082,6 +1124,14 @@ impl Peer {
     fn reported(&self, member: u16) -> Option<MemberState> {
         self.reports.iter().find(|e| e.member == member).map(|e| e.state)
     }
+
+    /// Whether its latest PROBE says it hears a majority of the `total`
+    /// members (itself included), as [`Membership::has_quorum`] asks of
+    /// this member; a pair needs none. Without a PROBE yet, it has not
+    /// said so.
+    fn reports_quorum(&self, total: usize) -> bool {
+        total < 3 || 2 * (1 + self.reports.iter().filter(|e| e.heard).count()) > total
+    }
 }
 
 /// The membership state machine of one member (module docs).
@@ -1340,7 +1390,7 @@ impl Membership {
     /// (counted as ignored if the target is this member or not alive).
     fn command(&mut self, target: u16, state: MemberState) {
         if target != self.p.member_id && self.peer(target).is_some_and(|p| p.alive) {
-            let entry = Entry { member: target, state };
+            let entry = Entry::new(target, state);
             if self.send(Destination::Member(target), MessageKind::StateChange, vec![entry]) {
                 self.stats.commands_sent += 1;
             }
@@ -1434,7 +1484,7 @@ impl Membership {
     }
 
     fn send_probe(&mut self, dest: Destination) {
-        let entries = self.peers.iter().map(|p| Entry { member: p.id, state: p.state }).collect();
+        let entries = self.peers.iter().map(|p| Entry { member: p.id, state: p.state, heard: p.alive }).collect();
         self.send(dest, MessageKind::Probe, entries);
     }
 
@@ -1467,6 +1517,7 @@ impl Membership {
         }
         let dead_ns = self.dead_ns;
         let mut events = Vec::new();
+        let mut died = false;
         for p in self.peers.iter_mut().filter(|p| p.alive) {
             let Some(h) = p.last_heard else { continue };
             if h.saturating_add(dead_ns) > now {
@@ -1475,6 +1526,7 @@ impl Membership {
             p.alive = false;
             p.yielding = false;
             p.reports.clear();
+            died = true;
             self.stats.peer_deaths += 1;
             events.push(MembershipEvent::PeerDied { member: p.id });
             if p.state != MemberState::Down {
@@ -1484,6 +1536,12 @@ impl Membership {
         }
         for e in events {
             self.push_event(e);
+        }
+        if died {
+            // Peers that cannot hear the dead one wait for this member's
+            // report of it before they take over (`vouched_actives`): tell
+            // them now rather than at the next probe.
+            self.send_probe(Destination::All);
         }
         if !self.listen_done && (now >= self.listen_until || self.peers.iter().all(|p| p.last_heard.is_some())) {
             self.listen_done = true;
@@ -1648,7 +1706,7 @@ impl Membership {
         } else if from.is_active() && !to.is_active() {
             self.push_event(MembershipEvent::LostActive);
         }
-        let me = Entry { member: self.p.member_id, state: to };
+        let me = Entry::new(self.p.member_id, to);
         if self.send(Destination::All, MessageKind::StateChange, vec![me]) {
             self.stats.announcements_sent += 1;
         }
@@ -1673,9 +1731,49 @@ impl Membership {
         total < 3 || 2 * seen > total
     }
 
+    /// Members this one does not hear that a peer it hears reports hearing
+    /// in an Active state: the link between them is cut, not the member
+    /// (ClusterXL's members likewise probe through each other before they
+    /// take a peer for dead). A report is at most a probe interval old, and
+    /// a member that takes the Active for dead tells its peers at once.
+    fn vouched_actives(&self) -> impl Iterator<Item = u16> + '_ {
+        let me = self.p.member_id;
+        self.peers.iter().filter(|p| p.alive).flat_map(move |p| {
+            p.reports
+                .iter()
+                .filter(move |e| {
+                    e.heard && e.state.is_active() && e.member != me && self.peer(e.member).is_some_and(|q| !q.alive)
+                })
+                .map(|e| e.member)
+        })
+    }
+
+    /// Whether a majority of the cluster (this member included) hears this
+    /// member, by its peers' latest probes. A peer heard for less than a
+    /// dead window is taken to hear it (its probes may predate this
+    /// member's first message). Without it, an Active whose datagrams reach
+    /// too few peers would stay Active beside the one they elect: it hears
+    /// them, so it keeps its quorum. A pair needs none (see
+    /// [`Membership::has_quorum`]; the rule "taken for dead" covers it).
+    fn heard_by_quorum(&self, now: Nanos) -> bool {
+        let total = self.peers.len() + 1;
+        let me = self.p.member_id;
+        let hearing = self
+            .peers
+            .iter()
+            .filter(|p| p.alive)
+            .filter(|p| {
+                now < p.alive_since.saturating_add(self.dead_ns)
+                    || p.reports.iter().find(|e| e.member == me).is_none_or(|e| e.heard)
+            })
+            .count();
+        total < 3 || 2 * (hearing + 1) > total
+    }
+
     fn elect_ha(&mut self, now: Nanos) {
         let me = self.p.member_id;
-        let active_peer = self.peers.iter().any(|p| p.alive && p.state.is_active());
+        let active_peer =
+            self.peers.iter().any(|p| p.alive && p.state.is_active()) || self.vouched_actives().next().is_some();
         let quorum = self.has_quorum();
         if !quorum {
             self.quorum_since = None;
@@ -1685,7 +1783,7 @@ impl Membership {
         let settled = self.quorum_since.is_some_and(|t| now >= t.saturating_add(2 * self.p.probe_interval_ns));
         match self.state {
             MemberState::Down => {}
-            MemberState::Active | MemberState::ActiveAttention if !quorum => {
+            MemberState::Active | MemberState::ActiveAttention if !quorum || !self.heard_by_quorum(now) => {
                 self.stats.step_downs += 1;
                 self.transition(MemberState::Standby);
             }
@@ -1694,7 +1792,7 @@ impl Membership {
                 let conflict = self.peers.iter().filter(|p| p.alive && p.state.is_active()).any(|p| {
                     p.id < me
                         || (p.reported(me) == Some(MemberState::Down) && now >= p.alive_since.saturating_add(dead_ns))
-                });
+                }) || self.vouched_actives().any(|q| q < me);
                 if conflict {
                     self.stats.step_downs += 1;
                     self.transition(MemberState::Standby);
@@ -1713,10 +1811,11 @@ impl Membership {
                     return;
                 }
                 let mine = (self.yielding, me);
+                let total = self.peers.len() + 1;
                 let best = self
                     .peers
                     .iter()
-                    .filter(|p| p.alive && p.state.is_eligible())
+                    .filter(|p| p.alive && p.state.is_eligible() && p.reports_quorum(total))
                     .map(|p| (p.yielding, p.id))
                     .fold(mine, core::cmp::min);
                 if best == mine {
@@ -2008,7 +2107,10 @@ mod tests {
         let report = net.nodes[&2].m.peer_report(1).unwrap();
         assert_eq!(
             report,
-            &[Entry { member: 2, state: MemberState::Standby }, Entry { member: 3, state: MemberState::Standby }]
+            &[
+                Entry { member: 2, state: MemberState::Standby, heard: true },
+                Entry { member: 3, state: MemberState::Standby, heard: true }
+            ]
         );
     }
 
@@ -2174,8 +2276,16 @@ mod tests {
 
     #[test]
     fn one_way_link_does_not_leave_two_actives() {
-        // 2 stops hearing 1, but 1 still hears 2.
+        // 2 stops hearing 1, but 1 still hears 2, and 3 hears 1: 3 vouches
+        // for the Active, so nothing moves.
         let mut net = ha3();
+        net.blocked.insert((1, 2));
+        net.run_checked(net.now + 3 * BOUND, |n| assert_eq!(n.actives(), vec![1]));
+        assert_eq!(net.state(2), MemberState::Standby);
+        assert_eq!(net.nodes[&1].m.stats().step_downs, 0);
+        // In a pair nobody vouches: 2 takes over, and 1, hearing 2's probes
+        // report it DOWN for a dead window, yields.
+        let mut net = ha(2);
         net.blocked.insert((1, 2));
         net.run_until(net.now + BOUND);
         net.run_until(net.now + BOUND);
@@ -2183,6 +2293,101 @@ mod tests {
         assert_eq!(net.state(1), MemberState::Standby);
         assert_eq!(net.nodes[&1].m.stats().step_downs, 1);
         net.run_checked(net.now + 500 * MS, |n| assert_eq!(n.actives(), vec![2]));
+    }
+
+    #[test]
+    fn a_link_cut_between_two_members_that_a_third_hears_leaves_one_active() {
+        // 1 (Active) and 2 stop hearing each other; 3 hears both. Each of 1
+        // and 2 still has a quorum (itself and 3), so quorum alone left two
+        // Actives; 3's probes vouch for 1, and 2 stays Standby.
+        let mut net = ha3();
+        net.blocked.insert((1, 2));
+        net.blocked.insert((2, 1));
+        net.run_checked(net.now + 3 * BOUND, |n| assert_eq!(n.actives(), vec![1]));
+        assert_eq!(net.state(2), MemberState::Standby);
+        assert!(net.nodes[&2].m.members().iter().any(|v| v.id == 1 && !v.alive), "2 takes 1 for dead");
+        // 1 fails: 3 stops vouching for it, and 2 takes over.
+        net.kill(1);
+        let t = net.now;
+        net.run_until(t + BOUND);
+        assert_eq!(net.actives(), vec![2]);
+        net.heal();
+        net.restart(1);
+        net.run_checked(net.now + 300 * MS, |n| assert!(n.actives().len() <= 1, "{:?}", n.actives()));
+        assert!(net.errors.is_empty(), "{:?}", net.errors);
+    }
+
+    #[test]
+    fn an_active_that_a_peer_reports_beside_a_lower_active_yields() {
+        // 2 took over from 1, which it cannot hear. Should a report of 3 say
+        // that it hears 1 Active (two Actives apart, as stale or lost reports
+        // could leave them for a moment), the higher id yields; it takes
+        // over again once 3 reports 1 gone.
+        let mut net = ha3();
+        net.kill(1);
+        net.run_until(net.now + BOUND);
+        assert_eq!(net.actives(), vec![2]);
+        let now = net.now;
+        let inc3 = net.next_inc - 2; // 1, 2, 3 started in order
+        let probe = |seq: u32, one: MemberState| Message {
+            incarnation: inc3,
+            ..msg(
+                MessageKind::Probe,
+                3,
+                seq,
+                vec![
+                    Entry { member: 1, state: one, heard: one != MemberState::Down },
+                    Entry { member: 2, state: MemberState::Active, heard: true },
+                ],
+            )
+        };
+        let m = net.m(2);
+        m.handle_datagram(&probe(1 << 30, MemberState::Active).encode().unwrap(), now).unwrap();
+        assert_eq!(m.local_state(), MemberState::Standby);
+        assert_eq!(m.stats().step_downs, 1);
+        m.handle_datagram(&probe((1 << 30) + 1, MemberState::Down).encode().unwrap(), now).unwrap();
+        m.handle_timeout(now + 2 * I);
+        assert_eq!(m.local_state(), MemberState::Active);
+    }
+
+    #[test]
+    fn an_active_that_a_majority_cannot_hear_steps_down() {
+        // 1's datagrams reach nobody, while it hears 2 and 3: they take it
+        // for dead and 2 takes over. 1 keeps a quorum of members it hears,
+        // but their probes say they do not hear it, and it yields.
+        let mut net = ha3();
+        net.blocked.insert((1, 2));
+        net.blocked.insert((1, 3));
+        // 1 yields on the first probe after 2's takeover that reports it
+        // unheard: the two overlap for at most a probe interval (they
+        // cannot hear each other's conflict, only 1 hears 2).
+        let mut overlap = 0;
+        net.run_checked(net.now + BOUND + 2 * I, |n| overlap += u64::from(n.actives().len() > 1));
+        assert!(overlap * 100_000 <= I + 2 * LAT, "two Actives for {overlap} steps of 100 µs");
+        assert_eq!(net.actives(), vec![2]);
+        assert_eq!(net.state(1), MemberState::Standby);
+        assert!(net.nodes[&1].m.has_quorum());
+        net.run_checked(net.now + 300 * MS, |n| assert_eq!(n.actives(), vec![2]));
+    }
+
+    #[test]
+    fn a_member_that_cannot_receive_does_not_hold_up_the_election() {
+        // Nothing reaches the Active any more (an inbound filter): it loses
+        // its quorum and steps down. Its peers still hear it, Standby and
+        // first by id, but its probes say it hears nobody, so they pass it
+        // over and 2 takes over.
+        let mut net = ha3();
+        net.blocked.insert((2, 1));
+        net.blocked.insert((3, 1));
+        let t = net.now;
+        net.run_checked(t + BOUND + 3 * I, |n| assert!(n.actives().len() <= 1, "{:?}", n.actives()));
+        assert_eq!(net.actives(), vec![2]);
+        assert_eq!(net.state(1), MemberState::Standby);
+        net.run_checked(net.now + 300 * MS, |n| assert_eq!(n.actives(), vec![2]));
+        // Healed, 1 stays Standby (no pre-emption).
+        net.heal();
+        net.run_checked(net.now + 300 * MS, |n| assert_eq!(n.actives(), vec![2]));
+        assert!(net.errors.is_empty(), "{:?}", net.errors);
     }
 
     /// The Active's loop stalls past a dead window: its peer takes over (it
@@ -2351,7 +2556,7 @@ mod tests {
         let entries = [1u16, 2, 3]
             .into_iter()
             .filter(|&x| x != sender)
-            .map(|member| Entry { member, state: MemberState::Standby })
+            .map(|member| Entry::new(member, MemberState::Standby))
             .collect();
         msg(MessageKind::Probe, sender, seq, entries)
     }
@@ -2366,13 +2571,13 @@ mod tests {
 
     #[test]
     fn encode_parse_roundtrip() {
-        let mut y = msg(MessageKind::StateChange, 2, 9, vec![Entry { member: 2, state: MemberState::Standby }]);
+        let mut y = msg(MessageKind::StateChange, 2, 9, vec![Entry::new(2, MemberState::Standby)]);
         y.yielding = true;
         let cases = [
             probe_from(2, 1),
             msg(MessageKind::Probe, 2, u32::MAX, vec![]),
             msg(MessageKind::Query, 3, 5, vec![]),
-            msg(MessageKind::StateChange, 2, 6, vec![Entry { member: 1, state: MemberState::Standby }]),
+            msg(MessageKind::StateChange, 2, 6, vec![Entry::new(1, MemberState::Standby)]),
             y,
         ];
         for m in cases {
@@ -2383,7 +2588,7 @@ mod tests {
             assert_eq!(v.to_message(), m);
         }
         let full =
-            msg(MessageKind::Probe, 100, 1, (0..64).map(|member| Entry { member, state: MemberState::Down }).collect());
+            msg(MessageKind::Probe, 100, 1, (0..64).map(|member| Entry::new(member, MemberState::Down)).collect());
         assert_eq!(full.encode().unwrap().len(), MAX_MESSAGE);
     }
 
@@ -2393,13 +2598,13 @@ mod tests {
         let mut m = probe_from(2, 1);
         m.entries.reverse();
         assert_eq!(e(m), Some(CcpError::BadEntry { index: 1 }));
-        let m = msg(MessageKind::Probe, 2, 1, vec![Entry { member: 2, state: MemberState::Down }]);
+        let m = msg(MessageKind::Probe, 2, 1, vec![Entry::new(2, MemberState::Down)]);
         assert_eq!(e(m), Some(CcpError::BadEntry { index: 0 }));
-        let m = msg(MessageKind::Query, 2, 1, vec![Entry { member: 1, state: MemberState::Down }]);
+        let m = msg(MessageKind::Query, 2, 1, vec![Entry::new(1, MemberState::Down)]);
         assert_eq!(e(m), Some(CcpError::BadCount { kind: MessageKind::Query, count: 1 }));
         let m = msg(MessageKind::StateChange, 2, 1, vec![]);
         assert_eq!(e(m), Some(CcpError::BadCount { kind: MessageKind::StateChange, count: 0 }));
-        let m = msg(MessageKind::StateChange, 2, 1, vec![Entry { member: 2, state: MemberState::Active }]);
+        let m = msg(MessageKind::StateChange, 2, 1, vec![Entry::new(2, MemberState::Active)]);
         assert_eq!(e(m), Some(CcpError::BadEntry { index: 0 }));
         let mut m = probe_from(2, 1);
         m.yielding = true;
@@ -2408,12 +2613,8 @@ mod tests {
         let mut m = probe_from(2, 1);
         m.incarnation = 0;
         assert_eq!(e(m), Some(CcpError::ZeroIncarnation));
-        let m = msg(
-            MessageKind::Probe,
-            2,
-            1,
-            (0..65).map(|member| Entry { member: member + 3, state: MemberState::Down }).collect(),
-        );
+        let m =
+            msg(MessageKind::Probe, 2, 1, (0..65).map(|member| Entry::new(member + 3, MemberState::Down)).collect());
         assert_eq!(e(m), Some(CcpError::TooManyEntries(65)));
     }
 
@@ -2433,14 +2634,24 @@ mod tests {
             b
         };
         assert_eq!(p(&edit(0, b'X')), Some(CcpError::BadMagic(u32::from_le_bytes(*b"XCCP"))));
-        assert_eq!(p(&edit(4, 2)), Some(CcpError::BadVersion(2)));
+        assert_eq!(p(&edit(4, 1)), Some(CcpError::BadVersion(1)), "version 1 had no heard flag");
         assert_eq!(p(&edit(5, 9)), Some(CcpError::BadKind(9)));
         assert_eq!(p(&edit(7, 1)), Some(CcpError::BadFlags(0x100)));
         assert_eq!(p(&edit(20, 0)), Some(CcpError::BadState(0)));
         assert_eq!(p(&edit(21, 3)), Some(CcpError::BadMode(3)));
         assert_eq!(p(&edit(23, 1)), Some(CcpError::ReservedNonZero));
         assert_eq!(p(&edit(HEADER_SIZE + 2, 6)), Some(CcpError::BadState(6)));
-        assert_eq!(p(&edit(HEADER_SIZE + 3, 1)), Some(CcpError::ReservedNonZero));
+        assert_eq!(p(&edit(HEADER_SIZE + 3, 2)), Some(CcpError::BadEntryFlags { index: 0, flags: 2 }));
+        assert!(p(&edit(HEADER_SIZE + 3, ENTRY_FLAG_HEARD)).is_none(), "a PROBE entry may say heard");
+        let mut change =
+            msg(MessageKind::StateChange, 2, 1, vec![Entry::new(2, MemberState::Standby)]).encode().unwrap();
+        change[HEADER_SIZE + 3] = ENTRY_FLAG_HEARD;
+        reseal(&mut change);
+        assert_eq!(
+            p(&change),
+            Some(CcpError::BadEntryFlags { index: 0, flags: ENTRY_FLAG_HEARD }),
+            "only PROBEs say heard"
+        );
         let mut b = good.clone();
         b[12..16].fill(0);
         reseal(&mut b);
@@ -2500,7 +2711,7 @@ mod tests {
         assert_eq!((s.malformed, s.rejected, s.stale, s.probes_received), (4, 6, 2, 2));
         // Entries about unknown members are ignored.
         let mut p = probe_from(2, 3);
-        p.entries.push(Entry { member: 40, state: MemberState::Active });
+        p.entries.push(Entry::new(40, MemberState::Active));
         assert_eq!(feed(&mut m, &p.encode().unwrap()), None);
         assert_eq!(m.peer_report(2).map(<[Entry]>::len), Some(2));
     }
@@ -2625,12 +2836,9 @@ mod tests {
         for s in [2u16, 3, 4] {
             seeds.push(probe_from(s, 1).encode().unwrap());
             seeds.push(msg(MessageKind::Query, s, 1, vec![]).encode().unwrap());
-            seeds.push(
-                msg(MessageKind::StateChange, s, 1, vec![Entry { member: 1, state: MemberState::Standby }])
-                    .encode()
-                    .unwrap(),
-            );
-            let mut a = msg(MessageKind::StateChange, s, 1, vec![Entry { member: s, state: MemberState::Active }]);
+            seeds
+                .push(msg(MessageKind::StateChange, s, 1, vec![Entry::new(1, MemberState::Standby)]).encode().unwrap());
+            let mut a = msg(MessageKind::StateChange, s, 1, vec![Entry::new(s, MemberState::Active)]);
             a.state = MemberState::Active;
             seeds.push(a.encode().unwrap());
         }

@@ -12,8 +12,9 @@
 //! member (HA: the lowest-id Active that is not cut off; load sharing:
 //! every such Active, each on its own keys) and injects, at seeded times:
 //! a member that joins late (during churn), a crash and restart, a
-//! partition of one member, a manual resync, loss up to 20 %, duplication
-//! and reordering. Then the faults stop and the cluster settles. It passes
+//! partition of one member, the link between two members cut both ways
+//! (each still reaching the others), a manual resync, loss up to 20 %,
+//! duplication and reordering. Then the faults stop and the cluster settles. It passes
 //! when every live member is synced, all hold identical digests, HA has one
 //! Active, and no acknowledged write is missing: every key's last write
 //! acknowledged by its member's device is what every member holds, except
@@ -42,7 +43,7 @@ use nicsync_vfio::EmulatedDevice;
 use std::sync::Arc;
 
 use crate::driver::CompletionMode;
-use crate::membership::{Destination, MemberState, Mode};
+use crate::membership::{Destination, MemberState, Mode, DEFAULT_DEAD_AFTER, DEFAULT_PROBE_INTERVAL_NS};
 use crate::node::{ConnId, Nanos, Node, NodeConfig, NodeOutput};
 use crate::table::{ConnEntry, ConnTable, TableError};
 use crate::DriverConfig;
@@ -169,6 +170,11 @@ pub struct SimReport {
     pub failovers: u64,
     /// The Active members at the end.
     pub actives_at_end: Vec<u16>,
+    /// HA: the longest stretch of virtual milliseconds with two or more
+    /// members Active at once (a split brain, or the overlap of a handover:
+    /// an Active cut off steps down when it loses its quorum, while its
+    /// peers take over when they take it for dead).
+    pub longest_two_actives_ms: f64,
     /// Faults injected, by kind.
     pub faults: BTreeMap<String, u32>,
     /// Virtual milliseconds until the cluster settled.
@@ -274,6 +280,11 @@ struct Sim {
     trace_doing: HashMap<u16, String>,
     /// Membership links a script cut.
     dropped_ccp: DroppedLinks,
+    /// Links cut between two members, every kind of traffic, both ways
+    /// (lower id first).
+    cut_links: DroppedLinks,
+    /// HA: since when two or more members have been Active.
+    two_actives_since: Option<Nanos>,
 }
 
 fn sim_key(writer: u16, i: u32) -> ConnKey {
@@ -335,6 +346,8 @@ impl Sim {
             trace_last: HashMap::new(),
             trace_doing: HashMap::new(),
             dropped_ccp: DroppedLinks::new(),
+            cut_links: DroppedLinks::new(),
+            two_actives_since: None,
         }
     }
 
@@ -466,7 +479,11 @@ impl Sim {
     }
 
     fn reachable(&self, a: u16, b: u16) -> bool {
-        self.alive(a) && self.alive(b) && !self.slots[a as usize - 1].isolated && !self.slots[b as usize - 1].isolated
+        self.alive(a)
+            && self.alive(b)
+            && !self.slots[a as usize - 1].isolated
+            && !self.slots[b as usize - 1].isolated
+            && !self.cut_links.contains(&(a.min(b), a.max(b)))
     }
 
     /// Carries out what a node asked for.
@@ -637,6 +654,26 @@ impl Sim {
         }
     }
 
+    /// Measures how long two or more members are Active at once (HA).
+    fn watch_actives(&mut self) {
+        if self.cfg.mode != Mode::HighAvailability {
+            return;
+        }
+        let actives = self
+            .slots
+            .iter()
+            .filter_map(|s| s.node.as_ref())
+            .filter(|n| matches!(n.state(), MemberState::Active | MemberState::ActiveAttention))
+            .count();
+        if actives < 2 {
+            self.two_actives_since = None;
+            return;
+        }
+        let since = *self.two_actives_since.get_or_insert(self.now);
+        let ms = (self.now - since + STEP_NS) as f64 / 1e6;
+        self.report.longest_two_actives_ms = self.report.longest_two_actives_ms.max(ms);
+    }
+
     fn step(&mut self, faults: bool) {
         self.now += STEP_NS;
         for id in 1..=self.cfg.members {
@@ -668,6 +705,7 @@ impl Sim {
             }
         }
         self.deliver_due();
+        self.watch_actives();
         if faults {
             self.churn();
             self.attack();
@@ -879,6 +917,13 @@ impl Sim {
         f.push((t, Fault::Isolate(p, true)));
         f.push((t + (50 + self.rng.below(250)) * 1_000_000, Fault::Isolate(p, false)));
         f.push((at(&mut self.rng, 50, 90), Fault::Resync(1 + self.rng.below(n) as u16)));
+        // One link between two members cut both ways, each still reaching
+        // the others: membership must not elect a second Active across it.
+        let a = 1 + self.rng.below(n) as u16;
+        let b = 1 + ((u64::from(a) + self.rng.below(n - 1)) % n) as u16;
+        let t = at(&mut self.rng, 20, 80);
+        f.push((t, Fault::CutLink(a, b, true)));
+        f.push((t + (50 + self.rng.below(250)) * 1_000_000, Fault::CutLink(a, b, false)));
         f.sort_by_key(|x| x.0);
         f
     }
@@ -897,6 +942,30 @@ impl Sim {
                 if on {
                     let ends: Vec<(u16, ConnId)> =
                         self.pipes.iter().filter(|p| p.a.0 == id || p.b.0 == id).map(|p| p.a).collect();
+                    for (m, c) in ends {
+                        self.close_pipe(m, c);
+                    }
+                }
+            }
+            Fault::CutLink(a, b, on) => {
+                if on {
+                    self.fault("link_cut");
+                }
+                self.log(format!("link {a}-{b} {}", if on { "cut" } else { "mended" }));
+                let link = (a.min(b), a.max(b));
+                if on {
+                    self.cut_links.insert(link);
+                } else {
+                    self.cut_links.remove(&link);
+                }
+                self.hub.set_link_cut(a, b, on);
+                if on {
+                    let ends: Vec<(u16, ConnId)> = self
+                        .pipes
+                        .iter()
+                        .filter(|p| (p.a.0.min(p.b.0), p.a.0.max(p.b.0)) == link)
+                        .map(|p| p.a)
+                        .collect();
                     for (m, c) in ends {
                         self.close_pipe(m, c);
                     }
@@ -1006,6 +1075,16 @@ impl Sim {
         if self.cfg.mode == Mode::HighAvailability && actives != 1 {
             return Err(format!("{actives} Active members in HA mode"));
         }
+        // Two Actives overlap only until a cut-off one notices (its quorum
+        // lost, a dead window) or a report reaches it (a probe interval):
+        // never for as long as a cut lasts.
+        let bound_ms = (DEFAULT_DEAD_AFTER as u64 + 1) * DEFAULT_PROBE_INTERVAL_NS / 1_000_000;
+        if self.report.longest_two_actives_ms > bound_ms as f64 {
+            return Err(format!(
+                "two Actives at once for {:.2} ms, more than a dead window and a probe interval ({bound_ms} ms)",
+                self.report.longest_two_actives_ms
+            ));
+        }
         let Some((_, count, _, map)) = first else { return Err("no live member".into()) };
         self.report.entries = count;
         let (mut checked, mut uncertain) = (0, 0);
@@ -1040,6 +1119,8 @@ enum Fault {
     Join(u16),
     Crash(u16),
     Isolate(u16, bool),
+    /// The link between two members cut (true) or mended.
+    CutLink(u16, u16, bool),
     Resync(u16),
     Script(Scripted),
 }
@@ -1080,8 +1161,8 @@ pub fn run(cfg: &SimConfig) -> SimReport {
     }
     // Heal: every fault ends, crashed members come back, the wire is clean.
     for (_, f) in pending {
-        if let Fault::Isolate(id, false) = f {
-            sim.apply(Fault::Isolate(id, false));
+        if let Fault::Isolate(_, false) | Fault::CutLink(_, _, false) = f {
+            sim.apply(f);
         }
     }
     for id in 1..=cfg.members {

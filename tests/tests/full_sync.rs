@@ -789,3 +789,50 @@ fn a_peer_asked_to_resync_is_not_realigned_meanwhile() {
         assert_eq!(r.actives_at_end, vec![1], "seed {seed}");
     }
 }
+
+/// Membership datagrams between 1 (the Active) and 2 stop both ways, and
+/// stay stopped, while 3 hears both: 2 takes 1 for dead, but 3's probes say
+/// that it hears 1 Active, so 2 does not take over. Each of 1 and 2 kept a
+/// quorum (itself and 3), and before probes were read that way 2 became a
+/// second Active for as long as the cut lasted.
+#[test]
+fn a_cut_between_the_active_and_a_standby_that_a_third_member_bridges_moves_nothing() {
+    use nicsync::sim::Scripted;
+    for seed in [1, 2] {
+        let r = scripted_run(
+            seed,
+            400,
+            vec![
+                (50, Scripted::DropMembership { from: 1, to: 2, on: true }),
+                (50, Scripted::DropMembership { from: 2, to: 1, on: true }),
+                // Repeated: the run goes on at least until then (it ends at
+                // the first check after the script that passes).
+                (450, Scripted::DropMembership { from: 2, to: 1, on: true }),
+            ],
+        );
+        assert_eq!(r.actives_at_end, vec![1], "seed {seed}\n{}", r.timeline.join("\n"));
+        assert_eq!(r.failovers, 0, "seed {seed}");
+    }
+}
+
+/// Nothing reaches the Active's membership port any more (an inbound
+/// filter): it loses its quorum and steps down, and its peers, which still
+/// hear it, pass it over (its probes say it hears nobody) so that 2 takes
+/// over. Before, they ranked it first and waited for it: no Active.
+#[test]
+fn an_active_that_stops_receiving_hands_over_to_the_next_member() {
+    use nicsync::sim::Scripted;
+    for seed in [1, 2] {
+        let r = scripted_run(
+            seed,
+            400,
+            vec![
+                (50, Scripted::DropMembership { from: 2, to: 1, on: true }),
+                (50, Scripted::DropMembership { from: 3, to: 1, on: true }),
+                (450, Scripted::DropMembership { from: 3, to: 1, on: true }),
+            ],
+        );
+        assert_eq!(r.actives_at_end, vec![2], "seed {seed}\n{}", r.timeline.join("\n"));
+        assert_eq!(r.failovers, 1, "seed {seed}");
+    }
+}
