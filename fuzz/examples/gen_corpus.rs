@@ -387,14 +387,15 @@ fn ccp_msg(kind: MessageKind, sender: u16, seq: u32, st: MemberState, entries: V
         state: st,
         mode: Mode::HighAvailability,
         digest: 0x1234,
-        entries,
+        // Only a PROBE says which members its sender hears.
+        entries: entries.into_iter().map(|e| Entry { heard: e.heard && kind == MessageKind::Probe, ..e }).collect(),
     }
     .encode()
     .expect("valid CCP message")
 }
 
 fn ccp() -> Seeds {
-    let e = |member, state| Entry { member, state };
+    let e = |member, state| Entry { member, state, heard: state != MemberState::Down };
     let query = ccp_msg(MessageKind::Query, 2, 1, MemberState::Down, vec![]);
     let probe2 = ccp_msg(
         MessageKind::Probe,
