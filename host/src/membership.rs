@@ -110,10 +110,14 @@
 //!
 //! A failed Active is last heard at or before the moment it fails, so every
 //! peer declares it dead at most `dead_after × probe_interval` later (plus
-//! the network delay), and the next member takes over in that same call.
-//! Failover therefore completes within `dead_after × probe_interval` plus
-//! the delivery delay and timer slack, comfortably inside one more probe
-//! interval. With the defaults ([`DEFAULT_PROBE_INTERVAL_NS`] = 10 ms,
+//! the network delay). In a pair the other member takes over in that same
+//! call; with three or more, the next member takes over once every peer
+//! it hears has said so too (the probe each sends when it declares the
+//! death, one network delay later; a lost one is repeated by the next
+//! periodic probe). Failover therefore completes within
+//! `dead_after × probe_interval` plus the delivery delay and timer slack,
+//! inside one more probe interval unless a peer's verdict is lost or
+//! late (below). With the defaults ([`DEFAULT_PROBE_INTERVAL_NS`] = 10 ms,
 //! [`DEFAULT_DEAD_AFTER`] = 5) that is ≤ 50 ms (60 ms with the margin);
 //! a peer is declared dead only after 4 consecutive probes are lost (the
 //! 5th is late). An orderly stop ([`Membership::set_down`]) is announced
@@ -121,7 +125,7 @@
 //!
 //! # Wire format
 //!
-//! One message per UDP datagram: a 28-byte [`CcpHeader`] followed by
+//! One message per UDP datagram: a 36-byte [`CcpHeader`] followed by
 //! `count` 4-byte [`EntryWire`]s. Little-endian throughout.
 //!
 //! | offset | size | field | rule |
@@ -138,7 +142,8 @@
 //! | 21 | 1 | `mode` | sender's [`Mode`]; must match the receiver's |
 //! | 22 | 1 | `count` | entries that follow, ≤ [`MAX_ENTRIES`] |
 //! | 23 | 1 | `reserved` | zero |
-//! | 24 | 4 | `checksum` | CRC-32C of the message with this field zero |
+//! | 24 | 8 | `digest` | sender's table digest (its card's `sync_digest`) |
+//! | 32 | 4 | `checksum` | CRC-32C of the message with this field zero |
 //!
 //! An entry is `member: u16, state: u8, flags: u8`. The only flag is
 //! [`ENTRY_FLAG_HEARD`] (bit 0, PROBE only): the sender hears that member
@@ -1735,7 +1740,10 @@ impl Membership {
     /// in an Active state: the link between them is cut, not the member
     /// (ClusterXL's members likewise probe through each other before they
     /// take a peer for dead). A report is at most a probe interval old, and
-    /// a member that takes the Active for dead tells its peers at once.
+    /// a member that takes the Active for dead tells its peers at once; but
+    /// a peer's verdict lags like this member's own (a dead window), and
+    /// more when that peer's loop stalls (its stall is not held against the
+    /// Active, see `expire`).
     fn vouched_actives(&self) -> impl Iterator<Item = u16> + '_ {
         let me = self.p.member_id;
         self.peers.iter().filter(|p| p.alive).flat_map(move |p| {
@@ -1768,6 +1776,25 @@ impl Membership {
             })
             .count();
         total < 3 || 2 * (hearing + 1) > total
+    }
+
+    /// Whether a majority of the cluster hears peer `id`, as far as this
+    /// member can tell: itself (it hears the peer), the peer, and every
+    /// other alive peer whose latest probe says it hears it (or that was
+    /// heard for less than a dead window). A candidate that most members
+    /// cannot hear would step down as soon as it took over.
+    fn peer_heard_by_quorum(&self, id: u16, now: Nanos) -> bool {
+        let total = self.peers.len() + 1;
+        let others = self
+            .peers
+            .iter()
+            .filter(|q| q.alive && q.id != id)
+            .filter(|q| {
+                now < q.alive_since.saturating_add(self.dead_ns)
+                    || q.reports.iter().find(|e| e.member == id).is_none_or(|e| e.heard)
+            })
+            .count();
+        total < 3 || 2 * (others + 2) > total
     }
 
     fn elect_ha(&mut self, now: Nanos) {
@@ -1805,6 +1832,7 @@ impl Membership {
                     return;
                 }
                 if !quorum
+                    || !self.heard_by_quorum(now)
                     || (self.peers.len() >= 2 && !settled)
                     || (self.state == MemberState::Ready && (!self.listen_done || self.ready_hold_until.is_some()))
                 {
@@ -1815,7 +1843,12 @@ impl Membership {
                 let best = self
                     .peers
                     .iter()
-                    .filter(|p| p.alive && p.state.is_eligible() && p.reports_quorum(total))
+                    .filter(|p| {
+                        p.alive
+                            && p.state.is_eligible()
+                            && p.reports_quorum(total)
+                            && self.peer_heard_by_quorum(p.id, now)
+                    })
                     .map(|p| (p.yielding, p.id))
                     .fold(mine, core::cmp::min);
                 if best == mine {
@@ -2314,6 +2347,24 @@ mod tests {
         net.heal();
         net.restart(1);
         net.run_checked(net.now + 300 * MS, |n| assert!(n.actives().len() <= 1, "{:?}", n.actives()));
+        assert!(net.errors.is_empty(), "{:?}", net.errors);
+    }
+
+    #[test]
+    fn an_active_that_only_a_minority_hears_hands_over_and_stays_down() {
+        // Of four members, 3 and 4 stop hearing the Active 1 (1 still hears
+        // everyone, and 2 hears it). A majority no longer hears 1: it steps
+        // down, and must not take over again at once (it still has a quorum
+        // of members it hears and the lowest id), nor may 2 keep waiting
+        // for it: 2 takes over, and nothing moves after.
+        let mut net = ha(4);
+        net.blocked.insert((1, 3));
+        net.blocked.insert((1, 4));
+        net.run_until(net.now + BOUND + 3 * I);
+        assert_eq!(net.actives(), vec![2]);
+        let changes = net.nodes[&1].m.stats().state_changes;
+        net.run_checked(net.now + 300 * MS, |n| assert_eq!(n.actives(), vec![2]));
+        assert_eq!(net.nodes[&1].m.stats().state_changes, changes, "1 does not flap");
         assert!(net.errors.is_empty(), "{:?}", net.errors);
     }
 
