@@ -158,7 +158,8 @@
 //! [`Message::parse`] checks, in order: header length, magic, version,
 //! entry count bound, exact length, checksum, kind, flags, incarnation,
 //! state, mode, reserved byte, count for the kind, then every entry (its
-//! flags, its state, its place), and returns a [`CcpError`] naming the first fault. It never panics and never
+//! flags, its state, its place), and returns a [`CcpError`] naming the
+//! first fault. It never panics and never
 //! allocates. [`Membership::handle_datagram`] then rejects messages of
 //! another cluster, from its own member id, from member ids it was not
 //! configured with, of the other mode, and stale ones; all are counted
@@ -840,6 +841,12 @@ impl Message {
     }
 }
 
+/// Whether `count` members (the one asking included) are a majority of a
+/// cluster of `total`; a pair needs none ([`Membership::has_quorum`]).
+fn is_majority(count: usize, total: usize) -> bool {
+    total < 3 || 2 * count > total
+}
+
 /// `a` is later than `b` in serial-number arithmetic (RFC 1982).
 fn seq_newer(a: u32, b: u32) -> bool {
     let d = a.wrapping_sub(b);
@@ -1126,8 +1133,19 @@ impl Peer {
         }
     }
 
+    fn report(&self, member: u16) -> Option<&Entry> {
+        self.reports.iter().find(|e| e.member == member)
+    }
+
     fn reported(&self, member: u16) -> Option<MemberState> {
-        self.reports.iter().find(|e| e.member == member).map(|e| e.state)
+        self.report(member).map(|e| e.state)
+    }
+
+    /// Whether it is alive and hears `member`: its latest probe says so, or
+    /// it has not said otherwise yet (heard for less than `dead_ns`, whose
+    /// probes may predate `member`'s first message, or no probe at all).
+    fn hears(&self, member: u16, now: Nanos, dead_ns: Nanos) -> bool {
+        self.alive && (now < self.alive_since.saturating_add(dead_ns) || self.report(member).is_none_or(|e| e.heard))
     }
 
     /// Whether its latest PROBE says it hears a majority of the `total`
@@ -1135,7 +1153,7 @@ impl Peer {
     /// this member; a pair needs none. Without a PROBE yet, it has not
     /// said so.
     fn reports_quorum(&self, total: usize) -> bool {
-        total < 3 || 2 * (1 + self.reports.iter().filter(|e| e.heard).count()) > total
+        is_majority(1 + self.reports.iter().filter(|e| e.heard).count(), total)
     }
 }
 
@@ -1731,9 +1749,7 @@ impl Membership {
     /// second Active whose changes the others never see; a pair cannot
     /// have a majority without both members, so it goes without.
     pub fn has_quorum(&self) -> bool {
-        let total = self.peers.len() + 1;
-        let seen = self.peers.iter().filter(|p| p.alive).count() + 1;
-        total < 3 || 2 * seen > total
+        is_majority(self.peers.iter().filter(|p| p.alive).count() + 1, self.peers.len() + 1)
     }
 
     /// Members this one does not hear that a peer it hears reports hearing
@@ -1764,37 +1780,20 @@ impl Membership {
     /// them, so it keeps its quorum. A pair needs none (see
     /// [`Membership::has_quorum`]; the rule "taken for dead" covers it).
     fn heard_by_quorum(&self, now: Nanos) -> bool {
-        let total = self.peers.len() + 1;
-        let me = self.p.member_id;
-        let hearing = self
-            .peers
-            .iter()
-            .filter(|p| p.alive)
-            .filter(|p| {
-                now < p.alive_since.saturating_add(self.dead_ns)
-                    || p.reports.iter().find(|e| e.member == me).is_none_or(|e| e.heard)
-            })
-            .count();
-        total < 3 || 2 * (hearing + 1) > total
+        is_majority(self.hearers(self.p.member_id, now) + 1, self.peers.len() + 1)
     }
 
     /// Whether a majority of the cluster hears peer `id`, as far as this
-    /// member can tell: itself (it hears the peer), the peer, and every
-    /// other alive peer whose latest probe says it hears it (or that was
-    /// heard for less than a dead window). A candidate that most members
+    /// member can tell: itself (it hears the peer), the peer, and the other
+    /// peers that hear it ([`Peer::hears`]). A candidate that most members
     /// cannot hear would step down as soon as it took over.
     fn peer_heard_by_quorum(&self, id: u16, now: Nanos) -> bool {
-        let total = self.peers.len() + 1;
-        let others = self
-            .peers
-            .iter()
-            .filter(|q| q.alive && q.id != id)
-            .filter(|q| {
-                now < q.alive_since.saturating_add(self.dead_ns)
-                    || q.reports.iter().find(|e| e.member == id).is_none_or(|e| e.heard)
-            })
-            .count();
-        total < 3 || 2 * (others + 2) > total
+        is_majority(self.hearers(id, now) + 2, self.peers.len() + 1)
+    }
+
+    /// Peers other than `id` that hear member `id` ([`Peer::hears`]).
+    fn hearers(&self, id: u16, now: Nanos) -> usize {
+        self.peers.iter().filter(|q| q.id != id && q.hears(id, now, self.dead_ns)).count()
     }
 
     fn elect_ha(&mut self, now: Nanos) {

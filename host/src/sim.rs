@@ -562,6 +562,14 @@ impl Sim {
         })
     }
 
+    /// Breaks every stream `cut` says a fault cut.
+    fn close_pipes(&mut self, cut: impl Fn(&Pipe) -> bool) {
+        let ends: Vec<(u16, ConnId)> = self.pipes.iter().filter(|p| cut(p)).map(|p| p.a).collect();
+        for (m, c) in ends {
+            self.close_pipe(m, c);
+        }
+    }
+
     fn close_pipe(&mut self, id: u16, conn: ConnId) {
         if let Some(pos) = self.pipes.iter().position(|p| p.a == (id, conn) || p.b == (id, conn)) {
             let p = self.pipes.swap_remove(pos);
@@ -940,11 +948,7 @@ impl Sim {
                 self.slots[id as usize - 1].isolated = on;
                 self.hub.set_isolated(id, on);
                 if on {
-                    let ends: Vec<(u16, ConnId)> =
-                        self.pipes.iter().filter(|p| p.a.0 == id || p.b.0 == id).map(|p| p.a).collect();
-                    for (m, c) in ends {
-                        self.close_pipe(m, c);
-                    }
+                    self.close_pipes(|p| p.a.0 == id || p.b.0 == id);
                 }
             }
             Fault::CutLink(a, b, on) => {
@@ -960,15 +964,7 @@ impl Sim {
                 }
                 self.hub.set_link_cut(a, b, on);
                 if on {
-                    let ends: Vec<(u16, ConnId)> = self
-                        .pipes
-                        .iter()
-                        .filter(|p| (p.a.0.min(p.b.0), p.a.0.max(p.b.0)) == link)
-                        .map(|p| p.a)
-                        .collect();
-                    for (m, c) in ends {
-                        self.close_pipe(m, c);
-                    }
+                    self.close_pipes(|p| (p.a.0.min(p.b.0), p.a.0.max(p.b.0)) == link);
                 }
             }
             Fault::Resync(id) => {

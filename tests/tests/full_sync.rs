@@ -790,6 +790,17 @@ fn a_peer_asked_to_resync_is_not_realigned_meanwhile() {
     }
 }
 
+/// A run whose membership datagrams on the `cut` links (from, to) stop 50
+/// ms after the churn and stay stopped; the run goes on at least 400 ms
+/// more (it ends at the first check after its script that passes).
+fn membership_cut_run(seed: u64, cut: &[(u16, u16)]) -> nicsync::sim::SimReport {
+    use nicsync::sim::Scripted;
+    let mut script: Vec<(u64, Scripted)> =
+        cut.iter().map(|&(from, to)| (50, Scripted::DropMembership { from, to, on: true })).collect();
+    script.extend(cut.first().map(|&(from, to)| (450, Scripted::DropMembership { from, to, on: true })));
+    scripted_run(seed, 400, script)
+}
+
 /// Membership datagrams between 1 (the Active) and 2 stop both ways, and
 /// stay stopped, while 3 hears both: 2 takes 1 for dead, but 3's probes say
 /// that it hears 1 Active, so 2 does not take over. Each of 1 and 2 kept a
@@ -797,19 +808,8 @@ fn a_peer_asked_to_resync_is_not_realigned_meanwhile() {
 /// second Active for as long as the cut lasted.
 #[test]
 fn a_cut_between_the_active_and_a_standby_that_a_third_member_bridges_moves_nothing() {
-    use nicsync::sim::Scripted;
     for seed in [1, 2] {
-        let r = scripted_run(
-            seed,
-            400,
-            vec![
-                (50, Scripted::DropMembership { from: 1, to: 2, on: true }),
-                (50, Scripted::DropMembership { from: 2, to: 1, on: true }),
-                // Repeated: the run goes on at least until then (it ends at
-                // the first check after the script that passes).
-                (450, Scripted::DropMembership { from: 2, to: 1, on: true }),
-            ],
-        );
+        let r = membership_cut_run(seed, &[(1, 2), (2, 1)]);
         assert_eq!(r.actives_at_end, vec![1], "seed {seed}\n{}", r.timeline.join("\n"));
         assert_eq!(r.failovers, 0, "seed {seed}");
     }
@@ -821,17 +821,8 @@ fn a_cut_between_the_active_and_a_standby_that_a_third_member_bridges_moves_noth
 /// over. Before, they ranked it first and waited for it: no Active.
 #[test]
 fn an_active_that_stops_receiving_hands_over_to_the_next_member() {
-    use nicsync::sim::Scripted;
     for seed in [1, 2] {
-        let r = scripted_run(
-            seed,
-            400,
-            vec![
-                (50, Scripted::DropMembership { from: 2, to: 1, on: true }),
-                (50, Scripted::DropMembership { from: 3, to: 1, on: true }),
-                (450, Scripted::DropMembership { from: 3, to: 1, on: true }),
-            ],
-        );
+        let r = membership_cut_run(seed, &[(2, 1), (3, 1)]);
         assert_eq!(r.actives_at_end, vec![2], "seed {seed}\n{}", r.timeline.join("\n"));
         assert_eq!(r.failovers, 1, "seed {seed}");
     }
