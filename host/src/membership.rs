@@ -117,11 +117,24 @@
 //! periodic probe). Failover therefore completes within
 //! `dead_after × probe_interval` plus the delivery delay and timer slack,
 //! inside one more probe interval unless a peer's verdict is lost or
-//! late (below). With the defaults ([`DEFAULT_PROBE_INTERVAL_NS`] = 10 ms,
+//! its loop stalled (below). With the defaults ([`DEFAULT_PROBE_INTERVAL_NS`] = 10 ms,
 //! [`DEFAULT_DEAD_AFTER`] = 5) that is ≤ 50 ms (60 ms with the margin);
 //! a peer is declared dead only after 4 consecutive probes are lost (the
 //! 5th is late). An orderly stop ([`Membership::set_down`]) is announced
 //! and fails over within one network delay.
+//!
+//! **Stalls.** A member's loop may not run for a while (its host busy).
+//! Its peers' datagrams wait in its socket meanwhile; two rules keep them
+//! from deciding wrongly. A datagram counts from when the host received it
+//! ([`Membership::handle_datagram_received`]; the daemon passes the
+//! kernel's receive stamp), not from when it is read, so the last probes
+//! of an Active that died during the stall do not keep it alive for the
+//! stall's length. And time the member did not run is not held against
+//! its peers beyond leaving each [`STALL_GRACE_INTERVALS`] probe interval
+//! of life after the stall, time to read what queued: a peer that died
+//! meanwhile is judged a dead window after it was last heard, or a probe
+//! interval after the stall if that is later. The other members, which
+//! wait for this one's verdict, take over as late and no later.
 //!
 //! # Wire format
 //!
@@ -162,7 +175,8 @@
 //! first fault. It never panics and never
 //! allocates. [`Membership::handle_datagram`] then rejects messages of
 //! another cluster, from its own member id, from member ids it was not
-//! configured with, of the other mode, and stale ones; all are counted
+//! configured with, of the other mode, stale ones, and a dead peer's read
+//! more than a dead window after they arrived; all are counted
 //! ([`MembershipStats::malformed`], [`MembershipStats::rejected`]).
 //!
 //! # Limits
@@ -216,6 +230,10 @@ pub const ENTRY_FLAG_HEARD: u8 = 1 << 0;
 pub const DEFAULT_PROBE_INTERVAL_NS: Nanos = 10_000_000;
 /// Recommended number of probe intervals without news before a peer is dead.
 pub const DEFAULT_DEAD_AFTER: u32 = 5;
+/// Life a member's stall leaves its peers, in probe intervals: long enough
+/// for its loop to read what they sent during the stall (see
+/// `Membership::expire`), never more than the stall itself.
+pub const STALL_GRACE_INTERVALS: u64 = 1;
 /// Datagrams waiting in [`Membership::poll_transmit`] at most; more are
 /// dropped and counted.
 pub const TX_QUEUE_LIMIT: usize = 256;
@@ -688,6 +706,14 @@ pub enum CcpError {
         /// The sender.
         member: u16,
     },
+    /// A message of a peer taken for dead that reached this host longer
+    /// than a dead window before it was read (it waited out a stall of
+    /// this member's loop): it does not say the peer is alive now.
+    #[error("message from member {member} read more than a dead window after it arrived")]
+    Late {
+        /// The sender.
+        member: u16,
+    },
 }
 
 /// The message checksum: CRC-32C of `msg` with the 4 bytes at
@@ -1077,6 +1103,9 @@ pub struct MembershipStats {
     pub unknown_sender: u64,
     /// Of `rejected`: stale (duplicate, reordered, previous incarnation).
     pub stale: u64,
+    /// Of `rejected`: late (a dead peer's message read more than a dead
+    /// window after it arrived, [`Membership::handle_datagram_received`]).
+    pub late: u64,
     /// Local state transitions.
     pub state_changes: u64,
     /// Times the Active role (HA) moved from one member to another, as
@@ -1299,6 +1328,18 @@ impl Membership {
     /// [`MembershipStats::rejected`]; either way the error is returned and
     /// nothing else changes.
     pub fn handle_datagram(&mut self, bytes: &[u8], now: Nanos) -> Result<(), CcpError> {
+        self.handle_datagram_received(bytes, now, now)
+    }
+
+    /// [`Membership::handle_datagram`] for a datagram that the host received
+    /// at `received` (its kernel's receive stamp, on the clock of `now`) and
+    /// reads only now: its sender was heard then, not now. A datagram that
+    /// waited in the socket while this member's loop stalled would otherwise
+    /// keep a peer that died meanwhile alive for the length of the stall.
+    /// A stamp later than `now` counts as `now`. A datagram that arrived
+    /// longer than a dead window ago does not bring a dead peer back (it is
+    /// dropped, counted in [`MembershipStats::late`]).
+    pub fn handle_datagram_received(&mut self, bytes: &[u8], received: Nanos, now: Nanos) -> Result<(), CcpError> {
         self.expire(now);
         let view = match Message::parse(bytes) {
             Ok(v) => v,
@@ -1307,12 +1348,13 @@ impl Membership {
                 return Err(e);
             }
         };
-        if let Err(e) = self.accept(&view, now) {
+        if let Err(e) = self.accept(&view, received.min(now), now) {
             self.stats.rejected += 1;
             match e {
                 CcpError::WrongCluster { .. } => self.stats.foreign_cluster += 1,
                 CcpError::OwnMemberId(_) | CcpError::UnknownMember(_) => self.stats.unknown_sender += 1,
                 CcpError::Stale { .. } => self.stats.stale += 1,
+                CcpError::Late { .. } => self.stats.late += 1,
                 _ => {}
             }
             return Err(e);
@@ -1517,12 +1559,18 @@ impl Membership {
     /// longer than a probe interval) is not held against the peers: what
     /// they sent meanwhile waits unread in its socket, and is read right
     /// after. Without this, a member whose loop stalled for a dead window
-    /// took its live peers for dead and took over.
+    /// took its live peers for dead and took over. The credit is only what
+    /// a peer needs to be read: [`STALL_GRACE_INTERVALS`] probe intervals
+    /// of life left after the stall. The whole stall would delay this
+    /// member's verdict on a peer that died meanwhile, and with it the
+    /// failover of the members that wait for it (`vouched_actives`).
     fn expire(&mut self, now: Nanos) {
         let gap = now.saturating_sub(self.last_expire);
         self.last_expire = self.last_expire.max(now);
         if gap > self.p.probe_interval_ns {
             let credit = gap - self.p.probe_interval_ns;
+            let grace = self.p.probe_interval_ns.saturating_mul(STALL_GRACE_INTERVALS);
+            let floor = now.saturating_sub(self.dead_ns).saturating_add(grace);
             self.stats.local_stalls += 1;
             if gap >= self.dead_ns {
                 // Its peers heard nothing for as long: they may have taken
@@ -1535,7 +1583,7 @@ impl Membership {
                 );
             }
             for p in self.peers.iter_mut().filter(|p| p.alive) {
-                p.last_heard = p.last_heard.map(|h| h.saturating_add(credit).min(now));
+                p.last_heard = p.last_heard.map(|h| h.max(floor).min(h.saturating_add(credit)).min(now));
             }
         }
         let dead_ns = self.dead_ns;
@@ -1575,7 +1623,7 @@ impl Membership {
     }
 
     /// Applies an accepted message; refuses it without side effects.
-    fn accept(&mut self, view: &MessageView<'_>, now: Nanos) -> Result<(), CcpError> {
+    fn accept(&mut self, view: &MessageView<'_>, heard: Nanos, now: Nanos) -> Result<(), CcpError> {
         let h = view.header;
         let me = self.p.member_id;
         if h.cluster_id != self.p.cluster_id {
@@ -1597,6 +1645,9 @@ impl Membership {
         let mut became_active = false;
         {
             let p = self.peers.get_mut(idx).ok_or(CcpError::UnknownMember(h.sender))?;
+            if !p.alive && heard.saturating_add(self.dead_ns) <= now {
+                return Err(CcpError::Late { member: h.sender });
+            }
             let restarted = p.incarnation != 0 && h.incarnation != p.incarnation;
             if restarted && h.incarnation == p.prev_incarnation {
                 return Err(CcpError::Stale { member: h.sender });
@@ -1623,7 +1674,7 @@ impl Membership {
             }
             p.incarnation = h.incarnation;
             p.last_seq = Some(h.seq);
-            p.last_heard = Some(now);
+            p.last_heard = Some(p.last_heard.map_or(heard, |h| h.max(heard)));
             if p.digest.0 != h.digest || restarted {
                 p.digest = (h.digest, now);
             }
@@ -1757,9 +1808,9 @@ impl Membership {
     /// (ClusterXL's members likewise probe through each other before they
     /// take a peer for dead). A report is at most a probe interval old, and
     /// a member that takes the Active for dead tells its peers at once; but
-    /// a peer's verdict lags like this member's own (a dead window), and
-    /// more when that peer's loop stalls (its stall is not held against the
-    /// Active, see `expire`).
+    /// a peer's verdict lags like this member's own (a dead window), and up
+    /// to a probe interval past the end of that peer's stall, if its loop
+    /// stalled (module docs, Timing).
     fn vouched_actives(&self) -> impl Iterator<Item = u16> + '_ {
         let me = self.p.member_id;
         self.peers.iter().filter(|p| p.alive).flat_map(move |p| {
@@ -1917,7 +1968,8 @@ mod tests {
         up: bool,
         /// Not driven (a stalled loop): what arrives waits in `backlog`.
         paused: bool,
-        backlog: Vec<Vec<u8>>,
+        /// With the time each arrived.
+        backlog: Vec<(Nanos, Vec<u8>)>,
         events: Vec<MembershipEvent>,
     }
 
@@ -1976,14 +2028,15 @@ mod tests {
             self.nodes.get_mut(&id).unwrap().paused = true;
         }
 
-        /// Drives `id` again: it reads what queued first, then its timers
-        /// run, as the daemon's loop does after a stall.
+        /// Drives `id` again: it reads what queued first (with the time each
+        /// arrived, as the daemon's kernel stamps), then its timers run, as
+        /// the daemon's loop does after a stall.
         fn resume(&mut self, id: u16) {
             let now = self.now;
             let node = self.nodes.get_mut(&id).unwrap();
             node.paused = false;
-            for bytes in std::mem::take(&mut node.backlog) {
-                if let Err(e) = node.m.handle_datagram(&bytes, now) {
+            for (arrived, bytes) in std::mem::take(&mut node.backlog) {
+                if let Err(e) = node.m.handle_datagram_received(&bytes, arrived, now) {
                     self.errors.push((0, id, e));
                 }
             }
@@ -2074,7 +2127,7 @@ mod tests {
                         continue;
                     }
                     if node.paused {
-                        node.backlog.push(bytes);
+                        node.backlog.push((next, bytes));
                         continue;
                     }
                     if let Err(e) = node.m.handle_datagram(&bytes, next) {
@@ -2463,6 +2516,49 @@ mod tests {
         assert!(net.errors.is_empty(), "{:?}", net.errors);
     }
 
+    /// A Standby's loop stalls just after the Active dies. The Active's
+    /// last probes, read after the stall, count from when they arrived
+    /// (`handle_datagram_received`), and the stall itself gives the peers
+    /// only a probe interval to be read (`STALL_GRACE_INTERVALS`), so this
+    /// Standby's verdict, which the other Standby waits for (until then it
+    /// vouches for the Active), is not late: the failover ends within the
+    /// bound, or a probe interval after the stall where the stall outlasts
+    /// it. It took up to the stall plus a dead window when the probes
+    /// counted from when they were read and the whole stall was credited to
+    /// the peers (70 ms after a 20 ms stall, 90 ms after 40 ms).
+    #[test]
+    fn a_standby_stall_does_not_delay_the_failover() {
+        for stall_ms in [5, 20, 34, 40, 45, 70, 120] {
+            for offset_ms in [0, 3, 7] {
+                let mut net = ha3();
+                let t0 = net.now;
+                net.kill(1);
+                net.run_until(t0 + offset_ms * MS);
+                net.pause(2);
+                let t = net.now;
+                net.run_until(t + stall_ms * MS);
+                net.resume(2);
+                let resumed = net.now;
+                let mut took_over = None;
+                net.run_checked(resumed + BOUND + 5 * I, |n| {
+                    assert!(n.actives().len() <= 1, "{:?}", n.actives());
+                    if took_over.is_none() && !n.actives().is_empty() {
+                        took_over = Some(n.now);
+                    }
+                });
+                let took_over = took_over.expect("nobody took over");
+                assert!(
+                    // (a network delay and the check's 100 µs step)
+                    took_over <= (t0 + BOUND).max(resumed + I + 3 * LAT),
+                    "stall {stall_ms} ms from {offset_ms} ms: failover took {:.1} ms",
+                    (took_over - t0) as f64 / 1e6
+                );
+                assert_eq!(net.actives(), vec![2]);
+                assert!(net.errors.is_empty(), "{:?}", net.errors);
+            }
+        }
+    }
+
     #[test]
     fn attention_flag() {
         let mut net = ha3();
@@ -2841,6 +2937,37 @@ mod tests {
             assert!(t <= stall + DEAD as Nanos * I, "the silent peer never died");
         }
         assert_eq!(t, stall + DEAD as Nanos * I);
+    }
+
+    /// A datagram counts from when it arrived (its receive stamp): read a
+    /// dead window later, it does not bring a peer taken for dead back, and
+    /// an alive peer's silence counts from the stamp. A stamp ahead of the
+    /// reading counts as the reading.
+    #[test]
+    fn a_datagram_counts_from_when_it_arrived() {
+        let mut m = Membership::new(params(1, 2, Mode::HighAvailability, 5), 0).unwrap();
+        m.handle_datagram(&probe_from(2, 1).encode().unwrap(), 0).unwrap();
+        let mut t = 0;
+        while m.members()[1].alive {
+            t += I;
+            m.handle_timeout(t);
+        }
+        let late = probe_from(2, 2).encode().unwrap();
+        let now = t + I / 2;
+        let arrived = now - DEAD as Nanos * I;
+        assert_eq!(m.handle_datagram_received(&late, arrived, now), Err(CcpError::Late { member: 2 }));
+        assert!(!m.members()[1].alive);
+        assert_eq!((m.stats().late, m.stats().rejected), (1, 1));
+        // Arrived within the window: alive again, heard when it arrived.
+        let arrived = now - I;
+        m.handle_datagram_received(&probe_from(2, 3).encode().unwrap(), arrived, now).unwrap();
+        assert_eq!((m.members()[1].alive, m.members()[1].last_heard_ns), (true, Some(arrived)));
+        // An older stamp than the last one does not move it back.
+        m.handle_datagram_received(&probe_from(2, 4).encode().unwrap(), arrived - 1, now).unwrap();
+        assert_eq!(m.members()[1].last_heard_ns, Some(arrived));
+        // A stamp ahead of the reading counts as the reading.
+        m.handle_datagram_received(&probe_from(2, 5).encode().unwrap(), now + I, now).unwrap();
+        assert_eq!(m.members()[1].last_heard_ns, Some(now));
     }
 
     #[test]

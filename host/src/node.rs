@@ -624,6 +624,12 @@ impl<D: NicDevice> Node<D> {
 
     /// A membership datagram arrived.
     pub fn handle_ccp(&mut self, bytes: &[u8], now: Nanos) {
+        self.handle_ccp_received(bytes, now, now);
+    }
+
+    /// A membership datagram that arrived at `received` (the host's receive
+    /// stamp) is read at `now` ([`Membership::handle_datagram_received`]).
+    pub fn handle_ccp_received(&mut self, bytes: &[u8], received: Nanos, now: Nanos) {
         let plain = match &mut self.security {
             Some(sec) => match sec.open_ccp(bytes) {
                 Some(p) => p,
@@ -632,7 +638,7 @@ impl<D: NicDevice> Node<D> {
             },
             None => bytes,
         };
-        if self.ms.handle_datagram(plain, now).is_err() {
+        if self.ms.handle_datagram_received(plain, received, now).is_err() {
             self.stats.ccp_rejected += 1;
         }
         self.progress(now);

@@ -19,7 +19,7 @@ use nicsync_fwif::regs::Counter;
 use nicsync_vfio::NicDevice;
 use serde::Serialize;
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket, UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
@@ -88,6 +88,10 @@ pub struct NetStats {
     pub ccp_unknown_source: u64,
     /// Membership datagrams that could not be sent.
     pub ccp_send_errors: u64,
+    /// Membership datagrams read without the kernel's receive stamp (taken
+    /// as arriving when read; `SO_TIMESTAMPNS` refused, or the stamp
+    /// missing).
+    pub ccp_unstamped: u64,
     /// Full Sync connections that could not be opened.
     pub fs_connect_failures: u64,
     /// Control requests refused (bad JSON, too long, user not allowed).
@@ -193,6 +197,12 @@ pub async fn serve_with<D: NicDevice + 'static>(
     sockets.ccp.set_nonblocking(true).map_err(setup("membership UDP socket", net.ccp_bind.to_string()))?;
     sockets.fs.set_nonblocking(true).map_err(setup("full sync TCP listener", net.fs_bind.to_string()))?;
     let ccp = UdpSocket::from_std(sockets.ccp).map_err(setup("membership UDP socket", net.ccp_bind.to_string()))?;
+    // A peer counts as heard when its datagram arrived, not when this loop
+    // read it: after a stall of the loop, a peer that died meanwhile is not
+    // kept alive by its last probes (membership's `handle_datagram_received`).
+    if let Err(e) = crate::sys::enable_receive_stamps(&ccp) {
+        tracing::warn!(member = node.member_id(), "membership datagrams without receive stamps: {e}");
+    }
     let fs = TcpListener::from_std(sockets.fs).map_err(setup("full sync TCP listener", net.fs_bind.to_string()))?;
     let ctl = match control {
         Some(c) => Some(bind_control(c).await?),
@@ -296,10 +306,10 @@ pub async fn serve_with<D: NicDevice + 'static>(
                     after_progress(node, &mut kernel, &mut waiters);
                 }
             }
-            r = ccp.recv_from(&mut buf) => {
+            r = ccp.async_io(Interest::READABLE, || crate::sys::recv_stamped(&ccp, &mut buf)) => {
                 turn = ("membership", Instant::now());
-                if let Ok((n, from)) = r {
-                    take_ccp(node, &by_addr, &buf[..n], from, &mut stats, now());
+                if let Ok(d) = r {
+                    take_ccp(node, &by_addr, &buf, d, &mut stats, now());
                 }
             }
             r = fs.accept() => {
@@ -663,22 +673,39 @@ async fn kernel_wake(k: &mut Option<KernelLink>) -> LinkWake {
     }
 }
 
-/// A membership datagram from `from`: handled if it comes from a peer's
-/// address, counted otherwise.
+/// A membership datagram (`d`, in `buf`): handled if it comes from a
+/// peer's address, counted otherwise.
 fn take_ccp<D: NicDevice>(
     node: &mut Node<D>,
     by_addr: &HashMap<SocketAddr, u16>,
-    datagram: &[u8],
-    from: SocketAddr,
+    buf: &[u8],
+    d: crate::sys::Stamped,
     stats: &mut NetStats,
     now: Nanos,
 ) {
-    if by_addr.contains_key(&canonical(from)) {
-        node.handle_ccp(datagram, now);
-    } else {
+    if !by_addr.contains_key(&canonical(d.from)) {
         stats.ccp_unknown_source += 1;
+        return;
     }
+    if d.arrived.is_none() {
+        stats.ccp_unstamped += 1;
+    }
+    let received = received_at(d.arrived, std::time::SystemTime::now(), now);
+    node.handle_ccp_received(buf.get(..d.len).unwrap_or(buf), received, now);
 }
+
+/// When a datagram stamped `arrived` (the wall clock, read `wall_now`)
+/// arrived, on the loop's clock (`now`). No stamp, or one not behind the
+/// wall clock (stepped back since), counts as arriving now. An age beyond
+/// [`MAX_DATAGRAM_AGE`] is a wall clock stepped forward meanwhile, not a
+/// datagram that waited as long.
+fn received_at(arrived: Option<std::time::SystemTime>, wall_now: std::time::SystemTime, now: Nanos) -> Nanos {
+    let age = arrived.and_then(|a| wall_now.duration_since(a).ok()).filter(|age| *age <= MAX_DATAGRAM_AGE);
+    now.saturating_sub(age.map_or(0, |a| u64::try_from(a.as_nanos()).unwrap_or(u64::MAX)))
+}
+
+/// The longest a membership datagram is believed to have waited unread.
+const MAX_DATAGRAM_AGE: Duration = Duration::from_secs(10);
 
 /// Handles every membership datagram waiting in the socket (at most a
 /// bounded number), without waiting.
@@ -691,8 +718,8 @@ fn drain_ccp<D: NicDevice>(
     now: Nanos,
 ) {
     for _ in 0..MAX_CCP_DRAIN {
-        match ccp.try_recv_from(buf) {
-            Ok((n, from)) => take_ccp(node, by_addr, &buf[..n], from, stats, now),
+        match ccp.try_io(Interest::READABLE, || crate::sys::recv_stamped(ccp, buf)) {
+            Ok(d) => take_ccp(node, by_addr, buf, d, stats, now),
             Err(_) => break,
         }
     }
@@ -1339,5 +1366,27 @@ impl<'a> Syncstat<'a> {
             last_error: &s.last_error,
             conntrack,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn a_datagram_is_dated_by_its_stamp_on_the_loops_clock() {
+        let wall = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let now: Nanos = 5_000_000_000;
+        let ms = Duration::from_millis(1);
+        // Waited 30 ms: arrived 30 ms before now.
+        assert_eq!(received_at(Some(wall - 30 * ms), wall, now), now - 30_000_000);
+        // No stamp, or a wall clock stepped back since: now.
+        assert_eq!(received_at(None, wall, now), now);
+        assert_eq!(received_at(Some(wall + ms), wall, now), now);
+        // Older than the loop's clock: its start.
+        assert_eq!(received_at(Some(wall - Duration::from_secs(6)), wall, now), 0);
+        // Beyond the plausible wait (a wall clock stepped forward): now.
+        assert_eq!(received_at(Some(wall - MAX_DATAGRAM_AGE - ms), wall, now), now);
     }
 }

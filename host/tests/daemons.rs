@@ -137,6 +137,10 @@ fn three_daemons_survive_a_kill_and_converge() {
     assert_eq!(some.as_array().map(Vec::len), Some(7));
     let st = members[v].req(&Request::Syncstat).expect("syncstat");
     assert_eq!(st["full_syncs_failed"].as_u64(), Some(0), "{st}");
+    // Every membership datagram came with the kernel's receive stamp (it
+    // dates the peer's silence from its arrival, not from its reading).
+    assert!(st["membership"]["probes_received"].as_u64().unwrap_or(0) > 0, "{st}");
+    assert_eq!(st["net"]["ccp_unstamped"].as_u64(), Some(0), "{st}");
     let state = members[v].req(&Request::State).expect("state");
     assert_eq!(state["state"].as_str(), Some("standby"), "{state}");
     // The control socket is the daemon's own, mode 0600.
@@ -507,6 +511,7 @@ const SYNCSTAT_KEYS: &[&str] = &[
     "membership.events_dropped",
     "membership.failovers",
     "membership.foreign_cluster",
+    "membership.late",
     "membership.local_stalls",
     "membership.malformed",
     "membership.peer_deaths",
@@ -527,6 +532,7 @@ const SYNCSTAT_KEYS: &[&str] = &[
     "net",
     "net.ccp_send_errors",
     "net.ccp_unknown_source",
+    "net.ccp_unstamped",
     "net.control_inline",
     "net.control_refused",
     "net.fs_connect_failures",
