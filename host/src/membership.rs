@@ -73,7 +73,10 @@
 //!   * If two Actives hear each other (a healed split brain, or two members
 //!     that decided on views one message apart), or an Active is vouched for
 //!     beside this one (two Actives apart, for as long as a report is
-//!     stale), the one with the higher id steps down to `STANDBY`.
+//!     stale), the one with the higher id steps down to `STANDBY`. A member
+//!     that sees a peer become Active beside another probes at once, so
+//!     that two Actives that cannot hear each other learn of each other
+//!     within a network delay.
 //!   * **Heard by a quorum** (three or more members). An Active steps down
 //!     when fewer than a majority of the cluster (itself included) hear it
 //!     by their latest probes (a peer heard for less than a dead window is
@@ -1697,6 +1700,14 @@ impl Membership {
         }
         if became_active {
             self.note_active(h.sender);
+            let other_active = self.peers.iter().any(|p| p.id != h.sender && p.alive && p.state.is_active());
+            if self.p.mode == Mode::HighAvailability && other_active {
+                // Two Actives that may not hear each other (the link
+                // between them cut): this probe reports each to the other
+                // now, not at the next periodic one, and the higher id
+                // yields (`vouched_actives`).
+                self.send_probe(Destination::All);
+            }
         }
         match h.kind {
             MessageKind::Probe => self.stats.probes_received += 1,
@@ -2400,6 +2411,39 @@ mod tests {
         net.restart(1);
         net.run_checked(net.now + 300 * MS, |n| assert!(n.actives().len() <= 1, "{:?}", n.actives()));
         assert!(net.errors.is_empty(), "{:?}", net.errors);
+    }
+
+    /// Cold start with the link between 1 and 2 cut: each gains its quorum
+    /// through 3 at the same moment, and neither can know of the other's
+    /// takeover. 3, seeing a second Active beside the first, probes at
+    /// once, so the two Actives last a few network delays, not until 3's
+    /// next periodic probe.
+    #[test]
+    fn two_actives_through_a_third_member_last_a_network_delay() {
+        let mut longest = 0;
+        for cut in [(1, 2), (1, 3), (2, 3)] {
+            for start_us in [0, 1_000, 3_000, 7_000] {
+                let mut net = Net::new(3, Mode::HighAvailability);
+                net.blocked.insert(cut);
+                net.blocked.insert((cut.1, cut.0));
+                net.run_until(MS + start_us * 1_000);
+                net.sync_all();
+                let mut since: Option<Nanos> = None;
+                net.run_checked(500 * MS, |n| {
+                    if n.actives().len() > 1 {
+                        since.get_or_insert(n.now);
+                    } else if let Some(s) = since.take() {
+                        longest = longest.max(n.now - s);
+                    }
+                });
+                assert!(since.is_none(), "{cut:?}: two Actives at the end");
+                assert_eq!(net.actives().len(), 1, "{cut:?}");
+                assert!(net.errors.is_empty(), "{:?}", net.errors);
+            }
+        }
+        // Announcement to 3, 3's probe back: two network delays (and the
+        // check's 100 µs step).
+        assert!(longest <= 4 * LAT, "two Actives for {:.2} ms", longest as f64 / 1e6);
     }
 
     #[test]
