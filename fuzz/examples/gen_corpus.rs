@@ -427,6 +427,14 @@ fn ccp() -> Seeds {
         v.extend_from_slice(m);
         v
     };
+    // Flag bit 2: each datagram says how long it waited (× 100 µs).
+    let aged = |age: u16, m: &[u8]| {
+        let mut v = vec![0];
+        v.extend_from_slice(&age.to_le_bytes());
+        v.extend_from_slice(&(m.len() as u16).to_le_bytes());
+        v.extend_from_slice(m);
+        v
+    };
     let time = |units: u16| {
         let mut v = vec![1];
         v.extend_from_slice(&units.to_le_bytes());
@@ -438,6 +446,10 @@ fn ccp() -> Seeds {
         ("commands", ops(0, &[&[2], &dg(&probe2), &dg(&command), &dg(&resync), &[4, 3], &[5, 1]])),
         ("failover", ops(2, &[&dg(&probe2), &dg(&probe3), &[2], &time(60000), &[4, 0], &[5, 0]])),
         ("stale", ops(1, &[&dg(&probe2), &dg(&probe2), &dg(&query)])),
+        (
+            "stall",
+            ops(4, &[&aged(0, &query), &aged(0, &probe2), &[2], &time(700), &aged(600, &probe3), &time(10), &[5, 1]]),
+        ),
         ("message-probe", probe2),
         ("message-command", command),
     ]

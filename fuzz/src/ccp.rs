@@ -1,17 +1,19 @@
 //! `ccp`: membership (CCP) datagrams: [`Message::parse`] and
-//! [`Membership::handle_datagram`], with time, local commands and the
-//! member's own timers interleaved.
+//! [`Membership::handle_datagram`] (or, with flag bit 2,
+//! [`Membership::handle_datagram_received`]: each datagram read some time
+//! after it arrived, as after a stall of the member's loop), with time,
+//! local commands and the member's own timers interleaved.
 //!
 //! The member under test is [`LOCAL`] of cluster [`CLUSTER`], with peers
 //! [`PEERS`].
 //!
 //! Input: `flags: u8` (bit 0: fix the CRC of every datagram; bit 1: Load
-//! Sharing instead of High Availability), then operations until the input
-//! ends:
+//! Sharing instead of High Availability; bit 2: datagrams carry the time
+//! they waited), then operations until the input ends:
 //!
 //! | op byte % 6 | operands | action |
 //! |---|---|---|
-//! | 0 | `len: u16`, `len` bytes | a datagram |
+//! | 0 | (bit 2: `age: u16`, × 100 µs), `len: u16`, `len` bytes | a datagram |
 //! | 1 | `dt: u16` | time advances `dt` × 100 µs; due timers run |
 //! | 2 | none | `set_synced` |
 //! | 3 | `b: u8` | `set_attention(b & 1)` |
@@ -78,13 +80,18 @@ pub fn run(data: &[u8]) {
         ops += 1;
         match r.u8() % 6 {
             0 => {
+                let age = if flags & 4 != 0 { r.u16() as u64 * 100_000 } else { 0 };
                 let len = (r.u16() as usize).min(MAX_LEN);
                 let mut buf = r.take(len).to_vec();
                 if flags & 1 != 0 {
                     fix_checksum(&mut buf);
                 }
                 parse_round_trip(&buf);
-                let _ = m.handle_datagram(&buf, now);
+                if flags & 4 != 0 {
+                    let _ = m.handle_datagram_received(&buf, now.saturating_sub(age), now);
+                } else {
+                    let _ = m.handle_datagram(&buf, now);
+                }
             }
             1 => {
                 now = now.saturating_add(r.u16() as u64 * 100_000);
