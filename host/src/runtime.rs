@@ -309,7 +309,7 @@ pub async fn serve_with<D: NicDevice + 'static>(
             r = ccp.async_io(Interest::READABLE, || crate::sys::recv_stamped(&ccp, &mut buf)) => {
                 turn = ("membership", Instant::now());
                 if let Ok(d) = r {
-                    take_ccp(node, &by_addr, &buf, d, &mut stats, now());
+                    take_ccp(node, &by_addr, &buf, d, &mut stats, (now(), std::time::SystemTime::now()));
                 }
             }
             r = fs.accept() => {
@@ -673,15 +673,16 @@ async fn kernel_wake(k: &mut Option<KernelLink>) -> LinkWake {
     }
 }
 
-/// A membership datagram (`d`, in `buf`): handled if it comes from a
-/// peer's address, counted otherwise.
+/// A membership datagram (`d`, in `buf`), read at `now` (the loop's clock,
+/// and the wall clock read with it): handled if it comes from a peer's
+/// address, counted otherwise.
 fn take_ccp<D: NicDevice>(
     node: &mut Node<D>,
     by_addr: &HashMap<SocketAddr, u16>,
     buf: &[u8],
     d: crate::sys::Stamped,
     stats: &mut NetStats,
-    now: Nanos,
+    (now, wall_now): (Nanos, std::time::SystemTime),
 ) {
     if !by_addr.contains_key(&canonical(d.from)) {
         stats.ccp_unknown_source += 1;
@@ -690,22 +691,23 @@ fn take_ccp<D: NicDevice>(
     if d.arrived.is_none() {
         stats.ccp_unstamped += 1;
     }
-    let received = received_at(d.arrived, std::time::SystemTime::now(), now);
+    let received = received_at(d.arrived, wall_now, now);
     node.handle_ccp_received(buf.get(..d.len).unwrap_or(buf), received, now);
 }
 
 /// When a datagram stamped `arrived` (the wall clock, read `wall_now`)
 /// arrived, on the loop's clock (`now`). No stamp, or one not behind the
-/// wall clock (stepped back since), counts as arriving now. An age beyond
-/// [`MAX_DATAGRAM_AGE`] is a wall clock stepped forward meanwhile, not a
-/// datagram that waited as long.
+/// wall clock (stepped back since), counts as arriving now. An age is
+/// taken as [`MAX_DATAGRAM_AGE`] at most: old either way (a long pause of
+/// the process, or a wall clock stepped forward meanwhile).
 fn received_at(arrived: Option<std::time::SystemTime>, wall_now: std::time::SystemTime, now: Nanos) -> Nanos {
-    let age = arrived.and_then(|a| wall_now.duration_since(a).ok()).filter(|age| *age <= MAX_DATAGRAM_AGE);
-    now.saturating_sub(age.map_or(0, |a| u64::try_from(a.as_nanos()).unwrap_or(u64::MAX)))
+    let age = arrived.and_then(|a| wall_now.duration_since(a).ok()).map_or(Duration::ZERO, |a| a.min(MAX_DATAGRAM_AGE));
+    now.saturating_sub(u64::try_from(age.as_nanos()).unwrap_or(u64::MAX))
 }
 
-/// The longest a membership datagram is believed to have waited unread.
-const MAX_DATAGRAM_AGE: Duration = Duration::from_secs(10);
+/// The most a membership datagram's age counts for: past every dead window
+/// a member is configured with in practice, so that it is old at any.
+const MAX_DATAGRAM_AGE: Duration = Duration::from_secs(60);
 
 /// Handles every membership datagram waiting in the socket (at most a
 /// bounded number), without waiting.
@@ -717,9 +719,14 @@ fn drain_ccp<D: NicDevice>(
     stats: &mut NetStats,
     now: Nanos,
 ) {
+    let clocks = (now, std::time::SystemTime::now());
+    // Read from the socket itself, not through tokio's readiness: after a
+    // stall of this loop the reactor has not looked yet, and `try_io`
+    // would find nothing to read. (A WouldBlock here leaves the readiness
+    // set; the next `async_io` then finds WouldBlock itself and waits.)
     for _ in 0..MAX_CCP_DRAIN {
-        match ccp.try_io(Interest::READABLE, || crate::sys::recv_stamped(ccp, buf)) {
-            Ok(d) => take_ccp(node, by_addr, buf, d, stats, now),
+        match crate::sys::recv_stamped(ccp, buf) {
+            Ok(d) => take_ccp(node, by_addr, buf, d, stats, clocks),
             Err(_) => break,
         }
     }
@@ -1386,7 +1393,9 @@ mod tests {
         assert_eq!(received_at(Some(wall + ms), wall, now), now);
         // Older than the loop's clock: its start.
         assert_eq!(received_at(Some(wall - Duration::from_secs(6)), wall, now), 0);
-        // Beyond the plausible wait (a wall clock stepped forward): now.
-        assert_eq!(received_at(Some(wall - MAX_DATAGRAM_AGE - ms), wall, now), now);
+        // Beyond the longest age that counts: that age.
+        let max = MAX_DATAGRAM_AGE.as_nanos() as Nanos;
+        let long_ago = Some(wall - MAX_DATAGRAM_AGE - ms);
+        assert_eq!(received_at(long_ago, wall, now + max), now);
     }
 }

@@ -133,20 +133,30 @@ pub(crate) fn recv_stamped(sock: &impl std::os::fd::AsFd, buf: &mut [u8]) -> std
     // descriptor is borrowed, so open.
     let n = unsafe { libc::recvmsg(sock.as_fd().as_raw_fd(), &mut msg, 0) };
     let len = usize::try_from(n).map_err(|_| std::io::Error::last_os_error())?;
-    // SAFETY: the kernel wrote the sender's address into `name` and its
-    // length into `msg_namelen`, at most the storage's size.
-    let from = unsafe { socket2::SockAddr::new(name, msg.msg_namelen) }
+    // The kernel writes the address's full length back, even where it cut
+    // the address to the storage (never, for IP: at most 28 of 128 bytes).
+    let name_len = msg.msg_namelen.min(name.size_of());
+    // SAFETY: the kernel wrote the sender's address into `name`, which
+    // holds `name_len` bytes of it: the length it gave, at most the
+    // storage's size.
+    let from = unsafe { socket2::SockAddr::new(name, name_len) }
         .as_socket()
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "datagram from a non-IP address"))?;
     // (size_t in glibc, socklen_t in musl: at most the buffer's size)
     let control_len = msg.msg_controllen as usize;
-    let bytes: Vec<u8> = control.iter().flat_map(|w| w.to_ne_bytes()).take(control_len).collect();
-    Ok(Stamped { len: len.min(buf.len()), from, arrived: receive_stamp(&bytes) })
+    let mut bytes = [0u8; CONTROL_WORDS * 8];
+    for (chunk, w) in bytes.chunks_exact_mut(8).zip(control) {
+        chunk.copy_from_slice(&w.to_ne_bytes());
+    }
+    let arrived = bytes.get(..control_len).and_then(receive_stamp);
+    Ok(Stamped { len: len.min(buf.len()), from, arrived })
 }
 
 /// The `SCM_TIMESTAMPNS` stamp among the control messages `control`, read
 /// field by field (`cmsghdr`: length, level, type, then the data at the
-/// header's aligned size); `None` if there is none or it is malformed.
+/// header's aligned size); `None` if there is none, or it is malformed or
+/// not a `timespec` as this build lays it out (a 32-bit target built for
+/// 64-bit time reads the kernel's older, shorter one as none).
 fn receive_stamp(control: &[u8]) -> Option<std::time::SystemTime> {
     const WORD: usize = std::mem::size_of::<usize>();
     let align = |n: usize| n.div_ceil(WORD) * WORD;
@@ -170,6 +180,9 @@ fn receive_stamp(control: &[u8]) -> Option<std::time::SystemTime> {
         }
         if level == i64::from(libc::SOL_SOCKET) && kind == i64::from(libc::SCM_TIMESTAMPNS) {
             let data = control.get(at + header..at + len)?;
+            if data.len() != std::mem::size_of::<libc::timespec>() {
+                return None;
+            }
             let sec = u64::try_from(int(data.get(..sec_len)?)?).ok()?;
             let nsec =
                 u32::try_from(int(data.get(sec_len..sec_len + nsec_len)?)?).ok().filter(|&n| n < 1_000_000_000)?;
@@ -244,7 +257,20 @@ mod tests {
         c.resize(32, 0);
         c[16..24].copy_from_slice(&5i64.to_ne_bytes());
         c[24..32].copy_from_slice(&7i64.to_ne_bytes());
-        assert_eq!(receive_stamp(&c), Some(std::time::UNIX_EPOCH + std::time::Duration::new(5, 7)));
+        let stamp = Some(std::time::UNIX_EPOCH + std::time::Duration::new(5, 7));
+        assert_eq!(receive_stamp(&c), stamp);
+        // After another control message (of 20 bytes, aligned to 24), it
+        // is still found.
+        let mut other = vec![0u8; 24];
+        other[..8].copy_from_slice(&20usize.to_ne_bytes());
+        other[8..12].copy_from_slice(&libc::SOL_IP.to_ne_bytes());
+        other[12..16].copy_from_slice(&libc::IP_TTL.to_ne_bytes());
+        assert_eq!(receive_stamp(&[other.as_slice(), &c].concat()), stamp);
+        // Data of another length than a timespec's is refused.
+        let mut long = c.clone();
+        long[..8].copy_from_slice(&40usize.to_ne_bytes());
+        long.resize(40, 0);
+        assert_eq!(receive_stamp(&long), None);
         // A nanosecond field of a second or more is refused.
         c[24..32].copy_from_slice(&1_000_000_000i64.to_ne_bytes());
         assert_eq!(receive_stamp(&c), None);
