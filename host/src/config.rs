@@ -25,9 +25,11 @@ use std::time::Duration;
 
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
+use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 pub use crate::ctsync::{CommitMode, ConntrackConfig, Prefix, SyncFilter};
+use crate::membership::MAX_PEERS;
 
 /// Default UDP port of the device's Delta Sync unit (ClusterXL's port).
 pub const DEFAULT_SYNC_PORT: u16 = 8116;
@@ -409,7 +411,8 @@ impl Config {
             let message = e.message().trim_end();
             // serde reports a missing key of the top-level table at offset 0.
             let span = e.span().filter(|s| !(s.is_empty() && message.starts_with("missing field")));
-            src.invalid(span, message.to_owned())
+            let (span, reason) = src.schema_error(span, message);
+            src.invalid(span, reason)
         })?;
         src.convert(raw)
     }
@@ -701,6 +704,82 @@ impl Source<'_> {
 
     fn invalid(&self, span: Option<Range<usize>>, reason: String) -> ConfigError {
         ConfigError::Invalid { path: self.path.to_path_buf(), line: span.map(|s| self.line_col(s.start).0), reason }
+    }
+
+    /// Puts the key path in front of an error of the deserializer, which
+    /// names neither the key nor its table, and words Rust's type names as
+    /// TOML's: `invalid type: string "yes", expected a boolean` at
+    /// `fault_recovery` under `[device]` becomes
+    /// `device.fault_recovery = "yes": expected a boolean, found a string`.
+    /// Returns the span to report with the reason: `span`, or the header of
+    /// a table written with the wrong brackets.
+    fn schema_error(&self, span: Option<Range<usize>>, message: &str) -> (Option<Range<usize>>, String) {
+        let message = toml_words(message);
+        // An unknown field is named by the message and placed by its line.
+        if message.starts_with("unknown field") {
+            return (span, message);
+        }
+        let Some(at) = span.clone() else { return (span, message) };
+        // The text is valid TOML (checked before); parse it again, keeping
+        // the span of every key and value, to find what `at` covers.
+        let Ok(doc) = DeTable::parse(self.text) else { return (span, message) };
+        let mut path = Vec::new();
+        let Some(node) = locate(self.text, doc.get_ref(), &at, &mut path) else { return (span, message) };
+
+        // `[[name]]` where the schema has a single table `[name]`: serde's
+        // message is about whatever it tried to make of the array.
+        if let Some(pos) = path.iter().position(|seg| matches!(seg, Seg::Index { header: Some(_), .. })) {
+            let name = key_path(&path[..pos], false);
+            if let (false, Seg::Index { header: Some(header), .. }) = (name == PEER, &path[pos]) {
+                return (
+                    Some(header.clone()),
+                    format!("{name}: an array of [[{name}]] tables; {name} is a single table, written [{name}]"),
+                );
+            }
+        }
+        // A table in an array is named with its index (`peer[1]`), as is
+        // anything in place of a peer (`peer = [1]`); a value in an array is
+        // named by its key.
+        let in_peers = matches!(path.as_slice(), [Seg::Key(PEER), Seg::Index { .. }]);
+        let name = key_path(&path, in_peers || node.get_ref().is_table());
+        let header = self.text.get(node.span()).is_some_and(|t| t.starts_with('['));
+        if matches!(path.as_slice(), [Seg::Key(PEER)]) && header && node.get_ref().is_table() {
+            return (
+                span,
+                format!("{PEER}: a single [{PEER}] table; peers are written [[{PEER}]], one table per peer"),
+            );
+        }
+
+        // The value as written, where it is short and on one line.
+        let missing = message.starts_with("missing field");
+        let shown = self.text.get(node.span()).filter(|t| {
+            let inline = match node.get_ref() {
+                DeValue::Table(_) => t.starts_with('{'),
+                DeValue::Array(_) => !array_of_tables(node),
+                _ => true,
+            };
+            inline && !missing && !t.contains('\n') && t.chars().count() <= 60
+        });
+        let head = match shown {
+            Some(v) => format!("{name} = {v}"),
+            None => name,
+        };
+        let found = type_name(node.get_ref());
+        let rule = if let Some((_, expected)) =
+            message.strip_prefix("invalid type: ").and_then(|rest| rest.rsplit_once(", expected "))
+        {
+            format!("expected {expected}, found {found}")
+        } else if let (Some(_), Some((_, expected))) =
+            (shown, message.strip_prefix("unknown variant ").and_then(|rest| rest.split_once(", expected ")))
+        {
+            format!("expected {expected}")
+        } else if message == "wanted string or table" {
+            // An enum's value that is neither a string nor a table.
+            format!("expected a string, found {found}")
+        } else {
+            message
+        };
+        (span, format!("{head}: {rule}"))
     }
 
     fn line_of(&self, span: &Option<Range<usize>>) -> String {
@@ -1121,6 +1200,12 @@ impl Source<'_> {
         // Span of each accepted peer's id, for duplicate messages.
         let mut id_spans: Vec<Range<usize>> = Vec::with_capacity(raw.len());
         for (i, p) in raw.iter().enumerate() {
+            if i == MAX_PEERS {
+                return Err(self.invalid(
+                    Some(p.span()),
+                    format!("peer[{i}]: at most {MAX_PEERS} peers (the membership protocol's limit)"),
+                ));
+            }
             let p = p.get_ref();
             let key = |field: &str| format!("peer[{i}].{field}");
             let id: u16 = self.int(&key("id"), &p.id, 1, i64::from(u16::MAX))?;
@@ -1194,6 +1279,162 @@ impl Source<'_> {
         }
         Ok(peers)
     }
+}
+
+/// The key of the array of tables `[[peer]]`.
+const PEER: &str = "peer";
+
+/// One step of a key path in the document.
+enum Seg<'a> {
+    /// A key of a table.
+    Key(&'a str),
+    /// An element of an array; `header` is the span of its `[[...]]`
+    /// header when the array is an array of tables.
+    Index { index: usize, header: Option<Range<usize>> },
+}
+
+/// Finds the value whose span (or whose key's span) is `at`, the deepest
+/// one where several share it (an array of tables and its first table),
+/// and leaves the keys and indices that lead to it in `path`.
+fn locate<'a, 'i>(
+    text: &str,
+    table: &'a DeTable<'i>,
+    at: &Range<usize>,
+    path: &mut Vec<Seg<'a>>,
+) -> Option<&'a Spanned<DeValue<'i>>> {
+    for (key, value) in table.iter() {
+        path.push(Seg::Key(key.get_ref().as_ref()));
+        if let Some(found) = locate_in(text, value, at, path) {
+            return Some(found);
+        }
+        if key.span() == *at {
+            return Some(value);
+        }
+        path.pop();
+    }
+    None
+}
+
+fn locate_in<'a, 'i>(
+    text: &str,
+    value: &'a Spanned<DeValue<'i>>,
+    at: &Range<usize>,
+    path: &mut Vec<Seg<'a>>,
+) -> Option<&'a Spanned<DeValue<'i>>> {
+    match value.get_ref() {
+        DeValue::Table(table) => {
+            if let Some(found) = locate(text, table, at, path) {
+                return Some(found);
+            }
+        }
+        DeValue::Array(items) => {
+            let of_tables = array_of_tables(value);
+            for (index, item) in items.iter().enumerate() {
+                let header =
+                    of_tables.then(|| item.span()).filter(|s| text.get(s.clone()).is_some_and(|t| t.starts_with("[[")));
+                path.push(Seg::Index { index, header });
+                if let Some(found) = locate_in(text, item, at, path) {
+                    return Some(found);
+                }
+                path.pop();
+            }
+        }
+        _ => {}
+    }
+    (value.span() == *at).then_some(value)
+}
+
+/// Whether `value` is an array of tables written with `[[...]]` headers:
+/// its span is its first table's header.
+fn array_of_tables(value: &Spanned<DeValue<'_>>) -> bool {
+    match value.get_ref() {
+        DeValue::Array(items) => {
+            items.first().is_some_and(|first| first.span() == value.span() && first.get_ref().is_table())
+        }
+        _ => false,
+    }
+}
+
+/// `device.fault_recovery`, `peer[1]`, `peer[0].full_sync`: keys joined by
+/// dots, with the index of each array element the path goes through; an
+/// index at the end is written only with `last_index` (a value in an array
+/// is named by its key, as the other errors do: `control.allow_uids = -1`).
+fn key_path(path: &[Seg<'_>], last_index: bool) -> String {
+    let mut out = String::new();
+    for (i, seg) in path.iter().enumerate() {
+        match seg {
+            Seg::Key(key) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                if !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                    out.push_str(key);
+                } else {
+                    out.push_str(&quote(key));
+                }
+            }
+            Seg::Index { index, .. } if last_index || i + 1 < path.len() => {
+                let _ = write!(out, "[{index}]");
+            }
+            Seg::Index { .. } => {}
+        }
+    }
+    out
+}
+
+/// The TOML type of a value, with its article.
+fn type_name(value: &DeValue<'_>) -> &'static str {
+    match value {
+        DeValue::String(_) => "a string",
+        DeValue::Integer(_) => "an integer",
+        DeValue::Float(_) => "a float",
+        DeValue::Boolean(_) => "a boolean",
+        DeValue::Datetime(_) => "a date-time",
+        DeValue::Array(_) => "an array",
+        DeValue::Table(_) => "a table",
+    }
+}
+
+/// serde's words for types as TOML's: `i64` → `an integer`, `f64` → `a
+/// float`, `struct RawPeer` → `a table`, `a sequence` → `an array`, `a map`
+/// → `a table`. Names in backquotes (fields, variants) are left alone.
+fn toml_words(message: &str) -> String {
+    let mut out = Vec::new();
+    let mut words = message.split(' ').peekable();
+    while let Some(word) = words.next() {
+        let core = word.trim_end_matches([',', ';', ':', ')']);
+        let tail = &word[core.len()..];
+        let plain = match core {
+            "i8" | "i16" | "i32" | "i64" | "i128" | "isize" | "u8" | "u16" | "u32" | "u64" | "u128" | "usize" => {
+                Some("an integer")
+            }
+            "f32" | "f64" => Some("a float"),
+            "struct" if words.peek().is_some() => {
+                // `struct RawPeer` (and its punctuation).
+                let name = words.next().unwrap_or_default();
+                let name_core = name.trim_end_matches([',', ';', ':', ')']);
+                out.push(format!("a table{}", &name[name_core.len()..]));
+                continue;
+            }
+            "a" | "an" => match words.peek().map(|w| w.trim_end_matches([',', ';', ':', ')'])) {
+                Some(next @ ("sequence" | "map")) => {
+                    let next_word = words.next().unwrap_or_default();
+                    let rest = &next_word[next.len()..];
+                    out.push(format!("{}{rest}", if next == "sequence" { "an array" } else { "a table" }));
+                    continue;
+                }
+                _ => None,
+            },
+            "sequence" => Some("array"),
+            "map" => Some("table"),
+            _ => None,
+        };
+        match plain {
+            Some(p) => out.push(format!("{p}{tail}")),
+            None => out.push(word.to_owned()),
+        }
+    }
+    out.join(" ")
 }
 
 /// `sync.bind` → `sync`.
@@ -1364,6 +1605,19 @@ full_sync = "192.0.2.3:8118"
         );
         // A single string is a one-element list.
         assert_eq!(c.peers[1].full_sync, vec!["192.0.2.3:8118".parse().unwrap()]);
+    }
+
+    /// docs/config.md's complete example parses, and writes out every
+    /// table a daemon needs (a key file, since encryption is on by default).
+    #[test]
+    fn docs_complete_example_parses() {
+        let docs = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/config.md")).unwrap();
+        let section = docs.split("## Complete example").nth(1).unwrap();
+        let toml = section.split("```toml\n").nth(1).and_then(|s| s.split("```").next()).unwrap();
+        let c = parse(toml).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((c.member_id, c.peers.len()), (1, 2));
+        assert!(c.security.encryption && c.security.key_file.is_some(), "{:?}", c.security);
+        assert!(matches!(c.device.kind, DeviceKind::Vfio { .. }), "{:?}", c.device.kind);
     }
 
     #[test]
@@ -1709,5 +1963,168 @@ tcp_states = ["established", "fin_wait"]
             parse("member_id = 0\ncluster_id = 1\n").unwrap_err(),
             ConfigError::Invalid { line: Some(1), .. }
         ));
+    }
+
+    #[test]
+    fn type_errors_name_the_key_path() {
+        let cases = [
+            (
+                format!("{MINIMAL}\n[device]\nfault_recovery = \"yes\"\n"),
+                "member.toml:5: device.fault_recovery = \"yes\": expected a boolean, found a string",
+            ),
+            (
+                "member_id = \"1\"\ncluster_id = 1\n".to_owned(),
+                "member.toml:1: member_id = \"1\": expected an integer, found a string",
+            ),
+            (
+                format!("{MINIMAL}[device]\ntable_capacity = 1.5\n"),
+                "member.toml:4: device.table_capacity = 1.5: expected an integer, found a float",
+            ),
+            (format!("{MINIMAL}nice = \"x\"\n"), "member.toml:3: nice = \"x\": expected an integer, found a string"),
+            (
+                format!("{MINIMAL}[sync]\nbind = 8116\n"),
+                "member.toml:4: sync.bind = 8116: expected a string, found an integer",
+            ),
+            (
+                format!("{MINIMAL}sync = {{ bind = 8116 }}\n"),
+                "member.toml:3: sync.bind = 8116: expected a string, found an integer",
+            ),
+            (
+                format!("{MINIMAL}[security]\nencryption = 1\n"),
+                "member.toml:4: security.encryption = 1: expected a boolean, found an integer",
+            ),
+            (
+                format!("{MINIMAL}source = \"conntrack\"\n[conntrack]\ndelay_ms = \"x\"\n"),
+                "member.toml:5: conntrack.delay_ms = \"x\": expected an integer, found a string",
+            ),
+            (
+                format!("{MINIMAL}[conntrack.filter]\naddresses = 1\n"),
+                "member.toml:4: conntrack.filter.addresses = 1: expected an array, found an integer",
+            ),
+            // A value in an array is named by its key, as in the other errors.
+            (
+                format!("{MINIMAL}[control]\nallow_uids = [\n  1,\n  \"x\",\n]\n"),
+                "member.toml:6: control.allow_uids = \"x\": expected an integer, found a string",
+            ),
+            // A value on several lines is not repeated.
+            (
+                format!("{MINIMAL}[device]\nfault_recovery = [\n  1,\n]\n"),
+                "member.toml:4: device.fault_recovery: expected a boolean, found an array",
+            ),
+            (format!("{MINIMAL}device = 3\n"), "member.toml:3: device = 3: expected a table, found an integer"),
+            // Enums.
+            (format!("{MINIMAL}mode = 3\n"), "member.toml:3: mode = 3: expected a string, found an integer"),
+            (
+                format!("{MINIMAL}mode = \"active\"\n"),
+                "member.toml:3: mode = \"active\": expected `ha` or `load-sharing`",
+            ),
+            (
+                format!("{MINIMAL}[device]\nkind = \"pcie\"\n"),
+                "member.toml:4: device.kind = \"pcie\": expected `emulated` or `vfio`",
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(error(&text), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn peer_errors_name_the_peer() {
+        let p = |id: u16| {
+            format!("\n[[peer]]\nid = {id}\nsync = \"10.0.0.{id}:8116\"\nmembership = \"10.0.0.{id}:8117\"\n")
+        };
+        // The second peer (its header on line 10) lacks `membership`.
+        let no_membership = "\n[[peer]]\nid = 3\nsync = \"10.0.0.3:8116\"\nfull_sync = \"10.0.0.3:8118\"\n";
+        let e = error(&format!("{MINIMAL}{}full_sync = \"10.0.0.2:8118\"\n{no_membership}", p(2)));
+        assert_eq!(e, "member.toml:10: peer[1]: missing field `membership`");
+        let e = error(&format!("{MINIMAL}{}", p(2)));
+        assert_eq!(e, "member.toml:4: peer[0]: missing field `full_sync`");
+        let e = error(&format!("{MINIMAL}{}full_sync = [\"10.0.0.2:8118\", 1]\n", p(2)));
+        assert_eq!(e, "member.toml:8: peer[0].full_sync = 1: expected a string, found an integer");
+        let e = error(&format!("{MINIMAL}{}full_sync = 3\n", p(2)));
+        assert_eq!(
+            e,
+            "member.toml:8: peer[0].full_sync = 3: expected an address string or an array of address strings, \
+             found an integer"
+        );
+        // The second peer's id, on line 11.
+        let quoted_id = "\n[[peer]]\nid = \"3\"\n";
+        let e = error(&format!("{MINIMAL}{}full_sync = \"10.0.0.2:8118\"\n{quoted_id}", p(2)));
+        assert_eq!(e, "member.toml:11: peer[1].id = \"3\": expected an integer, found a string");
+        // Inline tables are peers too.
+        let e = error(&format!("{MINIMAL}peer = [{{ id = 2 }}]\n"));
+        assert_eq!(e, "member.toml:3: peer[0]: missing field `sync`");
+        let e = error(&format!("{MINIMAL}peer = [1]\n"));
+        assert_eq!(e, "member.toml:3: peer[0] = 1: expected a table, found an integer");
+    }
+
+    #[test]
+    fn tables_written_with_the_wrong_brackets() {
+        let peer = "id = 2\nsync = \"10.0.0.2:8116\"\nmembership = \"10.0.0.2:8117\"\nfull_sync = \"10.0.0.2:8118\"\n";
+        let e = error(&format!("{MINIMAL}\n[peer]\n{peer}"));
+        assert_eq!(e, "member.toml:4: peer: a single [peer] table; peers are written [[peer]], one table per peer");
+        let e = error(&format!("{MINIMAL}peer = {{ id = 2 }}\n"));
+        assert_eq!(e, "member.toml:3: peer = { id = 2 }: expected an array, found a table");
+        let e = error(&format!("{MINIMAL}[[device]]\nkind = \"vfio\"\n"));
+        assert_eq!(
+            e,
+            "member.toml:3: device: an array of [[device]] tables; device is a single table, written [device]"
+        );
+        let e = error(&format!("{MINIMAL}[[device]]\n"));
+        assert_eq!(
+            e,
+            "member.toml:3: device: an array of [[device]] tables; device is a single table, written [device]"
+        );
+        let e = error(&format!("{MINIMAL}source = \"conntrack\"\n[[conntrack.filter]]\n"));
+        assert_eq!(
+            e,
+            "member.toml:4: conntrack.filter: an array of [[conntrack.filter]] tables; conntrack.filter is a single \
+             table, written [conntrack.filter]"
+        );
+    }
+
+    #[test]
+    fn documented_schema_errors_unchanged() {
+        // docs/config.md, "Errors": an unknown key names itself, a missing
+        // top-level key has no line.
+        let e = error(&format!("{MINIMAL}\n\n\n\n[membership]\nbind = \"0.0.0.0:8117\"\ndead_afer = 3\n"));
+        assert_eq!(
+            e,
+            "member.toml:9: unknown field `dead_afer`, expected one of `bind`, `probe_interval_ms`, `dead_after`"
+        );
+        assert_eq!(error("cluster_id = 1\n"), "member.toml: missing field `member_id`");
+    }
+
+    #[test]
+    fn rust_type_names_become_toml_words() {
+        assert_eq!(
+            toml_words("invalid type: string \"1\", expected i64"),
+            "invalid type: string \"1\", expected an integer"
+        );
+        assert_eq!(toml_words("expected u16, f64 or struct RawPeer"), "expected an integer, a float or a table");
+        assert_eq!(toml_words("invalid type: map, expected a sequence"), "invalid type: table, expected an array");
+        assert_eq!(toml_words("expected a map"), "expected a table");
+        assert_eq!(toml_words("missing field `u8`"), "missing field `u8`");
+    }
+
+    #[test]
+    fn at_most_max_peers() {
+        let peers = |n: usize| -> String {
+            (0..n)
+                .map(|i| {
+                    let id = i + 2;
+                    format!(
+                        "\n[[peer]]\nid = {id}\nsync = \"10.0.{i}.1:8116\"\nmembership = \"10.0.{i}.1:8117\"\n\
+                         full_sync = \"10.0.{i}.1:8118\"\n"
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(MAX_PEERS, 64);
+        assert_eq!(parse(&format!("{MINIMAL}{}", peers(MAX_PEERS))).unwrap().peers.len(), MAX_PEERS);
+        // Each peer takes 6 lines after the 2 of MINIMAL; the 65th's header
+        // is on line 2 + 64 * 6 + 2.
+        let e = error(&format!("{MINIMAL}{}", peers(MAX_PEERS + 1)));
+        assert_eq!(e, "member.toml:388: peer[64]: at most 64 peers (the membership protocol's limit)");
     }
 }

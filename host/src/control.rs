@@ -144,13 +144,16 @@ impl Reply {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// No daemon at the path, or no permission.
-    #[error("cannot reach the daemon at {path} (is `nicsync daemon` running, and is this its --socket?)")]
+    #[error("cannot reach the daemon at {path} (is `nicsync daemon` running with this control.socket? --socket names another)")]
     Connect {
         /// The socket path.
         path: String,
         /// The cause.
         source: std::io::Error,
     },
+    /// The daemon did not answer in time.
+    #[error("the daemon did not answer within {0:?}")]
+    NoAnswer(Duration),
     /// The exchange broke.
     #[error("control socket: {0}")]
     Io(#[from] std::io::Error),
@@ -173,7 +176,10 @@ pub fn call(path: &Path, req: &Request, timeout: Duration) -> Result<serde_json:
     s.write_all(&line)?;
     let mut reader = BufReader::new(s.take(16 << 20));
     let mut buf = String::new();
-    reader.read_line(&mut buf)?;
+    reader.read_line(&mut buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ControlError::NoAnswer(timeout),
+        _ => ControlError::Io(e),
+    })?;
     let reply: Reply = serde_json::from_str(&buf).map_err(|e| ControlError::BadReply(e.to_string()))?;
     if reply.ok {
         Ok(reply.data.unwrap_or(serde_json::Value::Null))
@@ -232,27 +238,54 @@ pub fn parse_key(input: &str) -> Result<ConnKey, KeyParseError> {
     Ok(key)
 }
 
+/// Every TCP state by the name [`parse_tcp_state`] reads and
+/// [`tcp_state_name`] writes.
+pub const TCP_STATES: [(&str, TcpState); 10] = [
+    ("none", TcpState::None),
+    ("syn_sent", TcpState::SynSent),
+    ("syn_recv", TcpState::SynRecv),
+    ("established", TcpState::Established),
+    ("fin_wait", TcpState::FinWait),
+    ("close_wait", TcpState::CloseWait),
+    ("last_ack", TcpState::LastAck),
+    ("time_wait", TcpState::TimeWait),
+    ("close", TcpState::Close),
+    ("syn_sent2", TcpState::SynSent2),
+];
+
 /// Parses a TCP state name (`established`, `syn-sent`, `SYN_SENT`, …).
 pub fn parse_tcp_state(name: &str) -> Option<TcpState> {
     let n = name.to_ascii_lowercase().replace('-', "_");
-    Some(match n.as_str() {
-        "none" => TcpState::None,
-        "syn_sent" => TcpState::SynSent,
-        "syn_recv" => TcpState::SynRecv,
-        "established" => TcpState::Established,
-        "fin_wait" => TcpState::FinWait,
-        "close_wait" => TcpState::CloseWait,
-        "last_ack" => TcpState::LastAck,
-        "time_wait" => TcpState::TimeWait,
-        "close" => TcpState::Close,
-        _ => return None,
-    })
+    TCP_STATES.iter().find(|(s, _)| *s == n).map(|(_, t)| *t)
+}
+
+/// A TCP state's name, as [`parse_tcp_state`] reads it.
+pub fn tcp_state_name(state: TcpState) -> &'static str {
+    TCP_STATES.iter().find(|(_, t)| *t == state).map_or("?", |(s, _)| s)
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    /// A daemon that takes the request and never answers: the client
+    /// says so when its time is up, not "resource temporarily
+    /// unavailable".
+    #[test]
+    fn a_daemon_that_does_not_answer_is_reported_as_such() {
+        let dir = std::env::temp_dir().join(format!("nicsync-noanswer-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let holder = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+        let e = call(&path, &Request::State, Duration::from_millis(100)).unwrap_err();
+        assert!(matches!(e, ControlError::NoAnswer(_)), "{e:?}");
+        assert_eq!(e.to_string(), "the daemon did not answer within 100ms");
+        drop(holder.join());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn request_lines_are_bounded_and_checked() {
@@ -262,6 +295,35 @@ mod tests {
         assert!(parse_request_line(&long).unwrap_err().contains("longer than"));
         assert!(parse_request_line(b"\xff\xfe").unwrap_err().contains("UTF-8"));
         assert!(parse_request_line(b"{\"cmd\":\"format_disk\"}").unwrap_err().starts_with("bad request"));
+    }
+
+    #[test]
+    fn tcp_state_names_round_trip() {
+        for (name, state) in TCP_STATES {
+            assert_eq!(parse_tcp_state(name), Some(state));
+            assert_eq!(tcp_state_name(state), name);
+        }
+        assert_eq!(parse_tcp_state("SYN-SENT"), Some(TcpState::SynSent));
+        assert_eq!(parse_tcp_state("open"), None);
+    }
+
+    /// `conn get` and `conn list` show a record in words a user can pass
+    /// back (`--state`), not Rust's debug strings.
+    #[test]
+    fn a_record_shows_as_plain_json() {
+        use nicsync_fwif::conn::{ConnFlags, ConnRecord, ConnState, Direction, Nat, NatKind};
+        let key = parse_key("tcp 10.0.0.1:40000 -> 192.0.2.1:443").unwrap();
+        let flags = ConnFlags::CONFIRMED | ConnFlags::SYNC | ConnFlags::SRC_NAT;
+        let state = ConnState::new(TcpState::SynSent, Direction::Original, flags, 30, 7);
+        let nat = Nat::new(NatKind::Source, "198.51.100.7".parse().unwrap(), 61000);
+        let v = crate::node::record_json(&ConnRecord { key, state, nat });
+        assert_eq!(v["key"], "tcp 10.0.0.1:40000 -> 192.0.2.1:443");
+        assert_eq!(v["tcp_state"], "syn_sent");
+        assert_eq!(v["flags"], serde_json::json!(["confirmed", "src_nat", "sync"]));
+        assert_eq!(v["nat"], serde_json::json!({"kind": "source", "addr": "198.51.100.7", "port": 61000}));
+        assert_eq!((v["timeout_s"].as_u64(), v["mark"].as_u64()), (Some(30), Some(7)));
+        let plain = crate::node::record_json(&ConnRecord { key, state, nat: Nat::default() });
+        assert!(plain["nat"].is_null(), "{plain}");
     }
 
     #[test]

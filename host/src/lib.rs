@@ -7,7 +7,8 @@
 //! * [`table`]: [`table::ConnTable`], insert/update/delete/lookup, batches
 //!   and snapshot iteration;
 //! * [`bench`], [`demo`]: the `nicsync bench ring` and `nicsync demo` jobs.
-// `unsafe` lives in one module, `sys` (a prefetch hint and huge-page advice).
+// `unsafe` lives in one module, `sys` (a prefetch hint, the daemon's nice,
+// kernel receive stamps on membership datagrams).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

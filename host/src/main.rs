@@ -16,9 +16,10 @@ use nicsync_vfio::DeviceSpec;
 #[command(name = "nicsync", version, about, long_about = None)]
 struct Cli {
     /// Control socket of the daemon to talk to (state, syncstat, resync,
-    /// conn).
-    #[arg(long, global = true, default_value = nicsync::config::DEFAULT_CONTROL_SOCKET)]
-    socket: std::path::PathBuf,
+    /// conn, key reload) [default: /run/nicsync/nicsync.sock]. A daemon's
+    /// own is its configuration's `control.socket`.
+    #[arg(long, global = true)]
+    socket: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -153,6 +154,10 @@ enum ConnCommand {
     Get {
         /// The key.
         key: String,
+        /// One JSON object (what it always prints; taken for symmetry with
+        /// the other commands).
+        #[arg(long)]
+        json: bool,
     },
     /// Insert or update an entry (marked for sync unless --no-sync).
     Add {
@@ -190,7 +195,7 @@ enum ConnCommand {
         /// The key.
         key: String,
         /// Give up after this many milliseconds (at most 60000).
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=nicsync::control::MAX_WAIT_MS))]
         timeout_ms: u64,
         /// One JSON object.
         #[arg(long)]
@@ -207,7 +212,7 @@ struct ClusterArgs {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..=8))]
     members: u16,
     /// Seconds of churn.
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = 3.0, value_parser = parse_seconds, allow_hyphen_values = true)]
     seconds: f64,
     /// New connections per second at the Active member (each lives about
     /// a second).
@@ -255,7 +260,7 @@ struct SimArgs {
 #[derive(Args, Debug)]
 struct ChaosArgs {
     /// Wall-clock seconds: simulated cluster runs start until they are spent.
-    #[arg(long, default_value_t = 60.0)]
+    #[arg(long, default_value_t = 60.0, value_parser = parse_seconds, allow_hyphen_values = true)]
     seconds: f64,
     /// Seed of the first run.
     #[arg(long, default_value_t = 0xC4A05)]
@@ -286,7 +291,7 @@ enum BenchCommand {
         samples: u64,
         /// Seconds of sustained churn (three repetitions; the median is
         /// reported).
-        #[arg(long, default_value_t = 3.0)]
+        #[arg(long, default_value_t = 3.0, value_parser = parse_seconds, allow_hyphen_values = true)]
         seconds: f64,
         /// Failovers measured.
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100))]
@@ -314,14 +319,21 @@ enum BenchCommand {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The simulator and the fault campaign inject faults by the thousand,
+    // and the members warn of each as they would of a real one: by default
+    // they say only errors; their reports tell what happened.
+    let default_level = match cli.command {
+        Command::Sim(_) | Command::Chaos(_) => "error",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("NICSYNC_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -349,7 +361,13 @@ fn render_error(e: &anyhow::Error) -> String {
 }
 
 fn control(socket: &std::path::Path, req: &Request) -> anyhow::Result<serde_json::Value> {
-    Ok(nicsync::control::call(socket, req, std::time::Duration::from_secs(30))?)
+    // A wait answers when its time is up: give the daemon that and more.
+    let wait_ms = match req {
+        Request::ConnWait { timeout_ms, .. } => *timeout_ms,
+        _ => 0,
+    };
+    let timeout = std::time::Duration::from_secs(30) + std::time::Duration::from_millis(wait_ms);
+    Ok(nicsync::control::call(socket, req, timeout)?)
 }
 
 fn render_state(v: &serde_json::Value) -> String {
@@ -413,7 +431,7 @@ fn run_conn(socket: &std::path::Path, which: ConnCommand) -> anyhow::Result<()> 
                 }
             }
         }
-        ConnCommand::Get { key } => {
+        ConnCommand::Get { key, json: _ } => {
             println!("{}", serde_json::to_string_pretty(&control(socket, &Request::ConnGet { key })?)?)
         }
         ConnCommand::Add { key, state, timeout, mark, no_sync } => {
@@ -453,14 +471,24 @@ fn run_conn(socket: &std::path::Path, which: ConnCommand) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// The longest run a `--seconds` asks for: a day.
+const MAX_SECONDS: f64 = 86_400.0;
+
+/// A `--seconds` value: a number of seconds from 0 to [`MAX_SECONDS`].
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(0.0..=MAX_SECONDS).contains(&v) {
+        return Err(format!("{s} is not between 0 and {MAX_SECONDS} seconds"));
+    }
+    Ok(v)
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let socket = cli.socket.clone().unwrap_or_else(|| nicsync::config::DEFAULT_CONTROL_SOCKET.into());
     match cli.command {
         Command::Demo(a) => run_demo(a),
         Command::Sim(a) => run_sim(a),
         Command::Chaos(a) => {
-            if !(a.seconds.is_finite() && a.seconds >= 0.0) {
-                anyhow::bail!("--seconds must be a non-negative number");
-            }
             let o = nicsync::chaos::ChaosOptions { seconds: a.seconds, seed: a.seed, churn_ms: a.churn_ms };
             let r = nicsync::chaos::run(&o);
             if a.json {
@@ -479,11 +507,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Daemon { config } => {
+            if let Some(s) = &cli.socket {
+                anyhow::bail!(
+                    "--socket {} names a daemon to talk to; a daemon's own control socket is its configuration's \
+                     control.socket (see docs/config.md)",
+                    s.display()
+                );
+            }
             let cfg = nicsync::config::Config::load(&config)?;
             nicsync::member::run_daemon(&cfg)
         }
         Command::State { json } => {
-            let v = control(&cli.socket, &Request::State)?;
+            let v = control(&socket, &Request::State)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -492,7 +527,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Syncstat { json } => {
-            let v = control(&cli.socket, &Request::Syncstat)?;
+            let v = control(&socket, &Request::Syncstat)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -501,12 +536,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Resync { member } => {
-            let v = control(&cli.socket, &Request::Resync { member })?;
+            let v = control(&socket, &Request::Resync { member })?;
             println!("resync requested: {}", v["requested"].as_str().unwrap_or("?"));
             Ok(())
         }
-        Command::Conn { which } => run_conn(&cli.socket, which),
-        Command::Key { which } => run_key(&cli.socket, which),
+        Command::Conn { which } => run_conn(&socket, which),
+        Command::Key { which } => run_key(&socket, which),
         Command::Cluster(a) => {
             let opts =
                 nicsync::cluster::ClusterOptions { members: a.members, seconds: a.seconds, conn_rate: a.conn_rate };

@@ -652,6 +652,25 @@ impl<D: NicDevice> Node<D> {
         self.progress(now);
     }
 
+    /// Why an operator's resync of member `target` would do nothing, if it
+    /// would: `target` is not in the cluster, or it is the HA cluster's
+    /// Active (as this member sees it), whose table is the cluster's and
+    /// which ignores the request.
+    pub fn resync_refusal(&self, target: u16) -> Option<String> {
+        let members = self.ms.members();
+        let Some(view) = members.iter().find(|v| v.id == target) else {
+            let ids: Vec<String> = members.iter().map(|v| v.id.to_string()).collect();
+            return Some(format!("member {target} is not in this cluster (members {})", ids.join(", ")));
+        };
+        let active = if view.is_local { self.is_reference() } else { view.alive && view.state.is_active() };
+        (self.cfg.mode == Mode::HighAvailability && active).then(|| {
+            format!(
+                "member {target} is the cluster's Active: its table is the cluster's, and it has nothing to pull \
+                 (resync the Standbys, or all with `nicsync resync`)"
+            )
+        })
+    }
+
     /// Asks member `target` to resync (through the membership channel,
     /// repeated until the peer is seen Down, i.e. pulling).
     pub fn request_peer_resync(&mut self, target: u16, now: Nanos) {
@@ -1895,11 +1914,24 @@ pub fn update_json(u: &DeltaUpdate) -> serde_json::Value {
 
 /// A record as the control socket shows it.
 pub fn record_json(r: &nicsync_fwif::conn::ConnRecord) -> serde_json::Value {
-    let nat = (r.nat.kind != 0).then(|| format!("{:?}", r.nat));
+    use nicsync_fwif::conn::NatKind;
+    let nat = match r.nat.nat_kind() {
+        Some(NatKind::None) => None,
+        kind => Some(serde_json::json!({
+            "kind": match kind {
+                Some(NatKind::Source) => "source",
+                Some(NatKind::Destination) => "destination",
+                _ => "unknown",
+            },
+            "addr": r.nat.ip().map(|a| a.to_string()),
+            "port": r.nat.port.get(),
+        })),
+    };
+    let flags: Vec<String> = r.state.conn_flags().iter_names().map(|(n, _)| n.to_ascii_lowercase()).collect();
     serde_json::json!({
         "key": r.key.to_string(),
-        "tcp_state": r.state.tcp().map(|t| format!("{t:?}")),
-        "flags": format!("{:?}", r.state.conn_flags()),
+        "tcp_state": r.state.tcp().map(crate::control::tcp_state_name),
+        "flags": flags,
         "timeout_s": r.state.timeout_s.get(),
         "mark": r.state.mark.get(),
         "generation": r.state.generation.get(),

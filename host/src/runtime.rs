@@ -340,6 +340,10 @@ pub async fn serve_with<D: NicDevice + 'static>(
                     conns.remove(&conn);
                     node.fs_closed(conn, now());
                 }
+                Ev::Control { req: Request::ConnWait { timeout_ms, .. }, reply } if timeout_ms > control::MAX_WAIT_MS => {
+                    let max = control::MAX_WAIT_MS;
+                    let _ = reply.send(Reply::err(format!("timeout_ms = {timeout_ms}: at most {max} ms")));
+                }
                 Ev::Control { req: Request::ConnWait { key, timeout_ms }, reply } => {
                     match control::parse_key(&key) {
                         Ok(k) => match node.table().lookup(&k) {
@@ -347,7 +351,7 @@ pub async fn serve_with<D: NicDevice + 'static>(
                                 let _ = reply.send(wait_answer(&key, &r));
                             }
                             Ok(None) => {
-                                let limit = Duration::from_millis(timeout_ms.min(control::MAX_WAIT_MS));
+                                let limit = Duration::from_millis(timeout_ms);
                                 waiters.push(Waiter { key: k, text: key, deadline: Instant::now() + limit, reply });
                                 node.record_peer_changes(true);
                             }
@@ -1126,6 +1130,9 @@ pub fn handle_request<D: NicDevice>(
             Err(e) => syncstat_failed(&e),
         },
         Request::Resync { member } => {
+            if let Some(why) = member.and_then(|m| node.resync_refusal(m)) {
+                return Reply::err(why);
+            }
             match member {
                 Some(m) => node.request_peer_resync(*m, now),
                 None => {
@@ -1170,7 +1177,8 @@ pub fn handle_request<D: NicDevice>(
                 Err(e) => return Reply::err(e.to_string()),
             };
             let Some(tcp) = control::parse_tcp_state(tcp_state) else {
-                return Reply::err(format!("unknown TCP state {tcp_state:?}"));
+                let names: Vec<&str> = control::TCP_STATES.iter().map(|(n, _)| *n).collect();
+                return Reply::err(format!("unknown TCP state {tcp_state:?} (one of {})", names.join(", ")));
             };
             let mut flags = ConnFlags::CONFIRMED;
             if *sync {

@@ -143,6 +143,15 @@ fn three_daemons_survive_a_kill_and_converge() {
     assert_eq!(st["net"]["ccp_unstamped"].as_u64(), Some(0), "{st}");
     let state = members[v].req(&Request::State).expect("state");
     assert_eq!(state["state"].as_str(), Some("standby"), "{state}");
+    // A resync that would do nothing is refused, saying why: a member
+    // that is not in the cluster, and the HA Active (its table is the
+    // cluster's), asked of itself or of a Standby.
+    let unknown = members[v].req(&Request::Resync { member: Some(9) });
+    assert!(unknown.as_ref().is_err_and(|e| e.contains("member 9 is not in this cluster")), "{unknown:?}");
+    for asker in [a, v] {
+        let r = members[asker].req(&Request::Resync { member: Some(active) });
+        assert!(r.as_ref().is_err_and(|e| e.contains("is the cluster's Active")), "{r:?}");
+    }
     // The control socket is the daemon's own, mode 0600.
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&members[a].socket).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
@@ -463,6 +472,14 @@ fn control_requests_in_pieces_long_or_malformed_are_answered() {
     assert_eq!(barrier["ok"], true, "{barrier}");
     let after = refused(&ask_in_pieces(&socket, &[b"{\"cmd\":\"syncstat\"}\n"], false));
     assert_eq!(after - before, 3, "three refusals counted, no more");
+    // A wait longer than the daemon allows is refused, not cut short.
+    let long_wait = format!(
+        "{{\"cmd\":\"conn_wait\",\"key\":\"tcp 10.0.0.1:1 -> 10.0.0.2:2\",\"timeout_ms\":{}}}\n",
+        nicsync::control::MAX_WAIT_MS + 1
+    );
+    let refused_wait = ask_in_pieces(&socket, &[long_wait.as_bytes()], false);
+    assert_eq!(refused_wait["ok"], false, "{refused_wait}");
+    assert!(refused_wait["error"].as_str().unwrap().contains("at most 60000 ms"), "{refused_wait}");
     // syncstat's keys, nested ones as `outer.inner` (a member without
     // the conntrack source has no `conntrack`): others read them.
     let mut keys = Vec::new();
