@@ -13,7 +13,7 @@ use nicsync_vfio::DeviceSpec;
 /// nicsync: a firewall connection table resident on the NIC, kept identical
 /// across cluster members. Runs on the embedded emulated device by default.
 #[derive(Parser, Debug)]
-#[command(name = "nicsync", version, about, long_about = None)]
+#[command(name = "nicsync", version, long_about = None)]
 struct Cli {
     /// Control socket of the daemon to talk to (state, syncstat, resync,
     /// conn, key reload) [default: /run/nicsync/nicsync.sock]. A daemon's
@@ -163,9 +163,10 @@ enum ConnCommand {
     Add {
         /// The key.
         key: String,
-        /// TCP state (established, syn_sent, fin_wait, …).
-        #[arg(long, default_value = "established")]
-        state: String,
+        /// TCP state (established, syn_sent, fin_wait, …) [default:
+        /// established for TCP, none for other protocols].
+        #[arg(long)]
+        state: Option<String>,
         /// Seconds until it ages (0: never).
         #[arg(long, default_value_t = 0)]
         timeout: u32,
@@ -435,6 +436,10 @@ fn run_conn(socket: &std::path::Path, which: ConnCommand) -> anyhow::Result<()> 
             println!("{}", serde_json::to_string_pretty(&control(socket, &Request::ConnGet { key })?)?)
         }
         ConnCommand::Add { key, state, timeout, mark, no_sync } => {
+            let state = state.unwrap_or_else(|| {
+                let tcp = nicsync::control::parse_key(&key).is_ok_and(|k| k.proto == nicsync_fwif::conn::proto::TCP);
+                if tcp { "established" } else { "none" }.into()
+            });
             let req = Request::ConnAdd { key, tcp_state: state, timeout_s: timeout, mark, sync: !no_sync };
             let v = control(socket, &req)?;
             println!("{} (generation {})", v["key"].as_str().unwrap_or("?"), v["generation"]);

@@ -14,7 +14,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use nicsync_fwif::conn::{ConnFlags, ConnState, Direction};
+use nicsync_fwif::conn::{ConnFlags, ConnState, Direction, TcpState};
 use nicsync_fwif::regs::Counter;
 use nicsync_vfio::NicDevice;
 use serde::Serialize;
@@ -1180,6 +1180,9 @@ pub fn handle_request<D: NicDevice>(
                 let names: Vec<&str> = control::TCP_STATES.iter().map(|(n, _)| *n).collect();
                 return Reply::err(format!("unknown TCP state {tcp_state:?} (one of {})", names.join(", ")));
             };
+            if key.proto != nicsync_fwif::conn::proto::TCP && tcp != TcpState::None {
+                return Reply::err(format!("{key}: not TCP, so its TCP state is none, not {tcp_state:?}"));
+            }
             let mut flags = ConnFlags::CONFIRMED;
             if *sync {
                 flags |= ConnFlags::SYNC;

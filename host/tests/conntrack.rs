@@ -364,7 +364,26 @@ fn event_socket_overrun_is_recovered_by_a_dump_with_nothing_lost() {
     assert_eq!(ct["table_errors"].as_u64(), Some(0), "{ct}");
 }
 
-fn tempdir(tag: &str) -> PathBuf {
+/// A scratch directory, removed with what it holds when dropped.
+struct ScratchDir(PathBuf);
+
+impl std::ops::Deref for ScratchDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        // Kept when the test fails, for the daemons' logs in it.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn tempdir(tag: &str) -> ScratchDir {
     static N: AtomicU32 = AtomicU32::new(0);
     let d = std::env::temp_dir().join(format!(
         "nicsync-ct-{tag}-{}-{}",
@@ -373,5 +392,5 @@ fn tempdir(tag: &str) -> PathBuf {
     ));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("temp dir");
-    d
+    ScratchDir(d)
 }

@@ -183,6 +183,17 @@ fn three_daemons_survive_a_kill_and_converge() {
     assert!(wait["seen_monotonic_ns"].as_u64().unwrap_or(0) > 0, "{wait}");
     let late = members[v].req(&Request::ConnWait { key: "tcp 10.250.0.2:1 -> 192.0.2.9:443".into(), timeout_ms: 50 });
     assert!(late.is_err_and(|e| e.contains("within the wait")), "a wait for a key that never comes ends with an error");
+    // A TCP state for a connection of another protocol is refused.
+    let udp = |state: &str| Request::ConnAdd {
+        key: "udp 10.250.0.9:5353 -> 192.0.2.9:53".into(),
+        tcp_state: state.into(),
+        timeout_s: 0,
+        mark: 0,
+        sync: true,
+    };
+    let refused = members[a].req(&udp("established"));
+    assert!(refused.as_ref().is_err_and(|e| e.contains("not TCP")), "{refused:?}");
+    members[a].req(&udp("none")).expect("a UDP entry without TCP state");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -560,11 +560,30 @@ pub fn next_boot(state_file: Option<&Path>) -> Result<u32, KeyError> {
 mod tests {
     use super::*;
 
-    fn tmpdir(tag: &str) -> PathBuf {
+    /// A scratch directory, removed with what it holds when dropped.
+    struct ScratchDir(PathBuf);
+
+    impl std::ops::Deref for ScratchDir {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for ScratchDir {
+        fn drop(&mut self) {
+            // Kept when the test fails, to look at.
+            if !std::thread::panicking() {
+                let _ = fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    fn tmpdir(tag: &str) -> ScratchDir {
         let d = std::env::temp_dir().join(format!("nicsync-seal-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
         fs::create_dir_all(&d).expect("tmpdir");
-        d
+        ScratchDir(d)
     }
 
     #[test]
