@@ -39,7 +39,7 @@ pub fn run(data: &[u8]) {
                 Request::ConnGet { key } | Request::ConnDel { key } => check_key(key),
                 Request::ConnAdd { key, tcp_state, .. } => {
                     check_key(key);
-                    let _ = parse_tcp_state(tcp_state);
+                    let _ = tcp_state.as_deref().map(parse_tcp_state);
                 }
                 _ => {}
             }

@@ -715,10 +715,6 @@ impl Source<'_> {
     /// a table written with the wrong brackets.
     fn schema_error(&self, span: Option<Range<usize>>, message: &str) -> (Option<Range<usize>>, String) {
         let message = toml_words(message);
-        // An unknown field is named by the message and placed by its line.
-        if message.starts_with("unknown field") {
-            return (span, message);
-        }
         let Some(at) = span.clone() else { return (span, message) };
         // The text is valid TOML (checked before); parse it again, keeping
         // the span of every key and value, to find what `at` covers.
@@ -726,9 +722,29 @@ impl Source<'_> {
         let mut path = Vec::new();
         let Some(node) = locate(self.text, doc.get_ref(), &at, &mut path) else { return (span, message) };
 
+        // An unknown field is named by the message and placed by its line;
+        // its table is said too (a top-level key written after a table's
+        // header lands in that table).
+        if let Some(rest) = message.strip_prefix("unknown field `") {
+            let table = path.split_last().map(|(_, t)| t).filter(|t| !t.is_empty());
+            return match (table, rest.split_once('`')) {
+                (Some(t), Some((field, after))) => {
+                    (span, format!("unknown field `{field}` in [{}]{after}", key_path(t, false)))
+                }
+                _ => (span, message),
+            };
+        }
+
         // `[[name]]` where the schema has a single table `[name]`: serde's
-        // message is about whatever it tried to make of the array.
-        if let Some(pos) = path.iter().position(|seg| matches!(seg, Seg::Index { header: Some(_), .. })) {
+        // message is about whatever it tried to make of the array. Not
+        // where it wanted a value in place of the element (`[[mode]]`,
+        // `[[control.allow_uids]]`): the key is no table at all.
+        let value_wanted = message == "wanted string or table"
+            || ["an integer", "a string", "a boolean", "a float", "`"]
+                .iter()
+                .any(|w| message.contains(&format!("expected {w}")));
+        let hint_at = path.iter().position(|seg| matches!(seg, Seg::Index { header: Some(_), .. }));
+        if let Some(pos) = hint_at.filter(|pos| path.len() > pos + 1 || !value_wanted) {
             let name = key_path(&path[..pos], false);
             if let (false, Seg::Index { header: Some(header), .. }) = (name == PEER, &path[pos]) {
                 return (
@@ -770,7 +786,7 @@ impl Source<'_> {
         {
             format!("expected {expected}, found {found}")
         } else if let (Some(_), Some((_, expected))) =
-            (shown, message.strip_prefix("unknown variant ").and_then(|rest| rest.split_once(", expected ")))
+            (shown, message.strip_prefix("unknown variant ").and_then(|rest| rest.rsplit_once(", expected ")))
         {
             format!("expected {expected}")
         } else if message == "wanted string or table" {
@@ -1068,9 +1084,9 @@ impl Source<'_> {
                 self.invalid(
                     Some(v.span()),
                     format!(
-                        "conntrack.filter.tcp_states: {}: not a TCP state (syn_sent, syn_recv, established, fin_wait, \
-                         close_wait, last_ack, time_wait, close)",
-                        quote(v.get_ref())
+                        "conntrack.filter.tcp_states: {}: not a TCP state ({})",
+                        quote(v.get_ref()),
+                        crate::control::tcp_state_names()
                     ),
                 )
             })?;
@@ -1401,7 +1417,15 @@ fn type_name(value: &DeValue<'_>) -> &'static str {
 fn toml_words(message: &str) -> String {
     let mut out = Vec::new();
     let mut words = message.split(' ').peekable();
+    // Inside `…` or "…" (a key or a value as written): left alone.
+    let mut quoted = false;
     while let Some(word) = words.next() {
+        let quotes = word.chars().filter(|c| matches!(c, '`' | '"')).count();
+        if quoted || quotes > 0 {
+            quoted ^= quotes % 2 == 1;
+            out.push(word.to_owned());
+            continue;
+        }
         let core = word.trim_end_matches([',', ';', ':', ')']);
         let tail = &word[core.len()..];
         let plain = match core {
@@ -2075,6 +2099,14 @@ tcp_states = ["established", "fin_wait"]
             e,
             "member.toml:3: device: an array of [[device]] tables; device is a single table, written [device]"
         );
+        // Keys that are no table at all get no such hint.
+        let e = error(&format!("{MINIMAL}[[control.allow_uids]]\nx = 1\n"));
+        assert_eq!(e, "member.toml:3: control.allow_uids[0]: expected an integer, found a table");
+        let e = error(&format!("{MINIMAL}[[mode]]\nx = 1\n"));
+        assert_eq!(e, "member.toml:3: mode[0]: expected a string, found a table");
+        // A top-level key written after a table's header is in that table.
+        let e = error(&format!("{MINIMAL}[sync]\nnice = 5\n"));
+        assert_eq!(e, "member.toml:4: unknown field `nice` in [sync], expected `bind`");
         let e = error(&format!("{MINIMAL}source = \"conntrack\"\n[[conntrack.filter]]\n"));
         assert_eq!(
             e,
@@ -2090,7 +2122,8 @@ tcp_states = ["established", "fin_wait"]
         let e = error(&format!("{MINIMAL}\n\n\n\n[membership]\nbind = \"0.0.0.0:8117\"\ndead_afer = 3\n"));
         assert_eq!(
             e,
-            "member.toml:9: unknown field `dead_afer`, expected one of `bind`, `probe_interval_ms`, `dead_after`"
+            "member.toml:9: unknown field `dead_afer` in [membership], expected one of `bind`, `probe_interval_ms`, \
+             `dead_after`"
         );
         assert_eq!(error("cluster_id = 1\n"), "member.toml: missing field `member_id`");
     }
@@ -2105,6 +2138,9 @@ tcp_states = ["established", "fin_wait"]
         assert_eq!(toml_words("invalid type: map, expected a sequence"), "invalid type: table, expected an array");
         assert_eq!(toml_words("expected a map"), "expected a table");
         assert_eq!(toml_words("missing field `u8`"), "missing field `u8`");
+        // Quoted names and values are the user's, words and all.
+        assert_eq!(toml_words("unknown field `x u8 y`, expected i64"), "unknown field `x u8 y`, expected an integer");
+        assert_eq!(toml_words("string \"a map of u8\", expected u8"), "string \"a map of u8\", expected an integer");
     }
 
     #[test]

@@ -60,9 +60,10 @@ pub enum Request {
     ConnAdd {
         /// The key.
         key: String,
-        /// TCP state name (`established`, `syn_sent`, …).
-        #[serde(default = "default_tcp_state")]
-        tcp_state: String,
+        /// TCP state name (`established`, `syn_sent`, …); left out:
+        /// `established` for a TCP key, `none` for any other.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tcp_state: Option<String>,
         /// Seconds until it ages (0: never).
         #[serde(default)]
         timeout_s: u32,
@@ -98,10 +99,6 @@ pub enum Request {
     ConnFlush,
     /// Read the cluster key file again (`nicsync key reload`).
     ReloadKeys,
-}
-
-fn default_tcp_state() -> String {
-    "established".into()
 }
 
 fn default_wait_ms() -> u64 {
@@ -238,30 +235,16 @@ pub fn parse_key(input: &str) -> Result<ConnKey, KeyParseError> {
     Ok(key)
 }
 
-/// Every TCP state by the name [`parse_tcp_state`] reads and
-/// [`tcp_state_name`] writes.
-pub const TCP_STATES: [(&str, TcpState); 10] = [
-    ("none", TcpState::None),
-    ("syn_sent", TcpState::SynSent),
-    ("syn_recv", TcpState::SynRecv),
-    ("established", TcpState::Established),
-    ("fin_wait", TcpState::FinWait),
-    ("close_wait", TcpState::CloseWait),
-    ("last_ack", TcpState::LastAck),
-    ("time_wait", TcpState::TimeWait),
-    ("close", TcpState::Close),
-    ("syn_sent2", TcpState::SynSent2),
-];
-
-/// Parses a TCP state name (`established`, `syn-sent`, `SYN_SENT`, …).
+/// Parses a TCP state name as [`TcpState::name`] writes it, in any case
+/// and with `-` for `_` (`established`, `syn-sent`, `SYN_SENT`, …).
 pub fn parse_tcp_state(name: &str) -> Option<TcpState> {
     let n = name.to_ascii_lowercase().replace('-', "_");
-    TCP_STATES.iter().find(|(s, _)| *s == n).map(|(_, t)| *t)
+    TcpState::ALL.into_iter().find(|t| t.name() == n)
 }
 
-/// A TCP state's name, as [`parse_tcp_state`] reads it.
-pub fn tcp_state_name(state: TcpState) -> &'static str {
-    TCP_STATES.iter().find(|(_, t)| *t == state).map_or("?", |(s, _)| s)
+/// Every TCP state's name, `a, b, …`, for messages.
+pub fn tcp_state_names() -> String {
+    TcpState::ALL.map(TcpState::name).join(", ")
 }
 
 #[cfg(test)]
@@ -299,9 +282,8 @@ mod tests {
 
     #[test]
     fn tcp_state_names_round_trip() {
-        for (name, state) in TCP_STATES {
-            assert_eq!(parse_tcp_state(name), Some(state));
-            assert_eq!(tcp_state_name(state), name);
+        for state in TcpState::ALL {
+            assert_eq!(parse_tcp_state(state.name()), Some(state));
         }
         assert_eq!(parse_tcp_state("SYN-SENT"), Some(TcpState::SynSent));
         assert_eq!(parse_tcp_state("open"), None);

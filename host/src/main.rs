@@ -436,10 +436,6 @@ fn run_conn(socket: &std::path::Path, which: ConnCommand) -> anyhow::Result<()> 
             println!("{}", serde_json::to_string_pretty(&control(socket, &Request::ConnGet { key })?)?)
         }
         ConnCommand::Add { key, state, timeout, mark, no_sync } => {
-            let state = state.unwrap_or_else(|| {
-                let tcp = nicsync::control::parse_key(&key).is_ok_and(|k| k.proto == nicsync_fwif::conn::proto::TCP);
-                if tcp { "established" } else { "none" }.into()
-            });
             let req = Request::ConnAdd { key, tcp_state: state, timeout_s: timeout, mark, sync: !no_sync };
             let v = control(socket, &req)?;
             println!("{} (generation {})", v["key"].as_str().unwrap_or("?"), v["generation"]);
@@ -543,6 +539,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Resync { member } => {
             let v = control(&socket, &Request::Resync { member })?;
             println!("resync requested: {}", v["requested"].as_str().unwrap_or("?"));
+            if let Some(note) = v["note"].as_str() {
+                println!("  {note}");
+            }
             Ok(())
         }
         Command::Conn { which } => run_conn(&socket, which),

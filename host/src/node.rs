@@ -653,22 +653,43 @@ impl<D: NicDevice> Node<D> {
     }
 
     /// Why an operator's resync of member `target` would do nothing, if it
-    /// would: `target` is not in the cluster, or it is the HA cluster's
-    /// Active (as this member sees it), whose table is the cluster's and
-    /// which ignores the request.
+    /// would: `target` is not in the cluster, or it is a peer that is the
+    /// cluster's reference as this member sees it (the Active in HA, the
+    /// lowest-id Active in load sharing), which ignores a peer's request
+    /// (its table is the cluster's). This member itself never refuses: asked
+    /// directly, even the reference resyncs (in HA it steps down first).
     pub fn resync_refusal(&self, target: u16) -> Option<String> {
         let members = self.ms.members();
         let Some(view) = members.iter().find(|v| v.id == target) else {
             let ids: Vec<String> = members.iter().map(|v| v.id.to_string()).collect();
             return Some(format!("member {target} is not in this cluster (members {})", ids.join(", ")));
         };
-        let active = if view.is_local { self.is_reference() } else { view.alive && view.state.is_active() };
-        (self.cfg.mode == Mode::HighAvailability && active).then(|| {
+        if view.is_local {
+            return None;
+        }
+        let reference = match self.cfg.mode {
+            Mode::HighAvailability => target,
+            Mode::LoadSharing => members
+                .iter()
+                .filter(|v| (v.alive || v.is_local) && v.state.is_active())
+                .map(|v| v.id)
+                .min()
+                .unwrap_or(target),
+        };
+        (view.alive && view.state.is_active() && reference == target).then(|| {
             format!(
-                "member {target} is the cluster's Active: its table is the cluster's, and it has nothing to pull \
-                 (resync the Standbys, or all with `nicsync resync`)"
+                "member {target} is the cluster's reference (the Active{}): it ignores a peer's resync request, \
+                 its table being the cluster's; ask it through its own control socket to resync it anyway",
+                if self.cfg.mode == Mode::LoadSharing { " with the lowest id" } else { "" }
             )
         })
+    }
+
+    /// What an operator's resync of this member itself does beyond a
+    /// pull, when it does more: the HA Active steps down first.
+    pub fn own_resync_note(&self) -> Option<&'static str> {
+        (self.cfg.mode == Mode::HighAvailability && self.is_reference())
+            .then_some("this member is the Active: it steps down (the next member takes over), then pulls")
     }
 
     /// Asks member `target` to resync (through the membership channel,
@@ -1930,7 +1951,7 @@ pub fn record_json(r: &nicsync_fwif::conn::ConnRecord) -> serde_json::Value {
     let flags: Vec<String> = r.state.conn_flags().iter_names().map(|(n, _)| n.to_ascii_lowercase()).collect();
     serde_json::json!({
         "key": r.key.to_string(),
-        "tcp_state": r.state.tcp().map(crate::control::tcp_state_name),
+        "tcp_state": r.state.tcp().map(nicsync_fwif::conn::TcpState::name),
         "flags": flags,
         "timeout_s": r.state.timeout_s.get(),
         "mark": r.state.mark.get(),

@@ -1133,6 +1133,7 @@ pub fn handle_request<D: NicDevice>(
             if let Some(why) = member.and_then(|m| node.resync_refusal(m)) {
                 return Reply::err(why);
             }
+            let note = member.filter(|m| *m == node.member_id()).and_then(|_| node.own_resync_note());
             match member {
                 Some(m) => node.request_peer_resync(*m, now),
                 None => {
@@ -1152,7 +1153,11 @@ pub fn handle_request<D: NicDevice>(
                     }
                 }
             }
-            Reply::ok(json!({"requested": member.map_or("all".to_string(), |m| m.to_string())}))
+            let requested = member.map_or("all".to_string(), |m| m.to_string());
+            match note {
+                Some(n) => Reply::ok(json!({"requested": requested, "note": n})),
+                None => Reply::ok(json!({"requested": requested})),
+            }
         }
         // The loop walks the card a slice per turn for these (`TableWalks`);
         // here only when called directly, in one go.
@@ -1176,13 +1181,19 @@ pub fn handle_request<D: NicDevice>(
                 Ok(k) => k,
                 Err(e) => return Reply::err(e.to_string()),
             };
-            let Some(tcp) = control::parse_tcp_state(tcp_state) else {
-                let names: Vec<&str> = control::TCP_STATES.iter().map(|(n, _)| *n).collect();
-                return Reply::err(format!("unknown TCP state {tcp_state:?} (one of {})", names.join(", ")));
+            let is_tcp = key.proto == nicsync_fwif::conn::proto::TCP;
+            let tcp = match tcp_state {
+                None if is_tcp => TcpState::Established,
+                None => TcpState::None,
+                Some(name) => match control::parse_tcp_state(name) {
+                    Some(t) if is_tcp || t == TcpState::None => t,
+                    Some(_) => return Reply::err(format!("{key}: not TCP, so its TCP state is none, not {name:?}")),
+                    None => {
+                        let names = control::tcp_state_names();
+                        return Reply::err(format!("unknown TCP state {name:?} (one of {names})"));
+                    }
+                },
             };
-            if key.proto != nicsync_fwif::conn::proto::TCP && tcp != TcpState::None {
-                return Reply::err(format!("{key}: not TCP, so its TCP state is none, not {tcp_state:?}"));
-            }
             let mut flags = ConnFlags::CONFIRMED;
             if *sync {
                 flags |= ConnFlags::SYNC;

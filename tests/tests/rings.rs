@@ -841,8 +841,16 @@ fn stash_holds_colliding_keys() {
     assert!(matches!(t.insert(&extra[0], &ConnEntry::new(state(0, 0))), Err(TableError::TableFull)));
     assert!(matches!(t.upsert(&extra[0], &ConnEntry::new(state(0, 0))), Err(TableError::TableFull)));
     assert_eq!(counter(&mut t, Counter::TableFull), 2);
-    // Other buckets are unaffected.
-    let other = (0..).map(key6).find(|k| !keys.contains(k)).expect("a key");
+    // Other buckets are unaffected: a key whose candidate buckets are
+    // neither of the full two (the table's hash seed is random, so any
+    // fixed key could share one).
+    let layout = nicsync_model::table::CuckooTable::new(capacity, card_hash(&t));
+    let buckets = |k: &ConnKey| {
+        let p = layout.placement_of(k);
+        [p.b1, p.b2]
+    };
+    let full = buckets(&keys[0]);
+    let other = (0..).map(key6).find(|k| buckets(k).iter().all(|b| !full.contains(b))).expect("a key");
     t.insert(&other, &ConnEntry::new(state(999, 0))).expect("insert elsewhere");
     assert_eq!(t.len(), BUCKET_SLOTS + STASH + 1);
 
