@@ -203,6 +203,17 @@ pub async fn serve_with<D: NicDevice + 'static>(
     if let Err(e) = crate::sys::enable_receive_stamps(&ccp) {
         tracing::warn!(member = node.member_id(), "membership datagrams without receive stamps: {e}");
     }
+    // Room for the peers' probes through a stall of the loop of seconds: a
+    // full buffer drops the newest, and a member that reads only the
+    // oldest after a stall acts on a stale view (docs/cluster.md).
+    match crate::sys::set_receive_buffer(&ccp, CCP_RECEIVE_BUFFER) {
+        Ok(granted) if granted < CCP_RECEIVE_BUFFER => tracing::warn!(
+            member = node.member_id(),
+            "membership socket: receive buffer of {granted} bytes (net.core.rmem_max), less than the {CCP_RECEIVE_BUFFER} asked for"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(member = node.member_id(), "membership socket: receive buffer not set: {e}"),
+    }
     let fs = TcpListener::from_std(sockets.fs).map_err(setup("full sync TCP listener", net.fs_bind.to_string()))?;
     let ctl = match control {
         Some(c) => Some(bind_control(c).await?),
@@ -735,6 +746,11 @@ fn drain_ccp<D: NicDevice>(
         }
     }
 }
+
+/// Receive buffer asked for on the membership socket: at least 4,000 small
+/// datagrams (the kernel counts each at up to 1 KiB, against twice what is
+/// asked), some 13 s of three peers' probes at the default interval.
+const CCP_RECEIVE_BUFFER: usize = 4 << 20;
 
 /// Membership datagrams read at most before timers run.
 const MAX_CCP_DRAIN: usize = 1024;

@@ -73,19 +73,29 @@ pub(crate) fn nice() -> std::io::Result<i32> {
 /// Turns on the kernel's receive stamps (`SO_TIMESTAMPNS`) on `sock`: each
 /// datagram read with [`recv_stamped`] then says when it reached the host.
 pub(crate) fn enable_receive_stamps(sock: &impl std::os::fd::AsFd) -> std::io::Result<()> {
+    set_socket_option(sock, libc::SO_TIMESTAMPNS, 1)
+}
+
+/// Asks for a receive buffer of `bytes` on `sock`: past the system's
+/// `rmem_max` where the process may (`SO_RCVBUFFORCE`, root or
+/// `CAP_NET_ADMIN`), up to it otherwise. Returns the buffer the kernel
+/// granted (it doubles what is asked, for its bookkeeping).
+pub(crate) fn set_receive_buffer(sock: &impl std::os::fd::AsFd, bytes: usize) -> std::io::Result<usize> {
+    let want = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    if set_socket_option(sock, libc::SO_RCVBUFFORCE, want).is_err() {
+        set_socket_option(sock, libc::SO_RCVBUF, want)?;
+    }
+    socket2::SockRef::from(sock).recv_buffer_size()
+}
+
+/// `setsockopt(SOL_SOCKET, name, value)` for an integer option.
+fn set_socket_option(sock: &impl std::os::fd::AsFd, name: libc::c_int, value: libc::c_int) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    let on: libc::c_int = 1;
     let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: setsockopt reads `len` bytes at `&on`, a live c_int of this
-    // frame; the descriptor is borrowed, so open, for the call.
+    // SAFETY: setsockopt reads `len` bytes at `&value`, a live c_int of
+    // this frame; the descriptor is borrowed, so open, for the call.
     let rc = unsafe {
-        libc::setsockopt(
-            sock.as_fd().as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_TIMESTAMPNS,
-            (&on as *const libc::c_int).cast(),
-            len,
-        )
+        libc::setsockopt(sock.as_fd().as_raw_fd(), libc::SOL_SOCKET, name, (&value as *const libc::c_int).cast(), len)
     };
     if rc == 0 {
         Ok(())
@@ -213,6 +223,19 @@ mod tests {
         assert_eq!((own, child), (19, 19));
         assert_eq!(nice()?, before, "another thread's priority changed");
         Ok(())
+    }
+
+    #[test]
+    fn a_receive_buffer_grows_as_far_as_allowed() {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let before = socket2::SockRef::from(&sock).recv_buffer_size().unwrap();
+        let granted = set_receive_buffer(&sock, 8 << 20).unwrap();
+        assert!(granted >= before, "{granted} < {before}");
+        // Past rmem_max only where the process may force it.
+        let forced = set_socket_option(&sock, libc::SO_RCVBUFFORCE, 8 << 20).is_ok();
+        if forced {
+            assert!(granted >= 8 << 20, "{granted}");
+        }
     }
 
     #[test]
