@@ -198,6 +198,10 @@ pub struct BatchOutcome {
     pub ok: usize,
     /// Entries it refused: (index in the input, errno).
     pub failed: Vec<(usize, i32)>,
+    /// Entries the kernel answered for: the outcome covers the input's
+    /// first `answered` (all of it, unless the exchange broke off:
+    /// [`CtSocket::create_batch_partial`]).
+    pub answered: usize,
 }
 
 /// A blocking request socket (dump, create, delete, flush).
@@ -324,13 +328,33 @@ impl CtSocket {
     /// messages in order, its ack means every earlier error has already
     /// been queued.
     pub fn create_batch(&mut self, entries: &[CtEntry], mode: CreateMode) -> Result<BatchOutcome, CtError> {
+        match self.create_batch_partial(entries, mode) {
+            (out, None) => Ok(out),
+            (_, Some(e)) => Err(e),
+        }
+    }
+
+    /// [`CtSocket::create_batch`] that, when the exchange with the kernel
+    /// breaks off (a send or a receive fails), still says what the kernel
+    /// answered before: the outcome of the entries up to the last send it
+    /// acknowledged whole, with the error.
+    pub fn create_batch_partial(&mut self, entries: &[CtEntry], mode: CreateMode) -> (BatchOutcome, Option<CtError>) {
+        let mut out = BatchOutcome::default();
+        let error = self.send_batch(entries, mode, &mut out).err();
+        out.failed.retain(|&(i, _)| i < out.answered);
+        out.ok = out.answered - out.failed.len();
+        (out, error)
+    }
+
+    /// The sends and acknowledgements of [`CtSocket::create_batch_partial`];
+    /// `out.answered` moves past each send acknowledged whole.
+    fn send_batch(&mut self, entries: &[CtEntry], mode: CreateMode, out: &mut BatchOutcome) -> Result<(), CtError> {
         let flags = wire::NLM_F_REQUEST
             | wire::NLM_F_CREATE
             | match mode {
                 CreateMode::Upsert => wire::NLM_F_REPLACE,
                 CreateMode::Exclusive => wire::NLM_F_EXCL,
             };
-        let mut out = BatchOutcome::default();
         let mut start = 0;
         while start < entries.len() {
             self.msg.clear();
@@ -352,9 +376,9 @@ impl CtSocket {
             let last_seq = self.seq;
             self.wait_acks(first_seq, last_seq, |i, errno| out.failed.push((start + i, errno)))?;
             start = end;
+            out.answered = start;
         }
-        out.ok = entries.len() - out.failed.len();
-        Ok(out)
+        Ok(())
     }
 
     /// Reads answers until the one for `last_seq`; reports errors of

@@ -828,6 +828,38 @@ pub(crate) struct CommitReport {
     error: Option<String>,
 }
 
+impl CommitReport {
+    /// Takes in what the kernel answered for a takeover commit of `keys`
+    /// (in the order sent): what it wrote, had already (`EEXIST`) and
+    /// refused, and the keys that are in it now. A commit that broke off
+    /// partway reports what got in before, with its error, not nothing.
+    fn take_outcome(
+        &mut self,
+        keys: &[(ConnKey, u8)],
+        out: &nicsync_conntrack::BatchOutcome,
+        error: Option<ct::CtError>,
+    ) {
+        let answered = keys.get(..out.answered).unwrap_or(keys);
+        let mut bad = vec![false; answered.len()];
+        for &(i, errno) in &out.failed {
+            if errno == libc::EEXIST {
+                self.present += 1;
+            } else {
+                self.failed.push(errno);
+                if let Some(b) = bad.get_mut(i) {
+                    *b = true;
+                }
+            }
+        }
+        self.written = out.ok as u64;
+        self.keys_ok = answered.iter().zip(&bad).filter(|(_, b)| !**b).map(|(k, _)| *k).collect();
+        if let Some(e) = error {
+            let left = keys.len() - answered.len();
+            self.error = Some(format!("{e} ({left} entries not answered for)"));
+        }
+    }
+}
+
 /// Batches per dump message.
 const DUMP_BATCH: usize = 4096;
 
@@ -1311,24 +1343,8 @@ fn run_commit(sock: &mut CtSocket, job: CommitJob) -> CommitReport {
                 since,
                 error: None,
             };
-            match sock.create_batch(&entries, CreateMode::Exclusive) {
-                Ok(out) => {
-                    let mut bad = vec![false; entries.len()];
-                    for (i, errno) in &out.failed {
-                        if *errno == libc::EEXIST {
-                            report.present += 1;
-                        } else {
-                            report.failed.push(*errno);
-                            if let Some(b) = bad.get_mut(*i) {
-                                *b = true;
-                            }
-                        }
-                    }
-                    report.written = out.ok as u64;
-                    report.keys_ok = keys.iter().zip(&bad).filter(|(_, b)| !**b).map(|(k, _)| *k).collect();
-                }
-                Err(e) => report.error = Some(e.to_string()),
-            }
+            let (out, error) = sock.create_batch_partial(&entries, CreateMode::Exclusive);
+            report.take_outcome(&keys, &out, error);
             report
         }
         CommitJob::Mirror { upsert, delete } => {
@@ -1413,6 +1429,33 @@ mod tests {
     /// An established TCP connection from `src`.
     fn established(src: [u8; 4]) -> CtEntry {
         ct_entry(src, 1000, 443, TcpState::Established as u8)
+    }
+
+    /// A takeover commit that broke off partway (the kernel answered for
+    /// the first three of five entries, then the socket failed) reports
+    /// what got in and what was already there, not nothing, and says how
+    /// many were left unanswered.
+    #[test]
+    fn a_commit_that_broke_off_reports_what_got_in() {
+        let keys: Vec<(ConnKey, u8)> =
+            (1..=5).map(|i| (key_of(&established([10, 0, 0, i])), TcpState::Established as u8)).collect();
+        let mut r = CommitReport {
+            takeover: true,
+            keys_ok: Vec::new(),
+            written: 0,
+            present: 0,
+            failed: Vec::new(),
+            unmappable: 0,
+            since: Instant::now(),
+            error: None,
+        };
+        let out = ct::BatchOutcome { ok: 1, failed: vec![(1, libc::EEXIST), (2, libc::ENOMEM)], answered: 3 };
+        let broke = ct::CtError::Io { op: "recv", source: std::io::Error::from_raw_os_error(libc::ENOBUFS) };
+        r.take_outcome(&keys, &out, Some(broke));
+        assert_eq!((r.written, r.present, r.failed.as_slice()), (1, 1, [libc::ENOMEM].as_slice()));
+        // In the kernel now: the one written and the one it had.
+        assert_eq!(r.keys_ok, vec![keys[0], keys[1]]);
+        assert!(r.error.as_deref().is_some_and(|e| e.ends_with("(2 entries not answered for)")), "{:?}", r.error);
     }
 
     /// A TCP-state filter that refuses a connection's first states does
