@@ -829,6 +829,20 @@ pub(crate) struct CommitReport {
 }
 
 impl CommitReport {
+    /// Nothing done yet.
+    fn new(takeover: bool, unmappable: u64, since: Instant) -> Self {
+        CommitReport {
+            takeover,
+            keys_ok: Vec::new(),
+            written: 0,
+            present: 0,
+            failed: Vec::new(),
+            unmappable,
+            since,
+            error: None,
+        }
+    }
+
     /// Takes in what the kernel answered for a takeover commit of `keys`
     /// (in the order sent): what it wrote, had already (`EEXIST`) and
     /// refused, and the keys that are in it now. A commit that broke off
@@ -1333,31 +1347,13 @@ impl KernelLink {
 fn run_commit(sock: &mut CtSocket, job: CommitJob) -> CommitReport {
     match job {
         CommitJob::Takeover { entries, keys, unmappable, since } => {
-            let mut report = CommitReport {
-                takeover: true,
-                keys_ok: Vec::new(),
-                written: 0,
-                present: 0,
-                failed: Vec::new(),
-                unmappable,
-                since,
-                error: None,
-            };
+            let mut report = CommitReport::new(true, unmappable, since);
             let (out, error) = sock.create_batch_partial(&entries, CreateMode::Exclusive);
             report.take_outcome(&keys, &out, error);
             report
         }
         CommitJob::Mirror { upsert, delete } => {
-            let mut report = CommitReport {
-                takeover: false,
-                keys_ok: Vec::new(),
-                written: 0,
-                present: 0,
-                failed: Vec::new(),
-                unmappable: 0,
-                since: Instant::now(),
-                error: None,
-            };
+            let mut report = CommitReport::new(false, 0, Instant::now());
             if let Some(e) = upsert {
                 // A NATed entry the kernel has already keeps its binding
                 // (the kernel refuses to change it); the rest is updated.
@@ -1439,16 +1435,7 @@ mod tests {
     fn a_commit_that_broke_off_reports_what_got_in() {
         let keys: Vec<(ConnKey, u8)> =
             (1..=5).map(|i| (key_of(&established([10, 0, 0, i])), TcpState::Established as u8)).collect();
-        let mut r = CommitReport {
-            takeover: true,
-            keys_ok: Vec::new(),
-            written: 0,
-            present: 0,
-            failed: Vec::new(),
-            unmappable: 0,
-            since: Instant::now(),
-            error: None,
-        };
+        let mut r = CommitReport::new(true, 0, Instant::now());
         let out = ct::BatchOutcome { ok: 1, failed: vec![(1, libc::EEXIST), (2, libc::ENOMEM)], answered: 3 };
         let broke = ct::CtError::Io { op: "recv", source: std::io::Error::from_raw_os_error(libc::ENOBUFS) };
         r.take_outcome(&keys, &out, Some(broke));
