@@ -427,6 +427,15 @@ impl NatKind {
             _ => None,
         }
     }
+
+    /// Lower-case name (`none`, `source`, `destination`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            NatKind::None => "none",
+            NatKind::Source => "source",
+            NatKind::Destination => "destination",
+        }
+    }
 }
 
 /// NAT translation of a connection.

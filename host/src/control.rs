@@ -27,7 +27,12 @@ pub fn parse_request_line(line: &[u8]) -> Result<Request, String> {
         return Err(format!("request longer than {MAX_REQUEST_BYTES} bytes"));
     }
     let text = std::str::from_utf8(line).map_err(|e| format!("bad request: not UTF-8: {e}"))?;
-    serde_json::from_str::<Request>(text).map_err(|e| format!("bad request: {e}"))
+    match serde_json::from_str::<Request>(text).map_err(|e| format!("bad request: {e}"))? {
+        Request::ConnWait { timeout_ms, .. } if timeout_ms > MAX_WAIT_MS => {
+            Err(format!("bad request: timeout_ms = {timeout_ms}: at most {MAX_WAIT_MS} ms"))
+        }
+        req => Ok(req),
+    }
 }
 
 /// A request to the daemon.
@@ -278,6 +283,10 @@ mod tests {
         assert!(parse_request_line(&long).unwrap_err().contains("longer than"));
         assert!(parse_request_line(b"\xff\xfe").unwrap_err().contains("UTF-8"));
         assert!(parse_request_line(b"{\"cmd\":\"format_disk\"}").unwrap_err().starts_with("bad request"));
+        let wait =
+            |ms: u64| format!("{{\"cmd\":\"conn_wait\",\"key\":\"tcp 10.0.0.1:1 -> 10.0.0.2:2\",\"timeout_ms\":{ms}}}");
+        assert!(parse_request_line(wait(MAX_WAIT_MS).as_bytes()).is_ok());
+        assert!(parse_request_line(wait(MAX_WAIT_MS + 1).as_bytes()).unwrap_err().contains("at most 60000 ms"));
     }
 
     #[test]

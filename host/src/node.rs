@@ -1939,11 +1939,7 @@ pub fn record_json(r: &nicsync_fwif::conn::ConnRecord) -> serde_json::Value {
     let nat = match r.nat.nat_kind() {
         Some(NatKind::None) => None,
         kind => Some(serde_json::json!({
-            "kind": match kind {
-                Some(NatKind::Source) => "source",
-                Some(NatKind::Destination) => "destination",
-                _ => "unknown",
-            },
+            "kind": kind.map_or("unknown", NatKind::name),
             "addr": r.nat.ip().map(|a| a.to_string()),
             "port": r.nat.port.get(),
         })),

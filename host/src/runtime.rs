@@ -351,10 +351,6 @@ pub async fn serve_with<D: NicDevice + 'static>(
                     conns.remove(&conn);
                     node.fs_closed(conn, now());
                 }
-                Ev::Control { req: Request::ConnWait { timeout_ms, .. }, reply } if timeout_ms > control::MAX_WAIT_MS => {
-                    let max = control::MAX_WAIT_MS;
-                    let _ = reply.send(Reply::err(format!("timeout_ms = {timeout_ms}: at most {max} ms")));
-                }
                 Ev::Control { req: Request::ConnWait { key, timeout_ms }, reply } => {
                     match control::parse_key(&key) {
                         Ok(k) => match node.table().lookup(&k) {
@@ -362,6 +358,7 @@ pub async fn serve_with<D: NicDevice + 'static>(
                                 let _ = reply.send(wait_answer(&key, &r));
                             }
                             Ok(None) => {
+                                // (At most MAX_WAIT_MS: parse_request_line.)
                                 let limit = Duration::from_millis(timeout_ms);
                                 waiters.push(Waiter { key: k, text: key, deadline: Instant::now() + limit, reply });
                                 node.record_peer_changes(true);
