@@ -1186,7 +1186,19 @@ impl DeltaReceiver {
             }
             // A repeated HELLO: this receiver's acknowledgement was lost.
             Body::Hello { .. } => self.send_ack(),
-            Body::Alive | Body::Nack(_) | Body::Ack(_) => {}
+            // An ALIVE asks whether everything before its number arrived
+            // (the sender's tail probe repeats it until told). With nothing
+            // missing, the answer is an ACK even though nothing new came:
+            // the one the sender waits for was lost, or never sent (a
+            // stream started at a Full Sync's cut). Unanswered, the sender
+            // would count those updates unacknowledged for as long as it
+            // sends nothing new.
+            Body::Alive => {
+                if view.next_seq().is_some_and(|n| n <= self.expected) && self.expected > 1 {
+                    self.send_ack();
+                }
+            }
+            Body::Nack(_) | Body::Ack(_) => {}
         }
         if let Some(n) = view.next_seq() {
             self.peer_next = self.peer_next.max(n);
@@ -1924,6 +1936,45 @@ mod tests {
         feed(&mut r, &hello, 1);
         assert!(events(&mut r).is_empty(), "no PeerReset: the epoch is the one aligned to");
         assert_eq!(r.stats().epoch_changes, 0);
+    }
+
+    /// The receiver's last ACK is lost and the sender sends nothing new:
+    /// its tail probe (an ALIVE) is answered with an ACK, so the updates do
+    /// not stay unacknowledged (an orderly stop waits for them; the
+    /// simulator found one that waited out its whole drain this way).
+    #[test]
+    fn an_alive_is_answered_with_an_ack_when_the_last_one_was_lost() {
+        let mut s = sender(77);
+        let mut r = receiver();
+        feed(&mut r, &frames(&mut s), 0);
+        for a in rx_frames(&mut r) {
+            s.handle_datagram(&a.frame, 0).expect("hello ack");
+        }
+        for i in 0..5 {
+            s.submit(&up(i), 0).expect("submit");
+        }
+        s.flush();
+        feed(&mut r, &frames(&mut s), 1);
+        assert_eq!(delivered(&events(&mut r)), (1..=5).collect::<Vec<_>>());
+        // The ACK of 1..=5 (after the ACK interval) is lost.
+        let t = r.poll_timeout().expect("an ACK timer");
+        r.handle_timeout(t);
+        let lost = rx_frames(&mut r);
+        assert_eq!(lost.iter().map(opcode).collect::<Vec<_>>(), [SyncOpcode::Ack]);
+        assert_eq!(s.acked_through(ME), Some(0));
+        // The sender's tail probe: an ALIVE, answered by an ACK of 5.
+        let probe = s.poll_timeout().expect("a tail probe");
+        s.handle_timeout(probe);
+        let alive = frames(&mut s);
+        assert_eq!(alive.iter().map(opcode).collect::<Vec<_>>(), [SyncOpcode::Alive]);
+        feed(&mut r, &alive, probe);
+        let acks = rx_frames(&mut r);
+        assert_eq!(acks.iter().map(opcode).collect::<Vec<_>>(), [SyncOpcode::Ack]);
+        for a in &acks {
+            s.handle_datagram(&a.frame, probe).expect("ack");
+        }
+        assert_eq!(s.acked_through(ME), Some(5));
+        assert!(delivered(&events(&mut r)).is_empty(), "nothing delivered twice");
     }
 
     #[test]

@@ -61,6 +61,11 @@ pub const MAX_CHUNK_RECORDS: u32 = 65_536;
 pub const DEFAULT_FULL_SYNC_TIMEOUT: Duration = Duration::from_millis(2000);
 /// Largest accepted `full_sync.timeout_ms` (10 minutes).
 pub const MAX_FULL_SYNC_TIMEOUT_MS: u32 = 600_000;
+/// Default longest wait, at an orderly stop, for the peers to acknowledge
+/// this member's changes (`sync.stop_drain_ms`).
+pub const DEFAULT_STOP_DRAIN: Duration = Duration::from_millis(1000);
+/// Largest accepted `sync.stop_drain_ms`.
+pub const MAX_STOP_DRAIN_MS: u32 = 60_000;
 /// Default path of the UNIX control socket.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/nicsync/nicsync.sock";
 /// Default permission bits of the control socket.
@@ -143,11 +148,15 @@ impl Default for DeviceConfig {
 pub struct SyncConfig {
     /// Local UDP address Delta Sync frames are sent from and received on.
     pub bind: SocketAddr,
+    /// At an orderly stop (SIGTERM, SIGINT), the longest wait for every
+    /// peer to acknowledge this member's changes before it announces
+    /// itself Down and exits.
+    pub stop_drain: Duration,
 }
 
 impl Default for SyncConfig {
     fn default() -> Self {
-        SyncConfig { bind: any_addr(DEFAULT_SYNC_PORT) }
+        SyncConfig { bind: any_addr(DEFAULT_SYNC_PORT), stop_drain: DEFAULT_STOP_DRAIN }
     }
 }
 
@@ -450,6 +459,7 @@ impl Config {
 
         writeln!(out, "\n[sync]")?;
         writeln!(out, "bind = {}", quote(&self.sync.bind.to_string()))?;
+        writeln!(out, "stop_drain_ms = {}", self.sync.stop_drain.as_millis())?;
 
         writeln!(out, "\n[membership]")?;
         writeln!(out, "bind = {}", quote(&self.membership.bind.to_string()))?;
@@ -569,6 +579,7 @@ struct RawDevice {
 #[serde(deny_unknown_fields)]
 struct RawSync {
     bind: Option<Spanned<String>>,
+    stop_drain_ms: Option<Spanned<i64>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -875,6 +886,13 @@ impl Source<'_> {
         let device = self.device(&raw.device)?;
 
         let sync_bind = self.bind("sync.bind", &raw.sync.bind, any_addr(DEFAULT_SYNC_PORT))?;
+        let stop_drain_ms: u64 = self.opt_int(
+            "sync.stop_drain_ms",
+            &raw.sync.stop_drain_ms,
+            0,
+            i64::from(MAX_STOP_DRAIN_MS),
+            DEFAULT_STOP_DRAIN.as_millis() as u64,
+        )?;
         let m = &raw.membership;
         let membership_bind = self.bind("membership.bind", &m.bind, any_addr(DEFAULT_MEMBERSHIP_PORT))?;
         let probe_ms: u64 = self.opt_int(
@@ -968,7 +986,7 @@ impl Source<'_> {
             cluster_id,
             mode: raw.mode,
             device,
-            sync: SyncConfig { bind: sync_bind.addr },
+            sync: SyncConfig { bind: sync_bind.addr, stop_drain: Duration::from_millis(stop_drain_ms) },
             membership: MembershipConfig {
                 bind: membership_bind.addr,
                 probe_interval: Duration::from_millis(probe_ms),
@@ -1927,6 +1945,16 @@ tcp_states = ["established", "fin_wait"]
     }
 
     #[test]
+    fn sync_rules() {
+        let y = |k: &str| format!("{MINIMAL}[sync]\n{k}\n");
+        assert_eq!(parse(MINIMAL).unwrap().sync.stop_drain, DEFAULT_STOP_DRAIN);
+        rejects(&y("stop_drain_ms = -1"), 4, "sync.stop_drain_ms = -1");
+        rejects(&y("stop_drain_ms = 60001"), 4, "sync.stop_drain_ms = 60001");
+        assert_eq!(parse(&y("stop_drain_ms = 0")).unwrap().sync.stop_drain, Duration::ZERO);
+        assert_eq!(parse(&y("stop_drain_ms = 60000")).unwrap().sync.stop_drain, Duration::from_secs(60));
+    }
+
+    #[test]
     fn full_sync_rules() {
         let f = |k: &str| format!("{MINIMAL}[full_sync]\n{k}\n");
         rejects(&f("chunk_records = 0"), 4, "full_sync.chunk_records = 0");
@@ -2106,7 +2134,7 @@ tcp_states = ["established", "fin_wait"]
         assert_eq!(e, "member.toml:3: mode[0]: expected a string, found a table");
         // A top-level key written after a table's header is in that table.
         let e = error(&format!("{MINIMAL}[sync]\nnice = 5\n"));
-        assert_eq!(e, "member.toml:4: unknown field `nice` in [sync], expected `bind`");
+        assert_eq!(e, "member.toml:4: unknown field `nice` in [sync], expected `bind` or `stop_drain_ms`");
         let e = error(&format!("{MINIMAL}source = \"conntrack\"\n[[conntrack.filter]]\n"));
         assert_eq!(
             e,

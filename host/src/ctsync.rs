@@ -1254,6 +1254,17 @@ impl KernelLink {
         self.feed.poll_timeout()
     }
 
+    /// The member begins an orderly stop ([`Node::begin_stop`]): an Active
+    /// syncs the connections the delay holds back now, since it will not
+    /// be there to sync them when their delay ends, and the member taking
+    /// over would not have them.
+    pub fn release_held<D: NicDevice>(&mut self, node: &mut Node<D>) {
+        if self.was_active {
+            self.feed.handle_timeout(Nanos::MAX, &mut self.ops);
+            self.apply(node);
+        }
+    }
+
     /// Whether a Standby mirrors the peers' changes into its kernel
     /// (`commit = "always"`).
     pub fn mirrors(&self) -> bool {

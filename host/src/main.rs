@@ -373,12 +373,13 @@ fn control(socket: &std::path::Path, req: &Request) -> anyhow::Result<serde_json
 
 fn render_state(v: &serde_json::Value) -> String {
     let mut out = format!(
-        "cluster {} ({}), member {}: {}{}\n",
+        "cluster {} ({}), member {}: {}{}{}\n",
         v["cluster_id"],
         v["mode"].as_str().unwrap_or("?"),
         v["member_id"],
         v["state"].as_str().unwrap_or("?").to_uppercase().replace('_', " "),
-        if v["full_sync_in_progress"].as_bool() == Some(true) { " (full sync in progress)" } else { "" }
+        if v["full_sync_in_progress"].as_bool() == Some(true) { " (full sync in progress)" } else { "" },
+        if v["stopping"].as_bool() == Some(true) { " (stopping)" } else { "" }
     );
     out.push_str("  ID  STATE              ALIVE  LAST HEARD\n");
     for m in v["members"].as_array().into_iter().flatten() {
@@ -706,6 +707,11 @@ fn run_sim(a: SimArgs) -> anyhow::Result<()> {
         reports.push(r);
     }
     let converged = seeds.len() - failed.len();
+    // Orderly stops (one per seed with faults): how many, what their drains
+    // left unacknowledged, and the longest handover of an Active's.
+    let stops: u64 = reports.iter().map(|r| r.orderly_stops).sum();
+    let stop_unacked: u64 = reports.iter().map(|r| r.stop_unacked).sum();
+    let handover = reports.iter().flat_map(|r| r.stop_handovers_ms.iter().copied()).fold(0.0, f64::max);
     if a.json {
         let longest = reports.iter().map(|r| r.longest_two_actives_ms).fold(0.0, f64::max);
         let mut out = serde_json::json!({
@@ -713,6 +719,9 @@ fn run_sim(a: SimArgs) -> anyhow::Result<()> {
             "converged": converged,
             "failed_seeds": failed,
             "longest_two_actives_ms": longest,
+            "orderly_stops": stops,
+            "orderly_stop_unacked_updates": stop_unacked,
+            "longest_orderly_stop_handover_ms": handover,
         });
         if a.seed.is_some() {
             out["report"] = serde_json::to_value(&reports[0])?;
@@ -727,7 +736,8 @@ fn run_sim(a: SimArgs) -> anyhow::Result<()> {
         let longest = reports.iter().map(|r| r.longest_two_actives_ms).fold(0.0, f64::max);
         println!(
             "{} seeds, {} converged, {} failed {:?}; {} acknowledged writes checked, {} full syncs, \
-             two Actives at once for {:.1} ms at the longest, {:.1} s",
+             two Actives at once for {:.1} ms at the longest; {} orderly stops ({} updates unacknowledged, \
+             an Active's handover {:.1} ms at the longest), {:.1} s",
             seeds.len(),
             converged,
             failed.len(),
@@ -735,6 +745,9 @@ fn run_sim(a: SimArgs) -> anyhow::Result<()> {
             acked,
             syncs,
             longest,
+            stops,
+            stop_unacked,
+            handover,
             started.elapsed().as_secs_f64()
         );
     }

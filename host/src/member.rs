@@ -263,7 +263,8 @@ pub fn thread_nice_values(pid: u32) -> std::io::Result<Vec<(String, Option<i32>)
     Ok(out)
 }
 
-/// Runs the member a configuration describes until SIGINT or SIGTERM.
+/// Runs the member a configuration describes until SIGINT or SIGTERM,
+/// which stop it in order (a second one at once).
 pub fn run_daemon(cfg: &Config) -> anyhow::Result<()> {
     // Before any thread starts: each inherits it.
     if let Some(n) = cfg.nice {
@@ -291,20 +292,26 @@ pub fn run_daemon(cfg: &Config) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
     let stats = local.block_on(&rt, async {
-        let shutdown = async {
-            let term = async {
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(mut s) => {
-                        s.recv().await;
-                    }
-                    Err(_) => std::future::pending::<()>().await,
+        // Stop signals: the first stops the member in order (its peers
+        // acknowledge its changes, then it announces itself Down), a
+        // second at once (runtime::OrderlyStop).
+        use anyhow::Context as _;
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let (tx, signals) = tokio::sync::mpsc::unbounded_channel();
+        tokio::task::spawn_local(async move {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
                 }
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term => {}
+                if tx.send(()).is_err() {
+                    break;
+                }
             }
-        };
+        });
+        let orderly = crate::runtime::OrderlyStop { signals, drain: cfg.sync.stop_drain };
         let kernel = match cfg.source {
             TableSource::Conntrack => {
                 let mut ends = vec![cfg.sync.bind, cfg.membership.bind, cfg.full_sync.bind];
@@ -317,9 +324,17 @@ pub fn run_daemon(cfg: &Config) -> anyhow::Result<()> {
             TableSource::Control => None,
         };
         let sockets = crate::runtime::MemberSockets::bind(&net)?;
-        crate::runtime::serve_with(&mut node, sockets, &net, Some(&ctl), None, kernel, shutdown)
-            .await
-            .map_err(anyhow::Error::from)
+        crate::runtime::serve_with(
+            &mut node,
+            sockets,
+            &net,
+            Some(&ctl),
+            None,
+            crate::runtime::DaemonInputs { kernel, orderly: Some(orderly) },
+            std::future::pending(),
+        )
+        .await
+        .map_err(anyhow::Error::from)
     })?;
     tracing::info!(member = cfg.member_id, "nicsync daemon stopped: {stats:?}");
     Ok(())

@@ -387,6 +387,8 @@ pub struct Node<D: NicDevice> {
     /// Since when it has been waiting for its own updates to be
     /// acknowledged before a pull.
     drain_since: Option<Nanos>,
+    /// An orderly stop under way ([`Node::begin_stop`]).
+    stop: Option<Stopping>,
     /// Sealing of membership datagrams and Full Sync streams.
     security: Option<NodeSecurity>,
     /// Changes the peers made to this member's card, kept for the caller
@@ -409,6 +411,34 @@ pub struct Node<D: NicDevice> {
 
 /// Times a resync request is repeated before it is given up.
 const RESYNC_ASK_TRIES: u32 = 100;
+
+/// An orderly stop under way ([`Node::begin_stop`]).
+#[derive(Clone, Copy, Debug)]
+struct Stopping {
+    /// When it began.
+    since: Nanos,
+    /// The drain of this member's own changes ends here at the latest.
+    drain_until: Nanos,
+    /// The sequence number of this member's last change when the stop
+    /// began: the drain waits for every peer to acknowledge it. Changes
+    /// made after it (a conntrack source's kernel events go on) are not
+    /// waited for, or a busy member would wait for its whole drain.
+    last_change: u64,
+    /// When Down was announced, and this member's changes some peer had
+    /// not acknowledged then.
+    announced: Option<(Nanos, u64)>,
+}
+
+/// How an orderly stop went ([`Node::stop_progress`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StopReport {
+    /// This member's changes made before the stop that some peer had not
+    /// acknowledged when it announced itself Down (0 unless the drain ran
+    /// out: a peer dead or cut off, or one that cannot keep up).
+    pub unacked: u64,
+    /// From the start of the stop until the announcement.
+    pub drain_ns: Nanos,
+}
 
 impl<D: NicDevice> std::fmt::Debug for Node<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -486,6 +516,7 @@ impl<D: NicDevice> Node<D> {
             floor_checked: now,
             looking_since: None,
             drain_since: None,
+            stop: None,
             merge: None,
             merge_queue: VecDeque::new(),
             ask_merge_after: false,
@@ -498,6 +529,82 @@ impl<D: NicDevice> Node<D> {
             last_audit: None,
             peer_changes: None,
         })
+    }
+
+    /// Starts an orderly stop (the daemon's SIGTERM): this member's own
+    /// table changes made so far get up to `drain_ns` to be acknowledged by
+    /// every peer (from its card's `sync_next_seq` and `sync_unacked`
+    /// counters), and the Full Syncs it serves to end, then it announces
+    /// itself
+    /// Down, so that the peers fail over within a network delay instead of
+    /// a dead window, and hold every change it made. Meanwhile it goes on
+    /// as before (a conntrack source keeps putting its kernel's events on
+    /// the card), but starts no resync; [`Node::stop_progress`] drives it
+    /// and says when the member may exit. Calling it again changes
+    /// nothing.
+    pub fn begin_stop(&mut self, now: Nanos, drain_ns: Nanos) {
+        if self.stop.is_none() {
+            tracing::info!(
+                member = self.cfg.member_id,
+                "orderly stop: waiting up to {:.0} ms for the peers to acknowledge this member's changes",
+                drain_ns as f64 / 1e6
+            );
+            let last_change = self.table.driver_ref().device_counter(Counter::SyncNextSeq).saturating_sub(1);
+            self.stop =
+                Some(Stopping { since: now, drain_until: now.saturating_add(drain_ns), last_change, announced: None });
+        }
+    }
+
+    /// Whether an orderly stop is under way.
+    pub fn is_stopping(&self) -> bool {
+        self.stop.is_some()
+    }
+
+    /// Drives an orderly stop ([`Node::begin_stop`]): once the peers have
+    /// acknowledged this member's changes, or the drain ran out, announces
+    /// Down; then lingers one probe interval, so that the periodic probe
+    /// repeats the announcement should its datagram be lost. Returns the
+    /// report once the member may exit, `None` before (and when no stop
+    /// was asked for).
+    pub fn stop_progress(&mut self, now: Nanos) -> Option<StopReport> {
+        let stop = self.stop.as_mut()?;
+        let since = stop.since;
+        let (announced, unacked) = match stop.announced {
+            Some(a) => a,
+            None => {
+                // Every peer has acknowledged up to `last - unacked`.
+                let drv = self.table.driver_ref();
+                let last = drv.device_counter(Counter::SyncNextSeq).saturating_sub(1);
+                let acked = last.saturating_sub(drv.device_counter(Counter::SyncUnacked));
+                let unacked = stop.last_change.saturating_sub(acked);
+                // A Full Sync it serves is a member's only way to its
+                // table: it is let finish within the drain too.
+                if (unacked > 0 || !self.serving.is_empty()) && now < stop.drain_until {
+                    return None;
+                }
+                stop.announced = Some((now, unacked));
+                let drained = now.saturating_sub(since);
+                if unacked > 0 {
+                    self.note_error(format!(
+                        "orderly stop: {unacked} of this member's changes not acknowledged by every peer after {:.0} ms; announcing Down anyway",
+                        drained as f64 / 1e6
+                    ));
+                }
+                tracing::info!(
+                    member = self.cfg.member_id,
+                    "orderly stop: announcing Down after {:.1} ms ({unacked} unacknowledged)",
+                    drained as f64 / 1e6
+                );
+                self.ms.set_down(now);
+                while let Some(t) = self.ms.poll_transmit() {
+                    self.out.push_back(NodeOutput::Ccp { dest: t.dest, bytes: t.bytes });
+                }
+                (now, unacked)
+            }
+        };
+        let linger = if self.cfg.peers.is_empty() { 0 } else { self.cfg.probe_interval_ns };
+        (now >= announced.saturating_add(linger))
+            .then(|| StopReport { unacked, drain_ns: announced.saturating_sub(since) })
     }
 
     /// Keeps (or stops keeping) the keys the peers' sync updates changed on
@@ -1104,7 +1211,8 @@ impl<D: NicDevice> Node<D> {
             self.realign();
         }
         self.drive_merges(now);
-        if self.resync_wanted {
+        // A member that is stopping starts no pull: it is about to go.
+        if self.resync_wanted && self.stop.is_none() {
             self.drive_pull(now);
         }
         self.check_divergence(now);

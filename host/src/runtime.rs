@@ -177,20 +177,58 @@ pub async fn serve_on<D: NicDevice + 'static>(
     hook: Option<TickHook<'_, D>>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<NetStats, RuntimeError> {
-    serve_with(node, sockets, net, control, hook, None, shutdown).await
+    serve_with(node, sockets, net, control, hook, DaemonInputs::default(), shutdown).await
 }
 
-/// [`serve_on`], with the kernel's connection tracking as the table's
-/// source and sink when `kernel` is given (`source = "conntrack"`).
+/// What a daemon adds to a member's loop ([`serve_with`]).
+#[derive(Debug, Default)]
+pub struct DaemonInputs {
+    /// The kernel's connection tracking as the table's source and sink
+    /// (`source = "conntrack"`).
+    pub kernel: Option<KernelLink>,
+    /// Stop signals that stop the member in order.
+    pub orderly: Option<OrderlyStop>,
+}
+
+/// A daemon's stop signals ([`serve_with`]): each message on `signals` is
+/// one (SIGTERM, SIGINT). The first starts an orderly stop
+/// ([`Node::begin_stop`], the peers given up to `drain` to acknowledge this
+/// member's changes, then Down announced); a second stops at once.
+#[derive(Debug)]
+pub struct OrderlyStop {
+    /// One message per stop signal.
+    pub signals: mpsc::UnboundedReceiver<()>,
+    /// The longest wait for the peers' acknowledgements.
+    pub drain: Duration,
+}
+
+/// The next stop signal; never, without an [`OrderlyStop`] or once its
+/// sender is gone.
+async fn stop_signal(orderly: &mut Option<OrderlyStop>) {
+    match orderly.as_mut() {
+        Some(o) => {
+            if o.signals.recv().await.is_none() {
+                *orderly = None;
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+/// [`serve_on`], with a daemon's inputs: the kernel's connection tracking
+/// and stop signals that stop the member in order (`shutdown` still stops
+/// it at once).
 pub async fn serve_with<D: NicDevice + 'static>(
     node: &mut Node<D>,
     sockets: MemberSockets,
     net: &MemberNet,
     control: Option<&ControlSocket>,
     mut hook: Option<TickHook<'_, D>>,
-    mut kernel: Option<KernelLink>,
+    inputs: DaemonInputs,
     shutdown: impl Future<Output = ()>,
 ) -> Result<NetStats, RuntimeError> {
+    let DaemonInputs { mut kernel, mut orderly } = inputs;
     let start = Instant::now();
     let now = || start.elapsed().as_nanos() as Nanos;
     let setup = |what: &'static str, addr: String| move |source| RuntimeError::Bind { what, addr, source };
@@ -280,6 +318,16 @@ pub async fn serve_with<D: NicDevice + 'static>(
             // meanwhile, before the loop comes back to take it in.
             tokio::task::yield_now().await;
         }
+        if let Some(r) = node.stop_progress(now()) {
+            flush_outputs(node, net, &ccp, &mut conns, &ev_tx, &mut stats);
+            tracing::info!(
+                member = node.member_id(),
+                "orderly stop: done ({:.1} ms to announce Down, {} changes unacknowledged)",
+                r.drain_ns as f64 / 1e6,
+                r.unacked
+            );
+            break;
+        }
         let next = match (node.poll_timeout(), kernel.as_ref().and_then(KernelLink::poll_timeout)) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -299,6 +347,19 @@ pub async fn serve_with<D: NicDevice + 'static>(
         }
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = stop_signal(&mut orderly) => {
+                if node.is_stopping() {
+                    tracing::warn!(member = node.member_id(), "a second stop signal: stopping at once");
+                    break;
+                }
+                let drain = orderly.as_ref().map_or(Duration::ZERO, |o| o.drain);
+                // The delay's held connections first: they are among the
+                // changes the peers must acknowledge before Down.
+                if let Some(k) = kernel.as_mut() {
+                    k.release_held(node);
+                }
+                node.begin_stop(now(), drain.as_nanos() as Nanos);
+            }
             wake = kernel_wake(&mut kernel) => {
                 turn = ("conntrack", Instant::now());
                 if let Some(k) = kernel.as_mut() {
@@ -940,6 +1001,22 @@ fn waits_on_loop(req: &Request) -> bool {
     }
 }
 
+/// Whether `req` changes the table or asks for a resync (refused while
+/// the member stops: a change made after its last acknowledged one would
+/// not reach the peers). Every request is named: a new one must be placed.
+fn changes_the_cluster(req: &Request) -> bool {
+    match req {
+        Request::ConnAdd { .. } | Request::ConnDel { .. } | Request::ConnFlush | Request::Resync { .. } => true,
+        Request::State
+        | Request::Syncstat
+        | Request::ConnGet { .. }
+        | Request::ConnWait { .. }
+        | Request::ConnDigest
+        | Request::ConnList { .. }
+        | Request::ReloadKeys => false,
+    }
+}
+
 /// Who may use the control socket.
 #[derive(Clone, Copy)]
 struct Asked<'a> {
@@ -1136,6 +1213,9 @@ pub fn handle_request<D: NicDevice>(
     net: &NetStats,
     now: Nanos,
 ) -> Reply {
+    if node.is_stopping() && changes_the_cluster(req) {
+        return Reply::err("this member is stopping (an orderly stop: SIGTERM); ask another member".to_string());
+    }
     match req {
         Request::State => Reply::ok(state_json(node, now)),
         Request::Syncstat => match serde_json::to_value(Syncstat::of(node, net, kernel.map(KernelLink::stats))) {
@@ -1277,6 +1357,7 @@ pub fn state_json<D: NicDevice>(node: &Node<D>, now: Nanos) -> serde_json::Value
         "active": matches!(state, MemberState::Active | MemberState::ActiveAttention),
         "synced": node.is_synced(),
         "full_sync_in_progress": node.is_pulling(),
+        "stopping": node.is_stopping(),
         "sync_source": node.membership().sync_source(),
         "members": members,
     })

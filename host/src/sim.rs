@@ -108,6 +108,9 @@ pub enum Scripted {
         /// Dropped from now on (true) or carried again (false).
         on: bool,
     },
+    /// An orderly stop of member `.0` (the daemon's SIGTERM,
+    /// [`Node::begin_stop`]); it starts again later, as a crashed one does.
+    Stop(u16),
 }
 
 impl SimConfig {
@@ -196,6 +199,15 @@ pub struct SimReport {
     /// Spurious completion interrupts the interrupt-driven members' hosts
     /// took and ignored, all members (crashed ones up to their crash).
     pub spurious_interrupts: u64,
+    /// Orderly stops that ran to the end.
+    pub orderly_stops: u64,
+    /// Of the stopped members' changes made before their stops, those no
+    /// peer had acknowledged when they announced Down (the drain ran out:
+    /// a peer cut off); their keys are uncertain, as a crashed member's.
+    pub stop_unacked: u64,
+    /// HA: per orderly stop of the Active, virtual milliseconds from its
+    /// announcing Down until another member was Active.
+    pub stop_handovers_ms: Vec<f64>,
     /// What happened when (virtual milliseconds), for replaying a failure.
     pub timeline: Vec<String>,
 }
@@ -253,6 +265,12 @@ const LATENCY_NS: Nanos = 50_000;
 const KEYS_PER_WRITER: u32 = 1500;
 /// Writes a member acknowledged this long before it crashed may be lost.
 const CRASH_WINDOW_NS: Nanos = 300_000_000;
+/// The peers' time to acknowledge a stopping member's changes
+/// (`sync.stop_drain_ms`).
+const STOP_DRAIN_NS: Nanos = 200_000_000;
+/// Mixed into the seed for the orderly stop's draws, a stream of their own,
+/// so that adding them moved none of the other faults' draws.
+const STOP_STREAM: u64 = 0x5354_4f50_5354_4f50;
 
 struct Sim {
     cfg: SimConfig,
@@ -285,6 +303,11 @@ struct Sim {
     cut_links: DroppedLinks,
     /// HA: since when two or more members have been Active.
     two_actives_since: Option<Nanos>,
+    /// Draws for orderly stops.
+    stop_rng: SeededRng,
+    /// HA: when a stopping Active announced Down, until another member is
+    /// Active.
+    stop_announced: Option<Nanos>,
 }
 
 fn sim_key(writer: u16, i: u32) -> ConnKey {
@@ -301,6 +324,7 @@ fn sim_key(writer: u16, i: u32) -> ConnKey {
 impl Sim {
     fn new(cfg: SimConfig) -> Self {
         let mut rng = SeededRng::new(cfg.seed);
+        let stop_rng = SeededRng::new(cfg.seed ^ STOP_STREAM);
         let loss = if cfg.faults { rng.below(cfg.max_loss_ppm as u64 + 1) as u32 } else { 0 };
         let impairment = Impairment {
             loss_ppm: loss,
@@ -348,6 +372,8 @@ impl Sim {
             dropped_ccp: DroppedLinks::new(),
             cut_links: DroppedLinks::new(),
             two_actives_since: None,
+            stop_rng,
+            stop_announced: None,
         }
     }
 
@@ -434,17 +460,41 @@ impl Sim {
     }
 
     fn crash(&mut self, id: u16) {
+        if self.slots[id as usize - 1].node.is_none() {
+            return;
+        }
+        self.fault("crash");
+        self.log(format!("member {id} crashes"));
+        self.take_down(id, None);
+    }
+
+    /// Member `id` stops: crashed (`stopped` is `None`) or at the end of
+    /// an orderly stop. It starts again 100-400 ms later.
+    fn take_down(&mut self, id: u16, stopped: Option<crate::node::StopReport>) {
         let idx = id as usize - 1;
         let Some(mut n) = self.slots[idx].node.take() else { return };
         Self::absorb_device_faults(&mut self.report, &mut n);
         drop(n);
-        self.fault("crash");
-        self.log(format!("member {id} crashes"));
-        // Its recent writes may not have left it.
-        let now = self.now;
-        for (k, (_, w, at)) in &self.reference {
-            if *w == id && now.saturating_sub(*at) < CRASH_WINDOW_NS {
-                self.uncertain.insert(*k);
+        // A member stopped with changes no peer acknowledged, while no
+        // other member held the cluster's table (faults after its stop
+        // began: the others crashed, cut off or resyncing), took the table
+        // with it. Past what the cluster survives (one member), unlike its
+        // own recent writes below.
+        let holders = self.slots.iter().filter_map(|s| s.node.as_ref()).filter(|n| n.is_synced()).count();
+        if stopped.is_some_and(|r| r.unacked > 0) && holders == 0 {
+            self.log(format!("member {id} stopped holding the only copy of the table: every key is uncertain"));
+            self.uncertain.extend(self.reference.keys().copied());
+        }
+        // A crashed member's recent writes may not have left it; a stopped
+        // one's left it, unless the peers did not all acknowledge them.
+        if stopped.is_none_or(|r| r.unacked > 0) {
+            let now = self.now;
+            // A stopped member wrote nothing during its stop.
+            let window = CRASH_WINDOW_NS + stopped.map_or(0, |r| r.drain_ns);
+            for (k, (_, w, at)) in &self.reference {
+                if *w == id && now.saturating_sub(*at) < window {
+                    self.uncertain.insert(*k);
+                }
             }
         }
         // Its streams break; the peers see them close.
@@ -465,8 +515,22 @@ impl Sim {
         for (to, conn) in broken {
             self.send(LATENCY_NS, Msg::FsClosed { to, conn });
         }
-        let back = 100 + self.rng.below(300);
+        let rng = if stopped.is_some() { &mut self.stop_rng } else { &mut self.rng };
+        let back = 100 + rng.below(300);
         self.slots[idx].restart_at = Some(self.now + back * 1_000_000);
+    }
+
+    /// Begins an orderly stop of member `id`.
+    fn stop(&mut self, id: u16) {
+        let now = self.now;
+        let Some(n) = self.slots[id as usize - 1].node.as_mut() else { return };
+        if n.is_stopping() {
+            return;
+        }
+        n.begin_stop(now, STOP_DRAIN_NS);
+        let state = n.state();
+        self.fault("orderly_stop");
+        self.log(format!("member {id} stops in order ({state})"));
     }
 
     fn send(&mut self, delay: Nanos, m: Msg) {
@@ -607,7 +671,10 @@ impl Sim {
                 let s = &self.slots[*id as usize - 1];
                 !s.isolated
                     && s.node.as_ref().is_some_and(|n| {
-                        matches!(n.state(), MemberState::Active | MemberState::ActiveAttention) && n.is_synced()
+                        // A stopping member refuses writes (runtime::handle_request).
+                        matches!(n.state(), MemberState::Active | MemberState::ActiveAttention)
+                            && n.is_synced()
+                            && !n.is_stopping()
                     })
             })
             .collect();
@@ -703,13 +770,33 @@ impl Sim {
                 // counted and ignored).
                 n.table().driver().take_interrupts();
             }
+            let stopped = self.slots[id as usize - 1].node.as_mut().and_then(|n| n.stop_progress(self.now));
             self.outputs(id);
-            let st = self.slots[id as usize - 1].node.as_ref().map(|n| n.state());
+            let node = self.slots[id as usize - 1].node.as_ref();
+            let (st, stopping) = (node.map(|n| n.state()), node.is_some_and(|n| n.is_stopping()));
             if st.is_some() && st != self.slots[id as usize - 1].last_state {
+                let was_active = self.slots[id as usize - 1].last_state.is_some_and(|s| s.is_active());
                 self.slots[id as usize - 1].last_state = st;
                 if let Some(st) = st {
                     self.log(format!("member {id} is {st}"));
+                    if stopping && was_active && st == MemberState::Down {
+                        self.stop_announced = Some(self.now);
+                    } else if st.is_active() {
+                        if let Some(t) = self.stop_announced.take() {
+                            self.report.stop_handovers_ms.push((self.now - t) as f64 / 1e6);
+                        }
+                    }
                 }
+            }
+            if let Some(r) = stopped {
+                self.report.orderly_stops += 1;
+                self.report.stop_unacked += r.unacked;
+                self.log(format!(
+                    "member {id} stopped ({:.1} ms to announce Down, {} changes unacknowledged)",
+                    r.drain_ns as f64 / 1e6,
+                    r.unacked
+                ));
+                self.take_down(id, Some(r));
             }
         }
         self.deliver_due();
@@ -932,6 +1019,8 @@ impl Sim {
         let t = at(&mut self.rng, 20, 80);
         f.push((t, Fault::CutLink(a, b, true)));
         f.push((t + (50 + self.rng.below(250)) * 1_000_000, Fault::CutLink(a, b, false)));
+        // Drawn from a stream of their own: the draws above are as before.
+        f.push((at(&mut self.stop_rng, 20, 90), Fault::StopWriter));
         f.sort_by_key(|x| x.0);
         f
     }
@@ -983,6 +1072,19 @@ impl Sim {
                     self.log(format!("operator resyncs member {id}"));
                 }
             }
+            Fault::StopWriter => {
+                // As an operator does maintenance: on a healthy cluster.
+                let healthy = self.cut_links.is_empty()
+                    && self.dropped_ccp.is_empty()
+                    && self.slots.iter().all(|s| !s.isolated && s.node.as_ref().is_some_and(|n| n.is_synced()));
+                let writers = self.writers();
+                if !healthy {
+                    self.log("no orderly stop: the cluster is not whole".into());
+                } else if !writers.is_empty() {
+                    let i = self.stop_rng.below(writers.len() as u64) as usize;
+                    self.stop(writers[i]);
+                }
+            }
             Fault::Script(step) => self.scripted(step),
         }
     }
@@ -1021,6 +1123,7 @@ impl Sim {
                     self.dropped_ccp.remove(&(from, to));
                 }
             }
+            Scripted::Stop(id) => self.stop(id),
         }
     }
 
@@ -1118,6 +1221,8 @@ enum Fault {
     /// The link between two members cut (true) or mended.
     CutLink(u16, u16, bool),
     Resync(u16),
+    /// An orderly stop of a member writing (HA: the Active), if any.
+    StopWriter,
     Script(Scripted),
 }
 

@@ -196,6 +196,50 @@ fn three_daemons_survive_a_kill_and_converge() {
     let added = members[a].req(&udp(None)).expect("a UDP entry without a TCP state");
     let got = members[a].req(&Request::ConnGet { key: "udp 10.250.0.9:5354 -> 192.0.2.9:53".into() }).expect("get");
     assert_eq!(got["tcp_state"], "none", "{added} {got}");
+
+    // An orderly stop of the Active (SIGTERM) right after a burst of
+    // writes: it waits for its peers to acknowledge them, announces itself
+    // Down and exits; a Standby takes over on the announcement, before it
+    // would have taken the member for dead, and holds every write.
+    for i in 0..300u32 {
+        members[a]
+            .req(&Request::ConnAdd {
+                key: conn(5000 + i),
+                tcp_state: Some("established".into()),
+                timeout_s: 0,
+                mark: i,
+                sync: true,
+            })
+            .expect("conn add");
+    }
+    let logs_before: Vec<usize> = members.iter().map(|m| m.logs().len()).collect();
+    let status = members[a].terminate(Duration::from_secs(10)).expect("the Active exits within 10 s of SIGTERM");
+    assert!(status.success(), "{status:?}\n{}", members[a].logs());
+    let stopped = &members[a].logs()[logs_before[a]..];
+    assert!(
+        stopped.contains("orderly stop: done") && stopped.contains(" 0 changes unacknowledged"),
+        "the stopping member's peers acknowledged everything:\n{stopped}"
+    );
+    let others: Vec<&Member> = members.iter().filter(|m| m.id != active).collect();
+    let next = wait_for("a Standby to take over", Duration::from_secs(20), &members, || {
+        others.iter().find(|m| m.req(&Request::State).ok().is_some_and(|v| v["state"] == "active")).map(|m| m.id)
+    });
+    // The new Active took over on the announcement: its log shows it
+    // Active before it took the stopped member for dead (30 probes later).
+    let n = next as usize - 1;
+    let log = members[n].logs()[logs_before[n]..].to_string();
+    let took_over = log
+        .find("LocalStateChanged { from: Standby, to: Active }")
+        .unwrap_or_else(|| panic!("member {next} never logged its takeover:\n{log}"));
+    let died = log.find(&format!("PeerDied {{ member: {active}")).unwrap_or(usize::MAX);
+    assert!(took_over < died, "member {next} took member {active} for dead before it took over:\n{log}");
+    // A stopping member refuses changes; the two left hold every write.
+    let digests = wait_for("equal digests of the two left", Duration::from_secs(30), &members, || {
+        let ds: Vec<Value> = others.iter().filter_map(|m| m.req(&Request::ConnDigest).ok()).collect();
+        (ds.len() == 2 && ds[0] == ds[1]).then_some(ds)
+    });
+    // 1200 from the churn, the waited key, two UDP entries and the burst.
+    assert_eq!(digests[0]["entries"].as_u64(), Some(1200 + 1 + 2 + 300), "{digests:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

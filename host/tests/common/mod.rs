@@ -63,6 +63,25 @@ impl Daemon {
         }
     }
 
+    /// Sends it SIGTERM (an orderly stop) and waits up to `limit` for it
+    /// to exit; its exit status, or `None` if it did not exit in time (it
+    /// is then killed).
+    pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let sent = Command::new("kill").args(["-TERM", &c.id().to_string()]).status().expect("kill -TERM");
+        assert!(sent.success(), "kill -TERM {}", c.id());
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if let Some(status) = c.try_wait().expect("wait") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
+    }
+
     /// Its process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
