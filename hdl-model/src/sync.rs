@@ -573,8 +573,16 @@ impl DeltaSender {
         self.queue.push_back(rec);
         self.unflushed += 1;
         self.stats.updates_sent += 1;
-        if self.cfg.tail_probe_ns > 0 && self.tail_probe.is_none() {
-            self.tail_probe = Some((now.saturating_add(self.cfg.tail_probe_ns), self.cfg.tail_probe_ns));
+        // The tail probe asks the peers to acknowledge what they have not
+        // yet: a tail probe's wait after a new update is the shortest
+        // again, whatever it backed off to while earlier ones went
+        // unacknowledged (under steady writes it stood at 160 ms, and a
+        // stopping member, docs/cluster.md, waited for it).
+        if self.cfg.tail_probe_ns > 0 {
+            let soon = now.saturating_add(self.cfg.tail_probe_ns);
+            if self.tail_probe.is_none_or(|(at, _)| at > soon) {
+                self.tail_probe = Some((soon, self.cfg.tail_probe_ns));
+            }
         }
         if self.unflushed >= self.cfg.max_records_per_frame || self.cfg.flush_delay_ns == 0 {
             self.flush();

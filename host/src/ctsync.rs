@@ -1257,10 +1257,14 @@ impl KernelLink {
     /// The member begins an orderly stop ([`Node::begin_stop`]): an Active
     /// syncs the connections the delay holds back now, since it will not
     /// be there to sync them when their delay ends, and the member taking
-    /// over would not have them.
+    /// over would not have them. Every change queued for the card goes on
+    /// it now, not a turn's share ([`OPS_PER_TURN`]), so that the stop's
+    /// drain, which begins next, waits for the peers to acknowledge them.
     pub fn release_held<D: NicDevice>(&mut self, node: &mut Node<D>) {
         if self.was_active {
             self.feed.handle_timeout(Nanos::MAX, &mut self.ops);
+        }
+        while !self.ops.is_empty() {
             self.apply(node);
         }
     }

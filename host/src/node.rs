@@ -264,6 +264,16 @@ struct Pull {
     /// pull: those after the snapshot's cut are in neither the snapshot
     /// nor the held updates.
     lost_events: u64,
+    /// A Full Sync (not a merge): the table is emptied when the source's
+    /// BEGIN arrives, not before, so that a pull whose source is dead or
+    /// unreachable leaves the table as it was.
+    empties: bool,
+    /// The table was emptied for it, or is about to be (`to_empty`): it
+    /// is no member's table until the pull is done.
+    emptied: bool,
+    /// The source's BEGIN came: the table is emptied before the first
+    /// write.
+    to_empty: bool,
 }
 
 impl Pull {
@@ -283,6 +293,9 @@ impl Pull {
             cut: Vec::new(),
             posted: None,
             lost_events: 0,
+            empties: false,
+            emptied: false,
+            to_empty: false,
         }
     }
 
@@ -549,7 +562,15 @@ impl<D: NicDevice> Node<D> {
                 "orderly stop: waiting up to {:.0} ms for the peers to acknowledge this member's changes",
                 drain_ns as f64 / 1e6
             );
-            let last_change = self.table.driver_ref().device_counter(Counter::SyncNextSeq).saturating_sub(1);
+            // The card's own position, from a command: its counters are
+            // published off the command path and may lag the last writes.
+            // (The counters read later only lag: they can make the drain
+            // wait longer, never end it early.)
+            let next = match self.table.sync_positions() {
+                Ok(Some(p)) if !p.is_empty() => p[0].next_seq.get(),
+                _ => self.table.driver_ref().device_counter(Counter::SyncNextSeq),
+            };
+            let last_change = next.saturating_sub(1);
             self.stop =
                 Some(Stopping { since: now, drain_until: now.saturating_add(drain_ns), last_change, announced: None });
         }
@@ -1211,8 +1232,7 @@ impl<D: NicDevice> Node<D> {
             self.realign();
         }
         self.drive_merges(now);
-        // A member that is stopping starts no pull: it is about to go.
-        if self.resync_wanted && self.stop.is_none() {
+        if self.resync_wanted {
             self.drive_pull(now);
         }
         self.check_divergence(now);
@@ -1412,6 +1432,11 @@ impl<D: NicDevice> Node<D> {
 
     /// Join, resync and the pulling side of Full Sync.
     fn drive_pull(&mut self, now: Nanos) {
+        // A member that is stopping pulls nothing: a pull or resync would
+        // take it out of Down, which it announced, or keep it Down.
+        if self.stop.is_some() {
+            return;
+        }
         match &self.phase {
             Phase::Listening { until } if *until <= now => self.start_pull(0, now),
             Phase::Backoff { until, attempt } if *until <= now => {
@@ -1454,6 +1479,10 @@ impl<D: NicDevice> Node<D> {
 
     /// The merge pulls of a realignment (see [`Node::realign`]).
     fn drive_merges(&mut self, now: Nanos) {
+        // (Nor merges: one that ends reports the member synced again.)
+        if self.stop.is_some() {
+            return;
+        }
         if let Some(p) = &mut self.merge {
             match pump_pull(&mut self.table, &mut self.out, p, now) {
                 Some(Err(why)) => {
@@ -1519,6 +1548,11 @@ impl<D: NicDevice> Node<D> {
     /// which then holds the union: every member ends with the same table,
     /// and no change any member holds is lost.
     fn realign(&mut self) {
+        // A stopping member asks no peer to merge from it: the streams
+        // would outlast it.
+        if self.stop.is_some() {
+            return;
+        }
         for p in self.synced_peers(None) {
             if !self.merge_queue.contains(&p) {
                 self.merge_queue.push_back(p);
@@ -1588,24 +1622,26 @@ impl<D: NicDevice> Node<D> {
         self.drain_since = None;
         // Hold the peers' deltas on the card from now on (a new member
         // holds from its start); they are applied after the snapshot, in
-        // arrival order. The table is emptied, tombstones too: it becomes
-        // the source's (entries and recent deletes), then what happened
-        // since. In HA the source is the Active, which has every update it
-        // made itself, so nothing this member applied before the hold can
-        // be missing from the snapshot unless its sender is dead (and then
-        // the Active's word is the cluster's).
+        // arrival order. The table is emptied, tombstones too, once the
+        // source's BEGIN arrives (pump_pull): it becomes the source's
+        // (entries and recent deletes), then what happened since. Held,
+        // the table does not change meanwhile, and a source that never
+        // answers (dead, unreachable) leaves it as it was: a resync asked
+        // of the last member holding the table just as the Active died
+        // used to empty it for nothing. In HA the source is the Active,
+        // which has every update it made itself, so nothing this member
+        // applied before the hold can be missing from the snapshot unless
+        // its sender is dead (and then the Active's word is the cluster's).
         if let Err(e) = self.table.driver().set_sync_hold(true) {
             self.note_error(format!("full sync: setting sync hold: {e}"));
-        }
-        self.table_own = false;
-        if let Err(e) = self.table.flush() {
-            self.note_error(format!("full sync: emptying the table: {e}"));
         }
         let conn = self.next_conn;
         self.next_conn += 1;
         tracing::info!(member = self.cfg.member_id, "full sync: pulling from member {peer} (try {attempt})");
         self.out.push_back(NodeOutput::FsConnect { conn, peer, attempt });
-        self.phase = Phase::Pulling(Box::new(Pull::new(conn, peer, attempt, now)));
+        let mut pull = Pull::new(conn, peer, attempt, now);
+        pull.empties = true;
+        self.phase = Phase::Pulling(Box::new(pull));
     }
 
     /// Whether this member may declare its own table the cluster's, when
@@ -1658,6 +1694,9 @@ impl<D: NicDevice> Node<D> {
         let Phase::Pulling(p) = &mut self.phase else { return };
         p.finished = true;
         p.drop_write(&mut self.table);
+        if p.emptied {
+            self.table_own = false;
+        }
         let (conn, attempt) = (p.conn, p.attempt);
         self.stats.full_syncs_failed += 1;
         self.note_error(why);
@@ -1966,6 +2005,14 @@ fn pump_pull<D: NicDevice>(
     while let Some(ev) = client.poll_event() {
         match ev {
             ClientEvent::Begin { estimated_records, cut, .. } => {
+                // The source answered: the table becomes its snapshot, then
+                // what the card held since the pull began (start_pull).
+                // Emptied before the first write (below), after the first
+                // chunk's ACK has left.
+                if p.empties && !p.emptied {
+                    p.emptied = true;
+                    p.to_empty = true;
+                }
                 table.reserve_copy(usize::try_from(estimated_records).unwrap_or(usize::MAX));
                 p.cut = cut;
             }
@@ -1993,6 +2040,13 @@ fn pump_pull<D: NicDevice>(
     // the two members took turns. With one slice per chunk (chunk_records
     // 2,048) a 1,000,000-entry pull took 949 ms that way and takes 794.
     let acked = transmit(client, p.conn, out);
+    let writes = !acked && (!p.pending.is_empty() || p.done.is_some());
+    if p.to_empty && fail.is_none() && writes {
+        p.to_empty = false;
+        if let Err(e) = table.flush() {
+            fail = Some(format!("full sync: emptying the table: {e}"));
+        }
+    }
     // One slice of a chunk per call: the loop's turn stays short (the first
     // chunks of a large pull take a page fault per record in the freshly
     // reserved copy, 10 us each here: 80-90 ms for a chunk of 8,192), and
@@ -2010,7 +2064,7 @@ fn pump_pull<D: NicDevice>(
         return Some(Err(why));
     }
     match p.done {
-        Some(r) if p.pending.is_empty() => {
+        Some(r) if p.pending.is_empty() && !p.to_empty => {
             p.finished = true;
             Some(Ok(r))
         }

@@ -301,7 +301,11 @@ pub async fn serve_with<D: NicDevice + 'static>(
         // frames) still probes and judges its peers on time, or its peers
         // take it for dead. Seen here: 240 ms without a probe while a dump
         // kept the loop busy, past the conntrack bench's 200 ms dead window.
-        if node.membership().poll_timeout().is_some_and(|t| t <= now()) {
+        // One reading for the timers and the stop: a probe due before the
+        // stop's linger ends is sent before the loop ends (it repeats the
+        // stop's Down announcement).
+        let turn_start = now();
+        if node.membership().poll_timeout().is_some_and(|t| t <= turn_start) {
             turn = ("timers", Instant::now());
             drain_ccp(node, &ccp, &by_addr, &mut buf, &mut stats, now());
             node.handle_timeout(now());
@@ -318,7 +322,7 @@ pub async fn serve_with<D: NicDevice + 'static>(
             // meanwhile, before the loop comes back to take it in.
             tokio::task::yield_now().await;
         }
-        if let Some(r) = node.stop_progress(now()) {
+        if let Some(r) = node.stop_progress(turn_start) {
             flush_outputs(node, net, &ccp, &mut conns, &ev_tx, &mut stats);
             tracing::info!(
                 member = node.member_id(),

@@ -111,6 +111,8 @@ pub enum Scripted {
     /// An orderly stop of member `.0` (the daemon's SIGTERM,
     /// [`Node::begin_stop`]); it starts again later, as a crashed one does.
     Stop(u16),
+    /// Member `.0` crashes (and starts again 100-400 ms later).
+    Crash(u16),
 }
 
 impl SimConfig {
@@ -1124,6 +1126,7 @@ impl Sim {
                 }
             }
             Scripted::Stop(id) => self.stop(id),
+            Scripted::Crash(id) => self.crash(id),
         }
     }
 
@@ -1138,6 +1141,11 @@ impl Sim {
         let mut first: Option<(u16, u64, u64, HashMap<ConnKey, u32>)> = None;
         let mut actives = 0;
         for id in 1..=self.cfg.members {
+            // A member down for a while (crashed, stopped) is waited for:
+            // the cluster has settled once it is back and synced.
+            if self.slots[id as usize - 1].node.is_none() && self.slots[id as usize - 1].restart_at.is_some() {
+                return Err(format!("member {id} is down, to start again"));
+            }
             let Some(n) = self.slots[id as usize - 1].node.as_mut() else { continue };
             if !n.is_synced() {
                 return Err(format!("member {id} is not synced ({:?})", n.state()));

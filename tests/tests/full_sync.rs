@@ -788,6 +788,32 @@ fn an_orderly_stop_of_the_active_hands_over_at_once_and_loses_nothing() {
     }
 }
 
+/// The Active crashes and, before its peers take it for dead, an operator
+/// resyncs both Standbys: each pulls from the dead Active, which never
+/// answers. A puller's table is emptied when its source's BEGIN arrives,
+/// not before, so both keep theirs, and the lowest id of them seeds the
+/// cluster again with every acknowledged write. They used to empty their
+/// tables at once: every connection was lost.
+#[test]
+fn a_resync_towards_an_active_that_just_died_empties_nothing() {
+    use nicsync::sim::Scripted;
+    for seed in [1, 2] {
+        let keep_going = Scripted::DropMembership { from: 1, to: 2, on: false };
+        let r = scripted_run(
+            seed,
+            1000,
+            vec![
+                (0, Scripted::Crash(1)),
+                (1, Scripted::Resync { at: 2, member: Some(2) }),
+                (1, Scripted::Resync { at: 3, member: Some(3) }),
+                (1000, keep_going),
+            ],
+        );
+        assert_eq!(r.actives_at_end, vec![2], "seed {seed}\n{}", r.timeline.join("\n"));
+        assert!(r.keys_checked > 100, "seed {seed}: {} keys checked", r.keys_checked);
+    }
+}
+
 /// An operator empties a Standby's table and asks the Active to resync it,
 /// and the first two requests are lost (membership datagrams from the
 /// Active drop for 34 ms, well inside the 50 ms dead window). Meanwhile the Active sees the Standby's digest differ: that

@@ -68,6 +68,10 @@ impl Daemon {
     /// is then killed).
     pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
+        // (Gone already: its status.)
+        if let Some(status) = c.try_wait().expect("wait") {
+            return Some(status);
+        }
         let sent = Command::new("kill").args(["-TERM", &c.id().to_string()]).status().expect("kill -TERM");
         assert!(sent.success(), "kill -TERM {}", c.id());
         let t = Instant::now();
