@@ -2241,10 +2241,15 @@ impl Core {
     }
 
     /// The aging scanner sweeps the whole table once per AGING_PERIOD_MS,
-    /// a share of buckets proportional to the time elapsed.
+    /// a share of buckets proportional to the time elapsed; off with a
+    /// period of 0, and while peer updates are held.
     fn age(&mut self, now_ns: u64) -> bool {
         let period_ms = self.shared.reg(regs::AGING_PERIOD_MS) as u64;
-        if period_ms == 0 {
+        // Nor while the peers' updates are held (SYNC_HOLD set, or held
+        // ones not yet applied): the table lags them, and an entry a peer
+        // refreshed meanwhile would expire here on its old expiry and send
+        // a delete that beats the refresh everywhere.
+        if period_ms == 0 || self.hold || !self.held.is_empty() {
             self.last_aging_ns = now_ns;
             return false;
         }

@@ -268,8 +268,8 @@ struct Pull {
     /// BEGIN arrives, not before, so that a pull whose source is dead or
     /// unreachable leaves the table as it was.
     empties: bool,
-    /// The table was emptied for it, or is about to be (`to_empty`): it
-    /// is no member's table until the pull is done.
+    /// The table was emptied for it (or a FLUSH for it failed): it is no
+    /// member's table until the pull is done.
     emptied: bool,
     /// The source's BEGIN came: the table is emptied before the first
     /// write.
@@ -309,7 +309,7 @@ impl Pull {
 
     /// Chunks wait to be written: the loop must come back at once.
     fn has_work(&self) -> bool {
-        !self.pending.is_empty()
+        !self.pending.is_empty() || self.to_empty
     }
 }
 
@@ -2010,7 +2010,6 @@ fn pump_pull<D: NicDevice>(
                 // Emptied before the first write (below), after the first
                 // chunk's ACK has left.
                 if p.empties && !p.emptied {
-                    p.emptied = true;
                     p.to_empty = true;
                 }
                 table.reserve_copy(usize::try_from(estimated_records).unwrap_or(usize::MAX));
@@ -2043,6 +2042,7 @@ fn pump_pull<D: NicDevice>(
     let writes = !acked && (!p.pending.is_empty() || p.done.is_some());
     if p.to_empty && fail.is_none() && writes {
         p.to_empty = false;
+        p.emptied = true;
         if let Err(e) = table.flush() {
             fail = Some(format!("full sync: emptying the table: {e}"));
         }

@@ -477,14 +477,13 @@ impl Sim {
         let Some(mut n) = self.slots[idx].node.take() else { return };
         Self::absorb_device_faults(&mut self.report, &mut n);
         drop(n);
-        // A member stopped with changes no peer acknowledged, while no
-        // other member held the cluster's table (faults after its stop
-        // began: the others crashed, cut off or resyncing), took the table
-        // with it. Past what the cluster survives (one member), unlike its
-        // own recent writes below.
+        // A member that goes (crashed, or stopped with changes no peer
+        // acknowledged) while no other member is synced (the others down,
+        // or pulling a Full Sync) takes the cluster's only copy with it:
+        // past what the cluster survives, a member at a time.
         let holders = self.slots.iter().filter_map(|s| s.node.as_ref()).filter(|n| n.is_synced()).count();
-        if stopped.is_some_and(|r| r.unacked > 0) && holders == 0 {
-            self.log(format!("member {id} stopped holding the only copy of the table: every key is uncertain"));
+        if stopped.is_none_or(|r| r.unacked > 0) && holders == 0 {
+            self.log(format!("member {id} went with the only synced copy of the table: every key is uncertain"));
             self.uncertain.extend(self.reference.keys().copied());
         }
         // A crashed member's recent writes may not have left it; a stopped

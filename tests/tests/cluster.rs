@@ -431,6 +431,34 @@ fn history_a_joining_member_asks_only_for_what_no_cut_covers() {
     }
 }
 
+/// A member whose peers' updates are held (a Full Sync under way) does not
+/// age: a refresh of an entry may be waiting in its hold buffer, and aged
+/// on its old expiry the entry's delete, synced with a generation above
+/// the refresh's, would remove the live connection everywhere. It ages
+/// again once the held updates are applied.
+#[test]
+fn a_member_holding_its_peers_updates_does_not_age() {
+    let (_hub, mut m) = cluster_with(2, Impairment::NONE, |id| if id == 2 { 100 } else { 0 });
+    let short = ConnEntry::new(ConnState::new(TcpState::None, Direction::Original, ConnFlags::SYNC, 1, 0));
+    m[0].insert(&key(7), &short).expect("insert");
+    run(&m, 10);
+    assert!(m[1].lookup(&key(7)).expect("lookup").is_some(), "not replicated");
+    m[1].driver().set_sync_hold(true).expect("hold");
+    // Member 1 refreshes it every half second; member 2 holds the refreshes.
+    for _ in 0..4 {
+        run(&m, 500);
+        m[0].upsert(&key(7), &short).expect("refresh");
+    }
+    run(&m, 10);
+    assert!(m[1].lookup(&key(7)).expect("lookup").is_some(), "aged while its refreshes were held");
+    assert!(m[0].lookup(&key(7)).expect("lookup").is_some(), "member 2's aging removed it everywhere");
+    // Released: the refreshes apply, and it ages when it expires.
+    m[1].driver().set_sync_hold(false).expect("release");
+    run(&m, 1300);
+    assert!(m[1].lookup(&key(7)).expect("lookup").is_none(), "did not age after the hold");
+    assert!(m[0].lookup(&key(7)).expect("lookup").is_none(), "its aging was not synced");
+}
+
 #[test]
 fn held_peer_updates_are_applied_in_arrival_order_on_release() {
     let (_hub, mut m) = cluster(2, Impairment::NONE);
