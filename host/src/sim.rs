@@ -780,7 +780,8 @@ impl Sim {
                 self.slots[id as usize - 1].last_state = st;
                 if let Some(st) = st {
                     self.log(format!("member {id} is {st}"));
-                    if stopping && was_active && st == MemberState::Down {
+                    let ha = self.cfg.mode == Mode::HighAvailability;
+                    if ha && stopping && was_active && st == MemberState::Down {
                         self.stop_announced = Some(self.now);
                     } else if st.is_active() {
                         if let Some(t) = self.stop_announced.take() {
