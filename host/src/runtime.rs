@@ -322,8 +322,12 @@ pub async fn serve_with<D: NicDevice + 'static>(
             // meanwhile, before the loop comes back to take it in.
             tokio::task::yield_now().await;
         }
-        if let Some(r) = node.stop_progress(turn_start) {
+        let stopped = node.stop_progress(turn_start);
+        if node.is_stopping() {
+            // The Down announcement leaves now, not after the next wake.
             flush_outputs(node, net, &ccp, &mut conns, &ev_tx, &mut stats);
+        }
+        if let Some(r) = stopped {
             tracing::info!(
                 member = node.member_id(),
                 "orderly stop: done ({:.1} ms to announce Down, {} changes unacknowledged)",
