@@ -545,16 +545,15 @@ impl<D: NicDevice> Node<D> {
     }
 
     /// Starts an orderly stop (the daemon's SIGTERM): this member's own
-    /// table changes made so far get up to `drain_ns` to be acknowledged by
-    /// every peer (from its card's `sync_next_seq` and `sync_unacked`
-    /// counters), and the Full Syncs it serves to end, then it announces
-    /// itself
-    /// Down, so that the peers fail over within a network delay instead of
-    /// a dead window, and hold every change it made. Meanwhile it goes on
-    /// as before (a conntrack source keeps putting its kernel's events on
-    /// the card), but starts no resync; [`Node::stop_progress`] drives it
-    /// and says when the member may exit. Calling it again changes
-    /// nothing.
+    /// table changes made so far (its card's position, from SYNC_POSITIONS)
+    /// get up to `drain_ns` to be acknowledged by every peer (the card's
+    /// `sync_next_seq` and `sync_unacked` counters), and the Full Syncs it
+    /// serves to end; then it announces itself Down, so that the peers fail
+    /// over within a network delay instead of a dead window, and hold every
+    /// change it made. Meanwhile it goes on as before (a conntrack source
+    /// keeps putting its kernel's events on the card), but starts no pull,
+    /// resync or merge; [`Node::stop_progress`] drives it and says when the
+    /// member may exit. Calling it again changes nothing.
     pub fn begin_stop(&mut self, now: Nanos, drain_ns: Nanos) {
         if self.stop.is_none() {
             tracing::info!(
@@ -1625,7 +1624,9 @@ impl<D: NicDevice> Node<D> {
         // arrival order. The table is emptied, tombstones too, once the
         // source's BEGIN arrives (pump_pull): it becomes the source's
         // (entries and recent deletes), then what happened since. Held,
-        // the table does not change meanwhile, and a source that never
+        // the table takes no peer update meanwhile and the card does not
+        // age it (a held refresh would lose to the aged entry's delete),
+        // so that it does not change, and a source that never
         // answers (dead, unreachable) leaves it as it was: a resync asked
         // of the last member holding the table just as the Active died
         // used to empty it for nothing. In HA the source is the Active,
