@@ -295,6 +295,51 @@ fn kernel_table_is_mirrored_on_the_peer_and_committed_on_failover() {
     drop(sessions);
 }
 
+/// A planned switch-over (SIGTERM of the Active) with a sync delay longer
+/// than the sessions have lived: the Active has held them back, so B has
+/// none of them. Stopping, A syncs what the delay holds, waits for B to
+/// acknowledge it, announces itself Down and exits; B takes over and
+/// commits the sessions into its kernel. Killed instead, A would take them
+/// with it.
+#[test]
+fn an_orderly_stop_hands_over_the_sessions_the_delay_held() {
+    let Some((a, b, ia, ib)) = pair("os", 81) else { return };
+    let dir = tempdir("os");
+    let key = key_gen(&dir);
+    let delay = "[conntrack]\ndelay_ms = 600000\n";
+    let (ca, sa) = config(&dir, 1, ia, &[(2, ib)], &key, delay);
+    let (cb, sb) = config(&dir, 2, ib, &[(1, ia)], &key, delay);
+    let mut da = daemon(&a, &dir, 1, ca, sa);
+    let mut db = daemon(&b, &dir, 2, cb, sb);
+    da.start();
+    wait_for("member 1 Active", Duration::from_secs(10), &[&da], || (state(&da)?.as_str() == "active").then_some(()));
+    db.start();
+    wait_for("member 2 Standby and synced", Duration::from_secs(10), &[&da, &db], || {
+        let v = db.req(&Request::State).ok()?;
+        (v["state"] == "standby" && v["synced"] == true).then_some(())
+    });
+    const PORT: u16 = 5556;
+    let (_listener, sessions) = tcp_sessions(&a, SocketAddr::from((ia, PORT)), 5);
+    let want = kernel_keys(&a, PORT);
+    assert_eq!(want.len(), 5, "A's kernel should track the 5 sessions: {want:?}");
+    // A has read them and holds them back (the delay): B has none.
+    wait_for("A to hold the 5 sessions back", Duration::from_secs(5), &[&da], || {
+        (conntrack_stats(&da)["delayed_pending"].as_u64()? >= 5).then_some(())
+    });
+    assert!(with_port(&card_keys(&db).unwrap_or_default(), PORT).is_empty(), "synced within the delay");
+
+    let logs_before = da.logs().len();
+    let status = da.terminate(Duration::from_secs(10)).expect("A exits within 10 s of SIGTERM");
+    assert!(status.success(), "{status:?}\n{}", da.logs());
+    let stopped = da.logs()[logs_before..].to_string();
+    assert!(stopped.contains(" 0 changes unacknowledged"), "B acknowledged what A released:\n{stopped}");
+    wait_for("member 2 Active", Duration::from_secs(10), &[&db], || (state(&db)?.as_str() == "active").then_some(()));
+    wait_for("B's kernel to hold the sessions", Duration::from_secs(5), &[&db], || {
+        (kernel_keys(&b, PORT) == want).then_some(())
+    });
+    drop(sessions);
+}
+
 #[test]
 fn event_socket_overrun_is_recovered_by_a_dump_with_nothing_lost() {
     let Some(a) = netns("ov") else { return };
