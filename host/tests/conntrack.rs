@@ -226,15 +226,9 @@ fn tcp_sessions(ns: &Netns, server: SocketAddr, n: usize) -> (TcpListener, Vec<(
     .expect("enter namespace")
 }
 
-#[test]
-fn kernel_table_is_mirrored_on_the_peer_and_committed_on_failover() {
-    let Some((a, b, ia, ib)) = pair("fo", 79) else { return };
-    let dir = tempdir("fo");
-    let key = key_gen(&dir);
-    let (ca, sa) = config(&dir, 1, ia, &[(2, ib)], &key, "");
-    let (cb, sb) = config(&dir, 2, ib, &[(1, ia)], &key, "");
-    let mut da = daemon(&a, &dir, 1, ca, sa);
-    let mut db = daemon(&b, &dir, 2, cb, sb);
+/// Starts `da`, waits for it to be Active, then `db`, until it stands by
+/// synced.
+fn active_and_standby(mut da: Daemon, mut db: Daemon) -> (Daemon, Daemon) {
     da.start();
     wait_for("member 1 Active", Duration::from_secs(10), &[&da], || (state(&da)?.as_str() == "active").then_some(()));
     db.start();
@@ -242,6 +236,17 @@ fn kernel_table_is_mirrored_on_the_peer_and_committed_on_failover() {
         let v = db.req(&Request::State).ok()?;
         (v["state"] == "standby" && v["synced"] == true).then_some(())
     });
+    (da, db)
+}
+
+#[test]
+fn kernel_table_is_mirrored_on_the_peer_and_committed_on_failover() {
+    let Some((a, b, ia, ib)) = pair("fo", 79) else { return };
+    let dir = tempdir("fo");
+    let key = key_gen(&dir);
+    let (ca, sa) = config(&dir, 1, ia, &[(2, ib)], &key, "");
+    let (cb, sb) = config(&dir, 2, ib, &[(1, ia)], &key, "");
+    let (mut da, db) = active_and_standby(daemon(&a, &dir, 1, ca, sa), daemon(&b, &dir, 2, cb, sb));
 
     // Real TCP sessions in A; B's card must list exactly what A's kernel
     // lists.
@@ -309,15 +314,7 @@ fn an_orderly_stop_hands_over_the_sessions_the_delay_held() {
     let delay = "[conntrack]\ndelay_ms = 600000\n";
     let (ca, sa) = config(&dir, 1, ia, &[(2, ib)], &key, delay);
     let (cb, sb) = config(&dir, 2, ib, &[(1, ia)], &key, delay);
-    let mut da = daemon(&a, &dir, 1, ca, sa);
-    let mut db = daemon(&b, &dir, 2, cb, sb);
-    da.start();
-    wait_for("member 1 Active", Duration::from_secs(10), &[&da], || (state(&da)?.as_str() == "active").then_some(()));
-    db.start();
-    wait_for("member 2 Standby and synced", Duration::from_secs(10), &[&da, &db], || {
-        let v = db.req(&Request::State).ok()?;
-        (v["state"] == "standby" && v["synced"] == true).then_some(())
-    });
+    let (mut da, db) = active_and_standby(daemon(&a, &dir, 1, ca, sa), daemon(&b, &dir, 2, cb, sb));
     const PORT: u16 = 5556;
     let (_listener, sessions) = tcp_sessions(&a, SocketAddr::from((ia, PORT)), 5);
     let want = kernel_keys(&a, PORT);
