@@ -210,9 +210,10 @@ pub enum Counter {
     SyncMalformed = 26,
     /// Delta Sync (gauge): local updates some peer has not acknowledged yet
     /// (the next number less one, less the lowest acknowledged number of any
-    /// configured peer). A host about to replace its table by a peer's
-    /// snapshot waits for it to drain, so that its own last changes are in
-    /// the snapshot.
+    /// configured peer heard from within three ALIVE intervals: one silent
+    /// longer is gone, and acknowledges nothing). A host about to replace
+    /// its table by a peer's snapshot waits for it to drain, so that its own
+    /// last changes are in the snapshot; so does one that stops.
     SyncUnacked = 27,
     /// Delta Sync (gauge): order-independent digest of the entries marked
     /// for sync (wrapping sum of a hash of key, state without its timeout,

@@ -168,7 +168,7 @@ fn counter_meaning(c: Counter) -> &'static str {
             "ABI 1.8: updates a peer sent before this joining member followed it that a Full Sync's cut (SYNC_ALIGN) covered, never asked for"
         }
         Counter::SyncUnacked => {
-            "gauge: local updates some configured peer has not acknowledged yet (drain before replacing the table)"
+            "gauge: local updates some configured peer heard within 3 ALIVE intervals has not acknowledged yet (drain before replacing the table, or stopping)"
         }
     }
 }

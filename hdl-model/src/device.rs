@@ -1883,7 +1883,7 @@ impl Core {
             (Counter::SyncHeld, self.held.len() as u64),
             (Counter::SyncApplyFailed, st.apply_failed),
             (Counter::SyncMalformed, st.malformed + st.protocol.malformed + st.port.malformed),
-            (Counter::SyncUnacked, unit.unacked()),
+            (Counter::SyncUnacked, unit.unacked(self.now_ns)),
             (Counter::SyncDigest, self.digest.sum),
             (Counter::SyncEntries, self.digest.count),
             (Counter::SyncQueueDepth, st.protocol.queue_depth),

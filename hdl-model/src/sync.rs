@@ -979,6 +979,8 @@ pub struct DeltaReceiver {
     /// nothing from there on is known to be in the table
     /// ([`DeltaReceiver::applied_next`]).
     first_loss: Option<u64>,
+    /// When a frame of the peer (of this cluster) last came.
+    last_heard: Option<Nanos>,
 }
 
 impl DeltaReceiver {
@@ -1007,6 +1009,7 @@ impl DeltaReceiver {
             unasked_history: None,
             passed: None,
             first_loss: None,
+            last_heard: None,
         })
     }
 
@@ -1018,6 +1021,11 @@ impl DeltaReceiver {
     /// The peer's epoch being followed.
     pub fn epoch(&self) -> Option<u32> {
         self.epoch
+    }
+
+    /// When a frame of the peer (any kind, of this cluster) last came.
+    pub fn last_heard(&self) -> Option<Nanos> {
+        self.last_heard
     }
 
     /// Next number to be delivered.
@@ -1153,7 +1161,13 @@ impl DeltaReceiver {
             self.stats.foreign_cluster += 1;
             return;
         }
-        if h.sender != self.cfg.peer || matches!(h.opcode, SyncOpcode::Nack | SyncOpcode::Ack) {
+        if h.sender != self.cfg.peer {
+            return;
+        }
+        // Any frame of the peer says it is there (an idle one sends ALIVE
+        // every interval), whoever it is for.
+        self.last_heard = Some(now);
+        if matches!(h.opcode, SyncOpcode::Nack | SyncOpcode::Ack) {
             return;
         }
         if self.epoch != Some(h.epoch) {

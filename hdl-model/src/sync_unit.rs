@@ -23,6 +23,10 @@ use crate::wire::{SyncPort, WireStats, MAX_WIRE_FRAME};
 /// makes (a bound on work per poll).
 pub const RX_BUDGET: usize = 256;
 
+/// ALIVE intervals of silence after which a peer no longer counts in
+/// [`SyncUnit::unacked`] (two would do for an idle peer; one more for loss).
+pub const SILENT_ALIVE_INTERVALS: u64 = 3;
+
 /// Frames a run of [`SyncUnit::submit`] calls may leave queued before they
 /// are sent from within it (a command burst completes at most 64 updates).
 const SUBMIT_HOLD_FRAMES: usize = 64;
@@ -150,12 +154,18 @@ impl SyncUnit {
         self.sender.next_seq()
     }
 
-    /// Local updates that some peer has not acknowledged yet.
-    pub fn unacked(&self) -> u64 {
+    /// Local updates that some peer heard from lately has not acknowledged
+    /// yet. A peer silent for [`SILENT_ALIVE_INTERVALS`] ALIVE intervals
+    /// (an idle one sends one each) is gone, dead or cut off: it
+    /// acknowledges nothing, and a host waiting for the count to drain (a
+    /// stop, a pull) would wait out its bound for it.
+    pub fn unacked(&self, now: Nanos) -> u64 {
         let last = self.sender.next_seq().saturating_sub(1);
+        let silent = self.sender.config().alive_interval_ns.saturating_mul(SILENT_ALIVE_INTERVALS);
         let low = self
             .receivers
             .iter()
+            .filter(|r| r.last_heard().is_some_and(|t| now.saturating_sub(t) <= silent))
             .map(|r| self.sender.acked_through(r.config().peer).unwrap_or(0))
             .min()
             .unwrap_or(last);

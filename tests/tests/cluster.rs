@@ -459,6 +459,31 @@ fn a_member_holding_its_peers_updates_does_not_age() {
     assert!(m[0].lookup(&key(7)).expect("lookup").is_none(), "its aging was not synced");
 }
 
+/// `sync_unacked` counts what the peers that are there have not
+/// acknowledged: a peer cut off acknowledges nothing, and counts until it
+/// has been silent for three ALIVE intervals (an idle peer sends one every
+/// interval); then the count is the others' (a stopping member, or one
+/// about to pull, waits for it to drain).
+#[test]
+fn a_peer_silent_for_three_alive_intervals_no_longer_holds_the_unacknowledged_count() {
+    use nicsync_fwif::regs::Counter;
+    let (hub, mut m) = cluster(3, Impairment::NONE);
+    m[0].insert(&key(20), &synced(TcpState::Established, 1)).expect("insert");
+    run(&m, 300);
+    assert_eq!(m[0].driver_ref().device_counter(Counter::SyncUnacked), 0, "both peers acknowledged");
+    hub.set_isolated(3, true);
+    m[0].insert(&key(21), &synced(TcpState::Established, 2)).expect("insert");
+    run(&m, 300);
+    assert_eq!(m[0].driver_ref().device_counter(Counter::SyncUnacked), 1, "member 3 was heard lately");
+    run(&m, 3000);
+    assert_eq!(m[0].driver_ref().device_counter(Counter::SyncUnacked), 0, "member 3 is gone");
+    // Back, it counts again until it has caught up.
+    hub.set_isolated(3, false);
+    run(&m, 1500);
+    assert_eq!(m[0].driver_ref().device_counter(Counter::SyncUnacked), 0, "member 3 caught up");
+    assert!(m[2].lookup(&key(21)).expect("lookup").is_some());
+}
+
 #[test]
 fn held_peer_updates_are_applied_in_arrival_order_on_release() {
     let (_hub, mut m) = cluster(2, Impairment::NONE);
