@@ -9,7 +9,8 @@
 //! * **Full Sync** ([`crate::fullsync`]): a member that starts, or that lost
 //!   updates, pulls a consistent snapshot of a synced member's table. It sets
 //!   the device's `SYNC_HOLD` first, so that the deltas arriving meanwhile
-//!   are held on the card; it empties its table, writes every snapshot
+//!   are held on the card; once the source answers (BEGIN) it empties its
+//!   table (a source that never answers leaves it as it was), writes every snapshot
 //!   record with a REPLICA upsert (owner kept, conflict rule applied), and
 //!   releases the hold, which applies the held deltas in arrival order. Only
 //!   then does it report itself synced (Down → Ready → Standby/Active). A
@@ -264,16 +265,24 @@ struct Pull {
     /// pull: those after the snapshot's cut are in neither the snapshot
     /// nor the held updates.
     lost_events: u64,
-    /// A Full Sync (not a merge): the table is emptied when the source's
-    /// BEGIN arrives, not before, so that a pull whose source is dead or
-    /// unreachable leaves the table as it was.
-    empties: bool,
-    /// The table was emptied for it (or a FLUSH for it failed): it is no
-    /// member's table until the pull is done.
-    emptied: bool,
-    /// The source's BEGIN came: the table is emptied before the first
-    /// write.
-    to_empty: bool,
+    /// What it does with the table it writes into.
+    emptying: Emptying,
+}
+
+/// What a pull does with the table it writes into ([`Pull`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Emptying {
+    /// Nothing: a merge writes into the table as it is.
+    Never,
+    /// A Full Sync before its source's BEGIN: the table is emptied then,
+    /// not before, so that a pull whose source is dead or unreachable
+    /// leaves it as it was.
+    AtBegin,
+    /// BEGIN came: emptied before the first write.
+    Due,
+    /// Emptied (or its FLUSH failed): no member's table until the pull is
+    /// done.
+    Done,
 }
 
 impl Pull {
@@ -293,9 +302,7 @@ impl Pull {
             cut: Vec::new(),
             posted: None,
             lost_events: 0,
-            empties: false,
-            emptied: false,
-            to_empty: false,
+            emptying: Emptying::Never,
         }
     }
 
@@ -309,7 +316,7 @@ impl Pull {
 
     /// Chunks wait to be written: the loop must come back at once.
     fn has_work(&self) -> bool {
-        !self.pending.is_empty() || self.to_empty
+        !self.pending.is_empty() || self.emptying == Emptying::Due
     }
 }
 
@@ -1641,7 +1648,7 @@ impl<D: NicDevice> Node<D> {
         tracing::info!(member = self.cfg.member_id, "full sync: pulling from member {peer} (try {attempt})");
         self.out.push_back(NodeOutput::FsConnect { conn, peer, attempt });
         let mut pull = Pull::new(conn, peer, attempt, now);
-        pull.empties = true;
+        pull.emptying = Emptying::AtBegin;
         self.phase = Phase::Pulling(Box::new(pull));
     }
 
@@ -1695,7 +1702,7 @@ impl<D: NicDevice> Node<D> {
         let Phase::Pulling(p) = &mut self.phase else { return };
         p.finished = true;
         p.drop_write(&mut self.table);
-        if p.emptied {
+        if p.emptying == Emptying::Done {
             self.table_own = false;
         }
         let (conn, attempt) = (p.conn, p.attempt);
@@ -2010,8 +2017,8 @@ fn pump_pull<D: NicDevice>(
                 // what the card held since the pull began (start_pull).
                 // Emptied before the first write (below), after the first
                 // chunk's ACK has left.
-                if p.empties && !p.emptied {
-                    p.to_empty = true;
+                if p.emptying == Emptying::AtBegin {
+                    p.emptying = Emptying::Due;
                 }
                 table.reserve_copy(usize::try_from(estimated_records).unwrap_or(usize::MAX));
                 p.cut = cut;
@@ -2041,9 +2048,8 @@ fn pump_pull<D: NicDevice>(
     // 2,048) a 1,000,000-entry pull took 949 ms that way and takes 794.
     let acked = transmit(client, p.conn, out);
     let writes = !acked && (!p.pending.is_empty() || p.done.is_some());
-    if p.to_empty && fail.is_none() && writes {
-        p.to_empty = false;
-        p.emptied = true;
+    if p.emptying == Emptying::Due && fail.is_none() && writes {
+        p.emptying = Emptying::Done;
         if let Err(e) = table.flush() {
             fail = Some(format!("full sync: emptying the table: {e}"));
         }
@@ -2065,7 +2071,7 @@ fn pump_pull<D: NicDevice>(
         return Some(Err(why));
     }
     match p.done {
-        Some(r) if p.pending.is_empty() && !p.to_empty => {
+        Some(r) if p.pending.is_empty() && p.emptying != Emptying::Due => {
             p.finished = true;
             Some(Ok(r))
         }
