@@ -477,18 +477,16 @@ impl Sim {
         let Some(mut n) = self.slots[idx].node.take() else { return };
         Self::absorb_device_faults(&mut self.report, &mut n);
         drop(n);
-        // A member that goes (crashed, or stopped with changes no peer
-        // acknowledged) while no other member is synced (the others down,
-        // or pulling a Full Sync) takes the cluster's only copy with it:
-        // past what the cluster survives, a member at a time.
-        let holders = self.slots.iter().filter_map(|s| s.node.as_ref()).filter(|n| n.is_synced()).count();
-        if stopped.is_none_or(|r| r.unacked > 0) && holders == 0 {
-            self.log(format!("member {id} went with the only synced copy of the table: every key is uncertain"));
-            self.uncertain.extend(self.reference.keys().copied());
-        }
         // A crashed member's recent writes may not have left it; a stopped
         // one's left it, unless the peers did not all acknowledge them.
         if stopped.is_none_or(|r| r.unacked > 0) {
+            // Gone while no other member is synced (the others down, or
+            // pulling a Full Sync), it took the cluster's only copy: past
+            // what the cluster survives, a member at a time.
+            if !self.slots.iter().filter_map(|s| s.node.as_ref()).any(|n| n.is_synced()) {
+                self.log(format!("member {id} went with the only synced copy of the table: every key is uncertain"));
+                self.uncertain.extend(self.reference.keys().copied());
+            }
             let now = self.now;
             // A stopped member wrote nothing during its stop.
             let window = CRASH_WINDOW_NS + stopped.map_or(0, |r| r.drain_ns);
