@@ -1217,11 +1217,15 @@ impl<D: NicDevice> Driver<D> {
                 // longer in flight: a later completion's reconcile must not
                 // count it again (nor leave its tag unclaimed), and a reinit
                 // must not hand it back for replay. A late completion for it
-                // is refused as not in flight.
+                // is refused as not in flight. The device's head moves past
+                // it too (CMD_HEAD said so): left behind, the head would
+                // meet the tail once the freed slots were posted again, and
+                // every later completion would fail its head check.
                 self.recovery.lost_completions += 1;
                 self.stats.lost_completions += 1;
                 if let Some(f) = self.in_flight[tag as usize].take() {
                     self.slots_in_flight -= u32::from(f.slots);
+                    self.reconcile((u32::from(tag) + u32::from(f.slots)) & (self.cmd_size - 1), tag);
                 }
                 return Err(DriverError::CompletionLost(tag));
             }

@@ -100,6 +100,37 @@ fn a_loss_reported_at_the_timeout_is_counted_once_and_never_replayed() {
     assert_eq!(pending.iter().map(|p| p.tag).collect::<Vec<_>>(), vec![t3]);
 }
 
+/// After a loss reported at the timeout, the ring's freed slots can all be
+/// posted again and complete: the driver's view of the device's head moved
+/// past the lost command. It used to stay behind, so a full ring's tail
+/// met it and every later completion was refused (`Timeout`, then
+/// `RingFull` for good).
+#[test]
+fn a_full_ring_after_a_loss_at_the_timeout_completes() {
+    let dev = EmulatedDevice::inline().expect("device");
+    let faults = dev.faults();
+    let mut drv = Driver::probe(dev, cfg()).expect("probe");
+    faults.arm(Fault::DropCompletion);
+    let (d, e) = insert(1);
+    let tag = drv.post(&d, e.as_ref()).expect("post");
+    drv.ring();
+    assert!(matches!(drv.wait(tag), Err(DriverError::CompletionLost(t)) if t == tag));
+    for lap in 0..3 {
+        let mut tags = Vec::new();
+        for i in 0..drv.free_slots() {
+            let (d, e) = insert(100 * (lap + 1) + i);
+            tags.push(drv.post(&d, e.as_ref()).expect("post"));
+        }
+        assert!(tags.len() >= 14, "a ring of 16 slots holds 15 in flight: {}", tags.len());
+        drv.ring();
+        for t in tags {
+            assert_eq!(drv.wait(t).expect("completion").status, CplStatus::Success);
+        }
+    }
+    assert_eq!(drv.stats().lost_completions, 1);
+    assert_eq!(drv.stats().bad_completions, 0);
+}
+
 /// A LOAD posted by `load_post` keeps its outcome for `load_take` while
 /// more than a ring's worth of other commands run in between (the ring
 /// comes round to its tag): posting over the tag used to forget it, and a
