@@ -422,9 +422,12 @@ impl<D: NicDevice> ConnTable<D> {
         }
     }
 
-    /// Entries resident on the card.
+    /// Entries resident on the card: its `TABLE_COUNT`, which is never
+    /// more than the capacity it granted (a higher reading, such as the
+    /// all-ones of a device gone from the bus, is taken as the capacity:
+    /// it sizes the host's copy).
     pub fn len(&self) -> usize {
-        self.drv.table_count() as usize
+        self.drv.table_count().min(self.drv.info().capacity) as usize
     }
 
     /// Whether the card holds no entry.
@@ -2051,6 +2054,25 @@ mod tests {
 
     fn refused() -> DeltaRecord {
         DeltaRecord { owner: 0.into(), ..rec(1) }
+    }
+
+    /// A device that reads all ones (gone from the bus, or faulty) reports
+    /// no more entries than its capacity: the count sizes the host's copy,
+    /// which a count of 2^32 - 1 made panic on a capacity overflow.
+    #[test]
+    fn a_table_count_above_the_capacity_reads_as_the_capacity() {
+        use nicsync_fwif::regs::{self, Status};
+        use nicsync_vfio::MockDevice;
+        let m = std::sync::Arc::new(MockDevice::healthy());
+        m.set(regs::STATUS, (Status::READY | Status::ENABLED).bits());
+        let cfg = DriverConfig { table_capacity: 4096, bringup_timeout: std::time::Duration::from_millis(50), ..Default::default() };
+        let mut t = ConnTable::new(Driver::probe(m.clone(), cfg).expect("probe"));
+        m.set(regs::TABLE_COUNT, 4000);
+        assert_eq!(t.len(), 4000);
+        m.set(regs::TABLE_COUNT, u32::MAX);
+        assert_eq!(t.len(), 4096);
+        m.set(regs::TABLE_COUNT, 0);
+        t.enable_recovery(RecoveryConfig::default()).expect("recovery on an empty table");
     }
 
     #[test]
