@@ -83,8 +83,11 @@ pub enum EventError {
     BadKind(u8),
     /// Reserved bits set.
     Reserved,
-    /// Aged event with a malformed key.
+    /// An event about a connection with a malformed key.
     BadKey,
+    /// An event about a connection with a malformed state (a TCP state,
+    /// direction or flag the ABI does not define).
+    BadState,
 }
 
 impl fmt::Display for EventError {
@@ -93,6 +96,7 @@ impl fmt::Display for EventError {
             EventError::BadKind(b) => write!(f, "unknown event kind {b}"),
             EventError::Reserved => f.write_str("reserved event bits set"),
             EventError::BadKey => f.write_str("event carries a malformed key"),
+            EventError::BadState => f.write_str("event carries a malformed connection state"),
         }
     }
 }
@@ -109,11 +113,44 @@ impl EventEntry {
             return Err(EventError::Reserved);
         }
         let kind = EventKind::from_wire(self.kind).ok_or(EventError::BadKind(self.kind))?;
-        if matches!(kind, EventKind::Aged | EventKind::SyncUpdated | EventKind::SyncRemoved)
-            && self.key.validate().is_err()
-        {
-            return Err(EventError::BadKey);
+        if matches!(kind, EventKind::Aged | EventKind::SyncUpdated | EventKind::SyncRemoved) {
+            // The host's copy takes the state in, and may write it back to
+            // the card in a rebuild, which would refuse it.
+            self.key.validate().map_err(|_| EventError::BadKey)?;
+            self.state.validate().map_err(|_| EventError::BadState)?;
         }
         Ok(Event { kind, seq: self.seq.get(), key: self.key, state: self.state })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn::TcpState;
+
+    fn aged() -> EventEntry {
+        let key = ConnKey::v4([10, 0, 0, 1].into(), 1000, [10, 0, 0, 2].into(), 80, 6, 0);
+        let state = ConnState { tcp_state: TcpState::Established as u8, ..ConnState::default() };
+        EventEntry { seq: 7.into(), kind: EventKind::Aged as u8, reserved: [0; 2], phase: 1, key, state }
+    }
+
+    #[test]
+    fn an_event_about_a_connection_carries_a_well_formed_state() {
+        assert_eq!(aged().decode().map(|e| e.seq), Ok(7));
+        for kind in [EventKind::Aged, EventKind::SyncUpdated, EventKind::SyncRemoved] {
+            let mut e = aged();
+            e.kind = kind as u8;
+            e.state.tcp_state = 0xFF;
+            assert_eq!(e.decode(), Err(EventError::BadState), "{kind:?}");
+            let mut e = aged();
+            e.kind = kind as u8;
+            e.state.direction = 2;
+            assert_eq!(e.decode(), Err(EventError::BadState), "{kind:?}");
+        }
+        // An OVERFLOW's state is a count, not a connection's.
+        let mut e = aged();
+        e.kind = EventKind::Overflow as u8;
+        e.state.tcp_state = 0xFF;
+        assert!(e.decode().is_ok());
     }
 }

@@ -447,11 +447,18 @@ impl ProducerRing {
     }
 
     /// Writes `body` (everything after the first 8 bytes) then the first
-    /// word with the phase bit, with release ordering.
-    fn push(&mut self, entry_size: usize, word0: u64, body: &[u8]) -> Result<(), crate::dma::DmaFault> {
+    /// word with the phase bit (inverted, as a fault, with
+    /// `invert_phase`), with release ordering.
+    fn push(
+        &mut self,
+        entry_size: usize,
+        word0: u64,
+        body: &[u8],
+        invert_phase: bool,
+    ) -> Result<(), crate::dma::DmaFault> {
         let off = self.tail as usize * entry_size;
         self.region.write(off + 8, body)?;
-        let phase = if self.phase { PHASE_BIT as u64 } else { 0 };
+        let phase = if self.phase != invert_phase { PHASE_BIT as u64 } else { 0 };
         self.region.store_u64_release(off, word0 | (phase << 56))?;
         self.tail += 1;
         if self.tail == self.size {
@@ -2212,7 +2219,8 @@ impl Core {
         body[..40].copy_from_slice(key.as_bytes());
         body[40..].copy_from_slice(state.as_bytes());
         let word0 = self.evt_seq as u64 | (kind as u64) << 32;
-        if let Err(e) = ring.push(EVT_SIZE, word0, &body) {
+        let garble = self.shared.faults.active() && self.shared.faults.housekeeping_fault(FaultKind::CorruptEventPhase);
+        if let Err(e) = ring.push(EVT_SIZE, word0, &body, garble) {
             self.go_fatal(format!("event ring write: {e}"));
             return;
         }
@@ -2230,7 +2238,7 @@ impl Core {
         let mut body = [0u8; EVT_SIZE - 8];
         body[40 + 12..40 + 16].copy_from_slice(&self.evt_lost.to_le_bytes());
         let word0 = self.evt_seq as u64 | (EventKind::Overflow as u64) << 32;
-        if let Err(e) = ring.push(EVT_SIZE, word0, &body) {
+        if let Err(e) = ring.push(EVT_SIZE, word0, &body, false) {
             self.go_fatal(format!("event ring write: {e}"));
             return true;
         }

@@ -20,6 +20,7 @@
 //! | [`Fault::Stall`] | a batch (a poll with commands posted) | stops fetching commands for the duration, or until a reset or [`FaultInjector::clear`] |
 //! | [`Fault::SpuriousInterrupt`] | a housekeeping pass with interrupts enabled | raises the completion vector with no cause in `IRQ_STATUS`, not counted in `INTERRUPTS` (a glitch, not an interrupt the design raised) |
 //! | [`Fault::LoseEntry`] | a housekeeping pass with a non-empty table | silently removes one entry (chosen by the seeded generator): no event, no sync |
+//! | [`Fault::CorruptEventPhase`] | an event written | writes it with the phase bit inverted |
 //!
 //! A [`Trigger`] says when an armed fault fires: after `skip`
 //! opportunities, with a probability per opportunity (from the injector's
@@ -61,6 +62,9 @@ pub enum Fault {
     },
     /// The table loses one entry, silently.
     LoseEntry,
+    /// An event is written with its phase bit inverted (it looks unwritten
+    /// to the host, in front of the events written after it).
+    CorruptEventPhase,
 }
 
 /// The kind of a [`Fault`], without its parameters (for counting).
@@ -82,9 +86,11 @@ pub enum FaultKind {
     ResetMidBatch = 6,
     /// [`Fault::LoseEntry`].
     LoseEntry = 7,
+    /// [`Fault::CorruptEventPhase`].
+    CorruptEventPhase = 8,
 }
 
-const NKINDS: usize = 8;
+const NKINDS: usize = 9;
 
 impl FaultKind {
     /// Every kind, in order.
@@ -97,6 +103,7 @@ impl FaultKind {
         FaultKind::DmaError,
         FaultKind::ResetMidBatch,
         FaultKind::LoseEntry,
+        FaultKind::CorruptEventPhase,
     ];
 
     /// Stable snake_case name, for reports and JSON.
@@ -110,6 +117,7 @@ impl FaultKind {
             FaultKind::DmaError => "dma_error",
             FaultKind::ResetMidBatch => "reset_mid_batch",
             FaultKind::LoseEntry => "lose_entry",
+            FaultKind::CorruptEventPhase => "corrupt_event_phase",
         }
     }
 
@@ -142,6 +150,7 @@ impl Fault {
             Fault::DmaError => FaultKind::DmaError,
             Fault::ResetMidBatch { .. } => FaultKind::ResetMidBatch,
             Fault::LoseEntry => FaultKind::LoseEntry,
+            Fault::CorruptEventPhase => FaultKind::CorruptEventPhase,
         }
     }
 }
@@ -409,7 +418,8 @@ impl FaultInjector {
         }
     }
 
-    /// Whether a fault of `kind` (a housekeeping kind) fires now.
+    /// Whether a fault of `kind` (a housekeeping or an event kind) fires
+    /// now.
     pub(crate) fn housekeeping_fault(&self, kind: FaultKind) -> bool {
         self.0.mask.load(Ordering::Relaxed) & kind.bit() != 0 && self.opportunity(|k| k == kind).is_some()
     }

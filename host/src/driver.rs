@@ -215,7 +215,8 @@ pub struct DriverStats {
     pub bad_completions: u64,
     /// Events consumed.
     pub events: u64,
-    /// Event entries rejected.
+    /// Event entries rejected, or skipped for a wrong phase bit while a
+    /// later entry had been written: each is an event lost.
     pub bad_events: u64,
     /// Events the device reported as dropped (overflow).
     pub events_lost: u64,
@@ -241,8 +242,8 @@ pub struct RecoveryStats {
     /// ... of which named a tag that is not in flight (a duplicate or one
     /// never posted).
     pub unexpected_tags: u64,
-    /// Completion entries skipped because their phase bit was wrong while a
-    /// later entry had been written.
+    /// Completion and event entries skipped because their phase bit was
+    /// wrong while a later entry had been written.
     pub phase_anomalies: u64,
     /// Event entries rejected by the checks.
     pub corrupt_events: u64,
@@ -407,6 +408,9 @@ pub struct Driver<D: NicDevice> {
     keep_tag: u32,
     /// That outcome, kept aside when a post reused its tag.
     kept: Option<(u16, Result<Completion, DriverError>)>,
+    /// Polls of the event ring in a row that found nothing at its head
+    /// (every [`EVENT_LOOKAHEAD_EVERY`]th looks past it).
+    evt_idle_polls: u32,
     stats: DriverStats,
     recovery: RecoveryStats,
     /// Whether doorbells go through the inline window.
@@ -441,8 +445,15 @@ impl<D: NicDevice> std::fmt::Debug for Driver<D> {
     }
 }
 
-/// Completion entries past a stale head looked at for a written one.
+/// Completion (and event) entries past a stale head looked at for a
+/// written one.
 const PHASE_LOOKAHEAD: u32 = 16;
+
+/// An empty event ring is looked past its head for a written entry (one
+/// whose phase the device garbled in front of it) once in this many polls
+/// that find nothing: each look reads up to [`PHASE_LOOKAHEAD`] lines the
+/// device may be about to write, which every poll would pay for nothing.
+const EVENT_LOOKAHEAD_EVERY: u32 = 64;
 
 /// Longest sleep on the completion interrupt between two looks at the
 /// device: one that reset itself or went `FATAL` raises nothing.
@@ -516,6 +527,7 @@ impl<D: NicDevice> Driver<D> {
             done: vec![None; cmd_size as usize],
             keep_tag: u32::MAX,
             kept: None,
+            evt_idle_polls: 0,
             stats: DriverStats::default(),
             recovery: RecoveryStats::default(),
             use_inline,
@@ -1394,7 +1406,35 @@ impl<D: NicDevice> Driver<D> {
     pub fn poll_events(&mut self, mut f: impl FnMut(Event)) -> usize {
         let Some(ring) = &mut self.evt else { return 0 };
         let mut n = 0;
-        while let Some(_w0) = ring.peek(EVT_SIZE) {
+        loop {
+            if ring.peek(EVT_SIZE).is_none() {
+                if n > 0 {
+                    self.evt_idle_polls = 0;
+                    break;
+                }
+                self.evt_idle_polls = self.evt_idle_polls.wrapping_add(1);
+                if self.evt_idle_polls % EVENT_LOOKAHEAD_EVERY != 0 {
+                    break;
+                }
+                // Written in order: a written entry past an unwritten head
+                // means the device garbled the phase of the ones between.
+                // They would hold the head for good (the device fills the
+                // ring behind them, then drops every event): skipped, each
+                // rewritten with this lap's phase so that the next lap does
+                // not take it for new, and counted as an event lost.
+                let limit = PHASE_LOOKAHEAD.min(ring.size - 1);
+                let Some(k) = (1..=limit).find(|k| ring.fresh_at(EVT_SIZE, *k)) else { break };
+                for _ in 0..k {
+                    let word = if ring.phase { u64::from(PHASE_BIT) << 56 } else { 0 };
+                    let _ = ring.buf.mem().store_u64(ring.head as usize * EVT_SIZE, word, Ordering::Relaxed);
+                    ring.advance();
+                    n += 1;
+                }
+                tracing::warn!(skipped = k, "event entries with a wrong phase skipped");
+                self.stats.bad_events += u64::from(k);
+                self.recovery.phase_anomalies += u64::from(k);
+                continue;
+            }
             let mut e = EventEntry::default();
             let ok = ring.buf.mem().read(ring.head as usize * EVT_SIZE, e.as_mut_bytes()).is_ok();
             ring.advance();

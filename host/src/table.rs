@@ -974,6 +974,7 @@ impl<D: NicDevice> ConnTable<D> {
         // the next call.
         let mut ahead: [Option<Event>; EVENTS_AHEAD] = [None; EVENTS_AHEAD];
         let mut at = 0usize;
+        let bad = self.drv.stats().bad_events;
         self.drv.poll_events(|ev| {
             r.shadow.prefetch(&ev.key);
             if let Some(old) = ahead[at % EVENTS_AHEAD].replace(ev) {
@@ -982,6 +983,11 @@ impl<D: NicDevice> ConnTable<D> {
             }
             at += 1;
         });
+        if self.drv.stats().bad_events != bad {
+            // An event the driver could not read is one lost, as if the
+            // ring had overflowed: the copy may miss a removal.
+            r.shadow.mark_needs_audit();
+        }
         for i in 0..EVENTS_AHEAD {
             if let Some(ev) = ahead[(at + i) % EVENTS_AHEAD].take() {
                 r.shadow.apply_event(&ev, floor);
@@ -1001,6 +1007,7 @@ impl<D: NicDevice> ConnTable<D> {
     fn absorb_events(&mut self) {
         let Some(r) = &mut self.rec else { return };
         let floor = self.drv.generation_floor();
+        let bad = self.drv.stats().bad_events;
         self.drv.poll_events(|ev| {
             r.shadow.apply_event(&ev, floor);
             // The card changed the entry, whatever the copy made of it (an
@@ -1012,6 +1019,9 @@ impl<D: NicDevice> ConnTable<D> {
             }
             r.events.push_back(ev);
         });
+        if self.drv.stats().bad_events != bad {
+            r.shadow.mark_needs_audit();
+        }
     }
 
     /// Resets and re-initialises the device and rebuilds its table from the
@@ -2065,7 +2075,11 @@ mod tests {
         use nicsync_vfio::MockDevice;
         let m = std::sync::Arc::new(MockDevice::healthy());
         m.set(regs::STATUS, (Status::READY | Status::ENABLED).bits());
-        let cfg = DriverConfig { table_capacity: 4096, bringup_timeout: std::time::Duration::from_millis(50), ..Default::default() };
+        let cfg = DriverConfig {
+            table_capacity: 4096,
+            bringup_timeout: std::time::Duration::from_millis(50),
+            ..Default::default()
+        };
         let mut t = ConnTable::new(Driver::probe(m.clone(), cfg).expect("probe"));
         m.set(regs::TABLE_COUNT, 4000);
         assert_eq!(t.len(), 4000);
