@@ -344,9 +344,9 @@ pub fn encode_attrs(m: &mut MsgBuf, e: &CtEntry) {
     if let Some(t) = e.timeout_s {
         m.be32(cta::TIMEOUT, t);
     }
-    if e.mark != 0 {
-        m.be32(cta::MARK, e.mark);
-    }
+    // Always, 0 included: an update (a Standby mirroring its peers, a
+    // REPLACE) that left it out would keep the kernel's old mark.
+    m.be32(cta::MARK, e.mark);
     if e.zone != 0 {
         m.be16(cta::ZONE, e.zone);
     }

@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
 use nicsync_conntrack::{
-    from_ct, in_netns, to_ct, CreateMode, CtError, CtEvent, CtSocket, EventSocket, Groups, Tuple, COMMIT_STATUS,
+    from_ct, in_netns, to_ct, CreateMode, CtEntry, CtError, CtEvent, CtSocket, EventSocket, Groups, Tuple,
+    COMMIT_STATUS,
 };
 use nicsync_fwif::conn::{proto, ConnFlags, ConnKey, ConnState, Direction, Nat, NatKind, TcpState};
 
@@ -175,6 +176,19 @@ fn bulk_create_dump_events_delete_flush_in_a_namespace() {
     assert_eq!(now.reply, entries[0].reply, "the NAT it was created with");
     let updates = drain(&mut ev).into_iter().filter(|e| matches!(e, CtEvent::Update(u) if u.mark == 0xabcd)).count();
     assert_eq!(updates, 6, "UPDATE events for the re-marked entries");
+    // And back to 0: an update carries the mark even when it is 0 (left
+    // out, the kernel kept the old one).
+    let unmarked: Vec<_> = remarked.iter().map(|e| CtEntry { mark: 0, ..e.clone() }).collect();
+    assert_eq!(ct.create_batch(&unmarked, CreateMode::Upsert).expect("upsert").failed, vec![]);
+    let marks: Vec<u32> = ct
+        .dump_all()
+        .expect("dump")
+        .into_iter()
+        .filter(|e| unmarked.iter().any(|u| u.orig == e.orig))
+        .map(|e| e.mark)
+        .collect();
+    assert_eq!(marks, vec![0; 5]);
+    drain(&mut ev);
 
     // Delete 100: each gets a DESTROY event and leaves the dump.
     let gone: Vec<_> = entries.iter().step_by(10).cloned().collect();

@@ -368,9 +368,11 @@ pub struct KernelFeed {
     dumps: u32,
     own_port: u32,
     active: bool,
-    /// The cluster's own sockets: (address, port), an unspecified address
-    /// matching any.
-    endpoints: Vec<(IpAddr, u16)>,
+    /// This member's cluster sockets (address, port; an unspecified
+    /// address matches any of this host's).
+    binds: Vec<(IpAddr, u16)>,
+    /// The peers' cluster sockets.
+    peers: Vec<(IpAddr, u16)>,
     stats: ConntrackStats,
 }
 
@@ -386,7 +388,8 @@ impl KernelFeed {
             dumps: 0,
             own_port: 0,
             active: false,
-            endpoints: Vec::new(),
+            binds: Vec::new(),
+            peers: Vec::new(),
             stats: ConntrackStats::default(),
         }
     }
@@ -402,20 +405,30 @@ impl KernelFeed {
         self.own_port = port;
     }
 
-    /// The cluster's own sockets (this member's binds and its peers'
-    /// addresses): connections to or from them are never sourced.
-    pub fn set_cluster_endpoints(&mut self, eps: &[std::net::SocketAddr]) {
-        self.endpoints = eps.iter().map(|a| (a.ip().to_canonical(), a.port())).collect();
+    /// The cluster's own sockets: this member's binds and its peers'
+    /// addresses. The cluster's connections (sync, membership, Full Sync)
+    /// are never sourced: those with a peer's socket at one end, those
+    /// with a bind of this member at one end, and, for a bind to the
+    /// unspecified address, only those whose other end is a peer's
+    /// address (a forwarded connection to another host's port 8118 is not
+    /// the cluster's).
+    pub fn set_cluster_endpoints(&mut self, binds: &[std::net::SocketAddr], peers: &[std::net::SocketAddr]) {
+        let canon = |eps: &[std::net::SocketAddr]| eps.iter().map(|a| (a.ip().to_canonical(), a.port())).collect();
+        self.binds = canon(binds);
+        self.peers = canon(peers);
     }
 
     fn is_cluster_traffic(&self, key: &ConnKey) -> bool {
-        if !matches!(key.proto, proto::TCP | proto::UDP) || self.endpoints.is_empty() {
+        if !matches!(key.proto, proto::TCP | proto::UDP) || self.binds.is_empty() && self.peers.is_empty() {
             return false;
         }
-        let ends = [(key.src_ip(), key.src_port.get()), (key.dst_ip(), key.dst_port.get())];
-        ends.iter().any(|(ip, port)| {
-            let Some(ip) = ip else { return false };
-            self.endpoints.iter().any(|(a, p)| p == port && (a.is_unspecified() || a == ip))
+        let (Some(src), Some(dst)) = (key.src_ip(), key.dst_ip()) else { return false };
+        let (src, dst) = (src.to_canonical(), dst.to_canonical());
+        let ends = [(src, key.src_port.get(), dst), (dst, key.dst_port.get(), src)];
+        let a_peer = |ip: &IpAddr| self.peers.iter().any(|(a, _)| a == ip);
+        ends.iter().any(|(ip, port, other)| {
+            self.peers.iter().any(|(a, p)| p == port && a == ip)
+                || self.binds.iter().any(|(a, p)| p == port && (a == ip || a.is_unspecified() && a_peer(other)))
         })
     }
 
@@ -426,6 +439,14 @@ impl KernelFeed {
             self.held.clear();
             self.hold_queue.clear();
             self.resync = None;
+            // What a Standby's card holds of the entries kept off the
+            // cluster (filtered, or held by the delay) is not this member's
+            // to know any more: a Full Sync empties the card and brings
+            // back only synced entries. The dump at the next takeover puts
+            // them on the card again rather than take them for unchanged.
+            for k in self.known.values_mut().filter(|k| !k.synced) {
+                k.print = 0;
+            }
         }
         self.active = active;
     }
@@ -540,6 +561,13 @@ impl KernelFeed {
 
     fn lost(&mut self) -> FeedAction {
         if !self.active {
+            // A Standby reads DESTROY events only to keep `known` honest
+            // (a takeover skips the card's entries this kernel may hold).
+            // Some are lost now: the takeover commits every entry instead
+            // (those this kernel has answer EEXIST), rather than skip one
+            // this kernel dropped and then sweep it from the cluster as
+            // gone.
+            self.known.clear();
             return FeedAction::None;
         }
         match self.resync.as_mut() {
@@ -969,7 +997,11 @@ impl KernelLink {
     /// Subscribes to the kernel's events in the calling thread's network
     /// namespace and starts the commit thread. Must run inside a tokio
     /// runtime.
-    pub fn open(cfg: ConntrackConfig, cluster_endpoints: &[std::net::SocketAddr]) -> Result<Self, LinkError> {
+    pub fn open(
+        cfg: ConntrackConfig,
+        binds: &[std::net::SocketAddr],
+        peers: &[std::net::SocketAddr],
+    ) -> Result<Self, LinkError> {
         let events = EventSocket::open_with_buffer(Groups::ALL, cfg.event_buffer_bytes)?;
         let granted = events.receive_buffer().unwrap_or(0);
         tracing::info!(
@@ -982,7 +1014,7 @@ impl KernelLink {
         let mut sock = CtSocket::open()?;
         let mut feed = KernelFeed::new(cfg);
         feed.set_own_port(sock.port_id());
-        feed.set_cluster_endpoints(cluster_endpoints);
+        feed.set_cluster_endpoints(binds, peers);
         let (tx, rx) = mpsc::unbounded_channel();
         let (commit_tx, commit_rx) = std_mpsc::channel::<CommitJob>();
         let report = tx.clone();
@@ -1175,6 +1207,15 @@ impl KernelLink {
 
     fn start_dump_if_wanted(&mut self, now: Nanos) {
         if !self.dump_wanted || self.feed.dumping() || self.committing || !self.feed.active {
+            return;
+        }
+        // Not before the event socket is drained. The kernel reports an
+        // overrun (ENOBUFS) ahead of the events still queued, which are
+        // older than the loss, and drops every new event without a word
+        // until its queue is empty: a dump started earlier would pass
+        // entries whose DESTROY is dropped after, and the stale events read
+        // during it would win over what it shows.
+        if self.more_events {
             return;
         }
         if self.dump_retry_at.is_some_and(|t| Instant::now() < t) {
@@ -1696,17 +1737,75 @@ mod tests {
         assert_eq!(s.last_dump_ms, Some(3.999999));
     }
 
+    /// Events lost on a Standby may be DESTROYs: nothing learnt from this
+    /// kernel is trusted to be in it any more, so that the takeover
+    /// commits the card's entry instead of skipping it (and then sweeping
+    /// it from the cluster, as gone from this kernel).
+    #[test]
+    fn an_overrun_on_a_standby_forgets_what_the_kernel_was_known_to_hold() {
+        let mut f = active(ConntrackConfig::default());
+        let e = established([10, 0, 0, 1]);
+        let mut ops = Vec::new();
+        f.event(CtEvent::New(e.clone()), 0, 0, &mut ops);
+        f.set_active(false);
+        assert!(f.knows(&key_of(&e)));
+        assert_eq!(f.event(CtEvent::Overrun, 0, 1, &mut ops), FeedAction::None);
+        assert!(!f.knows(&key_of(&e)), "the takeover commits it");
+        assert_eq!(f.stats().entries_known, 0);
+    }
+
+    /// An entry kept off the cluster (here by the filter) is on the card
+    /// only while nothing empties it: after a spell as Standby (a Full Sync
+    /// may have emptied the card) the takeover's dump puts it back.
+    #[test]
+    fn an_unsynced_entry_goes_back_on_the_card_after_a_spell_as_standby() {
+        let cfg = ConntrackConfig {
+            filter: SyncFilter { protocols: vec![proto::UDP], ..Default::default() },
+            ..Default::default()
+        };
+        let mut f = active(cfg);
+        let local = established([10, 0, 0, 1]);
+        let mut ops = Vec::new();
+        f.event(CtEvent::New(local.clone()), 0, 0, &mut ops);
+        assert_eq!(ops.len(), 1);
+        assert!(!synced(&ops[0]));
+        // Shown again while Active: the card has it.
+        f.begin_dump(1);
+        ops.clear();
+        f.dump_entries(std::slice::from_ref(&local), 2, &mut ops);
+        assert!(ops.is_empty(), "{ops:?}");
+        f.end_dump(Ok(()), 3, &mut ops);
+        f.set_active(false);
+        f.set_active(true);
+        f.begin_dump(4);
+        f.dump_entries(std::slice::from_ref(&local), 5, &mut ops);
+        assert_eq!(ops.iter().map(|o| *o.key()).collect::<Vec<_>>(), vec![key_of(&local)]);
+        assert!(!synced(&ops[0]));
+    }
+
     #[test]
     fn the_cluster_s_own_traffic_is_never_sourced() {
         let mut f = active(ConntrackConfig::default());
-        f.set_cluster_endpoints(&["192.0.2.1:8116".parse().unwrap(), "0.0.0.0:8118".parse().unwrap()]);
+        // Binds 192.0.2.1:8116 and 0.0.0.0:8118; the peer 10.0.0.1 at
+        // :8116 and :8118.
+        f.set_cluster_endpoints(
+            &["192.0.2.1:8116".parse().unwrap(), "0.0.0.0:8118".parse().unwrap()],
+            &["10.0.0.1:8116".parse().unwrap(), "10.0.0.1:8118".parse().unwrap()],
+        );
         let mut ops = Vec::new();
-        f.event(CtEvent::New(ct_entry([10, 0, 0, 1], 40000, 8116, 3)), 0, 0, &mut ops);
+        // ct_entry(src, sport, dport, _): to 192.0.2.1 (this member).
+        f.event(CtEvent::New(ct_entry([10, 0, 0, 1], 8116, 8116, 3)), 0, 0, &mut ops);
+        f.event(CtEvent::New(ct_entry([10, 0, 0, 1], 40000, 8118, 3)), 0, 0, &mut ops);
         f.event(CtEvent::New(ct_entry([10, 0, 0, 1], 8118, 40000, 3)), 0, 0, &mut ops);
-        assert!(ops.is_empty());
+        f.event(CtEvent::New(ct_entry([10, 0, 0, 9], 40000, 8116, 3)), 0, 0, &mut ops);
+        assert!(ops.is_empty(), "{ops:?}");
+        assert_eq!(f.stats().own_traffic, 4);
+        // Not the cluster's: another port, and a wildcard bind's port
+        // between two hosts that are not peers.
         f.event(CtEvent::New(ct_entry([10, 0, 0, 1], 40000, 8117, 3)), 0, 0, &mut ops);
-        assert_eq!(ops.len(), 1);
-        assert_eq!(f.stats().own_traffic, 2);
+        f.event(CtEvent::New(ct_entry([10, 0, 0, 7], 40000, 8118, 3)), 0, 0, &mut ops);
+        assert_eq!(ops.len(), 2);
+        assert_eq!(f.stats().own_traffic, 4);
     }
 
     #[test]

@@ -314,12 +314,13 @@ pub fn run_daemon(cfg: &Config) -> anyhow::Result<()> {
         let orderly = crate::runtime::OrderlyStop { signals, drain: cfg.sync.stop_drain };
         let kernel = match cfg.source {
             TableSource::Conntrack => {
-                let mut ends = vec![cfg.sync.bind, cfg.membership.bind, cfg.full_sync.bind];
+                let binds = [cfg.sync.bind, cfg.membership.bind, cfg.full_sync.bind];
+                let mut peers = Vec::new();
                 for p in &cfg.peers {
-                    ends.extend([p.sync, p.membership]);
-                    ends.extend(p.full_sync.iter().copied());
+                    peers.extend([p.sync, p.membership]);
+                    peers.extend(p.full_sync.iter().copied());
                 }
-                Some(KernelLink::open(cfg.conntrack.clone(), &ends)?)
+                Some(KernelLink::open(cfg.conntrack.clone(), &binds, &peers)?)
             }
             TableSource::Control => None,
         };

@@ -406,6 +406,72 @@ fn event_socket_overrun_is_recovered_by_a_dump_with_nothing_lost() {
     assert_eq!(ct["table_errors"].as_u64(), Some(0), "{ct}");
 }
 
+/// The kernel reports an overrun ahead of the events still queued (older
+/// than the loss) and drops new events silently until its queue is empty.
+/// A daemon paused while 10,000 entries are created and half of them
+/// deleted overruns a 1 MiB buffer; resumed, it reads that backlog, and
+/// only then dumps. Its dump used to start after the first 1,024 events:
+/// the backlog read during it brought back about 300 of the deleted
+/// entries, for good (synced, and never aged by the card).
+#[test]
+fn the_backlog_read_after_an_overrun_brings_back_nothing_deleted() {
+    let Some(a) = netns("ob") else { return };
+    if !a.firewall() {
+        return;
+    }
+    a.sh("ip link set lo up");
+    let dir = tempdir("ob");
+    let key = key_gen(&dir);
+    let (ca, sa) = config(&dir, 1, Ipv4Addr::LOCALHOST, &[], &key, "[conntrack]\nevent_buffer_bytes = 1048576\n");
+    let mut da = daemon(&a, &dir, 1, ca, sa);
+    da.start();
+    wait_for("member 1 Active", Duration::from_secs(10), &[&da], || (state(&da)?.as_str() == "active").then_some(()));
+    wait_for("the activation dump", Duration::from_secs(10), &[&da], || {
+        (conntrack_stats(&da)["dumps_completed"].as_u64()? >= 1).then_some(())
+    });
+    const N: u32 = 10_000;
+    let entries: Vec<_> = (0..N)
+        .map(|i| {
+            let key = ConnKey::v4(
+                Ipv4Addr::new(10, 201, (i >> 8) as u8, i as u8),
+                30_000,
+                Ipv4Addr::new(192, 0, 2, 53),
+                53,
+                proto::UDP,
+                0,
+            );
+            let flags = ConnFlags::ASSURED | ConnFlags::CONFIRMED | ConnFlags::SEEN_REPLY;
+            to_ct(&key, &ConnState::new(TcpState::None, Direction::Original, flags, 3600, 0), &Nat::default())
+                .expect("to_ct")
+        })
+        .collect();
+    let pid = da.pid().expect("running");
+    let signal = |sig: &str| {
+        let ok = Command::new("kill").args([sig, &pid.to_string()]).status().is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    in_netns(&a.path(), || {
+        let mut s = CtSocket::open().expect("socket");
+        let created = s.create_batch(&entries, CreateMode::Exclusive).expect("create");
+        assert!(created.failed.is_empty(), "{:?}", &created.failed[..created.failed.len().min(5)]);
+        for e in entries.iter().step_by(2) {
+            s.delete(e).expect("delete");
+        }
+    })
+    .expect("netns");
+    signal("-CONT");
+    let left: BTreeSet<String> =
+        entries.iter().skip(1).step_by(2).map(|e| from_ct(e).expect("maps").key.to_string()).collect();
+    wait_for("the card to hold exactly the entries left", Duration::from_secs(30), &[&da], || {
+        (card_keys(&da)? == left).then_some(())
+    });
+    let ct = conntrack_stats(&da);
+    eprintln!("after the backlog: {ct}");
+    assert!(ct["overruns"].as_u64().unwrap_or(0) >= 1, "the pause was meant to overrun the event socket: {ct}");
+    assert_eq!(ct["table_errors"].as_u64(), Some(0), "{ct}");
+}
+
 /// A scratch directory, removed with what it holds when dropped.
 struct ScratchDir(PathBuf);
 
