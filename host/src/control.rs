@@ -146,10 +146,12 @@ impl Reply {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// No daemon at the path, or no permission.
-    #[error("cannot reach the daemon at {path} (is `nicsync daemon` running with this control.socket? --socket names another)")]
+    #[error("cannot reach the daemon at {path} ({hint})")]
     Connect {
         /// The socket path.
         path: String,
+        /// What to check, for the cause.
+        hint: &'static str,
         /// The cause.
         source: std::io::Error,
     },
@@ -169,16 +171,31 @@ pub enum ControlError {
 
 /// Sends one request to the daemon at `path` and returns its data.
 pub fn call(path: &Path, req: &Request, timeout: Duration) -> Result<serde_json::Value, ControlError> {
-    let mut s = UnixStream::connect(path)
-        .map_err(|source| ControlError::Connect { path: path.display().to_string(), source })?;
+    let mut s = UnixStream::connect(path).map_err(|source| {
+        let hint = match source.kind() {
+            std::io::ErrorKind::PermissionDenied => {
+                "run it as root, or as a user the daemon's control.allow_uids lists who may write the socket \
+                 (control.socket_mode)"
+            }
+            _ => "is `nicsync daemon` running with this control.socket? --socket names another",
+        };
+        ControlError::Connect { path: path.display().to_string(), hint, source }
+    })?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     let mut line = serde_json::to_vec(req).map_err(|e| ControlError::BadReply(e.to_string()))?;
     line.push(b'\n');
-    s.write_all(&line)?;
+    // A daemon that refuses this user answers at once and closes: the
+    // request may then fail to be written (EPIPE) while the refusal waits
+    // to be read. The answer, if any, says more than the broken pipe.
+    let written = s.write_all(&line);
     let mut reader = BufReader::new(s.take(16 << 20));
     let mut buf = String::new();
-    reader.read_line(&mut buf).map_err(|e| match e.kind() {
+    let read = reader.read_line(&mut buf);
+    if let (Err(e), true) = (written, buf.is_empty()) {
+        return Err(ControlError::Io(e));
+    }
+    read.map_err(|e| match e.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ControlError::NoAnswer(timeout),
         _ => ControlError::Io(e),
     })?;

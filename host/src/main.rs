@@ -20,6 +20,10 @@ struct Cli {
     /// own is its configuration's `control.socket`.
     #[arg(long, global = true)]
     socket: Option<std::path::PathBuf>,
+    /// Seconds to wait for the daemon's answer (a health check wants a
+    /// few; a hung daemon is reported, not waited on for ever).
+    #[arg(long, global = true, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    timeout: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -324,8 +328,12 @@ fn main() -> ExitCode {
     // The simulator and the fault campaign inject faults by the thousand,
     // and the members warn of each as they would of a real one: by default
     // they say only errors; their reports tell what happened.
+    // A daemon logs what an operator looks for after the fact (state
+    // changes, failovers, Full Syncs, takeover commits, stops) at info, as
+    // keepalived and conntrackd do; a command run by hand only warns.
     let default_level = match cli.command {
         Command::Sim(_) | Command::Chaos(_) => "error",
+        Command::Daemon { .. } => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -334,6 +342,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: not in a file, nor in the journal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -361,14 +371,21 @@ fn render_error(e: &anyhow::Error) -> String {
     out
 }
 
-fn control(socket: &std::path::Path, req: &Request) -> anyhow::Result<serde_json::Value> {
+/// The daemon the command talks to: its control socket, and how long its
+/// answer is waited for.
+struct Ctl {
+    path: std::path::PathBuf,
+    timeout: std::time::Duration,
+}
+
+fn control(ctl: &Ctl, req: &Request) -> anyhow::Result<serde_json::Value> {
     // A wait answers when its time is up: give the daemon that and more.
     let wait_ms = match req {
         Request::ConnWait { timeout_ms, .. } => *timeout_ms,
         _ => 0,
     };
-    let timeout = std::time::Duration::from_secs(30) + std::time::Duration::from_millis(wait_ms);
-    Ok(nicsync::control::call(socket, req, timeout)?)
+    let timeout = ctl.timeout + std::time::Duration::from_millis(wait_ms);
+    Ok(nicsync::control::call(&ctl.path, req, timeout)?)
 }
 
 fn render_state(v: &serde_json::Value) -> String {
@@ -413,7 +430,7 @@ fn render_flat(v: &serde_json::Value, prefix: &str) -> String {
     out
 }
 
-fn run_conn(socket: &std::path::Path, which: ConnCommand) -> anyhow::Result<()> {
+fn run_conn(socket: &Ctl, which: ConnCommand) -> anyhow::Result<()> {
     match which {
         ConnCommand::List { json, limit } => {
             let v = control(socket, &Request::ConnList { limit })?;
@@ -486,7 +503,10 @@ fn parse_seconds(s: &str) -> Result<f64, String> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let socket = cli.socket.clone().unwrap_or_else(|| nicsync::config::DEFAULT_CONTROL_SOCKET.into());
+    let socket = Ctl {
+        path: cli.socket.clone().unwrap_or_else(|| nicsync::config::DEFAULT_CONTROL_SOCKET.into()),
+        timeout: std::time::Duration::from_secs(cli.timeout),
+    };
     match cli.command {
         Command::Demo(a) => run_demo(a),
         Command::Sim(a) => run_sim(a),
@@ -590,7 +610,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn run_key(socket: &std::path::Path, which: KeyCommand) -> anyhow::Result<()> {
+fn run_key(socket: &Ctl, which: KeyCommand) -> anyhow::Result<()> {
     use nicsync_seal::KeyFile;
     let show = |f: &KeyFile, path: &std::path::Path| -> anyhow::Result<()> {
         let ring = f.keyring(path)?;

@@ -337,6 +337,7 @@ pub fn run_daemon(cfg: &Config) -> anyhow::Result<()> {
         .await
         .map_err(anyhow::Error::from)
     })?;
-    tracing::info!(member = cfg.member_id, "nicsync daemon stopped: {stats:?}");
+    let stats = serde_json::to_string(&stats).unwrap_or_else(|e| format!("({e})"));
+    tracing::info!(member = cfg.member_id, "nicsync daemon stopped; its sockets' counters: {stats}");
     Ok(())
 }

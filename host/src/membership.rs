@@ -1053,6 +1053,23 @@ pub enum MembershipEvent {
     },
 }
 
+/// What an operator reads in the log: "this member STANDBY -> ACTIVE",
+/// "member 2 DOWN -> STANDBY", "member 2 not heard within the dead window".
+impl fmt::Display for MembershipEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MembershipEvent::LocalStateChanged { from, to } => write!(f, "this member {from} -> {to}"),
+            MembershipEvent::PeerStateChanged { member, from, to } => write!(f, "member {member} {from} -> {to}"),
+            MembershipEvent::PeerDied { member } => write!(f, "member {member} not heard within the dead window"),
+            MembershipEvent::PeerRestarted { member } => write!(f, "member {member} restarted (a new incarnation)"),
+            MembershipEvent::BecameActive => f.write_str("this member is Active"),
+            MembershipEvent::LostActive => f.write_str("this member is no longer Active"),
+            MembershipEvent::ResyncRequested { by } => write!(f, "member {by} asks this member to resync"),
+            MembershipEvent::MergeRequested { by } => write!(f, "member {by} asks this member to merge its table"),
+        }
+    }
+}
+
 /// One member as this member sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct MemberView {

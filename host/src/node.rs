@@ -34,6 +34,7 @@ use nicsync_fwif::cmd::SNAPSHOT_DONE;
 use nicsync_fwif::event::EventKind;
 use nicsync_fwif::regs::Counter;
 use nicsync_fwif::sync::DeltaUpdate;
+use nicsync_seal::Refusal;
 use nicsync_vfio::NicDevice;
 
 use crate::fullsync::{self, ClientEvent, FullSyncClient, FullSyncParams, FullSyncServer};
@@ -355,6 +356,10 @@ enum AuditState {
 const AUDIT_WAIT_PER_ENTRY_NS: u64 = 10_000;
 
 /// A [`Node::progress`] longer than this is logged (debug), by part.
+/// A misconfiguration that refuses every datagram (a wrong key, a peer
+/// given another's id) is warned of at most this often (with the counts).
+pub const REFUSAL_WARN_EVERY_NS: Nanos = 10_000_000_000;
+
 const SLOW_PROGRESS: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// One cluster member's host logic over its device table.
@@ -411,6 +416,8 @@ pub struct Node<D: NicDevice> {
     stop: Option<Stopping>,
     /// Sealing of membership datagrams and Full Sync streams.
     security: Option<NodeSecurity>,
+    /// When a membership datagram that did not open was last warned of.
+    auth_warned_at: Option<Nanos>,
     /// Changes the peers made to this member's card, kept for the caller
     /// when asked for ([`Node::record_peer_changes`]).
     peer_changes: Option<Vec<(nicsync_fwif::conn::ConnKey, bool)>>,
@@ -517,6 +524,7 @@ impl<D: NicDevice> Node<D> {
         let resets_seen = table.recovery_stats().resets;
         Ok(Node {
             security,
+            auth_warned_at: None,
             raw_out: VecDeque::new(),
             session_seed: cfg.incarnation,
             cfg,
@@ -587,6 +595,28 @@ impl<D: NicDevice> Node<D> {
         self.stop.is_some()
     }
 
+    /// Of this member's changes up to `last_change` (its card's sequence
+    /// number), how many some peer heard within three ALIVE intervals has
+    /// not acknowledged.
+    fn changes_unacknowledged(&self, last_change: u64) -> u64 {
+        // Every such peer has acknowledged up to `last - unacked`.
+        let drv = self.table.driver_ref();
+        let last = drv.device_counter(Counter::SyncNextSeq).saturating_sub(1);
+        let acked = last.saturating_sub(drv.device_counter(Counter::SyncUnacked));
+        last_change.saturating_sub(acked)
+    }
+
+    /// An orderly stop cut short (a second signal): how many of the
+    /// changes it was draining the peers had not acknowledged (`None`: no
+    /// stop under way).
+    pub fn stop_cut_short(&self) -> Option<u64> {
+        let stop = self.stop.as_ref()?;
+        Some(match stop.announced {
+            Some((_, unacked)) => unacked,
+            None => self.changes_unacknowledged(stop.last_change),
+        })
+    }
+
     /// Drives an orderly stop ([`Node::begin_stop`]): once the peers have
     /// acknowledged this member's changes, or the drain ran out, announces
     /// Down; then lingers one probe interval, so that the periodic probe
@@ -599,11 +629,9 @@ impl<D: NicDevice> Node<D> {
         let (announced, unacked) = match stop.announced {
             Some(a) => a,
             None => {
-                // Every peer has acknowledged up to `last - unacked`.
-                let drv = self.table.driver_ref();
-                let last = drv.device_counter(Counter::SyncNextSeq).saturating_sub(1);
-                let acked = last.saturating_sub(drv.device_counter(Counter::SyncUnacked));
-                let unacked = stop.last_change.saturating_sub(acked);
+                let last_change = stop.last_change;
+                let unacked = self.changes_unacknowledged(last_change);
+                let stop = self.stop.as_mut()?;
                 // A Full Sync it serves is a member's only way to its
                 // table: it is let finish within the drain too.
                 if (unacked > 0 || !self.serving.is_empty()) && now < stop.drain_until {
@@ -766,9 +794,26 @@ impl<D: NicDevice> Node<D> {
     pub fn handle_ccp_received(&mut self, bytes: &[u8], received: Nanos, now: Nanos) {
         let plain = match &mut self.security {
             Some(sec) => match sec.open_ccp(bytes) {
-                Some(p) => p,
-                // Counted by the security layer; nothing moved.
-                None => return,
+                Ok(p) => p,
+                // Counted by the security layer; nothing moved. A member
+                // whose key is not the peers' hears nobody and stays READY:
+                // said in the log, not only in a counter.
+                Err(why @ (Refusal::Auth | Refusal::UnknownMember)) => {
+                    if self.auth_warned_at.is_none_or(|t| now.saturating_sub(t) >= REFUSAL_WARN_EVERY_NS) {
+                        self.auth_warned_at = Some(now);
+                        let (id, fp) = sec.send_key();
+                        let s = sec.stats();
+                        tracing::warn!(
+                            member = self.cfg.member_id,
+                            "membership: a datagram from a peer's address did not open ({}; {} failed to authenticate, {} from a member id that is not a peer, so far): do the members share the cluster key file (this member seals with key {id}, fingerprint {fp}; compare `nicsync key show` on each) and the member ids?",
+                            if why == Refusal::Auth { "authentication failed" } else { "sealed by a member id that is not a peer" },
+                            s.ccp_auth_failures,
+                            s.ccp_unknown_member,
+                        );
+                    }
+                    return;
+                }
+                Err(_) => return,
             },
             None => bytes,
         };
@@ -1203,9 +1248,9 @@ impl<D: NicDevice> Node<D> {
                     | membership::MembershipEvent::PeerRestarted { .. }
             );
             if notable {
-                tracing::info!(member = self.cfg.member_id, "membership: {ev:?}");
+                tracing::info!(member = self.cfg.member_id, "membership: {ev}");
             } else {
-                tracing::debug!(member = self.cfg.member_id, "membership: {ev:?}");
+                tracing::debug!(member = self.cfg.member_id, "membership: {ev}");
             }
             match ev {
                 membership::MembershipEvent::ResyncRequested { by } => {

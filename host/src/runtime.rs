@@ -79,6 +79,12 @@ pub enum RuntimeError {
     /// Another daemon owns the control socket.
     #[error("control socket {0} is in use by a running daemon")]
     ControlInUse(String),
+    /// A second stop signal cut an orderly stop short.
+    #[error(
+        "stopped by a second signal before every peer acknowledged this member's changes ({0} unacknowledged: \
+         they may be lost if this member held the only copy)"
+    )]
+    StopCutShort(u64),
 }
 
 /// Counters of the runtime's own sockets.
@@ -99,6 +105,29 @@ pub struct NetStats {
     /// Control requests read whole at their connection's accept, on the
     /// loop's turn (the others are read by a task of their own).
     pub control_inline: u64,
+    /// When each kind of trouble was last warned of (not a counter).
+    #[serde(skip)]
+    warned: Warned,
+}
+
+/// Trouble that every datagram would repeat (a misconfigured peer, an
+/// unreachable address) is warned of at most once per
+/// [`crate::node::REFUSAL_WARN_EVERY_NS`], with the count so far.
+#[derive(Clone, Debug, Default)]
+struct Warned {
+    unknown_source: Option<std::time::Instant>,
+    send_error: Option<std::time::Instant>,
+}
+
+/// Whether a warning last given at `last` may be given again now (and
+/// notes it given).
+fn warn_due(last: &mut Option<std::time::Instant>) -> bool {
+    let every = Duration::from_nanos(crate::node::REFUSAL_WARN_EVERY_NS);
+    if last.is_some_and(|t| t.elapsed() < every) {
+        return false;
+    }
+    *last = Some(std::time::Instant::now());
+    true
 }
 
 enum Ev {
@@ -229,6 +258,7 @@ pub async fn serve_with<D: NicDevice + 'static>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<NetStats, RuntimeError> {
     let DaemonInputs { mut kernel, mut orderly } = inputs;
+    let mut cut_short = None;
     let start = Instant::now();
     let now = || start.elapsed().as_nanos() as Nanos;
     let setup = |what: &'static str, addr: String| move |source| RuntimeError::Bind { what, addr, source };
@@ -356,8 +386,12 @@ pub async fn serve_with<D: NicDevice + 'static>(
         tokio::select! {
             _ = &mut shutdown => break,
             _ = stop_signal(&mut orderly) => {
-                if node.is_stopping() {
-                    tracing::warn!(member = node.member_id(), "a second stop signal: stopping at once");
+                if let Some(unacked) = node.stop_cut_short() {
+                    tracing::warn!(
+                        member = node.member_id(),
+                        "a second stop signal: stopping at once, {unacked} of this member's changes not acknowledged by every peer"
+                    );
+                    cut_short = (unacked > 0).then_some(unacked);
                     break;
                 }
                 let drain = orderly.as_ref().map_or(Duration::ZERO, |o| o.drain);
@@ -498,7 +532,10 @@ pub async fn serve_with<D: NicDevice + 'static>(
     if let Some(c) = control {
         let _ = std::fs::remove_file(&c.path);
     }
-    Ok(stats)
+    match cut_short {
+        Some(unacked) => Err(RuntimeError::StopCutShort(unacked)),
+        None => Ok(stats),
+    }
 }
 
 /// What a walk of the card answers, and what it gathers to answer it.
@@ -767,6 +804,14 @@ fn take_ccp<D: NicDevice>(
 ) {
     if !by_addr.contains_key(&canonical(d.from)) {
         stats.ccp_unknown_source += 1;
+        if warn_due(&mut stats.warned.unknown_source) {
+            tracing::warn!(
+                member = node.member_id(),
+                "membership: a datagram from {}, which is no peer's membership address ({} so far): is another member configured with a peer's id, or a [[peer]] membership address wrong?",
+                d.from,
+                stats.ccp_unknown_source
+            );
+        }
         return;
     }
     if d.arrived.is_none() {
@@ -843,8 +888,17 @@ fn flush_outputs<D: NicDevice>(
                     if matches!(dest, Destination::Member(m) if m != p.id) {
                         continue;
                     }
-                    if ccp.try_send_to(&bytes, p.ccp).is_err() {
+                    if let Err(e) = ccp.try_send_to(&bytes, p.ccp) {
                         stats.ccp_send_errors += 1;
+                        if warn_due(&mut stats.warned.send_error) {
+                            tracing::warn!(
+                                member = node.member_id(),
+                                "membership: cannot send to member {} at {} ({e}; {} sends failed so far): is it reachable from membership.bind?",
+                                p.id,
+                                p.ccp,
+                                stats.ccp_send_errors
+                            );
+                        }
                     }
                 }
             }

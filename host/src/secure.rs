@@ -118,14 +118,14 @@ impl NodeSecurity {
         Some(out)
     }
 
-    /// Opens an incoming membership datagram; `None` (counted) if it does
+    /// Opens an incoming membership datagram; why not (counted) if it does
     /// not open.
-    pub fn open_ccp(&mut self, bytes: &[u8]) -> Option<&[u8]> {
+    pub fn open_ccp(&mut self, bytes: &[u8]) -> Result<&[u8], Refusal> {
         if self.scratch.len() < bytes.len() {
             self.scratch.resize(bytes.len(), 0);
         }
         match self.ccp_opener.open(bytes, &mut self.scratch) {
-            Ok(o) => Some(&self.scratch[..o.len]),
+            Ok(o) => Ok(&self.scratch[..o.len]),
             Err(e) => {
                 let s = &mut self.stats;
                 let c = match e.refusal() {
@@ -135,9 +135,17 @@ impl NodeSecurity {
                     Refusal::Replay => &mut s.ccp_replays_dropped,
                 };
                 *c += 1;
-                None
+                Err(e.refusal())
             }
         }
+    }
+
+    /// This member's sealing key: its id and fingerprint (what `nicsync key
+    /// show` prints on every member, to compare).
+    pub fn send_key(&self) -> (u8, String) {
+        let ring = self.cfg.keys.get();
+        let k = ring.send_key();
+        (k.id(), k.fingerprint())
     }
 
     /// This member opened stream `conn` to pull from `peer`: returns the

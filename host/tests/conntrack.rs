@@ -239,6 +239,17 @@ fn active_and_standby(mut da: Daemon, mut db: Daemon) -> (Daemon, Daemon) {
     (da, db)
 }
 
+/// Whether the failover hook of docs/conntrack.md
+/// (`examples/conntrack/nicsync-active`, keepalived's check) says `d` is
+/// nicsync's Active member.
+fn hook_says_active(d: &Daemon) -> bool {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/conntrack/nicsync-active");
+    let bin = Path::new(env!("CARGO_BIN_EXE_nicsync")).parent().expect("bin dir").to_path_buf();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let status = Command::new("sh").arg(script).env("PATH", path).env("NICSYNC_SOCKET", &d.socket).status();
+    status.expect("sh").success()
+}
+
 #[test]
 fn kernel_table_is_mirrored_on_the_peer_and_committed_on_failover() {
     let Some((a, b, ia, ib)) = pair("fo", 79) else { return };
@@ -247,6 +258,7 @@ fn kernel_table_is_mirrored_on_the_peer_and_committed_on_failover() {
     let (ca, sa) = config(&dir, 1, ia, &[(2, ib)], &key, "");
     let (cb, sb) = config(&dir, 2, ib, &[(1, ia)], &key, "");
     let (mut da, db) = active_and_standby(daemon(&a, &dir, 1, ca, sa), daemon(&b, &dir, 2, cb, sb));
+    assert!(hook_says_active(&da) && !hook_says_active(&db), "the failover hook follows nicsync's Active");
 
     // Real TCP sessions in A; B's card must list exactly what A's kernel
     // lists.
@@ -289,6 +301,7 @@ fn kernel_table_is_mirrored_on_the_peer_and_committed_on_failover() {
         let k = kernel_keys(&b, PORT);
         (k == open).then_some(k)
     });
+    assert!(hook_says_active(&db), "the failover hook follows nicsync's Active");
     let ct_b = conntrack_stats(&db);
     assert_eq!(ct_b["last_commit_entries"].as_u64(), Some(committed.len() as u64), "{ct_b}");
     assert_eq!(ct_b["last_commit_failed"].as_u64(), Some(0), "{ct_b}");

@@ -229,9 +229,9 @@ fn three_daemons_survive_a_kill_and_converge() {
     let n = next as usize - 1;
     let log = members[n].logs()[logs_before[n]..].to_string();
     let took_over = log
-        .find("LocalStateChanged { from: Standby, to: Active }")
+        .find("this member STANDBY -> ACTIVE")
         .unwrap_or_else(|| panic!("member {next} never logged its takeover:\n{log}"));
-    let died = log.find(&format!("PeerDied {{ member: {active}")).unwrap_or(usize::MAX);
+    let died = log.find(&format!("member {active} not heard within the dead window")).unwrap_or(usize::MAX);
     assert!(took_over < died, "member {next} took member {active} for dead before it took over:\n{log}");
     // A stopping member refuses changes; the two left hold every write.
     let digests = wait_for("equal digests of the two left", Duration::from_secs(30), &members, || {
@@ -270,12 +270,23 @@ fn delta_frame(origin: &nicsync_fwif::sync::Origin, seq: u64, key: &str, mark: u
 /// tampered, truncated, replayed, under a wrong key, from a stranger, in
 /// clear, and too short. Only the genuine ones change the table; every other
 /// is dropped and counted; the daemon keeps serving.
-#[test]
-fn forged_datagrams_are_dropped_and_counted_by_a_running_daemon() {
-    use nicsync_fwif::sync::{Frame, Origin, MAX_FRAME};
-    use nicsync_seal::{Keyring, Sealer, SharedKeyring, TrafficClass};
+/// Member 1 in a daemon (sealed with a fresh key file), its peer 2 played
+/// by the test's own sockets, and the daemon Active (alone).
+struct TestPeer {
+    dir: std::path::PathBuf,
+    members: Vec<Member>,
+    key_file: std::path::PathBuf,
+    /// The peer's sync and membership sockets.
+    peer_sync: UdpSocket,
+    peer_ccp: UdpSocket,
+    /// The daemon's.
+    daemon_sync: std::net::SocketAddr,
+    daemon_ccp: std::net::SocketAddr,
+}
 
-    let dir = std::env::temp_dir().join(format!("nicsync-forgery-{}", std::process::id()));
+/// [`TestPeer`], its `[sync]` section followed by `sync_extra`.
+fn daemon_with_a_test_peer(name: &str, sync_extra: &str) -> TestPeer {
+    let dir = std::env::temp_dir().join(format!("nicsync-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let key_file = dir.join("cluster.key");
@@ -286,7 +297,7 @@ fn forged_datagrams_are_dropped_and_counted_by_a_running_daemon() {
     let socket = dir.join("m1.sock");
     let text = format!(
         "member_id = 1\ncluster_id = 7\n[device]\ntable_capacity = 65536\naging_period_ms = 0\n\
-         [sync]\nbind = \"127.0.0.1:{s}\"\n[membership]\nbind = \"127.0.0.1:{m}\"\n\
+         [sync]\nbind = \"127.0.0.1:{s}\"\n{sync_extra}[membership]\nbind = \"127.0.0.1:{m}\"\n\
          [full_sync]\nbind = \"127.0.0.1:{f}\"\n[control]\nsocket = \"{}\"\n\
          [security]\nkey_file = \"{}\"\n\
          [[peer]]\nid = 2\nsync = \"{}\"\nmembership = \"{}\"\nfull_sync = [\"127.0.0.1:{}\"]\n",
@@ -303,8 +314,24 @@ fn forged_datagrams_are_dropped_and_counted_by_a_running_daemon() {
     wait_for("member 1 Active alone", Duration::from_secs(20), &members, || {
         members[0].req(&Request::State).ok().filter(|v| v["state"] == "active")
     });
-    let daemon_sync = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, s));
-    let daemon_ccp = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, m));
+    TestPeer {
+        dir,
+        members,
+        key_file,
+        peer_sync,
+        peer_ccp,
+        daemon_sync: std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, s)),
+        daemon_ccp: std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, m)),
+    }
+}
+
+#[test]
+fn forged_datagrams_are_dropped_and_counted_by_a_running_daemon() {
+    use nicsync_fwif::sync::{Frame, Origin, MAX_FRAME};
+    use nicsync_seal::{Keyring, Sealer, SharedKeyring, TrafficClass};
+
+    let TestPeer { dir, members, key_file, peer_sync, peer_ccp, daemon_sync, daemon_ccp } =
+        daemon_with_a_test_peer("forgery", "");
     let keys = SharedKeyring::new(Keyring::load(&key_file).unwrap());
     let mut genuine = Sealer::new(keys.clone(), TrafficClass::Delta, 2, 1);
     let origin = Origin { cluster_id: 7, member_id: 2, epoch: 0x5eed };
@@ -363,6 +390,18 @@ fn forged_datagrams_are_dropped_and_counted_by_a_running_daemon() {
     assert_eq!(stats["malformed_frames"], 1, "{stats}");
     assert_eq!(stats["security"]["host"]["ccp_auth_failures"], 1, "{stats}");
     assert_eq!(stats["encrypted"], true);
+    // Not only counted: a member whose key is not the peers' hears nobody,
+    // and the log says why and what to compare.
+    let log = members[0].logs();
+    assert!(log.contains("did not open (authentication failed") && log.contains("nicsync key show"), "{log}");
+    // Nor is a membership datagram from an address no peer has.
+    let stranger_ccp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    stranger_ccp.send_to(b"NCCP from nowhere", daemon_ccp).unwrap();
+    wait_for("the stranger warned of", Duration::from_secs(10), &members, || {
+        let warned =
+            format!("a datagram from {}, which is no peer's membership address", stranger_ccp.local_addr().ok()?);
+        members[0].logs().contains(&warned).then_some(())
+    });
     assert!(get(forged_key).is_err(), "a forged update reached the table");
     // Still serving: the control socket answers and the table takes writes.
     members[0]
@@ -406,6 +445,56 @@ fn forged_datagrams_are_dropped_and_counted_by_a_running_daemon() {
     std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     let e = members[0].req(&Request::ReloadKeys).unwrap_err();
     assert!(e.contains("chmod 600"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A second stop signal while the peers have not acknowledged this
+/// member's changes (peer 2, played by the test, never does) stops the
+/// daemon at once, says how many, and exits with a failure: a service
+/// manager must not record a stop that may have lost changes as clean.
+#[test]
+fn a_second_stop_signal_with_changes_unacknowledged_exits_with_a_failure() {
+    use nicsync_fwif::sync::{Frame, Origin, MAX_FRAME};
+    use nicsync_seal::{Keyring, Sealer, SharedKeyring, TrafficClass};
+
+    let TestPeer { dir, mut members, key_file, peer_sync, daemon_sync, .. } =
+        daemon_with_a_test_peer("second-signal", "stop_drain_ms = 60000\n");
+    // The peer says hello, so that it counts among those who must
+    // acknowledge, then never does.
+    let keys = SharedKeyring::new(Keyring::load(&key_file).unwrap());
+    let mut sealer = Sealer::new(keys, TrafficClass::Delta, 2, 1);
+    let origin = Origin { cluster_id: 7, member_id: 2, epoch: 0x5eed };
+    let mut hello = vec![0u8; MAX_FRAME];
+    let n = Frame::encode_hello(&mut hello, &origin, 1, 1).unwrap();
+    peer_sync.send_to(&seal(&mut sealer, &hello[..n]), daemon_sync).unwrap();
+    for i in 0..3 {
+        members[0]
+            .req(&Request::ConnAdd {
+                key: format!("tcp 10.3.3.{i}:1 -> 192.0.2.7:443"),
+                tcp_state: Some("established".into()),
+                timeout_s: 0,
+                mark: 0,
+                sync: true,
+            })
+            .unwrap();
+    }
+    wait_for("the changes unacknowledged", Duration::from_secs(10), &members, || {
+        let v = members[0].req(&Request::Syncstat).ok()?;
+        (v["unacked_updates"] == 3).then_some(())
+    });
+    let pid = members[0].pid().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    wait_for("the orderly stop under way", Duration::from_secs(10), &members, || {
+        members[0].req(&Request::State).ok().filter(|v| v["stopping"] == true)
+    });
+    let status = members[0].terminate(Duration::from_secs(10)).expect("exited on the second signal");
+    let log = members[0].logs();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("a second stop signal: stopping at once, 3 of this member's changes not acknowledged"),
+        "{log}"
+    );
+    assert!(log.contains("stopped by a second signal before every peer acknowledged"), "{log}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -69,6 +69,19 @@ pub enum KeyError {
     /// Not a regular file.
     #[error("key file {0} is not a regular file")]
     NotAFile(PathBuf),
+    /// The boot state file ([`next_boot`]) cannot be read or written.
+    #[error(
+        "boot state file {path}: {source} (security.boot_file: the daemon must be able to write it and its \
+         directory; under systemd's ProtectSystem=strict, list the directory in ReadWritePaths=)",
+        path = path.display()
+    )]
+    BootFile {
+        /// The file.
+        path: PathBuf,
+        /// The system's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A line that does not parse.
     #[error("{path}:{line}: {reason}", path = path.display())]
     Syntax {
@@ -543,7 +556,7 @@ pub fn next_boot(state_file: Option<&Path>) -> Result<u32, KeyError> {
             reason: "the boot state file must hold one unsigned number".into(),
         })?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-        Err(source) => return Err(KeyError::Io { path: path.to_path_buf(), source }),
+        Err(source) => return Err(KeyError::BootFile { path: path.to_path_buf(), source }),
     };
     if stored == u32::MAX {
         return Err(KeyError::Invalid(format!(
@@ -552,7 +565,10 @@ pub fn next_boot(state_file: Option<&Path>) -> Result<u32, KeyError> {
         )));
     }
     let next = (stored + 1).max(floor);
-    write_private(path, format!("{next}\n").as_bytes())?;
+    write_private(path, format!("{next}\n").as_bytes()).map_err(|e| match e {
+        KeyError::Io { path, source } => KeyError::BootFile { path, source },
+        other => other,
+    })?;
     Ok(next)
 }
 
@@ -654,6 +670,10 @@ mod tests {
         let x = next_boot(None).expect("x");
         let y = next_boot(None).expect("y");
         assert!(x < y);
+        // A boot file the daemon cannot write is named as one, not as the
+        // key file.
+        let e = next_boot(Some(&d.join("missing-dir").join("boot"))).map(|_| ()).unwrap_err().to_string();
+        assert!(e.starts_with("boot state file ") && e.contains("ReadWritePaths"), "{e}");
     }
 
     #[test]
