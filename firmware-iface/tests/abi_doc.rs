@@ -534,6 +534,18 @@ fn accepted_flags(op: Opcode) -> Vec<&'static str> {
             Err(e) => panic!("{op:?} with {name}: unexpected {e:?}"),
         }
     }
+    // A flag that needs another: REPLICA names its owner in the EXT, so a
+    // DELETE (which takes no EXT of its own) carries it with CHAIN.
+    if out.contains(&"REPLICA") && !out.contains(&"CHAIN") {
+        let mut d = base;
+        d.flags = (DescFlags::REPLICA | DescFlags::CHAIN).bits();
+        // (The EXT here names no owner: BadOwner is the flags accepted.)
+        if matches!(d.decode(Some(&ext)), Ok(_) | Err(DecodeError::BadOwner)) {
+            for name in out.iter_mut().filter(|n| **n == "REPLICA") {
+                *name = "REPLICA (with CHAIN: the EXT names the owner)";
+            }
+        }
+    }
     for bit in 0..8u8 {
         if DescFlags::from_bits(1 << bit).is_none() {
             let mut d = base;
@@ -733,7 +745,7 @@ fn layouts() -> Vec<(&'static str, Layout)> {
             "layout-snapshot-body",
             layout!(SnapshotBody {
                 buf_addr: "IOVA of the record buffer; the whole buffer must lie in one IOMMU window",
-                buf_len: "buffer length in bytes, >= 80; floor(buf_len / 80) records fit",
+                buf_len: "buffer length in bytes, >= one record (80; 88 with SYNC_RECORDS); floor(buf_len / record) records fit",
                 cursor: "slot position to start from: 0 for the first chunk, then the previous next cursor",
                 reserved: "must be 0",
             }),

@@ -445,6 +445,10 @@ impl<D: NicDevice> std::fmt::Debug for Driver<D> {
     }
 }
 
+/// Reads of a 64-bit counter's two halves before its high word is taken
+/// as unstable ([`Driver::device_counter`]).
+const COUNTER_READ_TRIES: u32 = 4;
+
 /// Completion (and event) entries past a stale head looked at for a
 /// written one.
 const PHASE_LOOKAHEAD: u32 = 16;
@@ -831,16 +835,24 @@ impl<D: NicDevice> Driver<D> {
         self.slots_in_flight
     }
 
-    /// Reads a device counter (high, low, high until stable).
+    /// Reads a device counter (high, low, high until stable, a few times;
+    /// a high word that never holds still gives its last reading, low
+    /// word 0).
     pub fn device_counter(&self, c: Counter) -> u64 {
         let off = c.offset();
-        loop {
-            let hi = self.dev.read32(off + 4);
+        let mut hi = self.dev.read32(off + 4);
+        // A few tries: the high word moves once per 2^32 counts, so a
+        // second read that differs again is a device whose register does
+        // not hold still (faulty, or gone), which must not hang the host.
+        for _ in 0..COUNTER_READ_TRIES {
             let lo = self.dev.read32(off);
-            if self.dev.read32(off + 4) == hi {
+            let again = self.dev.read32(off + 4);
+            if again == hi {
                 return (hi as u64) << 32 | lo as u64;
             }
+            hi = again;
         }
+        (hi as u64) << 32
     }
 
     /// Whether [`Driver::post`] would accept a command of `slots` slots now:
@@ -1504,7 +1516,10 @@ impl<D: NicDevice> Driver<D> {
             return Err(DriverError::MissingCapabilities(Capabilities::SYNC));
         }
         self.sync_hold = on;
-        let ctl = Control::from_bits_truncate(self.dev.read32(regs::CONTROL));
+        // RESET self-clears and is never written back: a read of all ones
+        // (a device gone from the bus) would otherwise reset the card and
+        // empty its table.
+        let ctl = Control::from_bits_truncate(self.dev.read32(regs::CONTROL)) - Control::RESET;
         let want = if on { ctl | Control::SYNC_HOLD } else { ctl - Control::SYNC_HOLD };
         if want != ctl {
             self.dev.write32(regs::CONTROL, want.bits());
@@ -1631,6 +1646,21 @@ mod tests {
             assert!(pos(r) < enable && pos(r).is_some(), "register {r:#x} written after ENABLE");
         }
         assert_eq!(writes.first(), Some(&(regs::CONTROL, Control::RESET.bits())));
+    }
+
+    /// A device gone from the bus reads all ones: clearing the sync hold
+    /// must not write back RESET (which would empty the card).
+    #[test]
+    fn clearing_the_sync_hold_of_an_all_ones_device_writes_no_reset() {
+        let m = std::sync::Arc::new(MockDevice::healthy());
+        m.set(regs::STATUS, (Status::READY | Status::ENABLED).bits());
+        let mut drv = Driver::probe(m.clone(), quick()).expect("probe");
+        m.set(regs::CONTROL, u32::MAX);
+        drv.set_sync_hold(false).expect("hold");
+        let (off, v) = *m.writes().last().expect("a write");
+        assert_eq!(off, regs::CONTROL);
+        assert_eq!(v & Control::RESET.bits(), 0, "RESET written back: {v:#x}");
+        assert_eq!(v & Control::SYNC_HOLD.bits(), 0);
     }
 
     #[test]

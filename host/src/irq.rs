@@ -107,10 +107,14 @@ pub struct AsyncEvents {
 
 impl AsyncEvents {
     /// Registers the device's event eventfd with the tokio reactor; `None`
-    /// when the driver was not asked for event interrupts or the device has
-    /// none.
+    /// when the driver was not asked for event interrupts, the device has
+    /// none, or completions are interrupt-driven: the driver's waits then
+    /// drain the event vector too ([`Driver::take_interrupts`], which
+    /// counts every signal against the device's count), and a drain the
+    /// reactor had not seen yet would swallow the wake-up. The caller reads
+    /// the event ring on its ticks instead.
     pub fn new<D: NicDevice>(drv: &Driver<D>) -> Option<Self> {
-        if !drv.config().event_interrupts {
+        if !drv.config().event_interrupts || drv.config().completion_mode == crate::driver::CompletionMode::Interrupt {
             return None;
         }
         let owned = drv.device().irq_fd(regs::VECTOR_EVENT)?.try_clone_to_owned().ok()?;

@@ -179,6 +179,14 @@ pub fn from_config(cfg: &Config) -> Result<(Node<AnyDevice>, MemberNet, ControlS
         // a Full Sync (or seeds) before it applies any (see Node::new).
         sync_hold_at_enable: true,
         table_hash_seed: cluster_table_hash_seed(nc.seal.as_ref()),
+        // A member syncs (SYNC_HOLD, REPLICA writes, SYNC_RECORDS walks)
+        // and carries NAT translations (a conntrack source's): a card
+        // without them is refused at probe, by name, not sent commands it
+        // does not define (abi.md 3).
+        required_caps: DriverConfig::default().required_caps
+            | nicsync_fwif::regs::Capabilities::SYNC
+            | nicsync_fwif::regs::Capabilities::NAT
+            | nicsync_fwif::regs::Capabilities::EVENTS,
         ..Default::default()
     };
     let node = match &cfg.device.kind {

@@ -229,6 +229,11 @@ const HELD_EVENTS: usize = 1 << 16;
 /// Events whose places in the copy are fetched ahead of applying them.
 const EVENTS_AHEAD: usize = 8;
 
+/// SNAPSHOT chunks in a row that may return their own cursor (each filled
+/// by entries the table moved behind the walk) before the device is taken
+/// for faulty: a healthy one moves on once its carry FIFO is empty.
+const MAX_SNAPSHOT_STALLS: u32 = 64;
+
 /// How many completions ahead of the one taken in a batch's write to the
 /// copy is fetched.
 const COPY_PREFETCH_AHEAD: usize = 8;
@@ -344,6 +349,9 @@ pub struct ConnTable<D: NicDevice> {
     drv: Driver<D>,
     auto_generation: bool,
     snap_buf: Option<DmaBuffer>,
+    /// SNAPSHOT chunks in a row whose cursor did not move (records from
+    /// the carry FIFO only).
+    snap_stalls: u32,
     snap_bytes: usize,
     /// LOAD's records, then its statuses (allocated at the first LOAD).
     load_buf: Option<DmaBuffer>,
@@ -376,6 +384,7 @@ impl<D: NicDevice> ConnTable<D> {
             drv,
             auto_generation: true,
             snap_buf: None,
+            snap_stalls: 0,
             snap_bytes: SNAPSHOT_CHUNK_BYTES,
             load_buf: None,
             pos_buf: None,
@@ -1803,8 +1812,18 @@ impl<D: NicDevice> ConnTable<D> {
         if count * size > len as usize {
             return Err(TableError::BadRecord(format!("device claims {count} records in a {len}-byte buffer")));
         }
-        if next != SNAPSHOT_DONE && next <= cursor {
-            return Err(TableError::BadRecord(format!("snapshot cursor went from {cursor} to {next}")));
+        // A chunk filled by the carry FIFO alone examines no position and
+        // returns its own cursor (abi.md 13: the FIFO may hold exactly what
+        // the buffer takes); it has records, and such chunks do not go on
+        // for ever.
+        let stalled = next == cursor && count > 0;
+        self.snap_stalls = if stalled { self.snap_stalls + 1 } else { 0 };
+        if next != SNAPSHOT_DONE
+            && (next < cursor || next == cursor && !stalled || self.snap_stalls > MAX_SNAPSHOT_STALLS)
+        {
+            return Err(TableError::BadRecord(format!(
+                "snapshot cursor went from {cursor} to {next} ({count} records)"
+            )));
         }
         let mut raw = vec![0u8; count * size];
         if let Some(b) = &self.snap_buf {

@@ -326,6 +326,58 @@ fn a_sync_snapshot_walk_is_consistent_while_the_table_churns() {
     assert!(out.iter().all(|u| u.owner == 1));
 }
 
+/// Chunks of one record: an entry moved behind the walk fills the next
+/// chunk from the carry FIFO alone, and the device answers with the cursor
+/// it was given (it examined no position; abi.md 13). That is a walk going
+/// on, not a faulty device (the host took it for one and broke the walk
+/// off): the walk completes and misses no stable entry. A chunk whose FIFO
+/// holds more than one record is torn, and the walk starts again.
+#[test]
+fn a_chunk_filled_from_the_carry_fifo_alone_keeps_its_cursor() {
+    let (_hub, mut m) =
+        cluster_cfg(1, Impairment::NONE, |_| DriverConfig { table_capacity: 4096, ..Default::default() });
+    let a = &mut m[0];
+    for i in 0..3900u32 {
+        a.insert(&key(i), &synced(TcpState::Established, i)).expect("insert");
+    }
+    // The even keys stay; the odd ones make room for new ones.
+    let stable: std::collections::BTreeSet<String> =
+        (0..3900u32).filter(|i| i % 2 == 0).map(|i| key(i).to_string()).collect();
+    let (mut stalls, mut torn, mut round) = (0u32, 0u32, 0u32);
+    let out = 'walk: loop {
+        let (mut cursor, mut out) = (0u32, Vec::new());
+        loop {
+            let before = out.len();
+            match a.sync_snapshot_chunk_max(cursor, &mut out, nicsync_fwif::sync::RECORD_SIZE) {
+                Ok(next) if next == nicsync_fwif::cmd::SNAPSHOT_DONE => break 'walk out,
+                Ok(next) => {
+                    stalls += u32::from(next == cursor && out.len() > before);
+                    cursor = next;
+                }
+                Err(nicsync::TableError::Refused(nicsync_fwif::cpl::CplStatus::SnapshotTorn)) => {
+                    torn += 1;
+                    assert!(torn < 50, "torn {torn} times");
+                    continue 'walk;
+                }
+                Err(e) => panic!("chunk at cursor {cursor}: {e}"),
+            }
+            round += 1;
+            if stalls < 3 && round < 1900 {
+                let _ = a.delete(&key(2 * round - 1));
+                let _ = a.upsert(&key(20_000 + round), &synced(TcpState::SynSent, 0));
+            }
+        }
+    };
+    let kicks = a.driver_ref().device_counter(nicsync_fwif::regs::Counter::CuckooKicks);
+    assert!(
+        stalls >= 1,
+        "no chunk came from the carry FIFO alone ({torn} torn, {kicks} kicks): the test proves nothing"
+    );
+    let seen: std::collections::BTreeSet<String> = out.iter().map(|u| u.key.to_string()).collect();
+    let missing: Vec<_> = stable.difference(&seen).collect();
+    assert!(missing.is_empty(), "{} stable entries missing from the walk, e.g. {:?}", missing.len(), missing.first());
+}
+
 #[test]
 fn an_abandoned_or_foreign_cursor_is_refused_as_torn() {
     let (_hub, mut m) = cluster(1, Impairment::NONE);
