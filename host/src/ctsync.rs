@@ -29,7 +29,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nicsync_conntrack::{self as ct, CreateMode, CtEntry, CtEvent, CtSocket, EventSocket, Groups};
@@ -284,6 +286,11 @@ pub struct ConntrackStats {
     pub commit_failed: u64,
     /// Changes mirrored into the kernel on a Standby (`commit = "always"`).
     pub mirrored: u64,
+    /// Changes not mirrored: the commit thread had [`MIRROR_QUEUE`] of
+    /// them waiting (a flood of peer updates faster than the kernel takes
+    /// them one request each), or the member became Active before their
+    /// turn (its takeover commit then writes what the card holds).
+    pub mirror_dropped: u64,
     /// The last error the source or sink met.
     pub last_error: Option<String>,
 }
@@ -363,6 +370,9 @@ pub struct KernelFeed {
     known: HashMap<ConnKey, Known, KeyHasher>,
     held: HashMap<ConnKey, Held, KeyHasher>,
     hold_queue: VecDeque<(Nanos, ConnKey)>,
+    /// Deletes whose whole batch failed (the card was being recovered):
+    /// sent again with the next events, unless the key came back since.
+    redo_deletes: Vec<ConnKey>,
     resync: Option<Resync>,
     /// Dumps begun (numbers them).
     dumps: u32,
@@ -384,6 +394,7 @@ impl KernelFeed {
             known: HashMap::default(),
             held: HashMap::default(),
             hold_queue: VecDeque::new(),
+            redo_deletes: Vec::new(),
             resync: None,
             dumps: 0,
             own_port: 0,
@@ -438,6 +449,7 @@ impl KernelFeed {
         if self.active && !active {
             self.held.clear();
             self.hold_queue.clear();
+            self.redo_deletes.clear();
             self.resync = None;
             // What a Standby's card holds of the entries kept off the
             // cluster (filtered, or held by the delay) is not this member's
@@ -583,6 +595,15 @@ impl KernelFeed {
         self.known.remove(key);
         if self.held.remove(key).is_some() {
             self.stats.delayed_never_synced += 1;
+            // The queue keeps a gone connection's place until its delay
+            // ends: under a flood of short connections (a SYN flood, with a
+            // delay of minutes) it would grow with rate × delay. Compacted
+            // once it is mostly such places (amortised: each pass at least
+            // halves it).
+            if self.hold_queue.len() > 2 * self.held.len() + HOLD_QUEUE_SLACK {
+                let held = &self.held;
+                self.hold_queue.retain(|(until, k)| held.get(k).is_some_and(|h| h.until == *until));
+            }
         }
         ops.push(TableOp::Delete(*key));
     }
@@ -636,6 +657,16 @@ impl KernelFeed {
         }
         self.stats.table_ops += 1;
         ops.push(TableOp::Upsert(key, ConnEntry { state, nat: Some(nat) }));
+    }
+
+    /// The deletes of failed batches again (those whose key this member has
+    /// not learnt again since), into `ops`.
+    pub fn redo_failed_deletes(&mut self, ops: &mut Vec<TableOp>) {
+        for k in std::mem::take(&mut self.redo_deletes) {
+            if !self.known.contains_key(&k) {
+                ops.push(TableOp::Delete(k));
+            }
+        }
     }
 
     /// When the next held entry is due.
@@ -770,6 +801,12 @@ impl KernelFeed {
                 self.note_error(format!("table batch failed: {why}"));
                 for op in ops {
                     failed(self, op);
+                    // No later event or dump names a connection the kernel
+                    // destroyed: left on the card, it would stay there
+                    // (synced, never aged).
+                    if let TableOp::Delete(k) = op {
+                        self.redo_deletes.push(*k);
+                    }
                 }
             }
         }
@@ -840,8 +877,9 @@ enum CommitJob {
     /// A takeover: write these, report.
     /// `keys`: each entry's key and the TCP state the card holds for it.
     Takeover { entries: Vec<CtEntry>, keys: Vec<(ConnKey, u8)>, unmappable: u64, since: Instant },
-    /// A Standby mirroring one change (`commit = "always"`).
-    Mirror { upsert: Option<Box<CtEntry>>, delete: Option<Box<CtEntry>> },
+    /// A Standby mirroring one change (`commit = "always"`), sent while
+    /// the link was in mirroring spell `spell` (one ends at each takeover).
+    Mirror { upsert: Option<Box<CtEntry>>, delete: Option<Box<CtEntry>>, spell: u64 },
 }
 
 #[derive(Debug)]
@@ -902,6 +940,26 @@ impl CommitReport {
     }
 }
 
+/// Places in the delay's queue beyond twice the connections held before
+/// it is compacted.
+const HOLD_QUEUE_SLACK: usize = 4096;
+
+/// Mirror jobs (one netlink request each) a Standby lets wait for the
+/// commit thread before it drops the next ones (counted): a flood of peer
+/// updates faster than the kernel takes them would otherwise queue without
+/// bound, and hold a takeover's commit behind it.
+pub const MIRROR_QUEUE: usize = 65_536;
+
+/// Mirror jobs waiting, shared by the link and its commit thread.
+#[derive(Debug, Default)]
+struct MirrorQueue {
+    pending: AtomicUsize,
+    /// Bumped at each takeover: jobs of an earlier spell are dropped.
+    spell: AtomicU64,
+    /// Jobs dropped as of an earlier spell.
+    stale: AtomicU64,
+}
+
 /// Batches per dump message.
 const DUMP_BATCH: usize = 4096;
 
@@ -943,6 +1001,9 @@ pub struct KernelLink {
     tx: mpsc::UnboundedSender<LinkMsg>,
     rx: mpsc::UnboundedReceiver<LinkMsg>,
     commit_tx: std_mpsc::Sender<CommitJob>,
+    /// Mirror jobs waiting for the commit thread, and the spell they
+    /// belong to (shared with it).
+    mirrors: Arc<MirrorQueue>,
     /// Table operations decided and not yet put on the card: applied
     /// [`OPS_PER_TURN`] per turn of the member's loop.
     ops: Vec<TableOp>,
@@ -1018,10 +1079,22 @@ impl KernelLink {
         let (tx, rx) = mpsc::unbounded_channel();
         let (commit_tx, commit_rx) = std_mpsc::channel::<CommitJob>();
         let report = tx.clone();
+        let mirrors = Arc::new(MirrorQueue::default());
+        let queue = Arc::clone(&mirrors);
         std::thread::Builder::new()
             .name("nicsync-ct-commit".into())
             .spawn(move || {
                 while let Ok(job) = commit_rx.recv() {
+                    if let CommitJob::Mirror { spell, .. } = &job {
+                        queue.pending.fetch_sub(1, Ordering::AcqRel);
+                        // Queued before a takeover: the kernel is the
+                        // cluster's reference now, and the takeover commit
+                        // wrote what the card held.
+                        if *spell != queue.spell.load(Ordering::Acquire) {
+                            queue.stale.fetch_add(1, Ordering::AcqRel);
+                            continue;
+                        }
+                    }
                     let msg = run_commit(&mut sock, job);
                     if report.send(LinkMsg::CommitDone(msg)).is_err() {
                         return;
@@ -1035,6 +1108,7 @@ impl KernelLink {
             tx,
             rx,
             commit_tx,
+            mirrors,
             ops: Vec::new(),
             more_events: false,
             dump_number: 0,
@@ -1049,7 +1123,9 @@ impl KernelLink {
 
     /// The counters.
     pub fn stats(&self) -> ConntrackStats {
-        self.feed.stats()
+        let mut s = self.feed.stats();
+        s.mirror_dropped += self.mirrors.stale.load(Ordering::Acquire);
+        s
     }
 
     /// Waits for events or a thread's report; at once while work of an
@@ -1086,6 +1162,7 @@ impl KernelLink {
 
     fn read_events<D: NicDevice>(&mut self, node: &mut Node<D>, now: Nanos) {
         let mut lost = false;
+        self.feed.redo_failed_deletes(&mut self.ops);
         let feed = &mut self.feed;
         let ops = &mut self.ops;
         let r = self.events.get_mut().read_up_to(OPS_PER_TURN, |ev, origin| {
@@ -1318,6 +1395,8 @@ impl KernelLink {
 
     fn on_activate(&mut self) {
         let since = Instant::now();
+        // Mirror jobs still queued are dropped by the commit thread.
+        self.mirrors.spell.fetch_add(1, Ordering::AcqRel);
         self.dump_wanted = true;
         if self.feed.config().commit == CommitMode::Never {
             tracing::info!("conntrack: Active; commit = \"never\": the kernel's table is left alone");
@@ -1386,17 +1465,25 @@ impl KernelLink {
         if self.feed.config().commit != CommitMode::Always || self.was_active {
             return;
         }
+        if self.mirrors.pending.load(Ordering::Acquire) >= MIRROR_QUEUE {
+            self.feed.stats.mirror_dropped += 1;
+            return;
+        }
+        let spell = self.mirrors.spell.load(Ordering::Acquire);
         let job = match record {
             Some((state, nat)) => match commit_entry(key, &state, &nat) {
-                Ok(e) => CommitJob::Mirror { upsert: Some(Box::new(e)), delete: None },
+                Ok(e) => CommitJob::Mirror { upsert: Some(Box::new(e)), delete: None, spell },
                 Err(_) => return,
             },
             None => match commit_entry(key, &ConnState::default(), &Nat::default()) {
-                Ok(e) => CommitJob::Mirror { upsert: None, delete: Some(Box::new(e)) },
+                Ok(e) => CommitJob::Mirror { upsert: None, delete: Some(Box::new(e)), spell },
                 Err(_) => return,
             },
         };
-        let _ = self.commit_tx.send(job);
+        self.mirrors.pending.fetch_add(1, Ordering::AcqRel);
+        if self.commit_tx.send(job).is_err() {
+            self.mirrors.pending.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -1408,7 +1495,7 @@ fn run_commit(sock: &mut CtSocket, job: CommitJob) -> CommitReport {
             report.take_outcome(&keys, &out, error);
             report
         }
-        CommitJob::Mirror { upsert, delete } => {
+        CommitJob::Mirror { upsert, delete, .. } => {
             let mut report = CommitReport::new(false, 0, Instant::now());
             if let Some(e) = upsert {
                 // A NATed entry the kernel has already keeps its binding
@@ -1614,6 +1701,30 @@ mod tests {
         assert_eq!(again.len(), 1, "{again:?}");
     }
 
+    /// A delete whose batch failed (the card being recovered) is sent
+    /// again with the next events: no later event names the connection,
+    /// and left on the card it would stay (synced, never aged). Not if the
+    /// connection came back meanwhile.
+    #[test]
+    fn a_delete_whose_batch_failed_is_sent_again() {
+        let mut f = active(ConntrackConfig::default());
+        let (gone, back) = (established([10, 0, 0, 1]), established([10, 0, 0, 2]));
+        let mut ops = Vec::new();
+        for e in [&gone, &back] {
+            f.event(CtEvent::New(e.clone()), 0, 0, &mut ops);
+            f.event(CtEvent::Destroy(e.clone()), 0, 1, &mut ops);
+        }
+        let deletes: Vec<TableOp> = ops.iter().filter(|o| matches!(o, TableOp::Delete(_))).copied().collect();
+        f.table_results(&deletes, Err("the device stalled".into()));
+        f.event(CtEvent::New(back.clone()), 0, 2, &mut Vec::new());
+        let mut again = Vec::new();
+        f.redo_failed_deletes(&mut again);
+        assert_eq!(again, vec![TableOp::Delete(key_of(&gone))]);
+        let mut third = Vec::new();
+        f.redo_failed_deletes(&mut third);
+        assert!(third.is_empty(), "sent again once per failure: {third:?}");
+    }
+
     #[test]
     fn events_become_synced_upserts_and_deletes_with_the_kernel_driving_timeouts() {
         let mut f = active(ConntrackConfig::default());
@@ -1683,6 +1794,29 @@ mod tests {
         assert!(v6.contains("2001:db8::9".parse().unwrap()));
         assert!(!v6.contains("10.0.0.1".parse().unwrap()));
         assert!("10.0.0.0/33".parse::<Prefix>().is_err());
+    }
+
+    /// A flood of connections that end within the delay (a SYN flood)
+    /// leaves the delay's queue no longer than twice what it holds, with
+    /// slack, and the connection that lives is still synced on time.
+    #[test]
+    fn short_connections_do_not_grow_the_delay_s_queue() {
+        let cfg = ConntrackConfig { delay: Duration::from_secs(60), ..Default::default() };
+        let mut f = active(cfg);
+        let mut ops = Vec::new();
+        let long = ct_entry([10, 9, 9, 9], 1, 2, 3);
+        f.event(CtEvent::New(long.clone()), 0, 0, &mut ops);
+        for i in 0..50_000u32 {
+            let e = ct_entry([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 1000, 80, 1);
+            f.event(CtEvent::New(e.clone()), 0, 1, &mut ops);
+            f.event(CtEvent::Destroy(e), 0, 2, &mut ops);
+            ops.clear();
+        }
+        assert!(f.hold_queue.len() <= 2 * f.held.len() + HOLD_QUEUE_SLACK, "{} queued", f.hold_queue.len());
+        f.handle_timeout(60_000_000_000, &mut ops);
+        assert_eq!(ops.iter().map(|o| *o.key()).collect::<Vec<_>>(), vec![key_of(&long)]);
+        assert!(synced(&ops[0]));
+        assert_eq!(f.stats().delayed_never_synced, 50_000);
     }
 
     #[test]

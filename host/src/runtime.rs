@@ -761,7 +761,11 @@ fn after_progress<D: NicDevice>(node: &mut Node<D>, kernel: &mut Option<KernelLi
             } else {
                 match node.table().lookup(&key) {
                     Ok(Some(r)) => Some((r.state, r.nat)),
-                    _ => None,
+                    // Removed since: mirrored as the delete it is now.
+                    Ok(None) => None,
+                    // Not known now: the kernel keeps what it has (a
+                    // delete would remove a live connection from it).
+                    Err(_) => continue,
                 }
             };
             k.mirror(&key, record);
