@@ -133,8 +133,11 @@ impl EventSocket {
             if n >= max {
                 return Ok((n, false));
             }
-            let len = match sys::recv(&self.fd, &mut self.buf) {
-                Ok(len) => len,
+            let len = match sys::recv_from(&self.fd, &mut self.buf) {
+                // Events come from the kernel (port 0): a datagram another
+                // process sent to this socket is none of them.
+                Ok((_, sender)) if sender != 0 => continue,
+                Ok((len, _)) => len,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((n, true)),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {

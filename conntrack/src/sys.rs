@@ -102,6 +102,29 @@ pub fn recv(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
     cvt_size(unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_TRUNC) })
 }
 
+/// [`recv`], also giving the sender's netlink port id (0: the kernel).
+pub fn recv_from(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<(usize, u32)> {
+    // SAFETY: all-zero bytes are a valid `sockaddr_nl` (integers only).
+    let mut from: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    let mut from_len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+    // SAFETY: `buf` is exclusively borrowed and `buf.len()` bytes long; the
+    // kernel writes at most that many (MSG_TRUNC only changes the return
+    // value), and at most `from_len` bytes into `from`, which is a
+    // `sockaddr_nl` of that size, exclusively borrowed. `fd` is an open
+    // socket borrowed for the call.
+    let n = cvt_size(unsafe {
+        libc::recvfrom(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_TRUNC,
+            std::ptr::addr_of_mut!(from).cast(),
+            &mut from_len,
+        )
+    })?;
+    Ok((n, from.nl_pid))
+}
+
 /// Moves the calling thread into the network namespace at `path`.
 pub fn enter_netns(path: &Path) -> io::Result<()> {
     let f = File::open(path)?;
