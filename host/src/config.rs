@@ -411,8 +411,17 @@ impl Config {
             let (line, column) = src.line_col(span.start);
             let mut reason = e.message().trim_end().to_owned();
             // Name what the span covers (the key of "duplicate key").
-            if let Some(what) = text.get(span).filter(|t| !t.trim().is_empty() && !t.contains('\n')) {
-                reason = format!("{reason}: `{}`", what.trim());
+            let what = text.get(span).filter(|t| !t.trim().is_empty() && !t.contains('\n')).map(str::trim);
+            if let Some(what) = what {
+                reason = format!("{reason}: `{what}`");
+            }
+            // The two slips a Unix hand makes first.
+            if reason.starts_with("duplicate key") && what == Some(PEER) {
+                reason = format!("{reason} (peers are written [[{PEER}]], one table per peer)");
+            } else if reason.contains("leading zero") {
+                reason = format!(
+                    "{reason} (a TOML number cannot start with 0: write a file mode as a string, e.g. \"0660\")"
+                );
             }
             return Err(ConfigError::Syntax { path: origin.to_path_buf(), line, column, reason });
         }
@@ -1282,6 +1291,25 @@ impl Source<'_> {
                     ));
                 }
             }
+            // A socket bound to a loopback address reaches nothing else: the
+            // member would hear nobody and go Active alone, its sends
+            // failing.
+            let reaches = [(locals[0], p.sync.span(), sync), (locals[1], p.membership.span(), membership)]
+                .into_iter()
+                .chain(full_sync.iter().map(|a| (locals[2], p.full_sync.span(), *a)));
+            for (local, span, addr) in reaches {
+                if local.addr.ip().is_loopback() && !addr.ip().is_loopback() {
+                    return Err(self.invalid(
+                        Some(span),
+                        format!(
+                            "{} = \"{addr}\": not reachable from this member's {} \"{}\", a loopback address",
+                            key(field_of(local.key)),
+                            local.key,
+                            local.addr
+                        ),
+                    ));
+                }
+            }
             if full_sync.contains(&locals[2].addr) {
                 return Err(self.invalid(
                     Some(p.full_sync.span()),
@@ -1870,6 +1898,23 @@ tcp_states = ["established", "fin_wait"]
         assert_eq!(parse(&format!("{MINIMAL}{}{}", peer("2", 2), peer("3", 3))).unwrap().peers.len(), 2);
     }
 
+    /// A member bound to loopback reaches no peer elsewhere: refused at
+    /// load, naming the peer's address and the bind (it used to start, hear
+    /// nobody and go Active alone, its sends failing with EINVAL).
+    #[test]
+    fn a_loopback_bind_cannot_reach_a_peer_elsewhere() {
+        let lo = "[sync]\nbind = \"127.0.0.1:8116\"\n";
+        let e = error(&format!("{MINIMAL}{lo}{}", peer("2", 2)));
+        assert_eq!(
+            e,
+            "member.toml:8: peer[0].sync = \"10.0.0.2:8116\": not reachable from this member's sync.bind \
+             \"127.0.0.1:8116\", a loopback address"
+        );
+        let local_peer =
+            "\n[[peer]]\nid = 2\nsync = \"127.0.0.2:8116\"\nmembership = \"10.0.0.2:8117\"\nfull_sync = \"10.0.0.2:8118\"\n";
+        assert!(parse(&format!("{MINIMAL}{lo}{local_peer}")).is_ok());
+    }
+
     #[test]
     fn addresses_must_parse() {
         rejects(&format!("{MINIMAL}[sync]\nbind = \"localhost:8116\"\n"), 4, "sync.bind");
@@ -2115,6 +2160,12 @@ tcp_states = ["established", "fin_wait"]
         let peer = "id = 2\nsync = \"10.0.0.2:8116\"\nmembership = \"10.0.0.2:8117\"\nfull_sync = \"10.0.0.2:8118\"\n";
         let e = error(&format!("{MINIMAL}\n[peer]\n{peer}"));
         assert_eq!(e, "member.toml:4: peer: a single [peer] table; peers are written [[peer]], one table per peer");
+        // Two of them: TOML itself refuses the second, with the same hint.
+        let e = error(&format!("{MINIMAL}\n[peer]\n{peer}\n[peer]\n{peer}"));
+        assert!(e.contains("duplicate key") && e.ends_with("(peers are written [[peer]], one table per peer)"), "{e}");
+        // A file mode written the Unix way.
+        let e = error(&format!("{MINIMAL}[control]\nsocket_mode = 0600\n"));
+        assert!(e.starts_with("member.toml:4") && e.contains("write a file mode as a string"), "{e}");
         let e = error(&format!("{MINIMAL}peer = {{ id = 2 }}\n"));
         assert_eq!(e, "member.toml:3: peer = { id = 2 }: expected an array, found a table");
         let e = error(&format!("{MINIMAL}[[device]]\nkind = \"vfio\"\n"));

@@ -156,7 +156,10 @@ enum ConnCommand {
     },
     /// One entry, e.g. `nicsync conn get "tcp 10.0.0.1:40000 -> 192.0.2.1:443"`.
     Get {
-        /// The key.
+        /// "PROTO SRC:PORT -> DST:PORT [zone N]", as `conn list` prints it
+        /// (e.g. "tcp 10.0.0.1:40000 -> 192.0.2.1:443"; IPv6 addresses in
+        /// brackets; ICMP echo: "icmp SRC:0 -> DST:ID", the echo identifier
+        /// in the destination port).
         key: String,
         /// One JSON object (what it always prints; taken for symmetry with
         /// the other commands).
@@ -165,7 +168,10 @@ enum ConnCommand {
     },
     /// Insert or update an entry (marked for sync unless --no-sync).
     Add {
-        /// The key.
+        /// "PROTO SRC:PORT -> DST:PORT [zone N]", as `conn list` prints it
+        /// (e.g. "tcp 10.0.0.1:40000 -> 192.0.2.1:443"; IPv6 addresses in
+        /// brackets; ICMP echo: "icmp SRC:0 -> DST:ID", the echo identifier
+        /// in the destination port).
         key: String,
         /// TCP state (established, syn_sent, fin_wait, …) [default:
         /// established for TCP, none for other protocols].
@@ -183,7 +189,10 @@ enum ConnCommand {
     },
     /// Delete an entry.
     Del {
-        /// The key.
+        /// "PROTO SRC:PORT -> DST:PORT [zone N]", as `conn list` prints it
+        /// (e.g. "tcp 10.0.0.1:40000 -> 192.0.2.1:443"; IPv6 addresses in
+        /// brackets; ICMP echo: "icmp SRC:0 -> DST:ID", the echo identifier
+        /// in the destination port).
         key: String,
     },
     /// Count and order-independent digest of the synced entries (equal on
@@ -197,7 +206,10 @@ enum ConnCommand {
     /// when a peer's update puts it there); prints when the host saw it
     /// (CLOCK_MONOTONIC ns).
     Wait {
-        /// The key.
+        /// "PROTO SRC:PORT -> DST:PORT [zone N]", as `conn list` prints it
+        /// (e.g. "tcp 10.0.0.1:40000 -> 192.0.2.1:443"; IPv6 addresses in
+        /// brackets; ICMP echo: "icmp SRC:0 -> DST:ID", the echo identifier
+        /// in the destination port).
         key: String,
         /// Give up after this many milliseconds (at most 60000).
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=nicsync::control::MAX_WAIT_MS))]
@@ -438,8 +450,19 @@ fn run_conn(socket: &Ctl, which: ConnCommand) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 for e in v.as_array().into_iter().flatten() {
+                    // "  nat source 203.0.113.1:40000", as `conntrack -L`
+                    // users look for it.
+                    let nat = match &e["nat"] {
+                        serde_json::Value::Object(n) => format!(
+                            "  nat {} {}:{}",
+                            n.get("kind").and_then(serde_json::Value::as_str).unwrap_or("?"),
+                            n.get("addr").and_then(serde_json::Value::as_str).unwrap_or("?"),
+                            n.get("port").unwrap_or(&serde_json::Value::Null)
+                        ),
+                        _ => String::new(),
+                    };
                     println!(
-                        "{}  {}  mark {}  gen {}  owner {}  timeout {}s",
+                        "{}  {}  mark {}  gen {}  owner {}  timeout {}s{nat}",
                         e["key"].as_str().unwrap_or("?"),
                         e["tcp_state"].as_str().unwrap_or("-"),
                         e["mark"],

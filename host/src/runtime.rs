@@ -463,7 +463,7 @@ pub async fn serve_with<D: NicDevice + 'static>(
                             Ok(None) => {
                                 // (At most MAX_WAIT_MS: parse_request_line.)
                                 let limit = Duration::from_millis(timeout_ms);
-                                waiters.push(Waiter { key: k, text: key, deadline: Instant::now() + limit, reply });
+                                waiters.push(Waiter { key: k, text: key, deadline: Instant::now() + limit, limit, reply });
                                 node.record_peer_changes(true);
                             }
                             Err(e) => {
@@ -723,6 +723,8 @@ struct Waiter {
     key: nicsync_fwif::conn::ConnKey,
     text: String,
     deadline: Instant,
+    /// How long it waits (for the answer when it ends empty).
+    limit: Duration,
     reply: oneshot::Sender<Reply>,
 }
 
@@ -748,7 +750,7 @@ fn after_progress<D: NicDevice>(node: &mut Node<D>, kernel: &mut Option<KernelLi
         let w = waiters.swap_remove(i);
         let answer = match node.table().lookup(&w.key) {
             Ok(Some(r)) => wait_answer(&w.text, &r),
-            Ok(None) => Reply::err(format!("no connection {} within the wait", w.text)),
+            Ok(None) => Reply::err(format!("no connection {} within {} ms", w.text, w.limit.as_millis())),
             Err(e) => Reply::err(e.to_string()),
         };
         let _ = w.reply.send(answer);

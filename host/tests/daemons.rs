@@ -180,7 +180,7 @@ fn three_daemons_survive_a_kill_and_converge() {
     assert_eq!(wait["record"]["mark"].as_u64(), Some(7), "{wait}");
     assert!(wait["seen_monotonic_ns"].as_u64().unwrap_or(0) > 0, "{wait}");
     let late = members[v].req(&Request::ConnWait { key: "tcp 10.250.0.2:1 -> 192.0.2.9:443".into(), timeout_ms: 50 });
-    assert!(late.is_err_and(|e| e.contains("within the wait")), "a wait for a key that never comes ends with an error");
+    assert!(late.is_err_and(|e| e.contains("within 50 ms")), "a wait for a key that never comes ends with an error");
     // A TCP state for a connection of another protocol is refused.
     let udp = |state: Option<&str>| Request::ConnAdd {
         key: format!("udp 10.250.0.9:{} -> 192.0.2.9:53", if state.is_some() { 5353 } else { 5354 }),
