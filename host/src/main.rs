@@ -45,6 +45,10 @@ enum Command {
         /// The member's TOML configuration.
         #[arg(long)]
         config: std::path::PathBuf,
+        /// Check the configuration (and the key file) and print it with
+        /// every key explicit, then exit: 0 if it would start.
+        #[arg(long)]
+        check: bool,
     },
     /// Members, their states and this member's role (like `cphaprob state`).
     State {
@@ -551,7 +555,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Daemon { config } => {
+        Command::Daemon { config, check } => {
             if let Some(s) = &cli.socket {
                 anyhow::bail!(
                     "--socket {} names a daemon to talk to; a daemon's own control socket is its configuration's \
@@ -560,6 +564,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             let cfg = nicsync::config::Config::load(&config)?;
+            if check {
+                let verdict = nicsync::member::check_config(&cfg)?;
+                print!("{}", cfg.to_toml());
+                eprintln!("{}: {verdict}", config.display());
+                return Ok(());
+            }
             nicsync::member::run_daemon(&cfg)
         }
         Command::State { json } => {

@@ -95,6 +95,52 @@ pub fn seal_from_config(cfg: &Config) -> Result<Option<SealConfig>, MemberError>
     Ok(Some(SealConfig { keys: SharedKeyring::new(ring), boot }))
 }
 
+/// What `nicsync daemon --check` finds: the configuration parsed and
+/// checked (done by the caller), the key file there, private and
+/// well formed, the boot file's and control socket's directories there.
+/// Nothing is written (the boot number is not taken). Returns one line
+/// that says what this member would be.
+pub fn check_config(cfg: &Config) -> Result<String, MemberError> {
+    let missing_dir = |what: &str, path: &std::path::Path| {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        (!dir.is_dir()).then(|| {
+            MemberError::Unsupported(format!("{what} {}: directory {} does not exist", path.display(), dir.display()))
+        })
+    };
+    if let Some(e) = missing_dir("control.socket", &cfg.control.socket) {
+        return Err(e);
+    }
+    let security = if cfg.security.encryption {
+        let key_file = cfg.security.key_file.as_ref().ok_or(MemberError::NoKeyFile)?;
+        if !key_file.exists() {
+            return Err(MemberError::KeyFileMissing(key_file.display().to_string()));
+        }
+        let ring = Keyring::load(key_file)?;
+        if let Some(boot) = cfg.security.boot_file_for(cfg.member_id) {
+            if let Some(e) = missing_dir("security.boot_file", &boot) {
+                return Err(e);
+            }
+        }
+        format!(
+            "sealed with key {} (fingerprint {}), {} key(s) accepted",
+            ring.send_key().id(),
+            ring.send_key().fingerprint(),
+            ring.keys().len()
+        )
+    } else {
+        "sync traffic IN CLEAR (security.encryption = false)".to_string()
+    };
+    let peers: Vec<String> = cfg.peers.iter().map(|p| p.id.to_string()).collect();
+    Ok(format!(
+        "configuration OK: member {} of cluster {} ({}), peers [{}], source {}, {security}",
+        cfg.member_id,
+        cfg.cluster_id,
+        cfg.mode.as_str(),
+        peers.join(", "),
+        cfg.source.as_str()
+    ))
+}
+
 /// The seed of the card's table hash for a member sealed with `seal`: the
 /// cluster key's (`ClusterKey::table_hash_seed`), the same on every member
 /// that holds the key, so that a Full Sync arrives in the order the
