@@ -347,8 +347,11 @@ fn main() -> ExitCode {
     // A daemon logs what an operator looks for after the fact (state
     // changes, failovers, Full Syncs, takeover commits, stops) at info, as
     // keepalived and conntrackd do; a command run by hand only warns.
+    // `cluster` runs its members in one process on a machine it shares
+    // with their device threads: their warnings of loop stalls are the
+    // machine's, and its report says whether the members converged.
     let default_level = match cli.command {
-        Command::Sim(_) | Command::Chaos(_) => "error",
+        Command::Sim(_) | Command::Chaos(_) | Command::Cluster(_) => "error",
         Command::Daemon { .. } => "info",
         _ => "warn",
     };

@@ -1834,6 +1834,15 @@ impl Membership {
         is_majority(self.peers.iter().filter(|p| p.alive).count() + 1, self.peers.len() + 1)
     }
 
+    /// The peers alive, the cluster's size, and whether those peers alone
+    /// (this member gone) would be a majority: whether one of them can be
+    /// Active after this member stops.
+    pub fn quorum_without_self(&self) -> (usize, usize, bool) {
+        let alive = self.peers.iter().filter(|p| p.alive).count();
+        let total = self.peers.len() + 1;
+        (alive, total, alive > 0 && is_majority(alive, total))
+    }
+
     /// Members this one does not hear that a peer it hears reports hearing
     /// in an Active state: the link between them is cut, not the member
     /// (ClusterXL's members likewise probe through each other before they
@@ -2365,6 +2374,20 @@ mod tests {
         net.heal();
         net.run_until(net.now + BOUND);
         assert_eq!(net.actives(), vec![2]);
+    }
+
+    /// What a stopping member says of the members it leaves: two of three
+    /// can carry on, one of three cannot (no majority), the last of a pair
+    /// can.
+    #[test]
+    fn who_can_carry_on_without_this_member() {
+        let mut net = ha3();
+        assert_eq!(net.nodes[&1].m.quorum_without_self(), (2, 3, true));
+        net.kill(3);
+        net.run_until(net.now + BOUND + 3 * I);
+        assert_eq!(net.nodes[&1].m.quorum_without_self(), (1, 3, false));
+        let net = ha(2);
+        assert_eq!(net.nodes[&1].m.quorum_without_self(), (1, 2, true));
     }
 
     #[test]

@@ -576,6 +576,14 @@ impl<D: NicDevice> Node<D> {
                 "orderly stop: waiting up to {:.0} ms for the peers to acknowledge this member's changes",
                 drain_ns as f64 / 1e6
             );
+            let (alive, total, quorum) = self.ms.quorum_without_self();
+            if !quorum && !self.cfg.peers.is_empty() {
+                tracing::warn!(
+                    member = self.cfg.member_id,
+                    "orderly stop: {alive} of the cluster's {total} members are left alive: no majority, so no member \
+                     will be Active (nor forward traffic) until more come back"
+                );
+            }
             // The card's own position, from a command: its counters are
             // published off the command path and may lag the last writes.
             // (The counters read later only lag: they can make the drain
