@@ -136,7 +136,12 @@ impl EventSocket {
             let len = match sys::recv_from(&self.fd, &mut self.buf) {
                 // Events come from the kernel (port 0): a datagram another
                 // process sent to this socket is none of them.
-                Ok((_, sender)) if sender != 0 => continue,
+                // (Counted against `max`: a flood of them must not keep
+                // the caller here.)
+                Ok((_, sender)) if sender != 0 => {
+                    n += 1;
+                    continue;
+                }
                 Ok((len, _)) => len,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((n, true)),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

@@ -286,10 +286,11 @@ pub struct ConntrackStats {
     pub commit_failed: u64,
     /// Changes mirrored into the kernel on a Standby (`commit = "always"`).
     pub mirrored: u64,
-    /// Changes not mirrored: the commit thread had [`MIRROR_QUEUE`] of
-    /// them waiting (a flood of peer updates faster than the kernel takes
-    /// them one request each), or the member became Active before their
-    /// turn (its takeover commit then writes what the card holds).
+    /// Changes (upserts; never deletes) not mirrored: the commit thread had
+    /// [`MIRROR_QUEUE`] of them waiting (a flood of peer updates faster
+    /// than the kernel takes them one request each), the member became
+    /// Active before their turn (its takeover commit then writes what the
+    /// card holds), or the card's entry could not be read.
     pub mirror_dropped: u64,
     /// The last error the source or sink met.
     pub last_error: Option<String>,
@@ -1085,12 +1086,15 @@ impl KernelLink {
             .name("nicsync-ct-commit".into())
             .spawn(move || {
                 while let Ok(job) = commit_rx.recv() {
-                    if let CommitJob::Mirror { spell, .. } = &job {
+                    if let CommitJob::Mirror { spell, upsert, .. } = &job {
                         queue.pending.fetch_sub(1, Ordering::AcqRel);
-                        // Queued before a takeover: the kernel is the
-                        // cluster's reference now, and the takeover commit
-                        // wrote what the card held.
-                        if *spell != queue.spell.load(Ordering::Acquire) {
+                        // An upsert queued before a takeover is dropped:
+                        // the takeover commit wrote what the card held. A
+                        // delete never is: the takeover does not remove
+                        // what the card no longer holds, and the dump after
+                        // it would find the connection in the kernel and
+                        // sync it back to every member.
+                        if upsert.is_some() && *spell != queue.spell.load(Ordering::Acquire) {
                             queue.stale.fetch_add(1, Ordering::AcqRel);
                             continue;
                         }
@@ -1458,6 +1462,11 @@ impl KernelLink {
         false
     }
 
+    /// A peer's change not mirrored (its card entry could not be read).
+    pub(crate) fn mirror_skipped(&mut self) {
+        self.feed.stats.mirror_dropped += 1;
+    }
+
     /// Mirrors a change a peer sent into this Standby's kernel
     /// (`commit = "always"`): `record` is the card's entry now, `None` when
     /// it was removed (`removed_key`).
@@ -1465,7 +1474,10 @@ impl KernelLink {
         if self.feed.config().commit != CommitMode::Always || self.was_active {
             return;
         }
-        if self.mirrors.pending.load(Ordering::Acquire) >= MIRROR_QUEUE {
+        // Upserts only: a delete dropped would leave a closed connection in
+        // this kernel, which the dump after a takeover syncs back (deletes
+        // are bounded by what the card held).
+        if record.is_some() && self.mirrors.pending.load(Ordering::Acquire) >= MIRROR_QUEUE {
             self.feed.stats.mirror_dropped += 1;
             return;
         }

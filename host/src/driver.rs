@@ -360,6 +360,32 @@ impl ConsumerRing {
         }
     }
 
+    /// If the entry at the head is unwritten but one of the next `limit`
+    /// (fewer than the ring's size) is written, the device garbled the
+    /// phase of (or skipped) the ones in between, which can never become
+    /// valid: skips them, each rewritten with this lap's phase so that the
+    /// next lap does not take it for new, and returns how many. The head
+    /// is looked at again before each (the device may have written it
+    /// meanwhile: then it is read, not overwritten).
+    fn skip_garbled(&mut self, entry: usize, limit: u32) -> u32 {
+        if self.peek(entry).is_some() {
+            return 0;
+        }
+        let limit = limit.min(self.size - 1);
+        let Some(k) = (1..=limit).find(|k| self.fresh_at(entry, *k)) else { return 0 };
+        let mut skipped = 0;
+        for _ in 0..k {
+            if self.peek(entry).is_some() {
+                break;
+            }
+            let word = if self.phase { u64::from(PHASE_BIT) << 56 } else { 0 };
+            let _ = self.buf.mem().store_u64(self.head as usize * entry, word, Ordering::Relaxed);
+            self.advance();
+            skipped += 1;
+        }
+        skipped
+    }
+
     /// The first 8 bytes of the entry at head, if the device has written it
     /// (phase matches). Acquire: the rest of the entry is visible after.
     #[inline]
@@ -1298,18 +1324,8 @@ impl<D: NicDevice> Driver<D> {
         // past the head than there are commands in flight. A few are
         // enough to look at (more garbled in a row end in a timeout), and
         // reading further would pull lines the device is writing.
-        let limit = self.slots_in_flight.min(self.cpl.size - 1).min(PHASE_LOOKAHEAD);
-        let Some(k) = (1..=limit).find(|k| self.cpl.fresh_at(CPL_SIZE, *k)) else { return 0 };
-        let mut skipped = 0;
-        for _ in 0..k {
-            if self.cpl.peek(CPL_SIZE).is_some() {
-                break;
-            }
-            let word = if self.cpl.phase { (PHASE_BIT as u64) << 56 } else { 0 };
-            let _ = self.cpl.buf.mem().store_u64(self.cpl.head as usize * CPL_SIZE, word, Ordering::Relaxed);
-            self.cpl.advance();
-            skipped += 1;
-        }
+        let limit = self.slots_in_flight.min(PHASE_LOOKAHEAD);
+        let skipped = self.cpl.skip_garbled(CPL_SIZE, limit);
         if skipped > 0 {
             tracing::warn!(skipped, "completion entries with a wrong phase skipped");
         }
@@ -1431,17 +1447,17 @@ impl<D: NicDevice> Driver<D> {
                 // Written in order: a written entry past an unwritten head
                 // means the device garbled the phase of the ones between.
                 // They would hold the head for good (the device fills the
-                // ring behind them, then drops every event): skipped, each
-                // rewritten with this lap's phase so that the next lap does
-                // not take it for new, and counted as an event lost.
-                let limit = PHASE_LOOKAHEAD.min(ring.size - 1);
-                let Some(k) = (1..=limit).find(|k| ring.fresh_at(EVT_SIZE, *k)) else { break };
-                for _ in 0..k {
-                    let word = if ring.phase { u64::from(PHASE_BIT) << 56 } else { 0 };
-                    let _ = ring.buf.mem().store_u64(ring.head as usize * EVT_SIZE, word, Ordering::Relaxed);
-                    ring.advance();
-                    n += 1;
+                // ring behind them, then drops every event): skipped, and
+                // counted as events lost.
+                let k = ring.skip_garbled(EVT_SIZE, PHASE_LOOKAHEAD);
+                if k == 0 {
+                    // Nothing garbled, or the head was written meanwhile.
+                    if ring.peek(EVT_SIZE).is_none() {
+                        break;
+                    }
+                    continue;
                 }
+                n += k as usize;
                 tracing::warn!(skipped = k, "event entries with a wrong phase skipped");
                 self.stats.bad_events += u64::from(k);
                 self.recovery.phase_anomalies += u64::from(k);

@@ -23,7 +23,7 @@ struct Cli {
     /// Seconds to wait for the daemon's answer (a health check wants a
     /// few; a hung daemon is reported, not waited on for ever).
     #[arg(long, global = true, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    timeout: u64,
+    answer_timeout: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -460,12 +460,16 @@ fn run_conn(socket: &Ctl, which: ConnCommand) -> anyhow::Result<()> {
                     // "  nat source 203.0.113.1:40000", as `conntrack -L`
                     // users look for it.
                     let nat = match &e["nat"] {
-                        serde_json::Value::Object(n) => format!(
-                            "  nat {} {}:{}",
-                            n.get("kind").and_then(serde_json::Value::as_str).unwrap_or("?"),
-                            n.get("addr").and_then(serde_json::Value::as_str).unwrap_or("?"),
-                            n.get("port").unwrap_or(&serde_json::Value::Null)
-                        ),
+                        serde_json::Value::Object(n) => {
+                            let addr = n.get("addr").and_then(serde_json::Value::as_str).unwrap_or("?");
+                            // An IPv6 address in brackets, as in keys.
+                            let addr = if addr.contains(':') { format!("[{addr}]") } else { addr.to_string() };
+                            format!(
+                                "  nat {} {addr}:{}",
+                                n.get("kind").and_then(serde_json::Value::as_str).unwrap_or("?"),
+                                n.get("port").unwrap_or(&serde_json::Value::Null)
+                            )
+                        }
                         _ => String::new(),
                     };
                     println!(
@@ -535,7 +539,7 @@ fn parse_seconds(s: &str) -> Result<f64, String> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let socket = Ctl {
         path: cli.socket.clone().unwrap_or_else(|| nicsync::config::DEFAULT_CONTROL_SOCKET.into()),
-        timeout: std::time::Duration::from_secs(cli.timeout),
+        timeout: std::time::Duration::from_secs(cli.answer_timeout),
     };
     match cli.command {
         Command::Demo(a) => run_demo(a),
@@ -811,5 +815,43 @@ fn run_sim(a: SimArgs) -> anyhow::Result<()> {
         Ok(())
     } else {
         anyhow::bail!("{} of {} seeds did not converge (replay one with --seed S)", failed.len(), seeds.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// The forms the README and the docs show parse (a global option that
+    /// shared its name with `conn add --timeout` made every `conn add`
+    /// panic while its arguments were read).
+    #[test]
+    fn the_documented_forms_parse() {
+        let key = "tcp 10.0.0.1:40000 -> 192.0.2.1:443";
+        let forms: [&[&str]; 8] = [
+            &["nicsync", "--socket", "/tmp/s.sock", "conn", "add", key],
+            &["nicsync", "conn", "add", key, "--timeout", "30", "--mark", "7", "--no-sync"],
+            &["nicsync", "--answer-timeout", "2", "--socket", "/tmp/s.sock", "state", "--json"],
+            &["nicsync", "conn", "wait", key, "--timeout-ms", "500"],
+            &["nicsync", "syncstat", "--json"],
+            &["nicsync", "resync", "3"],
+            &["nicsync", "daemon", "--config", "m1.toml", "--check"],
+            &["nicsync", "key", "show", "/etc/nicsync/cluster.key"],
+        ];
+        for args in forms {
+            if let Err(e) = Cli::try_parse_from(args) {
+                panic!("{args:?}: {e}");
+            }
+        }
+        let cli = Cli::try_parse_from(["nicsync", "conn", "add", key, "--timeout", "45"]).expect("parses");
+        assert_eq!(cli.answer_timeout, 30, "the default answer timeout, whatever the entry's");
+        let Command::Conn { which: ConnCommand::Add { timeout, .. } } = cli.command else { panic!("not conn add") };
+        assert_eq!(timeout, 45);
     }
 }

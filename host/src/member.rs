@@ -97,18 +97,24 @@ pub fn seal_from_config(cfg: &Config) -> Result<Option<SealConfig>, MemberError>
 
 /// What `nicsync daemon --check` finds: the configuration parsed and
 /// checked (done by the caller), the key file there, private and
-/// well formed, the boot file's and control socket's directories there.
+/// well formed, the boot file's directory there, and the control socket's
+/// one there or creatable (the daemon creates it, as systemd's
+/// `RuntimeDirectory=` does `/run/nicsync` only when the service starts).
 /// Nothing is written (the boot number is not taken). Returns one line
 /// that says what this member would be.
 pub fn check_config(cfg: &Config) -> Result<String, MemberError> {
-    let missing_dir = |what: &str, path: &std::path::Path| {
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-        (!dir.is_dir()).then(|| {
-            MemberError::Unsupported(format!("{what} {}: directory {} does not exist", path.display(), dir.display()))
-        })
+    let dir_of = |path: &std::path::Path| {
+        path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new(".")).to_path_buf()
     };
-    if let Some(e) = missing_dir("control.socket", &cfg.control.socket) {
-        return Err(e);
+    let not_a_dir = |what: &str, path: &std::path::Path, dir: &std::path::Path| {
+        MemberError::Unsupported(format!("{what} {}: {} is not a directory", path.display(), dir.display()))
+    };
+    // The nearest part of the socket's directory that exists must be one.
+    let socket_dir = dir_of(&cfg.control.socket);
+    if let Some(existing) = socket_dir.ancestors().find(|d| d.exists()) {
+        if !existing.is_dir() {
+            return Err(not_a_dir("control.socket", &cfg.control.socket, existing));
+        }
     }
     let security = if cfg.security.encryption {
         let key_file = cfg.security.key_file.as_ref().ok_or(MemberError::NoKeyFile)?;
@@ -116,9 +122,11 @@ pub fn check_config(cfg: &Config) -> Result<String, MemberError> {
             return Err(MemberError::KeyFileMissing(key_file.display().to_string()));
         }
         let ring = Keyring::load(key_file)?;
+        // The boot file's directory is not created: it must be there.
         if let Some(boot) = cfg.security.boot_file_for(cfg.member_id) {
-            if let Some(e) = missing_dir("security.boot_file", &boot) {
-                return Err(e);
+            let dir = dir_of(&boot);
+            if !dir.is_dir() {
+                return Err(not_a_dir("security.boot_file", &boot, &dir));
             }
         }
         format!(

@@ -355,11 +355,11 @@ enum AuditState {
 /// most a twentieth of the loop's time (10 s between walks of a million).
 const AUDIT_WAIT_PER_ENTRY_NS: u64 = 10_000;
 
-/// A [`Node::progress`] longer than this is logged (debug), by part.
 /// A misconfiguration that refuses every datagram (a wrong key, a peer
 /// given another's id) is warned of at most this often (with the counts).
 pub const REFUSAL_WARN_EVERY_NS: Nanos = 10_000_000_000;
 
+/// A [`Node::progress`] longer than this is logged (debug), by part.
 const SLOW_PROGRESS: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// One cluster member's host logic over its device table.
@@ -427,6 +427,9 @@ pub struct Node<D: NicDevice> {
     /// Device resets the table made to recover from faults, as last seen
     /// (with fault recovery on): a new one is acted upon.
     resets_seen: u64,
+    /// Device events lost (the ring overflowed, or an entry was garbled),
+    /// as last seen: a new loss is acted upon.
+    events_lost_seen: u64,
     /// When the table (with fault recovery on) is audited next.
     next_audit: Nanos,
     /// When the audit last took a step (a walk takes one chunk per moment
@@ -552,6 +555,7 @@ impl<D: NicDevice> Node<D> {
             digest: (0, 0),
             last_realign_for_divergence: None,
             resets_seen,
+            events_lost_seen: 0,
             next_audit: now,
             audit_stepped_at: None,
             last_audit: None,
@@ -1349,6 +1353,19 @@ impl<D: NicDevice> Node<D> {
             _ => {}
         });
         self.stats.sync_events += synced;
+        // An event the device wrote and this host never read may have been
+        // a RESYNC_NEEDED (or a peer's change the host must follow): a
+        // loss is acted upon as one, the table checked against the peers'.
+        let st = self.table.driver_ref().stats();
+        let lost = st.events_lost + st.bad_events;
+        if lost > self.events_lost_seen {
+            self.note_error(format!(
+                "{} device events lost (overflowed or garbled): taking it for lost sync updates",
+                lost - self.events_lost_seen
+            ));
+            self.events_lost_seen = lost;
+            resync += 1;
+        }
         if resync > 0 {
             self.stats.device_resync_events += resync;
             if let Phase::Pulling(p) = &mut self.phase {

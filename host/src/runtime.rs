@@ -767,7 +767,10 @@ fn after_progress<D: NicDevice>(node: &mut Node<D>, kernel: &mut Option<KernelLi
                     Ok(None) => None,
                     // Not known now: the kernel keeps what it has (a
                     // delete would remove a live connection from it).
-                    Err(_) => continue,
+                    Err(_) => {
+                        k.mirror_skipped();
+                        continue;
+                    }
                 }
             };
             k.mirror(&key, record);

@@ -1816,7 +1816,7 @@ impl<D: NicDevice> ConnTable<D> {
         // returns its own cursor (abi.md 13: the FIFO may hold exactly what
         // the buffer takes); it has records, and such chunks do not go on
         // for ever.
-        let stalled = next == cursor && count > 0;
+        let stalled = next == cursor && count > 0 && cursor != 0;
         self.snap_stalls = if stalled { self.snap_stalls + 1 } else { 0 };
         if next != SNAPSHOT_DONE
             && (next < cursor || next == cursor && !stalled || self.snap_stalls > MAX_SNAPSHOT_STALLS)

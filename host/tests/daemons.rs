@@ -762,7 +762,9 @@ fn check_mode_validates_without_starting() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let key_file = dir.join("cluster.key");
-    let socket = dir.join("m1.sock");
+    // In a directory the daemon would create (as systemd's
+    // RuntimeDirectory= is created only when the service starts).
+    let socket = dir.join("run").join("nicsync").join("m1.sock");
     let config = dir.join("m1.toml");
     let text = format!(
         "member_id = 1\ncluster_id = 7\n[control]\nsocket = \"{}\"\n[security]\nkey_file = \"{}\"\n",

@@ -685,6 +685,31 @@ fn an_entry_the_actives_card_loses_is_restored_not_spread() {
     assert_eq!(p.m[1].stats().full_syncs_completed, pulls, "the Standby was not made to resync");
 }
 
+/// A Standby whose card garbles the event of one of the Active's updates
+/// (its phase bit) cannot tell what that event said: a RESYNC_NEEDED, or
+/// a change its host must follow. It takes the loss for lost sync updates
+/// and merges the Active's table, and the pair ends identical.
+#[test]
+fn a_standby_that_lost_a_device_event_merges_the_active_s_table() {
+    let mut p = Pair::new();
+    p.run_ms(600);
+    p.fill(0, 0..200);
+    p.run_ms(50);
+    assert!(p.m[1].is_synced());
+    let (resyncs, merges) = (p.m[1].stats().device_resync_events, p.m[1].stats().merges_completed);
+    let faults = p.m[1].table_ref().driver_ref().device().faults();
+    faults.arm(Fault::CorruptEventPhase);
+    p.fill(0, 200..400);
+    p.run_ms(300);
+    assert_eq!(faults.injected(FaultKind::CorruptEventPhase), 1);
+    assert_eq!(p.m[1].table_ref().driver_ref().stats().bad_events, 1);
+    let s = p.m[1].stats();
+    assert!(s.device_resync_events > resyncs, "the lost event was not acted upon: {s:?}");
+    assert!(s.merges_completed > merges, "no merge after the lost event: {s:?}");
+    assert!(p.m[1].is_synced());
+    assert_eq!(p.m[0].digest().expect("digest"), p.m[1].digest().expect("digest"));
+}
+
 /// A member whose cluster key differs (same key id) learns nothing from the
 /// cluster and changes nothing in it: its membership datagrams, delta frames
 /// and Full Sync streams all fail authentication and are counted.
