@@ -350,23 +350,33 @@ fn an_orderly_stop_hands_over_the_sessions_the_delay_held() {
     drop(sessions);
 }
 
-#[test]
-fn event_socket_overrun_is_recovered_by_a_dump_with_nothing_lost() {
-    let Some(a) = netns("ov") else { return };
+/// A lone member in its own namespace (`tag`) with a firewall, its event
+/// socket's buffer `event_buffer_bytes`, Active and past its activation
+/// dump: the namespace, the scratch directory and the daemon (`None`: no
+/// namespaces here, a skip).
+fn lone_member(tag: &str, event_buffer_bytes: usize) -> Option<(Netns, ScratchDir, Daemon)> {
+    let a = netns(tag)?;
     if !a.firewall() {
-        return;
+        return None;
     }
     a.sh("ip link set lo up");
-    let dir = tempdir("ov");
+    let dir = tempdir(tag);
     let key = key_gen(&dir);
-    // A lone member, with the smallest event buffer: a burst overruns it.
-    let (ca, sa) = config(&dir, 1, Ipv4Addr::LOCALHOST, &[], &key, "[conntrack]\nevent_buffer_bytes = 4096\n");
+    let extra = format!("[conntrack]\nevent_buffer_bytes = {event_buffer_bytes}\n");
+    let (ca, sa) = config(&dir, 1, Ipv4Addr::LOCALHOST, &[], &key, &extra);
     let mut da = daemon(&a, &dir, 1, ca, sa);
     da.start();
     wait_for("member 1 Active", Duration::from_secs(10), &[&da], || (state(&da)?.as_str() == "active").then_some(()));
     wait_for("the activation dump", Duration::from_secs(10), &[&da], || {
         (conntrack_stats(&da)["dumps_completed"].as_u64()? >= 1).then_some(())
     });
+    Some((a, dir, da))
+}
+
+#[test]
+fn event_socket_overrun_is_recovered_by_a_dump_with_nothing_lost() {
+    // The smallest event buffer: a burst overruns it.
+    let Some((a, _dir, da)) = lone_member("ov", 4096) else { return };
 
     // 40,000 entries created as fast as the kernel takes them.
     const N: u32 = 40_000;
@@ -428,20 +438,7 @@ fn event_socket_overrun_is_recovered_by_a_dump_with_nothing_lost() {
 /// entries, for good (synced, and never aged by the card).
 #[test]
 fn the_backlog_read_after_an_overrun_brings_back_nothing_deleted() {
-    let Some(a) = netns("ob") else { return };
-    if !a.firewall() {
-        return;
-    }
-    a.sh("ip link set lo up");
-    let dir = tempdir("ob");
-    let key = key_gen(&dir);
-    let (ca, sa) = config(&dir, 1, Ipv4Addr::LOCALHOST, &[], &key, "[conntrack]\nevent_buffer_bytes = 1048576\n");
-    let mut da = daemon(&a, &dir, 1, ca, sa);
-    da.start();
-    wait_for("member 1 Active", Duration::from_secs(10), &[&da], || (state(&da)?.as_str() == "active").then_some(()));
-    wait_for("the activation dump", Duration::from_secs(10), &[&da], || {
-        (conntrack_stats(&da)["dumps_completed"].as_u64()? >= 1).then_some(())
-    });
+    let Some((a, _dir, da)) = lone_member("ob", 1 << 20) else { return };
     const N: u32 = 10_000;
     let entries: Vec<_> = (0..N)
         .map(|i| {

@@ -69,12 +69,10 @@ fn a_replayed_lookup_answers_in_its_new_tags_response_area() {
     assert_eq!(drv.read_response(new[1]).expect("response").key, key(2));
 }
 
-/// A command whose completion is reported lost at its wait's timeout is no
-/// longer in flight: a reinit does not hand it back for replay (its caller
-/// may resend it: it would run twice), a later completion does not count
-/// the loss again, and its tag holds no outcome left to claim.
-#[test]
-fn a_loss_reported_at_the_timeout_is_counted_once_and_never_replayed() {
+/// A driver whose first command (an insert of key 1, the last of its
+/// batch) lost its completion, reported to its wait at the timeout; the
+/// device's fault injector and that command's tag.
+fn lost_at_the_timeout() -> (Driver<EmulatedDevice>, nicsync_model::fault::FaultInjector, u16) {
     let dev = EmulatedDevice::inline().expect("device");
     let faults = dev.faults();
     let mut drv = Driver::probe(dev, cfg()).expect("probe");
@@ -83,6 +81,16 @@ fn a_loss_reported_at_the_timeout_is_counted_once_and_never_replayed() {
     let tag = drv.post(&d, e.as_ref()).expect("post");
     drv.ring();
     assert!(matches!(drv.wait(tag), Err(DriverError::CompletionLost(t)) if t == tag));
+    (drv, faults, tag)
+}
+
+/// A command whose completion is reported lost at its wait's timeout is no
+/// longer in flight: a reinit does not hand it back for replay (its caller
+/// may resend it: it would run twice), a later completion does not count
+/// the loss again, and its tag holds no outcome left to claim.
+#[test]
+fn a_loss_reported_at_the_timeout_is_counted_once_and_never_replayed() {
+    let (mut drv, faults, tag) = lost_at_the_timeout();
     // Asked again, at once: nothing to wait for.
     assert!(matches!(drv.wait(tag), Err(DriverError::UnknownTag(t)) if t == tag));
     let (d, e) = insert(2);
@@ -107,14 +115,7 @@ fn a_loss_reported_at_the_timeout_is_counted_once_and_never_replayed() {
 /// `RingFull` for good).
 #[test]
 fn a_full_ring_after_a_loss_at_the_timeout_completes() {
-    let dev = EmulatedDevice::inline().expect("device");
-    let faults = dev.faults();
-    let mut drv = Driver::probe(dev, cfg()).expect("probe");
-    faults.arm(Fault::DropCompletion);
-    let (d, e) = insert(1);
-    let tag = drv.post(&d, e.as_ref()).expect("post");
-    drv.ring();
-    assert!(matches!(drv.wait(tag), Err(DriverError::CompletionLost(t)) if t == tag));
+    let (mut drv, _faults, _tag) = lost_at_the_timeout();
     for lap in 0..3 {
         let mut tags = Vec::new();
         for i in 0..drv.free_slots() {
