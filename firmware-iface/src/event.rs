@@ -23,7 +23,9 @@ pub enum EventKind {
     Overflow = 2,
     /// A peer's change was applied to the table (key and new state).
     SyncUpdated = 3,
-    /// A peer's deletion was applied (key and the last state).
+    /// A peer's deletion was applied (key and the last state), or came for
+    /// a key the card does not hold (key and the delete's state: its
+    /// generation), so that a host copy still holding it drops it.
     SyncRemoved = 4,
     /// Updates from a peer were lost for good: `state.mark` is the peer's
     /// member id, `state.generation` how many; the member needs a Full Sync.

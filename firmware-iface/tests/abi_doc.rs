@@ -416,12 +416,16 @@ fn render_event_kind() -> String {
     enum_table(
         EventKind::from_wire,
         |k| upper_snake(&format!("{k:?}")),
-        |k| match k {
+        |k| {
+            match k {
             EventKind::Aged => "aging removed an expired connection; key and last state attached",
             EventKind::Overflow => "events were dropped; `state.generation` holds how many",
             EventKind::SyncUpdated => "a peer's change was applied (key, new state)",
-            EventKind::SyncRemoved => "a peer's deletion was applied (key, last state)",
+            EventKind::SyncRemoved => {
+                "a peer's deletion was applied (key, last state), or came for a key the card does not hold (key, the delete's generation)"
+            }
             EventKind::ResyncNeeded => "a peer's updates were lost: `state.mark` = peer, `state.generation` = how many",
+        }
         },
     )
 }

@@ -1734,8 +1734,15 @@ impl Core {
         let Some(unit) = &mut self.sync else { return };
         match outcome {
             Applied::Superseded(_) => unit.stats.superseded += 1,
-            // Nothing to remove: the delete only left its tombstone.
-            Applied::Nothing => {}
+            // Nothing to remove: the delete only left its tombstone. Told
+            // all the same: the card may have lost the entry without a
+            // word (a memory fault), and a host copy that still holds it
+            // would bring it back in a rebuild, over the delete.
+            Applied::Nothing => {
+                if u.op == DeltaOp::Delete {
+                    self.post_event(EventKind::SyncRemoved, &u.key, &u.state);
+                }
+            }
             Applied::Done => {
                 unit.stats.applied += 1;
                 let kind = if u.op == DeltaOp::Delete { EventKind::SyncRemoved } else { EventKind::SyncUpdated };

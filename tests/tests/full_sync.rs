@@ -685,6 +685,37 @@ fn an_entry_the_actives_card_loses_is_restored_not_spread() {
     assert_eq!(p.m[1].stats().full_syncs_completed, pulls, "the Standby was not made to resync");
 }
 
+/// A Standby's card that lost an entry without a word (a memory fault) and
+/// then gets the Active's delete of it tells its host all the same
+/// (SYNC_REMOVED, though it had nothing to remove): the host's copy drops
+/// the entry and keeps the delete, so that a rebuild from the copy cannot
+/// bring the connection back over the delete (seed 57 of the simulator,
+/// with another draw of device faults, ended so).
+#[test]
+fn a_delete_of_an_entry_the_standby_s_card_lost_reaches_its_copy() {
+    let mut p = Pair::new();
+    for (id, n) in (1u16..).zip(p.m.iter_mut()) {
+        n.table().enable_recovery(RecoveryConfig { member: id, ..RecoveryConfig::default() }).expect("recovery");
+    }
+    p.run_ms(600);
+    p.fill(0, 0..1);
+    p.run_ms(50);
+    let copy =
+        |p: &Pair| p.m[1].table_ref().shadow().map(|s| (s.get(&key(0)).is_some(), s.tombstone(&key(0)).is_some()));
+    assert_eq!(copy(&p), Some((true, false)));
+    let faults = p.m[1].table_ref().driver_ref().device().faults();
+    faults.arm(Fault::LoseEntry);
+    p.m[1].table_ref().driver_ref().device().nic().step();
+    assert_eq!(faults.injected(FaultKind::LoseEntry), 1);
+    assert_eq!(p.m[1].table_ref().len(), 0, "the Standby's card lost the entry");
+    p.m[0].table().delete(&key(0)).expect("delete");
+    p.run_ms(5);
+    assert_eq!(copy(&p), Some((false, true)), "the copy took the delete in");
+    p.run_ms(300);
+    assert_eq!(p.m[1].table_ref().len(), 0, "nothing brought it back");
+    assert_eq!(p.m[0].digest().expect("digest"), p.m[1].digest().expect("digest"));
+}
+
 /// A Standby whose card garbles the event of one of the Active's updates
 /// (its phase bit) cannot tell what that event said: a RESYNC_NEEDED, or
 /// a change its host must follow. It takes the loss for lost sync updates
