@@ -1431,17 +1431,30 @@ impl<D: NicDevice> Driver<D> {
 
     /// Consumes every event the device has written; calls `f` for each
     /// valid one.
-    pub fn poll_events(&mut self, mut f: impl FnMut(Event)) -> usize {
+    pub fn poll_events(&mut self, f: impl FnMut(Event)) -> usize {
+        self.poll_events_with(false, f)
+    }
+
+    /// [`Driver::poll_events`], looking past an unwritten head for written
+    /// entries every time (not once in [`EVENT_LOOKAHEAD_EVERY`] empty
+    /// polls): before the device is reset, whose event ring starts again
+    /// empty, every event it wrote is taken in, those behind a garbled one
+    /// included, or the host's copy rebuilt onto the card would lack them.
+    pub fn poll_events_all(&mut self, f: impl FnMut(Event)) -> usize {
+        self.poll_events_with(true, f)
+    }
+
+    fn poll_events_with(&mut self, thorough: bool, mut f: impl FnMut(Event)) -> usize {
         let Some(ring) = &mut self.evt else { return 0 };
         let mut n = 0;
         loop {
             if ring.peek(EVT_SIZE).is_none() {
-                if n > 0 {
+                if n > 0 && !thorough {
                     self.evt_idle_polls = 0;
                     break;
                 }
                 self.evt_idle_polls = self.evt_idle_polls.wrapping_add(1);
-                if self.evt_idle_polls % EVENT_LOOKAHEAD_EVERY != 0 {
+                if !thorough && self.evt_idle_polls % EVENT_LOOKAHEAD_EVERY != 0 {
                     break;
                 }
                 // Written in order: a written entry past an unwritten head

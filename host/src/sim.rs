@@ -906,7 +906,7 @@ impl Sim {
             return;
         }
         let id = 1 + self.rng.below(self.cfg.members as u64) as u16;
-        let fault = match self.rng.below(8) {
+        let fault = match self.rng.below(9) {
             0 => DeviceFault::DropCompletion,
             1 => DeviceFault::Stall { duration: Some(Duration::from_micros(200 + self.rng.below(5_000))) },
             2 => DeviceFault::CorruptCompletionTag,
@@ -914,7 +914,8 @@ impl Sim {
             4 => DeviceFault::SpuriousInterrupt,
             5 => DeviceFault::DmaError,
             6 => DeviceFault::ResetMidBatch { after: self.rng.below(8) as u32 },
-            _ => DeviceFault::LoseEntry,
+            7 => DeviceFault::LoseEntry,
+            _ => DeviceFault::CorruptEventPhase,
         };
         let Some(n) = self.slots[id as usize - 1].node.as_ref() else { return };
         // Counted when it takes effect (see `absorb_device_faults`).

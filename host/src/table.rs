@@ -1017,7 +1017,10 @@ impl<D: NicDevice> ConnTable<D> {
         let Some(r) = &mut self.rec else { return };
         let floor = self.drv.generation_floor();
         let bad = self.drv.stats().bad_events;
-        self.drv.poll_events(|ev| {
+        // Every event written, those behind a garbled one too: this runs
+        // before a reset (whose ring starts again empty) and before the
+        // copy is judged against the card.
+        self.drv.poll_events_all(|ev| {
             r.shadow.apply_event(&ev, floor);
             // The card changed the entry, whatever the copy made of it (an
             // AGED event of a state the copy does not hold leaves it): an

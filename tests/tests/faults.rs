@@ -585,6 +585,28 @@ fn an_event_with_a_garbled_phase_is_skipped_and_the_copy_audited() {
     assert_eq!(t.driver_ref().stats().bad_events, 1);
 }
 
+/// The card resets itself while events wait behind a garbled one: the
+/// host takes them all in before it rebuilds the card from its copy
+/// (reading past the garbled entry at once, not once in 64 polls), so the
+/// entries they removed are not brought back. Only the entry whose event
+/// was garbled is (its removal is unknown to the host).
+#[test]
+fn events_behind_a_garbled_one_reach_the_copy_before_a_rebuild() {
+    let cfg = DriverConfig { aging_period_ms: 100, ..cfg() };
+    let (mut t, faults) = open_with(EmulatedDevice::inline().expect("device"), cfg, true);
+    faults.arm_with(Fault::CorruptEventPhase, Trigger::after(10));
+    let short: Vec<TableOp> = (0..100)
+        .map(|i| TableOp::Insert(key(i), ConnEntry::new(ConnState { timeout_s: 1.into(), ..state(i) })))
+        .collect();
+    assert!(t.batch(&short).expect("batch").iter().all(Result::is_ok));
+    t.driver_ref().device().nic().advance_time(Duration::from_secs(3));
+    assert_eq!(t.len(), 0, "every entry aged on the card");
+    faults.arm(Fault::ResetMidBatch { after: 0 });
+    t.insert(&key(500), &ConnEntry::new(state(500))).expect("insert through the reset");
+    assert_eq!(t.recovery_stats().resets, 1);
+    assert_eq!(t.len(), 2, "the new entry and the one whose AGED event was garbled");
+}
+
 /// A table (with the host's copy or not) whose 100 entries, each with a
 /// timeout of 1 s, have aged on the card, their events not yet read.
 fn aged_100(recovery: bool) -> Table {
