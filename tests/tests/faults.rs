@@ -539,15 +539,7 @@ fn aged_entries_stay_gone_after_a_rebuild() {
 /// forgotten, not restored.
 #[test]
 fn an_event_with_a_garbled_phase_is_skipped_and_the_copy_audited() {
-    let cfg = DriverConfig { aging_period_ms: 100, ..cfg() };
-    let (mut t, faults) = open_with(EmulatedDevice::inline().expect("device"), cfg, true);
-    faults.arm_with(Fault::CorruptEventPhase, Trigger::after(10));
-    let short: Vec<TableOp> = (0..100)
-        .map(|i| TableOp::Insert(key(i), ConnEntry::new(ConnState { timeout_s: 1.into(), ..state(i) })))
-        .collect();
-    assert!(t.batch(&short).expect("batch").iter().all(Result::is_ok));
-    t.driver_ref().device().nic().advance_time(Duration::from_secs(3));
-    assert_eq!(t.len(), 0, "every entry aged on the card");
+    let (mut t, faults) = aged_100_after(true, |f| f.arm_with(Fault::CorruptEventPhase, Trigger::after(10)));
     let mut aged = Vec::new();
     for _ in 0..1000 {
         t.poll_events(|e| aged.push(e.seq));
@@ -592,15 +584,7 @@ fn an_event_with_a_garbled_phase_is_skipped_and_the_copy_audited() {
 /// was garbled is (its removal is unknown to the host).
 #[test]
 fn events_behind_a_garbled_one_reach_the_copy_before_a_rebuild() {
-    let cfg = DriverConfig { aging_period_ms: 100, ..cfg() };
-    let (mut t, faults) = open_with(EmulatedDevice::inline().expect("device"), cfg, true);
-    faults.arm_with(Fault::CorruptEventPhase, Trigger::after(10));
-    let short: Vec<TableOp> = (0..100)
-        .map(|i| TableOp::Insert(key(i), ConnEntry::new(ConnState { timeout_s: 1.into(), ..state(i) })))
-        .collect();
-    assert!(t.batch(&short).expect("batch").iter().all(Result::is_ok));
-    t.driver_ref().device().nic().advance_time(Duration::from_secs(3));
-    assert_eq!(t.len(), 0, "every entry aged on the card");
+    let (mut t, faults) = aged_100_after(true, |f| f.arm_with(Fault::CorruptEventPhase, Trigger::after(10)));
     faults.arm(Fault::ResetMidBatch { after: 0 });
     t.insert(&key(500), &ConnEntry::new(state(500))).expect("insert through the reset");
     assert_eq!(t.recovery_stats().resets, 1);
@@ -610,14 +594,22 @@ fn events_behind_a_garbled_one_reach_the_copy_before_a_rebuild() {
 /// A table (with the host's copy or not) whose 100 entries, each with a
 /// timeout of 1 s, have aged on the card, their events not yet read.
 fn aged_100(recovery: bool) -> Table {
+    aged_100_after(recovery, |_| {}).0
+}
+
+/// [`aged_100`], with faults armed by `arm` before the entries are written;
+/// also the device's fault injector.
+fn aged_100_after(recovery: bool, arm: impl FnOnce(&FaultInjector)) -> (Table, FaultInjector) {
     let cfg = DriverConfig { aging_period_ms: 100, ..cfg() };
-    let (mut t, _faults) = open_with(EmulatedDevice::inline().expect("device"), cfg, recovery);
+    let (mut t, faults) = open_with(EmulatedDevice::inline().expect("device"), cfg, recovery);
+    arm(&faults);
     let short: Vec<TableOp> = (0..100)
         .map(|i| TableOp::Insert(key(i), ConnEntry::new(ConnState { timeout_s: 1.into(), ..state(i) })))
         .collect();
     assert!(t.batch(&short).expect("batch").iter().all(Result::is_ok));
     t.driver_ref().device().nic().advance_time(Duration::from_secs(3));
-    t
+    assert_eq!(t.len(), 0, "every entry aged on the card");
+    (t, faults)
 }
 
 /// The copy takes in events a few at a time (each one's place fetched
