@@ -1506,6 +1506,13 @@ impl<D: NicDevice> Driver<D> {
         n
     }
 
+    /// Events the host never read: reported dropped by the device
+    /// (overflow), or rejected or skipped by this driver. The host's copy of
+    /// the table may miss what they said.
+    pub fn events_lost(&self) -> u64 {
+        self.stats.events_lost + self.stats.bad_events
+    }
+
     /// Device status register.
     pub fn status(&self) -> Status {
         Status::from_bits_truncate(self.dev.read32(regs::STATUS))

@@ -1356,8 +1356,7 @@ impl<D: NicDevice> Node<D> {
         // An event the device wrote and this host never read may have been
         // a RESYNC_NEEDED (or a peer's change the host must follow): a
         // loss is acted upon as one, the table checked against the peers'.
-        let st = self.table.driver_ref().stats();
-        let lost = st.events_lost + st.bad_events;
+        let lost = self.table.driver_ref().events_lost();
         if lost > self.events_lost_seen {
             self.note_error(format!(
                 "{} device events lost (overflowed or garbled): taking it for lost sync updates",

@@ -983,7 +983,7 @@ impl<D: NicDevice> ConnTable<D> {
         // the next call.
         let mut ahead: [Option<Event>; EVENTS_AHEAD] = [None; EVENTS_AHEAD];
         let mut at = 0usize;
-        let bad = self.drv.stats().bad_events;
+        let lost = self.drv.events_lost();
         self.drv.poll_events(|ev| {
             r.shadow.prefetch(&ev.key);
             if let Some(old) = ahead[at % EVENTS_AHEAD].replace(ev) {
@@ -992,7 +992,7 @@ impl<D: NicDevice> ConnTable<D> {
             }
             at += 1;
         });
-        if self.drv.stats().bad_events != bad {
+        if self.drv.events_lost() != lost {
             // An event the driver could not read is one lost, as if the
             // ring had overflowed: the copy may miss a removal.
             r.shadow.mark_needs_audit();
@@ -1016,7 +1016,7 @@ impl<D: NicDevice> ConnTable<D> {
     fn absorb_events(&mut self) {
         let Some(r) = &mut self.rec else { return };
         let floor = self.drv.generation_floor();
-        let bad = self.drv.stats().bad_events;
+        let lost = self.drv.events_lost();
         // Every event written, those behind a garbled one too: this runs
         // before a reset (whose ring starts again empty) and before the
         // copy is judged against the card.
@@ -1031,7 +1031,7 @@ impl<D: NicDevice> ConnTable<D> {
             }
             r.events.push_back(ev);
         });
-        if self.drv.stats().bad_events != bad {
+        if self.drv.events_lost() != lost {
             r.shadow.mark_needs_audit();
         }
     }

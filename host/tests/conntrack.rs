@@ -350,6 +350,27 @@ fn an_orderly_stop_hands_over_the_sessions_the_delay_held() {
     drop(sessions);
 }
 
+/// `n` kernel entries of protocol `l4` (ESTABLISHED for TCP), assured and
+/// confirmed, from 10.`net`.x.y to 192.0.2.80:443, for one hour.
+fn assured_entries(net: u8, n: u32, l4: u8) -> Vec<nicsync_conntrack::CtEntry> {
+    let tcp = if l4 == proto::TCP { TcpState::Established } else { TcpState::None };
+    let flags = ConnFlags::ASSURED | ConnFlags::CONFIRMED | ConnFlags::SEEN_REPLY;
+    (0..n)
+        .map(|i| {
+            let (a, b) = ((i >> 8) as u8, i as u8);
+            let key = ConnKey::v4(
+                Ipv4Addr::new(10, net, a, b),
+                20_000 + (i % 40_000) as u16,
+                Ipv4Addr::new(192, 0, 2, 80),
+                443,
+                l4,
+                0,
+            );
+            to_ct(&key, &ConnState::new(tcp, Direction::Original, flags, 3600, 0), &Nat::default()).expect("to_ct")
+        })
+        .collect()
+}
+
 /// A lone member in its own namespace (`tag`) with a firewall, its event
 /// socket's buffer `event_buffer_bytes`, Active and past its activation
 /// dump: the namespace, the scratch directory and the daemon (`None`: no
@@ -380,20 +401,7 @@ fn event_socket_overrun_is_recovered_by_a_dump_with_nothing_lost() {
 
     // 40,000 entries created as fast as the kernel takes them.
     const N: u32 = 40_000;
-    let entry = |i: u32| {
-        let key = ConnKey::v4(
-            Ipv4Addr::new(10, 200, (i >> 8) as u8, i as u8),
-            20_000 + (i % 40_000) as u16,
-            Ipv4Addr::new(192, 0, 2, 80),
-            443,
-            proto::TCP,
-            0,
-        );
-        let flags = ConnFlags::ASSURED | ConnFlags::CONFIRMED | ConnFlags::SEEN_REPLY;
-        to_ct(&key, &ConnState::new(TcpState::Established, Direction::Original, flags, 3600, 0), &Nat::default())
-            .expect("to_ct")
-    };
-    let entries: Vec<_> = (0..N).map(entry).collect();
+    let entries = assured_entries(200, N, proto::TCP);
     let created =
         in_netns(&a.path(), || CtSocket::open().and_then(|mut s| s.create_batch(&entries, CreateMode::Exclusive)))
             .expect("netns")
@@ -440,21 +448,7 @@ fn event_socket_overrun_is_recovered_by_a_dump_with_nothing_lost() {
 fn the_backlog_read_after_an_overrun_brings_back_nothing_deleted() {
     let Some((a, _dir, da)) = lone_member("ob", 1 << 20) else { return };
     const N: u32 = 10_000;
-    let entries: Vec<_> = (0..N)
-        .map(|i| {
-            let key = ConnKey::v4(
-                Ipv4Addr::new(10, 201, (i >> 8) as u8, i as u8),
-                30_000,
-                Ipv4Addr::new(192, 0, 2, 53),
-                53,
-                proto::UDP,
-                0,
-            );
-            let flags = ConnFlags::ASSURED | ConnFlags::CONFIRMED | ConnFlags::SEEN_REPLY;
-            to_ct(&key, &ConnState::new(TcpState::None, Direction::Original, flags, 3600, 0), &Nat::default())
-                .expect("to_ct")
-        })
-        .collect();
+    let entries = assured_entries(201, N, proto::UDP);
     let pid = da.pid().expect("running");
     let signal = |sig: &str| {
         let ok = Command::new("kill").args([sig, &pid.to_string()]).status().is_ok_and(|s| s.success());
