@@ -100,6 +100,13 @@ pub struct NetStats {
     pub ccp_unstamped: u64,
     /// Full Sync connections that could not be opened.
     pub fs_connect_failures: u64,
+    /// Full Sync connections closed at their accept, [`MAX_FS_INBOUND`]
+    /// being open already.
+    pub fs_refused: u64,
+    /// Accepts that failed on the Full Sync listener or the control socket
+    /// (out of descriptors, mostly); the listener then rests for
+    /// [`ACCEPT_REST`].
+    pub accept_errors: u64,
     /// Control requests refused (bad JSON, too long, user not allowed).
     pub control_refused: u64,
     /// Control requests read whole at their connection's accept, on the
@@ -117,6 +124,8 @@ pub struct NetStats {
 struct Warned {
     unknown_source: Option<std::time::Instant>,
     send_error: Option<std::time::Instant>,
+    fs_refused: Option<std::time::Instant>,
+    accept_error: Option<std::time::Instant>,
 }
 
 /// Whether a warning last given at `last` may be given again now (and
@@ -131,7 +140,7 @@ fn warn_due(last: &mut Option<std::time::Instant>) -> bool {
 }
 
 enum Ev {
-    Connected { conn: ConnId, tx: mpsc::UnboundedSender<Vec<u8>> },
+    Connected { conn: ConnId, stream: FsStream },
     Data { conn: ConnId, bytes: Vec<u8> },
     Closed { conn: ConnId },
     Control { req: Request, reply: oneshot::Sender<Reply> },
@@ -288,8 +297,12 @@ pub async fn serve_with<D: NicDevice + 'static>(
         None => None,
     };
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Ev>();
-    let mut conns: HashMap<ConnId, mpsc::UnboundedSender<Vec<u8>>> = HashMap::new();
-    let mut next_inbound: ConnId = 1 << 40;
+    let mut conns: HashMap<ConnId, FsStream> = HashMap::new();
+    let mut next_inbound: ConnId = FIRST_INBOUND;
+    // After an accept fails (out of descriptors), the listeners rest until
+    // then rather than fail again at once, turn after turn.
+    let mut fs_rest: Option<tokio::time::Instant> = None;
+    let mut control_rest: Option<tokio::time::Instant> = None;
     let mut stats = NetStats::default();
     let by_addr: HashMap<SocketAddr, u16> = net.peers.iter().map(|p| (canonical(p.ccp), p.id)).collect();
     let mut buf = vec![0u8; 65_536];
@@ -426,15 +439,49 @@ pub async fn serve_with<D: NicDevice + 'static>(
                     take_ccp(node, &by_addr, &buf, d, &mut stats, (now(), std::time::SystemTime::now()));
                 }
             }
-            r = fs.accept() => {
-                if let Ok((stream, _)) = r {
-                    let conn = next_inbound;
-                    next_inbound += 1;
-                    conns.insert(conn, spawn_stream(conn, stream, ev_tx.clone()));
-                    node.fs_accepted(conn, now());
+            r = fs.accept(), if fs_rest.is_none() => match r {
+                Ok((stream, from)) => {
+                    turn = ("full sync accept", Instant::now());
+                    if conns.keys().filter(|c| **c >= FIRST_INBOUND).count() >= MAX_FS_INBOUND {
+                        // Dropped at once: a member serves few joiners at
+                        // a time, and each held stream is a descriptor.
+                        stats.fs_refused += 1;
+                        if warn_due(&mut stats.warned.fs_refused) {
+                            tracing::warn!(
+                                member = node.member_id(),
+                                "full sync: connection from {from} refused, {MAX_FS_INBOUND} already open ({} refused so far)",
+                                stats.fs_refused
+                            );
+                        }
+                    } else {
+                        let conn = next_inbound;
+                        next_inbound += 1;
+                        conns.insert(conn, spawn_stream(conn, stream, ev_tx.clone()));
+                        node.fs_accepted(conn, now());
+                    }
                 }
-            }
-            r = accept_control(&ctl) => {
+                Err(e) => {
+                    stats.accept_errors += 1;
+                    fs_rest = Some(tokio::time::Instant::now() + ACCEPT_REST);
+                    if warn_due(&mut stats.warned.accept_error) {
+                        tracing::warn!(member = node.member_id(), "full sync listener: accept failed: {e} ({} accept errors so far)", stats.accept_errors);
+                    }
+                }
+            },
+            () = rest_until(fs_rest), if fs_rest.is_some() => fs_rest = None,
+            () = rest_until(control_rest), if control_rest.is_some() => control_rest = None,
+            r = accept_control(&ctl), if control_rest.is_none() => {
+                let r = match r {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        stats.accept_errors += 1;
+                        control_rest = Some(tokio::time::Instant::now() + ACCEPT_REST);
+                        if warn_due(&mut stats.warned.accept_error) {
+                            tracing::warn!(member = node.member_id(), "control socket: accept failed: {e} ({} accept errors so far)", stats.accept_errors);
+                        }
+                        None
+                    }
+                };
                 if let Some(stream) = r {
                     turn = ("control request", Instant::now());
                     let allow = control.map_or(&[][..], |c| c.allow_uids.as_slice());
@@ -445,13 +492,15 @@ pub async fn serve_with<D: NicDevice + 'static>(
                 }
             }
             Some(ev) = ev_rx.recv() => { turn = (ev.what(), Instant::now()); match ev {
-                Ev::Connected { conn, tx } => {
-                    conns.insert(conn, tx);
+                Ev::Connected { conn, stream } => {
+                    conns.insert(conn, stream);
                     node.fs_connected(conn, now());
                 }
                 Ev::Data { conn, bytes } => node.fs_data(conn, &bytes, now()),
                 Ev::Closed { conn } => {
-                    conns.remove(&conn);
+                    if let Some(s) = conns.remove(&conn) {
+                        s.close();
+                    }
                     node.fs_closed(conn, now());
                 }
                 Ev::Control { req: Request::ConnWait { key, timeout_ms }, reply } => {
@@ -885,7 +934,7 @@ fn flush_outputs<D: NicDevice>(
     node: &mut Node<D>,
     net: &MemberNet,
     ccp: &UdpSocket,
-    conns: &mut HashMap<ConnId, mpsc::UnboundedSender<Vec<u8>>>,
+    conns: &mut HashMap<ConnId, FsStream>,
     ev_tx: &mpsc::UnboundedSender<Ev>,
     stats: &mut NetStats,
 ) -> bool {
@@ -923,8 +972,8 @@ fn flush_outputs<D: NicDevice>(
                 tokio::task::spawn_local(async move {
                     match tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr)).await {
                         Ok(Ok(stream)) => {
-                            let w = spawn_stream(conn, stream, tx.clone());
-                            let _ = tx.send(Ev::Connected { conn, tx: w });
+                            let stream = spawn_stream(conn, stream, tx.clone());
+                            let _ = tx.send(Ev::Connected { conn, stream });
                         }
                         _ => {
                             tracing::info!("full sync: cannot connect to {addr}");
@@ -934,27 +983,79 @@ fn flush_outputs<D: NicDevice>(
                 });
             }
             NodeOutput::FsSend { conn, bytes } => {
-                if let Some(tx) = conns.get(&conn) {
-                    streamed |= tx.send(bytes).is_ok();
+                if let Some(s) = conns.get(&conn) {
+                    streamed |= s.tx.send(bytes).is_ok();
                 }
             }
             NodeOutput::FsClose { conn } => {
-                // Dropping the sender ends the writer after what it holds.
-                conns.remove(&conn);
+                if let Some(s) = conns.remove(&conn) {
+                    s.close();
+                }
             }
         }
     }
     streamed
 }
 
+/// Connection ids from here on are streams this member accepted (below,
+/// the ones it opened).
+const FIRST_INBOUND: ConnId = 1 << 40;
+
+/// Full Sync streams a member keeps accepted at once; more are closed at
+/// their accept (`fs_refused`). A joiner holds one, so this is room for a
+/// whole cluster joining at once and then some.
+const MAX_FS_INBOUND: usize = 64;
+
+/// How long a closed stream's writer may take to hand the peer what it
+/// still holds (the last chunk, an abort) before the socket is dropped.
+const FS_LINGER: Duration = Duration::from_secs(2);
+
+/// How long a listener rests after its accept failed (EMFILE, ENFILE,
+/// ENOBUFS): failing again at once would spin the loop.
+const ACCEPT_REST: Duration = Duration::from_millis(100);
+
+async fn rest_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A Full Sync stream as the loop holds it: the sender that feeds its
+/// writer task, and both tasks' handles.
+#[derive(Debug)]
+struct FsStream {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    reader: tokio::task::AbortHandle,
+    writer: tokio::task::AbortHandle,
+}
+
+impl FsStream {
+    /// Ends the stream: nothing more is read (a peer that keeps its end
+    /// open or keeps sending no longer holds a task, a buffer and the
+    /// descriptor), and what the writer holds goes out within
+    /// [`FS_LINGER`], after which the socket is closed whatever the peer
+    /// does.
+    fn close(self) {
+        self.reader.abort();
+        drop(self.tx);
+        let writer = self.writer;
+        tokio::task::spawn_local(async move {
+            tokio::time::sleep(FS_LINGER).await;
+            writer.abort();
+        });
+    }
+}
+
 /// A reader task that forwards what arrives, and a writer task fed by the
-/// returned sender; the stream is shut down when the sender is dropped.
-fn spawn_stream(conn: ConnId, stream: TcpStream, ev: mpsc::UnboundedSender<Ev>) -> mpsc::UnboundedSender<Vec<u8>> {
+/// returned sender; the stream is shut down when the sender is dropped,
+/// and closed by [`FsStream::close`].
+fn spawn_stream(conn: ConnId, stream: TcpStream, ev: mpsc::UnboundedSender<Ev>) -> FsStream {
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let ev2 = ev.clone();
-    tokio::task::spawn_local(async move {
+    let reader = tokio::task::spawn_local(async move {
         let mut buf = vec![0u8; 256 * 1024];
         loop {
             match rd.read(&mut buf).await {
@@ -968,7 +1069,7 @@ fn spawn_stream(conn: ConnId, stream: TcpStream, ev: mpsc::UnboundedSender<Ev>) 
         }
         let _ = ev.send(Ev::Closed { conn });
     });
-    tokio::task::spawn_local(async move {
+    let writer = tokio::task::spawn_local(async move {
         while let Some(bytes) = rx.recv().await {
             if wr.write_all(&bytes).await.is_err() {
                 let _ = ev2.send(Ev::Closed { conn });
@@ -977,7 +1078,7 @@ fn spawn_stream(conn: ConnId, stream: TcpStream, ev: mpsc::UnboundedSender<Ev>) 
         }
         let _ = wr.shutdown().await;
     });
-    tx
+    FsStream { tx, reader: reader.abort_handle(), writer: writer.abort_handle() }
 }
 
 async fn bind_control(c: &ControlSocket) -> Result<UnixListener, RuntimeError> {
@@ -1009,9 +1110,9 @@ async fn bind_control(c: &ControlSocket) -> Result<UnixListener, RuntimeError> {
     Ok(l)
 }
 
-async fn accept_control(l: &Option<UnixListener>) -> Option<UnixStream> {
+async fn accept_control(l: &Option<UnixListener>) -> std::io::Result<UnixStream> {
     match l {
-        Some(l) => l.accept().await.ok().map(|(s, _)| s),
+        Some(l) => l.accept().await.map(|(s, _)| s),
         None => std::future::pending().await,
     }
 }
@@ -1584,5 +1685,51 @@ mod tests {
         let max = MAX_DATAGRAM_AGE.as_nanos() as Nanos;
         let long_ago = Some(wall - MAX_DATAGRAM_AGE - ms);
         assert_eq!(received_at(long_ago, wall, now + max), now);
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A stream the member closed no longer reads what its peer sends, and
+    /// its socket is closed (the peer's writes are answered by a reset)
+    /// although the peer keeps its own end open: before, the reader task
+    /// held the socket, its buffer and the descriptor until the peer
+    /// closed, which a peer that never does made a descriptor leak.
+    #[test]
+    fn a_closed_stream_lets_go_of_its_socket_whatever_the_peer_does() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let mut peer = TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+            let (ours, _) = listener.accept().await.expect("accept");
+            let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Ev>();
+            let stream = spawn_stream(7, ours, ev_tx);
+            stream.tx.send(b"last words".to_vec()).expect("writer alive");
+            stream.close();
+            // What the writer held still arrives, then the end.
+            let mut got = Vec::new();
+            let bound = Duration::from_secs(10);
+            tokio::time::timeout(bound, peer.read_to_end(&mut got)).await.expect("end within 10 s").expect("read");
+            assert_eq!(got, b"last words");
+            // The peer keeps writing: the socket is gone, so a reset comes
+            // back and a later write fails. With the reader alive, every
+            // write went through and was read.
+            let refused = tokio::time::timeout(bound, async {
+                loop {
+                    if peer.write_all(b"more").await.is_err() {
+                        return;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await;
+            assert!(refused.is_ok(), "the peer's writes were still taken 10 s after the close");
+            while let Ok(ev) = ev_rx.try_recv() {
+                assert!(!matches!(ev, Ev::Data { .. }), "data read after the close");
+            }
+        });
     }
 }
