@@ -43,8 +43,9 @@ pub const ABI_MAJOR: u16 = 1;
 /// the sync counters; 4: the sync security counters; 5:
 /// `GENERATION_FLOOR`; 6: LOAD; 7: the `SYNC_HISTORY_LOST` counter; 8:
 /// SYNC_POSITIONS, SYNC_ALIGN and the `SYNC_HISTORY_COVERED` counter; 9:
-/// the seeded table hash, `TABLE_HASH_SEED_0..3`).
-pub const ABI_MINOR: u16 = 9;
+/// the seeded table hash, `TABLE_HASH_SEED_0..3`; 10: the
+/// `SYNC_SUBMIT_FAILED` counter).
+pub const ABI_MINOR: u16 = 10;
 /// Oldest device minor this host drives: features newer than that are
 /// used only when their capability bit says the device has them.
 pub const MIN_DEVICE_ABI_MINOR: u16 = 0;

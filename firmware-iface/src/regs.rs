@@ -251,11 +251,15 @@ pub enum Counter {
     /// Delta Sync (ABI 1.8): history a joining member never asked for
     /// because a Full Sync's cut (SYNC_ALIGN) covered it.
     SyncHistoryCovered = 39,
+    /// Delta Sync (ABI 1.10): local changes marked for sync that the sync
+    /// unit could not send (an update the wire refuses). The peers never
+    /// see them; 0 unless the design is at fault.
+    SyncSubmitFailed = 40,
 }
 
 impl Counter {
     /// Every counter, in register order.
-    pub const ALL: [Counter; 40] = [
+    pub const ALL: [Counter; 41] = [
         Counter::CommandsFetched,
         Counter::CompletionsWritten,
         Counter::CommandErrors,
@@ -296,6 +300,7 @@ impl Counter {
         Counter::LoadRecordsMalformed,
         Counter::SyncHistoryLost,
         Counter::SyncHistoryCovered,
+        Counter::SyncSubmitFailed,
     ];
 
     /// Register offset of this counter's low half.
@@ -346,6 +351,7 @@ impl Counter {
             Counter::LoadRecordsMalformed => "load_records_malformed",
             Counter::SyncHistoryLost => "sync_history_lost",
             Counter::SyncHistoryCovered => "sync_history_covered",
+            Counter::SyncSubmitFailed => "sync_submit_failed",
         }
     }
 }
@@ -506,7 +512,7 @@ pub const REGISTERS: &[RegisterInfo] = &[
     reg!(TABLE_CAPACITY, "RW", "requested / provided table capacity"),
     reg!(TABLE_MAX_CAPACITY, "RO", "largest supported capacity"),
     reg!(CLOCK_MHZ, "RO", "core clock in MHz"),
-    reg!(DEVICE_TIME_MS, "RO", "device time in ms since reset"),
+    reg!(DEVICE_TIME_MS, "RO", "device time in ms since power-on (RESET does not restart it)"),
     reg!(IRQ_COALESCE_COUNT, "RW", "completions per interrupt"),
     reg!(IRQ_COALESCE_USEC, "RW", "interrupt holdoff in µs"),
     reg!(AGING_PERIOD_MS, "RW", "aging scan period in ms, 0 = off"),

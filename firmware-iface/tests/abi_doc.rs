@@ -123,15 +123,17 @@ fn counter_meaning(c: Counter) -> &'static str {
         Counter::CompletionsWritten => "completion entries written",
         Counter::CommandErrors => "commands that completed with a status other than SUCCESS",
         Counter::CommandsMalformed => "commands completed MALFORMED or INVALID_OPCODE",
-        Counter::DmaErrors => "LOOKUP/SNAPSHOT buffer accesses outside every IOMMU window",
-        Counter::TableFull => "inserts refused with TABLE_FULL",
+        Counter::DmaErrors => {
+            "buffer accesses of LOOKUP, SNAPSHOT, LOAD, SYNC_POSITIONS and SYNC_ALIGN outside every IOMMU window"
+        }
+        Counter::TableFull => "inserts refused with TABLE_FULL, and peer updates that did not fit the table",
         Counter::EntriesAged => "entries removed by the aging scanner",
-        Counter::EventsWritten => "event entries written (AGED and OVERFLOW)",
+        Counter::EventsWritten => "event entries written (every kind)",
         Counter::EventsDropped => "events lost because the event ring was full or absent",
         Counter::Interrupts => "interrupt messages sent",
         Counter::ModelCycles => "modelled core clock cycles spent on command fetch and execution",
         Counter::CuckooKicks => "cuckoo displacements performed by inserts",
-        Counter::Doorbells => "CMD_DOORBELL writes that changed the tail",
+        Counter::Doorbells => "CMD_DOORBELL writes with a tail inside the ring (a repeated tail included)",
         Counter::BadDoorbells => "CMD_DOORBELL writes with a tail >= ring size (ignored)",
         Counter::InlineDoorbells => "inline doorbells whose descriptor copy replaced the DMA fetch",
         Counter::InlineMisses => "inline doorbells whose copy was torn or stale (descriptor fetched by DMA)",
@@ -166,6 +168,9 @@ fn counter_meaning(c: Counter) -> &'static str {
         }
         Counter::SyncHistoryCovered => {
             "ABI 1.8: updates a peer sent before this joining member followed it that a Full Sync's cut (SYNC_ALIGN) covered, never asked for"
+        }
+        Counter::SyncSubmitFailed => {
+            "ABI 1.10: local changes marked for sync that the sync unit could not send (the peers never see them; 0 unless the design is at fault)"
         }
         Counter::SyncUnacked => {
             "gauge: local updates some configured peer heard within 3 ALIVE intervals has not acknowledged yet (drain before replacing the table, or stopping)"

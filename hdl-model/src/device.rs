@@ -279,8 +279,14 @@ impl Shared {
     pub fn mmio_write_inline(&self, off: u32, words: &[u64; 8]) {
         if off != regs::CMD_INLINE || words[0] & INLINE_BUSY != 0 {
             for (i, w) in words.iter().enumerate().skip(1).chain(words.iter().enumerate().take(1)) {
-                self.mmio_write(off + 8 * i as u32, *w as u32);
-                self.mmio_write(off + 8 * i as u32 + 4, (*w >> 32) as u32);
+                // Past the end of BAR0 the writes are ignored (mmio_write);
+                // past the end of the address space as well (they do not
+                // wrap onto the registers at 0).
+                let Some(at) = off.checked_add(8 * i as u32) else { continue };
+                self.mmio_write(at, *w as u32);
+                if let Some(high) = at.checked_add(4) {
+                    self.mmio_write(high, (*w >> 32) as u32);
+                }
             }
             return;
         }
@@ -1038,7 +1044,12 @@ impl Core {
         }
         let was = Control::from_bits_truncate(self.last_control);
         self.last_control = ctl;
-        if c.contains(Control::ENABLE) && !was.contains(Control::ENABLE) {
+        if c.contains(Control::ENABLE) && !was.contains(Control::ENABLE) && self.fatal {
+            // FATAL is cleared only by RESET: the state it left (a batch
+            // stopped halfway, CMD_HEAD behind commands already applied)
+            // must not run again.
+            tracing::warn!("ENABLE refused: the device is FATAL until RESET");
+        } else if c.contains(Control::ENABLE) && !was.contains(Control::ENABLE) {
             match self.enable() {
                 Ok(()) => {
                     self.enabled = true;
@@ -1347,7 +1358,7 @@ impl Core {
             if self.pending_cpl == 0 {
                 self.first_pending_ns = self.now_ns;
             }
-            self.pending_cpl += completed;
+            self.pending_cpl = self.pending_cpl.saturating_add(completed);
             let threshold = self.shared.reg(regs::IRQ_COALESCE_COUNT).max(1);
             if irq_now || self.pending_cpl >= threshold {
                 self.raise(IrqCause::COMPLETION, regs::VECTOR_COMPLETION);
@@ -1646,11 +1657,15 @@ impl Core {
             return;
         }
         let mut state = s.state;
+        let mut nat = s.nat;
         if op == DeltaOp::Delete {
             state.generation = self.delete_generation(s).into();
+            // A delete carries no translation (the wire refuses one that
+            // does: every peer would keep the connection).
+            nat = Nat::default();
         }
         let Some(unit) = &mut self.sync else { return };
-        let u = DeltaUpdate { op, owner: self.member, key: s.key, state, nat: s.nat };
+        let u = DeltaUpdate { op, owner: self.member, key: s.key, state, nat };
         unit.submit(&u, self.now_ns);
         if op == DeltaOp::Delete {
             self.tombstones.record(s.key, key_hash(&self.table, &s.key, at), state.generation.get(), self.member);
@@ -1906,6 +1921,7 @@ impl Core {
             (Counter::SyncAuthFailures, st.port.auth_failures),
             (Counter::SyncReplaysDropped, st.port.replays_dropped),
             (Counter::SyncUnknownMember, st.port.unknown_member),
+            (Counter::SyncSubmitFailed, st.submit_failed),
         ];
         for (c, v) in vals {
             if self.counters[c as usize] != v {
@@ -2217,7 +2233,7 @@ impl Core {
             return;
         };
         if self.evt_lost > 0 || !ring.has_space(&self.shared.evt_head) {
-            self.evt_lost += 1;
+            self.evt_lost = self.evt_lost.saturating_add(1);
             self.count(Counter::EventsDropped, 1);
             self.shared.set_status(Status::EVENT_OVERFLOW, Status::empty());
             return;
@@ -2454,6 +2470,72 @@ mod tests {
 
     fn key(i: u32) -> ConnKey {
         ConnKey::v4(Ipv4Addr::from(i), 1, Ipv4Addr::new(192, 0, 2, 1), 2, 6, 0)
+    }
+
+    /// A manual device with a 4-slot command and completion ring mapped
+    /// (not yet enabled).
+    fn rings() -> (Arc<crate::Nic>, Arc<crate::dma::VecMemory>) {
+        use crate::dma::HostMemory;
+        use crate::dma::VecMemory;
+        let nic =
+            crate::Nic::new(ModelConfig { virtual_clock: true, ..ModelConfig::default() }, crate::ExecMode::Manual);
+        let cmd = Arc::new(VecMemory::new(4 * DESC_SIZE));
+        let cpl = Arc::new(VecMemory::new(4 * CPL_SIZE));
+        // NOPs (an all-zero descriptor) in every slot.
+        assert!(cmd.write(0, &[0; 4 * DESC_SIZE]));
+        nic.iommu().map(0x10000, cmd).expect("map");
+        nic.iommu().map(0x20000, cpl.clone()).expect("map");
+        for (reg, v) in [
+            (regs::CMD_BASE_LO, 0x10000),
+            (regs::CMD_LOG2_SIZE, 2),
+            (regs::CPL_BASE_LO, 0x20000),
+            (regs::CPL_LOG2_SIZE, 2),
+            (regs::TABLE_CAPACITY, 64),
+        ] {
+            nic.mmio_write(reg, v);
+        }
+        (nic, cpl)
+    }
+
+    /// FATAL is cleared only by RESET (abi.md): a device that went FATAL
+    /// (here at enable; in general in the middle of a batch, its CMD_HEAD
+    /// behind commands it applied) refuses ENABLE until then. It used to
+    /// take it, and would have run those commands again.
+    #[test]
+    fn fatal_is_cleared_only_by_reset() {
+        let (nic, _cpl) = rings();
+        nic.mmio_write(regs::CMD_LOG2_SIZE, 31);
+        nic.mmio_write(regs::CONTROL, Control::ENABLE.bits());
+        nic.step();
+        let status = || Status::from_bits_truncate(nic.mmio_read(regs::STATUS));
+        assert!(status().contains(Status::FATAL), "{:?}", status());
+        nic.mmio_write(regs::CMD_LOG2_SIZE, 2);
+        nic.mmio_write(regs::CONTROL, 0);
+        nic.mmio_write(regs::CONTROL, Control::ENABLE.bits());
+        nic.step();
+        assert_eq!(status() & (Status::FATAL | Status::ENABLED), Status::FATAL, "ENABLE taken while FATAL");
+        nic.mmio_write(regs::CONTROL, Control::RESET.bits());
+        nic.step();
+        assert!(!status().contains(Status::FATAL));
+    }
+
+    /// Registers the host sets cannot overflow the device's arithmetic (a
+    /// debug build would panic): an inline write at the top of the
+    /// address space (it does not wrap onto the registers at 0), a
+    /// coalescing count of 2^32 - 1.
+    #[test]
+    fn host_settings_cannot_overflow_the_device() {
+        let (nic, _cpl) = rings();
+        nic.mmio_write_inline(0xFFFF_FFF8, &[0; 8]);
+        nic.mmio_write(regs::IRQ_COALESCE_COUNT, u32::MAX);
+        nic.mmio_write(regs::CONTROL, Control::ENABLE.bits());
+        nic.step();
+        nic.core().pending_cpl = u32::MAX - 1;
+        nic.mmio_write(regs::CMD_DOORBELL, 3);
+        nic.step();
+        let c = nic.core();
+        assert_eq!(c.counters[Counter::CompletionsWritten as usize], 3, "the NOPs completed");
+        assert_eq!(c.pending_cpl, 0, "the count reached (saturated), the interrupt is raised");
     }
 
     #[test]

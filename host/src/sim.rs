@@ -30,7 +30,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 pub use crate::secure::RefusedTotals;
-use nicsync_fwif::conn::{proto, ConnFlags, ConnKey, ConnState, Direction, TcpState};
+use nicsync_fwif::conn::{proto, ConnFlags, ConnKey, ConnState, Direction, Nat, NatKind, TcpState};
 use nicsync_fwif::regs::Counter;
 use nicsync_model::rng::SeededRng;
 use nicsync_model::seal_port::{SealConfig, SealedPort};
@@ -686,7 +686,8 @@ impl Sim {
     fn churn(&mut self) {
         for w in self.writers() {
             for _ in 0..self.cfg.ops_per_ms.div_ceil((1_000_000 / STEP_NS) as u32) {
-                let k = sim_key(w, self.rng.below(KEYS_PER_WRITER as u64) as u32);
+                let i = self.rng.below(KEYS_PER_WRITER as u64) as u32;
+                let k = sim_key(w, i);
                 let present = matches!(self.reference.get(&k), Some((Some(_), _, _)));
                 let delete = present && self.rng.below(10) < 4;
                 self.mark += 1;
@@ -697,7 +698,11 @@ impl Sim {
                 } else {
                     let tcp = if present { TcpState::Established } else { TcpState::SynSent };
                     let st = ConnState::new(tcp, Direction::Original, ConnFlags::SYNC | ConnFlags::CONFIRMED, 0, mark);
-                    n.table().upsert(&k, &ConnEntry::new(st)).map(|_| Some(mark))
+                    // A quarter of the connections are translated (their
+                    // deletes must still reach every member).
+                    let nat = (i % 4 == 0)
+                        .then(|| Nat::new(NatKind::Source, Ipv4Addr::new(198, 51, 100, 7).into(), 20_000 + i as u16));
+                    n.table().upsert(&k, &ConnEntry { state: st, nat }).map(|_| Some(mark))
                 };
                 match r {
                     Ok(v) => {

@@ -560,3 +560,28 @@ fn held_peer_updates_are_applied_in_arrival_order_on_release() {
     assert_eq!(m[1].driver_ref().device_counter(nicsync_fwif::regs::Counter::SyncUpdatesApplied), 5);
     assert_eq!(m[0].driver_ref().device_counter(nicsync_fwif::regs::Counter::SyncUpdatesSent), 5);
 }
+
+/// A host DELETE of a synced connection with a NAT translation reaches the
+/// peers. The device used to send the delete with the stored translation,
+/// which the sync wire refuses (a delete carries none): the local delete
+/// succeeded and every peer kept the connection for good.
+#[test]
+fn a_delete_of_a_translated_connection_reaches_the_peers() {
+    use nicsync_fwif::conn::{Nat, NatKind};
+    let (_hub, mut m) = cluster(2, Impairment::NONE);
+    let translated = ConnEntry {
+        nat: Some(Nat::new(NatKind::Source, Ipv4Addr::new(198, 51, 100, 7).into(), 40000)),
+        ..synced(TcpState::Established, 5)
+    };
+    m[0].insert(&key(1), &translated).expect("insert");
+    run(&m, 5);
+    assert!(m[1].lookup(&key(1)).expect("lookup").is_some(), "insert not replicated");
+    m[0].delete(&key(1)).expect("delete");
+    run(&m, 5);
+    assert!(
+        m[1].lookup(&key(1)).expect("lookup").is_none(),
+        "the delete of a translated connection did not reach the peer"
+    );
+    let st = m[0].driver_ref().device().nic().sync_stats().expect("sync");
+    assert_eq!((st.submit_failed, st.protocol.updates_sent), (0, 2));
+}
