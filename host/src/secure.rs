@@ -21,7 +21,8 @@ pub type ConnId = u64;
 /// Counters of the host's sealing.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SecurityStats {
-    /// Membership datagrams that failed authentication (or came plain).
+    /// Membership datagrams that failed authentication (or came plain, or
+    /// spoke for a member other than the one that sealed them).
     pub ccp_auth_failures: u64,
     /// Authentic membership datagrams refused as replays.
     pub ccp_replays_dropped: u64,
@@ -119,13 +120,25 @@ impl NodeSecurity {
     }
 
     /// Opens an incoming membership datagram; why not (counted) if it does
-    /// not open.
+    /// not open. A datagram that speaks for a member other than the one
+    /// that sealed it is refused as not authentic (a member holding the
+    /// key may not speak for another, as the card checks Delta Sync
+    /// frames): counted in `ccp_auth_failures`.
     pub fn open_ccp(&mut self, bytes: &[u8]) -> Result<&[u8], Refusal> {
         if self.scratch.len() < bytes.len() {
             self.scratch.resize(bytes.len(), 0);
         }
         match self.ccp_opener.open(bytes, &mut self.scratch) {
-            Ok(o) => Ok(&self.scratch[..o.len]),
+            Ok(o) => {
+                let plain = &self.scratch[..o.len];
+                // One that does not parse is left to membership to refuse
+                // (and count as malformed).
+                if crate::membership::Message::parse(plain).is_ok_and(|v| v.header.sender != o.sender) {
+                    self.stats.ccp_auth_failures += 1;
+                    return Err(Refusal::Auth);
+                }
+                Ok(plain)
+            }
             Err(e) => {
                 let s = &mut self.stats;
                 let c = match e.refusal() {
@@ -195,5 +208,40 @@ impl NodeSecurity {
     /// Stream `conn` is gone.
     pub fn fs_drop(&mut self, conn: ConnId) {
         self.channels.remove(&conn);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::{Membership, MembershipParams, Mode};
+
+    /// A probe of member `id` of cluster 1 (members 1, 2, 3).
+    fn probe_of(id: u16) -> Vec<u8> {
+        let peers = (1..=3).filter(|p| *p != id).collect();
+        let mut m = Membership::new(MembershipParams::new(1, id, peers, Mode::HighAvailability, 7), 0).expect("params");
+        m.handle_timeout(0);
+        m.poll_transmit().expect("a probe").bytes
+    }
+
+    /// A member that holds the key seals as itself (its seal's sender is
+    /// authenticated) but may not speak for another member inside: member
+    /// 3's seal around member 1's probe is refused, as the card refuses a
+    /// Delta Sync frame whose inner sender differs. It used to be taken as
+    /// member 1's.
+    #[test]
+    fn a_membership_datagram_speaks_only_for_the_member_that_sealed_it() {
+        let keys = nicsync_seal::SharedKeyring::new(nicsync_seal::Keyring::ephemeral().expect("keys"));
+        let cfg = |boot| SealConfig { keys: keys.clone(), boot };
+        let mut two = NodeSecurity::new(cfg(1), 1, 2, &[1, 3]);
+        let mut one = NodeSecurity::new(cfg(1), 1, 1, &[2, 3]);
+        let mut three = NodeSecurity::new(cfg(1), 1, 3, &[1, 2]);
+        let genuine = one.seal_ccp(&probe_of(1)).expect("sealed");
+        assert!(two.open_ccp(&genuine).is_ok());
+        let forged = three.seal_ccp(&probe_of(1)).expect("sealed");
+        assert_eq!(two.open_ccp(&forged).err(), Some(Refusal::Auth));
+        assert_eq!(two.stats().ccp_auth_failures, 1);
+        let own = three.seal_ccp(&probe_of(3)).expect("sealed");
+        assert!(two.open_ccp(&own).is_ok(), "member 3 speaking for itself");
     }
 }
