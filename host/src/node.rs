@@ -400,6 +400,8 @@ pub struct Node<D: NicDevice> {
     merge_queue: VecDeque<u16>,
     /// Ask the peers to merge this member's table when the queue is done.
     ask_merge_after: bool,
+    /// A merge failed: the next (its peer's again) starts no earlier.
+    merge_retry_at: Option<Nanos>,
     /// Report this member synced when the merge queue is done (a load
     /// sharing member resyncing, or just past its pull: see
     /// [`Node::merge_from_peers`]).
@@ -551,6 +553,7 @@ impl<D: NicDevice> Node<D> {
             merge: None,
             merge_queue: VecDeque::new(),
             ask_merge_after: false,
+            merge_retry_at: None,
             rejoin_after_merges: false,
             digest: (0, 0),
             last_realign_for_divergence: None,
@@ -983,7 +986,7 @@ impl<D: NicDevice> Node<D> {
             self.last_realign_for_divergence = Some(now);
             self.stats.divergences_detected += 1;
             self.note_error(format!("a peer's table digest differs from this member's {mine:016x}: realigning"));
-            self.realign();
+            self.realign(now);
         }
     }
 
@@ -1133,10 +1136,9 @@ impl<D: NicDevice> Node<D> {
             }
         }
         if self.merge.as_ref().is_some_and(|p| p.conn == conn && !p.finished && p.done.is_none()) {
-            self.note_error("merge: stream closed before the end".into());
-            self.stats.merges_failed += 1;
             if let Some(mut p) = self.merge.take() {
                 p.drop_write(&mut self.table);
+                self.merge_failed(p.peer, "stream closed before the end".into(), now);
             }
         }
         if let Some(s) = self.serving.iter_mut().find(|s| s.conn == conn) {
@@ -1155,15 +1157,19 @@ impl<D: NicDevice> Node<D> {
         };
         match &self.phase {
             Phase::Listening { until } | Phase::Backoff { until, .. } => min(Some(*until)),
+            // A stopping member leaves its pull and merge as they are
+            // (drive_pull, drive_merges): their work is not due.
             Phase::Pulling(p) => {
                 min(p.client.as_ref().and_then(|c| c.poll_timeout()));
-                min(p.has_work().then_some(0));
+                min((p.has_work() && self.stop.is_none()).then_some(0));
             }
             Phase::Synced => {}
         }
         if let Some(p) = &self.merge {
             min(p.client.as_ref().and_then(|c| c.poll_timeout()));
-            min(p.has_work().then_some(0));
+            min((p.has_work() && self.stop.is_none()).then_some(0));
+        } else if !self.merge_queue.is_empty() && self.stop.is_none() {
+            min(self.merge_retry_at);
         }
         for s in &self.serving {
             min(s.server.poll_timeout());
@@ -1292,7 +1298,7 @@ impl<D: NicDevice> Node<D> {
             }
         }
         if realign && self.is_reference() {
-            self.realign();
+            self.realign(now);
         }
         self.drive_merges(now);
         if self.resync_wanted {
@@ -1336,7 +1342,7 @@ impl<D: NicDevice> Node<D> {
         self.stats.last_error = Some(why);
     }
 
-    fn poll_device_events(&mut self, _now: Nanos) {
+    fn poll_device_events(&mut self, now: Nanos) {
         let mut resync = 0u64;
         let mut synced = 0u64;
         // Through the table, so that a host copy kept for fault recovery
@@ -1384,7 +1390,7 @@ impl<D: NicDevice> Node<D> {
                     self.note_error(format!(
                         "device reported {resync} lost or unapplied sync updates: realigning with the peers"
                     ));
-                    self.realign();
+                    self.realign(now);
                 } else {
                     self.note_error(format!("device reported {resync} lost or unapplied sync updates: resync"));
                     self.resync_wanted = true;
@@ -1499,7 +1505,7 @@ impl<D: NicDevice> Node<D> {
             }
             Phase::Synced if self.is_reference() => {
                 self.note_error("device reset and rebuilt from the host's copy: realigning with the peers".into());
-                self.realign();
+                self.realign(now);
             }
             Phase::Synced | Phase::Listening { .. } | Phase::Backoff { .. } => {}
         }
@@ -1561,11 +1567,10 @@ impl<D: NicDevice> Node<D> {
         if let Some(p) = &mut self.merge {
             match pump_pull(&mut self.table, &mut self.out, p, now) {
                 Some(Err(why)) => {
-                    let conn = p.conn;
+                    let (conn, peer) = (p.conn, p.peer);
                     self.out.push_back(NodeOutput::FsClose { conn });
-                    self.note_error(format!("merge: {why}"));
-                    self.stats.merges_failed += 1;
                     self.merge = None;
+                    self.merge_failed(peer, why, now);
                 }
                 Some(Ok(records)) => {
                     let conn = p.conn;
@@ -1584,8 +1589,13 @@ impl<D: NicDevice> Node<D> {
         if !self.is_synced() {
             self.merge_queue.clear();
             self.rejoin_after_merges = false;
+            self.merge_retry_at = None;
             return;
         }
+        if self.merge_retry_at.is_some_and(|t| now < t) {
+            return;
+        }
+        self.merge_retry_at = None;
         while let Some(peer) = self.merge_queue.pop_front() {
             let alive = self.ms.members().iter().any(|v| v.id == peer && v.alive);
             if !alive {
@@ -1608,6 +1618,7 @@ impl<D: NicDevice> Node<D> {
         // holds the union.
         if self.ask_merge_after {
             self.ask_merge_after = false;
+            self.ms.set_attention(false, now);
             let peers: Vec<u16> = self.ms.members().iter().filter(|m| !m.is_local && m.alive).map(|m| m.id).collect();
             for p in peers {
                 self.ms.request_merge(p, now);
@@ -1622,7 +1633,10 @@ impl<D: NicDevice> Node<D> {
     /// conflict rule, one after another, then asks them to merge its table,
     /// which then holds the union: every member ends with the same table,
     /// and no change any member holds is lost.
-    fn realign(&mut self) {
+    ///
+    /// Until the realignment is done the Active is ACTIVE ATTENTION: it
+    /// lacked updates, and its peers may still hold what it lacks.
+    fn realign(&mut self, now: Nanos) {
         // A stopping member asks no peer to merge from it: the streams
         // would outlast it.
         if self.stop.is_some() {
@@ -1634,6 +1648,21 @@ impl<D: NicDevice> Node<D> {
             }
         }
         self.ask_merge_after = true;
+        self.ms.set_attention(true, now);
+    }
+
+    /// A merge pull from `peer` failed: it is tried again after the Full
+    /// Sync backoff, while the peer lives (its table may hold what this
+    /// member lacks, and nothing else brings it: a member that went Down
+    /// to merge stays Down until then, an Active stays in ACTIVE
+    /// ATTENTION).
+    fn merge_failed(&mut self, peer: u16, why: String, now: Nanos) {
+        self.note_error(format!("merge from member {peer}: {why}; trying again"));
+        self.stats.merges_failed += 1;
+        if !self.merge_queue.contains(&peer) {
+            self.merge_queue.push_front(peer);
+        }
+        self.merge_retry_at = Some(now.saturating_add(self.cfg.retry_backoff_ns));
     }
 
     /// The member to pull from: an Active; a Standby only when no Active

@@ -741,6 +741,76 @@ fn a_standby_that_lost_a_device_event_merges_the_active_s_table() {
     assert_eq!(p.m[0].digest().expect("digest"), p.m[1].digest().expect("digest"));
 }
 
+/// A merge that fails (its stream cut halfway) is tried again: the
+/// Standby that went Down to merge the Active's table stays Down until a
+/// merge is done, and the pair ends identical. It used to give up at the
+/// first failure and report itself synced without the merge.
+#[test]
+fn a_failed_merge_is_tried_again_and_the_member_stays_down_until_then() {
+    let mut p = Pair::new();
+    p.run_ms(600);
+    p.fill(0, 0..2000);
+    p.run_ms(50);
+    assert!(p.m[1].is_synced());
+    let before = p.m[1].stats().clone();
+    let faults = p.m[1].table_ref().driver_ref().device().faults();
+    faults.arm(Fault::CorruptEventPhase);
+    // The next stream (the merge) is cut once 4 KiB crossed it.
+    p.cut_after = Some(p.carried + 4096);
+    p.fill(0, 2000..2200);
+    let mut was_down_after_the_failure = false;
+    for _ in 0..4 * 2000 {
+        p.step();
+        let s = p.m[1].stats();
+        if s.merges_failed > before.merges_failed && s.merges_completed == before.merges_completed {
+            assert_eq!(p.m[1].state(), MemberState::Down, "reported synced without the merge: {s:?}");
+            was_down_after_the_failure = true;
+        }
+        if s.merges_completed > before.merges_completed && p.m[1].state() == MemberState::Standby {
+            break;
+        }
+    }
+    let s = p.m[1].stats();
+    assert_eq!(p.cuts, 1);
+    assert!(was_down_after_the_failure && s.merges_failed > before.merges_failed, "{s:?}");
+    assert!(s.merges_completed > before.merges_completed, "the merge was not tried again: {s:?}");
+    assert_eq!(p.m[1].state(), MemberState::Standby);
+    p.run_ms(20);
+    assert_eq!(p.m[0].digest().expect("digest"), p.m[1].digest().expect("digest"));
+}
+
+/// An Active that lost sync updates (a garbled device event of its peer's
+/// update) realigns with its peers, and says so meanwhile: ACTIVE
+/// ATTENTION (an Active with a problem), back to ACTIVE once the merges are
+/// done. It used to stay ACTIVE throughout, and the state was never used.
+#[test]
+fn an_active_that_lost_updates_is_in_attention_until_it_realigned() {
+    let mut p = Pair::new();
+    p.run_ms(600);
+    p.fill(0, 0..500);
+    p.run_ms(50);
+    assert_eq!((p.m[0].state(), p.m[1].state()), (MemberState::Active, MemberState::Standby));
+    let merges = p.m[0].stats().merges_completed;
+    let faults = p.m[0].table_ref().driver_ref().device().faults();
+    faults.arm(Fault::CorruptEventPhase);
+    // The Standby's writes reach the Active as peer updates, with events.
+    p.fill(1, 1000..1100);
+    let mut attention = false;
+    for _ in 0..4 * 1000 {
+        p.step();
+        attention |= p.m[0].state() == MemberState::ActiveAttention;
+        if attention && p.m[0].state() == MemberState::Active {
+            break;
+        }
+    }
+    assert_eq!(faults.injected(FaultKind::CorruptEventPhase), 1);
+    assert!(attention, "never in ACTIVE ATTENTION: {:?}", p.m[0].stats());
+    assert_eq!(p.m[0].state(), MemberState::Active, "still in attention: {:?}", p.m[0].stats());
+    assert!(p.m[0].stats().merges_completed > merges);
+    p.run_ms(20);
+    assert_eq!(p.m[0].digest().expect("digest"), p.m[1].digest().expect("digest"));
+}
+
 /// A member whose cluster key differs (same key id) learns nothing from the
 /// cluster and changes nothing in it: its membership datagrams, delta frames
 /// and Full Sync streams all fail authentication and are counted.
