@@ -1093,9 +1093,9 @@ pub struct MemberView {
 pub struct MembershipStats {
     /// PROBEs sent (periodic and answers to QUERY).
     pub probes_sent: u64,
-    /// Times this member found it had not run for longer than a probe
-    /// interval (its loop held up): the peers' silence in that time was
-    /// not counted against them.
+    /// Times this member found it had not run for two probe intervals or
+    /// more (its loop held up; a wake a little late is not one): the
+    /// peers' silence in that time was not counted against them.
     pub local_stalls: u64,
     /// PROBEs accepted.
     pub probes_received: u64,
@@ -1134,8 +1134,9 @@ pub struct MembershipStats {
     /// Times the Active role (HA) moved from one member to another, as
     /// seen here.
     pub failovers: u64,
-    /// Times this member stepped down from Active because of another
-    /// Active (split brain or one-way link).
+    /// Times this member stepped down from Active: because of another
+    /// Active (split brain or one-way link), or because it lost its
+    /// quorum or was not heard by one.
     pub step_downs: u64,
     /// Peers declared dead.
     pub peer_deaths: u64,
@@ -1349,7 +1350,8 @@ impl Membership {
     /// Parses a received datagram and handles it. Parse faults are counted
     /// in [`MembershipStats::malformed`], refusals in
     /// [`MembershipStats::rejected`]; either way the error is returned and
-    /// nothing else changes.
+    /// the datagram changes nothing (the time it came at may: a peer whose
+    /// dead window ended by then is declared dead, and the election run).
     pub fn handle_datagram(&mut self, bytes: &[u8], now: Nanos) -> Result<(), CcpError> {
         self.handle_datagram_received(bytes, now, now)
     }
@@ -1594,7 +1596,9 @@ impl Membership {
             let credit = gap - self.p.probe_interval_ns;
             let grace = self.p.probe_interval_ns.saturating_mul(STALL_GRACE_INTERVALS);
             let floor = now.saturating_sub(self.dead_ns).saturating_add(grace);
-            self.stats.local_stalls += 1;
+            if gap >= 2 * self.p.probe_interval_ns {
+                self.stats.local_stalls += 1;
+            }
             if gap >= self.dead_ns {
                 // Its peers heard nothing for as long: they may have taken
                 // this member for dead (an Active's peer then took over).
@@ -1642,6 +1646,12 @@ impl Membership {
         }
         if self.ready_hold_until.is_some_and(|h| now >= h) {
             self.ready_hold_until = None;
+        }
+        if died {
+            // Whatever call found the death (a datagram, even one refused;
+            // a resync request), the survivor takes over in it, not at
+            // its next probe.
+            self.elect(now);
         }
     }
 
@@ -2221,6 +2231,41 @@ mod tests {
         // Quorum, then two probe intervals to settle, then the election.
         net.run_until(60 * MS);
         net
+    }
+
+    /// The call that finds a peer dead runs the election, whatever it is:
+    /// here a refused datagram arriving when the Active's dead window ends
+    /// makes the Standby of a pair Active at once. It used to wait for the
+    /// next probe (up to an interval later).
+    #[test]
+    fn the_call_that_finds_the_active_dead_takes_over() {
+        let mut net = ha(2);
+        assert_eq!(net.actives(), vec![1]);
+        let mut b = net.nodes.remove(&2).expect("member 2").m;
+        let mut t = net.now;
+        loop {
+            t += I / 2;
+            assert!(b.handle_datagram(&[0u8; 3], t).is_err());
+            if !b.members().iter().any(|v| v.id == 1 && v.alive) {
+                break;
+            }
+            assert!(t < net.now + BOUND, "member 1 never declared dead");
+        }
+        assert!(b.is_active(), "dead Active found, no takeover: {:?}", b.local_state());
+    }
+
+    /// A member woken a little late by its probe timer (jitter of a
+    /// microsecond) has not stalled: `local_stalls` counts real stalls (two
+    /// intervals or more). It counted about every second wake.
+    #[test]
+    fn timer_jitter_is_not_a_stall() {
+        let mut m = Membership::new(params(1, 1, Mode::HighAvailability, 5), 0).expect("params");
+        for k in 1..=100u64 {
+            m.handle_timeout(k * I + (k % 2) * 1_000);
+        }
+        assert_eq!(m.stats().local_stalls, 0);
+        m.handle_timeout(103 * I);
+        assert_eq!(m.stats().local_stalls, 1, "a stall of two intervals");
     }
 
     #[test]

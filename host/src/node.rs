@@ -402,6 +402,9 @@ pub struct Node<D: NicDevice> {
     ask_merge_after: bool,
     /// A merge failed: the next (its peer's again) starts no earlier.
     merge_retry_at: Option<Nanos>,
+    /// A peer died, restarted or came back: realign once this member is
+    /// the reference.
+    realign_due: bool,
     /// Report this member synced when the merge queue is done (a load
     /// sharing member resyncing, or just past its pull: see
     /// [`Node::merge_from_peers`]).
@@ -554,6 +557,7 @@ impl<D: NicDevice> Node<D> {
             merge_queue: VecDeque::new(),
             ask_merge_after: false,
             merge_retry_at: None,
+            realign_due: false,
             rejoin_after_merges: false,
             digest: (0, 0),
             last_realign_for_divergence: None,
@@ -1294,10 +1298,25 @@ impl<D: NicDevice> Node<D> {
                 membership::MembershipEvent::PeerDied { .. } | membership::MembershipEvent::PeerRestarted { .. } => {
                     realign = true
                 }
+                // A peer heard again after it was taken for dead (a
+                // partition healed): on its side of the partition it may
+                // have been Active and taken writes this side lacks.
+                membership::MembershipEvent::PeerStateChanged { from: MemberState::Down, to, .. }
+                    if to == MemberState::Standby || to.is_active() =>
+                {
+                    realign = true
+                }
                 _ => {}
             }
         }
-        if realign && self.is_reference() {
+        // A member that is not the reference yet keeps the reason for when
+        // it is: it may take over before the peers concerned are merged
+        // (seed 590 of `sim --device-faults --attacks`: the member that
+        // took over after a partition healed lacked the other side's
+        // writes, and an operator's resync of that side then erased them).
+        self.realign_due |= realign;
+        if self.realign_due && self.is_reference() {
+            self.realign_due = false;
             self.realign(now);
         }
         self.drive_merges(now);
