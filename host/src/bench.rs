@@ -91,8 +91,14 @@ pub struct MillionReport {
 pub struct RingReport {
     /// Bare core-to-core ping-pong.
     pub baseline_rtt_ns: Percentiles,
-    /// One update's round trip.
+    /// One update's round trip, posted with the inline doorbell (the
+    /// descriptor written with the doorbell, abi.md §6.4; see
+    /// `update_doorbell`).
     pub update_rtt_ns: Percentiles,
+    /// How `update_rtt_ns` rings the device: "inline" (the emulated
+    /// device's write-combined window; the VFIO backend does not map it yet
+    /// and rings the register, as `update_rtt_register_doorbell_ns`).
+    pub update_doorbell: &'static str,
     /// The same with the doorbell written to the CMD_DOORBELL register (the
     /// device then fetches the descriptor by DMA).
     pub update_rtt_register_doorbell_ns: Percentiles,
@@ -119,7 +125,9 @@ pub struct RingReport {
     pub model_cycles_per_update: f64,
     /// Clock the cost model assumes.
     pub model_clock_mhz: u32,
-    /// Modelled hardware time per update at that clock.
+    /// Modelled hardware time per update at that clock, amortised over the
+    /// batches of the throughput run (a throughput cost, not a single
+    /// update's latency: a burst shares one fetch's DMA latency).
     pub model_ns_per_update: f64,
     /// update_rtt p50 / baseline_rtt p50 (target <= 1.25). Both are
     /// measured in [`RTT_ROUNDS`] alternating rounds and pooled, so that a
@@ -774,6 +782,7 @@ pub fn run(opts: &BenchOptions) -> Result<RingReport, BenchError> {
         baseline_rtt_ns: baseline,
         update_rtt_ns: update,
         update_rtt_register_doorbell_ns: update_reg,
+        update_doorbell: "inline",
         nop_rtt_ns: nop,
         protocol_floor_rtt_ns: floor,
         batch_updates_per_s: batch,

@@ -364,8 +364,7 @@ pub fn run(args: &CtBenchArgs) -> Result<CtBenchReport> {
     }
     rep.entries_per_s_ratio = ratio(rep.nicsync_entries_per_s, rep.conntrackd_entries_per_s);
     rep.single_latency_speedup = ratio(rep.conntrackd_single_latency_us, rep.nicsync_single_latency_us);
-    rep.single_latency_speedup_polled =
-        ratio(rep.conntrackd_single_latency_us, rep.nicsync_single_latency_polled_us);
+    rep.single_latency_speedup_polled = ratio(rep.conntrackd_single_latency_us, rep.nicsync_single_latency_polled_us);
     rep.resync_speedup = ratio(rep.conntrackd_resync_1m_ms, rep.nicsync_resync_1m_ms);
     if args.keep_logs {
         rep.notes.push(format!("configurations and daemon logs kept in {}", env.dir.display()));
