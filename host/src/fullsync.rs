@@ -1249,7 +1249,14 @@ impl Link {
     fn wait(&mut self, now: Nanos) {
         self.deadline = Some(now.saturating_add(self.p.timeout_ns));
     }
+}
 
+/// The client waits this many timeouts for BEGIN (a source serves one
+/// walk at a time; a second joiner waits for the first's to end), one for
+/// every later message.
+pub const BEGIN_WAIT_TIMEOUTS: u64 = 6;
+
+impl Link {
     fn poll_transmit(&mut self, out: &mut Vec<u8>) -> bool {
         if self.tx.is_empty() {
             return false;
@@ -1693,7 +1700,11 @@ impl FullSyncClient {
             c.fail(FsError::Misuse { what: "session id 0" });
         } else {
             c.link.send(&Message::Request { chunk_records });
-            c.link.wait(now);
+            // A source walks one snapshot at a time: a joiner may wait for
+            // its turn behind another's pull before BEGIN comes, and the
+            // wait for BEGIN allows for that.
+            let wait = c.link.p.timeout_ns.saturating_mul(BEGIN_WAIT_TIMEOUTS);
+            c.link.deadline = Some(now.saturating_add(wait));
         }
         c
     }
@@ -2372,10 +2383,14 @@ mod tests {
         assert!(c.poll_transmit(&mut out));
         assert!(matches!(decode_one(&out).unwrap().message, Message::Error { code: error_code::TIMEOUT, .. }));
 
-        // A client that never hears BEGIN.
+        // A client that never hears BEGIN (it allows for a wait in the
+        // source's queue of walks).
         let mut c = FullSyncClient::new(params(CLIENT_ID, 4), SESSION, 100);
-        assert_eq!(c.poll_timeout(), Some(100 + TIMEOUT));
+        let begin_wait = BEGIN_WAIT_TIMEOUTS * TIMEOUT;
+        assert_eq!(c.poll_timeout(), Some(100 + begin_wait));
         c.handle_timeout(100 + TIMEOUT);
+        assert_eq!(c.outcome(), None, "still waiting for its turn");
+        c.handle_timeout(100 + begin_wait);
         assert_eq!(c.outcome(), Some(Err(FsError::Timeout { what: "BEGIN" })));
 
         // A server that never hears the REQUEST, or an ACK.

@@ -1960,7 +1960,7 @@ impl<D: NicDevice> Node<D> {
                             if matches!(e, TableError::Refused(nicsync_fwif::cpl::CplStatus::SnapshotTorn)) {
                                 self.stats.snapshot_walks_torn += 1;
                             }
-                            s.server.abort(1, &format!("snapshot walk failed: {e}"));
+                            s.server.abort(crate::fullsync::error_code::ABORTED, &format!("snapshot walk failed: {e}"));
                             s.walk_done = true;
                             s.buf.clear();
                             s.pos = 0;
