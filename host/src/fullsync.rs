@@ -90,8 +90,10 @@
 //! driver's next records (`wants_chunk`) and waiting for the ACK of the chunk
 //! it sent. An empty [`push_chunk`] sends END; the server is done when the
 //! client's *final ACK*, whose index is the number of chunks, arrives: that
-//! ACK means "I received every chunk in order, the count and the digest
-//! match, my table is complete". The client waits for BEGIN, then alternates
+//! ACK means "I received every chunk in order, and the count and the digest
+//! match". It does not mean the joiner's table is written: its host may
+//! still be writing the last chunk or two, and a joiner whose write then
+//! fails pulls again, although the server counted the session served. The client waits for BEGIN, then alternates
 //! between waiting for a CHUNK or END and waiting for its host to apply the
 //! chunk it delivered ([`chunk_applied`] sends the ACK). It reports Done only
 //! after an END whose count and digest match every record it received, in
@@ -127,12 +129,15 @@
 //!
 //! # Digest
 //!
-//! END carries the digest of the whole table, defined so that it can also
-//! compare the tables of converged members (`nicsync conn digest`):
+//! END carries the digest of the records sent (tombstones included: a
+//! snapshot carries its deletes as records), defined so that, over a table
+//! without tombstones, it also compares the tables of converged members
+//! (`nicsync conn digest`, which walks live entries only):
 //! the wrapping sum, modulo 2^64, of [`record_digest`] over all records,
 //! which does not depend on the order the table is walked in. The record
 //! hash covers:
 //!
+//! * the member that owns the record;
 //! * the whole key (addresses, ports, protocol, family, zone);
 //! * the state's TCP state, direction, flags, mark and generation, and
 //!   whether the entry ages at all (`timeout_s != 0`);
@@ -144,8 +149,11 @@
 //! Everything covered is replicated verbatim by Delta Sync, so converged
 //! members have equal digests. The hash mixes the ten little-endian 64-bit
 //! words of that canonical form (exact definition at [`record_digest`]); it
-//! is part of protocol version 1 and must not change without a version
-//! change.
+//! is part of the protocol's version (2) and must not change without a
+//! version change. It does not cover the record's op: a count and a digest
+//! that match with an upsert read as a delete are caught by nothing here,
+//! only by the sealed stream's authentication (the stream in clear trusts
+//! TCP and the sender).
 //!
 //! # Timeouts
 //!
@@ -1081,8 +1089,8 @@ fn fmix64(mut k: u64) -> u64 {
 /// Covers the owner member, the key (all 40 bytes), the state without the value of
 /// `timeout_s` (TCP state, direction, flags, mark, generation, and one bit
 /// "ages": `timeout_s != 0`) and the NAT part (all 24 bytes, taken as zero
-/// when the kind is None). As ten little-endian words: the key's five
-/// words `k0..k4`, `s0 = tcp_state | direction << 8 | flags << 16 | ages << 32`,
+/// when the kind is None); not the op. As ten little-endian words: the key's five
+/// words `k0..k4`, `s0 = tcp_state | direction << 8 | flags << 16 | ages << 32 | owner << 40`,
 /// `s1 = mark | generation << 32`, and the NAT's three words `n0..n2`.
 /// Lane `a` absorbs `k0..k4` from seed `"nfsy-key"`, lane `b` absorbs
 /// `s0, s1, n0, n1, n2` from seed `"nfsy-sta"`, each word by
