@@ -150,10 +150,9 @@
 //! members have equal digests. The hash mixes the ten little-endian 64-bit
 //! words of that canonical form (exact definition at [`record_digest`]); it
 //! is part of the protocol's version (2) and must not change without a
-//! version change. It does not cover the record's op: a count and a digest
-//! that match with an upsert read as a delete are caught by nothing here,
-//! only by the sealed stream's authentication (the stream in clear trusts
-//! TCP and the sender).
+//! version change. It does not cover the record's op: an op changed on
+//! the way is caught by the message checksum (in clear) or the seal's
+//! authentication, not by END.
 //!
 //! # Timeouts
 //!
