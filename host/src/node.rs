@@ -1667,7 +1667,11 @@ impl<D: NicDevice> Node<D> {
             }
         }
         self.ask_merge_after = true;
-        self.ms.set_attention(true, now);
+        // (With no peer to merge from, there is nothing to wait for: no
+        // attention, and no announcement of it and of its end.)
+        if !self.merge_queue.is_empty() {
+            self.ms.set_attention(true, now);
+        }
     }
 
     /// A merge pull from `peer` failed: it is tried again after the Full
