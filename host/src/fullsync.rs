@@ -157,7 +157,9 @@
 //! # Timeouts
 //!
 //! `timeout_ns` bounds every step that waits on the peer: the REQUEST after
-//! the server is created, BEGIN after the client is created, each CHUNK or
+//! the server is created, BEGIN after the client is created
+//! ([`BEGIN_WAIT_TIMEOUTS`] times it: the source may be serving another
+//! joiner's walk first), each CHUNK or
 //! END after the client's ACK (the server's device walk for the next chunk
 //! included), and each ACK after the server's CHUNK or END (the transfer of
 //! the chunk and the client's apply included). Steps that wait on the local
@@ -1575,6 +1577,12 @@ impl FullSyncServer {
     /// once finished.
     pub fn abort(&mut self, code: u32, reason: &str) {
         self.fail(FsError::Aborted { code, reason: clip_reason(reason).to_owned() });
+    }
+
+    /// Whether the server still waits for the REQUEST (nothing authentic
+    /// has come on the stream yet).
+    pub fn awaiting_request(&self) -> bool {
+        self.state == ServerState::AwaitRequest && self.outcome.is_none()
     }
 
     /// `Some` once finished: `Ok` after the client's final ACK confirmed the

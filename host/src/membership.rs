@@ -1370,11 +1370,16 @@ impl Membership {
             Ok(v) => v,
             Err(e) => {
                 self.stats.malformed += 1;
+                // Refused, but the time it came at may have ended a peer's
+                // dead window: the election runs as it would after an
+                // accepted one.
+                self.elect(now);
                 return Err(e);
             }
         };
         if let Err(e) = self.accept(&view, received.min(now), now) {
             self.stats.rejected += 1;
+            self.elect(now);
             match e {
                 CcpError::WrongCluster { .. } => self.stats.foreign_cluster += 1,
                 CcpError::OwnMemberId(_) | CcpError::UnknownMember(_) => self.stats.unknown_sender += 1,
@@ -1468,7 +1473,7 @@ impl Membership {
     /// (manual failover; module docs). For a peer this sends a
     /// `STATE_CHANGE` command to it.
     pub fn request_standby(&mut self, target: u16, now: Nanos) {
-        self.expire(now);
+        self.expire_and_elect(now);
         if target == self.p.member_id {
             self.local_standby(now);
             return;
@@ -1493,14 +1498,14 @@ impl Membership {
     /// DOWN"; the peer's host pulls a Full Sync). Like every command it is
     /// one datagram; the operator repeats it if it is lost.
     pub fn request_resync(&mut self, target: u16, now: Nanos) {
-        self.expire(now);
+        self.expire_and_elect(now);
         self.command(target, MemberState::Down);
     }
 
     /// Asks peer `target` to merge this member's table into its own (a
     /// `STATE_CHANGE` command "go READY").
     pub fn request_merge(&mut self, target: u16, now: Nanos) {
-        self.expire(now);
+        self.expire_and_elect(now);
         self.command(target, MemberState::Ready);
     }
 
@@ -1517,7 +1522,7 @@ impl Membership {
 
     /// Sends a QUERY to every peer (answered by PROBEs).
     pub fn query(&mut self, now: Nanos) {
-        self.expire(now);
+        self.expire_and_elect(now);
         self.send(Destination::All, MessageKind::Query, Vec::new());
     }
 
@@ -1589,7 +1594,7 @@ impl Membership {
     /// of life left after the stall. The whole stall would delay this
     /// member's verdict on a peer that died meanwhile, and with it the
     /// failover of the members that wait for it (`vouched_actives`).
-    fn expire(&mut self, now: Nanos) {
+    fn expire(&mut self, now: Nanos) -> bool {
         let gap = now.saturating_sub(self.last_expire);
         self.last_expire = self.last_expire.max(now);
         if gap > self.p.probe_interval_ns {
@@ -1647,10 +1652,16 @@ impl Membership {
         if self.ready_hold_until.is_some_and(|h| now >= h) {
             self.ready_hold_until = None;
         }
-        if died {
-            // Whatever call found the death (a datagram, even one refused;
-            // a resync request), the survivor takes over in it, not at
-            // its next probe.
+        died
+    }
+
+    /// [`Membership::expire`], then the election if a peer died: whatever
+    /// call found the death (a resync request, a query), the survivor
+    /// takes over in it, not at its next probe. (A datagram is read first
+    /// and the election run after it: it may be the dead one's last probe,
+    /// stamped before its deadline.)
+    fn expire_and_elect(&mut self, now: Nanos) {
+        if self.expire(now) {
             self.elect(now);
         }
     }

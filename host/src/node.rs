@@ -28,7 +28,7 @@
 //! and carries out the [`NodeOutput`]s it polls. The device is driven
 //! synchronously through the rings (a few microseconds per call).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use nicsync_fwif::cmd::SNAPSHOT_DONE;
 use nicsync_fwif::event::EventKind;
@@ -400,11 +400,16 @@ pub struct Node<D: NicDevice> {
     merge_queue: VecDeque<u16>,
     /// Ask the peers to merge this member's table when the queue is done.
     ask_merge_after: bool,
-    /// A merge failed: the next (its peer's again) starts no earlier.
-    merge_retry_at: Option<Nanos>,
-    /// A peer died, restarted or came back: realign once this member is
-    /// the reference.
-    realign_due: bool,
+    /// Per peer whose merge failed: failures so far in this round of
+    /// merges (the next tries its next address, after a growing backoff),
+    /// and the earliest time of the next try.
+    merge_retries: HashMap<u16, (u32, Nanos)>,
+    /// A peer died, restarted or came back, since (this member's clock):
+    /// realign once this member is the reference, if that is soon.
+    realign_due: Option<Nanos>,
+    /// Peers this member took for dead and has not heard since: hearing
+    /// one again is a healed partition.
+    taken_for_dead: Vec<u16>,
     /// Report this member synced when the merge queue is done (a load
     /// sharing member resyncing, or just past its pull: see
     /// [`Node::merge_from_peers`]).
@@ -556,8 +561,9 @@ impl<D: NicDevice> Node<D> {
             merge: None,
             merge_queue: VecDeque::new(),
             ask_merge_after: false,
-            merge_retry_at: None,
-            realign_due: false,
+            merge_retries: HashMap::new(),
+            realign_due: None,
+            taken_for_dead: Vec::new(),
             rejoin_after_merges: false,
             digest: (0, 0),
             last_realign_for_divergence: None,
@@ -1045,6 +1051,17 @@ impl<D: NicDevice> Node<D> {
         self.progress(now);
     }
 
+    /// The oldest stream accepted that has not brought its REQUEST yet: a
+    /// listener at its limit closes it (with [`Node::fs_closed`]) to make
+    /// room, so that idle connections cannot keep joiners out.
+    pub fn fs_oldest_idle_inbound(&self) -> Option<ConnId> {
+        self.serving
+            .iter()
+            .filter(|s| !s.closed && s.server.awaiting_request())
+            .min_by_key(|s| s.accepted)
+            .map(|s| s.conn)
+    }
+
     /// The stream this member opened ([`NodeOutput::FsConnect`]) is up.
     pub fn fs_connected(&mut self, conn: ConnId, now: Nanos) {
         if let Some(sec) = &mut self.security {
@@ -1160,7 +1177,7 @@ impl<D: NicDevice> Node<D> {
             }
         };
         match &self.phase {
-            Phase::Listening { until } | Phase::Backoff { until, .. } => min(Some(*until)),
+            Phase::Listening { until } | Phase::Backoff { until, .. } => min(self.stop.is_none().then_some(*until)),
             // A stopping member leaves its pull and merge as they are
             // (drive_pull, drive_merges): their work is not due.
             Phase::Pulling(p) => {
@@ -1172,8 +1189,10 @@ impl<D: NicDevice> Node<D> {
         if let Some(p) = &self.merge {
             min(p.client.as_ref().and_then(|c| c.poll_timeout()));
             min((p.has_work() && self.stop.is_none()).then_some(0));
-        } else if !self.merge_queue.is_empty() && self.stop.is_none() {
-            min(self.merge_retry_at);
+        } else if self.stop.is_none() {
+            // The first retry due of a peer still queued (one with none is
+            // started at once).
+            min(self.merge_queue.iter().filter_map(|p| self.merge_retries.get(p).map(|(_, at)| *at)).min());
         }
         for s in &self.serving {
             min(s.server.poll_timeout());
@@ -1295,28 +1314,45 @@ impl<D: NicDevice> Node<D> {
                 {
                     self.merge_queue.push_back(by);
                 }
-                membership::MembershipEvent::PeerDied { .. } | membership::MembershipEvent::PeerRestarted { .. } => {
-                    realign = true
+                membership::MembershipEvent::PeerDied { member } => {
+                    realign = true;
+                    if !self.taken_for_dead.contains(&member) {
+                        self.taken_for_dead.push(member);
+                    }
+                    self.source_died(member, now);
                 }
-                // A peer heard again after it was taken for dead (a
+                membership::MembershipEvent::PeerRestarted { member } => {
+                    realign = true;
+                    self.taken_for_dead.retain(|m| *m != member);
+                }
+                // A peer heard again after this member took it for dead (a
                 // partition healed): on its side of the partition it may
-                // have been Active and taken writes this side lacks.
-                membership::MembershipEvent::PeerStateChanged { from: MemberState::Down, to, .. }
-                    if to == MemberState::Standby || to.is_active() =>
+                // have been Active and taken writes this side lacks. (Not
+                // a peer first heard, or one whose READY was missed.)
+                membership::MembershipEvent::PeerStateChanged { member, from: MemberState::Down, to }
+                    if to != MemberState::Down && self.taken_for_dead.contains(&member) =>
                 {
-                    realign = true
+                    self.taken_for_dead.retain(|m| *m != member);
+                    realign = true;
                 }
                 _ => {}
             }
         }
         // A member that is not the reference yet keeps the reason for when
-        // it is: it may take over before the peers concerned are merged
-        // (seed 590 of `sim --device-faults --attacks`: the member that
-        // took over after a partition healed lacked the other side's
-        // writes, and an operator's resync of that side then erased them).
-        self.realign_due |= realign;
-        if self.realign_due && self.is_reference() {
-            self.realign_due = false;
+        // it is, if that is within two dead windows (a takeover): it may
+        // take over before the peers concerned are merged (seed 590 of
+        // `sim --device-faults --attacks`: the member that took over after
+        // a partition healed lacked the other side's writes, and an
+        // operator's resync of that side then erased them).
+        if realign {
+            self.realign_due = Some(now);
+        }
+        let window = self.cfg.probe_interval_ns.saturating_mul(u64::from(self.cfg.dead_after)).saturating_mul(2);
+        if self.realign_due.is_some_and(|t| now.saturating_sub(t) > window) {
+            self.realign_due = None;
+        }
+        if self.realign_due.is_some() && self.is_reference() {
+            self.realign_due = None;
             self.realign(now);
         }
         self.drive_merges(now);
@@ -1600,6 +1636,7 @@ impl<D: NicDevice> Node<D> {
                         p.peer
                     );
                     self.stats.merges_completed += 1;
+                    self.merge_retries.remove(&p.peer);
                     self.merge = None;
                 }
                 None => return,
@@ -1608,25 +1645,29 @@ impl<D: NicDevice> Node<D> {
         if !self.is_synced() {
             self.merge_queue.clear();
             self.rejoin_after_merges = false;
-            self.merge_retry_at = None;
+            self.merge_retries.clear();
             return;
         }
-        if self.merge_retry_at.is_some_and(|t| now < t) {
-            return;
-        }
-        self.merge_retry_at = None;
-        while let Some(peer) = self.merge_queue.pop_front() {
-            let alive = self.ms.members().iter().any(|v| v.id == peer && v.alive);
-            if !alive {
-                continue;
+        // The first peer in the queue whose retry (if it failed) is due;
+        // dead peers leave the queue.
+        self.merge_queue.retain(|peer| self.ms.members().iter().any(|v| v.id == *peer && v.alive));
+        let due = |peer: &u16| self.merge_retries.get(peer).is_none_or(|(_, at)| *at <= now);
+        if let Some(i) = self.merge_queue.iter().position(due) {
+            if let Some(peer) = self.merge_queue.remove(i) {
+                let attempt = self.merge_retries.get(&peer).map_or(0, |(n, _)| *n);
+                let conn = self.next_conn;
+                self.next_conn += 1;
+                tracing::info!(member = self.cfg.member_id, "merge: pulling from member {peer}");
+                self.out.push_back(NodeOutput::FsConnect { conn, peer, attempt });
+                self.merge = Some(Box::new(Pull::new(conn, peer, attempt, now)));
             }
-            let conn = self.next_conn;
-            self.next_conn += 1;
-            tracing::info!(member = self.cfg.member_id, "merge: pulling from member {peer}");
-            self.out.push_back(NodeOutput::FsConnect { conn, peer, attempt: 0 });
-            self.merge = Some(Box::new(Pull::new(conn, peer, 0, now)));
             return;
         }
+        if !self.merge_queue.is_empty() {
+            // Every peer left failed last time: wait for the first retry.
+            return;
+        }
+        self.merge_retries.clear();
         if self.rejoin_after_merges {
             self.rejoin_after_merges = false;
             tracing::info!(member = self.cfg.member_id, "merges done: synced");
@@ -1679,13 +1720,45 @@ impl<D: NicDevice> Node<D> {
     /// member lacks, and nothing else brings it: a member that went Down
     /// to merge stays Down until then, an Active stays in ACTIVE
     /// ATTENTION).
+    ///
+    /// The retry tries the peer's next Full Sync address, after a backoff
+    /// that doubles with each failure (`retry_backoff`, up to 64 times
+    /// that); the peer goes to the back of the queue, so that the others'
+    /// merges go on meanwhile. Warned of at the 1st, 2nd, 4th, 8th, …
+    /// failure of a peer (every failure is counted, and is `last_error`).
     fn merge_failed(&mut self, peer: u16, why: String, now: Nanos) {
-        self.note_error(format!("merge from member {peer}: {why}; trying again"));
         self.stats.merges_failed += 1;
-        if !self.merge_queue.contains(&peer) {
-            self.merge_queue.push_front(peer);
+        let failures = self.merge_retries.get(&peer).map_or(0, |(n, _)| *n) + 1;
+        let backoff = self.cfg.retry_backoff_ns.saturating_mul(1 << (failures - 1).min(6));
+        self.merge_retries.insert(peer, (failures, now.saturating_add(backoff)));
+        let what = format!("merge from member {peer}: {why}; trying again ({failures} failures)");
+        if failures.is_power_of_two() {
+            self.note_error(what);
+        } else {
+            self.stats.last_error = Some(what);
         }
-        self.merge_retry_at = Some(now.saturating_add(self.cfg.retry_backoff_ns));
+        if !self.merge_queue.contains(&peer) {
+            self.merge_queue.push_back(peer);
+        }
+    }
+
+    /// Membership took `peer` for dead: a pull or merge from it is given
+    /// up now (its stream may stay open, a source hung, for the whole wait
+    /// for BEGIN), and the member looks for another source.
+    fn source_died(&mut self, peer: u16, now: Nanos) {
+        if let Phase::Pulling(p) = &self.phase {
+            if p.peer == peer && !p.finished && p.done.is_none() {
+                self.pull_failed(format!("full sync: member {peer}, the source, was taken for dead"), now);
+            }
+        }
+        if self.merge.as_ref().is_some_and(|p| p.peer == peer && !p.finished && p.done.is_none()) {
+            if let Some(mut p) = self.merge.take() {
+                p.drop_write(&mut self.table);
+                self.out.push_back(NodeOutput::FsClose { conn: p.conn });
+                self.stats.merges_failed += 1;
+                self.note_error(format!("merge from member {peer}: it was taken for dead"));
+            }
+        }
     }
 
     /// The member to pull from: an Active; a Standby only when no Active

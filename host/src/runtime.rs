@@ -100,8 +100,9 @@ pub struct NetStats {
     pub ccp_unstamped: u64,
     /// Full Sync connections that could not be opened.
     pub fs_connect_failures: u64,
-    /// Full Sync connections closed at their accept, [`MAX_FS_INBOUND`]
-    /// being open already.
+    /// Full Sync connections closed for want of room: at their accept,
+    /// [`MAX_FS_INBOUND`] being open already and none idle, or idle (no
+    /// REQUEST yet) to make room for a new one.
     pub fs_refused: u64,
     /// Accepts that failed on the Full Sync listener or the control socket
     /// (out of descriptors, mostly); the listener then rests for
@@ -442,6 +443,18 @@ pub async fn serve_with<D: NicDevice + 'static>(
             r = fs.accept(), if fs_rest.is_none() => match r {
                 Ok((stream, from)) => {
                     turn = ("full sync accept", Instant::now());
+                    if conns.keys().filter(|c| **c >= FIRST_INBOUND).count() >= MAX_FS_INBOUND {
+                        // Room is made by closing the oldest stream that
+                        // has not brought its REQUEST: idle connections
+                        // cannot keep joiners out.
+                        if let Some(idle) = node.fs_oldest_idle_inbound() {
+                            stats.fs_refused += 1;
+                            node.fs_closed(idle, now());
+                            if let Some(s) = conns.remove(&idle) {
+                                s.close();
+                            }
+                        }
+                    }
                     if conns.keys().filter(|c| **c >= FIRST_INBOUND).count() >= MAX_FS_INBOUND {
                         // Dropped at once: a member serves few joiners at
                         // a time, and each held stream is a descriptor.
@@ -1001,9 +1014,11 @@ fn flush_outputs<D: NicDevice>(
 /// the ones it opened).
 const FIRST_INBOUND: ConnId = 1 << 40;
 
-/// Full Sync streams a member keeps accepted at once; more are closed at
-/// their accept (`fs_refused`). A joiner holds one, so this is room for a
-/// whole cluster joining at once and then some.
+/// Full Sync streams a member keeps accepted at once. Past it, the oldest
+/// that has not brought its REQUEST is closed to make room, and if none
+/// is idle the new one is closed at its accept (both counted in
+/// `fs_refused`). A joiner holds one, so this is room for a whole cluster
+/// joining at once and then some.
 const MAX_FS_INBOUND: usize = 64;
 
 /// How long a closed stream's writer may take to hand the peer what it
@@ -1022,26 +1037,31 @@ async fn rest_until(at: Option<tokio::time::Instant>) {
 }
 
 /// A Full Sync stream as the loop holds it: the sender that feeds its
-/// writer task, and both tasks' handles.
+/// writer task, both tasks' handles, and the flag that tells the reader
+/// the stream is closed.
 #[derive(Debug)]
 struct FsStream {
     tx: mpsc::UnboundedSender<Vec<u8>>,
     reader: tokio::task::AbortHandle,
     writer: tokio::task::AbortHandle,
+    closed: std::rc::Rc<std::cell::Cell<bool>>,
 }
 
 impl FsStream {
-    /// Ends the stream: nothing more is read (a peer that keeps its end
-    /// open or keeps sending no longer holds a task, a buffer and the
-    /// descriptor), and what the writer holds goes out within
-    /// [`FS_LINGER`], after which the socket is closed whatever the peer
-    /// does.
+    /// Ends the stream: what the writer holds goes out, then its end is
+    /// shut; what the peer still sends is read and dropped (closing a
+    /// socket with unread bytes would reset it, and the peer could lose
+    /// the last message, an ERROR's code); within [`FS_LINGER`] both tasks
+    /// end and the socket is closed whatever the peer does (one that keeps
+    /// its end open or keeps sending no longer holds a task, a buffer and
+    /// the descriptor).
     fn close(self) {
-        self.reader.abort();
+        self.closed.set(true);
         drop(self.tx);
-        let writer = self.writer;
+        let (reader, writer) = (self.reader, self.writer);
         tokio::task::spawn_local(async move {
             tokio::time::sleep(FS_LINGER).await;
+            reader.abort();
             writer.abort();
         });
     }
@@ -1055,11 +1075,15 @@ fn spawn_stream(conn: ConnId, stream: TcpStream, ev: mpsc::UnboundedSender<Ev>) 
     let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let ev2 = ev.clone();
+    let closed = std::rc::Rc::new(std::cell::Cell::new(false));
+    let reading = closed.clone();
     let reader = tokio::task::spawn_local(async move {
         let mut buf = vec![0u8; 256 * 1024];
         loop {
             match rd.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
+                // Closed by this member: dropped.
+                Ok(_) if reading.get() => {}
                 Ok(n) => {
                     if ev.send(Ev::Data { conn, bytes: buf[..n].to_vec() }).is_err() {
                         break;
@@ -1067,7 +1091,9 @@ fn spawn_stream(conn: ConnId, stream: TcpStream, ev: mpsc::UnboundedSender<Ev>) 
                 }
             }
         }
-        let _ = ev.send(Ev::Closed { conn });
+        if !reading.get() {
+            let _ = ev.send(Ev::Closed { conn });
+        }
     });
     let writer = tokio::task::spawn_local(async move {
         while let Some(bytes) = rx.recv().await {
@@ -1078,7 +1104,7 @@ fn spawn_stream(conn: ConnId, stream: TcpStream, ev: mpsc::UnboundedSender<Ev>) 
         }
         let _ = wr.shutdown().await;
     });
-    FsStream { tx, reader: reader.abort_handle(), writer: writer.abort_handle() }
+    FsStream { tx, reader: reader.abort_handle(), writer: writer.abort_handle(), closed }
 }
 
 async fn bind_control(c: &ControlSocket) -> Result<UnixListener, RuntimeError> {
@@ -1695,11 +1721,12 @@ mod stream_tests {
     use super::*;
     use tokio::io::AsyncReadExt;
 
-    /// A stream the member closed no longer reads what its peer sends, and
-    /// its socket is closed (the peer's writes are answered by a reset)
-    /// although the peer keeps its own end open: before, the reader task
-    /// held the socket, its buffer and the descriptor until the peer
-    /// closed, which a peer that never does made a descriptor leak.
+    /// A stream the member closed hands the node nothing more of what its
+    /// peer sends, and its socket is closed within FS_LINGER (the peer's
+    /// writes are then answered by a reset) although the peer keeps its own
+    /// end open: before, the reader task held the socket, its buffer and
+    /// the descriptor until the peer closed, which a peer that never does
+    /// made a descriptor leak.
     #[test]
     fn a_closed_stream_lets_go_of_its_socket_whatever_the_peer_does() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
