@@ -1562,7 +1562,20 @@ impl<D: NicDevice> Node<D> {
                 self.note_error("device reset and rebuilt from the host's copy: realigning with the peers".into());
                 self.realign(now);
             }
-            Phase::Synced | Phase::Listening { .. } | Phase::Backoff { .. } => {}
+            // The card may have applied peer updates whose events its host
+            // never read before the reset (their sequence numbers taken,
+            // so no peer sends them again): the copy, and the card rebuilt
+            // from it, lack them. The member merges its peers' tables, as
+            // after lost events (sim seed 4500 with device faults and
+            // attacks: a Standby's rebuilt card lacked the last write of an
+            // Active that stopped, and the one member left holding it
+            // crashed).
+            Phase::Synced => {
+                self.note_error("device reset and rebuilt from the host's copy: merging the peers' tables".into());
+                self.resync_wanted = true;
+                self.resync_by_merge = true;
+            }
+            Phase::Listening { .. } | Phase::Backoff { .. } => {}
         }
     }
 
