@@ -59,8 +59,15 @@ impl Default for SyncBenchOptions {
 pub struct SyncBenchReport {
     /// Connections moved by the Full Sync.
     pub full_sync_entries: u64,
-    /// Full Sync duration, connect to the last chunk applied.
+    /// Full Sync duration, connect to the last chunk applied, into a
+    /// joiner that keeps the host's copy of its table (a daemon's default:
+    /// the copy is filled, and its memory first touched, as the chunks
+    /// come).
     pub full_sync_ms: f64,
+    /// The same into a joiner without the host's copy (`[device]
+    /// fault_recovery = false`; what this bench reported before
+    /// 2026-11-25).
+    pub full_sync_no_copy_ms: f64,
     /// Full Sync rate.
     pub full_sync_entries_per_s: f64,
     /// The joining member's `lost_updates` when its Full Sync completed
@@ -215,7 +222,10 @@ pub fn run(o: &SyncBenchOptions) -> Result<SyncBenchReport, SyncBenchError> {
     let (lost, caught_up) = (plain.lost + sealed.lost, plain.caught_up && sealed.caught_up);
     let cost = if plain_upd_rate > 0.0 { 1.0 - upd_rate / plain_upd_rate } else { 0.0 };
     let added = delta_in.p50 - plain_in.p50;
-    let full = full_sync(o.conns)?;
+    let full = full_sync(o.conns, true)?;
+    // The card-only path, as this bench measured it before 2026-11-25 (its
+    // members kept no host copy then).
+    let full_no_copy_ms = full_sync(o.conns, false)?.ms;
     let (full_ms, full_entries) = (full.ms, full.records);
     let (mut runs, mut handovers) = failovers(o.failovers)?;
     let failover = median(&mut runs.clone());
@@ -256,6 +266,7 @@ pub fn run(o: &SyncBenchOptions) -> Result<SyncBenchReport, SyncBenchError> {
     Ok(SyncBenchReport {
         full_sync_entries: full_entries,
         full_sync_ms: full_ms,
+        full_sync_no_copy_ms: full_no_copy_ms,
         full_sync_entries_per_s: full_rate,
         full_sync_joiner_lost_updates: full.joiner_lost,
         full_sync_joiner_history_lost: full.joiner_history_lost,
@@ -622,6 +633,7 @@ fn new_member(
     hub: &InProcessHub,
     capacity: u32,
     keys: &std::sync::Arc<nicsync_seal::SharedKeyring>,
+    host_copy: bool,
 ) -> Result<Node<EmulatedDevice>, SyncBenchError> {
     let mut cfg = NodeConfig::new(1, id, vec![3 - id], entropy());
     if let Ok(c) = std::env::var("NICSYNC_CHUNK") {
@@ -633,7 +645,9 @@ fn new_member(
     let drv = DriverConfig { table_capacity: capacity, aging_period_ms: 0, ..Default::default() };
     let mut node = emulated_node(cfg, Box::new(port), drv, ExecMode::Thread, 0)?;
     // The host's copy, as a daemon keeps it by default.
-    node.table().enable_recovery(crate::table::RecoveryConfig { member: id, ..Default::default() })?;
+    if host_copy {
+        node.table().enable_recovery(crate::table::RecoveryConfig { member: id, ..Default::default() })?;
+    }
     Ok(node)
 }
 
@@ -650,11 +664,11 @@ struct FullSyncRun {
     source_retrans: u64,
 }
 
-fn full_sync(conns: u64) -> Result<FullSyncRun, SyncBenchError> {
+fn full_sync(conns: u64, host_copy: bool) -> Result<FullSyncRun, SyncBenchError> {
     let hub = InProcessHub::new(HubConfig { queue_capacity: 1 << 16, ..HubConfig::new() });
     let capacity = ((conns * 5 / 4).next_power_of_two()).clamp(1 << 16, 1 << 24) as u32;
     let keys = bench_keys()?;
-    let mut a = new_member(1, &hub, capacity, &keys)?;
+    let mut a = new_member(1, &hub, capacity, &keys, host_copy)?;
     // A fills its table through its own thread for the bring-up; then one
     // poller serves both devices.
     a.table_ref().driver_ref().device().start_poller(None)?;
@@ -671,7 +685,7 @@ fn full_sync(conns: u64) -> Result<FullSyncRun, SyncBenchError> {
         i += 8192;
     }
     a.table_ref().driver_ref().device().stop_poller();
-    let b = new_member(2, &hub, capacity, &keys)?;
+    let b = new_member(2, &hub, capacity, &keys, host_copy)?;
     let nics =
         vec![a.table_ref().driver_ref().device().nic().clone(), b.table_ref().driver_ref().device().nic().clone()];
     let source = nics[0].clone();
@@ -730,7 +744,7 @@ fn failovers(runs: usize) -> Result<(Vec<f64>, Vec<f64>), SyncBenchError> {
         };
         let mut members: [Option<Running>; 2] = [None, None];
         let start = |id: u16| -> Result<_, SyncBenchError> {
-            let node = new_member(id, &hub, 1 << 16, &keys)?;
+            let node = new_member(id, &hub, 1 << 16, &keys, true)?;
             let nic = node.table_ref().driver_ref().device().nic().clone();
             let poller =
                 Poller::spawn_with(vec![nic], Idle::Nap { after_sweeps: 64, nap: Duration::from_micros(50) }, || {})?;

@@ -164,7 +164,11 @@
 //! included), and each ACK after the server's CHUNK or END (the transfer of
 //! the chunk and the client's apply included). Steps that wait on the local
 //! driver (`begin`, `push_chunk`, `chunk_applied`) have no deadline here.
-//! Partial messages do not extend a deadline.
+//! The server waits [`ACK_WAIT_TIMEOUTS`] times it for a chunk's ACK, and
+//! the client as long for each CHUNK or END (a transfer, on a lossy link
+//! TCP's retransmissions, is part of those waits). A server's deadline is not moved by partial messages; a
+//! client's, waiting for a CHUNK or END, is moved on by each part that
+//! arrives, up to [`PROGRESS_WAIT_TIMEOUTS`] timeouts for one message.
 //!
 //! [`begin`]: FullSyncServer::begin
 //! [`push_chunk`]: FullSyncServer::push_chunk
@@ -1258,12 +1262,32 @@ impl Link {
     fn wait(&mut self, now: Nanos) {
         self.deadline = Some(now.saturating_add(self.p.timeout_ns));
     }
+
+    /// A wait that covers a chunk's transfer ([`ACK_WAIT_TIMEOUTS`]).
+    fn wait_transfer(&mut self, now: Nanos) {
+        self.deadline = Some(now.saturating_add(self.p.timeout_ns.saturating_mul(ACK_WAIT_TIMEOUTS)));
+    }
 }
 
 /// The client waits this many timeouts for BEGIN (a source serves one
 /// walk at a time; a second joiner waits for the first's to end), one for
 /// every later message.
 pub const BEGIN_WAIT_TIMEOUTS: u64 = 6;
+
+/// The server waits this many timeouts for a chunk's ACK, and the client
+/// as long for the first part of the next chunk (or END) after its ACK or
+/// BEGIN: each wait covers a transfer, which on a lossy link is TCP's
+/// retransmissions and their backoff (5 % of the packets dropped made 2.75
+/// MiB chunks miss a one-timeout wait again and again, and the pull never
+/// ended), and the joiner's write of a chunk or the source's walk of the
+/// next. The client sees the transfer go on: each part of a message it
+/// receives moves its deadline on, up to [`PROGRESS_WAIT_TIMEOUTS`]
+/// timeouts for one message.
+pub const ACK_WAIT_TIMEOUTS: u64 = 5;
+
+/// The longest a client waits for one message whose parts keep coming (a
+/// trickle cannot hold it for ever).
+pub const PROGRESS_WAIT_TIMEOUTS: u64 = 30;
 
 impl Link {
     fn poll_transmit(&mut self, out: &mut Vec<u8>) -> bool {
@@ -1540,7 +1564,7 @@ impl FullSyncServer {
         self.link.send_chunk(index, records);
         self.chunks = next;
         self.state = ServerState::AwaitAck(index);
-        self.link.wait(now);
+        self.link.wait_transfer(now);
     }
 
     /// Appends the bytes to write to the socket; false when there are none.
@@ -1693,6 +1717,8 @@ pub struct FullSyncClient {
     digest: TableDigest,
     events: VecDeque<ClientEvent>,
     outcome: Option<Result<ClientDone, FsError>>,
+    /// When the first part of the message being received came.
+    message_since: Option<Nanos>,
 }
 
 impl FullSyncClient {
@@ -1710,6 +1736,7 @@ impl FullSyncClient {
             digest: TableDigest::new(),
             events: VecDeque::new(),
             outcome: None,
+            message_since: None,
         };
         if session == 0 {
             c.fail(FsError::Misuse { what: "session id 0" });
@@ -1731,6 +1758,7 @@ impl FullSyncClient {
             bytes = bytes.get(used..).unwrap_or(&[]);
             match res {
                 Some(Ok(env)) => {
+                    self.message_since = None;
                     if let Err(e) = self.on_message(env, now) {
                         self.fail(e);
                     }
@@ -1738,6 +1766,16 @@ impl FullSyncClient {
                 Some(Err(e)) => self.fail(e),
                 None if used == 0 => break,
                 None => {}
+            }
+        }
+        // Part of a CHUNK or END arrived: the transfer goes on (slowly on a
+        // lossy link), and the deadline with it, up to a bound per message.
+        if self.outcome.is_none() && self.link.dec.buffered() > 0 && matches!(self.state, ClientState::AwaitChunk(_)) {
+            let since = *self.message_since.get_or_insert(now);
+            let bound = since.saturating_add(self.link.p.timeout_ns.saturating_mul(PROGRESS_WAIT_TIMEOUTS));
+            let moved = now.saturating_add(self.link.p.timeout_ns).min(bound);
+            if let Some(d) = &mut self.link.deadline {
+                *d = (*d).max(moved);
             }
         }
     }
@@ -1760,7 +1798,7 @@ impl FullSyncClient {
                 self.chunk_records = chunk_records;
                 self.events.push_back(ClientEvent::Begin { snapshot_seq, epoch, estimated_records, cut });
                 self.state = ClientState::AwaitChunk(0);
-                self.link.wait(now);
+                self.link.wait_transfer(now);
                 Ok(())
             }
             (ClientState::AwaitChunk(expected), Message::Chunk { index, records }) => {
@@ -1830,7 +1868,7 @@ impl FullSyncClient {
                 self.link.send(&Message::Ack { index });
                 // `chunks` is `index + 1` here; it was checked not to overflow.
                 self.state = ClientState::AwaitChunk(self.chunks);
-                self.link.wait(now);
+                self.link.wait_transfer(now);
             }
             _ => self.fail(FsError::Misuse { what: "chunk_applied() for a chunk not awaiting it" }),
         }
@@ -2224,7 +2262,7 @@ mod tests {
         assert!(server.wants_chunk() && !server.wants_begin());
         server.push_chunk(&rows[..4], 3);
         assert!(!server.wants_chunk(), "one unacknowledged chunk at most");
-        assert_eq!(server.poll_timeout(), Some(3 + TIMEOUT));
+        assert_eq!(server.poll_timeout(), Some(3 + ACK_WAIT_TIMEOUTS * TIMEOUT), "the chunk's transfer included");
         assert!(server.poll_transmit(&mut wire));
         assert!(!server.poll_transmit(&mut wire));
         client.handle_bytes(&wire, 4);
@@ -2239,7 +2277,7 @@ mod tests {
         assert_eq!(client.poll_timeout(), None, "waiting on the local host");
         assert!(!server.wants_chunk());
         client.chunk_applied(0, 5);
-        assert_eq!(client.poll_timeout(), Some(5 + TIMEOUT));
+        assert_eq!(client.poll_timeout(), Some(5 + ACK_WAIT_TIMEOUTS * TIMEOUT), "the next chunk's transfer included");
         assert!(client.poll_transmit(&mut wire));
         server.handle_bytes(&wire, 6);
         assert!(server.wants_chunk());
@@ -2417,9 +2455,36 @@ mod tests {
         let mut half = c2s(&Message::Ack { index: 0 });
         half.truncate(20);
         s.handle_bytes(&half, 50);
-        assert_eq!(s.poll_timeout(), Some(TIMEOUT), "partial messages do not extend the deadline");
-        s.handle_timeout(TIMEOUT);
+        let ack_wait = ACK_WAIT_TIMEOUTS * TIMEOUT;
+        assert_eq!(s.poll_timeout(), Some(ack_wait), "a server's deadline is not moved by partial messages");
+        s.handle_timeout(ack_wait);
         assert_eq!(s.outcome(), Some(Err(FsError::Timeout { what: "ACK" })));
+
+        // A client receiving a chunk slowly (a lossy link): each part moves
+        // its deadline on, up to PROGRESS_WAIT_TIMEOUTS for the message.
+        let mut c = new_client();
+        drive_client(&mut c, &[s2c(&begin(4))]);
+        let chunk = s2c(&chunk(0, &table(4)));
+        let mut last = c.poll_timeout().expect("waiting for a chunk");
+        let first_part_at = last - 1;
+        let bound = first_part_at + PROGRESS_WAIT_TIMEOUTS * TIMEOUT;
+        let mut moves = 0;
+        for part in chunk[..chunk.len() - 1].chunks(4) {
+            // Each part just before the deadline.
+            c.handle_bytes(part, last - 1);
+            assert_eq!(c.outcome(), None);
+            let d = c.poll_timeout().expect("deadline");
+            assert!(d <= bound, "bounded per message");
+            if d == last {
+                break;
+            }
+            assert!(d > last, "the deadline moves on with the parts");
+            (last, moves) = (d, moves + 1);
+        }
+        assert!(moves >= PROGRESS_WAIT_TIMEOUTS as usize - 1, "moved {moves} times");
+        assert_eq!(last, bound, "until the bound");
+        c.handle_timeout(bound);
+        assert_eq!(c.outcome(), Some(Err(FsError::Timeout { what: "CHUNK or END" })));
 
         // A closed connection.
         let mut c = new_client();
