@@ -164,11 +164,12 @@
 //! included), and each ACK after the server's CHUNK or END (the transfer of
 //! the chunk and the client's apply included). Steps that wait on the local
 //! driver (`begin`, `push_chunk`, `chunk_applied`) have no deadline here.
-//! The server waits [`ACK_WAIT_TIMEOUTS`] times it for a chunk's ACK, and
-//! the client as long for each CHUNK or END (a transfer, on a lossy link
-//! TCP's retransmissions, is part of those waits). A server's deadline is not moved by partial messages; a
-//! client's, waiting for a CHUNK or END, is moved on by each part that
-//! arrives, up to [`PROGRESS_WAIT_TIMEOUTS`] timeouts for one message.
+//! The server waits [`ACK_WAIT_TIMEOUTS`] times it for each ACK, and the
+//! client as long for each CHUNK or END (a transfer, on a lossy link TCP's
+//! retransmissions, is part of those waits). A server's deadline is not
+//! moved by partial messages; a client's, waiting for a CHUNK or END, is
+//! moved on by each part that arrives, up to [`PROGRESS_WAIT_TIMEOUTS`]
+//! timeouts for one message.
 //!
 //! [`begin`]: FullSyncServer::begin
 //! [`push_chunk`]: FullSyncServer::push_chunk
@@ -1544,7 +1545,7 @@ impl FullSyncServer {
             };
             self.link.send(&Message::End { count, digest: self.digest.digest() });
             self.state = ServerState::AwaitFinalAck;
-            self.link.wait(now);
+            self.link.wait_transfer(now);
             return;
         }
         if records.len() > self.chunk_records as usize {
