@@ -2435,25 +2435,11 @@ mod tests {
     /// 5 s and be aged out in the same step.
     #[test]
     fn a_command_after_an_idle_spell_stamps_the_time_now() {
-        use crate::dma::{HostMemory, VecMemory};
+        use crate::dma::HostMemory;
         use nicsync_fwif::cmd::DescFlags;
-        let nic =
-            crate::Nic::new(ModelConfig { virtual_clock: true, ..ModelConfig::default() }, crate::ExecMode::Manual);
-        let cmd = Arc::new(VecMemory::new(4 * DESC_SIZE));
-        let cpl = Arc::new(VecMemory::new(4 * CPL_SIZE));
-        nic.iommu().map(0x10000, cmd.clone()).expect("map");
-        nic.iommu().map(0x20000, cpl.clone()).expect("map");
-        for (reg, v) in [
-            (regs::CMD_BASE_LO, 0x10000),
-            (regs::CMD_LOG2_SIZE, 2),
-            (regs::CPL_BASE_LO, 0x20000),
-            (regs::CPL_LOG2_SIZE, 2),
-            (regs::TABLE_CAPACITY, 64),
-            (regs::AGING_PERIOD_MS, 1000),
-            (regs::CONTROL, Control::ENABLE.bits()),
-        ] {
-            nic.mmio_write(reg, v);
-        }
+        let (nic, cmd) = rings();
+        nic.mmio_write(regs::AGING_PERIOD_MS, 1000);
+        nic.mmio_write(regs::CONTROL, Control::ENABLE.bits());
         nic.step();
         nic.advance_time(std::time::Duration::from_secs(10));
         let k = key(1);
@@ -2472,19 +2458,17 @@ mod tests {
         ConnKey::v4(Ipv4Addr::from(i), 1, Ipv4Addr::new(192, 0, 2, 1), 2, 6, 0)
     }
 
-    /// A manual device with a 4-slot command and completion ring mapped
-    /// (not yet enabled).
+    /// A manual device with a 4-slot command ring (NOPs in every slot;
+    /// returned) and completion ring mapped, not yet enabled.
     fn rings() -> (Arc<crate::Nic>, Arc<crate::dma::VecMemory>) {
-        use crate::dma::HostMemory;
         use crate::dma::VecMemory;
         let nic =
             crate::Nic::new(ModelConfig { virtual_clock: true, ..ModelConfig::default() }, crate::ExecMode::Manual);
+        // An all-zero descriptor is a NOP.
         let cmd = Arc::new(VecMemory::new(4 * DESC_SIZE));
         let cpl = Arc::new(VecMemory::new(4 * CPL_SIZE));
-        // NOPs (an all-zero descriptor) in every slot.
-        assert!(cmd.write(0, &[0; 4 * DESC_SIZE]));
-        nic.iommu().map(0x10000, cmd).expect("map");
-        nic.iommu().map(0x20000, cpl.clone()).expect("map");
+        nic.iommu().map(0x10000, cmd.clone()).expect("map");
+        nic.iommu().map(0x20000, cpl).expect("map");
         for (reg, v) in [
             (regs::CMD_BASE_LO, 0x10000),
             (regs::CMD_LOG2_SIZE, 2),
@@ -2494,7 +2478,7 @@ mod tests {
         ] {
             nic.mmio_write(reg, v);
         }
-        (nic, cpl)
+        (nic, cmd)
     }
 
     /// FATAL is cleared only by RESET (abi.md): a device that went FATAL
@@ -2503,7 +2487,7 @@ mod tests {
     /// take it, and would have run those commands again.
     #[test]
     fn fatal_is_cleared_only_by_reset() {
-        let (nic, _cpl) = rings();
+        let (nic, _cmd) = rings();
         nic.mmio_write(regs::CMD_LOG2_SIZE, 31);
         nic.mmio_write(regs::CONTROL, Control::ENABLE.bits());
         nic.step();
@@ -2525,7 +2509,7 @@ mod tests {
     /// coalescing count of 2^32 - 1.
     #[test]
     fn host_settings_cannot_overflow_the_device() {
-        let (nic, _cpl) = rings();
+        let (nic, _cmd) = rings();
         nic.mmio_write_inline(0xFFFF_FFF8, &[0; 8]);
         nic.mmio_write(regs::IRQ_COALESCE_COUNT, u32::MAX);
         nic.mmio_write(regs::CONTROL, Control::ENABLE.bits());
