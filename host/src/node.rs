@@ -1157,8 +1157,7 @@ impl<D: NicDevice> Node<D> {
             }
         }
         if self.merge.as_ref().is_some_and(|p| p.conn == conn && !p.finished && p.done.is_none()) {
-            if let Some(mut p) = self.merge.take() {
-                p.drop_write(&mut self.table);
+            if let Some(p) = self.end_merge() {
                 self.merge_failed(p.peer, "stream closed before the end".into(), now);
             }
         }
@@ -1635,22 +1634,20 @@ impl<D: NicDevice> Node<D> {
         if let Some(p) = &mut self.merge {
             match pump_pull(&mut self.table, &mut self.out, p, now) {
                 Some(Err(why)) => {
-                    let (conn, peer) = (p.conn, p.peer);
-                    self.out.push_back(NodeOutput::FsClose { conn });
-                    self.merge = None;
-                    self.merge_failed(peer, why, now);
+                    if let Some(p) = self.end_merge() {
+                        self.merge_failed(p.peer, why, now);
+                    }
                 }
                 Some(Ok(records)) => {
-                    let conn = p.conn;
-                    self.out.push_back(NodeOutput::FsClose { conn });
-                    tracing::info!(
-                        member = self.cfg.member_id,
-                        "merge: done, {records} records from member {}",
-                        p.peer
-                    );
-                    self.stats.merges_completed += 1;
-                    self.merge_retries.remove(&p.peer);
-                    self.merge = None;
+                    if let Some(p) = self.end_merge() {
+                        tracing::info!(
+                            member = self.cfg.member_id,
+                            "merge: done, {records} records from member {}",
+                            p.peer
+                        );
+                        self.stats.merges_completed += 1;
+                        self.merge_retries.remove(&p.peer);
+                    }
                 }
                 None => return,
             }
@@ -1764,14 +1761,23 @@ impl<D: NicDevice> Node<D> {
                 self.pull_failed(format!("full sync: member {peer}, the source, was taken for dead"), now);
             }
         }
-        if self.merge.as_ref().is_some_and(|p| p.peer == peer && !p.finished && p.done.is_none()) {
-            if let Some(mut p) = self.merge.take() {
-                p.drop_write(&mut self.table);
-                self.out.push_back(NodeOutput::FsClose { conn: p.conn });
-                self.stats.merges_failed += 1;
-                self.note_error(format!("merge from member {peer}: it was taken for dead"));
-            }
+        if self.merge.as_ref().is_some_and(|p| p.peer == peer && !p.finished && p.done.is_none())
+            && self.end_merge().is_some()
+        {
+            self.stats.merges_failed += 1;
+            self.note_error(format!("merge from member {peer}: it was taken for dead"));
         }
+    }
+
+    /// Ends the merge pull under way, however it ended: the slice still
+    /// posted to the card is given up and the stream closed (each way out
+    /// of a merge did a part of this before, and a failed pump left the
+    /// slice posted). Returns the pull, for its peer.
+    fn end_merge(&mut self) -> Option<Box<Pull>> {
+        let mut p = self.merge.take()?;
+        p.drop_write(&mut self.table);
+        self.out.push_back(NodeOutput::FsClose { conn: p.conn });
+        Some(p)
     }
 
     /// The member to pull from: an Active; a Standby only when no Active

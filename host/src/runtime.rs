@@ -443,7 +443,8 @@ pub async fn serve_with<D: NicDevice + 'static>(
             r = fs.accept(), if fs_rest.is_none() => match r {
                 Ok((stream, from)) => {
                     turn = ("full sync accept", Instant::now());
-                    if conns.keys().filter(|c| **c >= FIRST_INBOUND).count() >= MAX_FS_INBOUND {
+                    let inbound = |conns: &HashMap<ConnId, FsStream>| conns.keys().filter(|c| **c >= FIRST_INBOUND).count();
+                    if inbound(&conns) >= MAX_FS_INBOUND {
                         // Room is made by closing the oldest stream that
                         // has not brought its REQUEST: idle connections
                         // cannot keep joiners out.
@@ -455,7 +456,7 @@ pub async fn serve_with<D: NicDevice + 'static>(
                             }
                         }
                     }
-                    if conns.keys().filter(|c| **c >= FIRST_INBOUND).count() >= MAX_FS_INBOUND {
+                    if inbound(&conns) >= MAX_FS_INBOUND {
                         // Dropped at once: a member serves few joiners at
                         // a time, and each held stream is a descriptor.
                         stats.fs_refused += 1;
